@@ -1,0 +1,42 @@
+/*
+ * cli.h: the mphost command line (DESIGN.md, "CLI"). main.c parses the arguments into an
+ * mph_cli_t and runs one verb; deploy.c has deploy, delete and status; call.c the client.
+ * Every verb returns the process exit status and prints its own one-line errors.
+ */
+#ifndef MPH_CLI_H
+#define MPH_CLI_H
+
+#include "mphost.h"
+
+typedef struct {
+    const char *script;       /* as given on the command line */
+    char *script_path;        /* canonical path (owned), NULL if the script is missing */
+    const char *verb;         /* deploy, serve, delete, status, call */
+    int port_given;           /* --port, MP_PORT or serve's PORT was given */
+    mph_host_config_t host;   /* everything the host takes */
+    char *storage_desc;       /* what status prints, e.g. "file:/abs/mp-data" (owned) */
+    const char *log_level;    /* --logging */
+    /* call */
+    const char *method;
+    const char *params;       /* JSON text, default "[{}]" */
+    const char *url;          /* default http://127.0.0.1:3000/ */
+} mph_cli_t;
+
+int mph_cli_serve(mph_cli_t *cli, int ready_fd);
+int mph_cli_deploy(mph_cli_t *cli);
+int mph_cli_delete(mph_cli_t *cli);
+int mph_cli_status(mph_cli_t *cli);
+int mph_cli_call(mph_cli_t *cli);
+
+/* Directory holding deployments' pid and log files: MP_STATE_DIR, else
+ * $XDG_RUNTIME_DIR/mphost, else /tmp/mphost-UID. Created on demand. New string. */
+char *mph_cli_state_dir(void);
+
+/* "<state dir>/<hash of script path>-<port>" + ext. New string. */
+char *mph_cli_deployment_file(const char *script_path, int port, const char *ext);
+
+/* Writes/removes the pid file of a serving host. */
+int mph_cli_write_pidfile(const mph_cli_t *cli, int port, const char *log_path);
+void mph_cli_remove_pidfile(const mph_cli_t *cli, int port);
+
+#endif

@@ -1,0 +1,176 @@
+/*
+ * common.c: error messages, the aborting allocator and the stderr logger shared by every
+ * module. Logging is synchronous on purpose: lines are short, stderr is a file or a pipe,
+ * and a log that is lost when the process dies is worse than a few microseconds.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include "common.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+mph_log_level_t mph_log_level = MPH_LOG_INFO;
+
+const char *mph_strerror(int err)
+{
+    switch (err) {
+#define MPH_ERR_CASE(name, value, msg)                                                             \
+    case value:                                                                                    \
+        return msg;
+        MPH_ERRNO_MAP(MPH_ERR_CASE)
+#undef MPH_ERR_CASE
+    case 0:
+        return "success";
+    }
+    return "unknown error";
+}
+
+const char *mph_rpc_message(int code)
+{
+    switch (code) {
+#define MPH_RPC_CASE(name, value, msg)                                                             \
+    case value:                                                                                    \
+        return msg;
+        MPH_RPC_ERROR_MAP(MPH_RPC_CASE)
+#undef MPH_RPC_CASE
+    }
+    return "Server error";
+}
+
+static void out_of_memory(size_t size)
+{
+    fprintf(stderr, "mphost: out of memory (allocating %zu bytes)\n", size);
+    abort();
+}
+
+void *mph_xmalloc(size_t size)
+{
+    void *p = malloc(size ? size : 1);
+    if (p == NULL)
+        out_of_memory(size);
+    return p;
+}
+
+void *mph_xcalloc(size_t n, size_t size)
+{
+    void *p = calloc(n ? n : 1, size ? size : 1);
+    if (p == NULL)
+        out_of_memory(n * size);
+    return p;
+}
+
+void *mph_xrealloc(void *p, size_t size)
+{
+    void *q = realloc(p, size ? size : 1);
+    if (q == NULL)
+        out_of_memory(size);
+    return q;
+}
+
+char *mph_xstrndup(const char *s, size_t n)
+{
+    char *p = mph_xmalloc(n + 1);
+    memcpy(p, s, n);
+    p[n] = '\0';
+    return p;
+}
+
+char *mph_xstrdup(const char *s)
+{
+    return mph_xstrndup(s, strlen(s));
+}
+
+void mph_buf_reserve(mph_buf_t *b, size_t extra)
+{
+    if (b->len + extra + 1 <= b->cap)
+        return;
+    size_t cap = b->cap ? b->cap : 64;
+    while (cap < b->len + extra + 1)
+        cap *= 2;
+    b->data = mph_xrealloc(b->data, cap);
+    b->cap = cap;
+}
+
+void mph_buf_append(mph_buf_t *b, const void *data, size_t len)
+{
+    mph_buf_reserve(b, len);
+    memcpy(b->data + b->len, data, len);
+    b->len += len;
+    b->data[b->len] = '\0';
+}
+
+void mph_buf_puts(mph_buf_t *b, const char *s)
+{
+    mph_buf_append(b, s, strlen(s));
+}
+
+void mph_buf_printf(mph_buf_t *b, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    if (n <= 0)
+        return;
+    mph_buf_reserve(b, (size_t)n);
+    va_start(ap, fmt);
+    vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+    b->len += (size_t)n;
+}
+
+char *mph_buf_steal(mph_buf_t *b, size_t *len)
+{
+    char *data = b->data;
+    if (len)
+        *len = b->len;
+    b->data = NULL;
+    b->len = b->cap = 0;
+    return data;
+}
+
+void mph_buf_free(mph_buf_t *b)
+{
+    free(b->data);
+    b->data = NULL;
+    b->len = b->cap = 0;
+}
+
+static const char *const level_names[] = {"trace", "debug", "info", "warn", "error", "silent"};
+
+int mph_log_parse_level(const char *name, mph_log_level_t *out)
+{
+    for (int i = 0; i <= MPH_LOG_SILENT; i++) {
+        if (strcasecmp(name, level_names[i]) == 0) {
+            *out = (mph_log_level_t)i;
+            return 0;
+        }
+    }
+    return MPH_EINVAL;
+}
+
+void mph_log(mph_log_level_t level, const char *fmt, ...)
+{
+    if (!MPH_LOG_ENABLED(level) || level >= MPH_LOG_SILENT)
+        return;
+    char line[2048];
+    struct timespec ts;
+    struct tm tm;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    gmtime_r(&ts.tv_sec, &tm);
+    int n = snprintf(line, sizeof(line), "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ %-5s ",
+                     tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min,
+                     tm.tm_sec, ts.tv_nsec / 1000000, level_names[level]);
+    va_list ap;
+    va_start(ap, fmt);
+    int m = vsnprintf(line + n, sizeof(line) - (size_t)n - 1, fmt, ap);
+    va_end(ap);
+    size_t len = (size_t)n + (m < 0 ? 0 : (size_t)m);
+    if (len > sizeof(line) - 2)
+        len = sizeof(line) - 2;
+    line[len++] = '\n';
+    fwrite(line, 1, len, stderr);
+}

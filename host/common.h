@@ -1,0 +1,109 @@
+/*
+ * common.h: what every mphost module shares: error codes, the aborting allocator and the
+ * logger. It is the one header that lua/ and storage/ include from host/; it has no state
+ * of its own beyond the log level.
+ *
+ * Errors follow libuv's habit: functions return 0 or a negative MPH_E* code, and
+ * mph_strerror() names it. The JSON-RPC error codes live in a second list so that the wire
+ * numbers and their standard messages are written down once.
+ */
+#ifndef MPH_COMMON_H
+#define MPH_COMMON_H
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* Host error codes (negative on return).  X(name, value, message). */
+#define MPH_ERRNO_MAP(X)                                                                           \
+    X(EINVAL, -1, "invalid argument")                                                              \
+    X(ENOMEM, -2, "out of memory")                                                                 \
+    X(EIO, -3, "input/output error")                                                               \
+    X(ESCRIPT, -4, "script error")                                                                 \
+    X(EADDRINUSE, -5, "address already in use")                                                    \
+    X(ELISTEN, -6, "cannot listen")                                                                \
+    X(ECONFLICT, -7, "version conflict")                                                           \
+    X(ESTORAGE, -8, "storage unavailable")                                                         \
+    X(ECORRUPT, -9, "corrupt storage file")                                                        \
+    X(ENOTFOUND, -10, "not found")                                                                 \
+    X(ECLOSED, -11, "closed")
+
+enum {
+#define MPH_ERR_ENUM(name, value, msg) MPH_##name = value,
+    MPH_ERRNO_MAP(MPH_ERR_ENUM)
+#undef MPH_ERR_ENUM
+};
+
+/* Returns a static, human-readable message for a negative MPH_E* code. */
+const char *mph_strerror(int err);
+
+/* JSON-RPC 2.0 error codes and their standard messages.  X(name, code, message). */
+#define MPH_RPC_ERROR_MAP(X)                                                                       \
+    X(PARSE_ERROR, -32700, "Parse error")                                                          \
+    X(INVALID_REQUEST, -32600, "Invalid Request")                                                  \
+    X(METHOD_NOT_FOUND, -32601, "Method not found")                                                \
+    X(INVALID_PARAMS, -32602, "Invalid params")                                                    \
+    X(INTERNAL_ERROR, -32603, "Internal error")                                                    \
+    X(HANDLER_ERROR, -32000, "Server error")                                                       \
+    X(CONFLICT, -32001, "Transaction conflict")                                                    \
+    X(STORAGE_UNAVAILABLE, -32002, "Storage unavailable")                                          \
+    X(TIMEOUT, -32003, "Handler timed out")
+
+enum {
+#define MPH_RPC_ENUM(name, code, msg) MPH_RPC_##name = code,
+    MPH_RPC_ERROR_MAP(MPH_RPC_ENUM)
+#undef MPH_RPC_ENUM
+};
+
+/* Standard message of a JSON-RPC error code ("Server error" for unknown codes). */
+const char *mph_rpc_message(int code);
+
+/* Allocation that never returns NULL: on failure it prints and aborts, as h2o_mem_alloc does.
+ * Library allocations (jansson, hiredis, Lua) are still checked where they are made. */
+void *mph_xmalloc(size_t size);
+void *mph_xcalloc(size_t n, size_t size);
+void *mph_xrealloc(void *p, size_t size);
+char *mph_xstrdup(const char *s);
+char *mph_xstrndup(const char *s, size_t n);
+
+/* -- Growable byte buffer -- */
+typedef struct {
+    char *data; /* owned; NUL-terminated after every append */
+    size_t len; /* bytes used, without the NUL */
+    size_t cap; /* bytes allocated */
+} mph_buf_t;
+
+#define MPH_BUF_INIT {NULL, 0, 0}
+void mph_buf_reserve(mph_buf_t *b, size_t extra);
+void mph_buf_append(mph_buf_t *b, const void *data, size_t len);
+void mph_buf_puts(mph_buf_t *b, const char *s);
+void mph_buf_printf(mph_buf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Hands the bytes over: returns the data (caller frees, may be NULL when empty) and resets b. */
+char *mph_buf_steal(mph_buf_t *b, size_t *len);
+void mph_buf_free(mph_buf_t *b);
+
+/* -- Logging -- */
+typedef enum {
+    MPH_LOG_TRACE,
+    MPH_LOG_DEBUG,
+    MPH_LOG_INFO,
+    MPH_LOG_WARN,
+    MPH_LOG_ERROR,
+    MPH_LOG_SILENT
+} mph_log_level_t;
+
+/* Process-wide level; messages below it are dropped. Default MPH_LOG_INFO. */
+extern mph_log_level_t mph_log_level;
+
+/* Parses "trace".."silent"; returns 0 and sets *out, or MPH_EINVAL. */
+int mph_log_parse_level(const char *name, mph_log_level_t *out);
+
+/* Writes one line to stderr: timestamp, level, message. Never fails visibly. */
+void mph_log(mph_log_level_t level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+#define MPH_LOG_ENABLED(level) ((level) >= mph_log_level)
+
+/* Recovers the struct that embeds `ptr` as its member `field`. */
+#define mph_container_of(ptr, type, field) ((type *)((char *)(ptr)-offsetof(type, field)))
+
+#endif

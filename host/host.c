@@ -1,0 +1,239 @@
+/*
+ * host.c: one host = one libuv loop + the HTTP server + the Lua bridge + a storage backend.
+ *
+ * Stopping is a sequence, each step started by the previous one's callback:
+ *   mph_host_stop -> (async) http shutdown: stop accepting, finish in-flight responses
+ *                 -> drained (or the deadline aborts what is left)
+ *                 -> close the store: operations in flight complete and their transactions
+ *                    are answered
+ *                 -> close the bridge (answers retries still waiting), then the host's own
+ *                    handles; the loop runs dry and uv_loop_close() must return 0.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include "mphost.h"
+
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <uv.h>
+
+#include "../lua/bridge.h"
+#include "../storage/storage.h"
+#include "common.h"
+#include "http.h"
+#include "rpc.h"
+
+typedef enum { HOST_NEW, HOST_RUNNING, HOST_STOPPING, HOST_CLOSED } host_state_t;
+
+struct mph_host_s {
+    uv_loop_t loop;
+    mph_host_config_t cfg;     /* strings borrowed from the caller's config */
+    host_state_t state;
+    mph_http_server_t *http;   /* owned */
+    mph_lua_t *lua;            /* owned */
+    mph_store_t *store;        /* owned */
+    uv_async_t stop_async;     /* mph_host_stop from any thread */
+    uv_signal_t sigint, sigterm;
+    int signals_on;            /* sigint/sigterm initialised */
+    uv_timer_t deadline;       /* bounds the graceful stop */
+    int listening;
+};
+
+void mph_host_config_default(mph_host_config_t *cfg)
+{
+    memset(cfg, 0, sizeof(*cfg));
+    cfg->listen = "0.0.0.0";
+    cfg->port = 3000;
+    cfg->storage = "file";
+    cfg->data_dir = "./mp-data";
+    cfg->redis_prefix = "mp:";
+    cfg->max_retries = 50;
+    mph_http_config_t http;
+    mph_http_config_default(&http);
+    cfg->max_body = http.max_body;
+    cfg->max_header = http.max_header;
+    cfg->max_connections = http.max_connections;
+    cfg->idle_timeout_ms = http.idle_timeout_ms;
+    cfg->shutdown_timeout_ms = 10000;
+}
+
+const char *mph_host_strerror(int err)
+{
+    return mph_strerror(err);
+}
+
+static void on_stop_async(uv_async_t *a);
+
+int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size_t errlen)
+{
+    mph_host_t *h = mph_xcalloc(1, sizeof(*h));
+    h->cfg = *cfg;
+    int rc = uv_loop_init(&h->loop);
+    if (rc != 0) {
+        snprintf(err, errlen, "cannot create the event loop: %s", uv_strerror(rc));
+        free(h);
+        return MPH_EIO;
+    }
+    if (strcmp(cfg->storage, "file") == 0) {
+        rc = mph_store_file_open(&h->store, &h->loop, cfg->data_dir, err, errlen);
+    } else {
+        snprintf(err, errlen, "unknown storage \"%s\" (expected file)", cfg->storage);
+        rc = MPH_EINVAL;
+    }
+    if (rc != 0)
+        goto fail_loop;
+    mph_lua_config_t lcfg = {h->store, cfg->max_retries, cfg->debug_errors};
+    rc = mph_lua_new(&h->lua, &h->loop, &lcfg);
+    if (rc != 0) {
+        snprintf(err, errlen, "cannot create the Lua state: %s", mph_strerror(rc));
+        goto fail_store;
+    }
+    mph_http_config_t http = {cfg->max_body, cfg->max_header, cfg->max_connections,
+                              cfg->idle_timeout_ms, 64};
+    mph_http_server_new(&h->http, &h->loop, &http, mph_rpc_handle, h->lua);
+    uv_async_init(&h->loop, &h->stop_async, on_stop_async);
+    uv_timer_init(&h->loop, &h->deadline);
+    h->state = HOST_NEW;
+    *out = h;
+    return 0;
+
+fail_store:
+    h->store->methods->close(h->store, NULL, NULL);
+fail_loop:
+    uv_run(&h->loop, UV_RUN_DEFAULT); /* let the store's close callbacks run */
+    uv_loop_close(&h->loop);
+    free(h);
+    return rc;
+}
+
+int mph_host_load_file(mph_host_t *h, const char *path, char *err, size_t errlen)
+{
+    return mph_lua_load_file(h->lua, path, err, errlen);
+}
+
+int mph_host_load_string(mph_host_t *h, const char *name, const char *src, char *err,
+                         size_t errlen)
+{
+    char chunkname[256];
+    snprintf(chunkname, sizeof(chunkname), "=%s", name);
+    return mph_lua_load(h->lua, chunkname, src, strlen(src), NULL, err, errlen);
+}
+
+int mph_host_listen(mph_host_t *h, char *err, size_t errlen)
+{
+    int rc = mph_http_listen(h->http, h->cfg.listen, h->cfg.port, err, errlen);
+    if (rc == 0)
+        h->listening = 1;
+    return rc;
+}
+
+int mph_host_port(const mph_host_t *h)
+{
+    return mph_http_port(h->http);
+}
+
+/* ---- Stopping ---- */
+
+static void on_handle_closed(uv_handle_t *handle)
+{
+    (void)handle; /* the host's handles are embedded; the host is freed by mph_host_free */
+}
+
+static void on_lua_closed_then_handles(mph_host_t *h)
+{
+    uv_close((uv_handle_t *)&h->stop_async, on_handle_closed);
+    uv_close((uv_handle_t *)&h->deadline, on_handle_closed);
+    if (h->signals_on) {
+        uv_close((uv_handle_t *)&h->sigint, on_handle_closed);
+        uv_close((uv_handle_t *)&h->sigterm, on_handle_closed);
+    }
+    h->state = HOST_CLOSED;
+}
+
+static void on_store_closed(void *ud)
+{
+    mph_host_t *h = ud;
+    h->store = NULL;
+    mph_lua_close(h->lua); /* frees itself once its timer has closed */
+    h->lua = NULL;
+    on_lua_closed_then_handles(h);
+}
+
+static void on_http_drained(void *ud)
+{
+    mph_host_t *h = ud;
+    uv_timer_stop(&h->deadline);
+    if (mph_lua_pending(h->lua) > 0)
+        mph_log(MPH_LOG_INFO, "waiting for %zu call(s) to finish their commits",
+                mph_lua_pending(h->lua));
+    h->store->methods->close(h->store, on_store_closed, h);
+}
+
+static void on_deadline(uv_timer_t *t)
+{
+    mph_host_t *h = mph_container_of(t, mph_host_t, deadline);
+    mph_log(MPH_LOG_WARN, "stop: requests still running after %u ms; closing their connections",
+            h->cfg.shutdown_timeout_ms);
+    mph_http_abort(h->http);
+}
+
+static void begin_stop(mph_host_t *h)
+{
+    if (h->state == HOST_STOPPING || h->state == HOST_CLOSED)
+        return;
+    h->state = HOST_STOPPING;
+    mph_log(MPH_LOG_INFO, "stopping: no new connections; finishing in-flight requests");
+    uv_timer_start(&h->deadline, on_deadline, h->cfg.shutdown_timeout_ms, 0);
+    mph_http_shutdown(h->http, on_http_drained, h);
+}
+
+static void on_stop_async(uv_async_t *a)
+{
+    begin_stop(mph_container_of(a, mph_host_t, stop_async));
+}
+
+static void on_signal(uv_signal_t *s, int signum)
+{
+    mph_host_t *h = s->data;
+    mph_log(MPH_LOG_INFO, "received %s", signum == SIGINT ? "SIGINT" : "SIGTERM");
+    begin_stop(h);
+}
+
+int mph_host_handle_signals(mph_host_t *h)
+{
+    signal(SIGPIPE, SIG_IGN);
+    uv_signal_init(&h->loop, &h->sigint);
+    uv_signal_init(&h->loop, &h->sigterm);
+    h->sigint.data = h->sigterm.data = h;
+    uv_signal_start(&h->sigint, on_signal, SIGINT);
+    uv_signal_start(&h->sigterm, on_signal, SIGTERM);
+    h->signals_on = 1;
+    return 0;
+}
+
+void mph_host_stop(mph_host_t *h)
+{
+    uv_async_send(&h->stop_async);
+}
+
+int mph_host_run(mph_host_t *h)
+{
+    if (h->state == HOST_NEW)
+        h->state = HOST_RUNNING;
+    uv_run(&h->loop, UV_RUN_DEFAULT);
+    return 0;
+}
+
+void mph_host_free(mph_host_t *h)
+{
+    if (h->state != HOST_CLOSED) {
+        begin_stop(h);
+        uv_run(&h->loop, UV_RUN_DEFAULT);
+    }
+    mph_http_server_free(h->http);
+    int rc = uv_loop_close(&h->loop);
+    if (rc != 0)
+        mph_log(MPH_LOG_ERROR, "bug: handles left open at exit (%s)", uv_strerror(rc));
+    free(h);
+}

@@ -1,0 +1,663 @@
+/*
+ * http.c: connections and HTTP/1.x on libuv with Debian's http-parser.
+ *
+ * A connection owns two handles (tcp, timer) and frees itself after the second close
+ * callback. Its requests form a FIFO in arrival order; each is answered by the handler at
+ * its own pace, and responses leave in request order (pipelining). States of a connection:
+ *
+ *   OPEN     reading and parsing                    (on_connection)
+ *   DRAINING no more reading: write what is queued,  (EOF, a fatal request error, shutdown,
+ *            then close                               Connection: close)
+ *   CLOSING  uv_close called on both handles         (conn_close)
+ *
+ * A request that fails at the HTTP level (400, 413, 431) is answered in order like any other,
+ * and the connection drains: after a framing error nothing later on it can be trusted.
+ *
+ * The idle timer closes a connection that has nothing in flight and completes no request for
+ * idle_timeout_ms: it is re-armed only when a request completes or the last response leaves,
+ * never by partial data, so a client that trickles bytes cannot hold a connection.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include "http.h"
+
+#include <assert.h>
+#include <http_parser.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "common.h"
+
+typedef enum { CONN_OPEN, CONN_DRAINING, CONN_CLOSING } conn_state_t;
+
+typedef struct conn_s conn_t;
+
+struct mph_http_req_s {
+    conn_t *conn;           /* NULL once the connection is gone (the response is dropped) */
+    mph_http_req_t *next;   /* FIFO of the connection */
+    int responded;          /* the response is ready in head/body */
+    int keep_alive;         /* the client allows another request after this one */
+    int http_minor;         /* 0 for HTTP/1.0 */
+    int error_status;       /* set during parsing: 405, 413, 431, 400; 0 otherwise */
+    mph_buf_t body;         /* request body while parsing */
+    char head[256];         /* response status line and headers */
+    size_t head_len;
+    char *resp_body;        /* owned response body */
+    size_t resp_len;
+    uv_write_t write;       /* the response write */
+};
+
+struct conn_s {
+    uv_tcp_t tcp;
+    uv_timer_t timer;
+    mph_http_server_t *srv;
+    conn_state_t state;
+    int open_handles;       /* frees itself when this reaches 0 */
+    http_parser parser;
+    mph_http_req_t *cur;    /* the request being parsed, or NULL */
+    size_t header_bytes;    /* of cur */
+    char field[16];         /* current header name, lowercased, truncated */
+    size_t field_len;
+    int in_value;           /* the parser is inside a header value */
+    int expect_continue;    /* cur sent Expect: 100-continue */
+    char value[32];         /* start of the current header value */
+    size_t value_len;
+    mph_http_req_t *head;   /* requests in order, not yet written */
+    mph_http_req_t *tail;
+    unsigned in_flight;     /* requests parsed, not yet written out */
+    unsigned writes;        /* writes issued, not yet completed */
+    int reading;            /* uv_read_start is active */
+    conn_t *prev, *next;    /* in srv->conns */
+};
+
+struct mph_http_server_s {
+    uv_loop_t *loop;
+    uv_tcp_t listener;
+    int listening;              /* listener initialised */
+    int listener_open;          /* listener not closed yet */
+    mph_http_config_t cfg;
+    mph_http_handler_t handler;
+    void *ud;
+    conn_t *conns;              /* open connections */
+    unsigned nconns;
+    int shutting_down;
+    void (*drained)(void *ud);
+    void *drained_ud;
+    int port;
+    char read_buf[65536];       /* shared: reads are consumed synchronously */
+    http_parser_settings settings;
+};
+
+void mph_http_config_default(mph_http_config_t *cfg)
+{
+    cfg->max_body = 1 << 20;
+    cfg->max_header = 16 << 10;
+    cfg->max_connections = 10000;
+    cfg->idle_timeout_ms = 30000;
+    cfg->max_pipeline = 64;
+}
+
+static void conn_close(conn_t *c);
+static void conn_flush(conn_t *c);
+static void resume_reading(conn_t *c);
+static void conn_drain(conn_t *c);
+static void maybe_drained(mph_http_server_t *srv);
+
+static const char *status_text(int status)
+{
+    switch (status) {
+    case 200:
+        return "OK";
+    case 204:
+        return "No Content";
+    case 400:
+        return "Bad Request";
+    case 405:
+        return "Method Not Allowed";
+    case 413:
+        return "Payload Too Large";
+    case 431:
+        return "Request Header Fields Too Large";
+    case 503:
+        return "Service Unavailable";
+    }
+    return "Error";
+}
+
+/* ---- Requests ---- */
+
+static void req_free(mph_http_req_t *r)
+{
+    mph_buf_free(&r->body);
+    free(r->resp_body);
+    free(r);
+}
+
+static mph_http_req_t *req_new(conn_t *c)
+{
+    mph_http_req_t *r = mph_xcalloc(1, sizeof(*r));
+    r->conn = c;
+    r->keep_alive = 1;
+    if (c->tail)
+        c->tail->next = r;
+    else
+        c->head = r;
+    c->tail = r;
+    c->in_flight++;
+    return r;
+}
+
+void mph_http_respond(mph_http_req_t *r, int status, char *body, size_t len)
+{
+    assert(!r->responded);
+    conn_t *c = r->conn;
+    if (c == NULL) { /* the client is gone */
+        free(body);
+        req_free(r);
+        return;
+    }
+    r->responded = 1;
+    r->resp_body = body;
+    r->resp_len = body ? len : 0;
+    int close = !r->keep_alive || c->state != CONN_OPEN;
+    const char *ctype = status == 200 ? "application/json" : "text/plain; charset=utf-8";
+    int n;
+    if (status == 204) {
+        n = snprintf(r->head, sizeof(r->head), "HTTP/1.1 204 No Content\r\n%s\r\n",
+                     close ? "Connection: close\r\n" : "");
+    } else {
+        n = snprintf(r->head, sizeof(r->head),
+                     "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n%s%s\r\n",
+                     status, status_text(status), ctype, r->resp_len,
+                     status == 405 ? "Allow: POST\r\n" : "",
+                     close ? "Connection: close\r\n"
+                           : (r->http_minor == 0 ? "Connection: keep-alive\r\n" : ""));
+    }
+    r->head_len = (size_t)n;
+    if (close && c->state == CONN_OPEN)
+        conn_drain(c);
+    conn_flush(c);
+}
+
+/* Answers an HTTP-level error in order and stops reading the connection. */
+static void respond_error(conn_t *c, mph_http_req_t *r, int status)
+{
+    char msg[96];
+    int n = snprintf(msg, sizeof(msg), "%d %s\n", status, status_text(status));
+    r->keep_alive = 0;
+    conn_drain(c);
+    mph_http_respond(r, status, mph_xstrndup(msg, (size_t)n), (size_t)n);
+}
+
+/* ---- Writing ---- */
+
+static void arm_idle_timer(conn_t *c);
+
+/* Requests handed to the handler whose response has not been written yet. */
+static unsigned answers_owed(const conn_t *c)
+{
+    return c->in_flight - (c->cur ? 1 : 0);
+}
+
+static void on_write(uv_write_t *w, int status)
+{
+    mph_http_req_t *r = mph_container_of(w, mph_http_req_t, write);
+    conn_t *c = r->conn;
+    int keep_alive = r->keep_alive;
+    req_free(r);
+    c->writes--;
+    c->in_flight--;
+    if (c->state == CONN_CLOSING)
+        return;
+    if (status < 0 || !keep_alive) {
+        conn_close(c);
+        return;
+    }
+    if (c->state == CONN_DRAINING && c->head == NULL && c->writes == 0) {
+        conn_close(c);
+        return;
+    }
+    if (answers_owed(c) == 0)
+        arm_idle_timer(c);
+    /* Reading paused at the pipeline limit resumes once the backlog shrinks. */
+    if (c->in_flight < c->srv->cfg.max_pipeline / 2)
+        resume_reading(c);
+}
+
+/* Writes every ready response at the head of the FIFO, in order. */
+static void conn_flush(conn_t *c)
+{
+    while (c->head && c->head->responded && c->state != CONN_CLOSING) {
+        mph_http_req_t *r = c->head;
+        c->head = r->next;
+        if (c->head == NULL)
+            c->tail = NULL;
+        uv_buf_t bufs[2] = {uv_buf_init(r->head, (unsigned)r->head_len),
+                            uv_buf_init(r->resp_body, (unsigned)r->resp_len)};
+        int rc = uv_write(&r->write, (uv_stream_t *)&c->tcp, bufs, r->resp_len ? 2 : 1, on_write);
+        if (rc < 0) {
+            c->in_flight--;
+            req_free(r);
+            conn_close(c);
+            return;
+        }
+        c->writes++;
+        if (!r->keep_alive)
+            conn_drain(c); /* nothing after a Connection: close response */
+    }
+    if (c->state == CONN_DRAINING && c->head == NULL && c->writes == 0)
+        conn_close(c);
+}
+
+/* ---- Parser callbacks ---- */
+
+static int over_header_limit(conn_t *c, size_t more)
+{
+    c->header_bytes += more;
+    if (c->header_bytes > c->srv->cfg.max_header) {
+        c->cur->error_status = 431;
+        return 1;
+    }
+    return 0;
+}
+
+static int on_message_begin(http_parser *p)
+{
+    conn_t *c = p->data;
+    if (c->state != CONN_OPEN)
+        return 1; /* nothing is read after a Connection: close or a fatal error */
+    c->cur = req_new(c);
+    c->header_bytes = 0;
+    c->field_len = c->value_len = 0;
+    c->in_value = 0;
+    c->expect_continue = 0;
+    return 0;
+}
+
+static int on_url(http_parser *p, const char *at, size_t len)
+{
+    (void)at;
+    return over_header_limit(p->data, len);
+}
+
+static void end_header_value(conn_t *c)
+{
+    if (c->field_len == 6 && memcmp(c->field, "expect", 6) == 0 && c->value_len == 12 &&
+        strncasecmp(c->value, "100-continue", 12) == 0)
+        c->expect_continue = 1;
+    c->field_len = c->value_len = 0;
+    c->in_value = 0;
+}
+
+static int on_header_field(http_parser *p, const char *at, size_t len)
+{
+    conn_t *c = p->data;
+    if (c->in_value)
+        end_header_value(c);
+    for (size_t i = 0; i < len && c->field_len < sizeof(c->field); i++) {
+        char ch = at[i];
+        c->field[c->field_len++] = (char)(ch >= 'A' && ch <= 'Z' ? ch + 32 : ch);
+    }
+    return over_header_limit(c, len);
+}
+
+static int on_header_value(http_parser *p, const char *at, size_t len)
+{
+    conn_t *c = p->data;
+    c->in_value = 1;
+    for (size_t i = 0; i < len && c->value_len < sizeof(c->value); i++)
+        c->value[c->value_len++] = at[i];
+    return over_header_limit(c, len);
+}
+
+static int on_headers_complete(http_parser *p)
+{
+    conn_t *c = p->data;
+    mph_http_req_t *r = c->cur;
+    if (c->in_value)
+        end_header_value(c);
+    r->http_minor = p->http_major == 1 ? p->http_minor : 0;
+    if (p->method != HTTP_POST) {
+        r->error_status = 405; /* the body (if any) is read and dropped */
+        return 0;
+    }
+    if ((p->flags & F_CONTENTLENGTH) && p->content_length > c->srv->cfg.max_body) {
+        r->error_status = 413;
+        return 2; /* stop: do not read a body we refuse */
+    }
+    /* Expect: 100-continue: say "go on", unless an earlier response is still owed (the
+     * interim response must not overtake it; the client then sends after its own wait). */
+    if (c->expect_continue && c->head == r) {
+        static char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+        uv_buf_t b = uv_buf_init(cont, sizeof(cont) - 1);
+        uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
+    }
+    return 0;
+}
+
+static int on_body(http_parser *p, const char *at, size_t len)
+{
+    conn_t *c = p->data;
+    mph_http_req_t *r = c->cur;
+    if (r->error_status)
+        return 0;
+    if (r->body.len + len > c->srv->cfg.max_body) {
+        r->error_status = 413;
+        return 1;
+    }
+    mph_buf_append(&r->body, at, len);
+    return 0;
+}
+
+static int on_message_complete(http_parser *p)
+{
+    conn_t *c = p->data;
+    mph_http_server_t *srv = c->srv;
+    mph_http_req_t *r = c->cur;
+    c->cur = NULL;
+    r->keep_alive = http_should_keep_alive(p) && !srv->shutting_down;
+    uv_timer_stop(&c->timer);
+    if (r->error_status) {
+        respond_error(c, r, r->error_status);
+        return 0;
+    }
+    if (!r->keep_alive)
+        conn_drain(c); /* read no further requests on this connection */
+    mph_buf_t body = r->body;
+    r->body = (mph_buf_t)MPH_BUF_INIT;
+    srv->handler(srv->ud, r, body.data ? body.data : "", body.len);
+    mph_buf_free(&body);
+    return 0;
+}
+
+/* ---- Reading ---- */
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+    conn_t *c = h->data;
+    (void)suggested;
+    *buf = uv_buf_init(c->srv->read_buf, sizeof(c->srv->read_buf));
+}
+
+static void stop_reading(conn_t *c)
+{
+    if (c->reading) {
+        uv_read_stop((uv_stream_t *)&c->tcp);
+        c->reading = 0;
+    }
+}
+
+/* Ends reading; what is queued is still written, then the connection closes. */
+static void conn_drain(conn_t *c)
+{
+    if (c->state != CONN_OPEN)
+        return;
+    c->state = CONN_DRAINING;
+    stop_reading(c);
+    uv_timer_stop(&c->timer);
+}
+
+/* Forgets the half-received request, which is always the tail of the FIFO. */
+static void drop_partial(conn_t *c)
+{
+    mph_http_req_t *partial = c->cur, *prev = NULL;
+    for (mph_http_req_t *q = c->head; q != partial; q = q->next)
+        prev = q;
+    if (prev)
+        prev->next = NULL;
+    else
+        c->head = NULL;
+    c->tail = prev;
+    c->cur = NULL;
+    c->in_flight--;
+    req_free(partial);
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
+{
+    conn_t *c = s->data;
+    if (nread == 0 || c->state != CONN_OPEN)
+        return;
+    if (nread < 0) {
+        /* EOF or a reset: a half-received request is dropped; answers still owed are
+         * written if the socket allows (a client may shut down its side after sending). */
+        if (c->cur)
+            drop_partial(c);
+        if (nread != UV_EOF || c->in_flight == 0) {
+            conn_close(c);
+            return;
+        }
+        conn_drain(c);
+        conn_flush(c);
+        return;
+    }
+    size_t parsed = http_parser_execute(&c->parser, &c->srv->settings, buf->base, (size_t)nread);
+    if (c->state == CONN_CLOSING)
+        return;
+    enum http_errno err = HTTP_PARSER_ERRNO(&c->parser);
+    if (err != HPE_OK) {
+        mph_http_req_t *r = c->cur;
+        c->cur = NULL;
+        if (r == NULL) /* an error before any request line byte was accepted */
+            r = req_new(c);
+        int status = r->error_status ? r->error_status : 400;
+        if (err == HPE_HEADER_OVERFLOW)
+            status = 431;
+        mph_log(MPH_LOG_DEBUG, "http: %d (%s)", status, http_errno_description(err));
+        respond_error(c, r, status);
+        return;
+    }
+    if (c->parser.upgrade || parsed != (size_t)nread) {
+        conn_drain(c); /* protocol switches are not supported: answer what came, close */
+        conn_flush(c);
+        return;
+    }
+    if (c->state == CONN_OPEN && c->in_flight >= c->srv->cfg.max_pipeline)
+        stop_reading(c);
+}
+
+static void resume_reading(conn_t *c)
+{
+    if (c->state == CONN_OPEN && !c->reading &&
+        uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0)
+        c->reading = 1;
+}
+
+/* ---- Connections ---- */
+
+static void on_idle_timeout(uv_timer_t *t)
+{
+    conn_t *c = t->data;
+    if (answers_owed(c) > 0)
+        return; /* waiting on the handler, not on the client; re-armed when it answers */
+    mph_log(MPH_LOG_DEBUG, "http: closing an idle connection");
+    conn_close(c);
+}
+
+static void arm_idle_timer(conn_t *c)
+{
+    if (c->state == CONN_OPEN)
+        uv_timer_start(&c->timer, on_idle_timeout, c->srv->cfg.idle_timeout_ms, 0);
+}
+
+static void on_conn_handle_closed(uv_handle_t *h)
+{
+    conn_t *c = h->data;
+    if (--c->open_handles > 0)
+        return;
+    mph_http_server_t *srv = c->srv;
+    free(c);
+    maybe_drained(srv);
+}
+
+static void conn_close(conn_t *c)
+{
+    if (c->state == CONN_CLOSING)
+        return;
+    c->state = CONN_CLOSING;
+    mph_http_server_t *srv = c->srv;
+    /* Cut the requests loose: handlers still running answer into the void. Requests not yet
+     * handed to a handler (or already answered) are freed here; written ones are freed by
+     * their write callbacks, which run with UV_ECANCELED. */
+    mph_http_req_t *r = c->head;
+    while (r) {
+        mph_http_req_t *next = r->next;
+        r->conn = NULL;
+        if (r->responded || r == c->cur)
+            req_free(r);
+        r = next;
+    }
+    c->head = c->tail = c->cur = NULL;
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        srv->conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    srv->nconns--;
+    uv_close((uv_handle_t *)&c->tcp, on_conn_handle_closed);
+    uv_close((uv_handle_t *)&c->timer, on_conn_handle_closed);
+}
+
+static void on_connection(uv_stream_t *listener, int status)
+{
+    mph_http_server_t *srv = listener->data;
+    if (status < 0) {
+        mph_log(MPH_LOG_WARN, "http: accept: %s", uv_strerror(status));
+        return;
+    }
+    conn_t *c = mph_xcalloc(1, sizeof(*c));
+    c->srv = srv;
+    uv_tcp_init(srv->loop, &c->tcp);
+    uv_timer_init(srv->loop, &c->timer);
+    c->tcp.data = c->timer.data = c;
+    c->open_handles = 2;
+    c->state = CONN_OPEN;
+    c->next = srv->conns;
+    if (srv->conns)
+        srv->conns->prev = c;
+    srv->conns = c;
+    srv->nconns++;
+    if (uv_accept(listener, (uv_stream_t *)&c->tcp) != 0) {
+        conn_close(c);
+        return;
+    }
+    if (srv->nconns > srv->cfg.max_connections || srv->shutting_down) {
+        mph_log(MPH_LOG_WARN, "http: connection limit (%u) reached, closing a new one",
+                srv->cfg.max_connections);
+        conn_close(c);
+        return;
+    }
+    uv_tcp_nodelay(&c->tcp, 1);
+    http_parser_init(&c->parser, HTTP_REQUEST);
+    c->parser.data = c;
+    arm_idle_timer(c);
+    resume_reading(c);
+}
+
+/* ---- Server ---- */
+
+int mph_http_server_new(mph_http_server_t **out, uv_loop_t *loop, const mph_http_config_t *cfg,
+                        mph_http_handler_t handler, void *ud)
+{
+    mph_http_server_t *srv = mph_xcalloc(1, sizeof(*srv));
+    srv->loop = loop;
+    srv->cfg = *cfg;
+    if (srv->cfg.max_pipeline < 2)
+        srv->cfg.max_pipeline = 2;
+    srv->handler = handler;
+    srv->ud = ud;
+    srv->settings.on_message_begin = on_message_begin;
+    srv->settings.on_url = on_url;
+    srv->settings.on_header_field = on_header_field;
+    srv->settings.on_header_value = on_header_value;
+    srv->settings.on_headers_complete = on_headers_complete;
+    srv->settings.on_body = on_body;
+    srv->settings.on_message_complete = on_message_complete;
+    *out = srv;
+    return 0;
+}
+
+int mph_http_listen(mph_http_server_t *srv, const char *addr, int port, char *err,
+                    size_t errlen)
+{
+    struct sockaddr_storage sa;
+    if (uv_ip4_addr(addr, port, (struct sockaddr_in *)&sa) != 0 &&
+        uv_ip6_addr(addr, port, (struct sockaddr_in6 *)&sa) != 0) {
+        snprintf(err, errlen, "invalid listen address %s", addr);
+        return MPH_EINVAL;
+    }
+    uv_tcp_init(srv->loop, &srv->listener);
+    srv->listener.data = srv;
+    srv->listening = srv->listener_open = 1;
+    int rc = uv_tcp_bind(&srv->listener, (struct sockaddr *)&sa, 0);
+    if (rc == 0)
+        rc = uv_listen((uv_stream_t *)&srv->listener, 511, on_connection);
+    if (rc != 0) {
+        snprintf(err, errlen, "cannot listen on %s:%d: %s%s", addr, port, uv_strerror(rc),
+                 rc == UV_EADDRINUSE ? " (the port is in use)" : "");
+        return rc == UV_EADDRINUSE ? MPH_EADDRINUSE : MPH_ELISTEN;
+    }
+    struct sockaddr_storage bound;
+    int len = sizeof(bound);
+    uv_tcp_getsockname(&srv->listener, (struct sockaddr *)&bound, &len);
+    srv->port = ntohs(((struct sockaddr_in *)&bound)->sin_port);
+    return 0;
+}
+
+int mph_http_port(const mph_http_server_t *srv)
+{
+    return srv->port;
+}
+
+static void maybe_drained(mph_http_server_t *srv)
+{
+    if (srv->shutting_down && srv->nconns == 0 && !srv->listener_open && srv->drained) {
+        void (*cb)(void *) = srv->drained;
+        srv->drained = NULL;
+        cb(srv->drained_ud);
+    }
+}
+
+static void on_listener_closed(uv_handle_t *h)
+{
+    mph_http_server_t *srv = h->data;
+    srv->listener_open = 0;
+    maybe_drained(srv);
+}
+
+void mph_http_shutdown(mph_http_server_t *srv, void (*drained)(void *ud), void *ud)
+{
+    if (srv->shutting_down)
+        return;
+    srv->shutting_down = 1;
+    srv->drained = drained;
+    srv->drained_ud = ud;
+    if (srv->listener_open)
+        uv_close((uv_handle_t *)&srv->listener, on_listener_closed);
+    /* Idle connections close now; busy ones finish what they started. */
+    conn_t *c = srv->conns;
+    while (c) {
+        conn_t *next = c->next;
+        if (answers_owed(c) == 0)
+            conn_close(c); /* idle, or only a half-received request */
+        else
+            conn_drain(c);
+        c = next;
+    }
+    maybe_drained(srv);
+}
+
+void mph_http_abort(mph_http_server_t *srv)
+{
+    while (srv->conns)
+        conn_close(srv->conns);
+    maybe_drained(srv);
+}
+
+void mph_http_server_free(mph_http_server_t *srv)
+{
+    assert(srv->conns == NULL && !srv->listener_open);
+    free(srv);
+}

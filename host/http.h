@@ -1,0 +1,60 @@
+/*
+ * http.h: the HTTP/1.x server: a TCP listener on the loop, one parser per connection
+ * (Debian's http-parser), keep-alive and pipelining with responses in request order,
+ * chunked bodies, Expect: 100-continue, and limits (body, headers, connections, idle time).
+ * It knows nothing of JSON-RPC: a complete POST body is handed to the handler, which answers
+ * exactly once with mph_http_respond, now or later.
+ */
+#ifndef MPH_HTTP_H
+#define MPH_HTTP_H
+
+#include <stddef.h>
+#include <uv.h>
+
+typedef struct mph_http_server_s mph_http_server_t;
+typedef struct mph_http_req_s mph_http_req_t;
+
+typedef struct {
+    size_t max_body;            /* bytes of a request body; more -> 413 */
+    size_t max_header;          /* bytes of request line plus headers; more -> 431 */
+    unsigned max_connections;   /* open connections; more are closed at once */
+    unsigned idle_timeout_ms;   /* a connection with nothing in flight that completes no
+                                   request for this long is closed (idle or stalled) */
+    unsigned max_pipeline;      /* requests in flight per connection before reading pauses */
+} mph_http_config_t;
+
+/* Fills the defaults: 1 MiB body, 16 KiB headers, 10000 connections, 30 s, 64. */
+void mph_http_config_default(mph_http_config_t *cfg);
+
+/* Called for each complete POST request. body is borrowed for the duration of the call. The
+ * handler must call mph_http_respond(req, ...) exactly once, during the call or later. */
+typedef void (*mph_http_handler_t)(void *ud, mph_http_req_t *req, const char *body, size_t len);
+
+/* Creates a server (not listening yet). cfg is copied. Returns 0. */
+int mph_http_server_new(mph_http_server_t **out, uv_loop_t *loop, const mph_http_config_t *cfg,
+                        mph_http_handler_t handler, void *ud);
+
+/* Binds and listens. Returns 0, MPH_EADDRINUSE, or MPH_ELISTEN, with a message in err. */
+int mph_http_listen(mph_http_server_t *srv, const char *addr, int port, char *err,
+                    size_t errlen);
+
+/* The port actually bound (useful after listening on port 0). */
+int mph_http_port(const mph_http_server_t *srv);
+
+/* Answers req. status 200 with a body, or 204 with len 0; body (malloc'd, may be NULL) is
+ * stolen. Safe after the client went away: the response is then dropped. */
+void mph_http_respond(mph_http_req_t *req, int status, char *body, size_t len);
+
+/* Graceful stop: stop accepting, close idle connections, let the others finish the
+ * requests they have started, then close them. `drained` runs once when every connection
+ * and the listener are closed. Calling it twice is harmless. */
+void mph_http_shutdown(mph_http_server_t *srv, void (*drained)(void *ud), void *ud);
+
+/* Closes every connection now (in-flight responses are dropped); used after a shutdown
+ * deadline. `drained` still runs as promised. */
+void mph_http_abort(mph_http_server_t *srv);
+
+/* Frees the server; only after `drained` has run (or if it never listened). */
+void mph_http_server_free(mph_http_server_t *srv);
+
+#endif

@@ -1,0 +1,267 @@
+/*
+ * main.c: the mphost binary: argument parsing and the foreground `serve` verb. Everything
+ * else is the library (mphost.h) or the other verbs (deploy.c, call.c).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cli.h"
+#include "common.h"
+
+static const char usage[] =
+    "usage: mphost SCRIPT [deploy] [options]    start SCRIPT's services in the background\n"
+    "       mphost SCRIPT serve [PORT] [options] run in the foreground, logs to stderr\n"
+    "       mphost SCRIPT delete [--port=N]      stop that deployment gracefully\n"
+    "       mphost SCRIPT status [--port=N]      is it running: pid, port, storage, uptime\n"
+    "       mphost call METHOD [JSON] [--url URL]\n"
+    "                                            call METHOD with params JSON (default [{}])\n"
+    "options:\n"
+    "  --port=N              port (default 3000, env MP_PORT)\n"
+    "  --listen=ADDR         address to bind (default 0.0.0.0)\n"
+    "  --storage=file        file storage (default) in --data=DIR (env MP_DATA, ./mp-data)\n"
+    "  --storage=redis       Redis at REDIS_HOST, REDIS_PORT, REDIS_PASSWORD, or\n"
+    "  --storage=redis://[:password@]host[:port][/db]\n"
+    "  --redis-prefix=P      Redis key prefix (default mp:)\n"
+    "  --logging=LEVEL       trace|debug|info|warn|error|silent (default info)\n"
+    "  --max-retries=N       conflict re-runs before error -32001 (default 50)\n"
+    "  --max-body=BYTES      request body limit (default 1048576)\n"
+    "  --max-header=BYTES    request header limit (default 16384)\n"
+    "  --max-connections=N   open connection limit (default 10000)\n"
+    "  --idle-timeout=SEC    close idle or stalled connections (default 30)\n"
+    "  --shutdown-timeout=SEC  how long delete waits for in-flight requests (default 10)\n"
+    "  --help, --version\n";
+
+static int bad_usage(const char *fmt, const char *arg)
+{
+    fprintf(stderr, "mphost: ");
+    fprintf(stderr, fmt, arg);
+    fprintf(stderr, " (see mphost --help)\n");
+    return 1;
+}
+
+static int parse_number(const char *s, double min, double max, double *out)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || *end != '\0' || v < min || v > max)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+/* Applies one --name=value option. Returns 0 or prints why not and returns 1. */
+static int apply_option(mph_cli_t *cli, const char *name, const char *value)
+{
+    mph_host_config_t *h = &cli->host;
+    double v;
+    if (strcmp(name, "port") == 0) {
+        if (parse_number(value, 0, 65535, &v) != 0)
+            return bad_usage("invalid port: %s", value);
+        h->port = (int)v;
+        cli->port_given = 1;
+    } else if (strcmp(name, "listen") == 0) {
+        h->listen = value;
+    } else if (strcmp(name, "storage") == 0) {
+        h->storage = value;
+    } else if (strcmp(name, "data") == 0) {
+        h->data_dir = value;
+    } else if (strcmp(name, "redis-prefix") == 0) {
+        h->redis_prefix = value;
+    } else if (strcmp(name, "logging") == 0) {
+        mph_log_level_t level;
+        if (mph_log_parse_level(value, &level) != 0)
+            return bad_usage("invalid logging level: %s", value);
+        mph_log_level = level;
+        h->debug_errors = level <= MPH_LOG_DEBUG;
+        cli->log_level = value;
+    } else if (strcmp(name, "max-retries") == 0) {
+        if (parse_number(value, 0, 1000000, &v) != 0)
+            return bad_usage("invalid --max-retries: %s", value);
+        h->max_retries = (int)v;
+    } else if (strcmp(name, "max-body") == 0) {
+        if (parse_number(value, 1, 1 << 30, &v) != 0)
+            return bad_usage("invalid --max-body: %s", value);
+        h->max_body = (size_t)v;
+    } else if (strcmp(name, "max-header") == 0) {
+        if (parse_number(value, 256, 1 << 24, &v) != 0)
+            return bad_usage("invalid --max-header: %s", value);
+        h->max_header = (size_t)v;
+    } else if (strcmp(name, "max-connections") == 0) {
+        if (parse_number(value, 1, 1000000, &v) != 0)
+            return bad_usage("invalid --max-connections: %s", value);
+        h->max_connections = (unsigned)v;
+    } else if (strcmp(name, "idle-timeout") == 0) {
+        if (parse_number(value, 0.01, 86400, &v) != 0)
+            return bad_usage("invalid --idle-timeout: %s", value);
+        h->idle_timeout_ms = (unsigned)(v * 1000);
+    } else if (strcmp(name, "shutdown-timeout") == 0) {
+        if (parse_number(value, 0, 86400, &v) != 0)
+            return bad_usage("invalid --shutdown-timeout: %s", value);
+        h->shutdown_timeout_ms = (unsigned)(v * 1000);
+    } else if (strcmp(name, "url") == 0) {
+        cli->url = value;
+    } else {
+        return bad_usage("unknown option --%s", name);
+    }
+    return 0;
+}
+
+/* Storage as given -> what the host takes; fills storage_desc. */
+static int resolve_storage(mph_cli_t *cli)
+{
+    mph_host_config_t *h = &cli->host;
+    if (strcmp(h->storage, "file") == 0) {
+        char *abs = realpath(h->data_dir, NULL);
+        size_t n = strlen(abs ? abs : h->data_dir) + 8;
+        cli->storage_desc = mph_xmalloc(n);
+        snprintf(cli->storage_desc, n, "file:%s", abs ? abs : h->data_dir);
+        free(abs);
+        return 0;
+    }
+    return bad_usage("unknown storage: %s", h->storage);
+}
+
+int mph_cli_serve(mph_cli_t *cli, int ready_fd)
+{
+    char err[1024], msg[1100];
+    mph_host_t *h = NULL;
+    FILE *ready = ready_fd >= 0 ? fdopen(ready_fd, "w") : NULL;
+    int rc = mph_host_new(&h, &cli->host, err, sizeof(err));
+    int script_failed = 0;
+    if (rc == 0 && (rc = mph_host_load_file(h, cli->script_path, err, sizeof(err))) != 0)
+        script_failed = 1;
+    if (rc == 0)
+        rc = mph_host_listen(h, err, sizeof(err));
+    if (rc != 0) {
+        snprintf(msg, sizeof(msg), "%s%s", script_failed ? "script error: " : "", err);
+        mph_log(MPH_LOG_ERROR, "%s", msg);
+        if (ready) {
+            fprintf(ready, "error %s\n", msg);
+            fclose(ready);
+        } else if (mph_log_level > MPH_LOG_ERROR) {
+            fprintf(stderr, "mphost: %s\n", msg);
+        }
+        if (h)
+            mph_host_free(h);
+        return 1;
+    }
+    int port = mph_host_port(h);
+    const char *log_path = getenv("MPH_LOG_PATH");
+    mph_cli_write_pidfile(cli, port, log_path);
+    mph_host_handle_signals(h);
+    signal(SIGXFSZ, SIG_IGN); /* a file size limit is a write error, not death */
+    mph_log(MPH_LOG_INFO, "serving %s on %s:%d (pid %d, storage %s)", cli->script,
+            cli->host.listen, port, (int)getpid(), cli->storage_desc);
+    if (ready) {
+        fprintf(ready, "ready %d\n", port);
+        fclose(ready);
+    }
+    mph_host_run(h);
+    mph_host_free(h);
+    mph_cli_remove_pidfile(cli, port);
+    mph_log(MPH_LOG_INFO, "stopped");
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    mph_cli_t cli;
+    memset(&cli, 0, sizeof(cli));
+    mph_host_config_default(&cli.host);
+    cli.params = "[{}]";
+    cli.url = "http://127.0.0.1:3000/";
+
+    const char *env = getenv("MP_PORT");
+    if (env && apply_option(&cli, "port", env) != 0)
+        return 1;
+    env = getenv("MP_DATA");
+    if (env)
+        cli.host.data_dir = env;
+
+    const char *positional[4];
+    int npos = 0;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
+            fputs(usage, stdout);
+            return 0;
+        }
+        if (strcmp(a, "--version") == 0) {
+            printf("mphost %s\n", MPHOST_VERSION);
+            return 0;
+        }
+        if (strncmp(a, "--", 2) == 0) {
+            const char *eq = strchr(a, '=');
+            char name[64];
+            const char *value;
+            if (eq) {
+                snprintf(name, sizeof(name), "%.*s", (int)(eq - a - 2), a + 2);
+                value = eq + 1;
+            } else if (strcmp(a, "--url") == 0 && i + 1 < argc) {
+                snprintf(name, sizeof(name), "url");
+                value = argv[++i];
+            } else {
+                return bad_usage("option %s needs a value (--name=value)", a);
+            }
+            if (apply_option(&cli, name, value) != 0)
+                return 1;
+            continue;
+        }
+        if (npos == 4)
+            return bad_usage("unexpected argument: %s", a);
+        positional[npos++] = a;
+    }
+    if (npos == 0) {
+        fputs(usage, stderr);
+        return 1;
+    }
+
+    if (strcmp(positional[0], "call") == 0) {
+        if (npos < 2 || npos > 3)
+            return bad_usage("%s", "usage: mphost call METHOD [JSON] [--url URL]");
+        cli.method = positional[1];
+        if (npos == 3)
+            cli.params = positional[2];
+        return mph_cli_call(&cli);
+    }
+
+    cli.script = positional[0];
+    cli.verb = npos > 1 ? positional[1] : "deploy";
+    int serve = strcmp(cli.verb, "serve") == 0;
+    if (npos > (serve ? 3 : 2))
+        return bad_usage("unexpected argument: %s", positional[npos - 1]);
+    if (serve && npos == 3 && apply_option(&cli, "port", positional[2]) != 0)
+        return 1;
+    cli.script_path = realpath(cli.script, NULL);
+    int managing = strcmp(cli.verb, "delete") == 0 || strcmp(cli.verb, "status") == 0;
+    if (cli.script_path == NULL && !managing) {
+        fprintf(stderr, "mphost: cannot open script %s: %s\n", cli.script, strerror(errno));
+        return 1;
+    }
+    if (cli.script_path == NULL) /* a deleted script can still be stopped by its path */
+        cli.script_path = mph_xstrdup(cli.script);
+    if (resolve_storage(&cli) != 0)
+        return 1;
+
+    int rc;
+    if (serve)
+        rc = mph_cli_serve(&cli, -1);
+    else if (strcmp(cli.verb, "deploy") == 0)
+        rc = mph_cli_deploy(&cli);
+    else if (strcmp(cli.verb, "delete") == 0)
+        rc = mph_cli_delete(&cli);
+    else if (strcmp(cli.verb, "status") == 0)
+        rc = mph_cli_status(&cli);
+    else
+        rc = bad_usage("unknown command: %s", cli.verb);
+    free(cli.script_path);
+    free(cli.storage_desc);
+    return rc;
+}

@@ -1,0 +1,79 @@
+/*
+ * mphost.h: the embeddable host, the whole public surface of libmphost.
+ *
+ *   mph_host_config_t cfg;
+ *   mph_host_config_default(&cfg);
+ *   cfg.port = 8080;
+ *   mph_host_t *h;
+ *   char err[512];
+ *   if (mph_host_new(&h, &cfg, err, sizeof err) ||
+ *       mph_host_load_file(h, "service.lua", err, sizeof err) ||
+ *       mph_host_listen(h, err, sizeof err)) { fprintf(stderr, "%s\n", err); exit(1); }
+ *   mph_host_handle_signals(h);        // SIGINT/SIGTERM stop it gracefully
+ *   mph_host_run(h);                   // until stopped
+ *   mph_host_free(h);
+ *
+ * A host owns its libuv loop, its Lua state and its storage connection. All functions but
+ * mph_host_stop must be called from the thread that runs the host.
+ */
+#ifndef MPHOST_H
+#define MPHOST_H
+
+#include <stddef.h>
+
+#define MPHOST_VERSION "0.1.0"
+
+typedef struct mph_host_s mph_host_t;
+
+typedef struct {
+    const char *listen;        /* address to bind; default "0.0.0.0" */
+    int port;                  /* default 3000; 0 picks a free port (see mph_host_port) */
+    const char *storage;       /* "file" (default) or "redis://[:password@]host[:port][/db]" */
+    const char *data_dir;      /* file storage directory; default "./mp-data" */
+    const char *redis_prefix;  /* key prefix for Redis; default "mp:" */
+    int max_retries;           /* conflict re-runs before -32001; default 50 */
+    size_t max_body;           /* bytes; default 1 MiB */
+    size_t max_header;         /* bytes; default 16 KiB */
+    unsigned max_connections;  /* default 10000 */
+    unsigned idle_timeout_ms;  /* default 30000 */
+    unsigned shutdown_timeout_ms; /* graceful stop waits this long for in-flight calls */
+    int debug_errors;          /* handler errors carry tracebacks */
+} mph_host_config_t;
+
+/* Fills every field with its default. */
+void mph_host_config_default(mph_host_config_t *cfg);
+
+/* Creates a host: loop, storage (opened, but Redis is only reached in listen), Lua state.
+ * cfg is copied. Returns 0, or a negative code with a one-line message in err. */
+int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size_t errlen);
+
+/* Runs a service script (a file, or source text named `name`). Returns 0 or a negative code
+ * with the Lua error in err. */
+int mph_host_load_file(mph_host_t *h, const char *path, char *err, size_t errlen);
+int mph_host_load_string(mph_host_t *h, const char *name, const char *src, char *err,
+                         size_t errlen);
+
+/* Checks the storage is reachable and starts listening. Returns 0 or a negative code with
+ * a message (port in use, storage unreachable). */
+int mph_host_listen(mph_host_t *h, char *err, size_t errlen);
+
+/* The port listened on. */
+int mph_host_port(const mph_host_t *h);
+
+/* SIGINT and SIGTERM stop the host gracefully (and SIGPIPE is ignored). Returns 0. */
+int mph_host_handle_signals(mph_host_t *h);
+
+/* Serves until stopped, then closes everything. Returns 0. */
+int mph_host_run(mph_host_t *h);
+
+/* Asks the host to stop gracefully: stop accepting, finish in-flight requests (up to the
+ * shutdown timeout), close. Safe from any thread and from a signal handler. */
+void mph_host_stop(mph_host_t *h);
+
+/* Frees a host that has returned from mph_host_run, or that never ran. */
+void mph_host_free(mph_host_t *h);
+
+/* Message for a negative code returned here. */
+const char *mph_host_strerror(int err);
+
+#endif

@@ -1,0 +1,195 @@
+/*
+ * rpc.c: JSON-RPC 2.0 (https://www.jsonrpc.org/specification).
+ *
+ * A request body is one call or a batch. Each call becomes a slot; the bridge replies to
+ * each slot once, possibly before mph_lua_call returns, so the count of outstanding slots
+ * starts one higher than their number and drops that extra one only after dispatching: the
+ * response cannot go out half-built. Batch elements run concurrently and are answered in the
+ * order they came; notifications run but are not answered.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include "rpc.h"
+
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../lua/json.h"
+#include "common.h"
+
+typedef struct {
+    json_t *id;       /* owned reference; NULL for a notification */
+    int notification; /* valid call without "id": run, do not answer */
+    mph_buf_t out;    /* this slot's response object */
+    struct call_s *call;
+} slot_t;
+
+typedef struct call_s {
+    mph_http_req_t *req; /* answered once every slot is done */
+    int is_batch;
+    size_t nslots;
+    size_t outstanding; /* slots without a reply, plus one while dispatching */
+    slot_t *slots;
+} call_t;
+
+static void write_error(mph_buf_t *b, const json_t *id, int code, const char *message,
+                        const char *data, size_t data_len)
+{
+    mph_buf_puts(b, "{\"jsonrpc\":\"2.0\",\"id\":");
+    if (id == NULL || mph_json_write_jansson(b, id) != 0)
+        mph_buf_puts(b, "null");
+    mph_buf_printf(b, ",\"error\":{\"code\":%d,\"message\":", code);
+    if (mph_json_write_string(b, message, strlen(message)) != 0)
+        mph_buf_puts(b, "\"(message was not valid UTF-8)\"");
+    if (data) {
+        mph_buf_puts(b, ",\"data\":");
+        mph_buf_append(b, data, data_len);
+    }
+    mph_buf_puts(b, "}}");
+}
+
+static void call_finish(call_t *call)
+{
+    mph_buf_t body = MPH_BUF_INIT;
+    size_t answered = 0;
+    if (call->is_batch)
+        mph_buf_puts(&body, "[");
+    for (size_t i = 0; i < call->nslots; i++) {
+        slot_t *s = &call->slots[i];
+        if (s->out.len) {
+            if (answered++)
+                mph_buf_puts(&body, ",");
+            mph_buf_append(&body, s->out.data, s->out.len);
+        }
+        mph_buf_free(&s->out);
+        json_decref(s->id);
+    }
+    if (call->is_batch)
+        mph_buf_puts(&body, "]");
+    free(call->slots);
+    if (answered == 0) {
+        mph_buf_free(&body);
+        mph_http_respond(call->req, 204, NULL, 0);
+    } else {
+        mph_buf_puts(&body, "\n");
+        size_t len;
+        char *data = mph_buf_steal(&body, &len);
+        mph_http_respond(call->req, 200, data, len);
+    }
+    free(call);
+}
+
+static void slot_done(slot_t *s)
+{
+    call_t *call = s->call;
+    if (--call->outstanding == 0)
+        call_finish(call);
+}
+
+static void on_reply(void *ud, mph_lua_reply_t *reply)
+{
+    slot_t *s = ud;
+    if (!s->notification) {
+        if (reply->code == 0) {
+            mph_buf_puts(&s->out, "{\"jsonrpc\":\"2.0\",\"id\":");
+            mph_json_write_jansson(&s->out, s->id);
+            mph_buf_puts(&s->out, ",\"result\":");
+            mph_buf_append(&s->out, reply->json, reply->json_len);
+            mph_buf_puts(&s->out, "}");
+        } else {
+            write_error(&s->out, s->id, reply->code, reply->message, reply->json,
+                        reply->json_len);
+        }
+    }
+    slot_done(s);
+}
+
+static void slot_error(slot_t *s, int code, const char *message)
+{
+    write_error(&s->out, s->id, code, message, NULL, 0);
+    slot_done(s);
+}
+
+/* Validates one request object and dispatches it. */
+static void dispatch(mph_lua_t *lua, slot_t *s, const json_t *r)
+{
+    if (!json_is_object(r)) {
+        slot_error(s, MPH_RPC_INVALID_REQUEST, "Invalid Request");
+        return;
+    }
+    json_t *id = json_object_get(r, "id");
+    if (id && !json_is_string(id) && !json_is_number(id) && !json_is_null(id)) {
+        slot_error(s, MPH_RPC_INVALID_REQUEST, "Invalid Request: id must be a string, number or null");
+        return;
+    }
+    s->id = json_incref(id); /* NULL stays NULL */
+    json_t *version = json_object_get(r, "jsonrpc");
+    json_t *method = json_object_get(r, "method");
+    json_t *params = json_object_get(r, "params");
+    const char *problem = NULL;
+    if (!json_is_string(version) || strcmp(json_string_value(version), "2.0") != 0)
+        problem = "Invalid Request: jsonrpc must be \"2.0\"";
+    else if (!json_is_string(method))
+        problem = "Invalid Request: method must be a string";
+    if (problem) {
+        slot_error(s, MPH_RPC_INVALID_REQUEST, problem);
+        return;
+    }
+    s->notification = (id == NULL);
+    if (params && !json_is_array(params) && !json_is_object(params)) {
+        if (s->notification) {
+            slot_done(s);
+            return;
+        }
+        slot_error(s, MPH_RPC_INVALID_PARAMS, "Invalid params: params must be an array or an object");
+        return;
+    }
+    mph_lua_call(lua, json_string_value(method), json_string_length(method), params, on_reply, s);
+}
+
+static void answer_alone(mph_http_req_t *req, int code, const char *message)
+{
+    mph_buf_t b = MPH_BUF_INIT;
+    write_error(&b, NULL, code, message, NULL, 0);
+    mph_buf_puts(&b, "\n");
+    size_t len;
+    char *data = mph_buf_steal(&b, &len);
+    mph_http_respond(req, 200, data, len);
+}
+
+void mph_rpc_handle(void *ud, mph_http_req_t *req, const char *body, size_t len)
+{
+    mph_lua_t *lua = ud;
+    json_error_t err;
+    json_t *doc = mph_json_load(body, len, &err);
+    if (doc == NULL) {
+        char msg[256];
+        if (json_error_code(&err) == json_error_numeric_overflow) {
+            snprintf(msg, sizeof(msg), "Invalid params: %s", err.text);
+            answer_alone(req, MPH_RPC_INVALID_PARAMS, msg);
+        } else {
+            snprintf(msg, sizeof(msg), "Parse error: %s", err.text);
+            answer_alone(req, MPH_RPC_PARSE_ERROR, msg);
+        }
+        return;
+    }
+    if (json_is_array(doc) && json_array_size(doc) == 0) {
+        json_decref(doc);
+        answer_alone(req, MPH_RPC_INVALID_REQUEST, "Invalid Request: empty batch");
+        return;
+    }
+    call_t *call = mph_xcalloc(1, sizeof(*call));
+    call->req = req;
+    call->is_batch = json_is_array(doc);
+    call->nslots = call->is_batch ? json_array_size(doc) : 1;
+    call->slots = mph_xcalloc(call->nslots, sizeof(slot_t));
+    call->outstanding = call->nslots + 1;
+    for (size_t i = 0; i < call->nslots; i++) {
+        call->slots[i].call = call;
+        dispatch(lua, &call->slots[i], call->is_batch ? json_array_get(doc, i) : doc);
+    }
+    json_decref(doc);
+    if (--call->outstanding == 0)
+        call_finish(call);
+}

@@ -1,0 +1,18 @@
+/*
+ * rpc.h: JSON-RPC 2.0 over the HTTP server: single calls, batches, notifications, and every
+ * error of the specification. It validates, dispatches each call to the Lua bridge, and
+ * answers once every call of the request has its reply.
+ */
+#ifndef MPH_RPC_H
+#define MPH_RPC_H
+
+#include <stddef.h>
+
+#include "../lua/bridge.h"
+#include "http.h"
+
+/* An mph_http_handler_t: ud is the mph_lua_t. Answers 200 with the response (a trailing
+ * newline after the JSON), or 204 when every call was a notification. */
+void mph_rpc_handle(void *ud, mph_http_req_t *req, const char *body, size_t len);
+
+#endif

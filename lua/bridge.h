@@ -1,0 +1,64 @@
+/*
+ * bridge.h: the Lua side of the host, as the transport sees it. One LuaJIT state per host
+ * runs the user's script once at load time, then answers calls: each call attempt runs its
+ * handler in a fresh coroutine, so a handler that waits for storage suspends without
+ * blocking the loop, and the transaction runner (runner.c) commits what it wrote.
+ */
+#ifndef MPH_LUA_BRIDGE_H
+#define MPH_LUA_BRIDGE_H
+
+#include <jansson.h>
+#include <stddef.h>
+#include <uv.h>
+
+#include "../storage/storage.h"
+
+typedef struct mph_lua_s mph_lua_t;
+
+typedef struct {
+    mph_store_t *store; /* borrowed; must outlive the bridge */
+    int max_retries;    /* re-runs after a conflict before -32001; 0 means the default (100) */
+    int debug_errors;   /* 1: handler errors carry a traceback in error.data */
+} mph_lua_config_t;
+
+typedef struct {
+    int code;        /* 0 for a result, else the JSON-RPC error code */
+    char *json;      /* result JSON text, or the error's data JSON text (NULL: no data) */
+    size_t json_len; /* bytes in json */
+    char *message;   /* error message (NULL for a result) */
+} mph_lua_reply_t;
+
+/* A reply is borrowed by the callback, which may take json or message by setting the field
+ * to NULL; whatever is left is freed when the callback returns. */
+typedef void (*mph_lua_reply_cb)(void *ud, mph_lua_reply_t *reply);
+
+/* Creates a state with the metaparticle module loaded. Returns 0 or MPH_ENOMEM. */
+int mph_lua_new(mph_lua_t **out, uv_loop_t *loop, const mph_lua_config_t *cfg);
+
+/* Runs a script: `src` of `len` bytes named `chunkname` in messages; `dir` (may be NULL) is
+ * put first on package.path so the script can require its sibling modules. Returns 0, or
+ * MPH_ESCRIPT with the Lua error message in err. */
+int mph_lua_load(mph_lua_t *lua, const char *chunkname, const char *src, size_t len,
+                 const char *dir, char *err, size_t errlen);
+
+/* Reads and runs the script at path (see mph_lua_load). */
+int mph_lua_load_file(mph_lua_t *lua, const char *path, char *err, size_t errlen);
+
+/* Calls method (not NUL-terminated, mlen bytes) with params (borrowed; NULL when absent; an
+ * array is passed as positional arguments, an object as one table). cb runs exactly once,
+ * possibly before this returns: with the result once every write the handler made is
+ * durable, or with the error (-32601 for an unknown or unexposed method). */
+void mph_lua_call(mph_lua_t *lua, const char *method, size_t mlen, const json_t *params,
+                  mph_lua_reply_cb cb, void *ud);
+
+/* Number of calls whose callback has not run yet. */
+size_t mph_lua_pending(const mph_lua_t *lua);
+
+/* Whether the script called mp.serve(). */
+int mph_lua_serve_called(const mph_lua_t *lua);
+
+/* Fails calls still waiting with -32002, closes the bridge's handles and frees it once their
+ * close callbacks have run (so run the loop afterwards). The store is not closed. */
+void mph_lua_close(mph_lua_t *lua);
+
+#endif

@@ -1,0 +1,109 @@
+/*
+ * internal.h: what bridge.c (coroutines, the module) and runner.c (scopes, commits,
+ * retries) share. Private to lua/.
+ *
+ * A transaction (mph_txn_t) is one JSON-RPC call. Each attempt runs the handler in a new
+ * coroutine; its states:
+ *
+ *   RUNNING  --handler waits for a scope to load (C.acquire yields)-->  WAITING
+ *   WAITING  --runner_scope_loaded resumes it-->                         RUNNING
+ *   RUNNING  --handler returns, writes merged into the scope-->          QUEUED (pending batch)
+ *   QUEUED   --runner launches the batch's commit-->                     COMMITTING
+ *   COMMITTING --commit ok--> answered (freed)
+ *   QUEUED/COMMITTING --conflict or a failed batch it depends on-->      RETRY (timer)
+ *   RETRY    --timer-->                                                  RUNNING (new attempt)
+ *   RUNNING  --handler raises / no scope touched-->                      answered (freed)
+ */
+#ifndef MPH_LUA_INTERNAL_H
+#define MPH_LUA_INTERNAL_H
+
+#include <lua.h>
+#include <stdint.h>
+
+#include "bridge.h"
+
+typedef enum {
+    TXN_RUNNING,
+    TXN_WAITING,
+    TXN_QUEUED,
+    TXN_COMMITTING,
+    TXN_RETRY
+} mph_txn_state_t;
+
+typedef struct mph_scope_s mph_scope_t;
+typedef struct mph_txn_s mph_txn_t;
+
+struct mph_txn_s {
+    mph_lua_t *lua;         /* owner */
+    mph_txn_state_t state;  /* see the diagram above */
+    char *method;           /* owned, NUL-terminated */
+    json_t *params;         /* owned reference, or NULL */
+    mph_lua_reply_cb cb;    /* runs once, then the txn is freed */
+    void *ud;               /* for cb */
+    int attempts;           /* attempts started so far */
+    lua_State *co;          /* the current attempt's coroutine; NULL between attempts */
+    int co_ref;             /* registry ref anchoring co (LUA_NOREF when none) */
+    int rec_ref;            /* registry ref of the attempt's record table */
+    mph_scope_t *scope;     /* the scope it joined (one per transaction for now), or NULL */
+    int wrote;              /* 1 when the attempt wrote to scope */
+    mph_buf_t result;       /* the attempt's encoded result */
+    uint64_t retry_at;      /* RETRY: when to start again, in uv_now milliseconds */
+    mph_txn_t *next;        /* link in whichever queue holds it */
+};
+
+/* A FIFO of transactions. */
+typedef struct {
+    mph_txn_t *head;
+    mph_txn_t *tail;
+} mph_txn_queue_t;
+
+typedef enum { SCOPE_UNLOADED, SCOPE_LOADING, SCOPE_READY } mph_scope_state_t;
+
+struct mph_scope_s {
+    mph_lua_t *lua;            /* owner */
+    char *name;                /* owned */
+    mph_scope_state_t state;   /* UNLOADED -> LOADING -> READY; back to UNLOADED on error */
+    uint64_t version;          /* version of the committed base */
+    mph_txn_queue_t waiting;   /* transactions suspended until the load ends */
+    mph_txn_queue_t pending;   /* ran on the speculative state; in the next batch */
+    int pending_writes;        /* how many of `pending` wrote something */
+    mph_txn_queue_t inflight;  /* the batch whose commit is in flight */
+    int committing;            /* 1 while a commit is in flight */
+    int inflight_json_ref;     /* registry ref of the in-flight write set (keeps strings alive) */
+    mph_store_entry_t *entries; /* the in-flight commit's entries (pointers into Lua strings) */
+    mph_scope_t *next;         /* in lua->scopes */
+};
+
+struct mph_lua_s {
+    uv_loop_t *loop;            /* borrowed */
+    lua_State *L;               /* the one state */
+    mph_store_t *store;         /* borrowed; NULL: no storage */
+    int max_retries;            /* re-runs allowed after the first attempt */
+    int debug_errors;           /* tracebacks in error data */
+    int internal_ref;           /* registry ref of the module's internal table */
+    int serve_called;           /* the script called mp.serve() */
+    size_t pending_calls;       /* calls whose callback has not run */
+    mph_txn_t *current;         /* the transaction whose coroutine is running, or NULL */
+    mph_scope_t *scopes;        /* every scope seen, owned */
+    mph_txn_t *retry_list;      /* RETRY transactions sorted by retry_at */
+    uv_timer_t retry_timer;     /* fires at the first retry_at */
+    int closing;                /* mph_lua_close was called */
+};
+
+/* bridge.c */
+void mph__txn_start_attempt(mph_txn_t *t);
+void mph__txn_resume(mph_txn_t *t, int nargs);
+void mph__txn_reply(mph_txn_t *t, int code, const char *message);
+void mph__txn_reply_result(mph_txn_t *t);
+/* Pushes I[name], a field of the internal table metaparticle.lua returned. [-0, +1, -] */
+void mph__lua_get_internal(mph_lua_t *lua, lua_State *L, const char *name);
+
+/* runner.c */
+/* 0: the scope is ready; 1: t was queued until it loads (yield); <0: *why says why. */
+int mph__runner_acquire(mph_txn_t *t, const char *name, int can_wait, const char **why);
+void mph__runner_join(mph_txn_t *t, const char *name, int wrote);
+void mph__runner_finished(mph_txn_t *t);
+void mph__runner_retry(mph_txn_t *t);
+void mph__runner_close(mph_lua_t *lua);
+
+#endif

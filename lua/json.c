@@ -1,0 +1,570 @@
+/*
+ * json.c: JSON <-> Lua. Parsing is jansson's; the Lua -> JSON direction writes text directly,
+ * for two reasons: jansson prints 0.1 as 0.10000000000000001 (it always uses 17 digits),
+ * and building a jansson tree only to print it would allocate once per node on the hottest
+ * path of every response and every commit.
+ *
+ * Arrays keep their kind through the array metatable that decoding sets, so `[]` read from
+ * JSON (a request, a scope) is written back as `[]`, not `{}`.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include "json.h"
+
+#include <lauxlib.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static char array_mt_key;  /* registry[&array_mt_key] = the array metatable */
+static char object_mt_key; /* registry[&object_mt_key] = the object metatable */
+
+#define MAX_SAFE_INTEGER 9007199254740992.0 /* 2^53 */
+#define PATH_SEGMENTS 48                    /* path elements kept for error messages */
+
+void mph_json_init(lua_State *L)
+{
+    lua_pushlightuserdata(L, &array_mt_key);
+    lua_newtable(L);
+    lua_pushliteral(L, "array");
+    lua_setfield(L, -2, "__mp_kind");
+    lua_rawset(L, LUA_REGISTRYINDEX);
+
+    lua_pushlightuserdata(L, &object_mt_key);
+    lua_newtable(L);
+    lua_pushliteral(L, "object");
+    lua_setfield(L, -2, "__mp_kind");
+    lua_rawset(L, LUA_REGISTRYINDEX);
+}
+
+void mph_json_push_array_mt(lua_State *L)
+{
+    lua_pushlightuserdata(L, &array_mt_key);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+}
+
+void mph_json_push_object_mt(lua_State *L)
+{
+    lua_pushlightuserdata(L, &object_mt_key);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+}
+
+json_t *mph_json_load(const char *text, size_t len, json_error_t *error)
+{
+    return json_loadb(text, len, JSON_DECODE_ANY | JSON_ALLOW_NUL, error);
+}
+
+/* ---- JSON -> Lua ---- */
+
+static int push_value(lua_State *L, const json_t *v, int depth, char *err, size_t errlen)
+{
+    if (depth > MPH_JSON_MAX_DEPTH || !lua_checkstack(L, 3)) {
+        snprintf(err, errlen, "nesting deeper than %d", MPH_JSON_MAX_DEPTH);
+        return MPH_JSON_ERANGE;
+    }
+    switch (json_typeof(v)) {
+    case JSON_OBJECT: {
+        const char *key;
+        size_t klen;
+        json_t *item;
+        lua_createtable(L, 0, (int)json_object_size(v));
+        json_object_keylen_foreach((json_t *)v, key, klen, item)
+        {
+            lua_pushlstring(L, key, klen);
+            if (push_value(L, item, depth + 1, err, errlen) != 0) {
+                lua_pop(L, 2);
+                return MPH_JSON_ERANGE;
+            }
+            lua_rawset(L, -3);
+        }
+        return 0;
+    }
+    case JSON_ARRAY: {
+        size_t n = json_array_size(v);
+        lua_createtable(L, (int)n, 0);
+        for (size_t i = 0; i < n; i++) {
+            if (push_value(L, json_array_get(v, i), depth + 1, err, errlen) != 0) {
+                lua_pop(L, 1);
+                return MPH_JSON_ERANGE;
+            }
+            lua_rawseti(L, -2, (int)(i + 1));
+        }
+        mph_json_push_array_mt(L);
+        lua_setmetatable(L, -2);
+        return 0;
+    }
+    case JSON_STRING:
+        lua_pushlstring(L, json_string_value(v), json_string_length(v));
+        return 0;
+    case JSON_INTEGER: {
+        /* Beyond 2^53 only integers a double holds exactly pass (what mphost itself wrote
+         * from a Lua number); anything else would be silently rounded. */
+        json_int_t i = json_integer_value(v);
+        double d = (double)i;
+        int exact = (d <= MAX_SAFE_INTEGER && d >= -MAX_SAFE_INTEGER) ||
+                    (d < 9223372036854775807.0 && (json_int_t)d == i);
+        if (!exact) {
+            snprintf(err, errlen, "integer %lld cannot be represented exactly (beyond 2^53)",
+                     (long long)i);
+            return MPH_JSON_ERANGE;
+        }
+        lua_pushnumber(L, (lua_Number)i);
+        return 0;
+    }
+    case JSON_REAL:
+        lua_pushnumber(L, json_real_value(v));
+        return 0;
+    case JSON_TRUE:
+        lua_pushboolean(L, 1);
+        return 0;
+    case JSON_FALSE:
+        lua_pushboolean(L, 0);
+        return 0;
+    case JSON_NULL:
+        lua_pushlightuserdata(L, NULL);
+        return 0;
+    }
+    snprintf(err, errlen, "unknown JSON type");
+    return MPH_JSON_ERANGE;
+}
+
+int mph_json_push(lua_State *L, const json_t *v, char *err, size_t errlen)
+{
+    int base = lua_gettop(L);
+    int rc = push_value(L, v, 0, err, errlen);
+    if (rc != 0)
+        lua_settop(L, base);
+    return rc;
+}
+
+int mph_json_push_text(lua_State *L, const char *text, size_t len, char *err, size_t errlen)
+{
+    json_error_t jerr;
+    json_t *v = mph_json_load(text, len, &jerr);
+    if (v == NULL) {
+        snprintf(err, errlen, "invalid JSON: %s", jerr.text);
+        return MPH_JSON_ERANGE;
+    }
+    int rc = mph_json_push(L, v, err, errlen);
+    json_decref(v);
+    return rc;
+}
+
+/* ---- Lua -> JSON text ---- */
+
+int mph_utf8_valid(const char *str, size_t len)
+{
+    const unsigned char *s = (const unsigned char *)str;
+    size_t i = 0;
+    while (i < len) {
+        unsigned c = s[i];
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        size_t n;
+        unsigned cp;
+        if (c >= 0xC2 && c <= 0xDF) {
+            n = 1;
+            cp = c & 0x1F;
+        } else if (c >= 0xE0 && c <= 0xEF) {
+            n = 2;
+            cp = c & 0x0F;
+        } else if (c >= 0xF0 && c <= 0xF4) {
+            n = 3;
+            cp = c & 0x07;
+        } else {
+            return 0;
+        }
+        if (len - i <= n) /* the sequence runs past the end */
+            return 0;
+        for (size_t k = 1; k <= n; k++) {
+            if ((s[i + k] & 0xC0) != 0x80)
+                return 0;
+            cp = (cp << 6) | (s[i + k] & 0x3F);
+        }
+        if ((n == 2 && cp < 0x800) || (n == 3 && (cp < 0x10000 || cp > 0x10FFFF)) ||
+            (cp >= 0xD800 && cp <= 0xDFFF))
+            return 0;
+        i += n + 1;
+    }
+    return 1;
+}
+
+int mph_json_write_string(mph_buf_t *out, const char *s, size_t len)
+{
+    static const char hex[] = "0123456789abcdef";
+    if (!mph_utf8_valid(s, len))
+        return MPH_JSON_EENCODE;
+    mph_buf_reserve(out, len + 2);
+    out->data[out->len++] = '"';
+    size_t run = 0; /* start of the pending run of bytes that need no escape */
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c >= 0x20 && c != '"' && c != '\\')
+            continue;
+        mph_buf_append(out, s + run, i - run);
+        run = i + 1;
+        char esc[7] = {'\\', 0};
+        size_t elen = 2;
+        switch (c) {
+        case '"':
+            esc[1] = '"';
+            break;
+        case '\\':
+            esc[1] = '\\';
+            break;
+        case '\n':
+            esc[1] = 'n';
+            break;
+        case '\r':
+            esc[1] = 'r';
+            break;
+        case '\t':
+            esc[1] = 't';
+            break;
+        case '\b':
+            esc[1] = 'b';
+            break;
+        case '\f':
+            esc[1] = 'f';
+            break;
+        default:
+            memcpy(esc + 1, "u00", 3);
+            esc[4] = hex[c >> 4];
+            esc[5] = hex[c & 15];
+            elen = 6;
+        }
+        mph_buf_append(out, esc, elen);
+    }
+    mph_buf_append(out, s + run, len - run);
+    mph_buf_append(out, "\"", 1);
+    return 0;
+}
+
+static void write_number(mph_buf_t *out, double d)
+{
+    char tmp[40];
+    int n;
+    if (d == floor(d) && fabs(d) < 9.2e18) {
+        n = snprintf(tmp, sizeof(tmp), "%lld", (long long)d);
+    } else {
+        /* The shortest of 15, 16, 17 significant digits that reads back exactly. */
+        for (int prec = 15;; prec++) {
+            n = snprintf(tmp, sizeof(tmp), "%.*g", prec, d);
+            if (prec == 17 || strtod(tmp, NULL) == d)
+                break;
+        }
+    }
+    mph_buf_append(out, tmp, (size_t)n);
+}
+
+typedef struct {
+    lua_State *L;
+    mph_buf_t *out;
+    const char *root; /* name of the top value in paths */
+    char *err;
+    size_t errlen;
+    const void *visiting[MPH_JSON_MAX_DEPTH + 1]; /* tables on the current path (cycles) */
+    struct {
+        const char *key; /* borrowed from a string kept alive by its table; NULL: index */
+        size_t klen;
+        double index;
+    } path[PATH_SEGMENTS];
+} encoder_t;
+
+static int fail(encoder_t *e, int depth, const char *fmt, const char *what)
+{
+    mph_buf_t p = MPH_BUF_INIT;
+    mph_buf_puts(&p, e->root);
+    for (int i = 0; i < depth && i < PATH_SEGMENTS; i++) {
+        if (e->path[i].key)
+            mph_buf_printf(&p, ".%.*s", (int)e->path[i].klen, e->path[i].key);
+        else
+            mph_buf_printf(&p, "[%.0f]", e->path[i].index);
+    }
+    if (depth > PATH_SEGMENTS)
+        mph_buf_puts(&p, "...");
+    char msg[160];
+    snprintf(msg, sizeof(msg), fmt, what);
+    snprintf(e->err, e->errlen, "%s at %s", msg, p.data);
+    mph_buf_free(&p);
+    return MPH_JSON_EENCODE;
+}
+
+static void set_path_key(encoder_t *e, int depth, const char *key, size_t klen)
+{
+    if (depth < PATH_SEGMENTS) {
+        e->path[depth].key = key;
+        e->path[depth].klen = klen;
+    }
+}
+
+static void set_path_index(encoder_t *e, int depth, double index)
+{
+    if (depth < PATH_SEGMENTS) {
+        e->path[depth].key = NULL;
+        e->path[depth].index = index;
+    }
+}
+
+static int encode_value(encoder_t *e, int idx, int depth);
+
+typedef struct {
+    const char *s;  /* borrowed: a key string of the table, or numkeys[] */
+    size_t len;
+    double number;  /* the Lua key when it is a number (object-marked tables only) */
+    int is_number;
+} key_t_;
+
+static int compare_keys(const void *a, const void *b)
+{
+    const key_t_ *x = a, *y = b;
+    size_t n = x->len < y->len ? x->len : y->len;
+    int c = memcmp(x->s, y->s, n);
+    return c ? c : (x->len > y->len) - (x->len < y->len);
+}
+
+/* Table at absolute index `t`. Stack is balanced on every return. */
+static int encode_table(encoder_t *e, int t, int depth)
+{
+    lua_State *L = e->L;
+    const void *self = lua_topointer(L, t);
+    for (int i = 0; i < depth; i++)
+        if (e->visiting[i] == self)
+            return fail(e, depth, "%s", "cycle: a table contains itself");
+    e->visiting[depth] = self;
+
+    /* Kind marked by the metatable, or a scope root that knows its plain form. */
+    int kind = 0; /* 0 decide by keys, 1 array, 2 object */
+    if (lua_getmetatable(L, t)) {
+        lua_getfield(L, -1, "__mp_plain");
+        if (lua_isfunction(L, -1)) {
+            lua_pushvalue(L, t);
+            if (lua_pcall(L, 1, 1, 0) != 0) {
+                const char *m = lua_tostring(L, -1);
+                int rc = fail(e, depth, "cannot read scope: %s", m ? m : "error");
+                lua_pop(L, 2);
+                return rc;
+            }
+            int rc = encode_value(e, lua_gettop(L), depth);
+            lua_pop(L, 2);
+            return rc;
+        }
+        lua_pop(L, 1);
+        lua_getfield(L, -1, "__mp_kind");
+        const char *k = lua_tostring(L, -1);
+        if (k && strcmp(k, "array") == 0)
+            kind = 1;
+        else if (k && strcmp(k, "object") == 0)
+            kind = 2;
+        lua_pop(L, 2);
+    }
+
+    /* One pass to classify the keys. */
+    size_t n = 0, nstring = 0, nint = 0;
+    double maxint = 0;
+    lua_pushnil(L);
+    while (lua_next(L, t)) {
+        n++;
+        if (lua_type(L, -2) == LUA_TSTRING) {
+            nstring++;
+        } else if (lua_type(L, -2) == LUA_TNUMBER) {
+            double d = lua_tonumber(L, -2);
+            if (d >= 1 && d == floor(d)) {
+                nint++;
+                if (d > maxint)
+                    maxint = d;
+            }
+        }
+        lua_pop(L, 1);
+    }
+    int marked = kind; /* the metatable chose; integer keys may then become strings */
+    if (kind == 0)
+        kind = (n > 0 && nint == n && maxint == (double)n) ? 1 : 2;
+
+    if (kind == 1) {
+        if (nint != n || maxint != (double)n)
+            return fail(e, depth, "%s", "array with sparse or non-integer keys");
+        mph_buf_append(e->out, "[", 1);
+        for (size_t i = 1; i <= n; i++) {
+            if (i > 1)
+                mph_buf_append(e->out, ",", 1);
+            lua_rawgeti(L, t, (int)i);
+            set_path_index(e, depth, (double)i);
+            int rc = encode_value(e, lua_gettop(L), depth + 1);
+            lua_pop(L, 1);
+            if (rc)
+                return rc;
+        }
+        mph_buf_append(e->out, "]", 1);
+        return 0;
+    }
+
+    /* Object: string keys (integers allowed only under the object mark), sorted. */
+    if (nstring != n && !(marked && nstring + nint == n))
+        return fail(e, depth, "%s", "table with mixed or non-string keys");
+    key_t_ small[16];
+    key_t_ *keys = n <= 16 ? small : mph_xmalloc(n * sizeof(*keys));
+    char (*numkeys)[24] = nint ? mph_xmalloc(nint * sizeof(*numkeys)) : NULL;
+    size_t nk = 0, ni = 0;
+    lua_pushnil(L);
+    while (lua_next(L, t)) {
+        keys[nk].is_number = lua_type(L, -2) != LUA_TSTRING;
+        if (!keys[nk].is_number) {
+            keys[nk].s = lua_tolstring(L, -2, &keys[nk].len);
+        } else {
+            keys[nk].number = lua_tonumber(L, -2);
+            int len = snprintf(numkeys[ni], sizeof(numkeys[ni]), "%.0f", keys[nk].number);
+            keys[nk].s = numkeys[ni++];
+            keys[nk].len = (size_t)len;
+        }
+        nk++;
+        lua_pop(L, 1);
+    }
+    qsort(keys, nk, sizeof(*keys), compare_keys);
+    int rc = 0;
+    mph_buf_append(e->out, "{", 1);
+    for (size_t i = 0; i < nk && rc == 0; i++) {
+        if (i > 0)
+            mph_buf_append(e->out, ",", 1);
+        set_path_key(e, depth, keys[i].s, keys[i].len);
+        if (mph_json_write_string(e->out, keys[i].s, keys[i].len) != 0) {
+            rc = fail(e, depth + 1, "%s", "key is not valid UTF-8");
+            break;
+        }
+        mph_buf_append(e->out, ":", 1);
+        if (keys[i].is_number)
+            lua_pushnumber(L, keys[i].number);
+        else
+            lua_pushlstring(L, keys[i].s, keys[i].len);
+        lua_rawget(L, t);
+        rc = encode_value(e, lua_gettop(L), depth + 1);
+        lua_pop(L, 1);
+    }
+    if (keys != small)
+        free(keys);
+    free(numkeys);
+    if (rc == 0)
+        mph_buf_append(e->out, "}", 1);
+    return rc;
+}
+
+static int encode_value(encoder_t *e, int idx, int depth)
+{
+    lua_State *L = e->L;
+    if (depth > MPH_JSON_MAX_DEPTH)
+        return fail(e, depth, "%s", "nesting deeper than the limit");
+    if (!lua_checkstack(L, 6))
+        return fail(e, depth, "%s", "Lua stack exhausted");
+    switch (lua_type(L, idx)) {
+    case LUA_TNIL:
+        mph_buf_append(e->out, "null", 4);
+        return 0;
+    case LUA_TBOOLEAN:
+        if (lua_toboolean(L, idx))
+            mph_buf_append(e->out, "true", 4);
+        else
+            mph_buf_append(e->out, "false", 5);
+        return 0;
+    case LUA_TNUMBER: {
+        double d = lua_tonumber(L, idx);
+        if (isnan(d))
+            return fail(e, depth, "%s", "cannot encode NaN");
+        if (isinf(d))
+            return fail(e, depth, "%s", "cannot encode infinity");
+        write_number(e->out, d);
+        return 0;
+    }
+    case LUA_TSTRING: {
+        size_t len;
+        const char *s = lua_tolstring(L, idx, &len);
+        if (mph_json_write_string(e->out, s, len) != 0)
+            return fail(e, depth, "%s", "string is not valid UTF-8");
+        return 0;
+    }
+    case LUA_TLIGHTUSERDATA:
+        if (lua_touserdata(L, idx) == NULL) {
+            mph_buf_append(e->out, "null", 4);
+            return 0;
+        }
+        return fail(e, depth, "cannot encode a %s", "light userdata");
+    case LUA_TTABLE:
+        return encode_table(e, idx, depth);
+    default:
+        return fail(e, depth, "cannot encode a %s", lua_typename(L, lua_type(L, idx)));
+    }
+}
+
+int mph_json_encode(lua_State *L, int idx, const char *root, mph_buf_t *out, char *err,
+                    size_t errlen)
+{
+    if (idx < 0 && idx > LUA_REGISTRYINDEX)
+        idx = lua_gettop(L) + idx + 1;
+    encoder_t *e = mph_xmalloc(sizeof(*e));
+    e->L = L;
+    e->out = out;
+    e->root = root ? root : "$";
+    e->err = err;
+    e->errlen = errlen;
+    int base = lua_gettop(L);
+    int rc = encode_value(e, idx, 0);
+    lua_settop(L, base);
+    free(e);
+    return rc;
+}
+
+int mph_json_write_jansson(mph_buf_t *out, const json_t *v)
+{
+    switch (json_typeof(v)) {
+    case JSON_OBJECT: {
+        const char *key;
+        size_t klen;
+        json_t *item;
+        int first = 1;
+        mph_buf_append(out, "{", 1);
+        json_object_keylen_foreach((json_t *)v, key, klen, item)
+        {
+            if (!first)
+                mph_buf_append(out, ",", 1);
+            first = 0;
+            if (mph_json_write_string(out, key, klen) != 0)
+                return MPH_EIO;
+            mph_buf_append(out, ":", 1);
+            if (mph_json_write_jansson(out, item) != 0)
+                return MPH_EIO;
+        }
+        mph_buf_append(out, "}", 1);
+        return 0;
+    }
+    case JSON_ARRAY:
+        mph_buf_append(out, "[", 1);
+        for (size_t i = 0; i < json_array_size(v); i++) {
+            if (i)
+                mph_buf_append(out, ",", 1);
+            if (mph_json_write_jansson(out, json_array_get(v, i)) != 0)
+                return MPH_EIO;
+        }
+        mph_buf_append(out, "]", 1);
+        return 0;
+    case JSON_STRING:
+        return mph_json_write_string(out, json_string_value(v), json_string_length(v)) ? MPH_EIO
+                                                                                       : 0;
+    case JSON_INTEGER:
+        mph_buf_printf(out, "%lld", (long long)json_integer_value(v));
+        return 0;
+    case JSON_REAL:
+        write_number(out, json_real_value(v));
+        return 0;
+    case JSON_TRUE:
+        mph_buf_append(out, "true", 4);
+        return 0;
+    case JSON_FALSE:
+        mph_buf_append(out, "false", 5);
+        return 0;
+    case JSON_NULL:
+        mph_buf_append(out, "null", 4);
+        return 0;
+    }
+    return MPH_EIO;
+}

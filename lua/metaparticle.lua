@@ -1,0 +1,375 @@
+-- metaparticle.lua: the Lua half of mphost's "metaparticle" module.
+--
+-- The bridge (lua/bridge.c) runs this chunk once per state with a table of C helpers `C`
+-- and keeps the two tables it returns: the public module (what `require("metaparticle")`
+-- gives a script) and the internal table the C transaction runner calls.
+--
+-- How scope writes are recorded. A scope is a JSON object of top-level keys. A handler sees
+-- it through a root: an empty table whose metatable routes every read and write. Reading a
+-- key whose value is a table hands out a private deep copy, made once per transaction and
+-- cached, so nested data is plain Lua data: `#`, ipairs, table.insert/remove/sort/concat,
+-- unpack and assignment at any depth all work natively (Lua 5.1 ignores __len/__pairs on
+-- tables, so a proxy at every level could not give this). When the handler returns, each
+-- key the handler wrote or copied is compared with the value it started from; keys that
+-- differ are the write set, encoded to JSON. The cost of a transaction therefore grows with
+-- the keys it touches, never with the size of the scope.
+--
+-- Scope state, per scope name, kept here and driven by the runner:
+--   base      committed values (never handed out: readers get copies)
+--   inflight  writes of the batch whose commit is in flight (DELETED marks a deletion)
+--   pending   writes of transactions that ran after it, waiting for the next commit
+--   pending_json  key -> JSON text (false: deleted) of `pending`, what the commit sends
+-- A read looks in pending, then inflight, then base: transactions of one scope run one after
+-- another on the newest (speculative) state, and nothing is answered before it is durable.
+
+local C = ...
+
+local type, pairs, next, setmetatable, getmetatable = type, pairs, next, setmetatable, getmetatable
+local error, tostring, select, rawget = error, tostring, select, rawget
+local tconcat = table.concat
+
+local null, DELETED = C.null, C.deleted
+local array_mt, object_mt = C.array_mt, C.object_mt
+local raw_next, raw_pairs = next, pairs
+
+local M = {null = null}
+local I = {}
+
+-- Error objects raised by mp.error and by the host; the bridge recognises this metatable.
+local error_mt = {__tostring = function(e) return tostring(e.message) end}
+I.error_mt = error_mt
+
+local function raise(code, message, data, level)
+  error(setmetatable({code = code, message = message, data = data}, error_mt), level)
+end
+
+function M.error(code, message, data)
+  if type(code) ~= "number" or code ~= math.floor(code) then
+    error("mp.error: code must be an integer", 2)
+  end
+  if message ~= nil and type(message) ~= "string" then
+    error("mp.error: message must be a string", 2)
+  end
+  raise(code, message or "Server error", data, 2)
+end
+
+function M.array(t)
+  if t == nil then t = {} end
+  if type(t) ~= "table" then error("mp.array expects a table", 2) end
+  return setmetatable(t, array_mt)
+end
+
+function M.object(t)
+  if t == nil then t = {} end
+  if type(t) ~= "table" then error("mp.object expects a table", 2) end
+  return setmetatable(t, object_mt)
+end
+
+local LEVELS = {trace = 0, debug = 1, info = 2, warn = 3, error = 4}
+
+-- mp.log(...) logs at info; mp.log.warn(...) etc. choose the level.
+local function log_at(level)
+  return function(...)
+    local n = select("#", ...)
+    local parts = {}
+    for i = 1, n do parts[i] = tostring((select(i, ...))) end
+    C.log(level, tconcat(parts, " "))
+  end
+end
+M.log = setmetatable({}, {
+  __call = function(_, ...) return log_at(LEVELS.info)(...) end,
+  __index = function(t, name)
+    local level = LEVELS[name]
+    if not level then return nil end
+    local f = log_at(level)
+    rawset(t, name, f)
+    return f
+  end,
+})
+
+-- ---- Services ----
+
+local services = {}
+I.services = services
+
+function M.service(name, handler)
+  if type(name) ~= "string" or name == "" then
+    error("mp.service: name must be a non-empty string", 2)
+  end
+  if type(handler) ~= "function" then
+    error("mp.service: handler must be a function", 2)
+  end
+  local svc = {name = name, handler = handler, expose = false}
+  services[name] = svc
+  return svc
+end
+
+function M.serve()
+  C.serve()
+end
+
+-- ---- Plain data helpers ----
+
+local function deep_copy(v)
+  if type(v) ~= "table" then return v end
+  local t = {}
+  for k, x in raw_pairs(v) do
+    if type(x) == "table" then x = deep_copy(x) end
+    t[k] = x
+  end
+  local mt = getmetatable(v)
+  if mt == array_mt or mt == object_mt then setmetatable(t, mt) end
+  return t
+end
+
+local function kind(t)
+  local mt = getmetatable(t)
+  if mt == array_mt or mt == object_mt then return mt end
+  return nil
+end
+
+local function deep_equal(a, b)
+  if a == b then return true end
+  if type(a) ~= "table" or type(b) ~= "table" then return false end
+  if kind(a) ~= kind(b) then return false end
+  for k, x in raw_pairs(a) do
+    if not deep_equal(x, rawget(b, k)) then return false end
+  end
+  for k in raw_pairs(b) do
+    if rawget(a, k) == nil then return false end
+  end
+  return true
+end
+I.deep_equal = deep_equal
+
+-- ---- Scope state ----
+
+local states = {}
+
+function I.new_state(name)
+  local st = {name = name, base = {}, inflight = {}, pending = {}, pending_json = {}}
+  states[name] = st
+  return st.base
+end
+
+function I.drop_state(name)
+  states[name] = nil
+end
+
+-- The runner starts a commit: pending becomes inflight; returns the JSON write set.
+function I.take_pending(name)
+  local st = states[name]
+  local json = st.pending_json
+  st.inflight, st.pending, st.pending_json = st.pending, {}, {}
+  return json
+end
+
+-- The in-flight commit is durable: fold its writes into base.
+function I.commit_ok(name)
+  local st = states[name]
+  local base = st.base
+  for k, v in raw_pairs(st.inflight) do
+    if v == DELETED then base[k] = nil else base[k] = v end
+  end
+  st.inflight = {}
+end
+
+-- A commit failed or conflicted: every speculative write is void; returns base so the
+-- runner can apply what the backend reported.
+function I.reset_state(name, clear_base)
+  local st = states[name]
+  st.inflight, st.pending, st.pending_json = {}, {}, {}
+  if clear_base then st.base = {} end
+  return st.base
+end
+
+local function read(st, k)
+  local v = st.pending[k]
+  if v == nil then
+    v = st.inflight[k]
+    if v == nil then return st.base[k] end
+  end
+  if v == DELETED then return nil end
+  return v
+end
+
+-- ---- Roots ----
+
+local roots = setmetatable({}, {__mode = "k"}) -- root -> record
+local root_mt = {__metatable = "mphost.scope"}
+
+local function record_of(root, level)
+  local r = roots[root]
+  if r.closed then
+    error("mp.scope." .. r.name .. " was used after its handler returned", level + 1)
+  end
+  return r
+end
+
+root_mt.__index = function(root, k)
+  local r = record_of(root, 2)
+  local work = r.work
+  local v = work[k]
+  if v ~= nil then
+    if v == DELETED then return nil end
+    return v
+  end
+  v = read(r.state, k)
+  if type(v) == "table" then
+    v = deep_copy(v)
+    work[k] = v
+  end
+  return v
+end
+
+root_mt.__newindex = function(root, k, v)
+  local r = record_of(root, 2)
+  if type(k) ~= "string" then
+    error("mp.scope." .. r.name .. ": keys of a scope must be strings, got " .. type(k), 2)
+  end
+  if v == nil then v = DELETED end
+  r.work[k] = v
+  if r.keys and r.keypos[k] == nil then r.keys = nil end -- a new key: rebuild the key list
+end
+
+-- Keys visible to this transaction, in a stable order for next()/pairs().
+local function key_list(r)
+  if r.keys then return r.keys end
+  local st, seen, list, pos = r.state, {}, {}, {}
+  local function add(layer)
+    for k, v in raw_pairs(layer) do
+      if not seen[k] then
+        seen[k] = true
+        if v ~= DELETED then
+          list[#list + 1] = k
+          pos[k] = #list
+        end
+      end
+    end
+  end
+  add(r.work)
+  add(st.pending)
+  add(st.inflight)
+  add(st.base)
+  r.keys, r.keypos = list, pos
+  return list
+end
+
+local function root_next(root, k)
+  local r = record_of(root, 2)
+  local list = key_list(r)
+  local i = 0
+  if k ~= nil then
+    i = r.keypos[k]
+    if i == nil then error("invalid key to 'next'", 2) end
+  end
+  while true do
+    i = i + 1
+    local key = list[i]
+    if key == nil then return nil end
+    local v = root[key]
+    if v ~= nil then return key, v end
+  end
+end
+
+root_mt.__mp_plain = function(root)
+  local t = {}
+  for k, v in root_next, root do t[k] = v end
+  return t
+end
+
+-- Lua 5.1 ignores __pairs, so next and pairs learn about roots here. ipairs, unpack, # and
+-- table.* need nothing: a root has only string keys, which they do not see.
+function next(t, k)
+  if roots[t] then return root_next(t, k) end
+  return raw_next(t, k)
+end
+
+function pairs(t)
+  if roots[t] then return root_next, t, nil end
+  return raw_pairs(t)
+end
+
+local function new_root(name)
+  local root = setmetatable({}, root_mt)
+  roots[root] = {name = name, state = states[name], work = {}}
+  return root
+end
+
+-- Ends a root's transaction: returns its write set (key -> JSON text or false), or nil.
+local function finish_root(root)
+  local r = roots[root]
+  r.closed = true
+  if raw_next(root) ~= nil then
+    raise(-32000, "mp.scope." .. r.name .. ": keys of a scope must be strings " ..
+      "(was table.insert or rawset used on the scope itself?)", nil, 0)
+  end
+  local writes
+  for k, v in raw_pairs(r.work) do
+    if v == DELETED then v = nil end
+    if not deep_equal(v, read(r.state, k)) then
+      writes = writes or {}
+      if v == nil then
+        writes[k] = false
+      else
+        writes[k] = C.encode(v, r.name .. "." .. k)
+      end
+    end
+  end
+  return writes
+end
+
+local function merge(st, writes)
+  local pending, pending_json = st.pending, st.pending_json
+  for k, json in raw_pairs(writes) do
+    pending_json[k] = json
+    if json then pending[k] = C.decode(json) else pending[k] = DELETED end
+  end
+end
+
+-- ---- mp.scope ----
+
+local SCOPES = {global = true}
+
+M.scope = setmetatable({}, {
+  __index = function(_, name)
+    if not SCOPES[name] then return nil end
+    local rec = C.current()
+    if rec == nil then
+      error("mp.scope." .. name .. " is only available inside a service handler", 2)
+    end
+    local root = rec.roots[name]
+    if root then return root end
+    local failure = C.acquire(name) -- may wait (yield) while the scope loads
+    if failure then raise(-32002, failure, nil, 0) end
+    root = new_root(name)
+    rec.roots[name] = root
+    return root
+  end,
+  __newindex = function() error("mp.scope is read-only", 2) end,
+})
+
+-- ---- The body of every call attempt's coroutine ----
+
+-- Runs the handler, encodes its first result, then computes every touched scope's write
+-- set and, only when nothing can fail any more, merges them into the pending state and
+-- tells the runner which scopes the transaction joined.
+function I.run(rec, handler, ...)
+  C.set_result(handler(...))
+  local sets = {}
+  for name, root in raw_pairs(rec.roots) do
+    sets[name] = finish_root(root) or false
+  end
+  for name, writes in raw_pairs(sets) do
+    if writes then merge(states[name], writes) end
+    C.join(name, writes and true or false)
+  end
+end
+
+-- The attempt ended without committing (it raised, or it is abandoned): its roots refuse
+-- further use, so a root kept in an upvalue cannot write into a later transaction.
+function I.close_record(rec)
+  for _, root in raw_pairs(rec.roots) do roots[root].closed = true end
+end
+
+return M, I

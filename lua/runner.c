@@ -1,0 +1,443 @@
+/*
+ * runner.c: the transaction runner. It loads scopes, queues finished attempts, commits them
+ * in batches with compare-and-set, and re-runs them on a conflict.
+ *
+ * Why it is fast (DESIGN.md, "Where speed comes from"):
+ *  1. Each scope's committed state stays in memory (metaparticle.lua's base); handlers run on
+ *     it and the CAS validates. A conflict returns what changed, so a retry reads nothing.
+ *  2. Handlers run to completion on the loop thread, so the transactions of one scope in
+ *     this process run one after another, never against each other: in-process conflicts
+ *     cannot happen; only other processes sharing the storage cause retries.
+ *  3. Group commit. While a scope's commit is in flight, attempts that finish are merged
+ *     into the pending state and wait; when the commit lands, all of them go out in one CAS
+ *     (one fsync, one Redis round trip). No one is answered before the commit that holds
+ *     their writes, or the writes they read, is durable.
+ *
+ * Invariants, per scope: at most one commit in flight; `inflight` holds exactly the
+ * transactions of that commit; `pending` holds transactions that ran on a state including
+ * the in-flight writes, so when that commit fails they are re-run too. A read-only attempt
+ * that ran while anything was in flight or pending joins `pending`: it may have read
+ * speculative data and is answered only when that data is durable.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <assert.h>
+#include <lauxlib.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+#include "json.h"
+
+/* ---- Queues ---- */
+
+static void queue_push(mph_txn_queue_t *q, mph_txn_t *t)
+{
+    t->next = NULL;
+    if (q->tail)
+        q->tail->next = t;
+    else
+        q->head = t;
+    q->tail = t;
+}
+
+/* Empties q and returns its former head. */
+static mph_txn_t *queue_take(mph_txn_queue_t *q)
+{
+    mph_txn_t *head = q->head;
+    q->head = q->tail = NULL;
+    return head;
+}
+
+/* ---- Scopes ---- */
+
+static mph_scope_t *scope_find(mph_lua_t *lua, const char *name)
+{
+    for (mph_scope_t *s = lua->scopes; s; s = s->next)
+        if (strcmp(s->name, name) == 0)
+            return s;
+    return NULL;
+}
+
+static mph_scope_t *scope_get(mph_lua_t *lua, const char *name)
+{
+    mph_scope_t *s = scope_find(lua, name);
+    if (s)
+        return s;
+    s = mph_xcalloc(1, sizeof(*s));
+    s->lua = lua;
+    s->name = mph_xstrdup(name);
+    s->state = SCOPE_UNLOADED;
+    s->inflight_json_ref = LUA_NOREF;
+    s->next = lua->scopes;
+    lua->scopes = s;
+    return s;
+}
+
+/* Calls I[fn](name, arg?) and leaves its one result on the stack. [-0, +1, e] */
+static void call_internal(mph_lua_t *lua, const char *fn, const char *name, int with_bool,
+                          int flag)
+{
+    lua_State *L = lua->L;
+    mph__lua_get_internal(lua, L, fn);
+    lua_pushstring(L, name);
+    if (with_bool)
+        lua_pushboolean(L, flag);
+    lua_call(L, 1 + with_bool, 1);
+}
+
+/* Writes the entries of a document into the table on top of the stack (base), in order.
+ * Returns 0 or -1 with err filled (an entry that is not valid JSON). [-0, +0, m] */
+static int apply_entries(lua_State *L, const mph_store_doc_t *doc, char *err, size_t errlen)
+{
+    for (size_t i = 0; i < doc->n; i++) {
+        const mph_store_entry_t *e = &doc->entries[i];
+        lua_pushlstring(L, e->key, e->klen);
+        if (e->json == NULL) {
+            lua_pushnil(L);
+        } else if (mph_json_push_text(L, e->json, e->jlen, err, errlen) != 0) {
+            lua_pop(L, 1);
+            return -1;
+        }
+        lua_rawset(L, -3);
+    }
+    return 0;
+}
+
+/* ---- Acquire and load ---- */
+
+/* Resumes every transaction waiting for s's load; failure==NULL means it is ready. */
+static void wake_waiters(mph_scope_t *s, const char *failure)
+{
+    mph_txn_t *t = queue_take(&s->waiting);
+    while (t) {
+        mph_txn_t *next = t->next;
+        if (failure)
+            lua_pushstring(t->co, failure);
+        else
+            lua_pushnil(t->co);
+        mph__txn_resume(t, 1);
+        t = next;
+    }
+}
+
+static void on_loaded(void *ud, const mph_store_result_t *res)
+{
+    mph_scope_t *s = ud;
+    mph_lua_t *lua = s->lua;
+    lua_State *L = lua->L;
+    assert(s->state == SCOPE_LOADING);
+    char err[300];
+    char failure[400];
+    if (res->status != 0) {
+        snprintf(failure, sizeof(failure), "storage unavailable: %s",
+                 res->message ? res->message : mph_strerror(res->status));
+        mph_log(MPH_LOG_WARN, "loading scope %s: %s", s->name, failure);
+        s->state = SCOPE_UNLOADED;
+        wake_waiters(s, failure);
+        return;
+    }
+    int base = lua_gettop(L);
+    call_internal(lua, "new_state", s->name, 0, 0); /* Stack: base table */
+    int rc = apply_entries(L, &res->doc, err, sizeof(err));
+    lua_settop(L, base);
+    if (rc != 0) {
+        snprintf(failure, sizeof(failure), "storage unavailable: scope %s is corrupt: %s",
+                 s->name, err);
+        mph_log(MPH_LOG_ERROR, "%s", failure);
+        call_internal(lua, "drop_state", s->name, 0, 0);
+        lua_settop(L, base);
+        s->state = SCOPE_UNLOADED;
+        wake_waiters(s, failure);
+        return;
+    }
+    s->version = res->doc.version;
+    s->state = SCOPE_READY;
+    mph_log(MPH_LOG_DEBUG, "scope %s loaded: %zu entries, version %llu", s->name, res->doc.n,
+            (unsigned long long)s->version);
+    wake_waiters(s, NULL);
+}
+
+int mph__runner_acquire(mph_txn_t *t, const char *name, int can_wait, const char **why)
+{
+    mph_lua_t *lua = t->lua;
+    if (lua->store == NULL) {
+        *why = "storage unavailable: no storage is configured";
+        return -1;
+    }
+    mph_scope_t *s = scope_get(lua, name);
+    if (s->state == SCOPE_READY)
+        return 0;
+    if (!can_wait) {
+        *why = "a scope must first be opened by the handler itself, not in a coroutine it made";
+        return -1;
+    }
+    if (lua->closing) {
+        *why = "storage unavailable: shutting down";
+        return -1;
+    }
+    if (s->state == SCOPE_UNLOADED) {
+        int rc = lua->store->methods->load(lua->store, s->name, on_loaded, s);
+        if (rc != 0) {
+            *why = "storage unavailable";
+            return -1;
+        }
+        s->state = SCOPE_LOADING;
+    }
+    queue_push(&s->waiting, t);
+    return 1;
+}
+
+void mph__runner_join(mph_txn_t *t, const char *name, int wrote)
+{
+    mph_scope_t *s = scope_find(t->lua, name);
+    assert(s != NULL && s->state == SCOPE_READY);
+    assert(t->scope == NULL || t->scope == s); /* one scope per transaction for now */
+    t->scope = s;
+    t->wrote |= wrote;
+}
+
+/* ---- Commits ---- */
+
+static void kick(mph_scope_t *s);
+
+static void answer_all(mph_txn_t *t)
+{
+    while (t) {
+        mph_txn_t *next = t->next;
+        mph__txn_reply_result(t);
+        t = next;
+    }
+}
+
+static void retry_all(mph_txn_t *t)
+{
+    while (t) {
+        mph_txn_t *next = t->next;
+        mph__runner_retry(t);
+        t = next;
+    }
+}
+
+static void fail_all(mph_txn_t *t, int code, const char *message)
+{
+    while (t) {
+        mph_txn_t *next = t->next;
+        mph__txn_reply(t, code, message);
+        t = next;
+    }
+}
+
+static void release_inflight(mph_scope_t *s)
+{
+    luaL_unref(s->lua->L, LUA_REGISTRYINDEX, s->inflight_json_ref);
+    s->inflight_json_ref = LUA_NOREF;
+    free(s->entries);
+    s->entries = NULL;
+    s->committing = 0;
+}
+
+static void on_committed(void *ud, const mph_store_result_t *res)
+{
+    mph_scope_t *s = ud;
+    mph_lua_t *lua = s->lua;
+    lua_State *L = lua->L;
+    int base = lua_gettop(L);
+    assert(s->committing);
+    release_inflight(s);
+    mph_txn_t *batch = queue_take(&s->inflight);
+
+    if (res->status == 0) {
+        call_internal(lua, "commit_ok", s->name, 0, 0);
+        lua_settop(L, base);
+        s->version = res->doc.version;
+        answer_all(batch);
+        kick(s);
+        return;
+    }
+
+    /* Every speculative write is void now: the batch and whatever ran on top of it. */
+    mph_txn_t *later = queue_take(&s->pending);
+    s->pending_writes = 0;
+    if (res->status == MPH_ECONFLICT) {
+        char err[300];
+        call_internal(lua, "reset_state", s->name, 1, !res->doc.is_delta); /* Stack: base */
+        int rc = apply_entries(L, &res->doc, err, sizeof(err));
+        lua_settop(L, base);
+        if (rc == 0) {
+            s->version = res->doc.version;
+            mph_log(MPH_LOG_DEBUG, "scope %s: conflict, now at version %llu", s->name,
+                    (unsigned long long)s->version);
+            retry_all(batch);
+            retry_all(later);
+            return;
+        }
+        mph_log(MPH_LOG_ERROR, "scope %s: unreadable update from storage: %s", s->name, err);
+    }
+    /* An error: the outcome may be unknown, so forget the state; it is reloaded on the next
+     * access. The batch hears -32002 (never "committed" unless it was); the later ones only
+     * read speculative data and simply run again. */
+    char message[400];
+    snprintf(message, sizeof(message), "storage unavailable: %s",
+             res->message ? res->message : mph_strerror(res->status));
+    mph_log(MPH_LOG_WARN, "scope %s: commit failed: %s", s->name, message);
+    call_internal(lua, "drop_state", s->name, 0, 0);
+    lua_settop(L, base);
+    s->state = SCOPE_UNLOADED;
+    fail_all(batch, MPH_RPC_STORAGE_UNAVAILABLE, message);
+    retry_all(later);
+}
+
+/* Starts the next batch's commit when none is in flight. */
+static void kick(mph_scope_t *s)
+{
+    mph_lua_t *lua = s->lua;
+    lua_State *L = lua->L;
+    if (s->committing || s->pending.head == NULL)
+        return;
+    if (s->pending_writes == 0) {
+        /* Only readers, and what they read is durable now. */
+        answer_all(queue_take(&s->pending));
+        return;
+    }
+    s->inflight = s->pending;
+    s->pending.head = s->pending.tail = NULL;
+    s->pending_writes = 0;
+    for (mph_txn_t *t = s->inflight.head; t; t = t->next)
+        t->state = TXN_COMMITTING;
+
+    /* The write set: key -> JSON text or false. The table stays referenced until the commit
+     * ends, so the entries can point into its strings. */
+    int base = lua_gettop(L);
+    call_internal(lua, "take_pending", s->name, 0, 0); /* Stack: json */
+    size_t n = 0, cap = 16;
+    mph_store_entry_t *entries = mph_xmalloc(cap * sizeof(*entries));
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {
+        /* Stack: json, key, value */
+        if (n == cap) {
+            cap *= 2;
+            entries = mph_xrealloc(entries, cap * sizeof(*entries));
+        }
+        entries[n].key = lua_tolstring(L, -2, &entries[n].klen);
+        if (lua_type(L, -1) == LUA_TSTRING) {
+            entries[n].json = lua_tolstring(L, -1, &entries[n].jlen);
+        } else {
+            entries[n].json = NULL;
+            entries[n].jlen = 0;
+        }
+        n++;
+        lua_pop(L, 1);
+    }
+    s->inflight_json_ref = luaL_ref(L, LUA_REGISTRYINDEX); /* pops json */
+    lua_settop(L, base);
+    s->entries = entries;
+    s->committing = 1;
+
+    mph_store_write_t w = {s->name, s->version, n, entries};
+    int rc = lua->store->methods->commit(lua->store, &w, 1, on_committed, s);
+    if (rc != 0) {
+        mph_store_result_t res = {rc, mph_strerror(rc), {0, 0, 0, NULL}, s->name};
+        on_committed(s, &res);
+    }
+}
+
+void mph__runner_finished(mph_txn_t *t)
+{
+    mph_scope_t *s = t->scope;
+    if (s == NULL || (!t->wrote && !s->committing && s->pending.head == NULL)) {
+        mph__txn_reply_result(t); /* nothing to wait for */
+        return;
+    }
+    t->state = TXN_QUEUED;
+    queue_push(&s->pending, t);
+    if (t->wrote)
+        s->pending_writes++;
+    kick(s);
+}
+
+/* ---- Retries ---- */
+
+static void on_retry_timer(uv_timer_t *timer);
+
+static void arm_retry_timer(mph_lua_t *lua)
+{
+    if (lua->retry_list == NULL) {
+        uv_timer_stop(&lua->retry_timer);
+        return;
+    }
+    uint64_t now = uv_now(lua->loop);
+    uint64_t at = lua->retry_list->retry_at;
+    uv_timer_start(&lua->retry_timer, on_retry_timer, at > now ? at - now : 0, 0);
+}
+
+static void on_retry_timer(uv_timer_t *timer)
+{
+    mph_lua_t *lua = mph_container_of(timer, mph_lua_t, retry_timer);
+    uint64_t now = uv_now(lua->loop);
+    /* Detach the due ones first: starting an attempt may schedule new retries. */
+    mph_txn_t *due = NULL, **tail = &due;
+    while (lua->retry_list && lua->retry_list->retry_at <= now) {
+        mph_txn_t *t = lua->retry_list;
+        lua->retry_list = t->next;
+        t->next = NULL;
+        *tail = t;
+        tail = &t->next;
+    }
+    arm_retry_timer(lua);
+    while (due) {
+        mph_txn_t *next = due->next;
+        mph__txn_start_attempt(due);
+        due = next;
+    }
+}
+
+void mph__runner_retry(mph_txn_t *t)
+{
+    mph_lua_t *lua = t->lua;
+    if (lua->closing) {
+        mph__txn_reply(t, MPH_RPC_STORAGE_UNAVAILABLE, "storage unavailable: shutting down");
+        return;
+    }
+    if (t->attempts > lua->max_retries) {
+        char msg[128];
+        snprintf(msg, sizeof(msg), "Transaction conflict: gave up after %d attempts",
+                 t->attempts);
+        mph__txn_reply(t, MPH_RPC_CONFLICT, msg);
+        return;
+    }
+    /* Jittered exponential backoff: about 1 ms at first, at most 64 ms. */
+    int shift = t->attempts - 1 < 6 ? t->attempts - 1 : 6;
+    uint64_t ceiling = (uint64_t)1 << shift;
+    uint64_t delay = 1 + (uint64_t)rand() % ceiling;
+    t->state = TXN_RETRY;
+    t->retry_at = uv_now(lua->loop) + delay;
+    mph_txn_t **p = &lua->retry_list;
+    while (*p && (*p)->retry_at <= t->retry_at)
+        p = &(*p)->next;
+    t->next = *p;
+    *p = t;
+    if (lua->retry_list == t)
+        arm_retry_timer(lua);
+}
+
+void mph__runner_close(mph_lua_t *lua)
+{
+    const char *msg = "storage unavailable: shutting down";
+    fail_all(lua->retry_list, MPH_RPC_STORAGE_UNAVAILABLE, msg);
+    lua->retry_list = NULL;
+    uv_timer_stop(&lua->retry_timer);
+    mph_scope_t *s = lua->scopes;
+    while (s) {
+        mph_scope_t *next = s->next;
+        /* A commit still in flight would call back into freed memory: the host closes the
+         * store (which completes every operation) before the bridge. */
+        assert(!s->committing && s->state != SCOPE_LOADING);
+        fail_all(queue_take(&s->waiting), MPH_RPC_STORAGE_UNAVAILABLE, msg);
+        fail_all(queue_take(&s->pending), MPH_RPC_STORAGE_UNAVAILABLE, msg);
+        free(s->name);
+        free(s);
+        s = next;
+    }
+    lua->scopes = NULL;
+}

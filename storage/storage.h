@@ -1,0 +1,91 @@
+/*
+ * storage.h: the one interface every storage backend implements, called on the libuv loop.
+ *
+ * A scope is a JSON object of top-level keys; a backend stores, per scope, each key's JSON
+ * text and one version number that grows by one with every commit. Two operations:
+ *
+ *   load(scope)                 -> the whole document and its version (0 for a new scope)
+ *   commit([(scope, expected version, writes)])
+ *                               -> ok (the new versions), conflict (what changed), or error
+ *
+ * A commit applies all its writes or none, and only if every scope is still at its expected
+ * version (compare-and-set). On a conflict the backend returns what the caller needs to catch
+ * up without a second read: either the changes since the expected version, in order
+ * (is_delta = 1), or the whole current document (is_delta = 0). The callback of a commit runs
+ * only once its writes are durable.
+ *
+ * Backends are method tables, like sqlite3_io_methods: `storage/file.c` and `storage/redis.c`
+ * each export an open function that returns an mph_store_t whose first member points at its
+ * methods. Calls that return 0 call their callback exactly once, later, on the loop (never
+ * before returning); calls that return an error never call it. close() makes every pending
+ * callback run with MPH_ECLOSED before it frees the backend.
+ */
+#ifndef MPH_STORAGE_H
+#define MPH_STORAGE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "../host/common.h"
+
+#define MPH_STORE_METHODS_VERSION 1
+
+typedef struct {
+    const char *key;  /* UTF-8, not NUL-terminated */
+    size_t klen;
+    const char *json; /* the value's JSON text; NULL: the key is deleted */
+    size_t jlen;
+} mph_store_entry_t;
+
+typedef struct {
+    uint64_t version;           /* the version the document describes */
+    int is_delta;               /* 1: entries are changes after the expected version, in order */
+    size_t n;                   /* number of entries */
+    mph_store_entry_t *entries; /* owned by the backend; valid only during the callback */
+} mph_store_doc_t;
+
+typedef struct {
+    const char *scope;                /* borrowed until the callback */
+    uint64_t expected_version;        /* the version the writes were computed on */
+    size_t n;                         /* number of entries */
+    const mph_store_entry_t *entries; /* borrowed until the callback */
+} mph_store_write_t;
+
+typedef struct {
+    int status;          /* 0, MPH_ECONFLICT, or another negative MPH_E* code */
+    const char *message; /* why, when status < 0 (static or valid during the callback) */
+    mph_store_doc_t doc; /* load: the document; commit ok: doc.version is the new version of
+                            the first scope; conflict: what changed (of the scope named in
+                            `scope`) */
+    const char *scope;   /* conflict: the scope whose version moved */
+} mph_store_result_t;
+
+/* The result and everything it points to are borrowed: copy what you keep. */
+typedef void (*mph_store_cb)(void *ud, const mph_store_result_t *res);
+
+typedef struct mph_store_s mph_store_t;
+
+typedef struct {
+    int version;      /* MPH_STORE_METHODS_VERSION */
+    const char *name; /* "file", "redis" */
+    /* Starts loading `scope`. 0: cb will run once; <0: error, cb never runs. */
+    int (*load)(mph_store_t *s, const char *scope, mph_store_cb cb, void *ud);
+    /* Starts an atomic compare-and-set of nwrites scopes (each named once). */
+    int (*commit)(mph_store_t *s, const mph_store_write_t *writes, size_t nwrites,
+                  mph_store_cb cb, void *ud);
+    /* Fails what is pending with MPH_ECLOSED, closes handles; `done` runs once everything is
+     * freed (on a later loop iteration). */
+    void (*close)(mph_store_t *s, void (*done)(void *ud), void *ud);
+} mph_store_methods_t;
+
+struct mph_store_s {
+    const mph_store_methods_t *methods; /* first member of every backend's struct */
+};
+
+/* Opens the file backend on directory `dir` (created if missing). Returns 0 and a new store
+ * in *out, or a negative code with a message in err. */
+int mph_store_file_open(mph_store_t **out, uv_loop_t *loop, const char *dir, char *err,
+                        size_t errlen);
+
+#endif
