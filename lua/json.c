@@ -101,7 +101,7 @@ static int push_value(lua_State *L, const json_t *v, int depth, char *err, size_
          * from a Lua number); anything else would be silently rounded. */
         json_int_t i = json_integer_value(v);
         double d = (double)i;
-        int exact = (d <= MAX_SAFE_INTEGER && d >= -MAX_SAFE_INTEGER) ||
+        int exact = (i <= (json_int_t)MAX_SAFE_INTEGER && i >= -(json_int_t)MAX_SAFE_INTEGER) ||
                     (d < 9223372036854775807.0 && (json_int_t)d == i);
         if (!exact) {
             snprintf(err, errlen, "integer %lld cannot be represented exactly (beyond 2^53)",

@@ -1,0 +1,248 @@
+"""harness.py: drives the real mphost binary for the end-to-end tests.
+
+A Server is `mphost SCRIPT serve PORT` on a free loopback port with its own data and state
+directories; tests talk to it over real sockets and stop it with SIGTERM (or kill -9 where
+crash safety is the point). A clean stop must exit 0 with no sanitizer report in its log.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MPHOST = os.environ.get("MPHOST", os.path.join(ROOT, "build", "mphost"))
+EXAMPLES = os.path.join(ROOT, "examples")
+SCRIPTS = os.path.join(ROOT, "spec", "scripts")
+
+
+class TestFailure(AssertionError):
+    pass
+
+
+def check(cond, message="check failed"):
+    if not cond:
+        raise TestFailure(message)
+
+
+def eq(actual, expected, what="value"):
+    if actual != expected:
+        raise TestFailure("%s: expected %r, got %r" % (what, expected, actual))
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_port(port, timeout=10.0, proc=None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            time.sleep(0.01)
+    return False
+
+
+def tmpdir(prefix="mph-"):
+    return tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("MPH_TMP"))
+
+
+def run(args, env=None, cwd=None, timeout=60, stdin=None):
+    """Runs mphost with args; returns (exit code, stdout, stderr)."""
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    p = subprocess.run([MPHOST] + list(args), cwd=cwd, env=full_env, timeout=timeout,
+                       capture_output=True, text=True, stdin=stdin or subprocess.DEVNULL)
+    return p.returncode, p.stdout, p.stderr
+
+
+def sanitizer_report(text):
+    for marker in ("ERROR: AddressSanitizer", "runtime error:", "ERROR: LeakSanitizer",
+                   "bug: handles left open"):
+        if marker in text:
+            return marker
+    return None
+
+
+class Server:
+    """mphost SCRIPT serve PORT in the foreground, as a child process."""
+
+    def __init__(self, script, args=(), data=None, port=None, env=None, prefix_cmd=(),
+                 state=None):
+        self.script = script if os.path.isabs(script) else os.path.join(EXAMPLES, script)
+        self.port = port or free_port()
+        self.data = data or tmpdir("mph-data-")
+        self.state = state or tmpdir("mph-state-")
+        self.log_path = os.path.join(tmpdir("mph-log-"), "server.log")
+        self.args = list(args)
+        self.env = dict(os.environ)
+        self.env["MP_STATE_DIR"] = self.state
+        self.env.setdefault("ASAN_OPTIONS", "detect_leaks=1")
+        if env:
+            self.env.update(env)
+        self.prefix_cmd = list(prefix_cmd)
+        self.proc = None
+
+    def start(self, expect_ok=True):
+        self.log = open(self.log_path, "ab")
+        cmd = self.prefix_cmd + [MPHOST, self.script, "serve", str(self.port),
+                                 "--listen=127.0.0.1", "--data=" + self.data] + self.args
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log,
+                                     stdin=subprocess.DEVNULL, env=self.env)
+        ok = wait_port(self.port, 15, self.proc)
+        if expect_ok and not ok:
+            self.proc.kill()
+            self.proc.wait()
+            raise TestFailure("server did not start: " + self.read_log()[-2000:])
+        return self
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.proc and self.proc.poll() is None:
+            if exc_type is None:
+                self.stop()
+            else:
+                self.proc.kill()
+                self.proc.wait()
+
+    def read_log(self):
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def stop(self, timeout=20):
+        """Graceful stop; asserts a clean exit."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise TestFailure("server did not stop within %ss" % timeout)
+        self.log.close()
+        text = self.read_log()
+        bad = sanitizer_report(text)
+        if bad:
+            raise TestFailure("sanitizer/teardown problem (%s):\n%s" % (bad, text[-4000:]))
+        eq(code, 0, "exit status after SIGTERM (log: %s)" % text[-1500:])
+
+    def kill9(self):
+        self.proc.kill()
+        self.proc.wait()
+        self.log.close()
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    # -- talking to it --
+
+    def post_raw(self, body, headers=None, timeout=30):
+        """POST body (bytes or str) with Content-Length; returns (status, body bytes)."""
+        if isinstance(body, str):
+            body = body.encode()
+        hdrs = {"Content-Type": "application/json", "Content-Length": str(len(body))}
+        hdrs.update(headers or {})
+        head = "POST / HTTP/1.1\r\nHost: x\r\n" + "".join(
+            "%s: %s\r\n" % kv for kv in hdrs.items()) + "Connection: close\r\n\r\n"
+        return http_exchange(self.port, head.encode() + body, timeout)
+
+    def rpc(self, method, params=None, id=1, timeout=30):
+        req = {"jsonrpc": "2.0", "method": method, "id": id}
+        if params is not None:
+            req["params"] = params
+        status, body = self.post_raw(json.dumps(req), timeout=timeout)
+        eq(status, 200, "HTTP status")
+        return json.loads(body)
+
+    def result(self, method, params=None):
+        resp = self.rpc(method, params)
+        if "error" in resp:
+            raise TestFailure("%s returned error %r" % (method, resp["error"]))
+        return resp["result"]
+
+
+def read_response(sock, buf=b""):
+    """Reads one HTTP response from sock; returns (status, headers dict, body, rest)."""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise TestFailure("connection closed before a response: %r" % buf[:200])
+        buf += chunk
+    head, rest = buf.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        k, v = line.split(":", 1)
+        headers[k.strip().lower()] = v.strip()
+    if status == 100:
+        return read_response(sock, rest)
+    length = int(headers.get("content-length", "0"))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise TestFailure("connection closed inside a body")
+        rest += chunk
+    return status, headers, rest[:length], rest[length:]
+
+
+def http_exchange(port, data, timeout=30):
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        s.sendall(data)
+        status, _, body, _ = read_response(s)
+        return status, body
+    finally:
+        s.close()
+
+
+def connection_closed(sock, timeout=5.0):
+    """True if the peer closes sock (EOF or reset) within timeout."""
+    sock.settimeout(timeout)
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return True
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+class KeepAliveClient:
+    """One persistent HTTP/1.1 connection for many JSON-RPC calls."""
+
+    def __init__(self, port, timeout=60):
+        self.port = port
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.buf = b""
+
+    def call(self, method, params=None, id=1):
+        req = {"jsonrpc": "2.0", "method": method, "id": id}
+        if params is not None:
+            req["params"] = params
+        body = json.dumps(req).encode()
+        self.sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        status, _, data, self.buf = read_response(self.sock, self.buf)
+        eq(status, 200, "HTTP status")
+        return json.loads(data)
+
+    def close(self):
+        self.sock.close()

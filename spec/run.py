@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""run.py: the test runner. Runs the C unit tests (build/unit_tests, TAP) and every
+test_* function of spec/test_*.py against the real binary, then prints the summary line
+`N passed, M failed` last.
+
+    spec/run.py [-k SUBSTRING] [--build DIR]
+"""
+import argparse
+import importlib
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-k", default="", help="run only tests whose name contains this")
+    ap.add_argument("--build", default=os.path.join(os.path.dirname(HERE), "build"))
+    args = ap.parse_args()
+    os.environ["MPHOST"] = os.path.join(os.path.abspath(args.build), "mphost")
+    os.environ["MPH_BUILD"] = os.path.abspath(args.build)
+    passed = failed = 0
+    failures = []
+
+    unit = os.path.join(args.build, "unit_tests")
+    if not args.k or "unit" in args.k:
+        p = subprocess.run([unit], capture_output=True, text=True)
+        for line in p.stdout.splitlines():
+            if line.startswith("ok "):
+                passed += 1
+                print(line)
+            elif line.startswith("not ok "):
+                failed += 1
+                failures.append(line)
+                print(line)
+        if p.returncode != 0 and "not ok" not in p.stdout:
+            failed += 1
+            failures.append("unit_tests exited %d: %s" % (p.returncode, p.stderr[-2000:]))
+            print("not ok - unit_tests crashed:", p.stderr[-2000:])
+        sys.stdout.flush()
+
+    for fname in sorted(os.listdir(HERE)):
+        if not (fname.startswith("test_") and fname.endswith(".py")):
+            continue
+        mod = importlib.import_module(fname[:-3])
+        tests = [(n, f) for n, f in vars(mod).items() if n.startswith("test_") and callable(f)]
+        tests.sort(key=lambda t: t[1].__code__.co_firstlineno)
+        for name, fn in tests:
+            full = "%s.%s" % (fname[:-3], name)
+            if args.k and args.k not in full:
+                continue
+            t0 = time.time()
+            try:
+                fn()
+                passed += 1
+                print("ok - %s (%.2fs)" % (full, time.time() - t0))
+            except Exception as e:  # a failing test is reported, the run goes on
+                failed += 1
+                detail = "".join(traceback.format_exception(type(e), e, e.__traceback__)[-3:])
+                failures.append("%s: %s" % (full, detail))
+                print("not ok - %s (%.2fs)\n%s" % (full, time.time() - t0, detail))
+            sys.stdout.flush()
+
+    if failures:
+        print("\nFailures:")
+        for f in failures:
+            print("  " + f.splitlines()[0])
+    print("%d passed, %d failed" % (passed, failed))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+return { value = "from sibling" }
