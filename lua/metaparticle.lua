@@ -278,14 +278,15 @@ root_mt.__mp_plain = function(root)
   return t
 end
 
--- Lua 5.1 ignores __pairs, so next and pairs learn about roots here. ipairs, unpack, # and
--- table.* need nothing: a root has only string keys, which they do not see.
-function next(t, k)
+-- Lua 5.1 ignores __pairs, so the global next and pairs learn about roots here (the locals
+-- above keep the raw ones). ipairs, unpack, # and table.* need nothing: a root has only
+-- string keys, which they do not see.
+_G.next = function(t, k)
   if roots[t] then return root_next(t, k) end
   return raw_next(t, k)
 end
 
-function pairs(t)
+_G.pairs = function(t)
   if roots[t] then return root_next, t, nil end
   return raw_pairs(t)
 end
