@@ -80,7 +80,8 @@ int mph_cli_call(mph_cli_t *cli)
         return 1;
     }
     char host[256], port[16], path[1024];
-    snprintf(host, sizeof(host), "%.*s", u.field_data[UF_HOST].len, url + u.field_data[UF_HOST].off);
+    snprintf(host, sizeof(host), "%.*s", u.field_data[UF_HOST].len,
+             url + u.field_data[UF_HOST].off);
     if (u.field_set & (1 << UF_PORT))
         snprintf(port, sizeof(port), "%u", u.port);
     else

@@ -9,17 +9,17 @@
 #include "mphost.h"
 
 typedef struct {
-    const char *script;       /* as given on the command line */
-    char *script_path;        /* canonical path (owned), NULL if the script is missing */
-    const char *verb;         /* deploy, serve, delete, status, call */
-    int port_given;           /* --port, MP_PORT or serve's PORT was given */
-    mph_host_config_t host;   /* everything the host takes */
-    char *storage_desc;       /* what status prints, e.g. "file:/abs/mp-data" (owned) */
-    const char *log_level;    /* --logging */
+    const char *script;     /* as given on the command line */
+    char *script_path;      /* canonical path (owned), NULL if the script is missing */
+    const char *verb;       /* deploy, serve, delete, status, call */
+    int port_given;         /* --port, MP_PORT or serve's PORT was given */
+    mph_host_config_t host; /* everything the host takes */
+    char *storage_desc;     /* what status prints, e.g. "file:/abs/mp-data" (owned) */
+    const char *log_level;  /* --logging */
     /* call */
     const char *method;
-    const char *params;       /* JSON text, default "[{}]" */
-    const char *url;          /* default http://127.0.0.1:3000/ */
+    const char *params; /* JSON text, default "[{}]" */
+    const char *url;    /* default http://127.0.0.1:3000/ */
 } mph_cli_t;
 
 int mph_cli_serve(mph_cli_t *cli, int ready_fd);

@@ -73,7 +73,10 @@ typedef struct {
     size_t cap; /* bytes allocated */
 } mph_buf_t;
 
-#define MPH_BUF_INIT {NULL, 0, 0}
+#define MPH_BUF_INIT                                                                               \
+    {                                                                                              \
+        NULL, 0, 0                                                                                 \
+    }
 void mph_buf_reserve(mph_buf_t *b, size_t extra);
 void mph_buf_append(mph_buf_t *b, const void *data, size_t len);
 void mph_buf_puts(mph_buf_t *b, const char *s);

@@ -78,9 +78,9 @@ int mph_cli_write_pidfile(const mph_cli_t *cli, int port, const char *log_path)
     FILE *f = fopen(tmp, "w");
     int rc = -1;
     if (f) {
-        fprintf(f, "pid=%d\nport=%d\nscript=%s\nstorage=%s\nstarted=%lld\nlog=%s\n",
-                (int)getpid(), port, cli->script_path, cli->storage_desc,
-                (long long)time(NULL), log_path ? log_path : "(stderr)");
+        fprintf(f, "pid=%d\nport=%d\nscript=%s\nstorage=%s\nstarted=%lld\nlog=%s\n", (int)getpid(),
+                port, cli->script_path, cli->storage_desc, (long long)time(NULL),
+                log_path ? log_path : "(stderr)");
         rc = fclose(f) == 0 && rename(tmp, path) == 0 ? 0 : -1;
     }
     if (rc != 0)
@@ -347,8 +347,8 @@ int mph_cli_deploy(mph_cli_t *cli)
         fprintf(stderr, "mphost: %s did not start within %d s; see %s\n", cli->script,
                 STARTUP_TIMEOUT_MS / 1000, log_path);
     } else {
-        fprintf(stderr, "mphost: %s exited during startup; its log (%s) ends with:\n",
-                cli->script, log_path);
+        fprintf(stderr, "mphost: %s exited during startup; its log (%s) ends with:\n", cli->script,
+                log_path);
         print_log_tail(log_path);
     }
     free(log_path);

@@ -28,15 +28,15 @@ typedef enum { HOST_NEW, HOST_RUNNING, HOST_STOPPING, HOST_CLOSED } host_state_t
 
 struct mph_host_s {
     uv_loop_t loop;
-    mph_host_config_t cfg;     /* strings borrowed from the caller's config */
+    mph_host_config_t cfg; /* strings borrowed from the caller's config */
     host_state_t state;
-    mph_http_server_t *http;   /* owned */
-    mph_lua_t *lua;            /* owned */
-    mph_store_t *store;        /* owned */
-    uv_async_t stop_async;     /* mph_host_stop from any thread */
+    mph_http_server_t *http; /* owned */
+    mph_lua_t *lua;          /* owned */
+    mph_store_t *store;      /* owned */
+    uv_async_t stop_async;   /* mph_host_stop from any thread */
     uv_signal_t sigint, sigterm;
-    int signals_on;            /* sigint/sigterm initialised */
-    uv_timer_t deadline;       /* bounds the graceful stop */
+    int signals_on;      /* sigint/sigterm initialised */
+    uv_timer_t deadline; /* bounds the graceful stop */
     int listening;
 };
 
@@ -112,8 +112,7 @@ int mph_host_load_file(mph_host_t *h, const char *path, char *err, size_t errlen
     return mph_lua_load_file(h->lua, path, err, errlen);
 }
 
-int mph_host_load_string(mph_host_t *h, const char *name, const char *src, char *err,
-                         size_t errlen)
+int mph_host_load_string(mph_host_t *h, const char *name, const char *src, char *err, size_t errlen)
 {
     char chunkname[256];
     snprintf(chunkname, sizeof(chunkname), "=%s", name);

@@ -34,18 +34,18 @@ typedef enum { CONN_OPEN, CONN_DRAINING, CONN_CLOSING } conn_state_t;
 typedef struct conn_s conn_t;
 
 struct mph_http_req_s {
-    conn_t *conn;           /* NULL once the connection is gone (the response is dropped) */
-    mph_http_req_t *next;   /* FIFO of the connection */
-    int responded;          /* the response is ready in head/body */
-    int keep_alive;         /* the client allows another request after this one */
-    int http_minor;         /* 0 for HTTP/1.0 */
-    int error_status;       /* set during parsing: 405, 413, 431, 400; 0 otherwise */
-    mph_buf_t body;         /* request body while parsing */
-    char head[256];         /* response status line and headers */
+    conn_t *conn;         /* NULL once the connection is gone (the response is dropped) */
+    mph_http_req_t *next; /* FIFO of the connection */
+    int responded;        /* the response is ready in head/body */
+    int keep_alive;       /* the client allows another request after this one */
+    int http_minor;       /* 0 for HTTP/1.0 */
+    int error_status;     /* set during parsing: 405, 413, 431, 400; 0 otherwise */
+    mph_buf_t body;       /* request body while parsing */
+    char head[256];       /* response status line and headers */
     size_t head_len;
-    char *resp_body;        /* owned response body */
+    char *resp_body; /* owned response body */
     size_t resp_len;
-    uv_write_t write;       /* the response write */
+    uv_write_t write; /* the response write */
 };
 
 struct conn_s {
@@ -53,39 +53,39 @@ struct conn_s {
     uv_timer_t timer;
     mph_http_server_t *srv;
     conn_state_t state;
-    int open_handles;       /* frees itself when this reaches 0 */
+    int open_handles; /* frees itself when this reaches 0 */
     http_parser parser;
-    mph_http_req_t *cur;    /* the request being parsed, or NULL */
-    size_t header_bytes;    /* of cur */
-    char field[16];         /* current header name, lowercased, truncated */
+    mph_http_req_t *cur; /* the request being parsed, or NULL */
+    size_t header_bytes; /* of cur */
+    char field[16];      /* current header name, lowercased, truncated */
     size_t field_len;
-    int in_value;           /* the parser is inside a header value */
-    int expect_continue;    /* cur sent Expect: 100-continue */
-    char value[32];         /* start of the current header value */
+    int in_value;        /* the parser is inside a header value */
+    int expect_continue; /* cur sent Expect: 100-continue */
+    char value[32];      /* start of the current header value */
     size_t value_len;
-    mph_http_req_t *head;   /* requests in order, not yet written */
+    mph_http_req_t *head; /* requests in order, not yet written */
     mph_http_req_t *tail;
-    unsigned in_flight;     /* requests parsed, not yet written out */
-    unsigned writes;        /* writes issued, not yet completed */
-    int reading;            /* uv_read_start is active */
-    conn_t *prev, *next;    /* in srv->conns */
+    unsigned in_flight;  /* requests parsed, not yet written out */
+    unsigned writes;     /* writes issued, not yet completed */
+    int reading;         /* uv_read_start is active */
+    conn_t *prev, *next; /* in srv->conns */
 };
 
 struct mph_http_server_s {
     uv_loop_t *loop;
     uv_tcp_t listener;
-    int listening;              /* listener initialised */
-    int listener_open;          /* listener not closed yet */
+    int listening;     /* listener initialised */
+    int listener_open; /* listener not closed yet */
     mph_http_config_t cfg;
     mph_http_handler_t handler;
     void *ud;
-    conn_t *conns;              /* open connections */
+    conn_t *conns; /* open connections */
     unsigned nconns;
     int shutting_down;
     void (*drained)(void *ud);
     void *drained_ud;
     int port;
-    char read_buf[65536];       /* shared: reads are consumed synchronously */
+    char read_buf[65536]; /* shared: reads are consumed synchronously */
     http_parser_settings settings;
 };
 
@@ -579,8 +579,7 @@ int mph_http_server_new(mph_http_server_t **out, uv_loop_t *loop, const mph_http
     return 0;
 }
 
-int mph_http_listen(mph_http_server_t *srv, const char *addr, int port, char *err,
-                    size_t errlen)
+int mph_http_listen(mph_http_server_t *srv, const char *addr, int port, char *err, size_t errlen)
 {
     struct sockaddr_storage sa;
     if (uv_ip4_addr(addr, port, (struct sockaddr_in *)&sa) != 0 &&

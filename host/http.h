@@ -15,12 +15,12 @@ typedef struct mph_http_server_s mph_http_server_t;
 typedef struct mph_http_req_s mph_http_req_t;
 
 typedef struct {
-    size_t max_body;            /* bytes of a request body; more -> 413 */
-    size_t max_header;          /* bytes of request line plus headers; more -> 431 */
-    unsigned max_connections;   /* open connections; more are closed at once */
-    unsigned idle_timeout_ms;   /* a connection with nothing in flight that completes no
-                                   request for this long is closed (idle or stalled) */
-    unsigned max_pipeline;      /* requests in flight per connection before reading pauses */
+    size_t max_body;          /* bytes of a request body; more -> 413 */
+    size_t max_header;        /* bytes of request line plus headers; more -> 431 */
+    unsigned max_connections; /* open connections; more are closed at once */
+    unsigned idle_timeout_ms; /* a connection with nothing in flight that completes no
+                                 request for this long is closed (idle or stalled) */
+    unsigned max_pipeline;    /* requests in flight per connection before reading pauses */
 } mph_http_config_t;
 
 /* Fills the defaults: 1 MiB body, 16 KiB headers, 10000 connections, 30 s, 64. */
@@ -35,8 +35,7 @@ int mph_http_server_new(mph_http_server_t **out, uv_loop_t *loop, const mph_http
                         mph_http_handler_t handler, void *ud);
 
 /* Binds and listens. Returns 0, MPH_EADDRINUSE, or MPH_ELISTEN, with a message in err. */
-int mph_http_listen(mph_http_server_t *srv, const char *addr, int port, char *err,
-                    size_t errlen);
+int mph_http_listen(mph_http_server_t *srv, const char *addr, int port, char *err, size_t errlen);
 
 /* The port actually bound (useful after listening on port 0). */
 int mph_http_port(const mph_http_server_t *srv);

@@ -157,8 +157,8 @@ int mph_cli_serve(mph_cli_t *cli, int ready_fd)
     mph_cli_write_pidfile(cli, port, log_path);
     mph_host_handle_signals(h);
     signal(SIGXFSZ, SIG_IGN); /* a file size limit is a write error, not death */
-    mph_log(MPH_LOG_INFO, "serving %s on %s:%d (pid %d, storage %s)", cli->script,
-            cli->host.listen, port, (int)getpid(), cli->storage_desc);
+    mph_log(MPH_LOG_INFO, "serving %s on %s:%d (pid %d, storage %s)", cli->script, cli->host.listen,
+            port, (int)getpid(), cli->storage_desc);
     if (ready) {
         fprintf(ready, "ready %d\n", port);
         fclose(ready);

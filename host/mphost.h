@@ -26,18 +26,18 @@
 typedef struct mph_host_s mph_host_t;
 
 typedef struct {
-    const char *listen;        /* address to bind; default "0.0.0.0" */
-    int port;                  /* default 3000; 0 picks a free port (see mph_host_port) */
-    const char *storage;       /* "file" (default) or "redis://[:password@]host[:port][/db]" */
-    const char *data_dir;      /* file storage directory; default "./mp-data" */
-    const char *redis_prefix;  /* key prefix for Redis; default "mp:" */
-    int max_retries;           /* conflict re-runs before -32001; default 50 */
-    size_t max_body;           /* bytes; default 1 MiB */
-    size_t max_header;         /* bytes; default 16 KiB */
-    unsigned max_connections;  /* default 10000 */
-    unsigned idle_timeout_ms;  /* default 30000 */
+    const char *listen;           /* address to bind; default "0.0.0.0" */
+    int port;                     /* default 3000; 0 picks a free port (see mph_host_port) */
+    const char *storage;          /* "file" (default) or "redis://[:password@]host[:port][/db]" */
+    const char *data_dir;         /* file storage directory; default "./mp-data" */
+    const char *redis_prefix;     /* key prefix for Redis; default "mp:" */
+    int max_retries;              /* conflict re-runs before -32001; default 50 */
+    size_t max_body;              /* bytes; default 1 MiB */
+    size_t max_header;            /* bytes; default 16 KiB */
+    unsigned max_connections;     /* default 10000 */
+    unsigned idle_timeout_ms;     /* default 30000 */
     unsigned shutdown_timeout_ms; /* graceful stop waits this long for in-flight calls */
-    int debug_errors;          /* handler errors carry tracebacks */
+    int debug_errors;             /* handler errors carry tracebacks */
 } mph_host_config_t;
 
 /* Fills every field with its default. */

@@ -98,8 +98,7 @@ static void on_reply(void *ud, mph_lua_reply_t *reply)
             mph_buf_append(&s->out, reply->json, reply->json_len);
             mph_buf_puts(&s->out, "}");
         } else {
-            write_error(&s->out, s->id, reply->code, reply->message, reply->json,
-                        reply->json_len);
+            write_error(&s->out, s->id, reply->code, reply->message, reply->json, reply->json_len);
         }
     }
     slot_done(s);
@@ -120,7 +119,8 @@ static void dispatch(mph_lua_t *lua, slot_t *s, const json_t *r)
     }
     json_t *id = json_object_get(r, "id");
     if (id && !json_is_string(id) && !json_is_number(id) && !json_is_null(id)) {
-        slot_error(s, MPH_RPC_INVALID_REQUEST, "Invalid Request: id must be a string, number or null");
+        slot_error(s, MPH_RPC_INVALID_REQUEST,
+                   "Invalid Request: id must be a string, number or null");
         return;
     }
     s->id = json_incref(id); /* NULL stays NULL */
@@ -142,7 +142,8 @@ static void dispatch(mph_lua_t *lua, slot_t *s, const json_t *r)
             slot_done(s);
             return;
         }
-        slot_error(s, MPH_RPC_INVALID_PARAMS, "Invalid params: params must be an array or an object");
+        slot_error(s, MPH_RPC_INVALID_PARAMS,
+                   "Invalid params: params must be an array or an object");
         return;
     }
     mph_lua_call(lua, json_string_value(method), json_string_length(method), params, on_reply, s);

@@ -165,9 +165,9 @@ static int l_set_result(lua_State *L)
 }
 
 static const luaL_Reg helper_functions[] = {
-    {"log", l_log},       {"serve", l_serve},   {"current", l_current},
-    {"acquire", l_acquire}, {"join", l_join},   {"encode", l_encode},
-    {"decode", l_decode}, {"set_result", l_set_result}, {NULL, NULL}};
+    {"log", l_log},   {"serve", l_serve},   {"current", l_current}, {"acquire", l_acquire},
+    {"join", l_join}, {"encode", l_encode}, {"decode", l_decode},   {"set_result", l_set_result},
+    {NULL, NULL}};
 
 /* Runs metaparticle.lua with the helper table; leaves package.loaded.metaparticle = M and
  * keeps I in the registry. [-0, +0, m] */
@@ -552,7 +552,7 @@ void mph__txn_start_attempt(mph_txn_t *t)
     }
     mph__txn_resume(t, nargs);
     return;
-bad_params: {
+bad_params : {
     char msg[300];
     snprintf(msg, sizeof(msg), "Invalid params: %s", err);
     mph__txn_reply(t, MPH_RPC_INVALID_PARAMS, msg);

@@ -22,33 +22,27 @@
 
 #include "bridge.h"
 
-typedef enum {
-    TXN_RUNNING,
-    TXN_WAITING,
-    TXN_QUEUED,
-    TXN_COMMITTING,
-    TXN_RETRY
-} mph_txn_state_t;
+typedef enum { TXN_RUNNING, TXN_WAITING, TXN_QUEUED, TXN_COMMITTING, TXN_RETRY } mph_txn_state_t;
 
 typedef struct mph_scope_s mph_scope_t;
 typedef struct mph_txn_s mph_txn_t;
 
 struct mph_txn_s {
-    mph_lua_t *lua;         /* owner */
-    mph_txn_state_t state;  /* see the diagram above */
-    char *method;           /* owned, NUL-terminated */
-    json_t *params;         /* owned reference, or NULL */
-    mph_lua_reply_cb cb;    /* runs once, then the txn is freed */
-    void *ud;               /* for cb */
-    int attempts;           /* attempts started so far */
-    lua_State *co;          /* the current attempt's coroutine; NULL between attempts */
-    int co_ref;             /* registry ref anchoring co (LUA_NOREF when none) */
-    int rec_ref;            /* registry ref of the attempt's record table */
-    mph_scope_t *scope;     /* the scope it joined (one per transaction for now), or NULL */
-    int wrote;              /* 1 when the attempt wrote to scope */
-    mph_buf_t result;       /* the attempt's encoded result */
-    uint64_t retry_at;      /* RETRY: when to start again, in uv_now milliseconds */
-    mph_txn_t *next;        /* link in whichever queue holds it */
+    mph_lua_t *lua;        /* owner */
+    mph_txn_state_t state; /* see the diagram above */
+    char *method;          /* owned, NUL-terminated */
+    json_t *params;        /* owned reference, or NULL */
+    mph_lua_reply_cb cb;   /* runs once, then the txn is freed */
+    void *ud;              /* for cb */
+    int attempts;          /* attempts started so far */
+    lua_State *co;         /* the current attempt's coroutine; NULL between attempts */
+    int co_ref;            /* registry ref anchoring co (LUA_NOREF when none) */
+    int rec_ref;           /* registry ref of the attempt's record table */
+    mph_scope_t *scope;    /* the scope it joined (one per transaction for now), or NULL */
+    int wrote;             /* 1 when the attempt wrote to scope */
+    mph_buf_t result;      /* the attempt's encoded result */
+    uint64_t retry_at;     /* RETRY: when to start again, in uv_now milliseconds */
+    mph_txn_t *next;       /* link in whichever queue holds it */
 };
 
 /* A FIFO of transactions. */
@@ -60,34 +54,34 @@ typedef struct {
 typedef enum { SCOPE_UNLOADED, SCOPE_LOADING, SCOPE_READY } mph_scope_state_t;
 
 struct mph_scope_s {
-    mph_lua_t *lua;            /* owner */
-    char *name;                /* owned */
-    mph_scope_state_t state;   /* UNLOADED -> LOADING -> READY; back to UNLOADED on error */
-    uint64_t version;          /* version of the committed base */
-    mph_txn_queue_t waiting;   /* transactions suspended until the load ends */
-    mph_txn_queue_t pending;   /* ran on the speculative state; in the next batch */
-    int pending_writes;        /* how many of `pending` wrote something */
-    mph_txn_queue_t inflight;  /* the batch whose commit is in flight */
-    int committing;            /* 1 while a commit is in flight */
-    int inflight_json_ref;     /* registry ref of the in-flight write set (keeps strings alive) */
+    mph_lua_t *lua;             /* owner */
+    char *name;                 /* owned */
+    mph_scope_state_t state;    /* UNLOADED -> LOADING -> READY; back to UNLOADED on error */
+    uint64_t version;           /* version of the committed base */
+    mph_txn_queue_t waiting;    /* transactions suspended until the load ends */
+    mph_txn_queue_t pending;    /* ran on the speculative state; in the next batch */
+    int pending_writes;         /* how many of `pending` wrote something */
+    mph_txn_queue_t inflight;   /* the batch whose commit is in flight */
+    int committing;             /* 1 while a commit is in flight */
+    int inflight_json_ref;      /* registry ref of the in-flight write set (keeps strings alive) */
     mph_store_entry_t *entries; /* the in-flight commit's entries (pointers into Lua strings) */
-    mph_scope_t *next;         /* in lua->scopes */
+    mph_scope_t *next;          /* in lua->scopes */
 };
 
 struct mph_lua_s {
-    uv_loop_t *loop;            /* borrowed */
-    lua_State *L;               /* the one state */
-    mph_store_t *store;         /* borrowed; NULL: no storage */
-    int max_retries;            /* re-runs allowed after the first attempt */
-    int debug_errors;           /* tracebacks in error data */
-    int internal_ref;           /* registry ref of the module's internal table */
-    int serve_called;           /* the script called mp.serve() */
-    size_t pending_calls;       /* calls whose callback has not run */
-    mph_txn_t *current;         /* the transaction whose coroutine is running, or NULL */
-    mph_scope_t *scopes;        /* every scope seen, owned */
-    mph_txn_t *retry_list;      /* RETRY transactions sorted by retry_at */
-    uv_timer_t retry_timer;     /* fires at the first retry_at */
-    int closing;                /* mph_lua_close was called */
+    uv_loop_t *loop;        /* borrowed */
+    lua_State *L;           /* the one state */
+    mph_store_t *store;     /* borrowed; NULL: no storage */
+    int max_retries;        /* re-runs allowed after the first attempt */
+    int debug_errors;       /* tracebacks in error data */
+    int internal_ref;       /* registry ref of the module's internal table */
+    int serve_called;       /* the script called mp.serve() */
+    size_t pending_calls;   /* calls whose callback has not run */
+    mph_txn_t *current;     /* the transaction whose coroutine is running, or NULL */
+    mph_scope_t *scopes;    /* every scope seen, owned */
+    mph_txn_t *retry_list;  /* RETRY transactions sorted by retry_at */
+    uv_timer_t retry_timer; /* fires at the first retry_at */
+    int closing;            /* mph_lua_close was called */
 };
 
 /* bridge.c */

@@ -273,7 +273,7 @@ typedef struct {
     } path[PATH_SEGMENTS];
 } encoder_t;
 
-static int fail(encoder_t *e, int depth, const char *fmt, const char *what)
+static int encode_fail(encoder_t *e, int depth, const char *fmt, const char *what)
 {
     mph_buf_t p = MPH_BUF_INIT;
     mph_buf_puts(&p, e->root);
@@ -311,9 +311,9 @@ static void set_path_index(encoder_t *e, int depth, double index)
 static int encode_value(encoder_t *e, int idx, int depth);
 
 typedef struct {
-    const char *s;  /* borrowed: a key string of the table, or numkeys[] */
+    const char *s; /* borrowed: a key string of the table, or numkeys[] */
     size_t len;
-    double number;  /* the Lua key when it is a number (object-marked tables only) */
+    double number; /* the Lua key when it is a number (object-marked tables only) */
     int is_number;
 } key_t_;
 
@@ -332,7 +332,7 @@ static int encode_table(encoder_t *e, int t, int depth)
     const void *self = lua_topointer(L, t);
     for (int i = 0; i < depth; i++)
         if (e->visiting[i] == self)
-            return fail(e, depth, "%s", "cycle: a table contains itself");
+            return encode_fail(e, depth, "%s", "cycle: a table contains itself");
     e->visiting[depth] = self;
 
     /* Kind marked by the metatable, or a scope root that knows its plain form. */
@@ -343,7 +343,7 @@ static int encode_table(encoder_t *e, int t, int depth)
             lua_pushvalue(L, t);
             if (lua_pcall(L, 1, 1, 0) != 0) {
                 const char *m = lua_tostring(L, -1);
-                int rc = fail(e, depth, "cannot read scope: %s", m ? m : "error");
+                int rc = encode_fail(e, depth, "cannot read scope: %s", m ? m : "error");
                 lua_pop(L, 2);
                 return rc;
             }
@@ -385,7 +385,7 @@ static int encode_table(encoder_t *e, int t, int depth)
 
     if (kind == 1) {
         if (nint != n || maxint != (double)n)
-            return fail(e, depth, "%s", "array with sparse or non-integer keys");
+            return encode_fail(e, depth, "%s", "array with sparse or non-integer keys");
         mph_buf_append(e->out, "[", 1);
         for (size_t i = 1; i <= n; i++) {
             if (i > 1)
@@ -403,10 +403,10 @@ static int encode_table(encoder_t *e, int t, int depth)
 
     /* Object: string keys (integers allowed only under the object mark), sorted. */
     if (nstring != n && !(marked && nstring + nint == n))
-        return fail(e, depth, "%s", "table with mixed or non-string keys");
+        return encode_fail(e, depth, "%s", "table with mixed or non-string keys");
     key_t_ small[16];
     key_t_ *keys = n <= 16 ? small : mph_xmalloc(n * sizeof(*keys));
-    char (*numkeys)[24] = nint ? mph_xmalloc(nint * sizeof(*numkeys)) : NULL;
+    char(*numkeys)[24] = nint ? mph_xmalloc(nint * sizeof(*numkeys)) : NULL;
     size_t nk = 0, ni = 0;
     lua_pushnil(L);
     while (lua_next(L, t)) {
@@ -430,7 +430,7 @@ static int encode_table(encoder_t *e, int t, int depth)
             mph_buf_append(e->out, ",", 1);
         set_path_key(e, depth, keys[i].s, keys[i].len);
         if (mph_json_write_string(e->out, keys[i].s, keys[i].len) != 0) {
-            rc = fail(e, depth + 1, "%s", "key is not valid UTF-8");
+            rc = encode_fail(e, depth + 1, "%s", "key is not valid UTF-8");
             break;
         }
         mph_buf_append(e->out, ":", 1);
@@ -454,9 +454,9 @@ static int encode_value(encoder_t *e, int idx, int depth)
 {
     lua_State *L = e->L;
     if (depth > MPH_JSON_MAX_DEPTH)
-        return fail(e, depth, "%s", "nesting deeper than the limit");
+        return encode_fail(e, depth, "%s", "nesting deeper than the limit");
     if (!lua_checkstack(L, 6))
-        return fail(e, depth, "%s", "Lua stack exhausted");
+        return encode_fail(e, depth, "%s", "Lua stack exhausted");
     switch (lua_type(L, idx)) {
     case LUA_TNIL:
         mph_buf_append(e->out, "null", 4);
@@ -470,9 +470,9 @@ static int encode_value(encoder_t *e, int idx, int depth)
     case LUA_TNUMBER: {
         double d = lua_tonumber(L, idx);
         if (isnan(d))
-            return fail(e, depth, "%s", "cannot encode NaN");
+            return encode_fail(e, depth, "%s", "cannot encode NaN");
         if (isinf(d))
-            return fail(e, depth, "%s", "cannot encode infinity");
+            return encode_fail(e, depth, "%s", "cannot encode infinity");
         write_number(e->out, d);
         return 0;
     }
@@ -480,7 +480,7 @@ static int encode_value(encoder_t *e, int idx, int depth)
         size_t len;
         const char *s = lua_tolstring(L, idx, &len);
         if (mph_json_write_string(e->out, s, len) != 0)
-            return fail(e, depth, "%s", "string is not valid UTF-8");
+            return encode_fail(e, depth, "%s", "string is not valid UTF-8");
         return 0;
     }
     case LUA_TLIGHTUSERDATA:
@@ -488,11 +488,11 @@ static int encode_value(encoder_t *e, int idx, int depth)
             mph_buf_append(e->out, "null", 4);
             return 0;
         }
-        return fail(e, depth, "cannot encode a %s", "light userdata");
+        return encode_fail(e, depth, "cannot encode a %s", "light userdata");
     case LUA_TTABLE:
         return encode_table(e, idx, depth);
     default:
-        return fail(e, depth, "cannot encode a %s", lua_typename(L, lua_type(L, idx)));
+        return encode_fail(e, depth, "cannot encode a %s", lua_typename(L, lua_type(L, idx)));
     }
 }
 

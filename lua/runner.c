@@ -75,8 +75,7 @@ static mph_scope_t *scope_get(mph_lua_t *lua, const char *name)
 }
 
 /* Calls I[fn](name, arg?) and leaves its one result on the stack. [-0, +1, e] */
-static void call_internal(mph_lua_t *lua, const char *fn, const char *name, int with_bool,
-                          int flag)
+static void call_internal(mph_lua_t *lua, const char *fn, const char *name, int with_bool, int flag)
 {
     lua_State *L = lua->L;
     mph__lua_get_internal(lua, L, fn);
@@ -142,8 +141,8 @@ static void on_loaded(void *ud, const mph_store_result_t *res)
     int rc = apply_entries(L, &res->doc, err, sizeof(err));
     lua_settop(L, base);
     if (rc != 0) {
-        snprintf(failure, sizeof(failure), "storage unavailable: scope %s is corrupt: %s",
-                 s->name, err);
+        snprintf(failure, sizeof(failure), "storage unavailable: scope %s is corrupt: %s", s->name,
+                 err);
         mph_log(MPH_LOG_ERROR, "%s", failure);
         call_internal(lua, "drop_state", s->name, 0, 0);
         lua_settop(L, base);
@@ -401,8 +400,7 @@ void mph__runner_retry(mph_txn_t *t)
     }
     if (t->attempts > lua->max_retries) {
         char msg[128];
-        snprintf(msg, sizeof(msg), "Transaction conflict: gave up after %d attempts",
-                 t->attempts);
+        snprintf(msg, sizeof(msg), "Transaction conflict: gave up after %d attempts", t->attempts);
         mph__txn_reply(t, MPH_RPC_CONFLICT, msg);
         return;
     }

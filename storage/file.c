@@ -40,31 +40,31 @@
 
 #include "storage.h"
 
-#define RECORD_MAGIC 0x3152504dU  /* "MPR1" read as little-endian */
-#define RECORD_HEADER 12          /* magic, length, crc */
+#define RECORD_MAGIC 0x3152504dU /* "MPR1" read as little-endian */
+#define RECORD_HEADER 12         /* magic, length, crc */
 #define DELETED_LEN 0xFFFFFFFFU
 #define COMPACT_MIN_BYTES (4u << 20) /* never compact a log smaller than this */
 #define MAX_SCOPE_NAME 200
 
 typedef struct fscope_s {
-    char *name;          /* owned */
-    char *path;          /* owned: dir/E without the extension */
-    int lock_fd;         /* -1 until the first operation */
-    int log_fd;          /* -1 until the first operation */
-    ino_t log_ino;       /* inode of log_fd: a compaction elsewhere replaces the file */
-    off_t log_end;       /* bytes of the log read and applied by us */
-    uint64_t version;    /* the version we last reported to the runner */
-    off_t snap_size;     /* size of the current snapshot file (compaction policy) */
-    int busy;            /* an operation is in flight (invariant: at most one) */
+    char *name;       /* owned */
+    char *path;       /* owned: dir/E without the extension */
+    int lock_fd;      /* -1 until the first operation */
+    int log_fd;       /* -1 until the first operation */
+    ino_t log_ino;    /* inode of log_fd: a compaction elsewhere replaces the file */
+    off_t log_end;    /* bytes of the log read and applied by us */
+    uint64_t version; /* the version we last reported to the runner */
+    off_t snap_size;  /* size of the current snapshot file (compaction policy) */
+    int busy;         /* an operation is in flight (invariant: at most one) */
     struct fscope_s *next;
 } fscope_t;
 
 typedef struct {
-    mph_store_t base;    /* must be first */
+    mph_store_t base; /* must be first */
     uv_loop_t *loop;
-    char *dir;           /* owned */
-    fscope_t *scopes;    /* owned */
-    unsigned ops;        /* operations in flight */
+    char *dir;        /* owned */
+    fscope_t *scopes; /* owned */
+    unsigned ops;     /* operations in flight */
     int closing;
     void (*closed_cb)(void *ud);
     void *closed_ud;
@@ -77,8 +77,8 @@ typedef struct {
     file_store_t *fs;
     fscope_t *sc;
     op_kind_t kind;
-    uint64_t expected;                /* commit: the CAS version */
-    const mph_store_entry_t *writes;  /* commit: borrowed from the caller until cb */
+    uint64_t expected;               /* commit: the CAS version */
+    const mph_store_entry_t *writes; /* commit: borrowed from the caller until cb */
     size_t nwrites;
     mph_store_cb cb;
     void *ud;
@@ -87,7 +87,7 @@ typedef struct {
     char message[300];
     mph_store_doc_t doc;
     size_t doc_cap;
-    mph_buf_t bufs[2];                /* file contents the doc's entries point into */
+    mph_buf_t bufs[2]; /* file contents the doc's entries point into */
 } op_t;
 
 /* ---- Encoding helpers ---- */
@@ -131,7 +131,7 @@ static void encode_name(mph_buf_t *out, const char *name)
     }
 }
 
-static int fail(op_t *op, int status, const char *what, const char *path)
+static int op_fail(op_t *op, int status, const char *what, const char *path)
 {
     op->status = status;
     if (path)
@@ -295,7 +295,7 @@ static int open_files(op_t *op)
     if (sc->lock_fd < 0) {
         char *lock = scope_file(sc, ".lock");
         sc->lock_fd = open(lock, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-        int rc = sc->lock_fd < 0 ? fail(op, MPH_ESTORAGE, "cannot open", lock) : 0;
+        int rc = sc->lock_fd < 0 ? op_fail(op, MPH_ESTORAGE, "cannot open", lock) : 0;
         free(lock);
         if (rc)
             return rc;
@@ -307,7 +307,7 @@ static int open_files(op_t *op)
         struct stat st;
         int rc = 0;
         if (sc->log_fd < 0 || fstat(sc->log_fd, &st) != 0)
-            rc = fail(op, MPH_ESTORAGE, "cannot open", log);
+            rc = op_fail(op, MPH_ESTORAGE, "cannot open", log);
         else
             sc->log_ino = st.st_ino;
         free(log);
@@ -316,7 +316,7 @@ static int open_files(op_t *op)
         created = 1;
     }
     if (created && fsync_dir(op->fs->dir) != 0)
-        return fail(op, MPH_ESTORAGE, "cannot sync directory", op->fs->dir);
+        return op_fail(op, MPH_ESTORAGE, "cannot sync directory", op->fs->dir);
     return 0;
 }
 
@@ -324,7 +324,7 @@ static int lock_scope(op_t *op)
 {
     while (flock(op->sc->lock_fd, LOCK_EX) != 0) {
         if (errno != EINTR)
-            return fail(op, MPH_ESTORAGE, "cannot lock", op->sc->path);
+            return op_fail(op, MPH_ESTORAGE, "cannot lock", op->sc->path);
     }
     return 0;
 }
@@ -342,11 +342,11 @@ static int read_log_tail(op_t *op, mph_buf_t *buf, uint64_t skip_upto, uint64_t 
     fscope_t *sc = op->sc;
     struct stat st;
     if (fstat(sc->log_fd, &st) != 0)
-        return fail(op, MPH_ESTORAGE, "cannot stat log of", sc->path);
+        return op_fail(op, MPH_ESTORAGE, "cannot stat log of", sc->path);
     if (st.st_size <= sc->log_end)
         return 0;
     if (read_range(sc->log_fd, sc->log_end, st.st_size, buf) != 0)
-        return fail(op, MPH_ESTORAGE, "cannot read log of", sc->path);
+        return op_fail(op, MPH_ESTORAGE, "cannot read log of", sc->path);
     size_t pos = 0;
     for (;;) {
         uint64_t v = 0;
@@ -364,8 +364,8 @@ static int read_log_tail(op_t *op, mph_buf_t *buf, uint64_t skip_upto, uint64_t 
         if (r == PARSE_END)
             break;
         if (r == PARSE_CORRUPT) {
-            snprintf(op->message, sizeof(op->message), "corrupt log of %s at byte %lld",
-                     sc->name, (long long)(sc->log_end + (off_t)pos));
+            snprintf(op->message, sizeof(op->message), "corrupt log of %s at byte %lld", sc->name,
+                     (long long)(sc->log_end + (off_t)pos));
             return op->status = MPH_ECORRUPT;
         }
         /* PARSE_TORN: a writer died mid-record; it was never acknowledged. */
@@ -373,7 +373,7 @@ static int read_log_tail(op_t *op, mph_buf_t *buf, uint64_t skip_upto, uint64_t 
         mph_log(MPH_LOG_WARN, "file: %s: cutting a torn record at byte %lld", sc->name,
                 (long long)cut);
         if (ftruncate(sc->log_fd, cut) != 0 || fdatasync(sc->log_fd) != 0)
-            return fail(op, MPH_ESTORAGE, "cannot truncate log of", sc->path);
+            return op_fail(op, MPH_ESTORAGE, "cannot truncate log of", sc->path);
         buf->len = pos;
         break;
     }
@@ -394,7 +394,7 @@ static int load_all(op_t *op)
     if (stat(log, &st) == 0 && st.st_ino != sc->log_ino) {
         int fd = open(log, O_RDWR | O_CLOEXEC);
         if (fd < 0) {
-            int rc = fail(op, MPH_ESTORAGE, "cannot open", log);
+            int rc = op_fail(op, MPH_ESTORAGE, "cannot open", log);
             free(log);
             return rc;
         }
@@ -414,7 +414,7 @@ static int load_all(op_t *op)
         close(fd);
         size_t pos = 0;
         if (bad) {
-            int rc = fail(op, MPH_ESTORAGE, "cannot read", snap);
+            int rc = op_fail(op, MPH_ESTORAGE, "cannot read", snap);
             free(snap);
             return rc;
         }
@@ -426,7 +426,7 @@ static int load_all(op_t *op)
         }
         sc->snap_size = ss.st_size;
     } else if (errno != ENOENT) {
-        int rc = fail(op, MPH_ESTORAGE, "cannot open", snap);
+        int rc = op_fail(op, MPH_ESTORAGE, "cannot open", snap);
         free(snap);
         return rc;
     }
@@ -572,9 +572,8 @@ static void do_commit(op_t *op)
     /* Our version is current: append, sync, and only then report success. */
     mph_buf_t rec = MPH_BUF_INIT;
     build_record(&rec, op->expected + 1, op->writes, op->nwrites);
-    if (write_all(sc->log_fd, rec.data, rec.len, sc->log_end) != 0 ||
-        fdatasync(sc->log_fd) != 0) {
-        fail(op, MPH_ESTORAGE, "cannot write log of", sc->name);
+    if (write_all(sc->log_fd, rec.data, rec.len, sc->log_end) != 0 || fdatasync(sc->log_fd) != 0) {
+        op_fail(op, MPH_ESTORAGE, "cannot write log of", sc->name);
         /* Leave no partial record behind; if even that fails the CRC rejects it. */
         if (ftruncate(sc->log_fd, sc->log_end) == 0)
             fdatasync(sc->log_fd);
@@ -659,8 +658,8 @@ static fscope_t *scope_for(file_store_t *fs, const char *name)
     return sc;
 }
 
-static int start_op(file_store_t *fs, op_kind_t kind, const char *scope, mph_store_cb cb,
-                    void *ud, op_t **out)
+static int start_op(file_store_t *fs, op_kind_t kind, const char *scope, mph_store_cb cb, void *ud,
+                    op_t **out)
 {
     if (fs->closing)
         return MPH_ECLOSED;

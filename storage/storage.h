@@ -32,7 +32,7 @@
 #define MPH_STORE_METHODS_VERSION 1
 
 typedef struct {
-    const char *key;  /* UTF-8, not NUL-terminated */
+    const char *key; /* UTF-8, not NUL-terminated */
     size_t klen;
     const char *json; /* the value's JSON text; NULL: the key is deleted */
     size_t jlen;
@@ -72,8 +72,8 @@ typedef struct {
     /* Starts loading `scope`. 0: cb will run once; <0: error, cb never runs. */
     int (*load)(mph_store_t *s, const char *scope, mph_store_cb cb, void *ud);
     /* Starts an atomic compare-and-set of nwrites scopes (each named once). */
-    int (*commit)(mph_store_t *s, const mph_store_write_t *writes, size_t nwrites,
-                  mph_store_cb cb, void *ud);
+    int (*commit)(mph_store_t *s, const mph_store_write_t *writes, size_t nwrites, mph_store_cb cb,
+                  void *ud);
     /* Fails what is pending with MPH_ECLOSED, closes handles; `done` runs once everything is
      * freed (on a later loop iteration). */
     void (*close)(mph_store_t *s, void (*done)(void *ud), void *ud);

@@ -1,1 +1,248 @@
-int main(void){return 0;}
+/*
+ * Unit tests of the pure C pieces: the JSON <-> Lua mapping, the UTF-8 check, and the file
+ * backend's name encoding and record format. The .c files are included to reach their
+ * statics (as h2o's t/00unit does). Output is TAP, one line per test.
+ */
+#define _GNU_SOURCE
+#include "host/common.c"
+#include "lua/json.c"
+#include "storage/file.c"
+
+#include <lualib.h>
+
+static int failures_in_test;
+
+#define CHECK(cond)                                                                                \
+    do {                                                                                           \
+        if (!(cond)) {                                                                             \
+            fprintf(stderr, "  %s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #cond);             \
+            failures_in_test++;                                                                    \
+        }                                                                                          \
+    } while (0)
+
+static lua_State *new_state(void)
+{
+    lua_State *L = luaL_newstate();
+    luaL_openlibs(L);
+    mph_json_init(L);
+    /* Make the array metatable reachable from Lua snippets as _ARRAY. */
+    mph_json_push_array_mt(L);
+    lua_setglobal(L, "_ARRAY");
+    return L;
+}
+
+/* Evaluates a Lua expression and encodes it; returns the text or the error (static buffer). */
+static const char *encode_expr(lua_State *L, const char *expr, int *ok)
+{
+    static char out[4096];
+    char code[1024];
+    snprintf(code, sizeof(code), "return %s", expr);
+    if (luaL_dostring(L, code) != 0) {
+        snprintf(out, sizeof(out), "lua error: %s", lua_tostring(L, -1));
+        lua_settop(L, 0);
+        *ok = 0;
+        return out;
+    }
+    mph_buf_t b = MPH_BUF_INIT;
+    char err[512];
+    int top = lua_gettop(L);
+    *ok = mph_json_encode(L, -1, NULL, &b, err, sizeof(err)) == 0;
+    if (lua_gettop(L) != top) {
+        fprintf(stderr, "  stack unbalanced after encoding %s\n", expr);
+        failures_in_test++;
+    }
+    snprintf(out, sizeof(out), "%s", *ok ? b.data : err);
+    mph_buf_free(&b);
+    lua_settop(L, 0);
+    return out;
+}
+
+static void expect_encode(lua_State *L, const char *expr, const char *expected)
+{
+    int ok;
+    const char *got = encode_expr(L, expr, &ok);
+    if (!ok || strcmp(got, expected) != 0) {
+        fprintf(stderr, "  encode %s: expected %s, got %s\n", expr, expected, got);
+        failures_in_test++;
+    }
+}
+
+static void expect_encode_error(lua_State *L, const char *expr, const char *fragment)
+{
+    int ok;
+    const char *got = encode_expr(L, expr, &ok);
+    if (ok || strstr(got, fragment) == NULL) {
+        fprintf(stderr, "  encode %s: expected an error with \"%s\", got %s\n", expr, fragment,
+                got);
+        failures_in_test++;
+    }
+}
+
+static void test_encode_scalars(void)
+{
+    lua_State *L = new_state();
+    expect_encode(L, "nil", "null");
+    expect_encode(L, "true", "true");
+    expect_encode(L, "0.1", "0.1");
+    expect_encode(L, "1/3", "0.3333333333333333");
+    expect_encode(L, "0.1 + 0.2", "0.30000000000000004");
+    expect_encode(L, "2^53", "9007199254740992");
+    expect_encode(L, "-2^62", "-4611686018427387904");
+    expect_encode(L, "2^70", "1.1805916207174113e+21");
+    expect_encode(L, "2.0", "2");
+    expect_encode(L, "-0.0", "0");
+    expect_encode(L, "'a\"b\\\\c\\n\\1\\0'", "\"a\\\"b\\\\c\\n\\u0001\\u0000\"");
+    expect_encode(L, "'\\226\\130\\172'", "\"\xe2\x82\xac\"");
+    lua_close(L);
+}
+
+static void test_encode_tables(void)
+{
+    lua_State *L = new_state();
+    expect_encode(L, "{}", "{}");
+    expect_encode(L, "setmetatable({}, _ARRAY)", "[]");
+    expect_encode(L, "{1, 2, {3}}", "[1,2,[3]]");
+    expect_encode(L, "{b = 1, a = 2, c = {z = true, y = false}}",
+                  "{\"a\":2,\"b\":1,\"c\":{\"y\":false,\"z\":true}}");
+    lua_close(L);
+}
+
+static void test_encode_errors_name_the_path(void)
+{
+    lua_State *L = new_state();
+    expect_encode_error(L, "{a = {b = {print}}}", "cannot encode a function at $.a.b[1]");
+    expect_encode_error(L, "{x = 0/0}", "NaN at $.x");
+    expect_encode_error(L, "{1, 2, x = 3}", "mixed");
+    expect_encode_error(L, "{[1] = 1, [3] = 3}", "mixed");
+    expect_encode_error(L, "(function() local t = {} t.me = {t} return t end)()",
+                        "cycle: a table contains itself at $.me[1]");
+    expect_encode_error(L, "{s = '\\255'}", "not valid UTF-8 at $.s");
+    expect_encode_error(L, "coroutine.create(print)", "cannot encode a thread");
+    expect_encode_error(L,
+                        "(function() local t = {} for i = 1, 3000 do t = {t} end return t end)()",
+                        "nesting deeper");
+    lua_close(L);
+}
+
+static void test_decode(void)
+{
+    lua_State *L = new_state();
+    char err[256];
+    const char *doc = "{\"a\":[1,2,[]],\"n\":null,\"big\":9007199254740992,\"s\":\"x\\u0000y\"}";
+    CHECK(mph_json_push_text(L, doc, strlen(doc), err, sizeof(err)) == 0);
+    CHECK(lua_gettop(L) == 1);
+    lua_getfield(L, 1, "a");
+    CHECK(lua_getmetatable(L, -1)); /* arrays remember their kind */
+    lua_pop(L, 2);
+    lua_getfield(L, 1, "n");
+    CHECK(lua_islightuserdata(L, -1) && lua_touserdata(L, -1) == NULL);
+    lua_pop(L, 1);
+    lua_getfield(L, 1, "s");
+    size_t len;
+    lua_tolstring(L, -1, &len);
+    CHECK(len == 3);
+    lua_settop(L, 0);
+    /* Round trip keeps kind and bytes. */
+    mph_buf_t b = MPH_BUF_INIT;
+    CHECK(mph_json_push_text(L, doc, strlen(doc), err, sizeof(err)) == 0);
+    CHECK(mph_json_encode(L, 1, NULL, &b, err, sizeof(err)) == 0);
+    CHECK(strcmp(b.data,
+                 "{\"a\":[1,2,[]],\"big\":9007199254740992,\"n\":null,\"s\":\"x\\u0000y\"}") == 0);
+    mph_buf_free(&b);
+    lua_settop(L, 0);
+    /* Integers a double cannot hold exactly are refused, not rounded. */
+    CHECK(mph_json_push_text(L, "9007199254740993", 16, err, sizeof(err)) == MPH_JSON_ERANGE);
+    CHECK(strstr(err, "exactly") != NULL);
+    CHECK(mph_json_push_text(L, "1152921504606846976", 19, err, sizeof(err)) == 0); /* 2^60 */
+    CHECK(lua_tonumber(L, -1) == 1152921504606846976.0);
+    CHECK(mph_json_push_text(L, "[1,", 3, err, sizeof(err)) != 0);
+    lua_settop(L, 0);
+    lua_close(L);
+}
+
+static void test_utf8(void)
+{
+    CHECK(mph_utf8_valid("plain", 5));
+    CHECK(mph_utf8_valid("\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80", 9));
+    CHECK(!mph_utf8_valid("\xc0\xaf", 2));         /* overlong */
+    CHECK(!mph_utf8_valid("\xed\xa0\x80", 3));     /* surrogate */
+    CHECK(!mph_utf8_valid("\xf4\x90\x80\x80", 4)); /* above U+10FFFF */
+    CHECK(!mph_utf8_valid("\xe2\x82", 2));         /* truncated */
+    CHECK(!mph_utf8_valid("\x80", 1));
+    CHECK(!mph_utf8_valid("\xe0\x80\xaf", 3)); /* overlong 3-byte */
+}
+
+static void test_scope_names_stay_in_the_directory(void)
+{
+    mph_buf_t b = MPH_BUF_INIT;
+    encode_name(&b, "../../etc/passwd");
+    CHECK(strcmp(b.data, "%2E%2E%2F%2E%2E%2Fetc%2Fpasswd") == 0);
+    b.len = 0;
+    encode_name(&b, "global");
+    CHECK(strcmp(b.data, "global") == 0);
+    b.len = 0;
+    encode_name(&b, "user:\xc3\xa9");
+    CHECK(strcmp(b.data, "user%3A%C3%A9") == 0);
+    mph_buf_free(&b);
+}
+
+static void test_records(void)
+{
+    mph_store_entry_t e[2] = {{"a", 1, "1", 1}, {"gone", 4, NULL, 0}};
+    mph_buf_t b = MPH_BUF_INIT;
+    build_record(&b, 7, e, 2);
+    build_record(&b, 8, e, 1);
+    op_t op;
+    memset(&op, 0, sizeof(op));
+    size_t pos = 0;
+    uint64_t v = 0;
+    CHECK(parse_record(&b, &pos, &v, &op, 0) == PARSE_OK && v == 7);
+    CHECK(op.doc.n == 2 && op.doc.entries[1].json == NULL && op.doc.entries[0].jlen == 1);
+    CHECK(parse_record(&b, &pos, &v, &op, 7) == PARSE_OK && v == 8);
+    CHECK(op.doc.n == 3);
+    CHECK(parse_record(&b, &pos, &v, &op, 0) == PARSE_END);
+    /* Every strict prefix of the last record is torn, never an error, never a record. */
+    size_t full = b.len, second = 0;
+    v = 0;
+    parse_record(&b, &second, &v, NULL, 0);
+    for (size_t cut = second + 1; cut < full; cut++) {
+        mph_buf_t t = {b.data, cut, b.cap};
+        size_t p = second;
+        CHECK(parse_record(&t, &p, &v, NULL, 0) == PARSE_TORN);
+    }
+    /* A flipped byte in a record that is not the last is corruption. */
+    b.data[RECORD_HEADER + 3] ^= 1;
+    pos = 0;
+    CHECK(parse_record(&b, &pos, &v, NULL, 0) == PARSE_CORRUPT);
+    free(op.doc.entries);
+    mph_buf_free(&b);
+}
+
+typedef struct {
+    const char *name;
+    void (*fn)(void);
+} test_t;
+
+static const test_t tests[] = {
+    {"encode_scalars", test_encode_scalars},
+    {"encode_tables", test_encode_tables},
+    {"encode_errors_name_the_path", test_encode_errors_name_the_path},
+    {"decode", test_decode},
+    {"utf8", test_utf8},
+    {"scope_names_stay_in_the_directory", test_scope_names_stay_in_the_directory},
+    {"records", test_records},
+};
+
+int main(void)
+{
+    size_t n = sizeof(tests) / sizeof(tests[0]);
+    int failed = 0;
+    printf("1..%zu\n", n);
+    for (size_t i = 0; i < n; i++) {
+        failures_in_test = 0;
+        tests[i].fn();
+        printf("%s %zu - unit.%s\n", failures_in_test ? "not ok" : "ok", i + 1, tests[i].name);
+        failed += failures_in_test != 0;
+    }
+    return failed ? 1 : 0;
+}
