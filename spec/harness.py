@@ -92,6 +92,17 @@ class Server:
         if env:
             self.env.update(env)
         self.prefix_cmd = list(prefix_cmd)
+        self.valgrind_log = None
+        if os.environ.get("MPH_VALGRIND"):
+            # Opt-in: every server runs under memcheck; a report fails the stop() check.
+            self.valgrind_log = self.log_path + ".valgrind"
+            # valgrind writes temp files as the server's user, which may be nobody.
+            os.chmod(os.path.dirname(self.log_path), 0o777)
+            self.env["TMPDIR"] = os.path.dirname(self.log_path)
+            self.prefix_cmd += ["valgrind", "--quiet", "--error-exitcode=99",
+                                "--leak-check=full", "--errors-for-leak-kinds=definite",
+                                "--suppressions=" + os.path.join(ROOT, "spec", "valgrind.supp"),
+                                "--log-file=" + self.valgrind_log]
         self.proc = None
 
     def start(self, expect_ok=True):
@@ -100,7 +111,7 @@ class Server:
                                  "--listen=127.0.0.1", "--data=" + self.data] + self.args
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log,
                                      stdin=subprocess.DEVNULL, env=self.env)
-        ok = wait_port(self.port, 15, self.proc)
+        ok = wait_port(self.port, 60 if self.valgrind_log else 15, self.proc)
         if expect_ok and not ok:
             self.proc.kill()
             self.proc.wait()
@@ -136,6 +147,11 @@ class Server:
             raise TestFailure("server did not stop within %ss" % timeout)
         self.log.close()
         text = self.read_log()
+        if self.valgrind_log and os.path.exists(self.valgrind_log):
+            with open(self.valgrind_log) as f:
+                report = f.read()
+            if report.strip():
+                raise TestFailure("valgrind report:\n" + report[-4000:])
         bad = sanitizer_report(text)
         if bad:
             raise TestFailure("sanitizer/teardown problem (%s):\n%s" % (bad, text[-4000:]))

@@ -8,7 +8,9 @@ test_* function of spec/test_*.py against the real binary, then prints the summa
 import argparse
 import importlib
 import os
+import shutil
 import subprocess
+import tempfile
 import sys
 import time
 import traceback
@@ -24,6 +26,16 @@ def main():
     args = ap.parse_args()
     os.environ["MPHOST"] = os.path.join(os.path.abspath(args.build), "mphost")
     os.environ["MPH_BUILD"] = os.path.abspath(args.build)
+    scratch = tempfile.mkdtemp(prefix="mph-spec-")
+    os.chmod(scratch, 0o755)  # servers run as nobody in one test
+    os.environ["MPH_TMP"] = scratch
+    try:
+        return run_all(args)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_all(args):
     passed = failed = 0
     failures = []
 

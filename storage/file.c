@@ -65,6 +65,8 @@ typedef struct {
     char *dir;        /* owned */
     fscope_t *scopes; /* owned */
     unsigned ops;     /* operations in flight */
+    uint64_t commits; /* commits written (loop thread) */
+    uint64_t syncs;   /* fsync and fdatasync calls, from any thread (atomic) */
     int closing;
     void (*closed_cb)(void *ud);
     void *closed_ud;
@@ -141,12 +143,20 @@ static int op_fail(op_t *op, int status, const char *what, const char *path)
     return status;
 }
 
-static int fsync_dir(const char *dir)
+/* Every sync goes through here so that benchmarks can report syncs per request. Called on
+ * worker threads, hence the atomic. */
+static int counted_sync(file_store_t *fs, int fd, int data_only)
 {
-    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    __atomic_fetch_add(&fs->syncs, 1, __ATOMIC_RELAXED);
+    return data_only ? fdatasync(fd) : fsync(fd);
+}
+
+static int fsync_dir(file_store_t *fs)
+{
+    int fd = open(fs->dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0)
         return -1;
-    int rc = fsync(fd);
+    int rc = counted_sync(fs, fd, 0);
     close(fd);
     return rc;
 }
@@ -315,7 +325,7 @@ static int open_files(op_t *op)
             return rc;
         created = 1;
     }
-    if (created && fsync_dir(op->fs->dir) != 0)
+    if (created && fsync_dir(op->fs) != 0)
         return op_fail(op, MPH_ESTORAGE, "cannot sync directory", op->fs->dir);
     return 0;
 }
@@ -372,7 +382,7 @@ static int read_log_tail(op_t *op, mph_buf_t *buf, uint64_t skip_upto, uint64_t 
         off_t cut = sc->log_end + (off_t)pos;
         mph_log(MPH_LOG_WARN, "file: %s: cutting a torn record at byte %lld", sc->name,
                 (long long)cut);
-        if (ftruncate(sc->log_fd, cut) != 0 || fdatasync(sc->log_fd) != 0)
+        if (ftruncate(sc->log_fd, cut) != 0 || counted_sync(op->fs, sc->log_fd, 1) != 0)
             return op_fail(op, MPH_ESTORAGE, "cannot truncate log of", sc->path);
         buf->len = pos;
         break;
@@ -489,15 +499,16 @@ static void compact(op_t *op)
     build_record(&rec, sc->version, live, nlive);
 
     fd = open(snap_tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0 || write_all(fd, rec.data, rec.len, 0) != 0 || fsync(fd) != 0)
+    if (fd < 0 || write_all(fd, rec.data, rec.len, 0) != 0 || counted_sync(op->fs, fd, 0) != 0)
         goto failed;
     close(fd);
     fd = -1;
-    if (rename(snap_tmp, snap) != 0 || fsync_dir(op->fs->dir) != 0)
+    if (rename(snap_tmp, snap) != 0 || fsync_dir(op->fs) != 0)
         goto failed;
     /* The snapshot holds everything up to sc->version; now an empty log replaces the old. */
     fd = open(log_tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0 || fsync(fd) != 0 || rename(log_tmp, log) != 0 || fsync_dir(op->fs->dir) != 0)
+    if (fd < 0 || counted_sync(op->fs, fd, 0) != 0 || rename(log_tmp, log) != 0 ||
+        fsync_dir(op->fs) != 0)
         goto failed;
     struct stat st;
     if (fstat(fd, &st) == 0) {
@@ -572,11 +583,12 @@ static void do_commit(op_t *op)
     /* Our version is current: append, sync, and only then report success. */
     mph_buf_t rec = MPH_BUF_INIT;
     build_record(&rec, op->expected + 1, op->writes, op->nwrites);
-    if (write_all(sc->log_fd, rec.data, rec.len, sc->log_end) != 0 || fdatasync(sc->log_fd) != 0) {
+    if (write_all(sc->log_fd, rec.data, rec.len, sc->log_end) != 0 ||
+        counted_sync(op->fs, sc->log_fd, 1) != 0) {
         op_fail(op, MPH_ESTORAGE, "cannot write log of", sc->name);
         /* Leave no partial record behind; if even that fails the CRC rejects it. */
         if (ftruncate(sc->log_fd, sc->log_end) == 0)
-            fdatasync(sc->log_fd);
+            counted_sync(op->fs, sc->log_fd, 1);
         mph_buf_free(&rec);
         goto out;
     }
@@ -604,6 +616,8 @@ static void work_cb(uv_work_t *w)
 
 static void store_free(file_store_t *fs)
 {
+    mph_log(MPH_LOG_INFO, "file storage: %llu commits, %llu syncs", (unsigned long long)fs->commits,
+            (unsigned long long)fs->syncs);
     fscope_t *sc = fs->scopes;
     while (sc) {
         fscope_t *next = sc->next;
@@ -630,6 +644,8 @@ static void after_work_cb(uv_work_t *w, int status)
     file_store_t *fs = op->fs;
     (void)status; /* work is never cancelled */
     op->sc->busy = 0;
+    if (op->kind == OP_COMMIT && op->status == 0)
+        fs->commits++;
     mph_store_result_t res = {op->status, op->message[0] ? op->message : NULL, op->doc,
                               op->sc->name};
     op->cb(op->ud, &res);

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# run.sh: benchmarks of the real binary with wrk (bench/rpc.lua). The server is pinned to
+# CPU 0 and wrk to CPU 1; each figure is the median of RUNS runs of DURATION seconds.
+#
+#   bench/run.sh [BUILD_DIR]        env: DURATION (3), RUNS (3), CONNS ("1 16 64")
+#
+# Prints a markdown table: requests/s, p50 and p99 latency, and for file storage the syncs
+# (fsync + fdatasync) per request, counted by the file backend itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUILD=${1:-build}
+MPHOST=$PWD/$BUILD/mphost
+DURATION=${DURATION:-3}
+RUNS=${RUNS:-3}
+CONNS=${CONNS:-"1 16 64"}
+WORK=$(mktemp -d)
+SERVER_PID=""
+trap '[ -n "$SERVER_PID" ] && kill $SERVER_PID 2>/dev/null; rm -rf "$WORK"' EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+wait_port() {
+  for _ in $(seq 1 500); do
+    (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0
+    sleep 0.02
+  done
+  echo "server did not start" >&2; exit 1
+}
+
+# start NAME CMD...: runs CMD pinned to CPU 0 on a free $PORT (written @PORT@ in CMD);
+# output to $WORK/NAME.log
+start() {
+  local name=$1; shift
+  PORT=$(free_port)
+  local args=()
+  for a in "$@"; do args+=("${a//@PORT@/$PORT}"); done
+  taskset -c 0 "${args[@]}" >"$WORK/$name.log" 2>&1 &
+  SERVER_PID=$!
+  wait_port "$PORT"
+}
+
+stop() {
+  kill -TERM "$SERVER_PID"; wait "$SERVER_PID" || true; SERVER_PID=""
+}
+
+# measure METHOD PARAMS CONNS -> "rps p50_us p99_us" (median run by requests/s)
+measure() {
+  local out=()
+  for _ in $(seq 1 "$RUNS"); do
+    out+=("$(METHOD=$1 PARAMS=$2 taskset -c 1 wrk -t1 -c"$3" -d"${DURATION}"s \
+      -s bench/rpc.lua "http://127.0.0.1:$PORT/" | awk '/^RESULT/ {
+        split($2,a,"="); split($3,b,"="); split($4,c,"="); print a[2], b[2], c[2] }')")
+  done
+  printf '%s\n' "${out[@]}" | sort -n | sed -n "$(( (RUNS + 1) / 2 ))p"
+}
+
+call() { "$MPHOST" call "$1" "$2" --url "http://127.0.0.1:$PORT/"; }
+
+row() { # row NAME CONNS "rps p50 p99" [syncs/request]
+  read -r rps p50 p99 <<<"$3"
+  printf '| %s | %s | %s | %.2f | %.2f | %s |\n' "$1" "$2" "$rps" "$(echo "$p50/1000" | bc -l)" \
+    "$(echo "$p99/1000" | bc -l)" "${4:--}"
+}
+
+echo "mphost $("$MPHOST" --version | cut -d' ' -f2), $(nproc) cores, server on CPU 0, wrk on CPU 1," \
+  "median of $RUNS x ${DURATION}s"
+echo
+echo "| service | connections | requests/s | p50 ms | p99 ms | syncs/request |"
+echo "|---|---|---|---|---|---|"
+
+ECHO_PARAMS='[{"hello":"world"}]'
+for c in $CONNS; do
+  start echo "$MPHOST" examples/server1.lua serve @PORT@ --listen=127.0.0.1 --logging=warn --data="$WORK/d1"
+  row "server1 (echo), mphost" "$c" "$(measure simple-service "$ECHO_PARAMS" "$c")"
+  stop
+  if command -v node >/dev/null; then
+    start node node bench/node_echo.js @PORT@
+    row "echo, Node.js $(node --version) http" "$c" "$(measure simple-service "$ECHO_PARAMS" "$c")"
+    stop
+  fi
+done
+
+# server5 on file storage: a fresh data directory per level, so syncs/request is per level.
+declare -A SMALL
+for c in $CONNS; do
+  start s5 "$MPHOST" examples/server5.lua serve @PORT@ --listen=127.0.0.1 --logging=info --data="$WORK/s5-$c"
+  r=$(measure simple-storage '[{}]' "$c")
+  n=$(call simple-storage '[{}]' | tr -dc 0-9)
+  stop
+  syncs=$(sed -n 's/.*file storage: [0-9]* commits, \([0-9]*\) syncs.*/\1/p' "$WORK/s5.log")
+  SMALL[$c]=${r%% *}
+  row "server5, file storage" "$c" "$r" "$(echo "scale=4; $syncs/$n" | bc)"
+done
+
+for c in $CONNS; do
+  start big "$MPHOST" bench/big.lua serve @PORT@ --listen=127.0.0.1 --logging=info --data="$WORK/big-$c"
+  call fill '[100000]' >/dev/null
+  r=$(measure simple-storage '[{}]' "$c")
+  n=$(call simple-storage '[{}]' | tr -dc 0-9)
+  stop
+  syncs=$(sed -n 's/.*file storage: [0-9]* commits, \([0-9]*\) syncs.*/\1/p' "$WORK/big.log")
+  row "server5 + 100,000 other keys, file" "$c" "$r" "$(echo "scale=4; ($syncs-2)/$n" | bc)"
+  echo "| ratio 100,000-key / 1-key scope at $c | | $(echo "scale=2; ${r%% *}/${SMALL[$c]}" | bc) | | | |"
+done
