@@ -15,6 +15,7 @@ typedef struct {
     int port_given;         /* --port, MP_PORT or serve's PORT was given */
     mph_host_config_t host; /* everything the host takes */
     char *storage_desc;     /* what status prints, e.g. "file:/abs/mp-data" (owned) */
+    char storage_url[1024]; /* --storage=redis made into a redis:// URL */
     const char *log_level;  /* --logging */
     /* call */
     const char *method;

@@ -48,6 +48,7 @@ void mph_host_config_default(mph_host_config_t *cfg)
     cfg->storage = "file";
     cfg->data_dir = "./mp-data";
     cfg->redis_prefix = "mp:";
+    cfg->redis_timeout_ms = 1000;
     cfg->max_retries = 50;
     mph_http_config_t http;
     mph_http_config_default(&http);
@@ -65,6 +66,50 @@ const char *mph_host_strerror(int err)
 
 static void on_stop_async(uv_async_t *a);
 
+/* redis://[:password@]host[:port][/db] -> the Redis backend. */
+static int open_redis(mph_host_t *h, char *err, size_t errlen)
+{
+    const char *url = h->cfg.storage + 8;
+    char buf[1024];
+    snprintf(buf, sizeof(buf), "%s", url);
+    mph_store_redis_config_t rc = {
+        "127.0.0.1", 6379, NULL, 0, h->cfg.redis_prefix, h->cfg.redis_timeout_ms};
+    char *hostpart = buf;
+    char *at = strrchr(buf, '@');
+    if (at) {
+        *at = '\0';
+        hostpart = at + 1;
+        rc.password = buf[0] == ':' ? buf + 1 : buf;
+        if (*rc.password == '\0')
+            rc.password = NULL;
+    }
+    char *slash = strchr(hostpart, '/');
+    if (slash) {
+        *slash = '\0';
+        char *end;
+        long db = strtol(slash + 1, &end, 10);
+        if (slash[1] != '\0' && (*end != '\0' || db < 0 || db > 1000000)) {
+            snprintf(err, errlen, "invalid Redis database in %s", h->cfg.storage);
+            return MPH_EINVAL;
+        }
+        rc.db = (int)db;
+    }
+    char *colon = strrchr(hostpart, ':');
+    if (colon) {
+        *colon = '\0';
+        char *end;
+        long port = strtol(colon + 1, &end, 10);
+        if (*end != '\0' || port <= 0 || port > 65535) {
+            snprintf(err, errlen, "invalid Redis port in %s", h->cfg.storage);
+            return MPH_EINVAL;
+        }
+        rc.port = (int)port;
+    }
+    if (*hostpart)
+        rc.host = hostpart;
+    return mph_store_redis_open(&h->store, &h->loop, &rc, err, errlen);
+}
+
 int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size_t errlen)
 {
     mph_host_t *h = mph_xcalloc(1, sizeof(*h));
@@ -77,8 +122,11 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
     }
     if (strcmp(cfg->storage, "file") == 0) {
         rc = mph_store_file_open(&h->store, &h->loop, cfg->data_dir, err, errlen);
+    } else if (strncmp(cfg->storage, "redis://", 8) == 0) {
+        rc = open_redis(h, err, errlen);
     } else {
-        snprintf(err, errlen, "unknown storage \"%s\" (expected file)", cfg->storage);
+        snprintf(err, errlen, "unknown storage \"%s\" (expected file or redis://...)",
+                 cfg->storage);
         rc = MPH_EINVAL;
     }
     if (rc != 0)

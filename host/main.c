@@ -28,6 +28,7 @@ static const char usage[] =
     "  --storage=redis       Redis at REDIS_HOST, REDIS_PORT, REDIS_PASSWORD, or\n"
     "  --storage=redis://[:password@]host[:port][/db]\n"
     "  --redis-prefix=P      Redis key prefix (default mp:)\n"
+    "  --redis-timeout=SEC   a Redis command unanswered this long fails (default 1)\n"
     "  --logging=LEVEL       trace|debug|info|warn|error|silent (default info)\n"
     "  --max-retries=N       conflict re-runs before error -32001 (default 50)\n"
     "  --max-body=BYTES      request body limit (default 1048576)\n"
@@ -74,6 +75,10 @@ static int apply_option(mph_cli_t *cli, const char *name, const char *value)
         h->data_dir = value;
     } else if (strcmp(name, "redis-prefix") == 0) {
         h->redis_prefix = value;
+    } else if (strcmp(name, "redis-timeout") == 0) {
+        if (parse_number(value, 0.01, 3600, &v) != 0)
+            return bad_usage("invalid --redis-timeout: %s", value);
+        h->redis_timeout_ms = (unsigned)(v * 1000);
     } else if (strcmp(name, "logging") == 0) {
         mph_log_level_t level;
         if (mph_log_parse_level(value, &level) != 0)
@@ -125,7 +130,25 @@ static int resolve_storage(mph_cli_t *cli)
         free(abs);
         return 0;
     }
-    return bad_usage("unknown storage: %s", h->storage);
+    if (strcmp(h->storage, "redis") == 0) {
+        /* REDIS_HOST, REDIS_PORT, REDIS_PASSWORD -> a redis:// URL. */
+        const char *host = getenv("REDIS_HOST"), *port = getenv("REDIS_PORT");
+        const char *password = getenv("REDIS_PASSWORD");
+        snprintf(cli->storage_url, sizeof(cli->storage_url), "redis://%s%s%s%s:%s",
+                 password && *password ? ":" : "", password && *password ? password : "",
+                 password && *password ? "@" : "", host && *host ? host : "127.0.0.1",
+                 port && *port ? port : "6379");
+        h->storage = cli->storage_url;
+    }
+    if (strncmp(h->storage, "redis://", 8) == 0) {
+        /* What status shows: the URL without its password. */
+        const char *at = strrchr(h->storage, '@');
+        size_t n = strlen(h->storage) + 16;
+        cli->storage_desc = mph_xmalloc(n);
+        snprintf(cli->storage_desc, n, "redis://%s", at ? at + 1 : h->storage + 8);
+        return 0;
+    }
+    return bad_usage("unknown storage: %s (expected file, redis or redis://...)", h->storage);
 }
 
 int mph_cli_serve(mph_cli_t *cli, int ready_fd)

@@ -31,6 +31,7 @@ typedef struct {
     const char *storage;          /* "file" (default) or "redis://[:password@]host[:port][/db]" */
     const char *data_dir;         /* file storage directory; default "./mp-data" */
     const char *redis_prefix;     /* key prefix for Redis; default "mp:" */
+    unsigned redis_timeout_ms;    /* a Redis command unanswered this long fails; default 1000 */
     int max_retries;              /* conflict re-runs before -32001; default 50 */
     size_t max_body;              /* bytes; default 1 MiB */
     size_t max_header;            /* bytes; default 16 KiB */

@@ -88,4 +88,19 @@ struct mph_store_s {
 int mph_store_file_open(mph_store_t **out, uv_loop_t *loop, const char *dir, char *err,
                         size_t errlen);
 
+typedef struct {
+    const char *host;     /* borrowed; e.g. "127.0.0.1" */
+    int port;             /* e.g. 6379 */
+    const char *password; /* NULL: no AUTH */
+    int db;               /* SELECTed when not 0 */
+    const char *prefix;   /* key prefix; NULL: "mp:" */
+    unsigned timeout_ms;  /* a command unanswered this long fails; 0: 1000 */
+} mph_store_redis_config_t;
+
+/* Opens the Redis backend: checks (blocking, at most a few seconds) that the server answers,
+ * then connects asynchronously on the loop. Returns 0 and a new store in *out, or a negative
+ * code with a one-line message in err. */
+int mph_store_redis_open(mph_store_t **out, uv_loop_t *loop, const mph_store_redis_config_t *cfg,
+                         char *err, size_t errlen);
+
 #endif
