@@ -262,3 +262,51 @@ class KeepAliveClient:
 
     def close(self):
         self.sock.close()
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port with its own directory (never 6379)."""
+
+    def __init__(self, password=None, port=None, directory=None):
+        self.port = port or free_port()
+        self.dir = directory or tmpdir("mph-redis-")
+        self.password = password
+        self.proc = None
+
+    def start(self):
+        cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+               "--dir", self.dir, "--save", "", "--appendonly", "yes",
+               "--appendfsync", "always", "--daemonize", "no", "--logfile",
+               os.path.join(self.dir, "redis.log")]
+        if self.password:
+            cmd += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if not wait_port(self.port, 10, self.proc):
+            raise TestFailure("redis-server did not start")
+        return self
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=20)
+
+    def kill9(self):
+        self.proc.kill()
+        self.proc.wait()
+
+    def cli(self, *args):
+        cmd = ["redis-cli", "-p", str(self.port)]
+        if self.password:
+            cmd += ["--no-auth-warning", "-a", self.password]
+        return subprocess.run(cmd + list(args), capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+
+    def url(self, db=None):
+        auth = ":%s@" % self.password if self.password else ""
+        return "redis://%s127.0.0.1:%d%s" % (auth, self.port, "/%d" % db if db else "")

@@ -1,0 +1,324 @@
+"""Redis storage against real redis-server instances on free loopback ports."""
+import os
+import signal
+import socket
+import threading
+import time
+
+from harness import (EXAMPLES, MPHOST, KeepAliveClient, RedisServer, Server, check, eq,
+                     free_port, run, tmpdir)
+from test_cli import shell, workspace
+from test_scope import hammer
+
+
+def redis_server5(redis, **kw):
+    return Server("server5.lua", ["--storage=" + redis.url()], **kw)
+
+
+def test_walkthrough_both_halves_exact_output():
+    cwd, env = workspace()
+    with RedisServer() as redis:
+        env["REDIS_PORT"] = str(redis.port)  # the walkthrough's Redis, on a free port
+        try:
+            lines = [
+                ("mphost examples/server5.lua", ""),
+                ("mphost call simple-storage", '{"requests":1}\n'),
+                ("""curl -X POST -d '{"jsonrpc": "2.0", "params":[{}], "method": """
+                 """"simple-storage", "id": "example"}' -H "Content-Type: application/json" """
+                 """-s localhost:3000/""",
+                 '{"jsonrpc":"2.0","id":"example","result":{"requests":2}}\n'),
+                ("mphost examples/server5.lua delete", ""),
+                ("REDIS_HOST=127.0.0.1 mphost examples/server5.lua --storage=redis", ""),
+                ("mphost call simple-storage", '{"requests":1}\n'),
+                ("mphost examples/server5.lua delete && "
+                 "mphost examples/server5.lua --storage=redis", ""),
+                ("mphost call simple-storage", '{"requests":2}\n'),
+            ]
+            for cmd, expected in lines:
+                rc, out, err = shell(cmd, cwd, env)
+                eq((rc, out), (0, expected), "$ %s (stderr: %s)" % (cmd, err))
+        finally:
+            shell("mphost examples/server5.lua delete", cwd, env)
+
+
+def test_16_clients_x_100_calls_exact_on_redis():
+    with RedisServer() as redis, redis_server5(redis) as s:
+        counts = hammer(s.port, 16, 100)
+        eq(sorted(counts), list(range(1, 1601)))
+        eq(redis.cli("HGET", "mp:{global}:d", "requests"), "1600")
+        eq(redis.cli("GET", "mp:{global}:v") != "", True)
+
+
+def test_two_and_three_processes_share_one_redis():
+    with RedisServer() as redis:
+        for nproc in (2, 3):
+            redis.cli("FLUSHALL")
+            servers = [redis_server5(redis).start() for _ in range(nproc)]
+            try:
+                results = []
+                lock = threading.Lock()
+
+                def run_on(srv, clients):
+                    got = hammer(srv.port, clients, 100)
+                    with lock:
+                        results.extend(got)
+
+                split = [16 // nproc + (1 if i < 16 % nproc else 0) for i in range(nproc)]
+                threads = [threading.Thread(target=run_on, args=(srv, n))
+                           for srv, n in zip(servers, split)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                eq(sorted(results), list(range(1, 1601)), "%d processes" % nproc)
+            finally:
+                for srv in servers:
+                    srv.stop()
+
+
+def test_kill_9_of_mphost_during_load():
+    with RedisServer() as redis:
+        acked = []
+        for round_ in range(3):
+            s = redis_server5(redis).start()
+            stop = threading.Event()
+            lock = threading.Lock()
+
+            def worker():
+                try:
+                    c = KeepAliveClient(s.port, timeout=5)
+                    while not stop.is_set():
+                        r = c.call("simple-storage", [{}])
+                        with lock:
+                            acked.append(r["result"]["requests"])
+                except Exception:
+                    pass
+
+            threads = [threading.Thread(target=worker) for _ in range(8)]
+            for t in threads:
+                t.start()
+            time.sleep(0.3)
+            s.kill9()
+            stop.set()
+            for t in threads:
+                t.join()
+        final = int(redis.cli("HGET", "mp:{global}:d", "requests"))
+        eq(len(set(acked)), len(acked), "acknowledged counts are distinct")
+        check(final >= len(acked) and final >= max(acked), "nothing acknowledged was lost")
+
+
+def test_redis_down_fails_fast_then_service_resumes():
+    with RedisServer() as redis:
+        s = redis_server5(redis).start()
+        acked, errors = [], []
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def worker():
+            c = KeepAliveClient(s.port, timeout=30)
+            while not stop.is_set():
+                t0 = time.time()
+                r = c.call("simple-storage", [{}])
+                with lock:
+                    if "result" in r:
+                        acked.append(r["result"]["requests"])
+                    else:
+                        errors.append((r["error"]["code"], time.time() - t0))
+                if "error" in r:
+                    time.sleep(0.05)
+            c.close()
+
+        threads = [threading.Thread(target=worker) for _ in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(0.4)
+        redis.kill9()
+        time.sleep(1.5)
+        with lock:
+            during = len(errors)
+            acked_while_down = len(acked)
+        redis.start()  # same directory: the append-only file brings the data back
+        time.sleep(1.5)
+        stop.set()
+        for t in threads:
+            t.join()
+        check(during > 0, "calls failed while Redis was down")
+        check(all(code == -32002 for code, _ in errors), "errors are -32002: %r" % errors[:5])
+        slowest = max(d for _, d in errors)
+        check(slowest < 1.6, "failures are fast (slowest %.2fs)" % slowest)
+        check(len(acked) > acked_while_down, "the service resumed without a restart")
+        eq(len(set(acked)), len(acked), "acknowledged counts are distinct")
+        final = s.result("simple-storage", [{}])["requests"] - 1
+        check(final >= len(acked) and final >= max(acked),
+              "every acknowledged call is counted (final %d, acked %d)" % (final, len(acked)))
+        s.stop()
+
+
+def test_hung_redis_fails_fast_and_recovers():
+    with RedisServer() as redis, redis_server5(redis) as s:
+        eq(s.result("simple-storage", [{}]), {"requests": 1})
+        redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.time()
+            r = s.rpc("simple-storage", [{}])
+            elapsed = time.time() - t0
+            eq(r["error"]["code"], -32002)
+            check(elapsed < 1.6, "answered within about a second (%.2fs)" % elapsed)
+        finally:
+            redis.proc.send_signal(signal.SIGCONT)
+        deadline = time.time() + 10
+        while True:
+            r = s.rpc("simple-storage", [{}])
+            if "result" in r or time.time() > deadline:
+                break
+            time.sleep(0.1)
+        check("result" in r, "recovered: %r" % r)
+        # The call that timed out may or may not have been applied; never twice.
+        check(r["result"]["requests"] in (2, 3), r)
+
+
+class LosingProxy:
+    """TCP proxy to Redis that, when armed, forwards the next commit to Redis but never
+    its reply: the connection is cut once Redis has applied it."""
+
+    def __init__(self, redis_port):
+        self.redis_port = redis_port
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.port = self.listener.getsockname()[1]
+        self.armed = threading.Event()
+        threading.Thread(target=self.accept_loop, daemon=True).start()
+
+    def accept_loop(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.redis_port))
+            dropping = threading.Event()  # per connection: replies are no longer forwarded
+            threading.Thread(target=self.pump_replies, args=(upstream, client, dropping),
+                             daemon=True).start()
+            threading.Thread(target=self.pump_commands, args=(client, upstream, dropping),
+                             daemon=True).start()
+
+    def pump_commands(self, client, upstream, dropping):
+        try:
+            while True:
+                data = client.recv(65536)
+                if not data:
+                    break
+                if self.armed.is_set() and b"requests" in data:
+                    self.armed.clear()
+                    dropping.set()
+                    upstream.sendall(data)
+                    time.sleep(0.3)  # Redis applies it and answers; the answer is dropped
+                    break
+                upstream.sendall(data)
+        except OSError:
+            pass
+        for sock in (client, upstream):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            except OSError:
+                pass
+
+    def pump_replies(self, upstream, client, dropping):
+        try:
+            while True:
+                data = upstream.recv(65536)
+                if not data or dropping.is_set():
+                    return
+                client.sendall(data)
+        except OSError:
+            pass
+
+    def close(self):
+        self.listener.close()
+
+
+def test_reply_lost_in_flight_is_never_applied_twice_nor_reported_committed():
+    with RedisServer() as redis:
+        proxy = LosingProxy(redis.port)
+        s = Server("server5.lua", ["--storage=redis://127.0.0.1:%d" % proxy.port]).start()
+        try:
+            eq(s.result("simple-storage", [{}]), {"requests": 1})
+            eq(s.result("simple-storage", [{}]), {"requests": 2})
+            proxy.armed.set()
+            r = s.rpc("simple-storage", [{}])
+            eq(r["error"]["code"], -32002, "the lost reply is not reported as committed")
+            eq(redis.cli("HGET", "mp:{global}:d", "requests"), "3",
+               "the commit was applied once on the server")
+            deadline = time.time() + 10
+            while True:
+                r = s.rpc("simple-storage", [{}])
+                if "result" in r or time.time() > deadline:
+                    break
+                time.sleep(0.05)
+            eq(r.get("result"), {"requests": 4}, "the next call sees it, once")
+            eq(redis.cli("GET", "mp:{global}:v"), "4")
+        finally:
+            s.stop()
+            proxy.close()
+
+
+def test_password_and_database():
+    with RedisServer(password="s3cret pass") as redis:
+        with Server("server5.lua", ["--storage=" + redis.url(db=3)]) as s:
+            eq(s.result("simple-storage", [{}]), {"requests": 1})
+        eq(redis.cli("-n", "3", "HGET", "mp:{global}:d", "requests"), "1")
+        eq(redis.cli("HGET", "mp:{global}:d", "requests"), "", "db 0 untouched")
+        cwd, env = workspace()
+        port = free_port()
+        env.update({"REDIS_PORT": str(redis.port), "REDIS_PASSWORD": "s3cret pass"})
+        try:
+            rc, _, err = run(["examples/server5.lua", "--storage=redis", "--port=%d" % port],
+                             env=env, cwd=cwd)
+            eq(rc, 0, err)
+            rc, out, _ = run(["examples/server5.lua", "status"], env=env, cwd=cwd)
+            check("redis://127.0.0.1:%d" % redis.port in out and "s3cret" not in out, out)
+            rc, out, _ = run(["call", "simple-storage", "--url",
+                              "http://127.0.0.1:%d/" % port])
+            eq(out, '{"requests":1}\n', "db 0 counts on its own")
+        finally:
+            run(["examples/server5.lua", "delete"], env=env, cwd=cwd)
+        env["REDIS_PASSWORD"] = "wrong"
+        rc, _, err = run(["examples/server5.lua", "--storage=redis", "--port=%d" % port],
+                         env=env, cwd=cwd)
+        eq(rc, 1, "a wrong password is an error at start")
+        check("AUTH" in err, err)
+
+
+def test_unreachable_redis_at_start_is_one_clear_line():
+    cwd, env = workspace()
+    dead = free_port()
+    t0 = time.time()
+    rc, out, err = run(["examples/server5.lua", "--storage=redis://127.0.0.1:%d" % dead,
+                        "--port=%d" % free_port()], env=env, cwd=cwd)
+    eq(rc, 1)
+    check("cannot reach Redis at 127.0.0.1:%d" % dead in err, err)
+    eq(len(err.strip().splitlines()), 1, "one line: %r" % err)
+    check(time.time() - t0 < 5, "within a few seconds")
+
+
+def test_script_cache_flush_and_trimmed_log():
+    with RedisServer() as redis:
+        a = redis_server5(redis).start()
+        b = redis_server5(redis).start()
+        try:
+            eq(a.result("simple-storage", [{}]), {"requests": 1})
+            redis.cli("SCRIPT", "FLUSH")  # NOSCRIPT -> EVAL fallback
+            eq(a.result("simple-storage", [{}]), {"requests": 2})
+            for n in (3, 4, 5):  # b moves on; a's cache is now behind
+                eq(b.result("simple-storage", [{}]), {"requests": n})
+            eq(a.result("simple-storage", [{}]), {"requests": 6}, "conflict with a delta")
+            for n in (7, 8):
+                eq(b.result("simple-storage", [{}]), {"requests": n})
+            redis.cli("DEL", "mp:{global}:log")  # too far behind for the log: full reload
+            eq(a.result("simple-storage", [{}]), {"requests": 9}, "conflict with a full doc")
+        finally:
+            a.stop()
+            b.stop()
