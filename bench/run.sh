@@ -4,8 +4,10 @@
 #
 #   bench/run.sh [BUILD_DIR]        env: DURATION (3), RUNS (3), CONNS ("1 16 64")
 #
-# Prints a markdown table: requests/s, p50 and p99 latency, and for file storage the syncs
-# (fsync + fdatasync) per request, counted by the file backend itself.
+# Prints a markdown table: requests/s, p50 and p99 latency; for file storage the syncs
+# (fsync + fdatasync) per request, counted by the file backend itself; for Redis the Redis
+# commands per request (INFO commandstats before and after). redis-server (default
+# persistence) shares CPU 1 with wrk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${1:-build}
@@ -15,7 +17,8 @@ RUNS=${RUNS:-3}
 CONNS=${CONNS:-"1 16 64"}
 WORK=$(mktemp -d)
 SERVER_PID=""
-trap '[ -n "$SERVER_PID" ] && kill $SERVER_PID 2>/dev/null; rm -rf "$WORK"' EXIT
+REDIS_PID=""
+trap '[ -n "$SERVER_PID" ] && kill $SERVER_PID 2>/dev/null; [ -n "$REDIS_PID" ] && kill $REDIS_PID 2>/dev/null; rm -rf "$WORK"' EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
@@ -62,10 +65,25 @@ row() { # row NAME CONNS "rps p50 p99" [syncs/request]
     "$(echo "$p99/1000" | bc -l)" "${4:--}"
 }
 
+# "ROUND_TRIPS COMMANDS" executed so far: round trips are EVAL/EVALSHA calls (one per
+# commit or load); commands also count those run inside the scripts (all but INFO itself).
+redis_commands() {
+  redis-cli -p "$REDIS_PORT" INFO commandstats | tr -d '\r' | grep -v '^cmdstat_info:' |
+    sed -n 's/^cmdstat_\([^:]*\):calls=\([0-9]*\),.*/\1 \2/p' |
+    awk '$1 == "evalsha" || $1 == "eval" { t += $2 } { s += $2 } END { print t + 0, s + 0 }'
+}
+
+# per_request BEFORE AFTER N -> "X trips, Y cmds" per request
+per_request() {
+  read -r t0 c0 <<<"$1"
+  read -r t1 c1 <<<"$2"
+  printf '%s trips, %s cmds' "$(echo "scale=3; ($t1-$t0)/$3" | bc)" "$(echo "scale=3; ($c1-$c0)/$3" | bc)"
+}
+
 echo "mphost $("$MPHOST" --version | cut -d' ' -f2), $(nproc) cores, server on CPU 0, wrk on CPU 1," \
   "median of $RUNS x ${DURATION}s"
 echo
-echo "| service | connections | requests/s | p50 ms | p99 ms | syncs/request |"
+echo "| service | connections | requests/s | p50 ms | p99 ms | storage work per request |"
 echo "|---|---|---|---|---|---|"
 
 ECHO_PARAMS='[{"hello":"world"}]'
@@ -101,4 +119,67 @@ for c in $CONNS; do
   syncs=$(sed -n 's/.*file storage: [0-9]* commits, \([0-9]*\) syncs.*/\1/p' "$WORK/big.log")
   row "server5 + 100,000 other keys, file" "$c" "$r" "$(echo "scale=4; ($syncs-2)/$n" | bc)"
   echo "| ratio 100,000-key / 1-key scope at $c | | $(echo "scale=2; ${r%% *}/${SMALL[$c]}" | bc) | | | |"
+done
+
+# Redis: one and two mphost processes (both on CPU 0), each level on a fresh database.
+REDIS_PORT=$(free_port)
+taskset -c 1 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --dir "$WORK" \
+  >"$WORK/redis.log" 2>&1 &
+REDIS_PID=$!
+wait_port "$REDIS_PORT"
+for c in $CONNS; do
+  redis-cli -p "$REDIS_PORT" FLUSHALL >/dev/null
+  start r5 "$MPHOST" examples/server5.lua serve @PORT@ --listen=127.0.0.1 --logging=warn \
+    --storage=redis://127.0.0.1:$REDIS_PORT
+  before=$(redis_commands)
+  r=$(measure simple-storage '[{}]' "$c")
+  n=$(call simple-storage '[{}]' | tr -dc 0-9)
+  after=$(redis_commands)
+  stop
+  row "server5, Redis" "$c" "$r" "$(per_request "$before" "$after" "$n")"
+done
+
+# Two processes: two wrk (CPU 1) against two mphost (CPU 0) at once; requests/s summed.
+for c in $CONNS; do
+  [ "$c" -lt 2 ] && continue
+  redis-cli -p "$REDIS_PORT" FLUSHALL >/dev/null
+  start r5a "$MPHOST" examples/server5.lua serve @PORT@ --listen=127.0.0.1 --logging=warn \
+    --storage=redis://127.0.0.1:$REDIS_PORT
+  PA=$PORT A=$SERVER_PID
+  start r5b "$MPHOST" examples/server5.lua serve @PORT@ --listen=127.0.0.1 --logging=warn \
+    --storage=redis://127.0.0.1:$REDIS_PORT
+  PB=$PORT B=$SERVER_PID
+  before=$(redis_commands)
+  totals=()
+  for _ in $(seq 1 "$RUNS"); do
+    loaders=()
+    for p in $PA $PB; do
+      (METHOD=simple-storage PARAMS='[{}]' taskset -c 1 wrk -t1 -c$((c / 2)) -d"${DURATION}"s \
+        -s bench/rpc.lua "http://127.0.0.1:$p/" | awk '/^RESULT/ { split($2,a,"="); print a[2] }' \
+        >"$WORK/wrk-$p") &
+      loaders+=($!)
+    done
+    wait "${loaders[@]}"
+    totals+=("$(( $(cat "$WORK/wrk-$PA") + $(cat "$WORK/wrk-$PB") ))")
+  done
+  PORT=$PA
+  n=$(call simple-storage '[{}]' | tr -dc 0-9)
+  after=$(redis_commands)
+  kill -TERM "$A" "$B"; wait "$A" "$B" || true; SERVER_PID=""
+  median=$(printf '%s\n' "${totals[@]}" | sort -n | sed -n "$(( (RUNS + 1) / 2 ))p")
+  printf '| server5, Redis, 2 mphost processes | %s (%s each) | %s | | | %s |\n' "$c" \
+    "$((c / 2))" "$median" "$(per_request "$before" "$after" "$n")"
+done
+
+for c in $CONNS; do
+  redis-cli -p "$REDIS_PORT" FLUSHALL >/dev/null
+  start rbig "$MPHOST" bench/big.lua serve @PORT@ --listen=127.0.0.1 --logging=warn \
+    --storage=redis://127.0.0.1:$REDIS_PORT
+  call fill '[100000]' >/dev/null
+  before=$(redis_commands)
+  r=$(measure simple-storage '[{}]' "$c")
+  n=$(call simple-storage '[{}]' | tr -dc 0-9)
+  after=$(redis_commands)
+  stop
+  row "server5 + 100,000 other keys, Redis" "$c" "$r" "$(per_request "$before" "$after" "$n")"
 done

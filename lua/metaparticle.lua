@@ -195,13 +195,16 @@ end
 
 -- ---- Roots ----
 
-local roots = setmetatable({}, {__mode = "k"}) -- root -> record
+-- root -> record, for roots whose transaction is running. Entries are removed when the
+-- transaction ends (not left to the collector: with a large heap, collections are rare and
+-- the table would grow by one entry per call until the next one).
+local roots = setmetatable({}, {__mode = "k"})
 local root_mt = {__metatable = "mphost.scope"}
 
 local function record_of(root, level)
   local r = roots[root]
-  if r.closed then
-    error("mp.scope." .. r.name .. " was used after its handler returned", level + 1)
+  if r == nil then
+    error("a scope was used after its handler returned", level + 1)
   end
   return r
 end
@@ -300,7 +303,7 @@ end
 -- Ends a root's transaction: returns its write set (key -> JSON text or false), or nil.
 local function finish_root(root)
   local r = roots[root]
-  r.closed = true
+  roots[root] = nil
   if raw_next(root) ~= nil then
     raise(-32000, "mp.scope." .. r.name .. ": keys of a scope must be strings " ..
       "(was table.insert or rawset used on the scope itself?)", nil, 0)
@@ -370,7 +373,7 @@ end
 -- The attempt ended without committing (it raised, or it is abandoned): its roots refuse
 -- further use, so a root kept in an upvalue cannot write into a later transaction.
 function I.close_record(rec)
-  for _, root in raw_pairs(rec.roots) do roots[root].closed = true end
+  for _, root in raw_pairs(rec.roots) do roots[root] = nil end
 end
 
 return M, I
