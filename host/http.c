@@ -433,8 +433,9 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         return;
     }
     size_t parsed = http_parser_execute(&c->parser, &c->srv->settings, buf->base, (size_t)nread);
-    if (c->state == CONN_CLOSING)
-        return;
+    if (c->state != CONN_OPEN)
+        return; /* closing, or draining after Connection: close or an error: whatever
+                   followed in this read is ignored (the parser stopped on our refusal) */
     enum http_errno err = HTTP_PARSER_ERRNO(&c->parser);
     if (err != HPE_OK) {
         mph_http_req_t *r = c->cur;

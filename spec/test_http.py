@@ -34,6 +34,31 @@ def test_keep_alive_and_pipelining():
         sock.close()
 
 
+def test_nothing_is_answered_after_connection_close():
+    with Server("server1.lua") as s:
+        sock = connect(s.port)
+        sock.sendall(request(CALL % (1, 1), b"Connection: close\r\n") + request(CALL % (2, 2)))
+        status, headers, body, rest = read_response(sock)
+        eq((status, json.loads(body)["id"]), (200, 1))
+        eq(headers.get("connection"), "close")
+        check(connection_closed(sock), "closed after the response")
+        sock = connect(s.port)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + request(CALL % (3, 3)))
+        status, _, _, rest = read_response(sock)
+        eq(status, 405)
+        sock.settimeout(3)
+        tail = rest
+        try:
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                tail += data
+        except OSError:
+            pass
+        eq(tail, b"", "no second response after the error")
+
+
 def test_chunked_body():
     with Server("server1.lua") as s:
         body = CALL % (5, 5)
