@@ -253,7 +253,6 @@ static void on_reply(redisAsyncContext *ac, void *reply_ptr, void *privdata)
     rop_t *op = privdata;
     redis_store_t *rs = op->rs;
     redisReply *r = reply_ptr;
-    (void)ac;
     inflight_remove(rs, op);
     if (op->kind == OP_SETUP) {
         /* AUTH, SELECT, SCRIPT LOAD: keep SHAs, and drop the connection on errors. */
@@ -273,6 +272,11 @@ static void on_reply(redisAsyncContext *ac, void *reply_ptr, void *privdata)
         return;
     }
     if (r == NULL) {
+        /* Only a dying context answers NULL: mark it down before anyone calls us again. */
+        if (rs->ac == ac) {
+            rs->ac = NULL;
+            rs->reconnect_at = uv_now(rs->loop) + rs->backoff_ms;
+        }
         fail_op(op, MPH_ESTORAGE, "connection to Redis lost (the outcome is unknown)");
         return;
     }
