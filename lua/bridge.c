@@ -418,44 +418,44 @@ static const char *strip_position(const char *msg)
     return msg;
 }
 
-/* The attempt raised: the error value is on top of t->co. */
+/* The attempt raised: the error value is on top of t->co. It is moved to the main state
+ * and read there (a dead coroutine is only good for its traceback). */
 static void attempt_failed(mph_txn_t *t)
 {
     mph_lua_t *lua = t->lua;
-    lua_State *co = t->co;
+    lua_State *L = lua->L;
+    int base = lua_gettop(L);
     mph_buf_t data = MPH_BUF_INIT;
     char err[256];
     int code = MPH_RPC_HANDLER_ERROR;
     char *message = NULL;
 
-    lua_State *L = lua->L;
-    int base = lua_gettop(L);
+    lua_xmove(t->co, L, 1); /* Stack: error */
+    int err_idx = lua_gettop(L);
     int is_rpc_error = 0;
-    if (lua_type(co, -1) == LUA_TTABLE && lua_getmetatable(co, -1)) {
-        mph__lua_get_internal(lua, co, "error_mt");
-        is_rpc_error = lua_rawequal(co, -1, -2);
-        lua_pop(co, 2);
+    if (lua_type(L, err_idx) == LUA_TTABLE && lua_getmetatable(L, err_idx)) {
+        mph__lua_get_internal(lua, L, "error_mt"); /* Stack: error, mt, error_mt */
+        is_rpc_error = lua_rawequal(L, -1, -2);
+        lua_settop(L, err_idx);
     }
     if (is_rpc_error) {
-        lua_getfield(co, -1, "code");
-        code = (int)lua_tointeger(co, -1);
-        lua_getfield(co, -2, "message");
-        message = mph_xstrdup(lua_tostring(co, -1) ? lua_tostring(co, -1) : "Server error");
-        lua_getfield(co, -3, "data");
-        if (!lua_isnil(co, -1) && mph_json_encode(co, -1, "data", &data, err, sizeof(err)) != 0) {
+        lua_getfield(L, err_idx, "code");
+        code = (int)lua_tointeger(L, -1);
+        lua_getfield(L, err_idx, "message");
+        message = mph_xstrdup(lua_tostring(L, -1) ? lua_tostring(L, -1) : "Server error");
+        lua_getfield(L, err_idx, "data"); /* Stack: error, code, message, data */
+        if (!lua_isnil(L, -1) && mph_json_encode(L, -1, "data", &data, err, sizeof(err)) != 0) {
             data.len = 0;
             mph_log(MPH_LOG_WARN, "%s: error data dropped: %s", t->method, err);
         }
-        lua_pop(co, 3);
     } else {
-        const char *raw = lua_tostring(co, -1);
+        const char *raw = lua_tostring(L, err_idx);
         if (raw == NULL)
             raw = "(error object is not a string)";
         if (lua->debug_errors) {
-            luaL_traceback(co, co, raw, 0);
-            const char *tb = lua_tostring(co, -1);
+            luaL_traceback(L, t->co, raw, 0); /* Stack: error, traceback */
+            const char *tb = lua_tostring(L, -1);
             mph_json_write_string(&data, tb, strlen(tb));
-            lua_pop(co, 1);
             message = mph_xstrdup(raw);
         } else {
             message = mph_xstrdup(strip_position(raw));

@@ -10,8 +10,8 @@
  *   RUNNING  --handler returns, writes merged into the scope-->          QUEUED (pending batch)
  *   QUEUED   --runner launches the batch's commit-->                     COMMITTING
  *   COMMITTING --commit ok--> answered (freed)
- *   QUEUED/COMMITTING --conflict or a failed batch it depends on-->      RETRY (timer)
- *   RETRY    --timer-->                                                  RUNNING (new attempt)
+ *   QUEUED/COMMITTING --conflict or a failed batch it depends on-->      RETRY (scope's rerun)
+ *   RETRY    --the scope's backoff ends-->                               RUNNING (new attempt)
  *   RUNNING  --handler raises / no scope touched-->                      answered (freed)
  */
 #ifndef MPH_LUA_INTERNAL_H
@@ -41,7 +41,7 @@ struct mph_txn_s {
     mph_scope_t *scope;    /* the scope it joined (one per transaction for now), or NULL */
     int wrote;             /* 1 when the attempt wrote to scope */
     mph_buf_t result;      /* the attempt's encoded result */
-    uint64_t retry_at;     /* RETRY: when to start again, in uv_now milliseconds */
+    int refusals;          /* commits of its own writes refused by a conflict */
     mph_txn_t *next;       /* link in whichever queue holds it */
 };
 
@@ -65,6 +65,12 @@ struct mph_scope_s {
     int committing;             /* 1 while a commit is in flight */
     int inflight_json_ref;      /* registry ref of the in-flight write set (keeps strings alive) */
     mph_store_entry_t *entries; /* the in-flight commit's entries (pointers into Lua strings) */
+    mph_txn_queue_t rerun;      /* RETRY: to run again when the backoff ends, in order */
+    int backing_off;            /* 1: no commit starts until backoff_until */
+    uint64_t backoff_until;     /* uv_now() milliseconds */
+    int conflict_streak;        /* conflicts since the last successful commit */
+    int error_streak;           /* storage errors since the last successful commit */
+    mph_scope_t *next_backoff;  /* in lua->backoffs */
     mph_scope_t *next;          /* in lua->scopes */
 };
 
@@ -79,8 +85,8 @@ struct mph_lua_s {
     size_t pending_calls;   /* calls whose callback has not run */
     mph_txn_t *current;     /* the transaction whose coroutine is running, or NULL */
     mph_scope_t *scopes;    /* every scope seen, owned */
-    mph_txn_t *retry_list;  /* RETRY transactions sorted by retry_at */
-    uv_timer_t retry_timer; /* fires at the first retry_at */
+    mph_scope_t *backoffs;  /* scopes backing off after a conflict, any order */
+    uv_timer_t retry_timer; /* fires at the earliest backoff_until */
     int closing;            /* mph_lua_close was called */
 };
 
@@ -97,7 +103,6 @@ void mph__lua_get_internal(mph_lua_t *lua, lua_State *L, const char *name);
 int mph__runner_acquire(mph_txn_t *t, const char *name, int can_wait, const char **why);
 void mph__runner_join(mph_txn_t *t, const char *name, int wrote);
 void mph__runner_finished(mph_txn_t *t);
-void mph__runner_retry(mph_txn_t *t);
 void mph__runner_close(mph_lua_t *lua);
 
 #endif

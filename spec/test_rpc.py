@@ -227,6 +227,17 @@ def test_handler_error_is_32000_with_the_message():
     eq(r["error"]["code"], -32000)
 
 
+def test_debug_logging_keeps_position_and_traceback():
+    with Server(os.path.join(SCRIPTS, "rpc.lua"), ["--logging=debug"]) as s:
+        r = s.rpc("raise", ["text"])
+        eq(r["error"]["code"], -32000)
+        check(r["error"]["message"].startswith("rpc.lua:") and
+              r["error"]["message"].endswith(": text"), r)
+        check("stack traceback" in r["error"]["data"], r)
+        r = s.rpc("raise_obj")
+        eq(r["error"]["data"], {"why": "because"})
+
+
 def test_mp_error_chooses_the_error():
     r = srv().rpc("raise_obj")
     eq(r["error"], {"code": -32050, "message": "custom failure", "data": {"why": "because"}})
