@@ -413,14 +413,33 @@ static void arm_retry_timer(mph_lua_t *lua)
     uv_timer_start(&lua->retry_timer, on_retry_timer, at > now ? at - now : 0, 0);
 }
 
-/* Holds the scope's commits for delay_ms, then re-runs its rerun queue and commits. A delay
- * of 0 still goes through the timer: the re-run starts from the loop, not from inside the
- * storage callback that reported the conflict. */
+/* Runs the refused transactions again, in order (each joins s->pending, or waits for a load),
+ * then starts the commit. */
+static void rerun_now(mph_scope_t *s)
+{
+    s->backing_off = 0;
+    mph_txn_t *t = queue_take(&s->rerun);
+    while (t) {
+        mph_txn_t *next = t->next;
+        mph__txn_start_attempt(t);
+        t = next;
+    }
+    kick(s);
+}
+
+/* Re-runs the scope's refused transactions after delay_ms; with no delay at once, from the
+ * storage callback that reported the conflict, exactly as a successful commit starts the
+ * next one: a retry that waited for the next loop iteration would reach the storage behind
+ * the other process's next commit every time. */
 static void backoff(mph_scope_t *s, uint64_t delay_ms)
 {
     mph_lua_t *lua = s->lua;
     if (s->backing_off || s->rerun.head == NULL)
         return;
+    if (delay_ms == 0) {
+        rerun_now(s);
+        return;
+    }
     s->backing_off = 1;
     s->backoff_until = uv_now(lua->loop) + delay_ms;
     s->next_backoff = lua->backoffs;
@@ -449,14 +468,7 @@ static void on_retry_timer(uv_timer_t *timer)
         mph_scope_t *s = due;
         due = s->next_backoff;
         s->next_backoff = NULL;
-        s->backing_off = 0;
-        mph_txn_t *t = queue_take(&s->rerun);
-        while (t) {
-            mph_txn_t *next = t->next;
-            mph__txn_start_attempt(t); /* runs, and joins s->pending (or waits for a load) */
-            t = next;
-        }
-        kick(s);
+        rerun_now(s);
     }
 }
 

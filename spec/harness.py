@@ -27,9 +27,14 @@ def check(cond, message="check failed"):
         raise TestFailure(message)
 
 
+def short(value, limit=300):
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "... (%d chars)" % len(text)
+
+
 def eq(actual, expected, what="value"):
     if actual != expected:
-        raise TestFailure("%s: expected %r, got %r" % (what, expected, actual))
+        raise TestFailure("%s: expected %s, got %s" % (what, short(expected), short(actual)))
 
 
 def free_port():
