@@ -123,10 +123,18 @@ static int resolve_storage(mph_cli_t *cli)
 {
     mph_host_config_t *h = &cli->host;
     if (strcmp(h->storage, "file") == 0) {
+        /* Absolute, so that status means something from any directory; the directory may
+         * not exist yet (the store creates it). */
+        char cwd[4096];
         char *abs = realpath(h->data_dir, NULL);
-        size_t n = strlen(abs ? abs : h->data_dir) + 8;
+        const char *rel = strncmp(h->data_dir, "./", 2) == 0 ? h->data_dir + 2 : h->data_dir;
+        const char *prefix = "";
+        if (abs == NULL && h->data_dir[0] != '/' && getcwd(cwd, sizeof(cwd)))
+            prefix = cwd;
+        size_t n = strlen(prefix) + strlen(abs ? abs : rel) + 8;
         cli->storage_desc = mph_xmalloc(n);
-        snprintf(cli->storage_desc, n, "file:%s", abs ? abs : h->data_dir);
+        snprintf(cli->storage_desc, n, "file:%s%s%s", abs ? "" : prefix, *prefix ? "/" : "",
+                 abs ? abs : rel);
         free(abs);
         return 0;
     }
