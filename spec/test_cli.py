@@ -58,7 +58,7 @@ def test_deploy_status_delete_from_another_directory():
         check(wait_port(port, 1), "the port accepts once deploy returns")
         rc, out, err = run([script, "status"], env=env, cwd=other)
         eq(rc, 0, "status exit")
-        check("running" in out and "port %d" % port in out and "storage file:" in out, out)
+        check("running" in out and "port %d" % port in out and "storage file:/" in out, out)
         rc, out, err = run(["examples/server1.lua", "--port=%d" % port], env=env, cwd=cwd)
         eq(rc, 1, "a second deploy of the same script and port")
         check("already running" in err, err)
