@@ -57,6 +57,7 @@ void mph_host_config_default(mph_host_config_t *cfg)
     cfg->max_connections = http.max_connections;
     cfg->idle_timeout_ms = http.idle_timeout_ms;
     cfg->shutdown_timeout_ms = 10000;
+    cfg->handler_timeout_ms = 10000;
 }
 
 const char *mph_host_strerror(int err)
@@ -131,7 +132,8 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
     }
     if (rc != 0)
         goto fail_loop;
-    mph_lua_config_t lcfg = {h->store, cfg->max_retries, cfg->debug_errors};
+    mph_lua_config_t lcfg = {h->store, cfg->max_retries, cfg->debug_errors,
+                             cfg->handler_timeout_ms};
     rc = mph_lua_new(&h->lua, &h->loop, &lcfg);
     if (rc != 0) {
         snprintf(err, errlen, "cannot create the Lua state: %s", mph_strerror(rc));

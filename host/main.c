@@ -36,6 +36,8 @@ static const char usage[] =
     "  --max-connections=N   open connection limit (default 10000)\n"
     "  --idle-timeout=SEC    close idle or stalled connections (default 30)\n"
     "  --shutdown-timeout=SEC  how long delete waits for in-flight requests (default 10)\n"
+    "  --handler-timeout=SEC a handler running longer fails with -32003 (default 10;\n"
+    "                        0: no limit, and LuaJIT's compiler is on)\n"
     "  --help, --version\n";
 
 static int bad_usage(const char *fmt, const char *arg)
@@ -106,6 +108,10 @@ static int apply_option(mph_cli_t *cli, const char *name, const char *value)
         if (parse_number(value, 0.01, 86400, &v) != 0)
             return bad_usage("invalid --idle-timeout: %s", value);
         h->idle_timeout_ms = (unsigned)(v * 1000);
+    } else if (strcmp(name, "handler-timeout") == 0) {
+        if (parse_number(value, 0, 86400, &v) != 0)
+            return bad_usage("invalid --handler-timeout: %s", value);
+        h->handler_timeout_ms = (unsigned)(v * 1000);
     } else if (strcmp(name, "shutdown-timeout") == 0) {
         if (parse_number(value, 0, 86400, &v) != 0)
             return bad_usage("invalid --shutdown-timeout: %s", value);

@@ -39,6 +39,7 @@ typedef struct {
     unsigned idle_timeout_ms;     /* default 30000 */
     unsigned shutdown_timeout_ms; /* graceful stop waits this long for in-flight calls */
     int debug_errors;             /* handler errors carry tracebacks */
+    unsigned handler_timeout_ms;  /* -32003 past this; default 10000; 0: none, JIT on */
 } mph_host_config_t;
 
 /* Fills every field with its default. */

@@ -19,6 +19,7 @@
 #include <assert.h>
 #include <ctype.h>
 #include <lauxlib.h>
+#include <luajit.h>
 #include <lualib.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -45,9 +46,8 @@ static mph_lua_t *upvalue_lua(lua_State *L)
 }
 
 /* Raises a JSON-RPC error object (the module's error_mt) with `code` and `message`. */
-static int raise_rpc_error(lua_State *L, int code, const char *message)
+static int raise_error_object(mph_lua_t *lua, lua_State *L, int code, const char *message)
 {
-    mph_lua_t *lua = upvalue_lua(L);
     lua_createtable(L, 0, 2);
     lua_pushinteger(L, code);
     lua_setfield(L, -2, "code");
@@ -56,6 +56,58 @@ static int raise_rpc_error(lua_State *L, int code, const char *message)
     mph__lua_get_internal(lua, L, "error_mt");
     lua_setmetatable(L, -2);
     return lua_error(L);
+}
+
+static int raise_rpc_error(lua_State *L, int code, const char *message)
+{
+    return raise_error_object(upvalue_lua(L), L, code, message);
+}
+
+/* ---- The handler time limit ----
+ *
+ * A count hook checks, every HOOK_INSTRUCTIONS instructions, whether the running attempt has
+ * held the loop past its deadline, and raises -32003 in it if so (again and again, should the
+ * handler catch it). LuaJIT runs no hooks inside JIT-compiled code, so with a limit set the
+ * compiler is turned off: handlers run in LuaJIT's interpreter (for the examples and
+ * benchmarks that costs nothing measurable; the time goes to I/O). Once an attempt passes its
+ * checkpoint (C.checkpoint, just before its writes merge into the scope), it is not
+ * interrupted: those writes will be committed and answered. */
+
+#define HOOK_INSTRUCTIONS 10000
+
+static char lua_owner_key; /* registry[&lua_owner_key] = the mph_lua_t */
+
+static void timeout_hook(lua_State *L, lua_Debug *ar)
+{
+    (void)ar;
+    lua_pushlightuserdata(L, &lua_owner_key);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    mph_lua_t *lua = lua_touserdata(L, -1);
+    lua_pop(L, 1);
+    mph_txn_t *t = lua ? lua->current : NULL;
+    if (t == NULL || t->deadline == 0 || t->past_checkpoint || uv_hrtime() < t->deadline)
+        return;
+    char msg[128];
+    snprintf(msg, sizeof(msg), "Handler timed out: it ran for more than %llu ms",
+             (unsigned long long)(lua->timeout_ns / 1000000));
+    raise_error_object(lua, L, MPH_RPC_TIMEOUT, msg);
+}
+
+/* C.checkpoint(): raises -32003 if the deadline has passed, else marks the attempt as past
+ * the point where it may be interrupted. [-0, +0, e] */
+static int l_checkpoint(lua_State *L)
+{
+    mph_lua_t *lua = upvalue_lua(L);
+    mph_txn_t *t = lua->current;
+    assert(t != NULL);
+    if (t->deadline != 0 && uv_hrtime() >= t->deadline) {
+        char msg[128];
+        snprintf(msg, sizeof(msg), "Handler timed out: it ran for more than %llu ms",
+                 (unsigned long long)(lua->timeout_ns / 1000000));
+        return raise_rpc_error(L, MPH_RPC_TIMEOUT, msg);
+    }
+    t->past_checkpoint = 1;
+    return 0;
 }
 
 /* ---- The C helpers metaparticle.lua receives as `C` ---- */
@@ -164,10 +216,16 @@ static int l_set_result(lua_State *L)
     return 0;
 }
 
-static const luaL_Reg helper_functions[] = {
-    {"log", l_log},   {"serve", l_serve},   {"current", l_current}, {"acquire", l_acquire},
-    {"join", l_join}, {"encode", l_encode}, {"decode", l_decode},   {"set_result", l_set_result},
-    {NULL, NULL}};
+static const luaL_Reg helper_functions[] = {{"log", l_log},
+                                            {"serve", l_serve},
+                                            {"current", l_current},
+                                            {"acquire", l_acquire},
+                                            {"join", l_join},
+                                            {"encode", l_encode},
+                                            {"decode", l_decode},
+                                            {"set_result", l_set_result},
+                                            {"checkpoint", l_checkpoint},
+                                            {NULL, NULL}};
 
 /* Runs metaparticle.lua with the helper table; leaves package.loaded.metaparticle = M and
  * keeps I in the registry. [-0, +0, m] */
@@ -219,6 +277,7 @@ int mph_lua_new(mph_lua_t **out, uv_loop_t *loop, const mph_lua_config_t *cfg)
     lua->store = cfg->store;
     lua->max_retries = cfg->max_retries > 0 ? cfg->max_retries : DEFAULT_MAX_RETRIES;
     lua->debug_errors = cfg->debug_errors;
+    lua->timeout_ns = (uint64_t)cfg->handler_timeout_ms * 1000000;
     lua->internal_ref = LUA_NOREF;
     lua->L = luaL_newstate();
     if (lua->L == NULL) {
@@ -227,6 +286,13 @@ int mph_lua_new(mph_lua_t **out, uv_loop_t *loop, const mph_lua_config_t *cfg)
     }
     luaL_openlibs(lua->L);
     mph_json_init(lua->L);
+    lua_pushlightuserdata(lua->L, &lua_owner_key);
+    lua_pushlightuserdata(lua->L, lua);
+    lua_rawset(lua->L, LUA_REGISTRYINDEX);
+    if (lua->timeout_ns) {
+        luaJIT_setmode(lua->L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
+        lua_sethook(lua->L, timeout_hook, LUA_MASKCOUNT, HOOK_INSTRUCTIONS);
+    }
     if (open_module(lua) != 0) {
         lua_close(lua->L);
         free(lua);
@@ -474,6 +540,7 @@ void mph__txn_resume(mph_txn_t *t, int nargs)
     mph_txn_t *outer = lua->current;
     lua->current = t;
     t->state = TXN_RUNNING;
+    t->deadline = lua->timeout_ns ? uv_hrtime() + lua->timeout_ns : 0; /* per running stretch */
     int status = lua_resume(t->co, nargs);
     lua->current = outer;
     switch (status) {
@@ -501,6 +568,7 @@ void mph__txn_start_attempt(mph_txn_t *t)
     t->attempts++;
     t->scope = NULL;
     t->wrote = 0;
+    t->past_checkpoint = 0;
     t->result.len = 0;
 
     /* Stack: (nothing of ours) */

@@ -42,6 +42,8 @@ struct mph_txn_s {
     int wrote;             /* 1 when the attempt wrote to scope */
     mph_buf_t result;      /* the attempt's encoded result */
     int refusals;          /* commits of its own writes refused by a conflict */
+    uint64_t deadline;     /* uv_hrtime() when the running stretch must end (0: none) */
+    int past_checkpoint;   /* the attempt passed C.checkpoint: its writes are merging */
     mph_txn_t *next;       /* link in whichever queue holds it */
 };
 
@@ -80,6 +82,7 @@ struct mph_lua_s {
     mph_store_t *store;     /* borrowed; NULL: no storage */
     int max_retries;        /* re-runs allowed after the first attempt */
     int debug_errors;       /* tracebacks in error data */
+    uint64_t timeout_ns;    /* handler time limit per running stretch; 0: none */
     int internal_ref;       /* registry ref of the module's internal table */
     int serve_called;       /* the script called mp.serve() */
     size_t pending_calls;   /* calls whose callback has not run */

@@ -356,14 +356,16 @@ M.scope = setmetatable({}, {
 -- ---- The body of every call attempt's coroutine ----
 
 -- Runs the handler, encodes its first result, then computes every touched scope's write
--- set and, only when nothing can fail any more, merges them into the pending state and
--- tells the runner which scopes the transaction joined.
+-- set and, only when nothing can fail any more (the checkpoint also ends the time limit's
+-- power to interrupt), merges them into the pending state and tells the runner which
+-- scopes the transaction joined.
 function I.run(rec, handler, ...)
   C.set_result(handler(...))
   local sets = {}
   for name, root in raw_pairs(rec.roots) do
     sets[name] = finish_root(root) or false
   end
+  C.checkpoint() -- past the time limit: fail now; else nothing may interrupt the merge
   for name, writes in raw_pairs(sets) do
     if writes then merge(states[name], writes) end
     C.join(name, writes and true or false)

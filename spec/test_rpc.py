@@ -265,6 +265,22 @@ def test_mp_log_writes_to_the_log():
     check("hello from lua 42" in log and "a warning" in log, log[-500:])
 
 
+def test_handler_time_limit_is_32003_and_commits_nothing():
+    import time
+    with Server(os.path.join(SCRIPTS, "slow.lua"), ["--handler-timeout=0.3"]) as s:
+        for method in ("spin", "spin_table", "writes_then_spins", "catches_then_writes"):
+            t0 = time.time()
+            r = s.rpc(method)
+            elapsed = time.time() - t0
+            eq(r["error"]["code"], -32003, method)
+            check("timed out" in r["error"]["message"], r)
+            check(0.25 < elapsed < 2, "%s answered after %.2fs" % (method, elapsed))
+        eq(s.result("read"), {}, "nothing was committed")
+        eq(s.result("jit"), False, "handlers run in the interpreter while a limit is set")
+    with Server(os.path.join(SCRIPTS, "slow.lua"), ["--handler-timeout=0"]) as s:
+        eq(s.result("jit"), True, "--handler-timeout=0 turns the JIT compiler on")
+
+
 def test_zz_clean_shutdown():
     global _server
     s = srv()
