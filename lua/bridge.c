@@ -24,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "internal.h"
 #include "json.h"
@@ -278,6 +279,9 @@ int mph_lua_new(mph_lua_t **out, uv_loop_t *loop, const mph_lua_config_t *cfg)
     lua->max_retries = cfg->max_retries > 0 ? cfg->max_retries : DEFAULT_MAX_RETRIES;
     lua->debug_errors = cfg->debug_errors;
     lua->timeout_ns = (uint64_t)cfg->handler_timeout_ms * 1000000;
+    /* Distinct per process (and per host within one): seeds the retry jitter too. */
+    lua->committer = (uv_hrtime() ^ ((uint64_t)getpid() << 40) ^ (uint64_t)(uintptr_t)lua) | 1;
+    srand((unsigned)(lua->committer ^ (lua->committer >> 32)));
     lua->internal_ref = LUA_NOREF;
     lua->L = luaL_newstate();
     if (lua->L == NULL) {

@@ -83,6 +83,7 @@ struct mph_lua_s {
     int max_retries;        /* re-runs allowed after the first attempt */
     int debug_errors;       /* tracebacks in error data */
     uint64_t timeout_ns;    /* handler time limit per running stretch; 0: none */
+    uint64_t committer;     /* random nonzero id of this process for fairness claims */
     int internal_ref;       /* registry ref of the module's internal table */
     int serve_called;       /* the script called mp.serve() */
     size_t pending_calls;   /* calls whose callback has not run */

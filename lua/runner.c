@@ -24,7 +24,14 @@
  * delayed retries starved one of them, p99 850 ms and calls giving up with -32001; immediate
  * retries split the commits evenly, p99 7 ms, none gave up.) Jittered backoff is kept where
  * waiting helps: after a storage error (1 ms doubling to 64 ms, so reconnecting processes do
- * not stampede), and as a herd breaker on every 8th consecutive conflict (1-8 ms).
+ * not stampede), and while another process holds a fairness claim (1-2 ms).
+ *
+ * Even so, a process whose next batch is always ready (it ran speculatively while the last
+ * commit was in flight) answers success with a new CAS at once, while a process refused by a
+ * conflict must first re-run its handlers: it would arrive second every round. After
+ * CLAIM_AFTER refusals in a row a commit therefore asks the storage for a fairness claim
+ * (storage.h): the next commit of the scope is reserved for it, others are held off for a
+ * millisecond at a time until it lands.
  *
  * Invariants, per scope: at most one commit in flight; `inflight` holds exactly the
  * transactions of that commit; `pending` holds transactions that ran on a state including
@@ -41,6 +48,8 @@
 
 #include "internal.h"
 #include "json.h"
+
+#define CLAIM_AFTER 6 /* consecutive refusals before a commit asks for a fairness claim */
 
 /* ---- Queues ---- */
 
@@ -304,9 +313,10 @@ static void on_committed(void *ud, const mph_store_result_t *res)
             mph_log(MPH_LOG_DEBUG, "scope %s: conflict, now at version %llu", s->name,
                     (unsigned long long)s->version);
             s->conflict_streak++;
-            requeue_all(s, batch, 1);
+            requeue_all(s, batch, !res->held); /* being held off is waiting, not refusal */
             requeue_all(s, later, 0);
-            backoff(s, s->conflict_streak % 8 == 0 ? jitter(8) : 0);
+            /* Held by another process's claim: it is owed the next commit, let it land. */
+            backoff(s, res->held ? jitter(2) : 0);
             return;
         }
         mph_log(MPH_LOG_ERROR, "scope %s: unreadable update from storage: %s", s->name, err);
@@ -373,10 +383,11 @@ static void kick(mph_scope_t *s)
     s->entries = entries;
     s->committing = 1;
 
-    mph_store_write_t w = {s->name, s->version, n, entries};
+    mph_store_write_t w = {s->name, s->version,     n,
+                           entries, lua->committer, s->conflict_streak >= CLAIM_AFTER};
     int rc = lua->store->methods->commit(lua->store, &w, 1, on_committed, s);
     if (rc != 0) {
-        mph_store_result_t res = {rc, mph_strerror(rc), {0, 0, 0, NULL}, s->name};
+        mph_store_result_t res = {rc, mph_strerror(rc), {0, 0, 0, NULL}, s->name, 0};
         on_committed(s, &res);
     }
 }

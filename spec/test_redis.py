@@ -322,3 +322,14 @@ def test_script_cache_flush_and_trimmed_log():
         finally:
             a.stop()
             b.stop()
+
+
+def test_fairness_claim_of_another_process_is_waited_for():
+    with RedisServer() as redis, redis_server5(redis) as s:
+        eq(s.result("simple-storage", [{}]), {"requests": 1})
+        # Another process (id 7) is owed the next commit for 300 ms.
+        redis.cli("SET", "mp:{global}:claim", "7", "PX", "300")
+        t0 = time.time()
+        eq(s.result("simple-storage", [{}]), {"requests": 2}, "waits, then commits")
+        check(0.25 < time.time() - t0 < 2, "held off until the claim expired")
+        eq(redis.cli("EXISTS", "mp:{global}:claim"), "0")

@@ -282,3 +282,15 @@ def test_compaction_keeps_data_and_other_processes_follow():
     with Server(IDIOMS, data=data) as s:
         eq(s.result("get", ["requests"]), 2)
         eq(s.result("get", ["k6"]), "104" + "x" * 50000)
+
+
+def test_fairness_claim_of_another_process_is_waited_for():
+    data = tmpdir()
+    with Server("server5.lua", data=data) as s:
+        eq(s.result("simple-storage", [{}]), {"requests": 1})
+        # Another process (id 7) is owed the next commit for 300 ms.
+        with open(os.path.join(data, "global.claim"), "w") as f:
+            f.write("7 %d\n" % int((time.time() + 0.3) * 1000))
+        t0 = time.time()
+        eq(s.result("simple-storage", [{}]), {"requests": 2}, "waits, then commits")
+        check(0.25 < time.time() - t0 < 2, "held off until the claim expired")

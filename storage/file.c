@@ -6,6 +6,8 @@
  *           group of transactions, see lua/runner.c)
  *   E.snap  a compacted image of the scope at some version V (optional)
  *   E.lock  the flock() that makes the compare-and-set atomic across processes
+ *   E.claim a fairness claim (storage.h): "ID EXPIRY_MS", read and written under the lock;
+ *           advisory, so it is not synced (a claim lost in a crash costs nothing)
  *
  * A record is: magic "MPR1", payload length, CRC-32 of the payload, then the payload:
  * version (u64), entry count (u32), and per entry key length (u32), key, value length (u32,
@@ -80,6 +82,9 @@ typedef struct {
     fscope_t *sc;
     op_kind_t kind;
     uint64_t expected;               /* commit: the CAS version */
+    uint64_t committer;              /* commit: who asks (fairness claims) */
+    int claim;                       /* commit: reserve the next commit on a conflict */
+    int held;                        /* result: refused for another committer's claim */
     const mph_store_entry_t *writes; /* commit: borrowed from the caller until cb */
     size_t nwrites;
     mph_store_cb cb;
@@ -549,6 +554,47 @@ static void do_load(op_t *op)
     unlock_scope(op);
 }
 
+static uint64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* The committer holding an unexpired claim on the scope, or 0. Caller holds the lock. */
+static uint64_t claim_holder(op_t *op)
+{
+    char *path = scope_file(op->sc, ".claim");
+    FILE *f = fopen(path, "r");
+    free(path);
+    unsigned long long id = 0, expiry = 0;
+    if (f == NULL)
+        return 0;
+    if (fscanf(f, "%llu %llu", &id, &expiry) != 2 || expiry <= now_ms())
+        id = 0;
+    fclose(f);
+    return id;
+}
+
+static void claim_set(op_t *op)
+{
+    char *path = scope_file(op->sc, ".claim");
+    FILE *f = fopen(path, "w");
+    if (f) {
+        fprintf(f, "%llu %llu\n", (unsigned long long)op->committer,
+                (unsigned long long)(now_ms() + MPH_STORE_CLAIM_MS));
+        fclose(f);
+    }
+    free(path);
+}
+
+static void claim_clear(op_t *op)
+{
+    char *path = scope_file(op->sc, ".claim");
+    unlink(path);
+    free(path);
+}
+
 static void do_commit(op_t *op)
 {
     fscope_t *sc = op->sc;
@@ -573,12 +619,16 @@ static void do_commit(op_t *op)
         uint64_t last = sc->version;
         if (read_log_tail(op, &op->bufs[1], 0, &last) != 0)
             goto out;
-        if (last != sc->version || sc->version != op->expected) {
-            sc->version = last;
-            op->doc.version = last;
-            op->status = MPH_ECONFLICT;
-            goto out;
-        }
+        sc->version = last;
+        op->doc.version = last;
+    }
+    uint64_t holder = claim_holder(op);
+    op->held = holder != 0 && holder != op->committer;
+    if (sc->version != op->expected || op->held) {
+        if (!op->held && op->claim)
+            claim_set(op);
+        op->status = MPH_ECONFLICT;
+        goto out;
     }
     /* Our version is current: append, sync, and only then report success. */
     mph_buf_t rec = MPH_BUF_INIT;
@@ -594,6 +644,8 @@ static void do_commit(op_t *op)
     }
     sc->log_end += (off_t)rec.len;
     sc->version = op->expected + 1;
+    if (holder)
+        claim_clear(op); /* ours: it has served its purpose */
     op->doc.version = sc->version;
     op->doc.n = 0;
     mph_buf_free(&rec);
@@ -647,7 +699,7 @@ static void after_work_cb(uv_work_t *w, int status)
     if (op->kind == OP_COMMIT && op->status == 0)
         fs->commits++;
     mph_store_result_t res = {op->status, op->message[0] ? op->message : NULL, op->doc,
-                              op->sc->name};
+                              op->sc->name, op->held};
     op->cb(op->ud, &res);
     free(op->doc.entries);
     mph_buf_free(&op->bufs[0]);
@@ -723,6 +775,8 @@ static int file_commit(mph_store_t *s, const mph_store_write_t *writes, size_t n
     if (rc)
         return rc;
     op->expected = writes[0].expected_version;
+    op->committer = writes[0].committer;
+    op->claim = writes[0].claim;
     op->writes = writes[0].entries;
     op->nwrites = writes[0].n;
     return submit(op);

@@ -7,6 +7,8 @@
  *   P{S}:d    a hash: top-level key -> JSON text
  *   P{S}:log  the last LOG_LIMIT commits, newest first: "VERSION\n" then per key
  *             "KLEN:KEY" "VLEN:VALUE" (VLEN 0 = deleted; JSON text is never empty)
+ *   P{S}:claim  a fairness claim (storage.h): the id of the committer owed the next commit,
+ *             expiring after MPH_STORE_CLAIM_MS
  * A commit writes only the keys that changed (HSET/HDEL), so its cost grows with the change,
  * not with the scope. The log lets a conflict answer with just what changed since the
  * caller's version; when it is too far behind, the whole hash is returned instead.
@@ -40,35 +42,53 @@
 #include "storage.h"
 
 #define LOG_LIMIT "1000" /* commits kept in the change log */
+#define MPH_STR_(x) #x
+#define MPH_STR(x) MPH_STR_(x)
 #define TICK_MS 50
 #define BACKOFF_MIN_MS 50
 #define BACKOFF_MAX_MS 2000
 
+/* KEYS: version, data hash, change log, claim. ARGV: expected version, log limit, committer
+ * id, "1" to claim on a conflict, then key/value pairs ("" = delete). Returns {1, new} or
+ * {0, current, is_delta, changes, held}. */
 static const char COMMIT_SCRIPT[] =
     "local cur = tonumber(redis.call('GET', KEYS[1]) or '0')\n"
     "local expected = tonumber(ARGV[1])\n"
-    "if cur ~= expected then\n"
-    "  local behind = cur - expected\n"
-    "  if behind > 0 and redis.call('LLEN', KEYS[3]) >= behind then\n"
-    "    return {0, tostring(cur), 1, redis.call('LRANGE', KEYS[3], 0, behind - 1)}\n"
-    "  end\n"
-    "  return {0, tostring(cur), 0, redis.call('HGETALL', KEYS[2])}\n"
-    "end\n"
-    "local new = cur + 1\n"
-    "local rec, sets, dels = {tostring(new), '\\n'}, {}, {}\n"
-    "for i = 3, #ARGV, 2 do\n"
-    "  local k, v = ARGV[i], ARGV[i + 1]\n"
-    "  if v == '' then dels[#dels + 1] = k else sets[#sets + 1] = k; sets[#sets + 1] = v end\n"
-    "  rec[#rec + 1] = #k .. ':' .. k .. #v .. ':' .. v\n"
-    "  if #sets >= 1000 then redis.call('HSET', KEYS[2], unpack(sets)); sets = {} end\n"
-    "  if #dels >= 1000 then redis.call('HDEL', KEYS[2], unpack(dels)); dels = {} end\n"
-    "end\n"
-    "if #sets > 0 then redis.call('HSET', KEYS[2], unpack(sets)) end\n"
-    "if #dels > 0 then redis.call('HDEL', KEYS[2], unpack(dels)) end\n"
-    "redis.call('SET', KEYS[1], tostring(new))\n"
-    "redis.call('LPUSH', KEYS[3], table.concat(rec))\n"
-    "redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[2]) - 1)\n"
-    "return {1, tostring(new)}\n";
+    "local holder = redis.call('GET', KEYS[4])\n"
+    "local held = 0\n"
+    "if holder and holder ~= ARGV[3] then held = 1 end\n"
+    "if cur ~= expected or held == 1 then\n"
+    "  if held == 0 and ARGV[4] == '1' then\n"
+    "    redis.call('SET', KEYS[4], ARGV[3], 'PX', " MPH_STR(
+        MPH_STORE_CLAIM_MS) ")\n"
+                            "  end\n"
+                            "  local behind = cur - expected\n"
+                            "  if behind == 0 then return {0, tostring(cur), 1, {}, held} end\n"
+                            "  if behind > 0 and redis.call('LLEN', KEYS[3]) >= behind then\n"
+                            "    return {0, tostring(cur), 1, redis.call('LRANGE', KEYS[3], 0, "
+                            "behind - 1), held}\n"
+                            "  end\n"
+                            "  return {0, tostring(cur), 0, redis.call('HGETALL', KEYS[2]), held}\n"
+                            "end\n"
+                            "local new = cur + 1\n"
+                            "local rec, sets, dels = {tostring(new), '\\n'}, {}, {}\n"
+                            "for i = 5, #ARGV, 2 do\n"
+                            "  local k, v = ARGV[i], ARGV[i + 1]\n"
+                            "  if v == '' then dels[#dels + 1] = k else sets[#sets + 1] = k; "
+                            "sets[#sets + 1] = v end\n"
+                            "  rec[#rec + 1] = #k .. ':' .. k .. #v .. ':' .. v\n"
+                            "  if #sets >= 1000 then redis.call('HSET', KEYS[2], unpack(sets)); "
+                            "sets = {} end\n"
+                            "  if #dels >= 1000 then redis.call('HDEL', KEYS[2], unpack(dels)); "
+                            "dels = {} end\n"
+                            "end\n"
+                            "if #sets > 0 then redis.call('HSET', KEYS[2], unpack(sets)) end\n"
+                            "if #dels > 0 then redis.call('HDEL', KEYS[2], unpack(dels)) end\n"
+                            "redis.call('SET', KEYS[1], tostring(new))\n"
+                            "redis.call('LPUSH', KEYS[3], table.concat(rec))\n"
+                            "redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[2]) - 1)\n"
+                            "if holder then redis.call('DEL', KEYS[4]) end\n"
+                            "return {1, tostring(new)}\n";
 
 static const char LOAD_SCRIPT[] = "return {redis.call('GET', KEYS[1]) or '0', "
                                   "redis.call('HGETALL', KEYS[2])}\n";
@@ -82,12 +102,13 @@ typedef struct rop_s {
     op_kind_t kind;
     mph_store_cb cb; /* runs exactly once (LOAD, COMMIT) */
     void *ud;
-    char *scope;           /* owned copy */
-    char *keys[3];         /* owned: P{S}:v, P{S}:d, P{S}:log */
-    int argc;              /* argv[0..1] are the command and script or sha */
-    const char **argv;     /* owned array; strings borrowed or owned as below */
-    size_t *argvlen;       /* owned */
-    char expected_str[24]; /* argv string for the expected version */
+    char *scope;            /* owned copy */
+    char *keys[4];          /* owned: P{S}:v, P{S}:d, P{S}:log, P{S}:claim */
+    int argc;               /* argv[0..1] are the command and script or sha */
+    const char **argv;      /* owned array; strings borrowed or owned as below */
+    size_t *argvlen;        /* owned */
+    char expected_str[24];  /* argv string for the expected version */
+    char committer_str[24]; /* argv string for the committer id */
     uint64_t expected;
     int sent_as_eval;          /* already fell back from EVALSHA */
     uint64_t deadline;         /* uv_now() limit for the reply */
@@ -149,7 +170,7 @@ static void inflight_remove(redis_store_t *rs, rop_t *op)
 static void op_free(rop_t *op)
 {
     free(op->scope);
-    for (int i = 0; i < 3; i++)
+    for (int i = 0; i < 4; i++)
         free(op->keys[i]);
     free(op->argv);
     free(op->argvlen);
@@ -167,7 +188,7 @@ static void finish(rop_t *op, const mph_store_result_t *res)
 
 static void fail_op(rop_t *op, int status, const char *message)
 {
-    mph_store_result_t res = {status, message, {0, 0, 0, NULL}, op->scope};
+    mph_store_result_t res = {status, message, {0, 0, 0, NULL}, op->scope, 0};
     finish(op, &res);
 }
 
@@ -296,7 +317,7 @@ static void on_reply(redisAsyncContext *ac, void *reply_ptr, void *privdata)
         fail_op(op, MPH_ESTORAGE, msg);
         return;
     }
-    mph_store_result_t res = {0, NULL, {0, 0, 0, NULL}, op->scope};
+    mph_store_result_t res = {0, NULL, {0, 0, 0, NULL}, op->scope, 0};
     size_t cap = 0, len;
     const char *s;
     if (r->type != REDIS_REPLY_ARRAY || r->elements < 2)
@@ -316,9 +337,10 @@ static void on_reply(redisAsyncContext *ac, void *reply_ptr, void *privdata)
         finish(op, &res);
         return;
     }
-    if (r->elements != 4)
+    if (r->elements != 5)
         goto malformed;
     res.status = MPH_ECONFLICT;
+    res.held = r->element[4]->type == REDIS_REPLY_INTEGER && r->element[4]->integer == 1;
     res.doc.is_delta = r->element[2]->type == REDIS_REPLY_INTEGER && r->element[2]->integer;
     if (res.doc.is_delta) {
         const redisReply *list = r->element[3];
@@ -497,9 +519,9 @@ static rop_t *new_op(redis_store_t *rs, op_kind_t kind, const char *scope, mph_s
     op->cb = cb;
     op->ud = ud;
     op->scope = mph_xstrdup(scope);
-    static const char *const suffix[3] = {"v", "d", "log"};
-    for (int i = 0; i < 3; i++) {
-        size_t n = strlen(rs->prefix) + strlen(scope) + 8;
+    static const char *const suffix[4] = {"v", "d", "log", "claim"};
+    for (int i = 0; i < 4; i++) {
+        size_t n = strlen(rs->prefix) + strlen(scope) + strlen(suffix[i]) + 4; /* {}:\0 */
         op->keys[i] = mph_xmalloc(n);
         snprintf(op->keys[i], n, "%s{%s}:%s", rs->prefix, scope, suffix[i]);
     }
@@ -511,10 +533,10 @@ static rop_t *new_op(redis_store_t *rs, op_kind_t kind, const char *scope, mph_s
     op->argv[1] = kind == OP_COMMIT ? (sha ? rs->commit_sha : COMMIT_SCRIPT)
                                     : (sha ? rs->load_sha : LOAD_SCRIPT);
     op->sent_as_eval = !sha;
-    op->argv[2] = "3";
-    for (int i = 0; i < 3; i++)
+    op->argv[2] = "4";
+    for (int i = 0; i < 4; i++)
         op->argv[3 + i] = op->keys[i];
-    for (int i = 0; i < 6; i++)
+    for (int i = 0; i < 7; i++)
         op->argvlen[i] = strlen(op->argv[i]);
     return op;
 }
@@ -526,7 +548,7 @@ static int redis_load(mph_store_t *s, const char *scope, mph_store_cb cb, void *
         return MPH_ECLOSED;
     if (rs->ac == NULL)
         return MPH_ESTORAGE;
-    rop_t *op = new_op(rs, OP_LOAD, scope, cb, ud, 6);
+    rop_t *op = new_op(rs, OP_LOAD, scope, cb, ud, 7);
     send_op(op);
     return 0;
 }
@@ -542,19 +564,22 @@ static int redis_commit(mph_store_t *s, const mph_store_write_t *writes, size_t 
     if (nwrites != 1)
         return MPH_EINVAL; /* one scope per commit, as the runner sends them */
     const mph_store_write_t *w = &writes[0];
-    rop_t *op = new_op(rs, OP_COMMIT, w->scope, cb, ud, 8 + 2 * (int)w->n);
+    rop_t *op = new_op(rs, OP_COMMIT, w->scope, cb, ud, 11 + 2 * (int)w->n);
     op->expected = w->expected_version;
     snprintf(op->expected_str, sizeof(op->expected_str), "%llu",
              (unsigned long long)w->expected_version);
-    op->argv[6] = op->expected_str;
-    op->argvlen[6] = strlen(op->expected_str);
-    op->argv[7] = LOG_LIMIT;
-    op->argvlen[7] = strlen(LOG_LIMIT);
+    snprintf(op->committer_str, sizeof(op->committer_str), "%llu",
+             (unsigned long long)w->committer);
+    const char *fixed[4] = {op->expected_str, LOG_LIMIT, op->committer_str, w->claim ? "1" : "0"};
+    for (int i = 0; i < 4; i++) {
+        op->argv[7 + i] = fixed[i];
+        op->argvlen[7 + i] = strlen(fixed[i]);
+    }
     for (size_t i = 0; i < w->n; i++) {
-        op->argv[8 + 2 * i] = w->entries[i].key;
-        op->argvlen[8 + 2 * i] = w->entries[i].klen;
-        op->argv[9 + 2 * i] = w->entries[i].json ? w->entries[i].json : "";
-        op->argvlen[9 + 2 * i] = w->entries[i].json ? w->entries[i].jlen : 0;
+        op->argv[11 + 2 * i] = w->entries[i].key;
+        op->argvlen[11 + 2 * i] = w->entries[i].klen;
+        op->argv[12 + 2 * i] = w->entries[i].json ? w->entries[i].json : "";
+        op->argvlen[12 + 2 * i] = w->entries[i].json ? w->entries[i].jlen : 0;
     }
     send_op(op);
     return 0;

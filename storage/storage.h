@@ -14,6 +14,14 @@
  * (is_delta = 1), or the whole current document (is_delta = 0). The callback of a commit runs
  * only once its writes are durable.
  *
+ * Fairness claims. A process whose speculative batches are always ready sends its next CAS the
+ * moment the last one lands; another process that must first re-run its handlers on the
+ * conflict's data then arrives second every time and could starve. So a committer refused
+ * several times in a row sets `claim`: if its CAS conflicts, the backend reserves the scope's
+ * next commit for it (for MPH_STORE_CLAIM_MS at most). While a claim by another committer
+ * stands, a CAS is refused even at the right version, with `held` set in the result (wait a
+ * little, do not spin); the claimant's next CAS lands and releases the claim.
+ *
  * Backends are method tables, like sqlite3_io_methods: `storage/file.c` and `storage/redis.c`
  * each export an open function that returns an mph_store_t whose first member points at its
  * methods. Calls that return 0 call their callback exactly once, later, on the loop (never
@@ -30,6 +38,7 @@
 #include "../host/common.h"
 
 #define MPH_STORE_METHODS_VERSION 1
+#define MPH_STORE_CLAIM_MS 20 /* how long a fairness claim can hold a scope */
 
 typedef struct {
     const char *key; /* UTF-8, not NUL-terminated */
@@ -50,6 +59,8 @@ typedef struct {
     uint64_t expected_version;        /* the version the writes were computed on */
     size_t n;                         /* number of entries */
     const mph_store_entry_t *entries; /* borrowed until the callback */
+    uint64_t committer;               /* this process's random nonzero id (fairness claims) */
+    int claim;                        /* 1: on a conflict, reserve the next commit for us */
 } mph_store_write_t;
 
 typedef struct {
@@ -59,6 +70,7 @@ typedef struct {
                             the first scope; conflict: what changed (of the scope named in
                             `scope`) */
     const char *scope;   /* conflict: the scope whose version moved */
+    int held;            /* conflict: refused because another committer holds a claim */
 } mph_store_result_t;
 
 /* The result and everything it points to are borrowed: copy what you keep. */
