@@ -32,7 +32,7 @@ typedef struct {
     const char *data_dir;         /* file storage directory; default "./mp-data" */
     const char *redis_prefix;     /* key prefix for Redis; default "mp:" */
     unsigned redis_timeout_ms;    /* a Redis command unanswered this long fails; default 1000 */
-    int max_retries;              /* conflict re-runs before -32001; default 50 */
+    int max_retries;              /* refused commits of a call's writes before -32001; 50 */
     size_t max_body;              /* bytes; default 1 MiB */
     size_t max_header;            /* bytes; default 16 KiB */
     unsigned max_connections;     /* default 10000 */

@@ -25,8 +25,9 @@
  * Backends are method tables, like sqlite3_io_methods: `storage/file.c` and `storage/redis.c`
  * each export an open function that returns an mph_store_t whose first member points at its
  * methods. Calls that return 0 call their callback exactly once, later, on the loop (never
- * before returning); calls that return an error never call it. close() makes every pending
- * callback run with MPH_ECLOSED before it frees the backend.
+ * before returning); calls that return an error never call it. After close(), new calls return
+ * MPH_ECLOSED; operations already started still complete and call back (a Redis command that
+ * gets no answer fails after the command timeout), then the backend frees itself.
  */
 #ifndef MPH_STORAGE_H
 #define MPH_STORAGE_H
@@ -86,8 +87,8 @@ typedef struct {
     /* Starts an atomic compare-and-set of nwrites scopes (each named once). */
     int (*commit)(mph_store_t *s, const mph_store_write_t *writes, size_t nwrites, mph_store_cb cb,
                   void *ud);
-    /* Fails what is pending with MPH_ECLOSED, closes handles; `done` runs once everything is
-     * freed (on a later loop iteration). */
+    /* Refuses new calls (MPH_ECLOSED), lets started ones call back, closes its handles, frees
+     * itself, then calls `done` (file: at once when idle; Redis: on a later loop iteration). */
     void (*close)(mph_store_t *s, void (*done)(void *ud), void *ud);
 } mph_store_methods_t;
 
