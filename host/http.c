@@ -125,6 +125,20 @@ static const char *status_text(int status)
     return "Error";
 }
 
+#ifndef NDEBUG
+/* The connection's invariants; used as assert(assert_conn_state(c)). */
+static int assert_conn_state(const conn_t *c)
+{
+    assert((c->head == NULL) == (c->tail == NULL));
+    assert(c->cur == NULL || c->cur == c->tail); /* the request being parsed is the last */
+    assert(c->in_flight >= (unsigned)(c->cur != NULL) + c->writes);
+    assert(c->state == CONN_OPEN || !c->reading);
+    assert(c->state != CONN_CLOSING || (c->head == NULL && c->cur == NULL));
+    (void)c;
+    return 1;
+}
+#endif
+
 /* ---- Requests ---- */
 
 static void req_free(mph_http_req_t *r)
@@ -228,6 +242,7 @@ static void on_write(uv_write_t *w, int status)
 /* Writes every ready response at the head of the FIFO, in order. */
 static void conn_flush(conn_t *c)
 {
+    assert(assert_conn_state(c));
     while (c->head && c->head->responded && c->state != CONN_CLOSING) {
         mph_http_req_t *r = c->head;
         c->head = r->next;
@@ -432,6 +447,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         conn_flush(c);
         return;
     }
+    assert(assert_conn_state(c));
     size_t parsed = http_parser_execute(&c->parser, &c->srv->settings, buf->base, (size_t)nread);
     if (c->state != CONN_OPEN)
         return; /* closing, or draining after Connection: close or an error: whatever

@@ -220,6 +220,24 @@ void mph__runner_join(mph_txn_t *t, const char *name, int wrote)
 
 /* ---- Commits ---- */
 
+#ifndef NDEBUG
+/* The scope's invariants; used as assert(assert_scope_state(s)). */
+static int assert_scope_state(const mph_scope_t *s)
+{
+    assert(s->committing == (s->inflight.head != NULL)); /* a commit is exactly its batch */
+    assert(!s->committing || s->state == SCOPE_READY);
+    assert(s->state == SCOPE_LOADING || s->waiting.head == NULL);
+    assert(!s->backing_off || s->rerun.head != NULL);
+    int n = 0;
+    for (mph_txn_t *t = s->pending.head; t; t = t->next)
+        n++;
+    assert(s->pending_writes <= n);
+    (void)n;
+    (void)s;
+    return 1;
+}
+#endif
+
 static void kick(mph_scope_t *s);
 
 static void answer_all(mph_txn_t *t)
@@ -287,6 +305,7 @@ static void on_committed(void *ud, const mph_store_result_t *res)
     lua_State *L = lua->L;
     int base = lua_gettop(L);
     assert(s->committing);
+    assert(assert_scope_state(s));
     release_inflight(s);
     mph_txn_t *batch = queue_take(&s->inflight);
 
@@ -342,6 +361,7 @@ static void kick(mph_scope_t *s)
 {
     mph_lua_t *lua = s->lua;
     lua_State *L = lua->L;
+    assert(assert_scope_state(s));
     if (s->committing || s->backing_off || s->pending.head == NULL)
         return;
     if (s->pending_writes == 0) {
