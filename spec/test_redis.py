@@ -333,3 +333,14 @@ def test_fairness_claim_of_another_process_is_waited_for():
         eq(s.result("simple-storage", [{}]), {"requests": 2}, "waits, then commits")
         check(0.25 < time.time() - t0 < 2, "held off until the claim expired")
         eq(redis.cli("EXISTS", "mp:{global}:claim"), "0")
+
+
+def test_redis_prefix_separates_deployments():
+    with RedisServer() as redis:
+        with Server("server5.lua", ["--storage=" + redis.url(), "--redis-prefix=app1:"]) as a, \
+                Server("server5.lua", ["--storage=" + redis.url()]) as b:
+            eq(a.result("simple-storage", [{}]), {"requests": 1})
+            eq(a.result("simple-storage", [{}]), {"requests": 2})
+            eq(b.result("simple-storage", [{}]), {"requests": 1}, "default prefix mp: is apart")
+        eq(redis.cli("HGET", "app1:{global}:d", "requests"), "2")
+        eq(redis.cli("HGET", "mp:{global}:d", "requests"), "1")
