@@ -231,8 +231,9 @@ static void begin_stop(mph_host_t *h)
 {
     if (h->state == HOST_STOPPING || h->state == HOST_CLOSED)
         return;
+    if (h->state == HOST_RUNNING)
+        mph_log(MPH_LOG_INFO, "stopping: no new connections; finishing in-flight requests");
     h->state = HOST_STOPPING;
-    mph_log(MPH_LOG_INFO, "stopping: no new connections; finishing in-flight requests");
     uv_timer_start(&h->deadline, on_deadline, h->cfg.shutdown_timeout_ms, 0);
     mph_http_shutdown(h->http, on_http_drained, h);
 }

@@ -337,7 +337,12 @@ int mph_lua_load(mph_lua_t *lua, const char *chunkname, const char *src, size_t 
         prepend_package_path(L, dir);
     lua_pushcfunction(L, traceback_handler);
     if (luaL_loadbuffer(L, src, len, chunkname) != 0 || lua_pcall(L, 0, 0, base + 1) != 0) {
-        snprintf(err, errlen, "%s", lua_tostring(L, -1) ? lua_tostring(L, -1) : "error");
+        /* One line for the user; the traceback (if any) for the debug log. */
+        const char *msg = lua_tostring(L, -1) ? lua_tostring(L, -1) : "error";
+        const char *tb = strstr(msg, "\nstack traceback:");
+        snprintf(err, errlen, "%.*s", tb ? (int)(tb - msg) : (int)strlen(msg), msg);
+        if (tb)
+            mph_log(MPH_LOG_DEBUG, "%s", msg);
         lua_settop(L, base);
         return MPH_ESCRIPT;
     }

@@ -668,8 +668,8 @@ static void work_cb(uv_work_t *w)
 
 static void store_free(file_store_t *fs)
 {
-    mph_log(MPH_LOG_INFO, "file storage: %llu commits, %llu syncs", (unsigned long long)fs->commits,
-            (unsigned long long)fs->syncs);
+    mph_log(fs->commits ? MPH_LOG_INFO : MPH_LOG_DEBUG, "file storage: %llu commits, %llu syncs",
+            (unsigned long long)fs->commits, (unsigned long long)fs->syncs);
     fscope_t *sc = fs->scopes;
     while (sc) {
         fscope_t *next = sc->next;
