@@ -157,16 +157,30 @@ fail_loop:
     return rc;
 }
 
+/* A script is expected to end with mp.serve(); one that does not is served all the same,
+ * but it may be a script written for something else, so say so. */
+static void check_served(mph_host_t *h, const char *name)
+{
+    if (!mph_lua_serve_called(h->lua))
+        mph_log(MPH_LOG_WARN, "%s did not call mp.serve(); serving its services anyway", name);
+}
+
 int mph_host_load_file(mph_host_t *h, const char *path, char *err, size_t errlen)
 {
-    return mph_lua_load_file(h->lua, path, err, errlen);
+    int rc = mph_lua_load_file(h->lua, path, err, errlen);
+    if (rc == 0)
+        check_served(h, path);
+    return rc;
 }
 
 int mph_host_load_string(mph_host_t *h, const char *name, const char *src, char *err, size_t errlen)
 {
     char chunkname[256];
     snprintf(chunkname, sizeof(chunkname), "=%s", name);
-    return mph_lua_load(h->lua, chunkname, src, strlen(src), NULL, err, errlen);
+    int rc = mph_lua_load(h->lua, chunkname, src, strlen(src), NULL, err, errlen);
+    if (rc == 0)
+        check_served(h, name);
+    return rc;
 }
 
 int mph_host_listen(mph_host_t *h, char *err, size_t errlen)
@@ -189,7 +203,7 @@ static void on_handle_closed(uv_handle_t *handle)
     (void)handle; /* the host's handles are embedded; the host is freed by mph_host_free */
 }
 
-static void on_lua_closed_then_handles(mph_host_t *h)
+static void close_host_handles(mph_host_t *h)
 {
     uv_close((uv_handle_t *)&h->stop_async, on_handle_closed);
     uv_close((uv_handle_t *)&h->deadline, on_handle_closed);
@@ -206,7 +220,7 @@ static void on_store_closed(void *ud)
     h->store = NULL;
     mph_lua_close(h->lua); /* frees itself once its timer has closed */
     h->lua = NULL;
-    on_lua_closed_then_handles(h);
+    close_host_handles(h);
 }
 
 static void on_http_drained(void *ud)
