@@ -269,6 +269,33 @@ class KeepAliveClient:
         self.sock.close()
 
 
+def kill9_under_load(server, clients=8, seconds=0.3):
+    """Runs `clients` keep-alive callers of simple-storage against server, kills it with -9
+    after `seconds`, and returns the counts that were acknowledged before it died."""
+    import threading
+    acked, lock, stop = [], threading.Lock(), threading.Event()
+
+    def worker():
+        try:
+            c = KeepAliveClient(server.port, timeout=5)
+            while not stop.is_set():
+                r = c.call("simple-storage", [{}])
+                with lock:
+                    acked.append(r["result"]["requests"])
+        except Exception:
+            pass  # the server died under us: unacknowledged calls do not count
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    server.kill9()
+    stop.set()
+    for t in threads:
+        t.join()
+    return acked
+
+
 class RedisServer:
     """A real redis-server on a free loopback port with its own directory (never 6379)."""
 

@@ -1,12 +1,11 @@
 """Redis storage against real redis-server instances on free loopback ports."""
-import os
 import signal
 import socket
 import threading
 import time
 
-from harness import (EXAMPLES, MPHOST, KeepAliveClient, RedisServer, Server, check, eq,
-                     free_port, run, tmpdir)
+from harness import (KeepAliveClient, RedisServer, Server, check, eq, free_port,
+                     kill9_under_load, run)
 from test_cli import shell, workspace
 from test_scope import hammer
 
@@ -80,28 +79,7 @@ def test_kill_9_of_mphost_during_load():
     with RedisServer() as redis:
         acked = []
         for round_ in range(3):
-            s = redis_server5(redis).start()
-            stop = threading.Event()
-            lock = threading.Lock()
-
-            def worker():
-                try:
-                    c = KeepAliveClient(s.port, timeout=5)
-                    while not stop.is_set():
-                        r = c.call("simple-storage", [{}])
-                        with lock:
-                            acked.append(r["result"]["requests"])
-                except Exception:
-                    pass
-
-            threads = [threading.Thread(target=worker) for _ in range(8)]
-            for t in threads:
-                t.start()
-            time.sleep(0.3)
-            s.kill9()
-            stop.set()
-            for t in threads:
-                t.join()
+            acked += kill9_under_load(redis_server5(redis).start())
         final = int(redis.cli("HGET", "mp:{global}:d", "requests"))
         eq(len(set(acked)), len(acked), "acknowledged counts are distinct")
         check(final >= len(acked) and final >= max(acked), "nothing acknowledged was lost")

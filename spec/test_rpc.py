@@ -2,7 +2,7 @@
 import json
 import os
 
-from harness import SCRIPTS, Server, TestFailure, check, eq
+from harness import SCRIPTS, Server, check, eq
 
 _server = None
 

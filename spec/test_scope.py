@@ -1,15 +1,14 @@
 """Transactional scopes on file storage: write recording, concurrency, crashes, disk errors."""
 import glob
-import json
 import os
 import random
 import shutil
 import struct
-import subprocess
 import threading
 import time
 
-from harness import (SCRIPTS, KeepAliveClient, Server, TestFailure, check, eq, tmpdir)
+from harness import (SCRIPTS, KeepAliveClient, Server, TestFailure, check, eq,
+                     kill9_under_load, tmpdir)
 
 IDIOMS = os.path.join(SCRIPTS, "idioms.lua")
 
@@ -159,27 +158,7 @@ def test_kill_9_during_load_loses_nothing_acknowledged():
         check(before >= len(acked) + 1, "restart %d reads its data (%d < %d)" %
               (round_, before, len(acked) + 1))
         acked.append(before)
-        stop = threading.Event()
-        lock = threading.Lock()
-
-        def worker():
-            try:
-                c = KeepAliveClient(s.port, timeout=5)
-                while not stop.is_set():
-                    r = c.call("simple-storage", [{}])
-                    with lock:
-                        acked.append(r["result"]["requests"])
-            except Exception:
-                pass  # the server died under us: unacknowledged calls do not count
-
-        threads = [threading.Thread(target=worker) for _ in range(8)]
-        for t in threads:
-            t.start()
-        time.sleep(0.2 + random.random() * 0.3)
-        s.kill9()
-        stop.set()
-        for t in threads:
-            t.join()
+        acked += kill9_under_load(s, 8, 0.2 + random.random() * 0.3)
     s = Server("server5.lua", data=data).start()
     final = s.result("simple-storage", [{}])["requests"] - 1
     s.stop()
