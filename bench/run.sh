@@ -98,27 +98,36 @@ for c in $CONNS; do
   fi
 done
 
-# server5 on file storage: a fresh data directory per level, so syncs/request is per level.
+# file_case LABEL SCRIPT FILL CONNS: server5's counter on a fresh data directory, after
+# `fill FILL` keys (if FILL) and a restart, so the backend's sync counter covers exactly the
+# measured calls. Prints the row; leaves the requests/s in LAST_RPS.
+file_case() {
+  local label=$1 script=$2 fill=$3 c=$4 dir
+  dir=$(mktemp -d -p "$WORK")
+  if [ -n "$fill" ]; then
+    start prep "$MPHOST" "$script" serve @PORT@ --listen=127.0.0.1 --logging=warn --data="$dir"
+    call fill "[$fill]" >/dev/null
+    stop
+  fi
+  start file "$MPHOST" "$script" serve @PORT@ --listen=127.0.0.1 --logging=info --data="$dir"
+  call simple-storage '[{}]' >/dev/null # loads the scope before measuring (counted in n, too)
+  local r n syncs
+  r=$(measure simple-storage '[{}]' "$c")
+  n=$(call simple-storage '[{}]' | tr -dc 0-9)
+  stop
+  syncs=$(sed -n 's/.*file storage: [0-9]* commits, \([0-9]*\) syncs.*/\1/p' "$WORK/file.log")
+  row "$label" "$c" "$r" "$(echo "scale=4; $syncs/$n" | bc)"
+  LAST_RPS=${r%% *}
+}
+
 declare -A SMALL
 for c in $CONNS; do
-  start s5 "$MPHOST" examples/server5.lua serve @PORT@ --listen=127.0.0.1 --logging=info --data="$WORK/s5-$c"
-  r=$(measure simple-storage '[{}]' "$c")
-  n=$(call simple-storage '[{}]' | tr -dc 0-9)
-  stop
-  syncs=$(sed -n 's/.*file storage: [0-9]* commits, \([0-9]*\) syncs.*/\1/p' "$WORK/s5.log")
-  SMALL[$c]=${r%% *}
-  row "server5, file storage" "$c" "$r" "$(echo "scale=4; $syncs/$n" | bc)"
+  file_case "server5, file storage" examples/server5.lua "" "$c"
+  SMALL[$c]=$LAST_RPS
 done
-
 for c in $CONNS; do
-  start big "$MPHOST" bench/big.lua serve @PORT@ --listen=127.0.0.1 --logging=info --data="$WORK/big-$c"
-  call fill '[100000]' >/dev/null
-  r=$(measure simple-storage '[{}]' "$c")
-  n=$(call simple-storage '[{}]' | tr -dc 0-9)
-  stop
-  syncs=$(sed -n 's/.*file storage: [0-9]* commits, \([0-9]*\) syncs.*/\1/p' "$WORK/big.log")
-  row "server5 + 100,000 other keys, file" "$c" "$r" "$(echo "scale=4; ($syncs-2)/$n" | bc)"
-  echo "| ratio 100,000-key / 1-key scope at $c | | $(echo "scale=2; ${r%% *}/${SMALL[$c]}" | bc) | | | |"
+  file_case "server5 + 100,000 other keys, file" bench/big.lua 100000 "$c"
+  echo "| ratio 100,000-key / 1-key scope at $c | | $(echo "scale=2; $LAST_RPS/${SMALL[$c]}" | bc) | | | |"
 done
 
 # Redis: one and two mphost processes (both on CPU 0), each level on a fresh database.
@@ -127,16 +136,24 @@ taskset -c 1 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --dir 
   >"$WORK/redis.log" 2>&1 &
 REDIS_PID=$!
 wait_port "$REDIS_PORT"
-for c in $CONNS; do
+# redis_case LABEL SCRIPT FILL CONNS: like file_case, on a flushed Redis; the work per
+# request is counted from INFO commandstats around the measured calls.
+redis_case() {
+  local label=$1 script=$2 fill=$3 c=$4 before after r n
   redis-cli -p "$REDIS_PORT" FLUSHALL >/dev/null
-  start r5 "$MPHOST" examples/server5.lua serve @PORT@ --listen=127.0.0.1 --logging=warn \
+  start redis-case "$MPHOST" "$script" serve @PORT@ --listen=127.0.0.1 --logging=warn \
     --storage=redis://127.0.0.1:$REDIS_PORT
+  [ -n "$fill" ] && call fill "[$fill]" >/dev/null
   before=$(redis_commands)
   r=$(measure simple-storage '[{}]' "$c")
   n=$(call simple-storage '[{}]' | tr -dc 0-9)
   after=$(redis_commands)
   stop
-  row "server5, Redis" "$c" "$r" "$(per_request "$before" "$after" "$n")"
+  row "$label" "$c" "$r" "$(per_request "$before" "$after" "$n")"
+}
+
+for c in $CONNS; do
+  redis_case "server5, Redis" examples/server5.lua "" "$c"
 done
 
 # Two processes: two wrk (CPU 1) against two mphost (CPU 0) at once; requests/s summed.
@@ -172,14 +189,5 @@ for c in $CONNS; do
 done
 
 for c in $CONNS; do
-  redis-cli -p "$REDIS_PORT" FLUSHALL >/dev/null
-  start rbig "$MPHOST" bench/big.lua serve @PORT@ --listen=127.0.0.1 --logging=warn \
-    --storage=redis://127.0.0.1:$REDIS_PORT
-  call fill '[100000]' >/dev/null
-  before=$(redis_commands)
-  r=$(measure simple-storage '[{}]' "$c")
-  n=$(call simple-storage '[{}]' | tr -dc 0-9)
-  after=$(redis_commands)
-  stop
-  row "server5 + 100,000 other keys, Redis" "$c" "$r" "$(per_request "$before" "$after" "$n")"
+  redis_case "server5 + 100,000 other keys, Redis" bench/big.lua 100000 "$c"
 done
