@@ -204,13 +204,15 @@ def test_corrupt_log_is_reported_not_skipped():
 
 
 def test_unwritable_data_directory_gives_32002():
-    data = tmpdir()
+    parent = tmpdir()  # ours to open up, so that nobody can reach the data directory
+    data = os.path.join(parent, "data")
+    os.mkdir(data)
     os.chmod(data, 0o555)
     # Root ignores permission bits, so the server runs as nobody.
     prefix = []
     if os.geteuid() == 0:
         shutil.chown(data, "root")
-        os.chmod(os.path.dirname(data), 0o755)
+        os.chmod(parent, 0o755)
         prefix = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
     with Server("server5.lua", data=data, prefix_cmd=prefix) as s:
         for _ in range(3):
