@@ -426,6 +426,24 @@ static void on_disconnect(const redisAsyncContext *ac, int status)
     rs->was_up = 0;
 }
 
+/* The commands that open every connection, sync or async: AUTH and SELECT, when configured.
+ * Fills out[] (argv strings borrowed from password and db_buf) and returns how many. */
+typedef struct {
+    const char *argv[2];
+} login_t;
+
+static int login_commands(const char *password, int db, char db_buf[16], login_t out[2])
+{
+    int n = 0;
+    if (password)
+        out[n++] = (login_t){{"AUTH", password}};
+    if (db) {
+        snprintf(db_buf, 16, "%d", db);
+        out[n++] = (login_t){{"SELECT", db_buf}};
+    }
+    return n;
+}
+
 static void connect_now(redis_store_t *rs)
 {
     redisAsyncContext *ac = redisAsyncConnect(rs->host, rs->port);
@@ -445,16 +463,10 @@ static void connect_now(redis_store_t *rs)
     redisAsyncSetDisconnectCallback(ac, on_disconnect);
     rs->ac = ac;
     rs->commit_sha[0] = rs->load_sha[0] = '\0';
-    if (rs->password) {
-        const char *auth[] = {"AUTH", rs->password};
-        setup_command(rs, 2, auth);
-    }
-    if (rs->db) {
-        char db[16];
-        snprintf(db, sizeof(db), "%d", rs->db);
-        const char *select[] = {"SELECT", db};
-        setup_command(rs, 2, select);
-    }
+    char db[16];
+    login_t login[2];
+    for (int i = 0, n = login_commands(rs->password, rs->db, db, login); i < n; i++)
+        setup_command(rs, 2, login[i].argv);
     const char *load_commit[] = {"SCRIPT", "LOAD", COMMIT_SCRIPT};
     const char *load_load[] = {"SCRIPT", "LOAD", LOAD_SCRIPT};
     setup_command(rs, 3, load_commit);
@@ -617,36 +629,25 @@ static int check_reachable(const mph_store_redis_config_t *cfg, char *err, size_
         return MPH_ESTORAGE;
     }
     redisSetTimeout(c, tv);
-    redisReply *r = NULL;
-    const char *step = "PING";
-    if (cfg->password) {
-        step = "AUTH";
-        r = redisCommand(c, "AUTH %s", cfg->password);
-        if (r == NULL || r->type == REDIS_REPLY_ERROR)
-            goto fail;
+    char db[16];
+    login_t steps[3];
+    int n = login_commands(cfg->password, cfg->db, db, steps);
+    steps[n++] = (login_t){{"PING", NULL}};
+    for (int i = 0; i < n; i++) {
+        int argc = steps[i].argv[1] ? 2 : 1;
+        redisReply *r = redisCommandArgv(c, argc, steps[i].argv, NULL);
+        if (r == NULL || r->type == REDIS_REPLY_ERROR) {
+            snprintf(err, errlen, "Redis at %s:%d refused %s: %s", cfg->host, cfg->port,
+                     steps[i].argv[0], r ? r->str : c->errstr);
+            if (r)
+                freeReplyObject(r);
+            redisFree(c);
+            return MPH_ESTORAGE;
+        }
         freeReplyObject(r);
     }
-    if (cfg->db) {
-        step = "SELECT";
-        r = redisCommand(c, "SELECT %d", cfg->db);
-        if (r == NULL || r->type == REDIS_REPLY_ERROR)
-            goto fail;
-        freeReplyObject(r);
-    }
-    step = "PING";
-    r = redisCommand(c, "PING");
-    if (r == NULL || r->type == REDIS_REPLY_ERROR)
-        goto fail;
-    freeReplyObject(r);
     redisFree(c);
     return 0;
-fail:
-    snprintf(err, errlen, "Redis at %s:%d refused %s: %s", cfg->host, cfg->port, step,
-             r ? r->str : c->errstr);
-    if (r)
-        freeReplyObject(r);
-    redisFree(c);
-    return MPH_ESTORAGE;
 }
 
 int mph_store_redis_open(mph_store_t **out, uv_loop_t *loop, const mph_store_redis_config_t *cfg,
