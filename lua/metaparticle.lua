@@ -140,7 +140,6 @@ local function deep_equal(a, b)
   end
   return true
 end
-I.deep_equal = deep_equal
 
 -- ---- Scope state ----
 
