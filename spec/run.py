@@ -35,27 +35,47 @@ def main():
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def run_unit(path):
+    """Runs one TAP unit-test program; returns (passed, [failure lines]). A failing test is
+    printed with what the program wrote on stderr while it ran (its CHECK lines)."""
+    p = subprocess.run([path], capture_output=True, text=True)
+    passed, failures = 0, []
+    # stderr carries "# name" before each test, then that test's CHECK messages.
+    notes, current = {}, None
+    for line in p.stderr.splitlines():
+        if line.startswith("# "):
+            current = line[2:]
+        elif current is not None:
+            notes.setdefault(current, []).append(line)
+    for line in p.stdout.splitlines():
+        if line.startswith("ok "):
+            passed += 1
+            print(line)
+        elif line.startswith("not ok "):
+            failures.append(line)
+            name = line.rsplit(".", 1)[-1]
+            print(line)
+            print("\n".join(notes.get(name, [])))
+    if p.returncode != 0 and not failures:
+        failures.append("%s exited %d" % (os.path.basename(path), p.returncode))
+        print("not ok - %s exited %d:\n%s" % (os.path.basename(path), p.returncode,
+                                               p.stderr[-4000:]))
+    sys.stdout.flush()
+    return passed, failures
+
+
 def run_all(args):
     passed = failed = 0
     failures = []
 
-    unit = os.path.join(args.build, "unit_tests")
     if not args.k or "unit" in args.k:
-        p = subprocess.run([unit], capture_output=True, text=True)
-        for line in p.stdout.splitlines():
-            if line.startswith("ok "):
-                passed += 1
-                print(line)
-            elif line.startswith("not ok "):
-                failed += 1
-                failures.append(line)
-                print(line)
-        if p.returncode != 0 and "not ok" not in p.stdout:
-            failed += 1
-            failures.append("unit_tests exited %d: %s" % (p.returncode, p.stderr[-2000:]))
-            print("not ok - unit_tests crashed:", p.stderr[-2000:])
-        sys.stdout.flush()
-
+        for prog in sorted(os.listdir(args.build)):
+            path = os.path.join(args.build, prog)
+            if prog.startswith("unit_") and os.access(path, os.X_OK) and os.path.isfile(path):
+                p, f = run_unit(path)
+                passed += p
+                failed += len(f)
+                failures += f
     for fname in sorted(os.listdir(HERE)):
         if not (fname.startswith("test_") and fname.endswith(".py")):
             continue

@@ -10,15 +10,7 @@
 
 #include <lualib.h>
 
-static int failures_in_test;
-
-#define CHECK(cond)                                                                                \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            fprintf(stderr, "  %s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #cond);             \
-            failures_in_test++;                                                                    \
-        }                                                                                          \
-    } while (0)
+#include "spec/unit/unit.h"
 
 static lua_State *new_state(void)
 {
@@ -218,12 +210,7 @@ static void test_records(void)
     mph_buf_free(&b);
 }
 
-typedef struct {
-    const char *name;
-    void (*fn)(void);
-} test_t;
-
-static const test_t tests[] = {
+static const mph_unit_test_t tests[] = {
     {"encode_scalars", test_encode_scalars},
     {"encode_tables", test_encode_tables},
     {"encode_errors_name_the_path", test_encode_errors_name_the_path},
@@ -233,16 +220,4 @@ static const test_t tests[] = {
     {"records", test_records},
 };
 
-int main(void)
-{
-    size_t n = sizeof(tests) / sizeof(tests[0]);
-    int failed = 0;
-    printf("1..%zu\n", n);
-    for (size_t i = 0; i < n; i++) {
-        failures_in_test = 0;
-        tests[i].fn();
-        printf("%s %zu - unit.%s\n", failures_in_test ? "not ok" : "ok", i + 1, tests[i].name);
-        failed += failures_in_test != 0;
-    }
-    return failed ? 1 : 0;
-}
+MPH_UNIT_MAIN(tests)
