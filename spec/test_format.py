@@ -13,7 +13,7 @@ def test_clang_format_clean():
         raise TestFailure("clang-format is not installed (./dev deps installs it)")
     files = []
     for pattern in ("host/*.[ch]", "lua/*.[ch]", "storage/*.[ch]", "examples/*.c",
-                    "spec/unit/*.c"):
+                    "spec/unit/*.[ch]", "spec/fuzz/*.c"):
         files += glob.glob(os.path.join(ROOT, pattern))
     p = subprocess.run([tool, "--dry-run", "--Werror"] + files, capture_output=True, text=True)
     if p.returncode != 0:
