@@ -5,28 +5,53 @@
  *   E.log   records appended by commits; one fdatasync per commit (a commit is a whole
  *           group of transactions, see lua/runner.c)
  *   E.snap  a compacted image of the scope at some version V (optional)
- *   E.lock  the flock() that makes the compare-and-set atomic across processes
+ *   E.lock  the flock() that makes the compare-and-set atomic across processes; an OFD
+ *           lock on its first byte (independent of flock on Linux) lets one process at a
+ *           time compact the scope
  *   E.claim a fairness claim (storage.h): "ID EXPIRY_MS", read and written under the lock;
  *           advisory, so it is not synced (a claim lost in a crash costs nothing)
+ *   E.snap.tmp, E.log.tmp  a compaction's files before their rename
  *
- * A record is: magic "MPR1", payload length, CRC-32 of the payload, then the payload:
- * version (u64), entry count (u32), and per entry key length (u32), key, value length (u32,
- * 0xFFFFFFFF for a deletion), JSON text. Integers are little-endian.
+ * A record (format 2) is: magic "MPR2", payload length, CRC-32 of the payload, CRC-32 of
+ * these first 12 header bytes, then the payload: version (u64), entry count (u32), and per
+ * entry key length (u32), key, value length (u32, 0xFFFFFFFF for a deletion), JSON text.
+ * Integers are little-endian. Format 1 ("MPR1", written before 0.2) has no header CRC; it is
+ * still read, so old data directories load, and new records are appended in format 2.
  *
  * Why a log and not a rewritten file per commit: commit cost must grow with what changed,
  * not with the size of the scope (a scope of 100,000 keys commits as fast as one of 1).
- * Why it is never seen torn: a record counts only when complete with a matching CRC, and a
- * writer holds the lock from its write to its fdatasync; so an incomplete record at the end
- * can only come from a writer that died, was never acknowledged, and is cut off by the next
- * writer. A bad record that is not the last is corruption, reported as such, never skipped.
- * Snapshots are written the classic way (temp file, fsync, rename, fsync the directory), and
- * the log is then replaced the same way; records at or below the snapshot's version are
- * ignored, so a crash between the two steps loses nothing.
+ *
+ * Recovery (scan_log) must tell what a crash can leave from damage to acknowledged data. A
+ * writer holds the lock from its write to its fdatasync, and takes a failed record back
+ * before unlocking, so a crash or power loss can only leave bytes after the last
+ * acknowledged record: a prefix of one record, possibly zero-filled. Damage anywhere else has
+ * whole, valid records after it. So at the first position where no valid record starts, we
+ * look for a valid record (frame and checksums) further on: none means a torn tail, cut off
+ * under the lock; one means acknowledged data was damaged: the scope is refused (-32002,
+ * naming file and offset) and the file is left as it is. The header CRC is what makes this
+ * work: without it a flipped bit in a length field reads as a record running past the end
+ * of the file, i.e. as a torn tail, and a cut there would drop every later commit. Nothing is
+ * ever cut past a record that validates. (A torn tail whose bytes happen to contain a valid
+ * record, e.g. one embedded on purpose in a key, is refused rather than cut: the safe side.)
  *
  * Commit under the lock: read whatever other processes appended since our last look (that
  * is the conflict delta, handed back so the retry needs no second read), and only if there
- * was nothing, append and sync. All blocking work runs on libuv's thread pool; one
- * operation per scope at a time (the runner guarantees it), so a scope's fields need no mutex.
+ * was nothing, append and sync. A failed write or fdatasync is taken back (truncate to the
+ * old end, fsync): after a failed fsync the kernel may have dropped the dirty pages or kept
+ * them while marking them clean (PostgreSQL's "fsyncgate"), so the record's fate on disk is
+ * unknown, and no other reader may build on it. If the take-back fails too, nothing about
+ * the file can be trusted any more: this process refuses the scope until it restarts.
+ *
+ * Compaction runs as its own job, never inside a commit (see the Compaction section): the
+ * snapshot is built and synced without the lock, while commits go on appending; only the
+ * switch to a new log holds the lock, for the records that arrived meanwhile and two syncs.
+ *
+ * All blocking work runs on libuv's thread pool. One load or commit per scope at a time (the
+ * runner guarantees it), so those need no mutex; a compaction job touches none of the scope's
+ * fields and has its own descriptors; the loop thread hands its result over (adopt_compaction).
+ *
+ * Test hooks (MPH_TEST_FAULT, MPH_TEST_COMPACT_MIN): see the Test hooks section; inert, one
+ * branch per step, unless the environment sets them.
  */
 #define _GNU_SOURCE
 #include <assert.h>
@@ -37,13 +62,16 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 #include <zlib.h>
 
 #include "storage.h"
 
-#define RECORD_MAGIC 0x3152504dU /* "MPR1" read as little-endian */
-#define RECORD_HEADER 12         /* magic, length, crc */
+#define MAGIC_V1 0x3152504dU /* "MPR1" read as little-endian */
+#define MAGIC_V2 0x3252504dU /* "MPR2" */
+#define HEADER_V1 12         /* magic, length, payload crc */
+#define HEADER_V2 16         /* magic, length, payload crc, header crc */
 #define DELETED_LEN 0xFFFFFFFFU
 #define COMPACT_MIN_BYTES (4u << 20) /* never compact a log smaller than this */
 #define MAX_SCOPE_NAME 200
@@ -53,28 +81,33 @@ typedef struct fscope_s {
     char *path;       /* owned: dir/E without the extension */
     int lock_fd;      /* -1 until the first operation */
     int log_fd;       /* -1 until the first operation */
-    ino_t log_ino;    /* inode of log_fd: a compaction elsewhere replaces the file */
+    int dir_synced;   /* the directory was fsynced after our files were created */
+    ino_t log_ino;    /* inode of log_fd: a compaction replaces the file */
     off_t log_end;    /* bytes of the log read and applied by us */
     uint64_t version; /* the version we last reported to the runner */
     off_t snap_size;  /* size of the current snapshot file (compaction policy) */
-    int busy;         /* an operation is in flight (invariant: at most one) */
+    int busy;         /* a load or commit is in flight (invariant: at most one) */
+    int compacting;   /* a compaction job is in flight (at most one) */
+    uv_mutex_t mutex; /* held by a load or commit, and by a compaction's switch */
+    char *failed;     /* owned; set when the file's state is unknown: why we refuse it */
     struct fscope_s *next;
 } fscope_t;
 
 typedef struct {
     mph_store_t base; /* must be first */
     uv_loop_t *loop;
-    char *dir;        /* owned */
-    fscope_t *scopes; /* owned */
-    unsigned ops;     /* operations in flight */
-    uint64_t commits; /* commits written (loop thread) */
-    uint64_t syncs;   /* fsync and fdatasync calls, from any thread (atomic) */
+    char *dir;         /* owned */
+    fscope_t *scopes;  /* owned */
+    unsigned ops;      /* operations and compactions in flight */
+    uint64_t commits;  /* commits written (loop thread) */
+    uint64_t syncs;    /* fsync and fdatasync calls, from any thread (atomic) */
+    off_t compact_min; /* compact logs above this size (COMPACT_MIN_BYTES; a test may lower) */
     int closing;
     void (*closed_cb)(void *ud);
     void *closed_ud;
 } file_store_t;
 
-typedef enum { OP_LOAD, OP_COMMIT } op_kind_t;
+typedef enum { OP_LOAD, OP_COMMIT, OP_COMPACT } op_kind_t;
 
 typedef struct {
     uv_work_t work;
@@ -89,9 +122,16 @@ typedef struct {
     size_t nwrites;
     mph_store_cb cb;
     void *ud;
+    /* compaction: the log it starts from (the loop's view), and what it produced */
+    ino_t old_ino;   /* the log inode compacted */
+    off_t from;      /* bytes of that log the snapshot covers (records we had applied) */
+    off_t upto;      /* bytes of that log copied into the new log, from `from` */
+    int new_log_fd;  /* the new log (owned until adopted or closed), or -1 */
+    ino_t new_ino;   /* its inode */
+    off_t snap_size; /* the new snapshot's size */
     /* results, filled on the worker thread */
     int status;
-    char message[300];
+    char message[400];
     mph_store_doc_t doc;
     size_t doc_cap;
     mph_buf_t bufs[2]; /* file contents the doc's entries point into */
@@ -123,6 +163,11 @@ static void put_u64(unsigned char *p, uint64_t v)
     put_u32(p + 4, (uint32_t)(v >> 32));
 }
 
+static uint32_t crc(const unsigned char *p, size_t n)
+{
+    return (uint32_t)crc32(0L, p, (uInt)n);
+}
+
 /* Percent-encodes a scope name into a file name: only [A-Za-z0-9_-] pass. */
 static void encode_name(mph_buf_t *out, const char *name)
 {
@@ -138,6 +183,87 @@ static void encode_name(mph_buf_t *out, const char *name)
     }
 }
 
+/* ---- Test hooks ----
+ *
+ * MPH_TEST_FAULT=POINT:N:ACTION[,...] acts at the N-th pass (from 1; 0: every pass) through
+ * a named step of this file (the names are the first argument of fault_at() calls):
+ *   fail   the step fails with EIO (a write first writes half its bytes, as a full disk may)
+ *   crash  the process _exits (status 86) before the step, like kill -9 or a power cut
+ *   hold   the step waits until the file named by MPH_TEST_GATE exists (a test's barrier)
+ * Each action is logged ("test fault: ACTION at POINT"), so a test can wait for it and a
+ * renamed step cannot pass a test silently. MPH_TEST_COMPACT_MIN=BYTES lowers the log size
+ * at which compaction starts. Both are read once, at open; unset, fault_at is one branch.
+ * SQLite's SimulateIOError and do_ioerr_test are the model.
+ */
+
+typedef enum { FAULT_FAIL, FAULT_CRASH, FAULT_HOLD } fault_action_t;
+
+static struct {
+    char point[40];
+    unsigned nth; /* 0: every pass */
+    fault_action_t action;
+    unsigned passes; /* atomic: passes seen so far */
+} faults[8];
+static int nfaults = -1; /* -1: the environment is not read yet */
+static const char *fault_gate;
+
+static void faults_init(void)
+{
+    if (nfaults >= 0)
+        return;
+    nfaults = 0;
+    const char *spec = getenv("MPH_TEST_FAULT");
+    fault_gate = getenv("MPH_TEST_GATE");
+    while (spec && *spec && nfaults < (int)(sizeof(faults) / sizeof(faults[0]))) {
+        char point[40], action[8];
+        unsigned nth;
+        int used = 0;
+        if (sscanf(spec, "%39[^:]:%u:%7[a-z]%n", point, &nth, action, &used) != 3)
+            break;
+        fault_action_t a = strcmp(action, "crash") == 0  ? FAULT_CRASH
+                           : strcmp(action, "hold") == 0 ? FAULT_HOLD
+                                                         : FAULT_FAIL;
+        snprintf(faults[nfaults].point, sizeof(faults[0].point), "%s", point);
+        faults[nfaults].nth = nth;
+        faults[nfaults++].action = a;
+        spec += used;
+        spec += *spec == ',';
+    }
+}
+
+/* Returns -1 with errno EIO when a test asked this step to fail, else 0 (after crashing or
+ * holding if asked). */
+static int fault_at(const char *point)
+{
+    for (int i = 0; i < nfaults; i++) {
+        if (strcmp(faults[i].point, point) != 0)
+            continue;
+        unsigned pass = __atomic_add_fetch(&faults[i].passes, 1, __ATOMIC_RELAXED);
+        if (faults[i].nth != 0 && pass != faults[i].nth)
+            continue;
+        switch (faults[i].action) {
+        case FAULT_CRASH:
+            mph_log(MPH_LOG_WARN, "test fault: crash at %s", point);
+            _exit(86);
+        case FAULT_HOLD:
+            mph_log(MPH_LOG_WARN, "test fault: hold at %s", point);
+            while (fault_gate == NULL || access(fault_gate, F_OK) != 0) {
+                struct timespec ts = {0, 5 * 1000 * 1000};
+                nanosleep(&ts, NULL);
+            }
+            mph_log(MPH_LOG_WARN, "test fault: released at %s", point);
+            break;
+        case FAULT_FAIL:
+            mph_log(MPH_LOG_WARN, "test fault: fail at %s", point);
+            errno = EIO;
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* ---- I/O steps, each named for the test hooks ---- */
+
 static int op_fail(op_t *op, int status, const char *what, const char *path)
 {
     op->status = status;
@@ -150,19 +276,23 @@ static int op_fail(op_t *op, int status, const char *what, const char *path)
 
 /* Every sync goes through here so that benchmarks can report syncs per request. Called on
  * worker threads, hence the atomic. */
-static int counted_sync(file_store_t *fs, int fd, int data_only)
+static int sync_at(const char *point, file_store_t *fs, int fd, int data_only)
 {
+    if (fault_at(point) != 0)
+        return -1;
     __atomic_fetch_add(&fs->syncs, 1, __ATOMIC_RELAXED);
     return data_only ? fdatasync(fd) : fsync(fd);
 }
 
-static int fsync_dir(file_store_t *fs)
+static int fsync_dir(const char *point, file_store_t *fs)
 {
     int fd = open(fs->dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0)
         return -1;
-    int rc = counted_sync(fs, fd, 0);
+    int rc = sync_at(point, fs, fd, 0);
+    int saved = errno;
     close(fd);
+    errno = saved;
     return rc;
 }
 
@@ -175,6 +305,8 @@ static int read_range(int fd, off_t from, off_t to, mph_buf_t *out)
         ssize_t r = pread(fd, out->data + out->len + got, n - got, from + (off_t)got);
         if (r < 0 && errno == EINTR)
             continue;
+        if (r == 0)
+            errno = EIO; /* the file shrank under us */
         if (r <= 0)
             return -1;
         got += (size_t)r;
@@ -199,6 +331,26 @@ static int write_all(int fd, const void *data, size_t n, off_t at)
     return 0;
 }
 
+static int write_at(const char *point, int fd, const void *data, size_t n, off_t at)
+{
+    if (fault_at(point) != 0) {
+        write_all(fd, data, n / 2, at); /* a failed write may still have written some */
+        errno = EIO;
+        return -1;
+    }
+    return write_all(fd, data, n, at);
+}
+
+static int truncate_at(const char *point, int fd, off_t len)
+{
+    return fault_at(point) != 0 ? -1 : ftruncate(fd, len);
+}
+
+static int rename_at(const char *point, const char *from, const char *to)
+{
+    return fault_at(point) != 0 ? -1 : rename(from, to);
+}
+
 /* ---- Records ---- */
 
 static void doc_add(op_t *op, const char *key, size_t klen, const char *json, size_t jlen)
@@ -214,40 +366,66 @@ static void doc_add(op_t *op, const char *key, size_t klen, const char *json, si
     e->jlen = jlen;
 }
 
-typedef enum { PARSE_OK, PARSE_END, PARSE_TORN, PARSE_CORRUPT } parse_t;
+/* Whether a whole record whose frame and checksums hold starts at d[at]. Sets *size to its
+ * length and *hdr to its header length. Reads nothing past d[len - 1]. */
+static int frame_valid(const unsigned char *d, size_t len, size_t at, size_t *size, size_t *hdr)
+{
+    if (len - at < HEADER_V1)
+        return 0;
+    uint32_t magic = get_u32(d + at);
+    size_t h;
+    if (magic == MAGIC_V2) {
+        if (len - at < HEADER_V2 || crc(d + at, 12) != get_u32(d + at + 12))
+            return 0;
+        h = HEADER_V2;
+    } else if (magic == MAGIC_V1) {
+        h = HEADER_V1;
+    } else {
+        return 0;
+    }
+    uint32_t plen = get_u32(d + at + 4);
+    if (len - at - h < plen || crc(d + at + h, plen) != get_u32(d + at + 8))
+        return 0;
+    *size = h + plen;
+    *hdr = h;
+    return 1;
+}
+
+typedef enum {
+    PARSE_OK,       /* a record; *pos advanced past it */
+    PARSE_END,      /* *pos is the end of the data */
+    PARSE_BAD,      /* no valid record starts at *pos: a torn tail or damage (see scan_log) */
+    PARSE_MALFORMED /* its checksums hold but its contents do not add up: damage */
+} parse_t;
 
 /* Parses the record at data[*pos]; on PARSE_OK advances *pos, sets *version, and (when
- * `into` is not NULL and the version is above `skip_upto`) adds its entries to the doc. */
+ * `into` is not NULL and the version is above `skip_upto`) adds its entries to the doc,
+ * pointing into b. */
 static parse_t parse_record(const mph_buf_t *b, size_t *pos, uint64_t *version, op_t *into,
                             uint64_t skip_upto)
 {
     const unsigned char *d = (const unsigned char *)b->data;
-    size_t at = *pos, len = b->len;
-    if (at == len)
+    size_t at = *pos, size, hdr;
+    if (at == b->len)
         return PARSE_END;
-    if (len - at < RECORD_HEADER)
-        return PARSE_TORN;
-    if (get_u32(d + at) != RECORD_MAGIC)
-        return PARSE_CORRUPT;
-    uint32_t plen = get_u32(d + at + 4);
-    if (len - at - RECORD_HEADER < plen)
-        return PARSE_TORN;
-    const unsigned char *p = d + at + RECORD_HEADER;
-    if ((uint32_t)crc32(0L, p, plen) != get_u32(d + at + 8))
-        return at + RECORD_HEADER + plen == len ? PARSE_TORN : PARSE_CORRUPT;
+    if (!frame_valid(d, b->len, at, &size, &hdr))
+        return PARSE_BAD;
+    const unsigned char *p = d + at + hdr;
+    size_t plen = size - hdr;
     if (plen < 12)
-        return PARSE_CORRUPT;
+        return PARSE_MALFORMED;
     uint64_t v = get_u64(p);
     uint32_t count = get_u32(p + 8);
     size_t q = 12;
     int keep = into && v > skip_upto;
+    size_t first = keep ? into->doc.n : 0;
     for (uint32_t i = 0; i < count; i++) {
         if (plen - q < 4)
-            return PARSE_CORRUPT;
+            goto malformed;
         uint32_t klen = get_u32(p + q);
         q += 4;
         if (plen - q < (size_t)klen + 4)
-            return PARSE_CORRUPT;
+            goto malformed;
         const char *key = (const char *)p + q;
         q += klen;
         uint32_t jlen = get_u32(p + q);
@@ -255,23 +433,29 @@ static parse_t parse_record(const mph_buf_t *b, size_t *pos, uint64_t *version, 
         const char *json = NULL;
         if (jlen != DELETED_LEN) {
             if (plen - q < jlen)
-                return PARSE_CORRUPT;
+                goto malformed;
             json = (const char *)p + q;
             q += jlen;
         }
         if (keep)
             doc_add(into, key, klen, json, json ? jlen : 0);
     }
+    if (q != plen)
+        goto malformed;
     *version = v;
-    *pos = at + RECORD_HEADER + plen;
+    *pos = at + size;
     return PARSE_OK;
+malformed:
+    if (keep)
+        into->doc.n = first; /* none of a malformed record's entries count */
+    return PARSE_MALFORMED;
 }
 
-/* Builds a record of `n` entries at `version`. */
+/* Builds a record (format 2) of `n` entries at `version`, appended to out. */
 static void build_record(mph_buf_t *out, uint64_t version, const mph_store_entry_t *e, size_t n)
 {
     size_t start = out->len;
-    unsigned char hdr[RECORD_HEADER + 12] = {0};
+    unsigned char hdr[HEADER_V2 + 12] = {0};
     mph_buf_append(out, hdr, sizeof(hdr));
     for (size_t i = 0; i < n; i++) {
         unsigned char len[4];
@@ -284,12 +468,81 @@ static void build_record(mph_buf_t *out, uint64_t version, const mph_store_entry
             mph_buf_append(out, e[i].json, e[i].jlen);
     }
     unsigned char *p = (unsigned char *)out->data + start;
-    size_t plen = out->len - start - RECORD_HEADER;
-    put_u32(p, RECORD_MAGIC);
+    size_t plen = out->len - start - HEADER_V2;
+    put_u32(p, MAGIC_V2);
     put_u32(p + 4, (uint32_t)plen);
-    put_u64(p + RECORD_HEADER, version);
-    put_u32(p + RECORD_HEADER + 8, (uint32_t)n);
-    put_u32(p + 8, (uint32_t)crc32(0L, p + RECORD_HEADER, (uInt)plen));
+    put_u64(p + HEADER_V2, version);
+    put_u32(p + HEADER_V2 + 8, (uint32_t)n);
+    put_u32(p + 8, crc(p + HEADER_V2, plen));
+    put_u32(p + 12, crc(p, 12));
+}
+
+typedef enum {
+    SCAN_END,    /* every byte belongs to a valid record */
+    SCAN_TORN,   /* from `end` on: what a crash leaves (no valid record follows): cut it */
+    SCAN_CORRUPT /* at `end`: damage to acknowledged data: refuse, touch nothing */
+} scan_verdict_t;
+
+typedef struct {
+    scan_verdict_t verdict;
+    size_t end;        /* bytes of whole, valid, applied records from the start */
+    size_t next_valid; /* CORRUPT after a bad frame: where the next valid record starts */
+    uint64_t last;     /* version of the last record read, else the `last` passed in */
+    char why[120];     /* CORRUPT: what is wrong at `end` (offsets are the caller's to add) */
+} log_scan_t;
+
+/* Reads the records of a log (or part of one: `last` is the version before it, 0 for the
+ * start of a log) and says where they end and why. Records at or below `skip_upto` (the
+ * snapshot's version) are checked but not applied; `into` (may be NULL) gets the entries of
+ * the others. Versions must follow one another: each record is the previous one plus one,
+ * and the first above the snapshot is the snapshot's plus one. Pure: no I/O. */
+static void scan_log(const mph_buf_t *b, uint64_t last, uint64_t skip_upto, op_t *into,
+                     log_scan_t *out)
+{
+    size_t pos = 0;
+    memset(out, 0, sizeof(*out));
+    out->last = last;
+    for (;;) {
+        uint64_t v = 0;
+        size_t at = pos;
+        parse_t r = parse_record(b, &pos, &v, into, skip_upto);
+        out->end = at;
+        if (r == PARSE_END) {
+            out->verdict = SCAN_END;
+            return;
+        }
+        if (r == PARSE_MALFORMED) {
+            out->verdict = SCAN_CORRUPT;
+            snprintf(out->why, sizeof(out->why), "a record with valid checksums is malformed");
+            return;
+        }
+        if (r == PARSE_BAD) {
+            /* A crash leaves nothing valid after it; damage to acknowledged data does. */
+            const unsigned char *d = (const unsigned char *)b->data;
+            size_t size, hdr;
+            for (size_t y = at + 1; y + HEADER_V1 <= b->len; y++) {
+                if (frame_valid(d, b->len, y, &size, &hdr)) {
+                    out->verdict = SCAN_CORRUPT;
+                    out->next_valid = y;
+                    snprintf(out->why, sizeof(out->why),
+                             "a bad record, with a valid record after it");
+                    return;
+                }
+            }
+            out->verdict = SCAN_TORN;
+            return;
+        }
+        uint64_t prev = out->last;
+        if (v > skip_upto && prev < skip_upto)
+            prev = skip_upto;
+        if ((v > skip_upto || out->last != 0) && v != prev + 1) {
+            out->verdict = SCAN_CORRUPT;
+            snprintf(out->why, sizeof(out->why), "version %llu follows %llu", (unsigned long long)v,
+                     (unsigned long long)prev);
+            return;
+        }
+        out->last = v;
+    }
 }
 
 /* ---- Worker side (thread pool) ---- */
@@ -302,11 +555,12 @@ static char *scope_file(const fscope_t *sc, const char *ext)
     return p;
 }
 
-/* Opens (creating) the lock and log files. */
+/* Opens (creating) the lock and log files, and makes sure the directory entries are durable
+ * before anything in them is acknowledged (until a directory fsync succeeds, every
+ * operation tries again). */
 static int open_files(op_t *op)
 {
     fscope_t *sc = op->sc;
-    int created = 0;
     if (sc->lock_fd < 0) {
         char *lock = scope_file(sc, ".lock");
         sc->lock_fd = open(lock, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
@@ -314,7 +568,6 @@ static int open_files(op_t *op)
         free(lock);
         if (rc)
             return rc;
-        created = 1;
     }
     if (sc->log_fd < 0) {
         char *log = scope_file(sc, ".log");
@@ -328,20 +581,28 @@ static int open_files(op_t *op)
         free(log);
         if (rc)
             return rc;
-        created = 1;
     }
-    if (created && fsync_dir(op->fs) != 0)
-        return op_fail(op, MPH_ESTORAGE, "cannot sync directory", op->fs->dir);
+    if (!sc->dir_synced) {
+        if (fsync_dir("open.dirsync", op->fs) != 0)
+            return op_fail(op, MPH_ESTORAGE, "cannot sync directory", op->fs->dir);
+        sc->dir_synced = 1;
+    }
+    return 0;
+}
+
+static int lock_fd(int fd)
+{
+    while (flock(fd, LOCK_EX) != 0) {
+        if (errno != EINTR)
+            return -1;
+    }
     return 0;
 }
 
 static int lock_scope(op_t *op)
 {
-    while (flock(op->sc->lock_fd, LOCK_EX) != 0) {
-        if (errno != EINTR)
-            return op_fail(op, MPH_ESTORAGE, "cannot lock", op->sc->path);
-    }
-    return 0;
+    return lock_fd(op->sc->lock_fd) != 0 ? op_fail(op, MPH_ESTORAGE, "cannot lock", op->sc->path)
+                                         : 0;
 }
 
 static void unlock_scope(op_t *op)
@@ -349,50 +610,85 @@ static void unlock_scope(op_t *op)
     flock(op->sc->lock_fd, LOCK_UN);
 }
 
-/* Reads the log from sc->log_end to its end. Complete records go into the doc (when their
- * version is above skip_upto); a torn tail is cut off (we hold the lock). Sets *last to the
- * last version seen (unchanged when none). */
+/* Reads the log from sc->log_end to its end (the caller holds the lock). Complete records
+ * go into the doc (when their version is above skip_upto); a torn tail is cut off; damage is
+ * reported, naming file and offset, and nothing is touched. *last is the version before the
+ * part read (0 from the start of the log); it is set to the last version seen. */
 static int read_log_tail(op_t *op, mph_buf_t *buf, uint64_t skip_upto, uint64_t *last)
 {
     fscope_t *sc = op->sc;
+    char *path = scope_file(sc, ".log");
     struct stat st;
-    if (fstat(sc->log_fd, &st) != 0)
-        return op_fail(op, MPH_ESTORAGE, "cannot stat log of", sc->path);
-    if (st.st_size <= sc->log_end)
-        return 0;
-    if (read_range(sc->log_fd, sc->log_end, st.st_size, buf) != 0)
-        return op_fail(op, MPH_ESTORAGE, "cannot read log of", sc->path);
-    size_t pos = 0;
-    for (;;) {
-        uint64_t v = 0;
-        parse_t r = parse_record(buf, &pos, &v, op, skip_upto);
-        if (r == PARSE_OK) {
-            if (*last != 0 && v != *last + 1 && v > skip_upto) {
-                snprintf(op->message, sizeof(op->message),
-                         "corrupt log of %s: version %llu follows %llu", sc->name,
-                         (unsigned long long)v, (unsigned long long)*last);
-                return op->status = MPH_ECORRUPT;
-            }
-            *last = v;
-            continue;
-        }
-        if (r == PARSE_END)
-            break;
-        if (r == PARSE_CORRUPT) {
-            snprintf(op->message, sizeof(op->message), "corrupt log of %s at byte %lld", sc->name,
-                     (long long)(sc->log_end + (off_t)pos));
-            return op->status = MPH_ECORRUPT;
-        }
-        /* PARSE_TORN: a writer died mid-record; it was never acknowledged. */
-        off_t cut = sc->log_end + (off_t)pos;
-        mph_log(MPH_LOG_WARN, "file: %s: cutting a torn record at byte %lld", sc->name,
-                (long long)cut);
-        if (ftruncate(sc->log_fd, cut) != 0 || counted_sync(op->fs, sc->log_fd, 1) != 0)
-            return op_fail(op, MPH_ESTORAGE, "cannot truncate log of", sc->path);
-        buf->len = pos;
-        break;
+    int rc = 0;
+    if (fstat(sc->log_fd, &st) != 0) {
+        rc = op_fail(op, MPH_ESTORAGE, "cannot stat", path);
+        goto out;
     }
+    if (st.st_size < sc->log_end) {
+        /* Nothing of ours ever cuts below a record some process has read. */
+        snprintf(op->message, sizeof(op->message),
+                 "corrupt log %s: %lld bytes long, but %lld bytes of records were read from it",
+                 path, (long long)st.st_size, (long long)sc->log_end);
+        rc = op->status = MPH_ECORRUPT;
+        goto out;
+    }
+    if (st.st_size == sc->log_end)
+        goto out;
+    if (read_range(sc->log_fd, sc->log_end, st.st_size, buf) != 0) {
+        rc = op_fail(op, MPH_ESTORAGE, "cannot read", path);
+        goto out;
+    }
+    log_scan_t scan;
+    scan_log(buf, *last, skip_upto, op, &scan);
+    if (scan.verdict == SCAN_CORRUPT) {
+        int n = snprintf(op->message, sizeof(op->message), "corrupt log %s at byte %lld: %s", path,
+                         (long long)(sc->log_end + (off_t)scan.end), scan.why);
+        if (scan.next_valid && n > 0 && (size_t)n < sizeof(op->message))
+            snprintf(op->message + n, sizeof(op->message) - (size_t)n, " at byte %lld",
+                     (long long)(sc->log_end + (off_t)scan.next_valid));
+        rc = op->status = MPH_ECORRUPT;
+        goto out;
+    }
+    if (scan.verdict == SCAN_TORN) {
+        /* What a writer that died before its fdatasync returned leaves: never acknowledged. */
+        off_t cut = sc->log_end + (off_t)scan.end;
+        mph_log(MPH_LOG_WARN,
+                "file: %s: cutting %lld bytes of a torn or zero-filled tail at byte %lld", path,
+                (long long)(st.st_size - cut), (long long)cut);
+        if (truncate_at("cut.truncate", sc->log_fd, cut) != 0 ||
+            sync_at("cut.sync", op->fs, sc->log_fd, 0) != 0) {
+            rc = op_fail(op, MPH_ESTORAGE, "cannot cut the torn tail of", path);
+            goto out;
+        }
+        buf->len = scan.end;
+    }
+    *last = scan.last;
     sc->log_end += (off_t)buf->len;
+out:
+    free(path);
+    return rc;
+}
+
+/* Reads the snapshot at `path` (if any) into buf, its entries into op's doc; sets *version
+ * (0 without a snapshot) and *size. */
+static int read_snapshot(op_t *op, const char *path, mph_buf_t *buf, uint64_t *version, off_t *size)
+{
+    *version = 0;
+    *size = 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return errno == ENOENT ? 0 : op_fail(op, MPH_ESTORAGE, "cannot open", path);
+    struct stat st;
+    int bad = fstat(fd, &st) != 0 || read_range(fd, 0, st.st_size, buf) != 0;
+    close(fd);
+    if (bad)
+        return op_fail(op, MPH_ESTORAGE, "cannot read", path);
+    size_t pos = 0;
+    if (parse_record(buf, &pos, version, op, 0) != PARSE_OK || pos != buf->len) {
+        snprintf(op->message, sizeof(op->message), "corrupt snapshot %s", path);
+        return op->status = MPH_ECORRUPT;
+    }
+    *size = st.st_size;
     return 0;
 }
 
@@ -419,131 +715,20 @@ static int load_all(op_t *op)
     }
     free(log);
 
-    uint64_t snap_version = 0;
+    uint64_t snap_version;
     char *snap = scope_file(sc, ".snap");
-    int fd = open(snap, O_RDONLY | O_CLOEXEC);
-    sc->snap_size = 0;
-    if (fd >= 0) {
-        struct stat ss;
-        int bad = fstat(fd, &ss) != 0 || read_range(fd, 0, ss.st_size, &op->bufs[0]) != 0;
-        close(fd);
-        size_t pos = 0;
-        if (bad) {
-            int rc = op_fail(op, MPH_ESTORAGE, "cannot read", snap);
-            free(snap);
-            return rc;
-        }
-        if (parse_record(&op->bufs[0], &pos, &snap_version, op, 0) != PARSE_OK ||
-            pos != op->bufs[0].len) {
-            snprintf(op->message, sizeof(op->message), "corrupt snapshot %s", snap);
-            free(snap);
-            return op->status = MPH_ECORRUPT;
-        }
-        sc->snap_size = ss.st_size;
-    } else if (errno != ENOENT) {
-        int rc = op_fail(op, MPH_ESTORAGE, "cannot open", snap);
-        free(snap);
-        return rc;
-    }
+    int rc = read_snapshot(op, snap, &op->bufs[0], &snap_version, &sc->snap_size);
     free(snap);
+    if (rc)
+        return rc;
     sc->log_end = 0;
     uint64_t last = 0;
-    int rc = read_log_tail(op, &op->bufs[1], snap_version, &last);
+    rc = read_log_tail(op, &op->bufs[1], snap_version, &last);
     if (rc)
         return rc;
     sc->version = last > snap_version ? last : snap_version;
     op->doc.version = sc->version;
     return 0;
-}
-
-typedef struct {
-    const mph_store_entry_t *e;
-    size_t seq;
-} ranked_t;
-
-static int compare_ranked(const void *a, const void *b)
-{
-    const ranked_t *x = a, *y = b;
-    size_t n = x->e->klen < y->e->klen ? x->e->klen : y->e->klen;
-    int c = memcmp(x->e->key, y->e->key, n);
-    if (c == 0)
-        c = (x->e->klen > y->e->klen) - (x->e->klen < y->e->klen);
-    if (c == 0)
-        c = (x->seq > y->seq) - (x->seq < y->seq);
-    return c;
-}
-
-/* Writes a snapshot of the whole scope and starts an empty log. Caller holds the lock and
- * the log is fully applied. A failure leaves the old files in place (still correct). */
-static void compact(op_t *op)
-{
-    fscope_t *sc = op->sc;
-    op_t tmp = {.fs = op->fs, .sc = sc};
-    mph_buf_t rec = MPH_BUF_INIT;
-    char *snap = scope_file(sc, ".snap"), *snap_tmp = scope_file(sc, ".snap.tmp");
-    char *log = scope_file(sc, ".log"), *log_tmp = scope_file(sc, ".log.tmp");
-    ranked_t *ranked = NULL;
-    mph_store_entry_t *live = NULL;
-    int fd = -1;
-
-    if (load_all(&tmp) != 0)
-        goto done;
-    /* Latest value per key, deletions dropped. */
-    ranked = mph_xmalloc((tmp.doc.n + 1) * sizeof(*ranked));
-    for (size_t i = 0; i < tmp.doc.n; i++)
-        ranked[i] = (ranked_t){&tmp.doc.entries[i], i};
-    qsort(ranked, tmp.doc.n, sizeof(*ranked), compare_ranked);
-    live = mph_xmalloc((tmp.doc.n + 1) * sizeof(*live));
-    size_t nlive = 0;
-    for (size_t i = 0; i < tmp.doc.n; i++) {
-        int last_of_key = i + 1 == tmp.doc.n || ranked[i + 1].e->klen != ranked[i].e->klen ||
-                          memcmp(ranked[i + 1].e->key, ranked[i].e->key, ranked[i].e->klen) != 0;
-        if (last_of_key && ranked[i].e->json)
-            live[nlive++] = *ranked[i].e;
-    }
-    build_record(&rec, sc->version, live, nlive);
-
-    fd = open(snap_tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0 || write_all(fd, rec.data, rec.len, 0) != 0 || counted_sync(op->fs, fd, 0) != 0)
-        goto failed;
-    close(fd);
-    fd = -1;
-    if (rename(snap_tmp, snap) != 0 || fsync_dir(op->fs) != 0)
-        goto failed;
-    /* The snapshot holds everything up to sc->version; now an empty log replaces the old. */
-    fd = open(log_tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0 || counted_sync(op->fs, fd, 0) != 0 || rename(log_tmp, log) != 0 ||
-        fsync_dir(op->fs) != 0)
-        goto failed;
-    struct stat st;
-    if (fstat(fd, &st) == 0) {
-        close(sc->log_fd);
-        sc->log_fd = fd;
-        sc->log_ino = st.st_ino;
-        sc->log_end = 0;
-        sc->snap_size = (off_t)rec.len;
-        fd = -1;
-    }
-    mph_log(MPH_LOG_DEBUG, "file: compacted %s: %zu keys at version %llu", sc->name, nlive,
-            (unsigned long long)sc->version);
-    goto done;
-failed:
-    mph_log(MPH_LOG_WARN, "file: compaction of %s failed (the log stays): %s", sc->name,
-            strerror(errno));
-    unlink(snap_tmp);
-done:
-    if (fd >= 0)
-        close(fd);
-    free(ranked);
-    free(live);
-    free(tmp.doc.entries);
-    mph_buf_free(&tmp.bufs[0]);
-    mph_buf_free(&tmp.bufs[1]);
-    mph_buf_free(&rec);
-    free(snap);
-    free(snap_tmp);
-    free(log);
-    free(log_tmp);
 }
 
 static void do_load(op_t *op)
@@ -595,6 +780,34 @@ static void claim_clear(op_t *op)
     free(path);
 }
 
+/* Appends a record at the end of what we read and makes it durable. On failure the record
+ * is taken back (truncate to the old end, fsync), so that no reader, ours or another
+ * process's, builds on a record whose fate on disk is unknown; if that fails too, the scope
+ * is refused from now on (sc->failed). Caller holds the lock. */
+static int append_record(op_t *op, const mph_buf_t *rec)
+{
+    fscope_t *sc = op->sc;
+    if (write_at("append.write", sc->log_fd, rec->data, rec->len, sc->log_end) == 0 &&
+        sync_at("append.sync", op->fs, sc->log_fd, 1) == 0)
+        return 0;
+    char *path = scope_file(sc, ".log");
+    op_fail(op, MPH_ESTORAGE, "cannot write", path);
+    if (truncate_at("takeback.truncate", sc->log_fd, sc->log_end) != 0 ||
+        sync_at("takeback.sync", op->fs, sc->log_fd, 0) != 0) {
+        mph_buf_t why = MPH_BUF_INIT;
+        mph_buf_printf(&why,
+                       "%s; taking the record back failed too (%s), so what the disk holds "
+                       "is unknown: this process refuses the scope until it restarts (check "
+                       "the disk first)",
+                       op->message, strerror(errno));
+        sc->failed = mph_buf_steal(&why, NULL);
+        snprintf(op->message, sizeof(op->message), "%s", sc->failed);
+        mph_log(MPH_LOG_ERROR, "file: %s", sc->failed);
+    }
+    free(path);
+    return op->status;
+}
+
 static void do_commit(op_t *op)
 {
     fscope_t *sc = op->sc;
@@ -625,7 +838,10 @@ static void do_commit(op_t *op)
     uint64_t holder = claim_holder(op);
     op->held = holder != 0 && holder != op->committer;
     if (sc->version != op->expected || op->held) {
-        if (!op->held && op->claim)
+        if (op->held)
+            mph_log(MPH_LOG_DEBUG, "file: %s: held off by the claim of committer %llu", sc->name,
+                    (unsigned long long)holder);
+        else if (op->claim)
             claim_set(op);
         op->status = MPH_ECONFLICT;
         goto out;
@@ -633,35 +849,265 @@ static void do_commit(op_t *op)
     /* Our version is current: append, sync, and only then report success. */
     mph_buf_t rec = MPH_BUF_INIT;
     build_record(&rec, op->expected + 1, op->writes, op->nwrites);
-    if (write_all(sc->log_fd, rec.data, rec.len, sc->log_end) != 0 ||
-        counted_sync(op->fs, sc->log_fd, 1) != 0) {
-        op_fail(op, MPH_ESTORAGE, "cannot write log of", sc->name);
-        /* Leave no partial record behind; if even that fails the CRC rejects it. */
-        if (ftruncate(sc->log_fd, sc->log_end) == 0)
-            counted_sync(op->fs, sc->log_fd, 1);
-        mph_buf_free(&rec);
-        goto out;
+    int rc = append_record(op, &rec);
+    if (rc == 0) {
+        sc->log_end += (off_t)rec.len;
+        sc->version = op->expected + 1;
+        if (holder)
+            claim_clear(op); /* ours: it has served its purpose */
+        op->doc.version = sc->version;
+        op->doc.n = 0;
     }
-    sc->log_end += (off_t)rec.len;
-    sc->version = op->expected + 1;
-    if (holder)
-        claim_clear(op); /* ours: it has served its purpose */
-    op->doc.version = sc->version;
-    op->doc.n = 0;
     mph_buf_free(&rec);
-    if (sc->log_end > (off_t)COMPACT_MIN_BYTES && sc->log_end > 2 * sc->snap_size)
-        compact(op);
 out:
     unlock_scope(op);
+}
+
+/* ---- Compaction ----
+ *
+ * When a commit leaves the log past the threshold, the loop starts a compaction job
+ * (start_compaction); commits go on meanwhile. The job:
+ *  1. takes the compaction guard, an OFD lock on E.lock's first byte (flock and OFD locks
+ *     are independent on Linux), so one process at a time compacts; busy: it skips;
+ *  2. without the scope lock, reads the snapshot and the first `from` bytes of the log: the
+ *     records this process had applied when it started. Those bytes cannot change: the log
+ *     only grows, and a cut or a take-back removes only bytes after every record anyone has
+ *     read. It writes the image to E.snap.tmp, fsyncs, renames it over E.snap and fsyncs the
+ *     directory. A crash anywhere in this step is harmless: the old log still holds every
+ *     record, and records at or below a snapshot's version are skipped on load;
+ *  3. under the scope lock (and the scope's mutex, so this process's own loads and commits
+ *     wait), copies the records appended since `from` into E.log.tmp, fsyncs, renames it
+ *     over E.log and fsyncs the directory. A crash before the rename leaves the old log,
+ *     after it the new one; either is complete with the new snapshot. Other processes see
+ *     the new inode and reload; this process adopts the new log in place.
+ * A failure at any step leaves correct files (the log stays); the job tries again after a
+ * later commit.
+ */
+
+typedef struct {
+    const mph_store_entry_t *e;
+    size_t seq;
+} ranked_t;
+
+static int compare_ranked(const void *a, const void *b)
+{
+    const ranked_t *x = a, *y = b;
+    size_t n = x->e->klen < y->e->klen ? x->e->klen : y->e->klen;
+    int c = memcmp(x->e->key, y->e->key, n);
+    if (c == 0)
+        c = (x->e->klen > y->e->klen) - (x->e->klen < y->e->klen);
+    if (c == 0)
+        c = (x->seq > y->seq) - (x->seq < y->seq);
+    return c;
+}
+
+/* Builds the snapshot record of a doc of changes in order: the latest value per key,
+ * deletions dropped. Returns the number of live keys. */
+static size_t build_image(mph_buf_t *out, uint64_t version, const mph_store_doc_t *doc)
+{
+    ranked_t *ranked = mph_xmalloc((doc->n + 1) * sizeof(*ranked));
+    mph_store_entry_t *live = mph_xmalloc((doc->n + 1) * sizeof(*live));
+    for (size_t i = 0; i < doc->n; i++)
+        ranked[i] = (ranked_t){&doc->entries[i], i};
+    qsort(ranked, doc->n, sizeof(*ranked), compare_ranked);
+    size_t nlive = 0;
+    for (size_t i = 0; i < doc->n; i++) {
+        int last_of_key = i + 1 == doc->n || ranked[i + 1].e->klen != ranked[i].e->klen ||
+                          memcmp(ranked[i + 1].e->key, ranked[i].e->key, ranked[i].e->klen) != 0;
+        if (last_of_key && ranked[i].e->json)
+            live[nlive++] = *ranked[i].e;
+    }
+    build_record(out, version, live, nlive);
+    free(ranked);
+    free(live);
+    return nlive;
+}
+
+/* Step 3: copies the log's records after op->from into a new log and renames it into place,
+ * then points this process's scope at it when the scope had read exactly a prefix of it.
+ * The caller holds the scope's mutex and lock. `last` and `snap_version` continue the
+ * version check of the part already read. Returns the failed step or NULL. */
+static const char *switch_log(op_t *op, uint64_t last, uint64_t snap_version)
+{
+    fscope_t *sc = op->sc;
+    char *log = scope_file(sc, ".log"), *log_tmp = scope_file(sc, ".log.tmp");
+    const char *failed = NULL;
+    mph_buf_t tail = MPH_BUF_INIT;
+    struct stat st;
+    int fd = open(log, O_RDONLY | O_CLOEXEC);
+    if (fd < 0 || fstat(fd, &st) != 0 || st.st_ino != op->old_ino || st.st_size < op->from ||
+        read_range(fd, op->from, st.st_size, &tail) != 0) {
+        failed = "reading the new records";
+        goto out;
+    }
+    log_scan_t scan;
+    scan_log(&tail, last, snap_version, NULL, &scan);
+    if (scan.verdict == SCAN_CORRUPT) {
+        errno = EINVAL;
+        failed = "checking the new records (the log is damaged)";
+        goto out;
+    }
+    /* A torn tail is left behind with the old log: it was never acknowledged. */
+    op->new_log_fd = open(log_tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (op->new_log_fd < 0 ||
+        write_at("compact.log.write", op->new_log_fd, tail.data, scan.end, 0) != 0 ||
+        sync_at("compact.log.sync", op->fs, op->new_log_fd, 0) != 0) {
+        failed = "writing the new log";
+        unlink(log_tmp);
+        goto out;
+    }
+    if (rename_at("compact.log.rename", log_tmp, log) != 0) {
+        failed = "renaming the new log";
+        unlink(log_tmp);
+        goto out;
+    }
+    struct stat nst;
+    fstat(op->new_log_fd, &nst);
+    op->upto = op->from + (off_t)scan.end;
+    /* Renamed: the switch is made, even if the directory sync fails (both logs are
+     * complete with the new snapshot, so either may survive a crash). */
+    if (sc->log_fd >= 0 && sc->log_ino == op->old_ino && sc->log_end >= op->from &&
+        sc->log_end <= op->upto) {
+        close(sc->log_fd);
+        sc->log_fd = op->new_log_fd;
+        op->new_log_fd = -1;
+        sc->log_ino = nst.st_ino;
+        sc->log_end -= op->from;
+        sc->snap_size = op->snap_size;
+    }
+    if (fsync_dir("compact.log.dirsync", op->fs) != 0)
+        failed = "syncing the directory after the new log";
+out:
+    if (fd >= 0)
+        close(fd);
+    if (op->new_log_fd >= 0) {
+        close(op->new_log_fd);
+        op->new_log_fd = -1;
+    }
+    mph_buf_free(&tail);
+    free(log);
+    free(log_tmp);
+    return failed;
+}
+
+static void do_compact(op_t *op)
+{
+    fscope_t *sc = op->sc;
+    char *lock = scope_file(sc, ".lock"), *log = scope_file(sc, ".log");
+    char *snap = scope_file(sc, ".snap"), *snap_tmp = scope_file(sc, ".snap.tmp");
+    const char *failed = NULL;
+    mph_buf_t rec = MPH_BUF_INIT;
+    size_t nlive = 0;
+    int fd = -1;
+
+    /* 1. The guard. */
+    int guard = open(lock, O_RDWR | O_CLOEXEC);
+    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 1};
+    if (guard < 0 || fcntl(guard, F_OFD_SETLK, &fl) != 0) {
+        mph_log(MPH_LOG_DEBUG, "file: %s: not compacting: another process does", sc->name);
+        goto done;
+    }
+    /* 2. The snapshot, from the records we had applied, without the scope lock. */
+    struct stat st;
+    fd = open(log, O_RDONLY | O_CLOEXEC);
+    if (fd < 0 || fstat(fd, &st) != 0) {
+        failed = "opening the log";
+        goto done;
+    }
+    if (st.st_ino != op->old_ino) {
+        mph_log(MPH_LOG_DEBUG, "file: %s: not compacting: another process did", sc->name);
+        goto done;
+    }
+    if (read_range(fd, 0, op->from, &op->bufs[1]) != 0) {
+        failed = "reading the log";
+        goto done;
+    }
+    close(fd);
+    fd = -1;
+    uint64_t snap_version;
+    off_t old_snap_size;
+    if (read_snapshot(op, snap, &op->bufs[0], &snap_version, &old_snap_size) != 0) {
+        failed = op->message;
+        goto done;
+    }
+    log_scan_t scan;
+    scan_log(&op->bufs[1], 0, snap_version, op, &scan);
+    if (scan.verdict != SCAN_END) {
+        errno = EINVAL;
+        failed = "reading the log (records we had read no longer check)";
+        goto done;
+    }
+    uint64_t version = scan.last > snap_version ? scan.last : snap_version;
+    nlive = build_image(&rec, version, &op->doc);
+    fd = open(snap_tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0 || write_at("compact.snap.write", fd, rec.data, rec.len, 0) != 0 ||
+        sync_at("compact.snap.sync", op->fs, fd, 0) != 0) {
+        failed = "writing the snapshot";
+        unlink(snap_tmp);
+        goto done;
+    }
+    close(fd);
+    fd = -1;
+    if (rename_at("compact.snap.rename", snap_tmp, snap) != 0) {
+        failed = "renaming the snapshot";
+        unlink(snap_tmp);
+        goto done;
+    }
+    op->snap_size = (off_t)rec.len;
+    if (fsync_dir("compact.snap.dirsync", op->fs) != 0) {
+        failed = "syncing the directory after the snapshot";
+        goto done;
+    }
+    /* 3. The switch, under the scope's mutex and lock. */
+    uv_mutex_lock(&sc->mutex);
+    if (__atomic_load_n(&sc->failed, __ATOMIC_RELAXED) != NULL) {
+        errno = EIO;
+        failed = "switching logs (the scope is refused)";
+    } else if (lock_fd(guard) != 0) {
+        failed = "locking the scope";
+    } else {
+        failed = switch_log(op, scan.last, version);
+        flock(guard, LOCK_UN);
+    }
+    uv_mutex_unlock(&sc->mutex);
+    if (failed == NULL)
+        mph_log(MPH_LOG_INFO,
+                "file: compacted %s: %zu keys at version %llu, %lld bytes of log kept", sc->name,
+                nlive, (unsigned long long)version, (long long)(op->upto - op->from));
+    fault_at("compact.done");
+done:
+    if (failed)
+        mph_log(MPH_LOG_WARN, "file: compaction of %s failed %s (the log stays as it is): %s",
+                sc->name, failed, strerror(errno));
+    if (fd >= 0)
+        close(fd);
+    if (guard >= 0)
+        close(guard); /* releases the guard */
+    mph_buf_free(&rec);
+    free(lock);
+    free(log);
+    free(snap);
+    free(snap_tmp);
 }
 
 static void work_cb(uv_work_t *w)
 {
     op_t *op = mph_container_of(w, op_t, work);
-    if (op->kind == OP_LOAD)
+    fscope_t *sc = op->sc;
+    if (op->kind == OP_COMPACT) {
+        do_compact(op);
+        return;
+    }
+    uv_mutex_lock(&sc->mutex);
+    if (sc->failed) {
+        op->status = MPH_ESTORAGE;
+        snprintf(op->message, sizeof(op->message), "%s", sc->failed);
+    } else if (op->kind == OP_LOAD) {
         do_load(op);
-    else
+    } else {
         do_commit(op);
+    }
+    uv_mutex_unlock(&sc->mutex);
 }
 
 /* ---- Loop side ---- */
@@ -677,6 +1123,8 @@ static void store_free(file_store_t *fs)
             close(sc->lock_fd);
         if (sc->log_fd >= 0)
             close(sc->log_fd);
+        uv_mutex_destroy(&sc->mutex);
+        free(sc->failed);
         free(sc->name);
         free(sc->path);
         free(sc);
@@ -690,17 +1138,50 @@ static void store_free(file_store_t *fs)
         cb(ud);
 }
 
+static void after_work_cb(uv_work_t *w, int status);
+
+/* Starts a compaction job of sc from the log as this process has read it. Called with no
+ * load or commit of sc in flight, so its fields are ours to read. */
+static void start_compaction(file_store_t *fs, fscope_t *sc)
+{
+    op_t *op = mph_xcalloc(1, sizeof(*op));
+    op->fs = fs;
+    op->sc = sc;
+    op->kind = OP_COMPACT;
+    op->old_ino = sc->log_ino;
+    op->from = sc->log_end;
+    op->new_log_fd = -1;
+    if (uv_queue_work(fs->loop, &op->work, work_cb, after_work_cb) != 0) {
+        free(op);
+        return;
+    }
+    mph_log(MPH_LOG_DEBUG, "file: compacting %s (%lld bytes of log)", sc->name,
+            (long long)sc->log_end);
+    sc->compacting = 1;
+    fs->ops++;
+}
+
 static void after_work_cb(uv_work_t *w, int status)
 {
     op_t *op = mph_container_of(w, op_t, work);
     file_store_t *fs = op->fs;
+    fscope_t *sc = op->sc;
     (void)status; /* work is never cancelled */
-    op->sc->busy = 0;
-    if (op->kind == OP_COMMIT && op->status == 0)
-        fs->commits++;
-    mph_store_result_t res = {op->status, op->message[0] ? op->message : NULL, op->doc,
-                              op->sc->name, op->held};
-    op->cb(op->ud, &res);
+    if (op->kind == OP_COMPACT) {
+        sc->compacting = 0;
+    } else {
+        sc->busy = 0;
+        if (op->kind == OP_COMMIT && op->status == 0) {
+            fs->commits++;
+            /* Decided before the callback, which may start the next commit. */
+            if (!sc->compacting && !fs->closing && sc->failed == NULL &&
+                sc->log_end > fs->compact_min && sc->log_end > 2 * sc->snap_size)
+                start_compaction(fs, sc);
+        }
+        mph_store_result_t res = {op->status, op->message[0] ? op->message : NULL, op->doc,
+                                  sc->name, op->held};
+        op->cb(op->ud, &res);
+    }
     free(op->doc.entries);
     mph_buf_free(&op->bufs[0]);
     mph_buf_free(&op->bufs[1]);
@@ -721,6 +1202,8 @@ static fscope_t *scope_for(file_store_t *fs, const char *name)
     encode_name(&p, name);
     sc->path = mph_buf_steal(&p, NULL);
     sc->lock_fd = sc->log_fd = -1;
+    if (uv_mutex_init(&sc->mutex) != 0)
+        abort(); /* like an allocation failure: nothing sensible to do */
     sc->next = fs->scopes;
     fs->scopes = sc;
     return sc;
@@ -829,6 +1312,11 @@ int mph_store_file_open(mph_store_t **out, uv_loop_t *loop, const char *dir, cha
     fs->loop = loop;
     char *abs = realpath(dir, NULL);
     fs->dir = abs ? abs : mph_xstrdup(dir);
+    fs->compact_min = COMPACT_MIN_BYTES;
+    faults_init();
+    const char *min = getenv("MPH_TEST_COMPACT_MIN");
+    if (min && atol(min) > 0)
+        fs->compact_min = (off_t)atol(min);
     *out = &fs->base;
     return 0;
 }

@@ -1,12 +1,11 @@
 /*
- * Unit tests of the pure C pieces: the JSON <-> Lua mapping, the UTF-8 check, and the file
- * backend's name encoding and record format. The .c files are included to reach their
- * statics (as h2o's t/00unit does). Output is TAP, one line per test.
+ * Unit tests of the pure C pieces: the JSON <-> Lua mapping and the UTF-8 check (the file
+ * backend's name encoding and record format are in file.c). The .c files are included to reach
+ * their statics (as h2o's t/00unit does). Output is TAP, one line per test.
  */
 #define _GNU_SOURCE
 #include "host/common.c"
 #include "lua/json.c"
-#include "storage/file.c"
 
 #include <lualib.h>
 
@@ -164,60 +163,12 @@ static void test_utf8(void)
     CHECK(!mph_utf8_valid("\xe0\x80\xaf", 3)); /* overlong 3-byte */
 }
 
-static void test_scope_names_stay_in_the_directory(void)
-{
-    mph_buf_t b = MPH_BUF_INIT;
-    encode_name(&b, "../../etc/passwd");
-    CHECK(strcmp(b.data, "%2E%2E%2F%2E%2E%2Fetc%2Fpasswd") == 0);
-    b.len = 0;
-    encode_name(&b, "global");
-    CHECK(strcmp(b.data, "global") == 0);
-    b.len = 0;
-    encode_name(&b, "user:\xc3\xa9");
-    CHECK(strcmp(b.data, "user%3A%C3%A9") == 0);
-    mph_buf_free(&b);
-}
-
-static void test_records(void)
-{
-    mph_store_entry_t e[2] = {{"a", 1, "1", 1}, {"gone", 4, NULL, 0}};
-    mph_buf_t b = MPH_BUF_INIT;
-    build_record(&b, 7, e, 2);
-    build_record(&b, 8, e, 1);
-    op_t op;
-    memset(&op, 0, sizeof(op));
-    size_t pos = 0;
-    uint64_t v = 0;
-    CHECK(parse_record(&b, &pos, &v, &op, 0) == PARSE_OK && v == 7);
-    CHECK(op.doc.n == 2 && op.doc.entries[1].json == NULL && op.doc.entries[0].jlen == 1);
-    CHECK(parse_record(&b, &pos, &v, &op, 7) == PARSE_OK && v == 8);
-    CHECK(op.doc.n == 3);
-    CHECK(parse_record(&b, &pos, &v, &op, 0) == PARSE_END);
-    /* Every strict prefix of the last record is torn, never an error, never a record. */
-    size_t full = b.len, second = 0;
-    v = 0;
-    parse_record(&b, &second, &v, NULL, 0);
-    for (size_t cut = second + 1; cut < full; cut++) {
-        mph_buf_t t = {b.data, cut, b.cap};
-        size_t p = second;
-        CHECK(parse_record(&t, &p, &v, NULL, 0) == PARSE_TORN);
-    }
-    /* A flipped byte in a record that is not the last is corruption. */
-    b.data[RECORD_HEADER + 3] ^= 1;
-    pos = 0;
-    CHECK(parse_record(&b, &pos, &v, NULL, 0) == PARSE_CORRUPT);
-    free(op.doc.entries);
-    mph_buf_free(&b);
-}
-
 static const mph_unit_test_t tests[] = {
     {"encode_scalars", test_encode_scalars},
     {"encode_tables", test_encode_tables},
     {"encode_errors_name_the_path", test_encode_errors_name_the_path},
     {"decode", test_decode},
     {"utf8", test_utf8},
-    {"scope_names_stay_in_the_directory", test_scope_names_stay_in_the_directory},
-    {"records", test_records},
 };
 
 MPH_UNIT_MAIN(tests)

@@ -1,0 +1,248 @@
+/*
+ * Unit tests of the file backend's pure pieces: scope-name encoding, the record format (both
+ * formats), and recovery's verdicts (scan_log): what a crash can leave is a torn tail, to be
+ * cut; damage with valid records after it is corruption, never cut. storage/file.c is
+ * included to reach its statics (as h2o's t/00unit does).
+ */
+#define _GNU_SOURCE
+#include "host/common.c"
+#include "storage/file.c"
+
+#include "spec/unit/unit.h"
+
+/* A log of records at versions first..first+n-1, each with one key "k" = "<version>". Sets
+ * starts[i] to where record i begins (starts[n] to the end). */
+static void build_log(mph_buf_t *b, uint64_t first, size_t n, size_t *starts)
+{
+    for (size_t i = 0; i < n; i++) {
+        char json[32];
+        snprintf(json, sizeof(json), "%llu", (unsigned long long)(first + i));
+        mph_store_entry_t e = {"k", 1, json, strlen(json)};
+        starts[i] = b->len;
+        build_record(b, first + i, &e, 1);
+    }
+    starts[n] = b->len;
+}
+
+/* A format-1 record (no header CRC), as mphost 0.1 wrote them. */
+static void build_record_v1(mph_buf_t *b, uint64_t version, const char *key, const char *json)
+{
+    mph_buf_t v2 = MPH_BUF_INIT;
+    mph_store_entry_t e = {key, strlen(key), json, strlen(json)};
+    build_record(&v2, version, &e, 1);
+    unsigned char hdr[HEADER_V1];
+    memcpy(hdr, v2.data, HEADER_V1);
+    put_u32(hdr, MAGIC_V1);
+    mph_buf_append(b, hdr, HEADER_V1);
+    mph_buf_append(b, v2.data + HEADER_V2, v2.len - HEADER_V2);
+    mph_buf_free(&v2);
+}
+
+static scan_verdict_t scan(const mph_buf_t *b, size_t *end, uint64_t *last)
+{
+    log_scan_t s;
+    scan_log(b, 0, 0, NULL, &s);
+    *end = s.end;
+    *last = s.last;
+    return s.verdict;
+}
+
+static void test_scope_names_stay_in_the_directory(void)
+{
+    mph_buf_t b = MPH_BUF_INIT;
+    encode_name(&b, "../../etc/passwd");
+    CHECK(strcmp(b.data, "%2E%2E%2F%2E%2E%2Fetc%2Fpasswd") == 0);
+    b.len = 0;
+    encode_name(&b, "global");
+    CHECK(strcmp(b.data, "global") == 0);
+    b.len = 0;
+    encode_name(&b, "user:\xc3\xa9");
+    CHECK(strcmp(b.data, "user%3A%C3%A9") == 0);
+    mph_buf_free(&b);
+}
+
+static void test_records_round_trip(void)
+{
+    mph_store_entry_t e[2] = {{"a", 1, "1", 1}, {"gone", 4, NULL, 0}};
+    mph_buf_t b = MPH_BUF_INIT;
+    build_record(&b, 7, e, 2);
+    build_record(&b, 8, e, 1);
+    op_t op;
+    memset(&op, 0, sizeof(op));
+    size_t pos = 0;
+    uint64_t v = 0;
+    CHECK(parse_record(&b, &pos, &v, &op, 0) == PARSE_OK && v == 7);
+    CHECK(op.doc.n == 2 && op.doc.entries[1].json == NULL && op.doc.entries[0].jlen == 1);
+    CHECK(parse_record(&b, &pos, &v, &op, 7) == PARSE_OK && v == 8);
+    CHECK(op.doc.n == 3);
+    CHECK(parse_record(&b, &pos, &v, &op, 0) == PARSE_END);
+    free(op.doc.entries);
+    mph_buf_free(&b);
+}
+
+static void test_format_1_records_still_load(void)
+{
+    mph_buf_t b = MPH_BUF_INIT;
+    build_record_v1(&b, 1, "a", "\"old\"");
+    size_t starts[2];
+    build_log(&b, 2, 1, starts); /* a format-2 record appended after an upgrade */
+    op_t op;
+    memset(&op, 0, sizeof(op));
+    log_scan_t s;
+    scan_log(&b, 0, 0, &op, &s);
+    CHECK(s.verdict == SCAN_END && s.end == b.len && s.last == 2);
+    CHECK(op.doc.n == 2 && op.doc.entries[0].jlen == 5);
+    free(op.doc.entries);
+    mph_buf_free(&b);
+}
+
+static void test_every_prefix_of_the_last_record_is_torn(void)
+{
+    mph_buf_t b = MPH_BUF_INIT;
+    size_t starts[4];
+    build_log(&b, 1, 3, starts);
+    for (size_t cut = starts[2] + 1; cut < starts[3]; cut++) {
+        mph_buf_t t = {b.data, cut, b.cap};
+        size_t end;
+        uint64_t last;
+        CHECK(scan(&t, &end, &last) == SCAN_TORN && end == starts[2] && last == 2);
+    }
+    mph_buf_free(&b);
+}
+
+static void test_zero_filled_tails_are_torn(void)
+{
+    size_t lens[] = {1, 11, 12, 16, 100, 4096};
+    for (size_t i = 0; i < sizeof(lens) / sizeof(lens[0]); i++) {
+        mph_buf_t b = MPH_BUF_INIT;
+        size_t starts[4];
+        build_log(&b, 1, 3, starts);
+        /* What a power cut can leave: the size grew, the data did not make it (all zero), or
+         * part of the last record did and the rest is zeros. */
+        for (int half = 0; half < 2; half++) {
+            b.len = starts[3];
+            if (half)
+                mph_buf_append(&b, b.data + starts[2], (starts[3] - starts[2]) / 2);
+            static const char zeros[4096];
+            mph_buf_append(&b, zeros, lens[i]);
+            size_t end;
+            uint64_t last;
+            CHECK(scan(&b, &end, &last) == SCAN_TORN && end == starts[3] && last == 3);
+        }
+        mph_buf_free(&b);
+    }
+}
+
+static void test_damage_before_valid_records_is_corruption(void)
+{
+    mph_buf_t b = MPH_BUF_INIT;
+    size_t starts[5];
+    build_log(&b, 1, 4, starts);
+    /* One flipped bit anywhere in records 2 and 3 (header, length, CRCs, payload): a valid
+     * record follows, so it is damage to acknowledged data, reported where it is. */
+    for (size_t at = starts[1]; at < starts[3]; at++) {
+        for (int bit = 0; bit < 8; bit++) {
+            b.data[at] ^= (char)(1 << bit);
+            log_scan_t s;
+            scan_log(&b, 0, 0, NULL, &s);
+            size_t damaged = at < starts[2] ? starts[1] : starts[2];
+            CHECK(s.verdict == SCAN_CORRUPT && s.end == damaged && s.next_valid > damaged);
+            b.data[at] ^= (char)(1 << bit);
+        }
+    }
+    /* The same in the last record: indistinguishable from a torn write, so it is cut. */
+    b.data[starts[3] + 5] ^= 0x40; /* its length */
+    size_t end;
+    uint64_t last;
+    CHECK(scan(&b, &end, &last) == SCAN_TORN && end == starts[3] && last == 3);
+    mph_buf_free(&b);
+}
+
+static void test_format_1_length_damage_is_corruption(void)
+{
+    /* Without a header CRC, a damaged length reads as a record running past the end; the
+     * valid record after it still shows it is not a torn tail. */
+    mph_buf_t b = MPH_BUF_INIT;
+    build_record_v1(&b, 1, "a", "1");
+    size_t second = b.len;
+    build_record_v1(&b, 2, "a", "2");
+    build_record_v1(&b, 3, "a", "3");
+    b.data[second + 6] ^= 0x10;
+    size_t end;
+    uint64_t last;
+    CHECK(scan(&b, &end, &last) == SCAN_CORRUPT && end == second);
+    mph_buf_free(&b);
+}
+
+static void test_versions_must_follow(void)
+{
+    mph_buf_t b = MPH_BUF_INIT;
+    size_t starts[4];
+    build_log(&b, 5, 3, starts); /* 5, 6, 7 */
+    log_scan_t s;
+    scan_log(&b, 0, 0, NULL, &s);
+    CHECK(s.verdict == SCAN_CORRUPT && s.end == 0); /* a log without a snapshot starts at 1 */
+    scan_log(&b, 4, 0, NULL, &s);
+    CHECK(s.verdict == SCAN_END && s.last == 7); /* the tail after version 4 */
+    scan_log(&b, 0, 4, NULL, &s);
+    CHECK(s.verdict == SCAN_END && s.last == 7); /* after a snapshot at 4 */
+    scan_log(&b, 0, 6, NULL, &s);
+    CHECK(s.verdict == SCAN_END && s.last == 7); /* records up to the snapshot are skipped */
+    scan_log(&b, 0, 3, NULL, &s);
+    CHECK(s.verdict == SCAN_CORRUPT && s.end == 0); /* a gap after the snapshot */
+    mph_buf_t g = MPH_BUF_INIT;
+    size_t gs[3];
+    build_log(&g, 1, 2, gs);
+    build_log(&g, 4, 1, gs); /* 1, 2, 4 */
+    scan_log(&g, 0, 0, NULL, &s);
+    CHECK(s.verdict == SCAN_CORRUPT && s.end == gs[0] && s.last == 2);
+    CHECK(strstr(s.why, "version 4 follows 2") != NULL);
+    mph_buf_free(&g);
+    mph_buf_free(&b);
+}
+
+static void test_malformed_record_is_corruption_even_last(void)
+{
+    mph_buf_t b = MPH_BUF_INIT;
+    size_t starts[3];
+    build_log(&b, 1, 2, starts);
+    /* Claim two entries in the last record and fix both CRCs: checksums hold, contents do
+     * not add up. That is no crash's doing. */
+    unsigned char *p = (unsigned char *)b.data + starts[1];
+    put_u32(p + HEADER_V2 + 8, 2);
+    put_u32(p + 8, crc(p + HEADER_V2, get_u32(p + 4)));
+    put_u32(p + 12, crc(p, 12));
+    size_t end;
+    uint64_t last;
+    CHECK(scan(&b, &end, &last) == SCAN_CORRUPT && end == starts[1]);
+    mph_buf_free(&b);
+}
+
+static void test_fault_specs(void)
+{
+    setenv("MPH_TEST_FAULT", "append.sync:2:fail,compact.snap.write:1:hold", 1);
+    faults_init();
+    CHECK(nfaults == 2);
+    CHECK(strcmp(faults[0].point, "append.sync") == 0 && faults[0].nth == 2);
+    CHECK(faults[0].action == FAULT_FAIL && faults[1].action == FAULT_HOLD);
+    CHECK(fault_at("append.sync") == 0);
+    CHECK(fault_at("append.sync") == -1 && errno == EIO);
+    CHECK(fault_at("append.sync") == 0);
+    CHECK(fault_at("append.write") == 0);
+    nfaults = 0;
+}
+
+static const mph_unit_test_t tests[] = {
+    {"scope_names_stay_in_the_directory", test_scope_names_stay_in_the_directory},
+    {"records_round_trip", test_records_round_trip},
+    {"format_1_records_still_load", test_format_1_records_still_load},
+    {"every_prefix_of_the_last_record_is_torn", test_every_prefix_of_the_last_record_is_torn},
+    {"zero_filled_tails_are_torn", test_zero_filled_tails_are_torn},
+    {"damage_before_valid_records_is_corruption", test_damage_before_valid_records_is_corruption},
+    {"format_1_length_damage_is_corruption", test_format_1_length_damage_is_corruption},
+    {"versions_must_follow", test_versions_must_follow},
+    {"malformed_record_is_corruption_even_last", test_malformed_record_is_corruption_even_last},
+    {"fault_specs", test_fault_specs},
+};
+
+MPH_UNIT_MAIN(tests)
