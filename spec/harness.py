@@ -269,30 +269,52 @@ class KeepAliveClient:
         self.sock.close()
 
 
-def kill9_under_load(server, clients=8, seconds=0.3):
+def kill9_under_load(server, clients=8, after_acks=50):
     """Runs `clients` keep-alive callers of simple-storage against server, kills it with -9
-    after `seconds`, and returns the counts that were acknowledged before it died."""
+    once `after_acks` calls were acknowledged (so it dies under load, whatever the machine's
+    speed), and returns the counts acknowledged before it died. The only failure expected is
+    the connection cut by the kill: a JSON-RPC error, or a failure before the kill, fails the
+    test, with every such problem listed."""
     import threading
-    acked, lock, stop = [], threading.Lock(), threading.Event()
+    acked, problems, lock = [], [], threading.Lock()
+    enough, killing = threading.Event(), threading.Event()
 
     def worker():
         try:
-            c = KeepAliveClient(server.port, timeout=5)
-            while not stop.is_set():
+            c = KeepAliveClient(server.port, timeout=30)
+        except OSError as e:
+            with lock:
+                problems.append("connecting: %r" % e)
+            return
+        while True:
+            try:
                 r = c.call("simple-storage", [{}])
-                with lock:
-                    acked.append(r["result"]["requests"])
-        except Exception:
-            pass  # the server died under us: unacknowledged calls do not count
+            except Exception as e:  # the kill cuts the connection: expected only after it
+                if not killing.is_set():
+                    with lock:
+                        problems.append("before the kill: %r" % e)
+                break
+            with lock:
+                if "error" in r:
+                    problems.append("JSON-RPC error: %r" % r["error"])
+                    enough.set()  # fail at once, not after the wait
+                    break
+                acked.append(r["result"]["requests"])
+                if len(acked) >= after_acks:
+                    enough.set()
+        c.close()
 
     threads = [threading.Thread(target=worker) for _ in range(clients)]
     for t in threads:
         t.start()
-    time.sleep(seconds)
+    # Generous: 50 calls take milliseconds; this only bounds a hung server.
+    reached = enough.wait(60)
+    killing.set()
     server.kill9()
-    stop.set()
     for t in threads:
         t.join()
+    check(reached, "only %d calls were acknowledged in 60 s" % len(acked))
+    check(not problems, "calls failed under load: %s" % "; ".join(problems[:5]))
     return acked
 
 

@@ -235,10 +235,12 @@ static void faults_init(void)
  * holding if asked). */
 static int fault_at(const char *point)
 {
+    unsigned pass = 0; /* counted by the first spec naming the point, shared by the others */
     for (int i = 0; i < nfaults; i++) {
         if (strcmp(faults[i].point, point) != 0)
             continue;
-        unsigned pass = __atomic_add_fetch(&faults[i].passes, 1, __ATOMIC_RELAXED);
+        if (pass == 0)
+            pass = __atomic_add_fetch(&faults[i].passes, 1, __ATOMIC_RELAXED);
         if (faults[i].nth != 0 && pass != faults[i].nth)
             continue;
         switch (faults[i].action) {
