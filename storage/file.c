@@ -1062,7 +1062,7 @@ static void do_compact(op_t *op)
     }
     /* 3. The switch, under the scope's mutex and lock. */
     uv_mutex_lock(&sc->mutex);
-    if (__atomic_load_n(&sc->failed, __ATOMIC_RELAXED) != NULL) {
+    if (sc->failed != NULL) { /* set under this mutex */
         errno = EIO;
         failed = "switching logs (the scope is refused)";
     } else if (lock_fd(guard) != 0) {
