@@ -44,7 +44,6 @@
 #define _GNU_SOURCE
 #include <assert.h>
 #include <errno.h>
-#include <hiredis/adapters/libuv.h>
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
 #include <netdb.h>
@@ -114,7 +113,9 @@ struct redis_store_s {
     char addr[INET6_ADDRSTRLEN]; /* the numeric address of the last connection attempt */
     uint64_t reconnect_at;       /* DOWN: when to try again */
     unsigned backoff_ms;
-    int was_up;          /* for logging transitions */
+    int ready;           /* on_connect reported the current connection up */
+    int was_up;          /* Redis answered last we knew: logging, and calls queue while
+                            a connection is still being made (else they fail at once) */
     char commit_sha[41]; /* "" until SCRIPT LOAD answered on this connection */
     char load_sha[41];
     rop_t *oldest, *newest; /* commands in flight */
@@ -497,6 +498,7 @@ static void on_connect(const redisAsyncContext *ac, int status)
     if (!rs->was_up)
         mph_log(MPH_LOG_INFO, "redis: connected to %s (%s)", rs->where, rs->addr);
     rs->was_up = 1;
+    rs->ready = 1;
     rs->backoff_ms = BACKOFF_MIN_MS;
 }
 
@@ -528,6 +530,92 @@ static int login_commands(const char *password, int db, char db_buf[16], login_t
     return n;
 }
 
+/* ---- Event hooks ----
+ * hiredis drives its socket through the ev hooks of its context. We install our own instead
+ * of hiredis 0.14.1's adapters/libuv.h, whose poll callback returns on any error status: libuv
+ * reports POLLERR (a refused connect, a reset) as UV_EBADF and stops watching, so with that
+ * adapter a refused connect is never noticed and calls wait for the command timeout. Here an
+ * error wakes hiredis for the events it waits on; its read or connect check finds the
+ * socket's error and ends the connection at once. The poll handle is closed before it is
+ * freed, in its close callback; `ac` is cut when hiredis cleans up, so a late event finds
+ * NULL. */
+
+typedef struct {
+    uv_poll_t poll;        /* on the context's socket */
+    redisAsyncContext *ac; /* NULL once hiredis cleaned up */
+    int events;            /* UV_READABLE | UV_WRITABLE hiredis asked for */
+} ev_t;
+
+static void on_poll(uv_poll_t *handle, int status, int events)
+{
+    ev_t *ev = mph_container_of(handle, ev_t, poll);
+    if (status < 0)
+        events = ev->events; /* let hiredis find the error itself */
+    if (ev->ac && (events & UV_READABLE))
+        redisAsyncHandleRead(ev->ac);
+    if (ev->ac && (events & UV_WRITABLE))
+        redisAsyncHandleWrite(ev->ac);
+}
+
+static void ev_update(ev_t *ev, int add, int del)
+{
+    ev->events = (ev->events | add) & ~del;
+    if (ev->events)
+        uv_poll_start(&ev->poll, ev->events, on_poll);
+    else
+        uv_poll_stop(&ev->poll);
+}
+
+static void ev_add_read(void *p)
+{
+    ev_update(p, UV_READABLE, 0);
+}
+
+static void ev_del_read(void *p)
+{
+    ev_update(p, 0, UV_READABLE);
+}
+
+static void ev_add_write(void *p)
+{
+    ev_update(p, UV_WRITABLE, 0);
+}
+
+static void ev_del_write(void *p)
+{
+    ev_update(p, 0, UV_WRITABLE);
+}
+
+static void on_ev_closed(uv_handle_t *h)
+{
+    free(mph_container_of((uv_poll_t *)h, ev_t, poll));
+}
+
+static void ev_cleanup(void *p)
+{
+    ev_t *ev = p;
+    ev->ac = NULL;
+    uv_close((uv_handle_t *)&ev->poll, on_ev_closed);
+}
+
+/* Attaches ac to the loop. Returns 0 or -1 (ac untouched). */
+static int ev_attach(redisAsyncContext *ac, uv_loop_t *loop)
+{
+    ev_t *ev = mph_xcalloc(1, sizeof(*ev));
+    if (uv_poll_init_socket(loop, &ev->poll, ac->c.fd) != 0) {
+        free(ev);
+        return -1;
+    }
+    ev->ac = ac;
+    ac->ev.data = ev;
+    ac->ev.addRead = ev_add_read;
+    ac->ev.delRead = ev_del_read;
+    ac->ev.addWrite = ev_add_write;
+    ac->ev.delWrite = ev_del_write;
+    ac->ev.cleanup = ev_cleanup;
+    return 0;
+}
+
 /* Starts connecting to a numeric address: DOWN or RESOLVING -> CONNECTED (or DOWN). */
 static void connect_addr(redis_store_t *rs, const char *addr)
 {
@@ -542,7 +630,7 @@ static void connect_addr(redis_store_t *rs, const char *addr)
         return;
     }
     ac->data = rs;
-    if (redisLibuvAttach(ac, rs->loop) != REDIS_OK) {
+    if (ev_attach(ac, rs->loop) != 0) {
         redisAsyncFree(ac);
         attempt_failed(rs, "cannot attach to the event loop");
         return;
@@ -551,6 +639,7 @@ static void connect_addr(redis_store_t *rs, const char *addr)
     redisAsyncSetDisconnectCallback(ac, on_disconnect);
     rs->ac = ac;
     rs->state = STATE_CONNECTED;
+    rs->ready = 0;
     rs->commit_sha[0] = rs->load_sha[0] = '\0';
     char db[16];
     login_t login[2];
@@ -683,6 +772,14 @@ static void on_tick(uv_timer_t *t)
 
 /* ---- Methods ---- */
 
+/* Whether a call can be sent now: connected, or connecting while Redis was last seen up (the
+ * first connection, a reconnect after a drop). During a known outage a connection attempt
+ * may hang until the command timeout (a host that drops packets): calls fail at once. */
+static int can_send(const redis_store_t *rs)
+{
+    return rs->state == STATE_CONNECTED && (rs->ready || rs->was_up);
+}
+
 static rop_t *new_op(redis_store_t *rs, op_kind_t kind, const char *scope, mph_store_cb cb,
                      void *ud, int argc)
 {
@@ -718,7 +815,7 @@ static int redis_load(mph_store_t *s, const char *scope, mph_store_cb cb, void *
     redis_store_t *rs = (redis_store_t *)s;
     if (rs->closing)
         return MPH_ECLOSED;
-    if (rs->state != STATE_CONNECTED)
+    if (!can_send(rs))
         return MPH_ESTORAGE;
     rop_t *op = new_op(rs, OP_LOAD, scope, cb, ud, 3 + NKEYS);
     send_op(op);
@@ -731,7 +828,7 @@ static int redis_commit(mph_store_t *s, const mph_store_write_t *writes, size_t 
     redis_store_t *rs = (redis_store_t *)s;
     if (rs->closing)
         return MPH_ECLOSED;
-    if (rs->state != STATE_CONNECTED)
+    if (!can_send(rs))
         return MPH_ESTORAGE;
     if (nwrites != 1)
         return MPH_EINVAL; /* one scope per commit, as the runner sends them */

@@ -327,16 +327,37 @@ static void ignore_result(void *ud, const mph_store_result_t *res)
     (void)res;
 }
 
+/* Runs the loop until rs reaches `state` with at least `resolutions`. The limit of 10 s of
+ * loop time only guards against a hang: each step takes milliseconds (no command timeout can
+ * help, the tests set it to 10 minutes). */
+static int run_until(uv_loop_t *loop, redis_store_t *rs, conn_state_t state, unsigned resolutions)
+{
+    uint64_t give_up = uv_now(loop) + 10000;
+    while ((rs->state != state || rs->resolutions < resolutions) && uv_now(loop) < give_up)
+        uv_run(loop, UV_RUN_ONCE);
+    return rs->state == state && rs->resolutions >= resolutions;
+}
+
 static void test_numeric_hosts_are_not_resolved(void)
 {
     static const char *const hosts[] = {"127.0.0.1", "::1"};
     for (int i = 0; i < 2; i++) {
         uv_loop_t loop;
         uv_loop_init(&loop);
-        mph_store_redis_config_t cfg = {hosts[i], dead_port(), NULL, 0, NULL, 0, 0};
+        mph_store_redis_config_t cfg = {hosts[i], dead_port(), NULL, 0, NULL, 600000, 0};
         redis_store_t *rs = store_new(&loop, &cfg, 0);
         CHECK(rs->numeric && rs->state == STATE_CONNECTED && rs->ac != NULL);
-        CHECK(strcmp(rs->addr, hosts[i]) == 0 && rs->resolutions == 0);
+        CHECK(strcmp(rs->addr, hosts[i]) == 0);
+        /* The first connection: calls queue while it is being made. */
+        CHECK(can_send(rs));
+        /* A refused connect is noticed at once (not after the command timeout: hiredis
+         * 0.14.1's libuv adapter dropped that error). */
+        CHECK(run_until(&loop, rs, STATE_DOWN, 0));
+        CHECK(rs->resolutions == 0 && !rs->was_up);
+        /* The next attempt, during a known outage: calls fail at once. */
+        CHECK(run_until(&loop, rs, STATE_CONNECTED, 0));
+        CHECK(!can_send(rs));
+        CHECK(rs->base.methods->load(&rs->base, "global", ignore_result, NULL) == MPH_ESTORAGE);
         close_store(&loop, rs);
     }
 }
@@ -345,20 +366,15 @@ static void test_names_are_resolved_off_the_loop_on_every_attempt(void)
 {
     uv_loop_t loop;
     uv_loop_init(&loop);
-    mph_store_redis_config_t cfg = {"localhost", dead_port(), NULL, 0, NULL, 0, 0};
+    mph_store_redis_config_t cfg = {"localhost", dead_port(), NULL, 0, NULL, 600000, 0};
     redis_store_t *rs = store_new(&loop, &cfg, 0);
     /* store_new returned before the name was resolved: it is on the thread pool. */
     CHECK(!rs->numeric && rs->state == STATE_RESOLVING && rs->ac == NULL);
     CHECK(rs->resolutions == 0 && rs->addr[0] == '\0');
     /* Meanwhile calls fail at once. */
     CHECK(rs->base.methods->load(&rs->base, "global", ignore_result, NULL) == MPH_ESTORAGE);
-    /* Each attempt fails (nothing listens) and the next one resolves the name again. The
-     * backoff makes three attempts take about 50 + 100 ms; 10 s of loop time is only a guard
-     * against a hang, far beyond any slow machine. */
-    uint64_t give_up = uv_now(&loop) + 10000;
-    while (rs->resolutions < 3 && uv_now(&loop) < give_up)
-        uv_run(&loop, UV_RUN_ONCE);
-    CHECK(rs->resolutions >= 3);
+    /* Each attempt fails (nothing listens) and the next one resolves the name again. */
+    CHECK(run_until(&loop, rs, STATE_DOWN, 3));
     CHECK(is_numeric_address(rs->addr)); /* what hiredis was given */
     close_store(&loop, rs);
 }
@@ -367,7 +383,7 @@ static void test_close_while_resolving(void)
 {
     uv_loop_t loop;
     uv_loop_init(&loop);
-    mph_store_redis_config_t cfg = {"localhost", dead_port(), NULL, 0, NULL, 0, 0};
+    mph_store_redis_config_t cfg = {"localhost", dead_port(), NULL, 0, NULL, 600000, 0};
     redis_store_t *rs = store_new(&loop, &cfg, 0);
     CHECK(rs->state == STATE_RESOLVING);
     close_store(&loop, rs); /* cancelled or awaited; no connection attempt after close */
