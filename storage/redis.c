@@ -190,8 +190,8 @@ typedef struct {
 
 static int parse_u64(const char *s, size_t len, uint64_t *out)
 {
-    if (len == 0 || len > 20)
-        return -1;
+    if (len == 0 || len > 20 || (s[0] == '0' && len > 1))
+        return -1; /* the canonical form only: what Lua's tostring writes */
     uint64_t v = 0;
     for (size_t i = 0; i < len; i++) {
         if (s[i] < '0' || s[i] > '9')

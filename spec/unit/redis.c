@@ -92,22 +92,23 @@ static void test_load_replies(void)
 static void test_load_wrong_shapes(void)
 {
     const char *what = "unexpected reply from Redis";
-    expect_error(OP_LOAD, 0, "$-1\r\n", what);                                     /* nil */
-    expect_error(OP_LOAD, 0, "*-1\r\n", what);                                     /* nil array */
-    expect_error(OP_LOAD, 0, "+OK\r\n", what);                                     /* status */
-    expect_error(OP_LOAD, 0, ":3\r\n", what);                                      /* integer */
-    expect_error(OP_LOAD, 0, "*0\r\n", what);                                      /* short */
-    expect_error(OP_LOAD, 0, "*1\r\n$1\r\n3\r\n", what);                           /* short */
-    expect_error(OP_LOAD, 0, "*3\r\n$1\r\n3\r\n*0\r\n*0\r\n", what);               /* long */
-    expect_error(OP_LOAD, 0, "*2\r\n:3\r\n*0\r\n", what);                          /* int version */
-    expect_error(OP_LOAD, 0, "*2\r\n$-1\r\n*0\r\n", what);                         /* nil version */
-    expect_error(OP_LOAD, 0, "*2\r\n$2\r\n-1\r\n*0\r\n", what);                    /* negative */
-    expect_error(OP_LOAD, 0, "*2\r\n$0\r\n\r\n*0\r\n", what);                      /* empty */
-    expect_error(OP_LOAD, 0, "*2\r\n$20\r\n99999999999999999999\r\n*0\r\n", what); /* > 2^64 */
-    expect_error(OP_LOAD, 0, "*2\r\n$1\r\n3\r\n$1\r\nx\r\n", what);                /* no hash */
-    expect_error(OP_LOAD, 0, "*2\r\n$1\r\n3\r\n*1\r\n$1\r\na\r\n", what);          /* odd hash */
-    expect_error(OP_LOAD, 0, "*2\r\n$1\r\n3\r\n*2\r\n$1\r\na\r\n:1\r\n", what);    /* int value */
-    expect_error(OP_LOAD, 0, "*2\r\n$1\r\n3\r\n*2\r\n$1\r\na\r\n$-1\r\n", what);   /* nil value */
+    expect_error(OP_LOAD, 0, "$-1\r\n", what);                       /* nil */
+    expect_error(OP_LOAD, 0, "*-1\r\n", what);                       /* nil array */
+    expect_error(OP_LOAD, 0, "+OK\r\n", what);                       /* status */
+    expect_error(OP_LOAD, 0, ":3\r\n", what);                        /* integer */
+    expect_error(OP_LOAD, 0, "*0\r\n", what);                        /* short */
+    expect_error(OP_LOAD, 0, "*1\r\n$1\r\n3\r\n", what);             /* short */
+    expect_error(OP_LOAD, 0, "*3\r\n$1\r\n3\r\n*0\r\n*0\r\n", what); /* long */
+    expect_error(OP_LOAD, 0, "*2\r\n:3\r\n*0\r\n", what);            /* int version */
+    expect_error(OP_LOAD, 0, "*2\r\n$-1\r\n*0\r\n", what);           /* nil version */
+    expect_error(OP_LOAD, 0, "*2\r\n$2\r\n-1\r\n*0\r\n", what);      /* negative */
+    expect_error(OP_LOAD, 0, "*2\r\n$0\r\n\r\n*0\r\n", what);        /* empty */
+    expect_error(OP_LOAD, 0, "*2\r\n$2\r\n03\r\n*0\r\n", what);      /* not canonical */
+    expect_error(OP_LOAD, 0, "*2\r\n$20\r\n99999999999999999999\r\n*0\r\n", what);  /* > 2^64 */
+    expect_error(OP_LOAD, 0, "*2\r\n$1\r\n3\r\n$1\r\nx\r\n", what);                 /* no hash */
+    expect_error(OP_LOAD, 0, "*2\r\n$1\r\n3\r\n*1\r\n$1\r\na\r\n", what);           /* odd hash */
+    expect_error(OP_LOAD, 0, "*2\r\n$1\r\n3\r\n*2\r\n$1\r\na\r\n:1\r\n", what);     /* int value */
+    expect_error(OP_LOAD, 0, "*2\r\n$1\r\n3\r\n*2\r\n$1\r\na\r\n$-1\r\n", what);    /* nil value */
     expect_error(OP_LOAD, 0, "*2\r\n$1\r\n3\r\n*2\r\n$1\r\na\r\n$0\r\n\r\n", what); /* empty */
     expect_error(OP_LOAD, 0, "*2\r\n$1\r\n3\r\n*2\r\n*0\r\n$1\r\n1\r\n", what);     /* array key */
 }
@@ -280,6 +281,7 @@ static void test_parse_u64(void)
     CHECK(parse_u64("0", 1, &v) == 0 && v == 0);
     CHECK(parse_u64("", 0, &v) != 0);
     CHECK(parse_u64("+1", 2, &v) != 0);
+    CHECK(parse_u64("00", 2, &v) != 0 && parse_u64("012", 3, &v) != 0); /* found by fuzzing */
 }
 
 /* ---- Connecting ---- */
