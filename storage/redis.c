@@ -410,7 +410,7 @@ static void attempt_failed(redis_store_t *rs, const char *why)
     rs->backoff_ms = rs->backoff_ms * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : rs->backoff_ms * 2;
 }
 
-static void send_op(rop_t *op);
+static int send_op(rop_t *op);
 
 /* AUTH, SELECT, SCRIPT LOAD: keep the SHAs, and drop the connection on errors. */
 static void on_setup_reply(redis_store_t *rs, rop_t *op, const redisReply *r)
@@ -449,7 +449,8 @@ static void on_reply(redisAsyncContext *ac, void *reply_ptr, void *privdata)
         op->argv[1] = op->kind == OP_COMMIT ? CAS_SCRIPT : LOAD_SCRIPT;
         op->argvlen[0] = 4;
         op->argvlen[1] = op->kind == OP_COMMIT ? mph_redis_cas_lua_len : mph_redis_load_lua_len;
-        send_op(op);
+        if (send_op(op) != 0)
+            fail_op(op, MPH_ESTORAGE, "cannot send to Redis");
         return;
     }
     reply_t out;
@@ -460,15 +461,18 @@ static void on_reply(redisAsyncContext *ac, void *reply_ptr, void *privdata)
 
 /* ---- Connection ---- */
 
-static void send_op(rop_t *op)
+/* Queues op on the connection. Returns 0 (on_reply will run), or MPH_ESTORAGE (hiredis
+ * refused it: the context is closing; op is untouched and still the caller's). */
+static int send_op(rop_t *op)
 {
     redis_store_t *rs = op->rs;
     op->deadline = uv_now(rs->loop) + rs->timeout_ms;
     inflight_add(rs, op);
     if (redisAsyncCommandArgv(rs->ac, on_reply, op, op->argc, op->argv, op->argvlen) != REDIS_OK) {
         inflight_remove(rs, op);
-        fail_op(op, MPH_ESTORAGE, "cannot send to Redis");
+        return MPH_ESTORAGE;
     }
+    return 0;
 }
 
 static void setup_command(redis_store_t *rs, int argc, const char **argv, const size_t *lens)
@@ -483,7 +487,8 @@ static void setup_command(redis_store_t *rs, int argc, const char **argv, const 
         op->argv[i] = argv[i];
         op->argvlen[i] = lens ? lens[i] : strlen(argv[i]);
     }
-    send_op(op);
+    if (send_op(op) != 0)
+        op_free(op);
 }
 
 static void on_connect(const redisAsyncContext *ac, int status)
@@ -818,7 +823,10 @@ static int redis_load(mph_store_t *s, const char *scope, mph_store_cb cb, void *
     if (!can_send(rs))
         return MPH_ESTORAGE;
     rop_t *op = new_op(rs, OP_LOAD, scope, cb, ud, 3 + NKEYS);
-    send_op(op);
+    if (send_op(op) != 0) {
+        op_free(op); /* never call back before returning */
+        return MPH_ESTORAGE;
+    }
     return 0;
 }
 
@@ -853,7 +861,10 @@ static int redis_commit(mph_store_t *s, const mph_store_write_t *writes, size_t 
         op->argv[at + 1] = w->entries[i].json ? w->entries[i].json : "";
         op->argvlen[at + 1] = w->entries[i].json ? w->entries[i].jlen : 0;
     }
-    send_op(op);
+    if (send_op(op) != 0) {
+        op_free(op); /* never call back before returning */
+        return MPH_ESTORAGE;
+    }
     return 0;
 }
 
