@@ -67,14 +67,15 @@ const char *mph_host_strerror(int err)
 
 static void on_stop_async(uv_async_t *a);
 
-/* redis://[:password@]host[:port][/db] -> the Redis backend. */
+/* redis://[:password@]host[:port][/db] -> the Redis backend. An IPv6 host is in brackets:
+ * redis://[::1]:6380. */
 static int open_redis(mph_host_t *h, char *err, size_t errlen)
 {
     const char *url = h->cfg.storage + 8;
     char buf[1024];
     snprintf(buf, sizeof(buf), "%s", url);
     mph_store_redis_config_t rc = {
-        "127.0.0.1", 6379, NULL, 0, h->cfg.redis_prefix, h->cfg.redis_timeout_ms};
+        "127.0.0.1", 6379, NULL, 0, h->cfg.redis_prefix, h->cfg.redis_timeout_ms, 0};
     char *hostpart = buf;
     char *at = strrchr(buf, '@');
     if (at) {
@@ -96,6 +97,20 @@ static int open_redis(mph_host_t *h, char *err, size_t errlen)
         rc.db = (int)db;
     }
     char *colon = strrchr(hostpart, ':');
+    if (hostpart[0] == '[') {
+        char *close = strchr(hostpart, ']');
+        if (close == NULL || close == hostpart + 1 || (close[1] != '\0' && close[1] != ':')) {
+            snprintf(err, errlen, "invalid IPv6 address in %s", h->cfg.storage);
+            return MPH_EINVAL;
+        }
+        *close = '\0';
+        colon = close[1] == ':' ? close + 1 : NULL;
+        hostpart++;
+    } else if (colon && strchr(hostpart, ':') != colon) {
+        snprintf(err, errlen, "an IPv6 address in %s needs brackets: redis://[::1]:6379",
+                 h->cfg.storage);
+        return MPH_EINVAL;
+    }
     if (colon) {
         *colon = '\0';
         char *end;

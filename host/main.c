@@ -148,10 +148,11 @@ static int resolve_storage(mph_cli_t *cli)
         /* REDIS_HOST, REDIS_PORT, REDIS_PASSWORD -> a redis:// URL. */
         const char *host = getenv("REDIS_HOST"), *port = getenv("REDIS_PORT");
         const char *password = getenv("REDIS_PASSWORD");
-        snprintf(cli->storage_url, sizeof(cli->storage_url), "redis://%s%s%s%s:%s",
+        int v6 = host && strchr(host, ':'); /* REDIS_HOST=::1 -> redis://[::1]:6379 */
+        snprintf(cli->storage_url, sizeof(cli->storage_url), "redis://%s%s%s%s%s%s:%s",
                  password && *password ? ":" : "", password && *password ? password : "",
-                 password && *password ? "@" : "", host && *host ? host : "127.0.0.1",
-                 port && *port ? port : "6379");
+                 password && *password ? "@" : "", v6 ? "[" : "",
+                 host && *host ? host : "127.0.0.1", v6 ? "]" : "", port && *port ? port : "6379");
         h->storage = cli->storage_url;
     }
     if (strncmp(h->storage, "redis://", 8) == 0) {

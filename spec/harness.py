@@ -45,13 +45,13 @@ def free_port():
     return port
 
 
-def wait_port(port, timeout=10.0, proc=None):
+def wait_port(port, timeout=10.0, proc=None, host="127.0.0.1"):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc is not None and proc.poll() is not None:
             return False
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            socket.create_connection((host, port), timeout=0.2).close()
             return True
         except OSError:
             time.sleep(0.01)
@@ -319,23 +319,25 @@ def kill9_under_load(server, clients=8, after_acks=50):
 
 
 class RedisServer:
-    """A real redis-server on a free loopback port with its own directory (never 6379)."""
+    """A real redis-server on a free loopback port with its own directory (never 6379);
+    bind="::1" for IPv6."""
 
-    def __init__(self, password=None, port=None, directory=None):
+    def __init__(self, password=None, port=None, directory=None, bind="127.0.0.1"):
+        self.bind = bind
         self.port = port or free_port()
         self.dir = directory or tmpdir("mph-redis-")
         self.password = password
         self.proc = None
 
     def start(self):
-        cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+        cmd = ["redis-server", "--port", str(self.port), "--bind", self.bind,
                "--dir", self.dir, "--save", "", "--appendonly", "yes",
                "--appendfsync", "always", "--daemonize", "no", "--logfile",
                os.path.join(self.dir, "redis.log")]
         if self.password:
             cmd += ["--requirepass", self.password]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if not wait_port(self.port, 10, self.proc):
+        if not wait_port(self.port, 10, self.proc, self.bind):
             raise TestFailure("redis-server did not start")
         return self
 
@@ -355,7 +357,7 @@ class RedisServer:
         self.proc.wait()
 
     def cli(self, *args):
-        cmd = ["redis-cli", "-p", str(self.port)]
+        cmd = ["redis-cli", "-h", self.bind, "-p", str(self.port)]
         if self.password:
             cmd += ["--no-auth-warning", "-a", self.password]
         return subprocess.run(cmd + list(args), capture_output=True, text=True,
@@ -363,4 +365,5 @@ class RedisServer:
 
     def url(self, db=None):
         auth = ":%s@" % self.password if self.password else ""
-        return "redis://%s127.0.0.1:%d%s" % (auth, self.port, "/%d" % db if db else "")
+        host = "[%s]" % self.bind if ":" in self.bind else self.bind
+        return "redis://%s%s:%d%s" % (auth, host, self.port, "/%d" % db if db else "")

@@ -1,13 +1,25 @@
 """Redis storage against real redis-server instances on free loopback ports."""
+import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 
-from harness import (KeepAliveClient, RedisServer, Server, check, eq, free_port,
-                     kill9_under_load, run)
+from harness import (SCRIPTS, KeepAliveClient, RedisServer, Server, check, eq, free_port,
+                     kill9_under_load, run, tmpdir)
 from test_cli import shell, workspace
 from test_scope import hammer
+
+
+def wait_until(predicate, what, timeout=30):
+    """Waits for an event the test cannot be told about directly, polling every 10 ms. The
+    timeout only guards against a hang: each of these events takes milliseconds."""
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError("timed out waiting until " + what)
+        time.sleep(0.01)
 
 
 def redis_server5(redis, **kw):
@@ -103,25 +115,31 @@ def test_redis_down_fails_fast_then_service_resumes():
                     else:
                         errors.append((r["error"]["code"], time.time() - t0))
                 if "error" in r:
-                    time.sleep(0.05)
+                    time.sleep(0.05)  # pacing, not synchronization: no busy loop on errors
             c.close()
+
+        def count(items):
+            with lock:
+                return len(items)
 
         threads = [threading.Thread(target=worker) for _ in range(8)]
         for t in threads:
             t.start()
-        time.sleep(0.4)
+        wait_until(lambda: count(acked) >= 50, "calls are acknowledged")
         redis.kill9()
-        time.sleep(1.5)
+        wait_until(lambda: count(errors) >= 50, "calls fail while Redis is down")
         with lock:
             during = len(errors)
             acked_while_down = len(acked)
         redis.start()  # same directory: the append-only file brings the data back
-        time.sleep(1.5)
+        wait_until(lambda: count(acked) >= acked_while_down + 50, "the service resumes")
         stop.set()
         for t in threads:
             t.join()
         check(during > 0, "calls failed while Redis was down")
         check(all(code == -32002 for code, _ in errors), "errors are -32002: %r" % errors[:5])
+        # A call queued on a connection that dies fails at the latest after the command
+        # timeout (1 s); every later one at once. 1.6 s leaves slack for a loaded machine.
         slowest = max(d for _, d in errors)
         check(slowest < 1.6, "failures are fast (slowest %.2fs)" % slowest)
         check(len(acked) > acked_while_down, "the service resumed without a restart")
@@ -141,18 +159,25 @@ def test_hung_redis_fails_fast_and_recovers():
             r = s.rpc("simple-storage", [{}])
             elapsed = time.time() - t0
             eq(r["error"]["code"], -32002)
+            # The command timeout is 1 s; 0.6 s of slack for a loaded machine.
             check(elapsed < 1.6, "answered within about a second (%.2fs)" % elapsed)
         finally:
             redis.proc.send_signal(signal.SIGCONT)
-        deadline = time.time() + 10
-        while True:
-            r = s.rpc("simple-storage", [{}])
-            if "result" in r or time.time() > deadline:
-                break
-            time.sleep(0.1)
+        r = retry_until_result(s)
         check("result" in r, "recovered: %r" % r)
         # The call that timed out may or may not have been applied; never twice.
         check(r["result"]["requests"] in (2, 3), r)
+
+
+def retry_until_result(server, timeout=10):
+    """Calls simple-storage until it answers with a result (Redis is back and mphost has
+    reconnected, which takes milliseconds; the timeout only guards against a hang)."""
+    deadline = time.time() + timeout
+    while True:
+        r = server.rpc("simple-storage", [{}])
+        if "result" in r or time.time() > deadline:
+            return r
+        time.sleep(0.02)  # pacing between polls
 
 
 class LosingProxy:
@@ -177,12 +202,13 @@ class LosingProxy:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.redis_port))
             dropping = threading.Event()  # per connection: replies are no longer forwarded
-            threading.Thread(target=self.pump_replies, args=(upstream, client, dropping),
+            dropped = threading.Event()  # the reply to the armed command came and was dropped
+            threading.Thread(target=self.pump_replies, args=(upstream, client, dropping, dropped),
                              daemon=True).start()
-            threading.Thread(target=self.pump_commands, args=(client, upstream, dropping),
-                             daemon=True).start()
+            threading.Thread(target=self.pump_commands,
+                             args=(client, upstream, dropping, dropped), daemon=True).start()
 
-    def pump_commands(self, client, upstream, dropping):
+    def pump_commands(self, client, upstream, dropping, dropped):
         try:
             while True:
                 data = client.recv(65536)
@@ -192,7 +218,9 @@ class LosingProxy:
                     self.armed.clear()
                     dropping.set()
                     upstream.sendall(data)
-                    time.sleep(0.3)  # Redis applies it and answers; the answer is dropped
+                    # Redis applies it and answers; the answer is dropped. (The bound only
+                    # guards a hang: the answer takes milliseconds.)
+                    dropped.wait(10)
                     break
                 upstream.sendall(data)
         except OSError:
@@ -204,11 +232,12 @@ class LosingProxy:
             except OSError:
                 pass
 
-    def pump_replies(self, upstream, client, dropping):
+    def pump_replies(self, upstream, client, dropping, dropped):
         try:
             while True:
                 data = upstream.recv(65536)
                 if not data or dropping.is_set():
+                    dropped.set()
                     return
                 client.sendall(data)
         except OSError:
@@ -230,12 +259,7 @@ def test_reply_lost_in_flight_is_never_applied_twice_nor_reported_committed():
             eq(r["error"]["code"], -32002, "the lost reply is not reported as committed")
             eq(redis.cli("HGET", "mp:{global}:d", "requests"), "3",
                "the commit was applied once on the server")
-            deadline = time.time() + 10
-            while True:
-                r = s.rpc("simple-storage", [{}])
-                if "result" in r or time.time() > deadline:
-                    break
-                time.sleep(0.05)
+            r = retry_until_result(s)
             eq(r.get("result"), {"requests": 4}, "the next call sees it, once")
             eq(redis.cli("GET", "mp:{global}:v"), "4")
         finally:
@@ -309,6 +333,8 @@ def test_fairness_claim_of_another_process_is_waited_for():
         redis.cli("SET", "mp:{global}:claim", "7", "PX", "300")
         t0 = time.time()
         eq(s.result("simple-storage", [{}]), {"requests": 2}, "waits, then commits")
+        # The claim was set before t0, so at least 300 ms minus redis-cli's exit (a few ms)
+        # pass before it expires: 0.25 s leaves 50 ms for that; 2 s is slack for a slow machine.
         check(0.25 < time.time() - t0 < 2, "held off until the claim expired")
         eq(redis.cli("EXISTS", "mp:{global}:claim"), "0")
 
@@ -322,3 +348,170 @@ def test_redis_prefix_separates_deployments():
             eq(b.result("simple-storage", [{}]), {"requests": 1}, "default prefix mp: is apart")
         eq(redis.cli("HGET", "app1:{global}:d", "requests"), "2")
         eq(redis.cli("HGET", "mp:{global}:d", "requests"), "1")
+
+
+# -- Host names, IPv6 --
+
+def test_ipv6_redis_urls_and_redis_host():
+    with RedisServer(bind="::1") as redis:
+        with Server("server5.lua", ["--storage=redis://[::1]:%d" % redis.port]) as s:
+            eq(s.result("simple-storage", [{}]), {"requests": 1})
+        eq(redis.cli("HGET", "mp:{global}:d", "requests"), "1")
+        cwd, env = workspace()
+        port = free_port()
+        env.update({"REDIS_HOST": "::1", "REDIS_PORT": str(redis.port)})
+        try:
+            rc, _, err = run(["examples/server5.lua", "--storage=redis", "--port=%d" % port],
+                             env=env, cwd=cwd)
+            eq(rc, 0, err)
+            rc, out, _ = run(["examples/server5.lua", "status"], env=env, cwd=cwd)
+            check("redis://[::1]:%d" % redis.port in out, out)
+            rc, out, _ = run(["call", "simple-storage", "--url", "http://127.0.0.1:%d/" % port])
+            eq(out, '{"requests":2}\n')
+        finally:
+            run(["examples/server5.lua", "delete"], env=env, cwd=cwd)
+    with RedisServer(bind="::1", password="pw") as redis:
+        url = "redis://:pw@[::1]:%d/2" % redis.port
+        with Server("server5.lua", ["--storage=" + url]) as s:
+            eq(s.result("simple-storage", [{}]), {"requests": 1})
+        eq(redis.cli("-n", "2", "HGET", "mp:{global}:d", "requests"), "1")
+    for url, message in (("redis://::1:6379", "needs brackets"),
+                         ("redis://[::1:6379", "invalid IPv6 address"),
+                         ("redis://[::1]x:6379", "invalid IPv6 address"),
+                         ("redis://[::1]:0", "invalid Redis port")):
+        rc, _, err = run(["examples/server5.lua", "serve", str(free_port()), "--storage=" + url],
+                         cwd=workspace()[0])
+        eq(rc, 1, url)
+        check(message in err and len(err.strip().splitlines()) == 1, "%s: %r" % (url, err))
+
+
+def test_redis_host_localhost():
+    with RedisServer() as redis:
+        env = {"REDIS_HOST": "localhost", "REDIS_PORT": str(redis.port)}
+        with Server("server5.lua", ["--storage=redis"], env=env) as s:
+            eq(s.result("simple-storage", [{}]), {"requests": 1})
+            eq(s.result("simple-storage", [{}]), {"requests": 2})
+        eq(redis.cli("HGET", "mp:{global}:d", "requests"), "2")
+
+
+def test_unresolvable_redis_host_at_start_is_one_clear_line():
+    cwd, env = workspace()
+    rc, out, err = run(["examples/server5.lua", "--storage=redis://nosuch.invalid:6379",
+                        "--port=%d" % free_port()], env=env, cwd=cwd)
+    eq(rc, 1)
+    check("cannot resolve the Redis host nosuch.invalid" in err, err)
+    eq(len(err.strip().splitlines()), 1, "one line: %r" % err)
+
+
+# getaddrinfo() for the name gated.mphost.test, preloaded into mphost: it resolves to
+# 127.0.0.1, but while the file $GAI_GATE/hold exists it creates $GAI_GATE/waiting and blocks
+# until hold is removed: a resolver that hangs for as long as the test wants.
+GAI_GATE_C = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <netdb.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+int getaddrinfo(const char *node, const char *service, const struct addrinfo *hints,
+                struct addrinfo **res)
+{
+    int (*real)(const char *, const char *, const struct addrinfo *, struct addrinfo **) =
+        (int (*)(const char *, const char *, const struct addrinfo *, struct addrinfo **))
+            dlsym(RTLD_NEXT, "getaddrinfo");
+    const char *dir = getenv("GAI_GATE");
+    if (node && dir && strcmp(node, "gated.mphost.test") == 0) {
+        char hold[4096], waiting[4096];
+        snprintf(hold, sizeof(hold), "%s/hold", dir);
+        snprintf(waiting, sizeof(waiting), "%s/waiting", dir);
+        if (access(hold, F_OK) == 0) {
+            FILE *f = fopen(waiting, "w");
+            if (f)
+                fclose(f);
+            while (access(hold, F_OK) == 0)
+                usleep(10000);
+        }
+        node = "127.0.0.1";
+    }
+    return real(node, service, hints, res);
+}
+"""
+
+
+def test_resolving_on_reconnect_does_not_block_the_loop():
+    gate = tmpdir("mph-gai-")
+    with open(os.path.join(gate, "gate.c"), "w") as f:
+        f.write(GAI_GATE_C)
+    lib = os.path.join(gate, "gate.so")
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", lib, os.path.join(gate, "gate.c"), "-ldl"],
+                   check=True)
+    hold, waiting = os.path.join(gate, "hold"), os.path.join(gate, "waiting")
+    with RedisServer() as redis:
+        env = {"LD_PRELOAD": lib, "GAI_GATE": gate, "REDIS_HOST": "gated.mphost.test",
+               "REDIS_PORT": str(redis.port),
+               # the ASan build: our library comes before the ASan runtime
+               "ASAN_OPTIONS": "detect_leaks=1:verify_asan_link_order=0"}
+        s = Server("server5.lua", ["--storage=redis", "--logging=debug"], env=env).start()
+        try:
+            eq(s.result("simple-storage", [{}]), {"requests": 1})
+            open(hold, "w").close()
+            eq(redis.cli("CLIENT", "KILL", "TYPE", "normal"), "1")  # mphost reconnects...
+            wait_until(lambda: os.path.exists(waiting), "mphost resolves the name again")
+            # ...and its resolution hangs. The loop must still answer at once, -32002 while
+            # Redis is unreachable. A loop blocked in the resolver would not answer before the
+            # gate opens, which only happens after this call: the 10 s timeout is far beyond
+            # the milliseconds the answer takes.
+            eq(s.rpc("simple-storage", [{}], timeout=10)["error"]["code"], -32002)
+            os.remove(hold)
+            eq(retry_until_result(s).get("result"), {"requests": 2})
+            check(s.read_log().count("redis: gated.mphost.test resolved to 127.0.0.1") >= 2,
+                  "resolved at the first connection and again at the reconnect")
+        finally:
+            if os.path.exists(hold):
+                os.remove(hold)
+            s.stop()
+
+
+# -- The change log's byte budget --
+
+def log_state(redis):
+    """([the log's record sizes], the size P{S}:logsize claims)"""
+    sizes = redis.cli("EVAL", "local t = {} for i, r in ipairs(redis.call('LRANGE', KEYS[1], "
+                      "0, -1)) do t[i] = #r end return t", "1", "mp:{global}:log")
+    return [int(x) for x in sizes.split()], int(redis.cli("GET", "mp:{global}:logsize") or "0")
+
+
+def test_change_log_is_bounded_by_bytes_and_old_conflicts_converge():
+    budget = 1 << 20  # the default: 1 MiB per scope
+    big = 200 * 1024
+    script = os.path.join(SCRIPTS, "redis_big.lua")
+    with RedisServer() as redis:
+        a = Server(script, ["--storage=" + redis.url()]).start()
+        b = Server(script, ["--storage=" + redis.url()]).start()
+        try:
+            eq(a.result("bump", [big]), 1)  # a caches version 1
+            for n in range(2, 22):  # b writes 20 big values: 4 MB, far past the budget
+                eq(b.result("bump", [big]), n)
+                sizes, logsize = log_state(redis)
+                check(sum(sizes) <= budget, "log within budget: %d bytes" % sum(sizes))
+                eq(logsize, sum(sizes), "P{S}:logsize is the log's size")
+            check(len(sizes) == budget // (big + 20), "the log keeps what fits: %r" % sizes)
+            memory = int(redis.cli("MEMORY", "USAGE", "mp:{global}:log"))
+            # jemalloc rounds each big allocation up to its size class (at most 25% more).
+            check(memory <= budget * 5 // 4, "MEMORY USAGE of the log: %d" % memory)
+            # a is 20 versions behind, further than the log reaches: the conflict answers
+            # with the whole document, and a's count is exact.
+            eq(a.result("bump", [big]), 22, "a conflict older than the log")
+            eq(b.result("bump", [10]), 23)
+            eq(a.result("bump", [10]), 24, "a conflict within the log (a delta)")
+            eq(redis.cli("HGET", "mp:{global}:d", "n"), "24")
+            # A record bigger than the whole budget empties the log.
+            eq(b.result("bump", [budget + 1]), 25)
+            eq(log_state(redis), ([], 0))
+            eq(a.result("bump", [10]), 26, "after an emptied log")
+            eq(b.result("bump", [10]), 27)
+        finally:
+            a.stop()
+            b.stop()

@@ -2,20 +2,21 @@
  * redis.c: the Redis backend, for scopes shared by mphost processes on many machines.
  *
  * Layout, per scope S under prefix P (hash tag {S}, so one scope's keys share a Redis
- * Cluster slot and a commit's keys are always in one slot):
- *   P{S}:v    the version (a decimal string; absent = 0)
- *   P{S}:d    a hash: top-level key -> JSON text
- *   P{S}:log  the last LOG_LIMIT commits, newest first: "VERSION\n" then per key
- *             "KLEN:KEY" "VLEN:VALUE" (VLEN 0 = deleted; JSON text is never empty)
- *   P{S}:claim  a fairness claim (storage.h): the id of the committer owed the next commit,
- *             expiring after MPH_STORE_CLAIM_MS
+ * Cluster slot and a commit's keys are always in one slot): P{S}:v (the version), P{S}:d (a
+ * hash: top-level key -> JSON text), P{S}:log (the change log, newest first), P{S}:logsize
+ * (the log's size in bytes) and P{S}:claim (a fairness claim, storage.h). storage/redis_cas.lua
+ * describes each key and the record format.
  * A commit writes only the keys that changed (HSET/HDEL), so its cost grows with the change,
  * not with the scope. The log lets a conflict answer with just what changed since the
- * caller's version; when it is too far behind, the whole hash is returned instead.
+ * caller's version; it keeps at most log_bytes of records (1 MiB by default, and at most
+ * LOG_RECORDS of them), so a scope of big values does not keep a thousand copies of them.
+ * A caller further behind than the log reaches gets the whole hash instead.
  *
- * The compare-and-set is one Lua script run by the server (atomic): check the version; if it
- * moved, return what changed; else apply, bump, log. Sent as EVALSHA; a NOSCRIPT reply (the
- * script cache was flushed, a failover) is answered by sending the same call as EVAL.
+ * The compare-and-set is one Lua script run by the server (atomic), storage/redis_cas.lua,
+ * embedded at build time; its reply shapes are documented there and read here by
+ * read_reply() only, which turns every other shape into a clean error. Sent as EVALSHA; a
+ * NOSCRIPT reply (the script cache was flushed, a failover) is answered by sending the same
+ * call as EVAL.
  *
  * A reply lost in flight (the connection breaks after the command left) has an unknown
  * outcome. The caller is told -32002 (never "committed") and the runner drops its cached
@@ -23,77 +24,54 @@
  * once, never applied twice, because nothing is re-sent blindly and a re-sent CAS with a
  * stale version would be refused anyway.
  *
- * Connection states: CONNECTED (ac != NULL; hiredis queues commands until the TCP connect
- * ends) and DOWN (ac == NULL, reconnect_at set). While DOWN every call fails at once with
- * MPH_ESTORAGE. A command without a reply for timeout_ms drops the connection (so a hung
- * server fails calls fast, too). Reconnects back off from 50 ms to 2 s. hiredis 0.14.1 has no
- * command timeouts of its own, hence one uv_timer ticking every 50 ms.
+ * Connection states (rs->state; assert_store_state checks them):
+ *
+ *        connect_now (host is a name)              on_resolved
+ *   DOWN ----------------------------> RESOLVING -------------> CONNECTED
+ *    ^ |   connect_now (numeric host): connect_addr ------------^    |
+ *    | +-------------------------------------------------------------+ went_down: connect
+ *    +------------------------------------------------------------------ failed, connection
+ *                                                                       lost or dropped
+ * DOWN: ac == NULL; on_tick calls connect_now at reconnect_at. RESOLVING: a uv_getaddrinfo
+ * is in flight on the thread pool: hiredis 0.14's connect resolves names synchronously, which
+ * would block the loop on every reconnect, so names are resolved here and hiredis is only
+ * ever given a numeric address (which it parses without any lookup). CONNECTED: ac != NULL
+ * (hiredis queues commands until the TCP connect ends). While not CONNECTED every call fails
+ * at once with MPH_ESTORAGE. A command without a reply for timeout_ms drops the connection
+ * (so a hung server fails calls fast, too). Reconnects back off from 50 ms to 2 s. hiredis
+ * 0.14.1 has no command timeouts of its own, hence one uv_timer ticking every 50 ms.
  */
 #define _GNU_SOURCE
+#include <assert.h>
 #include <errno.h>
-#include <hiredis/adapters/libuv.h>
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
+#include <netdb.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/socket.h>
 
 #include "storage.h"
 
-#define LOG_LIMIT "1000" /* commits kept in the change log */
+#include "redis_cas_lua.h"  /* generated from redis_cas.lua: mph_redis_cas_lua[] */
+#include "redis_load_lua.h" /* generated from redis_load.lua: mph_redis_load_lua[] */
+
+#define CAS_SCRIPT ((const char *)mph_redis_cas_lua)
+#define LOAD_SCRIPT ((const char *)mph_redis_load_lua)
+#define LOG_BYTES_DEFAULT (1u << 20) /* the change log's byte budget per scope */
+#define LOG_RECORDS "1000"           /* and its most records, whatever their size */
 #define MPH_STR_(x) #x
 #define MPH_STR(x) MPH_STR_(x)
+#define NKEYS 5 /* v, d, log, claim, logsize: the scripts' KEYS */
 #define TICK_MS 50
 #define BACKOFF_MIN_MS 50
 #define BACKOFF_MAX_MS 2000
 
-/* KEYS: version, data hash, change log, claim. ARGV: expected version, log limit, committer
- * id, "1" to claim on a conflict, then key/value pairs ("" = delete). Returns {1, new} or
- * {0, current, is_delta, changes, held}. */
-static const char COMMIT_SCRIPT[] =
-    "local cur = tonumber(redis.call('GET', KEYS[1]) or '0')\n"
-    "local expected = tonumber(ARGV[1])\n"
-    "local holder = redis.call('GET', KEYS[4])\n"
-    "local held = 0\n"
-    "if holder and holder ~= ARGV[3] then held = 1 end\n"
-    "if cur ~= expected or held == 1 then\n"
-    "  if held == 0 and ARGV[4] == '1' then\n"
-    "    redis.call('SET', KEYS[4], ARGV[3], 'PX', " MPH_STR(
-        MPH_STORE_CLAIM_MS) ")\n"
-                            "  end\n"
-                            "  local behind = cur - expected\n"
-                            "  if behind == 0 then return {0, tostring(cur), 1, {}, held} end\n"
-                            "  if behind > 0 and redis.call('LLEN', KEYS[3]) >= behind then\n"
-                            "    return {0, tostring(cur), 1, redis.call('LRANGE', KEYS[3], 0, "
-                            "behind - 1), held}\n"
-                            "  end\n"
-                            "  return {0, tostring(cur), 0, redis.call('HGETALL', KEYS[2]), held}\n"
-                            "end\n"
-                            "local new = cur + 1\n"
-                            "local rec, sets, dels = {tostring(new), '\\n'}, {}, {}\n"
-                            "for i = 5, #ARGV, 2 do\n"
-                            "  local k, v = ARGV[i], ARGV[i + 1]\n"
-                            "  if v == '' then dels[#dels + 1] = k else sets[#sets + 1] = k; "
-                            "sets[#sets + 1] = v end\n"
-                            "  rec[#rec + 1] = #k .. ':' .. k .. #v .. ':' .. v\n"
-                            "  if #sets >= 1000 then redis.call('HSET', KEYS[2], unpack(sets)); "
-                            "sets = {} end\n"
-                            "  if #dels >= 1000 then redis.call('HDEL', KEYS[2], unpack(dels)); "
-                            "dels = {} end\n"
-                            "end\n"
-                            "if #sets > 0 then redis.call('HSET', KEYS[2], unpack(sets)) end\n"
-                            "if #dels > 0 then redis.call('HDEL', KEYS[2], unpack(dels)) end\n"
-                            "redis.call('SET', KEYS[1], tostring(new))\n"
-                            "redis.call('LPUSH', KEYS[3], table.concat(rec))\n"
-                            "redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[2]) - 1)\n"
-                            "if holder then redis.call('DEL', KEYS[4]) end\n"
-                            "return {1, tostring(new)}\n";
-
-static const char LOAD_SCRIPT[] = "return {redis.call('GET', KEYS[1]) or '0', "
-                                  "redis.call('HGETALL', KEYS[2])}\n";
-
 typedef enum { OP_LOAD, OP_COMMIT, OP_SETUP } op_kind_t;
+
+typedef enum { STATE_DOWN, STATE_RESOLVING, STATE_CONNECTED } conn_state_t;
 
 typedef struct redis_store_s redis_store_t;
 
@@ -103,7 +81,7 @@ typedef struct rop_s {
     mph_store_cb cb; /* runs exactly once (LOAD, COMMIT) */
     void *ud;
     char *scope;            /* owned copy */
-    char *keys[4];          /* owned: P{S}:v, P{S}:d, P{S}:log, P{S}:claim */
+    char *keys[NKEYS];      /* owned: P{S}:v, P{S}:d, P{S}:log, P{S}:claim, P{S}:logsize */
     int argc;               /* argv[0..1] are the command and script or sha */
     const char **argv;      /* owned array; strings borrowed or owned as below */
     size_t *argvlen;        /* owned */
@@ -118,16 +96,26 @@ typedef struct rop_s {
 struct redis_store_s {
     mph_store_t base; /* must be first */
     uv_loop_t *loop;
-    char *host; /* owned */
+    char *host; /* owned; a name or a numeric address */
     int port;
+    int numeric;    /* host is a numeric address: no resolution needed */
+    char where[80]; /* "host:port" or "[v6]:port", for messages */
     char *password; /* owned, may be NULL */
     int db;
-    char *prefix;          /* owned */
-    unsigned timeout_ms;   /* a command unanswered this long drops the connection */
-    redisAsyncContext *ac; /* NULL while DOWN */
-    uint64_t reconnect_at; /* DOWN: when to try again */
+    char *prefix;                /* owned */
+    char log_bytes_str[24];      /* the change log's byte budget, as the script's argument */
+    unsigned timeout_ms;         /* a command unanswered this long drops the connection */
+    conn_state_t state;          /* see the diagram at the top */
+    redisAsyncContext *ac;       /* CONNECTED only */
+    uv_getaddrinfo_t resolve;    /* RESOLVING only: in flight */
+    unsigned addr_turn;          /* which of the host's addresses to try next */
+    unsigned resolutions;        /* how many times the host was resolved (logs, tests) */
+    char addr[INET6_ADDRSTRLEN]; /* the numeric address of the last connection attempt */
+    uint64_t reconnect_at;       /* DOWN: when to try again */
     unsigned backoff_ms;
-    int was_up;          /* for logging transitions */
+    int ready;           /* on_connect reported the current connection up */
+    int was_up;          /* Redis answered last we knew: logging, and calls queue while
+                            a connection is still being made (else they fail at once) */
     char commit_sha[41]; /* "" until SCRIPT LOAD answered on this connection */
     char load_sha[41];
     rop_t *oldest, *newest; /* commands in flight */
@@ -140,6 +128,17 @@ struct redis_store_s {
 
 static void connect_now(redis_store_t *rs);
 static void drop_connection(redis_store_t *rs, const char *why);
+
+#ifndef NDEBUG
+/* The store's invariants; used as assert(assert_store_state(rs)). */
+static int assert_store_state(const redis_store_t *rs)
+{
+    assert((rs->state == STATE_CONNECTED) == (rs->ac != NULL));
+    assert(rs->state != STATE_RESOLVING || !rs->numeric);
+    assert(!rs->tick_closing || (rs->state == STATE_DOWN && rs->oldest == NULL));
+    return 1;
+}
+#endif
 
 /* ---- In-flight list ---- */
 
@@ -170,11 +169,211 @@ static void inflight_remove(redis_store_t *rs, rop_t *op)
 static void op_free(rop_t *op)
 {
     free(op->scope);
-    for (int i = 0; i < 4; i++)
+    for (int i = 0; i < NKEYS; i++)
         free(op->keys[i]);
     free(op->argv);
     free(op->argvlen);
     free(op);
+}
+
+/* ---- Reading replies ----
+ * The scripts' replies, whose shapes storage/redis_cas.lua and storage/redis_load.lua
+ * document, are read here and only here. Every part is checked: a reply of any other shape
+ * (a bug, a script of another version, keys written by hand) is a clean MPH_ESTORAGE naming
+ * what was wrong, never a read outside the reply and never a success. */
+
+typedef struct {
+    mph_store_result_t res; /* what the callback gets; res.doc.entries is owned */
+    size_t cap;             /* entries allocated */
+    char msg[320];          /* res.message points here on errors */
+} reply_t;
+
+static int parse_u64(const char *s, size_t len, uint64_t *out)
+{
+    if (len == 0 || len > 20 || (s[0] == '0' && len > 1))
+        return -1; /* the canonical form only: what Lua's tostring writes */
+    uint64_t v = 0;
+    for (size_t i = 0; i < len; i++) {
+        if (s[i] < '0' || s[i] > '9')
+            return -1;
+        unsigned d = (unsigned)(s[i] - '0');
+        if (v > (UINT64_MAX - d) / 10)
+            return -1; /* 20 digits can overflow */
+        v = v * 10 + d;
+    }
+    *out = v;
+    return 0;
+}
+
+/* Element i of array r, or NULL when r is not an array that long (borrowed). */
+static const redisReply *element(const redisReply *r, size_t i)
+{
+    if (r == NULL || r->type != REDIS_REPLY_ARRAY || i >= r->elements)
+        return NULL;
+    return r->element[i];
+}
+
+static int is_string(const redisReply *r)
+{
+    return r != NULL && r->type == REDIS_REPLY_STRING && (r->str != NULL || r->len == 0);
+}
+
+/* A version: the scripts return it as a decimal string. */
+static int reply_u64(const redisReply *r, uint64_t *out)
+{
+    return is_string(r) ? parse_u64(r->str, r->len, out) : -1;
+}
+
+/* A flag: the integer 0 or 1. */
+static int reply_flag(const redisReply *r, int *out)
+{
+    if (r == NULL || r->type != REDIS_REPLY_INTEGER || (r->integer != 0 && r->integer != 1))
+        return -1;
+    *out = (int)r->integer;
+    return 0;
+}
+
+static int malformed(reply_t *out, const char *what)
+{
+    free(out->res.doc.entries);
+    out->res.doc = (mph_store_doc_t){0, 0, 0, NULL};
+    out->res.held = 0;
+    snprintf(out->msg, sizeof(out->msg), "unexpected reply from Redis: %s", what);
+    out->res.message = out->msg;
+    return out->res.status = MPH_ESTORAGE;
+}
+
+static void add_entry(reply_t *out, mph_store_entry_t e)
+{
+    mph_store_doc_t *doc = &out->res.doc;
+    if (doc->n == out->cap) {
+        out->cap = out->cap ? out->cap * 2 : 64;
+        doc->entries = mph_xrealloc(doc->entries, out->cap * sizeof(*doc->entries));
+    }
+    doc->entries[doc->n++] = e;
+}
+
+/* Appends the entries of a flat HGETALL array: strings, values never empty (JSON text). */
+static int add_hash(reply_t *out, const redisReply *arr)
+{
+    if (arr == NULL || arr->type != REDIS_REPLY_ARRAY || arr->elements % 2)
+        return -1;
+    for (size_t i = 0; i < arr->elements; i += 2) {
+        const redisReply *k = arr->element[i], *v = arr->element[i + 1];
+        if (!is_string(k) || !is_string(v) || v->len == 0)
+            return -1;
+        add_entry(out, (mph_store_entry_t){k->str, k->len, v->str, v->len});
+    }
+    return 0;
+}
+
+/* Appends one change-log record ("VERSION\n" then KLEN:KEY VLEN:VALUE ...) of version want. */
+static int add_record(reply_t *out, const redisReply *r, uint64_t want)
+{
+    if (!is_string(r) || r->len == 0)
+        return -1;
+    const char *s = r->str, *end = r->str + r->len;
+    const char *nl = memchr(s, '\n', r->len);
+    uint64_t version;
+    if (nl == NULL || parse_u64(s, (size_t)(nl - s), &version) != 0 || version != want)
+        return -1;
+    const char *p = nl + 1;
+    while (p < end) {
+        const char *fields[2];
+        size_t lens[2];
+        for (int f = 0; f < 2; f++) {
+            const char *colon = p < end ? memchr(p, ':', (size_t)(end - p)) : NULL;
+            uint64_t n;
+            if (colon == NULL || parse_u64(p, (size_t)(colon - p), &n) != 0 ||
+                n > (uint64_t)(end - colon - 1))
+                return -1;
+            fields[f] = colon + 1;
+            lens[f] = (size_t)n;
+            p = colon + 1 + n;
+        }
+        add_entry(out,
+                  (mph_store_entry_t){fields[0], lens[0], lens[1] ? fields[1] : NULL, lens[1]});
+    }
+    return 0;
+}
+
+/* {VERSION, HGETALL} */
+static int read_load_reply(const redisReply *r, reply_t *out)
+{
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != 2)
+        return malformed(out, "a load is not answered by an array of 2");
+    if (reply_u64(element(r, 0), &out->res.doc.version) != 0)
+        return malformed(out, "the version of a load is not a decimal string");
+    if (add_hash(out, element(r, 1)) != 0)
+        return malformed(out, "the document is not flat pairs of strings (values never empty)");
+    return 0;
+}
+
+/* {1, NEW} or {0, CUR, IS_DELTA, RECORDS or HGETALL, HELD}; see redis_cas.lua. */
+static int read_commit_reply(const redisReply *r, uint64_t expected, reply_t *out)
+{
+    mph_store_result_t *res = &out->res;
+    int ok;
+    if (r->type != REDIS_REPLY_ARRAY || reply_flag(element(r, 0), &ok) != 0)
+        return malformed(out, "a commit is not answered by an array starting with 0 or 1");
+    if (r->elements != (ok ? 2u : 5u))
+        return malformed(out, ok ? "a commit's success is not an array of 2"
+                                 : "a commit's conflict is not an array of 5");
+    if (reply_u64(element(r, 1), &res->doc.version) != 0)
+        return malformed(out, "the version of a commit is not a decimal string");
+    if (ok) {
+        if (expected == UINT64_MAX || res->doc.version != expected + 1)
+            return malformed(out, "a commit's new version is not the expected version + 1");
+        return 0;
+    }
+    res->status = MPH_ECONFLICT;
+    if (reply_flag(element(r, 2), &res->doc.is_delta) != 0 ||
+        reply_flag(element(r, 4), &res->held) != 0)
+        return malformed(out, "a conflict's is_delta or held is not 0 or 1");
+    const redisReply *list = element(r, 3);
+    if (!res->doc.is_delta) {
+        if (add_hash(out, list) != 0)
+            return malformed(out, "the document is not flat pairs of strings (values never empty)");
+        return MPH_ECONFLICT;
+    }
+    /* A delta: the records of versions expected+1 .. CUR, newest first. */
+    if (res->doc.version < expected || (res->doc.version == expected && !res->held))
+        return malformed(out, "a conflict's delta does not start at the expected version");
+    if (list == NULL || list->type != REDIS_REPLY_ARRAY ||
+        (uint64_t)list->elements != res->doc.version - expected)
+        return malformed(out, "a conflict's change log does not hold one record per version");
+    for (size_t i = list->elements; i-- > 0;) /* apply oldest first */
+        if (add_record(out, list->element[i], expected + (list->elements - i)) != 0)
+            return malformed(out, "a change-log record is malformed");
+    return MPH_ECONFLICT;
+}
+
+/* Turns the reply to a LOAD or COMMIT into out->res (status 0, MPH_ECONFLICT or MPH_ESTORAGE
+ * with a message). r may be NULL (the connection died). out->res.doc.entries is new: the
+ * caller frees it after the callback; entries borrow from r. Returns out->res.status. */
+static int read_reply(op_kind_t kind, uint64_t expected, const char *scope, const redisReply *r,
+                      reply_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    out->res.scope = scope;
+    if (r == NULL) {
+        out->res.message = "connection to Redis lost (the outcome is unknown)";
+        return out->res.status = MPH_ESTORAGE;
+    }
+    if (r->type == REDIS_REPLY_ERROR) {
+        snprintf(out->msg, sizeof(out->msg), "Redis: %.*s", (int)r->len, r->str ? r->str : "");
+        out->res.message = out->msg;
+        return out->res.status = MPH_ESTORAGE;
+    }
+    return kind == OP_LOAD ? read_load_reply(r, out) : read_commit_reply(r, expected, out);
+}
+
+/* A NOSCRIPT error to a call sent as EVALSHA: the server forgot the script (SCRIPT FLUSH, a
+ * failover, a restart); the same call sent as EVAL, with the script's text, will do. */
+static int wants_eval(const rop_t *op, const redisReply *r)
+{
+    return r != NULL && r->type == REDIS_REPLY_ERROR && !op->sent_as_eval && r->len >= 8 &&
+           strncmp(r->str, "NOSCRIPT", 8) == 0;
 }
 
 /* ---- Replies ---- */
@@ -192,192 +391,91 @@ static void fail_op(rop_t *op, int status, const char *message)
     finish(op, &res);
 }
 
-static int parse_u64(const char *s, size_t len, uint64_t *out)
+/* The connection is gone (or never came): calls fail fast until the next attempt. */
+static void went_down(redis_store_t *rs)
 {
-    if (len == 0 || len > 20)
-        return -1;
-    uint64_t v = 0;
-    for (size_t i = 0; i < len; i++) {
-        if (s[i] < '0' || s[i] > '9')
-            return -1;
-        v = v * 10 + (uint64_t)(s[i] - '0');
-    }
-    *out = v;
-    return 0;
+    rs->ac = NULL;
+    rs->state = STATE_DOWN;
+    rs->reconnect_at = uv_now(rs->loop) + rs->backoff_ms;
 }
 
-static const char *reply_string(const redisReply *r, size_t *len)
+/* An attempt to connect failed: log it once per outage, and back off. */
+static void attempt_failed(redis_store_t *rs, const char *why)
 {
-    if (r && (r->type == REDIS_REPLY_STRING || r->type == REDIS_REPLY_STATUS)) {
-        *len = r->len;
-        return r->str;
-    }
-    *len = 0;
-    return NULL; /* the scripts return versions as strings; nothing else is expected */
+    went_down(rs);
+    if (rs->was_up)
+        mph_log(MPH_LOG_WARN, "redis: cannot connect to %s: %s", rs->where, why);
+    rs->was_up = 0;
+    rs->addr_turn++; /* a name with several addresses: try the next one */
+    rs->backoff_ms = rs->backoff_ms * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : rs->backoff_ms * 2;
 }
 
-/* Appends the entries of a flat HGETALL array to a document. */
-static int add_hash(mph_store_doc_t *doc, size_t *cap, const redisReply *arr)
-{
-    if (arr->type != REDIS_REPLY_ARRAY || arr->elements % 2)
-        return -1;
-    for (size_t i = 0; i < arr->elements; i += 2) {
-        size_t klen = 0, vlen = 0;
-        const char *k = reply_string(arr->element[i], &klen);
-        const char *v = reply_string(arr->element[i + 1], &vlen);
-        if (!k || !v)
-            return -1;
-        if (doc->n == *cap) {
-            *cap = *cap ? *cap * 2 : 64;
-            doc->entries = mph_xrealloc(doc->entries, *cap * sizeof(*doc->entries));
-        }
-        doc->entries[doc->n++] = (mph_store_entry_t){k, klen, v, vlen};
-    }
-    return 0;
-}
+static int send_op(rop_t *op);
 
-/* Appends one change-log record ("VERSION\n" then KLEN:KEY VLEN:VALUE ...). */
-static int add_record(mph_store_doc_t *doc, size_t *cap, const char *s, size_t len, uint64_t want)
+/* AUTH, SELECT, SCRIPT LOAD: keep the SHAs, and drop the connection on errors. */
+static void on_setup_reply(redis_store_t *rs, rop_t *op, const redisReply *r)
 {
-    const char *nl = memchr(s, '\n', len);
-    uint64_t version;
-    if (nl == NULL || parse_u64(s, (size_t)(nl - s), &version) != 0 || version != want)
-        return -1;
-    const char *p = nl + 1, *end = s + len;
-    while (p < end) {
-        const char *fields[2];
-        size_t lens[2];
-        for (int f = 0; f < 2; f++) {
-            const char *colon = memchr(p, ':', (size_t)(end - p));
-            uint64_t n;
-            if (colon == NULL || parse_u64(p, (size_t)(colon - p), &n) != 0 ||
-                n > (uint64_t)(end - colon - 1))
-                return -1;
-            fields[f] = colon + 1;
-            lens[f] = (size_t)n;
-            p = colon + 1 + n;
-        }
-        if (doc->n == *cap) {
-            *cap = *cap ? *cap * 2 : 64;
-            doc->entries = mph_xrealloc(doc->entries, *cap * sizeof(*doc->entries));
-        }
-        doc->entries[doc->n++] =
-            (mph_store_entry_t){fields[0], lens[0], lens[1] ? fields[1] : NULL, lens[1]};
+    if (r && r->type == REDIS_REPLY_STRING && r->len == 40 && op->argc == 3) {
+        char *dst = op->argv[2] == CAS_SCRIPT ? rs->commit_sha : rs->load_sha;
+        memcpy(dst, r->str, 40);
+        dst[40] = '\0';
+    } else if (r && r->type == REDIS_REPLY_ERROR) {
+        char why[300];
+        snprintf(why, sizeof(why), "%s: %s", op->argv[0], r->str);
+        mph_log(MPH_LOG_ERROR, "redis: %s", why);
+        op_free(op);
+        drop_connection(rs, why);
+        return;
     }
-    return 0;
+    op_free(op);
 }
-
-static void send_op(rop_t *op);
 
 static void on_reply(redisAsyncContext *ac, void *reply_ptr, void *privdata)
 {
     rop_t *op = privdata;
     redis_store_t *rs = op->rs;
-    redisReply *r = reply_ptr;
+    const redisReply *r = reply_ptr;
     inflight_remove(rs, op);
+    if (r == NULL && rs->ac == ac)
+        went_down(rs); /* only a dying context answers NULL: mark it before anyone calls us */
+    assert(assert_store_state(rs));
     if (op->kind == OP_SETUP) {
-        /* AUTH, SELECT, SCRIPT LOAD: keep SHAs, and drop the connection on errors. */
-        if (r && r->type == REDIS_REPLY_STRING && r->len == 40 && op->argc == 3) {
-            char *dst = op->argv[2] == COMMIT_SCRIPT ? rs->commit_sha : rs->load_sha;
-            memcpy(dst, r->str, 40);
-            dst[40] = '\0';
-        } else if (r && r->type == REDIS_REPLY_ERROR) {
-            char why[300];
-            snprintf(why, sizeof(why), "%s: %s", op->argv[0], r->str);
-            mph_log(MPH_LOG_ERROR, "redis: %s", why);
-            op_free(op);
-            drop_connection(rs, why);
-            return;
-        }
-        op_free(op);
+        on_setup_reply(rs, op, r);
         return;
     }
-    if (r == NULL) {
-        /* Only a dying context answers NULL: mark it down before anyone calls us again. */
-        if (rs->ac == ac) {
-            rs->ac = NULL;
-            rs->reconnect_at = uv_now(rs->loop) + rs->backoff_ms;
-        }
-        fail_op(op, MPH_ESTORAGE, "connection to Redis lost (the outcome is unknown)");
+    if (wants_eval(op, r) && rs->ac == ac) {
+        op->sent_as_eval = 1;
+        op->argv[0] = "EVAL";
+        op->argv[1] = op->kind == OP_COMMIT ? CAS_SCRIPT : LOAD_SCRIPT;
+        op->argvlen[0] = 4;
+        op->argvlen[1] = op->kind == OP_COMMIT ? mph_redis_cas_lua_len : mph_redis_load_lua_len;
+        if (send_op(op) != 0)
+            fail_op(op, MPH_ESTORAGE, "cannot send to Redis");
         return;
     }
-    if (r->type == REDIS_REPLY_ERROR) {
-        if (strncmp(r->str, "NOSCRIPT", 8) == 0 && !op->sent_as_eval && rs->ac) {
-            /* The server forgot the script: send the same call with its text. */
-            op->sent_as_eval = 1;
-            op->argv[0] = "EVAL";
-            op->argv[1] = op->kind == OP_COMMIT ? COMMIT_SCRIPT : LOAD_SCRIPT;
-            op->argvlen[0] = 4;
-            op->argvlen[1] = strlen(op->argv[1]);
-            send_op(op);
-            return;
-        }
-        char msg[300];
-        snprintf(msg, sizeof(msg), "Redis: %s", r->str);
-        fail_op(op, MPH_ESTORAGE, msg);
-        return;
-    }
-    mph_store_result_t res = {0, NULL, {0, 0, 0, NULL}, op->scope, 0};
-    size_t cap = 0, len;
-    const char *s;
-    if (r->type != REDIS_REPLY_ARRAY || r->elements < 2)
-        goto malformed;
-    if (op->kind == OP_LOAD) {
-        if ((s = reply_string(r->element[0], &len)) == NULL ||
-            parse_u64(s, len, &res.doc.version) != 0 || add_hash(&res.doc, &cap, r->element[1]))
-            goto malformed;
-        finish(op, &res);
-        free(res.doc.entries);
-        return;
-    }
-    /* Commit: {1, new} or {0, current, is_delta, list} */
-    if ((s = reply_string(r->element[1], &len)) == NULL || parse_u64(s, len, &res.doc.version) != 0)
-        goto malformed;
-    if (r->element[0]->type == REDIS_REPLY_INTEGER && r->element[0]->integer == 1) {
-        finish(op, &res);
-        return;
-    }
-    if (r->elements != 5)
-        goto malformed;
-    res.status = MPH_ECONFLICT;
-    res.held = r->element[4]->type == REDIS_REPLY_INTEGER && r->element[4]->integer == 1;
-    res.doc.is_delta = r->element[2]->type == REDIS_REPLY_INTEGER && r->element[2]->integer;
-    if (res.doc.is_delta) {
-        const redisReply *list = r->element[3];
-        if (list->type != REDIS_REPLY_ARRAY)
-            goto malformed;
-        /* Newest first in the list: apply oldest first. */
-        for (size_t i = list->elements; i-- > 0;) {
-            uint64_t want = op->expected + (list->elements - i);
-            if (list->element[i]->type != REDIS_REPLY_STRING ||
-                add_record(&res.doc, &cap, list->element[i]->str, list->element[i]->len, want) != 0)
-                goto malformed;
-        }
-    } else if (add_hash(&res.doc, &cap, r->element[3]) != 0) {
-        goto malformed;
-    }
-    finish(op, &res);
-    free(res.doc.entries);
-    return;
-malformed:
-    free(res.doc.entries);
-    fail_op(op, MPH_ESTORAGE, "unexpected reply from Redis");
+    reply_t out;
+    read_reply(op->kind, op->expected, op->scope, r, &out);
+    finish(op, &out.res);
+    free(out.res.doc.entries);
 }
 
 /* ---- Connection ---- */
 
-static void send_op(rop_t *op)
+/* Queues op on the connection. Returns 0 (on_reply will run), or MPH_ESTORAGE (hiredis
+ * refused it: the context is closing; op is untouched and still the caller's). */
+static int send_op(rop_t *op)
 {
     redis_store_t *rs = op->rs;
     op->deadline = uv_now(rs->loop) + rs->timeout_ms;
     inflight_add(rs, op);
     if (redisAsyncCommandArgv(rs->ac, on_reply, op, op->argc, op->argv, op->argvlen) != REDIS_OK) {
         inflight_remove(rs, op);
-        fail_op(op, MPH_ESTORAGE, "cannot send to Redis");
+        return MPH_ESTORAGE;
     }
+    return 0;
 }
 
-static void setup_command(redis_store_t *rs, int argc, const char **argv)
+static void setup_command(redis_store_t *rs, int argc, const char **argv, const size_t *lens)
 {
     rop_t *op = mph_xcalloc(1, sizeof(*op));
     op->rs = rs;
@@ -387,40 +485,33 @@ static void setup_command(redis_store_t *rs, int argc, const char **argv)
     op->argvlen = mph_xmalloc((size_t)argc * sizeof(*op->argvlen));
     for (int i = 0; i < argc; i++) {
         op->argv[i] = argv[i];
-        op->argvlen[i] = strlen(argv[i]);
+        op->argvlen[i] = lens ? lens[i] : strlen(argv[i]);
     }
-    send_op(op);
+    if (send_op(op) != 0)
+        op_free(op);
 }
 
 static void on_connect(const redisAsyncContext *ac, int status)
 {
     redis_store_t *rs = ac->data;
     if (status != REDIS_OK) {
-        /* hiredis frees the context after this callback; pending commands got NULL. */
-        if (rs->ac == ac) {
-            rs->ac = NULL;
-            rs->reconnect_at = uv_now(rs->loop) + rs->backoff_ms;
-        }
-        if (rs->was_up)
-            mph_log(MPH_LOG_WARN, "redis: cannot connect to %s:%d: %s", rs->host, rs->port,
-                    ac->errstr);
-        rs->was_up = 0;
-        rs->backoff_ms = rs->backoff_ms * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : rs->backoff_ms * 2;
+        /* hiredis frees the context after this callback; pending commands get NULL. */
+        if (rs->ac == ac)
+            attempt_failed(rs, ac->errstr);
         return;
     }
     if (!rs->was_up)
-        mph_log(MPH_LOG_INFO, "redis: connected to %s:%d", rs->host, rs->port);
+        mph_log(MPH_LOG_INFO, "redis: connected to %s (%s)", rs->where, rs->addr);
     rs->was_up = 1;
+    rs->ready = 1;
     rs->backoff_ms = BACKOFF_MIN_MS;
 }
 
 static void on_disconnect(const redisAsyncContext *ac, int status)
 {
     redis_store_t *rs = ac->data;
-    if (rs->ac == ac) {
-        rs->ac = NULL;
-        rs->reconnect_at = uv_now(rs->loop) + rs->backoff_ms;
-    }
+    if (rs->ac == ac)
+        went_down(rs);
     if (status != REDIS_OK && !rs->closing)
         mph_log(MPH_LOG_WARN, "redis: connection lost: %s", ac->errstr);
     rs->was_up = 0;
@@ -444,33 +535,197 @@ static int login_commands(const char *password, int db, char db_buf[16], login_t
     return n;
 }
 
-static void connect_now(redis_store_t *rs)
+/* ---- Event hooks ----
+ * hiredis drives its socket through the ev hooks of its context. We install our own instead
+ * of hiredis 0.14.1's adapters/libuv.h, whose poll callback returns on any error status: libuv
+ * reports POLLERR (a refused connect, a reset) as UV_EBADF and stops watching, so with that
+ * adapter a refused connect is never noticed and calls wait for the command timeout. Here an
+ * error wakes hiredis for the events it waits on; its read or connect check finds the
+ * socket's error and ends the connection at once. The poll handle is closed before it is
+ * freed, in its close callback; `ac` is cut when hiredis cleans up, so a late event finds
+ * NULL. */
+
+typedef struct {
+    uv_poll_t poll;        /* on the context's socket */
+    redisAsyncContext *ac; /* NULL once hiredis cleaned up */
+    int events;            /* UV_READABLE | UV_WRITABLE hiredis asked for */
+} ev_t;
+
+static void on_poll(uv_poll_t *handle, int status, int events)
 {
-    redisAsyncContext *ac = redisAsyncConnect(rs->host, rs->port);
+    ev_t *ev = mph_container_of(handle, ev_t, poll);
+    if (status < 0)
+        events = ev->events; /* let hiredis find the error itself */
+    if (ev->ac && (events & UV_READABLE))
+        redisAsyncHandleRead(ev->ac);
+    if (ev->ac && (events & UV_WRITABLE))
+        redisAsyncHandleWrite(ev->ac);
+}
+
+static void ev_update(ev_t *ev, int add, int del)
+{
+    ev->events = (ev->events | add) & ~del;
+    if (ev->events)
+        uv_poll_start(&ev->poll, ev->events, on_poll);
+    else
+        uv_poll_stop(&ev->poll);
+}
+
+static void ev_add_read(void *p)
+{
+    ev_update(p, UV_READABLE, 0);
+}
+
+static void ev_del_read(void *p)
+{
+    ev_update(p, 0, UV_READABLE);
+}
+
+static void ev_add_write(void *p)
+{
+    ev_update(p, UV_WRITABLE, 0);
+}
+
+static void ev_del_write(void *p)
+{
+    ev_update(p, 0, UV_WRITABLE);
+}
+
+static void on_ev_closed(uv_handle_t *h)
+{
+    free(mph_container_of((uv_poll_t *)h, ev_t, poll));
+}
+
+static void ev_cleanup(void *p)
+{
+    ev_t *ev = p;
+    ev->ac = NULL;
+    uv_close((uv_handle_t *)&ev->poll, on_ev_closed);
+}
+
+/* Attaches ac to the loop. Returns 0 or -1 (ac untouched). */
+static int ev_attach(redisAsyncContext *ac, uv_loop_t *loop)
+{
+    ev_t *ev = mph_xcalloc(1, sizeof(*ev));
+    if (uv_poll_init_socket(loop, &ev->poll, ac->c.fd) != 0) {
+        free(ev);
+        return -1;
+    }
+    ev->ac = ac;
+    ac->ev.data = ev;
+    ac->ev.addRead = ev_add_read;
+    ac->ev.delRead = ev_del_read;
+    ac->ev.addWrite = ev_add_write;
+    ac->ev.delWrite = ev_del_write;
+    ac->ev.cleanup = ev_cleanup;
+    return 0;
+}
+
+/* Starts connecting to a numeric address: DOWN or RESOLVING -> CONNECTED (or DOWN). */
+static void connect_addr(redis_store_t *rs, const char *addr)
+{
+    snprintf(rs->addr, sizeof(rs->addr), "%s", addr);
+    redisAsyncContext *ac = redisAsyncConnect(addr, rs->port);
     if (ac == NULL || ac->err) {
+        char why[160];
+        snprintf(why, sizeof(why), "%s", ac ? ac->errstr : "out of memory");
         if (ac)
             redisAsyncFree(ac);
-        rs->reconnect_at = uv_now(rs->loop) + rs->backoff_ms;
+        attempt_failed(rs, why);
         return;
     }
     ac->data = rs;
-    if (redisLibuvAttach(ac, rs->loop) != REDIS_OK) {
+    if (ev_attach(ac, rs->loop) != 0) {
         redisAsyncFree(ac);
-        rs->reconnect_at = uv_now(rs->loop) + rs->backoff_ms;
+        attempt_failed(rs, "cannot attach to the event loop");
         return;
     }
     redisAsyncSetConnectCallback(ac, on_connect);
     redisAsyncSetDisconnectCallback(ac, on_disconnect);
     rs->ac = ac;
+    rs->state = STATE_CONNECTED;
+    rs->ready = 0;
     rs->commit_sha[0] = rs->load_sha[0] = '\0';
     char db[16];
     login_t login[2];
     for (int i = 0, n = login_commands(rs->password, rs->db, db, login); i < n; i++)
-        setup_command(rs, 2, login[i].argv);
-    const char *load_commit[] = {"SCRIPT", "LOAD", COMMIT_SCRIPT};
+        setup_command(rs, 2, login[i].argv, NULL);
+    const char *load_cas[] = {"SCRIPT", "LOAD", CAS_SCRIPT};
     const char *load_load[] = {"SCRIPT", "LOAD", LOAD_SCRIPT};
-    setup_command(rs, 3, load_commit);
-    setup_command(rs, 3, load_load);
+    const size_t cas_lens[] = {6, 4, mph_redis_cas_lua_len};
+    const size_t load_lens[] = {6, 4, mph_redis_load_lua_len};
+    setup_command(rs, 3, load_cas, cas_lens);
+    setup_command(rs, 3, load_load, load_lens);
+}
+
+/* Writes ai's address as text into buf. Returns 0, or -1 if it is not IPv4 or IPv6. */
+static int address_name(const struct addrinfo *ai, char *buf, size_t len)
+{
+    if (ai->ai_family == AF_INET)
+        return uv_ip4_name((const struct sockaddr_in *)ai->ai_addr, buf, len) == 0 ? 0 : -1;
+    if (ai->ai_family == AF_INET6)
+        return uv_ip6_name((const struct sockaddr_in6 *)ai->ai_addr, buf, len) == 0 ? 0 : -1;
+    return -1;
+}
+
+/* Writes address number `turn` (modulo how many there are) of res into buf as text. Returns
+ * 0, or -1 when res holds no IPv4 or IPv6 address. */
+static int pick_address(const struct addrinfo *res, unsigned turn, char *buf, size_t len)
+{
+    unsigned n = 0;
+    for (const struct addrinfo *ai = res; ai; ai = ai->ai_next)
+        n += ai->ai_family == AF_INET || ai->ai_family == AF_INET6;
+    if (n == 0)
+        return -1;
+    turn %= n;
+    for (const struct addrinfo *ai = res; ai; ai = ai->ai_next)
+        if ((ai->ai_family == AF_INET || ai->ai_family == AF_INET6) && turn-- == 0)
+            return address_name(ai, buf, len);
+    return -1;
+}
+
+/* The thread pool resolved rs->host (RESOLVING -> CONNECTED or DOWN). */
+static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
+{
+    redis_store_t *rs = mph_container_of(req, redis_store_t, resolve);
+    assert(rs->state == STATE_RESOLVING);
+    rs->resolutions++;
+    char addr[INET6_ADDRSTRLEN] = "";
+    if (status == 0 && pick_address(res, rs->addr_turn, addr, sizeof(addr)) != 0)
+        status = UV_EAI_NODATA;
+    uv_freeaddrinfo(res);
+    rs->state = STATE_DOWN;
+    if (rs->closing) {
+        return; /* the next tick frees the store */
+    } else if (status != 0) {
+        char why[160];
+        snprintf(why, sizeof(why), "cannot resolve %s: %s", rs->host, uv_strerror(status));
+        attempt_failed(rs, why);
+        return;
+    }
+    mph_log(MPH_LOG_DEBUG, "redis: %s resolved to %s (resolution %u)", rs->host, addr,
+            rs->resolutions);
+    connect_addr(rs, addr);
+}
+
+/* DOWN -> RESOLVING (a name: resolved off the loop, every attempt, so a changed DNS record is
+ * followed) or straight on to CONNECTED (a numeric address). */
+static void connect_now(redis_store_t *rs)
+{
+    assert(rs->state == STATE_DOWN && !rs->closing);
+    if (rs->numeric) {
+        connect_addr(rs, rs->host);
+        return;
+    }
+    struct addrinfo hints = {0};
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    int rc = uv_getaddrinfo(rs->loop, &rs->resolve, on_resolved, rs->host, NULL, &hints);
+    if (rc != 0) {
+        attempt_failed(rs, uv_strerror(rc));
+        return;
+    }
+    rs->state = STATE_RESOLVING;
 }
 
 /* Ends the connection now: every command in flight fails (NULL reply), then hiredis calls
@@ -482,8 +737,7 @@ static void drop_connection(redis_store_t *rs, const char *why)
     if (ac == NULL)
         return;
     mph_log(MPH_LOG_WARN, "redis: dropping the connection: %s", why);
-    rs->ac = NULL; /* calls made from the failing callbacks fail fast */
-    rs->reconnect_at = uv_now(rs->loop) + rs->backoff_ms;
+    went_down(rs); /* calls made from the failing callbacks fail fast */
     redisAsyncFree(ac);
 }
 
@@ -504,23 +758,32 @@ static void on_tick(uv_timer_t *t)
 {
     redis_store_t *rs = mph_container_of(t, redis_store_t, tick);
     uint64_t now = uv_now(rs->loop);
-    if (rs->closing && rs->ac == NULL && rs->oldest == NULL && !rs->tick_closing) {
-        /* The connection is gone and nothing waits: free from a libuv callback, never
-         * from inside hiredis, which may still hold a pointer to us there. */
+    assert(assert_store_state(rs));
+    if (rs->closing && rs->state == STATE_DOWN && rs->oldest == NULL && !rs->tick_closing) {
+        /* The connection is gone, no resolution runs and nothing waits: free from a libuv
+         * callback, never from inside hiredis, which may still hold a pointer to us there. */
         rs->tick_closing = 1;
         uv_close((uv_handle_t *)&rs->tick, on_tick_closed);
         return;
     }
-    if (rs->ac && rs->oldest && rs->oldest->deadline <= now) {
+    if (rs->state == STATE_CONNECTED && rs->oldest && rs->oldest->deadline <= now) {
         char why[96];
         snprintf(why, sizeof(why), "no reply within %u ms", rs->timeout_ms);
         drop_connection(rs, why);
     }
-    if (rs->ac == NULL && !rs->closing && now >= rs->reconnect_at)
+    if (rs->state == STATE_DOWN && !rs->closing && now >= rs->reconnect_at)
         connect_now(rs);
 }
 
 /* ---- Methods ---- */
+
+/* Whether a call can be sent now: connected, or connecting while Redis was last seen up (the
+ * first connection, a reconnect after a drop). During a known outage a connection attempt
+ * may hang until the command timeout (a host that drops packets): calls fail at once. */
+static int can_send(const redis_store_t *rs)
+{
+    return rs->state == STATE_CONNECTED && (rs->ready || rs->was_up);
+}
 
 static rop_t *new_op(redis_store_t *rs, op_kind_t kind, const char *scope, mph_store_cb cb,
                      void *ud, int argc)
@@ -531,8 +794,8 @@ static rop_t *new_op(redis_store_t *rs, op_kind_t kind, const char *scope, mph_s
     op->cb = cb;
     op->ud = ud;
     op->scope = mph_xstrdup(scope);
-    static const char *const suffix[4] = {"v", "d", "log", "claim"};
-    for (int i = 0; i < 4; i++) {
+    static const char *const suffix[NKEYS] = {"v", "d", "log", "claim", "logsize"};
+    for (int i = 0; i < NKEYS; i++) {
         size_t n = strlen(rs->prefix) + strlen(scope) + strlen(suffix[i]) + 4; /* {}:\0 */
         op->keys[i] = mph_xmalloc(n);
         snprintf(op->keys[i], n, "%s{%s}:%s", rs->prefix, scope, suffix[i]);
@@ -540,15 +803,14 @@ static rop_t *new_op(redis_store_t *rs, op_kind_t kind, const char *scope, mph_s
     op->argc = argc;
     op->argv = mph_xcalloc((size_t)argc, sizeof(*op->argv));
     op->argvlen = mph_xcalloc((size_t)argc, sizeof(*op->argvlen));
-    int sha = kind == OP_COMMIT ? rs->commit_sha[0] != '\0' : rs->load_sha[0] != '\0';
-    op->argv[0] = sha ? "EVALSHA" : "EVAL";
-    op->argv[1] = kind == OP_COMMIT ? (sha ? rs->commit_sha : COMMIT_SCRIPT)
-                                    : (sha ? rs->load_sha : LOAD_SCRIPT);
-    op->sent_as_eval = !sha;
-    op->argv[2] = "4";
-    for (int i = 0; i < 4; i++)
+    const char *sha = kind == OP_COMMIT ? rs->commit_sha : rs->load_sha;
+    op->sent_as_eval = sha[0] == '\0';
+    op->argv[0] = op->sent_as_eval ? "EVAL" : "EVALSHA";
+    op->argv[1] = !op->sent_as_eval ? sha : kind == OP_COMMIT ? CAS_SCRIPT : LOAD_SCRIPT;
+    op->argv[2] = MPH_STR(NKEYS);
+    for (int i = 0; i < NKEYS; i++)
         op->argv[3 + i] = op->keys[i];
-    for (int i = 0; i < 7; i++)
+    for (int i = 0; i < 3 + NKEYS; i++)
         op->argvlen[i] = strlen(op->argv[i]);
     return op;
 }
@@ -558,10 +820,13 @@ static int redis_load(mph_store_t *s, const char *scope, mph_store_cb cb, void *
     redis_store_t *rs = (redis_store_t *)s;
     if (rs->closing)
         return MPH_ECLOSED;
-    if (rs->ac == NULL)
+    if (!can_send(rs))
         return MPH_ESTORAGE;
-    rop_t *op = new_op(rs, OP_LOAD, scope, cb, ud, 7);
-    send_op(op);
+    rop_t *op = new_op(rs, OP_LOAD, scope, cb, ud, 3 + NKEYS);
+    if (send_op(op) != 0) {
+        op_free(op); /* never call back before returning */
+        return MPH_ESTORAGE;
+    }
     return 0;
 }
 
@@ -571,29 +836,35 @@ static int redis_commit(mph_store_t *s, const mph_store_write_t *writes, size_t 
     redis_store_t *rs = (redis_store_t *)s;
     if (rs->closing)
         return MPH_ECLOSED;
-    if (rs->ac == NULL)
+    if (!can_send(rs))
         return MPH_ESTORAGE;
     if (nwrites != 1)
         return MPH_EINVAL; /* one scope per commit, as the runner sends them */
     const mph_store_write_t *w = &writes[0];
-    rop_t *op = new_op(rs, OP_COMMIT, w->scope, cb, ud, 11 + 2 * (int)w->n);
+    enum { FIXED = 3 + NKEYS, NARGS = 5 }; /* the script's ARGV before the key/value pairs */
+    rop_t *op = new_op(rs, OP_COMMIT, w->scope, cb, ud, FIXED + NARGS + 2 * (int)w->n);
     op->expected = w->expected_version;
     snprintf(op->expected_str, sizeof(op->expected_str), "%llu",
              (unsigned long long)w->expected_version);
     snprintf(op->committer_str, sizeof(op->committer_str), "%llu",
              (unsigned long long)w->committer);
-    const char *fixed[4] = {op->expected_str, LOG_LIMIT, op->committer_str, w->claim ? "1" : "0"};
-    for (int i = 0; i < 4; i++) {
-        op->argv[7 + i] = fixed[i];
-        op->argvlen[7 + i] = strlen(fixed[i]);
+    const char *args[NARGS] = {op->expected_str, rs->log_bytes_str, LOG_RECORDS, op->committer_str,
+                               w->claim ? MPH_STR(MPH_STORE_CLAIM_MS) : "0"};
+    for (int i = 0; i < NARGS; i++) {
+        op->argv[FIXED + i] = args[i];
+        op->argvlen[FIXED + i] = strlen(args[i]);
     }
     for (size_t i = 0; i < w->n; i++) {
-        op->argv[11 + 2 * i] = w->entries[i].key;
-        op->argvlen[11 + 2 * i] = w->entries[i].klen;
-        op->argv[12 + 2 * i] = w->entries[i].json ? w->entries[i].json : "";
-        op->argvlen[12 + 2 * i] = w->entries[i].json ? w->entries[i].jlen : 0;
+        size_t at = FIXED + NARGS + 2 * i;
+        op->argv[at] = w->entries[i].key;
+        op->argvlen[at] = w->entries[i].klen;
+        op->argv[at + 1] = w->entries[i].json ? w->entries[i].json : "";
+        op->argvlen[at + 1] = w->entries[i].json ? w->entries[i].jlen : 0;
     }
-    send_op(op);
+    if (send_op(op) != 0) {
+        op_free(op); /* never call back before returning */
+        return MPH_ESTORAGE;
+    }
     return 0;
 }
 
@@ -604,7 +875,10 @@ static void redis_close(mph_store_t *s, void (*done)(void *ud), void *ud)
     rs->closed_cb = done;
     rs->closed_ud = ud;
     /* Pending replies still arrive (or time out); then the connection closes, on_disconnect
-     * runs, and the next tick frees the store. */
+     * runs, and the next tick frees the store. A resolution in flight is cancelled if it has
+     * not started yet, else awaited (on_resolved). */
+    if (rs->state == STATE_RESOLVING)
+        uv_cancel((uv_req_t *)&rs->resolve);
     if (rs->ac)
         redisAsyncDisconnect(rs->ac);
 }
@@ -615,61 +889,116 @@ static const mph_store_methods_t redis_methods = {
 
 /* ---- Opening ---- */
 
-/* A blocking check at start (before the loop runs), so that an unreachable Redis is one
- * clear error and a non-zero exit, not a server that fails every call. */
-static int check_reachable(const mph_store_redis_config_t *cfg, char *err, size_t errlen)
+static int is_numeric_address(const char *host)
+{
+    unsigned char buf[16];
+    return uv_inet_pton(AF_INET, host, buf) == 0 || uv_inet_pton(AF_INET6, host, buf) == 0;
+}
+
+static void format_where(char *buf, size_t len, const char *host, int port)
+{
+    snprintf(buf, len, strchr(host, ':') ? "[%s]:%d" : "%s:%d", host, port);
+}
+
+/* Logs in on a blocking connection and PINGs. Returns 0, 1 (cannot connect: another address
+ * may do) or MPH_ESTORAGE (the server refused a command), with a message in err. */
+static int check_address(const mph_store_redis_config_t *cfg, const char *addr, const char *where,
+                         char *err, size_t errlen)
 {
     struct timeval tv = {2, 0};
-    redisContext *c = redisConnectWithTimeout(cfg->host, cfg->port, tv);
+    redisContext *c = redisConnectWithTimeout(addr, cfg->port, tv);
     if (c == NULL || c->err) {
-        snprintf(err, errlen, "cannot reach Redis at %s:%d: %s", cfg->host, cfg->port,
+        snprintf(err, errlen, "cannot reach Redis at %s: %s", where,
                  c ? c->errstr : "out of memory");
         if (c)
             redisFree(c);
-        return MPH_ESTORAGE;
+        return 1;
     }
     redisSetTimeout(c, tv);
     char db[16];
     login_t steps[3];
     int n = login_commands(cfg->password, cfg->db, db, steps);
     steps[n++] = (login_t){{"PING", NULL}};
-    for (int i = 0; i < n; i++) {
+    int rc = 0;
+    for (int i = 0; i < n && rc == 0; i++) {
         int argc = steps[i].argv[1] ? 2 : 1;
         redisReply *r = redisCommandArgv(c, argc, steps[i].argv, NULL);
         if (r == NULL || r->type == REDIS_REPLY_ERROR) {
-            snprintf(err, errlen, "Redis at %s:%d refused %s: %s", cfg->host, cfg->port,
-                     steps[i].argv[0], r ? r->str : c->errstr);
-            if (r)
-                freeReplyObject(r);
-            redisFree(c);
-            return MPH_ESTORAGE;
+            snprintf(err, errlen, "Redis at %s refused %s: %s", where, steps[i].argv[0],
+                     r ? r->str : c->errstr);
+            rc = MPH_ESTORAGE;
         }
-        freeReplyObject(r);
+        if (r)
+            freeReplyObject(r);
     }
     redisFree(c);
-    return 0;
+    return rc;
 }
 
-int mph_store_redis_open(mph_store_t **out, uv_loop_t *loop, const mph_store_redis_config_t *cfg,
-                         char *err, size_t errlen)
+/* A blocking check at start (before the loop runs), so that an unresolvable host or an
+ * unreachable Redis is one clear error and a non-zero exit, not a server that fails every
+ * call. Tries each of the host's addresses; sets *turn to the one that answered. */
+static int check_reachable(const mph_store_redis_config_t *cfg, const char *where, unsigned *turn,
+                           char *err, size_t errlen)
 {
-    int rc = check_reachable(cfg, err, errlen);
-    if (rc != 0)
-        return rc;
+    struct addrinfo hints = {0}, *res = NULL;
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    int gai = getaddrinfo(cfg->host, NULL, &hints, &res);
+    if (gai != 0) {
+        snprintf(err, errlen, "cannot resolve the Redis host %s: %s", cfg->host,
+                 gai == EAI_SYSTEM ? strerror(errno) : gai_strerror(gai));
+        return MPH_ESTORAGE;
+    }
+    int rc = 1;
+    snprintf(err, errlen, "cannot reach Redis at %s: no IPv4 or IPv6 address", where);
+    *turn = 0;
+    for (const struct addrinfo *ai = res; ai && rc == 1; ai = ai->ai_next) {
+        char addr[INET6_ADDRSTRLEN];
+        if (address_name(ai, addr, sizeof(addr)) != 0)
+            continue;
+        rc = check_address(cfg, addr, where, err, errlen);
+        *turn += rc == 1; /* numbered as pick_address counts */
+    }
+    freeaddrinfo(res);
+    return rc == 1 ? MPH_ESTORAGE : rc;
+}
+
+/* A new store that starts connecting (the unit tests call this without the check). */
+static redis_store_t *store_new(uv_loop_t *loop, const mph_store_redis_config_t *cfg, unsigned turn)
+{
     redis_store_t *rs = mph_xcalloc(1, sizeof(*rs));
     rs->base.methods = &redis_methods;
     rs->loop = loop;
     rs->host = mph_xstrdup(cfg->host);
     rs->port = cfg->port;
+    rs->numeric = is_numeric_address(cfg->host);
+    format_where(rs->where, sizeof(rs->where), cfg->host, cfg->port);
+    rs->addr_turn = turn;
     rs->password = cfg->password ? mph_xstrdup(cfg->password) : NULL;
     rs->db = cfg->db;
     rs->prefix = mph_xstrdup(cfg->prefix ? cfg->prefix : "mp:");
+    snprintf(rs->log_bytes_str, sizeof(rs->log_bytes_str), "%zu",
+             cfg->log_bytes ? cfg->log_bytes : LOG_BYTES_DEFAULT);
     rs->timeout_ms = cfg->timeout_ms ? cfg->timeout_ms : 1000;
     rs->backoff_ms = BACKOFF_MIN_MS;
     rs->was_up = 1;
+    rs->state = STATE_DOWN;
     uv_timer_init(loop, &rs->tick);
     uv_timer_start(&rs->tick, on_tick, TICK_MS, TICK_MS);
     connect_now(rs);
-    *out = &rs->base;
+    return rs;
+}
+
+int mph_store_redis_open(mph_store_t **out, uv_loop_t *loop, const mph_store_redis_config_t *cfg,
+                         char *err, size_t errlen)
+{
+    char where[80];
+    unsigned turn = 0;
+    format_where(where, sizeof(where), cfg->host, cfg->port);
+    int rc = check_reachable(cfg, where, &turn, err, errlen);
+    if (rc != 0)
+        return rc;
+    *out = &store_new(loop, cfg, turn)->base;
     return 0;
 }

@@ -108,11 +108,14 @@ typedef struct {
     int db;               /* SELECTed when not 0 */
     const char *prefix;   /* key prefix; NULL: "mp:" */
     unsigned timeout_ms;  /* a command unanswered this long fails; 0: 1000 */
+    size_t log_bytes;     /* each scope's change log keeps at most this many bytes; 0: 1 MiB */
 } mph_store_redis_config_t;
 
-/* Opens the Redis backend: checks (blocking, at most a few seconds) that the server answers,
- * then connects asynchronously on the loop. Returns 0 and a new store in *out, or a negative
- * code with a one-line message in err. */
+/* Opens the Redis backend: resolves the host and checks (blocking, at most a few seconds) that
+ * the server answers, then connects asynchronously on the loop (where the host, when it is a
+ * name, is resolved again on the thread pool before every connection attempt). The host is a
+ * name or a numeric IPv4 or IPv6 address (without brackets). Returns 0 and a new store in *out, or
+ * a negative code with a one-line message in err. */
 int mph_store_redis_open(mph_store_t **out, uv_loop_t *loop, const mph_store_redis_config_t *cfg,
                          char *err, size_t errlen);
 
