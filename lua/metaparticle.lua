@@ -63,6 +63,10 @@ function M.error(code, message, data)
   raise(code, message or "Server error", data, 2)
 end
 
+-- Test runs only (MPH_TEST_LUA_ALLOC_FAIL=1): mp.test_fail_allocations(skip, count) lets the
+-- next `skip` Lua allocations through, then fails `count`. nil otherwise.
+M.test_fail_allocations = C.fail_allocations
+
 function M.array(t)
   if t == nil then t = {} end
   if type(t) ~= "table" then error("mp.array expects a table", 2) end
@@ -312,7 +316,6 @@ end
 -- Ends a root's transaction: returns its write set (key -> JSON text or false), or nil.
 local function finish_root(root)
   local r = roots[root]
-  roots[root] = nil
   if raw_next(root) ~= nil then
     raise(-32000, "mp.scope." .. r.name .. ": keys of a scope must be strings " ..
       "(was table.insert or rawset used on the scope itself?)", nil, 0)
@@ -329,6 +332,7 @@ local function finish_root(root)
       end
     end
   end
+  roots[root] = nil -- only now: a value that holds the root itself encodes as a cycle
   return writes
 end
 

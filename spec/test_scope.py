@@ -275,3 +275,35 @@ def test_fairness_claim_of_another_process_is_waited_for():
         t0 = time.time()
         eq(s.result("simple-storage", [{}]), {"requests": 2}, "waits, then commits")
         check(0.25 < time.time() - t0 < 2, "held off until the claim expired")
+
+
+COLD = os.path.join(SCRIPTS, "cold.lua")
+COLD_METHODS = ["in_sort", "in_gsub", "in_tostring", "in_coroutine", "in_sort_caught"]
+
+
+def test_first_scope_touch_inside_a_c_callback_works_on_a_cold_process():
+    data = tmpdir()
+    for i, method in enumerate(COLD_METHODS):
+        with Server(COLD, data=data) as s:  # a fresh process: nothing loaded
+            eq(s.result(method), 2 * i + 1, "%s on a cold process" % method)
+            eq(s.result(method), 2 * i + 2, "%s on a warm one" % method)
+    with Server(COLD, data=data) as s:
+        eq(s.result("read_in_sort"), 2 * len(COLD_METHODS), "a read-only one, cold")
+
+
+def test_scope_touched_in_a_c_callback_after_its_load_failed():
+    data = tmpdir()
+    with Server(COLD, data=data) as s:
+        eq(s.result("in_sort"), 1)
+    # A corrupt log refuses the scope (-32002); once repaired, the next cold touch loads it.
+    path = glob.glob(os.path.join(data, "*.log"))[0]
+    with open(path, "rb") as f:
+        good = f.read()
+    with open(path, "wb") as f:
+        f.write(good[:8] + bytes(b ^ 0xFF for b in good[8:16]) + good[16:] + good)
+    with Server(COLD, data=data) as s:
+        r = s.rpc("in_sort")
+        eq(r["error"]["code"], -32002, "the load failed")
+        with open(path, "wb") as f:
+            f.write(good)
+        eq(s.result("in_sort"), 2, "loaded from inside the comparator after the failure")
