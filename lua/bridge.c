@@ -204,19 +204,22 @@ static int l_join(lua_State *L)
 /* C.encode(value, path) -> JSON text; raises -32000 naming the path [-0, +1, e] */
 static int l_encode(lua_State *L)
 {
+    mph_lua_t *lua = upvalue_lua(L);
     const char *root = luaL_optstring(L, 2, NULL);
     char err[512];
-    mph_buf_t out = MPH_BUF_INIT;
-    int rc = mph_json_encode(L, 1, root, &out, err, sizeof(err));
-    if (rc == 0) {
-        lua_pushlstring(L, out.data ? out.data : "", out.len); /* raises only once out is freed */
-        mph_buf_free(&out);
-        return 1;
-    }
-    mph_buf_free(&out);
+    /* The bridge's scratch buffer, not a local one: lua_pushlstring may raise (out of memory)
+     * and a local buffer would then leak. */
+    mph_buf_t *out = &lua->scratch;
+    out->len = 0;
+    int rc = mph_json_encode(L, 1, root, out, err, sizeof(err));
     if (rc == MPH_JSON_ENOMEM)
         return raise_nomem(L);
-    return raise_rpc_error(L, MPH_RPC_HANDLER_ERROR, err);
+    if (rc != 0)
+        return raise_rpc_error(L, MPH_RPC_HANDLER_ERROR, err);
+    lua_pushlstring(L, out->data ? out->data : "", out->len);
+    if (out->cap > (1 << 20)) /* do not keep a huge value's buffer for good */
+        mph_buf_free(out);
+    return 1;
 }
 
 /* C.decode(text) -> value [-0, +1, e] */
@@ -550,6 +553,7 @@ static void on_retry_timer_closed(uv_handle_t *h)
 {
     mph_lua_t *lua = mph_container_of(h, mph_lua_t, retry_timer);
     lua_close(lua->L);
+    mph_buf_free(&lua->scratch);
     free(lua);
 }
 

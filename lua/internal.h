@@ -98,6 +98,7 @@ struct mph_lua_s {
     uint64_t timeout_ns;    /* handler time limit per running stretch; 0: none */
     uint64_t committer;     /* random nonzero id of this process for fairness claims */
     uint64_t rng;           /* our own PRNG state (jitter): rand() is the embedder's */
+    mph_buf_t scratch;      /* C.encode's output, reused (owned; nothing to leak on a raise) */
     int alloc_test;         /* MPH_TEST_LUA_ALLOC_FAIL=1: the state uses test_alloc */
     long alloc_skip;        /* test_alloc: allocations to let through before failing */
     long alloc_fail;        /* test_alloc: allocations to fail after those */

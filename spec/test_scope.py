@@ -307,3 +307,38 @@ def test_scope_touched_in_a_c_callback_after_its_load_failed():
         with open(path, "wb") as f:
             f.write(good)
         eq(s.result("in_sort"), 2, "loaded from inside the comparator after the failure")
+
+
+def test_lua_out_of_memory_at_every_step_of_a_commit():
+    """Fails the N-th Lua allocation (then a few more) from inside a write call, for every N
+    up to past the end of the call: the process stays up, a call that fails says -32603 (or
+    that the scope is unavailable) and commits nothing, every acknowledged call is committed,
+    and later calls work."""
+    data = tmpdir()
+    env = {"MPH_TEST_LUA_ALLOC_FAIL": "1"}
+    acked = 0
+    with Server(os.path.join(SCRIPTS, "oom.lua"), data=data, env=env) as s:
+        for count in (1, 4):
+            for skip in range(0, 120, 1 if count == 1 else 3):
+                r = s.rpc("incr", [skip, count])
+                if "result" in r:
+                    acked += 1
+                    eq(r["result"]["n"], acked, "skip %d: acknowledged in order" % skip)
+                else:
+                    check(r["error"]["code"] in (-32603, -32002), r)
+                # What is left of the window may hit the next calls: disarm, retrying.
+                for _ in range(count + 1):
+                    if "result" in s.rpc("disarm"):
+                        break
+                got = None
+                for _ in range(count + 1):
+                    got = s.rpc("get")
+                    if "result" in got:
+                        break
+                eq(got["result"].get("n"), acked or None, "skip %d: nothing half-committed" % skip)
+                hist = got["result"].get("hist") or [{"n": None}]
+                eq(hist[-1]["n"], acked or None, "skip %d: history" % skip)
+        check(s.alive(), "the process stays up")
+        check(acked > 0, "some calls succeeded")
+    with Server(os.path.join(SCRIPTS, "oom.lua"), data=data) as s:
+        eq(s.result("get")["n"], acked, "on disk: exactly the acknowledged calls")
