@@ -33,9 +33,9 @@ typedef struct {
     char *keys[FAKE_KEYS], *json[FAKE_KEYS]; /* the committed document */
     size_t n;
     uint64_t version;
-    int conflicts;     /* commits to refuse, as if another process committed first */
-    int fail_commits;  /* commits to fail with an I/O error */
-    int fail_loads;    /* loads to fail */
+    int conflicts;      /* commits to refuse, as if another process committed first */
+    int fail_commits;   /* commits to fail with an I/O error */
+    int fail_loads;     /* loads to fail */
     int loads, commits; /* operations started */
     fake_op_t ops[FAKE_OPS];
     size_t nops;
@@ -300,7 +300,7 @@ static void test_retries_exhausted_is_32001_and_writes_nothing(void)
     fake.conflicts = 1000;
     reply_t r = call(lua, "incr", NULL);
     CHECK(r.code == MPH_RPC_CONFLICT);
-    CHECK(lua_runs(lua) == 4); /* the first attempt and three retries */
+    CHECK(lua_runs(lua) == 4);                       /* the first attempt and three retries */
     CHECK(strcmp(fake_get(&fake, "n"), "400") == 0); /* only the other process's writes */
     bridge_free(lua);
 }
@@ -351,6 +351,24 @@ static void test_scope_loaded_from_a_comparator(void)
     bridge_free(lua);
 }
 
+/* README, "Guarantees": a read runs on the newest state and is answered once what it read is
+ * durable; with nothing in flight, at once. */
+static void test_read_waits_for_the_commit_it_read(void)
+{
+    mph_lua_t *lua = bridge(0);
+    call(lua, "incr", NULL); /* loaded, n = 1 */
+    reply_t w = {0, 0, "", ""}, r = {0, 0, "", ""};
+    mph_lua_call(lua, "incr", 4, NULL, on_reply, &w); /* its commit stays in flight */
+    CHECK(fake.nops == 1 && w.done == 0);
+    mph_lua_call(lua, "get", 3, NULL, on_reply, &r);
+    CHECK(r.done == 0); /* it read n = 2, not durable yet */
+    fake_run(&fake);
+    CHECK(w.done == 1 && r.done == 1 && strcmp(r.json, "2") == 0);
+    r = call(lua, "get", NULL); /* nothing in flight: answered before any storage work */
+    CHECK(r.done == 1 && fake.nops == 0);
+    bridge_free(lua);
+}
+
 static void test_no_global_prng_state(void)
 {
     srand(7);
@@ -386,6 +404,7 @@ static const mph_unit_test_t tests[] = {
     {"storage_errors", test_storage_errors},
     {"handler_that_raises_commits_nothing", test_handler_that_raises_commits_nothing},
     {"scope_loaded_from_a_comparator", test_scope_loaded_from_a_comparator},
+    {"read_waits_for_the_commit_it_read", test_read_waits_for_the_commit_it_read},
     {"no_global_prng_state", test_no_global_prng_state},
     {"txn_states_are_asserted", test_txn_states_are_asserted},
 };
