@@ -67,8 +67,8 @@ static int raise_rpc_error(lua_State *L, int code, const char *message)
     return raise_error_object(upvalue_lua(L), L, code, message);
 }
 
-/* Raises Lua's own out-of-memory error (LUA_ERRMEM, its preallocated message), which
- * attempt_failed answers with -32603. [-0, +0, m] */
+/* Raises Lua's out-of-memory message (LuaJIT's preallocated string) as an error, which
+ * attempt_failed answers with -32603 as it does LUA_ERRMEM itself. [-0, +0, m] */
 static int raise_nomem(lua_State *L)
 {
     lua_pushliteral(L, NOMEM_MESSAGE); /* interned at start, so this allocates nothing */
@@ -287,7 +287,7 @@ static const luaL_Reg helper_functions[] = {{"log", l_log},
  * call ends the process through the panic function. So every entry into Lua from C is either
  * lua_resume (itself protected) or goes through mph__lua_protect, which runs a C function
  * under lua_cpcall; Lua functions called inside it run under lua_pcall with traceback_handler
- * (call_protected), so a bug logs its traceback. */
+ * (mph__lua_call_internal), so a bug logs its traceback. */
 
 /* Message handler: adds a traceback. Under memory pressure it may fail itself; the error is
  * then still caught (LUA_ERRERR). */
@@ -327,7 +327,10 @@ void mph__lua_call_internal(mph_lua_t *lua, lua_State *L, const char *fn, int na
 /* ---- Lifecycle ---- */
 
 /* The allocator of test runs (MPH_TEST_LUA_ALLOC_FAIL=1): C.fail_allocations arms it. Only
- * new blocks and growth fail; shrinking and freeing never do (LuaJIT relies on that). */
+ * new blocks and growth fail; shrinking and freeing never do (LuaJIT relies on that). LuaJIT
+ * accepts it: our build (openresty luajit2 v2.1-20230119, x86-64) is GC64, where lua_newstate
+ * takes any allocator (non-GC64 x86-64 builds refuse one, needing memory below 2 GiB). Other
+ * runs keep luaL_newstate and LuaJIT's own allocator. */
 static void *test_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
 {
     mph_lua_t *lua = ud;
@@ -565,35 +568,6 @@ void mph_lua_close(mph_lua_t *lua)
 }
 
 /* ---- Calls and attempts ---- */
-
-#ifndef NDEBUG
-/* A transaction's invariants in its state (internal.h draws the states); used as
- * assert(assert_txn_state(t)) at each transition. */
-int assert_txn_state(const mph_txn_t *t)
-{
-    switch (t->state) {
-    case TXN_RUNNING: /* its coroutine exists (or is being made) and it has no queue */
-        assert(t->reload == NULL || t->co != NULL);
-        break;
-    case TXN_WAITING: /* suspended in C.acquire, queued on a loading scope */
-        assert(t->co != NULL && t->reload == NULL && !t->past_checkpoint);
-        break;
-    case TXN_RELOAD: /* its void attempt ended; it waits for reload to load */
-        assert(t->co == NULL && t->reload != NULL);
-        break;
-    case TXN_QUEUED:     /* finished; its writes are in the scope's pending state */
-    case TXN_COMMITTING: /* ... or in the commit in flight */
-        assert(t->co == NULL && t->scope != NULL && t->reload == NULL);
-        break;
-    case TXN_RETRY: /* refused or void; runs again when the scope's backoff ends */
-        assert(t->co == NULL && t->scope != NULL);
-        break;
-    default:
-        assert(!"unknown transaction state");
-    }
-    return 1;
-}
-#endif
 
 static void txn_free(mph_txn_t *t)
 {

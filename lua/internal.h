@@ -3,10 +3,10 @@
  * retries) share. Private to lua/.
  *
  * A transaction (mph_txn_t) is one JSON-RPC call. Each attempt runs the handler in a new
- * coroutine; its states (assert_txn_state in bridge.c checks each):
+ * coroutine; its states (assert_txn_state below checks each):
  *
  *   RUNNING  --handler waits for a scope to load (C.acquire yields)-->  WAITING
- *   WAITING  --runner_scope_loaded resumes it-->                         RUNNING
+ *   WAITING  --on_loaded (runner.c) resumes it-->                        RUNNING
  *   RUNNING  --touched an unloaded scope where it cannot wait-->         RELOAD (attempt void)
  *   RELOAD   --that scope has loaded-->                                  RUNNING (new attempt)
  *   RUNNING  --handler returns, writes merged into the scope-->          QUEUED (pending batch)
@@ -20,6 +20,7 @@
 #ifndef MPH_LUA_INTERNAL_H
 #define MPH_LUA_INTERNAL_H
 
+#include <assert.h>
 #include <lua.h>
 #include <stdint.h>
 
@@ -112,15 +113,41 @@ struct mph_lua_s {
     int closing;            /* mph_lua_close was called */
 };
 
+#ifndef NDEBUG
+/* A transaction's invariants in its state (internal.h draws the states); used as
+ * assert(assert_txn_state(t)) at each transition. */
+static inline int assert_txn_state(const mph_txn_t *t)
+{
+    switch (t->state) {
+    case TXN_RUNNING: /* its coroutine exists (or is being made) and it has no queue */
+        assert(t->reload == NULL || t->co != NULL);
+        break;
+    case TXN_WAITING: /* suspended in C.acquire, queued on a loading scope */
+        assert(t->co != NULL && t->reload == NULL && !t->past_checkpoint);
+        break;
+    case TXN_RELOAD: /* its void attempt ended; it waits for reload to load */
+        assert(t->co == NULL && t->reload != NULL);
+        break;
+    case TXN_QUEUED:     /* finished; its writes are in the scope's pending state */
+    case TXN_COMMITTING: /* ... or in the commit in flight */
+        assert(t->co == NULL && t->scope != NULL && t->reload == NULL);
+        break;
+    case TXN_RETRY: /* refused or void; runs again when the scope's backoff ends */
+        assert(t->co == NULL && t->scope != NULL);
+        break;
+    default:
+        assert(!"unknown transaction state");
+    }
+    return 1;
+}
+#endif
+
 /* bridge.c */
 void mph__txn_start_attempt(mph_txn_t *t);
 void mph__txn_resume(mph_txn_t *t, int nargs);
 void mph__txn_reply(mph_txn_t *t, int code, const char *message);
 void mph__txn_reply_result(mph_txn_t *t);
 void mph__txn_clear_wake(mph_txn_t *t);
-#ifndef NDEBUG
-int assert_txn_state(const mph_txn_t *t);
-#endif
 /* Pushes I[name], a field of the internal table metaparticle.lua returned. [-0, +1, m] */
 void mph__lua_get_internal(mph_lua_t *lua, lua_State *L, const char *name);
 /* Calls I[fn] with the nargs values on top of L under lua_pcall with a traceback handler and
