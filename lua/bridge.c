@@ -3,15 +3,16 @@
  *
  * Each attempt gets a coroutine from lua_newthread, anchored in the registry by luaL_ref
  * until the attempt ends (a thread only reachable from C would be collected). The coroutine
- * runs I.run(rec, handler, args...) from metaparticle.lua: the handler, then the write sets.
- * A handler suspends only inside C.acquire (a scope is loading): that C function ends with
- * `return lua_yield(L, 0)` and the runner resumes it with the outcome. One function,
+ * runs I.run(rec) from metaparticle.lua: the handler (rec.handler on rec.args), then the write
+ * sets. A handler suspends only inside C.acquire (a scope is loading): that C function ends
+ * with `return lua_yield(L, 0)` and the runner resumes it once the load ends. One function,
  * mph__txn_resume, owns lua_resume and tells host waits from a user's stray
  * coroutine.yield by the transaction's state.
  *
  * Errors raised in handlers become JSON-RPC errors: an error object from mp.error (or from
  * the host, e.g. -32002) keeps its code; any other value is -32000 with its message, the
- * "file:line:" prefix removed unless tracebacks are on (--logging=debug).
+ * "file:line:" prefix removed unless tracebacks are on (--logging=debug). Lua running out of
+ * memory is -32603; the process stays up (see "Entering Lua from C").
  */
 #define _POSIX_C_SOURCE 200809L
 #include "bridge.h"
@@ -24,6 +25,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -31,6 +33,7 @@
 #include "metaparticle_lua.h" /* generated from metaparticle.lua: mph_metaparticle_lua[] */
 
 #define DEFAULT_MAX_RETRIES 50
+#define NOMEM_MESSAGE "not enough memory" /* LuaJIT's own, interned at start */
 
 /* ---- Helpers ---- */
 
@@ -62,6 +65,14 @@ static int raise_error_object(mph_lua_t *lua, lua_State *L, int code, const char
 static int raise_rpc_error(lua_State *L, int code, const char *message)
 {
     return raise_error_object(upvalue_lua(L), L, code, message);
+}
+
+/* Raises Lua's out-of-memory message (LuaJIT's preallocated string) as an error, which
+ * attempt_failed answers with -32603 as it does LUA_ERRMEM itself. [-0, +0, m] */
+static int raise_nomem(lua_State *L)
+{
+    lua_pushliteral(L, NOMEM_MESSAGE); /* interned at start, so this allocates nothing */
+    return lua_error(L);
 }
 
 /* ---- The handler time limit ----
@@ -107,6 +118,8 @@ static int l_checkpoint(lua_State *L)
                  (unsigned long long)(lua->timeout_ns / 1000000));
         return raise_rpc_error(L, MPH_RPC_TIMEOUT, msg);
     }
+    if (t->reload != NULL) /* the attempt is void: it runs again once the scope loads */
+        return raise_rpc_error(L, MPH_RPC_STORAGE_UNAVAILABLE, "the scope is loading");
     t->past_checkpoint = 1;
     return 0;
 }
@@ -142,24 +155,39 @@ static int l_current(lua_State *L)
     return 1;
 }
 
-/* C.acquire(name) -> nil when the scope is ready, or a message why not. May yield until the
- * scope has loaded; the runner resumes with the same two outcomes. [-1, +1, e] */
+/* C.acquire(name, yieldable) -> true when the scope is ready, or false, code, message. May
+ * yield until the scope has loaded; the runner then resumes it with nothing, and the caller
+ * asks again (the outcome is kept in the transaction, so the runner pushes nothing onto a
+ * suspended coroutine, where an out-of-memory error would have no handler). `yieldable` is
+ * coroutine.isyieldable() at the caller: false inside a callback that C called (a
+ * table.sort comparator, a string.gsub function, __tostring under tostring) or in a
+ * coroutine the handler made. There a load cannot be waited for: the attempt is void and
+ * runs again once the scope has loaded (runner.c, "Loading where one cannot wait").
+ * [-2, +1 or +3, e] */
 static int l_acquire(lua_State *L)
 {
     mph_lua_t *lua = upvalue_lua(L);
     const char *name = luaL_checkstring(L, 1);
+    int yieldable = lua_toboolean(L, 2);
     mph_txn_t *t = lua->current;
     if (t == NULL)
         return luaL_error(L, "mp.scope.%s is only available inside a service handler", name);
+    int code = 0;
     const char *why = NULL;
-    int rc = mph__runner_acquire(t, name, L == t->co, &why);
-    if (rc == 0)
-        return 0;
-    if (rc < 0) {
-        lua_pushstring(L, why);
+    int rc = mph__runner_acquire(t, name, yieldable && L == t->co, &code, &why);
+    if (rc == 0) {
+        lua_pushboolean(L, 1);
         return 1;
     }
+    if (rc < 0) {
+        lua_pushboolean(L, 0);
+        lua_pushinteger(L, code);
+        lua_pushstring(L, why);
+        mph__txn_clear_wake(t);
+        return 3;
+    }
     t->state = TXN_WAITING;
+    assert(assert_txn_state(t));
     return lua_yield(L, 0);
 }
 
@@ -176,15 +204,21 @@ static int l_join(lua_State *L)
 /* C.encode(value, path) -> JSON text; raises -32000 naming the path [-0, +1, e] */
 static int l_encode(lua_State *L)
 {
+    mph_lua_t *lua = upvalue_lua(L);
     const char *root = luaL_optstring(L, 2, NULL);
     char err[512];
-    mph_buf_t out = MPH_BUF_INIT;
-    if (mph_json_encode(L, 1, root, &out, err, sizeof(err)) != 0) {
-        mph_buf_free(&out);
+    /* The bridge's scratch buffer, not a local one: lua_pushlstring may raise (out of memory)
+     * and a local buffer would then leak. */
+    mph_buf_t *out = &lua->scratch;
+    out->len = 0;
+    int rc = mph_json_encode(L, 1, root, out, err, sizeof(err));
+    if (rc == MPH_JSON_ENOMEM)
+        return raise_nomem(L);
+    if (rc != 0)
         return raise_rpc_error(L, MPH_RPC_HANDLER_ERROR, err);
-    }
-    lua_pushlstring(L, out.data, out.len);
-    mph_buf_free(&out);
+    lua_pushlstring(L, out->data ? out->data : "", out->len);
+    if (out->cap > (1 << 20)) /* do not keep a huge value's buffer for good */
+        mph_buf_free(out);
     return 1;
 }
 
@@ -194,7 +228,10 @@ static int l_decode(lua_State *L)
     size_t len;
     const char *text = luaL_checklstring(L, 1, &len);
     char err[256];
-    if (mph_json_push_text(L, text, len, err, sizeof(err)) != 0)
+    int rc = mph_json_push_text(L, text, len, err, sizeof(err));
+    if (rc == MPH_JSON_ENOMEM)
+        return raise_nomem(L);
+    if (rc != 0)
         return luaL_error(L, "%s", err);
     return 1;
 }
@@ -208,12 +245,27 @@ static int l_set_result(lua_State *L)
     lua_settop(L, 1); /* extra results are ignored; none is null */
     char err[512];
     t->result.len = 0;
-    if (mph_json_encode(L, 1, "result", &t->result, err, sizeof(err)) != 0) {
+    int rc = mph_json_encode(L, 1, "result", &t->result, err, sizeof(err));
+    if (rc == MPH_JSON_ENOMEM) {
+        t->result.len = 0;
+        return raise_nomem(L);
+    }
+    if (rc != 0) {
         t->result.len = 0;
         char msg[600];
         snprintf(msg, sizeof(msg), "cannot encode the result: %s", err);
         return raise_rpc_error(L, MPH_RPC_INTERNAL_ERROR, msg);
     }
+    return 0;
+}
+
+/* C.fail_allocations(skip, count): test builds of the state only (MPH_TEST_LUA_ALLOC_FAIL=1):
+ * the next `skip` allocations succeed, then `count` fail. [-2, +0, -] */
+static int l_fail_allocations(lua_State *L)
+{
+    mph_lua_t *lua = upvalue_lua(L);
+    lua->alloc_skip = (long)luaL_checknumber(L, 1);
+    lua->alloc_fail = (long)luaL_checknumber(L, 2);
     return 0;
 }
 
@@ -226,20 +278,89 @@ static const luaL_Reg helper_functions[] = {{"log", l_log},
                                             {"decode", l_decode},
                                             {"set_result", l_set_result},
                                             {"checkpoint", l_checkpoint},
+                                            {"fail_allocations", l_fail_allocations},
                                             {NULL, NULL}};
 
-/* Runs metaparticle.lua with the helper table; leaves package.loaded.metaparticle = M and
- * keeps I in the registry. [-0, +0, m] */
-static int open_module(mph_lua_t *lua)
+/* ---- Entering Lua from C ----
+ *
+ * Any lua_* call that allocates may raise (out of memory), and a raise outside a protected
+ * call ends the process through the panic function. So every entry into Lua from C is either
+ * lua_resume (itself protected) or goes through mph__lua_protect, which runs a C function
+ * under lua_cpcall; Lua functions called inside it run under lua_pcall with traceback_handler
+ * (mph__lua_call_internal), so a bug logs its traceback. */
+
+/* Message handler: adds a traceback. Under memory pressure it may fail itself; the error is
+ * then still caught (LUA_ERRERR). */
+static int traceback_handler(lua_State *L)
+{
+    const char *msg = lua_tostring(L, 1);
+    if (msg == NULL)
+        msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+    luaL_traceback(L, L, msg, 1);
+    return 1;
+}
+
+int mph__lua_protect(mph_lua_t *lua, lua_CFunction f, void *ud, const char *what)
 {
     lua_State *L = lua->L;
     int base = lua_gettop(L);
+    int status = lua_cpcall(L, f, ud);
+    if (status != 0) /* no lua_tostring on a non-string: it would allocate */
+        mph_log(MPH_LOG_ERROR, "%s: %s", what,
+                lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "error");
+    lua_settop(L, base);
+    return status;
+}
+
+void mph__lua_call_internal(mph_lua_t *lua, lua_State *L, const char *fn, int nargs, int nresults)
+{
+    int fidx = lua_gettop(L) - nargs + 1; /* where the first argument is */
+    lua_pushcfunction(L, traceback_handler);
+    mph__lua_get_internal(lua, L, fn);
+    lua_insert(L, fidx); /* Stack: ..., I[fn], args..., handler */
+    lua_insert(L, fidx); /* Stack: ..., handler, I[fn], args... */
+    if (lua_pcall(L, nargs, nresults, fidx) != 0)
+        lua_error(L);    /* on to the enclosing protected call, traceback included */
+    lua_remove(L, fidx); /* Stack: ..., results */
+}
+
+/* ---- Lifecycle ---- */
+
+/* The allocator of test runs (MPH_TEST_LUA_ALLOC_FAIL=1): C.fail_allocations arms it. Only
+ * new blocks and growth fail; shrinking and freeing never do (LuaJIT relies on that). LuaJIT
+ * accepts it: our build (openresty luajit2 v2.1-20230119, x86-64) is GC64, where lua_newstate
+ * takes any allocator (non-GC64 x86-64 builds refuse one, needing memory below 2 GiB). Other
+ * runs keep luaL_newstate and LuaJIT's own allocator. */
+static void *test_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
+{
+    mph_lua_t *lua = ud;
+    if (nsize == 0) {
+        free(ptr);
+        return NULL;
+    }
+    if (ptr == NULL || nsize > osize) {
+        if (lua->alloc_skip > 0)
+            lua->alloc_skip--;
+        else if (lua->alloc_fail > 0) {
+            lua->alloc_fail--;
+            return NULL;
+        }
+    }
+    return realloc(ptr, nsize);
+}
+
+/* Runs metaparticle.lua with the helper table; leaves package.loaded.metaparticle = M and
+ * keeps I in the registry. Run by init_state. [-0, +0, e] */
+static void open_module(mph_lua_t *lua, lua_State *L)
+{
     if (luaL_loadbuffer(L, (const char *)mph_metaparticle_lua, mph_metaparticle_lua_len,
                         "=metaparticle.lua") != 0)
-        goto fail;
+        lua_error(L);
     /* Stack: chunk */
     lua_createtable(L, 0, 16);
     for (const luaL_Reg *r = helper_functions; r->name; r++) {
+        if (r->func == l_fail_allocations && !lua->alloc_test)
+            continue;
         lua_pushlightuserdata(L, lua);
         lua_pushcclosure(L, r->func, 1);
         lua_setfield(L, -2, r->name);
@@ -253,23 +374,48 @@ static int open_module(mph_lua_t *lua)
     mph_json_push_object_mt(L);
     lua_setfield(L, -2, "object_mt");
     /* Stack: chunk, C */
-    if (lua_pcall(L, 1, 2, 0) != 0)
-        goto fail;
+    lua_call(L, 1, 2); /* inside init_state's lua_cpcall */
     /* Stack: M, I */
     lua->internal_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     lua_getglobal(L, "package");
     lua_getfield(L, -1, "loaded");
     lua_pushvalue(L, -3);
-    lua_setfield(L, -2, "metaparticle");
-    lua_settop(L, base);
-    return 0;
-fail:
-    mph_log(MPH_LOG_ERROR, "cannot load the metaparticle module: %s", lua_tostring(L, -1));
-    lua_settop(L, base);
-    return MPH_ESCRIPT;
+    lua_setfield(L, -2, "metaparticle"); /* Stack: M, package, loaded */
+    lua_pop(L, 3);
 }
 
-/* ---- Lifecycle ---- */
+/* The state's setup, under lua_cpcall. [-0, +0, e] */
+static int init_state(lua_State *L)
+{
+    mph_lua_t *lua = lua_touserdata(L, 1);
+    luaL_openlibs(L);
+    mph_json_init(L);
+    lua_pushlightuserdata(L, &lua_owner_key);
+    lua_pushlightuserdata(L, lua);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+    open_module(lua, L);
+    return 0;
+}
+
+/* A seed from the kernel; never the C library's rand() (that state is the embedder's). */
+static uint64_t random_seed(const void *salt)
+{
+    uint64_t seed = 0;
+    if (getrandom(&seed, sizeof(seed), GRND_NONBLOCK) != (ssize_t)sizeof(seed))
+        seed = uv_hrtime() ^ ((uint64_t)getpid() << 40) ^ (uint64_t)(uintptr_t)salt;
+    return seed;
+}
+
+uint64_t mph__lua_random(mph_lua_t *lua)
+{
+    /* xorshift64*: plenty for ids and jitter, and it is ours alone. */
+    uint64_t x = lua->rng;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    lua->rng = x;
+    return x * 0x2545F4914F6CDD1DULL;
+}
 
 int mph_lua_new(mph_lua_t **out, uv_loop_t *loop, const mph_lua_config_t *cfg)
 {
@@ -279,75 +425,77 @@ int mph_lua_new(mph_lua_t **out, uv_loop_t *loop, const mph_lua_config_t *cfg)
     lua->max_retries = cfg->max_retries > 0 ? cfg->max_retries : DEFAULT_MAX_RETRIES;
     lua->debug_errors = cfg->debug_errors;
     lua->timeout_ns = (uint64_t)cfg->handler_timeout_ms * 1000000;
-    /* Distinct per process (and per host within one): seeds the retry jitter too. */
-    lua->committer = (uv_hrtime() ^ ((uint64_t)getpid() << 40) ^ (uint64_t)(uintptr_t)lua) | 1;
-    srand((unsigned)(lua->committer ^ (lua->committer >> 32)));
+    lua->rng = random_seed(lua) | 1;           /* xorshift needs a nonzero state */
+    lua->committer = mph__lua_random(lua) | 1; /* distinct per process and per host */
     lua->internal_ref = LUA_NOREF;
-    lua->L = luaL_newstate();
+    const char *test = getenv("MPH_TEST_LUA_ALLOC_FAIL");
+    lua->alloc_test = test != NULL && strcmp(test, "1") == 0;
+    lua->L = lua->alloc_test ? lua_newstate(test_alloc, lua) : luaL_newstate();
     if (lua->L == NULL) {
         free(lua);
         return MPH_ENOMEM;
     }
-    luaL_openlibs(lua->L);
-    mph_json_init(lua->L);
-    lua_pushlightuserdata(lua->L, &lua_owner_key);
-    lua_pushlightuserdata(lua->L, lua);
-    lua_rawset(lua->L, LUA_REGISTRYINDEX);
-    if (lua->timeout_ns) {
-        luaJIT_setmode(lua->L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
-        lua_sethook(lua->L, timeout_hook, LUA_MASKCOUNT, HOOK_INSTRUCTIONS);
-    }
-    if (open_module(lua) != 0) {
+    if (lua->alloc_test)
+        mph_log(MPH_LOG_WARN, "MPH_TEST_LUA_ALLOC_FAIL=1: Lua allocations can be made to fail");
+    if (mph__lua_protect(lua, init_state, lua, "cannot load the metaparticle module") != 0) {
         lua_close(lua->L);
         free(lua);
         return MPH_ESCRIPT;
+    }
+    if (lua->timeout_ns) { /* after luaopen_jit, which turns the compiler on */
+        luaJIT_setmode(lua->L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
+        lua_sethook(lua->L, timeout_hook, LUA_MASKCOUNT, HOOK_INSTRUCTIONS);
     }
     uv_timer_init(loop, &lua->retry_timer);
     *out = lua;
     return 0;
 }
 
-/* Sets package.path = "<dir>/?.lua;<dir>/?/init.lua;" .. package.path [-0, +0, m] */
-static void prepend_package_path(lua_State *L, const char *dir)
-{
-    lua_getglobal(L, "package");
-    lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;", dir, dir);
-    lua_getfield(L, -2, "path");
-    lua_concat(L, 2);
-    lua_setfield(L, -2, "path");
-    lua_pop(L, 1);
-}
+/* What mph_lua_load hands to load_script. */
+typedef struct {
+    const char *chunkname, *src, *dir;
+    size_t len;
+    char *err; /* the caller's buffer */
+    size_t errlen;
+    int rc;
+} load_ctx_t;
 
-/* Message handler for script loading: adds a traceback. */
-static int traceback_handler(lua_State *L)
+/* Runs the script under lua_cpcall: package.path first, then the chunk under lua_pcall with a
+ * traceback. [-0, +0, e] */
+static int load_script(lua_State *L)
 {
-    const char *msg = lua_tostring(L, 1);
-    if (msg == NULL)
-        msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
-    luaL_traceback(L, L, msg, 1);
-    return 1;
+    load_ctx_t *c = lua_touserdata(L, 1);
+    if (c->dir) { /* package.path = "<dir>/?.lua;<dir>/?/init.lua;" .. package.path */
+        lua_getglobal(L, "package");
+        lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;", c->dir, c->dir);
+        lua_getfield(L, -2, "path");
+        lua_concat(L, 2);
+        lua_setfield(L, -2, "path");
+        lua_pop(L, 1);
+    }
+    lua_pushcfunction(L, traceback_handler);
+    int handler = lua_gettop(L);
+    if (luaL_loadbuffer(L, c->src, c->len, c->chunkname) != 0 || lua_pcall(L, 0, 0, handler) != 0) {
+        /* One line for the user; the traceback (if any) for the debug log. */
+        const char *msg = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "error";
+        const char *tb = strstr(msg, "\nstack traceback:");
+        snprintf(c->err, c->errlen, "%.*s", tb ? (int)(tb - msg) : (int)strlen(msg), msg);
+        if (tb)
+            mph_log(MPH_LOG_DEBUG, "%s", msg);
+        c->rc = MPH_ESCRIPT;
+    }
+    return 0;
 }
 
 int mph_lua_load(mph_lua_t *lua, const char *chunkname, const char *src, size_t len,
                  const char *dir, char *err, size_t errlen)
 {
-    lua_State *L = lua->L;
-    int base = lua_gettop(L);
-    if (dir)
-        prepend_package_path(L, dir);
-    lua_pushcfunction(L, traceback_handler);
-    if (luaL_loadbuffer(L, src, len, chunkname) != 0 || lua_pcall(L, 0, 0, base + 1) != 0) {
-        /* One line for the user; the traceback (if any) for the debug log. */
-        const char *msg = lua_tostring(L, -1) ? lua_tostring(L, -1) : "error";
-        const char *tb = strstr(msg, "\nstack traceback:");
-        snprintf(err, errlen, "%.*s", tb ? (int)(tb - msg) : (int)strlen(msg), msg);
-        if (tb)
-            mph_log(MPH_LOG_DEBUG, "%s", msg);
-        lua_settop(L, base);
+    load_ctx_t c = {chunkname, src, dir, len, err, errlen, 0};
+    if (mph__lua_protect(lua, load_script, &c, "loading the script") != 0) {
+        snprintf(err, errlen, "%s: %s", chunkname, NOMEM_MESSAGE);
         return MPH_ESCRIPT;
     }
-    lua_settop(L, base);
-    return 0;
+    return c.rc;
 }
 
 int mph_lua_load_file(mph_lua_t *lua, const char *path, char *err, size_t errlen)
@@ -408,6 +556,7 @@ static void on_retry_timer_closed(uv_handle_t *h)
 {
     mph_lua_t *lua = mph_container_of(h, mph_lua_t, retry_timer);
     lua_close(lua->L);
+    mph_buf_free(&lua->scratch);
     free(lua);
 }
 
@@ -426,25 +575,36 @@ static void txn_free(mph_txn_t *t)
     assert(t->co == NULL);
     json_decref(t->params);
     free(t->method);
+    free(t->wake_message);
     mph_buf_free(&t->result);
     free(t);
     lua->pending_calls--;
 }
 
-/* Ends the attempt's coroutine: its roots are closed and it is left to the collector. */
+void mph__txn_clear_wake(mph_txn_t *t)
+{
+    free(t->wake_message);
+    t->wake_message = NULL;
+    t->wake_code = 0;
+}
+
+/* I.close_record(rec), under lua_cpcall. [-0, +0, e] */
+static int close_record(lua_State *L)
+{
+    mph_txn_t *t = lua_touserdata(L, 1);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, t->rec_ref);
+    mph__lua_call_internal(t->lua, L, "close_record", 1, 0);
+    return 0;
+}
+
+/* Ends the attempt's coroutine: its roots are closed and it is left to the collector. Safe on
+ * a half-made attempt (refs taken, no coroutine yet). */
 static void end_attempt(mph_txn_t *t, int close_roots)
 {
     lua_State *L = t->lua->L;
-    if (t->co == NULL)
-        return;
-    if (close_roots) {
-        int base = lua_gettop(L);
-        mph__lua_get_internal(t->lua, L, "close_record");
-        lua_rawgeti(L, LUA_REGISTRYINDEX, t->rec_ref);
-        if (lua_pcall(L, 1, 0, 0) != 0)
-            mph_log(MPH_LOG_WARN, "closing a record: %s", lua_tostring(L, -1));
-        lua_settop(L, base);
-    }
+    if (close_roots && t->rec_ref != LUA_NOREF)
+        mph__lua_protect(t->lua, close_record, t, "closing a record");
+    /* luaL_unref writes into slots that exist: it allocates nothing. */
     luaL_unref(L, LUA_REGISTRYINDEX, t->co_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, t->rec_ref);
     t->co_ref = t->rec_ref = LUA_NOREF;
@@ -458,6 +618,7 @@ static void deliver(mph_txn_t *t, int code, const char *message, mph_buf_t *data
         reply.json = mph_buf_steal(data, &reply.json_len);
     if (code != 0)
         reply.message = mph_xstrdup(message ? message : mph_rpc_message(code));
+    assert(code != 0 || reply.json != NULL); /* a result always has a text */
     end_attempt(t, 1);
     t->cb(t->ud, &reply);
     free(reply.json);
@@ -467,6 +628,7 @@ static void deliver(mph_txn_t *t, int code, const char *message, mph_buf_t *data
 
 void mph__txn_reply(mph_txn_t *t, int code, const char *message)
 {
+    assert(code != 0);
     deliver(t, code, message, NULL);
 }
 
@@ -493,54 +655,97 @@ static const char *strip_position(const char *msg)
     return msg;
 }
 
-/* The attempt raised: the error value is on top of t->co. It is moved to the main state
- * and read there (a dead coroutine is only good for its traceback). */
-static void attempt_failed(mph_txn_t *t)
-{
-    mph_lua_t *lua = t->lua;
-    lua_State *L = lua->L;
-    int base = lua_gettop(L);
-    mph_buf_t data = MPH_BUF_INIT;
-    char err[256];
-    int code = MPH_RPC_HANDLER_ERROR;
-    char *message = NULL;
+/* What attempt_failed reads out of the error value, under lua_cpcall. */
+typedef struct {
+    mph_txn_t *t;
+    int code;
+    char *message; /* owned */
+    mph_buf_t data;
+} failure_t;
 
-    lua_xmove(t->co, L, 1); /* Stack: error */
+/* Reads an error object of the module's error_mt at err_idx into f. A forged one (a table
+ * given error_mt by hand) with a code that is not a nonzero int32 is -32603. [-0, +0, e] */
+static void read_error_object(lua_State *L, int err_idx, failure_t *f)
+{
+    char err[256];
+    lua_getfield(L, err_idx, "code");
+    double code = lua_tonumber(L, -1);
+    if (lua_type(L, -1) != LUA_TNUMBER || code != (double)(int32_t)code || code == 0) {
+        f->code = MPH_RPC_INTERNAL_ERROR;
+        f->message = mph_xstrdup("invalid error object: its code must be a nonzero integer "
+                                 "in the int32 range");
+        return;
+    }
+    f->code = (int)code;
+    lua_getfield(L, err_idx, "message");
+    f->message = mph_xstrdup(lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1)
+                                                            : mph_rpc_message(f->code));
+    lua_getfield(L, err_idx, "data"); /* Stack: error, code, message, data */
+    if (lua_isnil(L, -1))
+        return;
+    if (mph_json_encode(L, -1, "data", &f->data, err, sizeof(err)) != 0) {
+        f->data.len = 0;
+        mph_log(MPH_LOG_WARN, "%s: error data dropped: %s", f->t->method, err);
+    }
+}
+
+/* The error value on top of the dead coroutine becomes f's code, message and data.
+ * [-0, +0, e] */
+static int read_failure(lua_State *L)
+{
+    failure_t *f = lua_touserdata(L, 1);
+    mph_txn_t *t = f->t;
+    mph_lua_t *lua = t->lua;
+    lua_xmove(t->co, L, 1); /* Stack: ud, error */
     int err_idx = lua_gettop(L);
     int is_rpc_error = 0;
     if (lua_type(L, err_idx) == LUA_TTABLE && lua_getmetatable(L, err_idx)) {
-        mph__lua_get_internal(lua, L, "error_mt"); /* Stack: error, mt, error_mt */
+        mph__lua_get_internal(lua, L, "error_mt"); /* Stack: ud, error, mt, error_mt */
         is_rpc_error = lua_rawequal(L, -1, -2);
         lua_settop(L, err_idx);
     }
     if (is_rpc_error) {
-        lua_getfield(L, err_idx, "code");
-        code = (int)lua_tointeger(L, -1);
-        lua_getfield(L, err_idx, "message");
-        message = mph_xstrdup(lua_tostring(L, -1) ? lua_tostring(L, -1) : "Server error");
-        lua_getfield(L, err_idx, "data"); /* Stack: error, code, message, data */
-        if (!lua_isnil(L, -1) && mph_json_encode(L, -1, "data", &data, err, sizeof(err)) != 0) {
-            data.len = 0;
-            mph_log(MPH_LOG_WARN, "%s: error data dropped: %s", t->method, err);
-        }
-    } else {
-        const char *raw = lua_tostring(L, err_idx);
-        if (raw == NULL)
-            raw = "(error object is not a string)";
-        if (lua->debug_errors) {
-            luaL_traceback(L, t->co, raw, 0); /* Stack: error, traceback */
-            const char *tb = lua_tostring(L, -1);
-            mph_json_write_string(&data, tb, strlen(tb));
-            message = mph_xstrdup(raw);
-        } else {
-            message = mph_xstrdup(strip_position(raw));
-        }
-        mph_log(MPH_LOG_INFO, "%s raised: %s", t->method, raw);
+        read_error_object(L, err_idx, f);
+        return 0;
     }
-    lua_settop(L, base);
-    deliver(t, code, message, &data);
-    free(message);
-    mph_buf_free(&data);
+    const char *raw = lua_type(L, err_idx) == LUA_TSTRING || lua_type(L, err_idx) == LUA_TNUMBER
+                          ? lua_tostring(L, err_idx)
+                          : NULL;
+    if (raw == NULL)
+        raw = "(error object is not a string)";
+    if (strcmp(raw, NOMEM_MESSAGE) == 0) { /* raised again by a handler that caught it */
+        f->code = MPH_RPC_INTERNAL_ERROR;
+        f->message = mph_xstrdup("Internal error: " NOMEM_MESSAGE);
+        return 0;
+    }
+    if (lua->debug_errors) {
+        luaL_traceback(L, t->co, raw, 0); /* Stack: ud, error, traceback */
+        const char *tb = lua_tostring(L, -1);
+        mph_json_write_string(&f->data, tb, strlen(tb));
+        f->message = mph_xstrdup(raw);
+    } else {
+        f->message = mph_xstrdup(strip_position(raw));
+    }
+    mph_log(MPH_LOG_INFO, "%s raised: %s", t->method, raw);
+    return 0;
+}
+
+/* The attempt raised (status from lua_resume): the error value is on top of t->co. It is
+ * moved to the main state and read there (a dead coroutine is only good for its traceback). */
+static void attempt_failed(mph_txn_t *t, int status)
+{
+    failure_t f = {t, MPH_RPC_HANDLER_ERROR, NULL, MPH_BUF_INIT};
+    if (status == LUA_ERRMEM ||
+        mph__lua_protect(t->lua, read_failure, &f, "reading a handler's error") != 0) {
+        mph_log(MPH_LOG_WARN, "%s: Lua ran out of memory", t->method);
+        f.code = MPH_RPC_INTERNAL_ERROR;
+        free(f.message);
+        f.message = mph_xstrdup("Internal error: " NOMEM_MESSAGE);
+        f.data.len = 0;
+    }
+    deliver(t, f.code, f.message, &f.data);
+    free(f.message);
+    mph_buf_free(&f.data);
 }
 
 void mph__txn_resume(mph_txn_t *t, int nargs)
@@ -549,13 +754,21 @@ void mph__txn_resume(mph_txn_t *t, int nargs)
     mph_txn_t *outer = lua->current;
     lua->current = t;
     t->state = TXN_RUNNING;
+    assert(assert_txn_state(t));
     t->deadline = lua->timeout_ns ? uv_hrtime() + lua->timeout_ns : 0; /* per running stretch */
     int status = lua_resume(t->co, nargs);
     lua->current = outer;
+    if (status == LUA_YIELD && t->state == TXN_WAITING)
+        return; /* the runner resumes it when the scope has loaded */
+    if (t->reload != NULL) {
+        /* The attempt touched a scope that was not loaded where it could not wait: whatever
+         * it did next is void. It runs again once the scope has loaded. */
+        end_attempt(t, 1);
+        mph__runner_reload(t);
+        return;
+    }
     switch (status) {
     case LUA_YIELD:
-        if (t->state == TXN_WAITING)
-            return; /* the runner resumes it when the scope has loaded */
         mph__txn_reply(t, MPH_RPC_INTERNAL_ERROR,
                        "a handler may not yield: coroutine.yield outside a coroutine it made");
         return;
@@ -564,25 +777,27 @@ void mph__txn_resume(mph_txn_t *t, int nargs)
         mph__runner_finished(t);
         return;
     default:
-        attempt_failed(t);
+        attempt_failed(t, status);
         return;
     }
 }
 
-void mph__txn_start_attempt(mph_txn_t *t)
-{
-    mph_lua_t *lua = t->lua;
-    lua_State *L = lua->L;
-    int base = lua_gettop(L);
-    t->attempts++;
-    t->scope = NULL;
-    t->wrote = 0;
-    t->past_checkpoint = 0;
-    t->result.len = 0;
+/* What mph__txn_start_attempt hands to setup_attempt. */
+typedef struct {
+    mph_txn_t *t;
+    int code;      /* 0, or the error to answer */
+    char msg[320]; /* its message */
+} setup_t;
 
-    /* Stack: (nothing of ours) */
+/* Makes the attempt's record (roots, handler, arguments) and coroutine, the coroutine's stack
+ * holding I.run and the record; under lua_cpcall. [-0, +0, e] */
+static int setup_attempt(lua_State *L)
+{
+    setup_t *c = lua_touserdata(L, 1);
+    mph_txn_t *t = c->t;
+    mph_lua_t *lua = t->lua;
     mph__lua_get_internal(lua, L, "services");
-    lua_getfield(L, -1, t->method);
+    lua_getfield(L, -1, t->method); /* Stack: ud, services, svc */
     int exposed = 0;
     if (lua_istable(L, -1)) {
         lua_getfield(L, -1, "expose");
@@ -590,50 +805,66 @@ void mph__txn_start_attempt(mph_txn_t *t)
         lua_pop(L, 1);
     }
     if (!exposed) {
-        lua_settop(L, base);
-        mph__txn_reply(t, MPH_RPC_METHOD_NOT_FOUND, "Method not found");
-        return;
+        c->code = MPH_RPC_METHOD_NOT_FOUND;
+        snprintf(c->msg, sizeof(c->msg), "Method not found");
+        return 0;
     }
-    /* Stack: services, svc */
+    lua_createtable(L, 0, 4); /* Stack: ud, services, svc, rec */
+    lua_newtable(L);
+    lua_setfield(L, -2, "roots");
+    lua_getfield(L, -2, "handler");
+    lua_setfield(L, -2, "handler");
+    size_t n = json_is_array(t->params) ? json_array_size(t->params) : t->params ? 1 : 0;
+    if (n > 200) {
+        c->code = MPH_RPC_INVALID_PARAMS;
+        snprintf(c->msg, sizeof(c->msg), "Invalid params: more than 200 positional");
+        return 0;
+    }
+    lua_createtable(L, (int)n, 0); /* Stack: ..., rec, args */
+    char err[256];
+    for (size_t i = 0; i < n; i++) {
+        const json_t *v = json_is_array(t->params) ? json_array_get(t->params, i) : t->params;
+        if (mph_json_push(L, v, err, sizeof(err)) != 0) {
+            c->code = MPH_RPC_INVALID_PARAMS;
+            snprintf(c->msg, sizeof(c->msg), "Invalid params: %s", err);
+            return 0;
+        }
+        lua_rawseti(L, -2, (int)(i + 1));
+    }
+    lua_setfield(L, -2, "args");
+    lua_pushinteger(L, (lua_Integer)n);
+    lua_setfield(L, -2, "nargs");
+    lua_pushvalue(L, -1);
+    t->rec_ref = luaL_ref(L, LUA_REGISTRYINDEX); /* Stack: ..., rec */
     lua_State *co = lua_newthread(L);
     t->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     t->co = co;
-    lua_newtable(L);
-    lua_newtable(L);
-    lua_setfield(L, -2, "roots");
-    t->rec_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-
-    mph__lua_get_internal(lua, co, "run");
-    lua_rawgeti(co, LUA_REGISTRYINDEX, t->rec_ref);
-    lua_getfield(L, -1, "handler");
-    lua_xmove(L, co, 1);
-    lua_settop(L, base);
-    /* co stack: run, rec, handler */
-    int nargs = 2;
-    char err[256];
-    if (json_is_array(t->params)) {
-        size_t n = json_array_size(t->params);
-        if (n > 200 || !lua_checkstack(co, (int)n + 8)) {
-            mph__txn_reply(t, MPH_RPC_INVALID_PARAMS, "Invalid params: more than 200 positional");
-            return;
-        }
-        for (size_t i = 0; i < n; i++) {
-            if (mph_json_push(co, json_array_get(t->params, i), err, sizeof(err)) != 0)
-                goto bad_params;
-            nargs++;
-        }
-    } else if (json_is_object(t->params)) {
-        if (mph_json_push(co, t->params, err, sizeof(err)) != 0)
-            goto bad_params;
-        nargs++;
-    }
-    mph__txn_resume(t, nargs);
-    return;
-bad_params : {
-    char msg[300];
-    snprintf(msg, sizeof(msg), "Invalid params: %s", err);
-    mph__txn_reply(t, MPH_RPC_INVALID_PARAMS, msg);
+    mph__lua_get_internal(lua, L, "run");
+    lua_insert(L, -2);   /* Stack: ..., run, rec */
+    lua_xmove(L, co, 2); /* a new thread has LUA_MINSTACK free slots: no allocation */
+    return 0;
 }
+
+void mph__txn_start_attempt(mph_txn_t *t)
+{
+    t->attempts++;
+    t->scope = NULL;
+    t->reload = NULL;
+    t->wrote = 0;
+    t->past_checkpoint = 0;
+    t->result.len = 0;
+    mph__txn_clear_wake(t);
+    t->state = TXN_RUNNING;
+    setup_t c = {t, 0, ""};
+    if (mph__lua_protect(t->lua, setup_attempt, &c, "starting a call") != 0) {
+        mph__txn_reply(t, MPH_RPC_INTERNAL_ERROR, "Internal error: " NOMEM_MESSAGE);
+        return;
+    }
+    if (c.code != 0) {
+        mph__txn_reply(t, c.code, c.msg);
+        return;
+    }
+    mph__txn_resume(t, 1); /* co stack: run, rec -> I.run(rec) */
 }
 
 void mph_lua_call(mph_lua_t *lua, const char *method, size_t mlen, const json_t *params,

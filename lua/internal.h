@@ -3,26 +3,37 @@
  * retries) share. Private to lua/.
  *
  * A transaction (mph_txn_t) is one JSON-RPC call. Each attempt runs the handler in a new
- * coroutine; its states:
+ * coroutine; its states (assert_txn_state below checks each):
  *
  *   RUNNING  --handler waits for a scope to load (C.acquire yields)-->  WAITING
- *   WAITING  --runner_scope_loaded resumes it-->                         RUNNING
+ *   WAITING  --on_loaded (runner.c) resumes it-->                        RUNNING
+ *   RUNNING  --touched an unloaded scope where it cannot wait-->         RELOAD (attempt void)
+ *   RELOAD   --that scope has loaded-->                                  RUNNING (new attempt)
  *   RUNNING  --handler returns, writes merged into the scope-->          QUEUED (pending batch)
  *   QUEUED   --runner launches the batch's commit-->                     COMMITTING
  *   COMMITTING --commit ok--> answered (freed)
  *   QUEUED/COMMITTING --conflict or a failed batch it depends on-->      RETRY (scope's rerun)
  *   RETRY    --the scope's backoff ends-->                               RUNNING (new attempt)
  *   RUNNING  --handler raises / no scope touched-->                      answered (freed)
+ *   WAITING/RELOAD --the load failed-->                                  answered (freed)
  */
 #ifndef MPH_LUA_INTERNAL_H
 #define MPH_LUA_INTERNAL_H
 
+#include <assert.h>
 #include <lua.h>
 #include <stdint.h>
 
 #include "bridge.h"
 
-typedef enum { TXN_RUNNING, TXN_WAITING, TXN_QUEUED, TXN_COMMITTING, TXN_RETRY } mph_txn_state_t;
+typedef enum {
+    TXN_RUNNING,
+    TXN_WAITING,
+    TXN_RELOAD,
+    TXN_QUEUED,
+    TXN_COMMITTING,
+    TXN_RETRY
+} mph_txn_state_t;
 
 typedef struct mph_scope_s mph_scope_t;
 typedef struct mph_txn_s mph_txn_t;
@@ -44,6 +55,9 @@ struct mph_txn_s {
     int refusals;          /* commits of its own writes refused by a conflict */
     uint64_t deadline;     /* uv_hrtime() when the running stretch must end (0: none) */
     int past_checkpoint;   /* the attempt passed C.checkpoint: its writes are merging */
+    mph_scope_t *reload;   /* the attempt is void: run again once this scope has loaded */
+    int wake_code;         /* WAITING: the load failed with this JSON-RPC code (0: it did not) */
+    char *wake_message;    /* owned: its message, for C.acquire to return */
     mph_txn_t *next;       /* link in whichever queue holds it */
 };
 
@@ -84,6 +98,11 @@ struct mph_lua_s {
     int debug_errors;       /* tracebacks in error data */
     uint64_t timeout_ns;    /* handler time limit per running stretch; 0: none */
     uint64_t committer;     /* random nonzero id of this process for fairness claims */
+    uint64_t rng;           /* our own PRNG state (jitter): rand() is the embedder's */
+    mph_buf_t scratch;      /* C.encode's output, reused (owned; nothing to leak on a raise) */
+    int alloc_test;         /* MPH_TEST_LUA_ALLOC_FAIL=1: the state uses test_alloc */
+    long alloc_skip;        /* test_alloc: allocations to let through before failing */
+    long alloc_fail;        /* test_alloc: allocations to fail after those */
     int internal_ref;       /* registry ref of the module's internal table */
     int serve_called;       /* the script called mp.serve() */
     size_t pending_calls;   /* calls whose callback has not run */
@@ -94,19 +113,62 @@ struct mph_lua_s {
     int closing;            /* mph_lua_close was called */
 };
 
+#ifndef NDEBUG
+/* A transaction's invariants in its state (internal.h draws the states); used as
+ * assert(assert_txn_state(t)) at each transition. */
+static inline int assert_txn_state(const mph_txn_t *t)
+{
+    switch (t->state) {
+    case TXN_RUNNING: /* its coroutine exists (or is being made) and it has no queue */
+        assert(t->reload == NULL || t->co != NULL);
+        break;
+    case TXN_WAITING: /* suspended in C.acquire, queued on a loading scope */
+        assert(t->co != NULL && t->reload == NULL && !t->past_checkpoint);
+        break;
+    case TXN_RELOAD: /* its void attempt ended; it waits for reload to load */
+        assert(t->co == NULL && t->reload != NULL);
+        break;
+    case TXN_QUEUED:     /* finished; its writes are in the scope's pending state */
+    case TXN_COMMITTING: /* ... or in the commit in flight */
+        assert(t->co == NULL && t->scope != NULL && t->reload == NULL);
+        break;
+    case TXN_RETRY: /* refused or void; runs again when the scope's backoff ends */
+        assert(t->co == NULL && t->scope != NULL);
+        break;
+    default:
+        assert(!"unknown transaction state");
+    }
+    return 1;
+}
+#endif
+
 /* bridge.c */
 void mph__txn_start_attempt(mph_txn_t *t);
 void mph__txn_resume(mph_txn_t *t, int nargs);
 void mph__txn_reply(mph_txn_t *t, int code, const char *message);
 void mph__txn_reply_result(mph_txn_t *t);
-/* Pushes I[name], a field of the internal table metaparticle.lua returned. [-0, +1, -] */
+void mph__txn_clear_wake(mph_txn_t *t);
+/* Pushes I[name], a field of the internal table metaparticle.lua returned. [-0, +1, m] */
 void mph__lua_get_internal(mph_lua_t *lua, lua_State *L, const char *name);
+/* Calls I[fn] with the nargs values on top of L under lua_pcall with a traceback handler and
+ * leaves nresults; an error goes on (with its traceback) to the enclosing protected call.
+ * Only inside mph__lua_protect. [-nargs, +nresults, e] */
+void mph__lua_call_internal(mph_lua_t *lua, lua_State *L, const char *fn, int nargs, int nresults);
+/* Runs f under lua_cpcall on the main state with ud as its only argument: the one way C
+ * enters Lua other than lua_resume. Returns 0, or the Lua status after logging "what: error";
+ * the stack is as before either way. */
+int mph__lua_protect(mph_lua_t *lua, lua_CFunction f, void *ud, const char *what);
+/* The next number of the bridge's own PRNG (never rand(): that state is the embedder's). */
+uint64_t mph__lua_random(mph_lua_t *lua);
 
 /* runner.c */
-/* 0: the scope is ready; 1: t was queued until it loads (yield); <0: *why says why. */
-int mph__runner_acquire(mph_txn_t *t, const char *name, int can_wait, const char **why);
+/* 0: the scope is ready; 1: t was queued until it loads (yield); <0: *code and *why say why
+ * not (when !can_wait and the scope is loading, t->reload is set: the attempt is void). */
+int mph__runner_acquire(mph_txn_t *t, const char *name, int can_wait, int *code, const char **why);
 void mph__runner_join(mph_txn_t *t, const char *name, int wrote);
 void mph__runner_finished(mph_txn_t *t);
+/* t's void attempt has ended: it runs again once t->reload has loaded (or hears why not). */
+void mph__runner_reload(mph_txn_t *t);
 void mph__runner_close(mph_lua_t *lua);
 
 #endif

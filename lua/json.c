@@ -18,6 +18,11 @@
 
 static char array_mt_key;  /* registry[&array_mt_key] = the array metatable */
 static char object_mt_key; /* registry[&object_mt_key] = the object metatable */
+static char encode_fn_key; /* registry[&encode_fn_key] = encode_protected, made once */
+static char push_fn_key;   /* registry[&push_fn_key] = push_protected, made once */
+
+static int encode_protected(lua_State *L);
+static int push_protected(lua_State *L);
 
 #define MAX_SAFE_INTEGER 9007199254740992.0 /* 2^53 */
 #define PATH_SEGMENTS 48                    /* path elements kept for error messages */
@@ -34,6 +39,14 @@ void mph_json_init(lua_State *L)
     lua_newtable(L);
     lua_pushliteral(L, "object");
     lua_setfield(L, -2, "__mp_kind");
+    lua_rawset(L, LUA_REGISTRYINDEX);
+
+    /* Kept, so that encoding and decoding never allocate a closure per call. */
+    lua_pushlightuserdata(L, &encode_fn_key);
+    lua_pushcfunction(L, encode_protected);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+    lua_pushlightuserdata(L, &push_fn_key);
+    lua_pushcfunction(L, push_protected);
     lua_rawset(L, LUA_REGISTRYINDEX);
 }
 
@@ -137,17 +150,52 @@ int mph_json_push(lua_State *L, const json_t *v, char *err, size_t errlen)
     return rc;
 }
 
+/* What mph_json_push_text hands to push_protected. */
+typedef struct {
+    const json_t *v;
+    char *err;
+    size_t errlen;
+    int rc;
+} push_call_t;
+
+/* push_protected(call) -> value: the decoder run under lua_pcall, so that an error inside it
+ * (out of memory) cannot skip freeing the jansson tree. [-1, +1, -] */
+static int push_protected(lua_State *L)
+{
+    push_call_t *call = lua_touserdata(L, 1);
+    call->rc = mph_json_push(L, call->v, call->err, call->errlen);
+    return call->rc == 0 ? 1 : 0;
+}
+
 int mph_json_push_text(lua_State *L, const char *text, size_t len, char *err, size_t errlen)
 {
+    int base = lua_gettop(L);
+    if (!lua_checkstack(L, 2)) { /* raising here is fine: nothing of ours is held yet */
+        snprintf(err, errlen, "Lua stack exhausted");
+        return MPH_JSON_ERANGE;
+    }
+    lua_pushlightuserdata(L, &push_fn_key);
+    lua_rawget(L, LUA_REGISTRYINDEX);
     json_error_t jerr;
     json_t *v = mph_json_load(text, len, &jerr);
     if (v == NULL) {
+        lua_settop(L, base);
         snprintf(err, errlen, "invalid JSON: %s", jerr.text);
         return MPH_JSON_ERANGE;
     }
-    int rc = mph_json_push(L, v, err, errlen);
+    push_call_t call = {v, err, errlen, MPH_JSON_ERANGE};
+    lua_pushlightuserdata(L, &call);
+    int status = lua_pcall(L, 1, 1, 0);
     json_decref(v);
-    return rc;
+    if (status != 0 || call.rc != 0) {
+        if (status != 0) {
+            snprintf(err, errlen, "%s", status == LUA_ERRMEM ? "not enough memory" : "error");
+            call.rc = status == LUA_ERRMEM ? MPH_JSON_ENOMEM : MPH_JSON_ERANGE;
+        }
+        lua_settop(L, base);
+        return call.rc;
+    }
+    return 0;
 }
 
 /* ---- Lua -> JSON text ---- */
@@ -242,6 +290,9 @@ int mph_json_write_string(mph_buf_t *out, const char *s, size_t len)
     return 0;
 }
 
+/* Appends the shortest text that reads back to d (finite): integral values below 2^63 without a
+ * fraction, others with 15 to 17 significant digits. At most 24 bytes ("-1.2345678901234567e-308"),
+ * so a fixed buffer holds every case; snprintf's result is still checked, never trusted. */
 static void write_number(mph_buf_t *out, double d)
 {
     char tmp[40];
@@ -249,14 +300,14 @@ static void write_number(mph_buf_t *out, double d)
     if (d == floor(d) && fabs(d) < 9.2e18) {
         n = snprintf(tmp, sizeof(tmp), "%lld", (long long)d);
     } else {
-        /* The shortest of 15, 16, 17 significant digits that reads back exactly. */
         for (int prec = 15;; prec++) {
             n = snprintf(tmp, sizeof(tmp), "%.*g", prec, d);
             if (prec == 17 || strtod(tmp, NULL) == d)
                 break;
         }
     }
-    mph_buf_append(out, tmp, (size_t)n);
+    if (n > 0 && (size_t)n < sizeof(tmp))
+        mph_buf_append(out, tmp, (size_t)n);
 }
 
 typedef struct {
@@ -265,7 +316,10 @@ typedef struct {
     const char *root; /* name of the top value in paths */
     char *err;
     size_t errlen;
-    const void *visiting[MPH_JSON_MAX_DEPTH + 1]; /* tables on the current path (cycles) */
+    /* Tables on the current path (cycles). A scope root and the plain table it encodes as
+     * both sit here, so it holds up to two entries per level. */
+    const void *visiting[2 * (MPH_JSON_MAX_DEPTH + 2)];
+    int nvisiting;
     struct {
         const char *key; /* borrowed from a string kept alive by its table; NULL: index */
         size_t klen;
@@ -311,8 +365,9 @@ static void set_path_index(encoder_t *e, int depth, double index)
 static int encode_value(encoder_t *e, int idx, int depth);
 
 typedef struct {
-    const char *s; /* borrowed: a key string of the table, or numkeys[] */
+    const char *s; /* borrowed: a key string of the table, or NULL until numtext is final */
     size_t len;
+    size_t off;    /* a number key's text: offset in numtext */
     double number; /* the Lua key when it is a number (object-marked tables only) */
     int is_number;
 } key_t_;
@@ -325,110 +380,102 @@ static int compare_keys(const void *a, const void *b)
     return c ? c : (x->len > y->len) - (x->len < y->len);
 }
 
-/* Table at absolute index `t`. Stack is balanced on every return. */
-static int encode_table(encoder_t *e, int t, int depth)
+typedef struct {
+    size_t n;       /* keys in all */
+    size_t nstring; /* string keys */
+    size_t nint;    /* integral number keys >= 1 */
+    double maxint;  /* the largest of those */
+} key_census_t;
+
+/* Counts the keys of the table at `t` by kind. [-0, +0, -] */
+static void count_keys(lua_State *L, int t, key_census_t *c)
 {
-    lua_State *L = e->L;
-    const void *self = lua_topointer(L, t);
-    for (int i = 0; i < depth; i++)
-        if (e->visiting[i] == self)
-            return encode_fail(e, depth, "%s", "cycle: a table contains itself");
-    e->visiting[depth] = self;
-
-    /* Kind marked by the metatable, or a scope root that knows its plain form. */
-    int kind = 0; /* 0 decide by keys, 1 array, 2 object */
-    if (lua_getmetatable(L, t)) {
-        lua_getfield(L, -1, "__mp_plain");
-        if (lua_isfunction(L, -1)) {
-            lua_pushvalue(L, t);
-            if (lua_pcall(L, 1, 1, 0) != 0) {
-                const char *m = lua_tostring(L, -1);
-                int rc = encode_fail(e, depth, "cannot read scope: %s", m ? m : "error");
-                lua_pop(L, 2);
-                return rc;
-            }
-            int rc = encode_value(e, lua_gettop(L), depth);
-            lua_pop(L, 2);
-            return rc;
-        }
-        lua_pop(L, 1);
-        lua_getfield(L, -1, "__mp_kind");
-        const char *k = lua_tostring(L, -1);
-        if (k && strcmp(k, "array") == 0)
-            kind = 1;
-        else if (k && strcmp(k, "object") == 0)
-            kind = 2;
-        lua_pop(L, 2);
-    }
-
-    /* One pass to classify the keys. */
-    size_t n = 0, nstring = 0, nint = 0;
-    double maxint = 0;
+    memset(c, 0, sizeof(*c));
     lua_pushnil(L);
     while (lua_next(L, t)) {
-        n++;
+        c->n++;
         if (lua_type(L, -2) == LUA_TSTRING) {
-            nstring++;
+            c->nstring++;
         } else if (lua_type(L, -2) == LUA_TNUMBER) {
             double d = lua_tonumber(L, -2);
             if (d >= 1 && d == floor(d)) {
-                nint++;
-                if (d > maxint)
-                    maxint = d;
+                c->nint++;
+                if (d > c->maxint)
+                    c->maxint = d;
             }
         }
         lua_pop(L, 1);
     }
-    int marked = kind; /* the metatable chose; integer keys may then become strings */
-    if (kind == 0)
-        kind = (n > 0 && nint == n && maxint == (double)n) ? 1 : 2;
+}
 
-    if (kind == 1) {
-        if (nint != n || maxint != (double)n)
-            return encode_fail(e, depth, "%s", "array with sparse or non-integer keys");
-        mph_buf_append(e->out, "[", 1);
-        for (size_t i = 1; i <= n; i++) {
-            if (i > 1)
-                mph_buf_append(e->out, ",", 1);
-            lua_rawgeti(L, t, (int)i);
-            set_path_index(e, depth, (double)i);
-            int rc = encode_value(e, lua_gettop(L), depth + 1);
-            lua_pop(L, 1);
-            if (rc)
-                return rc;
-        }
-        mph_buf_append(e->out, "]", 1);
-        return 0;
+static int encode_array(encoder_t *e, int t, int depth, size_t n)
+{
+    lua_State *L = e->L;
+    mph_buf_append(e->out, "[", 1);
+    for (size_t i = 1; i <= n; i++) {
+        if (i > 1)
+            mph_buf_append(e->out, ",", 1);
+        lua_rawgeti(L, t, (int)i);
+        set_path_index(e, depth, (double)i);
+        int rc = encode_value(e, lua_gettop(L), depth + 1);
+        lua_pop(L, 1);
+        if (rc)
+            return rc;
     }
+    mph_buf_append(e->out, "]", 1);
+    return 0;
+}
 
-    /* Object: string keys (integers allowed only under the object mark), sorted. */
-    if (nstring != n && !(marked && nstring + nint == n))
-        return encode_fail(e, depth, "%s", "table with mixed or non-string keys");
-    key_t_ small[16];
-    key_t_ *keys = n <= 16 ? small : mph_xmalloc(n * sizeof(*keys));
-    char(*numkeys)[24] = nint ? mph_xmalloc(nint * sizeof(*numkeys)) : NULL;
-    size_t nk = 0, ni = 0;
+/* Collects the keys of the object at `t` into keys[] (room for n), number keys written into
+ * numtext as the encoder writes numbers (1e300 becomes "1e+300"), sorts them and returns how
+ * many there are. [-0, +0, -] */
+static size_t collect_keys(lua_State *L, int t, key_t_ *keys, size_t n, mph_buf_t *numtext)
+{
+    size_t nk = 0;
     lua_pushnil(L);
     while (lua_next(L, t)) {
-        keys[nk].is_number = lua_type(L, -2) != LUA_TSTRING;
-        if (!keys[nk].is_number) {
-            keys[nk].s = lua_tolstring(L, -2, &keys[nk].len);
-        } else {
-            keys[nk].number = lua_tonumber(L, -2);
-            int len = snprintf(numkeys[ni], sizeof(numkeys[ni]), "%.0f", keys[nk].number);
-            keys[nk].s = numkeys[ni++];
-            keys[nk].len = (size_t)len;
+        if (nk == n) { /* cannot happen: no Lua ran since the keys were counted */
+            lua_pop(L, 2);
+            break;
         }
-        nk++;
+        key_t_ *k = &keys[nk++];
+        k->is_number = lua_type(L, -2) != LUA_TSTRING;
+        if (!k->is_number) {
+            k->s = lua_tolstring(L, -2, &k->len);
+        } else {
+            k->number = lua_tonumber(L, -2);
+            k->off = numtext->len;
+            write_number(numtext, k->number);
+            k->len = numtext->len - k->off;
+        }
         lua_pop(L, 1);
     }
+    for (size_t i = 0; i < nk; i++) /* numtext no longer moves */
+        if (keys[i].is_number)
+            keys[i].s = numtext->data + keys[i].off;
     qsort(keys, nk, sizeof(*keys), compare_keys);
+    return nk;
+}
+
+/* Object: string keys (integers allowed only under the object mark), sorted. */
+static int encode_object(encoder_t *e, int t, int depth, size_t n)
+{
+    lua_State *L = e->L;
+    key_t_ small[16];
+    key_t_ *keys = n <= 16 ? small : mph_xmalloc(n * sizeof(*keys));
+    mph_buf_t numtext = MPH_BUF_INIT;
+    n = collect_keys(L, t, keys, n, &numtext);
     int rc = 0;
     mph_buf_append(e->out, "{", 1);
-    for (size_t i = 0; i < nk && rc == 0; i++) {
+    for (size_t i = 0; i < n && rc == 0; i++) {
         if (i > 0)
             mph_buf_append(e->out, ",", 1);
         set_path_key(e, depth, keys[i].s, keys[i].len);
+        if (i > 0 && compare_keys(&keys[i - 1], &keys[i]) == 0) {
+            /* Under the object mark, 1 and "1" would both be written as "1". */
+            rc = encode_fail(e, depth + 1, "%s", "duplicate key (a number and a string)");
+            break;
+        }
         if (mph_json_write_string(e->out, keys[i].s, keys[i].len) != 0) {
             rc = encode_fail(e, depth + 1, "%s", "key is not valid UTF-8");
             break;
@@ -444,9 +491,75 @@ static int encode_table(encoder_t *e, int t, int depth)
     }
     if (keys != small)
         free(keys);
-    free(numkeys);
+    mph_buf_free(&numtext);
     if (rc == 0)
         mph_buf_append(e->out, "}", 1);
+    return rc;
+}
+
+/* Encodes the plain form a scope root's __mp_plain function (at the top) returns for the
+ * table at `t`. [-0, +0, m] */
+static int encode_plain(encoder_t *e, int t, int depth)
+{
+    lua_State *L = e->L;
+    int base = lua_gettop(L);
+    lua_pushvalue(L, t);
+    int rc;
+    if (lua_pcall(L, 1, 1, 0) != 0) {
+        const char *m = lua_tostring(L, -1);
+        rc = encode_fail(e, depth, "cannot read scope: %s", m ? m : "error");
+    } else {
+        rc = encode_value(e, lua_gettop(L), depth);
+    }
+    lua_settop(L, base - 1); /* pops the function too */
+    return rc;
+}
+
+/* Table at absolute index `t`: its kind is marked by the metatable, given by a scope root
+ * that knows its plain form, or decided by its keys. Stack is balanced on every return. */
+static int encode_table(encoder_t *e, int t, int depth)
+{
+    lua_State *L = e->L;
+    const void *self = lua_topointer(L, t);
+    for (int i = 0; i < e->nvisiting; i++)
+        if (e->visiting[i] == self)
+            return encode_fail(e, depth, "%s", "cycle: a table contains itself");
+    e->visiting[e->nvisiting++] = self;
+    int kind = 0; /* 0 decide by keys, 1 array, 2 object */
+    int rc = 0;
+    if (lua_getmetatable(L, t)) {
+        lua_getfield(L, -1, "__mp_plain"); /* Stack: mt, plain */
+        if (lua_isfunction(L, -1)) {
+            rc = encode_plain(e, t, depth); /* Stack: mt */
+            lua_pop(L, 1);
+            goto done;
+        }
+        lua_pop(L, 1);
+        lua_getfield(L, -1, "__mp_kind"); /* Stack: mt, kind */
+        const char *k = lua_tostring(L, -1);
+        if (k && strcmp(k, "array") == 0)
+            kind = 1;
+        else if (k && strcmp(k, "object") == 0)
+            kind = 2;
+        lua_pop(L, 2);
+    }
+    key_census_t c;
+    count_keys(L, t, &c);
+    int marked = kind; /* the metatable chose; integer keys may then become strings */
+    if (kind == 0)
+        kind = (c.n > 0 && c.nint == c.n && c.maxint == (double)c.n) ? 1 : 2;
+    if (kind == 1) {
+        if (c.nint != c.n || c.maxint != (double)c.n)
+            rc = encode_fail(e, depth, "%s", "array with sparse or non-integer keys");
+        else
+            rc = encode_array(e, t, depth, c.n);
+    } else if (c.nstring != c.n && !(marked && c.nstring + c.nint == c.n)) {
+        rc = encode_fail(e, depth, "%s", "table with mixed or non-string keys");
+    } else {
+        rc = encode_object(e, t, depth, c.n);
+    }
+done:
+    e->nvisiting--;
     return rc;
 }
 
@@ -496,22 +609,55 @@ static int encode_value(encoder_t *e, int idx, int depth)
     }
 }
 
+/* What mph_json_encode hands to encode_protected. */
+typedef struct {
+    encoder_t *e;
+    int rc;
+} encode_call_t;
+
+/* encode_protected(value, call): the encoder run under lua_pcall, so that an error inside it
+ * (out of memory growing the stack) cannot skip freeing the encoder's C memory. [-2, +0, -] */
+static int encode_protected(lua_State *L)
+{
+    encode_call_t *call = lua_touserdata(L, 2);
+    call->e->L = L;
+    call->rc = encode_value(call->e, 1, 0);
+    return 0;
+}
+
 int mph_json_encode(lua_State *L, int idx, const char *root, mph_buf_t *out, char *err,
                     size_t errlen)
 {
     if (idx < 0 && idx > LUA_REGISTRYINDEX)
         idx = lua_gettop(L) + idx + 1;
-    encoder_t *e = mph_xmalloc(sizeof(*e));
-    e->L = L;
-    e->out = out;
-    e->root = root ? root : "$";
-    e->err = err;
-    e->errlen = errlen;
     int base = lua_gettop(L);
-    int rc = encode_value(e, idx, 0);
+    /* Raising here is fine: nothing of ours is held yet. */
+    if (!lua_checkstack(L, 3)) {
+        snprintf(err, errlen, "Lua stack exhausted");
+        return MPH_JSON_EENCODE;
+    }
+    lua_pushlightuserdata(L, &encode_fn_key);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    lua_pushvalue(L, idx);
+    encode_call_t call = {mph_xmalloc(sizeof(encoder_t)), MPH_JSON_EENCODE};
+    lua_pushlightuserdata(L, &call); /* Stack: encode_protected, value, call */
+    call.e->out = out;
+    call.e->root = root ? root : "$";
+    call.e->err = err;
+    call.e->errlen = errlen;
+    call.e->nvisiting = 0;
+    int status = lua_pcall(L, 2, 0, 0);
+    if (status == LUA_ERRMEM) {
+        snprintf(err, errlen, "not enough memory");
+        call.rc = MPH_JSON_ENOMEM;
+    } else if (status != 0) {
+        const char *m = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "error";
+        snprintf(err, errlen, "%s", m);
+        call.rc = MPH_JSON_EENCODE;
+    }
     lua_settop(L, base);
-    free(e);
-    return rc;
+    free(call.e);
+    return call.rc;
 }
 
 int mph_json_write_jansson(mph_buf_t *out, const json_t *v)

@@ -25,6 +25,7 @@
 #define MPH_JSON_MAX_DEPTH 2048 /* same limit as jansson's parser */
 #define MPH_JSON_ERANGE (-1)    /* an integer outside +-2^53 */
 #define MPH_JSON_EENCODE (-2)   /* a value that has no JSON form */
+#define MPH_JSON_ENOMEM (-3)    /* Lua ran out of memory (the message says so) */
 
 /* Creates the array and object metatables and stores them in the registry. Call once per
  * state before any other function here. [-0, +0, m] */
@@ -39,16 +40,19 @@ void mph_json_push_object_mt(lua_State *L);
  * [-0, +1 on success, m] */
 int mph_json_push(lua_State *L, const json_t *v, char *err, size_t errlen);
 
-/* Parses a JSON text and pushes its Lua form; on error returns MPH_JSON_ERANGE with a message
- * and pushes nothing. [-0, +1 on success, m] */
+/* Parses a JSON text and pushes its Lua form; on error returns MPH_JSON_ERANGE (or
+ * MPH_JSON_ENOMEM) with a message and pushes nothing. The decoding runs protected: an
+ * out-of-memory error inside it is returned, not raised (only the stack check before it may
+ * raise, holding nothing). [-0, +1 on success, m] */
 int mph_json_push_text(lua_State *L, const char *text, size_t len, char *err, size_t errlen);
 
 /* Appends the JSON text of the value at `idx` to `out`. On failure returns MPH_JSON_EENCODE
- * with a message naming the path in err (out may hold a partial text: discard it); the stack
- * is unchanged. A table whose metatable has a "__mp_plain" function is encoded as what that
- * function returns (how scope roots encode); it is called protected. Numbers are written in
- * the shortest form that reads back to the same double; integral ones without a fraction.
- * `root` names the value in paths ("$" when NULL).
+ * with a message naming the path in err (out may hold a partial text: discard it), or
+ * MPH_JSON_ENOMEM when Lua ran out of memory; the stack is unchanged. The encoder runs
+ * protected (its C memory is always freed); only the stack check before it may raise. A table whose
+ * metatable has a "__mp_plain" function is encoded as what that function returns (how scope roots
+ * encode); it is called protected. Numbers are written in the shortest form that reads back to the
+ * same double; integral ones without a fraction. `root` names the value in paths ("$" when NULL).
  * [-0, +0, m] */
 int mph_json_encode(lua_State *L, int idx, const char *root, mph_buf_t *out, char *err,
                     size_t errlen);

@@ -25,8 +25,11 @@
 local C = ...
 
 local type, pairs, next, setmetatable, getmetatable = type, pairs, next, setmetatable, getmetatable
-local error, tostring, select, rawget = error, tostring, select, rawget
+local error, tostring, select, rawget, pcall = error, tostring, select, rawget, pcall
+local unpack = unpack
 local tconcat = table.concat
+local floor = math.floor
+local isyieldable = coroutine.isyieldable
 
 local null, DELETED = C.null, C.deleted
 local array_mt, object_mt = C.array_mt, C.object_mt
@@ -43,15 +46,26 @@ local function raise(code, message, data, level)
   error(setmetatable({code = code, message = message, data = data}, error_mt), level)
 end
 
+-- A JSON-RPC error code: an integer in the int32 range, and not 0 (the bridge's mark of a
+-- result; JSON-RPC leaves 0 unused).
+local function valid_code(code)
+  return type(code) == "number" and code == floor(code) and code >= -2147483648 and
+    code <= 2147483647 and code ~= 0
+end
+
 function M.error(code, message, data)
-  if type(code) ~= "number" or code ~= math.floor(code) then
-    error("mp.error: code must be an integer", 2)
+  if not valid_code(code) then
+    error("mp.error: code must be a nonzero integer in the int32 range", 2)
   end
   if message ~= nil and type(message) ~= "string" then
     error("mp.error: message must be a string", 2)
   end
   raise(code, message or "Server error", data, 2)
 end
+
+-- Test runs only (MPH_TEST_LUA_ALLOC_FAIL=1): mp.test_fail_allocations(skip, count) lets the
+-- next `skip` Lua allocations through, then fails `count`. nil otherwise.
+M.test_fail_allocations = C.fail_allocations
 
 function M.array(t)
   if t == nil then t = {} end
@@ -302,7 +316,6 @@ end
 -- Ends a root's transaction: returns its write set (key -> JSON text or false), or nil.
 local function finish_root(root)
   local r = roots[root]
-  roots[root] = nil
   if raw_next(root) ~= nil then
     raise(-32000, "mp.scope." .. r.name .. ": keys of a scope must be strings " ..
       "(was table.insert or rawset used on the scope itself?)", nil, 0)
@@ -319,14 +332,56 @@ local function finish_root(root)
       end
     end
   end
+  roots[root] = nil -- only now: a value that holds the root itself encodes as a cycle
   return writes
 end
 
-local function merge(st, writes)
+-- Merging write sets into the pending state must not stop half-way (an out-of-memory error
+-- would leave part of a failed transaction to be committed with the next batch). So it runs in
+-- two steps: prepare decodes every value and makes room for every key in the pending tables,
+-- recording the keys it added (out of memory here: the caller takes them out again, which
+-- allocates nothing); apply then only assigns to keys that exist, which allocates nothing.
+-- (With several scopes per transaction, as mp.scope.named will bring, the same two steps
+-- span all of them.)
+local HOLD = {} -- the value of a key made room for; replaced by apply or taken out
+
+-- Adds key k to t (as HOLD) unless it is there, noting (t, k) in `made` first.
+local function make_room(t, k, made)
+  if t[k] == nil then
+    local n = #made
+    made[n + 1] = t
+    made[n + 2] = k
+    t[k] = HOLD
+  end
+end
+
+local function prepare(sets, decoded, made)
+  for name, writes in raw_pairs(sets) do
+    if writes then
+      local st, values = states[name], {}
+      decoded[name] = values
+      for k, json in raw_pairs(writes) do
+        if json then values[k] = C.decode(json) else values[k] = DELETED end
+        make_room(st.pending, k, made)
+        make_room(st.pending_json, k, made)
+      end
+    end
+  end
+end
+
+-- Takes out what prepare added (assigning nil allocates nothing).
+local function unprepare(made)
+  for i = 1, #made, 2 do
+    local t, k = made[i], made[i + 1]
+    if k ~= nil then t[k] = nil end
+  end
+end
+
+local function apply(st, writes, values)
   local pending, pending_json = st.pending, st.pending_json
   for k, json in raw_pairs(writes) do
     pending_json[k] = json
-    if json then pending[k] = C.decode(json) else pending[k] = DELETED end
+    pending[k] = values[k]
   end
 end
 
@@ -343,8 +398,13 @@ M.scope = setmetatable({}, {
     end
     local root = rec.roots[name]
     if root then return root end
-    local failure = C.acquire(name) -- may wait (yield) while the scope loads
-    if failure then raise(-32002, failure, nil, 0) end
+    -- C.acquire answers true (ready) or false, code, message. Where it can, it waits for a
+    -- load by yielding and is resumed with nothing: then ask again. Where it cannot (inside
+    -- a callback C called, e.g. a table.sort comparator, or in a coroutine the handler made)
+    -- it answers false: the attempt is void and runs again once the scope has loaded.
+    local ok, code, message = C.acquire(name, isyieldable())
+    while ok == nil do ok, code, message = C.acquire(name, isyieldable()) end
+    if not ok then raise(code, message, nil, 0) end
     root = new_root(name)
     rec.roots[name] = root
     return root
@@ -354,19 +414,25 @@ M.scope = setmetatable({}, {
 
 -- ---- The body of every call attempt's coroutine ----
 
--- Runs the handler, encodes its first result, then computes every touched scope's write
--- set and, only when nothing can fail any more (the checkpoint also ends the time limit's
--- power to interrupt), merges them into the pending state and tells the runner which
--- scopes the transaction joined.
-function I.run(rec, handler, ...)
-  C.set_result(handler(...))
+-- Runs the handler (on the arguments the bridge put in rec.args), encodes its first result,
+-- then computes every touched scope's write set and, only when nothing can interrupt the
+-- attempt any more (the checkpoint ends the time limit's power to), merges them into the
+-- pending state and tells the runner which scopes the transaction joined.
+function I.run(rec)
+  C.set_result(rec.handler(unpack(rec.args, 1, rec.nargs)))
   local sets = {}
   for name, root in raw_pairs(rec.roots) do
     sets[name] = finish_root(root) or false
   end
-  C.checkpoint() -- past the time limit: fail now; else nothing may interrupt the merge
+  C.checkpoint() -- past the time limit or void: fail now; after it only out-of-memory can
+  local decoded, made = {}, {}
+  local ok, err = pcall(prepare, sets, decoded, made)
+  if not ok then
+    unprepare(made)
+    error(err, 0)
+  end
   for name, writes in raw_pairs(sets) do
-    if writes then merge(states[name], writes) end
+    if writes then apply(states[name], writes, decoded[name]) end
     C.join(name, writes and true or false)
   end
 end

@@ -96,19 +96,9 @@ static mph_scope_t *scope_get(mph_lua_t *lua, const char *name)
     return s;
 }
 
-/* Calls I[fn](name, arg?) and leaves its one result on the stack. [-0, +1, e] */
-static void call_internal(mph_lua_t *lua, const char *fn, const char *name, int with_bool, int flag)
-{
-    lua_State *L = lua->L;
-    mph__lua_get_internal(lua, L, fn);
-    lua_pushstring(L, name);
-    if (with_bool)
-        lua_pushboolean(L, flag);
-    lua_call(L, 1 + with_bool, 1);
-}
-
 /* Writes the entries of a document into the table on top of the stack (base), in order.
- * Returns 0 or -1 with err filled (an entry that is not valid JSON). [-0, +0, m] */
+ * Returns 0 or -1 with err filled (an entry that is not valid JSON); raises when out of
+ * memory. Only inside mph__lua_protect. [-0, +0, e] */
 static int apply_entries(lua_State *L, const mph_store_doc_t *doc, char *err, size_t errlen)
 {
     for (size_t i = 0; i < doc->n; i++) {
@@ -116,28 +106,104 @@ static int apply_entries(lua_State *L, const mph_store_doc_t *doc, char *err, si
         lua_pushlstring(L, e->key, e->klen);
         if (e->json == NULL) {
             lua_pushnil(L);
-        } else if (mph_json_push_text(L, e->json, e->jlen, err, errlen) != 0) {
-            lua_pop(L, 1);
-            return -1;
+        } else {
+            int rc = mph_json_push_text(L, e->json, e->jlen, err, errlen);
+            if (rc == MPH_JSON_ENOMEM) {
+                lua_pushliteral(L, "not enough memory");
+                lua_error(L);
+            }
+            if (rc != 0) {
+                lua_pop(L, 1);
+                return -1;
+            }
         }
         lua_rawset(L, -3);
     }
     return 0;
 }
 
+/* What the protected scope operations below get. */
+typedef struct {
+    mph_scope_t *s;
+    const mph_store_doc_t *doc; /* entries to apply, or NULL */
+    int clear_base;             /* reset_state: the doc is the whole scope */
+    int rc;                     /* apply_entries' result */
+    char err[300];              /* its message */
+} scope_op_t;
+
+/* I[fn](name, clear_base) -> base, then the doc's entries written into base. Under
+ * lua_cpcall. [-0, +0, e] */
+static int scope_load(lua_State *L, const char *fn)
+{
+    scope_op_t *op = lua_touserdata(L, 1);
+    lua_pushstring(L, op->s->name);
+    lua_pushboolean(L, op->clear_base);
+    mph__lua_call_internal(op->s->lua, L, fn, 2, 1); /* Stack: ud, base */
+    op->rc = apply_entries(L, op->doc, op->err, sizeof(op->err));
+    return 0;
+}
+
+static int new_state(lua_State *L)
+{
+    return scope_load(L, "new_state");
+}
+
+static int reset_state(lua_State *L)
+{
+    return scope_load(L, "reset_state");
+}
+
+/* I[fn](name), result dropped. Under lua_cpcall. [-0, +0, e] */
+static int scope_call(lua_State *L, const char *fn)
+{
+    scope_op_t *op = lua_touserdata(L, 1);
+    lua_pushstring(L, op->s->name);
+    mph__lua_call_internal(op->s->lua, L, fn, 1, 0);
+    return 0;
+}
+
+static int commit_ok(lua_State *L)
+{
+    return scope_call(L, "commit_ok");
+}
+
+static int drop_state(lua_State *L)
+{
+    return scope_call(L, "drop_state");
+}
+
+/* Forgets the scope's state: it is loaded again on the next access. Dropping the Lua side
+ * can only fail when out of memory, and then new_state replaces it at the next load anyway. */
+static void scope_forget(mph_scope_t *s)
+{
+    scope_op_t op = {s, NULL, 0, 0, ""};
+    mph__lua_protect(s->lua, drop_state, &op, "dropping a scope");
+    s->state = SCOPE_UNLOADED;
+}
+
 /* ---- Acquire and load ---- */
 
-/* Resumes every transaction waiting for s's load; failure==NULL means it is ready. */
-static void wake_waiters(mph_scope_t *s, const char *failure)
+/* Runs every transaction waiting for s's load: a suspended attempt is resumed (and asks
+ * C.acquire for the outcome, kept in the transaction); a void one starts again, or hears the
+ * failure. code == 0: the scope is ready. */
+static void wake_waiters(mph_scope_t *s, int code, const char *failure)
 {
     mph_txn_t *t = queue_take(&s->waiting);
     while (t) {
         mph_txn_t *next = t->next;
-        if (failure)
-            lua_pushstring(t->co, failure);
-        else
-            lua_pushnil(t->co);
-        mph__txn_resume(t, 1);
+        assert(assert_txn_state(t));
+        if (t->state == TXN_RELOAD) {
+            if (code != 0)
+                mph__txn_reply(t, code, failure);
+            else
+                mph__txn_start_attempt(t);
+        } else {
+            if (code != 0) {
+                t->wake_code = code;
+                t->wake_message = mph_xstrdup(failure);
+            }
+            mph__txn_resume(t, 0);
+        }
         t = next;
     }
 }
@@ -146,42 +212,60 @@ static void on_loaded(void *ud, const mph_store_result_t *res)
 {
     mph_scope_t *s = ud;
     mph_lua_t *lua = s->lua;
-    lua_State *L = lua->L;
     assert(s->state == SCOPE_LOADING);
-    char err[300];
     char failure[400];
     if (res->status != 0) {
         snprintf(failure, sizeof(failure), "storage unavailable: %s",
                  res->message ? res->message : mph_strerror(res->status));
         mph_log(MPH_LOG_WARN, "loading scope %s: %s", s->name, failure);
         s->state = SCOPE_UNLOADED;
-        wake_waiters(s, failure);
+        wake_waiters(s, MPH_RPC_STORAGE_UNAVAILABLE, failure);
         return;
     }
-    int base = lua_gettop(L);
-    call_internal(lua, "new_state", s->name, 0, 0); /* Stack: base table */
-    int rc = apply_entries(L, &res->doc, err, sizeof(err));
-    lua_settop(L, base);
-    if (rc != 0) {
+    scope_op_t op = {s, &res->doc, 0, 0, ""};
+    if (mph__lua_protect(lua, new_state, &op, "loading a scope") != 0) {
+        snprintf(failure, sizeof(failure), "Internal error: not enough memory loading scope %s",
+                 s->name);
+        scope_forget(s);
+        wake_waiters(s, MPH_RPC_INTERNAL_ERROR, failure);
+        return;
+    }
+    if (op.rc != 0) {
         snprintf(failure, sizeof(failure), "storage unavailable: scope %s is corrupt: %s", s->name,
-                 err);
+                 op.err);
         mph_log(MPH_LOG_ERROR, "%s", failure);
-        call_internal(lua, "drop_state", s->name, 0, 0);
-        lua_settop(L, base);
-        s->state = SCOPE_UNLOADED;
-        wake_waiters(s, failure);
+        scope_forget(s);
+        wake_waiters(s, MPH_RPC_STORAGE_UNAVAILABLE, failure);
         return;
     }
     s->version = res->doc.version;
     s->state = SCOPE_READY;
     mph_log(MPH_LOG_DEBUG, "scope %s loaded: %zu entries, version %llu", s->name, res->doc.n,
             (unsigned long long)s->version);
-    wake_waiters(s, NULL);
+    wake_waiters(s, 0, NULL);
 }
 
-int mph__runner_acquire(mph_txn_t *t, const char *name, int can_wait, const char **why)
+/* ---- Loading where one cannot wait ----
+ *
+ * A handler may touch a scope for the first time inside a callback that C called (a
+ * table.sort comparator, a string.gsub function, __tostring under tostring) or inside a
+ * coroutine it made. A yield cannot cross that C call (or would go to the wrong resumer), so
+ * on a warm process these idioms work and on a cold one (after start, after a storage error
+ * dropped the scope) they could not. Instead the load starts, the attempt is marked void
+ * (t->reload; C.checkpoint refuses it whatever the handler does with the error), and once the
+ * load ends the transaction runs again from the start, as after a conflict. Nothing about
+ * this is specific to the global scope: named scopes (mp.scope.named, to come) take the same
+ * path, which is why it is not done by preloading "global" before every first call. */
+
+int mph__runner_acquire(mph_txn_t *t, const char *name, int can_wait, int *code, const char **why)
 {
     mph_lua_t *lua = t->lua;
+    *code = MPH_RPC_STORAGE_UNAVAILABLE;
+    if (t->wake_code != 0) { /* woken by a failed load */
+        *code = t->wake_code;
+        *why = t->wake_message;
+        return -1;
+    }
     if (lua->store == NULL) {
         *why = "storage unavailable: no storage is configured";
         return -1;
@@ -189,10 +273,6 @@ int mph__runner_acquire(mph_txn_t *t, const char *name, int can_wait, const char
     mph_scope_t *s = scope_get(lua, name);
     if (s->state == SCOPE_READY)
         return 0;
-    if (!can_wait) {
-        *why = "a scope must first be opened by the handler itself, not in a coroutine it made";
-        return -1;
-    }
     if (lua->closing) {
         *why = "storage unavailable: shutting down";
         return -1;
@@ -205,8 +285,30 @@ int mph__runner_acquire(mph_txn_t *t, const char *name, int can_wait, const char
         }
         s->state = SCOPE_LOADING;
     }
+    if (!can_wait) {
+        t->reload = s;
+        *why = "the scope is loading: the call runs again once it has loaded";
+        return -1;
+    }
     queue_push(&s->waiting, t);
     return 1;
+}
+
+void mph__runner_reload(mph_txn_t *t)
+{
+    mph_scope_t *s = t->reload;
+    assert(t->co == NULL && s != NULL);
+    if (t->lua->closing) {
+        mph__txn_reply(t, MPH_RPC_STORAGE_UNAVAILABLE, "storage unavailable: shutting down");
+        return;
+    }
+    if (s->state != SCOPE_LOADING) { /* it ended while the attempt went on: run again now */
+        mph__txn_start_attempt(t);
+        return;
+    }
+    t->state = TXN_RELOAD;
+    assert(assert_txn_state(t));
+    queue_push(&s->waiting, t);
 }
 
 void mph__runner_join(mph_txn_t *t, const char *name, int wrote)
@@ -268,6 +370,7 @@ static void requeue_all(mph_scope_t *s, mph_txn_t *t, int refused)
             mph__txn_reply(t, MPH_RPC_CONFLICT, msg);
         } else {
             t->state = TXN_RETRY;
+            assert(assert_txn_state(t));
             queue_push(&s->rerun, t);
         }
         t = next;
@@ -275,9 +378,9 @@ static void requeue_all(mph_scope_t *s, mph_txn_t *t, int refused)
 }
 
 /* A random delay in [1, ceiling] milliseconds. */
-static uint64_t jitter(uint64_t ceiling)
+static uint64_t jitter(mph_lua_t *lua, uint64_t ceiling)
 {
-    return 1 + (uint64_t)rand() % ceiling;
+    return 1 + mph__lua_random(lua) % ceiling;
 }
 
 static void fail_all(mph_txn_t *t, int code, const char *message)
@@ -302,32 +405,39 @@ static void on_committed(void *ud, const mph_store_result_t *res)
 {
     mph_scope_t *s = ud;
     mph_lua_t *lua = s->lua;
-    lua_State *L = lua->L;
-    int base = lua_gettop(L);
     assert(s->committing);
     assert(assert_scope_state(s));
     release_inflight(s);
     mph_txn_t *batch = queue_take(&s->inflight);
 
     if (res->status == 0) {
-        call_internal(lua, "commit_ok", s->name, 0, 0);
-        lua_settop(L, base);
+        scope_op_t op = {s, NULL, 0, 0, ""};
         s->version = res->doc.version;
         s->conflict_streak = s->error_streak = 0;
+        if (mph__lua_protect(lua, commit_ok, &op, "folding a commit into its scope") == 0) {
+            answer_all(batch);
+            kick(s);
+            return;
+        }
+        /* Durable, so the batch is answered; but the state in memory missed it: forget it
+         * (it is reloaded on the next access) and run again what ran on top of it. */
+        scope_forget(s);
         answer_all(batch);
-        kick(s);
+        mph_txn_t *later = queue_take(&s->pending);
+        s->pending_writes = 0;
+        requeue_all(s, later, 0);
+        backoff(s, 0);
         return;
     }
 
     /* Every speculative write is void now: the batch and whatever ran on top of it. */
     mph_txn_t *later = queue_take(&s->pending);
     s->pending_writes = 0;
+    int nomem = res->status == MPH_ENOMEM;
     if (res->status == MPH_ECONFLICT) {
-        char err[300];
-        call_internal(lua, "reset_state", s->name, 1, !res->doc.is_delta); /* Stack: base */
-        int rc = apply_entries(L, &res->doc, err, sizeof(err));
-        lua_settop(L, base);
-        if (rc == 0) {
+        scope_op_t op = {s, &res->doc, !res->doc.is_delta, 0, ""};
+        nomem = mph__lua_protect(lua, reset_state, &op, "applying a conflict's update") != 0;
+        if (!nomem && op.rc == 0) {
             s->version = res->doc.version;
             mph_log(MPH_LOG_DEBUG, "scope %s: conflict, now at version %llu", s->name,
                     (unsigned long long)s->version);
@@ -335,32 +445,70 @@ static void on_committed(void *ud, const mph_store_result_t *res)
             requeue_all(s, batch, !res->held); /* being held off is waiting, not refusal */
             requeue_all(s, later, 0);
             /* Held by another process's claim: it is owed the next commit, let it land. */
-            backoff(s, res->held ? jitter(2) : 0);
+            backoff(s, res->held ? jitter(lua, 2) : 0);
             return;
         }
-        mph_log(MPH_LOG_ERROR, "scope %s: unreadable update from storage: %s", s->name, err);
+        if (!nomem)
+            mph_log(MPH_LOG_ERROR, "scope %s: unreadable update from storage: %s", s->name, op.err);
     }
     /* An error: the outcome may be unknown, so forget the state; it is reloaded on the next
-     * access. The batch hears -32002 (never "committed" unless it was); the later ones only
-     * read speculative data and simply run again. */
+     * access. The batch hears -32002 (never "committed" unless it was), or -32603 when Lua
+     * ran out of memory; the later ones only read speculative data and simply run again. */
     char message[400];
-    snprintf(message, sizeof(message), "storage unavailable: %s",
-             res->message ? res->message : mph_strerror(res->status));
+    if (nomem)
+        snprintf(message, sizeof(message), "Internal error: not enough memory");
+    else
+        snprintf(message, sizeof(message), "storage unavailable: %s",
+                 res->message ? res->message : mph_strerror(res->status));
     mph_log(MPH_LOG_WARN, "scope %s: commit failed: %s", s->name, message);
-    call_internal(lua, "drop_state", s->name, 0, 0);
-    lua_settop(L, base);
-    s->state = SCOPE_UNLOADED;
-    fail_all(batch, MPH_RPC_STORAGE_UNAVAILABLE, message);
+    scope_forget(s);
+    fail_all(batch, nomem ? MPH_RPC_INTERNAL_ERROR : MPH_RPC_STORAGE_UNAVAILABLE, message);
     requeue_all(s, later, 0);
     s->error_streak++;
-    backoff(s, jitter((uint64_t)1 << (s->error_streak < 6 ? s->error_streak : 6)));
+    backoff(s, jitter(lua, (uint64_t)1 << (s->error_streak < 6 ? s->error_streak : 6)));
+}
+
+/* What kick hands to take_pending. */
+typedef struct {
+    mph_scope_t *s;
+    mph_store_entry_t *entries; /* owned by the caller, even when take_pending raises */
+    size_t n;
+} take_t;
+
+/* I.take_pending(name) -> the write set (key -> JSON text or false), read into c->entries
+ * and kept referenced in s->inflight_json_ref until the commit ends, so the entries can
+ * point into its strings. Under lua_cpcall. [-0, +0, e] */
+static int take_pending(lua_State *L)
+{
+    take_t *c = lua_touserdata(L, 1);
+    mph_scope_t *s = c->s;
+    lua_pushstring(L, s->name);
+    mph__lua_call_internal(s->lua, L, "take_pending", 1, 1); /* Stack: ud, json */
+    size_t cap = 16;
+    c->entries = mph_xmalloc(cap * sizeof(*c->entries));
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {
+        /* Stack: ud, json, key, value */
+        if (c->n == cap) {
+            cap *= 2;
+            c->entries = mph_xrealloc(c->entries, cap * sizeof(*c->entries));
+        }
+        mph_store_entry_t *e = &c->entries[c->n++];
+        e->key = lua_tolstring(L, -2, &e->klen); /* keys are strings: no conversion */
+        e->json = NULL;
+        e->jlen = 0;
+        if (lua_type(L, -1) == LUA_TSTRING)
+            e->json = lua_tolstring(L, -1, &e->jlen);
+        lua_pop(L, 1);
+    }
+    s->inflight_json_ref = luaL_ref(L, LUA_REGISTRYINDEX); /* pops json */
+    return 0;
 }
 
 /* Starts the next batch's commit when none is in flight. */
 static void kick(mph_scope_t *s)
 {
     mph_lua_t *lua = s->lua;
-    lua_State *L = lua->L;
     assert(assert_scope_state(s));
     if (s->committing || s->backing_off || s->pending.head == NULL)
         return;
@@ -372,40 +520,20 @@ static void kick(mph_scope_t *s)
     s->inflight = s->pending;
     s->pending.head = s->pending.tail = NULL;
     s->pending_writes = 0;
-    for (mph_txn_t *t = s->inflight.head; t; t = t->next)
+    for (mph_txn_t *t = s->inflight.head; t; t = t->next) {
         t->state = TXN_COMMITTING;
-
-    /* The write set: key -> JSON text or false. The table stays referenced until the commit
-     * ends, so the entries can point into its strings. */
-    int base = lua_gettop(L);
-    call_internal(lua, "take_pending", s->name, 0, 0); /* Stack: json */
-    size_t n = 0, cap = 16;
-    mph_store_entry_t *entries = mph_xmalloc(cap * sizeof(*entries));
-    lua_pushnil(L);
-    while (lua_next(L, -2)) {
-        /* Stack: json, key, value */
-        if (n == cap) {
-            cap *= 2;
-            entries = mph_xrealloc(entries, cap * sizeof(*entries));
-        }
-        entries[n].key = lua_tolstring(L, -2, &entries[n].klen);
-        if (lua_type(L, -1) == LUA_TSTRING) {
-            entries[n].json = lua_tolstring(L, -1, &entries[n].jlen);
-        } else {
-            entries[n].json = NULL;
-            entries[n].jlen = 0;
-        }
-        n++;
-        lua_pop(L, 1);
+        assert(assert_txn_state(t));
     }
-    s->inflight_json_ref = luaL_ref(L, LUA_REGISTRYINDEX); /* pops json */
-    lua_settop(L, base);
-    s->entries = entries;
+    take_t c = {s, NULL, 0};
+    int status = mph__lua_protect(lua, take_pending, &c, "taking a scope's write set");
+    s->entries = c.entries;
     s->committing = 1;
-
-    mph_store_write_t w = {s->name, s->version,     n,
-                           entries, lua->committer, s->conflict_streak >= CLAIM_AFTER};
-    int rc = lua->store->methods->commit(lua->store, &w, 1, on_committed, s);
+    int rc = MPH_ENOMEM;
+    if (status == 0) {
+        mph_store_write_t w = {s->name,   s->version,     c.n,
+                               c.entries, lua->committer, s->conflict_streak >= CLAIM_AFTER};
+        rc = lua->store->methods->commit(lua->store, &w, 1, on_committed, s);
+    }
     if (rc != 0) {
         mph_store_result_t res = {rc, mph_strerror(rc), {0, 0, 0, NULL}, s->name, 0};
         on_committed(s, &res);
@@ -420,6 +548,7 @@ void mph__runner_finished(mph_txn_t *t)
         return;
     }
     t->state = TXN_QUEUED;
+    assert(assert_txn_state(t));
     queue_push(&s->pending, t);
     if (t->wrote)
         s->pending_writes++;

@@ -515,3 +515,23 @@ def test_change_log_is_bounded_by_bytes_and_old_conflicts_converge():
         finally:
             a.stop()
             b.stop()
+
+
+def test_scope_touched_in_a_c_callback_after_a_commit_error_dropped_it():
+    cold = os.path.join(SCRIPTS, "cold.lua")
+    with RedisServer() as redis:
+        with Server(cold, ["--storage=" + redis.url()]) as s:
+            eq(s.result("in_sort"), 1)
+            redis.kill9()
+            r = s.rpc("in_sort")  # the commit fails: the scope's cache is dropped
+            eq(r["error"]["code"], -32002)
+            redis.start()
+            # While the host reconnects (its backoff), calls fail fast with -32002; wait for
+            # the first other answer. Bounded only against a hang: reconnecting takes <= 2 s.
+            deadline = time.time() + 30
+            while True:
+                r = s.rpc("in_sort")
+                if "error" not in r or r["error"]["code"] != -32002 or time.time() > deadline:
+                    break
+                time.sleep(0.05)
+            eq(r.get("result"), 2, "reloaded from inside the comparator: %r" % r)

@@ -281,6 +281,74 @@ def test_handler_time_limit_is_32003_and_commits_nothing():
         eq(s.result("jit"), True, "--handler-timeout=0 turns the JIT compiler on")
 
 
+# -- mp.error and the encoder's edges (issue #7) --
+
+CODE_ERROR = "mp.error: code must be a nonzero integer in the int32 range"
+
+
+def test_mp_error_always_answers_an_error():
+    for code in (0, 2 ** 32, -2 ** 31 - 1, 2 ** 31, 1.5, "x", None):
+        for data in ([], [{"d": 1}]):
+            r = srv().rpc("mp_error", [code, "msg"] + data)
+            check("result" not in r, "code %r answered a result: %r" % (code, r))
+            eq(r["error"]["code"], -32000, "code %r" % (code,))
+            check(CODE_ERROR in r["error"]["message"], r)
+    for code in (-2 ** 31, 2 ** 31 - 1, 1, -32099):
+        r = srv().rpc("mp_error", [code, "msg", {"d": 1}])
+        eq(r["error"], {"code": code, "message": "msg", "data": {"d": 1}})
+        r = srv().rpc("mp_error", [code, "msg"])
+        eq(r["error"], {"code": code, "message": "msg"})
+    r = srv().rpc("mp_error", [-32050, 42])
+    check("message must be a string" in r["error"]["message"], r)
+    r = srv().rpc("mp_error", [-32050])
+    eq(r["error"], {"code": -32050, "message": "Server error"})
+
+
+def test_error_objects_nested_forged_and_big():
+    eq(srv().rpc("nested_error")["error"],
+       {"code": -32050, "message": "outer",
+        "data": {"code": -32051, "message": "inner", "data": {"n": 1}}})
+    eq(srv().rpc("rethrown_error")["error"], {"code": -32052, "message": "again"})
+    for code in (0, 2 ** 40, 1.5, "x"):
+        r = srv().rpc("forged_error", [code])
+        check("result" not in r, r)
+        eq(r["error"]["code"], -32603, "forged code %r" % (code,))
+        check("code must be a nonzero integer" in r["error"]["message"], r)
+    eq(srv().rpc("forged_error", [7])["error"], {"code": 7, "message": "forged"})
+    r = srv().rpc("big_error_data", [3000000])
+    eq((r["error"]["code"], len(r["error"]["data"])), (-32050, 3000000))
+
+
+def test_number_keys_under_object_mark():
+    _, _, raw = post('{"jsonrpc":"2.0","method":"number_keys","id":1}')
+    eq(raw, b'{"jsonrpc":"2.0","id":1,"result":{"1":"c","1.7976931348623157e+308":"d",'
+            b'"1e+300":"a","9007199254740992":"b"}}\n')
+    r = srv().rpc("duplicate_keys")
+    eq(r["error"]["code"], -32603)
+    check("duplicate key" in r["error"]["message"] and "result.x.1" in r["error"]["message"], r)
+
+
+def test_deep_nesting_both_ways():
+    depth = 100000
+    _, r, _ = post('{"jsonrpc":"2.0","method":"echo","params":[' + "[" * depth + "]" * depth +
+                   '],"id":1}')
+    eq(r["error"]["code"], -32700)
+    r = srv().rpc("deep_result", [depth])
+    eq(r["error"]["code"], -32603)
+    check("nesting deeper" in r["error"]["message"], r)
+    _, raw = srv().post_raw('{"jsonrpc":"2.0","method":"deep_result","params":[2000],"id":1}')
+    eq(raw, b'{"jsonrpc":"2.0","id":1,"result":' + b"[" * 2000 + b"{}" + b"]" * 2000 + b"}\n",
+       "2000 levels encode")
+
+
+def test_cycles_through_a_scope_are_errors_naming_the_path():
+    r = srv().rpc("scope_cycle")
+    eq(r["error"]["code"], -32000)
+    check("cycle" in r["error"]["message"] and "global.me" in r["error"]["message"], r)
+    r = srv().rpc("scope_self_table")
+    check("cycle" in r["error"]["message"] and "global.t.self" in r["error"]["message"], r)
+
+
 def test_zz_clean_shutdown():
     global _server
     s = srv()

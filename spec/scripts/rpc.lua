@@ -53,6 +53,40 @@ end)
 local ok, outside = pcall(function() return mp.scope.global end)
 expose("outside_error", function() return {ok = ok, message = tostring(outside)} end)
 expose("types", function(v) return type(v) end)
+-- mp.error and error objects (issue #7).
+expose("mp_error", function(code, message, data) mp.error(code, message, data) end)
+expose("big_error_data", function(n) mp.error(-32050, "big", string.rep("x", n)) end)
+expose("forged_error", function(code)
+  local _, e = pcall(mp.error, -32050, "real")
+  error(setmetatable({code = code, message = "forged"}, getmetatable(e)))
+end)
+expose("nested_error", function()
+  local _, inner = pcall(mp.error, -32051, "inner", {n = 1})
+  mp.error(-32050, "outer", inner)
+end)
+expose("rethrown_error", function()
+  local _, e = pcall(mp.error, -32052, "again")
+  error(e)
+end)
+-- Number keys under mp.object, as the encoder writes numbers.
+expose("number_keys", function()
+  return mp.object({[1e300] = "a", [2 ^ 53] = "b", [1] = "c", [1.7976931348623157e308] = "d"})
+end)
+expose("duplicate_keys", function() return {x = mp.object({[1] = "a", ["1"] = "b"})} end)
+expose("deep_result", function(n)
+  local t = {}
+  for _ = 1, n do t = {t} end
+  return t
+end)
+expose("scope_cycle", function()
+  local g = mp.scope.global
+  g.me = g
+end)
+expose("scope_self_table", function()
+  local t = {}
+  t.self = t
+  mp.scope.global.t = t
+end)
 mp.service("hidden", function() return "secret" end) -- not exposed
 
 mp.serve()
