@@ -439,8 +439,8 @@ static int read_ready_line(int fd, char *line, size_t size)
     return waited >= STARTUP_TIMEOUT_MS && len == 0 ? -1 : 0;
 }
 
-/* A pid or log file that is not a plain file (a planted link, a directory) is refused before
- * anything is started, with its name. */
+/* A pid file that is not a plain file (a planted link, a directory) is refused before anything
+ * is started, with its name: status and delete would not see the deployment. */
 static int check_plain_or_absent(const char *path, char *err, size_t errlen)
 {
     struct stat st;
@@ -457,9 +457,8 @@ int mph_cli_deploy(mph_cli_t *cli)
     char *log_path = mph_cli_deployment_file(cli, cli->host.port, ".log");
     char *pid_path = mph_cli_deployment_file(cli, cli->host.port, ".pid");
     int lock = -1, pipefd[2] = {-1, -1}, rc = 1;
-    if (check_plain_or_absent(log_path, err, sizeof(err)) != 0 ||
-        check_plain_or_absent(pid_path, err, sizeof(err)) != 0)
-        goto fail;
+    if (check_plain_or_absent(pid_path, err, sizeof(err)) != 0)
+        goto fail; /* (the child refuses a link at the log's name when it opens it) */
     if ((lock = lock_script(cli, err, sizeof(err))) < 0)
         goto fail;
     deployment_t *deps;
