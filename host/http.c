@@ -89,6 +89,8 @@ struct mph_http_server_s {
     void *ud;
     conn_t *conns; /* open connections */
     unsigned nconns;
+    unsigned nallocated; /* connections not yet freed (closing ones too): `drained` waits for
+                            0, since their close callbacks still reach the server */
     int shutting_down;
     void (*drained)(void *ud);
     void *drained_ud;
@@ -183,7 +185,10 @@ void mph_http_respond(mph_http_req_t *r, int status, char *body, size_t len)
     r->responded = 1;
     r->resp_body = body;
     r->resp_len = body ? len : 0;
-    int close = !r->keep_alive || c->state != CONN_OPEN;
+    /* On a draining connection only the last response says "close": one said earlier would
+     * tell the client to drop the responses still to come after it. */
+    int close = !r->keep_alive || (c->state != CONN_OPEN && r->next == NULL);
+    r->keep_alive = !close;
     const char *ctype = status == 200 ? "application/json" : "text/plain; charset=utf-8";
     int n;
     if (status == 204) {
@@ -303,10 +308,8 @@ static void maybe_send_continue(conn_t *c)
     uv_buf_t b = uv_buf_init(cont, sizeof(cont) - 1);
     uv_write_t *w = mph_xmalloc(sizeof(*w));
     w->data = c;
-    if (uv_write(w, (uv_stream_t *)&c->tcp, &b, 1, on_continue_written) < 0) {
-        free(w);
-        conn_drain(c); /* the socket is unusable: the parser may still run, reading stops */
-    }
+    if (uv_write(w, (uv_stream_t *)&c->tcp, &b, 1, on_continue_written) < 0)
+        free(w); /* the stream is not writable: the response's write fails and closes it */
 }
 
 /* ---- Parser callbacks ---- */
@@ -443,12 +446,18 @@ static void stop_reading(conn_t *c)
     }
 }
 
-/* Ends reading; what is queued is still written, then the connection closes. */
+static void drop_partial(conn_t *c);
+
+/* Ends reading; what is queued is still written, then the connection closes. A request half
+ * received is dropped: it can never complete, and the connection closes only once the FIFO
+ * is empty. (Never called from a parser callback while c->cur is set.) */
 static void conn_drain(conn_t *c)
 {
     if (c->state != CONN_OPEN)
         return;
     c->state = CONN_DRAINING;
+    if (c->cur)
+        drop_partial(c);
     stop_reading(c);
     uv_timer_stop(&c->timer);
     if (c->writes > 0)
@@ -572,6 +581,7 @@ static void on_conn_handle_closed(uv_handle_t *h)
         return;
     mph_http_server_t *srv = c->srv;
     free(c);
+    srv->nallocated--;
     maybe_drained(srv);
 }
 
@@ -619,6 +629,7 @@ static conn_t *conn_new(mph_http_server_t *srv)
         srv->conns->prev = c;
     srv->conns = c;
     srv->nconns++;
+    srv->nallocated++;
     return c;
 }
 
@@ -709,7 +720,7 @@ int mph_http_port(const mph_http_server_t *srv)
 
 static void maybe_drained(mph_http_server_t *srv)
 {
-    if (srv->shutting_down && srv->nconns == 0 && !srv->listener_open && srv->drained) {
+    if (srv->shutting_down && srv->nallocated == 0 && !srv->listener_open && srv->drained) {
         void (*cb)(void *) = srv->drained;
         srv->drained = NULL;
         cb(srv->drained_ud);
@@ -754,6 +765,6 @@ void mph_http_abort(mph_http_server_t *srv)
 
 void mph_http_server_free(mph_http_server_t *srv)
 {
-    assert(srv->conns == NULL && !srv->listener_open);
+    assert(srv->nallocated == 0 && !srv->listener_open);
     free(srv);
 }
