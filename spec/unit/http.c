@@ -291,7 +291,54 @@ static void test_response_after_the_client_left_is_dropped(void)
     free(req);
 }
 
+static void test_only_the_last_response_says_close(void)
+{
+    /* The first call answers after the framing error drained the connection: its response
+     * must not say "close", or the client would drop the 400 that follows it. */
+    char *first = post(echo1, "");
+    mph_buf_t in = MPH_BUF_INIT;
+    mph_buf_puts(&in, first);
+    mph_buf_puts(&in, "HELLO THERE\r\n\r\n");
+    fx_responses_t r;
+    exchange(in.data, &r);
+    CHECK(r.n == 2 && r.list[0].status == 200 && !r.list[0].close);
+    CHECK(r.list[1].status == 400 && r.list[1].close && r.trailing == 0);
+    fx_responses_free(&r);
+    mph_buf_free(&in);
+    free(first);
+}
+
+static void test_shutdown_drops_a_half_received_request(void)
+{
+    /* A stop finishes the answered request and closes: the half-received one behind it
+     * will never complete and must not hold the connection open until the deadline. */
+    char *first = post(echo1, "");
+    mph_buf_t in = MPH_BUF_INIT;
+    mph_buf_puts(&in, first);
+    mph_buf_puts(&in, "POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\n{\"a");
+    mph_http_config_t cfg = config();
+    fx_t f;
+    fx_open(&f, &cfg);
+    fx_feed(&f, in.data, in.len, 0);
+    mph_http_shutdown(f.srv, fx_on_drained, &f);
+    CHECK(fx_conn(&f) != NULL && fx_conn(&f)->state == CONN_DRAINING && fx_conn(&f)->cur == NULL);
+    fx_answer();
+    for (int i = 0; i < 100 && !f.drained; i++)
+        uv_run(&f.loop, UV_RUN_ONCE);
+    CHECK(f.drained);
+    fx_finish(&f, 0);
+    fx_responses_t r;
+    fx_parse(&f.out, &r);
+    CHECK(r.n == 1 && r.list[0].status == 200 && r.list[0].close && r.trailing == 0);
+    fx_responses_free(&r);
+    mph_buf_free(&f.out);
+    mph_buf_free(&in);
+    free(first);
+}
+
 static const mph_unit_test_t tests[] = {
+    {"only_the_last_response_says_close", test_only_the_last_response_says_close},
+    {"shutdown_drops_a_half_received_request", test_shutdown_drops_a_half_received_request},
     {"pipelined_answers_come_in_request_order", test_pipelined_answers_come_in_request_order},
     {"every_chunk_size_gives_the_same_bytes", test_every_chunk_size_gives_the_same_bytes},
     {"content_length_with_transfer_encoding_is_400",

@@ -200,7 +200,8 @@ static void fx_finish(fx_t *f, int eof)
     }
     fx_answer();
     fx_run(f);
-    mph_http_shutdown(f->srv, fx_on_drained, f);
+    if (!f->drained)
+        mph_http_shutdown(f->srv, fx_on_drained, f);
     while (!f->drained) {
         fx_answer();
         uv_run(&f->loop, UV_RUN_ONCE);

@@ -76,7 +76,7 @@ static const rpc_case_t cases[] = {
      "\"id\":2,\"result\":{\"seq\":2,\"id\":2,\"params\":null}}]"},
     {"[1," R "\"method\":\"echo\"}," R "\"method\":\"nope\",\"id\":\"n\"}]", 200,
      "[" INVALID("null", "\"Invalid Request\"") "," R "\"id\":\"n\",\"error\":{\"code\":-32601,"
-                                                      "\"message\":\"Method not found\"}}]"},
+                                                "\"message\":\"Method not found\"}}]"},
     {"[" R "\"method\":\"echo\"}," R "\"method\":\"sync\"}]", 204, ""},
     {"[[]]", 200, "[" INVALID("null", "\"Invalid Request\"") "]"},
     /* parse errors and numbers out of range */
