@@ -335,19 +335,19 @@ int main(int argc, char **argv)
     }
     if (cli.script_path == NULL) /* a deleted script can still be stopped by its path */
         cli.script_path = mph_xstrdup(cli.script);
+    int rc = 1;
     if (resolve_storage(&cli) != 0)
-        return 1;
+        goto out;
     char err[1200];
     if (mph_cli_open_state_dir(&cli, err, sizeof(err)) != 0) {
         if (!serve) {
             fprintf(stderr, "mphost: %s\n", err);
-            return 1;
+            goto out;
         }
         /* In the foreground the pid file only lets status see this server: go without. */
         mph_log(MPH_LOG_WARN, "%s; serving without a pid file", err);
     }
 
-    int rc;
     if (serve)
         rc = mph_cli_serve(&cli, -1);
     else if (strcmp(cli.verb, "deploy") == 0)
@@ -358,6 +358,7 @@ int main(int argc, char **argv)
         rc = mph_cli_status(&cli);
     else
         rc = bad_usage("unknown command: %s", cli.verb);
+out:
     free(cli.script_path);
     free(cli.storage_desc);
     free(cli.state_dir);
