@@ -211,6 +211,10 @@ int mph_cli_serve(mph_cli_t *cli, int ready_fd)
     FILE *ready = ready_fd >= 0 ? fdopen(ready_fd, "w") : NULL;
     int rc = mph_host_new(&h, &cli->host, err, sizeof(err));
     int script_failed = 0;
+    /* From the start: a SIGTERM that arrives once the port accepts (the pid file is written
+     * after that) must mean a graceful stop, not the default death. */
+    if (rc == 0)
+        mph_host_handle_signals(h);
     if (rc == 0 && (rc = mph_host_load_file(h, cli->script_path, err, sizeof(err))) != 0)
         script_failed = 1;
     if (rc == 0)
@@ -239,7 +243,6 @@ int mph_cli_serve(mph_cli_t *cli, int ready_fd)
             return 1;
         }
     }
-    mph_host_handle_signals(h);
     mph_log(MPH_LOG_INFO, "serving %s on %s:%d (pid %d, storage %s)", cli->script, cli->host.listen,
             port, (int)getpid(), cli->storage_desc);
     if (ready) {
