@@ -17,6 +17,7 @@ typedef struct {
     char *storage_desc;     /* what status prints, e.g. "file:/abs/mp-data" (owned) */
     char storage_url[1024]; /* --storage=redis made into a redis:// URL */
     const char *log_level;  /* --logging */
+    char *state_dir;        /* checked state directory (owned); NULL: none (serve only) */
     /* call */
     const char *method;
     const char *params; /* JSON text, default "[{}]" */
@@ -29,15 +30,19 @@ int mph_cli_delete(mph_cli_t *cli);
 int mph_cli_status(mph_cli_t *cli);
 int mph_cli_call(mph_cli_t *cli);
 
-/* Directory holding deployments' pid and log files: MP_STATE_DIR, else
- * $XDG_RUNTIME_DIR/mphost, else /tmp/mphost-UID. Created on demand. New string. */
-char *mph_cli_state_dir(void);
+/* Finds the directory for deployments' pid, log and lock files (MP_STATE_DIR, else
+ * $XDG_RUNTIME_DIR/mphost, else /tmp/mphost-UID), creating it 0700, and sets cli->state_dir.
+ * Refuses (MPH_EINVAL, a message in err) a directory that is a symbolic link, belongs to
+ * another user or is open to others: a planted one would let them steer our writes. */
+int mph_cli_open_state_dir(mph_cli_t *cli, char *err, size_t errlen);
 
-/* "<state dir>/<hash of script path>-<port>" + ext. New string. */
-char *mph_cli_deployment_file(const char *script_path, int port, const char *ext);
+/* "<state dir>/<hash of script path>-<port>" + ext. New string. Needs cli->state_dir. */
+char *mph_cli_deployment_file(const mph_cli_t *cli, int port, const char *ext);
 
-/* Writes/removes the pid file of a serving host. */
-int mph_cli_write_pidfile(const mph_cli_t *cli, int port, const char *log_path);
+/* Writes the pid file of a serving host (0, or MPH_EIO with a message in err); removes it if
+ * it is still this process's. Need cli->state_dir. */
+int mph_cli_write_pidfile(const mph_cli_t *cli, int port, const char *log_path, char *err,
+                          size_t errlen);
 void mph_cli_remove_pidfile(const mph_cli_t *cli, int port);
 
 #endif

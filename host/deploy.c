@@ -18,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -27,7 +28,45 @@
 
 #define STARTUP_TIMEOUT_MS 60000
 
-char *mph_cli_state_dir(void)
+/* ---- The state directory and the files in it ---- */
+
+/* Refuses a state directory another user could have planted or can write into, as tmux and
+ * ssh do: mphost (often root) writes its pid and log files there and signals the pids it
+ * reads back. lstat, so that a symbolic link in its place is refused too. */
+static int check_state_dir(const char *dir, char *err, size_t errlen)
+{
+    struct stat st;
+    if (mkdir(dir, 0700) != 0 && errno != EEXIST) {
+        snprintf(err, errlen, "cannot create the state directory %s: %s", dir, strerror(errno));
+        return MPH_EIO;
+    }
+    if (lstat(dir, &st) != 0) {
+        snprintf(err, errlen, "cannot use the state directory %s: %s", dir, strerror(errno));
+        return MPH_EIO;
+    }
+    if (S_ISLNK(st.st_mode) || !S_ISDIR(st.st_mode)) {
+        snprintf(err, errlen, "the state directory %s is %s; refusing to use it", dir,
+                 S_ISLNK(st.st_mode) ? "a symbolic link" : "not a directory");
+        return MPH_EINVAL;
+    }
+    if (st.st_uid != geteuid()) {
+        snprintf(err, errlen,
+                 "the state directory %s belongs to uid %u, not to uid %u; "
+                 "refusing to use it",
+                 dir, (unsigned)st.st_uid, (unsigned)geteuid());
+        return MPH_EINVAL;
+    }
+    if (st.st_mode & 077) {
+        snprintf(err, errlen,
+                 "the state directory %s is open to other users (mode %03o); "
+                 "refusing to use it (chmod 700 it)",
+                 dir, (unsigned)(st.st_mode & 0777));
+        return MPH_EINVAL;
+    }
+    return 0;
+}
+
+int mph_cli_open_state_dir(mph_cli_t *cli, char *err, size_t errlen)
 {
     char buf[4096];
     const char *env = getenv("MP_STATE_DIR");
@@ -38,8 +77,26 @@ char *mph_cli_state_dir(void)
         snprintf(buf, sizeof(buf), "%s/mphost", xdg);
     else
         snprintf(buf, sizeof(buf), "/tmp/mphost-%u", (unsigned)getuid());
-    mkdir(buf, 0700);
-    return mph_xstrdup(buf);
+    int rc = check_state_dir(buf, err, errlen);
+    if (rc == 0)
+        cli->state_dir = mph_xstrdup(buf);
+    return rc;
+}
+
+/* Files of the state directory are opened without following a symbolic link (the directory is
+ * ours, but a link in it must not redirect a write) and are never inherited by a child. */
+static int open_state_file(const char *path, int flags)
+{
+    return open(path, flags | O_NOFOLLOW | O_CLOEXEC, 0600);
+}
+
+static FILE *fopen_state_file(const char *path)
+{
+    int fd = open_state_file(path, O_RDONLY);
+    FILE *f = fd >= 0 ? fdopen(fd, "r") : NULL;
+    if (f == NULL && fd >= 0)
+        close(fd);
+    return f;
 }
 
 static uint64_t path_hash(const char *s)
@@ -52,39 +109,75 @@ static uint64_t path_hash(const char *s)
     return h;
 }
 
-static char *deployment_prefix(const char *script_path)
+/* "<state dir>/<hash of the script path>", the stem of every file of the script. New string. */
+static char *deployment_prefix(const mph_cli_t *cli)
 {
-    char *dir = mph_cli_state_dir();
-    char *p = mph_xmalloc(strlen(dir) + 32);
-    sprintf(p, "%s/%016llx", dir, (unsigned long long)path_hash(script_path));
-    free(dir);
+    char *p = mph_xmalloc(strlen(cli->state_dir) + 32);
+    sprintf(p, "%s/%016llx", cli->state_dir, (unsigned long long)path_hash(cli->script_path));
     return p;
 }
 
-char *mph_cli_deployment_file(const char *script_path, int port, const char *ext)
+char *mph_cli_deployment_file(const mph_cli_t *cli, int port, const char *ext)
 {
-    char *prefix = deployment_prefix(script_path);
+    char *prefix = deployment_prefix(cli);
     char *p = mph_xmalloc(strlen(prefix) + strlen(ext) + 16);
     sprintf(p, "%s-%d%s", prefix, port, ext);
     free(prefix);
     return p;
 }
 
-int mph_cli_write_pidfile(const mph_cli_t *cli, int port, const char *log_path)
+/* Serializes deploy and delete of one script: without it, two deploys could both find nothing
+ * running, and a delete could find nothing while a deploy is starting and then leave it
+ * running. Blocks until the other side is done (a deploy is bounded by its startup timeout).
+ * Returns the locked fd (close it to release) or -1 with a message in err. */
+static int lock_script(const mph_cli_t *cli, char *err, size_t errlen)
 {
-    char *path = mph_cli_deployment_file(cli->script_path, port, ".pid");
-    char *tmp = mph_xmalloc(strlen(path) + 8);
-    sprintf(tmp, "%s.tmp", path);
-    FILE *f = fopen(tmp, "w");
-    int rc = -1;
+    char *prefix = deployment_prefix(cli);
+    char *path = mph_xmalloc(strlen(prefix) + 8);
+    sprintf(path, "%s.lock", prefix);
+    free(prefix);
+    int fd = open_state_file(path, O_RDWR | O_CREAT);
+    if (fd < 0) {
+        snprintf(err, errlen, "cannot open %s: %s", path, strerror(errno));
+    } else {
+        int rc;
+        while ((rc = flock(fd, LOCK_EX)) != 0 && errno == EINTR)
+            ;
+        if (rc != 0) {
+            snprintf(err, errlen, "cannot lock %s: %s", path, strerror(errno));
+            close(fd);
+            fd = -1;
+        }
+    }
+    free(path);
+    return fd;
+}
+
+int mph_cli_write_pidfile(const mph_cli_t *cli, int port, const char *log_path, char *err,
+                          size_t errlen)
+{
+    char *path = mph_cli_deployment_file(cli, port, ".pid");
+    char *tmp = mph_xmalloc(strlen(path) + 32);
+    sprintf(tmp, "%s.%d.tmp", path, (int)getpid());
+    /* A fresh file renamed over the old one: a reader never sees half of it, and a symbolic
+     * link planted at either name is replaced, never written through. */
+    int fd = open_state_file(tmp, O_WRONLY | O_CREAT | O_EXCL);
+    FILE *f = fd >= 0 ? fdopen(fd, "w") : NULL;
+    int rc = MPH_EIO;
     if (f) {
         fprintf(f, "pid=%d\nport=%d\nscript=%s\nstorage=%s\nstarted=%lld\nlog=%s\n", (int)getpid(),
                 port, cli->script_path, cli->storage_desc, (long long)time(NULL),
                 log_path ? log_path : "(stderr)");
-        rc = fclose(f) == 0 && rename(tmp, path) == 0 ? 0 : -1;
+        int ok = fflush(f) == 0 && fsync(fd) == 0; /* a full disk shows here, or at close */
+        ok = fclose(f) == 0 && ok && rename(tmp, path) == 0;
+        rc = ok ? 0 : MPH_EIO;
+    } else if (fd >= 0) {
+        close(fd);
     }
-    if (rc != 0)
-        mph_log(MPH_LOG_WARN, "cannot write pid file %s: %s", path, strerror(errno));
+    if (rc != 0) {
+        snprintf(err, errlen, "cannot write the pid file %s: %s", path, strerror(errno));
+        unlink(tmp);
+    }
     free(tmp);
     free(path);
     return rc;
@@ -92,9 +185,9 @@ int mph_cli_write_pidfile(const mph_cli_t *cli, int port, const char *log_path)
 
 void mph_cli_remove_pidfile(const mph_cli_t *cli, int port)
 {
-    char *path = mph_cli_deployment_file(cli->script_path, port, ".pid");
+    char *path = mph_cli_deployment_file(cli, port, ".pid");
     /* Only our own: a later deployment on the same port may have replaced it. */
-    FILE *f = fopen(path, "r");
+    FILE *f = fopen_state_file(path);
     int pid = 0;
     if (f) {
         if (fscanf(f, "pid=%d", &pid) != 1)
@@ -117,7 +210,7 @@ typedef struct {
 
 static int read_pidfile(const char *path, deployment_t *d)
 {
-    FILE *f = fopen(path, "r");
+    FILE *f = fopen_state_file(path);
     if (f == NULL)
         return -1;
     memset(d, 0, sizeof(*d));
@@ -169,7 +262,7 @@ static int find_deployments(const mph_cli_t *cli, deployment_t **out)
 {
     deployment_t *list = NULL;
     int n = 0;
-    char *prefix = deployment_prefix(cli->script_path);
+    char *prefix = deployment_prefix(cli);
     char *slash = strrchr(prefix, '/');
     *slash = '\0';
     const char *dir = prefix, *base = slash + 1;
@@ -226,10 +319,17 @@ static void sleep_ms(int ms)
 
 int mph_cli_delete(mph_cli_t *cli)
 {
+    char err[1200];
+    int lock = lock_script(cli, err, sizeof(err)); /* waits for a deploy still starting */
+    if (lock < 0) {
+        fprintf(stderr, "mphost: %s\n", err);
+        return 1;
+    }
     deployment_t *deps;
     int n = find_deployments(cli, &deps);
     if (n == 0) {
         fprintf(stderr, "mphost: %s is not running\n", cli->script);
+        close(lock);
         return 0;
     }
     int rc = 0;
@@ -251,13 +351,14 @@ int mph_cli_delete(mph_cli_t *cli)
         unlink(deps[i].path);
     }
     free(deps);
+    close(lock);
     return rc;
 }
 
 /* Prints the last lines of a log file to stderr (why a deployment did not start). */
 static void print_log_tail(const char *path)
 {
-    FILE *f = fopen(path, "r");
+    FILE *f = fopen_state_file(path);
     if (f == NULL)
         return;
     char buf[4096];
@@ -270,80 +371,125 @@ static void print_log_tail(const char *path)
     fprintf(stderr, "%s", buf);
 }
 
-int mph_cli_deploy(mph_cli_t *cli)
+/* Closes every descriptor above 2 but `keep`: a daemon holds nothing of its caller's (a
+ * pipe the caller reads to EOF would otherwise stay open for as long as the server runs). */
+static void close_inherited_fds(int keep)
 {
-    deployment_t *deps;
-    cli->port_given = 1; /* the configured port (default 3000) identifies the deployment */
-    int n = find_deployments(cli, &deps);
-    if (n > 0) {
-        fprintf(stderr,
-                "mphost: %s is already running on port %d (pid %d); "
-                "use 'mphost %s delete' first\n",
-                cli->script, deps[0].port, deps[0].pid, cli->script);
-        free(deps);
-        return 1;
+    if (close_range(3, (unsigned)keep - 1, 0) == 0 && close_range((unsigned)keep + 1, ~0U, 0) == 0)
+        return;
+    long max = sysconf(_SC_OPEN_MAX); /* kernels before 5.9 have no close_range */
+    for (int fd = 3; fd < (max > 0 && max < 65536 ? max : 65536); fd++)
+        if (fd != keep)
+            close(fd);
+}
+
+/* The forked child: detaches from the caller (session, stdin, stdout, stderr and every other
+ * descriptor), sends its output to the log and serves. What goes wrong before serving is
+ * reported on the ready pipe, so the caller never waits on a descriptor the child kept. */
+static void deploy_child(mph_cli_t *cli, int ready_fd, const char *log_path)
+{
+    setsid();
+    /* The ready pipe must not sit on 0, 1 or 2, which are replaced next. */
+    int ready = fcntl(ready_fd, F_DUPFD_CLOEXEC, 3);
+    int devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (ready < 0 || devnull < 0)
+        _exit(1); /* the caller sees the pipe close and says the startup failed */
+    dup2(devnull, 0);
+    dup2(devnull, 1);
+    dup2(devnull, 2);
+    close_inherited_fds(ready);
+    int log = open_state_file(log_path, O_WRONLY | O_CREAT | O_APPEND);
+    if (log < 0) {
+        dprintf(ready, "error cannot open the log file %s: %s\n", log_path,
+                errno == ELOOP ? "it is a symbolic link" : strerror(errno));
+        _exit(1);
     }
-    char *log_path = mph_cli_deployment_file(cli->script_path, cli->host.port, ".log");
-    int pipefd[2];
-    if (pipe2(pipefd, O_CLOEXEC) != 0) {
-        fprintf(stderr, "mphost: pipe: %s\n", strerror(errno));
-        free(log_path);
-        return 1;
-    }
+    dup2(log, 1);
+    dup2(log, 2);
+    close(log);
+    setenv("MPH_LOG_PATH", log_path, 1);
+    int rc = mph_cli_serve(cli, ready);
     fflush(NULL);
-    pid_t pid = fork();
-    if (pid < 0) {
-        fprintf(stderr, "mphost: fork: %s\n", strerror(errno));
-        free(log_path);
-        return 1;
-    }
-    if (pid == 0) {
-        /* Child: a daemon of its own session, output to the log. */
-        close(pipefd[0]);
-        setsid();
-        int devnull = open("/dev/null", O_RDONLY);
-        int log = open(log_path, O_WRONLY | O_CREAT | O_APPEND, 0644);
-        if (devnull >= 0)
-            dup2(devnull, 0);
-        if (log >= 0) {
-            dup2(log, 1);
-            dup2(log, 2);
-        }
-        if (devnull > 2)
-            close(devnull);
-        if (log > 2)
-            close(log);
-        setenv("MPH_LOG_PATH", log_path, 1);
-        int rc = mph_cli_serve(cli, pipefd[1]);
-        fflush(NULL);
-        _exit(rc);
-    }
-    close(pipefd[1]);
-    char line[2048];
+    _exit(rc);
+}
+
+/* Reads the child's one line, "ready PORT" or "error MESSAGE", into line ("" when the pipe
+ * closed without one). Returns 0, or -1 after STARTUP_TIMEOUT_MS. */
+static int read_ready_line(int fd, char *line, size_t size)
+{
     size_t len = 0;
     int waited = 0;
-    while (len < sizeof(line) - 1 && waited < STARTUP_TIMEOUT_MS) {
-        struct pollfd p = {pipefd[0], POLLIN, 0};
+    while (len < size - 1 && waited < STARTUP_TIMEOUT_MS) {
+        struct pollfd p = {fd, POLLIN, 0};
         int r = poll(&p, 1, 100);
         waited += 100;
+        if (r < 0 && errno != EINTR)
+            break;
         if (r <= 0)
             continue;
-        ssize_t got = read(pipefd[0], line + len, sizeof(line) - 1 - len);
+        ssize_t got = read(fd, line + len, size - 1 - len);
         if (got <= 0)
             break;
         len += (size_t)got;
         if (memchr(line, '\n', len))
             break;
     }
-    close(pipefd[0]);
     line[len] = '\0';
     line[strcspn(line, "\n")] = '\0';
-    int rc = 1;
+    return waited >= STARTUP_TIMEOUT_MS && len == 0 ? -1 : 0;
+}
+
+/* A pid file that is not a plain file (a planted link, a directory) is refused before anything
+ * is started, with its name: status and delete would not see the deployment. */
+static int check_plain_or_absent(const char *path, char *err, size_t errlen)
+{
+    struct stat st;
+    if (lstat(path, &st) != 0 || S_ISREG(st.st_mode))
+        return 0;
+    snprintf(err, errlen, "%s is %s, not a file; refusing to use it", path,
+             S_ISLNK(st.st_mode) ? "a symbolic link" : "something else");
+    return MPH_EINVAL;
+}
+
+int mph_cli_deploy(mph_cli_t *cli)
+{
+    char err[1200], line[2048];
+    char *log_path = mph_cli_deployment_file(cli, cli->host.port, ".log");
+    char *pid_path = mph_cli_deployment_file(cli, cli->host.port, ".pid");
+    int lock = -1, pipefd[2] = {-1, -1}, rc = 1;
+    if (check_plain_or_absent(pid_path, err, sizeof(err)) != 0)
+        goto fail; /* (the child refuses a link at the log's name when it opens it) */
+    if ((lock = lock_script(cli, err, sizeof(err))) < 0)
+        goto fail;
+    deployment_t *deps;
+    cli->port_given = 1; /* the configured port (default 3000) identifies the deployment */
+    if (find_deployments(cli, &deps) > 0) {
+        snprintf(err, sizeof(err),
+                 "%s is already running on port %d (pid %d); use 'mphost %s delete' first",
+                 cli->script, deps[0].port, deps[0].pid, cli->script);
+        free(deps);
+        goto fail;
+    }
+    if (pipe2(pipefd, O_CLOEXEC) != 0) {
+        snprintf(err, sizeof(err), "pipe: %s", strerror(errno));
+        goto fail;
+    }
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid < 0) {
+        snprintf(err, sizeof(err), "fork: %s", strerror(errno));
+        goto fail;
+    }
+    if (pid == 0)
+        deploy_child(cli, pipefd[1], log_path); /* does not return */
+    close(pipefd[1]);
+    pipefd[1] = -1;
+    int timed_out = read_ready_line(pipefd[0], line, sizeof(line)) != 0;
     if (strncmp(line, "ready ", 6) == 0) {
         rc = 0;
     } else if (strncmp(line, "error ", 6) == 0) {
         fprintf(stderr, "mphost: %s\n", line + 6);
-    } else if (waited >= STARTUP_TIMEOUT_MS) {
+    } else if (timed_out) {
         fprintf(stderr, "mphost: %s did not start within %d s; see %s\n", cli->script,
                 STARTUP_TIMEOUT_MS / 1000, log_path);
     } else {
@@ -351,6 +497,17 @@ int mph_cli_deploy(mph_cli_t *cli)
                 log_path);
         print_log_tail(log_path);
     }
+    goto out;
+fail:
+    fprintf(stderr, "mphost: %s\n", err);
+out:
+    if (pipefd[0] >= 0)
+        close(pipefd[0]);
+    if (pipefd[1] >= 0)
+        close(pipefd[1]);
+    if (lock >= 0)
+        close(lock); /* only now: a delete waiting for this deploy finds it running */
+    free(pid_path);
     free(log_path);
     return rc;
 }

@@ -12,6 +12,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include "mphost.h"
 
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -198,8 +199,23 @@ int mph_host_load_string(mph_host_t *h, const char *name, const char *src, char 
     return rc;
 }
 
+/* A write to a vanished client raises SIGPIPE (libuv uses write(2)); say so at start when
+ * nothing stops it from ending the process, rather than die on the first such client. */
+static void warn_if_sigpipe_kills(void)
+{
+    struct sigaction sa;
+    sigset_t blocked;
+    if (sigaction(SIGPIPE, NULL, &sa) != 0 || sa.sa_handler != SIG_DFL)
+        return;
+    if (pthread_sigmask(SIG_BLOCK, NULL, &blocked) == 0 && sigismember(&blocked, SIGPIPE))
+        return;
+    mph_log(MPH_LOG_WARN, "SIGPIPE is neither ignored nor blocked: a client that goes away "
+                          "mid-response will end this process (see mphost.h)");
+}
+
 int mph_host_listen(mph_host_t *h, char *err, size_t errlen)
 {
+    warn_if_sigpipe_kills();
     int rc = mph_http_listen(h->http, h->cfg.listen, h->cfg.port, err, errlen);
     if (rc == 0)
         h->listening = 1;
@@ -281,7 +297,6 @@ static void on_signal(uv_signal_t *s, int signum)
 
 int mph_host_handle_signals(mph_host_t *h)
 {
-    signal(SIGPIPE, SIG_IGN);
     uv_signal_init(&h->loop, &h->sigint);
     uv_signal_init(&h->loop, &h->sigterm);
     h->sigint.data = h->sigterm.data = h;

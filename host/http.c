@@ -15,7 +15,13 @@
  *
  * The idle timer closes a connection that has nothing in flight and completes no request for
  * idle_timeout_ms: it is re-armed only when a request completes or the last response leaves,
- * never by partial data, so a client that trickles bytes cannot hold a connection.
+ * never by partial data, so a client that trickles bytes cannot hold a connection. While
+ * responses are being written it also closes a connection whose client stopped reading: the
+ * write queue must shrink in every period, or the responses (and their memory) are dropped.
+ *
+ * Every byte leaves through uv_write, in order: the interim "100 Continue" too, queued behind
+ * the responses owed before it (uv_try_write would drop it, or half of it, whenever the socket
+ * is full or a write is queued).
  */
 #define _POSIX_C_SOURCE 200809L
 #include "http.h"
@@ -39,6 +45,7 @@ struct mph_http_req_s {
     int responded;        /* the response is ready in head/body */
     int keep_alive;       /* the client allows another request after this one */
     int http_minor;       /* 0 for HTTP/1.0 */
+    int want_continue;    /* sent Expect: 100-continue; "100 Continue" not yet queued */
     int error_status;     /* set during parsing: 405, 413, 431, 400; 0 otherwise */
     mph_buf_t body;       /* request body while parsing */
     char head[256];       /* response status line and headers */
@@ -65,10 +72,11 @@ struct conn_s {
     size_t value_len;
     mph_http_req_t *head; /* requests in order, not yet written */
     mph_http_req_t *tail;
-    unsigned in_flight;  /* requests parsed, not yet written out */
-    unsigned writes;     /* writes issued, not yet completed */
-    int reading;         /* uv_read_start is active */
-    conn_t *prev, *next; /* in srv->conns */
+    unsigned in_flight;   /* requests parsed, not yet written out */
+    unsigned writes;      /* response writes issued, not yet completed */
+    size_t stalled_queue; /* write queue bytes when the idle timer was armed with writes */
+    int reading;          /* uv_read_start is active */
+    conn_t *prev, *next;  /* in srv->conns */
 };
 
 struct mph_http_server_s {
@@ -81,6 +89,8 @@ struct mph_http_server_s {
     void *ud;
     conn_t *conns; /* open connections */
     unsigned nconns;
+    unsigned nallocated; /* connections not yet freed (closing ones too): `drained` waits for
+                            0, since their close callbacks still reach the server */
     int shutting_down;
     void (*drained)(void *ud);
     void *drained_ud;
@@ -102,6 +112,7 @@ static void conn_close(conn_t *c);
 static void conn_flush(conn_t *c);
 static void resume_reading(conn_t *c);
 static void conn_drain(conn_t *c);
+static void maybe_send_continue(conn_t *c);
 static void maybe_drained(mph_http_server_t *srv);
 
 static const char *status_text(int status)
@@ -174,7 +185,10 @@ void mph_http_respond(mph_http_req_t *r, int status, char *body, size_t len)
     r->responded = 1;
     r->resp_body = body;
     r->resp_len = body ? len : 0;
-    int close = !r->keep_alive || c->state != CONN_OPEN;
+    /* On a draining connection only the last response says "close": one said earlier would
+     * tell the client to drop the responses still to come after it. */
+    int close = !r->keep_alive || (c->state != CONN_OPEN && r->next == NULL);
+    r->keep_alive = !close;
     const char *ctype = status == 200 ? "application/json" : "text/plain; charset=utf-8";
     int n;
     if (status == 204) {
@@ -207,6 +221,7 @@ static void respond_error(conn_t *c, mph_http_req_t *r, int status)
 /* ---- Writing ---- */
 
 static void arm_idle_timer(conn_t *c);
+static void arm_write_timer(conn_t *c);
 
 /* Requests handed to the handler whose response has not been written yet. */
 static unsigned answers_owed(const conn_t *c)
@@ -234,6 +249,8 @@ static void on_write(uv_write_t *w, int status)
     }
     if (answers_owed(c) == 0)
         arm_idle_timer(c);
+    else if (c->writes > 0)
+        arm_write_timer(c); /* a response left: progress */
     /* Reading paused at the pipeline limit resumes once the backlog shrinks. */
     if (c->in_flight < c->srv->cfg.max_pipeline / 2)
         resume_reading(c);
@@ -261,8 +278,38 @@ static void conn_flush(conn_t *c)
         if (!r->keep_alive)
             conn_drain(c); /* nothing after a Connection: close response */
     }
-    if (c->state == CONN_DRAINING && c->head == NULL && c->writes == 0)
+    if (c->state == CONN_DRAINING && c->head == NULL && c->writes == 0) {
         conn_close(c);
+        return;
+    }
+    if (c->writes > 0)
+        arm_write_timer(c);
+    maybe_send_continue(c);
+}
+
+static void on_continue_written(uv_write_t *w, int status)
+{
+    conn_t *c = w->data; /* alive: write callbacks run before the handle's close callback */
+    free(w);
+    if (status < 0 && c->state != CONN_CLOSING)
+        conn_close(c);
+}
+
+/* Expect: 100-continue: says "go on" to the request being parsed once every earlier request
+ * has its response queued (the interim answer must not overtake them), so it is called when
+ * the headers end and again whenever the FIFO advances. */
+static void maybe_send_continue(conn_t *c)
+{
+    mph_http_req_t *r = c->cur;
+    if (r == NULL || !r->want_continue || c->head != r || c->state != CONN_OPEN)
+        return;
+    r->want_continue = 0;
+    static char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+    uv_buf_t b = uv_buf_init(cont, sizeof(cont) - 1);
+    uv_write_t *w = mph_xmalloc(sizeof(*w));
+    w->data = c;
+    if (uv_write(w, (uv_stream_t *)&c->tcp, &b, 1, on_continue_written) < 0)
+        free(w); /* the stream is not writable: the response's write fails and closes it */
 }
 
 /* ---- Parser callbacks ---- */
@@ -341,13 +388,8 @@ static int on_headers_complete(http_parser *p)
         r->error_status = 413;
         return 2; /* stop: do not read a body we refuse */
     }
-    /* Expect: 100-continue: say "go on", unless an earlier response is still owed (the
-     * interim response must not overtake it; the client then sends after its own wait). */
-    if (c->expect_continue && c->head == r) {
-        static char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
-        uv_buf_t b = uv_buf_init(cont, sizeof(cont) - 1);
-        uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
-    }
+    r->want_continue = c->expect_continue;
+    maybe_send_continue(c);
     return 0;
 }
 
@@ -372,7 +414,8 @@ static int on_message_complete(http_parser *p)
     mph_http_req_t *r = c->cur;
     c->cur = NULL;
     r->keep_alive = http_should_keep_alive(p) && !srv->shutting_down;
-    uv_timer_stop(&c->timer);
+    if (c->writes == 0)
+        uv_timer_stop(&c->timer); /* (with writes queued, it watches the client read them) */
     if (r->error_status) {
         respond_error(c, r, r->error_status);
         return 0;
@@ -403,14 +446,22 @@ static void stop_reading(conn_t *c)
     }
 }
 
-/* Ends reading; what is queued is still written, then the connection closes. */
+static void drop_partial(conn_t *c);
+
+/* Ends reading; what is queued is still written, then the connection closes. A request half
+ * received is dropped: it can never complete, and the connection closes only once the FIFO
+ * is empty. (Never called from a parser callback while c->cur is set.) */
 static void conn_drain(conn_t *c)
 {
     if (c->state != CONN_OPEN)
         return;
     c->state = CONN_DRAINING;
+    if (c->cur)
+        drop_partial(c);
     stop_reading(c);
     uv_timer_stop(&c->timer);
+    if (c->writes > 0)
+        arm_write_timer(c);
 }
 
 /* Forgets the half-received request, which is always the tail of the FIFO. */
@@ -483,9 +534,24 @@ static void resume_reading(conn_t *c)
 
 /* ---- Connections ---- */
 
+static size_t write_queue(conn_t *c)
+{
+    return uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp);
+}
+
 static void on_idle_timeout(uv_timer_t *t)
 {
     conn_t *c = t->data;
+    if (c->writes > 0) {
+        size_t queued = write_queue(c);
+        if (queued < c->stalled_queue) { /* the client reads, however slowly */
+            arm_write_timer(c);
+            return;
+        }
+        mph_log(MPH_LOG_DEBUG, "http: closing a connection whose client does not read");
+        conn_close(c);
+        return;
+    }
     if (answers_owed(c) > 0)
         return; /* waiting on the handler, not on the client; re-armed when it answers */
     mph_log(MPH_LOG_DEBUG, "http: closing an idle connection");
@@ -498,6 +564,16 @@ static void arm_idle_timer(conn_t *c)
         uv_timer_start(&c->timer, on_idle_timeout, c->srv->cfg.idle_timeout_ms, 0);
 }
 
+/* While responses are being written (in any state but CLOSING: a draining connection must
+ * not wait forever on a client that does not read either). */
+static void arm_write_timer(conn_t *c)
+{
+    if (c->state == CONN_CLOSING)
+        return;
+    c->stalled_queue = write_queue(c);
+    uv_timer_start(&c->timer, on_idle_timeout, c->srv->cfg.idle_timeout_ms, 0);
+}
+
 static void on_conn_handle_closed(uv_handle_t *h)
 {
     conn_t *c = h->data;
@@ -505,6 +581,7 @@ static void on_conn_handle_closed(uv_handle_t *h)
         return;
     mph_http_server_t *srv = c->srv;
     free(c);
+    srv->nallocated--;
     maybe_drained(srv);
 }
 
@@ -537,13 +614,9 @@ static void conn_close(conn_t *c)
     uv_close((uv_handle_t *)&c->timer, on_conn_handle_closed);
 }
 
-static void on_connection(uv_stream_t *listener, int status)
+/* A connection with its handles initialised and counted, not yet reading. */
+static conn_t *conn_new(mph_http_server_t *srv)
 {
-    mph_http_server_t *srv = listener->data;
-    if (status < 0) {
-        mph_log(MPH_LOG_WARN, "http: accept: %s", uv_strerror(status));
-        return;
-    }
     conn_t *c = mph_xcalloc(1, sizeof(*c));
     c->srv = srv;
     uv_tcp_init(srv->loop, &c->tcp);
@@ -556,6 +629,28 @@ static void on_connection(uv_stream_t *listener, int status)
         srv->conns->prev = c;
     srv->conns = c;
     srv->nconns++;
+    srv->nallocated++;
+    return c;
+}
+
+/* Starts parsing and reading an accepted connection. */
+static void conn_start(conn_t *c)
+{
+    uv_tcp_nodelay(&c->tcp, 1);
+    http_parser_init(&c->parser, HTTP_REQUEST);
+    c->parser.data = c;
+    arm_idle_timer(c);
+    resume_reading(c);
+}
+
+static void on_connection(uv_stream_t *listener, int status)
+{
+    mph_http_server_t *srv = listener->data;
+    if (status < 0) {
+        mph_log(MPH_LOG_WARN, "http: accept: %s", uv_strerror(status));
+        return;
+    }
+    conn_t *c = conn_new(srv);
     if (uv_accept(listener, (uv_stream_t *)&c->tcp) != 0) {
         conn_close(c);
         return;
@@ -566,11 +661,7 @@ static void on_connection(uv_stream_t *listener, int status)
         conn_close(c);
         return;
     }
-    uv_tcp_nodelay(&c->tcp, 1);
-    http_parser_init(&c->parser, HTTP_REQUEST);
-    c->parser.data = c;
-    arm_idle_timer(c);
-    resume_reading(c);
+    conn_start(c);
 }
 
 /* ---- Server ---- */
@@ -629,7 +720,7 @@ int mph_http_port(const mph_http_server_t *srv)
 
 static void maybe_drained(mph_http_server_t *srv)
 {
-    if (srv->shutting_down && srv->nconns == 0 && !srv->listener_open && srv->drained) {
+    if (srv->shutting_down && srv->nallocated == 0 && !srv->listener_open && srv->drained) {
         void (*cb)(void *) = srv->drained;
         srv->drained = NULL;
         cb(srv->drained_ud);
@@ -674,6 +765,6 @@ void mph_http_abort(mph_http_server_t *srv)
 
 void mph_http_server_free(mph_http_server_t *srv)
 {
-    assert(srv->conns == NULL && !srv->listener_open);
+    assert(srv->nallocated == 0 && !srv->listener_open);
     free(srv);
 }

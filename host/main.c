@@ -30,7 +30,8 @@ static const char usage[] =
     "  --redis-prefix=P      Redis key prefix (default mp:)\n"
     "  --redis-timeout=SEC   a Redis command unanswered this long fails (default 1)\n"
     "  --logging=LEVEL       trace|debug|info|warn|error|silent (default info)\n"
-    "  --max-retries=N       refused commits of a call before error -32001 (default 50)\n"
+    "  --max-retries=N       refused commits of a call before error -32001 (default 50;\n"
+    "                        0: one attempt, no retry)\n"
     "  --max-body=BYTES      request body limit (default 1048576)\n"
     "  --max-header=BYTES    request header limit (default 16384)\n"
     "  --max-connections=N   open connection limit (default 10000)\n"
@@ -48,14 +49,55 @@ static int bad_usage(const char *fmt, const char *arg)
     return 1;
 }
 
-static int parse_number(const char *s, double min, double max, double *out)
+/* A whole decimal integer in [min, max]: digits only, so "80x", " 80", "0x50", "1e3", "-1"
+ * and overflow are refused rather than read as something else. */
+static int parse_integer(const char *s, unsigned long min, unsigned long max, unsigned long *out)
 {
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (errno || end == s || *end != '\0' || v < min || v > max)
+    unsigned long v = 0;
+    if (*s == '\0')
+        return -1;
+    for (; *s; s++) {
+        if (*s < '0' || *s > '9')
+            return -1;
+        v = v * 10 + (unsigned long)(*s - '0');
+        if (v > max) /* also stops the sum long before it could wrap */
+            return -1;
+    }
+    if (v < min)
         return -1;
     *out = v;
+    return 0;
+}
+
+/* Seconds as decimal digits with an optional fraction ("1", "0.25"), in [min_ms, max_ms] once
+ * made milliseconds (sub-millisecond digits are dropped). No sign, exponent, hex, inf or nan. */
+static int parse_seconds(const char *s, unsigned long min_ms, unsigned long max_ms,
+                         unsigned *out_ms)
+{
+    char whole[16];
+    size_t n = strcspn(s, ".");
+    if (n == 0 || n >= sizeof(whole))
+        return -1;
+    memcpy(whole, s, n);
+    whole[n] = '\0';
+    unsigned long secs, ms = 0;
+    if (parse_integer(whole, 0, max_ms / 1000, &secs) != 0)
+        return -1;
+    if (s[n] == '.') {
+        const char *frac = s + n + 1;
+        if (*frac == '\0')
+            return -1;
+        for (int i = 0; frac[i]; i++) {
+            if (frac[i] < '0' || frac[i] > '9')
+                return -1;
+            if (i < 3)
+                ms += (unsigned long)(frac[i] - '0') * (i == 0 ? 100 : i == 1 ? 10 : 1);
+        }
+    }
+    ms += secs * 1000;
+    if (ms < min_ms || ms > max_ms)
+        return -1;
+    *out_ms = (unsigned)ms;
     return 0;
 }
 
@@ -63,10 +105,10 @@ static int parse_number(const char *s, double min, double max, double *out)
 static int apply_option(mph_cli_t *cli, const char *name, const char *value)
 {
     mph_host_config_t *h = &cli->host;
-    double v;
+    unsigned long v;
     if (strcmp(name, "port") == 0) {
-        if (parse_number(value, 0, 65535, &v) != 0)
-            return bad_usage("invalid port: %s", value);
+        if (parse_integer(value, 0, 65535, &v) != 0)
+            return bad_usage("invalid port: %s (expected 0 to 65535)", value);
         h->port = (int)v;
         cli->port_given = 1;
     } else if (strcmp(name, "listen") == 0) {
@@ -78,9 +120,8 @@ static int apply_option(mph_cli_t *cli, const char *name, const char *value)
     } else if (strcmp(name, "redis-prefix") == 0) {
         h->redis_prefix = value;
     } else if (strcmp(name, "redis-timeout") == 0) {
-        if (parse_number(value, 0.01, 3600, &v) != 0)
-            return bad_usage("invalid --redis-timeout: %s", value);
-        h->redis_timeout_ms = (unsigned)(v * 1000);
+        if (parse_seconds(value, 10, 3600 * 1000, &h->redis_timeout_ms) != 0)
+            return bad_usage("invalid --redis-timeout: %s (expected seconds, 0.01 to 3600)", value);
     } else if (strcmp(name, "logging") == 0) {
         mph_log_level_t level;
         if (mph_log_parse_level(value, &level) != 0)
@@ -89,33 +130,31 @@ static int apply_option(mph_cli_t *cli, const char *name, const char *value)
         h->debug_errors = level <= MPH_LOG_DEBUG;
         cli->log_level = value;
     } else if (strcmp(name, "max-retries") == 0) {
-        if (parse_number(value, 0, 1000000, &v) != 0)
-            return bad_usage("invalid --max-retries: %s", value);
+        if (parse_integer(value, 0, 1000000, &v) != 0)
+            return bad_usage("invalid --max-retries: %s (expected 0 to 1000000)", value);
         h->max_retries = (int)v;
     } else if (strcmp(name, "max-body") == 0) {
-        if (parse_number(value, 1, 1 << 30, &v) != 0)
-            return bad_usage("invalid --max-body: %s", value);
+        if (parse_integer(value, 1, 1 << 30, &v) != 0)
+            return bad_usage("invalid --max-body: %s (expected 1 to 1073741824)", value);
         h->max_body = (size_t)v;
     } else if (strcmp(name, "max-header") == 0) {
-        if (parse_number(value, 256, 1 << 24, &v) != 0)
-            return bad_usage("invalid --max-header: %s", value);
+        if (parse_integer(value, 256, 1 << 24, &v) != 0)
+            return bad_usage("invalid --max-header: %s (expected 256 to 16777216)", value);
         h->max_header = (size_t)v;
     } else if (strcmp(name, "max-connections") == 0) {
-        if (parse_number(value, 1, 1000000, &v) != 0)
-            return bad_usage("invalid --max-connections: %s", value);
+        if (parse_integer(value, 1, 1000000, &v) != 0)
+            return bad_usage("invalid --max-connections: %s (expected 1 to 1000000)", value);
         h->max_connections = (unsigned)v;
     } else if (strcmp(name, "idle-timeout") == 0) {
-        if (parse_number(value, 0.01, 86400, &v) != 0)
-            return bad_usage("invalid --idle-timeout: %s", value);
-        h->idle_timeout_ms = (unsigned)(v * 1000);
+        if (parse_seconds(value, 10, 86400 * 1000, &h->idle_timeout_ms) != 0)
+            return bad_usage("invalid --idle-timeout: %s (expected seconds, 0.01 to 86400)", value);
     } else if (strcmp(name, "handler-timeout") == 0) {
-        if (parse_number(value, 0, 86400, &v) != 0)
-            return bad_usage("invalid --handler-timeout: %s", value);
-        h->handler_timeout_ms = (unsigned)(v * 1000);
+        if (parse_seconds(value, 0, 86400 * 1000, &h->handler_timeout_ms) != 0)
+            return bad_usage("invalid --handler-timeout: %s (expected seconds, 0 to 86400)", value);
     } else if (strcmp(name, "shutdown-timeout") == 0) {
-        if (parse_number(value, 0, 86400, &v) != 0)
-            return bad_usage("invalid --shutdown-timeout: %s", value);
-        h->shutdown_timeout_ms = (unsigned)(v * 1000);
+        if (parse_seconds(value, 0, 86400 * 1000, &h->shutdown_timeout_ms) != 0)
+            return bad_usage("invalid --shutdown-timeout: %s (expected seconds, 0 to 86400)",
+                             value);
     } else if (strcmp(name, "url") == 0) {
         cli->url = value;
     } else {
@@ -173,6 +212,10 @@ int mph_cli_serve(mph_cli_t *cli, int ready_fd)
     FILE *ready = ready_fd >= 0 ? fdopen(ready_fd, "w") : NULL;
     int rc = mph_host_new(&h, &cli->host, err, sizeof(err));
     int script_failed = 0;
+    /* From the start: a SIGTERM that arrives once the port accepts (the pid file is written
+     * after that) must mean a graceful stop, not the default death. */
+    if (rc == 0)
+        mph_host_handle_signals(h);
     if (rc == 0 && (rc = mph_host_load_file(h, cli->script_path, err, sizeof(err))) != 0)
         script_failed = 1;
     if (rc == 0)
@@ -192,9 +235,15 @@ int mph_cli_serve(mph_cli_t *cli, int ready_fd)
     }
     int port = mph_host_port(h);
     const char *log_path = getenv("MPH_LOG_PATH");
-    mph_cli_write_pidfile(cli, port, log_path);
-    mph_host_handle_signals(h);
-    signal(SIGXFSZ, SIG_IGN); /* a file size limit is a write error, not death */
+    if (cli->state_dir && mph_cli_write_pidfile(cli, port, log_path, err, sizeof(err)) != 0) {
+        mph_log(MPH_LOG_ERROR, "%s", err);
+        if (ready) { /* a deployment that delete and status cannot find must not run */
+            fprintf(ready, "error %s\n", err);
+            fclose(ready);
+            mph_host_free(h);
+            return 1;
+        }
+    }
     mph_log(MPH_LOG_INFO, "serving %s on %s:%d (pid %d, storage %s)", cli->script, cli->host.listen,
             port, (int)getpid(), cli->storage_desc);
     if (ready) {
@@ -203,13 +252,18 @@ int mph_cli_serve(mph_cli_t *cli, int ready_fd)
     }
     mph_host_run(h);
     mph_host_free(h);
-    mph_cli_remove_pidfile(cli, port);
+    if (cli->state_dir)
+        mph_cli_remove_pidfile(cli, port);
     mph_log(MPH_LOG_INFO, "stopped");
     return 0;
 }
 
 int main(int argc, char **argv)
 {
+    /* The library leaves signal dispositions to its embedder (mphost.h); this program wants
+     * a write to a vanished client or a full file to be an error, not death. */
+    signal(SIGPIPE, SIG_IGN);
+    signal(SIGXFSZ, SIG_IGN);
     mph_cli_t cli;
     memset(&cli, 0, sizeof(cli));
     mph_host_config_default(&cli.host);
@@ -285,10 +339,19 @@ int main(int argc, char **argv)
     }
     if (cli.script_path == NULL) /* a deleted script can still be stopped by its path */
         cli.script_path = mph_xstrdup(cli.script);
+    int rc = 1;
     if (resolve_storage(&cli) != 0)
-        return 1;
+        goto out;
+    char err[1200];
+    if (mph_cli_open_state_dir(&cli, err, sizeof(err)) != 0) {
+        if (!serve) {
+            fprintf(stderr, "mphost: %s\n", err);
+            goto out;
+        }
+        /* In the foreground the pid file only lets status see this server: go without. */
+        mph_log(MPH_LOG_WARN, "%s; serving without a pid file", err);
+    }
 
-    int rc;
     if (serve)
         rc = mph_cli_serve(&cli, -1);
     else if (strcmp(cli.verb, "deploy") == 0)
@@ -299,7 +362,9 @@ int main(int argc, char **argv)
         rc = mph_cli_status(&cli);
     else
         rc = bad_usage("unknown command: %s", cli.verb);
+out:
     free(cli.script_path);
     free(cli.storage_desc);
+    free(cli.state_dir);
     return rc;
 }

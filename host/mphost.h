@@ -15,6 +15,12 @@
  *
  * A host owns its libuv loop, its Lua state and its storage connection. All functions but
  * mph_host_stop must be called from the thread that runs the host.
+ *
+ * SIGPIPE: the library changes no signal disposition of the process. libuv writes to sockets
+ * with write(2), which raises SIGPIPE when a client has gone away, and SIGPIPE's default
+ * action ends the process; so, as libuv asks of its users, the embedding program must ignore
+ * SIGPIPE (signal(SIGPIPE, SIG_IGN), as examples/embed.c and mphost do) or block it in the
+ * thread that runs the host. mph_host_listen logs a warning when it is neither.
  */
 #ifndef MPHOST_H
 #define MPHOST_H
@@ -32,7 +38,8 @@ typedef struct {
     const char *data_dir;         /* file storage directory; default "./mp-data" */
     const char *redis_prefix;     /* key prefix for Redis; default "mp:" */
     unsigned redis_timeout_ms;    /* a Redis command unanswered this long fails; default 1000 */
-    int max_retries;              /* refused commits of a call's writes before -32001; 50 */
+    int max_retries;              /* refused commits of a call's writes before -32001;
+                                     default 50; 0: one attempt, no retry */
     size_t max_body;              /* bytes; default 1 MiB */
     size_t max_header;            /* bytes; default 16 KiB */
     unsigned max_connections;     /* default 10000 */
@@ -56,13 +63,14 @@ int mph_host_load_string(mph_host_t *h, const char *name, const char *src, char 
                          size_t errlen);
 
 /* Checks the storage is reachable and starts listening. Returns 0 or a negative code with
- * a message (port in use, storage unreachable). */
+ * a message (port in use, storage unreachable). Warns when SIGPIPE would end the process. */
 int mph_host_listen(mph_host_t *h, char *err, size_t errlen);
 
 /* The port listened on. */
 int mph_host_port(const mph_host_t *h);
 
-/* SIGINT and SIGTERM stop the host gracefully (and SIGPIPE is ignored). Returns 0. */
+/* SIGINT and SIGTERM stop the host gracefully (through libuv signal handles; other signals,
+ * SIGPIPE included, are left alone: see above). Returns 0. */
 int mph_host_handle_signals(mph_host_t *h);
 
 /* Serves until stopped, then closes everything. Returns 0. */

@@ -422,7 +422,7 @@ int mph_lua_new(mph_lua_t **out, uv_loop_t *loop, const mph_lua_config_t *cfg)
     mph_lua_t *lua = mph_xcalloc(1, sizeof(*lua));
     lua->loop = loop;
     lua->store = cfg->store;
-    lua->max_retries = cfg->max_retries > 0 ? cfg->max_retries : DEFAULT_MAX_RETRIES;
+    lua->max_retries = cfg->max_retries >= 0 ? cfg->max_retries : DEFAULT_MAX_RETRIES;
     lua->debug_errors = cfg->debug_errors;
     lua->timeout_ns = (uint64_t)cfg->handler_timeout_ms * 1000000;
     lua->rng = random_seed(lua) | 1;           /* xorshift needs a nonzero state */

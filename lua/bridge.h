@@ -17,7 +17,8 @@ typedef struct mph_lua_s mph_lua_t;
 
 typedef struct {
     mph_store_t *store; /* borrowed; must outlive the bridge */
-    int max_retries;    /* refused commits of a call's writes before -32001; 0: default (50) */
+    int max_retries;    /* refused commits of a call's writes before -32001; 0: one attempt,
+                           no retry; negative: the default (50) */
     int debug_errors;   /* 1: handler errors carry a traceback in error.data */
     unsigned handler_timeout_ms; /* a handler running longer without a pause fails with
                                     -32003; 0: no limit (and the JIT compiler is on) */

@@ -197,8 +197,9 @@ class Server:
         return resp["result"]
 
 
-def read_response(sock, buf=b""):
-    """Reads one HTTP response from sock; returns (status, headers dict, body, rest)."""
+def read_response(sock, buf=b"", keep_interim=False):
+    """Reads one HTTP response from sock; returns (status, headers dict, body, rest). An
+    interim 100 Continue is skipped, or returned with keep_interim."""
     while b"\r\n\r\n" not in buf:
         chunk = sock.recv(65536)
         if not chunk:
@@ -212,7 +213,7 @@ def read_response(sock, buf=b""):
         k, v = line.split(":", 1)
         headers[k.strip().lower()] = v.strip()
     if status == 100:
-        return read_response(sock, rest)
+        return (100, headers, b"", rest) if keep_interim else read_response(sock, rest)
     length = int(headers.get("content-length", "0"))
     while len(rest) < length:
         chunk = sock.recv(65536)

@@ -1,0 +1,355 @@
+/*
+ * Unit tests of host/http.c with host/rpc.c behind it and a fake bridge (http_fixture.h):
+ * pipelining and order, framing errors and limits, chunked bodies, Expect: 100-continue,
+ * HTTP/1.0 keep-alive, the pipeline limit, and input cut into every possible chunk size.
+ */
+#define _GNU_SOURCE
+#include "host/common.c"
+#include "host/http.c"
+#include "host/rpc.c"
+#include "lua/json.c"
+
+#include "spec/unit/unit.h"
+
+#include "spec/unit/http_fixture.h"
+
+static mph_http_config_t config(void)
+{
+    mph_http_config_t cfg;
+    mph_http_config_default(&cfg);
+    cfg.max_body = 1000;
+    cfg.max_header = 512;
+    cfg.idle_timeout_ms = 3600 * 1000; /* never fires during a test */
+    return cfg;
+}
+
+/* Runs `input` through a fresh connection in chunks of `chunk` bytes (0: at once), letting
+ * deferred calls answer after each chunk when `answer`, then EOF. Fills r. */
+static void exchange_chunked(const mph_http_config_t *cfg, const char *input, size_t chunk,
+                             int answer, fx_responses_t *r)
+{
+    fx_t f;
+    fx_open(&f, cfg);
+    size_t len = strlen(input);
+    if (chunk == 0)
+        chunk = len ? len : 1;
+    for (size_t pos = 0; pos < len; pos += chunk)
+        fx_feed(&f, input + pos, len - pos < chunk ? len - pos : chunk, answer);
+    fx_finish(&f, 1);
+    fx_parse(&f.out, r);
+    mph_buf_free(&f.out);
+}
+
+static void exchange(const char *input, fx_responses_t *r)
+{
+    mph_http_config_t cfg = config();
+    exchange_chunked(&cfg, input, 0, 0, r);
+}
+
+static int body_has(const fx_response_t *resp, const char *text)
+{
+    return resp->body.data && strstr(resp->body.data, text) != NULL;
+}
+
+#define POST(body) "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: " #body "\r\n\r\n"
+
+static const char echo1[] = "{\"jsonrpc\":\"2.0\",\"method\":\"echo\",\"params\":[1],\"id\":1}";
+
+static char *post(const char *body, const char *extra)
+{
+    mph_buf_t b = MPH_BUF_INIT;
+    mph_buf_printf(&b, "POST / HTTP/1.1\r\nHost: x\r\n%sContent-Length: %zu\r\n\r\n%s", extra,
+                   strlen(body), body);
+    return mph_buf_steal(&b, NULL);
+}
+
+static void test_pipelined_answers_come_in_request_order(void)
+{
+    /* Deferred calls answer newest first; the responses must still leave in order. */
+    mph_buf_t in = MPH_BUF_INIT;
+    for (int i = 0; i < 5; i++) {
+        char body[128], *req;
+        snprintf(body, sizeof(body), "{\"jsonrpc\":\"2.0\",\"method\":\"%s\",\"id\":%d}",
+                 i % 2 ? "sync" : "echo", i);
+        req = post(body, "");
+        mph_buf_puts(&in, req);
+        free(req);
+    }
+    fx_responses_t r;
+    exchange(in.data, &r);
+    CHECK(!r.error && r.trailing == 0);
+    CHECK(r.n == 5);
+    for (size_t i = 0; i < r.n; i++) {
+        char want[64];
+        snprintf(want, sizeof(want), "\"id\":%zu,\"result\"", i);
+        CHECK(r.list[i].status == 200 && body_has(&r.list[i], want));
+    }
+    fx_responses_free(&r);
+    mph_buf_free(&in);
+}
+
+static void test_every_chunk_size_gives_the_same_bytes(void)
+{
+    char *one = post(echo1, ""), *two = post("[{\"jsonrpc\":\"2.0\",\"method\":\"echo\",\"id\":"
+                                             "\"a\"},{\"jsonrpc\":\"2.0\",\"method\":\"x\"}]",
+                                             "Expect: 100-continue\r\n");
+    mph_buf_t in = MPH_BUF_INIT;
+    mph_buf_puts(&in, one);
+    mph_buf_puts(&in, "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"jso\r\n"
+                      "2c\r\nnrpc\":\"2.0\",\"method\":\"sync\",\"id\":null,\"p\":1}\r\n0\r\n\r\n");
+    mph_buf_puts(&in, two);
+    mph_http_config_t cfg = config();
+    fx_t f;
+    fx_open(&f, &cfg);
+    fx_feed(&f, in.data, in.len, 1);
+    fx_finish(&f, 1);
+    for (size_t chunk = 1; chunk < 40; chunk++) {
+        for (int answer = 0; answer < 2; answer++) {
+            fx_t g;
+            fx_open(&g, &cfg);
+            for (size_t pos = 0; pos < in.len; pos += chunk)
+                fx_feed(&g, in.data + pos, in.len - pos < chunk ? in.len - pos : chunk, answer);
+            fx_finish(&g, 1);
+            /* The interim 100 may or may not be owed, depending on when the earlier
+             * responses left; the final responses must be identical. */
+            fx_responses_t a, b;
+            fx_parse(&f.out, &a);
+            fx_parse(&g.out, &b);
+            CHECK(!b.error && b.trailing == 0 && a.n >= 3);
+            size_t i = 0, j = 0;
+            while (i < a.n && j < b.n) {
+                if (a.list[i].status == 100) {
+                    i++;
+                    continue;
+                }
+                if (b.list[j].status == 100) {
+                    j++;
+                    continue;
+                }
+                CHECK(a.list[i].status == b.list[j].status &&
+                      a.list[i].body.len == b.list[j].body.len);
+                CHECK(a.list[i].body.len == 0 ||
+                      memcmp(a.list[i].body.data, b.list[j].body.data, a.list[i].body.len) == 0);
+                i++, j++;
+            }
+            fx_responses_free(&a);
+            fx_responses_free(&b);
+            mph_buf_free(&g.out);
+        }
+    }
+    mph_buf_free(&f.out);
+    mph_buf_free(&in);
+    free(one);
+    free(two);
+}
+
+static void test_content_length_with_transfer_encoding_is_400(void)
+{
+    fx_responses_t r;
+    exchange("POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+             "0\r\n\r\n" POST(2) "{}",
+             &r);
+    CHECK(r.n == 1 && r.list[0].status == 400 && r.list[0].close);
+    CHECK(!r.error && r.trailing == 0); /* nothing after it: the request after is not read */
+    fx_responses_free(&r);
+}
+
+static void test_limits(void)
+{
+    fx_responses_t r;
+    exchange(POST(1001), &r); /* the declared length is enough to refuse */
+    CHECK(r.n == 1 && r.list[0].status == 413 && r.list[0].close);
+    fx_responses_free(&r);
+
+    mph_buf_t in = MPH_BUF_INIT;
+    mph_buf_puts(&in, "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+    for (int i = 0; i < 11; i++)
+        mph_buf_puts(&in, "64\r\n" /* 100 bytes */
+                          "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"
+                          "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\r\n");
+    mph_buf_puts(&in, "0\r\n\r\n");
+    exchange(in.data, &r);
+    CHECK(r.n == 1 && r.list[0].status == 413);
+    fx_responses_free(&r);
+    mph_buf_free(&in);
+
+    mph_buf_puts(&in, "POST / HTTP/1.1\r\nX-Big: ");
+    for (int i = 0; i < 600; i++)
+        mph_buf_puts(&in, "a");
+    mph_buf_puts(&in, "\r\nContent-Length: 0\r\n\r\n");
+    exchange(in.data, &r);
+    CHECK(r.n == 1 && r.list[0].status == 431 && r.list[0].close);
+    fx_responses_free(&r);
+    mph_buf_free(&in);
+}
+
+static void test_methods_and_garbage(void)
+{
+    fx_responses_t r;
+    exchange("GET / HTTP/1.1\r\nHost: x\r\n\r\n", &r);
+    CHECK(r.n == 1 && r.list[0].status == 405 && r.list[0].close);
+    fx_responses_free(&r);
+    exchange("HELLO THERE\r\n\r\n", &r);
+    CHECK(r.n == 1 && r.list[0].status == 400);
+    fx_responses_free(&r);
+    exchange("POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n{\"j", &r); /* EOF mid-body */
+    CHECK(r.n == 0 && !r.error && r.trailing == 0);
+    fx_responses_free(&r);
+}
+
+static void test_http_1_0_keep_alive(void)
+{
+    fx_responses_t r;
+    const char *b7 = "{\"jsonrpc\":\"2.0\",\"method\":\"sync\",\"id\":7}";
+    const char *b8 = "{\"jsonrpc\":\"2.0\",\"method\":\"sync\",\"id\":8}";
+    mph_buf_t in = MPH_BUF_INIT;
+    mph_buf_printf(&in,
+                   "POST / HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: %zu\r\n\r\n%s",
+                   strlen(b7), b7);
+    mph_buf_printf(&in, "POST / HTTP/1.0\r\nContent-Length: %zu\r\n\r\n%s", strlen(b8), b8);
+    mph_buf_printf(&in, "POST / HTTP/1.0\r\nContent-Length: %zu\r\n\r\n%s", strlen(b7),
+                   b7); /* after a close: never read */
+    exchange(in.data, &r);
+    CHECK(r.n == 2 && !r.list[0].close && r.list[1].close);
+    CHECK(body_has(&r.list[0], "\"id\":7") && body_has(&r.list[1], "\"id\":8"));
+    CHECK(r.trailing == 0);
+    fx_responses_free(&r);
+    mph_buf_free(&in);
+}
+
+static void test_expect_100_continue_waits_for_earlier_responses(void)
+{
+    char *first = post(echo1, "");
+    const char *second = "POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n";
+    mph_http_config_t cfg = config();
+    fx_t f;
+    fx_open(&f, &cfg);
+    fx_feed(&f, first, strlen(first), 0);
+    fx_feed(&f, second, strlen(second), 0);
+    CHECK(f.out.len == 0); /* the first is not answered yet: no interim answer either */
+    fx_answer();
+    fx_run(&f);
+    fx_responses_t r;
+    fx_parse(&f.out, &r);
+    CHECK(r.n == 2 && r.list[0].status == 200 && r.list[1].status == 100 && r.trailing == 0);
+    fx_responses_free(&r);
+    fx_feed(&f, "[]", 2, 1);
+    fx_finish(&f, 1);
+    fx_parse(&f.out, &r);
+    CHECK(r.n == 3 && r.list[2].status == 200 && body_has(&r.list[2], "-32600"));
+    fx_responses_free(&r);
+    mph_buf_free(&f.out);
+    free(first);
+}
+
+static void test_pipeline_limit_pauses_and_resumes(void)
+{
+    mph_http_config_t cfg = config();
+    cfg.max_pipeline = 4;
+    mph_buf_t in = MPH_BUF_INIT;
+    for (int i = 0; i < 20; i++) {
+        char body[96];
+        snprintf(body, sizeof(body), "{\"jsonrpc\":\"2.0\",\"method\":\"echo\",\"id\":%d}", i);
+        char *req = post(body, "");
+        mph_buf_puts(&in, req);
+        free(req);
+    }
+    fx_t f;
+    fx_open(&f, &cfg);
+    fx_feed(&f, in.data, in.len, 0);
+    /* One read is parsed to its end (at most the 64 KiB read buffer), then reading pauses
+     * until the answers owed fall under half the limit. */
+    CHECK(fx_conn(&f) && !fx_conn(&f)->reading && fx_conn(&f)->in_flight == 20);
+    fx_finish(&f, 1);
+    fx_responses_t r;
+    fx_parse(&f.out, &r);
+    CHECK(r.n == 20 && r.trailing == 0);
+    for (size_t i = 0; i < r.n; i++) {
+        char want[32];
+        snprintf(want, sizeof(want), "\"id\":%zu,", i);
+        CHECK(body_has(&r.list[i], want));
+    }
+    fx_responses_free(&r);
+    mph_buf_free(&f.out);
+    mph_buf_free(&in);
+}
+
+static void test_response_after_the_client_left_is_dropped(void)
+{
+    char *req = post(echo1, "");
+    mph_http_config_t cfg = config();
+    fx_t f;
+    fx_open(&f, &cfg);
+    fx_feed(&f, req, strlen(req), 0);
+    conn_t *c = fx_conn(&f);
+    uv_buf_t b = uv_buf_init(NULL, 0);
+    on_read((uv_stream_t *)&c->tcp, UV_ECONNRESET, &b); /* a reset: close now */
+    CHECK(fx_conn(&f) == NULL);
+    fx_finish(&f, 0); /* the handler answers into the void; nothing leaks */
+    CHECK(f.out.len == 0);
+    mph_buf_free(&f.out);
+    free(req);
+}
+
+static void test_only_the_last_response_says_close(void)
+{
+    /* The first call answers after the framing error drained the connection: its response
+     * must not say "close", or the client would drop the 400 that follows it. */
+    char *first = post(echo1, "");
+    mph_buf_t in = MPH_BUF_INIT;
+    mph_buf_puts(&in, first);
+    mph_buf_puts(&in, "HELLO THERE\r\n\r\n");
+    fx_responses_t r;
+    exchange(in.data, &r);
+    CHECK(r.n == 2 && r.list[0].status == 200 && !r.list[0].close);
+    CHECK(r.list[1].status == 400 && r.list[1].close && r.trailing == 0);
+    fx_responses_free(&r);
+    mph_buf_free(&in);
+    free(first);
+}
+
+static void test_shutdown_drops_a_half_received_request(void)
+{
+    /* A stop finishes the answered request and closes: the half-received one behind it
+     * will never complete and must not hold the connection open until the deadline. */
+    char *first = post(echo1, "");
+    mph_buf_t in = MPH_BUF_INIT;
+    mph_buf_puts(&in, first);
+    mph_buf_puts(&in, "POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\n{\"a");
+    mph_http_config_t cfg = config();
+    fx_t f;
+    fx_open(&f, &cfg);
+    fx_feed(&f, in.data, in.len, 0);
+    mph_http_shutdown(f.srv, fx_on_drained, &f);
+    CHECK(fx_conn(&f) != NULL && fx_conn(&f)->state == CONN_DRAINING && fx_conn(&f)->cur == NULL);
+    fx_answer();
+    for (int i = 0; i < 100 && !f.drained; i++)
+        uv_run(&f.loop, UV_RUN_ONCE);
+    CHECK(f.drained);
+    fx_finish(&f, 0);
+    fx_responses_t r;
+    fx_parse(&f.out, &r);
+    CHECK(r.n == 1 && r.list[0].status == 200 && r.list[0].close && r.trailing == 0);
+    fx_responses_free(&r);
+    mph_buf_free(&f.out);
+    mph_buf_free(&in);
+    free(first);
+}
+
+static const mph_unit_test_t tests[] = {
+    {"only_the_last_response_says_close", test_only_the_last_response_says_close},
+    {"shutdown_drops_a_half_received_request", test_shutdown_drops_a_half_received_request},
+    {"pipelined_answers_come_in_request_order", test_pipelined_answers_come_in_request_order},
+    {"every_chunk_size_gives_the_same_bytes", test_every_chunk_size_gives_the_same_bytes},
+    {"content_length_with_transfer_encoding_is_400",
+     test_content_length_with_transfer_encoding_is_400},
+    {"limits", test_limits},
+    {"methods_and_garbage", test_methods_and_garbage},
+    {"http_1_0_keep_alive", test_http_1_0_keep_alive},
+    {"expect_100_continue_waits_for_earlier_responses",
+     test_expect_100_continue_waits_for_earlier_responses},
+    {"pipeline_limit_pauses_and_resumes", test_pipeline_limit_pauses_and_resumes},
+    {"response_after_the_client_left_is_dropped", test_response_after_the_client_left_is_dropped},
+};
+
+MPH_UNIT_MAIN(tests)
