@@ -365,8 +365,8 @@ static void requeue_all(mph_scope_t *s, mph_txn_t *t, int refused)
             mph__txn_reply(t, MPH_RPC_STORAGE_UNAVAILABLE, "storage unavailable: shutting down");
         } else if (t->refusals > lua->max_retries) {
             char msg[128];
-            snprintf(msg, sizeof(msg), "Transaction conflict: gave up after %d attempts",
-                     t->attempts);
+            snprintf(msg, sizeof(msg), "Transaction conflict: gave up after %d attempt%s",
+                     t->attempts, t->attempts == 1 ? "" : "s");
             mph__txn_reply(t, MPH_RPC_CONFLICT, msg);
         } else {
             t->state = TXN_RETRY;

@@ -752,7 +752,7 @@ static uint64_t now_ms(void)
 static uint64_t claim_holder(op_t *op)
 {
     char *path = scope_file(op->sc, ".claim");
-    FILE *f = fopen(path, "r");
+    FILE *f = fopen(path, "re");
     free(path);
     unsigned long long id = 0, expiry = 0;
     if (f == NULL)
@@ -766,7 +766,7 @@ static uint64_t claim_holder(op_t *op)
 static void claim_set(op_t *op)
 {
     char *path = scope_file(op->sc, ".claim");
-    FILE *f = fopen(path, "w");
+    FILE *f = fopen(path, "we");
     if (f) {
         fprintf(f, "%llu %llu\n", (unsigned long long)op->committer,
                 (unsigned long long)(now_ms() + MPH_STORE_CLAIM_MS));

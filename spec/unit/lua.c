@@ -242,7 +242,7 @@ static int lua_runs(mph_lua_t *lua)
 
 static void test_params_and_results(void)
 {
-    mph_lua_t *lua = bridge(0);
+    mph_lua_t *lua = bridge(-1); /* the default retries */
     reply_t r = call(lua, "add", "[2, 3]");
     CHECK(r.code == 0 && strcmp(r.json, "5") == 0);
     r = call(lua, "obj", "{\"x\": [1, {}]}");
@@ -258,7 +258,7 @@ static void test_params_and_results(void)
 
 static void test_errors(void)
 {
-    mph_lua_t *lua = bridge(0);
+    mph_lua_t *lua = bridge(-1); /* the default retries */
     reply_t r = call(lua, "raise", NULL);
     CHECK(r.code == MPH_RPC_HANDLER_ERROR && strcmp(r.message, "boom") == 0);
     r = call(lua, "raise_obj", NULL);
@@ -273,7 +273,7 @@ static void test_errors(void)
 
 static void test_commit_and_read(void)
 {
-    mph_lua_t *lua = bridge(0);
+    mph_lua_t *lua = bridge(-1); /* the default retries */
     CHECK(strcmp(call(lua, "incr", NULL).json, "1") == 0);
     CHECK(strcmp(call(lua, "incr", NULL).json, "2") == 0);
     CHECK(strcmp(fake_get(&fake, "n"), "2") == 0);
@@ -285,7 +285,7 @@ static void test_commit_and_read(void)
 
 static void test_conflicts_rerun_on_fresh_data(void)
 {
-    mph_lua_t *lua = bridge(0);
+    mph_lua_t *lua = bridge(-1); /* the default retries */
     fake.conflicts = 2;
     reply_t r = call(lua, "incr", NULL);
     CHECK(r.code == 0 && strcmp(r.json, "201") == 0); /* ran on the other process's 200 */
@@ -307,7 +307,7 @@ static void test_retries_exhausted_is_32001_and_writes_nothing(void)
 
 static void test_storage_errors(void)
 {
-    mph_lua_t *lua = bridge(0);
+    mph_lua_t *lua = bridge(-1); /* the default retries */
     CHECK(strcmp(call(lua, "incr", NULL).json, "1") == 0);
     fake.fail_commits = 1;
     reply_t r = call(lua, "incr", NULL);
@@ -325,7 +325,7 @@ static void test_storage_errors(void)
 
 static void test_handler_that_raises_commits_nothing(void)
 {
-    mph_lua_t *lua = bridge(0);
+    mph_lua_t *lua = bridge(-1); /* the default retries */
     call(lua, "incr", NULL);
     reply_t r = call(lua, "incr_raise", NULL);
     CHECK(r.code == MPH_RPC_HANDLER_ERROR);
@@ -336,7 +336,7 @@ static void test_handler_that_raises_commits_nothing(void)
 
 static void test_scope_loaded_from_a_comparator(void)
 {
-    mph_lua_t *lua = bridge(0);
+    mph_lua_t *lua = bridge(-1); /* the default retries */
     fake_set(&fake, "n", "7");
     reply_t r = call(lua, "sorted", NULL); /* cold: the attempt is void, then runs again */
     CHECK(r.code == 0 && strcmp(r.json, "7") == 0);
@@ -355,8 +355,8 @@ static void test_scope_loaded_from_a_comparator(void)
  * durable; with nothing in flight, at once. */
 static void test_read_waits_for_the_commit_it_read(void)
 {
-    mph_lua_t *lua = bridge(0);
-    call(lua, "incr", NULL); /* loaded, n = 1 */
+    mph_lua_t *lua = bridge(-1); /* the default retries */
+    call(lua, "incr", NULL);     /* loaded, n = 1 */
     reply_t w = {0, 0, "", ""}, r = {0, 0, "", ""};
     mph_lua_call(lua, "incr", 4, NULL, on_reply, &w); /* its commit stays in flight */
     CHECK(fake.nops == 1 && w.done == 0);
@@ -374,7 +374,7 @@ static void test_no_global_prng_state(void)
     srand(7);
     int expected = rand();
     srand(7);
-    mph_lua_t *lua = bridge(0);
+    mph_lua_t *lua = bridge(-1); /* the default retries */
     for (int i = 0; i < 10; i++)
         jitter(lua, 64);
     CHECK(rand() == expected);
