@@ -31,8 +31,11 @@
  * naming file and offset) and the file is left as it is. The header CRC is what makes this
  * work: without it a flipped bit in a length field reads as a record running past the end
  * of the file, i.e. as a torn tail, and a cut there would drop every later commit. Nothing is
- * ever cut past a record that validates. (A torn tail whose bytes happen to contain a valid
- * record, e.g. one embedded on purpose in a key, is refused rather than cut: the safe side.)
+ * ever cut past a record that validates. A format-2 header that holds gives the record's
+ * extent, so the search starts after that record: a valid record embedded in its payload
+ * (a key can hold one) is not taken for proof of damage. Only when the header itself is torn
+ * is the search byte by byte, and then such an embedded record makes the scope refused rather
+ * than cut: the safe side.
  *
  * Commit under the lock: read whatever other processes appended since our last look (that
  * is the conflict delta, handed back so the retry needs no second read), and only if there
@@ -368,6 +371,18 @@ static void doc_add(op_t *op, const char *key, size_t klen, const char *json, si
     e->jlen = jlen;
 }
 
+/* Whether a format-2 header whose checksum holds starts at d[at]; sets *size to the length
+ * of the record it announces (which may run past len). Such a length can be trusted: a
+ * flipped bit would break the header's checksum. */
+static int header_v2_valid(const unsigned char *d, size_t len, size_t at, size_t *size)
+{
+    if (len - at < HEADER_V2 || get_u32(d + at) != MAGIC_V2 ||
+        crc(d + at, 12) != get_u32(d + at + 12))
+        return 0;
+    *size = HEADER_V2 + (size_t)get_u32(d + at + 4);
+    return 1;
+}
+
 /* Whether a whole record whose frame and checksums hold starts at d[at]. Sets *size to its
  * length and *hdr to its header length. Reads nothing past d[len - 1]. */
 static int frame_valid(const unsigned char *d, size_t len, size_t at, size_t *size, size_t *hdr)
@@ -519,10 +534,20 @@ static void scan_log(const mph_buf_t *b, uint64_t last, uint64_t skip_upto, op_t
             return;
         }
         if (r == PARSE_BAD) {
-            /* A crash leaves nothing valid after it; damage to acknowledged data does. */
+            /* A crash leaves nothing valid after it; damage to acknowledged data does. When
+             * the header itself holds, the record's extent is known: one that runs past the
+             * end is an incomplete write, and valid records can only follow its end (so a
+             * record embedded in its payload, say in a key, is never mistaken for one). */
             const unsigned char *d = (const unsigned char *)b->data;
-            size_t size, hdr;
-            for (size_t y = at + 1; y + HEADER_V1 <= b->len; y++) {
+            size_t size, hdr, from = at + 1;
+            if (header_v2_valid(d, b->len, at, &size)) {
+                if (size > b->len - at) {
+                    out->verdict = SCAN_TORN;
+                    return;
+                }
+                from = at + size;
+            }
+            for (size_t y = from; y + HEADER_V1 <= b->len; y++) {
                 if (frame_valid(d, b->len, y, &size, &hdr)) {
                     out->verdict = SCAN_CORRUPT;
                     out->next_valid = y;
