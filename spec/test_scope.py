@@ -454,6 +454,27 @@ def test_failure_at_every_step_of_compaction_keeps_the_log():
             check(s.alive(), step)
 
 
+def test_failed_compaction_backs_off_until_the_log_grows():
+    # A compaction that fails (a full disk, say) is not tried again at every commit: only once
+    # the log has grown by another compaction threshold (100 kB here).
+    data = tmpdir()
+    s, _ = compacting_server(data, "compact.snap.write:1:fail", ["--logging=debug"])
+    with s:
+        i = 0
+        while "compaction of global failed" not in s.read_log():
+            check(i < 50, "a compaction started and failed")
+            eq(s.result("big", ["k%d" % (i % 3), 20000, str(i)]), True)
+            i += 1
+        wait_log(s, "compaction of global failed")
+        for j in range(3):  # 60 kB more: below the next threshold
+            eq(s.result("big", ["k%d" % (j % 3), 20000, "b%d" % j]), True)
+        eq(s.read_log().count("file: compacting global"), 1, "no new try yet")
+        for j in range(4):  # 80 kB more: past it
+            eq(s.result("big", ["k%d" % (j % 3), 20000, "c%d" % j]), True)
+        wait_log(s, "file: compacted global")
+        eq(s.read_log().count("file: compacting global"), 2, "one more try, which worked")
+
+
 def test_storage_faults_in_a_commit():
     # (fault, answers of 4 calls of simple-storage: a count or an error code, count after a
     # restart). A failed append is taken back, so the next commit reuses its version.

@@ -80,19 +80,21 @@
 #define MAX_SCOPE_NAME 200
 
 typedef struct fscope_s {
-    char *name;       /* owned */
-    char *path;       /* owned: dir/E without the extension */
-    int lock_fd;      /* -1 until the first operation */
-    int log_fd;       /* -1 until the first operation */
-    int dir_synced;   /* the directory was fsynced after our files were created */
-    ino_t log_ino;    /* inode of log_fd: a compaction replaces the file */
-    off_t log_end;    /* bytes of the log read and applied by us */
-    uint64_t version; /* the version we last reported to the runner */
-    off_t snap_size;  /* size of the current snapshot file (compaction policy) */
-    int busy;         /* a load or commit is in flight (invariant: at most one) */
-    int compacting;   /* a compaction job is in flight (at most one) */
-    uv_mutex_t mutex; /* held by a load or commit, and by a compaction's switch */
-    char *failed;     /* owned; set when the file's state is unknown: why we refuse it */
+    char *name;          /* owned */
+    char *path;          /* owned: dir/E without the extension */
+    int lock_fd;         /* -1 until the first operation */
+    int log_fd;          /* -1 until the first operation */
+    int dir_synced;      /* the directory was fsynced after our files were created */
+    ino_t log_ino;       /* inode of log_fd: a compaction replaces the file */
+    off_t log_end;       /* bytes of the log read and applied by us */
+    uint64_t version;    /* the version we last reported to the runner */
+    off_t snap_size;     /* size of the current snapshot file (compaction policy) */
+    int busy;            /* a load or commit is in flight (invariant: at most one) */
+    int compacting;      /* a compaction job is in flight (at most one) */
+    off_t compact_after; /* no compaction before the log passes this (backoff after a
+                            failed one: a full disk would otherwise rewrite per commit) */
+    uv_mutex_t mutex;    /* held by a load or commit, and by a compaction's switch */
+    char *failed;        /* owned; set when the file's state is unknown: why we refuse it */
     struct fscope_s *next;
 } fscope_t;
 
@@ -102,6 +104,8 @@ typedef struct {
     char *dir;         /* owned */
     fscope_t *scopes;  /* owned */
     unsigned ops;      /* operations and compactions in flight */
+    int compactions;   /* compaction jobs in flight: at most one per store, so that they
+                          hold at most one of libuv's four pool threads, never all */
     uint64_t commits;  /* commits written (loop thread) */
     uint64_t syncs;    /* fsync and fdatasync calls, from any thread (atomic) */
     off_t compact_min; /* compact logs above this size (COMPACT_MIN_BYTES; a test may lower) */
@@ -1103,9 +1107,11 @@ static void do_compact(op_t *op)
                 nlive, (unsigned long long)version, (long long)(op->upto - op->from));
     fault_at("compact.done");
 done:
-    if (failed)
+    if (failed) {
         mph_log(MPH_LOG_WARN, "file: compaction of %s failed %s (the log stays as it is): %s",
                 sc->name, failed, strerror(errno));
+        op->status = MPH_EIO; /* the loop backs off before the next try */
+    }
     if (fd >= 0)
         close(fd);
     if (guard >= 0)
@@ -1185,6 +1191,7 @@ static void start_compaction(file_store_t *fs, fscope_t *sc)
     mph_log(MPH_LOG_DEBUG, "file: compacting %s (%lld bytes of log)", sc->name,
             (long long)sc->log_end);
     sc->compacting = 1;
+    fs->compactions++;
     fs->ops++;
 }
 
@@ -1196,13 +1203,17 @@ static void after_work_cb(uv_work_t *w, int status)
     (void)status; /* work is never cancelled */
     if (op->kind == OP_COMPACT) {
         sc->compacting = 0;
+        fs->compactions--;
+        if (op->status != 0)
+            sc->compact_after = sc->log_end + fs->compact_min;
     } else {
         sc->busy = 0;
         if (op->kind == OP_COMMIT && op->status == 0) {
             fs->commits++;
             /* Decided before the callback, which may start the next commit. */
-            if (!sc->compacting && !fs->closing && sc->failed == NULL &&
-                sc->log_end > fs->compact_min && sc->log_end > 2 * sc->snap_size)
+            if (!sc->compacting && fs->compactions == 0 && !fs->closing && sc->failed == NULL &&
+                sc->log_end > fs->compact_min && sc->log_end > sc->compact_after &&
+                sc->log_end > 2 * sc->snap_size)
                 start_compaction(fs, sc);
         }
         mph_store_result_t res = {op->status, op->message[0] ? op->message : NULL, op->doc,
