@@ -13,7 +13,7 @@ from harness import (SCRIPTS, KeepAliveClient, Server, TestFailure, check, eq,
 
 IDIOMS = os.path.join(SCRIPTS, "idioms.lua")
 COLLIDE = os.path.join(SCRIPTS, "collide.lua")
-FAULT_EXIT = 86  # the exit status of MPH_TEST_FAULT=POINT:N:crash
+FAULT_EXIT = -9  # MPH_TEST_FAULT=POINT:N:crash dies of SIGKILL, as kill -9
 
 
 def log_size(data):
