@@ -4,10 +4,12 @@
  * independent reading of the frame (not frame_valid), abort() on a violation:
  *  - every record reported (the first `end` bytes) is whole and its checksums hold;
  *  - entries handed out point inside the input;
- *  - END: every byte was read; TORN (to be cut): no record that validates starts anywhere at
- *    or after the cut, so nothing acknowledged is ever cut; CORRUPT: either a valid record
- *    follows the bad bytes (next_valid is the first one), or the record at `end` validates
- *    but is malformed or out of sequence.
+ *  - END: every byte was read; TORN (to be cut): no record that validates starts at or after
+ *    the cut, so nothing acknowledged is ever cut, except inside the extent announced by a
+ *    format-2 header at the cut whose own checksum holds (a record's payload may hold the
+ *    bytes of another record; acknowledged records only start where the previous one ends);
+ *    CORRUPT: either a valid record follows the bad bytes and that extent (next_valid is the
+ *    first one), or the record at `end` validates but is malformed or out of sequence.
  * storage/file.c is included to reach its statics; the fuzzer then takes nothing else of
  * file.c from libmphost, so no symbol is linked twice.
  */
@@ -32,6 +34,16 @@ static int valid_at(const unsigned char *d, size_t len, size_t at, size_t *size)
         return 0;
     *size = h + plen;
     return 1;
+}
+
+/* Where records that prove damage may start, after bad bytes at `at`: past the record a
+ * checksummed format-2 header announces there, else anywhere after `at`. */
+static uint64_t search_from(const unsigned char *d, size_t len, size_t at)
+{
+    if (at + 16 <= len && get_u32(d + at) == 0x3252504dU &&
+        (uint32_t)crc32(0L, d + at, 12) == get_u32(d + at + 12))
+        return (uint64_t)at + 16 + get_u32(d + at + 4);
+    return at + 1;
 }
 
 static int inside(const mph_buf_t *b, const char *p, size_t n)
@@ -71,7 +83,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             abort();
         break;
     case SCAN_TORN:
-        for (size_t y = s.end; y < b.len; y++)
+        if (valid_at(d, b.len, s.end, &rec))
+            abort(); /* a valid record cut */
+        for (uint64_t y = search_from(d, b.len, s.end); y < b.len; y++)
             if (valid_at(d, b.len, y, &rec))
                 abort(); /* a cut would drop a record that validates */
         break;
@@ -79,7 +93,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (s.next_valid) {
             if (valid_at(d, b.len, s.end, &rec) || !valid_at(d, b.len, s.next_valid, &rec))
                 abort();
-            for (size_t y = s.end + 1; y < s.next_valid; y++)
+            if (s.next_valid < search_from(d, b.len, s.end))
+                abort();
+            for (uint64_t y = search_from(d, b.len, s.end); y < s.next_valid; y++)
                 if (valid_at(d, b.len, y, &rec))
                     abort();
         } else if (!valid_at(d, b.len, s.end, &rec)) {
