@@ -27,11 +27,15 @@
 #include "http.h"
 
 #include <assert.h>
+#include <errno.h>
 #include <http_parser.h>
+#include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "common.h"
 
@@ -705,6 +709,60 @@ int mph_http_listen(mph_http_server_t *srv, const char *addr, int port, char *er
         snprintf(err, errlen, "cannot listen on %s:%d: %s%s", addr, port, uv_strerror(rc),
                  rc == UV_EADDRINUSE ? " (the port is in use)" : "");
         return rc == UV_EADDRINUSE ? MPH_EADDRINUSE : MPH_ELISTEN;
+    }
+    struct sockaddr_storage bound;
+    int len = sizeof(bound);
+    uv_tcp_getsockname(&srv->listener, (struct sockaddr *)&bound, &len);
+    srv->port = ntohs(((struct sockaddr_in *)&bound)->sin_port);
+    return 0;
+}
+
+int mph_http_open_listener(const char *addr, int port, int *fd_out, int *port_out, char *err,
+                           size_t errlen)
+{
+    struct sockaddr_storage sa;
+    socklen_t salen = sizeof(struct sockaddr_in);
+    if (uv_ip4_addr(addr, port, (struct sockaddr_in *)&sa) != 0) {
+        salen = sizeof(struct sockaddr_in6);
+        if (uv_ip6_addr(addr, port, (struct sockaddr_in6 *)&sa) != 0) {
+            snprintf(err, errlen, "invalid listen address %s", addr);
+            return MPH_EINVAL;
+        }
+    }
+    /* As uv_tcp_bind does: SO_REUSEADDR, so a restart can bind while old connections of the
+     * previous server linger in TIME_WAIT. Close-on-exec: a child gets it only on purpose. */
+    int one = 1, fd = socket(sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int rc = fd < 0 ? -errno : 0;
+    if (rc == 0 && (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0 ||
+                    bind(fd, (struct sockaddr *)&sa, salen) != 0 || listen(fd, 511) != 0))
+        rc = -errno;
+    if (rc != 0) {
+        snprintf(err, errlen, "cannot listen on %s:%d: %s%s", addr, port, uv_strerror(rc),
+                 rc == UV_EADDRINUSE ? " (the port is in use)" : "");
+        if (fd >= 0)
+            close(fd);
+        return rc == UV_EADDRINUSE ? MPH_EADDRINUSE : MPH_ELISTEN;
+    }
+    struct sockaddr_storage bound;
+    socklen_t len = sizeof(bound);
+    getsockname(fd, (struct sockaddr *)&bound, &len);
+    *port_out = ntohs(((struct sockaddr_in *)&bound)->sin_port); /* same offset in sin6 */
+    *fd_out = fd;
+    return 0;
+}
+
+int mph_http_listen_fd(mph_http_server_t *srv, int fd, char *err, size_t errlen)
+{
+    uv_tcp_init(srv->loop, &srv->listener);
+    srv->listener.data = srv;
+    srv->listening = srv->listener_open = 1;
+    int rc = uv_tcp_open(&srv->listener, fd); /* from now on the handle owns fd */
+    if (rc == 0)
+        rc = uv_listen((uv_stream_t *)&srv->listener, 511, on_connection);
+    if (rc != 0) {
+        snprintf(err, errlen, "cannot accept on the inherited socket (fd %d): %s", fd,
+                 uv_strerror(rc));
+        return MPH_ELISTEN;
     }
     struct sockaddr_storage bound;
     int len = sizeof(bound);
