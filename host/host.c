@@ -25,6 +25,11 @@
 #include "http.h"
 #include "rpc.h"
 
+/* How long a worker that has just accepted a connection leaves the next ones to the other
+ * workers (http.h, mph_http_listen_shared): longer than a client takes between two short
+ * calls, short enough to be lost in any connection's setup when every worker is busy. */
+#define SHARED_ACCEPT_PAUSE_MS 1
+
 typedef enum { HOST_NEW, HOST_RUNNING, HOST_STOPPING, HOST_CLOSED } host_state_t;
 
 struct mph_host_s {
@@ -221,7 +226,9 @@ int mph_host_listen(mph_host_t *h, char *err, size_t errlen)
 {
     warn_if_sigpipe_kills();
     int rc = h->cfg.listen_fd >= 0
-                 ? mph_http_listen_fd(h->http, h->cfg.listen_fd, err, errlen)
+                 ? mph_http_listen_shared(h->http, h->cfg.listen_fd,
+                                          h->cfg.worker_count > 1 ? SHARED_ACCEPT_PAUSE_MS : 0,
+                                          err, errlen)
                  : mph_http_listen(h->http, h->cfg.listen, h->cfg.port, err, errlen);
     if (rc == 0)
         h->listening = 1;

@@ -44,9 +44,12 @@ int mph_http_listen(mph_http_server_t *srv, const char *addr, int port, char *er
 int mph_http_open_listener(const char *addr, int port, int *fd_out, int *port_out, char *err,
                            size_t errlen);
 
-/* Accepts on fd, a socket already listening (inherited from a supervisor, which shares it
- * with other processes). The server owns fd from now on. Returns 0 or MPH_ELISTEN. */
-int mph_http_listen_fd(mph_http_server_t *srv, int fd, char *err, size_t errlen);
+/* Accepts on fd, a socket already listening that other processes (the supervisor's other
+ * workers) accept on too. After each accept the server pauses pause_ms (0: no pause) so that
+ * an idle process gets the next connection. Once this returns 0 the server owns fd (it is
+ * closed at the shutdown); MPH_ELISTEN: fd is not a listening socket (left to the caller). */
+int mph_http_listen_shared(mph_http_server_t *srv, int fd, unsigned pause_ms, char *err,
+                           size_t errlen);
 
 /* The port actually bound (useful after listening on port 0). */
 int mph_http_port(const mph_http_server_t *srv);
