@@ -9,9 +9,10 @@
  * a handler accepts nothing, so new connections go to the others (or wait in the backlog
  * until one is free). SO_REUSEPORT would not give this: it gives each worker a queue of its
  * own and hashes every new connection to one of them, whether that worker is stuck or not.
- * (A worker that wakes up accepts what is queued before it runs a handler, so a few
- * connections can still be caught behind one long call; that is the price of not passing
- * connections around.)
+ * (A worker that wakes up takes what is queued, up to a batch, before it runs a handler, so
+ * a few connections can still be caught behind one long call; that is the price of not
+ * passing connections around. After each accept a worker pauses a moment so that idle
+ * workers take turns: mph_http_listen_shared in http.c.)
  *
  * Worker slots, one per worker id; a slot's states:
  *
@@ -259,9 +260,9 @@ static void slot_closed(slot_t *s)
     }
     if (delay > 0)
         mph_log(MPH_LOG_WARN,
-                "worker %d ended %d time(s) in a row within %d ms of starting; "
+                "worker %d ended within %d ms of starting (%d time(s) in a row); "
                 "starting it again in %.1f s",
-                s->id, s->quick_deaths, QUICK_DEATH_MS, (double)delay / 1000);
+                s->id, QUICK_DEATH_MS, s->quick_deaths, (double)delay / 1000);
     update_pidfile(sup);
     uv_timer_start(&s->respawn, on_respawn, delay, 0);
 }

@@ -125,10 +125,11 @@ end
 -- ---- Topologies ----
 --
 -- The script is the topology, as in Metaparticle: mp.spread(n, fn) asks for n workers
--- (processes under one supervisor; the largest n of the script, or --workers, is how many
--- run) and every worker serves every service. A spread call runs on whichever worker the
--- kernel hands its connection to, so the handler is fn itself behind a marker; mp.shard and
--- mp.scatter, which must reach chosen workers, will add forwarding here.
+-- (processes under one supervisor; the largest n of the script, or --workers if larger, is
+-- how many run) and every worker serves every service. A spread call runs on whichever
+-- worker accepted its connection, so its handler just calls fn there (a new function each
+-- time, so that the topology of a handler can be told later); mp.shard and mp.scatter, which
+-- must reach chosen workers, will forward calls between workers from here.
 
 local MAX_WORKERS = 256
 

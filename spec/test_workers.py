@@ -7,7 +7,7 @@ import threading
 import time
 
 from harness import (EXAMPLES, SCRIPTS, KeepAliveClient, RedisServer, Server, TestFailure,
-                     check, eq, free_port, run, tmpdir)
+                     check, eq, free_port, run, sanitizer_report, tmpdir)
 from test_redis import wait_until
 from test_scope import hammer, wait_log
 
@@ -170,6 +170,7 @@ def test_delete_stops_every_worker_and_leaves_no_process():
     rc, out, err = run([script, "status"], env=env)
     eq(rc, 0, "status: " + err)
     sup = int(re.search(r"running, pid (\d+)", out).group(1))
+    log = re.search(r", log (\S+), 3 workers", out).group(1)
     workers = [int(p) for p in re.findall(r"worker \d+: pid (\d+)", out)]
     eq(len(workers), 3, "workers listed: " + out)
     check("restarts 0" in out and "uptime" in out, out)
@@ -179,6 +180,9 @@ def test_delete_stops_every_worker_and_leaves_no_process():
         check(gone(pid), "pid %d still runs after delete" % pid)
     rc, out, err = run([script, "status"], env=env)
     eq(rc, 3, "status after delete: " + out)
+    with open(log) as f:
+        text = f.read()
+    check("worker 3: received SIGTERM" in text and not sanitizer_report(text), text[-4000:])
 
 
 def test_kill_9_of_the_supervisor_stops_its_workers():
@@ -189,6 +193,7 @@ def test_kill_9_of_the_supervisor_stops_its_workers():
     wait_until(lambda: all(gone(p) for p in workers.values()), "the orphaned workers stop")
     text = s.read_log()
     check("worker 1: received SIGTERM" in text, text[-1500:])
+    check(not sanitizer_report(text), text[-4000:])
 
 
 def test_sigint_and_sigterm_stop_all_workers_gracefully():
@@ -201,7 +206,8 @@ def test_sigint_and_sigterm_stop_all_workers_gracefully():
         s.log.close()
         for pid in workers.values():
             check(gone(pid), "worker pid %d after the stop" % pid)
-        check("stopped" in s.read_log(), s.read_log()[-1500:])
+        text = s.read_log()
+        check("stopped" in text and not sanitizer_report(text), text[-4000:])
 
 
 def test_a_stuck_worker_gets_no_new_connections():
