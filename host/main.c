@@ -375,9 +375,9 @@ int main(int argc, char **argv)
     if (resolve_storage(&cli) != 0)
         goto out;
     char err[1200];
-    if (serve && getenv(MPH_WORKER_ENV)) {
-        /* A worker: its supervisor keeps the pid file. */
-    } else if (mph_cli_open_state_dir(&cli, err, sizeof(err)) != 0) {
+    /* A worker of a supervisor (supervisor.h): the supervisor keeps the pid file. */
+    const char *worker = serve ? getenv(MPH_WORKER_ENV) : NULL;
+    if (worker == NULL && mph_cli_open_state_dir(&cli, err, sizeof(err)) != 0) {
         if (!serve) {
             fprintf(stderr, "mphost: %s\n", err);
             goto out;
@@ -386,8 +386,7 @@ int main(int argc, char **argv)
         mph_log(MPH_LOG_WARN, "%s; serving without a pid file", err);
     }
 
-    const char *worker = getenv(MPH_WORKER_ENV);
-    if (serve && worker)
+    if (worker)
         rc = mph_worker_serve(&cli, worker);
     else if (serve)
         rc = mph_cli_serve(&cli, -1);

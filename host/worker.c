@@ -35,8 +35,10 @@ int mph_worker_serve(mph_cli_t *cli, const char *spec)
     }
     /* A graceful stop when the supervisor dies, however it dies; checked after asking, in case
      * it died before (we would then belong to another parent already). */
-    if (prctl(PR_SET_PDEATHSIG, SIGTERM) != 0 || getppid() != supervisor)
+    if (prctl(PR_SET_PDEATHSIG, SIGTERM) != 0 || getppid() != supervisor) {
+        fprintf(stderr, "mphost: worker %d: its supervisor (pid %d) is gone\n", id, supervisor);
         return 1;
+    }
     char tag[32];
     snprintf(tag, sizeof(tag), "worker %d", id);
     mph_log_set_tag(tag);
