@@ -227,8 +227,8 @@ int mph_host_listen(mph_host_t *h, char *err, size_t errlen)
     warn_if_sigpipe_kills();
     int rc = h->cfg.listen_fd >= 0
                  ? mph_http_listen_shared(h->http, h->cfg.listen_fd,
-                                          h->cfg.worker_count > 1 ? SHARED_ACCEPT_PAUSE_MS : 0,
-                                          err, errlen)
+                                          h->cfg.worker_count > 1 ? SHARED_ACCEPT_PAUSE_MS : 0, err,
+                                          errlen)
                  : mph_http_listen(h->http, h->cfg.listen, h->cfg.port, err, errlen);
     if (rc == 0)
         h->listening = 1;

@@ -90,11 +90,11 @@ struct mph_http_server_s {
     int listening;     /* listener initialised */
     int listener_open; /* listener (or the shared socket's handles) not closed yet */
     /* A socket shared with other processes (mph_http_listen_shared) is accepted on by hand: */
-    int shared_fd;            /* the shared listening socket (owned), or -1 */
-    uv_poll_t accept_poll;    /* its readiness, stopped during a pause */
-    uv_timer_t accept_pause;  /* ends the pause that follows each accept */
-    unsigned pause_ms;        /* how long that pause is; 0: none */
-    int accept_handles;       /* accept_poll and accept_pause not closed yet */
+    int shared_fd;           /* the shared listening socket (owned), or -1 */
+    uv_poll_t accept_poll;   /* its readiness, stopped during a pause */
+    uv_timer_t accept_pause; /* ends the pause that follows each accept */
+    unsigned pause_ms;       /* how long that pause is; 0: none */
+    int accept_handles;      /* accept_poll and accept_pause not closed yet */
     mph_http_config_t cfg;
     mph_http_handler_t handler;
     void *ud;

@@ -8,8 +8,10 @@
 #define _GNU_SOURCE
 #include "worker.h"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
 #include <unistd.h>
@@ -39,6 +41,11 @@ int mph_worker_serve(mph_cli_t *cli, const char *spec)
         fprintf(stderr, "mphost: worker %d: its supervisor (pid %d) is gone\n", id, supervisor);
         return 1;
     }
+    /* Nothing the script starts (os.execute) inherits the socket, the report line's end or
+     * the belief that it is a worker. */
+    fcntl(MPH_WORKER_LISTEN_FD, F_SETFD, FD_CLOEXEC);
+    fcntl(MPH_WORKER_REPORT_FD, F_SETFD, FD_CLOEXEC);
+    unsetenv(MPH_WORKER_ENV);
     char tag[32];
     snprintf(tag, sizeof(tag), "worker %d", id);
     mph_log_set_tag(tag);
