@@ -329,6 +329,12 @@ void mph_host_stop(mph_host_t *h)
     uv_async_send(&h->stop_async);
 }
 
+int mph_host_stop_requested(mph_host_t *h)
+{
+    uv_run(&h->loop, UV_RUN_NOWAIT); /* runs on_signal or on_stop_async if one is pending */
+    return h->state == HOST_STOPPING || h->state == HOST_CLOSED;
+}
+
 int mph_host_run(mph_host_t *h)
 {
     if (h->state == HOST_NEW)

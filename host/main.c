@@ -253,7 +253,16 @@ int mph_cli_serve(mph_cli_t *cli, int ready_fd)
         if (cli->workers > 0 && cli->workers < nworkers)
             mph_log(MPH_LOG_WARN, "--workers=%d raised to %d: the script's topologies need %d",
                     cli->workers, nworkers, nworkers);
+        int stop = mph_host_stop_requested(h); /* a SIGTERM during the load is not lost */
         mph_host_free(h);
+        if (stop) {
+            mph_log(MPH_LOG_INFO, "stopped before serving");
+            if (ready) {
+                fprintf(ready, "error stopped before serving\n");
+                fclose(ready);
+            }
+            return 0;
+        }
         return mph_supervisor_run(cli, nworkers > cli->workers ? nworkers : cli->workers, ready);
     }
     if ((rc = mph_host_listen(h, err, sizeof(err))) != 0) {

@@ -83,6 +83,12 @@ int mph_host_port(const mph_host_t *h);
  * SIGPIPE included, are left alone: see above). Returns 0. */
 int mph_host_handle_signals(mph_host_t *h);
 
+/* Whether a stop was asked for (mph_host_stop, or a signal once mph_host_handle_signals was
+ * called) before the host runs: delivers what is pending without blocking. A program that
+ * loads a script and then decides not to run the host asks this before it frees the host, so
+ * that a SIGTERM that came during the load is not lost. */
+int mph_host_stop_requested(mph_host_t *h);
+
 /* Serves until stopped, then closes everything. Returns 0. */
 int mph_host_run(mph_host_t *h);
 

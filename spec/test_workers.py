@@ -3,10 +3,11 @@
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 
-from harness import (EXAMPLES, SCRIPTS, KeepAliveClient, RedisServer, Server, TestFailure,
+from harness import (EXAMPLES, MPHOST, SCRIPTS, KeepAliveClient, RedisServer, Server, TestFailure,
                      check, eq, free_port, run, sanitizer_report, tmpdir)
 from test_redis import wait_until
 from test_scope import hammer, wait_log
@@ -295,3 +296,27 @@ def test_bad_worker_counts_are_one_clear_line():
                             str(free_port())], env={"MPH_TEST_SPREAD_N": bad})
         eq(rc, 1, "mp.spread(%s)" % bad)
         check("mp.spread: the number of workers must be an integer from 1 to 256" in err, err)
+
+
+def test_sigterm_while_the_supervisor_loads_the_script_stops_it():
+    """The supervisor loads the script once to read its topologies, with its signal handlers
+    on (as a single process does): a SIGTERM then must stop it, not be lost with that load."""
+    d = tmpdir()
+    loading, go = os.path.join(d, "loading"), os.path.join(d, "go")
+    env = dict(os.environ, MPH_TEST_LOADING=loading, MPH_TEST_GO=go, MP_STATE_DIR=tmpdir())
+    port = free_port()
+    p = subprocess.Popen([MPHOST, os.path.join(SCRIPTS, "waits_at_load.lua"), "serve", str(port),
+                          "--workers=2", "--data=" + tmpdir()], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: os.path.exists(loading), "the script is loading")
+        p.send_signal(signal.SIGTERM)
+        open(go, "w").close()
+        # Milliseconds; the bound turns a supervisor that starts anyway into a failure.
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    eq(p.returncode, 0, "exit status: " + err)
+    check("stopped before serving" in err and "starting 2 workers" not in err, err)
