@@ -320,3 +320,22 @@ def test_sigterm_while_the_supervisor_loads_the_script_stops_it():
             p.wait()
     eq(p.returncode, 0, "exit status: " + err)
     check("stopped before serving" in err and "starting 2 workers" not in err, err)
+
+
+def test_port_in_use_with_workers_is_one_clear_line():
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    port = s.getsockname()[1]
+    env = {"MP_STATE_DIR": tmpdir("mph-state-"), "MP_DATA": tmpdir("mph-data-")}
+    try:
+        for verb in (["serve", str(port)], ["--port=%d" % port]):
+            rc, out, err = run([os.path.join(EXAMPLES, "server2.lua")] + verb +
+                               ["--listen=127.0.0.1"], env=env)
+            eq(rc, 1, "%s exit" % verb)
+            lines = err.strip().splitlines()
+            eq(len(lines), 1, "one line: %r" % err)
+            check("cannot listen on 127.0.0.1:%d" % port in lines[0] and "in use" in lines[0], err)
+    finally:
+        s.close()
