@@ -119,8 +119,11 @@ static void begin_stop(sup_t *sup);
 
 /* ---- The pid file and the start's outcome ---- */
 
-/* Rewrites the pid file with the workers as they are now (status reads it). Returns 0, or
- * MPH_EIO after logging why (once serving, the workers serve on: only status is stale). */
+/* Rewrites the pid file with the workers as they are now: status reads them there. A file,
+ * rather than a question on the port, because it needs no worker to answer (a stuck one
+ * could not, and a method or path of ours would take one from the script), and the pid file
+ * already has the checks a file in the state directory needs. Returns 0, or MPH_EIO after
+ * logging why (once serving, the workers serve on: only status is stale). */
 static int update_pidfile(sup_t *sup)
 {
     if (sup->cli->state_dir == NULL || sup->state != SUP_RUNNING)
