@@ -76,7 +76,7 @@ int mph_cli_open_state_dir(mph_cli_t *cli, char *err, size_t errlen)
     else if (xdg && *xdg)
         snprintf(buf, sizeof(buf), "%s/mphost", xdg);
     else
-        snprintf(buf, sizeof(buf), "/tmp/mphost-%u", (unsigned)getuid());
+        snprintf(buf, sizeof(buf), "/tmp/mphost-%u", (unsigned)geteuid());
     int rc = check_state_dir(buf, err, errlen);
     if (rc == 0)
         cli->state_dir = mph_xstrdup(buf);

@@ -10,6 +10,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include "json.h"
 
+#include <assert.h>
 #include <lauxlib.h>
 #include <math.h>
 #include <stdio.h>
@@ -306,8 +307,9 @@ static void write_number(mph_buf_t *out, double d)
                 break;
         }
     }
-    if (n > 0 && (size_t)n < sizeof(tmp))
-        mph_buf_append(out, tmp, (size_t)n);
+    /* %lld of |d| < 9.2e18 and %.17g both fit in 40 bytes: a shortfall is a bug here. */
+    assert(n > 0 && (size_t)n < sizeof(tmp));
+    mph_buf_append(out, tmp, (size_t)n);
 }
 
 typedef struct {
@@ -524,6 +526,10 @@ static int encode_table(encoder_t *e, int t, int depth)
     for (int i = 0; i < e->nvisiting; i++)
         if (e->visiting[i] == self)
             return encode_fail(e, depth, "%s", "cycle: a table contains itself");
+    /* A __mp_plain function may return another table with one, and so on: those do not
+     * deepen the path, so the depth limit alone does not bound this array. */
+    if (e->nvisiting == (int)(sizeof(e->visiting) / sizeof(e->visiting[0])))
+        return encode_fail(e, depth, "%s", "nesting too deep (plain forms within plain forms)");
     e->visiting[e->nvisiting++] = self;
     int kind = 0; /* 0 decide by keys, 1 array, 2 object */
     int rc = 0;

@@ -483,6 +483,24 @@ def log_state(redis):
     return [int(x) for x in sizes.split()], int(redis.cli("GET", "mp:{global}:logsize") or "0")
 
 
+def test_change_log_without_a_size_is_bounded_too():
+    """A log written before sizes were kept (mphost 0.1) has no P{S}:logsize: the next commit
+    keeps only itself, so the byte bound holds from then on."""
+    script = os.path.join(SCRIPTS, "redis_big.lua")
+    with RedisServer() as redis:
+        with Server(script, ["--storage=" + redis.url()]) as s:
+            for n in range(1, 5):
+                eq(s.result("bump", [100 * 1024]), n)
+            eq(redis.cli("DEL", "mp:{global}:logsize"), "1")
+            eq(s.result("bump", [10]), 5)
+            sizes, logsize = log_state(redis)
+            eq(len(sizes), 1, "only the new record")
+            eq(logsize, sum(sizes))
+            eq(s.result("bump", [10]), 6)
+            sizes, logsize = log_state(redis)
+            eq((len(sizes), logsize), (2, sum(sizes)), "and the count goes on")
+
+
 def test_change_log_is_bounded_by_bytes_and_old_conflicts_converge():
     budget = 1 << 20  # the default: 1 MiB per scope
     big = 200 * 1024

@@ -341,6 +341,15 @@ def test_deep_nesting_both_ways():
        "2000 levels encode")
 
 
+def test_endless_plain_forms_are_an_error_not_a_crash():
+    r = srv().rpc("endless_plain")
+    eq(r["error"]["code"], -32603)
+    # Whichever bound comes first: the encoder's own, or the Lua stack's.
+    check("nesting too deep" in r["error"]["message"] or
+          "stack exhausted" in r["error"]["message"], r)
+    eq(srv().rpc("echo", [1])["result"], 1, "the server is still up")
+
+
 def test_cycles_through_a_scope_are_errors_naming_the_path():
     r = srv().rpc("scope_cycle")
     eq(r["error"]["code"], -32000)

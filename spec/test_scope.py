@@ -13,7 +13,7 @@ from harness import (SCRIPTS, KeepAliveClient, Server, TestFailure, check, eq,
 
 IDIOMS = os.path.join(SCRIPTS, "idioms.lua")
 COLLIDE = os.path.join(SCRIPTS, "collide.lua")
-FAULT_EXIT = 86  # the exit status of MPH_TEST_FAULT=POINT:N:crash
+FAULT_EXIT = -9  # MPH_TEST_FAULT=POINT:N:crash dies of SIGKILL, as kill -9
 
 
 def log_size(data):
@@ -452,6 +452,27 @@ def test_failure_at_every_step_of_compaction_keeps_the_log():
             for k, v in expected.items():
                 eq(s.result("get", [k]), v, step + ": " + k + " after a restart")
             check(s.alive(), step)
+
+
+def test_failed_compaction_backs_off_until_the_log_grows():
+    # A compaction that fails (a full disk, say) is not tried again at every commit: only once
+    # the log has grown by another compaction threshold (100 kB here).
+    data = tmpdir()
+    s, _ = compacting_server(data, "compact.snap.write:1:fail", ["--logging=debug"])
+    with s:
+        i = 0
+        while "compaction of global failed" not in s.read_log():
+            check(i < 50, "a compaction started and failed")
+            eq(s.result("big", ["k%d" % (i % 3), 20000, str(i)]), True)
+            i += 1
+        wait_log(s, "compaction of global failed")
+        for j in range(3):  # 60 kB more: below the next threshold
+            eq(s.result("big", ["k%d" % (j % 3), 20000, "b%d" % j]), True)
+        eq(s.read_log().count("file: compacting global"), 1, "no new try yet")
+        for j in range(4):  # 80 kB more: past it
+            eq(s.result("big", ["k%d" % (j % 3), 20000, "c%d" % j]), True)
+        wait_log(s, "file: compacted global")
+        eq(s.read_log().count("file: compacting global"), 2, "one more try, which worked")
 
 
 def test_storage_faults_in_a_commit():

@@ -31,8 +31,11 @@
  * naming file and offset) and the file is left as it is. The header CRC is what makes this
  * work: without it a flipped bit in a length field reads as a record running past the end
  * of the file, i.e. as a torn tail, and a cut there would drop every later commit. Nothing is
- * ever cut past a record that validates. (A torn tail whose bytes happen to contain a valid
- * record, e.g. one embedded on purpose in a key, is refused rather than cut: the safe side.)
+ * ever cut past a record that validates. A format-2 header that holds gives the record's
+ * extent, so the search starts after that record: a valid record embedded in its payload
+ * (a key can hold one) is not taken for proof of damage. Only when the header itself is torn
+ * is the search byte by byte, and then such an embedded record makes the scope refused rather
+ * than cut: the safe side.
  *
  * Commit under the lock: read whatever other processes appended since our last look (that
  * is the conflict delta, handed back so the retry needs no second read), and only if there
@@ -57,6 +60,7 @@
 #include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -77,19 +81,21 @@
 #define MAX_SCOPE_NAME 200
 
 typedef struct fscope_s {
-    char *name;       /* owned */
-    char *path;       /* owned: dir/E without the extension */
-    int lock_fd;      /* -1 until the first operation */
-    int log_fd;       /* -1 until the first operation */
-    int dir_synced;   /* the directory was fsynced after our files were created */
-    ino_t log_ino;    /* inode of log_fd: a compaction replaces the file */
-    off_t log_end;    /* bytes of the log read and applied by us */
-    uint64_t version; /* the version we last reported to the runner */
-    off_t snap_size;  /* size of the current snapshot file (compaction policy) */
-    int busy;         /* a load or commit is in flight (invariant: at most one) */
-    int compacting;   /* a compaction job is in flight (at most one) */
-    uv_mutex_t mutex; /* held by a load or commit, and by a compaction's switch */
-    char *failed;     /* owned; set when the file's state is unknown: why we refuse it */
+    char *name;          /* owned */
+    char *path;          /* owned: dir/E without the extension */
+    int lock_fd;         /* -1 until the first operation */
+    int log_fd;          /* -1 until the first operation */
+    int dir_synced;      /* the directory was fsynced after our files were created */
+    ino_t log_ino;       /* inode of log_fd: a compaction replaces the file */
+    off_t log_end;       /* bytes of the log read and applied by us */
+    uint64_t version;    /* the version we last reported to the runner */
+    off_t snap_size;     /* size of the current snapshot file (compaction policy) */
+    int busy;            /* a load or commit is in flight (invariant: at most one) */
+    int compacting;      /* a compaction job is in flight (at most one) */
+    off_t compact_after; /* no compaction before the log passes this (backoff after a
+                            failed one: a full disk would otherwise rewrite per commit) */
+    uv_mutex_t mutex;    /* held by a load or commit, and by a compaction's switch */
+    char *failed;        /* owned; set when the file's state is unknown: why we refuse it */
     struct fscope_s *next;
 } fscope_t;
 
@@ -99,6 +105,8 @@ typedef struct {
     char *dir;         /* owned */
     fscope_t *scopes;  /* owned */
     unsigned ops;      /* operations and compactions in flight */
+    int compactions;   /* compaction jobs in flight: at most one per store, so that they
+                          hold at most one of libuv's four pool threads, never all */
     uint64_t commits;  /* commits written (loop thread) */
     uint64_t syncs;    /* fsync and fdatasync calls, from any thread (atomic) */
     off_t compact_min; /* compact logs above this size (COMPACT_MIN_BYTES; a test may lower) */
@@ -188,7 +196,8 @@ static void encode_name(mph_buf_t *out, const char *name)
  * MPH_TEST_FAULT=POINT:N:ACTION[,...] acts at the N-th pass (from 1; 0: every pass) through
  * a named step of this file (the names are the first argument of fault_at() calls):
  *   fail   the step fails with EIO (a write first writes half its bytes, as a full disk may)
- *   crash  the process _exits (status 86) before the step, like kill -9 or a power cut
+ *   crash  the process kills itself with SIGKILL before the step, as kill -9 would: no exit
+ *          handler runs (nor a leak check under valgrind or LeakSanitizer)
  *   hold   the step waits until the file named by MPH_TEST_GATE exists (a test's barrier)
  * Each action is logged ("test fault: ACTION at POINT"), so a test can wait for it and a
  * renamed step cannot pass a test silently. MPH_TEST_COMPACT_MIN=BYTES lowers the log size
@@ -246,7 +255,8 @@ static int fault_at(const char *point)
         switch (faults[i].action) {
         case FAULT_CRASH:
             mph_log(MPH_LOG_WARN, "test fault: crash at %s", point);
-            _exit(86);
+            kill(getpid(), SIGKILL);
+            _exit(137); /* not reached */
         case FAULT_HOLD:
             mph_log(MPH_LOG_WARN, "test fault: hold at %s", point);
             while (fault_gate == NULL || access(fault_gate, F_OK) != 0) {
@@ -366,6 +376,18 @@ static void doc_add(op_t *op, const char *key, size_t klen, const char *json, si
     e->klen = klen;
     e->json = json;
     e->jlen = jlen;
+}
+
+/* Whether a format-2 header whose checksum holds starts at d[at]; sets *size to the length
+ * of the record it announces (which may run past len). Such a length can be trusted: a
+ * flipped bit would break the header's checksum. */
+static int header_v2_valid(const unsigned char *d, size_t len, size_t at, size_t *size)
+{
+    if (len - at < HEADER_V2 || get_u32(d + at) != MAGIC_V2 ||
+        crc(d + at, 12) != get_u32(d + at + 12))
+        return 0;
+    *size = HEADER_V2 + (size_t)get_u32(d + at + 4);
+    return 1;
 }
 
 /* Whether a whole record whose frame and checksums hold starts at d[at]. Sets *size to its
@@ -519,10 +541,20 @@ static void scan_log(const mph_buf_t *b, uint64_t last, uint64_t skip_upto, op_t
             return;
         }
         if (r == PARSE_BAD) {
-            /* A crash leaves nothing valid after it; damage to acknowledged data does. */
+            /* A crash leaves nothing valid after it; damage to acknowledged data does. When
+             * the header itself holds, the record's extent is known: one that runs past the
+             * end is an incomplete write, and valid records can only follow its end (so a
+             * record embedded in its payload, say in a key, is never mistaken for one). */
             const unsigned char *d = (const unsigned char *)b->data;
-            size_t size, hdr;
-            for (size_t y = at + 1; y + HEADER_V1 <= b->len; y++) {
+            size_t size, hdr, from = at + 1;
+            if (header_v2_valid(d, b->len, at, &size)) {
+                if (size > b->len - at) {
+                    out->verdict = SCAN_TORN;
+                    return;
+                }
+                from = at + size;
+            }
+            for (size_t y = from; y + HEADER_V1 <= b->len; y++) {
                 if (frame_valid(d, b->len, y, &size, &hdr)) {
                     out->verdict = SCAN_CORRUPT;
                     out->next_valid = y;
@@ -1078,9 +1110,11 @@ static void do_compact(op_t *op)
                 nlive, (unsigned long long)version, (long long)(op->upto - op->from));
     fault_at("compact.done");
 done:
-    if (failed)
+    if (failed) {
         mph_log(MPH_LOG_WARN, "file: compaction of %s failed %s (the log stays as it is): %s",
                 sc->name, failed, strerror(errno));
+        op->status = MPH_EIO; /* the loop backs off before the next try */
+    }
     if (fd >= 0)
         close(fd);
     if (guard >= 0)
@@ -1160,6 +1194,7 @@ static void start_compaction(file_store_t *fs, fscope_t *sc)
     mph_log(MPH_LOG_DEBUG, "file: compacting %s (%lld bytes of log)", sc->name,
             (long long)sc->log_end);
     sc->compacting = 1;
+    fs->compactions++;
     fs->ops++;
 }
 
@@ -1171,13 +1206,17 @@ static void after_work_cb(uv_work_t *w, int status)
     (void)status; /* work is never cancelled */
     if (op->kind == OP_COMPACT) {
         sc->compacting = 0;
+        fs->compactions--;
+        if (op->status != 0)
+            sc->compact_after = sc->log_end + fs->compact_min;
     } else {
         sc->busy = 0;
         if (op->kind == OP_COMMIT && op->status == 0) {
             fs->commits++;
             /* Decided before the callback, which may start the next commit. */
-            if (!sc->compacting && !fs->closing && sc->failed == NULL &&
-                sc->log_end > fs->compact_min && sc->log_end > 2 * sc->snap_size)
+            if (!sc->compacting && fs->compactions == 0 && !fs->closing && sc->failed == NULL &&
+                sc->log_end > fs->compact_min && sc->log_end > sc->compact_after &&
+                sc->log_end > 2 * sc->snap_size)
                 start_compaction(fs, sc);
         }
         mph_store_result_t res = {op->status, op->message[0] ? op->message : NULL, op->doc,

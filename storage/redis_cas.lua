@@ -77,9 +77,19 @@ if #record > log_bytes then
   call('DEL', log_key, logsize_key)
 else
   local n = call('LPUSH', log_key, record)
-  -- A log that was empty (new, or deleted by hand) restarts the count.
+  -- A log that was empty (new, or deleted by hand) restarts the count. A log without a
+  -- size was written before sizes were kept (mphost 0.1): its size is unknown, so it keeps
+  -- only this record (callers further behind get the whole document, as for a trimmed log).
   local size = #record
-  if n > 1 then size = size + tonumber(call('GET', logsize_key) or '0') end
+  if n > 1 then
+    local known = call('GET', logsize_key)
+    if known then
+      size = size + tonumber(known)
+    else
+      call('LTRIM', log_key, 0, 0)
+      n = 1
+    end
+  end
   while n > 1 and (size > log_bytes or n > log_records) do
     size = size - #call('RPOP', log_key)
     n = n - 1

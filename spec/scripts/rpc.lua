@@ -87,6 +87,12 @@ expose("scope_self_table", function()
   t.self = t
   mp.scope.global.t = t
 end)
+-- A table whose metatable claims a plain form that is another such table, without end.
+expose("endless_plain", function()
+  local mt = {}
+  mt.__mp_plain = function() return setmetatable({}, mt) end
+  return setmetatable({}, mt)
+end)
 mp.service("hidden", function() return "secret" end) -- not exposed
 
 mp.serve()

@@ -138,6 +138,35 @@ static void test_zero_filled_tails_are_torn(void)
     }
 }
 
+/* A key may hold the bytes of a whole valid record (users choose keys). If a crash tears the
+ * record around it, or zeroes the end of its payload, that is still a torn tail: the torn
+ * record's header announces its extent, and only records after it can prove damage. */
+static void test_a_record_inside_a_torn_record_is_not_taken_for_one(void)
+{
+    mph_buf_t inner = MPH_BUF_INIT, b = MPH_BUF_INIT;
+    mph_store_entry_t ie = {"k", 1, "1", 1};
+    build_record(&inner, 7, &ie, 1);
+    size_t starts[4];
+    build_log(&b, 1, 3, starts);
+    size_t at = b.len;
+    mph_store_entry_t oe = {inner.data, inner.len, "2", 1};
+    build_record(&b, 4, &oe, 1);
+    size_t full = b.len;
+    for (size_t cut = at + HEADER_V2 + 1; cut < full; cut++) {
+        mph_buf_t t = {b.data, cut, b.cap};
+        size_t end;
+        uint64_t last;
+        CHECK(scan(&t, &end, &last) == SCAN_TORN && end == at && last == 3);
+    }
+    /* Whole length, but the last bytes of the payload never made it (zeros). */
+    memset(b.data + full - 3, 0, 3);
+    size_t end;
+    uint64_t last;
+    CHECK(scan(&b, &end, &last) == SCAN_TORN && end == at && last == 3);
+    mph_buf_free(&inner);
+    mph_buf_free(&b);
+}
+
 static void test_damage_before_valid_records_is_corruption(void)
 {
     mph_buf_t b = MPH_BUF_INIT;
@@ -243,6 +272,8 @@ static const mph_unit_test_t tests[] = {
     {"format_1_records_still_load", test_format_1_records_still_load},
     {"every_prefix_of_the_last_record_is_torn", test_every_prefix_of_the_last_record_is_torn},
     {"zero_filled_tails_are_torn", test_zero_filled_tails_are_torn},
+    {"a_record_inside_a_torn_record_is_not_taken_for_one",
+     test_a_record_inside_a_torn_record_is_not_taken_for_one},
     {"damage_before_valid_records_is_corruption", test_damage_before_valid_records_is_corruption},
     {"format_1_length_damage_is_corruption", test_format_1_length_damage_is_corruption},
     {"versions_must_follow", test_versions_must_follow},
