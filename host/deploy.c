@@ -264,8 +264,13 @@ static int is_alive_mphost(int pid)
         return 0;
     n = fread(buf, 1, sizeof(buf) - 1, f);
     fclose(f);
-    buf[n] = '\0'; /* argv[0] */
-    return strstr(buf, "mphost") != NULL;
+    buf[n] = '\0';
+    /* Any argument, not only argv[0]: a server run under a tool (valgrind mphost ...) is one
+     * too. The arguments are NUL-separated. */
+    for (size_t at = 0; at < n; at += strlen(buf + at) + 1)
+        if (strstr(buf + at, "mphost") != NULL)
+            return 1;
+    return 0;
 }
 
 /* Finds the deployments of cli's script (all ports, or the one port given). */

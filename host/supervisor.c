@@ -93,6 +93,7 @@ struct sup_s {
     const char *log_path;  /* MPH_LOG_PATH, for the pid file */
     int closed;            /* the supervisor's own handles are closing */
     char **args;           /* a worker's command line (owned array, borrowed strings) */
+    char exe[4096];        /* this binary's path, which workers run */
 };
 
 #ifndef NDEBUG
@@ -367,7 +368,7 @@ static void spawn_worker(slot_t *s)
     uv_process_options_t opt;
     memset(&opt, 0, sizeof(opt));
     opt.exit_cb = on_worker_exit;
-    opt.file = "/proc/self/exe"; /* this very binary, even if the file was replaced since */
+    opt.file = sup->exe;
     opt.args = sup->args;
     opt.env = env;
     opt.stdio = stdio;
@@ -485,6 +486,11 @@ int mph_supervisor_run(mph_cli_t *cli, int nworkers, FILE *ready)
     sup->ready_out = ready;
     sup->log_path = getenv("MPH_LOG_PATH");
     sup->args = worker_args(cli);
+    /* The binary's path as /proc/self/exe names it (uv_exepath reads that link). Not the link
+     * itself: under valgrind it leads to valgrind's tool, while reading it gives mphost. */
+    size_t exelen = sizeof(sup->exe);
+    if (uv_exepath(sup->exe, &exelen) != 0)
+        snprintf(sup->exe, sizeof(sup->exe), "/proc/self/exe");
     int rc = mph_http_open_listener(cli->host.listen, cli->host.port, &sup->listen_fd, &sup->port,
                                     err, sizeof(err));
     if (rc != 0) {
