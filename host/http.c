@@ -769,7 +769,8 @@ int mph_http_open_listener(const char *addr, int port, int *fd_out, int *port_ou
  * When every worker is busy or pausing, a new connection waits that long at most. libuv's
  * listening streams cannot pause, hence accept4 on a uv_poll_t of our own. */
 
-#define SHARED_ACCEPT_BATCH 64 /* connections taken per wakeup before pausing */
+#define SHARED_ACCEPT_BATCH 64        /* connections taken per wakeup before pausing */
+#define SHARED_ACCEPT_ERROR_PAUSE 100 /* ms of pause after a failed accept (EMFILE...) */
 
 static void on_accept_ready(uv_poll_t *p, int status, int events);
 
@@ -810,7 +811,7 @@ static void on_accept_ready(uv_poll_t *p, int status, int events)
             conn_start(c);
         }
     }
-    unsigned pause = failed ? 100 : accepted ? srv->pause_ms : 0;
+    unsigned pause = failed ? SHARED_ACCEPT_ERROR_PAUSE : accepted ? srv->pause_ms : 0;
     if (pause > 0) {
         uv_poll_stop(&srv->accept_poll);
         uv_timer_start(&srv->accept_pause, on_accept_resume, pause, 0);
