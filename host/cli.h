@@ -6,6 +6,8 @@
 #ifndef MPH_CLI_H
 #define MPH_CLI_H
 
+#include <stdio.h>
+
 #include "mphost.h"
 
 typedef struct {
@@ -18,13 +20,27 @@ typedef struct {
     char storage_url[1024]; /* --storage=redis made into a redis:// URL */
     const char *log_level;  /* --logging */
     char *state_dir;        /* checked state directory (owned); NULL: none (serve only) */
+    int workers;            /* --workers=N; 0: not given */
+    char **argv;            /* main's, NULL-terminated: what a supervisor runs its workers
+                               with (borrowed) */
+    long long started;      /* when serving began (time(NULL)); the pid file's started= */
     /* call */
     const char *method;
     const char *params; /* JSON text, default "[{}]" */
     const char *url;    /* default http://127.0.0.1:3000/ */
 } mph_cli_t;
 
+/* The most workers a deployment runs (--workers, mp.spread). */
+#define MPH_MAX_WORKERS 256
+
+/* serve: loads the script; with --workers or topologies (mph_host_topology_workers) it becomes
+ * the supervisor of that many workers (supervisor.h), else serves in this process. ready_fd
+ * (-1: none) gets deploy's one line, "ready PORT" or "error MESSAGE". */
 int mph_cli_serve(mph_cli_t *cli, int ready_fd);
+
+/* Says why serving could not start: "error MSG" on the ready stream (then closed) or, in the
+ * foreground, on stderr. */
+void mph_cli_report_failure(FILE *ready, const char *msg);
 int mph_cli_deploy(mph_cli_t *cli);
 int mph_cli_delete(mph_cli_t *cli);
 int mph_cli_status(mph_cli_t *cli);
@@ -39,10 +55,19 @@ int mph_cli_open_state_dir(mph_cli_t *cli, char *err, size_t errlen);
 /* "<state dir>/<hash of script path>-<port>" + ext. New string. Needs cli->state_dir. */
 char *mph_cli_deployment_file(const mph_cli_t *cli, int port, const char *ext);
 
-/* Writes the pid file of a serving host (0, or MPH_EIO with a message in err); removes it if
- * it is still this process's. Need cli->state_dir. */
-int mph_cli_write_pidfile(const mph_cli_t *cli, int port, const char *log_path, char *err,
-                          size_t errlen);
+/* One worker of a supervised deployment, as the pid file records it for status. */
+typedef struct {
+    int id;            /* 1..count */
+    int pid;           /* 0 while it is being replaced */
+    long long started; /* time(NULL) when this process of it was started */
+    int restarts;      /* processes started for this id after the first */
+} mph_cli_worker_t;
+
+/* Writes the pid file of a serving host (0, or MPH_EIO with a message in err), listing
+ * `nworkers` workers (a supervisor's; NULL, 0 for a single process); removes it if it is still
+ * this process's. Need cli->state_dir. */
+int mph_cli_write_pidfile(const mph_cli_t *cli, int port, const char *log_path,
+                          const mph_cli_worker_t *workers, int nworkers, char *err, size_t errlen);
 void mph_cli_remove_pidfile(const mph_cli_t *cli, int port);
 
 #endif

@@ -152,6 +152,13 @@ int mph_log_parse_level(const char *name, mph_log_level_t *out)
     return MPH_EINVAL;
 }
 
+static char log_tag[32]; /* "worker 2: " in a worker's lines, else empty */
+
+void mph_log_set_tag(const char *tag)
+{
+    snprintf(log_tag, sizeof(log_tag), "%s%s", tag, *tag ? ": " : "");
+}
+
 void mph_log(mph_log_level_t level, const char *fmt, ...)
 {
     if (!MPH_LOG_ENABLED(level) || level >= MPH_LOG_SILENT)
@@ -161,9 +168,9 @@ void mph_log(mph_log_level_t level, const char *fmt, ...)
     struct tm tm;
     clock_gettime(CLOCK_REALTIME, &ts);
     gmtime_r(&ts.tv_sec, &tm);
-    int n = snprintf(line, sizeof(line), "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ %-5s ",
+    int n = snprintf(line, sizeof(line), "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ %-5s %s",
                      tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
-                     ts.tv_nsec / 1000000, level_names[level]);
+                     ts.tv_nsec / 1000000, level_names[level], log_tag);
     va_list ap;
     va_start(ap, fmt);
     int m = vsnprintf(line + n, sizeof(line) - (size_t)n - 1, fmt, ap);

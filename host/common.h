@@ -101,7 +101,10 @@ extern mph_log_level_t mph_log_level;
 /* Parses "trace".."silent"; returns 0 and sets *out, or MPH_EINVAL. */
 int mph_log_parse_level(const char *name, mph_log_level_t *out);
 
-/* Writes one line to stderr: timestamp, level, message. Never fails visibly. */
+/* Names the process in every line it logs from now on ("worker 2"; "" for none). */
+void mph_log_set_tag(const char *tag);
+
+/* Writes one line to stderr: timestamp, level, tag, message. Never fails visibly. */
 void mph_log(mph_log_level_t level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 #define MPH_LOG_ENABLED(level) ((level) >= mph_log_level)

@@ -153,8 +153,8 @@ static int lock_script(const mph_cli_t *cli, char *err, size_t errlen)
     return fd;
 }
 
-int mph_cli_write_pidfile(const mph_cli_t *cli, int port, const char *log_path, char *err,
-                          size_t errlen)
+int mph_cli_write_pidfile(const mph_cli_t *cli, int port, const char *log_path,
+                          const mph_cli_worker_t *workers, int nworkers, char *err, size_t errlen)
 {
     char *path = mph_cli_deployment_file(cli, port, ".pid");
     char *tmp = mph_xmalloc(strlen(path) + 32);
@@ -166,8 +166,12 @@ int mph_cli_write_pidfile(const mph_cli_t *cli, int port, const char *log_path, 
     int rc = MPH_EIO;
     if (f) {
         fprintf(f, "pid=%d\nport=%d\nscript=%s\nstorage=%s\nstarted=%lld\nlog=%s\n", (int)getpid(),
-                port, cli->script_path, cli->storage_desc, (long long)time(NULL),
+                port, cli->script_path, cli->storage_desc,
+                cli->started ? cli->started : (long long)time(NULL),
                 log_path ? log_path : "(stderr)");
+        for (int i = 0; i < nworkers; i++)
+            fprintf(f, "worker=%d %d %lld %d\n", workers[i].id, workers[i].pid, workers[i].started,
+                    workers[i].restarts);
         int ok = fflush(f) == 0 && fsync(fd) == 0; /* a full disk shows here, or at close */
         ok = fclose(f) == 0 && ok && rename(tmp, path) == 0;
         rc = ok ? 0 : MPH_EIO;
@@ -203,6 +207,8 @@ typedef struct {
     int pid;
     int port;
     long long started;
+    int nworkers; /* 0: a single process */
+    mph_cli_worker_t workers[MPH_MAX_WORKERS];
     char storage[2048];
     char log[2048];
     char path[4096]; /* the pid file */
@@ -228,6 +234,11 @@ static int read_pidfile(const char *path, deployment_t *d)
             snprintf(d->storage, sizeof(d->storage), "%s", line + 8);
         else if (strncmp(line, "log=", 4) == 0)
             snprintf(d->log, sizeof(d->log), "%s", line + 4);
+        else if (strncmp(line, "worker=", 7) == 0 && d->nworkers < MPH_MAX_WORKERS) {
+            mph_cli_worker_t *w = &d->workers[d->nworkers];
+            if (sscanf(line + 7, "%d %d %lld %d", &w->id, &w->pid, &w->started, &w->restarts) == 4)
+                d->nworkers++;
+        }
     }
     fclose(f);
     return d->pid > 0 ? 0 : -1;
@@ -253,8 +264,13 @@ static int is_alive_mphost(int pid)
         return 0;
     n = fread(buf, 1, sizeof(buf) - 1, f);
     fclose(f);
-    buf[n] = '\0'; /* argv[0] */
-    return strstr(buf, "mphost") != NULL;
+    buf[n] = '\0';
+    /* Any argument, not only argv[0]: a server run under a tool (valgrind mphost ...) is one
+     * too. The arguments are NUL-separated. */
+    for (size_t at = 0; at < n; at += strlen(buf + at) + 1)
+        if (strstr(buf + at, "mphost") != NULL)
+            return 1;
+    return 0;
 }
 
 /* Finds the deployments of cli's script (all ports, or the one port given). */
@@ -302,10 +318,22 @@ int mph_cli_status(mph_cli_t *cli)
         printf("%s: not running\n", cli->script);
         return 3;
     }
+    long long now = (long long)time(NULL);
     for (int i = 0; i < n; i++) {
-        long long up = (long long)time(NULL) - deps[i].started;
-        printf("%s: running, pid %d, port %d, storage %s, uptime %llds, log %s\n", cli->script,
-               deps[i].pid, deps[i].port, deps[i].storage, up, deps[i].log);
+        const deployment_t *d = &deps[i];
+        printf("%s: running, pid %d, port %d, storage %s, uptime %llds, log %s", cli->script,
+               d->pid, d->port, d->storage, now - d->started, d->log);
+        if (d->nworkers > 0) /* a supervisor (the pid above) and its workers */
+            printf(", %d workers", d->nworkers);
+        printf("\n");
+        for (int j = 0; j < d->nworkers; j++) {
+            const mph_cli_worker_t *w = &d->workers[j];
+            if (w->pid > 0)
+                printf("  worker %d: pid %d, uptime %llds, restarts %d\n", w->id, w->pid,
+                       now - w->started, w->restarts);
+            else
+                printf("  worker %d: being replaced, restarts %d\n", w->id, w->restarts);
+        }
     }
     free(deps);
     return 0;

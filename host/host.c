@@ -25,6 +25,11 @@
 #include "http.h"
 #include "rpc.h"
 
+/* How long a worker that has just accepted a connection leaves the next ones to the other
+ * workers (http.h, mph_http_listen_shared): longer than a client takes between two short
+ * calls, short enough to be lost in any connection's setup when every worker is busy. */
+#define SHARED_ACCEPT_PAUSE_MS 1
+
 typedef enum { HOST_NEW, HOST_RUNNING, HOST_STOPPING, HOST_CLOSED } host_state_t;
 
 struct mph_host_s {
@@ -59,6 +64,9 @@ void mph_host_config_default(mph_host_config_t *cfg)
     cfg->idle_timeout_ms = http.idle_timeout_ms;
     cfg->shutdown_timeout_ms = 10000;
     cfg->handler_timeout_ms = 10000;
+    cfg->listen_fd = -1;
+    cfg->worker_id = 1;
+    cfg->worker_count = 1;
 }
 
 const char *mph_host_strerror(int err)
@@ -148,8 +156,9 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
     }
     if (rc != 0)
         goto fail_loop;
-    mph_lua_config_t lcfg = {h->store, cfg->max_retries, cfg->debug_errors,
-                             cfg->handler_timeout_ms};
+    mph_lua_config_t lcfg = {h->store,          cfg->max_retries,
+                             cfg->debug_errors, cfg->handler_timeout_ms,
+                             cfg->worker_id,    cfg->worker_count};
     rc = mph_lua_new(&h->lua, &h->loop, &lcfg);
     if (rc != 0) {
         snprintf(err, errlen, "cannot create the Lua state: %s", mph_strerror(rc));
@@ -216,10 +225,19 @@ static void warn_if_sigpipe_kills(void)
 int mph_host_listen(mph_host_t *h, char *err, size_t errlen)
 {
     warn_if_sigpipe_kills();
-    int rc = mph_http_listen(h->http, h->cfg.listen, h->cfg.port, err, errlen);
+    int rc = h->cfg.listen_fd >= 0
+                 ? mph_http_listen_shared(h->http, h->cfg.listen_fd,
+                                          h->cfg.worker_count > 1 ? SHARED_ACCEPT_PAUSE_MS : 0, err,
+                                          errlen)
+                 : mph_http_listen(h->http, h->cfg.listen, h->cfg.port, err, errlen);
     if (rc == 0)
         h->listening = 1;
     return rc;
+}
+
+int mph_host_topology_workers(const mph_host_t *h)
+{
+    return mph_lua_topology_workers(h->lua);
 }
 
 int mph_host_port(const mph_host_t *h)
@@ -309,6 +327,12 @@ int mph_host_handle_signals(mph_host_t *h)
 void mph_host_stop(mph_host_t *h)
 {
     uv_async_send(&h->stop_async);
+}
+
+int mph_host_stop_requested(mph_host_t *h)
+{
+    uv_run(&h->loop, UV_RUN_NOWAIT); /* runs on_signal or on_stop_async if one is pending */
+    return h->state == HOST_STOPPING || h->state == HOST_CLOSED;
 }
 
 int mph_host_run(mph_host_t *h)

@@ -23,15 +23,20 @@
  * the responses owed before it (uv_try_write would drop it, or half of it, whenever the socket
  * is full or a write is queued).
  */
-#define _POSIX_C_SOURCE 200809L
+#define _GNU_SOURCE /* accept4 */
 #include "http.h"
 
 #include <assert.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <http_parser.h>
+#include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "common.h"
 
@@ -83,7 +88,13 @@ struct mph_http_server_s {
     uv_loop_t *loop;
     uv_tcp_t listener;
     int listening;     /* listener initialised */
-    int listener_open; /* listener not closed yet */
+    int listener_open; /* listener (or the shared socket's handles) not closed yet */
+    /* A socket shared with other processes (mph_http_listen_shared) is accepted on by hand: */
+    int shared_fd;           /* the shared listening socket (owned), or -1 */
+    uv_poll_t accept_poll;   /* its readiness, stopped during a pause */
+    uv_timer_t accept_pause; /* ends the pause that follows each accept */
+    unsigned pause_ms;       /* how long that pause is; 0: none */
+    int accept_handles;      /* accept_poll and accept_pause not closed yet */
     mph_http_config_t cfg;
     mph_http_handler_t handler;
     void *ud;
@@ -676,6 +687,7 @@ int mph_http_server_new(mph_http_server_t **out, uv_loop_t *loop, const mph_http
         srv->cfg.max_pipeline = 2;
     srv->handler = handler;
     srv->ud = ud;
+    srv->shared_fd = -1;
     srv->settings.on_message_begin = on_message_begin;
     srv->settings.on_url = on_url;
     srv->settings.on_header_field = on_header_field;
@@ -713,6 +725,129 @@ int mph_http_listen(mph_http_server_t *srv, const char *addr, int port, char *er
     return 0;
 }
 
+int mph_http_open_listener(const char *addr, int port, int *fd_out, int *port_out, char *err,
+                           size_t errlen)
+{
+    struct sockaddr_storage sa;
+    socklen_t salen = sizeof(struct sockaddr_in);
+    if (uv_ip4_addr(addr, port, (struct sockaddr_in *)&sa) != 0) {
+        salen = sizeof(struct sockaddr_in6);
+        if (uv_ip6_addr(addr, port, (struct sockaddr_in6 *)&sa) != 0) {
+            snprintf(err, errlen, "invalid listen address %s", addr);
+            return MPH_EINVAL;
+        }
+    }
+    /* As uv_tcp_bind does: SO_REUSEADDR, so a restart can bind while old connections of the
+     * previous server linger in TIME_WAIT. Close-on-exec: a child gets it only on purpose. */
+    int one = 1, fd = socket(sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int rc = fd < 0 ? -errno : 0;
+    if (rc == 0 && (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0 ||
+                    bind(fd, (struct sockaddr *)&sa, salen) != 0 || listen(fd, 511) != 0))
+        rc = -errno;
+    if (rc != 0) {
+        snprintf(err, errlen, "cannot listen on %s:%d: %s%s", addr, port, uv_strerror(rc),
+                 rc == UV_EADDRINUSE ? " (the port is in use)" : "");
+        if (fd >= 0)
+            close(fd);
+        return rc == UV_EADDRINUSE ? MPH_EADDRINUSE : MPH_ELISTEN;
+    }
+    struct sockaddr_storage bound;
+    socklen_t len = sizeof(bound);
+    getsockname(fd, (struct sockaddr *)&bound, &len);
+    *port_out = ntohs(((struct sockaddr_in *)&bound)->sin_port); /* same offset in sin6 */
+    *fd_out = fd;
+    return 0;
+}
+
+/* ---- A listening socket shared with other processes ----
+ *
+ * Every worker of a supervisor accepts on the same socket; the kernel wakes them all when a
+ * connection comes and whoever calls accept() first has it. Left to that race, one worker
+ * often wins nearly every time (it is the one already running), and sequential clients all
+ * land on it. So a worker that has just accepted pauses for pause_ms before it accepts
+ * again: an idle worker takes the next connection, and clients spread over the workers.
+ * When every worker is busy or pausing, a new connection waits that long at most. libuv's
+ * listening streams cannot pause, hence accept4 on a uv_poll_t of our own. */
+
+#define SHARED_ACCEPT_BATCH 64        /* connections taken per wakeup before pausing */
+#define SHARED_ACCEPT_ERROR_PAUSE 100 /* ms of pause after a failed accept (EMFILE...) */
+
+static void on_accept_ready(uv_poll_t *p, int status, int events);
+
+static void on_accept_resume(uv_timer_t *t)
+{
+    mph_http_server_t *srv = t->data;
+    if (!srv->shutting_down)
+        uv_poll_start(&srv->accept_poll, UV_READABLE, on_accept_ready);
+}
+
+static void on_accept_ready(uv_poll_t *p, int status, int events)
+{
+    mph_http_server_t *srv = p->data;
+    (void)events;
+    int accepted = 0, failed = status < 0;
+    while (!failed && accepted < SHARED_ACCEPT_BATCH) {
+        int fd = accept4(srv->shared_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED)
+                continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                /* EMFILE and the like: pause rather than spin on a socket still readable. */
+                mph_log(MPH_LOG_WARN, "http: accept: %s", strerror(errno));
+                failed = 1;
+            }
+            break; /* taken by another worker, or none left */
+        }
+        accepted++;
+        conn_t *c = conn_new(srv);
+        if (uv_tcp_open(&c->tcp, fd) != 0) {
+            close(fd);
+            conn_close(c);
+        } else if (srv->nconns > srv->cfg.max_connections) {
+            mph_log(MPH_LOG_WARN, "http: connection limit (%u) reached, closing a new one",
+                    srv->cfg.max_connections);
+            conn_close(c);
+        } else {
+            conn_start(c);
+        }
+    }
+    unsigned pause = failed ? SHARED_ACCEPT_ERROR_PAUSE : accepted ? srv->pause_ms : 0;
+    if (pause > 0) {
+        uv_poll_stop(&srv->accept_poll);
+        uv_timer_start(&srv->accept_pause, on_accept_resume, pause, 0);
+    }
+}
+
+int mph_http_listen_shared(mph_http_server_t *srv, int fd, unsigned pause_ms, char *err,
+                           size_t errlen)
+{
+    struct sockaddr_storage bound;
+    socklen_t len = sizeof(bound);
+    int listening = 0;
+    socklen_t optlen = sizeof(listening);
+    if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &optlen) != 0 || !listening ||
+        getsockname(fd, (struct sockaddr *)&bound, &len) != 0) {
+        snprintf(err, errlen, "descriptor %d is not a listening socket", fd);
+        return MPH_ELISTEN;
+    }
+    /* Non-blocking, or a worker that loses the race for a connection would wait in accept4. */
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) != 0) {
+        snprintf(err, errlen, "descriptor %d: %s", fd, strerror(errno));
+        return MPH_ELISTEN;
+    }
+    srv->port = ntohs(((struct sockaddr_in *)&bound)->sin_port); /* same offset in sin6 */
+    srv->shared_fd = fd;
+    srv->pause_ms = pause_ms;
+    uv_poll_init(srv->loop, &srv->accept_poll, fd);
+    uv_timer_init(srv->loop, &srv->accept_pause);
+    srv->accept_poll.data = srv->accept_pause.data = srv;
+    srv->accept_handles = 2;
+    srv->listening = srv->listener_open = 1;
+    uv_poll_start(&srv->accept_poll, UV_READABLE, on_accept_ready);
+    return 0;
+}
+
 int mph_http_port(const mph_http_server_t *srv)
 {
     return srv->port;
@@ -730,6 +865,12 @@ static void maybe_drained(mph_http_server_t *srv)
 static void on_listener_closed(uv_handle_t *h)
 {
     mph_http_server_t *srv = h->data;
+    if (srv->shared_fd >= 0) { /* two handles, then our copy of the socket */
+        if (--srv->accept_handles > 0)
+            return;
+        close(srv->shared_fd);
+        srv->shared_fd = -1;
+    }
     srv->listener_open = 0;
     maybe_drained(srv);
 }
@@ -741,8 +882,12 @@ void mph_http_shutdown(mph_http_server_t *srv, void (*drained)(void *ud), void *
     srv->shutting_down = 1;
     srv->drained = drained;
     srv->drained_ud = ud;
-    if (srv->listener_open)
+    if (srv->listener_open && srv->shared_fd >= 0) {
+        uv_close((uv_handle_t *)&srv->accept_poll, on_listener_closed);
+        uv_close((uv_handle_t *)&srv->accept_pause, on_listener_closed);
+    } else if (srv->listener_open) {
         uv_close((uv_handle_t *)&srv->listener, on_listener_closed);
+    }
     /* Idle connections close now; busy ones finish what they started. */
     conn_t *c = srv->conns;
     while (c) {

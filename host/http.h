@@ -37,6 +37,20 @@ int mph_http_server_new(mph_http_server_t **out, uv_loop_t *loop, const mph_http
 /* Binds and listens. Returns 0, MPH_EADDRINUSE, or MPH_ELISTEN, with a message in err. */
 int mph_http_listen(mph_http_server_t *srv, const char *addr, int port, char *err, size_t errlen);
 
+/* Creates a listening TCP socket bound to addr:port (blocking calls; for a process that
+ * hands it to others, such as the supervisor to its workers). *fd_out (new, close-on-exec)
+ * and the port bound are set on success. Returns 0, MPH_EINVAL, MPH_EADDRINUSE or MPH_ELISTEN
+ * with a message in err. */
+int mph_http_open_listener(const char *addr, int port, int *fd_out, int *port_out, char *err,
+                           size_t errlen);
+
+/* Accepts on fd, a socket already listening that other processes (the supervisor's other
+ * workers) accept on too. After each accept the server pauses pause_ms (0: no pause) so that
+ * an idle process gets the next connection. Once this returns 0 the server owns fd (it is
+ * closed at the shutdown); MPH_ELISTEN: fd is not a listening socket (left to the caller). */
+int mph_http_listen_shared(mph_http_server_t *srv, int fd, unsigned pause_ms, char *err,
+                           size_t errlen);
+
 /* The port actually bound (useful after listening on port 0). */
 int mph_http_port(const mph_http_server_t *srv);
 

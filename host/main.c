@@ -9,10 +9,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "cli.h"
 #include "common.h"
+#include "supervisor.h"
+#include "worker.h"
 
 static const char usage[] =
     "usage: mphost SCRIPT [deploy] [options]    start SCRIPT's services in the background\n"
@@ -39,6 +42,9 @@ static const char usage[] =
     "  --shutdown-timeout=SEC  how long delete waits for in-flight requests (default 10)\n"
     "  --handler-timeout=SEC a handler running longer fails with -32003 (default 10;\n"
     "                        0: no limit, and LuaJIT's compiler is on)\n"
+    "  --workers=N           serve with N worker processes under a supervisor (default:\n"
+    "                        the largest n of the script's mp.spread(n, fn); else one\n"
+    "                        process)\n"
     "  --help, --version\n";
 
 static int bad_usage(const char *fmt, const char *arg)
@@ -155,6 +161,10 @@ static int apply_option(mph_cli_t *cli, const char *name, const char *value)
         if (parse_seconds(value, 0, 86400 * 1000, &h->shutdown_timeout_ms) != 0)
             return bad_usage("invalid --shutdown-timeout: %s (expected seconds, 0 to 86400)",
                              value);
+    } else if (strcmp(name, "workers") == 0) {
+        if (parse_integer(value, 1, MPH_MAX_WORKERS, &v) != 0)
+            return bad_usage("invalid --workers: %s (expected 1 to 256)", value);
+        cli->workers = (int)v;
     } else if (strcmp(name, "url") == 0) {
         cli->url = value;
     } else {
@@ -205,6 +215,16 @@ static int resolve_storage(mph_cli_t *cli)
     return bad_usage("unknown storage: %s (expected file, redis or redis://...)", h->storage);
 }
 
+void mph_cli_report_failure(FILE *ready, const char *msg)
+{
+    if (ready) {
+        fprintf(ready, "error %s\n", msg);
+        fclose(ready);
+    } else if (mph_log_level > MPH_LOG_ERROR) {
+        fprintf(stderr, "mphost: %s\n", msg);
+    }
+}
+
 int mph_cli_serve(mph_cli_t *cli, int ready_fd)
 {
     char err[1024], msg[1100];
@@ -218,24 +238,44 @@ int mph_cli_serve(mph_cli_t *cli, int ready_fd)
         mph_host_handle_signals(h);
     if (rc == 0 && (rc = mph_host_load_file(h, cli->script_path, err, sizeof(err))) != 0)
         script_failed = 1;
-    if (rc == 0)
-        rc = mph_host_listen(h, err, sizeof(err));
     if (rc != 0) {
         snprintf(msg, sizeof(msg), "%s%s", script_failed ? "script error: " : "", err);
         mph_log(MPH_LOG_ERROR, "%s", msg);
-        if (ready) {
-            fprintf(ready, "error %s\n", msg);
-            fclose(ready);
-        } else if (mph_log_level > MPH_LOG_ERROR) {
-            fprintf(stderr, "mphost: %s\n", msg);
-        }
+        mph_cli_report_failure(ready, msg);
         if (h)
             mph_host_free(h);
         return 1;
     }
+    int nworkers = mph_host_topology_workers(h);
+    if (cli->workers > 0 || nworkers > 1) {
+        /* Workers: this process becomes their supervisor. Its host only read the script's
+         * topologies (and checked that the script loads); each worker loads its own. */
+        if (cli->workers > 0 && cli->workers < nworkers)
+            mph_log(MPH_LOG_WARN, "--workers=%d raised to %d: the script's topologies need %d",
+                    cli->workers, nworkers, nworkers);
+        int stop = mph_host_stop_requested(h); /* a SIGTERM during the load is not lost */
+        mph_host_free(h);
+        if (stop) {
+            mph_log(MPH_LOG_INFO, "stopped before serving");
+            if (ready) {
+                fprintf(ready, "error stopped before serving\n");
+                fclose(ready);
+            }
+            return 0;
+        }
+        return mph_supervisor_run(cli, nworkers > cli->workers ? nworkers : cli->workers, ready);
+    }
+    if ((rc = mph_host_listen(h, err, sizeof(err))) != 0) {
+        mph_log(MPH_LOG_ERROR, "%s", err);
+        mph_cli_report_failure(ready, err);
+        mph_host_free(h);
+        return 1;
+    }
     int port = mph_host_port(h);
     const char *log_path = getenv("MPH_LOG_PATH");
-    if (cli->state_dir && mph_cli_write_pidfile(cli, port, log_path, err, sizeof(err)) != 0) {
+    cli->started = (long long)time(NULL);
+    if (cli->state_dir &&
+        mph_cli_write_pidfile(cli, port, log_path, NULL, 0, err, sizeof(err)) != 0) {
         mph_log(MPH_LOG_ERROR, "%s", err);
         if (ready) { /* a deployment that delete and status cannot find must not run */
             fprintf(ready, "error %s\n", err);
@@ -268,6 +308,7 @@ int main(int argc, char **argv)
     memset(&cli, 0, sizeof(cli));
     mph_host_config_default(&cli.host);
     cli.params = "[{}]";
+    cli.argv = argv;
     cli.url = "http://127.0.0.1:3000/";
 
     const char *env = getenv("MP_PORT");
@@ -343,7 +384,9 @@ int main(int argc, char **argv)
     if (resolve_storage(&cli) != 0)
         goto out;
     char err[1200];
-    if (mph_cli_open_state_dir(&cli, err, sizeof(err)) != 0) {
+    /* A worker of a supervisor (supervisor.h): the supervisor keeps the pid file. */
+    const char *worker = serve ? getenv(MPH_WORKER_ENV) : NULL;
+    if (worker == NULL && mph_cli_open_state_dir(&cli, err, sizeof(err)) != 0) {
         if (!serve) {
             fprintf(stderr, "mphost: %s\n", err);
             goto out;
@@ -352,7 +395,9 @@ int main(int argc, char **argv)
         mph_log(MPH_LOG_WARN, "%s; serving without a pid file", err);
     }
 
-    if (serve)
+    if (worker)
+        rc = mph_worker_serve(&cli, worker);
+    else if (serve)
         rc = mph_cli_serve(&cli, -1);
     else if (strcmp(cli.verb, "deploy") == 0)
         rc = mph_cli_deploy(&cli);

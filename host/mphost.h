@@ -47,12 +47,17 @@ typedef struct {
     unsigned shutdown_timeout_ms; /* graceful stop waits this long for in-flight calls */
     int debug_errors;             /* handler errors carry tracebacks */
     unsigned handler_timeout_ms;  /* -32003 past this; default 10000; 0: none, JIT on */
+    int listen_fd;                /* -1 (default): bind listen:port; else a socket already
+                                     listening (a supervisor's, shared with its other
+                                     workers) to accept on; the host owns it once listening */
+    int worker_id;                /* mp.worker.id, 1..worker_count; default 1 */
+    int worker_count;             /* mp.worker.count; default 1 */
 } mph_host_config_t;
 
 /* Fills every field with its default. */
 void mph_host_config_default(mph_host_config_t *cfg);
 
-/* Creates a host: loop, storage (opened, but Redis is only reached in listen), Lua state.
+/* Creates a host: loop, storage (opened; Redis is checked to answer), Lua state.
  * cfg is copied. Returns 0, or a negative code with a one-line message in err. */
 int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size_t errlen);
 
@@ -62,9 +67,14 @@ int mph_host_load_file(mph_host_t *h, const char *path, char *err, size_t errlen
 int mph_host_load_string(mph_host_t *h, const char *name, const char *src, char *err,
                          size_t errlen);
 
-/* Checks the storage is reachable and starts listening. Returns 0 or a negative code with
- * a message (port in use, storage unreachable). Warns when SIGPIPE would end the process. */
+/* Starts listening: binds listen:port, or accepts on cfg.listen_fd when it was given.
+ * Returns 0 or a negative code with a message (port in use). Warns when SIGPIPE would end the
+ * process. */
 int mph_host_listen(mph_host_t *h, char *err, size_t errlen);
+
+/* The number of workers the loaded script's topologies ask for: the largest n of its
+ * mp.spread(n, fn) calls, 0 when it has none. */
+int mph_host_topology_workers(const mph_host_t *h);
 
 /* The port listened on. */
 int mph_host_port(const mph_host_t *h);
@@ -72,6 +82,12 @@ int mph_host_port(const mph_host_t *h);
 /* SIGINT and SIGTERM stop the host gracefully (through libuv signal handles; other signals,
  * SIGPIPE included, are left alone: see above). Returns 0. */
 int mph_host_handle_signals(mph_host_t *h);
+
+/* Whether a stop was asked for (mph_host_stop, or a signal once mph_host_handle_signals was
+ * called) before the host runs: delivers what is pending without blocking. A program that
+ * loads a script and then decides not to run the host asks this before it frees the host, so
+ * that a SIGTERM that came during the load is not lost. */
+int mph_host_stop_requested(mph_host_t *h);
 
 /* Serves until stopped, then closes everything. Returns 0. */
 int mph_host_run(mph_host_t *h);

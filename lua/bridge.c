@@ -144,6 +144,17 @@ static int l_serve(lua_State *L)
     return 0;
 }
 
+/* C.topology(n): the script declared a topology over n workers (metaparticle.lua checked
+ * n); the host starts as many workers as the largest n asks for. [-0, +0, -] */
+static int l_topology(lua_State *L)
+{
+    mph_lua_t *lua = upvalue_lua(L);
+    int n = (int)lua_tointeger(L, 1);
+    if (n > lua->topology_workers)
+        lua->topology_workers = n;
+    return 0;
+}
+
 /* C.current() -> the running attempt's record table, or nil [-0, +1, -] */
 static int l_current(lua_State *L)
 {
@@ -271,6 +282,7 @@ static int l_fail_allocations(lua_State *L)
 
 static const luaL_Reg helper_functions[] = {{"log", l_log},
                                             {"serve", l_serve},
+                                            {"topology", l_topology},
                                             {"current", l_current},
                                             {"acquire", l_acquire},
                                             {"join", l_join},
@@ -373,6 +385,15 @@ static void open_module(mph_lua_t *lua, lua_State *L)
     lua_setfield(L, -2, "array_mt");
     mph_json_push_object_mt(L);
     lua_setfield(L, -2, "object_mt");
+    /* mp.worker: which worker this state serves in (a plain table the module hands out). */
+    lua_createtable(L, 0, 3);
+    lua_pushinteger(L, lua->worker_id);
+    lua_setfield(L, -2, "id");
+    lua_pushinteger(L, lua->worker_count);
+    lua_setfield(L, -2, "count");
+    lua_pushinteger(L, (lua_Integer)getpid());
+    lua_setfield(L, -2, "pid");
+    lua_setfield(L, -2, "worker");
     /* Stack: chunk, C */
     lua_call(L, 1, 2); /* inside init_state's lua_cpcall */
     /* Stack: M, I */
@@ -425,6 +446,8 @@ int mph_lua_new(mph_lua_t **out, uv_loop_t *loop, const mph_lua_config_t *cfg)
     lua->max_retries = cfg->max_retries >= 0 ? cfg->max_retries : DEFAULT_MAX_RETRIES;
     lua->debug_errors = cfg->debug_errors;
     lua->timeout_ns = (uint64_t)cfg->handler_timeout_ms * 1000000;
+    lua->worker_id = cfg->worker_id > 0 ? cfg->worker_id : 1;
+    lua->worker_count = cfg->worker_count > 0 ? cfg->worker_count : 1;
     lua->rng = random_seed(lua) | 1;           /* xorshift needs a nonzero state */
     lua->committer = mph__lua_random(lua) | 1; /* distinct per process and per host */
     lua->internal_ref = LUA_NOREF;
@@ -545,6 +568,11 @@ int mph_lua_load_file(mph_lua_t *lua, const char *path, char *err, size_t errlen
 size_t mph_lua_pending(const mph_lua_t *lua)
 {
     return lua->pending_calls;
+}
+
+int mph_lua_topology_workers(const mph_lua_t *lua)
+{
+    return lua->topology_workers;
 }
 
 int mph_lua_serve_called(const mph_lua_t *lua)

@@ -22,6 +22,9 @@ typedef struct {
     int debug_errors;   /* 1: handler errors carry a traceback in error.data */
     unsigned handler_timeout_ms; /* a handler running longer without a pause fails with
                                     -32003; 0: no limit (and the JIT compiler is on) */
+    int worker_id;               /* mp.worker.id: this process's worker number, 1..worker_count
+                                    (0: 1) */
+    int worker_count;            /* mp.worker.count: workers serving the script (0: 1) */
 } mph_lua_config_t;
 
 typedef struct {
@@ -56,6 +59,10 @@ void mph_lua_call(mph_lua_t *lua, const char *method, size_t mlen, const json_t 
 
 /* Number of calls whose callback has not run yet. */
 size_t mph_lua_pending(const mph_lua_t *lua);
+
+/* The largest n of the loaded script's topologies (mp.spread(n, fn)), 0 when none: how many
+ * workers the script asks for. */
+int mph_lua_topology_workers(const mph_lua_t *lua);
 
 /* Whether the script called mp.serve(). */
 int mph_lua_serve_called(const mph_lua_t *lua);

@@ -105,6 +105,9 @@ struct mph_lua_s {
     long alloc_fail;        /* test_alloc: allocations to fail after those */
     int internal_ref;       /* registry ref of the module's internal table */
     int serve_called;       /* the script called mp.serve() */
+    int worker_id;          /* mp.worker.id (1..worker_count) */
+    int worker_count;       /* mp.worker.count */
+    int topology_workers;   /* largest n of the script's topologies (mp.spread); 0: none */
     size_t pending_calls;   /* calls whose callback has not run */
     mph_txn_t *current;     /* the transaction whose coroutine is running, or NULL */
     mph_scope_t *scopes;    /* every scope seen, owned */

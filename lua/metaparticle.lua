@@ -122,6 +122,35 @@ function M.serve()
   C.serve()
 end
 
+-- ---- Topologies ----
+--
+-- The script is the topology, as in Metaparticle: mp.spread(n, fn) asks for n workers
+-- (processes under one supervisor; the largest n of the script, or --workers if larger, is
+-- how many run) and every worker serves every service. A spread call runs on whichever
+-- worker accepted its connection, so its handler just calls fn there (a new function each
+-- time, so that the topology of a handler can be told later); mp.shard and mp.scatter, which
+-- must reach chosen workers, will forward calls between workers from here.
+
+local MAX_WORKERS = 256
+
+-- mp.worker = { id = 1..count, count = N, pid = ... }: where this state runs.
+M.worker = C.worker
+
+local function check_workers(what, n)
+  if type(n) ~= "number" or n ~= floor(n) or n < 1 or n > MAX_WORKERS then
+    error(what .. ": the number of workers must be an integer from 1 to " .. MAX_WORKERS, 3)
+  end
+end
+
+function M.spread(n, fn)
+  check_workers("mp.spread", n)
+  if type(fn) ~= "function" then
+    error("mp.spread: handler must be a function", 2)
+  end
+  C.topology(n)
+  return function(...) return fn(...) end
+end
+
 -- ---- Plain data helpers ----
 
 local function deep_copy(v)

@@ -336,7 +336,93 @@ static void test_shutdown_drops_a_half_received_request(void)
     free(first);
 }
 
+/* ---- A listening socket shared by two servers (two workers, here in one loop) ---- */
+
+static void on_shared_drained(void *ud)
+{
+    (*(int *)ud)++;
+}
+
+static int connect_to(int port)
+{
+    struct sockaddr_in sa;
+    uv_ip4_addr("127.0.0.1", port, &sa);
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    CHECK(fd >= 0 && connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0);
+    return fd; /* complete once queued on the listening socket: nobody needs to accept it */
+}
+
+/* Runs the loop until the servers hold `n` connections between them. */
+static void accept_until(uv_loop_t *loop, mph_http_server_t *a, mph_http_server_t *b, unsigned n)
+{
+    for (int i = 0; i < 1000 && a->nconns + (b ? b->nconns : 0) < n; i++)
+        uv_run(loop, UV_RUN_ONCE);
+}
+
+static void test_shared_listener_pauses_after_an_accept(void)
+{
+    /* Both servers are woken by each connection; the one that accepts pauses (an hour
+     * here: nothing in the test depends on time), so the next goes to the other. Without a
+     * pause one server takes them all. Shutdown closes each copy of the socket and drains. */
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    mph_http_config_t cfg = config();
+    char err[256];
+    int fd, port, drained = 0, c[4];
+    CHECK(mph_http_open_listener("127.0.0.1", 0, &fd, &port, err, sizeof(err)) == 0);
+    mph_http_server_t *a, *b;
+    mph_http_server_new(&a, &loop, &cfg, mph_rpc_handle, NULL);
+    mph_http_server_new(&b, &loop, &cfg, mph_rpc_handle, NULL);
+    CHECK(mph_http_listen_shared(a, fd, 3600 * 1000, err, sizeof(err)) == 0);
+    CHECK(mph_http_listen_shared(b, dup(fd), 3600 * 1000, err, sizeof(err)) == 0);
+    CHECK(mph_http_port(a) == port && mph_http_port(b) == port);
+    c[0] = connect_to(port);
+    accept_until(&loop, a, b, 1);
+    c[1] = connect_to(port);
+    accept_until(&loop, a, b, 2);
+    CHECK(a->nconns == 1 && b->nconns == 1);
+    mph_http_shutdown(a, on_shared_drained, &drained);
+    mph_http_shutdown(b, on_shared_drained, &drained);
+    for (int i = 0; i < 1000 && drained < 2; i++)
+        uv_run(&loop, UV_RUN_ONCE);
+    CHECK(drained == 2 && a->shared_fd == -1 && b->shared_fd == -1);
+    mph_http_server_free(a);
+    mph_http_server_free(b);
+
+    /* No pause (a lone worker): one server accepts every connection as it comes. */
+    CHECK(mph_http_open_listener("127.0.0.1", 0, &fd, &port, err, sizeof(err)) == 0);
+    mph_http_server_new(&a, &loop, &cfg, mph_rpc_handle, NULL);
+    CHECK(mph_http_listen_shared(a, fd, 0, err, sizeof(err)) == 0);
+    for (int i = 0; i < 2; i++) {
+        c[2 + i] = connect_to(port);
+        accept_until(&loop, a, NULL, (unsigned)i + 1);
+    }
+    CHECK(a->nconns == 2);
+    mph_http_shutdown(a, on_shared_drained, &drained);
+    for (int i = 0; i < 1000 && drained < 3; i++)
+        uv_run(&loop, UV_RUN_ONCE);
+    CHECK(drained == 3);
+    mph_http_server_free(a);
+    for (int i = 0; i < 4; i++)
+        close(c[i]);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    CHECK(uv_loop_close(&loop) == 0);
+
+    /* A descriptor that is not a listening socket is refused, and stays the caller's. */
+    int sv[2];
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+    uv_loop_init(&loop);
+    mph_http_server_new(&a, &loop, &cfg, mph_rpc_handle, NULL);
+    CHECK(mph_http_listen_shared(a, sv[0], 0, err, sizeof(err)) == MPH_ELISTEN);
+    CHECK(strstr(err, "not a listening socket") != NULL && fcntl(sv[0], F_GETFD) >= 0);
+    mph_http_server_free(a);
+    close(sv[0]);
+    close(sv[1]);
+    CHECK(uv_loop_close(&loop) == 0);
+}
+
 static const mph_unit_test_t tests[] = {
+    {"shared_listener_pauses_after_an_accept", test_shared_listener_pauses_after_an_accept},
     {"only_the_last_response_says_close", test_only_the_last_response_says_close},
     {"shutdown_drops_a_half_received_request", test_shutdown_drops_a_half_received_request},
     {"pipelined_answers_come_in_request_order", test_pipelined_answers_come_in_request_order},

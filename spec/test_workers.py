@@ -1,0 +1,344 @@
+"""Workers: a supervisor and N worker processes on one shared listening socket (mp.spread,
+--workers, mp.worker), supervision (replacement, backoff, stop) and status."""
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+
+from harness import (EXAMPLES, MPHOST, SCRIPTS, KeepAliveClient, RedisServer, Server, TestFailure,
+                     check, eq, free_port, run, sanitizer_report, tmpdir)
+from test_redis import wait_until
+from test_scope import hammer, wait_log
+
+WORKERS = os.path.join(SCRIPTS, "workers.lua")
+
+
+def status(server):
+    """`mphost SCRIPT status` of a Server: (first line, {worker id: pid})."""
+    rc, out, err = run([server.script, "status", "--port=%d" % server.port],
+                       env={"MP_STATE_DIR": server.state})
+    eq(rc, 0, "status exit (%s%s)" % (out, err))
+    workers = {int(i): int(p) for i, p in re.findall(r"worker (\d+): pid (\d+)", out)}
+    return out.splitlines()[0], workers
+
+
+def started(server, n):
+    """Waits until all n workers listen (the supervisor says so once), returns their pids."""
+    wait_log(server, "%d workers, storage" % n)
+    line, workers = status(server)
+    check(line.endswith(", %d workers" % n), "status: " + line)
+    eq(sorted(workers), list(range(1, n + 1)), "worker ids")
+    return workers
+
+
+def gone(pid):
+    """The process is gone (or a zombie nobody waits for, which no longer runs)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_spread_300_calls_on_new_connections_reach_all_3_workers():
+    with Server("server2.lua") as s:
+        workers = started(s, 3)
+        seen = {}
+        for i in range(300):
+            r = s.result("replicated-service", [{"n": i}])  # one new connection per call
+            eq(r["request"], {"n": i}, "the request comes back")
+            seen[r["server"]] = seen.get(r["server"], 0) + 1
+        eq(sorted(seen), [1, 2, 3], "workers that answered (calls each: %r)" % seen)
+        check(s.proc.pid not in workers.values(), "the supervisor serves nothing itself")
+
+
+def test_mp_worker_inside_handlers_and_at_load():
+    # --workers below the script's mp.spread(3): the topology wins, with a warning.
+    with Server(WORKERS, ["--workers=2"], env={"MPH_TEST_SPREAD": "3"}) as s:
+        workers = started(s, 3)
+        check("--workers=2 raised to 3" in s.read_log(), s.read_log()[-1500:])
+        seen = {}
+        for _ in range(300):
+            r = s.result("whoami", [])
+            seen[r["id"]] = r
+        eq(sorted(seen), [1, 2, 3], "workers that answered")
+        for wid, r in seen.items():
+            eq(r["count"], 3, "mp.worker.count")
+            eq(r["pid"], workers[wid], "mp.worker.pid of worker %d" % wid)
+            eq(r["at_load"], {"id": wid, "count": 3, "pid": workers[wid]}, "mp.worker at load")
+
+
+def test_no_topology_and_no_flag_is_one_process_as_before():
+    with Server("server5.lua") as s:
+        wait_log(s, "serving ")
+        line, workers = status(s)
+        eq(workers, {}, "no workers listed")
+        check(not re.search(r", \d+ workers$", line), "status: " + line)
+        eq(s.result("simple-storage", [{}]), {"requests": 1})
+
+
+def counter_16x100(s):
+    counts = hammer(s.port, 16, 100)
+    eq(len(counts), 1600)
+    eq(len(set(counts)), 1600, "every count distinct")
+    eq(sorted(counts), list(range(1, 1601)), "no count lost or repeated")
+    eq(s.result("simple-storage", [{}]), {"requests": 1601}, "stored: 1600")
+
+
+def test_chapter6_16_clients_x_100_calls_across_3_workers_on_file():
+    with Server("server6.lua") as s:
+        started(s, 3)
+        counter_16x100(s)
+
+
+def test_chapter6_16_clients_x_100_calls_across_3_workers_on_redis():
+    with RedisServer() as redis:
+        with Server("server6.lua", ["--storage=" + redis.url()]) as s:
+            started(s, 3)
+            counter_16x100(s)
+
+
+def test_kill_9_of_a_worker_under_load_replaces_it_and_loses_nothing():
+    with Server("server6.lua") as s:
+        workers = started(s, 3)
+        acked, failures, errors, lock = [], [], [], threading.Lock()
+        stop, killed = threading.Event(), threading.Event()
+        after_kill = [0]
+
+        def client():
+            c = None
+            while not stop.is_set():
+                try:
+                    c = c or KeepAliveClient(s.port, timeout=30)
+                    r = c.call("simple-storage", [{}])
+                except (OSError, TestFailure, ValueError) as e:
+                    # Only the kill may cut a call: the client then reconnects.
+                    with lock:
+                        failures.append((killed.is_set(), repr(e)))
+                    if c:
+                        c.close()
+                    c = None
+                    continue
+                with lock:
+                    if "error" in r:
+                        errors.append(r["error"])
+                        continue
+                    acked.append(r["result"]["requests"])
+                    if killed.is_set():
+                        after_kill[0] += 1
+            if c:
+                c.close()
+
+        threads = [threading.Thread(target=client) for _ in range(16)]
+        for t in threads:
+            t.start()
+        try:
+            wait_until(lambda: len(acked) >= 200, "200 calls are acknowledged")
+            victim = workers[2]
+            killed.set()
+            t0 = time.time()
+            os.kill(victim, signal.SIGKILL)
+            wait_log(s, "worker 2 (pid %d) was killed by signal 9" % victim)
+            wait_until(lambda: status(s)[1].get(2, victim) != victim, "worker 2 is replaced")
+            replaced_in = time.time() - t0
+            # The other workers answered meanwhile, and all of them go on answering.
+            wait_until(lambda: after_kill[0] >= 300, "300 calls after the kill")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        check(not errors, "JSON-RPC errors: %r" % errors[:5])
+        check(not [f for f in failures if not f[0]], "failures before the kill: %r" % failures)
+        # Each client can lose at most its one call in flight on the killed worker.
+        check(len(failures) <= 16, "failed calls: %r" % failures)
+        eq(len(set(acked)), len(acked), "acknowledged counts are distinct")
+        stored = s.result("simple-storage", [{}])["requests"] - 1
+        check(stored >= len(acked) and stored >= max(acked),
+              "stored %d >= acknowledged %d (max %d)" % (stored, len(acked), max(acked)))
+        new = status(s)[1]
+        eq((new[1], new[3]), (workers[1], workers[3]), "the other workers were left alone")
+        check(not gone(new[2]) and gone(victim), "a new worker 2")
+        # Generous: a replacement takes milliseconds (plus the 0.1 s backoff of a worker that
+        # died young); the bound only turns a worker never replaced into a failure.
+        check(replaced_in < 20, "replaced in %.1f s" % replaced_in)
+
+
+def test_delete_stops_every_worker_and_leaves_no_process():
+    port = free_port()
+    env = {"MP_STATE_DIR": tmpdir("mph-state-"), "MP_DATA": tmpdir("mph-data-")}
+    script = os.path.join(EXAMPLES, "server2.lua")
+    rc, out, err = run([script, "--port=%d" % port, "--listen=127.0.0.1"], env=env)
+    eq(rc, 0, "deploy: " + err)
+    rc, out, err = run([script, "status"], env=env)
+    eq(rc, 0, "status: " + err)
+    sup = int(re.search(r"running, pid (\d+)", out).group(1))
+    log = re.search(r", log (\S+), 3 workers", out).group(1)
+    workers = [int(p) for p in re.findall(r"worker \d+: pid (\d+)", out)]
+    eq(len(workers), 3, "workers listed: " + out)
+    check("restarts 0" in out and "uptime" in out, out)
+    rc, out, err = run([script, "delete"], env=env)
+    eq(rc, 0, "delete: " + err)
+    for pid in [sup] + workers:
+        check(gone(pid), "pid %d still runs after delete" % pid)
+    rc, out, err = run([script, "status"], env=env)
+    eq(rc, 3, "status after delete: " + out)
+    with open(log) as f:
+        text = f.read()
+    check("worker 3: received SIGTERM" in text and not sanitizer_report(text), text[-4000:])
+
+
+def test_kill_9_of_the_supervisor_stops_its_workers():
+    s = Server("server2.lua").start()
+    workers = started(s, 3)
+    s.kill9()
+    # They stop by themselves (a graceful stop): milliseconds; the bound only catches a hang.
+    wait_until(lambda: all(gone(p) for p in workers.values()), "the orphaned workers stop")
+    text = s.read_log()
+    check("worker 1: received SIGTERM" in text, text[-1500:])
+    check(not sanitizer_report(text), text[-4000:])
+
+
+def test_sigint_and_sigterm_stop_all_workers_gracefully():
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        s = Server("server2.lua").start()
+        workers = started(s, 3)
+        eq(s.result("replicated-service", [{}])["request"], {})
+        s.proc.send_signal(sig)
+        eq(s.proc.wait(30), 0, "exit status after %s: %s" % (sig, s.read_log()[-1500:]))
+        s.log.close()
+        for pid in workers.values():
+            check(gone(pid), "worker pid %d after the stop" % pid)
+        text = s.read_log()
+        check("stopped" in text and not sanitizer_report(text), text[-4000:])
+
+
+def test_a_stuck_worker_gets_no_new_connections():
+    flag = os.path.join(tmpdir(), "spinning")
+    with Server(WORKERS, ["--workers=2"]) as s:
+        started(s, 2)
+        result = {}
+
+        def spin():
+            result["spin"] = s.rpc("spin", [flag, 4])  # 4 s of CPU in one worker
+
+        t = threading.Thread(target=spin)
+        t.start()
+        wait_until(lambda: os.path.exists(flag), "the spin handler runs")
+        busy = None
+        for _ in range(30):
+            r = s.result("whoami", [])  # a new connection each: only the free worker accepts
+            busy = 3 - r["id"]
+            check("spin" not in result, "a call waited for the stuck worker")
+        t.join()
+        eq(result["spin"].get("result"), busy, "the spin ran on the other worker")
+
+
+def test_a_worker_that_cannot_load_fails_the_start_with_its_error():
+    port = free_port()
+    env = {"MP_STATE_DIR": tmpdir("mph-state-"), "MP_DATA": tmpdir("mph-data-"),
+           "MPH_TEST_REFUSE_ID": "2"}
+    rc, out, err = run([WORKERS, "--port=%d" % port, "--workers=3"], env=env)
+    eq(rc, 1, "deploy exit")
+    lines = err.strip().splitlines()
+    eq(len(lines), 1, "one line: %r" % err)
+    check("script error" in lines[0] and "worker 2 refuses to load" in lines[0], lines[0])
+    rc, out, err2 = run([WORKERS, "status", "--port=%d" % port], env=env)
+    eq(rc, 3, "nothing left running: " + out)
+    # In the foreground too, with the same line.
+    rc, out, err = run([WORKERS, "serve", str(port), "--workers=3"], env=env)
+    eq(rc, 1, "serve exit")
+    check("worker 2 refuses to load" in err, err)
+
+
+def test_a_replacement_that_cannot_load_backs_off_while_the_others_serve():
+    flag = os.path.join(tmpdir(), "broken")
+    with Server(WORKERS, ["--workers=2"], env={"MPH_TEST_BROKEN_FLAG": flag}) as s:
+        workers = started(s, 2)
+        open(flag, "w").close()
+        os.kill(workers[1], signal.SIGKILL)
+        # Each replacement fails at once: the waits double.
+        for wait in ("0.1 s", "0.2 s", "0.4 s"):
+            wait_log(s, "starting it again in " + wait)
+        check("refusing to load" in s.read_log(), s.read_log()[-1500:])
+        for _ in range(20):
+            eq(s.result("whoami", [])["id"], 2, "worker 2 answers meanwhile")
+        wait_until(lambda: list(status(s)[1]) == [2], "status lists worker 1 as being replaced")
+        os.unlink(flag)
+        wait_until(lambda: 1 in status(s)[1], "worker 1 comes back")
+        wait_until(lambda: s.result("whoami", [])["id"] == 1, "worker 1 answers")
+
+
+def test_a_worker_that_exits_is_replaced_with_its_status_logged():
+    # os.exit leaves the worker without freeing its host: no leak check of that exit.
+    with Server(WORKERS, ["--workers=1"], env={"ASAN_OPTIONS": "detect_leaks=0"}) as s:
+        workers = started(s, 1)
+        check(s.proc.pid != workers[1], "a worker, not the supervisor")
+        try:
+            s.rpc("exit", [7], timeout=30)  # the worker exits mid-call: no answer
+            raise AssertionError("the call to exit was answered")
+        except (OSError, TestFailure, ValueError):
+            pass
+        wait_log(s, "worker 1 (pid %d) exited with status 7; replacing it" % workers[1])
+        wait_until(lambda: s.result("whoami", [])["pid"] != workers[1], "a new worker answers")
+        # The pid file is rewritten (and synced) by the supervisor as the worker starts, not
+        # before it answers: wait for it.
+        wait_until(lambda: "restarts 1" in run([s.script, "status", "--port=%d" % s.port],
+                                               env={"MP_STATE_DIR": s.state})[1],
+                   "status counts the restart")
+
+
+def test_bad_worker_counts_are_one_clear_line():
+    for bad in ("0", "257", "x", "-1"):
+        rc, out, err = run([os.path.join(EXAMPLES, "server5.lua"), "serve", "--workers=" + bad])
+        eq(rc, 1, "--workers=" + bad)
+        check("invalid --workers" in err and len(err.strip().splitlines()) == 1, err)
+    for bad in ("0", "257", "1.5", "'3'"):
+        rc, out, err = run([os.path.join(SCRIPTS, "bad_spread.lua"), "serve",
+                            str(free_port())], env={"MPH_TEST_SPREAD_N": bad})
+        eq(rc, 1, "mp.spread(%s)" % bad)
+        check("mp.spread: the number of workers must be an integer from 1 to 256" in err, err)
+
+
+def test_sigterm_while_the_supervisor_loads_the_script_stops_it():
+    """The supervisor loads the script once to read its topologies, with its signal handlers
+    on (as a single process does): a SIGTERM then must stop it, not be lost with that load."""
+    d = tmpdir()
+    loading, go = os.path.join(d, "loading"), os.path.join(d, "go")
+    env = dict(os.environ, MPH_TEST_LOADING=loading, MPH_TEST_GO=go, MP_STATE_DIR=tmpdir())
+    port = free_port()
+    p = subprocess.Popen([MPHOST, os.path.join(SCRIPTS, "waits_at_load.lua"), "serve", str(port),
+                          "--workers=2", "--data=" + tmpdir()], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: os.path.exists(loading), "the script is loading")
+        p.send_signal(signal.SIGTERM)
+        open(go, "w").close()
+        # Milliseconds; the bound turns a supervisor that starts anyway into a failure.
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    eq(p.returncode, 0, "exit status: " + err)
+    check("stopped before serving" in err and "starting 2 workers" not in err, err)
+
+
+def test_port_in_use_with_workers_is_one_clear_line():
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    port = s.getsockname()[1]
+    env = {"MP_STATE_DIR": tmpdir("mph-state-"), "MP_DATA": tmpdir("mph-data-")}
+    try:
+        for verb in (["serve", str(port)], ["--port=%d" % port]):
+            rc, out, err = run([os.path.join(EXAMPLES, "server2.lua")] + verb +
+                               ["--listen=127.0.0.1"], env=env)
+            eq(rc, 1, "%s exit" % verb)
+            lines = err.strip().splitlines()
+            eq(len(lines), 1, "one line: %r" % err)
+            check("cannot listen on 127.0.0.1:%d" % port in lines[0] and "in use" in lines[0], err)
+    finally:
+        s.close()
