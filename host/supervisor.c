@@ -80,12 +80,13 @@ struct sup_s {
     uv_loop_t loop;
     mph_cli_t *cli; /* borrowed */
     sup_state_t state;
-    int listen_fd; /* the shared socket; -1 once closed (at the stop) */
-    int port;      /* bound */
-    int n;         /* workers */
-    slot_t *slots; /* n, owned */
-    int ready;     /* slots READY */
-    int busy;      /* slots not idle (a process or a handle still open) */
+    int listen_fd;  /* the shared socket; -1 once closed (at the stop) */
+    int port;       /* bound */
+    int n;          /* workers */
+    int generation; /* of the workers running the script now (supervisor.h) */
+    slot_t *slots;  /* n, owned */
+    int ready;      /* slots READY */
+    int busy;       /* slots not idle (a process or a handle still open) */
     uv_signal_t sigint, sigterm;
     uv_timer_t kill_timer; /* STOPPING: SIGKILL what is left */
     FILE *ready_out;       /* deploy's ready stream until the start ends, else NULL */
@@ -341,7 +342,8 @@ static char **worker_env(const slot_t *s, char **spec_out)
         if (strncmp(environ[i], MPH_WORKER_ENV, elen) != 0 || environ[i][elen] != '=')
             env[k++] = environ[i];
     char *spec = mph_xmalloc(elen + 64);
-    sprintf(spec, "%s=%d %d %d", MPH_WORKER_ENV, s->id, s->sup->n, (int)getpid());
+    sprintf(spec, "%s=%d %d %d %d", MPH_WORKER_ENV, s->id, s->sup->n, (int)getpid(),
+            s->sup->generation);
     env[k] = spec;
     *spec_out = spec;
     return env;
@@ -483,6 +485,7 @@ int mph_supervisor_run(mph_cli_t *cli, int nworkers, FILE *ready)
     char err[1024];
     sup->cli = cli;
     sup->n = nworkers;
+    sup->generation = 1;
     sup->ready_out = ready;
     sup->log_path = getenv("MPH_LOG_PATH");
     sup->args = worker_args(cli);

@@ -6,7 +6,9 @@
  *
  * How a worker is started, the whole protocol between the two (both sides include this):
  * the same binary (/proc/self/exe) with the same arguments, plus
- *   - MPH_WORKER_ENV="ID COUNT SUPERVISOR_PID" in its environment;
+ *   - MPH_WORKER_ENV="ID COUNT SUPERVISOR_PID GENERATION" in its environment (GENERATION
+ *     counts the sets of workers the supervisor has started: 1 at the start, one more per
+ *     reload; a replaced worker joins the generation of the one it replaces);
  *   - the listening socket on descriptor MPH_WORKER_LISTEN_FD;
  *   - a stream socket on MPH_WORKER_REPORT_FD on which it writes one line once it listens
  *     ("ready") or has failed to start ("error MESSAGE"), then closes it.

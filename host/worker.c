@@ -28,10 +28,10 @@ static void report(const char *what, const char *msg)
 
 int mph_worker_serve(mph_cli_t *cli, const char *spec)
 {
-    int id, count, supervisor;
+    int id, count, supervisor, generation;
     char err[1024], msg[1100];
-    if (sscanf(spec, "%d %d %d", &id, &count, &supervisor) != 3 || id < 1 || count < id ||
-        count > MPH_MAX_WORKERS) {
+    if (sscanf(spec, "%d %d %d %d", &id, &count, &supervisor, &generation) != 4 || id < 1 ||
+        count < id || count > MPH_MAX_WORKERS || generation < 1) {
         fprintf(stderr, "mphost: invalid %s=%s (set by a supervisor only)\n", MPH_WORKER_ENV, spec);
         return 1;
     }
