@@ -605,6 +605,8 @@ static void txn_free(mph_txn_t *t)
     free(t->method);
     free(t->wake_message);
     mph_buf_free(&t->result);
+    if (t->scopes != t->scopes_inline)
+        free(t->scopes);
     free(t);
     lua->pending_calls--;
 }
@@ -876,7 +878,7 @@ static int setup_attempt(lua_State *L)
 void mph__txn_start_attempt(mph_txn_t *t)
 {
     t->attempts++;
-    t->scope = NULL;
+    t->nscopes = 0;
     t->reload = NULL;
     t->wrote = 0;
     t->past_checkpoint = 0;
@@ -905,6 +907,8 @@ void mph_lua_call(mph_lua_t *lua, const char *method, size_t mlen, const json_t 
     t->cb = cb;
     t->ud = ud;
     t->co_ref = t->rec_ref = LUA_NOREF;
+    t->scopes = t->scopes_inline;
+    t->scopes_cap = 2;
     lua->pending_calls++;
     if (lua->closing || memchr(method, '\0', mlen) != NULL) {
         mph__txn_reply(t, lua->closing ? MPH_RPC_STORAGE_UNAVAILABLE : MPH_RPC_METHOD_NOT_FOUND,

@@ -9,11 +9,11 @@
  *   WAITING  --on_loaded (runner.c) resumes it-->                        RUNNING
  *   RUNNING  --touched an unloaded scope where it cannot wait-->         RELOAD (attempt void)
  *   RELOAD   --that scope has loaded-->                                  RUNNING (new attempt)
- *   RUNNING  --handler returns, writes merged into the scope-->          QUEUED (pending batch)
+ *   RUNNING  --handler returns, writes merged into its scopes-->         QUEUED (unit's pending)
  *   QUEUED   --runner launches the batch's commit-->                     COMMITTING
  *   COMMITTING --commit ok--> answered (freed)
- *   QUEUED/COMMITTING --conflict or a failed batch it depends on-->      RETRY (scope's rerun)
- *   RETRY    --the scope's backoff ends-->                               RUNNING (new attempt)
+ *   QUEUED/COMMITTING --conflict or a failed batch it depends on-->      RETRY (unit's rerun)
+ *   RETRY    --the unit's backoff ends-->                                RUNNING (new attempt)
  *   RUNNING  --handler raises / no scope touched-->                      answered (freed)
  *   WAITING/RELOAD --the load failed-->                                  answered (freed)
  */
@@ -37,6 +37,8 @@ typedef enum {
 
 typedef struct mph_scope_s mph_scope_t;
 typedef struct mph_txn_s mph_txn_t;
+typedef struct mph_unit_s mph_unit_t;
+typedef struct mph_commit_s mph_commit_t;
 
 struct mph_txn_s {
     mph_lua_t *lua;        /* owner */
@@ -49,16 +51,19 @@ struct mph_txn_s {
     lua_State *co;         /* the current attempt's coroutine; NULL between attempts */
     int co_ref;            /* registry ref anchoring co (LUA_NOREF when none) */
     int rec_ref;           /* registry ref of the attempt's record table */
-    mph_scope_t *scope;    /* the scope it joined (one per transaction for now), or NULL */
-    int wrote;             /* 1 when the attempt wrote to scope */
-    mph_buf_t result;      /* the attempt's encoded result */
-    int refusals;          /* commits of its own writes refused by a conflict */
-    uint64_t deadline;     /* uv_hrtime() when the running stretch must end (0: none) */
-    int past_checkpoint;   /* the attempt passed C.checkpoint: its writes are merging */
-    mph_scope_t *reload;   /* the attempt is void: run again once this scope has loaded */
-    int wake_code;         /* WAITING: the load failed with this JSON-RPC code (0: it did not) */
-    char *wake_message;    /* owned: its message, for C.acquire to return */
-    mph_txn_t *next;       /* link in whichever queue holds it */
+    mph_scope_t **scopes;  /* the scopes the attempt joined (nscopes); scopes_inline or owned */
+    int nscopes;           /* 0: it touched none */
+    int scopes_cap;        /* room in scopes */
+    mph_scope_t *scopes_inline[2]; /* most calls touch one or two scopes */
+    int wrote;                     /* 1 when the attempt wrote to any of its scopes */
+    mph_buf_t result;              /* the attempt's encoded result */
+    int refusals;                  /* commits of its own writes refused by a conflict */
+    uint64_t deadline;             /* uv_hrtime() when the running stretch must end (0: none) */
+    int past_checkpoint;           /* the attempt passed C.checkpoint: its writes are merging */
+    mph_scope_t *reload;           /* the attempt is void: run again once this scope has loaded */
+    int wake_code;      /* WAITING: the load failed with this JSON-RPC code (0: it did not) */
+    char *wake_message; /* owned: its message, for C.acquire to return */
+    mph_txn_t *next;    /* link in whichever queue holds it */
 };
 
 /* A FIFO of transactions. */
@@ -69,25 +74,35 @@ typedef struct {
 
 typedef enum { SCOPE_UNLOADED, SCOPE_LOADING, SCOPE_READY } mph_scope_state_t;
 
+/* A commit unit: the scopes whose next commits must go out together, because a transaction
+ * spanning them ran on the speculative state of each (runner.c explains). Most of the time
+ * a unit is one scope alone (its `home` unit). */
+struct mph_unit_s {
+    mph_lua_t *lua;           /* owner */
+    mph_scope_t *members;     /* linked through next_member; the unit is one member's home */
+    mph_txn_queue_t pending;  /* ran on the speculative state; in the next batch */
+    int pending_commits;      /* how many of `pending` need a commit (wrote, or span scopes) */
+    mph_commit_t *commits;    /* in flight; more than one only after a merge */
+    mph_txn_queue_t rerun;    /* RETRY: to run again when the backoff ends, in order */
+    int backing_off;          /* 1: no commit starts until backoff_until */
+    uint64_t backoff_until;   /* uv_now() milliseconds */
+    int conflict_streak;      /* conflicts since the last successful commit */
+    int error_streak;         /* storage errors since the last successful commit */
+    mph_unit_t *next_backoff; /* in lua->backoffs */
+};
+
 struct mph_scope_s {
-    mph_lua_t *lua;             /* owner */
-    char *name;                 /* owned */
-    mph_scope_state_t state;    /* UNLOADED -> LOADING -> READY; back to UNLOADED on error */
-    uint64_t version;           /* version of the committed base */
-    mph_txn_queue_t waiting;    /* transactions suspended until the load ends */
-    mph_txn_queue_t pending;    /* ran on the speculative state; in the next batch */
-    int pending_writes;         /* how many of `pending` wrote something */
-    mph_txn_queue_t inflight;   /* the batch whose commit is in flight */
-    int committing;             /* 1 while a commit is in flight */
-    int inflight_json_ref;      /* registry ref of the in-flight write set (keeps strings alive) */
-    mph_store_entry_t *entries; /* the in-flight commit's entries (pointers into Lua strings) */
-    mph_txn_queue_t rerun;      /* RETRY: to run again when the backoff ends, in order */
-    int backing_off;            /* 1: no commit starts until backoff_until */
-    uint64_t backoff_until;     /* uv_now() milliseconds */
-    int conflict_streak;        /* conflicts since the last successful commit */
-    int error_streak;           /* storage errors since the last successful commit */
-    mph_scope_t *next_backoff;  /* in lua->backoffs */
-    mph_scope_t *next;          /* in lua->scopes */
+    mph_lua_t *lua;           /* owner */
+    char *name;               /* owned */
+    mph_scope_state_t state;  /* UNLOADED -> LOADING -> READY; back to UNLOADED on error */
+    uint64_t version;         /* version of the committed base */
+    mph_txn_queue_t waiting;  /* transactions suspended until the load ends */
+    mph_unit_t *unit;         /* the unit it belongs to: &home, or another scope's home */
+    mph_unit_t home;          /* its own unit, used while it is not merged into another */
+    mph_scope_t *next_member; /* in unit->members */
+    mph_commit_t *commit;     /* the commit in flight that carries it, or NULL */
+    int mark;                 /* scratch: collecting a batch's scopes */
+    mph_scope_t *next;        /* in lua->scopes */
 };
 
 struct mph_lua_s {
@@ -111,7 +126,7 @@ struct mph_lua_s {
     size_t pending_calls;   /* calls whose callback has not run */
     mph_txn_t *current;     /* the transaction whose coroutine is running, or NULL */
     mph_scope_t *scopes;    /* every scope seen, owned */
-    mph_scope_t *backoffs;  /* scopes backing off after a conflict, any order */
+    mph_unit_t *backoffs;   /* units backing off after a conflict, any order */
     uv_timer_t retry_timer; /* fires at the earliest backoff_until */
     int closing;            /* mph_lua_close was called */
 };
@@ -133,10 +148,10 @@ static inline int assert_txn_state(const mph_txn_t *t)
         break;
     case TXN_QUEUED:     /* finished; its writes are in the scope's pending state */
     case TXN_COMMITTING: /* ... or in the commit in flight */
-        assert(t->co == NULL && t->scope != NULL && t->reload == NULL);
+        assert(t->co == NULL && t->nscopes > 0 && t->reload == NULL);
         break;
-    case TXN_RETRY: /* refused or void; runs again when the scope's backoff ends */
-        assert(t->co == NULL && t->scope != NULL);
+    case TXN_RETRY: /* refused or void; runs again when the unit's backoff ends */
+        assert(t->co == NULL && t->nscopes > 0);
         break;
     default:
         assert(!"unknown transaction state");
@@ -168,6 +183,7 @@ uint64_t mph__lua_random(mph_lua_t *lua);
 /* 0: the scope is ready; 1: t was queued until it loads (yield); <0: *code and *why say why
  * not (when !can_wait and the scope is loading, t->reload is set: the attempt is void). */
 int mph__runner_acquire(mph_txn_t *t, const char *name, int can_wait, int *code, const char **why);
+/* The finished attempt touched scope `name` (ready), writing to it or not. */
 void mph__runner_join(mph_txn_t *t, const char *name, int wrote);
 void mph__runner_finished(mph_txn_t *t);
 /* t's void attempt has ended: it runs again once t->reload has loaded (or hears why not). */

@@ -216,6 +216,13 @@ function I.commit_ok(name)
   st.inflight = {}
 end
 
+-- A commit of another scope that ran on this one's pending writes failed: they are void (the
+-- transactions that made them run again); the in-flight ones are not.
+function I.drop_pending(name)
+  local st = states[name]
+  st.pending, st.pending_json = {}, {}
+end
+
 -- A commit failed or conflicted: every speculative write is void; returns base so the
 -- runner can apply what the backend reported.
 function I.reset_state(name, clear_base)
@@ -270,7 +277,7 @@ end
 root_mt.__newindex = function(root, k, v)
   local r = record_of(root, 2)
   if type(k) ~= "string" then
-    error("mp.scope." .. r.name .. ": keys of a scope must be strings, got " .. type(k), 2)
+    error("mp.scope." .. r.display .. ": keys of a scope must be strings, got " .. type(k), 2)
   end
   if v == nil then v = DELETED end
   r.work[k] = v
@@ -336,9 +343,10 @@ _G.pairs = function(t)
   return raw_pairs(t)
 end
 
-local function new_root(name)
+-- `display` is how messages name the scope after "mp.scope." ("global", 'named("a")').
+local function new_root(name, display)
   local root = setmetatable({}, root_mt)
-  roots[root] = {name = name, state = states[name], work = {}}
+  roots[root] = {name = name, display = display, state = states[name], work = {}}
   return root
 end
 
@@ -346,7 +354,7 @@ end
 local function finish_root(root)
   local r = roots[root]
   if raw_next(root) ~= nil then
-    raise(-32000, "mp.scope." .. r.name .. ": keys of a scope must be strings " ..
+    raise(-32000, "mp.scope." .. r.display .. ": keys of a scope must be strings " ..
       "(was table.insert or rawset used on the scope itself?)", nil, 0)
   end
   local writes
@@ -357,7 +365,7 @@ local function finish_root(root)
       if v == nil then
         writes[k] = false
       else
-        writes[k] = C.encode(v, r.name .. "." .. k)
+        writes[k] = C.encode(v, r.display .. "." .. k)
       end
     end
   end
@@ -415,28 +423,68 @@ local function apply(st, writes, values)
 end
 
 -- ---- mp.scope ----
+--
+-- Each scope is stored under a name of its own kind, so that no two kinds can meet:
+-- "global", "u:" .. user for mp.scope.user, "n:" .. name for mp.scope.named(name).
 
-local SCOPES = {global = true}
+local MAX_SCOPE_NAME = 200
+
+local function current_record(what, level)
+  local rec = C.current()
+  if rec == nil then
+    error(what .. " is only available inside a service handler", level + 1)
+  end
+  return rec
+end
+
+-- The root of scope `key` in this attempt, loading the scope first if need be.
+local function open_scope(rec, key, display)
+  local root = rec.roots[key]
+  if root then return root end
+  -- C.acquire answers true (ready) or false, code, message. Where it can, it waits for a
+  -- load by yielding and is resumed with nothing: then ask again. Where it cannot (inside
+  -- a callback C called, e.g. a table.sort comparator, or in a coroutine the handler made)
+  -- it answers false: the attempt is void and runs again once the scope has loaded.
+  local ok, code, message = C.acquire(key, isyieldable())
+  while ok == nil do ok, code, message = C.acquire(key, isyieldable()) end
+  if not ok then raise(code, message, nil, 0) end
+  root = new_root(key, display)
+  rec.roots[key] = root
+  return root
+end
+
+local function quoted(name)
+  return string.format("%q", name):gsub("\\\n", "\\n")
+end
+
+-- mp.scope.named(name): the scope called `name`, a string of 1 to 200 bytes.
+local function named(name)
+  if type(name) ~= "string" then
+    error("mp.scope.named: the name must be a string, got " .. type(name), 2)
+  end
+  if #name < 1 or #name > MAX_SCOPE_NAME or name:find("\0", 1, true) then
+    error("mp.scope.named: the name must be 1 to " .. MAX_SCOPE_NAME ..
+      " bytes with no NUL byte, got " .. #name .. " bytes", 2)
+  end
+  local rec = current_record("mp.scope.named", 2)
+  return open_scope(rec, "n:" .. name, "named(" .. quoted(name) .. ")")
+end
 
 M.scope = setmetatable({}, {
-  __index = function(_, name)
-    if not SCOPES[name] then return nil end
-    local rec = C.current()
-    if rec == nil then
-      error("mp.scope." .. name .. " is only available inside a service handler", 2)
+  __index = function(_, kind)
+    if kind == "named" then return named end
+    if kind == "global" then
+      return open_scope(current_record("mp.scope.global", 2), "global", "global")
     end
-    local root = rec.roots[name]
-    if root then return root end
-    -- C.acquire answers true (ready) or false, code, message. Where it can, it waits for a
-    -- load by yielding and is resumed with nothing: then ask again. Where it cannot (inside
-    -- a callback C called, e.g. a table.sort comparator, or in a coroutine the handler made)
-    -- it answers false: the attempt is void and runs again once the scope has loaded.
-    local ok, code, message = C.acquire(name, isyieldable())
-    while ok == nil do ok, code, message = C.acquire(name, isyieldable()) end
-    if not ok then raise(code, message, nil, 0) end
-    root = new_root(name)
-    rec.roots[name] = root
-    return root
+    if kind == "user" then
+      local rec = current_record("mp.scope.user", 2)
+      local user = M.user
+      if type(user) ~= "string" then
+        error("mp.scope.user is only available in a handler behind mp.basicAuth", 2)
+      end
+      return open_scope(rec, "u:" .. user, "user")
+    end
+    return nil
   end,
   __newindex = function() error("mp.scope is read-only", 2) end,
 })

@@ -81,6 +81,15 @@ static mph_scope_t *scope_find(mph_lua_t *lua, const char *name)
     return NULL;
 }
 
+static void unit_init(mph_unit_t *u, mph_scope_t *only)
+{
+    memset(u, 0, sizeof(*u));
+    u->lua = only->lua;
+    u->members = only;
+    only->next_member = NULL;
+    only->unit = u;
+}
+
 static mph_scope_t *scope_get(mph_lua_t *lua, const char *name)
 {
     mph_scope_t *s = scope_find(lua, name);
@@ -90,7 +99,7 @@ static mph_scope_t *scope_get(mph_lua_t *lua, const char *name)
     s->lua = lua;
     s->name = mph_xstrdup(name);
     s->state = SCOPE_UNLOADED;
-    s->inflight_json_ref = LUA_NOREF;
+    unit_init(&s->home, s);
     s->next = lua->scopes;
     lua->scopes = s;
     return s;
@@ -170,6 +179,11 @@ static int commit_ok(lua_State *L)
 static int drop_state(lua_State *L)
 {
     return scope_call(L, "drop_state");
+}
+
+static int drop_pending(lua_State *L)
+{
+    return scope_call(L, "drop_pending");
 }
 
 /* Forgets the scope's state: it is loaded again on the next access. Dropping the Lua side
@@ -315,32 +329,164 @@ void mph__runner_join(mph_txn_t *t, const char *name, int wrote)
 {
     mph_scope_t *s = scope_find(t->lua, name);
     assert(s != NULL && s->state == SCOPE_READY);
-    assert(t->scope == NULL || t->scope == s); /* one scope per transaction for now */
-    t->scope = s;
+    if (t->nscopes == t->scopes_cap) {
+        int cap = t->scopes_cap * 2;
+        if (t->scopes == t->scopes_inline) {
+            t->scopes = mph_xmalloc((size_t)cap * sizeof(*t->scopes));
+            memcpy(t->scopes, t->scopes_inline, sizeof(t->scopes_inline));
+        } else {
+            t->scopes = mph_xrealloc(t->scopes, (size_t)cap * sizeof(*t->scopes));
+        }
+        t->scopes_cap = cap;
+    }
+    t->scopes[t->nscopes++] = s; /* I.run joins each scope of an attempt once */
     t->wrote |= wrote;
+}
+
+/* ---- Units ----
+ *
+ * A transaction that spans scopes A and B ran on the speculative state of both (A's pending
+ * and in-flight writes, B's), and its own writes joined both pending states. So whatever
+ * happens to A's next commit happens to B's: if A's is refused, what ran on B after that
+ * transaction is void too; and its writes to A and B must land in one atomic commit. The
+ * runner therefore keeps scopes in units: a unit has one pending queue and commits the
+ * pending writes of all its scopes in one CAS (storage.h commits several scopes at once).
+ * A scope starts alone in its own unit; a transaction that spans units merges them; a unit
+ * with nothing pending, in flight or to re-run splits into single scopes again, so that a
+ * transfer between two accounts does not tie them together forever.
+ *
+ * Merging two units that each have a commit in flight gives a unit with two: their scopes
+ * are disjoint and neither commit depends on the other, so each ends on its own; the next
+ * batch waits for both. When one of a unit's commits fails, every pending transaction of
+ * the unit runs again (some may have read what failed), and the pending writes of every
+ * member are dropped with them.
+ *
+ * A transaction needs a commit when it wrote, or when it read several scopes: then the
+ * commit carries those scopes with no writes, and the storage checks their versions, so a
+ * call that reads two accounts another process changed in between is run again rather than
+ * answered from two snapshots of different moments. A transaction that only read one scope
+ * is answered from the snapshot, as before (serializable per scope; README says so). */
+
+struct mph_commit_s {
+    mph_unit_t *unit;            /* the unit it belongs to now (a merge moves it) */
+    mph_txn_queue_t batch;       /* the transactions whose writes or reads it carries */
+    size_t n;                    /* scopes */
+    mph_scope_t **scopes;        /* n, in this allocation */
+    mph_store_write_t *writes;   /* n, in this allocation */
+    int *json_refs;              /* n registry refs keeping each write set's strings alive */
+    mph_store_entry_t **entries; /* n owned arrays (pointers into those strings) */
+    mph_commit_t *next;          /* in unit->commits */
+};
+
+static void unit_remove_backoff(mph_unit_t *u)
+{
+    for (mph_unit_t **p = &u->lua->backoffs; *p; p = &(*p)->next_backoff)
+        if (*p == u) {
+            *p = u->next_backoff;
+            break;
+        }
+    u->next_backoff = NULL;
+}
+
+static void queue_append(mph_txn_queue_t *to, mph_txn_queue_t *from)
+{
+    if (from->head == NULL)
+        return;
+    if (to->tail)
+        to->tail->next = from->head;
+    else
+        to->head = from->head;
+    to->tail = from->tail;
+    from->head = from->tail = NULL;
+}
+
+static void arm_retry_timer(mph_lua_t *lua);
+
+/* Moves everything of unit `from` into `into` (which keeps its members' order first). */
+static mph_unit_t *unit_merge(mph_unit_t *into, mph_unit_t *from)
+{
+    if (into == from)
+        return into;
+    mph_scope_t *last = into->members;
+    while (last->next_member)
+        last = last->next_member;
+    last->next_member = from->members;
+    for (mph_scope_t *m = from->members; m; m = m->next_member)
+        m->unit = into;
+    queue_append(&into->pending, &from->pending);
+    into->pending_commits += from->pending_commits;
+    mph_commit_t **tail = &into->commits;
+    while (*tail)
+        tail = &(*tail)->next;
+    *tail = from->commits;
+    for (mph_commit_t *c = from->commits; c; c = c->next)
+        c->unit = into;
+    queue_append(&into->rerun, &from->rerun);
+    if (from->backing_off) {
+        unit_remove_backoff(from);
+        if (!into->backing_off) {
+            into->backing_off = 1;
+            into->backoff_until = from->backoff_until;
+            into->next_backoff = into->lua->backoffs;
+            into->lua->backoffs = into;
+        } else if (from->backoff_until > into->backoff_until) {
+            into->backoff_until = from->backoff_until;
+        }
+        arm_retry_timer(into->lua);
+    }
+    if (from->conflict_streak > into->conflict_streak)
+        into->conflict_streak = from->conflict_streak;
+    if (from->error_streak > into->error_streak)
+        into->error_streak = from->error_streak;
+    from->members = NULL; /* an empty home until its scope is alone again (unit_split) */
+    from->commits = NULL;
+    from->pending_commits = 0;
+    from->backing_off = 0;
+    return into;
+}
+
+/* A unit with nothing pending, in flight or to re-run: every member is alone again. */
+static void unit_split(mph_unit_t *u)
+{
+    if (u->members == NULL || u->members->next_member == NULL || u->commits || u->backing_off ||
+        u->pending.head || u->rerun.head)
+        return;
+    int conflicts = u->conflict_streak, errors = u->error_streak; /* u is reset below */
+    mph_scope_t *m = u->members;
+    while (m) {
+        mph_scope_t *next = m->next_member;
+        unit_init(&m->home, m);
+        m->home.conflict_streak = conflicts;
+        m->home.error_streak = errors;
+        m = next;
+    }
 }
 
 /* ---- Commits ---- */
 
 #ifndef NDEBUG
-/* The scope's invariants; used as assert(assert_scope_state(s)). */
-static int assert_scope_state(const mph_scope_t *s)
+/* The unit's invariants; used as assert(assert_unit_state(u)). */
+static int assert_unit_state(const mph_unit_t *u)
 {
-    assert(s->committing == (s->inflight.head != NULL)); /* a commit is exactly its batch */
-    assert(!s->committing || s->state == SCOPE_READY);
-    assert(s->state == SCOPE_LOADING || s->waiting.head == NULL);
-    assert(!s->backing_off || s->rerun.head != NULL);
+    assert(u->members != NULL);
+    for (const mph_scope_t *m = u->members; m; m = m->next_member) {
+        assert(m->unit == u);
+        assert(m->state == SCOPE_LOADING || m->waiting.head == NULL);
+        assert(m->commit == NULL || m->state == SCOPE_READY);
+    }
+    for (const mph_commit_t *c = u->commits; c; c = c->next)
+        assert(c->unit == u && c->batch.head != NULL);
+    assert(!u->backing_off || u->rerun.head != NULL);
     int n = 0;
-    for (mph_txn_t *t = s->pending.head; t; t = t->next)
+    for (mph_txn_t *t = u->pending.head; t; t = t->next)
         n++;
-    assert(s->pending_writes <= n);
+    assert(u->pending_commits <= n);
     (void)n;
-    (void)s;
     return 1;
 }
 #endif
 
-static void kick(mph_scope_t *s);
+static void kick(mph_unit_t *u);
 
 static void answer_all(mph_txn_t *t)
 {
@@ -351,13 +497,13 @@ static void answer_all(mph_txn_t *t)
     }
 }
 
-static void backoff(mph_scope_t *s, uint64_t delay_ms);
+static void backoff(mph_unit_t *u, uint64_t delay_ms);
 
-/* Queues transactions to run again when the scope's backoff ends (the caller starts it).
+/* Queues transactions to run again when the unit's backoff ends (the caller starts it).
  * `refused`: their own commit was refused (it counts toward the limit). */
-static void requeue_all(mph_scope_t *s, mph_txn_t *t, int refused)
+static void requeue_all(mph_unit_t *u, mph_txn_t *t, int refused)
 {
-    mph_lua_t *lua = s->lua;
+    mph_lua_t *lua = u->lua;
     while (t) {
         mph_txn_t *next = t->next;
         t->refusals += refused;
@@ -371,7 +517,7 @@ static void requeue_all(mph_scope_t *s, mph_txn_t *t, int refused)
         } else {
             t->state = TXN_RETRY;
             assert(assert_txn_state(t));
-            queue_push(&s->rerun, t);
+            queue_push(&u->rerun, t);
         }
         t = next;
     }
@@ -392,80 +538,143 @@ static void fail_all(mph_txn_t *t, int code, const char *message)
     }
 }
 
-static void release_inflight(mph_scope_t *s)
+/* Frees a commit that has ended; its scopes are free to join the next one. */
+static void commit_free(mph_commit_t *c)
 {
-    luaL_unref(s->lua->L, LUA_REGISTRYINDEX, s->inflight_json_ref);
-    s->inflight_json_ref = LUA_NOREF;
-    free(s->entries);
-    s->entries = NULL;
-    s->committing = 0;
+    for (size_t i = 0; i < c->n; i++) {
+        luaL_unref(c->unit->lua->L, LUA_REGISTRYINDEX, c->json_refs[i]);
+        free(c->entries[i]);
+        c->scopes[i]->commit = NULL;
+    }
+    free(c);
+}
+
+/* Takes c out of its unit's list of commits in flight. */
+static void commit_detach(mph_commit_t *c)
+{
+    for (mph_commit_t **p = &c->unit->commits; *p; p = &(*p)->next)
+        if (*p == c) {
+            *p = c->next;
+            return;
+        }
+    assert(!"a commit not in its unit's list");
+}
+
+/* A commit of u failed: whatever ran on speculative state in u runs again (the members'
+ * pending writes go with it). Members of the failed commit are handled by the caller. */
+static mph_txn_t *unit_void_pending(mph_unit_t *u)
+{
+    mph_txn_t *later = queue_take(&u->pending);
+    u->pending_commits = 0;
+    for (mph_scope_t *m = u->members; m; m = m->next_member)
+        if (m->state == SCOPE_READY) {
+            scope_op_t op = {m, NULL, 0, 0, ""};
+            if (mph__lua_protect(u->lua, drop_pending, &op, "dropping pending writes") != 0)
+                scope_forget(m); /* out of memory: it is reloaded on the next access */
+        }
+    return later;
+}
+
+/* The conflict the storage reported for scope `name`, or NULL when its version held. */
+static const mph_store_conflict_t *conflict_of(const mph_store_result_t *res, const char *name)
+{
+    for (size_t i = 0; i < res->nconflicts; i++)
+        if (strcmp(res->conflicts[i].scope, name) == 0)
+            return &res->conflicts[i];
+    return NULL;
 }
 
 static void on_committed(void *ud, const mph_store_result_t *res)
 {
-    mph_scope_t *s = ud;
-    mph_lua_t *lua = s->lua;
-    assert(s->committing);
-    assert(assert_scope_state(s));
-    release_inflight(s);
-    mph_txn_t *batch = queue_take(&s->inflight);
+    mph_commit_t *c = ud;
+    mph_unit_t *u = c->unit;
+    mph_lua_t *lua = u->lua;
+    assert(assert_unit_state(u));
+    commit_detach(c);
+    mph_txn_t *batch = queue_take(&c->batch);
 
     if (res->status == 0) {
-        scope_op_t op = {s, NULL, 0, 0, ""};
-        s->version = res->doc.version;
-        s->conflict_streak = s->error_streak = 0;
-        if (mph__lua_protect(lua, commit_ok, &op, "folding a commit into its scope") == 0) {
-            answer_all(batch);
-            kick(s);
+        int missed = 0;
+        for (size_t i = 0; i < c->n; i++) {
+            mph_scope_t *s = c->scopes[i];
+            scope_op_t op = {s, NULL, 0, 0, ""};
+            s->version = c->writes[i].expected_version + (c->writes[i].n > 0);
+            if (mph__lua_protect(lua, commit_ok, &op, "folding a commit into its scope") != 0) {
+                /* Durable, so the batch is answered; but the state in memory missed it:
+                 * forget it (it is reloaded on the next access). */
+                scope_forget(s);
+                missed = 1;
+            }
+        }
+        commit_free(c);
+        u->conflict_streak = u->error_streak = 0;
+        answer_all(batch);
+        if (missed) { /* what ran on top of the missed state runs again */
+            requeue_all(u, unit_void_pending(u), 0);
+            backoff(u, 0);
             return;
         }
-        /* Durable, so the batch is answered; but the state in memory missed it: forget it
-         * (it is reloaded on the next access) and run again what ran on top of it. */
-        scope_forget(s);
-        answer_all(batch);
-        mph_txn_t *later = queue_take(&s->pending);
-        s->pending_writes = 0;
-        requeue_all(s, later, 0);
-        backoff(s, 0);
+        kick(u);
         return;
     }
 
     /* Every speculative write is void now: the batch and whatever ran on top of it. */
-    mph_txn_t *later = queue_take(&s->pending);
-    s->pending_writes = 0;
     int nomem = res->status == MPH_ENOMEM;
+    const char *bad = NULL; /* a scope whose update could not be applied */
+    char bad_err[300] = "";
     if (res->status == MPH_ECONFLICT) {
-        scope_op_t op = {s, &res->doc, !res->doc.is_delta, 0, ""};
-        nomem = mph__lua_protect(lua, reset_state, &op, "applying a conflict's update") != 0;
-        if (!nomem && op.rc == 0) {
-            s->version = res->doc.version;
-            mph_log(MPH_LOG_DEBUG, "scope %s: conflict, now at version %llu", s->name,
-                    (unsigned long long)s->version);
-            s->conflict_streak++;
-            requeue_all(s, batch, !res->held); /* being held off is waiting, not refusal */
-            requeue_all(s, later, 0);
+        int held = 0;
+        for (size_t i = 0; i < c->n && !nomem; i++) {
+            mph_scope_t *s = c->scopes[i];
+            const mph_store_conflict_t *cf = conflict_of(res, s->name);
+            static const mph_store_doc_t nothing = {0, 1, 0, NULL};
+            scope_op_t op = {s, cf ? &cf->doc : &nothing, cf && !cf->doc.is_delta, 0, ""};
+            nomem = mph__lua_protect(lua, reset_state, &op, "applying a conflict's update") != 0;
+            if (!nomem && op.rc != 0) {
+                bad = s->name;
+                snprintf(bad_err, sizeof(bad_err), "%s", op.err);
+                break;
+            }
+            if (cf) {
+                s->version = cf->doc.version;
+                held |= cf->held;
+                mph_log(MPH_LOG_DEBUG, "scope %s: conflict, now at version %llu", s->name,
+                        (unsigned long long)s->version);
+            }
+        }
+        if (!nomem && bad == NULL) {
+            commit_free(c);
+            u->conflict_streak++;
+            mph_txn_t *later = unit_void_pending(u);
+            requeue_all(u, batch, !held); /* being held off is waiting, not refusal */
+            requeue_all(u, later, 0);
             /* Held by another process's claim: it is owed the next commit, let it land. */
-            backoff(s, res->held ? jitter(lua, 2) : 0);
+            backoff(u, held ? jitter(lua, 2) : 0);
             return;
         }
-        if (!nomem)
-            mph_log(MPH_LOG_ERROR, "scope %s: unreadable update from storage: %s", s->name, op.err);
+        if (bad)
+            mph_log(MPH_LOG_ERROR, "scope %s: unreadable update from storage: %s", bad, bad_err);
     }
-    /* An error: the outcome may be unknown, so forget the state; it is reloaded on the next
-     * access. The batch hears -32002 (never "committed" unless it was), or -32603 when Lua
-     * ran out of memory; the later ones only read speculative data and simply run again. */
+    /* An error: the outcome may be unknown, so forget the commit's scopes; they are reloaded
+     * on the next access. The batch hears -32002 (never "committed" unless it was), or
+     * -32603 when Lua ran out of memory; the later ones only read speculative data and
+     * simply run again. */
     char message[400];
     if (nomem)
         snprintf(message, sizeof(message), "Internal error: not enough memory");
     else
         snprintf(message, sizeof(message), "storage unavailable: %s",
                  res->message ? res->message : mph_strerror(res->status));
-    mph_log(MPH_LOG_WARN, "scope %s: commit failed: %s", s->name, message);
-    scope_forget(s);
+    for (size_t i = 0; i < c->n; i++) {
+        mph_log(MPH_LOG_WARN, "scope %s: commit failed: %s", c->scopes[i]->name, message);
+        scope_forget(c->scopes[i]);
+    }
+    commit_free(c);
+    mph_txn_t *later = unit_void_pending(u);
     fail_all(batch, nomem ? MPH_RPC_INTERNAL_ERROR : MPH_RPC_STORAGE_UNAVAILABLE, message);
-    requeue_all(s, later, 0);
-    s->error_streak++;
-    backoff(s, jitter(lua, (uint64_t)1 << (s->error_streak < 6 ? s->error_streak : 6)));
+    requeue_all(u, later, 0);
+    u->error_streak++;
+    backoff(u, jitter(lua, (uint64_t)1 << (u->error_streak < 6 ? u->error_streak : 6)));
 }
 
 /* What kick hands to take_pending. */
@@ -473,11 +682,12 @@ typedef struct {
     mph_scope_t *s;
     mph_store_entry_t *entries; /* owned by the caller, even when take_pending raises */
     size_t n;
+    int json_ref; /* the write set, kept referenced until the commit ends */
 } take_t;
 
 /* I.take_pending(name) -> the write set (key -> JSON text or false), read into c->entries
- * and kept referenced in s->inflight_json_ref until the commit ends, so the entries can
- * point into its strings. Under lua_cpcall. [-0, +0, e] */
+ * and kept referenced in c->json_ref until the commit ends, so the entries can point into
+ * its strings. Under lua_cpcall. [-0, +0, e] */
 static int take_pending(lua_State *L)
 {
     take_t *c = lua_touserdata(L, 1);
@@ -501,58 +711,111 @@ static int take_pending(lua_State *L)
             e->json = lua_tolstring(L, -1, &e->jlen);
         lua_pop(L, 1);
     }
-    s->inflight_json_ref = luaL_ref(L, LUA_REGISTRYINDEX); /* pops json */
+    c->json_ref = luaL_ref(L, LUA_REGISTRYINDEX); /* pops json */
     return 0;
 }
 
-/* Starts the next batch's commit when none is in flight. */
-static void kick(mph_scope_t *s)
+/* A new commit of the scopes the batch's transactions touched, each once. */
+static mph_commit_t *commit_new(mph_unit_t *u, mph_txn_t *batch)
 {
-    mph_lua_t *lua = s->lua;
-    assert(assert_scope_state(s));
-    if (s->committing || s->backing_off || s->pending.head == NULL)
-        return;
-    if (s->pending_writes == 0) {
-        /* Only readers, and what they read is durable now. */
-        answer_all(queue_take(&s->pending));
+    size_t n = 0;
+    for (mph_txn_t *t = batch; t; t = t->next)
+        for (int i = 0; i < t->nscopes; i++)
+            if (!t->scopes[i]->mark) {
+                t->scopes[i]->mark = 1;
+                n++;
+            }
+    size_t size = sizeof(mph_commit_t) + n * (sizeof(mph_scope_t *) + sizeof(mph_store_write_t) +
+                                              sizeof(int) + sizeof(mph_store_entry_t *));
+    mph_commit_t *c = mph_xcalloc(1, size);
+    c->unit = u;
+    c->writes = (mph_store_write_t *)(c + 1); /* the widest members first: aligned */
+    c->entries = (mph_store_entry_t **)(c->writes + n);
+    c->scopes = (mph_scope_t **)(c->entries + n);
+    c->json_refs = (int *)(c->scopes + n);
+    for (mph_txn_t *t = batch; t; t = t->next)
+        for (int i = 0; i < t->nscopes; i++)
+            if (t->scopes[i]->mark) {
+                t->scopes[i]->mark = 0;
+                c->json_refs[c->n] = LUA_NOREF;
+                c->scopes[c->n++] = t->scopes[i];
+            }
+    assert(c->n == n);
+    return c;
+}
+
+/* Starts the next batch's commit when none is in flight. */
+static void kick(mph_unit_t *u)
+{
+    mph_lua_t *lua = u->lua;
+    assert(assert_unit_state(u));
+    if (u->commits || u->backing_off || u->pending.head == NULL) {
+        unit_split(u);
         return;
     }
-    s->inflight = s->pending;
-    s->pending.head = s->pending.tail = NULL;
-    s->pending_writes = 0;
-    for (mph_txn_t *t = s->inflight.head; t; t = t->next) {
+    if (u->pending_commits == 0) {
+        /* Only readers of one scope each, and what they read is durable now. */
+        answer_all(queue_take(&u->pending));
+        unit_split(u);
+        return;
+    }
+    mph_commit_t *c = commit_new(u, u->pending.head);
+    c->batch = u->pending;
+    u->pending.head = u->pending.tail = NULL;
+    u->pending_commits = 0;
+    for (mph_txn_t *t = c->batch.head; t; t = t->next) {
         t->state = TXN_COMMITTING;
         assert(assert_txn_state(t));
     }
-    take_t c = {s, NULL, 0};
-    int status = mph__lua_protect(lua, take_pending, &c, "taking a scope's write set");
-    s->entries = c.entries;
-    s->committing = 1;
+    c->next = u->commits;
+    u->commits = c;
+    int status = 0;
+    for (size_t i = 0; i < c->n && status == 0; i++) {
+        mph_scope_t *s = c->scopes[i];
+        assert(s->state == SCOPE_READY && s->commit == NULL);
+        take_t tk = {s, NULL, 0, LUA_NOREF};
+        status = mph__lua_protect(lua, take_pending, &tk, "taking a scope's write set");
+        c->entries[i] = tk.entries;
+        c->json_refs[i] = tk.json_ref;
+        c->writes[i] =
+            (mph_store_write_t){s->name,    s->version,     tk.n,
+                                tk.entries, lua->committer, u->conflict_streak >= CLAIM_AFTER};
+        s->commit = c;
+    }
     int rc = MPH_ENOMEM;
-    if (status == 0) {
-        mph_store_write_t w = {s->name,   s->version,     c.n,
-                               c.entries, lua->committer, s->conflict_streak >= CLAIM_AFTER};
-        rc = lua->store->methods->commit(lua->store, &w, 1, on_committed, s);
-    }
+    if (status == 0)
+        rc = lua->store->methods->commit(lua->store, c->writes, c->n, on_committed, c);
     if (rc != 0) {
-        mph_store_result_t res = {rc, mph_strerror(rc), {0, 0, 0, NULL}, s->name, 0};
-        on_committed(s, &res);
+        mph_store_result_t res = {rc, mph_strerror(rc), {0, 0, 0, NULL}, NULL, 0, 0, NULL};
+        on_committed(c, &res);
     }
+}
+
+/* Whether t must go through a commit before it is answered. */
+static int needs_commit(const mph_txn_t *t)
+{
+    return t->wrote || t->nscopes > 1;
 }
 
 void mph__runner_finished(mph_txn_t *t)
 {
-    mph_scope_t *s = t->scope;
-    if (s == NULL || (!t->wrote && !s->committing && s->pending.head == NULL)) {
+    if (t->nscopes == 0) {
         mph__txn_reply_result(t); /* nothing to wait for */
+        return;
+    }
+    mph_unit_t *u = t->scopes[0]->unit;
+    for (int i = 1; i < t->nscopes; i++)
+        u = unit_merge(u, t->scopes[i]->unit);
+    if (!needs_commit(t) && u->commits == NULL && u->pending.head == NULL) {
+        mph__txn_reply_result(t); /* it read durable data only */
         return;
     }
     t->state = TXN_QUEUED;
     assert(assert_txn_state(t));
-    queue_push(&s->pending, t);
-    if (t->wrote)
-        s->pending_writes++;
-    kick(s);
+    queue_push(&u->pending, t);
+    if (needs_commit(t))
+        u->pending_commits++;
+    kick(u);
 }
 
 /* ---- Backoff ---- */
@@ -566,44 +829,49 @@ static void arm_retry_timer(mph_lua_t *lua)
         return;
     }
     uint64_t at = lua->backoffs->backoff_until;
-    for (mph_scope_t *s = lua->backoffs->next_backoff; s; s = s->next_backoff)
-        if (s->backoff_until < at)
-            at = s->backoff_until;
+    for (mph_unit_t *u = lua->backoffs->next_backoff; u; u = u->next_backoff)
+        if (u->backoff_until < at)
+            at = u->backoff_until;
     uint64_t now = uv_now(lua->loop);
     uv_timer_start(&lua->retry_timer, on_retry_timer, at > now ? at - now : 0, 0);
 }
 
-/* Runs the refused transactions again, in order (each joins s->pending, or waits for a load),
- * then starts the commit. */
-static void rerun_now(mph_scope_t *s)
+/* Runs the refused transactions again, in order (each joins a unit's pending queue, or waits
+ * for a load), then starts the commit. A re-run may merge u into another unit: kick the one
+ * its first member belongs to afterwards. */
+static void rerun_now(mph_unit_t *u)
 {
-    s->backing_off = 0;
-    mph_txn_t *t = queue_take(&s->rerun);
+    u->backing_off = 0;
+    mph_scope_t *member = u->members;
+    mph_txn_t *t = queue_take(&u->rerun);
     while (t) {
         mph_txn_t *next = t->next;
         mph__txn_start_attempt(t);
         t = next;
     }
-    kick(s);
+    if (member)
+        kick(member->unit);
 }
 
-/* Re-runs the scope's refused transactions after delay_ms; with no delay at once, from the
+/* Re-runs the unit's refused transactions after delay_ms; with no delay at once, from the
  * storage callback that reported the conflict, exactly as a successful commit starts the
  * next one: a retry that waited for the next loop iteration would reach the storage behind
  * the other process's next commit every time. */
-static void backoff(mph_scope_t *s, uint64_t delay_ms)
+static void backoff(mph_unit_t *u, uint64_t delay_ms)
 {
-    mph_lua_t *lua = s->lua;
-    if (s->backing_off || s->rerun.head == NULL)
-        return;
-    if (delay_ms == 0) {
-        rerun_now(s);
+    mph_lua_t *lua = u->lua;
+    if (u->backing_off || u->rerun.head == NULL) {
+        kick(u);
         return;
     }
-    s->backing_off = 1;
-    s->backoff_until = uv_now(lua->loop) + delay_ms;
-    s->next_backoff = lua->backoffs;
-    lua->backoffs = s;
+    if (delay_ms == 0) {
+        rerun_now(u);
+        return;
+    }
+    u->backing_off = 1;
+    u->backoff_until = uv_now(lua->loop) + delay_ms;
+    u->next_backoff = lua->backoffs;
+    lua->backoffs = u;
     arm_retry_timer(lua);
 }
 
@@ -611,24 +879,24 @@ static void on_retry_timer(uv_timer_t *timer)
 {
     mph_lua_t *lua = mph_container_of(timer, mph_lua_t, retry_timer);
     uint64_t now = uv_now(lua->loop);
-    /* Detach the scopes whose backoff is over first: re-running may start new backoffs. */
-    mph_scope_t *due = NULL, **p = &lua->backoffs;
+    /* Detach the units whose backoff is over first: re-running may start new backoffs. */
+    mph_unit_t *due = NULL, **p = &lua->backoffs;
     while (*p) {
-        mph_scope_t *s = *p;
-        if (s->backoff_until <= now) {
-            *p = s->next_backoff;
-            s->next_backoff = due;
-            due = s;
+        mph_unit_t *u = *p;
+        if (u->backoff_until <= now) {
+            *p = u->next_backoff;
+            u->next_backoff = due;
+            due = u;
         } else {
-            p = &s->next_backoff;
+            p = &u->next_backoff;
         }
     }
     arm_retry_timer(lua);
     while (due) {
-        mph_scope_t *s = due;
-        due = s->next_backoff;
-        s->next_backoff = NULL;
-        rerun_now(s);
+        mph_unit_t *u = due;
+        due = u->next_backoff;
+        u->next_backoff = NULL;
+        rerun_now(u);
     }
 }
 
@@ -637,15 +905,17 @@ void mph__runner_close(mph_lua_t *lua)
     const char *msg = "storage unavailable: shutting down";
     lua->backoffs = NULL;
     uv_timer_stop(&lua->retry_timer);
+    for (mph_scope_t *s = lua->scopes; s; s = s->next) {
+        /* A commit still in flight would call back into freed memory: the host closes the
+         * store (which completes every operation) before the bridge. */
+        assert(s->commit == NULL && s->state != SCOPE_LOADING);
+        fail_all(queue_take(&s->waiting), MPH_RPC_STORAGE_UNAVAILABLE, msg);
+        fail_all(queue_take(&s->home.pending), MPH_RPC_STORAGE_UNAVAILABLE, msg);
+        fail_all(queue_take(&s->home.rerun), MPH_RPC_STORAGE_UNAVAILABLE, msg);
+    }
     mph_scope_t *s = lua->scopes;
     while (s) {
         mph_scope_t *next = s->next;
-        /* A commit still in flight would call back into freed memory: the host closes the
-         * store (which completes every operation) before the bridge. */
-        assert(!s->committing && s->state != SCOPE_LOADING);
-        fail_all(queue_take(&s->waiting), MPH_RPC_STORAGE_UNAVAILABLE, msg);
-        fail_all(queue_take(&s->pending), MPH_RPC_STORAGE_UNAVAILABLE, msg);
-        fail_all(queue_take(&s->rerun), MPH_RPC_STORAGE_UNAVAILABLE, msg);
         free(s->name);
         free(s);
         s = next;

@@ -78,7 +78,8 @@
 #define HEADER_V2 16         /* magic, length, payload crc, header crc */
 #define DELETED_LEN 0xFFFFFFFFU
 #define COMPACT_MIN_BYTES (4u << 20) /* never compact a log smaller than this */
-#define MAX_SCOPE_NAME 200
+#define MAX_SCOPE_NAME 512 /* bytes; mp.scope.named allows 200, user names 255, plus a prefix */
+#define MAX_FILE_STEM 200  /* an encoded name longer than this is shortened (encode_name) */
 
 typedef struct fscope_s {
     char *name;          /* owned */
@@ -176,10 +177,25 @@ static uint32_t crc(const unsigned char *p, size_t n)
     return (uint32_t)crc32(0L, p, (uInt)n);
 }
 
-/* Percent-encodes a scope name into a file name: only [A-Za-z0-9_-] pass. */
+/* 64-bit FNV-1a of name, from a given offset basis (two bases give two independent hashes). */
+static uint64_t fnv1a64(const char *name, uint64_t basis)
+{
+    uint64_t h = basis;
+    for (const unsigned char *p = (const unsigned char *)name; *p; p++) {
+        h ^= *p;
+        h *= 0x100000001b3ULL;
+    }
+    return h;
+}
+
+/* Percent-encodes a scope name into a file name: only [A-Za-z0-9_-] pass. An encoding
+ * longer than MAX_FILE_STEM (a name of many escaped bytes: 200 bytes can encode to 600, past
+ * NAME_MAX) is cut at a whole escape and ends with "~" and 128 bits of two hashes of the
+ * whole name: still one file name per scope name, short enough for every extension. */
 static void encode_name(mph_buf_t *out, const char *name)
 {
     static const char hex[] = "0123456789ABCDEF";
+    size_t start = out->len;
     for (const unsigned char *p = (const unsigned char *)name; *p; p++) {
         if ((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ||
             *p == '_' || *p == '-') {
@@ -189,6 +205,15 @@ static void encode_name(mph_buf_t *out, const char *name)
             mph_buf_append(out, esc, 3);
         }
     }
+    if (out->len - start <= MAX_FILE_STEM)
+        return;
+    size_t keep = MAX_FILE_STEM - 33; /* room for "~" and 32 hex digits */
+    while (keep > 0 &&
+           (out->data[start + keep - 1] == '%' || (keep > 1 && out->data[start + keep - 2] == '%')))
+        keep--; /* never cut an escape in two */
+    out->len = start + keep;
+    mph_buf_printf(out, "~%016llx%016llx", (unsigned long long)fnv1a64(name, 0xcbf29ce484222325ULL),
+                   (unsigned long long)fnv1a64(name, 0x84222325cbf29ce4ULL));
 }
 
 /* ---- Test hooks ----
@@ -1219,8 +1244,13 @@ static void after_work_cb(uv_work_t *w, int status)
                 sc->log_end > 2 * sc->snap_size)
                 start_compaction(fs, sc);
         }
-        mph_store_result_t res = {op->status, op->message[0] ? op->message : NULL, op->doc,
-                                  sc->name, op->held};
+        mph_store_conflict_t conflict = {sc->name, op->doc, op->held};
+        mph_store_result_t res = {
+            op->status, op->message[0] ? op->message : NULL, op->doc, sc->name, op->held, 0, NULL};
+        if (op->status == MPH_ECONFLICT) {
+            res.nconflicts = 1;
+            res.conflicts = &conflict;
+        }
         op->cb(op->ud, &res);
     }
     free(op->doc.entries);

@@ -75,19 +75,27 @@ typedef enum { STATE_DOWN, STATE_RESOLVING, STATE_CONNECTED } conn_state_t;
 
 typedef struct redis_store_s redis_store_t;
 
+/* What a commit's reply must match: its scopes, in the order of the script's KEYS. */
+typedef struct {
+    size_t n;           /* scopes (1 for a load) */
+    char **names;       /* n owned copies */
+    uint64_t *expected; /* n expected versions (commit) */
+    size_t *counts;     /* n numbers of writes (commit): 0 checks the version only */
+} shape_t;
+
 typedef struct rop_s {
     redis_store_t *rs;
     op_kind_t kind;
     mph_store_cb cb; /* runs exactly once (LOAD, COMMIT) */
     void *ud;
-    char *scope;            /* owned copy */
-    char *keys[NKEYS];      /* owned: P{S}:v, P{S}:d, P{S}:log, P{S}:claim, P{S}:logsize */
-    int argc;               /* argv[0..1] are the command and script or sha */
-    const char **argv;      /* owned array; strings borrowed or owned as below */
-    size_t *argvlen;        /* owned */
-    char expected_str[24];  /* argv string for the expected version */
-    char committer_str[24]; /* argv string for the committer id */
-    uint64_t expected;
+    shape_t shape;             /* owned arrays */
+    char **keys;               /* owned: NKEYS per scope: P{S}:v, :d, :log, :claim, :logsize */
+    char (*numbers)[24];       /* owned: per scope, the expected version and the count, as text */
+    int argc;                  /* argv[0..1] are the command and script or sha */
+    const char **argv;         /* owned array; strings borrowed or owned as below */
+    size_t *argvlen;           /* owned */
+    char committer_str[24];    /* argv string for the committer id */
+    char numkeys[24];          /* argv string for the number of keys */
     int sent_as_eval;          /* already fell back from EVALSHA */
     uint64_t deadline;         /* uv_now() limit for the reply */
     struct rop_s *prev, *next; /* in rs->inflight, oldest first */
@@ -168,9 +176,15 @@ static void inflight_remove(redis_store_t *rs, rop_t *op)
 
 static void op_free(rop_t *op)
 {
-    free(op->scope);
-    for (int i = 0; i < NKEYS; i++)
+    for (size_t i = 0; i < op->shape.n; i++)
+        free(op->shape.names[i]);
+    for (size_t i = 0; op->keys && i < NKEYS * op->shape.n; i++)
         free(op->keys[i]);
+    free(op->shape.names);
+    free(op->shape.expected);
+    free(op->shape.counts);
+    free(op->keys);
+    free(op->numbers);
     free(op->argv);
     free(op->argvlen);
     free(op);
@@ -183,10 +197,19 @@ static void op_free(rop_t *op)
  * what was wrong, never a read outside the reply and never a success. */
 
 typedef struct {
-    mph_store_result_t res; /* what the callback gets; res.doc.entries is owned */
-    size_t cap;             /* entries allocated */
-    char msg[320];          /* res.message points here on errors */
+    mph_store_result_t res;     /* what the callback gets (reply_free frees what it owns) */
+    mph_store_entry_t *entries; /* owned: every entry of the reply; the documents point in */
+    size_t nentries, cap;
+    mph_store_conflict_t one;   /* res.conflicts of a one-scope commit */
+    mph_store_conflict_t *many; /* owned: res.conflicts of a commit of several scopes */
+    char msg[320];              /* res.message points here on errors */
 } reply_t;
+
+static void reply_free(reply_t *out)
+{
+    free(out->entries);
+    free(out->many);
+}
 
 static int parse_u64(const char *s, size_t len, uint64_t *out)
 {
@@ -235,22 +258,28 @@ static int reply_flag(const redisReply *r, int *out)
 
 static int malformed(reply_t *out, const char *what)
 {
-    free(out->res.doc.entries);
+    reply_free(out);
+    out->entries = NULL;
+    out->many = NULL;
+    out->nentries = 0;
     out->res.doc = (mph_store_doc_t){0, 0, 0, NULL};
     out->res.held = 0;
+    out->res.nconflicts = 0;
+    out->res.conflicts = NULL;
     snprintf(out->msg, sizeof(out->msg), "unexpected reply from Redis: %s", what);
     out->res.message = out->msg;
     return out->res.status = MPH_ESTORAGE;
 }
 
+/* Appends an entry to the reply's array; documents are pointed into it once all is read
+ * (it moves while it grows). */
 static void add_entry(reply_t *out, mph_store_entry_t e)
 {
-    mph_store_doc_t *doc = &out->res.doc;
-    if (doc->n == out->cap) {
+    if (out->nentries == out->cap) {
         out->cap = out->cap ? out->cap * 2 : 64;
-        doc->entries = mph_xrealloc(doc->entries, out->cap * sizeof(*doc->entries));
+        out->entries = mph_xrealloc(out->entries, out->cap * sizeof(*out->entries));
     }
-    doc->entries[doc->n++] = e;
+    out->entries[out->nentries++] = e;
 }
 
 /* Appends the entries of a flat HGETALL array: strings, values never empty (JSON text). */
@@ -306,56 +335,105 @@ static int read_load_reply(const redisReply *r, reply_t *out)
         return malformed(out, "the version of a load is not a decimal string");
     if (add_hash(out, element(r, 1)) != 0)
         return malformed(out, "the document is not flat pairs of strings (values never empty)");
+    out->res.doc.n = out->nentries;
+    out->res.doc.entries = out->entries;
     return 0;
 }
 
-/* {1, NEW} or {0, CUR, IS_DELTA, RECORDS or HGETALL, HELD}; see redis_cas.lua. */
-static int read_commit_reply(const redisReply *r, uint64_t expected, reply_t *out)
+/* Scope i's part of a conflict reply, {CUR, IS_DELTA, RECORDS or HGETALL, HELD} at
+ * elements 1 + 4i .. 4 + 4i, into *c (doc.entries is left NULL: the caller points it into
+ * the array, where this scope's entries start at *first). Returns 1 when the scope refused
+ * the commit, 0 when its version held (only in a commit of several scopes), or an error. */
+static int read_conflict(const redisReply *r, const shape_t *shape, size_t i, reply_t *out,
+                         mph_store_conflict_t *c, size_t *first)
+{
+    uint64_t expected = shape->expected[i];
+    size_t at = 1 + 4 * i;
+    *c = (mph_store_conflict_t){shape->names[i], {0, 0, 0, NULL}, 0};
+    *first = out->nentries;
+    if (reply_u64(element(r, at), &c->doc.version) != 0)
+        return malformed(out, "the version of a commit is not a decimal string");
+    if (reply_flag(element(r, at + 1), &c->doc.is_delta) != 0 ||
+        reply_flag(element(r, at + 3), &c->held) != 0)
+        return malformed(out, "a conflict's is_delta or held is not 0 or 1");
+    const redisReply *list = element(r, at + 2);
+    if (!c->doc.is_delta) {
+        if (add_hash(out, list) != 0)
+            return malformed(out, "the document is not flat pairs of strings (values never empty)");
+        c->doc.n = out->nentries - *first;
+        return 1;
+    }
+    /* A delta: the records of versions expected+1 .. CUR, newest first. */
+    int moved = c->doc.version != expected || c->held;
+    if (c->doc.version < expected || (!moved && shape->n == 1))
+        return malformed(out, "a conflict's delta does not start at the expected version");
+    if (list == NULL || list->type != REDIS_REPLY_ARRAY ||
+        (uint64_t)list->elements != c->doc.version - expected)
+        return malformed(out, "a conflict's change log does not hold one record per version");
+    for (size_t k = list->elements; k-- > 0;) /* apply oldest first */
+        if (add_record(out, list->element[k], expected + (list->elements - k)) != 0)
+            return malformed(out, "a change-log record is malformed");
+    c->doc.n = out->nentries - *first;
+    return moved;
+}
+
+/* {1, NEW...} or {0, per scope CUR, IS_DELTA, RECORDS or HGETALL, HELD}; see redis_cas.lua. */
+static int read_commit_reply(const redisReply *r, const shape_t *shape, reply_t *out)
 {
     mph_store_result_t *res = &out->res;
     int ok;
     if (r->type != REDIS_REPLY_ARRAY || reply_flag(element(r, 0), &ok) != 0)
         return malformed(out, "a commit is not answered by an array starting with 0 or 1");
-    if (r->elements != (ok ? 2u : 5u))
-        return malformed(out, ok ? "a commit's success is not an array of 2"
-                                 : "a commit's conflict is not an array of 5");
-    if (reply_u64(element(r, 1), &res->doc.version) != 0)
-        return malformed(out, "the version of a commit is not a decimal string");
+    if (r->elements != 1 + (ok ? 1 : 4) * shape->n)
+        return malformed(out, ok ? "a commit's success does not hold one version per scope"
+                                 : "a commit's conflict does not hold four parts per scope");
     if (ok) {
-        if (expected == UINT64_MAX || res->doc.version != expected + 1)
-            return malformed(out, "a commit's new version is not the expected version + 1");
+        for (size_t i = 0; i < shape->n; i++) {
+            uint64_t version, expected = shape->expected[i];
+            if (reply_u64(element(r, 1 + i), &version) != 0)
+                return malformed(out, "the version of a commit is not a decimal string");
+            if (expected == UINT64_MAX || version != expected + (shape->counts[i] > 0))
+                return malformed(out, "a commit's new version is not the expected version + 1");
+            if (i == 0)
+                res->doc.version = version;
+        }
         return 0;
     }
-    res->status = MPH_ECONFLICT;
-    if (reply_flag(element(r, 2), &res->doc.is_delta) != 0 ||
-        reply_flag(element(r, 4), &res->held) != 0)
-        return malformed(out, "a conflict's is_delta or held is not 0 or 1");
-    const redisReply *list = element(r, 3);
-    if (!res->doc.is_delta) {
-        if (add_hash(out, list) != 0)
-            return malformed(out, "the document is not flat pairs of strings (values never empty)");
-        return MPH_ECONFLICT;
+    mph_store_conflict_t *cs =
+        shape->n == 1 ? &out->one : (out->many = mph_xcalloc(shape->n, sizeof(*cs)));
+    size_t *firsts = mph_xcalloc(shape->n, sizeof(*firsts));
+    size_t n = 0;
+    for (size_t i = 0; i < shape->n; i++) {
+        int rc = read_conflict(r, shape, i, out, &cs[n], &firsts[n]);
+        if (rc < 0) {
+            free(firsts);
+            return rc;
+        }
+        n += (size_t)rc;
     }
-    /* A delta: the records of versions expected+1 .. CUR, newest first. */
-    if (res->doc.version < expected || (res->doc.version == expected && !res->held))
-        return malformed(out, "a conflict's delta does not start at the expected version");
-    if (list == NULL || list->type != REDIS_REPLY_ARRAY ||
-        (uint64_t)list->elements != res->doc.version - expected)
-        return malformed(out, "a conflict's change log does not hold one record per version");
-    for (size_t i = list->elements; i-- > 0;) /* apply oldest first */
-        if (add_record(out, list->element[i], expected + (list->elements - i)) != 0)
-            return malformed(out, "a change-log record is malformed");
+    for (size_t i = 0; i < n; i++)
+        cs[i].doc.entries = cs[i].doc.n ? out->entries + firsts[i] : NULL;
+    free(firsts);
+    if (n == 0)
+        return malformed(out, "a conflict names no scope that refused the commit");
+    res->status = MPH_ECONFLICT;
+    res->nconflicts = n;
+    res->conflicts = cs;
+    res->scope = cs[0].scope;
+    res->doc = cs[0].doc;
+    res->held = cs[0].held;
     return MPH_ECONFLICT;
 }
 
-/* Turns the reply to a LOAD or COMMIT into out->res (status 0, MPH_ECONFLICT or MPH_ESTORAGE
- * with a message). r may be NULL (the connection died). out->res.doc.entries is new: the
- * caller frees it after the callback; entries borrow from r. Returns out->res.status. */
-static int read_reply(op_kind_t kind, uint64_t expected, const char *scope, const redisReply *r,
-                      reply_t *out)
+/* Turns the reply to a LOAD or COMMIT of the scopes in `shape` into out->res (status 0,
+ * MPH_ECONFLICT or MPH_ESTORAGE with a message). r may be NULL (the connection died). The
+ * caller frees out with reply_free after the callback; entries borrow from r. Returns
+ * out->res.status. */
+static int read_shaped_reply(op_kind_t kind, const shape_t *shape, const redisReply *r,
+                             reply_t *out)
 {
     memset(out, 0, sizeof(*out));
-    out->res.scope = scope;
+    out->res.scope = shape->names[0];
     if (r == NULL) {
         out->res.message = "connection to Redis lost (the outcome is unknown)";
         return out->res.status = MPH_ESTORAGE;
@@ -365,8 +443,21 @@ static int read_reply(op_kind_t kind, uint64_t expected, const char *scope, cons
         out->res.message = out->msg;
         return out->res.status = MPH_ESTORAGE;
     }
-    return kind == OP_LOAD ? read_load_reply(r, out) : read_commit_reply(r, expected, out);
+    return kind == OP_LOAD ? read_load_reply(r, out) : read_commit_reply(r, shape, out);
 }
+
+#ifdef MPH_REDIS_TESTS /* the unit and fuzz tests include this file */
+/* read_shaped_reply for one scope and a commit of one write: all `out` owns then is
+ * out->res.doc.entries. */
+static int read_reply(op_kind_t kind, uint64_t expected, const char *scope, const redisReply *r,
+                      reply_t *out)
+{
+    char *names[1] = {(char *)scope};
+    size_t one = 1;
+    shape_t shape = {1, names, &expected, &one};
+    return read_shaped_reply(kind, &shape, r, out);
+}
+#endif
 
 /* A NOSCRIPT error to a call sent as EVALSHA: the server forgot the script (SCRIPT FLUSH, a
  * failover, a restart); the same call sent as EVAL, with the script's text, will do. */
@@ -387,7 +478,7 @@ static void finish(rop_t *op, const mph_store_result_t *res)
 
 static void fail_op(rop_t *op, int status, const char *message)
 {
-    mph_store_result_t res = {status, message, {0, 0, 0, NULL}, op->scope, 0};
+    mph_store_result_t res = {status, message, {0, 0, 0, NULL}, op->shape.names[0], 0, 0, NULL};
     finish(op, &res);
 }
 
@@ -454,9 +545,9 @@ static void on_reply(redisAsyncContext *ac, void *reply_ptr, void *privdata)
         return;
     }
     reply_t out;
-    read_reply(op->kind, op->expected, op->scope, r, &out);
+    read_shaped_reply(op->kind, &op->shape, r, &out);
     finish(op, &out.res);
-    free(out.res.doc.entries);
+    reply_free(&out);
 }
 
 /* ---- Connection ---- */
@@ -785,33 +876,45 @@ static int can_send(const redis_store_t *rs)
     return rs->state == STATE_CONNECTED && (rs->ready || rs->was_up);
 }
 
-static rop_t *new_op(redis_store_t *rs, op_kind_t kind, const char *scope, mph_store_cb cb,
-                     void *ud, int argc)
+/* A new LOAD (one scope) or COMMIT of nscopes scopes: the script, its keys, and room for
+ * argc arguments in all (the caller fills those after the keys). */
+static rop_t *new_op(redis_store_t *rs, op_kind_t kind, const char *const *scopes, size_t nscopes,
+                     mph_store_cb cb, void *ud, size_t argc)
 {
     rop_t *op = mph_xcalloc(1, sizeof(*op));
     op->rs = rs;
     op->kind = kind;
     op->cb = cb;
     op->ud = ud;
-    op->scope = mph_xstrdup(scope);
-    static const char *const suffix[NKEYS] = {"v", "d", "log", "claim", "logsize"};
-    for (int i = 0; i < NKEYS; i++) {
-        size_t n = strlen(rs->prefix) + strlen(scope) + strlen(suffix[i]) + 4; /* {}:\0 */
-        op->keys[i] = mph_xmalloc(n);
-        snprintf(op->keys[i], n, "%s{%s}:%s", rs->prefix, scope, suffix[i]);
-    }
-    op->argc = argc;
-    op->argv = mph_xcalloc((size_t)argc, sizeof(*op->argv));
-    op->argvlen = mph_xcalloc((size_t)argc, sizeof(*op->argvlen));
+    op->shape.n = nscopes;
+    op->shape.names = mph_xcalloc(nscopes, sizeof(*op->shape.names));
+    op->shape.expected = mph_xcalloc(nscopes, sizeof(*op->shape.expected));
+    op->shape.counts = mph_xcalloc(nscopes, sizeof(*op->shape.counts));
+    op->keys = mph_xcalloc(NKEYS * nscopes, sizeof(*op->keys));
+    op->numbers = mph_xcalloc(2 * nscopes, sizeof(*op->numbers));
+    op->argc = (int)argc;
+    op->argv = mph_xcalloc(argc, sizeof(*op->argv));
+    op->argvlen = mph_xcalloc(argc, sizeof(*op->argvlen));
     const char *sha = kind == OP_COMMIT ? rs->commit_sha : rs->load_sha;
     op->sent_as_eval = sha[0] == '\0';
     op->argv[0] = op->sent_as_eval ? "EVAL" : "EVALSHA";
     op->argv[1] = !op->sent_as_eval ? sha : kind == OP_COMMIT ? CAS_SCRIPT : LOAD_SCRIPT;
-    op->argv[2] = MPH_STR(NKEYS);
-    for (int i = 0; i < NKEYS; i++)
-        op->argv[3 + i] = op->keys[i];
-    for (int i = 0; i < 3 + NKEYS; i++)
-        op->argvlen[i] = strlen(op->argv[i]);
+    snprintf(op->numkeys, sizeof(op->numkeys), "%zu", NKEYS * nscopes);
+    op->argv[2] = op->numkeys;
+    op->argvlen[2] = strlen(op->argv[2]);
+    static const char *const suffix[NKEYS] = {"v", "d", "log", "claim", "logsize"};
+    for (size_t i = 0; i < nscopes; i++) {
+        op->shape.names[i] = mph_xstrdup(scopes[i]);
+        for (int k = 0; k < NKEYS; k++) {
+            size_t n = strlen(rs->prefix) + strlen(scopes[i]) + strlen(suffix[k]) + 4; /* {}:\0 */
+            char *key = op->keys[NKEYS * i + k] = mph_xmalloc(n);
+            snprintf(key, n, "%s{%s}:%s", rs->prefix, scopes[i], suffix[k]);
+            op->argv[3 + NKEYS * i + k] = key;
+            op->argvlen[3 + NKEYS * i + k] = n - 1;
+        }
+    }
+    op->argvlen[0] = strlen(op->argv[0]);
+    op->argvlen[1] = strlen(op->argv[1]);
     return op;
 }
 
@@ -822,12 +925,19 @@ static int redis_load(mph_store_t *s, const char *scope, mph_store_cb cb, void *
         return MPH_ECLOSED;
     if (!can_send(rs))
         return MPH_ESTORAGE;
-    rop_t *op = new_op(rs, OP_LOAD, scope, cb, ud, 3 + NKEYS);
+    rop_t *op = new_op(rs, OP_LOAD, &scope, 1, cb, ud, 3 + NKEYS);
     if (send_op(op) != 0) {
         op_free(op); /* never call back before returning */
         return MPH_ESTORAGE;
     }
     return 0;
+}
+
+/* Sets argument `at` of op. */
+static void set_arg(rop_t *op, size_t at, const char *text, size_t len)
+{
+    op->argv[at] = text;
+    op->argvlen[at] = len;
 }
 
 static int redis_commit(mph_store_t *s, const mph_store_write_t *writes, size_t nwrites,
@@ -838,29 +948,43 @@ static int redis_commit(mph_store_t *s, const mph_store_write_t *writes, size_t 
         return MPH_ECLOSED;
     if (!can_send(rs))
         return MPH_ESTORAGE;
-    if (nwrites != 1)
-        return MPH_EINVAL; /* one scope per commit, as the runner sends them */
-    const mph_store_write_t *w = &writes[0];
-    enum { FIXED = 3 + NKEYS, NARGS = 5 }; /* the script's ARGV before the key/value pairs */
-    rop_t *op = new_op(rs, OP_COMMIT, w->scope, cb, ud, FIXED + NARGS + 2 * (int)w->n);
-    op->expected = w->expected_version;
-    snprintf(op->expected_str, sizeof(op->expected_str), "%llu",
-             (unsigned long long)w->expected_version);
+    if (nwrites == 0)
+        return MPH_EINVAL;
+    enum { NARGS = 4 }; /* the script's ARGV before the scopes' parts (redis_cas.lua) */
+    size_t argc = 3 + NKEYS * nwrites + NARGS;
+    const char **names = mph_xmalloc(nwrites * sizeof(*names));
+    for (size_t i = 0; i < nwrites; i++) {
+        names[i] = writes[i].scope;
+        argc += 2 + 2 * writes[i].n;
+    }
+    rop_t *op = new_op(rs, OP_COMMIT, names, nwrites, cb, ud, argc);
+    free(names);
     snprintf(op->committer_str, sizeof(op->committer_str), "%llu",
-             (unsigned long long)w->committer);
-    const char *args[NARGS] = {op->expected_str, rs->log_bytes_str, LOG_RECORDS, op->committer_str,
-                               w->claim ? MPH_STR(MPH_STORE_CLAIM_MS) : "0"};
-    for (int i = 0; i < NARGS; i++) {
-        op->argv[FIXED + i] = args[i];
-        op->argvlen[FIXED + i] = strlen(args[i]);
+             (unsigned long long)writes[0].committer);
+    int claim = 0;
+    for (size_t i = 0; i < nwrites; i++)
+        claim |= writes[i].claim;
+    size_t at = 3 + NKEYS * nwrites;
+    const char *args[NARGS] = {rs->log_bytes_str, LOG_RECORDS, op->committer_str,
+                               claim ? MPH_STR(MPH_STORE_CLAIM_MS) : "0"};
+    for (int i = 0; i < NARGS; i++, at++)
+        set_arg(op, at, args[i], strlen(args[i]));
+    for (size_t i = 0; i < nwrites; i++) {
+        const mph_store_write_t *w = &writes[i];
+        op->shape.expected[i] = w->expected_version;
+        op->shape.counts[i] = w->n;
+        char *expected = op->numbers[2 * i], *count = op->numbers[2 * i + 1];
+        snprintf(expected, sizeof(op->numbers[0]), "%llu", (unsigned long long)w->expected_version);
+        snprintf(count, sizeof(op->numbers[0]), "%zu", w->n);
+        set_arg(op, at++, expected, strlen(expected));
+        set_arg(op, at++, count, strlen(count));
+        for (size_t k = 0; k < w->n; k++) {
+            set_arg(op, at++, w->entries[k].key, w->entries[k].klen);
+            set_arg(op, at++, w->entries[k].json ? w->entries[k].json : "",
+                    w->entries[k].json ? w->entries[k].jlen : 0);
+        }
     }
-    for (size_t i = 0; i < w->n; i++) {
-        size_t at = FIXED + NARGS + 2 * i;
-        op->argv[at] = w->entries[i].key;
-        op->argvlen[at] = w->entries[i].klen;
-        op->argv[at + 1] = w->entries[i].json ? w->entries[i].json : "";
-        op->argvlen[at + 1] = w->entries[i].json ? w->entries[i].jlen : 0;
-    }
+    assert(at == argc);
     if (send_op(op) != 0) {
         op_free(op); /* never call back before returning */
         return MPH_ESTORAGE;

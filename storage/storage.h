@@ -9,10 +9,12 @@
  *                               -> ok (the new versions), conflict (what changed), or error
  *
  * A commit applies all its writes or none, and only if every scope is still at its expected
- * version (compare-and-set). On a conflict the backend returns what the caller needs to catch
- * up without a second read: either the changes since the expected version, in order
- * (is_delta = 1), or the whole current document (is_delta = 0). The callback of a commit runs
- * only once its writes are durable.
+ * version (compare-and-set). A scope with writes moves to the expected version + 1; a scope
+ * named with no writes is only checked (a transaction read it) and keeps its version. On a conflict
+ * the backend returns what the caller needs to catch up without a second read: either the changes
+ * since the expected version, in order (is_delta = 1), or the whole current document (is_delta =
+ * 0), for every scope that refused it. The callback of a commit runs only once its writes are
+ * durable.
  *
  * Fairness claims. A process whose speculative batches are always ready sends its next CAS the
  * moment the last one lands; another process that must first re-run its handlers on the
@@ -64,6 +66,14 @@ typedef struct {
     int claim;                        /* 1: on a conflict, reserve the next commit for us */
 } mph_store_write_t;
 
+/* One scope of a refused commit whose version moved, or that another committer's claim
+ * holds. */
+typedef struct {
+    const char *scope;   /* its name */
+    mph_store_doc_t doc; /* what changed since the expected version, or the whole document */
+    int held;            /* refused because another committer holds a claim on it */
+} mph_store_conflict_t;
+
 typedef struct {
     int status;          /* 0, MPH_ECONFLICT, or another negative MPH_E* code */
     const char *message; /* why, when status < 0 (static or valid during the callback) */
@@ -72,6 +82,8 @@ typedef struct {
                             `scope`) */
     const char *scope;   /* conflict: the scope whose version moved */
     int held;            /* conflict: refused because another committer holds a claim */
+    size_t nconflicts;   /* conflict: every scope that refused it (at least one); the */
+    const mph_store_conflict_t *conflicts; /* first is also scope, doc and held above */
 } mph_store_result_t;
 
 /* The result and everything it points to are borrowed: copy what you keep. */

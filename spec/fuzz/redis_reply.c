@@ -13,6 +13,7 @@
  *    and a delta spans exactly the versions after the expected one;
  *  - every entry points inside the reply (ASan checks the bytes are read in bounds).
  */
+#define MPH_REDIS_TESTS /* read_reply */
 #include "host/common.c"
 #include "storage/redis.c"
 

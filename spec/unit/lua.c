@@ -104,7 +104,8 @@ static void fake_run(fake_t *f)
         for (size_t i = 0; i < f->n; i++)
             entries[i] = (mph_store_entry_t){f->keys[i], strlen(f->keys[i]), f->json[i],
                                              f->json[i] ? strlen(f->json[i]) : 0};
-        mph_store_result_t res = {0, NULL, {f->version, 0, f->n, entries}, "global", 0};
+        mph_store_result_t res = {0, NULL, {f->version, 0, f->n, entries}, "global", 0, 0, NULL};
+        mph_store_conflict_t conflict;
         if (!op.is_commit && f->fail_loads > 0) {
             f->fail_loads--;
             res.status = MPH_EIO;
@@ -124,6 +125,9 @@ static void fake_run(fake_t *f)
                                                  f->json[i] ? strlen(f->json[i]) : 0};
             res.status = MPH_ECONFLICT;
             res.doc = (mph_store_doc_t){f->version, 0, f->n, entries};
+            conflict = (mph_store_conflict_t){"global", res.doc, 0};
+            res.nconflicts = 1;
+            res.conflicts = &conflict;
         } else if (op.is_commit) {
             CHECK(op.expected == f->version);
             for (size_t i = 0; i < op.n; i++)
@@ -389,7 +393,7 @@ static void test_txn_states_are_asserted(void)
     t.state = TXN_RUNNING;
     CHECK(assert_txn_state(&t));
     t.state = TXN_RETRY;
-    t.scope = (mph_scope_t *)&t;
+    t.nscopes = 1;
     CHECK(assert_txn_state(&t));
 #endif
 }

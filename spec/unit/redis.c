@@ -9,6 +9,7 @@
  * These run without a Redis server (spec/test_redis.py drives real ones).
  */
 #define _GNU_SOURCE
+#define MPH_REDIS_TESTS /* read_reply */
 #include "host/common.c"
 #include "storage/redis.c"
 
