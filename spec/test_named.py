@@ -4,7 +4,8 @@ import os
 import random
 import threading
 
-from harness import SCRIPTS, KeepAliveClient, RedisServer, Server, check, eq, tmpdir
+from harness import (SCRIPTS, KeepAliveClient, RedisServer, Server, TestFailure, check, eq,
+                     tmpdir)
 
 ACCOUNTS = os.path.join(SCRIPTS, "accounts.lua")
 N_ACCOUNTS = 50
@@ -95,6 +96,10 @@ def check_transfers(storage_args):
     return refused
 
 
+def test_transfers_keep_the_sum_on_files():
+    check_transfers([])
+
+
 def test_transfers_keep_the_sum_on_redis():
     with RedisServer() as redis:
         check_transfers(["--storage=" + redis.url()])
@@ -150,3 +155,97 @@ def test_invalid_scope_names_are_a_clear_error():
         eq(s.result("touch", ["\u00e9t\u00e9 / ../.. %41"]), 0, "any bytes")
         r = s.rpc("user_outside_auth")
         check("mp.basicAuth" in r["error"]["message"], r)
+
+
+def kill9_during_transfers(storage_args, rounds=2):
+    """Both processes are killed with -9 while 16 clients move money; after each round a
+    fresh process finds the sum intact and no balance negative."""
+    data = tmpdir()
+    with Server(ACCOUNTS, storage_args, data=data) as s:
+        seed(s)
+    for round_ in range(rounds):
+        procs = servers(storage_args, data)
+        acked, lock, enough = [0], threading.Lock(), threading.Event()
+
+        def mover(i):
+            rng = random.Random(1000 * round_ + i)
+            try:
+                c = KeepAliveClient(procs[i % 2].port, timeout=30)
+                while True:
+                    a, b = rng.sample(range(1, N_ACCOUNTS + 1), 2)
+                    c.call("transfer", {"from": a, "to": b, "amount": rng.randint(1, 400)})
+                    with lock:
+                        acked[0] += 1
+                        if acked[0] >= 200:
+                            enough.set()
+            except Exception:  # the kill cuts the connection
+                return
+
+        threads = [threading.Thread(target=mover, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        check(enough.wait(60), "200 transfers were acknowledged before the kill")
+        for p in procs:
+            p.kill9()
+        for t in threads:
+            t.join()
+        with Server(ACCOUNTS, storage_args, data=data) as s:
+            audit = s.result("audit", {"n": N_ACCOUNTS})
+            eq(audit["total"], N_ACCOUNTS * START, "the sum after kill -9, round %d" % round_)
+            check(audit["low"] >= 0, audit)
+
+
+def test_kill_9_of_both_processes_during_transfers_on_files():
+    kill9_during_transfers([])
+
+
+def test_kill_9_of_both_processes_during_transfers_on_redis():
+    with RedisServer() as redis:
+        kill9_during_transfers(["--storage=" + redis.url()])
+
+
+def intents(data):
+    return [f for f in os.listdir(data) if f.endswith(".intent")]
+
+
+def test_a_crash_between_the_parts_of_a_commit_cuts_them_all():
+    """The process dies at each step of a commit of two scopes (files): after the first
+    part is durable and the second only written, and after both are durable but before the
+    commit point. The next process sees neither part, and says it cut them."""
+    for fault in ("append.sync:2:crash", "multi.decide:1:crash"):
+        data = tmpdir()
+        with Server(ACCOUNTS, data=data) as s:
+            eq(s.result("deposit", {"id": 1, "amount": 100}), 100)
+            eq(s.result("deposit", {"id": 2, "amount": 100}), 100)
+        s = Server(ACCOUNTS, data=data, env={"MPH_TEST_FAULT": fault}).start()
+        r = None
+        try:
+            r = s.rpc("transfer", {"from": 1, "to": 2, "amount": 30})
+        except (OSError, TestFailure):
+            pass  # the process died before answering, as it should
+        check(r is None, "the transfer was answered although the process died: %r" % (r,))
+        s.proc.wait(30)
+        eq(len(intents(data)), 1, "%s: the intent stays after the crash" % fault)
+        with Server(ACCOUNTS, data=data) as s:
+            eq(s.result("audit", {"n": 2}), {"total": 200, "low": 100}, fault)
+            eq(intents(data), [], "%s: the intent is gone once resolved" % fault)
+            eq(s.result("transfer", {"from": 1, "to": 2, "amount": 30}), True)
+            eq(s.result("audit", {"n": 2}), {"total": 200, "low": 70}, fault)
+            check("cutting the part of an unfinished commit" in s.read_log(), s.read_log()[-800:])
+
+
+def test_a_crash_after_the_commit_point_keeps_the_commit():
+    data = tmpdir()
+    with Server(ACCOUNTS, data=data) as s:
+        eq(s.result("deposit", {"id": 1, "amount": 100}), 100)
+        eq(s.result("deposit", {"id": 2, "amount": 100}), 100)
+    # The intent is removed; the process dies syncing the directory after it.
+    s = Server(ACCOUNTS, data=data, env={"MPH_TEST_FAULT": "multi.decide.sync:1:crash"}).start()
+    try:
+        s.rpc("transfer", {"from": 1, "to": 2, "amount": 30})
+    except (OSError, TestFailure):
+        pass  # the process died before answering
+    s.proc.wait(30)
+    with Server(ACCOUNTS, data=data) as s:
+        eq(s.result("audit", {"n": 2}), {"total": 200, "low": 70}, "the commit stands")
+        eq(intents(data), [])

@@ -65,6 +65,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -77,6 +78,9 @@
 #define HEADER_V1 12         /* magic, length, payload crc */
 #define HEADER_V2 16         /* magic, length, payload crc, header crc */
 #define DELETED_LEN 0xFFFFFFFFU
+#define MULTI_FLAG 0x80000000U /* in a record's entry count: a part of a multi-scope commit */
+#define MULTI_ID 16            /* bytes of a multi-scope commit's random id */
+#define DOUBT 1                /* an operation met a part whose commit is in doubt (op->doubt) */
 #define COMPACT_MIN_BYTES (4u << 20) /* never compact a log smaller than this */
 #define MAX_SCOPE_NAME 512 /* bytes; mp.scope.named allows 200, user names 255, plus a prefix */
 #define MAX_FILE_STEM 200  /* an encoded name longer than this is shortened (encode_name) */
@@ -118,6 +122,8 @@ typedef struct {
 
 typedef enum { OP_LOAD, OP_COMMIT, OP_COMPACT } op_kind_t;
 
+typedef struct group_s group_t;
+
 typedef struct {
     uv_work_t work;
     file_store_t *fs;
@@ -144,7 +150,26 @@ typedef struct {
     mph_store_doc_t doc;
     size_t doc_cap;
     mph_buf_t bufs[2]; /* file contents the doc's entries point into */
+    mph_buf_t doubt;   /* status DOUBT: a copy of the trailer of the part in doubt */
+    group_t *group;    /* a scope of a multi-scope commit, or NULL */
+    off_t part_start;  /* multi-scope commit: where our part starts (to take it back) */
+    int mutexed;       /* multi-scope commit: we hold sc->mutex ... */
+    int flocked;       /* ... and the scope lock */
 } op_t;
+
+/* A commit of several scopes: one work item for all of them, so that their locks are taken
+ * together, in name order (every process takes them in that order: no deadlock). */
+struct group_s {
+    uv_work_t work;
+    file_store_t *fs;
+    size_t n;
+    op_t **ops;        /* n, sorted by scope name; owned, and each op too */
+    mph_buf_t trailer; /* what each part carries: id and parts (empty: one scope writes) */
+    mph_store_cb cb;
+    void *ud;
+    int status; /* of the whole commit */
+    char message[400];
+};
 
 /* ---- Encoding helpers ---- */
 
@@ -447,11 +472,34 @@ typedef enum {
     PARSE_MALFORMED /* its checksums hold but its contents do not add up: damage */
 } parse_t;
 
+/* A part's trailer: the commit's id, then its parts (a u32 count, then per part the scope
+ * name's length (u32), the name, and the version the part wrote (u64)). */
+typedef struct {
+    const unsigned char *data; /* NULL: the record is not a part */
+    size_t len;
+} trailer_t;
+
+/* Whether t[0..len) is a well-formed trailer of at least two parts. */
+static int trailer_valid(const unsigned char *t, size_t len)
+{
+    if (len < MULTI_ID + 4)
+        return 0;
+    uint32_t parts = get_u32(t + MULTI_ID);
+    size_t q = MULTI_ID + 4;
+    for (uint32_t i = 0; i < parts; i++) {
+        if (len - q < 4 || len - q - 4 < (size_t)get_u32(t + q) + 8)
+            return 0;
+        q += 4 + get_u32(t + q) + 8;
+    }
+    return parts >= 2 && q == len;
+}
+
 /* Parses the record at data[*pos]; on PARSE_OK advances *pos, sets *version, and (when
  * `into` is not NULL and the version is above `skip_upto`) adds its entries to the doc,
- * pointing into b. */
+ * pointing into b; `trailer` (may be NULL) tells whether it is a part of a multi-scope
+ * commit. */
 static parse_t parse_record(const mph_buf_t *b, size_t *pos, uint64_t *version, op_t *into,
-                            uint64_t skip_upto)
+                            uint64_t skip_upto, trailer_t *trailer)
 {
     const unsigned char *d = (const unsigned char *)b->data;
     size_t at = *pos, size, hdr;
@@ -465,6 +513,8 @@ static parse_t parse_record(const mph_buf_t *b, size_t *pos, uint64_t *version, 
         return PARSE_MALFORMED;
     uint64_t v = get_u64(p);
     uint32_t count = get_u32(p + 8);
+    int multi = (count & MULTI_FLAG) != 0;
+    count &= ~MULTI_FLAG;
     size_t q = 12;
     int keep = into && v > skip_upto;
     size_t first = keep ? into->doc.n : 0;
@@ -489,6 +539,15 @@ static parse_t parse_record(const mph_buf_t *b, size_t *pos, uint64_t *version, 
         if (keep)
             doc_add(into, key, klen, json, json ? jlen : 0);
     }
+    if (multi) {
+        if (!trailer_valid(p + q, plen - q))
+            goto malformed;
+        if (trailer)
+            *trailer = (trailer_t){p + q, plen - q};
+        q = plen;
+    } else if (trailer) {
+        *trailer = (trailer_t){NULL, 0};
+    }
     if (q != plen)
         goto malformed;
     *version = v;
@@ -500,8 +559,10 @@ malformed:
     return PARSE_MALFORMED;
 }
 
-/* Builds a record (format 2) of `n` entries at `version`, appended to out. */
-static void build_record(mph_buf_t *out, uint64_t version, const mph_store_entry_t *e, size_t n)
+/* Builds a record (format 2) of `n` entries at `version`, appended to out; with a trailer
+ * (not NULL), a part of a multi-scope commit. */
+static void build_record(mph_buf_t *out, uint64_t version, const mph_store_entry_t *e, size_t n,
+                         const mph_buf_t *trailer)
 {
     size_t start = out->len;
     unsigned char hdr[HEADER_V2 + 12] = {0};
@@ -516,12 +577,14 @@ static void build_record(mph_buf_t *out, uint64_t version, const mph_store_entry
         if (e[i].json)
             mph_buf_append(out, e[i].json, e[i].jlen);
     }
+    if (trailer)
+        mph_buf_append(out, trailer->data, trailer->len);
     unsigned char *p = (unsigned char *)out->data + start;
     size_t plen = out->len - start - HEADER_V2;
     put_u32(p, MAGIC_V2);
     put_u32(p + 4, (uint32_t)plen);
     put_u64(p + HEADER_V2, version);
-    put_u32(p + HEADER_V2 + 8, (uint32_t)n);
+    put_u32(p + HEADER_V2 + 8, (uint32_t)n | (trailer ? MULTI_FLAG : 0));
     put_u32(p + 8, crc(p + HEADER_V2, plen));
     put_u32(p + 12, crc(p, 12));
 }
@@ -537,6 +600,7 @@ typedef struct {
     size_t end;        /* bytes of whole, valid, applied records from the start */
     size_t next_valid; /* CORRUPT after a bad frame: where the next valid record starts */
     uint64_t last;     /* version of the last record read, else the `last` passed in */
+    trailer_t trailer; /* of the last record read, when it is a part of a multi-scope commit */
     char why[120];     /* CORRUPT: what is wrong at `end` (offsets are the caller's to add) */
 } log_scan_t;
 
@@ -554,7 +618,8 @@ static void scan_log(const mph_buf_t *b, uint64_t last, uint64_t skip_upto, op_t
     for (;;) {
         uint64_t v = 0;
         size_t at = pos;
-        parse_t r = parse_record(b, &pos, &v, into, skip_upto);
+        trailer_t trailer;
+        parse_t r = parse_record(b, &pos, &v, into, skip_upto, &trailer);
         out->end = at;
         if (r == PARSE_END) {
             out->verdict = SCAN_END;
@@ -601,6 +666,7 @@ static void scan_log(const mph_buf_t *b, uint64_t last, uint64_t skip_upto, op_t
             return;
         }
         out->last = v;
+        out->trailer = trailer;
     }
 }
 
@@ -669,6 +735,43 @@ static void unlock_scope(op_t *op)
     flock(op->sc->lock_fd, LOCK_UN);
 }
 
+/* ---- Commits of several scopes ----
+ *
+ * One record per scope cannot be written atomically across files, so a commit of several
+ * scopes has a commit point of its own, after SQLite's super-journal: with every scope's
+ * lock held (in name order), the writer creates an intent file named after the commit's
+ * random id and syncs the directory, appends its part to each scope's log (a record whose
+ * trailer names the id and every part) and syncs each, then removes the intent and syncs the
+ * directory: that removal is the commit point, and only then is anyone answered.
+ *
+ * So a part is in doubt only while its intent exists, and then its writer is gone (it holds
+ * the locks until after the removal): a reader that finds such a part at the end of a log
+ * (only the last record can be: no one appends after a part without resolving it) resolves
+ * it with recover_commit: under every part's scope lock, in name order, each part still at
+ * the end of its log is cut, then the intent is removed. A part whose intent is gone is
+ * committed: its writer removed the intent only after every part was durable. Never in
+ * doubt: a part followed by another record, and the records in a snapshot. */
+
+static char *intent_path(const file_store_t *fs, const unsigned char *id)
+{
+    mph_buf_t p = MPH_BUF_INIT;
+    mph_buf_printf(&p, "%s/~", fs->dir);
+    for (int i = 0; i < MULTI_ID; i++)
+        mph_buf_printf(&p, "%02x", id[i]);
+    mph_buf_puts(&p, ".intent");
+    return mph_buf_steal(&p, NULL);
+}
+
+/* Whether the intent of the commit whose trailer is `trailer` still exists. An error other
+ * than "no such file" counts as existing: in doubt is the safe side. */
+static int intent_exists(const file_store_t *fs, const unsigned char *trailer)
+{
+    char *path = intent_path(fs, trailer);
+    int exists = access(path, F_OK) == 0 || errno != ENOENT;
+    free(path);
+    return exists;
+}
+
 /* Reads the log from sc->log_end to its end (the caller holds the lock). Complete records
  * go into the doc (when their version is above skip_upto); a torn tail is cut off; damage is
  * reported, naming file and offset, and nothing is touched. *last is the version before the
@@ -721,6 +824,15 @@ static int read_log_tail(op_t *op, mph_buf_t *buf, uint64_t skip_upto, uint64_t 
         }
         buf->len = scan.end;
     }
+    if (scan.trailer.data && intent_exists(op->fs, scan.trailer.data)) {
+        /* The last record is a part of a multi-scope commit whose writer died before its
+         * commit point (it holds the lock until then): the caller resolves it and reads
+         * again. Until then nothing of it is applied. */
+        op->doubt.len = 0;
+        mph_buf_append(&op->doubt, scan.trailer.data, scan.trailer.len);
+        rc = op->status = DOUBT;
+        goto out;
+    }
     *last = scan.last;
     sc->log_end += (off_t)buf->len;
 out:
@@ -743,7 +855,7 @@ static int read_snapshot(op_t *op, const char *path, mph_buf_t *buf, uint64_t *v
     if (bad)
         return op_fail(op, MPH_ESTORAGE, "cannot read", path);
     size_t pos = 0;
-    if (parse_record(buf, &pos, version, op, 0) != PARSE_OK || pos != buf->len) {
+    if (parse_record(buf, &pos, version, op, 0, NULL) != PARSE_OK || pos != buf->len) {
         snprintf(op->message, sizeof(op->message), "corrupt snapshot %s", path);
         return op->status = MPH_ECORRUPT;
     }
@@ -867,59 +979,378 @@ static int append_record(op_t *op, const mph_buf_t *rec)
     return op->status;
 }
 
-static void do_commit(op_t *op)
+/* Brings the scope up to date under its lock: what other processes appended since our last
+ * look goes into op's doc (a delta: the conflict's answer); a log replaced by a compaction is
+ * read whole. Returns 0, DOUBT, or an error status (op->status). */
+static int catch_up(op_t *op)
 {
     fscope_t *sc = op->sc;
-    if (open_files(op) != 0 || lock_scope(op) != 0)
-        return;
-    /* Replaced log (another process compacted): start over from the files. */
     char *log = scope_file(sc, ".log");
     struct stat st;
     int replaced = stat(log, &st) == 0 && st.st_ino != sc->log_ino;
     free(log);
-    if (replaced) {
+    if (replaced) { /* another process compacted: start over from the files */
         uint64_t before = sc->version;
         if (load_all(op) != 0)
-            goto out;
-        if (sc->version != before || before != op->expected) {
-            op->status = MPH_ECONFLICT;
-            goto out;
-        }
-        op->doc.n = 0;
-    } else {
-        op->doc.is_delta = 1;
-        uint64_t last = sc->version;
-        if (read_log_tail(op, &op->bufs[1], 0, &last) != 0)
-            goto out;
-        sc->version = last;
-        op->doc.version = last;
+            return op->status;
+        if (sc->version == before && before == op->expected)
+            op->doc.n = 0; /* nothing changed: no conflict, nothing to report */
+        return 0;
     }
-    uint64_t holder = claim_holder(op);
-    op->held = holder != 0 && holder != op->committer;
-    if (sc->version != op->expected || op->held) {
-        if (op->held)
-            mph_log(MPH_LOG_DEBUG, "file: %s: held off by the claim of committer %llu", sc->name,
-                    (unsigned long long)holder);
-        else if (op->claim)
-            claim_set(op);
-        op->status = MPH_ECONFLICT;
+    op->doc.is_delta = 1;
+    uint64_t last = sc->version;
+    if (read_log_tail(op, &op->bufs[1], 0, &last) != 0)
+        return op->status;
+    sc->version = last;
+    op->doc.version = last;
+    return 0;
+}
+
+/* After catch_up: whether the commit may go ahead on this scope (its version is the
+ * expected one and no other committer's claim holds it). If not, op->status is
+ * MPH_ECONFLICT (and our own claim is set when asked for). Sets *holder. */
+static int may_commit(op_t *op, uint64_t *holder)
+{
+    fscope_t *sc = op->sc;
+    *holder = claim_holder(op);
+    op->held = *holder != 0 && *holder != op->committer;
+    if (sc->version == op->expected && !op->held)
+        return 1;
+    if (op->held)
+        mph_log(MPH_LOG_DEBUG, "file: %s: held off by the claim of committer %llu", sc->name,
+                (unsigned long long)*holder);
+    else if (op->claim)
+        claim_set(op);
+    op->status = MPH_ECONFLICT;
+    return 0;
+}
+
+/* The part (or record) of op is durable: the scope is at its new version. */
+static void committed(op_t *op, size_t len, uint64_t holder)
+{
+    fscope_t *sc = op->sc;
+    sc->log_end += (off_t)len;
+    sc->version = op->expected + 1;
+    if (holder)
+        claim_clear(op); /* ours: it has served its purpose */
+    op->doc.version = sc->version;
+    op->doc.n = 0;
+}
+
+static void do_commit(op_t *op)
+{
+    if (open_files(op) != 0 || lock_scope(op) != 0)
+        return;
+    uint64_t holder;
+    if (catch_up(op) != 0 || !may_commit(op, &holder))
+        goto out;
+    if (op->nwrites == 0) { /* only checked: the version holds */
+        op->doc.n = 0;
         goto out;
     }
     /* Our version is current: append, sync, and only then report success. */
     mph_buf_t rec = MPH_BUF_INIT;
-    build_record(&rec, op->expected + 1, op->writes, op->nwrites);
-    int rc = append_record(op, &rec);
-    if (rc == 0) {
-        sc->log_end += (off_t)rec.len;
-        sc->version = op->expected + 1;
-        if (holder)
-            claim_clear(op); /* ours: it has served its purpose */
-        op->doc.version = sc->version;
-        op->doc.n = 0;
-    }
+    build_record(&rec, op->expected + 1, op->writes, op->nwrites, NULL);
+    if (append_record(op, &rec) == 0)
+        committed(op, rec.len, holder);
     mph_buf_free(&rec);
 out:
     unlock_scope(op);
+}
+
+/* Cuts the part of commit `id` from the log at `path` when it is the log's last record
+ * (nothing valid after it). Returns 0 (cut, or not there), or -1 with errno (I/O) or 1 (the
+ * log does not end cleanly: left to the next reader, and the commit stays in doubt). */
+static int cut_part(file_store_t *fs, const char *path, const unsigned char *id)
+{
+    int fd = open(path, O_RDWR | O_CLOEXEC);
+    if (fd < 0)
+        return errno == ENOENT ? 0 : -1;
+    struct stat st;
+    mph_buf_t b = MPH_BUF_INIT;
+    int rc = -1;
+    if (fstat(fd, &st) != 0 || read_range(fd, 0, st.st_size, &b) != 0)
+        goto out;
+    size_t pos = 0, last_at = 0;
+    trailer_t last = {NULL, 0}, t;
+    uint64_t v;
+    parse_t r;
+    while ((r = parse_record(&b, &pos, &v, NULL, 0, &t)) == PARSE_OK) {
+        last = t;
+        last_at = pos; /* the end of the last record; its start is found below */
+    }
+    rc = 1;
+    if (r != PARSE_END)
+        goto out;
+    rc = 0;
+    if (last.data == NULL || memcmp(last.data, id, MULTI_ID) != 0)
+        goto out;
+    /* The record ends at last_at and its trailer ends there too: find its start. */
+    size_t start = 0;
+    for (pos = 0; pos < last_at;) {
+        start = pos;
+        parse_record(&b, &pos, &v, NULL, 0, &t);
+    }
+    mph_log(MPH_LOG_WARN,
+            "file: %s: cutting the part of an unfinished commit of several scopes at byte %zu",
+            path, start);
+    if (truncate_at("recover.truncate", fd, (off_t)start) != 0 ||
+        sync_at("recover.sync", fs, fd, 0) != 0)
+        rc = -1;
+out:
+    mph_buf_free(&b);
+    close(fd);
+    return rc;
+}
+
+static int compare_names(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* The scope names of a trailer's parts, sorted (the lock order). New array of pointers
+ * into `names` (a buffer of NUL-terminated copies). */
+static char **trailer_names(const mph_buf_t *trailer, size_t *count, mph_buf_t *names)
+{
+    const unsigned char *t = (const unsigned char *)trailer->data;
+    uint32_t parts = get_u32(t + MULTI_ID);
+    size_t *offsets = mph_xmalloc(parts * sizeof(*offsets));
+    size_t q = MULTI_ID + 4;
+    for (uint32_t i = 0; i < parts; i++) {
+        uint32_t len = get_u32(t + q);
+        offsets[i] = names->len;
+        mph_buf_append(names, t + q + 4, len);
+        mph_buf_append(names, "", 1);
+        q += 4 + len + 8;
+    }
+    char **out = mph_xmalloc(parts * sizeof(*out));
+    for (uint32_t i = 0; i < parts; i++)
+        out[i] = names->data + offsets[i];
+    free(offsets);
+    qsort(out, parts, sizeof(*out), compare_names);
+    *count = parts;
+    return out;
+}
+
+/* Resolves the commit whose part is in doubt (op->doubt, see the section's comment): takes
+ * the lock of every scope it wrote, in name order, cuts each part still at the end of its
+ * log, then removes the intent. Called with none of our locks held. Returns 0, or an error
+ * status with op->message set. */
+static int recover_commit(op_t *op)
+{
+    file_store_t *fs = op->fs;
+    mph_buf_t names = MPH_BUF_INIT, path = MPH_BUF_INIT;
+    size_t n;
+    char **sorted = trailer_names(&op->doubt, &n, &names);
+    int *locks = mph_xmalloc(n * sizeof(*locks));
+    size_t locked = 0;
+    int rc = 0, unresolved = 0;
+    for (; locked < n; locked++) {
+        path.len = 0;
+        mph_buf_printf(&path, "%s/", fs->dir);
+        encode_name(&path, sorted[locked]);
+        mph_buf_puts(&path, ".lock");
+        locks[locked] = open(path.data, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+        if (locks[locked] < 0 || lock_fd(locks[locked]) != 0) {
+            if (locks[locked] >= 0)
+                close(locks[locked]);
+            rc = op_fail(op, MPH_ESTORAGE, "cannot lock", path.data);
+            break;
+        }
+    }
+    const unsigned char *id = (const unsigned char *)op->doubt.data;
+    if (rc == 0 && intent_exists(fs, id)) { /* else someone resolved it meanwhile */
+        for (size_t i = 0; i < n && rc == 0; i++) {
+            path.len = 0;
+            mph_buf_printf(&path, "%s/", fs->dir);
+            encode_name(&path, sorted[i]);
+            mph_buf_puts(&path, ".log");
+            int cut = cut_part(fs, path.data, id);
+            if (cut < 0)
+                rc = op_fail(op, MPH_ESTORAGE, "cannot cut an unfinished commit from", path.data);
+            unresolved |= cut > 0;
+        }
+        char *intent = intent_path(fs, id);
+        if (rc == 0 && !unresolved &&
+            (unlink(intent) != 0 || fsync_dir("recover.dirsync", fs) != 0))
+            rc = op_fail(op, MPH_ESTORAGE, "cannot remove", intent);
+        if (rc == 0 && unresolved)
+            rc = op_fail(op, MPH_ECORRUPT,
+                         "an unfinished commit of several scopes cannot be cut (a log does not "
+                         "end cleanly); its intent stays",
+                         NULL);
+        free(intent);
+    }
+    while (locked > 0)
+        close(locks[--locked]); /* closing releases the flock */
+    free(locks);
+    free(sorted);
+    mph_buf_free(&names);
+    mph_buf_free(&path);
+    return rc;
+}
+
+/* Forgets an operation's results before it runs again (after a recovery). A commit reads
+ * its scope whole next time (as after a compaction elsewhere): a scope of a group may have
+ * caught up already, and that delta is gone with the results; the whole document replaces
+ * it. */
+static void reset_op(op_t *op)
+{
+    if (op->kind == OP_COMMIT)
+        op->sc->log_ino = 0;
+    op->status = 0;
+    op->message[0] = '\0';
+    op->held = 0;
+    op->doc.n = 0;
+    op->doc.is_delta = 0;
+    op->bufs[0].len = op->bufs[1].len = 0;
+}
+
+#define MAX_RECOVERIES 8 /* parts in doubt resolved for one operation before it gives up */
+
+/* Takes the mutex, opens the files and takes the lock of one scope of a group. */
+static int group_lock(op_t *op)
+{
+    uv_mutex_lock(&op->sc->mutex);
+    op->mutexed = 1;
+    if (op->sc->failed) {
+        op->status = MPH_ESTORAGE;
+        snprintf(op->message, sizeof(op->message), "%s", op->sc->failed);
+        return op->status;
+    }
+    if (open_files(op) != 0 || lock_scope(op) != 0)
+        return op->status;
+    op->flocked = 1;
+    return 0;
+}
+
+static void group_unlock(group_t *g)
+{
+    for (size_t i = g->n; i-- > 0;) {
+        op_t *op = g->ops[i];
+        if (op->flocked)
+            unlock_scope(op);
+        if (op->mutexed)
+            uv_mutex_unlock(&op->sc->mutex);
+        op->flocked = op->mutexed = 0;
+    }
+}
+
+/* The group's first failure: its status, with the message of the op that had it. */
+static int group_fail(group_t *g, const op_t *op)
+{
+    snprintf(g->message, sizeof(g->message), "%s", op->message);
+    return g->status = op->status;
+}
+
+/* Writes the parts of a group whose every scope may commit (all locks held). */
+static int group_write(group_t *g, const uint64_t *holders)
+{
+    file_store_t *fs = g->fs;
+    int multi = g->trailer.len > 0;
+    char *intent = multi ? intent_path(fs, (const unsigned char *)g->trailer.data) : NULL;
+    if (multi) {
+        int fd = open(intent, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+        if (fd < 0 || close(fd) != 0 || fsync_dir("multi.intent", fs) != 0) {
+            snprintf(g->message, sizeof(g->message), "cannot create %s: %s", intent,
+                     strerror(errno));
+            unlink(intent);
+            free(intent);
+            return g->status = MPH_ESTORAGE;
+        }
+    }
+    mph_buf_t rec = MPH_BUF_INIT;
+    size_t written = 0;
+    int rc = 0;
+    for (; written < g->n; written++) {
+        op_t *op = g->ops[written];
+        if (op->nwrites == 0)
+            continue; /* only checked */
+        rec.len = 0;
+        build_record(&rec, op->expected + 1, op->writes, op->nwrites, multi ? &g->trailer : NULL);
+        op->part_start = op->sc->log_end;
+        if (append_record(op, &rec) != 0) {
+            rc = group_fail(g, op);
+            break;
+        }
+        op->sc->log_end += (off_t)rec.len; /* ours now; taken back below if the rest fails */
+    }
+    if (rc != 0) {
+        /* Take back the parts already written; while one cannot be, the intent stays and
+         * readers cut it (append_record marked the scope failed in this process). */
+        int kept = 0;
+        for (size_t i = 0; i < written; i++) {
+            op_t *op = g->ops[i];
+            if (op->nwrites == 0)
+                continue;
+            op->sc->log_end = op->part_start;
+            if (truncate_at("takeback.truncate", op->sc->log_fd, op->part_start) != 0 ||
+                sync_at("takeback.sync", fs, op->sc->log_fd, 0) != 0)
+                kept = 1;
+        }
+        if (multi && !kept && unlink(intent) == 0)
+            fsync_dir("multi.undo", fs);
+    } else if (multi && (fault_at("multi.decide") != 0 || unlink(intent) != 0 ||
+                         fsync_dir("multi.decide.sync", fs) != 0)) {
+        /* Whether the removal reached the disk is unknown: so is the outcome. The runner
+         * forgets these scopes and reads them again. */
+        snprintf(g->message, sizeof(g->message),
+                 "cannot remove %s (the outcome of the commit is unknown): %s", intent,
+                 strerror(errno));
+        rc = g->status = MPH_ESTORAGE;
+    }
+    if (rc == 0)
+        for (size_t i = 0; i < g->n; i++) {
+            op_t *op = g->ops[i];
+            op->doc.n = 0;
+            if (op->nwrites == 0)
+                continue;
+            committed(op, 0, holders[i]); /* its log_end already counts the part */
+        }
+    mph_buf_free(&rec);
+    free(intent);
+    return rc;
+}
+
+/* The commit of several scopes (see the section's comment), on the thread pool. */
+static void do_group_commit(group_t *g)
+{
+    uint64_t *holders = mph_xcalloc(g->n, sizeof(*holders));
+    for (int tries = 0;; tries++) {
+        op_t *doubt = NULL;
+        int rc = 0;
+        for (size_t i = 0; i < g->n && rc == 0; i++)
+            if ((rc = group_lock(g->ops[i])) != 0)
+                group_fail(g, g->ops[i]);
+        for (size_t i = 0; i < g->n && rc == 0; i++) {
+            rc = catch_up(g->ops[i]);
+            if (rc == DOUBT)
+                doubt = g->ops[i];
+            else if (rc != 0)
+                group_fail(g, g->ops[i]);
+        }
+        int refused = 0;
+        for (size_t i = 0; i < g->n && rc == 0; i++)
+            refused |= !may_commit(g->ops[i], &holders[i]);
+        if (rc == 0 && refused)
+            g->status = MPH_ECONFLICT;
+        else if (rc == 0)
+            group_write(g, holders);
+        group_unlock(g);
+        if (doubt == NULL)
+            break;
+        if (tries == MAX_RECOVERIES || recover_commit(doubt) != 0) {
+            if (doubt->status == DOUBT)
+                snprintf(doubt->message, sizeof(doubt->message),
+                         "a commit of several scopes stays in doubt");
+            doubt->status = doubt->status == DOUBT ? MPH_ESTORAGE : doubt->status;
+            group_fail(g, doubt);
+            break;
+        }
+        for (size_t i = 0; i < g->n; i++)
+            reset_op(g->ops[i]);
+    }
+    free(holders);
 }
 
 /* ---- Compaction ----
@@ -976,7 +1407,7 @@ static size_t build_image(mph_buf_t *out, uint64_t version, const mph_store_doc_
         if (last_of_key && ranked[i].e->json)
             live[nlive++] = *ranked[i].e;
     }
-    build_record(out, version, live, nlive);
+    build_record(out, version, live, nlive, NULL);
     free(ranked);
     free(live);
     return nlive;
@@ -1159,16 +1590,36 @@ static void work_cb(uv_work_t *w)
         do_compact(op);
         return;
     }
-    uv_mutex_lock(&sc->mutex);
-    if (sc->failed) {
-        op->status = MPH_ESTORAGE;
-        snprintf(op->message, sizeof(op->message), "%s", sc->failed);
-    } else if (op->kind == OP_LOAD) {
-        do_load(op);
-    } else {
-        do_commit(op);
+    for (int tries = 0;; tries++) {
+        uv_mutex_lock(&sc->mutex);
+        if (sc->failed) {
+            op->status = MPH_ESTORAGE;
+            snprintf(op->message, sizeof(op->message), "%s", sc->failed);
+        } else if (op->kind == OP_LOAD) {
+            do_load(op);
+        } else {
+            do_commit(op);
+        }
+        uv_mutex_unlock(&sc->mutex);
+        if (op->status != DOUBT)
+            return;
+        /* A part in doubt at the end of the log: resolve it, with our locks released (its
+         * scopes' locks are taken in name order), then read again. */
+        if (tries == MAX_RECOVERIES || recover_commit(op) != 0) {
+            if (op->status == DOUBT) {
+                op->status = MPH_ESTORAGE;
+                snprintf(op->message, sizeof(op->message),
+                         "a commit of several scopes stays in doubt");
+            }
+            return;
+        }
+        reset_op(op);
     }
-    uv_mutex_unlock(&sc->mutex);
+}
+
+static void group_work_cb(uv_work_t *w)
+{
+    do_group_commit(mph_container_of(w, group_t, work));
 }
 
 /* ---- Loop side ---- */
@@ -1256,7 +1707,52 @@ static void after_work_cb(uv_work_t *w, int status)
     free(op->doc.entries);
     mph_buf_free(&op->bufs[0]);
     mph_buf_free(&op->bufs[1]);
+    mph_buf_free(&op->doubt);
     free(op);
+    if (--fs->ops == 0 && fs->closing)
+        store_free(fs);
+}
+
+static void group_free(group_t *g)
+{
+    for (size_t i = 0; i < g->n; i++) {
+        op_t *op = g->ops[i];
+        free(op->doc.entries);
+        mph_buf_free(&op->bufs[0]);
+        mph_buf_free(&op->bufs[1]);
+        mph_buf_free(&op->doubt);
+        free(op);
+    }
+    free(g->ops);
+    mph_buf_free(&g->trailer);
+    free(g);
+}
+
+static void after_group_cb(uv_work_t *w, int status)
+{
+    group_t *g = mph_container_of(w, group_t, work);
+    file_store_t *fs = g->fs;
+    (void)status; /* work is never cancelled */
+    mph_store_conflict_t *conflicts = mph_xcalloc(g->n, sizeof(*conflicts));
+    mph_store_result_t res = {
+        g->status, g->message[0] ? g->message : NULL, {0, 0, 0, NULL}, NULL, 0, 0, conflicts};
+    for (size_t i = 0; i < g->n; i++) {
+        op_t *op = g->ops[i];
+        op->sc->busy = 0;
+        if (g->status == MPH_ECONFLICT && (op->sc->version != op->expected || op->held))
+            conflicts[res.nconflicts++] = (mph_store_conflict_t){op->sc->name, op->doc, op->held};
+    }
+    if (g->status == MPH_ECONFLICT) {
+        res.scope = conflicts[0].scope;
+        res.doc = conflicts[0].doc;
+        res.held = conflicts[0].held;
+    } else if (g->status == 0) {
+        fs->commits++;
+        res.doc.version = g->ops[0]->sc->version;
+    }
+    g->cb(g->ud, &res);
+    free(conflicts);
+    group_free(g);
     if (--fs->ops == 0 && fs->closing)
         store_free(fs);
 }
@@ -1318,12 +1814,93 @@ static int file_load(mph_store_t *s, const char *scope, mph_store_cb cb, void *u
     return rc ? rc : submit(op);
 }
 
+static int compare_ops(const void *a, const void *b)
+{
+    return strcmp((*(op_t *const *)a)->sc->name, (*(op_t *const *)b)->sc->name);
+}
+
+/* The trailer every part of a commit of several scopes carries: a new random id and the
+ * parts (scopes with writes). Empty when fewer than two scopes write: one record is atomic
+ * by itself. */
+static void build_trailer(group_t *g)
+{
+    uint32_t parts = 0;
+    for (size_t i = 0; i < g->n; i++)
+        parts += g->ops[i]->nwrites > 0;
+    if (parts < 2)
+        return;
+    unsigned char id[MULTI_ID], u[8];
+    if (getrandom(id, sizeof(id), 0) != (ssize_t)sizeof(id)) {
+        /* Not expected on Linux >= 3.17; a clock and counter still make the id unique. */
+        static uint64_t counter;
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        put_u64(id, (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec);
+        put_u64(id + 8, ((uint64_t)getpid() << 32) + ++counter);
+    }
+    mph_buf_append(&g->trailer, id, sizeof(id));
+    put_u32(u, parts);
+    mph_buf_append(&g->trailer, u, 4);
+    for (size_t i = 0; i < g->n; i++) {
+        const op_t *op = g->ops[i];
+        if (op->nwrites == 0)
+            continue;
+        size_t len = strlen(op->sc->name);
+        put_u32(u, (uint32_t)len);
+        mph_buf_append(&g->trailer, u, 4);
+        mph_buf_append(&g->trailer, op->sc->name, len);
+        put_u64(u, op->expected + 1);
+        mph_buf_append(&g->trailer, u, 8);
+    }
+}
+
+/* A commit of several scopes: one job for all (see "Commits of several scopes"). */
+static int commit_group(file_store_t *fs, const mph_store_write_t *writes, size_t nwrites,
+                        mph_store_cb cb, void *ud)
+{
+    if (fs->closing)
+        return MPH_ECLOSED;
+    for (size_t i = 0; i < nwrites; i++)
+        if (writes[i].scope[0] == '\0' || strlen(writes[i].scope) > MAX_SCOPE_NAME)
+            return MPH_EINVAL;
+    group_t *g = mph_xcalloc(1, sizeof(*g));
+    g->fs = fs;
+    g->n = nwrites;
+    g->cb = cb;
+    g->ud = ud;
+    g->ops = mph_xcalloc(nwrites, sizeof(*g->ops));
+    for (size_t i = 0; i < nwrites; i++) {
+        op_t *op = g->ops[i] = mph_xcalloc(1, sizeof(*op));
+        op->fs = fs;
+        op->sc = scope_for(fs, writes[i].scope);
+        assert(!op->sc->busy);
+        op->kind = OP_COMMIT;
+        op->group = g;
+        op->expected = writes[i].expected_version;
+        op->committer = writes[i].committer;
+        op->claim = writes[i].claim;
+        op->writes = writes[i].entries;
+        op->nwrites = writes[i].n;
+    }
+    qsort(g->ops, nwrites, sizeof(*g->ops), compare_ops);
+    build_trailer(g);
+    if (uv_queue_work(fs->loop, &g->work, group_work_cb, after_group_cb) != 0) {
+        group_free(g);
+        return MPH_EIO;
+    }
+    for (size_t i = 0; i < nwrites; i++)
+        g->ops[i]->sc->busy = 1;
+    fs->ops++;
+    return 0;
+}
+
 static int file_commit(mph_store_t *s, const mph_store_write_t *writes, size_t nwrites,
                        mph_store_cb cb, void *ud)
 {
-    if (nwrites != 1)
-        return MPH_EINVAL; /* one scope per commit: a cross-file atomic commit needs a
-                              shared log, which the file backend does not have yet */
+    if (nwrites == 0)
+        return MPH_EINVAL;
+    if (nwrites > 1)
+        return commit_group((file_store_t *)s, writes, nwrites, cb, ud);
     op_t *op;
     int rc = start_op((file_store_t *)s, OP_COMMIT, writes[0].scope, cb, ud, &op);
     if (rc)

@@ -19,7 +19,7 @@ static void build_log(mph_buf_t *b, uint64_t first, size_t n, size_t *starts)
         snprintf(json, sizeof(json), "%llu", (unsigned long long)(first + i));
         mph_store_entry_t e = {"k", 1, json, strlen(json)};
         starts[i] = b->len;
-        build_record(b, first + i, &e, 1);
+        build_record(b, first + i, &e, 1, NULL);
     }
     starts[n] = b->len;
 }
@@ -29,7 +29,7 @@ static void build_record_v1(mph_buf_t *b, uint64_t version, const char *key, con
 {
     mph_buf_t v2 = MPH_BUF_INIT;
     mph_store_entry_t e = {key, strlen(key), json, strlen(json)};
-    build_record(&v2, version, &e, 1);
+    build_record(&v2, version, &e, 1, NULL);
     unsigned char hdr[HEADER_V1];
     memcpy(hdr, v2.data, HEADER_V1);
     put_u32(hdr, MAGIC_V1);
@@ -65,17 +65,17 @@ static void test_records_round_trip(void)
 {
     mph_store_entry_t e[2] = {{"a", 1, "1", 1}, {"gone", 4, NULL, 0}};
     mph_buf_t b = MPH_BUF_INIT;
-    build_record(&b, 7, e, 2);
-    build_record(&b, 8, e, 1);
+    build_record(&b, 7, e, 2, NULL);
+    build_record(&b, 8, e, 1, NULL);
     op_t op;
     memset(&op, 0, sizeof(op));
     size_t pos = 0;
     uint64_t v = 0;
-    CHECK(parse_record(&b, &pos, &v, &op, 0) == PARSE_OK && v == 7);
+    CHECK(parse_record(&b, &pos, &v, &op, 0, NULL) == PARSE_OK && v == 7);
     CHECK(op.doc.n == 2 && op.doc.entries[1].json == NULL && op.doc.entries[0].jlen == 1);
-    CHECK(parse_record(&b, &pos, &v, &op, 7) == PARSE_OK && v == 8);
+    CHECK(parse_record(&b, &pos, &v, &op, 7, NULL) == PARSE_OK && v == 8);
     CHECK(op.doc.n == 3);
-    CHECK(parse_record(&b, &pos, &v, &op, 0) == PARSE_END);
+    CHECK(parse_record(&b, &pos, &v, &op, 0, NULL) == PARSE_END);
     free(op.doc.entries);
     mph_buf_free(&b);
 }
@@ -145,12 +145,12 @@ static void test_a_record_inside_a_torn_record_is_not_taken_for_one(void)
 {
     mph_buf_t inner = MPH_BUF_INIT, b = MPH_BUF_INIT;
     mph_store_entry_t ie = {"k", 1, "1", 1};
-    build_record(&inner, 7, &ie, 1);
+    build_record(&inner, 7, &ie, 1, NULL);
     size_t starts[4];
     build_log(&b, 1, 3, starts);
     size_t at = b.len;
     mph_store_entry_t oe = {inner.data, inner.len, "2", 1};
-    build_record(&b, 4, &oe, 1);
+    build_record(&b, 4, &oe, 1, NULL);
     size_t full = b.len;
     for (size_t cut = at + HEADER_V2 + 1; cut < full; cut++) {
         mph_buf_t t = {b.data, cut, b.cap};
