@@ -67,6 +67,7 @@ void mph_host_config_default(mph_host_config_t *cfg)
     cfg->listen_fd = -1;
     cfg->worker_id = 1;
     cfg->worker_count = 1;
+    cfg->scope_cache = (size_t)128 << 20;
 }
 
 const char *mph_host_strerror(int err)
@@ -156,9 +157,9 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
     }
     if (rc != 0)
         goto fail_loop;
-    mph_lua_config_t lcfg = {h->store,          cfg->max_retries,
-                             cfg->debug_errors, cfg->handler_timeout_ms,
-                             cfg->worker_id,    cfg->worker_count};
+    mph_lua_config_t lcfg = {
+        h->store,       cfg->max_retries,  cfg->debug_errors, cfg->handler_timeout_ms,
+        cfg->worker_id, cfg->worker_count, cfg->scope_cache};
     rc = mph_lua_new(&h->lua, &h->loop, &lcfg);
     if (rc != 0) {
         snprintf(err, errlen, "cannot create the Lua state: %s", mph_strerror(rc));

@@ -36,6 +36,8 @@ static const char usage[] =
     "  --max-retries=N       refused commits of a call before error -32001 (default 50;\n"
     "                        0: one attempt, no retry)\n"
     "  --max-body=BYTES      request body limit (default 1048576)\n"
+    "  --scope-cache=BYTES   memory for scope state; idle scopes past it are evicted, least\n"
+    "                        recently used first (default 128M; suffixes k, M, G; 0: no bound)\n"
     "  --max-header=BYTES    request header limit (default 16384)\n"
     "  --max-connections=N   open connection limit (default 10000)\n"
     "  --idle-timeout=SEC    close idle or stalled connections (default 30)\n"
@@ -72,6 +74,27 @@ static int parse_integer(const char *s, unsigned long min, unsigned long max, un
     if (v < min)
         return -1;
     *out = v;
+    return 0;
+}
+
+/* Bytes: a whole number, optionally followed by k, M or G (KiB, MiB, GiB); at most 1 TiB. */
+static int parse_bytes(const char *s, size_t *out)
+{
+    char digits[32];
+    size_t n = strlen(s), shift = 0;
+    if (n > 0 && strchr("kKmMgG", s[n - 1])) {
+        char unit = (char)(s[n - 1] | 0x20);
+        shift = unit == 'k' ? 10 : unit == 'm' ? 20 : 30;
+        n--;
+    }
+    if (n == 0 || n >= sizeof(digits))
+        return -1;
+    memcpy(digits, s, n);
+    digits[n] = '\0';
+    unsigned long v;
+    if (parse_integer(digits, 0, (1UL << 40) >> shift, &v) != 0)
+        return -1;
+    *out = (size_t)v << shift;
     return 0;
 }
 
@@ -139,6 +162,10 @@ static int apply_option(mph_cli_t *cli, const char *name, const char *value)
         if (parse_integer(value, 0, 1000000, &v) != 0)
             return bad_usage("invalid --max-retries: %s (expected 0 to 1000000)", value);
         h->max_retries = (int)v;
+    } else if (strcmp(name, "scope-cache") == 0) {
+        if (parse_bytes(value, &h->scope_cache) != 0)
+            return bad_usage("invalid --scope-cache: %s (expected bytes, e.g. 64M; 0: no bound)",
+                             value);
     } else if (strcmp(name, "max-body") == 0) {
         if (parse_integer(value, 1, 1 << 30, &v) != 0)
             return bad_usage("invalid --max-body: %s (expected 1 to 1073741824)", value);

@@ -52,6 +52,9 @@ typedef struct {
                                      workers) to accept on; the host owns it once listening */
     int worker_id;                /* mp.worker.id, 1..worker_count; default 1 */
     int worker_count;             /* mp.worker.count; default 1 */
+    size_t scope_cache;           /* bytes of scope state kept (estimated); idle scopes past
+                                     it are evicted, least recently used first; default
+                                     128 MiB; 0: no bound */
 } mph_host_config_t;
 
 /* Fills every field with its default. */

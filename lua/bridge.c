@@ -118,6 +118,8 @@ static int l_checkpoint(lua_State *L)
                  (unsigned long long)(lua->timeout_ns / 1000000));
         return raise_rpc_error(L, MPH_RPC_TIMEOUT, msg);
     }
+    if (t->reload == NULL)
+        t->reload = mph__runner_dropped(t); /* a failed commit dropped one of its scopes */
     if (t->reload != NULL) /* the attempt is void: it runs again once the scope loads */
         return raise_rpc_error(L, MPH_RPC_STORAGE_UNAVAILABLE, "the scope is loading");
     t->past_checkpoint = 1;
@@ -448,6 +450,7 @@ int mph_lua_new(mph_lua_t **out, uv_loop_t *loop, const mph_lua_config_t *cfg)
     lua->timeout_ns = (uint64_t)cfg->handler_timeout_ms * 1000000;
     lua->worker_id = cfg->worker_id > 0 ? cfg->worker_id : 1;
     lua->worker_count = cfg->worker_count > 0 ? cfg->worker_count : 1;
+    lua->scope_cache = cfg->scope_cache;
     lua->rng = random_seed(lua) | 1;           /* xorshift needs a nonzero state */
     lua->committer = mph__lua_random(lua) | 1; /* distinct per process and per host */
     lua->internal_ref = LUA_NOREF;
@@ -470,6 +473,7 @@ int mph_lua_new(mph_lua_t **out, uv_loop_t *loop, const mph_lua_config_t *cfg)
         lua_sethook(lua->L, timeout_hook, LUA_MASKCOUNT, HOOK_INSTRUCTIONS);
     }
     uv_timer_init(loop, &lua->retry_timer);
+    uv_timer_init(loop, &lua->evict_timer);
     *out = lua;
     return 0;
 }
@@ -580,9 +584,18 @@ int mph_lua_serve_called(const mph_lua_t *lua)
     return lua->serve_called;
 }
 
+static void on_evict_timer_closed(uv_handle_t *h);
+
+/* The timers close one after the other: the last callback frees what embeds them. */
 static void on_retry_timer_closed(uv_handle_t *h)
 {
     mph_lua_t *lua = mph_container_of(h, mph_lua_t, retry_timer);
+    uv_close((uv_handle_t *)&lua->evict_timer, on_evict_timer_closed);
+}
+
+static void on_evict_timer_closed(uv_handle_t *h)
+{
+    mph_lua_t *lua = mph_container_of(h, mph_lua_t, evict_timer);
     lua_close(lua->L);
     mph_buf_free(&lua->scratch);
     free(lua);
@@ -605,6 +618,7 @@ static void txn_free(mph_txn_t *t)
     free(t->method);
     free(t->wake_message);
     mph_buf_free(&t->result);
+    mph__runner_unpin(t);
     if (t->scopes != t->scopes_inline)
         free(t->scopes);
     free(t);
@@ -878,9 +892,8 @@ static int setup_attempt(lua_State *L)
 void mph__txn_start_attempt(mph_txn_t *t)
 {
     t->attempts++;
-    t->nscopes = 0;
+    mph__runner_unpin(t);
     t->reload = NULL;
-    t->wrote = 0;
     t->past_checkpoint = 0;
     t->result.len = 0;
     mph__txn_clear_wake(t);

@@ -25,6 +25,8 @@ typedef struct {
     int worker_id;               /* mp.worker.id: this process's worker number, 1..worker_count
                                     (0: 1) */
     int worker_count;            /* mp.worker.count: workers serving the script (0: 1) */
+    size_t scope_cache;          /* idle scopes are evicted past this many bytes (estimated);
+                                    0: no bound */
 } mph_lua_config_t;
 
 typedef struct {

@@ -24,6 +24,7 @@
 #include <lua.h>
 #include <stdint.h>
 
+#include "../host/map.h"
 #include "bridge.h"
 
 typedef enum {
@@ -51,7 +52,8 @@ struct mph_txn_s {
     lua_State *co;         /* the current attempt's coroutine; NULL between attempts */
     int co_ref;            /* registry ref anchoring co (LUA_NOREF when none) */
     int rec_ref;           /* registry ref of the attempt's record table */
-    mph_scope_t **scopes;  /* the scopes the attempt joined (nscopes); scopes_inline or owned */
+    mph_scope_t **scopes;  /* the scopes the attempt acquired (pinned: see runner.c), in order;
+                              scopes_inline or owned */
     int nscopes;           /* 0: it touched none */
     int scopes_cap;        /* room in scopes */
     mph_scope_t *scopes_inline[2]; /* most calls touch one or two scopes */
@@ -92,6 +94,7 @@ struct mph_unit_s {
 };
 
 struct mph_scope_s {
+    mph_map_node_t node;      /* in lua->scope_map, keyed by name */
     mph_lua_t *lua;           /* owner */
     char *name;               /* owned */
     mph_scope_state_t state;  /* UNLOADED -> LOADING -> READY; back to UNLOADED on error */
@@ -102,30 +105,38 @@ struct mph_scope_s {
     mph_scope_t *next_member; /* in unit->members */
     mph_commit_t *commit;     /* the commit in flight that carries it, or NULL */
     int mark;                 /* scratch: collecting a batch's scopes */
-    mph_scope_t *next;        /* in lua->scopes */
+    int pins;                 /* running attempts that acquired it: not evicted meanwhile */
+    size_t bytes;             /* estimated memory of its state (runner.c, "The scope cache") */
+    mph_scope_t *lru_prev;    /* in lua's LRU list, most recently used first */
+    mph_scope_t *lru_next;
 };
 
 struct mph_lua_s {
-    uv_loop_t *loop;        /* borrowed */
-    lua_State *L;           /* the one state */
-    mph_store_t *store;     /* borrowed; NULL: no storage */
-    int max_retries;        /* re-runs allowed after the first attempt */
-    int debug_errors;       /* tracebacks in error data */
-    uint64_t timeout_ns;    /* handler time limit per running stretch; 0: none */
-    uint64_t committer;     /* random nonzero id of this process for fairness claims */
-    uint64_t rng;           /* our own PRNG state (jitter): rand() is the embedder's */
-    mph_buf_t scratch;      /* C.encode's output, reused (owned; nothing to leak on a raise) */
-    int alloc_test;         /* MPH_TEST_LUA_ALLOC_FAIL=1: the state uses test_alloc */
-    long alloc_skip;        /* test_alloc: allocations to let through before failing */
-    long alloc_fail;        /* test_alloc: allocations to fail after those */
-    int internal_ref;       /* registry ref of the module's internal table */
-    int serve_called;       /* the script called mp.serve() */
-    int worker_id;          /* mp.worker.id (1..worker_count) */
-    int worker_count;       /* mp.worker.count */
-    int topology_workers;   /* largest n of the script's topologies (mp.spread); 0: none */
-    size_t pending_calls;   /* calls whose callback has not run */
-    mph_txn_t *current;     /* the transaction whose coroutine is running, or NULL */
-    mph_scope_t *scopes;    /* every scope seen, owned */
+    uv_loop_t *loop;       /* borrowed */
+    lua_State *L;          /* the one state */
+    mph_store_t *store;    /* borrowed; NULL: no storage */
+    int max_retries;       /* re-runs allowed after the first attempt */
+    int debug_errors;      /* tracebacks in error data */
+    uint64_t timeout_ns;   /* handler time limit per running stretch; 0: none */
+    uint64_t committer;    /* random nonzero id of this process for fairness claims */
+    uint64_t rng;          /* our own PRNG state (jitter): rand() is the embedder's */
+    mph_buf_t scratch;     /* C.encode's output, reused (owned; nothing to leak on a raise) */
+    int alloc_test;        /* MPH_TEST_LUA_ALLOC_FAIL=1: the state uses test_alloc */
+    long alloc_skip;       /* test_alloc: allocations to let through before failing */
+    long alloc_fail;       /* test_alloc: allocations to fail after those */
+    int internal_ref;      /* registry ref of the module's internal table */
+    int serve_called;      /* the script called mp.serve() */
+    int worker_id;         /* mp.worker.id (1..worker_count) */
+    int worker_count;      /* mp.worker.count */
+    int topology_workers;  /* largest n of the script's topologies (mp.spread); 0: none */
+    size_t pending_calls;  /* calls whose callback has not run */
+    mph_txn_t *current;    /* the transaction whose coroutine is running, or NULL */
+    mph_map_t scope_map;   /* every scope kept, by name; owned */
+    mph_scope_t *lru_head; /* the same scopes, most recently acquired first */
+    mph_scope_t *lru_tail;
+    size_t scope_bytes;     /* their estimated memory ... */
+    size_t scope_cache;     /* ... kept under this by evicting idle ones (0: no bound) */
+    uv_timer_t evict_timer; /* evicts from a clean stack, on the next loop iteration */
     mph_unit_t *backoffs;   /* units backing off after a conflict, any order */
     uv_timer_t retry_timer; /* fires at the earliest backoff_until */
     int closing;            /* mph_lua_close was called */
@@ -183,8 +194,13 @@ uint64_t mph__lua_random(mph_lua_t *lua);
 /* 0: the scope is ready; 1: t was queued until it loads (yield); <0: *code and *why say why
  * not (when !can_wait and the scope is loading, t->reload is set: the attempt is void). */
 int mph__runner_acquire(mph_txn_t *t, const char *name, int can_wait, int *code, const char **why);
-/* The finished attempt touched scope `name` (ready), writing to it or not. */
+/* The finished attempt touched scope `name` (acquired), writing to it or not. */
 void mph__runner_join(mph_txn_t *t, const char *name, int wrote);
+/* The attempt ends (or starts again): its scopes are no longer pinned by it. */
+void mph__runner_unpin(mph_txn_t *t);
+/* At the checkpoint: a scope the attempt acquired was dropped meanwhile (a failed commit of
+ * another transaction): returns it (the attempt is void), else NULL. */
+mph_scope_t *mph__runner_dropped(mph_txn_t *t);
 void mph__runner_finished(mph_txn_t *t);
 /* t's void attempt has ended: it runs again once t->reload has loaded (or hears why not). */
 void mph__runner_reload(mph_txn_t *t);

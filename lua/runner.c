@@ -75,10 +75,8 @@ static mph_txn_t *queue_take(mph_txn_queue_t *q)
 
 static mph_scope_t *scope_find(mph_lua_t *lua, const char *name)
 {
-    for (mph_scope_t *s = lua->scopes; s; s = s->next)
-        if (strcmp(s->name, name) == 0)
-            return s;
-    return NULL;
+    mph_map_node_t *n = mph_map_find(&lua->scope_map, name);
+    return n ? mph_container_of(n, mph_scope_t, node) : NULL;
 }
 
 static void unit_init(mph_unit_t *u, mph_scope_t *only)
@@ -88,6 +86,63 @@ static void unit_init(mph_unit_t *u, mph_scope_t *only)
     u->members = only;
     only->next_member = NULL;
     only->unit = u;
+}
+
+/* ---- The scope cache ----
+ *
+ * Every scope used stays in memory (its committed state in metaparticle.lua, its struct
+ * here, its files open in the file backend), which is what makes a hot scope fast; a million
+ * scopes touched once would keep a million. So each scope's memory is estimated (its JSON
+ * text, plus a fixed cost per key and per scope: Lua tables cost more than their text), and
+ * while the total passes --scope-cache the least recently acquired idle scopes are evicted:
+ * their state is dropped, the storage is told to forget them, and their next use loads them
+ * again. Idle: no attempt has it pinned (acquired and not ended), nothing waits for its load,
+ * no commit carries it, and its unit is itself alone with nothing pending. */
+
+#define SCOPE_COST 1536 /* bytes per scope beyond its name and data: structs, tables, files */
+#define KEY_COST 192    /* per key: its table slot, the value's Lua object */
+#define EVICT_SCAN 64   /* idle candidates looked at per check, from the cold end */
+
+static void lru_unlink(mph_scope_t *s)
+{
+    mph_lua_t *lua = s->lua;
+    if (s->lru_prev)
+        s->lru_prev->lru_next = s->lru_next;
+    else
+        lua->lru_head = s->lru_next;
+    if (s->lru_next)
+        s->lru_next->lru_prev = s->lru_prev;
+    else
+        lua->lru_tail = s->lru_prev;
+    s->lru_prev = s->lru_next = NULL;
+}
+
+static void lru_push_front(mph_scope_t *s)
+{
+    mph_lua_t *lua = s->lua;
+    s->lru_prev = NULL;
+    s->lru_next = lua->lru_head;
+    if (lua->lru_head)
+        lua->lru_head->lru_prev = s;
+    else
+        lua->lru_tail = s;
+    lua->lru_head = s;
+}
+
+/* Sets the scope's estimated memory (the total follows). */
+static void scope_set_bytes(mph_scope_t *s, size_t bytes)
+{
+    s->lua->scope_bytes += bytes - s->bytes;
+    s->bytes = bytes;
+}
+
+/* The estimated memory of a document's entries. */
+static size_t doc_bytes(const mph_store_entry_t *e, size_t n)
+{
+    size_t bytes = 0;
+    for (size_t i = 0; i < n; i++)
+        bytes += e[i].klen + e[i].jlen + KEY_COST;
+    return bytes;
 }
 
 static mph_scope_t *scope_get(mph_lua_t *lua, const char *name)
@@ -100,9 +155,65 @@ static mph_scope_t *scope_get(mph_lua_t *lua, const char *name)
     s->name = mph_xstrdup(name);
     s->state = SCOPE_UNLOADED;
     unit_init(&s->home, s);
-    s->next = lua->scopes;
-    lua->scopes = s;
+    mph_map_insert(&lua->scope_map, &s->node, s->name);
+    lru_push_front(s);
+    scope_set_bytes(s, SCOPE_COST + strlen(name));
     return s;
+}
+
+static int scope_idle(const mph_scope_t *s)
+{
+    const mph_unit_t *u = s->unit;
+    return s->pins == 0 && s->state != SCOPE_LOADING && s->waiting.head == NULL &&
+           s->commit == NULL && u == &s->home && s->next_member == NULL && u->commits == NULL &&
+           u->pending.head == NULL && u->rerun.head == NULL && !u->backing_off;
+}
+
+static void scope_forget(mph_scope_t *s);
+
+static void scope_free(mph_scope_t *s)
+{
+    scope_set_bytes(s, 0);
+    free(s->name);
+    free(s);
+}
+
+static void on_evict_timer(uv_timer_t *timer);
+
+/* The estimate passed the bound: evict on the next loop iteration. Not now: the runner's
+ * callers up the stack may hold any scope that has just become idle. */
+static void schedule_eviction(mph_lua_t *lua)
+{
+    if (lua->scope_cache && lua->scope_bytes > lua->scope_cache && !lua->closing &&
+        !uv_is_active((uv_handle_t *)&lua->evict_timer))
+        uv_timer_start(&lua->evict_timer, on_evict_timer, 0, 0);
+}
+
+/* Evicts idle scopes, coldest first, while the estimate passes the bound; looks at
+ * EVICT_SCAN of them per loop iteration. */
+static void on_evict_timer(uv_timer_t *timer)
+{
+    mph_lua_t *lua = mph_container_of(timer, mph_lua_t, evict_timer);
+    int evicted = 0;
+    mph_scope_t *s = lua->lru_tail;
+    for (int looked = 0;
+         s && lua->scope_cache && lua->scope_bytes > lua->scope_cache && looked < EVICT_SCAN;
+         looked++) {
+        mph_scope_t *prev = s->lru_prev;
+        if (scope_idle(s)) {
+            if (s->state == SCOPE_READY)
+                scope_forget(s);
+            lru_unlink(s);
+            mph_map_remove(&lua->scope_map, &s->node);
+            if (lua->store && lua->store->methods->forget)
+                lua->store->methods->forget(lua->store, s->name);
+            scope_free(s);
+            evicted++;
+        }
+        s = prev;
+    }
+    if (evicted)
+        schedule_eviction(lua); /* more, if still over: the next iteration goes on */
 }
 
 /* Writes the entries of a document into the table on top of the stack (base), in order.
@@ -193,6 +304,7 @@ static void scope_forget(mph_scope_t *s)
     scope_op_t op = {s, NULL, 0, 0, ""};
     mph__lua_protect(s->lua, drop_state, &op, "dropping a scope");
     s->state = SCOPE_UNLOADED;
+    scope_set_bytes(s, SCOPE_COST + strlen(s->name));
 }
 
 /* ---- Acquire and load ---- */
@@ -254,9 +366,11 @@ static void on_loaded(void *ud, const mph_store_result_t *res)
     }
     s->version = res->doc.version;
     s->state = SCOPE_READY;
+    scope_set_bytes(s, SCOPE_COST + strlen(s->name) + doc_bytes(res->doc.entries, res->doc.n));
     mph_log(MPH_LOG_DEBUG, "scope %s loaded: %zu entries, version %llu", s->name, res->doc.n,
             (unsigned long long)s->version);
     wake_waiters(s, 0, NULL);
+    schedule_eviction(lua);
 }
 
 /* ---- Loading where one cannot wait ----
@@ -285,8 +399,24 @@ int mph__runner_acquire(mph_txn_t *t, const char *name, int can_wait, int *code,
         return -1;
     }
     mph_scope_t *s = scope_get(lua, name);
-    if (s->state == SCOPE_READY)
+    if (s->state == SCOPE_READY) {
+        /* Pinned until the attempt ends: not evicted under it. */
+        if (t->nscopes == t->scopes_cap) {
+            int cap = t->scopes_cap * 2;
+            if (t->scopes == t->scopes_inline) {
+                t->scopes = mph_xmalloc((size_t)cap * sizeof(*t->scopes));
+                memcpy(t->scopes, t->scopes_inline, sizeof(t->scopes_inline));
+            } else {
+                t->scopes = mph_xrealloc(t->scopes, (size_t)cap * sizeof(*t->scopes));
+            }
+            t->scopes_cap = cap;
+        }
+        t->scopes[t->nscopes++] = s;
+        s->pins++;
+        lru_unlink(s);
+        lru_push_front(s);
         return 0;
+    }
     if (lua->closing) {
         *why = "storage unavailable: shutting down";
         return -1;
@@ -327,20 +457,31 @@ void mph__runner_reload(mph_txn_t *t)
 
 void mph__runner_join(mph_txn_t *t, const char *name, int wrote)
 {
+#ifndef NDEBUG
     mph_scope_t *s = scope_find(t->lua, name);
-    assert(s != NULL && s->state == SCOPE_READY);
-    if (t->nscopes == t->scopes_cap) {
-        int cap = t->scopes_cap * 2;
-        if (t->scopes == t->scopes_inline) {
-            t->scopes = mph_xmalloc((size_t)cap * sizeof(*t->scopes));
-            memcpy(t->scopes, t->scopes_inline, sizeof(t->scopes_inline));
-        } else {
-            t->scopes = mph_xrealloc(t->scopes, (size_t)cap * sizeof(*t->scopes));
-        }
-        t->scopes_cap = cap;
-    }
-    t->scopes[t->nscopes++] = s; /* I.run joins each scope of an attempt once */
+    int acquired = 0;
+    for (int i = 0; i < t->nscopes; i++)
+        acquired |= t->scopes[i] == s;
+    assert(s != NULL && s->state == SCOPE_READY && acquired);
+#endif
+    (void)name;
     t->wrote |= wrote;
+}
+
+void mph__runner_unpin(mph_txn_t *t)
+{
+    for (int i = 0; i < t->nscopes; i++)
+        t->scopes[i]->pins--;
+    t->nscopes = 0;
+    t->wrote = 0;
+}
+
+mph_scope_t *mph__runner_dropped(mph_txn_t *t)
+{
+    for (int i = 0; i < t->nscopes; i++)
+        if (t->scopes[i]->state != SCOPE_READY)
+            return t->scopes[i];
+    return NULL;
 }
 
 /* ---- Units ----
@@ -599,6 +740,7 @@ static void on_committed(void *ud, const mph_store_result_t *res)
             mph_scope_t *s = c->scopes[i];
             scope_op_t op = {s, NULL, 0, 0, ""};
             s->version = c->writes[i].expected_version + (c->writes[i].n > 0);
+            scope_set_bytes(s, s->bytes + doc_bytes(c->writes[i].entries, c->writes[i].n));
             if (mph__lua_protect(lua, commit_ok, &op, "folding a commit into its scope") != 0) {
                 /* Durable, so the batch is answered; but the state in memory missed it:
                  * forget it (it is reloaded on the next access). */
@@ -609,6 +751,7 @@ static void on_committed(void *ud, const mph_store_result_t *res)
         commit_free(c);
         u->conflict_streak = u->error_streak = 0;
         answer_all(batch);
+        schedule_eviction(lua);
         if (missed) { /* what ran on top of the missed state runs again */
             requeue_all(u, unit_void_pending(u), 0);
             backoff(u, 0);
@@ -900,25 +1043,34 @@ static void on_retry_timer(uv_timer_t *timer)
     }
 }
 
+static void close_scope(mph_map_node_t *n, void *ud)
+{
+    mph_scope_t *s = mph_container_of(n, mph_scope_t, node);
+    const char *msg = ud;
+    /* A commit still in flight would call back into freed memory: the host closes the store
+     * (which completes every operation) before the bridge. */
+    assert(s->commit == NULL && s->state != SCOPE_LOADING);
+    fail_all(queue_take(&s->waiting), MPH_RPC_STORAGE_UNAVAILABLE, msg);
+    fail_all(queue_take(&s->home.pending), MPH_RPC_STORAGE_UNAVAILABLE, msg);
+    fail_all(queue_take(&s->home.rerun), MPH_RPC_STORAGE_UNAVAILABLE, msg);
+}
+
+static void free_scope(mph_map_node_t *n, void *ud)
+{
+    mph_scope_t *s = mph_container_of(n, mph_scope_t, node);
+    (void)ud;
+    mph_map_remove(&s->lua->scope_map, n);
+    scope_free(s);
+}
+
 void mph__runner_close(mph_lua_t *lua)
 {
-    const char *msg = "storage unavailable: shutting down";
     lua->backoffs = NULL;
     uv_timer_stop(&lua->retry_timer);
-    for (mph_scope_t *s = lua->scopes; s; s = s->next) {
-        /* A commit still in flight would call back into freed memory: the host closes the
-         * store (which completes every operation) before the bridge. */
-        assert(s->commit == NULL && s->state != SCOPE_LOADING);
-        fail_all(queue_take(&s->waiting), MPH_RPC_STORAGE_UNAVAILABLE, msg);
-        fail_all(queue_take(&s->home.pending), MPH_RPC_STORAGE_UNAVAILABLE, msg);
-        fail_all(queue_take(&s->home.rerun), MPH_RPC_STORAGE_UNAVAILABLE, msg);
-    }
-    mph_scope_t *s = lua->scopes;
-    while (s) {
-        mph_scope_t *next = s->next;
-        free(s->name);
-        free(s);
-        s = next;
-    }
-    lua->scopes = NULL;
+    uv_timer_stop(&lua->evict_timer);
+    /* First every queue (failing a transaction unpins its scopes), then the scopes. */
+    mph_map_each(&lua->scope_map, close_scope, "storage unavailable: shutting down");
+    mph_map_each(&lua->scope_map, free_scope, NULL);
+    mph_map_free(&lua->scope_map);
+    lua->lru_head = lua->lru_tail = NULL;
 }

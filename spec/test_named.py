@@ -249,3 +249,98 @@ def test_a_crash_after_the_commit_point_keeps_the_commit():
     with Server(ACCOUNTS, data=data) as s:
         eq(s.result("audit", {"n": 2}), {"total": 200, "low": 70}, "the commit stands")
         eq(intents(data), [])
+
+
+def tree_rss_kb(pid):
+    """Resident memory of a process and its children (a supervisor's workers), in KiB."""
+    total = 0
+    pids = [pid]
+    children = "/proc/%d/task/%d/children" % (pid, pid)
+    if os.path.exists(children):
+        with open(children) as f:
+            pids += [int(p) for p in f.read().split()]
+    for p in pids:
+        with open("/proc/%d/status" % p) as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+
+
+def tree_fds(pid):
+    pids = [pid]
+    children = "/proc/%d/task/%d/children" % (pid, pid)
+    if os.path.exists(children):
+        with open(children) as f:
+            pids += [int(p) for p in f.read().split()]
+    return sum(len(os.listdir("/proc/%d/fd" % p)) for p in pids)
+
+
+def batch(client, calls):
+    """Sends one JSON-RPC batch over a keep-alive client; returns the results by id."""
+    import json
+    body = json.dumps([{"jsonrpc": "2.0", "method": m, "params": p, "id": i}
+                       for i, (m, p) in enumerate(calls)]).encode()
+    client.sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    from harness import read_response
+    status, _, data, client.buf = read_response(client.sock, client.buf)
+    eq(status, 200, "HTTP status")
+    out = {}
+    for r in json.loads(data):
+        check("result" in r, r)
+        out[r["id"]] = r["result"]
+    return [out[i] for i in range(len(calls))]
+
+
+def touch_many(server, count, per_batch=500, clients=4):
+    """Counts once in each of `count` named scopes, then reads every one back."""
+    def part(k):
+        c = KeepAliveClient(server.port, timeout=120)
+        for start in range(k * per_batch, count, clients * per_batch):
+            names = ["s%d" % i for i in range(start, min(start + per_batch, count))]
+            got = batch(c, [("count", {"name": n}) for n in names])
+            eq(got, [1] * len(names), "first counts")
+        c.close()
+
+    threads = [threading.Thread(target=part, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def check_scope_cache(storage_args, count, cache_mb):
+    # Under ASan, freed memory waits in a quarantine (256 MiB by default) before reuse: keep
+    # it small, or RSS measures the quarantine rather than mphost.
+    env = {"ASAN_OPTIONS": "detect_leaks=1:quarantine_size_mb=1"}
+    with Server(ACCOUNTS, storage_args + ["--scope-cache=%dM" % cache_mb], env=env) as s:
+        base = tree_rss_kb(s.proc.pid)
+        touch_many(s, count)
+        rss = tree_rss_kb(s.proc.pid)
+        fds = tree_fds(s.proc.pid)
+        # Every scope reads back (most were evicted: they load again).
+        c = KeepAliveClient(s.port, timeout=120)
+        for start in range(0, count, 1000):
+            names = ["s%d" % i for i in range(start, min(start + 1000, count))]
+            eq(batch(c, [("read", {"name": n}) for n in names]), [1] * len(names), "read back")
+        c.close()
+        # Twice the bound (the estimate is rough, and the Lua heap holds garbage between
+        # collections) plus a fixed allowance; without eviction it would be 10 to 100 times
+        # as much.
+        limit = base + 2 * cache_mb * 1024 + 16 * 1024
+        if "asan" in os.path.basename(os.environ.get("MPH_BUILD", "")):
+            limit = base + 2 * (limit - base)  # ASan's redzones double small allocations
+        check(rss < limit, "RSS %d KiB after %d scopes, over %d KiB (started at %d)" %
+              (rss, count, limit, base))
+        check(fds < 400, "%d descriptors open after %d scopes" % (fds, count))
+        return rss
+
+
+def test_200000_scopes_touched_once_stay_under_the_cache_bound_on_redis():
+    with RedisServer() as redis:
+        check_scope_cache(["--storage=" + redis.url()], 200000, 16)
+
+
+def test_20000_scopes_touched_once_stay_under_the_cache_bound_on_files():
+    check_scope_cache([], 20000, 2)

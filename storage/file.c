@@ -71,6 +71,7 @@
 #include <unistd.h>
 #include <zlib.h>
 
+#include "../host/map.h"
 #include "storage.h"
 
 #define MAGIC_V1 0x3152504dU /* "MPR1" read as little-endian */
@@ -82,8 +83,9 @@
 #define MULTI_ID 16            /* bytes of a multi-scope commit's random id */
 #define DOUBT 1                /* an operation met a part whose commit is in doubt (op->doubt) */
 #define COMPACT_MIN_BYTES (4u << 20) /* never compact a log smaller than this */
-#define MAX_SCOPE_NAME 512 /* bytes; mp.scope.named allows 200, user names 255, plus a prefix */
-#define MAX_FILE_STEM 200  /* an encoded name longer than this is shortened (encode_name) */
+#define MAX_SCOPE_NAME 512  /* bytes; mp.scope.named allows 200, user names 255, plus a prefix */
+#define MAX_FILE_STEM 200   /* an encoded name longer than this is shortened (encode_name) */
+#define MAX_OPEN_SCOPES 128 /* scopes whose two files stay open (loop side: note_open) */
 
 typedef struct fscope_s {
     char *name;          /* owned */
@@ -101,15 +103,20 @@ typedef struct fscope_s {
                             failed one: a full disk would otherwise rewrite per commit) */
     uv_mutex_t mutex;    /* held by a load or commit, and by a compaction's switch */
     char *failed;        /* owned; set when the file's state is unknown: why we refuse it */
-    struct fscope_s *next;
+    int forgotten;       /* the runner evicted it while a compaction ran: freed after */
+    int in_open;         /* in fs's list of scopes with open files */
+    struct fscope_s *open_prev, *open_next;
+    mph_map_node_t node; /* in fs->scopes, keyed by name */
 } fscope_t;
 
 typedef struct {
     mph_store_t base; /* must be first */
     uv_loop_t *loop;
-    char *dir;         /* owned */
-    fscope_t *scopes;  /* owned */
-    unsigned ops;      /* operations and compactions in flight */
+    char *dir;                       /* owned */
+    mph_map_t scopes;                /* fscope_t by name, owned */
+    fscope_t *open_head, *open_tail; /* scopes with open files, most recently used first */
+    unsigned nopen;                  /* how many */
+    unsigned ops;                    /* operations and compactions in flight */
     int compactions;   /* compaction jobs in flight: at most one per store, so that they
                           hold at most one of libuv's four pool threads, never all */
     uint64_t commits;  /* commits written (loop thread) */
@@ -701,8 +708,10 @@ static int open_files(op_t *op)
         int rc = 0;
         if (sc->log_fd < 0 || fstat(sc->log_fd, &st) != 0)
             rc = op_fail(op, MPH_ESTORAGE, "cannot open", log);
-        else
+        else if (sc->log_ino == 0)
             sc->log_ino = st.st_ino;
+        /* else the files were closed to save descriptors (note_open) and are open again:
+         * log_ino stays the inode we read, so a log replaced meanwhile is seen as such. */
         free(log);
         if (rc)
             return rc;
@@ -1624,24 +1633,85 @@ static void group_work_cb(uv_work_t *w)
 
 /* ---- Loop side ---- */
 
+/* ---- Open files ----
+ * A scope's lock and log stay open between operations (a hot scope opens nothing), but a
+ * process that touches many scopes must not keep two descriptors for each: past
+ * MAX_OPEN_SCOPES, the least recently used idle scopes close theirs (open_files opens them
+ * again; what was read, log_end and log_ino, is kept). Loop side only: a scope with an
+ * operation or a compaction in flight is never touched. */
+
+static void open_unlink(file_store_t *fs, fscope_t *sc)
+{
+    if (!sc->in_open)
+        return;
+    if (sc->open_prev)
+        sc->open_prev->open_next = sc->open_next;
+    else
+        fs->open_head = sc->open_next;
+    if (sc->open_next)
+        sc->open_next->open_prev = sc->open_prev;
+    else
+        fs->open_tail = sc->open_prev;
+    sc->open_prev = sc->open_next = NULL;
+    sc->in_open = 0;
+    fs->nopen--;
+}
+
+static void close_files(fscope_t *sc)
+{
+    if (sc->lock_fd >= 0)
+        close(sc->lock_fd);
+    if (sc->log_fd >= 0)
+        close(sc->log_fd);
+    sc->lock_fd = sc->log_fd = -1;
+}
+
+/* An operation of sc ended: it is the most recently used; close the coldest idle ones. */
+static void note_open(file_store_t *fs, fscope_t *sc)
+{
+    open_unlink(fs, sc);
+    if (sc->lock_fd >= 0 || sc->log_fd >= 0) {
+        sc->open_next = fs->open_head;
+        if (fs->open_head)
+            fs->open_head->open_prev = sc;
+        else
+            fs->open_tail = sc;
+        fs->open_head = sc;
+        sc->in_open = 1;
+        fs->nopen++;
+    }
+    fscope_t *c = fs->open_tail;
+    while (c && fs->nopen > MAX_OPEN_SCOPES) {
+        fscope_t *prev = c->open_prev;
+        if (!c->busy && !c->compacting) {
+            close_files(c);
+            open_unlink(fs, c);
+        }
+        c = prev;
+    }
+}
+
+/* Closes a scope's files and frees it (not busy: no operation of it is in flight). */
+static void free_scope(mph_map_node_t *n, void *ud)
+{
+    fscope_t *sc = mph_container_of(n, fscope_t, node);
+    file_store_t *fs = ud;
+    mph_map_remove(&fs->scopes, n);
+    open_unlink(fs, sc);
+    close_files(sc);
+    uv_mutex_destroy(&sc->mutex);
+    free(sc->failed);
+    free(sc->name);
+    free(sc->path);
+    free(sc);
+}
+
 static void store_free(file_store_t *fs)
 {
     mph_log(fs->commits ? MPH_LOG_INFO : MPH_LOG_DEBUG, "file storage: %llu commits, %llu syncs",
             (unsigned long long)fs->commits, (unsigned long long)fs->syncs);
-    fscope_t *sc = fs->scopes;
-    while (sc) {
-        fscope_t *next = sc->next;
-        if (sc->lock_fd >= 0)
-            close(sc->lock_fd);
-        if (sc->log_fd >= 0)
-            close(sc->log_fd);
-        uv_mutex_destroy(&sc->mutex);
-        free(sc->failed);
-        free(sc->name);
-        free(sc->path);
-        free(sc);
-        sc = next;
-    }
+    mph_map_each(&fs->scopes, free_scope, fs);
+    mph_map_free(&fs->scopes);
     void (*cb)(void *) = fs->closed_cb;
     void *ud = fs->closed_ud;
     free(fs->dir);
@@ -1685,8 +1755,11 @@ static void after_work_cb(uv_work_t *w, int status)
         fs->compactions--;
         if (op->status != 0)
             sc->compact_after = sc->log_end + fs->compact_min;
+        if (sc->forgotten && !sc->busy)
+            free_scope(&sc->node, fs);
     } else {
         sc->busy = 0;
+        note_open(fs, sc);
         if (op->kind == OP_COMMIT && op->status == 0) {
             fs->commits++;
             /* Decided before the callback, which may start the next commit. */
@@ -1739,6 +1812,7 @@ static void after_group_cb(uv_work_t *w, int status)
     for (size_t i = 0; i < g->n; i++) {
         op_t *op = g->ops[i];
         op->sc->busy = 0;
+        note_open(fs, op->sc);
         if (g->status == MPH_ECONFLICT && (op->sc->version != op->expected || op->held))
             conflicts[res.nconflicts++] = (mph_store_conflict_t){op->sc->name, op->doc, op->held};
     }
@@ -1759,9 +1833,12 @@ static void after_group_cb(uv_work_t *w, int status)
 
 static fscope_t *scope_for(file_store_t *fs, const char *name)
 {
-    for (fscope_t *sc = fs->scopes; sc; sc = sc->next)
-        if (strcmp(sc->name, name) == 0)
-            return sc;
+    mph_map_node_t *n = mph_map_find(&fs->scopes, name);
+    if (n) {
+        fscope_t *sc = mph_container_of(n, fscope_t, node);
+        sc->forgotten = 0;
+        return sc;
+    }
     fscope_t *sc = mph_xcalloc(1, sizeof(*sc));
     sc->name = mph_xstrdup(name);
     mph_buf_t p = MPH_BUF_INIT;
@@ -1771,8 +1848,7 @@ static fscope_t *scope_for(file_store_t *fs, const char *name)
     sc->lock_fd = sc->log_fd = -1;
     if (uv_mutex_init(&sc->mutex) != 0)
         abort(); /* like an allocation failure: nothing sensible to do */
-    sc->next = fs->scopes;
-    fs->scopes = sc;
+    mph_map_insert(&fs->scopes, &sc->node, sc->name);
     return sc;
 }
 
@@ -1923,8 +1999,26 @@ static void file_close(mph_store_t *s, void (*done)(void *ud), void *ud)
         store_free(fs);
 }
 
+/* Closes the files of a scope the runner evicted (one that failed stays, and keeps refusing:
+ * see append_record); during a compaction, once it ends. */
+static void file_forget(mph_store_t *s, const char *scope)
+{
+    file_store_t *fs = (file_store_t *)s;
+    mph_map_node_t *n = mph_map_find(&fs->scopes, scope);
+    if (n == NULL)
+        return;
+    fscope_t *sc = mph_container_of(n, fscope_t, node);
+    assert(!sc->busy);
+    if (sc->failed)
+        return;
+    if (sc->compacting)
+        sc->forgotten = 1;
+    else
+        free_scope(n, fs);
+}
+
 static const mph_store_methods_t file_methods = {
-    MPH_STORE_METHODS_VERSION, "file", file_load, file_commit, file_close,
+    MPH_STORE_METHODS_VERSION, "file", file_load, file_commit, file_close, file_forget,
 };
 
 /* mkdir -p */

@@ -102,6 +102,9 @@ typedef struct {
     /* Refuses new calls (MPH_ECLOSED), lets started ones call back, closes its handles, frees
      * itself, then calls `done` (file: at once when idle; Redis: on a later loop iteration). */
     void (*close)(mph_store_t *s, void (*done)(void *ud), void *ud);
+    /* The caller evicted `scope` from its cache and has no operation of it in flight: drop
+     * what is kept for it (open files); its next operation starts afresh. May be NULL. */
+    void (*forget)(mph_store_t *s, const char *scope);
 } mph_store_methods_t;
 
 struct mph_store_s {

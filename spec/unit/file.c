@@ -6,6 +6,7 @@
  */
 #define _GNU_SOURCE
 #include "host/common.c"
+#include "host/map.c"
 #include "storage/file.c"
 
 #include "spec/unit/unit.h"

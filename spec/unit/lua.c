@@ -8,6 +8,7 @@
  */
 #define _GNU_SOURCE
 #include "host/common.c"
+#include "host/map.c"
 #include "lua/bridge.c"
 #include "lua/json.c"
 #include "lua/runner.c"
@@ -91,8 +92,8 @@ static void fake_close(mph_store_t *s, void (*done)(void *), void *ud)
     done(ud);
 }
 
-static const mph_store_methods_t fake_methods = {MPH_STORE_METHODS_VERSION, "fake", fake_load,
-                                                 fake_commit, fake_close};
+static const mph_store_methods_t fake_methods = {
+    MPH_STORE_METHODS_VERSION, "fake", fake_load, fake_commit, fake_close, NULL};
 
 /* Completes every started operation (and those they start), in order. */
 static void fake_run(fake_t *f)
@@ -195,7 +196,7 @@ static mph_lua_t *bridge(int max_retries)
     memset(&fake, 0, sizeof(fake));
     fake.base.methods = &fake_methods;
     uv_loop_init(&loop);
-    mph_lua_config_t cfg = {&fake.base, max_retries, 0, 0, 1, 1};
+    mph_lua_config_t cfg = {&fake.base, max_retries, 0, 0, 1, 1, 0};
     mph_lua_t *lua = NULL;
     CHECK(mph_lua_new(&lua, &loop, &cfg) == 0);
     char err[256];
