@@ -70,22 +70,23 @@ static int read_line(int fd, char *out, char *err, size_t errlen)
     return 0;
 }
 
-/* At a terminal: asks on stderr with the echo off. [prompt] borrowed. */
+/* At a terminal: asks on stderr with the echo off. The echo goes off (and what was typed
+ * ahead is dropped) before the prompt shows, so nothing typed after it is lost or echoed. */
 static int ask(const char *prompt, char *out, char *err, size_t errlen)
 {
     struct termios old, quiet;
     int have_termios = tcgetattr(0, &old) == 0;
-    fprintf(stderr, "%s", prompt);
-    fflush(stderr);
     if (have_termios) {
         quiet = old;
         quiet.c_lflag &= ~(tcflag_t)ECHO;
         quiet.c_lflag |= ECHONL;
         tcsetattr(0, TCSAFLUSH, &quiet);
     }
+    fprintf(stderr, "%s", prompt);
+    fflush(stderr);
     int rc = read_line(0, out, err, errlen);
     if (have_termios)
-        tcsetattr(0, TCSAFLUSH, &old);
+        tcsetattr(0, TCSANOW, &old);
     return rc;
 }
 
