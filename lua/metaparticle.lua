@@ -153,7 +153,6 @@ local function inherit_auth(fn, wrapper)
   if needs_user[fn] then needs_user[wrapper] = true end
   return wrapper
 end
-I.inherit_auth = inherit_auth
 
 -- mp.user: the verified user inside a basicAuth handler, nil elsewhere.
 setmetatable(M, {

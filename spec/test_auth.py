@@ -135,6 +135,10 @@ def test_401_without_valid_credentials():
         status, _, body = request(s.port, call("whoami"), basic("bob", "bob-pw"), sock=sock)
         eq((status, body["result"]["user"]), (200, "bob"), "retry on the same connection")
         sock.close()
+        # A basicAuth handler hidden in a wrapper of the script's own fails closed.
+        status, headers, body = request(s.port, call("hidden"), basic("alice", "alice-pw"))
+        eq((status, headers.get("www-authenticate"), body["error"]), (401, CHALLENGE, UNAUTHORIZED),
+           "a hidden basicAuth handler")
         # mphost call reads a 401 as the JSON-RPC error it carries.
         code, out, err = run(["call", "whoami", "--url", "http://127.0.0.1:%d/" % s.port])
         eq((code, out, err), (1, "", "error -32004: unauthorized\n"), "mphost call")

@@ -20,4 +20,9 @@ local n = tonumber(os.getenv("MPH_TEST_SPREAD") or "1")
 mp.service("auth-of-spread", mp.basicAuth(mp.spread(n, counted("outer")))).expose = true
 mp.service("spread-of-auth", mp.spread(n, mp.basicAuth(counted("inner")))).expose = true
 
+-- A wrapper of our own hides the basicAuth handler from the host, which then checks no
+-- credentials for it: its calls fail closed (-32004), never run without a user.
+local hidden = mp.basicAuth(counted("hidden"))
+mp.service("hidden", function(...) return hidden(...) end).expose = true
+
 mp.serve()
