@@ -54,6 +54,28 @@ static void test_base64_is_strict(void)
     CHECK(decodes("YTpi\n", NULL));   /* a line end */
 }
 
+/* "Basic " and the base64 of plain (a static buffer). */
+static const char *basic_header(const char *plain)
+{
+    static const char alphabet[] =
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    static char value[3000];
+    size_t n = strlen(plain), o = (size_t)sprintf(value, "Basic ");
+    for (size_t i = 0; i < n; i += 3) {
+        uint32_t w = (uint32_t)(unsigned char)plain[i] << 16;
+        if (i + 1 < n)
+            w |= (uint32_t)(unsigned char)plain[i + 1] << 8;
+        if (i + 2 < n)
+            w |= (unsigned char)plain[i + 2];
+        value[o++] = alphabet[w >> 18 & 63];
+        value[o++] = alphabet[w >> 12 & 63];
+        value[o++] = i + 1 < n ? alphabet[w >> 6 & 63] : '=';
+        value[o++] = i + 2 < n ? alphabet[w & 63] : '=';
+    }
+    value[o] = '\0';
+    return value;
+}
+
 /* parse_basic on a header value; returns the user (static) or NULL, and the password. */
 static const char *basic(const char *value, const char **password)
 {
@@ -88,30 +110,15 @@ static void test_authorization_header_shapes(void)
     CHECK(basic("Basic YWxpY2U6c2VjcmV0!", &pw) == NULL);
     CHECK(basic("Basic YWxpY2U6c2VjcmV0 x", &pw) == NULL); /* two tokens */
     /* Limits: a 255-byte user and a 1024-byte password pass; one byte more does not. */
-    char plain[2000], value[3000];
+    char plain[2000];
     for (int user_len = 255; user_len <= 256; user_len++) {
         for (int pw_len = 1024; pw_len <= 1025; pw_len++) {
             memset(plain, 'u', (size_t)user_len);
             plain[user_len] = ':';
             memset(plain + user_len + 1, 'p', (size_t)pw_len);
-            size_t n = (size_t)user_len + 1 + (size_t)pw_len;
-            static const char *alphabet =
-                "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-            size_t o = (size_t)sprintf(value, "Basic ");
-            for (size_t i = 0; i < n; i += 3) {
-                uint32_t w = (uint32_t)(unsigned char)plain[i] << 16;
-                if (i + 1 < n)
-                    w |= (uint32_t)(unsigned char)plain[i + 1] << 8;
-                if (i + 2 < n)
-                    w |= (unsigned char)plain[i + 2];
-                value[o++] = alphabet[w >> 18 & 63];
-                value[o++] = alphabet[w >> 12 & 63];
-                value[o++] = i + 1 < n ? alphabet[w >> 6 & 63] : '=';
-                value[o++] = i + 2 < n ? alphabet[w & 63] : '=';
-            }
-            value[o] = '\0';
+            plain[user_len + 1 + pw_len] = '\0';
             int ok = user_len <= 255 && pw_len <= 1024;
-            CHECK((basic(value, &pw) != NULL) == ok);
+            CHECK((basic(basic_header(plain), &pw) != NULL) == ok);
         }
     }
 }
@@ -236,25 +243,9 @@ static void on_answer(void *ud, const char *user)
 /* "Basic base64(user:password)" (static). */
 static const char *header(const char *user, const char *password)
 {
-    static char value[600];
     char plain[400];
-    int n = snprintf(plain, sizeof(plain), "%s:%s", user, password);
-    static const char *alphabet =
-        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    size_t o = (size_t)sprintf(value, "Basic ");
-    for (int i = 0; i < n; i += 3) {
-        uint32_t w = (uint32_t)(unsigned char)plain[i] << 16;
-        if (i + 1 < n)
-            w |= (uint32_t)(unsigned char)plain[i + 1] << 8;
-        if (i + 2 < n)
-            w |= (unsigned char)plain[i + 2];
-        value[o++] = alphabet[w >> 18 & 63];
-        value[o++] = alphabet[w >> 12 & 63];
-        value[o++] = i + 1 < n ? alphabet[w >> 6 & 63] : '=';
-        value[o++] = i + 2 < n ? alphabet[w & 63] : '=';
-    }
-    value[o] = '\0';
-    return value;
+    snprintf(plain, sizeof(plain), "%s:%s", user, password);
+    return basic_header(plain);
 }
 
 static void check(mph_auth_t *a, const char *user, const char *password, answer_t *ans)
