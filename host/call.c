@@ -161,7 +161,7 @@ int mph_cli_call(mph_cli_t *cli)
     }
     int rc = 1;
     json_t *doc = NULL;
-    if (parser.status_code != 200) {
+    if (parser.status_code != 200 && parser.status_code != 401) { /* 401: a JSON-RPC error */
         fprintf(stderr, "mphost call: HTTP %u: %.*s", parser.status_code, (int)resp.body.len,
                 resp.body.data ? resp.body.data : "");
         goto out;

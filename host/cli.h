@@ -46,6 +46,10 @@ int mph_cli_delete(mph_cli_t *cli);
 int mph_cli_status(mph_cli_t *cli);
 int mph_cli_call(mph_cli_t *cli);
 
+/* mphost passwd FILE USER (passwd.c): adds USER to the users file or replaces its hash, with
+ * the password read from stdin (asked twice without echo when stdin is a terminal). */
+int mph_cli_passwd(const char *path, const char *user);
+
 /* Finds the directory for deployments' pid, log and lock files (MP_STATE_DIR, else
  * $XDG_RUNTIME_DIR/mphost, else /tmp/mphost-UID), creating it 0700, and sets cli->state_dir.
  * Refuses (MPH_EINVAL, a message in err) a directory that is a symbolic link, belongs to

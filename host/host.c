@@ -4,6 +4,8 @@
  * Stopping is a sequence, each step started by the previous one's callback:
  *   mph_host_stop -> (async) http shutdown: stop accepting, finish in-flight responses
  *                 -> drained (or the deadline aborts what is left)
+ *                 -> close the authenticator: credential checks still on the thread pool
+ *                    end (refused), so none reaches the bridge once it is gone
  *                 -> close the store: operations in flight complete and their transactions
  *                    are answered
  *                 -> close the bridge (answers retries still waiting), then the host's own
@@ -21,6 +23,7 @@
 
 #include "../lua/bridge.h"
 #include "../storage/storage.h"
+#include "auth.h"
 #include "common.h"
 #include "http.h"
 #include "rpc.h"
@@ -39,9 +42,11 @@ struct mph_host_s {
     mph_http_server_t *http; /* owned */
     mph_lua_t *lua;          /* owned */
     mph_store_t *store;      /* owned */
+    mph_auth_t *auth;        /* owned; NULL once closed */
+    mph_rpc_t rpc;           /* what the HTTP server dispatches to */
     uv_async_t stop_async;   /* mph_host_stop from any thread */
-    uv_signal_t sigint, sigterm;
-    int signals_on;      /* sigint/sigterm initialised */
+    uv_signal_t sigint, sigterm, sighup;
+    int signals_on;      /* sigint/sigterm/sighup initialised */
     uv_timer_t deadline; /* bounds the graceful stop */
     int listening;
 };
@@ -76,6 +81,11 @@ const char *mph_host_strerror(int err)
 }
 
 static void on_stop_async(uv_async_t *a);
+
+static void on_auth_failed_closed(void *ud)
+{
+    (void)ud; /* nothing ran on it: it closed at once */
+}
 
 /* redis://[:password@]host[:port][/db] -> the Redis backend. An IPv6 host is in brackets:
  * redis://[::1]:6380. */
@@ -160,20 +170,26 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
     mph_lua_config_t lcfg = {
         h->store,       cfg->max_retries,  cfg->debug_errors, cfg->handler_timeout_ms,
         cfg->worker_id, cfg->worker_count, cfg->scope_cache};
+    rc = mph_auth_new(&h->auth, &h->loop, cfg->users_file, err, errlen);
+    if (rc != 0)
+        goto fail_store;
     rc = mph_lua_new(&h->lua, &h->loop, &lcfg);
     if (rc != 0) {
         snprintf(err, errlen, "cannot create the Lua state: %s", mph_strerror(rc));
-        goto fail_store;
+        goto fail_auth;
     }
     mph_http_config_t http = {cfg->max_body, cfg->max_header, cfg->max_connections,
                               cfg->idle_timeout_ms, 64};
-    mph_http_server_new(&h->http, &h->loop, &http, mph_rpc_handle, h->lua);
+    h->rpc = (mph_rpc_t){h->lua, h->auth};
+    mph_http_server_new(&h->http, &h->loop, &http, mph_rpc_handle, &h->rpc);
     uv_async_init(&h->loop, &h->stop_async, on_stop_async);
     uv_timer_init(&h->loop, &h->deadline);
     h->state = HOST_NEW;
     *out = h;
     return 0;
 
+fail_auth:
+    mph_auth_close(h->auth, on_auth_failed_closed, NULL);
 fail_store:
     h->store->methods->close(h->store, NULL, NULL);
 fail_loop:
@@ -189,6 +205,11 @@ static void check_served(mph_host_t *h, const char *name)
 {
     if (!mph_lua_serve_called(h->lua))
         mph_log(MPH_LOG_WARN, "%s did not call mp.serve(); serving its services anyway", name);
+    if (mph_lua_uses_auth(h->lua) && h->cfg.users_file == NULL)
+        mph_log(MPH_LOG_WARN,
+                "%s has services behind mp.basicAuth but no --users=FILE was given: every call "
+                "to them is refused (-32004)",
+                name);
 }
 
 int mph_host_load_file(mph_host_t *h, const char *path, char *err, size_t errlen)
@@ -260,6 +281,7 @@ static void close_host_handles(mph_host_t *h)
     if (h->signals_on) {
         uv_close((uv_handle_t *)&h->sigint, on_handle_closed);
         uv_close((uv_handle_t *)&h->sigterm, on_handle_closed);
+        uv_close((uv_handle_t *)&h->sighup, on_handle_closed);
     }
     h->state = HOST_CLOSED;
 }
@@ -273,14 +295,21 @@ static void on_store_closed(void *ud)
     close_host_handles(h);
 }
 
-static void on_http_drained(void *ud)
+static void on_auth_closed(void *ud)
 {
     mph_host_t *h = ud;
-    uv_timer_stop(&h->deadline);
+    h->auth = NULL;
     if (mph_lua_pending(h->lua) > 0)
         mph_log(MPH_LOG_INFO, "waiting for %zu call(s) to finish their commits",
                 mph_lua_pending(h->lua));
     h->store->methods->close(h->store, on_store_closed, h);
+}
+
+static void on_http_drained(void *ud)
+{
+    mph_host_t *h = ud;
+    uv_timer_stop(&h->deadline);
+    mph_auth_close(h->auth, on_auth_closed, h);
 }
 
 static void on_deadline(uv_timer_t *t)
@@ -314,13 +343,29 @@ static void on_signal(uv_signal_t *s, int signum)
     begin_stop(h);
 }
 
+/* SIGHUP: the users file is read again (on the thread pool; a bad one is logged and the old
+ * users stay). */
+static void on_sighup(uv_signal_t *s, int signum)
+{
+    mph_host_t *h = s->data;
+    (void)signum;
+    if (h->auth == NULL || h->cfg.users_file == NULL) {
+        mph_log(MPH_LOG_INFO, "received SIGHUP: no users file to read again");
+        return;
+    }
+    mph_log(MPH_LOG_INFO, "received SIGHUP: reading the users file %s again", h->cfg.users_file);
+    mph_auth_reload(h->auth);
+}
+
 int mph_host_handle_signals(mph_host_t *h)
 {
     uv_signal_init(&h->loop, &h->sigint);
     uv_signal_init(&h->loop, &h->sigterm);
-    h->sigint.data = h->sigterm.data = h;
+    uv_signal_init(&h->loop, &h->sighup);
+    h->sigint.data = h->sigterm.data = h->sighup.data = h;
     uv_signal_start(&h->sigint, on_signal, SIGINT);
     uv_signal_start(&h->sigterm, on_signal, SIGTERM);
+    uv_signal_start(&h->sighup, on_sighup, SIGHUP);
     h->signals_on = 1;
     return 0;
 }

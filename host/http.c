@@ -42,18 +42,25 @@
 
 typedef enum { CONN_OPEN, CONN_DRAINING, CONN_CLOSING } conn_state_t;
 
+/* A request's Authorization header: none, being read, read, or unusable (sent twice, or
+ * longer than MPH_HTTP_MAX_AUTHORIZATION). */
+enum { AUTH_NONE, AUTH_PARTIAL, AUTH_SOME, AUTH_BAD };
+
 typedef struct conn_s conn_t;
 
 struct mph_http_req_s {
-    conn_t *conn;         /* NULL once the connection is gone (the response is dropped) */
-    mph_http_req_t *next; /* FIFO of the connection */
-    int responded;        /* the response is ready in head/body */
-    int keep_alive;       /* the client allows another request after this one */
-    int http_minor;       /* 0 for HTTP/1.0 */
-    int want_continue;    /* sent Expect: 100-continue; "100 Continue" not yet queued */
-    int error_status;     /* set during parsing: 405, 413, 431, 400; 0 otherwise */
-    mph_buf_t body;       /* request body while parsing */
-    char head[256];       /* response status line and headers */
+    conn_t *conn;            /* NULL once the connection is gone (the response is dropped) */
+    mph_http_req_t *next;    /* FIFO of the connection */
+    int responded;           /* the response is ready in head/body */
+    int keep_alive;          /* the client allows another request after this one */
+    int http_minor;          /* 0 for HTTP/1.0 */
+    int want_continue;       /* sent Expect: 100-continue; "100 Continue" not yet queued */
+    int error_status;        /* set during parsing: 405, 413, 431, 400; 0 otherwise */
+    mph_buf_t body;          /* request body while parsing */
+    mph_buf_t authorization; /* the Authorization header's value (it carries a password:
+                                wiped before it is freed), while auth_state is AUTH_SOME */
+    int auth_state;          /* AUTH_NONE, AUTH_PARTIAL (being read), AUTH_SOME, AUTH_BAD */
+    char head[384];          /* response status line and headers */
     size_t head_len;
     char *resp_body; /* owned response body */
     size_t resp_len;
@@ -135,6 +142,8 @@ static const char *status_text(int status)
         return "No Content";
     case 400:
         return "Bad Request";
+    case 401:
+        return "Unauthorized";
     case 405:
         return "Method Not Allowed";
     case 413:
@@ -163,8 +172,43 @@ static int assert_conn_state(const conn_t *c)
 
 /* ---- Requests ---- */
 
+void mph_http_req_wipe_authorization(mph_http_req_t *r)
+{
+    if (r->authorization.data)
+        explicit_bzero(r->authorization.data, r->authorization.cap);
+    mph_buf_free(&r->authorization);
+    if (r->auth_state != AUTH_NONE)
+        r->auth_state = AUTH_BAD;
+}
+
+const char *mph_http_req_authorization(const mph_http_req_t *r, size_t *len)
+{
+    if (r->auth_state != AUTH_SOME)
+        return NULL;
+    *len = r->authorization.len;
+    return r->authorization.data;
+}
+
+/* Adds a piece of an Authorization value. Room for the longest is reserved at once, so the
+ * buffer never moves and leaves no copy behind. */
+static void authorization_append(mph_http_req_t *r, const char *at, size_t len)
+{
+    if (r->auth_state == AUTH_BAD)
+        return;
+    if (r->auth_state == AUTH_SOME || r->authorization.len + len > MPH_HTTP_MAX_AUTHORIZATION) {
+        mph_http_req_wipe_authorization(r); /* a second header, or too long */
+        r->auth_state = AUTH_BAD;
+        return;
+    }
+    if (r->authorization.data == NULL)
+        mph_buf_reserve(&r->authorization, MPH_HTTP_MAX_AUTHORIZATION + 1);
+    mph_buf_append(&r->authorization, at, len);
+    r->auth_state = AUTH_PARTIAL;
+}
+
 static void req_free(mph_http_req_t *r)
 {
+    mph_http_req_wipe_authorization(r);
     mph_buf_free(&r->body);
     free(r->resp_body);
     free(r);
@@ -184,7 +228,10 @@ static mph_http_req_t *req_new(conn_t *c)
     return r;
 }
 
-void mph_http_respond(mph_http_req_t *r, int status, char *body, size_t len)
+/* Writes the response's head, then queues it in order. ctype: its Content-Type; extra: more
+ * header lines ("Name: value\r\n"), "" for none. */
+static void respond(mph_http_req_t *r, int status, const char *ctype, const char *extra, char *body,
+                    size_t len)
 {
     assert(!r->responded);
     conn_t *c = r->conn;
@@ -200,23 +247,36 @@ void mph_http_respond(mph_http_req_t *r, int status, char *body, size_t len)
      * tell the client to drop the responses still to come after it. */
     int close = !r->keep_alive || (c->state != CONN_OPEN && r->next == NULL);
     r->keep_alive = !close;
-    const char *ctype = status == 200 ? "application/json" : "text/plain; charset=utf-8";
     int n;
     if (status == 204) {
         n = snprintf(r->head, sizeof(r->head), "HTTP/1.1 204 No Content\r\n%s\r\n",
                      close ? "Connection: close\r\n" : "");
     } else {
         n = snprintf(r->head, sizeof(r->head),
-                     "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n%s%s\r\n",
+                     "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n%s%s%s\r\n",
                      status, status_text(status), ctype, r->resp_len,
-                     status == 405 ? "Allow: POST\r\n" : "",
+                     status == 405 ? "Allow: POST\r\n" : "", extra,
                      close ? "Connection: close\r\n"
                            : (r->http_minor == 0 ? "Connection: keep-alive\r\n" : ""));
     }
+    assert(n > 0 && (size_t)n < sizeof(r->head));
     r->head_len = (size_t)n;
     if (close && c->state == CONN_OPEN)
         conn_drain(c);
     conn_flush(c);
+}
+
+void mph_http_respond(mph_http_req_t *r, int status, char *body, size_t len)
+{
+    respond(r, status, status == 200 ? "application/json" : "text/plain; charset=utf-8", "", body,
+            len);
+}
+
+void mph_http_respond_json(mph_http_req_t *r, int status, const char *headers, char *body,
+                           size_t len)
+{
+    assert(strlen(headers) <= 128);
+    respond(r, status, "application/json", headers, body, len);
 }
 
 /* Answers an HTTP-level error in order and stops reading the connection. */
@@ -354,9 +414,17 @@ static int on_url(http_parser *p, const char *at, size_t len)
     return over_header_limit(p->data, len);
 }
 
+static int field_is(const conn_t *c, const char *lower_name)
+{
+    size_t n = strlen(lower_name);
+    return c->field_len == n && memcmp(c->field, lower_name, n) == 0;
+}
+
 static void end_header_value(conn_t *c)
 {
-    if (c->field_len == 6 && memcmp(c->field, "expect", 6) == 0 && c->value_len == 12 &&
+    if (field_is(c, "authorization") && c->cur->auth_state == AUTH_PARTIAL)
+        c->cur->auth_state = AUTH_SOME;
+    if (field_is(c, "expect") && c->value_len == 12 &&
         strncasecmp(c->value, "100-continue", 12) == 0)
         c->expect_continue = 1;
     c->field_len = c->value_len = 0;
@@ -379,6 +447,8 @@ static int on_header_value(http_parser *p, const char *at, size_t len)
 {
     conn_t *c = p->data;
     c->in_value = 1;
+    if (field_is(c, "authorization"))
+        authorization_append(c->cur, at, len);
     for (size_t i = 0; i < len && c->value_len < sizeof(c->value); i++)
         c->value[c->value_len++] = at[i];
     return over_header_limit(c, len);

@@ -58,6 +58,24 @@ int mph_http_port(const mph_http_server_t *srv);
  * stolen. Safe after the client went away: the response is then dropped. */
 void mph_http_respond(mph_http_req_t *req, int status, char *body, size_t len);
 
+/* As mph_http_respond, for a JSON body under another status (401 for a request refused for
+ * its credentials), with `headers` added: "Name: value\r\n" lines, at most 128 bytes,
+ * borrowed for the call. */
+void mph_http_respond_json(mph_http_req_t *req, int status, const char *headers, char *body,
+                           size_t len);
+
+/* The longest Authorization value kept; a longer one is unusable. */
+#define MPH_HTTP_MAX_AUTHORIZATION 2048
+
+/* The request's Authorization header value (*len bytes, not NUL-terminated; borrowed until
+ * the response or mph_http_req_wipe_authorization), or NULL when it sent none or an unusable
+ * one (two of them, or one too long). */
+const char *mph_http_req_authorization(const mph_http_req_t *req, size_t *len);
+
+/* Overwrites and forgets the request's copy of its Authorization header, which carries a
+ * password: call it once the credentials have been read (freeing the request does it too). */
+void mph_http_req_wipe_authorization(mph_http_req_t *req);
+
 /* Graceful stop: stop accepting, close idle connections, let the others finish the
  * requests they have started, then close them. `drained` runs once when every connection
  * and the listener are closed. Calling it twice is harmless. */

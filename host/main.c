@@ -24,6 +24,8 @@ static const char usage[] =
     "       mphost SCRIPT status [--port=N]      is it running: pid, port, storage, uptime\n"
     "       mphost call METHOD [JSON] [--url URL]\n"
     "                                            call METHOD with params JSON (default [{}])\n"
+    "       mphost passwd FILE USER              add or replace USER in a users file (the\n"
+    "                                            password from stdin, or asked twice at a tty)\n"
     "options:\n"
     "  --port=N              port (default 3000, env MP_PORT)\n"
     "  --listen=ADDR         address to bind (default 0.0.0.0)\n"
@@ -47,6 +49,8 @@ static const char usage[] =
     "  --workers=N           serve with N worker processes under a supervisor (default:\n"
     "                        the largest n of the script's mp.spread(n, fn); else one\n"
     "                        process)\n"
+    "  --users=FILE          users for mp.basicAuth services (lines NAME:HASH, made with\n"
+    "                        mphost passwd; read again on SIGHUP)\n"
     "  --help, --version\n";
 
 static int bad_usage(const char *fmt, const char *arg)
@@ -192,6 +196,10 @@ static int apply_option(mph_cli_t *cli, const char *name, const char *value)
         if (parse_integer(value, 1, MPH_MAX_WORKERS, &v) != 0)
             return bad_usage("invalid --workers: %s (expected 1 to 256)", value);
         cli->workers = (int)v;
+    } else if (strcmp(name, "users") == 0) {
+        if (*value == '\0')
+            return bad_usage("%s", "--users needs a file");
+        h->users_file = value;
     } else if (strcmp(name, "url") == 0) {
         cli->url = value;
     } else {
@@ -390,6 +398,11 @@ int main(int argc, char **argv)
         if (npos == 3)
             cli.params = positional[2];
         return mph_cli_call(&cli);
+    }
+    if (strcmp(positional[0], "passwd") == 0) {
+        if (npos != 3)
+            return bad_usage("%s", "usage: mphost passwd FILE USER");
+        return mph_cli_passwd(positional[1], positional[2]);
     }
 
     cli.script = positional[0];

@@ -55,6 +55,9 @@ typedef struct {
     size_t scope_cache;           /* bytes of scope state kept (estimated); idle scopes past
                                      it are evicted, least recently used first; default
                                      128 MiB; 0: no bound */
+    const char *users_file;       /* users for mp.basicAuth (--users): read at mph_host_new
+                                     and again on SIGHUP; NULL (default): none, and calls
+                                     to mp.basicAuth services are refused */
 } mph_host_config_t;
 
 /* Fills every field with its default. */
@@ -82,8 +85,9 @@ int mph_host_topology_workers(const mph_host_t *h);
 /* The port listened on. */
 int mph_host_port(const mph_host_t *h);
 
-/* SIGINT and SIGTERM stop the host gracefully (through libuv signal handles; other signals,
- * SIGPIPE included, are left alone: see above). Returns 0. */
+/* SIGINT and SIGTERM stop the host gracefully, SIGHUP reads the users file again (through
+ * libuv signal handles; other signals, SIGPIPE included, are left alone: see above).
+ * Returns 0. */
 int mph_host_handle_signals(mph_host_t *h);
 
 /* Whether a stop was asked for (mph_host_stop, or a signal once mph_host_handle_signals was

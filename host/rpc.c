@@ -6,6 +6,13 @@
  * starts one higher than their number and drops that extra one only after dispatching: the
  * response cannot go out half-built. Batch elements run concurrently and are answered in the
  * order they came; notifications run but are not answered.
+ *
+ * A call to a service behind mp.basicAuth is held until the request's credentials are
+ * checked (auth.h): once per request, however many such calls it carries, started after
+ * every other call is dispatched. The check answers with the user, and the held calls run
+ * as that user, or with nobody, and they are answered -32004. A request whose every call
+ * was answered -32004 (by this or by its handler) gets HTTP 401 and the header that asks
+ * for Basic credentials; one that mixes them gets 200 and each call its own answer.
  */
 #define _POSIX_C_SOURCE 200809L
 #include "rpc.h"
@@ -21,17 +28,25 @@
 typedef struct {
     json_t *id;       /* owned reference; NULL for a notification */
     int notification; /* valid call without "id": run, do not answer */
+    int code;         /* the reply's JSON-RPC error code once done; 0: a result */
+    json_t *held;     /* owned reference to the call object while it waits for the
+                         request's credentials to be checked; NULL otherwise */
     mph_buf_t out;    /* this slot's response object */
     struct call_s *call;
 } slot_t;
 
 typedef struct call_s {
     mph_http_req_t *req; /* answered once every slot is done */
+    mph_rpc_t *rpc;      /* borrowed */
     int is_batch;
     size_t nslots;
-    size_t outstanding; /* slots without a reply, plus one while dispatching */
+    size_t outstanding; /* slots without a reply, plus one while dispatching or releasing
+                           the held ones */
+    size_t held;        /* slots waiting for the credentials check */
     slot_t *slots;
 } call_t;
+
+#define WWW_AUTHENTICATE "WWW-Authenticate: Basic realm=\"mphost\"\r\n"
 
 static void write_error(mph_buf_t *b, const json_t *id, int code, const char *message,
                         const char *data, size_t data_len)
@@ -52,11 +67,12 @@ static void write_error(mph_buf_t *b, const json_t *id, int code, const char *me
 static void call_finish(call_t *call)
 {
     mph_buf_t body = MPH_BUF_INIT;
-    size_t answered = 0;
+    size_t answered = 0, refused = 0;
     if (call->is_batch)
         mph_buf_puts(&body, "[");
     for (size_t i = 0; i < call->nslots; i++) {
         slot_t *s = &call->slots[i];
+        refused += s->code == MPH_RPC_UNAUTHORIZED;
         if (s->out.len) {
             if (answered++)
                 mph_buf_puts(&body, ",");
@@ -68,14 +84,21 @@ static void call_finish(call_t *call)
     if (call->is_batch)
         mph_buf_puts(&body, "]");
     free(call->slots);
-    if (answered == 0) {
+    if (answered == 0 && refused < call->nslots) {
         mph_buf_free(&body);
         mph_http_respond(call->req, 204, NULL, 0);
     } else {
-        mph_buf_puts(&body, "\n");
-        size_t len;
-        char *data = mph_buf_steal(&body, &len);
-        mph_http_respond(call->req, 200, data, len);
+        size_t len = 0;
+        char *data = NULL;
+        if (answered > 0) {
+            mph_buf_puts(&body, "\n");
+            data = mph_buf_steal(&body, &len);
+        }
+        mph_buf_free(&body); /* the brackets of an unanswered batch */
+        if (refused == call->nslots)
+            mph_http_respond_json(call->req, 401, WWW_AUTHENTICATE, data, len);
+        else
+            mph_http_respond(call->req, 200, data, len);
     }
     free(call);
 }
@@ -90,6 +113,7 @@ static void slot_done(slot_t *s)
 static void on_reply(void *ud, mph_lua_reply_t *reply)
 {
     slot_t *s = ud;
+    s->code = reply->code;
     if (!s->notification) {
         if (reply->code == 0) {
             mph_buf_puts(&s->out, "{\"jsonrpc\":\"2.0\",\"id\":");
@@ -106,12 +130,44 @@ static void on_reply(void *ud, mph_lua_reply_t *reply)
 
 static void slot_error(slot_t *s, int code, const char *message)
 {
-    write_error(&s->out, s->id, code, message, NULL, 0);
+    s->code = code;
+    if (!s->notification)
+        write_error(&s->out, s->id, code, message, NULL, 0);
     slot_done(s);
 }
 
-/* Validates one request object and dispatches it. */
-static void dispatch(mph_lua_t *lua, slot_t *s, const json_t *r)
+/* Runs a validated call object as user (NULL: nobody). */
+static void run_call(mph_rpc_t *rpc, slot_t *s, const json_t *r, const char *user)
+{
+    json_t *method = json_object_get(r, "method");
+    mph_lua_call_as(rpc->lua, user, json_string_value(method), json_string_length(method),
+                    json_object_get(r, "params"), on_reply, s);
+}
+
+/* The request's credentials were checked: the held calls run as user, or are refused. */
+static void on_verified(void *ud, const char *user)
+{
+    call_t *call = ud;
+    call->outstanding++; /* the call may not finish while the loop below walks it */
+    for (size_t i = 0; i < call->nslots && call->held > 0; i++) {
+        slot_t *s = &call->slots[i];
+        json_t *r = s->held;
+        if (r == NULL)
+            continue;
+        s->held = NULL;
+        call->held--;
+        if (user)
+            run_call(call->rpc, s, r, user);
+        else
+            slot_error(s, MPH_RPC_UNAUTHORIZED, mph_rpc_message(MPH_RPC_UNAUTHORIZED));
+        json_decref(r);
+    }
+    if (--call->outstanding == 0)
+        call_finish(call);
+}
+
+/* Validates one request object and dispatches it, or holds it for the credentials check. */
+static void dispatch(mph_rpc_t *rpc, slot_t *s, const json_t *r)
 {
     if (!json_is_object(r)) {
         slot_error(s, MPH_RPC_INVALID_REQUEST, "Invalid Request");
@@ -146,7 +202,12 @@ static void dispatch(mph_lua_t *lua, slot_t *s, const json_t *r)
                    "Invalid params: params must be an array or an object");
         return;
     }
-    mph_lua_call(lua, json_string_value(method), json_string_length(method), params, on_reply, s);
+    if (mph_lua_needs_auth(rpc->lua, json_string_value(method), json_string_length(method))) {
+        s->held = json_incref((json_t *)r);
+        s->call->held++;
+        return;
+    }
+    run_call(rpc, s, r, NULL);
 }
 
 static void answer_alone(mph_http_req_t *req, int code, const char *message)
@@ -161,7 +222,7 @@ static void answer_alone(mph_http_req_t *req, int code, const char *message)
 
 void mph_rpc_handle(void *ud, mph_http_req_t *req, const char *body, size_t len)
 {
-    mph_lua_t *lua = ud;
+    mph_rpc_t *rpc = ud;
     json_error_t err;
     json_t *doc = mph_json_load(body, len, &err);
     if (doc == NULL) {
@@ -182,14 +243,21 @@ void mph_rpc_handle(void *ud, mph_http_req_t *req, const char *body, size_t len)
     }
     call_t *call = mph_xcalloc(1, sizeof(*call));
     call->req = req;
+    call->rpc = rpc;
     call->is_batch = json_is_array(doc);
     call->nslots = call->is_batch ? json_array_size(doc) : 1;
     call->slots = mph_xcalloc(call->nslots, sizeof(slot_t));
     call->outstanding = call->nslots + 1;
     for (size_t i = 0; i < call->nslots; i++) {
         call->slots[i].call = call;
-        dispatch(lua, &call->slots[i], call->is_batch ? json_array_get(doc, i) : doc);
+        dispatch(rpc, &call->slots[i], call->is_batch ? json_array_get(doc, i) : doc);
     }
+    if (call->held > 0) {
+        size_t alen = 0;
+        const char *authorization = mph_http_req_authorization(req, &alen);
+        mph_auth_check(rpc->auth, authorization, alen, on_verified, call);
+    }
+    mph_http_req_wipe_authorization(req); /* read or not needed: no password stays around */
     json_decref(doc);
     if (--call->outstanding == 0)
         call_finish(call);

@@ -9,10 +9,18 @@
 #include <stddef.h>
 
 #include "../lua/bridge.h"
+#include "auth.h"
 #include "http.h"
 
-/* An mph_http_handler_t: ud is the mph_lua_t. Answers 200 with the response (a trailing
- * newline after the JSON), or 204 when every call was a notification. */
+/* What requests are dispatched to. */
+typedef struct {
+    mph_lua_t *lua;   /* borrowed */
+    mph_auth_t *auth; /* borrowed: checks the credentials of calls to mp.basicAuth services */
+} mph_rpc_t;
+
+/* An mph_http_handler_t: ud is an mph_rpc_t. Answers 200 with the response (a trailing
+ * newline after the JSON), or 204 when every call was a notification; 401 with
+ * WWW-Authenticate when every call was refused for its credentials (-32004). */
 void mph_rpc_handle(void *ud, mph_http_req_t *req, const char *body, size_t len);
 
 #endif

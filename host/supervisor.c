@@ -87,7 +87,7 @@ struct sup_s {
     slot_t *slots;  /* n, owned */
     int ready;      /* slots READY */
     int busy;       /* slots not idle (a process or a handle still open) */
-    uv_signal_t sigint, sigterm;
+    uv_signal_t sigint, sigterm, sighup;
     uv_timer_t kill_timer; /* STOPPING: SIGKILL what is left */
     FILE *ready_out;       /* deploy's ready stream until the start ends, else NULL */
     char failure[1100];    /* why the start failed ("" while it has not) */
@@ -460,6 +460,7 @@ static void begin_stop(sup_t *sup)
     uv_close((uv_handle_t *)&sup->kill_timer, on_closed);
     uv_close((uv_handle_t *)&sup->sigint, on_closed);
     uv_close((uv_handle_t *)&sup->sigterm, on_closed);
+    uv_close((uv_handle_t *)&sup->sighup, on_closed);
     for (int i = 0; i < sup->n; i++)
         uv_close((uv_handle_t *)&sup->slots[i].respawn, on_closed);
 }
@@ -475,6 +476,18 @@ static void on_signal(uv_signal_t *sig, int signum)
         snprintf(sup->failure, sizeof(sup->failure), "stopped by %s during startup",
                  signum == SIGINT ? "SIGINT" : "SIGTERM");
     begin_stop(sup);
+}
+
+/* SIGHUP: each worker that is ready reads the users file again (host.c). Only those: one
+ * still starting may not handle SIGHUP yet, whose default action would end it. */
+static void on_sighup(uv_signal_t *sig, int signum)
+{
+    sup_t *sup = sig->data;
+    for (int i = 0; i < sup->n && sup->state != SUP_STOPPING; i++) {
+        slot_t *s = &sup->slots[i];
+        if (s->state == SLOT_READY && !s->exited)
+            uv_process_kill(&s->proc, signum);
+    }
 }
 
 /* ---- The run ---- */
@@ -506,9 +519,11 @@ int mph_supervisor_run(mph_cli_t *cli, int nworkers, FILE *ready)
     uv_loop_init(&sup->loop);
     uv_signal_init(&sup->loop, &sup->sigint);
     uv_signal_init(&sup->loop, &sup->sigterm);
-    sup->sigint.data = sup->sigterm.data = sup;
+    uv_signal_init(&sup->loop, &sup->sighup);
+    sup->sigint.data = sup->sigterm.data = sup->sighup.data = sup;
     uv_signal_start(&sup->sigint, on_signal, SIGINT);
     uv_signal_start(&sup->sigterm, on_signal, SIGTERM);
+    uv_signal_start(&sup->sighup, on_sighup, SIGHUP);
     uv_timer_init(&sup->loop, &sup->kill_timer);
     sup->kill_timer.data = sup;
     sup->slots = mph_xcalloc((size_t)nworkers, sizeof(*sup->slots));

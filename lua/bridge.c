@@ -157,6 +157,28 @@ static int l_topology(lua_State *L)
     return 0;
 }
 
+/* C.service(name, needs_user): the script made a service; needs_user: its handler is behind
+ * mp.basicAuth, so the host checks credentials before its calls run (mph_lua_needs_auth).
+ * A name made again takes the new handler's need. [-2, +0, -] */
+static int l_service(lua_State *L)
+{
+    mph_lua_t *lua = upvalue_lua(L);
+    size_t len;
+    const char *name = luaL_checklstring(L, 1, &len);
+    int needs_user = lua_toboolean(L, 2);
+    size_t i = 0;
+    while (i < lua->nauth_services && strcmp(lua->auth_services[i], name) != 0)
+        i++;
+    if (needs_user && i == lua->nauth_services) {
+        lua->auth_services = mph_xrealloc(lua->auth_services, (i + 1) * sizeof(char *));
+        lua->auth_services[lua->nauth_services++] = mph_xstrndup(name, len);
+    } else if (!needs_user && i < lua->nauth_services) {
+        free(lua->auth_services[i]);
+        lua->auth_services[i] = lua->auth_services[--lua->nauth_services];
+    }
+    return 0;
+}
+
 /* C.current() -> the running attempt's record table, or nil [-0, +1, -] */
 static int l_current(lua_State *L)
 {
@@ -285,6 +307,7 @@ static int l_fail_allocations(lua_State *L)
 static const luaL_Reg helper_functions[] = {{"log", l_log},
                                             {"serve", l_serve},
                                             {"topology", l_topology},
+                                            {"service", l_service},
                                             {"current", l_current},
                                             {"acquire", l_acquire},
                                             {"join", l_join},
@@ -387,6 +410,8 @@ static void open_module(mph_lua_t *lua, lua_State *L)
     lua_setfield(L, -2, "array_mt");
     mph_json_push_object_mt(L);
     lua_setfield(L, -2, "object_mt");
+    lua_pushinteger(L, MPH_RPC_UNAUTHORIZED);
+    lua_setfield(L, -2, "UNAUTHORIZED");
     /* mp.worker: which worker this state serves in (a plain table the module hands out). */
     lua_createtable(L, 0, 3);
     lua_pushinteger(L, lua->worker_id);
@@ -584,6 +609,20 @@ int mph_lua_serve_called(const mph_lua_t *lua)
     return lua->serve_called;
 }
 
+int mph_lua_needs_auth(const mph_lua_t *lua, const char *method, size_t mlen)
+{
+    for (size_t i = 0; i < lua->nauth_services; i++)
+        if (strlen(lua->auth_services[i]) == mlen &&
+            memcmp(lua->auth_services[i], method, mlen) == 0)
+            return 1;
+    return 0;
+}
+
+int mph_lua_uses_auth(const mph_lua_t *lua)
+{
+    return lua->nauth_services > 0;
+}
+
 static void on_evict_timer_closed(uv_handle_t *h);
 
 /* The timers close one after the other: the last callback frees what embeds them. */
@@ -598,6 +637,9 @@ static void on_evict_timer_closed(uv_handle_t *h)
     mph_lua_t *lua = mph_container_of(h, mph_lua_t, evict_timer);
     lua_close(lua->L);
     mph_buf_free(&lua->scratch);
+    for (size_t i = 0; i < lua->nauth_services; i++)
+        free(lua->auth_services[i]);
+    free(lua->auth_services);
     free(lua);
 }
 
@@ -616,6 +658,7 @@ static void txn_free(mph_txn_t *t)
     assert(t->co == NULL);
     json_decref(t->params);
     free(t->method);
+    free(t->user);
     free(t->wake_message);
     mph_buf_free(&t->result);
     mph__runner_unpin(t);
@@ -858,6 +901,10 @@ static int setup_attempt(lua_State *L)
     lua_setfield(L, -2, "roots");
     lua_getfield(L, -2, "handler");
     lua_setfield(L, -2, "handler");
+    if (t->user) { /* mp.user (metaparticle.lua reads it there) */
+        lua_pushstring(L, t->user);
+        lua_setfield(L, -2, "user");
+    }
     size_t n = json_is_array(t->params) ? json_array_size(t->params) : t->params ? 1 : 0;
     if (n > 200) {
         c->code = MPH_RPC_INVALID_PARAMS;
@@ -913,9 +960,16 @@ void mph__txn_start_attempt(mph_txn_t *t)
 void mph_lua_call(mph_lua_t *lua, const char *method, size_t mlen, const json_t *params,
                   mph_lua_reply_cb cb, void *ud)
 {
+    mph_lua_call_as(lua, NULL, method, mlen, params, cb, ud);
+}
+
+void mph_lua_call_as(mph_lua_t *lua, const char *user, const char *method, size_t mlen,
+                     const json_t *params, mph_lua_reply_cb cb, void *ud)
+{
     mph_txn_t *t = mph_xcalloc(1, sizeof(*t));
     t->lua = lua;
     t->method = mph_xstrndup(method, mlen);
+    t->user = user ? mph_xstrdup(user) : NULL;
     t->params = params ? json_incref((json_t *)params) : NULL;
     t->cb = cb;
     t->ud = ud;

@@ -59,6 +59,19 @@ int mph_lua_load_file(mph_lua_t *lua, const char *path, char *err, size_t errlen
 void mph_lua_call(mph_lua_t *lua, const char *method, size_t mlen, const json_t *params,
                   mph_lua_reply_cb cb, void *ud);
 
+/* mph_lua_call as a verified user (copied; NULL: none): the handler sees it as mp.user. The
+ * caller has checked the credentials (host/auth.h) of a method for which mph_lua_needs_auth
+ * is true. */
+void mph_lua_call_as(mph_lua_t *lua, const char *user, const char *method, size_t mlen,
+                     const json_t *params, mph_lua_reply_cb cb, void *ud);
+
+/* Whether method (mlen bytes) is a service behind mp.basicAuth: its calls need a verified
+ * user, without which they fail with -32004. */
+int mph_lua_needs_auth(const mph_lua_t *lua, const char *method, size_t mlen);
+
+/* Whether the loaded script has any service behind mp.basicAuth. */
+int mph_lua_uses_auth(const mph_lua_t *lua);
+
 /* Number of calls whose callback has not run yet. */
 size_t mph_lua_pending(const mph_lua_t *lua);
 

@@ -45,6 +45,8 @@ struct mph_txn_s {
     mph_lua_t *lua;        /* owner */
     mph_txn_state_t state; /* see the diagram above */
     char *method;          /* owned, NUL-terminated */
+    char *user;            /* owned: the verified user of a call to an mp.basicAuth service
+                              (mp.user; the record's `user` in Lua), or NULL */
     json_t *params;        /* owned reference, or NULL */
     mph_lua_reply_cb cb;   /* runs once, then the txn is freed */
     void *ud;              /* for cb */
@@ -129,6 +131,8 @@ struct mph_lua_s {
     int worker_id;         /* mp.worker.id (1..worker_count) */
     int worker_count;      /* mp.worker.count */
     int topology_workers;  /* largest n of the script's topologies (mp.spread); 0: none */
+    char **auth_services;  /* owned names of the services behind mp.basicAuth (C.service) */
+    size_t nauth_services; /* their number */
     size_t pending_calls;  /* calls whose callback has not run */
     mph_txn_t *current;    /* the transaction whose coroutine is running, or NULL */
     mph_map_t scope_map;   /* every scope kept, by name; owned */

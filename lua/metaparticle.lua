@@ -106,6 +106,10 @@ M.log = setmetatable({}, {
 local services = {}
 I.services = services
 
+-- Handlers that need a verified user: what mp.basicAuth returns, and the handlers a topology
+-- makes of one (see inherit_auth). Weak keys: a handler dropped by the script goes.
+local needs_user = setmetatable({}, {__mode = "k"})
+
 function M.service(name, handler)
   if type(name) ~= "string" or name == "" then
     error("mp.service: name must be a non-empty string", 2)
@@ -115,8 +119,49 @@ function M.service(name, handler)
   end
   local svc = {name = name, handler = handler, expose = false}
   services[name] = svc
+  -- The host checks a call's credentials before the call starts (on a pool thread, since
+  -- hashes are slow): it has to know which services need them without running Lua.
+  C.service(name, needs_user[handler] == true)
   return svc
 end
+
+-- ---- Users ----
+--
+-- mp.basicAuth(fn): calls to fn need HTTP Basic credentials that the users file
+-- (--users=FILE) verifies. The host verifies them before the handler runs and passes the
+-- user's name in the attempt's record (rec.user, which C reads as the transaction's `user`);
+-- mp.user reads it. The wrapper refuses a call without one (-32004): should a wrapper that
+-- did not inherit the mark hide fn from the host, calls fail closed, never run unverified.
+
+local UNAUTHORIZED = C.UNAUTHORIZED
+
+function M.basicAuth(fn)
+  if type(fn) ~= "function" then
+    error("mp.basicAuth: handler must be a function", 2)
+  end
+  local function protected(...)
+    local rec = C.current()
+    if rec == nil or rec.user == nil then raise(UNAUTHORIZED, "unauthorized", nil, 2) end
+    return fn(...)
+  end
+  needs_user[protected] = true
+  return protected
+end
+
+-- A handler that wraps fn needs a user when fn does (every topology wraps its fn in one).
+local function inherit_auth(fn, wrapper)
+  if needs_user[fn] then needs_user[wrapper] = true end
+  return wrapper
+end
+
+-- mp.user: the verified user inside a basicAuth handler, nil elsewhere.
+setmetatable(M, {
+  __index = function(_, k)
+    if k ~= "user" then return nil end
+    local rec = C.current()
+    return rec and rec.user
+  end,
+})
 
 function M.serve()
   C.serve()
@@ -148,7 +193,7 @@ function M.spread(n, fn)
     error("mp.spread: handler must be a function", 2)
   end
   C.topology(n)
-  return function(...) return fn(...) end
+  return inherit_auth(fn, function(...) return fn(...) end)
 end
 
 -- ---- Plain data helpers ----
@@ -478,7 +523,7 @@ M.scope = setmetatable({}, {
     end
     if kind == "user" then
       local rec = current_record("mp.scope.user", 2)
-      local user = M.user
+      local user = rec.user
       if type(user) ~= "string" then
         error("mp.scope.user is only available in a handler behind mp.basicAuth", 2)
       end

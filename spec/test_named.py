@@ -1,11 +1,12 @@
 """Named scopes (mp.scope.named) and transactions over several scopes, on file storage and on
 Redis, with two mphost processes sharing the storage."""
+import json
 import os
 import random
 import threading
 
 from harness import (SCRIPTS, KeepAliveClient, RedisServer, Server, TestFailure, check, eq,
-                     tmpdir)
+                     read_response, tmpdir)
 
 ACCOUNTS = os.path.join(SCRIPTS, "accounts.lua")
 N_ACCOUNTS = 50
@@ -344,3 +345,105 @@ def test_200000_scopes_touched_once_stay_under_the_cache_bound_on_redis():
 
 def test_20000_scopes_touched_once_stay_under_the_cache_bound_on_files():
     check_scope_cache([], 20000, 2)
+
+
+def test_chapter_7_walkthrough_exact_output():
+    """README's chapter 7, command by command, on port 3000 as printed."""
+    from test_cli import shell, workspace
+    cwd, env = workspace()
+    body = ("""-X POST -d '{"jsonrpc": "2.0", "params":[{}], "method": "simple-user-storage", """
+            """"id": "example"}' -H "Content-Type: application/json" -s localhost:3000/""")
+
+    def ok(user, requests, total):
+        return ('{"jsonrpc":"2.0","id":"example","result":{"requests":%d,"total":%d,'
+                '"user":"%s"}}\n' % (requests, total, user))
+
+    refused = '{"jsonrpc":"2.0","id":"example","error":{"code":-32004,"message":"unauthorized"}}\n'
+    lines = [
+        ("printf 'alice-secret\\n' | mphost passwd users.txt alice",
+         "added user alice to users.txt\n"),
+        ("printf 'bob-secret\\n' | mphost passwd users.txt bob", "added user bob to users.txt\n"),
+        ("mphost examples/server7.lua --users=users.txt", ""),
+        ("curl -i " + body,
+         # (the shell's output is read as text: CRLF arrives as LF)
+         "HTTP/1.1 401 Unauthorized\nContent-Type: application/json\nContent-Length: 82\n"
+         'WWW-Authenticate: Basic realm="mphost"\n\n' + refused),
+        ("curl -u alice:alice-secret " + body, ok("alice", 1, 1)),
+        ("curl -u bob:bob-secret " + body, ok("bob", 1, 2)),
+        ("curl -u alice:alice-secret " + body, ok("alice", 2, 3)),
+        ("curl -u alice:wrong " + body, refused),
+    ]
+    try:
+        for cmd, expected in lines:
+            rc, out, err = shell(cmd, cwd, env)
+            eq((rc, out), (0, expected), "$ %s (stderr: %s)" % (cmd, err))
+    finally:
+        rc, out, err = shell("mphost examples/server7.lua delete", cwd, env)
+        eq((rc, out), (0, ""), "delete (stderr: %s)" % err)
+
+
+def per_user_counts(storage_args):
+    """4 users x 4 clients x 100 calls of chapter 7 over two processes sharing storage:
+    every user's counts are exact and the total is their sum."""
+    import base64
+    from test_auth import passwd
+    users = tmpdir()
+    path = os.path.join(users, "users.txt")
+    for u in ("ann", "ben", "cat", "dan"):
+        passwd(path, u, u + "-pw")
+    data = tmpdir()
+    procs = [Server("server7.lua", storage_args + ["--users=" + path], data=data).start()
+             for _ in range(2)]
+    seen, totals, problems = {}, [], []
+    lock = threading.Lock()
+
+    def client(k, user):
+        auth = base64.b64encode(("%s:%s-pw" % (user, user)).encode()).decode()
+        c = KeepAliveClient(procs[k % 2].port)
+        mine, mine_totals = [], []
+        try:
+            for i in range(100):
+                body = json.dumps({"jsonrpc": "2.0", "method": "simple-user-storage",
+                                   "params": [{}], "id": i}).encode()
+                c.sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nAuthorization: Basic %s\r\n"
+                               b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                               % (auth.encode(), len(body), body))
+                status, _, data_, c.buf = read_response(c.sock, c.buf)
+                r = json.loads(data_)
+                if status != 200 or "error" in r:
+                    raise TestFailure("%s: %d %r" % (user, status, r))
+                eq(r["result"]["user"], user)
+                mine.append(r["result"]["requests"])
+                mine_totals.append(r["result"]["total"])
+        except Exception as e:
+            with lock:
+                problems.append(e)
+        finally:
+            c.close()
+        with lock:
+            seen.setdefault(user, []).extend(mine)
+            totals.extend(mine_totals)
+
+    try:
+        threads = [threading.Thread(target=client, args=(k, u))
+                   for k, u in enumerate(["ann", "ben", "cat", "dan"] * 4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        check(not problems, "failed calls: %r" % problems[:3])
+        for user, counts in seen.items():
+            eq(sorted(counts), list(range(1, 401)), "%s's counts" % user)
+        eq(sorted(totals), list(range(1, 1601)), "the totals")
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def test_per_user_counts_exact_over_two_processes_on_files():
+    per_user_counts([])
+
+
+def test_per_user_counts_exact_over_two_processes_on_redis():
+    with RedisServer() as redis:
+        per_user_counts(["--storage=" + redis.url()])

@@ -6,16 +6,18 @@
  * 2; bit 2: the client never sends EOF). What the server writes must be, whatever the input:
  *   - well-formed HTTP/1.1 responses, nothing after the last complete one, none after a
  *     "Connection: close";
- *   - statuses among 100, 200, 204, 400, 405, 413, 431; 100 and 204 without a body;
+ *   - statuses among 100, 200, 204, 400, 401, 405, 413, 431; 100 and 204 without a body;
  *   - a 200 body is JSON and a newline: a JSON-RPC response object or a non-empty array of
  *     them, with "jsonrpc":"2.0", an id, and exactly one of result and error (an integer
- *     code, a string message);
+ *     code, a string message); so is a 401 body, but for being empty when every call
+ *     refused was a notification, and every element of it is an error -32004;
  *   - results (the fake echoes the call's id and its dispatch number) carry the id of their
  *     call, and dispatch numbers only grow along the stream: responses in request order.
  * And no crash, no leak, every handle closed (fx_finish aborts otherwise).
  */
 #define _GNU_SOURCE
 #include "host/common.c"
+#include "host/auth.c"
 #include "host/http.c"
 #include "host/rpc.c"
 #include "lua/json.c"
@@ -30,8 +32,10 @@ static void fail(const char *why, const fx_response_t *resp)
     abort();
 }
 
-/* Checks one JSON-RPC response object; *seq is the last dispatch number seen. */
-static void check_rpc_object(const json_t *o, json_int_t *seq, const fx_response_t *resp)
+/* Checks one JSON-RPC response object; *seq is the last dispatch number seen. refused: it
+ * must be error -32004. */
+static void check_rpc_object(const json_t *o, json_int_t *seq, const fx_response_t *resp,
+                             int refused)
 {
     if (!json_is_object(o))
         fail("a response element is not an object", resp);
@@ -43,10 +47,14 @@ static void check_rpc_object(const json_t *o, json_int_t *seq, const fx_response
         fail("no valid id", resp);
     if ((result == NULL) == (error == NULL))
         fail("not exactly one of result and error", resp);
+    if (refused && error == NULL)
+        fail("a result in a 401", resp);
     if (error) {
         if (!json_is_integer(json_object_get(error, "code")) ||
             !json_is_string(json_object_get(error, "message")))
             fail("an error without an integer code and a string message", resp);
+        if (refused && json_integer_value(json_object_get(error, "code")) != -32004)
+            fail("a 401 for a call that was not refused", resp);
         return;
     }
     const json_t *s = json_object_get(result, "seq");
@@ -79,20 +87,25 @@ static void check(const fx_responses_t *r)
         case 413:
         case 431:
             break;
+        case 401:
+            if (resp->body.len == 0)
+                break;
+            /* fall through */
         case 200: {
+            int refused = resp->status == 401;
             if (resp->body.len == 0 || resp->body.data[resp->body.len - 1] != '\n')
-                fail("a 200 body without its newline", resp);
+                fail("a body without its newline", resp);
             json_error_t err;
             json_t *doc = json_loadb(resp->body.data, resp->body.len, 0, &err);
             if (doc == NULL)
-                fail("a 200 body that is not JSON", resp);
+                fail("a body that is not JSON", resp);
             if (json_is_array(doc)) {
                 if (json_array_size(doc) == 0)
                     fail("an empty batch response", resp);
                 for (size_t k = 0; k < json_array_size(doc); k++)
-                    check_rpc_object(json_array_get(doc, k), &seq, resp);
+                    check_rpc_object(json_array_get(doc, k), &seq, resp, refused);
             } else {
-                check_rpc_object(doc, &seq, resp);
+                check_rpc_object(doc, &seq, resp, refused);
             }
             json_decref(doc);
             break;

@@ -1,12 +1,13 @@
 /*
  * http_fixture.h: host/http.c and host/rpc.c driven without a listener, for spec/unit/http.c,
  * spec/unit/rpc.c and spec/fuzz/http.c. The including file includes host/common.c,
- * lua/json.c, host/http.c and host/rpc.c first (this reaches their statics).
+ * lua/json.c, host/http.c, host/auth.c and host/rpc.c first (this reaches their statics).
  *
- * A fake bridge stands in for lua/: mph_lua_call answers "sync" at once, "echo" and "fail"
+ * A fake bridge stands in for lua/: mph_lua_call_as answers "sync" at once, "echo" and "fail"
  * later (fx_answer, newest first, so that completions come out of order), anything else with
  * -32601. An echo result carries the call's sequence number and its id, which lets a checker
- * tell that responses come in request order and carry the right ids.
+ * tell that responses come in request order and carry the right ids. "priv" stands for a
+ * service behind mp.basicAuth; the authenticator has no users, so its calls are refused.
  *
  * The connection is a real uv_tcp_t on one end of a socketpair: what the server writes is
  * read from the other end, through libuv's real write path. Its input is handed to on_read
@@ -44,10 +45,17 @@ static void fake_reply(fake_call_t *call)
     free(call);
 }
 
-void mph_lua_call(mph_lua_t *lua, const char *method, size_t mlen, const json_t *params,
-                  mph_lua_reply_cb cb, void *ud)
+int mph_lua_needs_auth(const mph_lua_t *lua, const char *method, size_t mlen)
 {
     (void)lua;
+    return mlen == 4 && memcmp(method, "priv", 4) == 0;
+}
+
+void mph_lua_call_as(mph_lua_t *lua, const char *user, const char *method, size_t mlen,
+                     const json_t *params, mph_lua_reply_cb cb, void *ud)
+{
+    (void)lua;
+    (void)user;
     const slot_t *slot = ud; /* rpc.c's: the id the answer must carry */
     fake_call_t *call = mph_xcalloc(1, sizeof(*call));
     call->cb = cb;
@@ -98,6 +106,7 @@ static int fx_answer(void)
 typedef struct {
     uv_loop_t loop;
     mph_http_server_t *srv;
+    mph_rpc_t rpc;   /* what the server dispatches to: the fake bridge, an empty users table */
     int peer;        /* our end of the socketpair */
     mph_buf_t out;   /* every byte the server wrote */
     mph_buf_t input; /* bytes fed but not yet taken (the connection was not reading) */
@@ -107,6 +116,11 @@ typedef struct {
 static void fx_on_drained(void *ud)
 {
     ((fx_t *)ud)->drained = 1;
+}
+
+static void fx_on_auth_closed(void *ud)
+{
+    (void)ud;
 }
 
 /* The connection, or NULL once it is closing (conn_close unlinks it). */
@@ -122,7 +136,10 @@ static void fx_open(fx_t *f, const mph_http_config_t *cfg)
     int sv[2];
     if (uv_loop_init(&f->loop) != 0 || socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv))
         abort();
-    mph_http_server_new(&f->srv, &f->loop, cfg, mph_rpc_handle, NULL);
+    char err[256];
+    if (mph_auth_new(&f->rpc.auth, &f->loop, NULL, err, sizeof(err)) != 0)
+        abort();
+    mph_http_server_new(&f->srv, &f->loop, cfg, mph_rpc_handle, &f->rpc);
     conn_t *c = conn_new(f->srv);
     if (uv_tcp_open(&c->tcp, sv[0]) != 0)
         abort();
@@ -208,6 +225,7 @@ static void fx_finish(fx_t *f, int eof)
         fx_collect(f);
     }
     mph_http_server_free(f->srv);
+    mph_auth_close(f->rpc.auth, fx_on_auth_closed, NULL);
     uv_run(&f->loop, UV_RUN_DEFAULT);
     fx_collect(f);
     close(f->peer);

@@ -1,0 +1,778 @@
+/*
+ * auth.c: the users table, credential checks on the thread pool, and the cache (auth.h).
+ *
+ * A check that needs a hash becomes a job. Jobs wait in a FIFO for one of MAX_RUNNING
+ * places on libuv's thread pool: the pool (4 threads by default) is shared with the file
+ * storage's writes and syncs, and a crowd of hash checks (a client guessing passwords) must
+ * not hold every thread while commits wait. Identical checks (same user and password) that
+ * arrive while one is queued or running wait for that one: a client that opens many
+ * connections with the same credentials pays one hash, not one per connection.
+ *
+ *   mph_auth_check --malformed, no users, cached pair--> answered at once
+ *                  --same pair queued or running------> waits for that job
+ *                  --else--> job QUEUED --a place frees--> RUNNING (crypt_rn on a thread)
+ *   RUNNING --done, the table unchanged or the user's hash unchanged--> answered (a match
+ *             goes into the cache)
+ *           --done, SIGHUP changed the user's hash meanwhile--> QUEUED again (new hash)
+ *
+ * What is kept of a password: the job's copy, wiped when the job ends; the cache keeps a
+ * SipHash-2-4 of "user:password" under a key drawn at random when the process starts, so a
+ * memory dump yields no password and an entry cannot be computed without that key. The
+ * cache is direct-mapped (a pair evicts another with the same slot), entries last
+ * MPH_AUTH_CACHE_MS, and it is emptied whenever the table is replaced.
+ *
+ * Same answer, same time: an unknown user is checked against the hash of the file's first
+ * entry (the result thrown away), so a wrong user costs what a wrong password costs, exactly
+ * when every entry has the same format and cost (as `mphost passwd` writes them), and the
+ * answer is the same NULL. Hashes are compared in constant time.
+ */
+#define _GNU_SOURCE /* explicit_bzero, getrandom */
+#include "auth.h"
+
+#include <assert.h>
+#include <crypt.h>
+#include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/random.h>
+
+#include "common.h"
+
+#define MAX_RUNNING 2    /* jobs on the thread pool at once */
+#define CACHE_SLOTS 1024 /* verified pairs remembered (a power of two) */
+#define MAX_LINE 4096    /* bytes of a users file line */
+#define MAX_DECODED (MPH_AUTH_MAX_USER + 1 + MPH_AUTH_MAX_PASSWORD) /* "user:password" */
+#define MAX_BASE64 ((MAX_DECODED + 2) / 3 * 4)                      /* its encoding */
+#define DECODE_ROOM (MAX_BASE64 / 4 * 3 + 1) /* what decoding that much may write, and a NUL */
+
+typedef struct {
+    char *name; /* owned */
+    char *hash; /* owned */
+    int line;   /* in the file, for messages */
+} user_t;
+
+typedef struct {
+    user_t *v;         /* owned, sorted by name */
+    size_t n;          /* users */
+    const char *dummy; /* the hash unknown users are checked against (the file's first
+                          entry's), borrowed from v; NULL when n == 0 */
+} users_t;
+
+typedef struct {
+    uint64_t key;       /* SipHash of "user:password" */
+    const user_t *user; /* borrowed from auth->users; NULL: the slot is empty */
+    uint64_t expires;   /* uv_now() milliseconds */
+} cache_entry_t;
+
+typedef struct waiter_s {
+    mph_auth_cb cb;
+    void *ud;
+    struct waiter_s *next;
+} waiter_t;
+
+typedef struct job_s {
+    uv_work_t work;
+    mph_auth_t *auth;    /* owner */
+    uint64_t key;        /* the cache key of its pair */
+    char *user;          /* owned */
+    char *password;      /* owned; wiped before it is freed */
+    size_t password_len; /* bytes */
+    char *hash;          /* owned copy of the hash to check against (the table may change) */
+    int known;           /* the user is in the table: a match verifies */
+    unsigned generation; /* of the table `hash` came from */
+    int match;           /* written by the thread: crypt(password, hash) == hash */
+    waiter_t *waiters;   /* answered when it ends, in arrival order */
+    waiter_t **last;     /* where the next waiter goes */
+    struct job_s *next;  /* in auth->queue or auth->running */
+} job_t;
+
+typedef struct {
+    uv_work_t work;
+    mph_auth_t *auth; /* owner */
+    users_t users;    /* what the thread read (owned until swapped in) */
+    int rc;           /* 0 or the error of users_read */
+    char err[512];    /* its message */
+} reload_t;
+
+struct mph_auth_s {
+    uv_loop_t *loop;           /* borrowed */
+    char *path;                /* owned; NULL: no users file */
+    users_t users;             /* the table */
+    unsigned generation;       /* bumped each time the table is replaced */
+    uint8_t key[16];           /* SipHash key, random per process */
+    job_t *queue, *queue_tail; /* jobs waiting for a place on the pool, FIFO */
+    job_t *running;            /* jobs on the pool */
+    int nrunning;              /* their number */
+    reload_t *reload;          /* the re-read in progress, or NULL */
+    int reload_again;          /* a re-read was asked for while one ran */
+    int closing;               /* mph_auth_close was called */
+    void (*closed)(void *);    /* runs once nothing is on the pool any more */
+    void *closed_ud;
+    cache_entry_t cache[CACHE_SLOTS];
+};
+
+/* ---- SipHash-2-4 (Aumasson and Bernstein, "SipHash: a fast short-input PRF", 2012) ---- */
+
+static uint64_t load_le64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+#define ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
+#define SIPROUND                                                                                   \
+    do {                                                                                           \
+        v0 += v1;                                                                                  \
+        v1 = ROTL(v1, 13);                                                                         \
+        v1 ^= v0;                                                                                  \
+        v0 = ROTL(v0, 32);                                                                         \
+        v2 += v3;                                                                                  \
+        v3 = ROTL(v3, 16);                                                                         \
+        v3 ^= v2;                                                                                  \
+        v0 += v3;                                                                                  \
+        v3 = ROTL(v3, 21);                                                                         \
+        v3 ^= v0;                                                                                  \
+        v2 += v1;                                                                                  \
+        v1 = ROTL(v1, 17);                                                                         \
+        v1 ^= v2;                                                                                  \
+        v2 = ROTL(v2, 32);                                                                         \
+    } while (0)
+
+static uint64_t siphash24(const uint8_t key[16], const void *data, size_t len)
+{
+    const uint8_t *m = data;
+    uint64_t k0 = load_le64(key), k1 = load_le64(key + 8);
+    uint64_t v0 = k0 ^ 0x736f6d6570736575ULL, v1 = k1 ^ 0x646f72616e646f6dULL;
+    uint64_t v2 = k0 ^ 0x6c7967656e657261ULL, v3 = k1 ^ 0x7465646279746573ULL;
+    size_t full = len - len % 8;
+    for (size_t i = 0; i < full; i += 8) {
+        uint64_t w = load_le64(m + i);
+        v3 ^= w;
+        SIPROUND;
+        SIPROUND;
+        v0 ^= w;
+    }
+    uint64_t last = (uint64_t)len << 56;
+    for (size_t i = 0; i < len % 8; i++)
+        last |= (uint64_t)m[full + i] << (8 * i);
+    v3 ^= last;
+    SIPROUND;
+    SIPROUND;
+    v0 ^= last;
+    v2 ^= 0xff;
+    SIPROUND;
+    SIPROUND;
+    SIPROUND;
+    SIPROUND;
+    return v0 ^ v1 ^ v2 ^ v3;
+}
+
+/* ---- Parsing: Basic credentials and hashes ---- */
+
+static int base64_value(unsigned char c)
+{
+    if (c >= 'A' && c <= 'Z')
+        return c - 'A';
+    if (c >= 'a' && c <= 'z')
+        return c - 'a' + 26;
+    if (c >= '0' && c <= '9')
+        return c - '0' + 52;
+    if (c == '+')
+        return 62;
+    if (c == '/')
+        return 63;
+    return -1;
+}
+
+/* Strict base64 (RFC 4648, section 4): the standard alphabet, padded to a multiple of four,
+ * '=' only at the end, unused bits zero (one encoding per value). Writes at most len / 4 * 3
+ * bytes to out; returns their number, or -1. */
+static long base64_decode(const char *in, size_t len, unsigned char *out)
+{
+    if (len == 0 || len % 4 != 0)
+        return -1;
+    size_t pad = in[len - 1] == '=' ? (in[len - 2] == '=' ? 2 : 1) : 0;
+    size_t n = 0;
+    for (size_t i = 0; i < len; i += 4) {
+        int last = i + 4 == len;
+        int v[4];
+        for (int j = 0; j < 4; j++) {
+            int padding = last && j >= 4 - (int)pad;
+            v[j] = padding ? 0 : base64_value((unsigned char)in[i + j]);
+            if (v[j] < 0)
+                return -1;
+        }
+        uint32_t w = (uint32_t)v[0] << 18 | (uint32_t)v[1] << 12 | (uint32_t)v[2] << 6 | v[3];
+        out[n++] = (unsigned char)(w >> 16);
+        if (!last || pad < 2)
+            out[n++] = (unsigned char)(w >> 8);
+        if (!last || pad < 1)
+            out[n++] = (unsigned char)w;
+        if (last && ((pad == 1 && (v[2] & 3)) || (pad == 2 && (v[1] & 15))))
+            return -1;
+    }
+    return (long)n;
+}
+
+/* An Authorization value `Basic <base64>` (the scheme in any case, then spaces, the token,
+ * optional trailing spaces) -> "user:password" in out (DECODE_ROOM bytes),
+ * NUL-terminated; *colon: where the user ends. Returns 0, or -1 for anything else: another
+ * scheme, bad base64, no colon, an empty or too long user, a too long password, a NUL. */
+static int parse_basic(const char *v, size_t len, char *out, size_t *colon)
+{
+    while (len > 0 && (v[len - 1] == ' ' || v[len - 1] == '\t'))
+        len--;
+    if (len < 6 || strncasecmp(v, "basic", 5) != 0 || (v[5] != ' ' && v[5] != '\t'))
+        return -1;
+    size_t i = 6;
+    while (i < len && (v[i] == ' ' || v[i] == '\t'))
+        i++;
+    if (len - i > MAX_BASE64)
+        return -1;
+    long n = base64_decode(v + i, len - i, (unsigned char *)out);
+    if (n < 0)
+        return -1;
+    out[n] = '\0';
+    const char *c = memchr(out, ':', (size_t)n);
+    if (c == NULL || c == out || memchr(out, '\0', (size_t)n) != NULL ||
+        (size_t)(c - out) > MPH_AUTH_MAX_USER ||
+        (size_t)n - (size_t)(c - out) - 1 > MPH_AUTH_MAX_PASSWORD)
+        return -1;
+    *colon = (size_t)(c - out);
+    return 0;
+}
+
+/* Whether s[0..n) is in crypt's base64 alphabet (./0-9A-Za-z). */
+static int crypt64(const char *s, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!(s[i] == '.' || s[i] == '/' || (s[i] >= '0' && s[i] <= '9') ||
+              (s[i] >= 'A' && s[i] <= 'Z') || (s[i] >= 'a' && s[i] <= 'z')))
+            return 0;
+    return 1;
+}
+
+/* A whole hash in one of the formats we take, laid out as that format's hashes are:
+ * bcrypt $2b$/$2y$ (cost, 22 bytes of salt, 31 of hash), sha512-crypt $6$ (optional
+ * rounds=N$, a salt, 86 bytes of hash), yescrypt $y$ (parameters, salt, 43 bytes of hash).
+ * crypt_checksalt alone accepts "$6$" and other fragments. */
+static int hash_format_ok(const char *h)
+{
+    size_t len = strlen(h);
+    const char *last = strrchr(h, '$');
+    if (crypt_checksalt(h) != CRYPT_SALT_OK || last == NULL)
+        return 0;
+    if (strncmp(h, "$2b$", 4) == 0 || strncmp(h, "$2y$", 4) == 0)
+        return len == 60 && h[4] >= '0' && h[4] <= '3' && h[5] >= '0' && h[5] <= '9' &&
+               h[6] == '$' && crypt64(h + 7, 53);
+    if (strncmp(h, "$6$", 3) == 0)
+        return last > h + 3 && strlen(last + 1) == 86 && crypt64(last + 1, 86);
+    if (strncmp(h, "$y$", 3) == 0) {
+        int dollars = 0;
+        for (const char *p = h; *p; p++)
+            dollars += *p == '$';
+        return dollars == 4 && last > h + 3 && strlen(last + 1) == 43 && crypt64(last + 1, 43);
+    }
+    return 0;
+}
+
+/* Equal strings, in time that depends on their length only (the length of the format). */
+static int same_hash(const char *a, const char *b)
+{
+    size_t n = strlen(a);
+    if (n != strlen(b))
+        return 0;
+    volatile unsigned char diff = 0;
+    for (size_t i = 0; i < n; i++)
+        diff |= (unsigned char)(a[i] ^ b[i]);
+    return diff == 0;
+}
+
+/* ---- The users table ---- */
+
+static void users_free(users_t *u)
+{
+    for (size_t i = 0; i < u->n; i++) {
+        free(u->v[i].name);
+        free(u->v[i].hash);
+    }
+    free(u->v);
+    memset(u, 0, sizeof(*u));
+}
+
+static int user_cmp(const void *a, const void *b)
+{
+    return strcmp(((const user_t *)a)->name, ((const user_t *)b)->name);
+}
+
+static const user_t *users_find(const users_t *u, const char *name)
+{
+    user_t probe = {(char *)name, NULL, 0};
+    return u->n ? bsearch(&probe, u->v, u->n, sizeof(user_t), user_cmp) : NULL;
+}
+
+static int is_blank(const char *s, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (s[i] != ' ' && s[i] != '\t' && s[i] != '\r')
+            return 0;
+    return 1;
+}
+
+/* What a line holds: 0 (blank or comment), 1 (an entry: *name_len bytes of name, then ':'),
+ * or -1 with why in err. The line is `len` bytes without its newline. */
+static int parse_line(const char *line, size_t len, size_t *name_len, char *err, size_t errlen)
+{
+    size_t lead = 0;
+    while (lead < len && (line[lead] == ' ' || line[lead] == '\t'))
+        lead++;
+    if (is_blank(line, len) || line[lead] == '#')
+        return 0;
+    const char *colon = memchr(line, ':', len);
+    if (memchr(line, '\0', len) != NULL) {
+        snprintf(err, errlen, "a NUL byte");
+        return -1;
+    }
+    if (colon == NULL || colon == line) {
+        snprintf(err, errlen, "expected NAME:HASH");
+        return -1;
+    }
+    if ((size_t)(colon - line) > MPH_AUTH_MAX_USER) {
+        snprintf(err, errlen, "a user name longer than %d bytes", MPH_AUTH_MAX_USER);
+        return -1;
+    }
+    *name_len = (size_t)(colon - line);
+    return 1;
+}
+
+/* Reads and checks a users file into *out (new). Returns 0, or MPH_EIO / MPH_EINVAL with one
+ * line in err naming the file and the line, never their content. Runs on any thread. */
+static int users_read(const char *path, users_t *out, char *err, size_t errlen)
+{
+    memset(out, 0, sizeof(*out));
+    FILE *f = fopen(path, "re");
+    if (f == NULL) {
+        snprintf(err, errlen, "cannot read the users file %s: %s", path, strerror(errno));
+        return MPH_EIO;
+    }
+    char *line = NULL, why[256];
+    size_t cap = 0, alloc = 0;
+    ssize_t got;
+    int lineno = 0, rc = 0, first_line = 0;
+    while (rc == 0 && (got = getline(&line, &cap, f)) >= 0) {
+        lineno++;
+        size_t len = (size_t)got;
+        while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r' || line[len - 1] == ' ' ||
+                           line[len - 1] == '\t'))
+            len--;
+        size_t name_len = 0;
+        int kind = len > MAX_LINE ? -1 : parse_line(line, len, &name_len, why, sizeof(why));
+        if (len > MAX_LINE)
+            snprintf(why, sizeof(why), "longer than %d bytes", MAX_LINE);
+        if (kind == 0)
+            continue;
+        if (kind > 0) {
+            line[len] = '\0';
+            if (!hash_format_ok(line + name_len + 1)) {
+                snprintf(why, sizeof(why),
+                         "not a bcrypt ($2b$, $2y$), sha512-crypt ($6$) or yescrypt ($y$) hash "
+                         "(plain-text passwords are refused; `mphost passwd` writes hashes)");
+                kind = -1;
+            }
+        }
+        if (kind < 0) {
+            snprintf(err, errlen, "users file %s, line %d: %s", path, lineno, why);
+            rc = MPH_EINVAL;
+            break;
+        }
+        if (out->n == alloc) {
+            alloc = alloc ? alloc * 2 : 16;
+            out->v = mph_xrealloc(out->v, alloc * sizeof(user_t));
+        }
+        user_t *u = &out->v[out->n++];
+        u->name = mph_xstrndup(line, name_len);
+        u->hash = mph_xstrdup(line + name_len + 1);
+        u->line = lineno;
+    }
+    if (rc == 0 && ferror(f)) {
+        snprintf(err, errlen, "cannot read the users file %s: %s", path, strerror(errno));
+        rc = MPH_EIO;
+    }
+    free(line);
+    fclose(f);
+    if (rc == 0 && out->n > 0) {
+        qsort(out->v, out->n, sizeof(user_t), user_cmp);
+        for (size_t i = 0; i < out->n; i++) {
+            if (i > 0 && strcmp(out->v[i - 1].name, out->v[i].name) == 0) {
+                int a = out->v[i - 1].line, b = out->v[i].line;
+                snprintf(err, errlen, "users file %s, line %d: the same user as line %d", path,
+                         a > b ? a : b, a > b ? b : a);
+                rc = MPH_EINVAL;
+                break;
+            }
+            if (first_line == 0 || out->v[i].line < first_line) {
+                first_line = out->v[i].line;
+                out->dummy = out->v[i].hash;
+            }
+        }
+    }
+    if (rc != 0)
+        users_free(out);
+    return rc;
+}
+
+/* ---- Jobs ---- */
+
+static void pump(mph_auth_t *a);
+static void maybe_closed(mph_auth_t *a);
+
+static void job_enqueue(mph_auth_t *a, job_t *j)
+{
+    j->next = NULL;
+    if (a->queue_tail)
+        a->queue_tail->next = j;
+    else
+        a->queue = j;
+    a->queue_tail = j;
+}
+
+/* Points the job at the current table's hash for its user. Returns 1 if that changed what
+ * it must be checked against (so a finished check must run again). */
+static int job_resolve(mph_auth_t *a, job_t *j)
+{
+    const user_t *u = users_find(&a->users, j->user);
+    const char *hash = u ? u->hash : a->users.dummy;
+    int changed =
+        j->hash == NULL || hash == NULL || (u != NULL) != j->known || strcmp(hash, j->hash) != 0;
+    j->generation = a->generation;
+    j->known = u != NULL;
+    if (changed) {
+        free(j->hash);
+        j->hash = hash ? mph_xstrdup(hash) : NULL;
+    }
+    return changed && hash != NULL;
+}
+
+/* Answers every waiter (user: verified name or NULL), then wipes and frees the job. */
+static void job_finish(job_t *j, const char *user)
+{
+    waiter_t *w = j->waiters;
+    while (w) {
+        waiter_t *next = w->next;
+        w->cb(w->ud, user);
+        free(w);
+        w = next;
+    }
+    explicit_bzero(j->password, j->password_len);
+    free(j->password);
+    free(j->user);
+    free(j->hash);
+    free(j);
+}
+
+static void job_add_waiter(job_t *j, mph_auth_cb cb, void *ud)
+{
+    waiter_t *w = mph_xmalloc(sizeof(*w));
+    w->cb = cb;
+    w->ud = ud;
+    w->next = NULL;
+    *j->last = w;
+    j->last = &w->next;
+}
+
+/* On a pool thread: hash the password with the job's hash as the setting and compare. */
+static void job_work(uv_work_t *work)
+{
+    job_t *j = mph_container_of(work, job_t, work);
+    /* crypt_rn's scratch space is ~32 KB: the heap, not a pool thread's stack. */
+    struct crypt_data *data = calloc(1, sizeof(*data));
+    j->match = 0;
+    if (data == NULL)
+        return;
+    const char *out = crypt_rn(j->password, j->hash, data, sizeof(*data));
+    j->match = out != NULL && same_hash(out, j->hash);
+    explicit_bzero(data, sizeof(*data)); /* it held state derived from the password */
+    free(data);
+}
+
+static void cache_put(mph_auth_t *a, uint64_t key, const user_t *u)
+{
+    cache_entry_t *e = &a->cache[key & (CACHE_SLOTS - 1)];
+    e->key = key;
+    e->user = u;
+    e->expires = uv_now(a->loop) + MPH_AUTH_CACHE_MS;
+}
+
+/* Back on the loop. status is UV_ECANCELED only if the loop is torn down around us. */
+static void job_done(uv_work_t *work, int status)
+{
+    job_t *j = mph_container_of(work, job_t, work);
+    mph_auth_t *a = j->auth;
+    job_t **p = &a->running;
+    while (*p != j)
+        p = &(*p)->next;
+    *p = j->next;
+    a->nrunning--;
+    const char *user = NULL;
+    if (!a->closing && status == 0) {
+        /* A re-read replaced the table while the hash ran: the answer stands only if the
+         * user's hash is the same in the new table (a removed user is refused from now on). */
+        if (j->generation != a->generation && job_resolve(a, j)) {
+            job_enqueue(a, j);
+            pump(a);
+            return;
+        }
+        if (j->known && j->match) {
+            user = j->user;
+            cache_put(a, j->key, users_find(&a->users, j->user));
+            mph_log(MPH_LOG_DEBUG, "auth: user %s verified", user);
+        } else {
+            mph_log(MPH_LOG_DEBUG, "auth: credentials refused (unknown user or wrong password)");
+        }
+    }
+    job_finish(j, user);
+    pump(a);
+    maybe_closed(a);
+}
+
+/* Starts queued jobs while there is room on the pool. */
+static void pump(mph_auth_t *a)
+{
+    while (!a->closing && a->queue && a->nrunning < MAX_RUNNING) {
+        job_t *j = a->queue;
+        a->queue = j->next;
+        if (a->queue == NULL)
+            a->queue_tail = NULL;
+        j->next = a->running;
+        a->running = j;
+        a->nrunning++;
+        if (uv_queue_work(a->loop, &j->work, job_work, job_done) != 0) { /* cannot happen */
+            a->running = j->next;
+            a->nrunning--;
+            job_finish(j, NULL);
+        }
+    }
+}
+
+/* A queued or running job for the same pair, or NULL. Comparing the passwords too (in
+ * constant time) makes a collision of the 64-bit key harmless here. */
+static job_t *job_find(mph_auth_t *a, uint64_t key, const char *user, const char *password,
+                       size_t password_len)
+{
+    job_t *lists[2] = {a->queue, a->running};
+    for (int l = 0; l < 2; l++) {
+        for (job_t *j = lists[l]; j; j = j->next) {
+            if (j->key != key || j->password_len != password_len || strcmp(j->user, user) != 0)
+                continue;
+            volatile unsigned char diff = 0;
+            for (size_t i = 0; i < password_len; i++)
+                diff |= (unsigned char)(j->password[i] ^ password[i]);
+            if (diff == 0)
+                return j;
+        }
+    }
+    return NULL;
+}
+
+/* ---- The public surface ---- */
+
+int mph_auth_new(mph_auth_t **out, uv_loop_t *loop, const char *path, char *err, size_t errlen)
+{
+    mph_auth_t *a = mph_xcalloc(1, sizeof(*a));
+    a->loop = loop;
+    if (getrandom(a->key, sizeof(a->key), 0) != (ssize_t)sizeof(a->key)) {
+        snprintf(err, errlen, "cannot draw a random key: %s", strerror(errno));
+        free(a);
+        return MPH_EIO;
+    }
+    if (path) {
+        int rc = users_read(path, &a->users, err, errlen);
+        if (rc != 0) {
+            free(a);
+            return rc;
+        }
+        a->path = mph_xstrdup(path);
+    }
+    *out = a;
+    return 0;
+}
+
+size_t mph_auth_count(const mph_auth_t *a)
+{
+    return a->users.n;
+}
+
+void mph_auth_check(mph_auth_t *a, const char *value, size_t len, mph_auth_cb cb, void *ud)
+{
+    assert(!a->closing);
+    char buf[DECODE_ROOM];
+    size_t colon;
+    if (a->users.n == 0 || value == NULL || parse_basic(value, len, buf, &colon) != 0) {
+        explicit_bzero(buf, sizeof(buf));
+        cb(ud, NULL);
+        return;
+    }
+    size_t n = strlen(buf);
+    uint64_t key = siphash24(a->key, buf, n);
+    buf[colon] = '\0';
+    const char *user = buf, *password = buf + colon + 1;
+    size_t password_len = n - colon - 1;
+    const cache_entry_t *e = &a->cache[key & (CACHE_SLOTS - 1)];
+    if (e->user && e->key == key && strcmp(e->user->name, user) == 0 &&
+        uv_now(a->loop) < e->expires) {
+        explicit_bzero(buf, sizeof(buf));
+        cb(ud, e->user->name);
+        return;
+    }
+    job_t *j = job_find(a, key, user, password, password_len);
+    if (j == NULL) {
+        j = mph_xcalloc(1, sizeof(*j));
+        j->auth = a;
+        j->key = key;
+        j->user = mph_xstrdup(user);
+        j->password = mph_xstrndup(password, password_len);
+        j->password_len = password_len;
+        j->last = &j->waiters;
+        job_resolve(a, j);
+        job_enqueue(a, j);
+    }
+    explicit_bzero(buf, sizeof(buf));
+    job_add_waiter(j, cb, ud);
+    pump(a);
+}
+
+static void reload_work(uv_work_t *work)
+{
+    reload_t *r = mph_container_of(work, reload_t, work);
+    r->rc = users_read(r->auth->path, &r->users, r->err, sizeof(r->err));
+}
+
+static void reload_done(uv_work_t *work, int status)
+{
+    reload_t *r = mph_container_of(work, reload_t, work);
+    mph_auth_t *a = r->auth;
+    a->reload = NULL;
+    if (a->closing || status != 0) {
+        users_free(&r->users);
+    } else if (r->rc == 0) {
+        users_free(&a->users);
+        a->users = r->users;
+        a->generation++;
+        memset(a->cache, 0, sizeof(a->cache)); /* it points into the old table */
+        mph_log(MPH_LOG_INFO, "users file %s re-read: %zu users", a->path, a->users.n);
+    } else {
+        mph_log(MPH_LOG_WARN, "%s; keeping the previous %zu users", r->err, a->users.n);
+    }
+    free(r);
+    if (a->reload_again && !a->closing) {
+        a->reload_again = 0;
+        mph_auth_reload(a);
+    }
+    maybe_closed(a);
+}
+
+void mph_auth_reload(mph_auth_t *a)
+{
+    if (a->path == NULL || a->closing)
+        return;
+    if (a->reload) {
+        a->reload_again = 1;
+        return;
+    }
+    reload_t *r = mph_xcalloc(1, sizeof(*r));
+    r->auth = a;
+    a->reload = r;
+    if (uv_queue_work(a->loop, &r->work, reload_work, reload_done) != 0) { /* cannot happen */
+        a->reload = NULL;
+        free(r);
+    }
+}
+
+static void maybe_closed(mph_auth_t *a)
+{
+    if (!a->closing || a->nrunning > 0 || a->reload != NULL || a->closed == NULL)
+        return;
+    void (*closed)(void *) = a->closed;
+    void *ud = a->closed_ud;
+    users_free(&a->users);
+    free(a->path);
+    free(a);
+    closed(ud);
+}
+
+void mph_auth_close(mph_auth_t *a, void (*closed)(void *ud), void *ud)
+{
+    assert(!a->closing && closed != NULL);
+    a->closing = 1;
+    while (a->queue) {
+        job_t *j = a->queue;
+        a->queue = j->next;
+        job_finish(j, NULL);
+    }
+    a->queue_tail = NULL;
+    a->closed = closed;
+    a->closed_ud = ud;
+    maybe_closed(a);
+}
+
+/* ---- For mphost passwd ---- */
+
+int mph_auth_check_name(const char *name, char *err, size_t errlen)
+{
+    size_t n = strlen(name);
+    const char *why = NULL;
+    if (n == 0)
+        why = "is empty";
+    else if (n > MPH_AUTH_MAX_USER)
+        why = "is longer than 255 bytes";
+    else if (strchr(name, ':') != NULL)
+        why = "contains ':'";
+    else if (strpbrk(name, "\r\n") != NULL)
+        why = "contains a line break";
+    else if (name[strspn(name, " \t")] == '#' || is_blank(name, n))
+        why = "would read as a comment or a blank line";
+    if (why == NULL)
+        return 0;
+    snprintf(err, errlen, "invalid user name: it %s", why);
+    return MPH_EINVAL;
+}
+
+size_t mph_auth_line_user(const char *line, size_t len)
+{
+    size_t name_len = 0;
+    char why[128];
+    return parse_line(line, len, &name_len, why, sizeof(why)) > 0 ? name_len : 0;
+}
+
+int mph_auth_hash_new(const char *password, char **out, char *err, size_t errlen)
+{
+    char setting[CRYPT_GENSALT_OUTPUT_SIZE];
+    if (strlen(password) > MPH_AUTH_MAX_PASSWORD) {
+        snprintf(err, errlen, "the password is longer than %d bytes", MPH_AUTH_MAX_PASSWORD);
+        return MPH_EINVAL;
+    }
+    /* NULL prefix: libxcrypt's preferred method (yescrypt on Debian 12), its default cost,
+     * and salt from the kernel's random source. */
+    if (crypt_gensalt_rn(NULL, 0, NULL, 0, setting, sizeof(setting)) == NULL) {
+        snprintf(err, errlen, "cannot make a salt: %s", strerror(errno));
+        return MPH_EIO;
+    }
+    struct crypt_data *data = mph_xcalloc(1, sizeof(*data));
+    const char *hash = crypt_rn(password, setting, data, sizeof(*data));
+    int rc = 0;
+    if (hash == NULL || !hash_format_ok(hash)) {
+        snprintf(err, errlen, "cannot hash the password: %s",
+                 hash ? "unexpected format" : strerror(errno));
+        rc = MPH_EIO;
+    } else {
+        *out = mph_xstrdup(hash);
+    }
+    explicit_bzero(data, sizeof(*data));
+    free(data);
+    return rc;
+}

@@ -1,0 +1,69 @@
+/*
+ * auth.h: HTTP Basic authentication (DESIGN.md, "Users and named scopes"): the users file
+ * (--users=FILE), verification of credentials, and a short-lived cache of verified ones.
+ *
+ * The users file has one `name:hash` line per user, the hash in a crypt(3) format of
+ * libxcrypt (bcrypt $2b$/$2y$, sha512-crypt $6$, yescrypt $y$); lines starting with '#' and
+ * blank lines are ignored. Anything else (a plain-text password, another format) refuses the
+ * whole file, with a message naming the file and the line, never what the line holds.
+ *
+ * Hashes are slow by design, so a check that needs one runs on the libuv thread pool and
+ * answers later; a verified (user, password) pair is remembered for a minute, keyed by a
+ * keyed hash of the two (the password itself is kept only while its check runs), so a
+ * client with keep-alive pays the hash once. An unknown user is checked against a real hash
+ * all the same: a wrong user and a wrong password take the same time and get the same answer.
+ */
+#ifndef MPH_AUTH_H
+#define MPH_AUTH_H
+
+#include <stddef.h>
+#include <uv.h>
+
+typedef struct mph_auth_s mph_auth_t;
+
+#define MPH_AUTH_MAX_USER 255      /* bytes of a user name */
+#define MPH_AUTH_MAX_PASSWORD 1024 /* bytes of a password (longer ones are refused) */
+#define MPH_AUTH_CACHE_MS 60000    /* how long a verified pair is remembered */
+
+/* Creates the authenticator on loop. path (copied) is the users file, read and checked now
+ * (blocking: this runs at start); NULL: no users, every check is refused. Returns 0, or
+ * MPH_EINVAL or MPH_EIO with one line in err that names the file and line. */
+int mph_auth_new(mph_auth_t **out, uv_loop_t *loop, const char *path, char *err, size_t errlen);
+
+/* How many users the table holds now. */
+size_t mph_auth_count(const mph_auth_t *a);
+
+/* Re-reads the users file on the thread pool (SIGHUP). A good file replaces the table and
+ * empties the cache; a bad one leaves the old table in place. Logs the outcome either way.
+ * A re-read asked for while one runs is done again once that one ends. No-op without a file. */
+void mph_auth_reload(mph_auth_t *a);
+
+/* Called once per check: user is the verified name (borrowed for the call), or NULL when the
+ * credentials are missing, malformed or wrong, or the authenticator is closing. */
+typedef void (*mph_auth_cb)(void *ud, const char *user);
+
+/* Checks the value of an Authorization header (value NULL: no header, or an unusable one).
+ * value is borrowed for the call only. cb runs exactly once: before this returns when the
+ * answer needs no hash (malformed, no users, a cached pair), else later on the loop. */
+void mph_auth_check(mph_auth_t *a, const char *value, size_t len, mph_auth_cb cb, void *ud);
+
+/* Stops: checks waiting for a thread are refused at once, those on a thread are refused
+ * when it ends; then a is freed and closed(ud) runs (maybe before this returns). No check
+ * may start afterwards. */
+void mph_auth_close(mph_auth_t *a, void (*closed)(void *ud), void *ud);
+
+/* -- What `mphost passwd` needs of the file format -- */
+
+/* 0 if name can be a user: 1 to MPH_AUTH_MAX_USER bytes, no ':', newline or NUL, not
+ * starting with '#'. Else MPH_EINVAL with the reason in err. */
+int mph_auth_check_name(const char *name, char *err, size_t errlen);
+
+/* The user a line of a users file names (its first len bytes, without the newline): the
+ * length of the name, which starts the line; 0 for a comment, a blank or a malformed line. */
+size_t mph_auth_line_user(const char *line, size_t len);
+
+/* Hashes password (at most MPH_AUTH_MAX_PASSWORD bytes) with libxcrypt's preferred method
+ * and a fresh salt. *out: the hash (new string). Returns 0 or MPH_EIO with why in err. */
+int mph_auth_hash_new(const char *password, char **out, char *err, size_t errlen);
+
+#endif

@@ -1,0 +1,28 @@
+-- auth.lua: services behind mp.basicAuth (spec/test_auth.py). Each answers with mp.user and
+-- counts calls in mp.scope.global; "public" is open to anyone and sees no user.
+local mp = require("metaparticle")
+
+local function counted(what)
+  return function()
+    local g = mp.scope.global
+    g[what] = (g[what] or 0) + 1
+    return { user = mp.user, calls = g[what], worker = mp.worker.id }
+  end
+end
+
+mp.service("whoami", mp.basicAuth(counted("whoami"))).expose = true
+mp.service("public", function()
+  return { user = mp.user or mp.null, worker = mp.worker.id }
+end).expose = true
+
+-- Both orders of a topology and basicAuth (MPH_TEST_SPREAD workers; 1 asks for none).
+local n = tonumber(os.getenv("MPH_TEST_SPREAD") or "1")
+mp.service("auth-of-spread", mp.basicAuth(mp.spread(n, counted("outer")))).expose = true
+mp.service("spread-of-auth", mp.spread(n, mp.basicAuth(counted("inner")))).expose = true
+
+-- A wrapper of our own hides the basicAuth handler from the host, which then checks no
+-- credentials for it: its calls fail closed (-32004), never run without a user.
+local hidden = mp.basicAuth(counted("hidden"))
+mp.service("hidden", function(...) return hidden(...) end).expose = true
+
+mp.serve()

@@ -1,0 +1,423 @@
+"""HTTP Basic authentication: mp.basicAuth, mp.user, --users=FILE, mphost passwd, SIGHUP, the
+cache of verified credentials, and secrets kept out of the logs (spec/scripts/auth.lua)."""
+import base64
+import ctypes
+import json
+import os
+import pty
+import select
+import signal
+import socket
+import stat
+import subprocess
+import time
+
+from harness import (MPHOST, SCRIPTS, Server, check, eq, free_port, read_response, run, tmpdir)
+from test_scope import wait_log
+
+AUTH = os.path.join(SCRIPTS, "auth.lua")
+CHALLENGE = 'Basic realm="mphost"'
+UNAUTHORIZED = {"code": -32004, "message": "unauthorized"}
+
+# Hashes made outside `mphost passwd`: bcrypt through libcrypt's own crypt(3) (what Python's
+# deprecated crypt module calls), sha512-crypt with OpenSSL.
+_libcrypt = ctypes.CDLL("libcrypt.so.1")
+_libcrypt.crypt_gensalt.restype = ctypes.c_char_p
+_libcrypt.crypt_gensalt.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p,
+                                    ctypes.c_int]
+_libcrypt.crypt.restype = ctypes.c_char_p
+_libcrypt.crypt.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+
+
+def crypt_hash(password, prefix, cost=0):
+    setting = _libcrypt.crypt_gensalt(prefix.encode(), cost, None, 0)
+    check(setting, "crypt_gensalt(%s, %d) failed" % (prefix, cost))
+    return _libcrypt.crypt(password.encode(), setting).decode()
+
+
+def openssl_sha512(password):
+    p = subprocess.run(["openssl", "passwd", "-6", "-stdin"], input=password + "\n",
+                       capture_output=True, text=True, timeout=30)
+    eq(p.returncode, 0, "openssl passwd -6 (%s)" % p.stderr)
+    return p.stdout.strip()
+
+
+def passwd(path, user, password, expect=0):
+    """mphost passwd PATH USER with the password on stdin; returns (stdout, stderr)."""
+    p = subprocess.run([MPHOST, "passwd", path, user], input=password + "\n",
+                       capture_output=True, text=True, timeout=60)
+    eq(p.returncode, expect, "mphost passwd %s exit (%s%s)" % (user, p.stdout, p.stderr))
+    return p.stdout, p.stderr
+
+
+def users_file(entries):
+    """A users file of (name, hash) lines."""
+    path = os.path.join(tmpdir("mph-users-"), "users")
+    with open(path, "w") as f:
+        f.write("# test users\n")
+        for name, h in entries:
+            f.write("%s:%s\n" % (name, h))
+    return path
+
+
+def basic(user, password):
+    return "Basic " + base64.b64encode(("%s:%s" % (user, password)).encode()).decode()
+
+
+def request(port, body, authorization=None, extra=(), sock=None):
+    """POSTs body with an optional Authorization value; returns (status, headers, JSON)."""
+    if not isinstance(body, str):
+        body = json.dumps(body)
+    head = "POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    if authorization is not None:
+        head += "Authorization: %s\r\n" % authorization
+    head += "".join("%s\r\n" % h for h in extra)
+    data = (head + "Content-Length: %d\r\n\r\n" % len(body.encode()) + body).encode()
+    own = sock is None
+    s = sock or socket.create_connection(("127.0.0.1", port), timeout=60)
+    try:
+        s.sendall(data)
+        status, headers, payload, rest = read_response(s)
+        check(rest == b"", "bytes after the response")
+        return status, headers, json.loads(payload) if payload else None
+    finally:
+        if own:
+            s.close()
+
+
+def call(method, id=1):
+    return {"jsonrpc": "2.0", "method": method, "id": id}
+
+
+def refused(port, authorization, extra=()):
+    status, headers, body = request(port, call("whoami"), authorization, extra)
+    eq(status, 401, "status for %r" % (authorization,))
+    eq(headers.get("www-authenticate"), CHALLENGE, "WWW-Authenticate")
+    eq(body, {"jsonrpc": "2.0", "id": 1, "error": UNAUTHORIZED}, "body")
+
+
+def whoami(port, user, password, method="whoami"):
+    status, _, body = request(port, call(method), basic(user, password))
+    eq(status, 200, "status of %s as %s (%r)" % (method, user, body))
+    check("result" in body, "%s as %s: %r" % (method, user, body))
+    eq(body["result"]["user"], user, "mp.user")
+    return body["result"]
+
+
+def alice_and_bob():
+    path = os.path.join(tmpdir("mph-users-"), "users")
+    passwd(path, "alice", "alice-pw")
+    passwd(path, "bob", "bob-pw")
+    return path
+
+
+def test_401_without_valid_credentials():
+    with Server(AUTH, ["--users=" + alice_and_bob()]) as s:
+        refused(s.port, None)
+        refused(s.port, basic("alice", "wrong"))
+        refused(s.port, basic("mallory", "alice-pw"))
+        refused(s.port, "Basic !!!not base64!!!")
+        refused(s.port, "Basic YWxpY2U6YWxpY2UtcHc")  # unpadded
+        refused(s.port, "Basic " + base64.b64encode(b"alice").decode())  # no colon
+        refused(s.port, "Basic " + base64.b64encode(b":alice-pw").decode())  # empty user
+        refused(s.port, "Bearer " + base64.b64encode(b"alice:alice-pw").decode())
+        refused(s.port, basic("alice", "alice-pw")[6:])  # no scheme
+        refused(s.port, "Basic")
+        refused(s.port, "Basic " + "A" * 3000)  # oversized
+        refused(s.port, basic("alice", "alice-pw"),  # sent twice
+                extra=["Authorization: " + basic("alice", "alice-pw")])
+        # The scheme in any case works; a 401 keeps the connection for the retry.
+        whoami(s.port, "alice", "alice-pw")
+        status, _, _ = request(s.port, call("whoami"), "bAsIc " + basic("bob", "bob-pw")[6:])
+        eq(status, 200, "lower-case scheme")
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=60)
+        eq(request(s.port, call("whoami"), sock=sock)[0], 401, "first try")
+        status, _, body = request(s.port, call("whoami"), basic("bob", "bob-pw"), sock=sock)
+        eq((status, body["result"]["user"]), (200, "bob"), "retry on the same connection")
+        sock.close()
+        # A basicAuth handler hidden in a wrapper of the script's own fails closed.
+        status, headers, body = request(s.port, call("hidden"), basic("alice", "alice-pw"))
+        eq((status, headers.get("www-authenticate"), body["error"]), (401, CHALLENGE, UNAUTHORIZED),
+           "a hidden basicAuth handler")
+        # mphost call reads a 401 as the JSON-RPC error it carries.
+        code, out, err = run(["call", "whoami", "--url", "http://127.0.0.1:%d/" % s.port])
+        eq((code, out, err), (1, "", "error -32004: unauthorized\n"), "mphost call")
+        # Public services answer with or without credentials, and see no user.
+        for auth in (None, basic("alice", "alice-pw"), "garbage"):
+            status, _, body = request(s.port, call("public"), auth)
+            eq((status, body["result"]["user"]), (200, None), "public with %r" % auth)
+
+
+def test_right_credentials_two_users_and_every_hash_format():
+    path = alice_and_bob()  # yescrypt, from mphost passwd
+    with open(path, "a") as f:
+        f.write("carol:%s\n" % crypt_hash("carol-pw", "$2b$", 5))
+        f.write("dave:%s\n" % crypt_hash("dave-pw", "$2y$", 4))
+        f.write("erin:%s\n" % openssl_sha512("erin-pw"))
+        f.write("frank:%s\n" % crypt_hash("frank-pw", "$6$", 10000))
+    with open(path) as f:
+        hashes = [line.split(":", 1)[1] for line in f if not line.startswith("#")]
+    for h, prefix in zip(hashes, ("$y$", "$y$", "$2b$05$", "$2y$04$", "$6$", "$6$rounds=")):
+        check(h.startswith(prefix), "%s... is not %s" % (h[:12], prefix))
+    with Server(AUTH, ["--users=" + path]) as s:
+        counts = []
+        for user in ("alice", "bob", "carol", "dave", "erin", "frank", "alice"):
+            counts.append(whoami(s.port, user, user + "-pw")["calls"])
+        eq(counts, [1, 2, 3, 4, 5, 6, 7], "every call counted in mp.scope.global")
+        refused(s.port, basic("carol", "dave-pw"))  # another user's password
+
+
+def test_batch_mixing_public_and_protected_without_credentials():
+    with Server(AUTH, ["--users=" + alice_and_bob()]) as s:
+        batch = [call("whoami", 1), call("public", 2), {"jsonrpc": "2.0", "method": "whoami"}]
+        status, headers, body = request(s.port, batch)
+        eq(status, 200, "a mixed batch is answered call by call")
+        check("www-authenticate" not in headers, "no challenge on a 200")
+        eq(body, [{"jsonrpc": "2.0", "id": 1, "error": UNAUTHORIZED},
+                  {"jsonrpc": "2.0", "id": 2, "result": {"user": None, "worker": 1}}], "answers")
+        # Every call refused: 401, each still answered.
+        status, headers, body = request(s.port, [call("whoami", 1), call("auth-of-spread", 2)])
+        eq((status, headers.get("www-authenticate")), (401, CHALLENGE), "all refused")
+        eq([r["error"] for r in body], [UNAUTHORIZED, UNAUTHORIZED], "answers")
+        # With credentials the same batch runs every call as that user.
+        status, _, body = request(s.port, batch, basic("bob", "bob-pw"))
+        eq(status, 200, "status")
+        eq([body[0]["result"]["user"], body[1]["result"]["user"]], ["bob", None], "users")
+
+
+def test_plain_text_users_file_is_refused_at_start():
+    path = alice_and_bob()
+    with open(path, "a") as f:
+        f.write("\n# carol's\ncarol:Sup3rSecret!\n")
+    port = free_port()
+    p = subprocess.run([MPHOST, AUTH, "serve", str(port), "--listen=127.0.0.1",
+                        "--data=" + tmpdir(), "--users=" + path], capture_output=True, text=True,
+                       timeout=60, env=dict(os.environ, MP_STATE_DIR=tmpdir()))
+    eq(p.returncode, 1, "exit status")
+    out = p.stdout + p.stderr
+    eq(len(out.strip().splitlines()), 1, "one line: " + out)
+    check("users file %s, line 5:" % path in out, out)
+    check("plain-text" in out and "Sup3rSecret" not in out and "carol" not in out, out)
+    # Deploying says so too, and a missing file is one line as well.
+    state = tmpdir()
+    for users, why in ((path, "line 5"), (path + ".missing", "cannot read the users file")):
+        p = subprocess.run([MPHOST, AUTH, "--port=%d" % port, "--data=" + tmpdir(),
+                            "--users=" + users], capture_output=True, text=True, timeout=60,
+                           env=dict(os.environ, MP_STATE_DIR=state))
+        eq(p.returncode, 1, "deploy exit status (%s)" % p.stderr)
+        check(why in p.stderr and "Sup3rSecret" not in p.stderr, p.stderr)
+
+
+def sighup_and_wait(server, times=1, text="re-read"):
+    """SIGHUP to the server; waits until `times` more log lines say `text`."""
+    before = server.read_log().count(text)
+    server.proc.send_signal(signal.SIGHUP)
+    deadline = time.time() + 60
+    while server.read_log().count(text) < before + times:
+        check(time.time() < deadline, "no %r after SIGHUP: %s" % (text, server.read_log()[-1500:]))
+        check(server.alive(), "the server died of SIGHUP: " + server.read_log()[-1500:])
+        time.sleep(0.01)
+
+
+def test_sighup_rereads_the_users_file():
+    path = os.path.join(tmpdir("mph-users-"), "users")
+    passwd(path, "alice", "alice-pw")
+    with Server(AUTH, ["--users=" + path]) as s:
+        whoami(s.port, "alice", "alice-pw")  # verified: now in the cache
+        refused(s.port, basic("bob", "bob-pw"))
+        passwd(path, "bob", "bob-pw")
+        sighup_and_wait(s)
+        whoami(s.port, "bob", "bob-pw")  # added: works without a restart
+        with open(path) as f:
+            lines = [line for line in f if not line.startswith("alice:")]
+        with open(path, "w") as f:
+            f.writelines(lines)
+        sighup_and_wait(s)
+        refused(s.port, basic("alice", "alice-pw"))  # removed: refused, cache or not
+        whoami(s.port, "bob", "bob-pw")
+        # A bad file on SIGHUP: logged, and the users of before stay.
+        with open(path, "a") as f:
+            f.write("carol:not-a-hash\n")
+        sighup_and_wait(s, text="keeping the previous 1 users")
+        check("not-a-hash" not in s.read_log(), "the bad line is not logged")
+        whoami(s.port, "bob", "bob-pw")
+        refused(s.port, basic("carol", "not-a-hash"))
+
+
+def test_sighup_reaches_every_worker_and_topologies_compose():
+    path = os.path.join(tmpdir("mph-users-"), "users")
+    passwd(path, "alice", "alice-pw")
+    with Server(AUTH, ["--users=" + path], env={"MPH_TEST_SPREAD": "2"}) as s:
+        wait_log(s, "2 workers, storage")
+        for method in ("auth-of-spread", "spread-of-auth"):
+            status, headers, _ = request(s.port, call(method))
+            eq((status, headers.get("www-authenticate")), (401, CHALLENGE), method)
+            workers = set()
+            for _ in range(60):  # new connections: both workers answer
+                workers.add(whoami(s.port, "alice", "alice-pw", method)["worker"])
+            eq(workers, {1, 2}, "workers that answered %s" % method)
+        passwd(path, "bob", "bob-pw")
+        sighup_and_wait(s, times=2)  # each worker re-reads
+        log = s.read_log()
+        check("worker 1" in log and "worker 2" in log, log[-1500:])
+        workers = set()
+        for _ in range(60):
+            workers.add(whoami(s.port, "bob", "bob-pw", "spread-of-auth")["worker"])
+        eq(workers, {1, 2}, "bob is known to both workers")
+
+
+def test_no_users_file_warns_and_refuses_every_call():
+    with Server(AUTH) as s:
+        wait_log(s, "no --users=FILE was given")
+        refused(s.port, basic("alice", "alice-pw"))
+        status, _, body = request(s.port, call("public"))
+        eq((status, body["result"]["user"]), (200, None), "public")
+
+
+def test_passwd_writes_the_users_file():
+    d = tmpdir("mph-users-")
+    path = os.path.join(d, "users")
+    out, _ = passwd(path, "alice", "Alice-Pw-9")
+    check("Alice-Pw-9" not in out, out)
+    eq(stat.S_IMODE(os.stat(path).st_mode), 0o600, "mode of a new file")
+    with open(path, "a") as f:
+        f.write("# a comment kept\n\n")
+    passwd(path, "bob", "bob-pw")
+    os.chmod(path, 0o640)
+    with open(path) as f:
+        before = f.read().splitlines()
+    out, _ = passwd(path, "alice", "new-pw")
+    check(out.startswith("replaced user alice"), out)
+    with open(path) as f:
+        after = f.read().splitlines()
+    eq(stat.S_IMODE(os.stat(path).st_mode), 0o640, "mode kept")
+    eq(after[1:], before[1:], "every other line kept")
+    check(after[0].startswith("alice:$y$") and after[0] != before[0], "alice replaced")
+    eq(os.listdir(d), ["users"], "no temporary file left")
+    # A symbolic link keeps pointing at the rewritten file.
+    link = os.path.join(tmpdir(), "link")
+    os.symlink(path, link)
+    passwd(link, "carol", "carol-pw")
+    check(os.path.islink(link), "still a link")
+    with Server(AUTH, ["--users=" + link]) as s:
+        for user, pw in (("alice", "new-pw"), ("bob", "bob-pw"), ("carol", "carol-pw")):
+            whoami(s.port, user, pw)
+        refused(s.port, basic("alice", "Alice-Pw-9"))
+    # Bad user names and passwords: exit 1, one clear line, the file untouched.
+    with open(path) as f:
+        kept = f.read()
+    for user, password, why in (("a:b", "pw", "contains ':'"), ("", "pw", "is empty"),
+                                ("x" * 256, "pw", "longer than 255"),
+                                ("a\nb", "pw", "line break"), ("#x", "pw", "comment"),
+                                ("dave", "", "password is empty"),
+                                ("dave", "p" * 1025, "longer than 1024")):
+        _, err = passwd(path, user, password, expect=1)
+        eq(len(err.strip().splitlines()), 1, "one line: " + err)
+        check(why in err, "%r: %s" % (user, err))
+    with open(path) as f:
+        eq(f.read(), kept, "file after refusals")
+    passwd(path, "x" * 255, "pw")  # the longest name
+
+
+def test_passwd_at_a_terminal_asks_twice_without_echo():
+    path = os.path.join(tmpdir("mph-users-"), "users")
+    secret = "Tty-Secret-77"
+
+    def session(first, second):
+        master, slave = pty.openpty()
+        p = subprocess.Popen([MPHOST, "passwd", path, "tina"], stdin=slave, stdout=slave,
+                             stderr=slave, close_fds=True)
+        os.close(slave)
+        seen = b""
+
+        def read_until(text):
+            nonlocal seen
+            deadline = time.time() + 60
+            while text not in seen:
+                check(time.time() < deadline, "no %r at the terminal: %r" % (text, seen))
+                if select.select([master], [], [], 0.5)[0]:
+                    try:
+                        seen += os.read(master, 4096)
+                    except OSError:
+                        break
+        read_until(b"Password for tina: ")
+        os.write(master, first.encode() + b"\n")
+        read_until(b"Again: ")
+        os.write(master, second.encode() + b"\n")
+        code = p.wait(timeout=60)
+        while select.select([master], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+        os.close(master)
+        return code, seen.decode("utf-8", "replace")
+
+    code, seen = session(secret, secret + "x")
+    eq(code, 1, "mismatch exit: " + seen)
+    check("do not match" in seen and secret not in seen, seen)
+    check(not os.path.exists(path), "nothing written")
+    code, seen = session(secret, secret)
+    eq(code, 0, "exit: " + seen)
+    check(secret not in seen, "the password was echoed: %r" % seen)
+    with Server(AUTH, ["--users=" + path]) as s:
+        whoami(s.port, "tina", secret)
+
+
+def timed(fn):
+    t = time.monotonic()
+    fn()
+    return time.monotonic() - t
+
+
+def test_cache_spares_a_keep_alive_client_the_hash():
+    # bcrypt at cost 12: a hash takes a sizeable fraction of a second, on purpose.
+    path = users_file([("first", crypt_hash("slow-pw", "$2b$", 12)),
+                       ("second", crypt_hash("slow-pw", "$2b$", 12))])
+    with Server(AUTH, ["--users=" + path]) as s:
+        # A fresh verification costs a hash: a wrong password is never cached, so each try is
+        # one; the quickest of a few is the hash's cost with the least noise.
+        one_hash = min(timed(lambda: refused(s.port, basic("first", "nope"))) for _ in range(5))
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=120)
+        auth = basic("second", "slow-pw")
+
+        def keep_alive_calls():
+            for i in range(200):
+                status, _, body = request(s.port, call("whoami", i), auth, sock=sock)
+                eq((status, body["result"]["user"]), (200, "second"), "call %d" % i)
+        total = timed(keep_alive_calls)
+        sock.close()
+        check(total < 20 * one_hash,
+              "200 keep-alive calls took %.2fs; one verification %.3fs" % (total, one_hash))
+        # An unknown user costs a hash too (checked against the file's first): no cheap way to
+        # learn who exists.
+        unknown = min(timed(lambda: refused(s.port, basic("nobody", "nope"))) for _ in range(5))
+        check(unknown > 0.5 * one_hash,
+              "unknown user %.3fs, wrong password %.3fs" % (unknown, one_hash))
+
+
+def test_logs_at_trace_hold_no_password_nor_credentials():
+    secret = "Trace-Secret-314"
+    path = os.path.join(tmpdir("mph-users-"), "users")
+    passwd(path, "alice", secret)
+    with Server(AUTH, ["--users=" + path, "--logging=trace"]) as s:
+        good, bad = basic("alice", secret), basic("alice", secret + "!")
+        whoami(s.port, "alice", secret)
+        refused(s.port, bad)
+        refused(s.port, basic("nobody", secret))
+        request(s.port, [call("whoami", 1), call("public", 2)], good)
+        # HTTP-level errors with credentials on them: a bad request and a huge header.
+        for raw in (b"POST / HTTP/1.1\r\nAuthorization: " + good.encode() + b"\r\nContent-Length:"
+                    b" x\r\n\r\n", b"GET / HTTP/1.1\r\nAuthorization: " + good.encode() +
+                    b"\r\n\r\n"):
+            c = socket.create_connection(("127.0.0.1", s.port), timeout=30)
+            c.sendall(raw)
+            check(read_response(c)[0] in (400, 405), "an HTTP error")
+            c.close()
+        wait_log(s, "auth: user alice verified")
+    log = s.read_log()
+    for text in (secret, good[6:], bad[6:], base64.b64encode(secret.encode()).decode()):
+        check(text not in log, "%r in the log:\n%s" % (text, log[-3000:]))

@@ -1,0 +1,440 @@
+/*
+ * Unit tests of host/auth.c: SipHash against the reference vectors, strict base64 and the
+ * Authorization header's parsing (every malformed shape is refused), the hash formats taken,
+ * the users file (comments, a plain-text line refused with its file and line and without its
+ * content, duplicates), checks on a real loop and thread pool (right, wrong, unknown, the
+ * cache, identical checks sharing one hash, a re-read that removes a user while its check
+ * runs, a close with checks waiting), and what `mphost passwd` uses.
+ */
+#define _GNU_SOURCE
+#include "host/common.c"
+#include "host/auth.c"
+
+#include <unistd.h>
+
+#include "spec/unit/unit.h"
+
+static void test_siphash_reference_vectors(void)
+{
+    /* From the SipHash paper's appendix: key 00..0f, messages 00.. of length 0 and 15. */
+    uint8_t key[16], msg[15];
+    for (int i = 0; i < 16; i++)
+        key[i] = (uint8_t)i;
+    for (int i = 0; i < 15; i++)
+        msg[i] = (uint8_t)i;
+    CHECK(siphash24(key, msg, 0) == 0x726fdb47dd0e0e31ULL);
+    CHECK(siphash24(key, msg, 15) == 0xa129ca6149be45e5ULL);
+    CHECK(siphash24(key, msg, 8) == 0x93f5f5799a932462ULL);
+}
+
+static int decodes(const char *in, const char *want)
+{
+    unsigned char out[64];
+    long n = base64_decode(in, strlen(in), out);
+    if (want == NULL)
+        return n == -1;
+    return n == (long)strlen(want) && memcmp(out, want, (size_t)n) == 0;
+}
+
+static void test_base64_is_strict(void)
+{
+    CHECK(decodes("YWxpY2U6c2VjcmV0", "alice:secret"));
+    CHECK(decodes("YTpi", "a:b"));
+    CHECK(decodes("YTo=", "a:"));
+    CHECK(decodes("YQ==", "a"));
+    CHECK(decodes("", NULL));
+    CHECK(decodes("YTo", NULL));      /* not padded */
+    CHECK(decodes("YQ=", NULL));      /* short padding */
+    CHECK(decodes("Y===", NULL));     /* too much padding */
+    CHECK(decodes("YR==", NULL));     /* unused bits set: not the one encoding of "a" */
+    CHECK(decodes("YTp=", NULL));     /* idem for "a:" */
+    CHECK(decodes("YQ==YQ==", NULL)); /* padding inside */
+    CHECK(decodes("YT-i", NULL));     /* URL-safe alphabet */
+    CHECK(decodes("YT i", NULL));     /* a space inside */
+    CHECK(decodes("YTpi\n", NULL));   /* a line end */
+}
+
+/* "Basic " and the base64 of plain (a static buffer). */
+static const char *basic_header(const char *plain)
+{
+    static const char alphabet[] =
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    static char value[3000];
+    size_t n = strlen(plain), o = (size_t)sprintf(value, "Basic ");
+    for (size_t i = 0; i < n; i += 3) {
+        uint32_t w = (uint32_t)(unsigned char)plain[i] << 16;
+        if (i + 1 < n)
+            w |= (uint32_t)(unsigned char)plain[i + 1] << 8;
+        if (i + 2 < n)
+            w |= (unsigned char)plain[i + 2];
+        value[o++] = alphabet[w >> 18 & 63];
+        value[o++] = alphabet[w >> 12 & 63];
+        value[o++] = i + 1 < n ? alphabet[w >> 6 & 63] : '=';
+        value[o++] = i + 2 < n ? alphabet[w & 63] : '=';
+    }
+    value[o] = '\0';
+    return value;
+}
+
+/* parse_basic on a header value; returns the user (static) or NULL, and the password. */
+static const char *basic(const char *value, const char **password)
+{
+    static char buf[DECODE_ROOM];
+    size_t colon;
+    if (parse_basic(value, strlen(value), buf, &colon) != 0)
+        return NULL;
+    buf[colon] = '\0';
+    *password = buf + colon + 1;
+    return buf;
+}
+
+static void test_authorization_header_shapes(void)
+{
+    const char *pw;
+    const char *u = basic("Basic YWxpY2U6c2VjcmV0", &pw);
+    CHECK(u && strcmp(u, "alice") == 0 && strcmp(pw, "secret") == 0);
+    u = basic("bAsIc   YWxpY2U6c2VjcmV0  ", &pw); /* any case, spaces around the token */
+    CHECK(u && strcmp(u, "alice") == 0 && strcmp(pw, "secret") == 0);
+    u = basic("Basic YTo6Yjpj", &pw); /* "a::b:c": the password may hold colons */
+    CHECK(u && strcmp(u, "a") == 0 && strcmp(pw, ":b:c") == 0);
+    u = basic("Basic YTo=", &pw); /* "a:": an empty password is a password */
+    CHECK(u && strcmp(u, "a") == 0 && strcmp(pw, "") == 0);
+    CHECK(basic("Basic", &pw) == NULL);
+    CHECK(basic("Basic ", &pw) == NULL);
+    CHECK(basic("BasicYWxpY2U6c2VjcmV0", &pw) == NULL);   /* no space */
+    CHECK(basic("Bearer YWxpY2U6c2VjcmV0", &pw) == NULL); /* another scheme */
+    CHECK(basic("Digest username=\"alice\"", &pw) == NULL);
+    CHECK(basic("Basic YWxpY2U=", &pw) == NULL);     /* "alice": no colon */
+    CHECK(basic("Basic OnNlY3JldA==", &pw) == NULL); /* ":secret": an empty user */
+    CHECK(basic("Basic YQBiOmM=", &pw) == NULL);     /* "a\0b:c": a NUL */
+    CHECK(basic("Basic YWxpY2U6c2VjcmV0!", &pw) == NULL);
+    CHECK(basic("Basic YWxpY2U6c2VjcmV0 x", &pw) == NULL); /* two tokens */
+    /* Limits: a 255-byte user and a 1024-byte password pass; one byte more does not. */
+    char plain[2000];
+    for (int user_len = 255; user_len <= 256; user_len++) {
+        for (int pw_len = 1024; pw_len <= 1025; pw_len++) {
+            memset(plain, 'u', (size_t)user_len);
+            plain[user_len] = ':';
+            memset(plain + user_len + 1, 'p', (size_t)pw_len);
+            plain[user_len + 1 + pw_len] = '\0';
+            int ok = user_len <= 255 && pw_len <= 1024;
+            CHECK((basic(basic_header(plain), &pw) != NULL) == ok);
+        }
+    }
+}
+
+static char *make_hash(const char *prefix, unsigned long cost, const char *password)
+{
+    char setting[CRYPT_GENSALT_OUTPUT_SIZE];
+    struct crypt_data data;
+    memset(&data, 0, sizeof(data));
+    if (crypt_gensalt_rn(prefix, cost, NULL, 0, setting, sizeof(setting)) == NULL)
+        return NULL;
+    const char *h = crypt_rn(password, setting, &data, sizeof(data));
+    return h ? mph_xstrdup(h) : NULL;
+}
+
+static void test_hash_formats(void)
+{
+    const char *prefixes[] = {"$2b$", "$2y$", "$6$", "$y$"};
+    for (int i = 0; i < 4; i++) {
+        char *h = make_hash(prefixes[i], i < 2 ? 4 : 0, "pw");
+        CHECK(h != NULL && hash_format_ok(h));
+        if (h) { /* cut short or lengthened, it is no longer a hash */
+            size_t n = strlen(h);
+            h[n - 1] = '\0';
+            CHECK(!hash_format_ok(h));
+        }
+        free(h);
+    }
+    char *h = make_hash("$6$", 10000, "pw"); /* with rounds=10000$ */
+    CHECK(h != NULL && strstr(h, "rounds=") != NULL && hash_format_ok(h));
+    free(h);
+    const char *bad[] = {"secret",
+                         "",
+                         "$6$",
+                         "$y$",
+                         "$2b$",
+                         "$1$abc$abcdefghijklmnopqrstuv",
+                         "$5$salt$Vo6QjT5lRGyhPcXV1RUHQmgLV2y6cfUx5tG8rN26pR2",
+                         "{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ=",
+                         "$apr1$salt$hash"};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+        CHECK(!hash_format_ok(bad[i]));
+    CHECK(same_hash("abc", "abc") && !same_hash("abc", "abd") && !same_hash("abc", "abcd"));
+}
+
+/* Writes text to a new temp file; returns its path (static). */
+static const char *write_file(const char *text)
+{
+    static char path[64];
+    snprintf(path, sizeof(path), "/tmp/mph-unit-auth-XXXXXX");
+    int fd = mkstemp(path);
+    if (fd < 0 || write(fd, text, strlen(text)) != (ssize_t)strlen(text))
+        abort();
+    close(fd);
+    return path;
+}
+
+static void test_users_file(void)
+{
+    char *bob = make_hash("$2b$", 4, "b"), *alice = make_hash("$6$", 0, "a");
+    char text[2000], err[512];
+    snprintf(text, sizeof(text), "# users\n\n   \nbob:%s\n  # indented comment\nalice:%s\r\n", bob,
+             alice);
+    const char *path = write_file(text);
+    users_t u;
+    CHECK(users_read(path, &u, err, sizeof(err)) == 0);
+    CHECK(u.n == 2 && strcmp(u.v[0].name, "alice") == 0 && strcmp(u.v[1].name, "bob") == 0);
+    CHECK(u.v[0].line == 6 && u.v[1].line == 4);
+    CHECK(u.dummy != NULL && strcmp(u.dummy, bob) == 0); /* the file's first entry */
+    CHECK(users_find(&u, "alice") == &u.v[0] && users_find(&u, "carol") == NULL);
+    users_free(&u);
+    unlink(path);
+
+    /* A plain-text password: refused, naming the file and line, not the password. */
+    snprintf(text, sizeof(text), "bob:%s\ncarol:hunter2\n", bob);
+    path = write_file(text);
+    CHECK(users_read(path, &u, err, sizeof(err)) == MPH_EINVAL);
+    CHECK(strstr(err, path) != NULL && strstr(err, "line 2:") != NULL);
+    CHECK(strstr(err, "hunter2") == NULL && strstr(err, "plain-text") != NULL);
+    CHECK(u.n == 0 && u.v == NULL);
+    unlink(path);
+
+    snprintf(text, sizeof(text), "bob:%s\njust a line\n", bob);
+    path = write_file(text);
+    CHECK(users_read(path, &u, err, sizeof(err)) == MPH_EINVAL);
+    CHECK(strstr(err, "line 2: expected NAME:HASH") != NULL && strstr(err, "just") == NULL);
+    unlink(path);
+
+    snprintf(text, sizeof(text), "bob:%s\n:%s\n", bob, bob);
+    path = write_file(text);
+    CHECK(users_read(path, &u, err, sizeof(err)) == MPH_EINVAL && strstr(err, "line 2:"));
+    unlink(path);
+
+    snprintf(text, sizeof(text), "bob:%s\nalice:%s\nbob:%s\n", bob, alice, bob);
+    path = write_file(text);
+    CHECK(users_read(path, &u, err, sizeof(err)) == MPH_EINVAL);
+    CHECK(strstr(err, "line 3: the same user as line 1") != NULL);
+    unlink(path);
+
+    path = write_file("# nobody yet\n");
+    CHECK(users_read(path, &u, err, sizeof(err)) == 0 && u.n == 0 && u.dummy == NULL);
+    unlink(path);
+    CHECK(users_read(path, &u, err, sizeof(err)) == MPH_EIO && strstr(err, "cannot read"));
+    free(bob);
+    free(alice);
+}
+
+/* ---- Checks on a real loop ---- */
+
+typedef struct {
+    int calls;      /* callbacks run */
+    char user[300]; /* the last one's user, "" for NULL */
+} answer_t;
+
+static void on_answer(void *ud, const char *user)
+{
+    answer_t *a = ud;
+    a->calls++;
+    snprintf(a->user, sizeof(a->user), "%s", user ? user : "");
+}
+
+/* "Basic base64(user:password)" (static). */
+static const char *header(const char *user, const char *password)
+{
+    char plain[400];
+    snprintf(plain, sizeof(plain), "%s:%s", user, password);
+    return basic_header(plain);
+}
+
+static void check(mph_auth_t *a, const char *user, const char *password, answer_t *ans)
+{
+    const char *v = header(user, password);
+    mph_auth_check(a, v, strlen(v), on_answer, ans);
+}
+
+static void run_until(uv_loop_t *loop, const int *calls, int n)
+{
+    for (int i = 0; i < 100000 && *calls < n; i++)
+        uv_run(loop, UV_RUN_ONCE);
+}
+
+static int closed_count;
+static void on_closed(void *ud)
+{
+    (void)ud;
+    closed_count++;
+}
+
+static void test_checks_on_the_pool(void)
+{
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    char *bob = make_hash("$2b$", 4, "b-pw"), *alice = make_hash("$y$", 0, "a-pw");
+    char text[2000], err[512];
+    snprintf(text, sizeof(text), "bob:%s\nalice:%s\n", bob, alice);
+    const char *path = write_file(text);
+    char saved[64];
+    snprintf(saved, sizeof(saved), "%s", path);
+    mph_auth_t *a;
+    CHECK(mph_auth_new(&a, &loop, saved, err, sizeof(err)) == 0 && mph_auth_count(a) == 2);
+
+    /* Right, wrong, unknown: the first answers with the user, later; the others NULL. */
+    answer_t right = {0, ""}, wrong = {0, "x"}, unknown = {0, "x"}, none = {0, "x"};
+    check(a, "bob", "b-pw", &right);
+    CHECK(right.calls == 0); /* a hash: not before returning */
+    check(a, "bob", "a-pw", &wrong);
+    check(a, "carol", "b-pw", &unknown);
+    mph_auth_check(a, NULL, 0, on_answer, &none);
+    CHECK(none.calls == 1 && none.user[0] == '\0'); /* no header: at once */
+    run_until(&loop, &unknown.calls, 1);
+    run_until(&loop, &right.calls, 1);
+    run_until(&loop, &wrong.calls, 1);
+    CHECK(right.calls == 1 && strcmp(right.user, "bob") == 0);
+    CHECK(wrong.calls == 1 && wrong.user[0] == '\0');
+    CHECK(unknown.calls == 1 && unknown.user[0] == '\0');
+
+    /* Verified once: answered from the cache, before returning. */
+    answer_t again = {0, ""};
+    check(a, "bob", "b-pw", &again);
+    CHECK(again.calls == 1 && strcmp(again.user, "bob") == 0);
+
+    /* Identical checks share one job; a different password gets its own. */
+    answer_t s1 = {0, ""}, s2 = {0, ""}, s3 = {0, "x"};
+    check(a, "alice", "a-pw", &s1);
+    check(a, "alice", "a-pw", &s2);
+    check(a, "alice", "a-pX", &s3);
+    int jobs = 0;
+    for (job_t *j = a->queue; j; j = j->next)
+        jobs++;
+    for (job_t *j = a->running; j; j = j->next)
+        jobs++;
+    CHECK(jobs == 2);
+    run_until(&loop, &s3.calls, 1);
+    run_until(&loop, &s2.calls, 1);
+    CHECK(s1.calls == 1 && s2.calls == 1 && strcmp(s1.user, "alice") == 0 &&
+          strcmp(s2.user, "alice") == 0 && s3.user[0] == '\0');
+
+    /* A re-read without bob: his cached pair is forgotten, and a check that was running
+     * when the table changed is refused. A bad file keeps the table. */
+    answer_t late = {0, "x"};
+    check(a, "bob", "b-pw", &late); /* cached: answered now */
+    CHECK(late.calls == 1 && strcmp(late.user, "bob") == 0);
+    snprintf(text, sizeof(text), "alice:%s\n", alice);
+    FILE *f = fopen(saved, "w");
+    fputs(text, f);
+    fclose(f);
+    mph_auth_reload(a);
+    for (int i = 0; i < 100000 && a->reload; i++)
+        uv_run(&loop, UV_RUN_ONCE);
+    CHECK(mph_auth_count(a) == 1);
+    answer_t gone = {0, "x"};
+    check(a, "bob", "b-pw", &gone);
+    run_until(&loop, &gone.calls, 1);
+    CHECK(gone.calls == 1 && gone.user[0] == '\0');
+    snprintf(text, sizeof(text), "bob:%s\nalice:%s\n", bob, alice);
+    f = fopen(saved, "w");
+    fputs(text, f);
+    fclose(f);
+    answer_t racing = {0, "x"};
+    check(a, "bob", "b-pw", &racing); /* bob is unknown: checked against alice's hash */
+    /* bob is back while that runs (the re-read done here, by hand, so that it surely ends
+     * first): the check runs again against his hash. */
+    reload_t *r = mph_xcalloc(1, sizeof(*r));
+    r->auth = a;
+    a->reload = r;
+    reload_work(&r->work);
+    reload_done(&r->work, 0);
+    CHECK(mph_auth_count(a) == 2);
+    run_until(&loop, &racing.calls, 1);
+    CHECK(racing.calls == 1 && strcmp(racing.user, "bob") == 0);
+    f = fopen(saved, "w");
+    fputs("bob:plain\n", f);
+    fclose(f);
+    mph_auth_reload(a);
+    for (int i = 0; i < 100000 && a->reload; i++)
+        uv_run(&loop, UV_RUN_ONCE);
+    CHECK(mph_auth_count(a) == 2);
+
+    /* Closing with checks queued and running: each answered NULL once, then closed. */
+    answer_t q[5];
+    for (int i = 0; i < 5; i++) {
+        q[i] = (answer_t){0, "x"};
+        char pw[16];
+        snprintf(pw, sizeof(pw), "guess%d", i);
+        check(a, "alice", pw, &q[i]);
+    }
+    closed_count = 0;
+    mph_auth_close(a, on_closed, NULL);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    CHECK(closed_count == 1);
+    for (int i = 0; i < 5; i++)
+        CHECK(q[i].calls == 1 && q[i].user[0] == '\0');
+    CHECK(uv_loop_close(&loop) == 0);
+    unlink(saved);
+    free(bob);
+    free(alice);
+}
+
+static void test_no_users_refuses_at_once(void)
+{
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    mph_auth_t *a;
+    char err[256];
+    CHECK(mph_auth_new(&a, &loop, NULL, err, sizeof(err)) == 0 && mph_auth_count(a) == 0);
+    answer_t ans = {0, "x"};
+    check(a, "bob", "b-pw", &ans);
+    CHECK(ans.calls == 1 && ans.user[0] == '\0');
+    mph_auth_reload(a); /* no file: nothing to do */
+    closed_count = 0;
+    mph_auth_close(a, on_closed, NULL);
+    CHECK(closed_count == 1);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    CHECK(uv_loop_close(&loop) == 0);
+}
+
+static void test_what_passwd_uses(void)
+{
+    char err[256], name[300];
+    CHECK(mph_auth_check_name("alice", err, sizeof(err)) == 0);
+    CHECK(mph_auth_check_name("Dr. Ålice #1", err, sizeof(err)) == 0);
+    CHECK(mph_auth_check_name("", err, sizeof(err)) == MPH_EINVAL && strstr(err, "empty"));
+    CHECK(mph_auth_check_name("a:b", err, sizeof(err)) == MPH_EINVAL && strstr(err, "':'"));
+    CHECK(mph_auth_check_name("a\nb", err, sizeof(err)) == MPH_EINVAL);
+    CHECK(mph_auth_check_name("#a", err, sizeof(err)) == MPH_EINVAL);
+    CHECK(mph_auth_check_name("  ", err, sizeof(err)) == MPH_EINVAL);
+    memset(name, 'n', 256);
+    name[256] = '\0';
+    CHECK(mph_auth_check_name(name, err, sizeof(err)) == MPH_EINVAL && strstr(err, "255"));
+    name[255] = '\0';
+    CHECK(mph_auth_check_name(name, err, sizeof(err)) == 0);
+
+    CHECK(mph_auth_line_user("bob:$y$x", 8) == 3);
+    CHECK(mph_auth_line_user("# bob:$y$x", 10) == 0);
+    CHECK(mph_auth_line_user("", 0) == 0);
+    CHECK(mph_auth_line_user("no colon", 8) == 0);
+
+    char *hash = NULL;
+    CHECK(mph_auth_hash_new("s3cret", &hash, err, sizeof(err)) == 0);
+    CHECK(hash && strncmp(hash, "$y$", 3) == 0 && hash_format_ok(hash));
+    struct crypt_data data;
+    memset(&data, 0, sizeof(data));
+    const char *again = hash ? crypt_rn("s3cret", hash, &data, sizeof(data)) : NULL;
+    CHECK(again && strcmp(again, hash) == 0);
+    free(hash);
+}
+
+static const mph_unit_test_t tests[] = {
+    {"siphash_reference_vectors", test_siphash_reference_vectors},
+    {"base64_is_strict", test_base64_is_strict},
+    {"authorization_header_shapes", test_authorization_header_shapes},
+    {"hash_formats", test_hash_formats},
+    {"users_file", test_users_file},
+    {"checks_on_the_pool", test_checks_on_the_pool},
+    {"no_users_refuses_at_once", test_no_users_refuses_at_once},
+    {"what_passwd_uses", test_what_passwd_uses},
+};
+
+MPH_UNIT_MAIN(tests)
