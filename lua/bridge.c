@@ -623,18 +623,13 @@ int mph_lua_uses_auth(const mph_lua_t *lua)
     return lua->nauth_services > 0;
 }
 
-static void on_evict_timer_closed(uv_handle_t *h);
-
-/* The timers close one after the other: the last callback frees what embeds them. */
-static void on_retry_timer_closed(uv_handle_t *h)
+/* Both timers close in one pass of the loop (a host that stops before it serves runs the
+ * loop only once more); the second callback frees what embeds them. */
+static void on_timer_closed(uv_handle_t *h)
 {
-    mph_lua_t *lua = mph_container_of(h, mph_lua_t, retry_timer);
-    uv_close((uv_handle_t *)&lua->evict_timer, on_evict_timer_closed);
-}
-
-static void on_evict_timer_closed(uv_handle_t *h)
-{
-    mph_lua_t *lua = mph_container_of(h, mph_lua_t, evict_timer);
+    mph_lua_t *lua = h->data;
+    if (--lua->closing_timers > 0)
+        return;
     lua_close(lua->L);
     mph_buf_free(&lua->scratch);
     for (size_t i = 0; i < lua->nauth_services; i++)
@@ -647,7 +642,10 @@ void mph_lua_close(mph_lua_t *lua)
 {
     lua->closing = 1;
     mph__runner_close(lua); /* answers whatever still waits, frees scopes */
-    uv_close((uv_handle_t *)&lua->retry_timer, on_retry_timer_closed);
+    lua->closing_timers = 2;
+    lua->retry_timer.data = lua->evict_timer.data = lua;
+    uv_close((uv_handle_t *)&lua->retry_timer, on_timer_closed);
+    uv_close((uv_handle_t *)&lua->evict_timer, on_timer_closed);
 }
 
 /* ---- Calls and attempts ---- */

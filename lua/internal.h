@@ -141,6 +141,7 @@ struct mph_lua_s {
     size_t scope_bytes;     /* their estimated memory ... */
     size_t scope_cache;     /* ... kept under this by evicting idle ones (0: no bound) */
     uv_timer_t evict_timer; /* evicts from a clean stack, on the next loop iteration */
+    int closing_timers;     /* timers whose close callback has not run yet */
     mph_unit_t *backoffs;   /* units backing off after a conflict, any order */
     uv_timer_t retry_timer; /* fires at the earliest backoff_until */
     int closing;            /* mph_lua_close was called */
