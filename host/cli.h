@@ -20,7 +20,7 @@ typedef struct {
     char storage_url[1024]; /* --storage=redis made into a redis:// URL */
     const char *log_level;  /* --logging */
     char *state_dir;        /* checked state directory (owned); NULL: none (serve only) */
-    int workers;            /* --workers=N; 0: not given */
+    int workers;            /* --workers=N; 0: one process, no supervisor; -1: not given */
     char **argv;            /* main's, NULL-terminated: what a supervisor runs its workers
                                with (borrowed) */
     long long started;      /* when serving began (time(NULL)); the pid file's started= */
@@ -33,8 +33,12 @@ typedef struct {
 /* The most workers a deployment runs (--workers, mp.spread). */
 #define MPH_MAX_WORKERS 256
 
-/* serve: loads the script; with --workers or topologies (mph_host_topology_workers) it becomes
- * the supervisor of that many workers (supervisor.h), else serves in this process. ready_fd
+/* "worker" or "workers", after the number n. */
+#define MPH_WORKERS_WORD(n) ((n) == 1 ? "worker" : "workers")
+
+/* serve: loads the script, then becomes the supervisor of as many workers as --workers or the
+ * script's topologies ask for (mph_host_topology_workers; at least 1: supervisor.h), or with
+ * --workers=0 serves in this process. ready_fd
  * (-1: none) gets deploy's one line, "ready PORT" or "error MESSAGE". */
 int mph_cli_serve(mph_cli_t *cli, int ready_fd);
 

@@ -324,7 +324,7 @@ int mph_cli_status(mph_cli_t *cli)
         printf("%s: running, pid %d, port %d, storage %s, uptime %llds, log %s", cli->script,
                d->pid, d->port, d->storage, now - d->started, d->log);
         if (d->nworkers > 0) /* a supervisor (the pid above) and its workers */
-            printf(", %d workers", d->nworkers);
+            printf(", %d %s", d->nworkers, MPH_WORKERS_WORD(d->nworkers));
         printf("\n");
         for (int j = 0; j < d->nworkers; j++) {
             const mph_cli_worker_t *w = &d->workers[j];

@@ -40,11 +40,12 @@ static const char usage[] =
     "  --max-connections=N   open connection limit (default 10000)\n"
     "  --idle-timeout=SEC    close idle or stalled connections (default 30)\n"
     "  --shutdown-timeout=SEC  how long delete waits for in-flight requests (default 10)\n"
-    "  --handler-timeout=SEC a handler running longer fails with -32003 (default 10;\n"
-    "                        0: no limit, and LuaJIT's compiler is on)\n"
+    "  --handler-timeout=SEC a handler running longer fails with -32003, or its worker is\n"
+    "                        replaced (default 10; 0: no limit)\n"
     "  --workers=N           serve with N worker processes under a supervisor (default:\n"
-    "                        the largest n of the script's mp.spread(n, fn); else one\n"
-    "                        process)\n"
+    "                        the largest n of the script's mp.spread(n, fn), else 1);\n"
+    "                        0: one process, no supervisor (for debugging and benchmarks;\n"
+    "                        LuaJIT's compiler is then off while a handler limit is set)\n"
     "  --help, --version\n";
 
 static int bad_usage(const char *fmt, const char *arg)
@@ -162,8 +163,8 @@ static int apply_option(mph_cli_t *cli, const char *name, const char *value)
             return bad_usage("invalid --shutdown-timeout: %s (expected seconds, 0 to 86400)",
                              value);
     } else if (strcmp(name, "workers") == 0) {
-        if (parse_integer(value, 1, MPH_MAX_WORKERS, &v) != 0)
-            return bad_usage("invalid --workers: %s (expected 1 to 256)", value);
+        if (parse_integer(value, 0, MPH_MAX_WORKERS, &v) != 0)
+            return bad_usage("invalid --workers: %s (expected 0 to 256)", value);
         cli->workers = (int)v;
     } else if (strcmp(name, "url") == 0) {
         cli->url = value;
@@ -247,12 +248,14 @@ int mph_cli_serve(mph_cli_t *cli, int ready_fd)
         return 1;
     }
     int nworkers = mph_host_topology_workers(h);
-    if (cli->workers > 0 || nworkers > 1) {
+    if (cli->workers != 0) {
         /* Workers: this process becomes their supervisor. Its host only read the script's
          * topologies (and checked that the script loads); each worker loads its own. */
         if (cli->workers > 0 && cli->workers < nworkers)
             mph_log(MPH_LOG_WARN, "--workers=%d raised to %d: the script's topologies need %d",
                     cli->workers, nworkers, nworkers);
+        if (cli->workers > nworkers)
+            nworkers = cli->workers;
         int stop = mph_host_stop_requested(h); /* a SIGTERM during the load is not lost */
         mph_host_free(h);
         if (stop) {
@@ -263,8 +266,13 @@ int mph_cli_serve(mph_cli_t *cli, int ready_fd)
             }
             return 0;
         }
-        return mph_supervisor_run(cli, nworkers > cli->workers ? nworkers : cli->workers, ready);
+        return mph_supervisor_run(cli, nworkers > 0 ? nworkers : 1, ready);
     }
+    if (nworkers > 1) /* --workers=0 */
+        mph_log(MPH_LOG_WARN,
+                "--workers=0: serving in one process, although the script's topologies ask for "
+                "%d workers",
+                nworkers);
     if ((rc = mph_host_listen(h, err, sizeof(err))) != 0) {
         mph_log(MPH_LOG_ERROR, "%s", err);
         mph_cli_report_failure(ready, err);
@@ -310,6 +318,7 @@ int main(int argc, char **argv)
     cli.params = "[{}]";
     cli.argv = argv;
     cli.url = "http://127.0.0.1:3000/";
+    cli.workers = -1;
 
     const char *env = getenv("MP_PORT");
     if (env && apply_option(&cli, "port", env) != 0)

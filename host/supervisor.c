@@ -27,16 +27,21 @@
  * and the start fails) -> RUNNING (replaces workers) -> STOPPING (SIGTERM to each worker,
  * SIGKILL to those left after the shutdown timeout + KILL_GRACE_MS; ends when no slot has a
  * process or an open handle).
+ *
+ * While it runs it also reads the workers' heartbeats in the shared page (supervisor.h) every
+ * BEAT_CHECK_MS, and kills a ready worker whose loop has stopped turning (on_beat_check).
  */
 #define _GNU_SOURCE
 #include "supervisor.h"
 
 #include <assert.h>
+#include <errno.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 #include <uv.h>
@@ -50,6 +55,7 @@ extern char **environ;
 #define BACKOFF_FIRST_MS 100 /* the wait before replacing it after a first quick death ... */
 #define BACKOFF_MAX_MS 10000 /* ... doubling with each quick death in a row, up to this */
 #define KILL_GRACE_MS 2000   /* after the shutdown timeout: then SIGKILL (delete waits +5 s) */
+#define BEAT_CHECK_MS 250    /* how often the workers' heartbeats are looked at */
 
 typedef enum { SLOT_IDLE, SLOT_STARTING, SLOT_READY } slot_state_t;
 typedef enum { SUP_STARTING, SUP_RUNNING, SUP_STOPPING } sup_state_t;
@@ -71,6 +77,8 @@ typedef struct {
     uint64_t spawned_ms; /* uv_now() then, for the quick-death test */
     int restarts;        /* processes started for this id after the first */
     int quick_deaths;    /* quick deaths in a row (the backoff's exponent) */
+    int beat;            /* the process's heartbeat slot in the shared page; -1: none */
+    int stuck;           /* the process was killed for a loop that stopped turning */
     char how[96];        /* how the last process ended ("exited with status 1") */
     char line[1024];     /* the report line being read */
     size_t len;          /* bytes in line */
@@ -88,12 +96,16 @@ struct sup_s {
     int ready;      /* slots READY */
     int busy;       /* slots not idle (a process or a handle still open) */
     uv_signal_t sigint, sigterm;
-    uv_timer_t kill_timer; /* STOPPING: SIGKILL what is left */
-    FILE *ready_out;       /* deploy's ready stream until the start ends, else NULL */
-    char failure[1100];    /* why the start failed ("" while it has not) */
-    const char *log_path;  /* MPH_LOG_PATH, for the pid file */
-    int closed;            /* the supervisor's own handles are closing */
-    char **args;           /* a worker's command line (owned array, borrowed strings) */
+    uv_timer_t kill_timer;     /* STOPPING: SIGKILL what is left */
+    FILE *ready_out;           /* deploy's ready stream until the start ends, else NULL */
+    char failure[1100];        /* why the start failed ("" while it has not) */
+    const char *log_path;      /* MPH_LOG_PATH, for the pid file */
+    int closed;                /* the supervisor's own handles are closing */
+    char **args;               /* a worker's command line (owned array, borrowed strings) */
+    mph_shared_page_t *shared; /* the shared page (supervisor.h), mapped; owned */
+    int shared_fd;             /* its memfd, which workers inherit */
+    unsigned char beat_used[MPH_SHARED_BEATS]; /* heartbeat slots given to live processes */
+    uv_timer_t beat_check; /* looks at the heartbeats (with a handler time limit) */
     char exe[4096];        /* this binary's path, which workers run */
 };
 
@@ -157,13 +169,15 @@ static void start_done(sup_t *sup)
 {
     sup->state = SUP_RUNNING;
     sup->cli->started = (long long)time(NULL);
+    __atomic_store_n(&sup->shared->generation, (uint64_t)sup->generation, __ATOMIC_RELAXED);
     if (update_pidfile(sup) != 0 && sup->ready_out) {
         /* A deployment that delete and status cannot find must not run (see main.c). */
         start_failed(sup, "cannot write the pid file (see the log)");
         return;
     }
-    mph_log(MPH_LOG_INFO, "serving %s on %s:%d (pid %d, %d workers, storage %s)", sup->cli->script,
-            sup->cli->host.listen, sup->port, (int)getpid(), sup->n, sup->cli->storage_desc);
+    mph_log(MPH_LOG_INFO, "serving %s on %s:%d (pid %d, %d %s, storage %s)", sup->cli->script,
+            sup->cli->host.listen, sup->port, (int)getpid(), sup->n, MPH_WORKERS_WORD(sup->n),
+            sup->cli->storage_desc);
     if (sup->ready_out) {
         fprintf(sup->ready_out, "ready %d\n", sup->port);
         fclose(sup->ready_out);
@@ -241,6 +255,9 @@ static void slot_closed(slot_t *s)
     s->state = SLOT_IDLE;
     s->pid = 0;
     s->exited = 0;
+    if (s->beat >= 0)
+        sup->beat_used[s->beat] = 0;
+    s->beat = -1;
     assert(assert_slot_state(s));
     sup->busy--;
     if (sup->state == SUP_STARTING) {
@@ -341,21 +358,38 @@ static char **worker_env(const slot_t *s, char **spec_out)
     for (size_t i = 0; i < n; i++)
         if (strncmp(environ[i], MPH_WORKER_ENV, elen) != 0 || environ[i][elen] != '=')
             env[k++] = environ[i];
-    char *spec = mph_xmalloc(elen + 64);
-    sprintf(spec, "%s=%d %d %d %d", MPH_WORKER_ENV, s->id, s->sup->n, (int)getpid(),
-            s->sup->generation);
+    char *spec = mph_xmalloc(elen + 80);
+    sprintf(spec, "%s=%d %d %d %d %d", MPH_WORKER_ENV, s->id, s->sup->n, (int)getpid(),
+            s->sup->generation, s->beat);
     env[k] = spec;
     *spec_out = spec;
     return env;
+}
+
+/* A free heartbeat slot, zeroed (so that a stamp of its last process is not read as the new
+ * one's), or -1 when every slot is taken. */
+static int take_beat(sup_t *sup)
+{
+    for (int i = 0; i < MPH_SHARED_BEATS; i++) {
+        if (!sup->beat_used[i]) {
+            sup->beat_used[i] = 1;
+            __atomic_store_n(&sup->shared->beats[i].alive_ms, 0, __ATOMIC_RELAXED);
+            return i;
+        }
+    }
+    return -1;
 }
 
 static void spawn_worker(slot_t *s)
 {
     sup_t *sup = s->sup;
     assert(assert_slot_state(s) && s->state == SLOT_IDLE);
+    s->beat = take_beat(sup);
+    assert(s->beat >= 0); /* as many slots as two generations of the most workers */
+    s->stuck = 0;
     uv_pipe_init(&sup->loop, &s->report, 0);
     s->report.data = s;
-    uv_stdio_container_t stdio[5];
+    uv_stdio_container_t stdio[6];
     stdio[0].flags = UV_IGNORE; /* /dev/null */
     stdio[1].flags = UV_INHERIT_FD;
     stdio[1].data.fd = 1;
@@ -365,6 +399,8 @@ static void spawn_worker(slot_t *s)
     stdio[MPH_WORKER_LISTEN_FD].data.fd = sup->listen_fd;
     stdio[MPH_WORKER_REPORT_FD].flags = UV_CREATE_PIPE | UV_WRITABLE_PIPE;
     stdio[MPH_WORKER_REPORT_FD].data.stream = (uv_stream_t *)&s->report;
+    stdio[MPH_WORKER_SHARED_FD].flags = UV_INHERIT_FD;
+    stdio[MPH_WORKER_SHARED_FD].data.fd = sup->shared_fd;
     char *spec;
     char **env = worker_env(s, &spec);
     uv_process_options_t opt;
@@ -374,7 +410,7 @@ static void spawn_worker(slot_t *s)
     opt.args = sup->args;
     opt.env = env;
     opt.stdio = stdio;
-    opt.stdio_count = 5;
+    opt.stdio_count = 6;
     /* A session of its own: a Ctrl-C at the terminal reaches the supervisor alone, which
      * then stops the workers in order (they would otherwise stop by themselves, and look
      * like workers to replace). */
@@ -413,6 +449,35 @@ static void on_respawn(uv_timer_t *t)
     s->restarts++;
     spawn_worker(s);
     update_pidfile(s->sup);
+}
+
+/* ---- Heartbeats ---- */
+
+/* Kills every ready worker whose loop has not turned for the handler time limit plus
+ * MPH_HEARTBEAT_GRACE_MS: it is stuck in a handler that the time limit's hook cannot stop
+ * (compiled code runs no hooks), or in C. SIGKILL, because a stuck loop would never run a
+ * SIGTERM's graceful stop; its calls in flight get no answer and commit nothing (it has not
+ * reached their commits), and it is replaced as any worker that dies. */
+static void on_beat_check(uv_timer_t *t)
+{
+    sup_t *sup = t->data;
+    uint64_t now = uv_hrtime() / 1000000; /* the clock the workers' loops stamp */
+    uint64_t limit = (uint64_t)sup->cli->host.handler_timeout_ms + MPH_HEARTBEAT_GRACE_MS;
+    for (int i = 0; i < sup->n; i++) {
+        slot_t *s = &sup->slots[i];
+        if (s->state != SLOT_READY || s->exited || s->stuck)
+            continue;
+        uint64_t alive = __atomic_load_n(&sup->shared->beats[s->beat].alive_ms, __ATOMIC_RELAXED);
+        if (alive == 0 || now < alive + limit)
+            continue;
+        mph_log(MPH_LOG_WARN,
+                "worker %d (pid %d): its loop has not turned for %.1f s (handler time limit "
+                "%.1f s); killing it",
+                s->id, s->pid, (double)(now - alive) / 1000,
+                (double)sup->cli->host.handler_timeout_ms / 1000);
+        s->stuck = 1;
+        uv_process_kill(&s->proc, SIGKILL);
+    }
 }
 
 /* ---- Stopping ---- */
@@ -458,6 +523,7 @@ static void begin_stop(sup_t *sup)
         return;
     sup->closed = 1;
     uv_close((uv_handle_t *)&sup->kill_timer, on_closed);
+    uv_close((uv_handle_t *)&sup->beat_check, on_closed);
     uv_close((uv_handle_t *)&sup->sigint, on_closed);
     uv_close((uv_handle_t *)&sup->sigterm, on_closed);
     for (int i = 0; i < sup->n; i++)
@@ -469,8 +535,8 @@ static void on_signal(uv_signal_t *sig, int signum)
     sup_t *sup = sig->data;
     if (sup->state == SUP_STOPPING)
         return;
-    mph_log(MPH_LOG_INFO, "received %s; stopping %d workers",
-            signum == SIGINT ? "SIGINT" : "SIGTERM", sup->n);
+    mph_log(MPH_LOG_INFO, "received %s; stopping %d %s", signum == SIGINT ? "SIGINT" : "SIGTERM",
+            sup->n, MPH_WORKERS_WORD(sup->n));
     if (sup->state == SUP_STARTING && sup->failure[0] == '\0')
         snprintf(sup->failure, sizeof(sup->failure), "stopped by %s during startup",
                  signum == SIGINT ? "SIGINT" : "SIGTERM");
@@ -479,11 +545,45 @@ static void on_signal(uv_signal_t *sig, int signum)
 
 /* ---- The run ---- */
 
+/* Makes the shared page (supervisor.h): a memfd, so that it needs no name in any file system
+ * and goes away with the last process that maps it. Returns 0, or MPH_EIO with a message. */
+static int make_shared_page(sup_t *sup, char *err, size_t errlen)
+{
+    sup->shared_fd = memfd_create("mphost-shared", MFD_CLOEXEC);
+    if (sup->shared_fd < 0 || ftruncate(sup->shared_fd, sizeof(mph_shared_page_t)) != 0) {
+        snprintf(err, errlen, "cannot create the workers' shared page: %s", strerror(errno));
+        goto fail;
+    }
+    sup->shared = mmap(NULL, sizeof(mph_shared_page_t), PROT_READ | PROT_WRITE, MAP_SHARED,
+                       sup->shared_fd, 0);
+    if (sup->shared == MAP_FAILED) {
+        sup->shared = NULL;
+        snprintf(err, errlen, "cannot map the workers' shared page: %s", strerror(errno));
+        goto fail;
+    }
+    sup->shared->magic = MPH_SHARED_MAGIC; /* the rest is zero, as ftruncate made it */
+    return 0;
+fail:
+    if (sup->shared_fd >= 0)
+        close(sup->shared_fd);
+    sup->shared_fd = -1;
+    return MPH_EIO;
+}
+
+static void free_shared_page(sup_t *sup)
+{
+    if (sup->shared)
+        munmap(sup->shared, sizeof(mph_shared_page_t));
+    if (sup->shared_fd >= 0)
+        close(sup->shared_fd);
+}
+
 int mph_supervisor_run(mph_cli_t *cli, int nworkers, FILE *ready)
 {
     sup_t *sup = mph_xcalloc(1, sizeof(*sup));
     char err[1024];
     sup->cli = cli;
+    sup->shared_fd = -1;
     sup->n = nworkers;
     sup->generation = 1;
     sup->ready_out = ready;
@@ -494,11 +594,14 @@ int mph_supervisor_run(mph_cli_t *cli, int nworkers, FILE *ready)
     size_t exelen = sizeof(sup->exe);
     if (uv_exepath(sup->exe, &exelen) != 0)
         snprintf(sup->exe, sizeof(sup->exe), "/proc/self/exe");
-    int rc = mph_http_open_listener(cli->host.listen, cli->host.port, &sup->listen_fd, &sup->port,
+    int rc = make_shared_page(sup, err, sizeof(err));
+    if (rc == 0)
+        rc = mph_http_open_listener(cli->host.listen, cli->host.port, &sup->listen_fd, &sup->port,
                                     err, sizeof(err));
     if (rc != 0) {
         mph_log(MPH_LOG_ERROR, "%s", err);
         mph_cli_report_failure(ready, err);
+        free_shared_page(sup);
         free(sup->args);
         free(sup);
         return 1;
@@ -511,16 +614,21 @@ int mph_supervisor_run(mph_cli_t *cli, int nworkers, FILE *ready)
     uv_signal_start(&sup->sigterm, on_signal, SIGTERM);
     uv_timer_init(&sup->loop, &sup->kill_timer);
     sup->kill_timer.data = sup;
+    uv_timer_init(&sup->loop, &sup->beat_check);
+    sup->beat_check.data = sup;
+    if (cli->host.handler_timeout_ms > 0) /* with no limit, a handler may run for ever */
+        uv_timer_start(&sup->beat_check, on_beat_check, BEAT_CHECK_MS, BEAT_CHECK_MS);
     sup->slots = mph_xcalloc((size_t)nworkers, sizeof(*sup->slots));
     for (int i = 0; i < nworkers; i++) {
         slot_t *s = &sup->slots[i];
         s->sup = sup;
         s->id = i + 1;
+        s->beat = -1;
         uv_timer_init(&sup->loop, &s->respawn);
         s->respawn.data = s;
     }
-    mph_log(MPH_LOG_INFO, "starting %d workers for %s on %s:%d", nworkers, cli->script,
-            cli->host.listen, sup->port);
+    mph_log(MPH_LOG_INFO, "starting %d %s for %s on %s:%d", nworkers, MPH_WORKERS_WORD(nworkers),
+            cli->script, cli->host.listen, sup->port);
     for (int i = 0; i < nworkers && sup->state == SUP_STARTING; i++)
         spawn_worker(&sup->slots[i]);
     uv_run(&sup->loop, UV_RUN_DEFAULT);
@@ -537,6 +645,7 @@ int mph_supervisor_run(mph_cli_t *cli, int nworkers, FILE *ready)
     }
     if (uv_loop_close(&sup->loop) != 0)
         mph_log(MPH_LOG_ERROR, "bug: handles left open at exit (supervisor)");
+    free_shared_page(sup);
     free(sup->slots);
     free(sup->args);
     free(sup);

@@ -1,9 +1,10 @@
 /*
  * worker.c: one worker of a supervised deployment (supervisor.c starts it; supervisor.h has
- * the protocol). It is the `serve` host with three differences: it accepts on the
+ * the protocol). It is the `serve` host with these differences: it accepts on the
  * supervisor's listening socket instead of binding one, it tells the supervisor on the report
- * socket whether it started, and it stops when the supervisor dies (so that no worker goes on
- * holding the port after a kill -9 of the deployment's pid).
+ * socket whether it started, its loop stamps a heartbeat into the shared page (so LuaJIT's
+ * compiler stays on: the supervisor ends a loop stuck in compiled code), and it dies with the
+ * supervisor.
  */
 #define _GNU_SOURCE
 #include "worker.h"
@@ -13,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <unistd.h>
 
@@ -26,18 +28,36 @@ static void report(const char *what, const char *msg)
     close(MPH_WORKER_REPORT_FD);
 }
 
+/* The shared page (supervisor.h), mapped for the life of the process; NULL if it cannot be. */
+static mph_shared_page_t *map_shared_page(void)
+{
+    void *p = mmap(NULL, sizeof(mph_shared_page_t), PROT_READ | PROT_WRITE, MAP_SHARED,
+                   MPH_WORKER_SHARED_FD, 0);
+    close(MPH_WORKER_SHARED_FD); /* the mapping stays */
+    if (p == MAP_FAILED || ((mph_shared_page_t *)p)->magic != MPH_SHARED_MAGIC)
+        return NULL;
+    return p;
+}
+
 int mph_worker_serve(mph_cli_t *cli, const char *spec)
 {
-    int id, count, supervisor, generation;
+    int id, count, supervisor, generation, beat;
     char err[1024], msg[1100];
-    if (sscanf(spec, "%d %d %d %d", &id, &count, &supervisor, &generation) != 4 || id < 1 ||
-        count < id || count > MPH_MAX_WORKERS || generation < 1) {
+    if (sscanf(spec, "%d %d %d %d %d", &id, &count, &supervisor, &generation, &beat) != 5 ||
+        id < 1 || count < id || count > MPH_MAX_WORKERS || generation < 1 || beat < 0 ||
+        beat >= MPH_SHARED_BEATS) {
         fprintf(stderr, "mphost: invalid %s=%s (set by a supervisor only)\n", MPH_WORKER_ENV, spec);
         return 1;
     }
-    /* A graceful stop when the supervisor dies, however it dies; checked after asking, in case
-     * it died before (we would then belong to another parent already). */
-    if (prctl(PR_SET_PDEATHSIG, SIGTERM) != 0 || getppid() != supervisor) {
+    /* Killed when the supervisor dies, however it dies; checked after asking, in case it died
+     * before (we would then belong to another parent already). SIGKILL, not SIGTERM: the
+     * graceful way to stop a deployment is a SIGTERM to the supervisor, which stops its
+     * workers in order; a supervisor that dies without that (kill -9, a crash) is a crash of
+     * the deployment, and should look like one: its workers go with it at once, so the port
+     * and the data directory are free for a restart right away (draining workers would hold
+     * the port for up to the shutdown timeout, and a new deploy would find it in use), and no
+     * worker serves on with nobody watching its heartbeat. */
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != supervisor) {
         fprintf(stderr, "mphost: worker %d: its supervisor (pid %d) is gone\n", id, supervisor);
         return 1;
     }
@@ -46,6 +66,13 @@ int mph_worker_serve(mph_cli_t *cli, const char *spec)
     fcntl(MPH_WORKER_LISTEN_FD, F_SETFD, FD_CLOEXEC);
     fcntl(MPH_WORKER_REPORT_FD, F_SETFD, FD_CLOEXEC);
     unsetenv(MPH_WORKER_ENV);
+    mph_shared_page_t *shared = map_shared_page();
+    if (shared == NULL) {
+        snprintf(msg, sizeof(msg), "worker %d: cannot map the shared page", id);
+        mph_log(MPH_LOG_ERROR, "%s", msg);
+        report("error", msg);
+        return 1;
+    }
     char tag[32];
     snprintf(tag, sizeof(tag), "worker %d", id);
     mph_log_set_tag(tag);
@@ -54,6 +81,8 @@ int mph_worker_serve(mph_cli_t *cli, const char *spec)
     cfg.listen_fd = MPH_WORKER_LISTEN_FD;
     cfg.worker_id = id;
     cfg.worker_count = count;
+    cfg.supervised = 1;
+    cfg.heartbeat = &shared->beats[beat].alive_ms;
     mph_host_t *h = NULL;
     int script_failed = 0;
     int rc = mph_host_new(&h, &cfg, err, sizeof(err));
@@ -69,12 +98,14 @@ int mph_worker_serve(mph_cli_t *cli, const char *spec)
         report("error", msg);
         if (h)
             mph_host_free(h);
+        munmap(shared, sizeof(*shared));
         return 1;
     }
     mph_log(MPH_LOG_DEBUG, "serving (pid %d)", (int)getpid());
     report("ready", NULL);
     mph_host_run(h);
     mph_host_free(h);
+    munmap(shared, sizeof(*shared));
     mph_log(MPH_LOG_DEBUG, "stopped");
     return 0;
 }
