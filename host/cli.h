@@ -48,6 +48,11 @@ void mph_cli_report_failure(FILE *ready, const char *msg);
 int mph_cli_deploy(mph_cli_t *cli);
 int mph_cli_delete(mph_cli_t *cli);
 int mph_cli_status(mph_cli_t *cli);
+/* reload: asks the supervisor of each deployment of the script (or of --port) to swap in
+ * workers running the re-read script, over its control socket (control.h), and waits for the
+ * outcome. Exit 0 when every reload worked; 1 with one line on stderr when one failed (the
+ * Lua error of a script that does not load), nothing runs, or a deployment has no workers. */
+int mph_cli_reload(mph_cli_t *cli);
 int mph_cli_call(mph_cli_t *cli);
 
 /* Finds the directory for deployments' pid, log and lock files (MP_STATE_DIR, else

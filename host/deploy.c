@@ -25,6 +25,8 @@
 
 #include "cli.h"
 #include "common.h"
+#include "control.h"
+#include "supervisor.h"
 
 #define STARTUP_TIMEOUT_MS 60000
 
@@ -377,6 +379,44 @@ int mph_cli_delete(mph_cli_t *cli)
             rc = 1;
         }
         unlink(deps[i].path);
+    }
+    free(deps);
+    close(lock);
+    return rc;
+}
+
+int mph_cli_reload(mph_cli_t *cli)
+{
+    char err[1200];
+    int lock = lock_script(cli, err, sizeof(err)); /* a deploy or delete of it runs first */
+    if (lock < 0) {
+        fprintf(stderr, "mphost: %s\n", err);
+        return 1;
+    }
+    deployment_t *deps;
+    int n = find_deployments(cli, &deps);
+    if (n == 0)
+        fprintf(stderr, "mphost: %s is not running\n", cli->script);
+    int rc = n > 0 ? 0 : 1;
+    /* The supervisor answers once the new workers serve and the old ones are gone: it waits
+     * for them to start, then for the old ones' graceful stop. */
+    unsigned wait_ms =
+        MPH_RELOAD_START_MS + cli->host.shutdown_timeout_ms + MPH_KILL_GRACE_MS + 5000;
+    for (int i = 0; i < n; i++) {
+        char reply[1200];
+        if (deps[i].nworkers == 0) {
+            fprintf(stderr,
+                    "mphost: %s on port %d runs as one process (--workers=0), which cannot "
+                    "reload; delete it and deploy it again\n",
+                    cli->script, deps[i].port);
+            rc = 1;
+        } else if (mph_control_request(deps[i].pid, "reload", wait_ms, reply, sizeof(reply)) != 0) {
+            fprintf(stderr, "mphost: %s on port %d: %s\n", cli->script, deps[i].port, reply);
+            rc = 1;
+        } else if (strncmp(reply, "ok", 2) != 0) {
+            fprintf(stderr, "mphost: %s\n", strncmp(reply, "error ", 6) == 0 ? reply + 6 : reply);
+            rc = 1;
+        }
     }
     free(deps);
     close(lock);

@@ -22,6 +22,7 @@ static const char usage[] =
     "       mphost SCRIPT serve [PORT] [options] run in the foreground, logs to stderr\n"
     "       mphost SCRIPT delete [--port=N]      stop that deployment gracefully\n"
     "       mphost SCRIPT status [--port=N]      is it running: pid, port, storage, uptime\n"
+    "       mphost SCRIPT reload [--port=N]      swap in workers running the re-read script\n"
     "       mphost call METHOD [JSON] [--url URL]\n"
     "                                            call METHOD with params JSON (default [{}])\n"
     "options:\n"
@@ -382,7 +383,8 @@ int main(int argc, char **argv)
     if (serve && npos == 3 && apply_option(&cli, "port", positional[2]) != 0)
         return 1;
     cli.script_path = realpath(cli.script, NULL);
-    int managing = strcmp(cli.verb, "delete") == 0 || strcmp(cli.verb, "status") == 0;
+    int managing = strcmp(cli.verb, "delete") == 0 || strcmp(cli.verb, "status") == 0 ||
+                   strcmp(cli.verb, "reload") == 0;
     if (cli.script_path == NULL && !managing) {
         fprintf(stderr, "mphost: cannot open script %s: %s\n", cli.script, strerror(errno));
         return 1;
@@ -414,6 +416,8 @@ int main(int argc, char **argv)
         rc = mph_cli_delete(&cli);
     else if (strcmp(cli.verb, "status") == 0)
         rc = mph_cli_status(&cli);
+    else if (strcmp(cli.verb, "reload") == 0)
+        rc = mph_cli_reload(&cli);
     else
         rc = bad_usage("unknown command: %s", cli.verb);
 out:

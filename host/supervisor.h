@@ -1,8 +1,9 @@
 /*
  * supervisor.h: serving with worker processes. The supervisor binds the port once and runs N
  * workers (worker.h), each a whole host accepting on that one shared socket; it replaces a
- * worker that exits, stops them all on SIGTERM/SIGINT, and keeps the deployment's pid file
- * (with the workers listed, for status).
+ * worker that exits, swaps in a new generation of workers on a reload (its control socket,
+ * control.h, or SIGHUP), stops them all on SIGTERM/SIGINT, and keeps the deployment's pid
+ * file (with the workers listed, for status).
  *
  * How a worker is started, the whole protocol between the two (both sides include this):
  * the same binary (/proc/self/exe) with the same arguments, plus
@@ -11,10 +12,16 @@
  *     more per reload; a replaced worker joins the generation of the one it replaces. BEAT is
  *     the worker's slot in the shared page's heartbeats, 0..MPH_SHARED_BEATS-1);
  *   - the listening socket on descriptor MPH_WORKER_LISTEN_FD;
- *   - a stream socket on MPH_WORKER_REPORT_FD on which it writes one line once it listens
- *     ("ready") or has failed to start ("error MESSAGE"), then closes it;
+ *   - a stream socket on MPH_WORKER_REPORT_FD on which it writes one line once it has loaded
+ *     the script and can serve ("ready") or has failed to start ("error MESSAGE"). After
+ *     "ready" it waits for the supervisor's "go" before it accepts anything (so that a start
+ *     or a reload serves with all of its workers or none); the socket's end instead means
+ *     that it is not needed (the start or reload was given up): it exits;
  *   - the shared page (mph_shared_page_t, a memfd the supervisor made) on
  *     MPH_WORKER_SHARED_FD, which it maps read-write.
+ * ID 0 (COUNT 0, BEAT -1) is a reload's probe: it loads the script as the supervisor's start
+ * did, reports "topology N" (how many workers the script's topologies ask for, 0: none) or
+ * "error MESSAGE", and exits without serving.
  * A worker dies with its supervisor (PR_SET_PDEATHSIG, worker.c says why SIGKILL).
  */
 #ifndef MPH_SUPERVISOR_H
@@ -29,6 +36,9 @@
 #define MPH_WORKER_LISTEN_FD 3
 #define MPH_WORKER_REPORT_FD 4
 #define MPH_WORKER_SHARED_FD 5
+
+#define MPH_KILL_GRACE_MS 2000    /* after the shutdown timeout, a stopping worker is killed */
+#define MPH_RELOAD_START_MS 60000 /* a reload's new workers must all be ready within this */
 
 /* ---- The shared page ----
  *

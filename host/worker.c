@@ -2,13 +2,17 @@
  * worker.c: one worker of a supervised deployment (supervisor.c starts it; supervisor.h has
  * the protocol). It is the `serve` host with these differences: it accepts on the
  * supervisor's listening socket instead of binding one, it tells the supervisor on the report
- * socket whether it started, its loop stamps a heartbeat into the shared page (so LuaJIT's
- * compiler stays on: the supervisor ends a loop stuck in compiled code), and it dies with the
- * supervisor.
+ * socket whether it started and serves only once told to, its loop stamps a heartbeat into the
+ * shared page (so LuaJIT's compiler stays on: the supervisor ends a loop stuck in compiled
+ * code), and it dies with the supervisor.
+ *
+ * The same entry point runs a reload's probe (worker id 0): it only loads the script, says
+ * how many workers its topologies ask for, and exits.
  */
 #define _GNU_SOURCE
 #include "worker.h"
 
+#include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
@@ -21,14 +25,39 @@
 #include "common.h"
 #include "supervisor.h"
 
-/* Writes the one report line and closes the socket: the supervisor reads to end of file. */
-static void report(const char *what, const char *msg)
+/* The shared page while this worker serves (for mph_worker_generation), else NULL. */
+static mph_shared_page_t *shared_page;
+
+/* Writes one report line ("what msg"); `last`: and closes the socket. */
+static void report(const char *what, const char *msg, int last)
 {
     dprintf(MPH_WORKER_REPORT_FD, "%s%s%s\n", what, msg ? " " : "", msg ? msg : "");
-    close(MPH_WORKER_REPORT_FD);
+    if (last)
+        close(MPH_WORKER_REPORT_FD);
 }
 
-/* The shared page (supervisor.h), mapped for the life of the process; NULL if it cannot be. */
+/* Waits for the supervisor's word after "ready": "go" (serve) or the socket's end (the start
+ * or the reload it belongs to was given up: leave without serving). Blocking: this process
+ * has nothing else to do yet, and a supervisor that dies kills it. Returns 1 for "go". */
+static int wait_for_go(void)
+{
+    char buf[8];
+    size_t got = 0;
+    while (got < sizeof(buf) - 1) {
+        ssize_t n = read(MPH_WORKER_REPORT_FD, buf + got, sizeof(buf) - 1 - got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        got += (size_t)n;
+        if (memchr(buf, '\n', got))
+            break;
+    }
+    buf[got] = '\0';
+    return strcmp(buf, "go\n") == 0;
+}
+
+/* The shared page (supervisor.h), mapped until the worker ends; NULL if it cannot be. */
 static mph_shared_page_t *map_shared_page(void)
 {
     void *p = mmap(NULL, sizeof(mph_shared_page_t), PROT_READ | PROT_WRITE, MAP_SHARED,
@@ -39,13 +68,88 @@ static mph_shared_page_t *map_shared_page(void)
     return p;
 }
 
+/* A reload's probe: loads the script as the supervisor's start does (so mp.worker is
+ * { id = 1, count = 1 }), reports "topology N" or the error, and exits. */
+static int probe(mph_cli_t *cli)
+{
+    char err[1024], msg[1100];
+    close(MPH_WORKER_SHARED_FD);
+    mph_log_set_tag("reload check");
+    mph_host_t *h = NULL;
+    int script_failed = 0;
+    int rc = mph_host_new(&h, &cli->host, err, sizeof(err));
+    if (rc == 0 && (rc = mph_host_load_file(h, cli->script_path, err, sizeof(err))) != 0)
+        script_failed = 1;
+    if (rc == 0) {
+        snprintf(msg, sizeof(msg), "%d", mph_host_topology_workers(h));
+        report("topology", msg, 1);
+    } else {
+        snprintf(msg, sizeof(msg), "%s%s", script_failed ? "script error: " : "", err);
+        report("error", msg, 1);
+    }
+    if (h)
+        mph_host_free(h);
+    return rc == 0 ? 0 : 1;
+}
+
+/* Loads, listens, reports, waits for "go", serves. */
+static int serve(mph_cli_t *cli, int id, int count, int beat)
+{
+    char err[1024], msg[1100];
+    char tag[32];
+    snprintf(tag, sizeof(tag), "worker %d", id);
+    mph_log_set_tag(tag);
+    shared_page = map_shared_page();
+    if (shared_page == NULL) {
+        snprintf(msg, sizeof(msg), "worker %d: cannot map the shared page", id);
+        mph_log(MPH_LOG_ERROR, "%s", msg);
+        report("error", msg, 1);
+        return 1;
+    }
+    mph_host_config_t cfg = cli->host;
+    cfg.listen_fd = MPH_WORKER_LISTEN_FD;
+    cfg.worker_id = id;
+    cfg.worker_count = count;
+    cfg.supervised = 1;
+    cfg.heartbeat = &shared_page->beats[beat].alive_ms;
+    mph_host_t *h = NULL;
+    int script_failed = 0;
+    int rc = mph_host_new(&h, &cfg, err, sizeof(err));
+    if (rc == 0)
+        mph_host_handle_signals(h); /* SIGTERM from the supervisor: a graceful stop */
+    if (rc == 0 && (rc = mph_host_load_file(h, cli->script_path, err, sizeof(err))) != 0)
+        script_failed = 1;
+    if (rc == 0)
+        rc = mph_host_listen(h, err, sizeof(err)); /* accepts once the loop runs */
+    if (rc != 0) {
+        snprintf(msg, sizeof(msg), "%s%s", script_failed ? "script error: " : "", err);
+        mph_log(MPH_LOG_ERROR, "%s", msg);
+        report("error", msg, 1);
+    } else {
+        report("ready", NULL, 0);
+        int go = wait_for_go();
+        close(MPH_WORKER_REPORT_FD);
+        if (go) {
+            mph_log(MPH_LOG_DEBUG, "serving (pid %d)", (int)getpid());
+            mph_host_run(h);
+        } else {
+            mph_log(MPH_LOG_DEBUG, "not needed after all; leaving without serving");
+        }
+    }
+    if (h)
+        mph_host_free(h);
+    munmap(shared_page, sizeof(*shared_page));
+    shared_page = NULL;
+    mph_log(MPH_LOG_DEBUG, "stopped");
+    return rc == 0 ? 0 : 1;
+}
+
 int mph_worker_serve(mph_cli_t *cli, const char *spec)
 {
     int id, count, supervisor, generation, beat;
-    char err[1024], msg[1100];
     if (sscanf(spec, "%d %d %d %d %d", &id, &count, &supervisor, &generation, &beat) != 5 ||
-        id < 1 || count < id || count > MPH_MAX_WORKERS || generation < 1 || beat < 0 ||
-        beat >= MPH_SHARED_BEATS) {
+        id < 0 || count < id || count > MPH_MAX_WORKERS || generation < 1 ||
+        beat < (id == 0 ? -1 : 0) || beat >= MPH_SHARED_BEATS) {
         fprintf(stderr, "mphost: invalid %s=%s (set by a supervisor only)\n", MPH_WORKER_ENV, spec);
         return 1;
     }
@@ -66,46 +170,10 @@ int mph_worker_serve(mph_cli_t *cli, const char *spec)
     fcntl(MPH_WORKER_LISTEN_FD, F_SETFD, FD_CLOEXEC);
     fcntl(MPH_WORKER_REPORT_FD, F_SETFD, FD_CLOEXEC);
     unsetenv(MPH_WORKER_ENV);
-    mph_shared_page_t *shared = map_shared_page();
-    if (shared == NULL) {
-        snprintf(msg, sizeof(msg), "worker %d: cannot map the shared page", id);
-        mph_log(MPH_LOG_ERROR, "%s", msg);
-        report("error", msg);
-        return 1;
-    }
-    char tag[32];
-    snprintf(tag, sizeof(tag), "worker %d", id);
-    mph_log_set_tag(tag);
+    return id == 0 ? probe(cli) : serve(cli, id, count, beat);
+}
 
-    mph_host_config_t cfg = cli->host;
-    cfg.listen_fd = MPH_WORKER_LISTEN_FD;
-    cfg.worker_id = id;
-    cfg.worker_count = count;
-    cfg.supervised = 1;
-    cfg.heartbeat = &shared->beats[beat].alive_ms;
-    mph_host_t *h = NULL;
-    int script_failed = 0;
-    int rc = mph_host_new(&h, &cfg, err, sizeof(err));
-    if (rc == 0)
-        mph_host_handle_signals(h); /* SIGTERM from the supervisor: a graceful stop */
-    if (rc == 0 && (rc = mph_host_load_file(h, cli->script_path, err, sizeof(err))) != 0)
-        script_failed = 1;
-    if (rc == 0)
-        rc = mph_host_listen(h, err, sizeof(err));
-    if (rc != 0) {
-        snprintf(msg, sizeof(msg), "%s%s", script_failed ? "script error: " : "", err);
-        mph_log(MPH_LOG_ERROR, "%s", msg);
-        report("error", msg);
-        if (h)
-            mph_host_free(h);
-        munmap(shared, sizeof(*shared));
-        return 1;
-    }
-    mph_log(MPH_LOG_DEBUG, "serving (pid %d)", (int)getpid());
-    report("ready", NULL);
-    mph_host_run(h);
-    mph_host_free(h);
-    munmap(shared, sizeof(*shared));
-    mph_log(MPH_LOG_DEBUG, "stopped");
-    return 0;
+uint64_t mph_worker_generation(void)
+{
+    return shared_page ? __atomic_load_n(&shared_page->generation, __ATOMIC_RELAXED) : 0;
 }

@@ -309,10 +309,14 @@ def connection_closed(sock, timeout=5.0):
 
 
 class KeepAliveClient:
-    """One persistent HTTP/1.1 connection for many JSON-RPC calls."""
+    """One persistent HTTP/1.1 connection for many JSON-RPC calls. Like any HTTP client, it
+    opens a new connection after a response that says "Connection: close" (a server stopping
+    gracefully, or reloading, ends keep-alive connections so)."""
 
     def __init__(self, port, timeout=60):
         self.port = port
+        self.timeout = timeout
+        self.reconnects = 0  # connections opened after a "Connection: close"
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.buf = b""
 
@@ -321,14 +325,22 @@ class KeepAliveClient:
         if params is not None:
             req["params"] = params
         body = json.dumps(req).encode()
+        if self.sock is None:
+            self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=self.timeout)
+            self.buf = b""
+            self.reconnects += 1
         self.sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        status, _, data, self.buf = read_response(self.sock, self.buf)
+        status, headers, data, self.buf = read_response(self.sock, self.buf)
+        if headers.get("connection") == "close":
+            self.sock.close()
+            self.sock = None
         eq(status, 200, "HTTP status")
         return json.loads(data)
 
     def close(self):
-        self.sock.close()
+        if self.sock is not None:
+            self.sock.close()
 
 
 def kill9_under_load(server, clients=8, after_acks=50):

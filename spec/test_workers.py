@@ -433,3 +433,225 @@ def test_an_interpreted_endless_loop_is_32003_and_keeps_its_worker():
         eq(s.result("whoami", [])["pid"], workers[1], "the same worker answers")
         eq(s.result("jit", []), True, "with the compiler on")
         check(s.alive(), "no worker was replaced")
+
+
+# -- Reloads --
+
+COUNTER = """-- a counter whose answers say which script version and worker answered
+local mp = require("metaparticle")
+local function exists(path)
+  local f = path and io.open(path)
+  if f then f:close() end
+  return f ~= nil
+end
+-- The check of a reload waits while $MPH_TEST_HOLD exists (after creating HOLD.waiting).
+local hold = os.getenv("MPH_TEST_HOLD")
+if exists(hold) then
+  io.open(hold .. ".waiting", "w"):close()
+  while exists(hold) do os.execute("sleep 0.01") end
+end
+%(extra)s
+mp.service("count", mp.spread(%(workers)d, function()
+  local g = mp.scope.global
+  g.requests = (g.requests or 0) + 1
+  return { requests = g.requests, version = "%(version)s", worker = mp.worker.id,
+           count = mp.worker.count }
+end)).expose = true
+mp.serve()
+"""
+
+
+def write_counter(path, version, workers, extra=""):
+    with open(path + ".new", "w") as f:
+        f.write(COUNTER % {"version": version, "workers": workers, "extra": extra})
+    os.rename(path + ".new", path)  # a reload reads a whole file, never half of one
+
+
+def counter_server(version="v1", workers=2, env=None, args=()):
+    path = os.path.join(tmpdir(), "counter.lua")
+    write_counter(path, version, workers)
+    return path, Server(path, list(args), env=env)
+
+
+def reload(server, *args):
+    return run([server.script, "reload", "--port=%d" % server.port] + list(args),
+               env={"MP_STATE_DIR": server.state})
+
+
+class Load:
+    """16 clients calling `count` until stopped: 8 on keep-alive connections (which reconnect
+    after a "Connection: close", as HTTP clients do) and 8 on a new connection per call.
+    Records every answer with the time its call began, and every failure."""
+
+    def __init__(self, server):
+        self.server = server
+        self.answers, self.failures, self.lock = [], [], threading.Lock()
+        self.stopping = threading.Event()
+        self.reconnects = 0
+        self.threads = [threading.Thread(target=self.client, args=(i < 8,)) for i in range(16)]
+        for t in self.threads:
+            t.start()
+
+    def client(self, keep_alive):
+        c = KeepAliveClient(self.server.port) if keep_alive else None
+        while not self.stopping.is_set():
+            began = time.time()
+            try:
+                r = c.call("count", []) if c else self.server.rpc("count", [])
+            except (OSError, TestFailure, ValueError) as e:
+                with self.lock:
+                    self.failures.append(repr(e))
+                break
+            with self.lock:
+                if "error" in r:
+                    self.failures.append(r["error"])
+                else:
+                    self.answers.append((began, r["result"]))
+        if c:
+            self.reconnects += c.reconnects
+            c.close()
+
+    def wait_answers(self, n, after=0):
+        wait_until(lambda: self.failures or
+                   len([a for a in self.answers if a[0] > after]) >= n,
+                   "%d answers" % n)
+
+    def stop(self):
+        self.stopping.set()
+        for t in self.threads:
+            t.join()
+        return self.answers
+
+
+def test_reload_under_load_fails_no_call_and_switches_the_script():
+    path, s = counter_server("v1", 2)
+    with s:
+        old = started(s, 2)
+        load = Load(s)
+        try:
+            load.wait_answers(200)
+            write_counter(path, "v2", 3)
+            rc, out, err = reload(s)
+            done = time.time()
+            eq((rc, out, err), (0, "", ""), "reload")
+            load.wait_answers(300, after=done)
+        finally:
+            answers = load.stop()
+        check(not load.failures, "failed calls: %r" % load.failures[:5])
+        counts = sorted(r["requests"] for _, r in answers)
+        eq(counts, list(range(1, len(counts) + 1)), "every count once, none lost")
+        eq(s.result("count", [])["requests"], len(counts) + 1, "stored: every call")
+        versions = set(r["version"] for _, r in answers)
+        eq(versions, {"v1", "v2"}, "both scripts answered")
+        after = [r for began, r in answers if began > done]
+        eq(set(r["version"] for r in after), {"v2"}, "once reload returns, only the new script")
+        eq(set(r["count"] for r in after), {3}, "on its 3 workers")
+        eq(set(r["worker"] for r in after), {1, 2, 3}, "all of which answer")
+        check(load.reconnects > 0, "keep-alive clients were told to reconnect")
+        line, new = status(s)
+        check(line.endswith(", 3 workers"), line)
+        check(not set(new.values()) & set(old.values()), "new processes: %r %r" % (old, new))
+        check(all(gone(p) for p in old.values()), "the old workers are gone")
+        text = s.read_log()
+        check("reload: generation 2 serves with 3 workers; generation 1 stops" in text, text)
+        check("replacing it" not in text, "no worker died: " + text[-3000:])
+
+
+def test_a_broken_script_on_reload_leaves_the_old_workers_serving():
+    path, s = counter_server("v1", 2)
+    with s:
+        old = started(s, 2)
+        # A script that does not load: the check fails, no worker of it starts.
+        write_counter(path, "v2", 2, extra='error("v2 is broken")')
+        rc, out, err = reload(s)
+        eq(rc, 1, "reload exit")
+        eq(len(err.strip().splitlines()), 1, "one line: %r" % err)
+        check("script error" in err and "v2 is broken" in err, err)
+        eq(status(s)[1], old, "the same workers")
+        eq(s.result("count", [])["version"], "v1")
+        # A script that loads but not in worker 2: worker 1 of it never serves, under load.
+        write_counter(path, "v3", 2, extra='if mp.worker.id == 2 then error("no 2 in v3") end')
+        load = Load(s)
+        try:
+            load.wait_answers(100)
+            rc, out, err = reload(s)
+            load.wait_answers(100, after=time.time())
+        finally:
+            answers = load.stop()
+        eq(rc, 1, "reload exit")
+        eq(len(err.strip().splitlines()), 1, "one line: %r" % err)
+        check("no 2 in v3" in err, err)
+        check(not load.failures, "failed calls: %r" % load.failures[:5])
+        eq(set(r["version"] for _, r in answers), {"v1"}, "only the old script answered")
+        eq(status(s)[1], old, "the same workers")
+        check("reload failed" in s.read_log(), s.read_log()[-2000:])
+
+
+def test_sighup_reloads_as_reload_does():
+    path, s = counter_server("v1", 1)
+    with s:
+        old = started(s, 1)
+        write_counter(path, "v2", 2)
+        s.proc.send_signal(signal.SIGHUP)
+        wait_log(s, "reload: generation 2 serves with 2 workers")
+        wait_until(lambda: set(status(s)[1]) == {1, 2}, "status lists the new workers")
+        eq(s.result("count", [])["version"], "v2")
+        new = status(s)[1]
+        check(new[1] != old[1], "a new worker 1")
+        # A broken one: logged, and the workers serve on.
+        write_counter(path, "v3", 2, extra='error("v3 is broken")')
+        s.proc.send_signal(signal.SIGHUP)
+        wait_log(s, "reload failed: script error")
+        check("v3 is broken" in s.read_log(), s.read_log()[-2000:])
+        eq(status(s)[1], new, "the same workers")
+        eq(s.result("count", [])["version"], "v2")
+
+
+def test_a_sighup_during_a_reload_is_refused_and_reload_commands_wait_their_turn():
+    hold = os.path.join(tmpdir(), "hold")
+    path, s = counter_server("v1", 1, env={"MPH_TEST_HOLD": hold})
+    with s:
+        started(s, 1)
+        write_counter(path, "v2", 1)
+        open(hold, "w").close()
+
+        def reload_in_background():
+            return subprocess.Popen([MPHOST, path, "reload", "--port=%d" % s.port],
+                                    env=dict(os.environ, MP_STATE_DIR=s.state),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        first = reload_in_background()
+        second = None
+        try:
+            wait_until(lambda: os.path.exists(hold + ".waiting"), "the first reload runs")
+            # SIGHUP does not wait: refused, and logged.
+            s.proc.send_signal(signal.SIGHUP)
+            wait_log(s, "reload refused: a reload is already in progress")
+            # A second reload command waits for the first (it locks the script, as deploy
+            # and delete do), then reloads again.
+            second = reload_in_background()
+            os.unlink(os.path.join(hold + ".waiting"))
+            os.unlink(hold)
+            outs = [p.communicate(timeout=60) for p in (first, second)]
+        finally:
+            for p in (first, second):
+                if p and p.poll() is None:
+                    p.kill()
+                    p.wait()
+        eq((first.returncode, second.returncode), (0, 0), "both reloads: %r" % outs)
+        text = s.read_log()
+        check(text.index("generation 2 serves") < text.index("generation 3 serves"), text)
+        eq(s.result("count", [])["version"], "v2")
+
+
+def test_reload_with_nothing_to_reload_says_so():
+    path = os.path.join(tmpdir(), "counter.lua")
+    write_counter(path, "v1", 1)
+    env = {"MP_STATE_DIR": tmpdir("mph-state-")}
+    rc, out, err = run([path, "reload"], env=env)
+    eq(rc, 1, "reload with no deployment")
+    check("is not running" in err and len(err.strip().splitlines()) == 1, err)
+    with Server(path, ["--workers=0"]) as s:
+        rc, out, err = reload(s)
+        eq(rc, 1, "reload of one process")
+        check("--workers=0" in err and len(err.strip().splitlines()) == 1, err)
