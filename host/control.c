@@ -11,13 +11,11 @@
 #include "control.h"
 
 #include <errno.h>
-#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "common.h"
@@ -281,42 +279,14 @@ int mph_control_request(int pid, const char *command, unsigned timeout_ms, char 
         close(fd);
         return MPH_EIO;
     }
-    size_t got = 0;
-    struct timespec start, now;
-    clock_gettime(CLOCK_MONOTONIC, &start);
-    for (;;) {
-        clock_gettime(CLOCK_MONOTONIC, &now);
-        long waited = (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;
-        if (waited >= (long)timeout_ms) {
-            snprintf(reply, len, "the supervisor (pid %d) did not answer within %u s", pid,
-                     timeout_ms / 1000);
-            break;
-        }
-        struct pollfd p = {fd, POLLIN, 0};
-        int r = poll(&p, 1, (int)(timeout_ms - (unsigned)waited));
-        if (r < 0 && errno == EINTR)
-            continue;
-        ssize_t k = r > 0 ? read(fd, reply + got, len - 1 - got) : -1;
-        if (k > 0) {
-            got += (size_t)k;
-            reply[got] = '\0';
-            char *nl = strchr(reply, '\n');
-            if (nl != NULL) {
-                *nl = '\0';
-                close(fd);
-                return 0;
-            }
-            if (got < len - 1)
-                continue;
-        }
-        if (r != 0) {
-            snprintf(reply, len,
-                     "the supervisor (pid %d) closed the control socket without "
-                     "an answer",
-                     pid);
-            break;
-        }
-    }
+    int rc = mph_read_line(fd, reply, len, (int)timeout_ms);
     close(fd);
+    if (rc == 1)
+        return 0;
+    if (rc < 0)
+        snprintf(reply, len, "the supervisor (pid %d) did not answer within %u s", pid,
+                 timeout_ms / 1000);
+    else
+        snprintf(reply, len, "the supervisor (pid %d) ended the exchange without an answer", pid);
     return MPH_EIO;
 }

@@ -12,7 +12,6 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <poll.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -481,32 +480,6 @@ static void deploy_child(mph_cli_t *cli, int ready_fd, const char *log_path)
     _exit(rc);
 }
 
-/* Reads the child's one line, "ready PORT" or "error MESSAGE", into line ("" when the pipe
- * closed without one). Returns 0, or -1 after STARTUP_TIMEOUT_MS. */
-static int read_ready_line(int fd, char *line, size_t size)
-{
-    size_t len = 0;
-    int waited = 0;
-    while (len < size - 1 && waited < STARTUP_TIMEOUT_MS) {
-        struct pollfd p = {fd, POLLIN, 0};
-        int r = poll(&p, 1, 100);
-        waited += 100;
-        if (r < 0 && errno != EINTR)
-            break;
-        if (r <= 0)
-            continue;
-        ssize_t got = read(fd, line + len, size - 1 - len);
-        if (got <= 0)
-            break;
-        len += (size_t)got;
-        if (memchr(line, '\n', len))
-            break;
-    }
-    line[len] = '\0';
-    line[strcspn(line, "\n")] = '\0';
-    return waited >= STARTUP_TIMEOUT_MS && len == 0 ? -1 : 0;
-}
-
 /* A pid file that is not a plain file (a planted link, a directory) is refused before anything
  * is started, with its name: status and delete would not see the deployment. */
 static int check_plain_or_absent(const char *path, char *err, size_t errlen)
@@ -552,7 +525,9 @@ int mph_cli_deploy(mph_cli_t *cli)
         deploy_child(cli, pipefd[1], log_path); /* does not return */
     close(pipefd[1]);
     pipefd[1] = -1;
-    int timed_out = read_ready_line(pipefd[0], line, sizeof(line)) != 0;
+    /* The child's one line, "ready PORT" or "error MESSAGE" ("" when it ended without one). */
+    int timed_out =
+        mph_read_line(pipefd[0], line, sizeof(line), STARTUP_TIMEOUT_MS) < 0 && line[0] == '\0';
     if (strncmp(line, "ready ", 6) == 0) {
         rc = 0;
     } else if (strncmp(line, "error ", 6) == 0) {

@@ -126,7 +126,6 @@ typedef struct {
     gen_t *gen;             /* the new generation */
     gen_t *awaited;         /* the generation whose end ends the reload: the one replaced,
                                or the new one when it failed */
-    int failed;             /* outcome says why */
     char outcome[1200];     /* "ok ..." or "error ..." */
     uv_timer_t timer;       /* MPH_RELOAD_START_MS for the new generation to serve */
 } reload_t;
@@ -708,7 +707,6 @@ static void gen_failed(gen_t *gen, const char *why)
         return;
     assert(sup->reload.active && sup->reload.gen == gen);
     uv_timer_stop(&sup->reload.timer);
-    sup->reload.failed = 1;
     snprintf(sup->reload.outcome, sizeof(sup->reload.outcome), "error %s", why);
     mph_log(MPH_LOG_ERROR, "reload failed: %s; generation %d serves on", why, sup->current->number);
     sup->reload.awaited = gen;
@@ -787,7 +785,6 @@ static void begin_reload(sup_t *sup, mph_control_req_t *req)
     }
     memset(r->outcome, 0, sizeof(r->outcome));
     r->active = 1;
-    r->failed = 0;
     r->req = req;
     r->awaited = NULL;
     r->gen = gen_new(sup, 0, GEN_PROBING);

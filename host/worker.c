@@ -12,7 +12,6 @@
 #define _GNU_SOURCE
 #include "worker.h"
 
-#include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
@@ -41,20 +40,9 @@ static void report(const char *what, const char *msg, int last)
  * has nothing else to do yet, and a supervisor that dies kills it. Returns 1 for "go". */
 static int wait_for_go(void)
 {
-    char buf[8];
-    size_t got = 0;
-    while (got < sizeof(buf) - 1) {
-        ssize_t n = read(MPH_WORKER_REPORT_FD, buf + got, sizeof(buf) - 1 - got);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            break;
-        got += (size_t)n;
-        if (memchr(buf, '\n', got))
-            break;
-    }
-    buf[got] = '\0';
-    return strcmp(buf, "go\n") == 0;
+    char line[8];
+    return mph_read_line(MPH_WORKER_REPORT_FD, line, sizeof(line), -1) == 1 &&
+           strcmp(line, "go") == 0;
 }
 
 /* The shared page (supervisor.h), mapped until the worker ends; NULL if it cannot be. */
