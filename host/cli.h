@@ -20,7 +20,7 @@ typedef struct {
     char storage_url[1024]; /* --storage=redis made into a redis:// URL */
     const char *log_level;  /* --logging */
     char *state_dir;        /* checked state directory (owned); NULL: none (serve only) */
-    int workers;            /* --workers=N; 0: not given */
+    int workers;            /* --workers=N; 0: one process, no supervisor; -1: not given */
     char **argv;            /* main's, NULL-terminated: what a supervisor runs its workers
                                with (borrowed) */
     long long started;      /* when serving began (time(NULL)); the pid file's started= */
@@ -33,8 +33,12 @@ typedef struct {
 /* The most workers a deployment runs (--workers, mp.spread). */
 #define MPH_MAX_WORKERS 256
 
-/* serve: loads the script; with --workers or topologies (mph_host_topology_workers) it becomes
- * the supervisor of that many workers (supervisor.h), else serves in this process. ready_fd
+/* "worker" or "workers", after the number n. */
+#define MPH_WORKERS_WORD(n) ((n) == 1 ? "worker" : "workers")
+
+/* serve: loads the script, then becomes the supervisor of as many workers as --workers or the
+ * script's topologies ask for (mph_host_topology_workers; at least 1: supervisor.h), or with
+ * --workers=0 serves in this process. ready_fd
  * (-1: none) gets deploy's one line, "ready PORT" or "error MESSAGE". */
 int mph_cli_serve(mph_cli_t *cli, int ready_fd);
 
@@ -44,6 +48,11 @@ void mph_cli_report_failure(FILE *ready, const char *msg);
 int mph_cli_deploy(mph_cli_t *cli);
 int mph_cli_delete(mph_cli_t *cli);
 int mph_cli_status(mph_cli_t *cli);
+/* reload: asks the supervisor of each deployment of the script (or of --port) to swap in
+ * workers running the re-read script, over its control socket (control.h), and waits for the
+ * outcome. Exit 0 when every reload worked; 1 with one line on stderr when one failed (the
+ * Lua error of a script that does not load), nothing runs, or a deployment has no workers. */
+int mph_cli_reload(mph_cli_t *cli);
 int mph_cli_call(mph_cli_t *cli);
 
 /* mphost passwd FILE USER (passwd.c): adds USER to the users file or replaces its hash, with

@@ -6,11 +6,14 @@
 #define _POSIX_C_SOURCE 200809L
 #include "common.h"
 
+#include <errno.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <time.h>
+#include <unistd.h>
 
 mph_log_level_t mph_log_level = MPH_LOG_INFO;
 
@@ -140,6 +143,47 @@ void mph_buf_free(mph_buf_t *b)
 }
 
 static const char *const level_names[] = {"trace", "debug", "info", "warn", "error", "silent"};
+
+static long long monotonic_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+int mph_read_line(int fd, char *line, size_t size, int timeout_ms)
+{
+    size_t len = 0;
+    int rc = 0;
+    long long deadline = monotonic_ms() + timeout_ms;
+    line[0] = '\0';
+    while (len < size - 1) {
+        long long left = timeout_ms < 0 ? -1 : deadline - monotonic_ms();
+        if (timeout_ms >= 0 && left <= 0) {
+            rc = -1;
+            break;
+        }
+        struct pollfd p = {fd, POLLIN, 0};
+        int r = poll(&p, 1, (int)left);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r == 0)
+            continue; /* the deadline is looked at above */
+        ssize_t got = r > 0 ? read(fd, line + len, size - 1 - len) : -1;
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got <= 0)
+            break;
+        len += (size_t)got;
+        line[len] = '\0';
+        char *nl = memchr(line, '\n', len);
+        if (nl) {
+            *nl = '\0';
+            return 1;
+        }
+    }
+    return rc;
+}
 
 int mph_log_parse_level(const char *name, mph_log_level_t *out)
 {

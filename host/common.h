@@ -86,6 +86,13 @@ void mph_buf_printf(mph_buf_t *b, const char *fmt, ...) __attribute__((format(pr
 char *mph_buf_steal(mph_buf_t *b, size_t *len);
 void mph_buf_free(mph_buf_t *b);
 
+/* Reads from fd until a newline, the end of the stream or size - 1 bytes, waiting up to
+ * timeout_ms in all (negative: no limit). Blocking: for the command line and for processes
+ * with nothing else to do, never on a loop. line gets what came, NUL-terminated, without the
+ * newline. Returns 1 when a whole line came, 0 when the stream ended (or failed) before, -1
+ * when the time ran out first. */
+int mph_read_line(int fd, char *line, size_t size, int timeout_ms);
+
 /* -- Logging -- */
 typedef enum {
     MPH_LOG_TRACE,

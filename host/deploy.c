@@ -12,7 +12,6 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <poll.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -25,6 +24,8 @@
 
 #include "cli.h"
 #include "common.h"
+#include "control.h"
+#include "supervisor.h"
 
 #define STARTUP_TIMEOUT_MS 60000
 
@@ -324,7 +325,7 @@ int mph_cli_status(mph_cli_t *cli)
         printf("%s: running, pid %d, port %d, storage %s, uptime %llds, log %s", cli->script,
                d->pid, d->port, d->storage, now - d->started, d->log);
         if (d->nworkers > 0) /* a supervisor (the pid above) and its workers */
-            printf(", %d workers", d->nworkers);
+            printf(", %d %s", d->nworkers, MPH_WORKERS_WORD(d->nworkers));
         printf("\n");
         for (int j = 0; j < d->nworkers; j++) {
             const mph_cli_worker_t *w = &d->workers[j];
@@ -377,6 +378,44 @@ int mph_cli_delete(mph_cli_t *cli)
             rc = 1;
         }
         unlink(deps[i].path);
+    }
+    free(deps);
+    close(lock);
+    return rc;
+}
+
+int mph_cli_reload(mph_cli_t *cli)
+{
+    char err[1200];
+    int lock = lock_script(cli, err, sizeof(err)); /* a deploy or delete of it runs first */
+    if (lock < 0) {
+        fprintf(stderr, "mphost: %s\n", err);
+        return 1;
+    }
+    deployment_t *deps;
+    int n = find_deployments(cli, &deps);
+    if (n == 0)
+        fprintf(stderr, "mphost: %s is not running\n", cli->script);
+    int rc = n > 0 ? 0 : 1;
+    /* The supervisor answers once the new workers serve and the old ones are gone: it waits
+     * for them to start, then for the old ones' graceful stop. */
+    unsigned wait_ms =
+        MPH_RELOAD_START_MS + cli->host.shutdown_timeout_ms + MPH_KILL_GRACE_MS + 5000;
+    for (int i = 0; i < n; i++) {
+        char reply[1200];
+        if (deps[i].nworkers == 0) {
+            fprintf(stderr,
+                    "mphost: %s on port %d runs as one process (--workers=0), which cannot "
+                    "reload; delete it and deploy it again\n",
+                    cli->script, deps[i].port);
+            rc = 1;
+        } else if (mph_control_request(deps[i].pid, "reload", wait_ms, reply, sizeof(reply)) != 0) {
+            fprintf(stderr, "mphost: %s on port %d: %s\n", cli->script, deps[i].port, reply);
+            rc = 1;
+        } else if (strncmp(reply, "ok", 2) != 0) {
+            fprintf(stderr, "mphost: %s\n", strncmp(reply, "error ", 6) == 0 ? reply + 6 : reply);
+            rc = 1;
+        }
     }
     free(deps);
     close(lock);
@@ -441,32 +480,6 @@ static void deploy_child(mph_cli_t *cli, int ready_fd, const char *log_path)
     _exit(rc);
 }
 
-/* Reads the child's one line, "ready PORT" or "error MESSAGE", into line ("" when the pipe
- * closed without one). Returns 0, or -1 after STARTUP_TIMEOUT_MS. */
-static int read_ready_line(int fd, char *line, size_t size)
-{
-    size_t len = 0;
-    int waited = 0;
-    while (len < size - 1 && waited < STARTUP_TIMEOUT_MS) {
-        struct pollfd p = {fd, POLLIN, 0};
-        int r = poll(&p, 1, 100);
-        waited += 100;
-        if (r < 0 && errno != EINTR)
-            break;
-        if (r <= 0)
-            continue;
-        ssize_t got = read(fd, line + len, size - 1 - len);
-        if (got <= 0)
-            break;
-        len += (size_t)got;
-        if (memchr(line, '\n', len))
-            break;
-    }
-    line[len] = '\0';
-    line[strcspn(line, "\n")] = '\0';
-    return waited >= STARTUP_TIMEOUT_MS && len == 0 ? -1 : 0;
-}
-
 /* A pid file that is not a plain file (a planted link, a directory) is refused before anything
  * is started, with its name: status and delete would not see the deployment. */
 static int check_plain_or_absent(const char *path, char *err, size_t errlen)
@@ -512,7 +525,9 @@ int mph_cli_deploy(mph_cli_t *cli)
         deploy_child(cli, pipefd[1], log_path); /* does not return */
     close(pipefd[1]);
     pipefd[1] = -1;
-    int timed_out = read_ready_line(pipefd[0], line, sizeof(line)) != 0;
+    /* The child's one line, "ready PORT" or "error MESSAGE" ("" when it ended without one). */
+    int timed_out =
+        mph_read_line(pipefd[0], line, sizeof(line), STARTUP_TIMEOUT_MS) < 0 && line[0] == '\0';
     if (strncmp(line, "ready ", 6) == 0) {
         rc = 0;
     } else if (strncmp(line, "error ", 6) == 0) {

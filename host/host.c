@@ -33,6 +33,14 @@
  * calls, short enough to be lost in any connection's setup when every worker is busy. */
 #define SHARED_ACCEPT_PAUSE_MS 1
 
+/* A host whose loop reports its heartbeat (cfg.heartbeat) stamps it at every turn of the loop,
+ * which costs one store per turn; an idle loop does not turn, so a timer turns it this often.
+ * "Alive at" plus a timer rather than "busy since": libuv has no hook between the poll's return
+ * and the I/O callbacks (where handlers run), so the start of a busy stretch cannot be stamped;
+ * the end of each turn (uv_prepare, just before the poll) can. The supervisor allows the
+ * handler time limit plus a second (MPH_HEARTBEAT_GRACE_MS) between two stamps. */
+#define HEARTBEAT_TICK_MS 250
+
 typedef enum { HOST_NEW, HOST_RUNNING, HOST_STOPPING, HOST_CLOSED } host_state_t;
 
 struct mph_host_s {
@@ -49,6 +57,8 @@ struct mph_host_s {
     int signals_on;      /* sigint/sigterm/sighup initialised */
     uv_timer_t deadline; /* bounds the graceful stop */
     int listening;
+    uv_prepare_t beat;    /* stamps cfg.heartbeat before the loop waits (if heartbeat) */
+    uv_timer_t beat_tick; /* turns an idle loop every HEARTBEAT_TICK_MS (idem) */
 };
 
 void mph_host_config_default(mph_host_config_t *cfg)
@@ -85,6 +95,30 @@ static void on_stop_async(uv_async_t *a);
 static void on_auth_failed_closed(void *ud)
 {
     (void)ud; /* nothing ran on it: it closed at once */
+}
+
+/* ---- The heartbeat ---- */
+
+static void on_beat(uv_prepare_t *p)
+{
+    mph_host_t *h = mph_container_of(p, mph_host_t, beat);
+    __atomic_store_n(h->cfg.heartbeat, uv_now(&h->loop), __ATOMIC_RELAXED);
+}
+
+static void on_beat_tick(uv_timer_t *t)
+{
+    (void)t; /* it turned the loop: on_beat stamps */
+}
+
+static void start_heartbeat(mph_host_t *h)
+{
+    uv_prepare_init(&h->loop, &h->beat);
+    uv_prepare_start(&h->beat, on_beat);
+    uv_timer_init(&h->loop, &h->beat_tick);
+    uv_timer_start(&h->beat_tick, on_beat_tick, HEARTBEAT_TICK_MS, HEARTBEAT_TICK_MS);
+    /* Neither keeps the loop running by itself: a host that is done still ends. */
+    uv_unref((uv_handle_t *)&h->beat);
+    uv_unref((uv_handle_t *)&h->beat_tick);
 }
 
 /* redis://[:password@]host[:port][/db] -> the Redis backend. An IPv6 host is in brackets:
@@ -167,9 +201,14 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
     }
     if (rc != 0)
         goto fail_loop;
-    mph_lua_config_t lcfg = {
-        h->store,       cfg->max_retries,  cfg->debug_errors, cfg->handler_timeout_ms,
-        cfg->worker_id, cfg->worker_count, cfg->scope_cache};
+    mph_lua_config_t lcfg = {.store = h->store,
+                             .max_retries = cfg->max_retries,
+                             .debug_errors = cfg->debug_errors,
+                             .handler_timeout_ms = cfg->handler_timeout_ms,
+                             .watched = cfg->supervised,
+                             .worker_id = cfg->worker_id,
+                             .worker_count = cfg->worker_count,
+                             .scope_cache = cfg->scope_cache};
     rc = mph_auth_new(&h->auth, &h->loop, cfg->users_file, err, errlen);
     if (rc != 0)
         goto fail_store;
@@ -184,6 +223,8 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
     mph_http_server_new(&h->http, &h->loop, &http, mph_rpc_handle, &h->rpc);
     uv_async_init(&h->loop, &h->stop_async, on_stop_async);
     uv_timer_init(&h->loop, &h->deadline);
+    if (cfg->heartbeat)
+        start_heartbeat(h);
     h->state = HOST_NEW;
     *out = h;
     return 0;
@@ -278,6 +319,10 @@ static void close_host_handles(mph_host_t *h)
 {
     uv_close((uv_handle_t *)&h->stop_async, on_handle_closed);
     uv_close((uv_handle_t *)&h->deadline, on_handle_closed);
+    if (h->cfg.heartbeat) {
+        uv_close((uv_handle_t *)&h->beat, on_handle_closed);
+        uv_close((uv_handle_t *)&h->beat_tick, on_handle_closed);
+    }
     if (h->signals_on) {
         uv_close((uv_handle_t *)&h->sigint, on_handle_closed);
         uv_close((uv_handle_t *)&h->sigterm, on_handle_closed);

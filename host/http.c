@@ -19,6 +19,16 @@
  * responses are being written it also closes a connection whose client stopped reading: the
  * write queue must shrink in every period, or the responses (and their memory) are dropped.
  *
+ * A graceful shutdown (mph_http_shutdown) stops accepting and ends each connection after a
+ * response, never under a request: a connection whose last request is not answered yet drains
+ * (that answer says "Connection: close"); one whose answers all said keep-alive (idle, or its
+ * last answer still being written) stays open for DRAIN_IDLE_MS (or the idle timeout, if
+ * shorter), since its client may be sending its next request right now, and a request that
+ * arrives meanwhile is answered with "Connection: close". Closing such a connection at once
+ * would cut that request, which a client may not send again (a POST is not idempotent): a
+ * reload would fail calls. Only a client silent for that long is closed on while idle, as the
+ * idle timeout always does.
+ *
  * Every byte leaves through uv_write, in order: the interim "100 Continue" too, queued behind
  * the responses owed before it (uv_try_write would drop it, or half of it, whenever the socket
  * is full or a write is queued).
@@ -39,6 +49,10 @@
 #include <unistd.h>
 
 #include "common.h"
+
+#define DRAIN_IDLE_MS                                                                              \
+    1000 /* shutting down: how long an idle connection may still send a request                    \
+          */
 
 typedef enum { CONN_OPEN, CONN_DRAINING, CONN_CLOSING } conn_state_t;
 
@@ -641,8 +655,11 @@ static void on_idle_timeout(uv_timer_t *t)
 
 static void arm_idle_timer(conn_t *c)
 {
+    unsigned ms = c->srv->cfg.idle_timeout_ms;
+    if (c->srv->shutting_down && ms > DRAIN_IDLE_MS)
+        ms = DRAIN_IDLE_MS;
     if (c->state == CONN_OPEN)
-        uv_timer_start(&c->timer, on_idle_timeout, c->srv->cfg.idle_timeout_ms, 0);
+        uv_timer_start(&c->timer, on_idle_timeout, ms, 0);
 }
 
 /* While responses are being written (in any state but CLOSING: a draining connection must
@@ -945,6 +962,17 @@ static void on_listener_closed(uv_handle_t *h)
     maybe_drained(srv);
 }
 
+/* Whether c's client may send another request without being told not to: every request it
+ * has completed was answered (or is being written) without "Connection: close". */
+static int last_answer_keeps_alive(const conn_t *c)
+{
+    const mph_http_req_t *last = NULL;
+    for (const mph_http_req_t *r = c->head; r; r = r->next)
+        if (r != c->cur)
+            last = r;
+    return last == NULL || (last->responded && last->keep_alive);
+}
+
 void mph_http_shutdown(mph_http_server_t *srv, void (*drained)(void *ud), void *ud)
 {
     if (srv->shutting_down)
@@ -958,15 +986,13 @@ void mph_http_shutdown(mph_http_server_t *srv, void (*drained)(void *ud), void *
     } else if (srv->listener_open) {
         uv_close((uv_handle_t *)&srv->listener, on_listener_closed);
     }
-    /* Idle connections close now; busy ones finish what they started. */
-    conn_t *c = srv->conns;
-    while (c) {
-        conn_t *next = c->next;
-        if (answers_owed(c) == 0)
-            conn_close(c); /* idle, or only a half-received request */
-        else
+    /* Connections whose last request is unanswered finish with it; the others get a last
+     * moment for a request (see the top of this file). */
+    for (conn_t *c = srv->conns; c; c = c->next) {
+        if (!last_answer_keeps_alive(c))
             conn_drain(c);
-        c = next;
+        else if (c->writes == 0) /* (else on_write arms the timer, shortened now) */
+            arm_idle_timer(c);
     }
     maybe_drained(srv);
 }

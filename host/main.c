@@ -22,6 +22,7 @@ static const char usage[] =
     "       mphost SCRIPT serve [PORT] [options] run in the foreground, logs to stderr\n"
     "       mphost SCRIPT delete [--port=N]      stop that deployment gracefully\n"
     "       mphost SCRIPT status [--port=N]      is it running: pid, port, storage, uptime\n"
+    "       mphost SCRIPT reload [--port=N]      swap in workers running the re-read script\n"
     "       mphost call METHOD [JSON] [--url URL]\n"
     "                                            call METHOD with params JSON (default [{}])\n"
     "       mphost passwd FILE USER              add or replace USER in a users file (the\n"
@@ -44,11 +45,12 @@ static const char usage[] =
     "  --max-connections=N   open connection limit (default 10000)\n"
     "  --idle-timeout=SEC    close idle or stalled connections (default 30)\n"
     "  --shutdown-timeout=SEC  how long delete waits for in-flight requests (default 10)\n"
-    "  --handler-timeout=SEC a handler running longer fails with -32003 (default 10;\n"
-    "                        0: no limit, and LuaJIT's compiler is on)\n"
+    "  --handler-timeout=SEC a handler running longer fails with -32003, or its worker is\n"
+    "                        replaced (default 10; 0: no limit)\n"
     "  --workers=N           serve with N worker processes under a supervisor (default:\n"
-    "                        the largest n of the script's mp.spread(n, fn); else one\n"
-    "                        process)\n"
+    "                        the largest n of the script's mp.spread(n, fn), else 1);\n"
+    "                        0: one process, no supervisor (for debugging and benchmarks;\n"
+    "                        LuaJIT's compiler is then off while a handler limit is set)\n"
     "  --users=FILE          users for mp.basicAuth services (lines NAME:HASH, made with\n"
     "                        mphost passwd; read again on SIGHUP)\n"
     "  --help, --version\n";
@@ -193,8 +195,8 @@ static int apply_option(mph_cli_t *cli, const char *name, const char *value)
             return bad_usage("invalid --shutdown-timeout: %s (expected seconds, 0 to 86400)",
                              value);
     } else if (strcmp(name, "workers") == 0) {
-        if (parse_integer(value, 1, MPH_MAX_WORKERS, &v) != 0)
-            return bad_usage("invalid --workers: %s (expected 1 to 256)", value);
+        if (parse_integer(value, 0, MPH_MAX_WORKERS, &v) != 0)
+            return bad_usage("invalid --workers: %s (expected 0 to 256)", value);
         cli->workers = (int)v;
     } else if (strcmp(name, "users") == 0) {
         if (*value == '\0')
@@ -282,12 +284,14 @@ int mph_cli_serve(mph_cli_t *cli, int ready_fd)
         return 1;
     }
     int nworkers = mph_host_topology_workers(h);
-    if (cli->workers > 0 || nworkers > 1) {
+    if (cli->workers != 0) {
         /* Workers: this process becomes their supervisor. Its host only read the script's
          * topologies (and checked that the script loads); each worker loads its own. */
         if (cli->workers > 0 && cli->workers < nworkers)
             mph_log(MPH_LOG_WARN, "--workers=%d raised to %d: the script's topologies need %d",
                     cli->workers, nworkers, nworkers);
+        if (cli->workers > nworkers)
+            nworkers = cli->workers;
         int stop = mph_host_stop_requested(h); /* a SIGTERM during the load is not lost */
         mph_host_free(h);
         if (stop) {
@@ -298,8 +302,13 @@ int mph_cli_serve(mph_cli_t *cli, int ready_fd)
             }
             return 0;
         }
-        return mph_supervisor_run(cli, nworkers > cli->workers ? nworkers : cli->workers, ready);
+        return mph_supervisor_run(cli, nworkers > 0 ? nworkers : 1, ready);
     }
+    if (nworkers > 1) /* --workers=0 */
+        mph_log(MPH_LOG_WARN,
+                "--workers=0: serving in one process, although the script's topologies ask for "
+                "%d workers",
+                nworkers);
     if ((rc = mph_host_listen(h, err, sizeof(err))) != 0) {
         mph_log(MPH_LOG_ERROR, "%s", err);
         mph_cli_report_failure(ready, err);
@@ -345,6 +354,7 @@ int main(int argc, char **argv)
     cli.params = "[{}]";
     cli.argv = argv;
     cli.url = "http://127.0.0.1:3000/";
+    cli.workers = -1;
 
     const char *env = getenv("MP_PORT");
     if (env && apply_option(&cli, "port", env) != 0)
@@ -413,7 +423,8 @@ int main(int argc, char **argv)
     if (serve && npos == 3 && apply_option(&cli, "port", positional[2]) != 0)
         return 1;
     cli.script_path = realpath(cli.script, NULL);
-    int managing = strcmp(cli.verb, "delete") == 0 || strcmp(cli.verb, "status") == 0;
+    int managing = strcmp(cli.verb, "delete") == 0 || strcmp(cli.verb, "status") == 0 ||
+                   strcmp(cli.verb, "reload") == 0;
     if (cli.script_path == NULL && !managing) {
         fprintf(stderr, "mphost: cannot open script %s: %s\n", cli.script, strerror(errno));
         return 1;
@@ -445,6 +456,8 @@ int main(int argc, char **argv)
         rc = mph_cli_delete(&cli);
     else if (strcmp(cli.verb, "status") == 0)
         rc = mph_cli_status(&cli);
+    else if (strcmp(cli.verb, "reload") == 0)
+        rc = mph_cli_reload(&cli);
     else
         rc = bad_usage("unknown command: %s", cli.verb);
 out:

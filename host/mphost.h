@@ -16,7 +16,8 @@
  * A host owns its libuv loop, its Lua state and its storage connection. All functions but
  * mph_host_stop must be called from the thread that runs the host.
  *
- * SIGPIPE: the library changes no signal disposition of the process. libuv writes to sockets
+ * SIGPIPE: the library changes no signal disposition of the process (but SIGURG's, when a host
+ * is created with `supervised` set: see below). libuv writes to sockets
  * with write(2), which raises SIGPIPE when a client has gone away, and SIGPIPE's default
  * action ends the process; so, as libuv asks of its users, the embedding program must ignore
  * SIGPIPE (signal(SIGPIPE, SIG_IGN), as examples/embed.c and mphost do) or block it in the
@@ -26,6 +27,7 @@
 #define MPHOST_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #define MPHOST_VERSION "0.1.0"
 
@@ -47,6 +49,19 @@ typedef struct {
     unsigned shutdown_timeout_ms; /* graceful stop waits this long for in-flight calls */
     int debug_errors;             /* handler errors carry tracebacks */
     unsigned handler_timeout_ms;  /* -32003 past this; default 10000; 0: none, JIT on */
+    int supervised;               /* 0 (default): nothing outside the process watches it, so
+                                     while a time limit is set LuaJIT's compiler is off and a
+                                     count hook checks every handler (compiled code runs no
+                                     hooks). 1: a supervisor ends the process when its loop
+                                     stops turning (see heartbeat), so the compiler stays on
+                                     and the hook is armed only once a handler passes its
+                                     deadline, by a thread that signals the host's thread
+                                     with SIGURG: the host installs a SIGURG handler */
+    uint64_t *heartbeat;          /* NULL (default), or where the host stores its loop's time
+                                     (uv_now: CLOCK_MONOTONIC milliseconds) at every turn of
+                                     its loop, and every 250 ms or so while idle, for the
+                                     supervisor to see that the loop turns (a relaxed atomic
+                                     store; the memory is the caller's, e.g. shared) */
     int listen_fd;                /* -1 (default): bind listen:port; else a socket already
                                      listening (a supervisor's, shared with its other
                                      workers) to accept on; the host owns it once listening */

@@ -31,6 +31,7 @@
 #include "internal.h"
 #include "json.h"
 #include "metaparticle_lua.h" /* generated from metaparticle.lua: mph_metaparticle_lua[] */
+#include "watchdog.h"
 
 #define DEFAULT_MAX_RETRIES 50
 #define NOMEM_MESSAGE "not enough memory" /* LuaJIT's own, interned at start */
@@ -79,11 +80,15 @@ static int raise_nomem(lua_State *L)
  *
  * A count hook checks, every HOOK_INSTRUCTIONS instructions, whether the running attempt has
  * held the loop past its deadline, and raises -32003 in it if so (again and again, should the
- * handler catch it). LuaJIT runs no hooks inside JIT-compiled code, so with a limit set the
- * compiler is turned off: handlers run in LuaJIT's interpreter (for the examples and
- * benchmarks that costs nothing measurable; the time goes to I/O). Once an attempt passes its
- * checkpoint (C.checkpoint, just before its writes merge into the scope), it is not
- * interrupted: those writes will be committed and answered. */
+ * handler catch it). LuaJIT runs no hooks inside JIT-compiled code, so there are two ways to
+ * run it:
+ *   - watched (a supervisor replaces the process when its loop stops turning): the compiler
+ *     stays on, and the hook is armed only when a stretch passes its deadline (watchdog.h);
+ *     a compiled loop that the hook cannot stop is the supervisor's to end;
+ *   - not watched (one process, or an embedder's host): with a limit set, the compiler is off
+ *     and the hook is always armed, so that every handler can be stopped.
+ * Once an attempt passes its checkpoint (C.checkpoint, just before its writes merge into the
+ * scope), it is not interrupted: those writes will be committed and answered. */
 
 #define HOOK_INSTRUCTIONS 10000
 
@@ -493,7 +498,13 @@ int mph_lua_new(mph_lua_t **out, uv_loop_t *loop, const mph_lua_config_t *cfg)
         free(lua);
         return MPH_ESCRIPT;
     }
-    if (lua->timeout_ns) { /* after luaopen_jit, which turns the compiler on */
+    if (lua->timeout_ns && cfg->watched) {
+        if (mph_watchdog_start(&lua->watchdog, lua->L, timeout_hook, HOOK_INSTRUCTIONS) != 0) {
+            lua_close(lua->L);
+            free(lua);
+            return MPH_EIO;
+        }
+    } else if (lua->timeout_ns) { /* after luaopen_jit, which turns the compiler on */
         luaJIT_setmode(lua->L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
         lua_sethook(lua->L, timeout_hook, LUA_MASKCOUNT, HOOK_INSTRUCTIONS);
     }
@@ -641,6 +652,10 @@ static void on_timer_closed(uv_handle_t *h)
 void mph_lua_close(mph_lua_t *lua)
 {
     lua->closing = 1;
+    if (lua->watchdog) {
+        mph_watchdog_stop(lua->watchdog);
+        lua->watchdog = NULL;
+    }
     mph__runner_close(lua); /* answers whatever still waits, frees scopes */
     lua->closing_timers = 2;
     lua->retry_timer.data = lua->evict_timer.data = lua;
@@ -841,7 +856,10 @@ void mph__txn_resume(mph_txn_t *t, int nargs)
     t->state = TXN_RUNNING;
     assert(assert_txn_state(t));
     t->deadline = lua->timeout_ns ? uv_hrtime() + lua->timeout_ns : 0; /* per running stretch */
+    uint64_t outer_deadline = lua->watchdog ? mph_watchdog_enter(lua->watchdog, t->deadline) : 0;
     int status = lua_resume(t->co, nargs);
+    if (lua->watchdog)
+        mph_watchdog_leave(lua->watchdog, outer_deadline);
     lua->current = outer;
     if (status == LUA_YIELD && t->state == TXN_WAITING)
         return; /* the runner resumes it when the scope has loaded */

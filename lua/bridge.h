@@ -22,6 +22,10 @@ typedef struct {
     int debug_errors;   /* 1: handler errors carry a traceback in error.data */
     unsigned handler_timeout_ms; /* a handler running longer without a pause fails with
                                     -32003; 0: no limit (and the JIT compiler is on) */
+    int watched;                 /* 1: something outside ends this process when its loop
+                                    stops turning, so the JIT compiler stays on and the time
+                                    limit's hook is armed only past a deadline (watchdog.h);
+                                    0: with a limit, the compiler is off, the hook armed */
     int worker_id;               /* mp.worker.id: this process's worker number, 1..worker_count
                                     (0: 1) */
     int worker_count;            /* mp.worker.count: workers serving the script (0: 1) */

@@ -26,6 +26,7 @@
 
 #include "../host/map.h"
 #include "bridge.h"
+#include "watchdog.h"
 
 typedef enum {
     TXN_RUNNING,
@@ -145,6 +146,8 @@ struct mph_lua_s {
     mph_unit_t *backoffs;   /* units backing off after a conflict, any order */
     uv_timer_t retry_timer; /* fires at the earliest backoff_until */
     int closing;            /* mph_lua_close was called */
+    /* Arms the hook of a stretch past its deadline (owned); NULL: always armed, or no limit. */
+    mph_watchdog_t *watchdog;
 };
 
 #ifndef NDEBUG

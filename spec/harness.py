@@ -3,7 +3,10 @@
 A Server is `mphost SCRIPT serve PORT` on a free loopback port with its own data and state
 directories; tests talk to it over real sockets and stop it with SIGTERM (or kill -9 where
 crash safety is the point). A clean stop must exit 0 with no sanitizer report in its log.
+Unless the test passes --workers=0, the server is a supervisor with worker processes (one by
+default), which log to the same file; the supervisor's pid is the server's.
 """
+import glob
 import json
 import os
 import signal
@@ -58,6 +61,14 @@ def wait_port(port, timeout=10.0, proc=None, host="127.0.0.1"):
     return False
 
 
+def deployment_file(state, script, port, ext):
+    """The name deploy.c gives a deployment's file: FNV-1a of the script's real path."""
+    h = 1469598103934665603
+    for b in os.path.realpath(script).encode():
+        h = ((h ^ b) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    return os.path.join(state, "%016x-%d%s" % (h, port, ext))
+
+
 def tmpdir(prefix="mph-"):
     return tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("MPH_TMP"))
 
@@ -104,10 +115,12 @@ class Server:
             # valgrind writes temp files as the server's user, which may be nobody.
             os.chmod(os.path.dirname(self.log_path), 0o777)
             self.env["TMPDIR"] = os.path.dirname(self.log_path)
+            # Workers too (they are this binary, run anew): one log file per process.
             self.prefix_cmd += ["valgrind", "--quiet", "--error-exitcode=99",
                                 "--leak-check=full", "--errors-for-leak-kinds=definite",
+                                "--trace-children=yes",
                                 "--suppressions=" + os.path.join(ROOT, "spec", "valgrind.supp"),
-                                "--log-file=" + self.valgrind_log]
+                                "--log-file=" + self.valgrind_log + ".%p"]
         self.proc = None
 
     def start(self, expect_ok=True):
@@ -116,12 +129,25 @@ class Server:
                                  "--listen=127.0.0.1", "--data=" + self.data] + self.args
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log,
                                      stdin=subprocess.DEVNULL, env=self.env)
-        ok = wait_port(self.port, 60 if self.valgrind_log else 15, self.proc)
+        timeout = 60 if self.valgrind_log else 15
+        ok = wait_port(self.port, timeout, self.proc) and self.wait_ready(timeout)
         if expect_ok and not ok:
             self.proc.kill()
             self.proc.wait()
             raise TestFailure("server did not start: " + self.read_log()[-2000:])
         return self
+
+    def wait_ready(self, timeout):
+        """The port accepts as soon as the supervisor has bound it; the server is ready once
+        its workers serve, when it writes its pid file (or, with a state directory it refuses,
+        logs that it serves). Returns False if it exits first or takes longer."""
+        pidfile = deployment_file(self.state, self.script, self.port, ".pid")
+        deadline = time.time() + timeout
+        while time.time() < deadline and self.proc.poll() is None:
+            if os.path.exists(pidfile) or "serving " in self.read_log():
+                return True
+            time.sleep(0.01)
+        return False
 
     def __enter__(self):
         return self.start()
@@ -152,8 +178,8 @@ class Server:
             raise TestFailure("server did not stop within %ss" % timeout)
         self.log.close()
         text = self.read_log()
-        if self.valgrind_log and os.path.exists(self.valgrind_log):
-            with open(self.valgrind_log) as f:
+        for path in glob.glob((self.valgrind_log or "/nonexistent") + ".*"):
+            with open(path) as f:
                 report = f.read()
             if report.strip():
                 raise TestFailure("valgrind report:\n" + report[-4000:])
@@ -163,12 +189,24 @@ class Server:
         eq(code, 0, "exit status after SIGTERM (log: %s)" % text[-1500:])
 
     def kill9(self):
+        """kill -9 of the server's pid, as a crash; returns once its workers, which the kernel
+        kills with it, are gone too (they hold the data directory's locks until then)."""
+        workers = children(self.proc.pid)
         self.proc.kill()
         self.proc.wait()
         self.log.close()
+        deadline = time.time() + 30  # milliseconds; the bound only turns a hang into a failure
+        while [p for p in workers if not gone(p)]:
+            check(time.time() < deadline, "workers %r outlived their supervisor" % workers)
+            time.sleep(0.01)
+
+    def running(self):
+        """The server's process runs (the supervisor, which replaces workers that die)."""
+        return self.proc.poll() is None
 
     def alive(self):
-        return self.proc.poll() is None
+        """It runs and no process of it has died since the start: no worker was replaced."""
+        return self.running() and "; replacing it" not in self.read_log()
 
     # -- talking to it --
 
@@ -195,6 +233,29 @@ class Server:
         if "error" in resp:
             raise TestFailure("%s returned error %r" % (method, resp["error"]))
         return resp["result"]
+
+
+def children(pid):
+    """The pids of pid's child processes."""
+    out = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.split("/")[2]))
+    return out
+
+
+def gone(pid):
+    """The process is gone (or a zombie nobody waits for, which no longer runs)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def read_response(sock, buf=b"", keep_interim=False):
@@ -248,10 +309,14 @@ def connection_closed(sock, timeout=5.0):
 
 
 class KeepAliveClient:
-    """One persistent HTTP/1.1 connection for many JSON-RPC calls."""
+    """One persistent HTTP/1.1 connection for many JSON-RPC calls. Like any HTTP client, it
+    opens a new connection after a response that says "Connection: close" (a server stopping
+    gracefully, or reloading, ends keep-alive connections so)."""
 
     def __init__(self, port, timeout=60):
         self.port = port
+        self.timeout = timeout
+        self.reconnects = 0  # connections opened after a "Connection: close"
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.buf = b""
 
@@ -260,14 +325,22 @@ class KeepAliveClient:
         if params is not None:
             req["params"] = params
         body = json.dumps(req).encode()
+        if self.sock is None:
+            self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=self.timeout)
+            self.buf = b""
+            self.reconnects += 1
         self.sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        status, _, data, self.buf = read_response(self.sock, self.buf)
+        status, headers, data, self.buf = read_response(self.sock, self.buf)
+        if headers.get("connection") == "close":
+            self.sock.close()
+            self.sock = None
         eq(status, 200, "HTTP status")
         return json.loads(data)
 
     def close(self):
-        self.sock.close()
+        if self.sock is not None:
+            self.sock.close()
 
 
 def kill9_under_load(server, clients=8, after_acks=50):

@@ -220,9 +220,11 @@ def sighup_and_wait(server, times=1, text="re-read"):
 
 
 def test_sighup_rereads_the_users_file():
+    """Without a supervisor (--workers=0; an embedded host alike) the process itself reads
+    the file again on SIGHUP."""
     path = os.path.join(tmpdir("mph-users-"), "users")
     passwd(path, "alice", "alice-pw")
-    with Server(AUTH, ["--users=" + path]) as s:
+    with Server(AUTH, ["--users=" + path, "--workers=0"]) as s:
         whoami(s.port, "alice", "alice-pw")  # verified: now in the cache
         refused(s.port, basic("bob", "bob-pw"))
         passwd(path, "bob", "bob-pw")
@@ -244,7 +246,7 @@ def test_sighup_rereads_the_users_file():
         refused(s.port, basic("carol", "not-a-hash"))
 
 
-def test_sighup_reaches_every_worker_and_topologies_compose():
+def test_sighup_reload_gives_every_worker_the_new_users_and_topologies_compose():
     path = os.path.join(tmpdir("mph-users-"), "users")
     passwd(path, "alice", "alice-pw")
     with Server(AUTH, ["--users=" + path], env={"MPH_TEST_SPREAD": "2"}) as s:
@@ -257,9 +259,7 @@ def test_sighup_reaches_every_worker_and_topologies_compose():
                 workers.add(whoami(s.port, "alice", "alice-pw", method)["worker"])
             eq(workers, {1, 2}, "workers that answered %s" % method)
         passwd(path, "bob", "bob-pw")
-        sighup_and_wait(s, times=2)  # each worker re-reads
-        log = s.read_log()
-        check("worker 1" in log and "worker 2" in log, log[-1500:])
+        sighup_and_wait(s, text="reload: done (ok")  # new workers, which read the file
         workers = set()
         for _ in range(60):
             workers.add(whoami(s.port, "bob", "bob-pw", "spread-of-auth")["worker"])

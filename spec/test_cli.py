@@ -6,8 +6,8 @@ import socket
 import subprocess
 import time
 
-from harness import (EXAMPLES, MPHOST, ROOT, SCRIPTS, Server, TestFailure, check, eq, free_port,
-                     run, tmpdir, wait_port)
+from harness import (EXAMPLES, MPHOST, ROOT, SCRIPTS, Server, TestFailure, check,
+                     deployment_file, eq, free_port, run, tmpdir, wait_port)
 
 
 def workspace():
@@ -31,14 +31,6 @@ def port_closed(port):
         return False
     except OSError:
         return True
-
-
-def deployment_file(state, script, port, ext):
-    """The name deploy.c gives a deployment's file: FNV-1a of the script's real path."""
-    h = 1469598103934665603
-    for b in os.path.realpath(script).encode():
-        h = ((h ^ b) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
-    return os.path.join(state, "%016x-%d%s" % (h, port, ext))
 
 
 def shell(cmd, cwd, env):
@@ -343,10 +335,18 @@ def test_deploy_without_room_for_its_pid_file_fails():
     server that status and delete cannot find must not be left running."""
     cwd, env = workspace()
     port = free_port()
+    # In one process, whose first file is its pid file ...
+    rc, out, err = shell("prlimit --fsize=0 -- mphost examples/server1.lua --port=%d "
+                         "--workers=0" % port, cwd, env)
+    eq(rc, 1, "deploy (stderr %r)" % err)
+    check("cannot write the pid file" in err and "File too large" in err, err)
+    check(port_closed(port), "nothing was left running")
+    # ... and with workers, whose supervisor cannot even size the page it shares with them.
     rc, out, err = shell("prlimit --fsize=0 -- mphost examples/server1.lua --port=%d" % port,
                          cwd, env)
     eq(rc, 1, "deploy (stderr %r)" % err)
-    check("cannot write the pid file" in err and "File too large" in err, err)
+    eq(len(err.strip().splitlines()), 1, "one line: %r" % err)
+    check("File too large" in err, err)
     check(port_closed(port), "nothing was left running")
 
 

@@ -1,5 +1,6 @@
 """HTTP/1.x behaviour of the server, over raw sockets."""
 import json
+import signal
 import socket
 import struct
 import time
@@ -296,3 +297,24 @@ def test_client_vanishing_mid_request():
             sock.sendall(request(CALL % (1, 1)))
             sock.close()  # gone before the answer
         eq(s.result("simple-service", [4]), {"request-was": 4})
+
+
+def test_graceful_stop_ends_keep_alive_connections_after_a_response_not_under_a_request():
+    """A stop (also a reload's, for the old workers) must not cut a request a keep-alive client
+    is sending: an idle connection may still send one, which is answered with
+    "Connection: close"; one that stays silent is closed after a moment."""
+    s = Server("server1.lua").start()
+    busy, silent = served_connection(s.port), served_connection(s.port)
+    s.proc.send_signal(signal.SIGTERM)
+    wait_log(s, "stopping: no new connections")
+    busy.sendall(request(CALL % (1, 1)))
+    status, headers, body, rest = read_response(busy)
+    eq(status, 200, "the next request on an idle connection is answered")
+    eq(json.loads(body)["result"], {"request-was": {"n": 1}})
+    eq(headers.get("connection"), "close", "and ends the connection")
+    check(connection_closed(busy), "closed after that response")
+    # Closed after a second of silence: the bound only turns a connection held for ever into
+    # a failure.
+    check(connection_closed(silent, timeout=20), "a silent idle connection is closed")
+    eq(s.proc.wait(30), 0, "exit status: " + s.read_log()[-1500:])
+    s.log.close()

@@ -218,7 +218,8 @@ def test_a_crash_between_the_parts_of_a_commit_cuts_them_all():
         with Server(ACCOUNTS, data=data) as s:
             eq(s.result("deposit", {"id": 1, "amount": 100}), 100)
             eq(s.result("deposit", {"id": 2, "amount": 100}), 100)
-        s = Server(ACCOUNTS, data=data, env={"MPH_TEST_FAULT": fault}).start()
+        # One process (--workers=0): the crash ends it, rather than a worker to replace.
+        s = Server(ACCOUNTS, ["--workers=0"], data=data, env={"MPH_TEST_FAULT": fault}).start()
         r = None
         try:
             r = s.rpc("transfer", {"from": 1, "to": 2, "amount": 30})
@@ -241,7 +242,8 @@ def test_a_crash_after_the_commit_point_keeps_the_commit():
         eq(s.result("deposit", {"id": 1, "amount": 100}), 100)
         eq(s.result("deposit", {"id": 2, "amount": 100}), 100)
     # The intent is removed; the process dies syncing the directory after it.
-    s = Server(ACCOUNTS, data=data, env={"MPH_TEST_FAULT": "multi.decide.sync:1:crash"}).start()
+    s = Server(ACCOUNTS, ["--workers=0"], data=data,
+               env={"MPH_TEST_FAULT": "multi.decide.sync:1:crash"}).start()
     try:
         s.rpc("transfer", {"from": 1, "to": 2, "amount": 30})
     except (OSError, TestFailure):

@@ -267,17 +267,21 @@ def test_mp_log_writes_to_the_log():
 
 def test_handler_time_limit_is_32003_and_commits_nothing():
     import time
-    with Server(os.path.join(SCRIPTS, "slow.lua"), ["--handler-timeout=0.3"]) as s:
-        for method in ("spin", "spin_table", "writes_then_spins", "catches_then_writes"):
-            t0 = time.time()
-            r = s.rpc(method)
-            elapsed = time.time() - t0
-            eq(r["error"]["code"], -32003, method)
-            check("timed out" in r["error"]["message"], r)
-            check(0.25 < elapsed < 2, "%s answered after %.2fs" % (method, elapsed))
-        eq(s.result("read"), {}, "nothing was committed")
-        eq(s.result("jit"), False, "handlers run in the interpreter while a limit is set")
-    with Server(os.path.join(SCRIPTS, "slow.lua"), ["--handler-timeout=0"]) as s:
+    # Under a supervisor (the compiler on, the hook armed once a handler is late) and in one
+    # process (--workers=0: the compiler off, the hook always armed).
+    for mode in ([], ["--workers=0"]):
+        with Server(os.path.join(SCRIPTS, "slow.lua"), ["--handler-timeout=0.3"] + mode) as s:
+            for method in ("spin", "spin_table", "writes_then_spins", "catches_then_writes"):
+                t0 = time.time()
+                r = s.rpc(method)
+                elapsed = time.time() - t0
+                eq(r["error"]["code"], -32003, "%s %r" % (method, mode))
+                check("timed out" in r["error"]["message"], r)
+                check(0.25 < elapsed < 2, "%s answered after %.2fs" % (method, elapsed))
+            eq(s.result("read"), {}, "nothing was committed")
+            eq(s.result("jit"), not mode, "the compiler is off in one process with a limit")
+            check(s.alive(), "no worker was replaced: the hook stopped every handler")
+    with Server(os.path.join(SCRIPTS, "slow.lua"), ["--handler-timeout=0", "--workers=0"]) as s:
         eq(s.result("jit"), True, "--handler-timeout=0 turns the JIT compiler on")
 
 

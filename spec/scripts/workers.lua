@@ -31,4 +31,26 @@ end).expose = true
 
 mp.service("exit", function(code) os.exit(code) end).expose = true
 
+-- The handler time limit with the compiler on. "forever" is a loop LuaJIT compiles, which no
+-- hook can stop: only the supervisor's heartbeat check ends it, with its worker. "interp" is
+-- the same loop kept from the compiler, which the time limit's hook stops (-32003).
+local function touch(path)
+  local f = assert(io.open(path, "w"))
+  f:close()
+end
+mp.service("forever", function(started)
+  touch(started)
+  while true do end
+end).expose = true
+local function interpreted_loop()
+  local i = 0
+  while true do i = i + 1 end
+end
+jit.off(interpreted_loop)
+mp.service("interp", function(started)
+  touch(started)
+  interpreted_loop()
+end).expose = true
+mp.service("jit", function() return jit.status() end).expose = true
+
 mp.serve()

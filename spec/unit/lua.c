@@ -12,6 +12,7 @@
 #include "lua/bridge.c"
 #include "lua/json.c"
 #include "lua/runner.c"
+#include "lua/watchdog.c"
 
 #include "spec/unit/unit.h"
 
@@ -196,7 +197,8 @@ static mph_lua_t *bridge(int max_retries)
     memset(&fake, 0, sizeof(fake));
     fake.base.methods = &fake_methods;
     uv_loop_init(&loop);
-    mph_lua_config_t cfg = {&fake.base, max_retries, 0, 0, 1, 1, 0};
+    mph_lua_config_t cfg = {
+        .store = &fake.base, .max_retries = max_retries, .worker_id = 1, .worker_count = 1};
     mph_lua_t *lua = NULL;
     CHECK(mph_lua_new(&lua, &loop, &cfg) == 0);
     char err[256];
