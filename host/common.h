@@ -47,7 +47,8 @@ const char *mph_strerror(int err);
     X(HANDLER_ERROR, -32000, "Server error")                                                       \
     X(CONFLICT, -32001, "Transaction conflict")                                                    \
     X(STORAGE_UNAVAILABLE, -32002, "Storage unavailable")                                          \
-    X(TIMEOUT, -32003, "Handler timed out")
+    X(TIMEOUT, -32003, "Handler timed out")                                                        \
+    X(WORKER_UNAVAILABLE, -32005, "Worker unavailable")
 
 enum {
 #define MPH_RPC_ENUM(name, code, msg) MPH_RPC_##name = code,

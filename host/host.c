@@ -1,9 +1,14 @@
 /*
- * host.c: one host = one libuv loop + the HTTP server + the Lua bridge + a storage backend.
+ * host.c: one host = one libuv loop + the HTTP server + the Lua bridge + a storage backend,
+ * and, in a worker of several, the peer channel to the other workers (peer.h).
  *
  * Stopping is a sequence, each step started by the previous one's callback:
  *   mph_host_stop -> (async) http shutdown: stop accepting, finish in-flight responses
  *                 -> drained (or the deadline aborts what is left)
+ *                 -> the peer listener closes last: other workers' forwarded calls in flight
+ *                    finish (they may be what this worker's public calls waited for, and
+ *                    other workers stopping at the same time wait for them); then forwards
+ *                    still unanswered fail with -32005 (the deadline aborts the same way)
  *                 -> close the store: operations in flight complete and their transactions
  *                    are answered
  *                 -> close the bridge (answers retries still waiting), then the host's own
@@ -23,6 +28,7 @@
 #include "../storage/storage.h"
 #include "common.h"
 #include "http.h"
+#include "peer.h"
 #include "rpc.h"
 
 /* How long a worker that has just accepted a connection leaves the next ones to the other
@@ -30,19 +36,31 @@
  * calls, short enough to be lost in any connection's setup when every worker is busy. */
 #define SHARED_ACCEPT_PAUSE_MS 1
 
+/* A forward to another worker fails (-32005) after the handler time limit plus this: the
+ * call's own limit, and time for its commit. */
+#define FORWARD_SLACK_MS 2000
+/* ... or after this when there is no handler time limit (as nginx's proxy_read_timeout). */
+#define FORWARD_NO_LIMIT_MS 60000
+/* Idle connections to other workers close after this (or half the idle timeout, if less,
+ * so that the other side's idle timeout never closes one first). */
+#define PEER_IDLE_MS 5000
+
 typedef enum { HOST_NEW, HOST_RUNNING, HOST_STOPPING, HOST_CLOSED } host_state_t;
 
 struct mph_host_s {
     uv_loop_t loop;
     mph_host_config_t cfg; /* strings borrowed from the caller's config */
     host_state_t state;
-    mph_http_server_t *http; /* owned */
-    mph_lua_t *lua;          /* owned */
-    mph_store_t *store;      /* owned */
-    uv_async_t stop_async;   /* mph_host_stop from any thread */
+    mph_http_server_t *http;    /* owned */
+    mph_http_config_t http_cfg; /* the public server's, which the peer listener's follows */
+    mph_peer_t *peer;           /* owned; NULL unless a worker of several (cfg.supervisor_pid) */
+    mph_lua_t *lua;             /* owned */
+    mph_store_t *store;         /* owned */
+    uv_async_t stop_async;      /* mph_host_stop from any thread */
     uv_signal_t sigint, sigterm;
     int signals_on;      /* sigint/sigterm initialised */
     uv_timer_t deadline; /* bounds the graceful stop */
+    int deadline_passed; /* it fired: what is still running is cut */
     int listening;
 };
 
@@ -156,17 +174,34 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
     }
     if (rc != 0)
         goto fail_loop;
-    mph_lua_config_t lcfg = {h->store,          cfg->max_retries,
-                             cfg->debug_errors, cfg->handler_timeout_ms,
-                             cfg->worker_id,    cfg->worker_count};
+    h->http_cfg = (mph_http_config_t){
+        cfg->max_body, cfg->max_header, cfg->max_connections, cfg->idle_timeout_ms, 64, NULL};
+    if (cfg->supervisor_pid > 0 && cfg->worker_count > 1) {
+        unsigned idle = cfg->idle_timeout_ms / 2;
+        mph_peer_config_t pcfg = {cfg->supervisor_pid,
+                                  cfg->generation,
+                                  cfg->worker_id,
+                                  cfg->worker_count,
+                                  cfg->handler_timeout_ms
+                                      ? cfg->handler_timeout_ms + FORWARD_SLACK_MS
+                                      : FORWARD_NO_LIMIT_MS,
+                                  idle < PEER_IDLE_MS ? (idle ? idle : 1) : PEER_IDLE_MS};
+        mph_peer_new(&h->peer, &h->loop, &pcfg);
+    }
+    mph_lua_config_t lcfg = {h->store,
+                             cfg->max_retries,
+                             cfg->debug_errors,
+                             cfg->handler_timeout_ms,
+                             cfg->worker_id,
+                             cfg->worker_count,
+                             h->peer ? mph_peer_forward : NULL,
+                             h->peer};
     rc = mph_lua_new(&h->lua, &h->loop, &lcfg);
     if (rc != 0) {
         snprintf(err, errlen, "cannot create the Lua state: %s", mph_strerror(rc));
         goto fail_store;
     }
-    mph_http_config_t http = {cfg->max_body, cfg->max_header, cfg->max_connections,
-                              cfg->idle_timeout_ms, 64};
-    mph_http_server_new(&h->http, &h->loop, &http, mph_rpc_handle, h->lua);
+    mph_http_server_new(&h->http, &h->loop, &h->http_cfg, mph_rpc_handle, h->lua);
     uv_async_init(&h->loop, &h->stop_async, on_stop_async);
     uv_timer_init(&h->loop, &h->deadline);
     h->state = HOST_NEW;
@@ -174,6 +209,8 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
     return 0;
 
 fail_store:
+    if (h->peer)
+        mph_peer_free(h->peer); /* it has done nothing yet */
     h->store->methods->close(h->store, NULL, NULL);
 fail_loop:
     uv_run(&h->loop, UV_RUN_DEFAULT); /* let the store's close callbacks run */
@@ -225,6 +262,12 @@ static void warn_if_sigpipe_kills(void)
 int mph_host_listen(mph_host_t *h, char *err, size_t errlen)
 {
     warn_if_sigpipe_kills();
+    /* The peer listener first: other workers may forward as soon as this one takes calls. */
+    if (h->peer) {
+        int rc = mph_peer_listen(h->peer, &h->http_cfg, h->lua, err, errlen);
+        if (rc != 0)
+            return rc;
+    }
     int rc = h->cfg.listen_fd >= 0
                  ? mph_http_listen_shared(h->http, h->cfg.listen_fd,
                                           h->cfg.worker_count > 1 ? SHARED_ACCEPT_PAUSE_MS : 0, err,
@@ -272,9 +315,8 @@ static void on_store_closed(void *ud)
     close_host_handles(h);
 }
 
-static void on_http_drained(void *ud)
+static void close_store(mph_host_t *h)
 {
-    mph_host_t *h = ud;
     uv_timer_stop(&h->deadline);
     if (mph_lua_pending(h->lua) > 0)
         mph_log(MPH_LOG_INFO, "waiting for %zu call(s) to finish their commits",
@@ -282,12 +324,32 @@ static void on_http_drained(void *ud)
     h->store->methods->close(h->store, on_store_closed, h);
 }
 
+static void on_peer_closed(void *ud)
+{
+    close_store(ud);
+}
+
+static void on_http_drained(void *ud)
+{
+    mph_host_t *h = ud;
+    if (h->peer == NULL) {
+        close_store(h);
+        return;
+    }
+    mph_peer_shutdown(h->peer, on_peer_closed, h);
+    if (h->deadline_passed)
+        mph_peer_abort(h->peer);
+}
+
 static void on_deadline(uv_timer_t *t)
 {
     mph_host_t *h = mph_container_of(t, mph_host_t, deadline);
     mph_log(MPH_LOG_WARN, "stop: requests still running after %u ms; closing their connections",
             h->cfg.shutdown_timeout_ms);
+    h->deadline_passed = 1;
     mph_http_abort(h->http);
+    if (h->peer)
+        mph_peer_abort(h->peer);
 }
 
 static void begin_stop(mph_host_t *h)
@@ -350,6 +412,8 @@ void mph_host_free(mph_host_t *h)
         uv_run(&h->loop, UV_RUN_DEFAULT);
     }
     mph_http_server_free(h->http);
+    if (h->peer)
+        mph_peer_free(h->peer);
     int rc = uv_loop_close(&h->loop);
     if (rc != 0)
         mph_log(MPH_LOG_ERROR, "bug: handles left open at exit (%s)", uv_strerror(rc));

@@ -52,6 +52,10 @@ typedef struct {
                                      workers) to accept on; the host owns it once listening */
     int worker_id;                /* mp.worker.id, 1..worker_count; default 1 */
     int worker_count;             /* mp.worker.count; default 1 */
+    int supervisor_pid;           /* a worker's supervisor, after whose pid the workers'
+                                     peer sockets are named; 0 (default): not a worker, no
+                                     forwarding between workers */
+    int generation;               /* the worker's generation (with supervisor_pid) */
 } mph_host_config_t;
 
 /* Fills every field with its default. */
@@ -73,7 +77,7 @@ int mph_host_load_string(mph_host_t *h, const char *name, const char *src, char 
 int mph_host_listen(mph_host_t *h, char *err, size_t errlen);
 
 /* The number of workers the loaded script's topologies ask for: the largest n of its
- * mp.spread(n, fn) calls, 0 when it has none. */
+ * mp.spread, mp.shard and mp.scatter calls, 0 when it has none. */
 int mph_host_topology_workers(const mph_host_t *h);
 
 /* The port listened on. */

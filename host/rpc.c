@@ -27,6 +27,7 @@ typedef struct {
 
 typedef struct call_s {
     mph_http_req_t *req; /* answered once every slot is done */
+    mph_lua_role_t role; /* of every call in it: MPH_LUA_CALL unless another worker forwarded */
     int is_batch;
     size_t nslots;
     size_t outstanding; /* slots without a reply, plus one while dispatching */
@@ -110,7 +111,7 @@ static void slot_error(slot_t *s, int code, const char *message)
     slot_done(s);
 }
 
-/* Validates one request object and dispatches it. */
+/* Validates one request object and dispatches it in the role of its HTTP request. */
 static void dispatch(mph_lua_t *lua, slot_t *s, const json_t *r)
 {
     if (!json_is_object(r)) {
@@ -146,7 +147,8 @@ static void dispatch(mph_lua_t *lua, slot_t *s, const json_t *r)
                    "Invalid params: params must be an array or an object");
         return;
     }
-    mph_lua_call(lua, json_string_value(method), json_string_length(method), params, on_reply, s);
+    mph_lua_call_as(lua, s->call->role, json_string_value(method), json_string_length(method),
+                    params, on_reply, s);
 }
 
 static void answer_alone(mph_http_req_t *req, int code, const char *message)
@@ -159,9 +161,10 @@ static void answer_alone(mph_http_req_t *req, int code, const char *message)
     mph_http_respond(req, 200, data, len);
 }
 
-void mph_rpc_handle(void *ud, mph_http_req_t *req, const char *body, size_t len)
+/* Answers one HTTP request's body: a call or a batch, each call in `role`. */
+static void handle(mph_lua_t *lua, mph_http_req_t *req, const char *body, size_t len,
+                   mph_lua_role_t role)
 {
-    mph_lua_t *lua = ud;
     json_error_t err;
     json_t *doc = mph_json_load(body, len, &err);
     if (doc == NULL) {
@@ -182,6 +185,7 @@ void mph_rpc_handle(void *ud, mph_http_req_t *req, const char *body, size_t len)
     }
     call_t *call = mph_xcalloc(1, sizeof(*call));
     call->req = req;
+    call->role = role;
     call->is_batch = json_is_array(doc);
     call->nslots = call->is_batch ? json_array_size(doc) : 1;
     call->slots = mph_xcalloc(call->nslots, sizeof(slot_t));
@@ -193,4 +197,22 @@ void mph_rpc_handle(void *ud, mph_http_req_t *req, const char *body, size_t len)
     json_decref(doc);
     if (--call->outstanding == 0)
         call_finish(call);
+}
+
+void mph_rpc_handle(void *ud, mph_http_req_t *req, const char *body, size_t len)
+{
+    handle(ud, req, body, len, MPH_LUA_CALL);
+}
+
+void mph_rpc_handle_forwarded(void *ud, mph_http_req_t *req, const char *body, size_t len)
+{
+    mph_lua_role_t role;
+    const char *name = mph_http_req_header(req);
+    if (mph_lua_role_parse(name, &role) != 0) {
+        char msg[128];
+        snprintf(msg, sizeof(msg), "Invalid Request: unknown forward role \"%s\"", name);
+        answer_alone(req, MPH_RPC_INVALID_REQUEST, msg);
+        return;
+    }
+    handle(ud, req, body, len, role);
 }

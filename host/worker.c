@@ -54,6 +54,8 @@ int mph_worker_serve(mph_cli_t *cli, const char *spec)
     cfg.listen_fd = MPH_WORKER_LISTEN_FD;
     cfg.worker_id = id;
     cfg.worker_count = count;
+    cfg.supervisor_pid = supervisor;
+    cfg.generation = generation;
     mph_host_t *h = NULL;
     int script_failed = 0;
     int rc = mph_host_new(&h, &cfg, err, sizeof(err));

@@ -11,6 +11,7 @@
 #include "lua/bridge.c"
 #include "lua/json.c"
 #include "lua/runner.c"
+#include "lua/topology.c"
 
 #include "spec/unit/unit.h"
 
@@ -191,7 +192,7 @@ static mph_lua_t *bridge(int max_retries)
     memset(&fake, 0, sizeof(fake));
     fake.base.methods = &fake_methods;
     uv_loop_init(&loop);
-    mph_lua_config_t cfg = {&fake.base, max_retries, 0, 0, 1, 1};
+    mph_lua_config_t cfg = {&fake.base, max_retries, 0, 0, 1, 1, NULL, NULL};
     mph_lua_t *lua = NULL;
     CHECK(mph_lua_new(&lua, &loop, &cfg) == 0);
     char err[256];
