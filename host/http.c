@@ -1,9 +1,10 @@
 /*
  * http.c: connections and HTTP/1.x on libuv with Debian's http-parser.
  *
- * A connection owns two handles (tcp, timer) and frees itself after the second close
- * callback. Its requests form a FIFO in arrival order; each is answered by the handler at
- * its own pace, and responses leave in request order (pipelining). States of a connection:
+ * A connection owns two handles (its stream: TCP, or a Unix socket for a local listener;
+ * and a timer) and frees itself after the second close callback. Its requests form a FIFO in
+ * arrival order; each is answered by the handler at its own pace, and responses leave in request
+ * order (pipelining). States of a connection:
  *
  *   OPEN     reading and parsing                    (on_connection)
  *   DRAINING no more reading: write what is queued,  (EOF, a fatal request error, shutdown,
@@ -18,6 +19,12 @@
  * never by partial data, so a client that trickles bytes cannot hold a connection. While
  * responses are being written it also closes a connection whose client stopped reading: the
  * write queue must shrink in every period, or the responses (and their memory) are dropped.
+ *
+ * A server listens on a TCP port (mph_http_listen), on a TCP socket shared with other
+ * processes (mph_http_listen_shared), or on a local Unix socket (mph_http_listen_local: the
+ * workers' peer channel, host/peer.c), where it serves only our own user. A server can keep
+ * one header's value per request for its handler (cfg.capture_header): the peer channel's
+ * role header, which the public server does not capture, and so never sees.
  *
  * Every byte leaves through uv_write, in order: the interim "100 Continue" too, queued behind
  * the responses owed before it (uv_try_write would drop it, or half of it, whenever the socket

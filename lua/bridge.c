@@ -4,8 +4,9 @@
  * Each attempt gets a coroutine from lua_newthread, anchored in the registry by luaL_ref
  * until the attempt ends (a thread only reachable from C would be collected). The coroutine
  * runs I.run(rec) from metaparticle.lua: the handler (rec.handler on rec.args), then the write
- * sets. A handler suspends only inside C.acquire (a scope is loading): that C function ends
- * with `return lua_yield(L, 0)` and the runner resumes it once the load ends. One function,
+ * sets. A handler suspends only inside C.acquire (a scope is loading) or C.forward (mp.shard
+ * and mp.scatter wait for other workers, lua/topology.c): each ends with
+ * `return lua_yield(L, 0)`, and the runner, or the last answer, resumes it. One function,
  * mph__txn_resume, owns lua_resume and tells host waits from a user's stray
  * coroutine.yield by the transaction's state.
  *

@@ -179,9 +179,12 @@ s = socket.socket(socket.AF_UNIX)
 s.settimeout(20)
 s.connect("\0" + sys.argv[1])  # an abstract name
 body = sys.argv[3].encode()
-s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nX-Mphost-Forward: %s\r\nContent-Length: %d\r\n\r\n%s"
-          % (sys.argv[2].encode(), len(body), body))
 data = b""
+try:
+    s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nX-Mphost-Forward: %s\r\n"
+              b"Content-Length: %d\r\n\r\n%s" % (sys.argv[2].encode(), len(body), body))
+except BrokenPipeError:  # closed before we sent it
+    pass
 while True:
     try:
         chunk = s.recv(65536)

@@ -100,11 +100,6 @@ void mph_lua_call_as(mph_lua_t *lua, mph_lua_role_t role, const char *method, si
     mph_lua_call(lua, method, mlen, params, cb, ud);
 }
 
-const char *mph_lua_role_name(mph_lua_role_t role)
-{
-    return role == MPH_LUA_SHARD ? "shard" : role == MPH_LUA_LEAF ? "leaf" : NULL;
-}
-
 int mph_lua_role_parse(const char *name, mph_lua_role_t *out)
 {
     *out = MPH_LUA_CALL;
