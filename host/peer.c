@@ -8,7 +8,7 @@
  *
  *   WAITING --a connection (pooled, or new)--> SENT    (fwd_try; the request is written once)
  *   WAITING --connection refused--> WAITING            (fwd_try: again after 10, 20, 40 ... ms,
- *                                                       for at most RETRY_WINDOW_MS)
+ *                                                       until RETRY_WINDOW_MS have passed)
  *   WAITING --refused for too long, or stopping--> DONE (the timer fires the failure)
  *   SENT --a whole answer--> DONE                      (fwd_answered)
  *   SENT --EOF, error, malformed answer, timeout--> DONE (fwd_fail; the connection closes)
@@ -492,11 +492,13 @@ static void fwd_try(fwd_t *f)
         pool_remove(c);
     } else if ((c = pconn_open(p, f->worker, why, sizeof(why))) == NULL) {
         uint64_t elapsed = uv_now(p->loop) - f->started;
-        if (elapsed + f->retry_ms > RETRY_WINDOW_MS || elapsed + f->retry_ms >= p->cfg.timeout_ms) {
+        uint64_t window = RETRY_WINDOW_MS < p->cfg.timeout_ms ? RETRY_WINDOW_MS : p->cfg.timeout_ms;
+        if (elapsed >= window) {
             fwd_fail_later(f, why);
             return;
         }
-        uv_timer_start(&f->timer, on_fwd_timer, f->retry_ms, 0);
+        uv_timer_start(&f->timer, on_fwd_timer,
+                       f->retry_ms < window - elapsed ? f->retry_ms : window - elapsed, 0);
         f->retry_ms *= 2;
         return;
     }
