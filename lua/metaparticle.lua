@@ -187,16 +187,6 @@ local function check_inner(what, name, f)
   end
 end
 
-local function router_record(what)
-  local rec = C.current()
-  if rec == nil then error(what .. ": its handler runs only as a service handler", 3) end
-  return rec
-end
-
-local function wrong_role(what, role)
-  raise(-32603, what .. ": another worker forwarded a call here as " .. role, nil, 0)
-end
-
 -- Runs the call on workers first..last in `role`; returns their results in worker order.
 -- From here on the call may use no scope here; `after` says so to what runs next.
 local function forward(rec, what, role, first, last, after)
@@ -209,6 +199,23 @@ local function forward(rec, what, role, first, last, after)
   return C.forwarded()
 end
 
+-- The handler of a topology `what`: a call forwarded here in `role` runs `inner` (and
+-- forwards nothing); any other call is routed by route(rec, params...).
+local function router(what, role, inner, route)
+  local function handler(...)
+    local rec = C.current()
+    if rec == nil then error(what .. ": its handler runs only as a service handler", 2) end
+    local r = rec.role
+    if r == role then return inner(...) end
+    if r ~= nil then
+      raise(-32603, what .. ": another worker forwarded a call here as " .. r, nil, 0)
+    end
+    return route(rec, ...)
+  end
+  routers[handler] = what
+  return handler
+end
+
 -- mp.shard(n, keyfn, fn): keyfn(params...) -> an integer k (worker k % n + 1) or a string
 -- (worker FNV-1a-32 % n + 1); fn runs on that worker (lua/topology.c, C.shard_target).
 function M.shard(n, keyfn, fn)
@@ -216,11 +223,7 @@ function M.shard(n, keyfn, fn)
   check_inner("mp.shard", "keyfn", keyfn)
   check_inner("mp.shard", "handler", fn)
   C.topology(n)
-  local function router(...)
-    local rec = router_record("mp.shard")
-    local role = rec.role
-    if role == "shard" then return fn(...) end
-    if role ~= nil then wrong_role("mp.shard", role) end
+  return router("mp.shard", "shard", fn, function(rec, ...)
     rec.routing = "mp.shard: keyfn may not use a scope (it runs where the call arrives, " ..
       "before the call is routed)"
     local target = C.shard_target(keyfn(...), n)
@@ -228,9 +231,7 @@ function M.shard(n, keyfn, fn)
     if target == worker.id then return fn(...) end
     return forward(rec, "mp.shard", "shard", target, target,
       "mp.shard: a call forwarded to another worker may not use a scope where it arrived")[1]
-  end
-  routers[router] = "mp.shard"
-  return router
+  end)
 end
 
 -- mp.scatter(n, leaf, merge): leaf(params...) on workers 1..n at once, then merge(results),
@@ -241,16 +242,10 @@ function M.scatter(n, leaf, merge)
   check_inner("mp.scatter", "leaf", leaf)
   check_inner("mp.scatter", "merge", merge)
   C.topology(n)
-  local function router(...)
-    local rec = router_record("mp.scatter")
-    local role = rec.role
-    if role == "leaf" then return leaf(...) end
-    if role ~= nil then wrong_role("mp.scatter", role) end
+  return router("mp.scatter", "leaf", leaf, function(rec)
     return merge(forward(rec, "mp.scatter", "leaf", 1, n,
       "mp.scatter: merge may not use a scope (the leaves run in transactions of their own)"))
-  end
-  routers[router] = "mp.scatter"
-  return router
+  end)
 end
 
 -- ---- Plain data helpers ----
