@@ -95,10 +95,10 @@ struct pconn_s {
 /* A write in flight, on its own: it outlives the forward and the connection's reuse, and its
  * callback (which runs before the connection's close callbacks) frees it. */
 typedef struct {
-    uv_write_t req;
-    pconn_t *conn;
-    size_t len;
-    char data[]; /* the request */
+    uv_write_t req; /* its callback frees the whole */
+    pconn_t *conn;  /* the connection written on */
+    size_t len;     /* bytes in data */
+    char data[];    /* the request */
 } pwrite_t;
 
 struct mph_peer_s {
@@ -121,6 +121,45 @@ struct mph_peer_s {
 static void pconn_close(pconn_t *c);
 static void fwd_try(fwd_t *f);
 static void maybe_closed(mph_peer_t *p);
+
+#ifndef NDEBUG
+/* A forward's invariants in its state (the diagram above); used as
+ * assert(assert_fwd_state(f)) at each transition. */
+static int assert_fwd_state(const fwd_t *f)
+{
+    switch (f->state) {
+    case FWD_WAITING: /* its request is still its own */
+        assert(f->conn == NULL && f->request.len > 0);
+        break;
+    case FWD_SENT: /* its request went out on the connection that carries it */
+        assert(f->conn != NULL && f->conn->fwd == f && f->request.len == 0);
+        break;
+    case FWD_DONE: /* answered: nothing refers to it but its closing timer */
+        assert(f->conn == NULL && !f->linked);
+        break;
+    default:
+        assert(!"unknown forward state");
+    }
+    return 1;
+}
+
+/* A connection's invariants in its state; used as assert(assert_pconn_state(c)). */
+static int assert_pconn_state(const pconn_t *c)
+{
+    switch (c->state) {
+    case PCONN_IDLE:
+    case PCONN_CLOSING:
+        assert(c->fwd == NULL);
+        break;
+    case PCONN_BUSY:
+        assert(c->fwd != NULL && c->fwd->conn == c);
+        break;
+    default:
+        assert(!"unknown connection state");
+    }
+    return 1;
+}
+#endif
 
 /* The socket name of `worker` of `generation` (abstract: a leading NUL). Returns its length. */
 static size_t peer_name(const mph_peer_t *p, int generation, int worker, char *out, size_t size)
@@ -169,6 +208,7 @@ static void fwd_finish(fwd_t *f, mph_lua_reply_t *reply)
     assert(f->state != FWD_DONE && f->conn == NULL);
     fwd_unlink(f);
     f->state = FWD_DONE;
+    assert(assert_fwd_state(f));
     uv_timer_stop(&f->timer);
     f->cb(f->ud, reply);
     free(reply->json);
@@ -275,6 +315,7 @@ static void pconn_release(pconn_t *c)
         return;
     }
     c->state = PCONN_IDLE;
+    assert(assert_pconn_state(c));
     c->next_idle = p->idle[c->worker];
     p->idle[c->worker] = c;
     p->nidle[c->worker]++;
@@ -359,6 +400,7 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 {
     pconn_t *c = s->data;
+    assert(assert_pconn_state(c));
     if (nread == 0 || c->state == PCONN_CLOSING)
         return;
     if (c->state == PCONN_IDLE || nread < 0) {
@@ -466,6 +508,7 @@ static void fwd_send(fwd_t *f, pconn_t *c)
     pw->len = f->request.len;
     memcpy(pw->data, f->request.data, f->request.len);
     mph_buf_free(&f->request);
+    assert(assert_fwd_state(f) && assert_pconn_state(c));
     uv_buf_t b = uv_buf_init(pw->data, (unsigned)pw->len);
     uint64_t elapsed = uv_now(p->loop) - f->started;
     uv_timer_start(&f->timer, on_fwd_timer,
@@ -484,7 +527,7 @@ static void fwd_try(fwd_t *f)
     mph_peer_t *p = f->peer;
     char why[160];
     if (p->stopping) {
-        fwd_fail_later(f, "shutting down");
+        fwd_fail_later(f, "this worker is stopping");
         return;
     }
     pconn_t *c = p->idle[f->worker];
@@ -530,6 +573,7 @@ void mph_peer_forward(void *fud, int worker, mph_lua_role_t role, const char *bo
     if (p->fwds)
         p->fwds->prev = f;
     p->fwds = f;
+    assert(assert_fwd_state(f));
     fwd_try(f);
 }
 
@@ -582,7 +626,7 @@ static void fail_all(mph_peer_t *p)
         g->linked = 0;
     while (f) {
         fwd_t *next = f->next;
-        fwd_fail(f, "shutting down");
+        fwd_fail(f, "this worker is stopping");
         f = next;
     }
 }
