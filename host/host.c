@@ -1,9 +1,14 @@
 /*
- * host.c: one host = one libuv loop + the HTTP server + the Lua bridge + a storage backend.
+ * host.c: one host = one libuv loop + the HTTP server + the Lua bridge + a storage backend,
+ * and, in a worker of several, the peer channel to the other workers (peer.h).
  *
  * Stopping is a sequence, each step started by the previous one's callback:
  *   mph_host_stop -> (async) http shutdown: stop accepting, finish in-flight responses
  *                 -> drained (or the deadline aborts what is left)
+ *                 -> the peer listener closes last: other workers' forwarded calls in flight
+ *                    finish (they may be what this worker's public calls waited for, and
+ *                    other workers stopping at the same time wait for them); then forwards
+ *                    still unanswered fail with -32005 (the deadline aborts the same way)
  *                 -> close the authenticator: credential checks still on the thread pool
  *                    end (refused), so none reaches the bridge once it is gone
  *                 -> close the store: operations in flight complete and their transactions
@@ -26,6 +31,7 @@
 #include "auth.h"
 #include "common.h"
 #include "http.h"
+#include "peer.h"
 #include "rpc.h"
 
 /* How long a worker that has just accepted a connection leaves the next ones to the other
@@ -41,21 +47,33 @@
  * handler time limit plus a second (MPH_HEARTBEAT_GRACE_MS) between two stamps. */
 #define HEARTBEAT_TICK_MS 250
 
+/* A forward to another worker fails (-32005) after the handler time limit plus this: the
+ * call's own limit, and time for its commit. */
+#define FORWARD_SLACK_MS 2000
+/* ... or after this when there is no handler time limit (as nginx's proxy_read_timeout). */
+#define FORWARD_NO_LIMIT_MS 60000
+/* Idle connections to other workers close after this (or half the idle timeout, if less,
+ * so that the other side's idle timeout never closes one first). */
+#define PEER_IDLE_MS 5000
+
 typedef enum { HOST_NEW, HOST_RUNNING, HOST_STOPPING, HOST_CLOSED } host_state_t;
 
 struct mph_host_s {
     uv_loop_t loop;
     mph_host_config_t cfg; /* strings borrowed from the caller's config */
     host_state_t state;
-    mph_http_server_t *http; /* owned */
-    mph_lua_t *lua;          /* owned */
-    mph_store_t *store;      /* owned */
-    mph_auth_t *auth;        /* owned; NULL once closed */
-    mph_rpc_t rpc;           /* what the HTTP server dispatches to */
-    uv_async_t stop_async;   /* mph_host_stop from any thread */
+    mph_http_server_t *http;    /* owned */
+    mph_http_config_t http_cfg; /* the public server's, which the peer listener's follows */
+    mph_peer_t *peer;           /* owned; NULL unless a worker of several (cfg.supervisor_pid) */
+    mph_lua_t *lua;             /* owned */
+    mph_store_t *store;         /* owned */
+    mph_auth_t *auth;           /* owned; NULL once closed */
+    mph_rpc_t rpc;              /* what the HTTP servers dispatch to */
+    uv_async_t stop_async;      /* mph_host_stop from any thread */
     uv_signal_t sigint, sigterm, sighup;
     int signals_on;      /* sigint/sigterm/sighup initialised */
     uv_timer_t deadline; /* bounds the graceful stop */
+    int deadline_passed; /* it fired: what is still running is cut */
     int listening;
     uv_prepare_t beat;    /* stamps cfg.heartbeat before the loop waits (if heartbeat) */
     uv_timer_t beat_tick; /* turns an idle loop every HEARTBEAT_TICK_MS (idem) */
@@ -201,6 +219,24 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
     }
     if (rc != 0)
         goto fail_loop;
+    rc = mph_auth_new(&h->auth, &h->loop, cfg->users_file, err, errlen);
+    if (rc != 0)
+        goto fail_store;
+    h->http_cfg = (mph_http_config_t){
+        cfg->max_body, cfg->max_header, cfg->max_connections, cfg->idle_timeout_ms, 64, NULL};
+    if (cfg->supervisor_pid > 0 && cfg->worker_count > 1) {
+        unsigned idle = cfg->idle_timeout_ms / 2;
+        mph_peer_config_t pcfg = {cfg->supervisor_pid,
+                                  cfg->generation,
+                                  cfg->serving_generation,
+                                  cfg->worker_id,
+                                  cfg->worker_count,
+                                  cfg->handler_timeout_ms
+                                      ? cfg->handler_timeout_ms + FORWARD_SLACK_MS
+                                      : FORWARD_NO_LIMIT_MS,
+                                  idle < PEER_IDLE_MS ? (idle ? idle : 1) : PEER_IDLE_MS};
+        mph_peer_new(&h->peer, &h->loop, &pcfg);
+    }
     mph_lua_config_t lcfg = {.store = h->store,
                              .max_retries = cfg->max_retries,
                              .debug_errors = cfg->debug_errors,
@@ -208,19 +244,16 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
                              .watched = cfg->supervised,
                              .worker_id = cfg->worker_id,
                              .worker_count = cfg->worker_count,
-                             .scope_cache = cfg->scope_cache};
-    rc = mph_auth_new(&h->auth, &h->loop, cfg->users_file, err, errlen);
-    if (rc != 0)
-        goto fail_store;
+                             .scope_cache = cfg->scope_cache,
+                             .forward = h->peer ? mph_peer_forward : NULL,
+                             .forward_ud = h->peer};
     rc = mph_lua_new(&h->lua, &h->loop, &lcfg);
     if (rc != 0) {
         snprintf(err, errlen, "cannot create the Lua state: %s", mph_strerror(rc));
         goto fail_auth;
     }
-    mph_http_config_t http = {cfg->max_body, cfg->max_header, cfg->max_connections,
-                              cfg->idle_timeout_ms, 64};
     h->rpc = (mph_rpc_t){h->lua, h->auth};
-    mph_http_server_new(&h->http, &h->loop, &http, mph_rpc_handle, &h->rpc);
+    mph_http_server_new(&h->http, &h->loop, &h->http_cfg, mph_rpc_handle, &h->rpc);
     uv_async_init(&h->loop, &h->stop_async, on_stop_async);
     uv_timer_init(&h->loop, &h->deadline);
     if (cfg->heartbeat)
@@ -232,6 +265,8 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
 fail_auth:
     mph_auth_close(h->auth, on_auth_failed_closed, NULL);
 fail_store:
+    if (h->peer)
+        mph_peer_free(h->peer); /* it has done nothing yet */
     h->store->methods->close(h->store, NULL, NULL);
 fail_loop:
     uv_run(&h->loop, UV_RUN_DEFAULT); /* let the store's close callbacks run */
@@ -288,6 +323,12 @@ static void warn_if_sigpipe_kills(void)
 int mph_host_listen(mph_host_t *h, char *err, size_t errlen)
 {
     warn_if_sigpipe_kills();
+    /* The peer listener first: other workers may forward as soon as this one takes calls. */
+    if (h->peer) {
+        int rc = mph_peer_listen(h->peer, &h->http_cfg, &h->rpc, err, errlen);
+        if (rc != 0)
+            return rc;
+    }
     int rc = h->cfg.listen_fd >= 0
                  ? mph_http_listen_shared(h->http, h->cfg.listen_fd,
                                           h->cfg.worker_count > 1 ? SHARED_ACCEPT_PAUSE_MS : 0, err,
@@ -340,21 +381,42 @@ static void on_store_closed(void *ud)
     close_host_handles(h);
 }
 
-static void on_auth_closed(void *ud)
+static void close_store(mph_host_t *h)
 {
-    mph_host_t *h = ud;
-    h->auth = NULL;
     if (mph_lua_pending(h->lua) > 0)
         mph_log(MPH_LOG_INFO, "waiting for %zu call(s) to finish their commits",
                 mph_lua_pending(h->lua));
     h->store->methods->close(h->store, on_store_closed, h);
 }
 
+static void on_auth_closed(void *ud)
+{
+    mph_host_t *h = ud;
+    h->auth = NULL;
+    close_store(h);
+}
+
+static void close_auth(mph_host_t *h)
+{
+    uv_timer_stop(&h->deadline);
+    mph_auth_close(h->auth, on_auth_closed, h);
+}
+
+static void on_peer_closed(void *ud)
+{
+    close_auth(ud);
+}
+
 static void on_http_drained(void *ud)
 {
     mph_host_t *h = ud;
-    uv_timer_stop(&h->deadline);
-    mph_auth_close(h->auth, on_auth_closed, h);
+    if (h->peer == NULL) {
+        close_auth(h);
+        return;
+    }
+    mph_peer_shutdown(h->peer, on_peer_closed, h);
+    if (h->deadline_passed)
+        mph_peer_abort(h->peer);
 }
 
 static void on_deadline(uv_timer_t *t)
@@ -362,7 +424,10 @@ static void on_deadline(uv_timer_t *t)
     mph_host_t *h = mph_container_of(t, mph_host_t, deadline);
     mph_log(MPH_LOG_WARN, "stop: requests still running after %u ms; closing their connections",
             h->cfg.shutdown_timeout_ms);
+    h->deadline_passed = 1;
     mph_http_abort(h->http);
+    if (h->peer)
+        mph_peer_abort(h->peer);
 }
 
 static void begin_stop(mph_host_t *h)
@@ -441,6 +506,8 @@ void mph_host_free(mph_host_t *h)
         uv_run(&h->loop, UV_RUN_DEFAULT);
     }
     mph_http_server_free(h->http);
+    if (h->peer)
+        mph_peer_free(h->peer);
     int rc = uv_loop_close(&h->loop);
     if (rc != 0)
         mph_log(MPH_LOG_ERROR, "bug: handles left open at exit (%s)", uv_strerror(rc));

@@ -1,9 +1,10 @@
 /*
  * http.c: connections and HTTP/1.x on libuv with Debian's http-parser.
  *
- * A connection owns two handles (tcp, timer) and frees itself after the second close
- * callback. Its requests form a FIFO in arrival order; each is answered by the handler at
- * its own pace, and responses leave in request order (pipelining). States of a connection:
+ * A connection owns two handles (its stream: TCP, or a Unix socket for a local listener;
+ * and a timer) and frees itself after the second close callback. Its requests form a FIFO in
+ * arrival order; each is answered by the handler at its own pace, and responses leave in request
+ * order (pipelining). States of a connection:
  *
  *   OPEN     reading and parsing                    (on_connection)
  *   DRAINING no more reading: write what is queued,  (EOF, a fatal request error, shutdown,
@@ -18,6 +19,12 @@
  * never by partial data, so a client that trickles bytes cannot hold a connection. While
  * responses are being written it also closes a connection whose client stopped reading: the
  * write queue must shrink in every period, or the responses (and their memory) are dropped.
+ *
+ * A server listens on a TCP port (mph_http_listen), on a TCP socket shared with other
+ * processes (mph_http_listen_shared), or on a local Unix socket (mph_http_listen_local: the
+ * workers' peer channel, host/peer.c), where it serves only our own user. A server can keep
+ * one header's value per request for its handler (cfg.capture_header): the peer channel's
+ * role header, which the public server does not capture, and so never sees.
  *
  * A graceful shutdown (mph_http_shutdown) stops accepting and ends each connection after a
  * response, never under a request: a connection whose last request is not answered yet drains
@@ -41,11 +48,13 @@
 #include <fcntl.h>
 #include <http_parser.h>
 #include <netinet/in.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include "common.h"
@@ -70,6 +79,8 @@ struct mph_http_req_s {
     int http_minor;          /* 0 for HTTP/1.0 */
     int want_continue;       /* sent Expect: 100-continue; "100 Continue" not yet queued */
     int error_status;        /* set during parsing: 405, 413, 431, 400; 0 otherwise */
+    char header[32];         /* the captured header's value (cfg.capture_header), cut to 31
+                                bytes; "" when the request did not carry it */
     mph_buf_t body;          /* request body while parsing */
     mph_buf_t authorization; /* the Authorization header's value (it carries a password:
                                 wiped before it is freed), while auth_state is AUTH_SOME */
@@ -82,20 +93,23 @@ struct mph_http_req_s {
 };
 
 struct conn_s {
-    uv_tcp_t tcp;
+    union { /* the client's stream; every use goes through tcp's address as a uv_stream_t */
+        uv_tcp_t tcp;   /* a TCP client (mph_http_listen, mph_http_listen_shared) */
+        uv_pipe_t pipe; /* a Unix-socket client (mph_http_listen_local) */
+    };
     uv_timer_t timer;
     mph_http_server_t *srv;
     conn_state_t state;
     int open_handles; /* frees itself when this reaches 0 */
     http_parser parser;
-    mph_http_req_t *cur; /* the request being parsed, or NULL */
-    size_t header_bytes; /* of cur */
-    char field[16];      /* current header name, lowercased, truncated */
-    size_t field_len;
-    int in_value;        /* the parser is inside a header value */
-    int expect_continue; /* cur sent Expect: 100-continue */
-    char value[32];      /* start of the current header value */
-    size_t value_len;
+    mph_http_req_t *cur;  /* the request being parsed, or NULL */
+    size_t header_bytes;  /* of cur */
+    char field[32];       /* current header name, lowercased, truncated */
+    size_t field_len;     /* its whole length (more than the bytes kept when truncated) */
+    int in_value;         /* the parser is inside a header value */
+    int expect_continue;  /* cur sent Expect: 100-continue */
+    char value[32];       /* start of the current header value */
+    size_t value_len;     /* its whole length */
     mph_http_req_t *head; /* requests in order, not yet written */
     mph_http_req_t *tail;
     unsigned in_flight;   /* requests parsed, not yet written out */
@@ -107,7 +121,11 @@ struct conn_s {
 
 struct mph_http_server_s {
     uv_loop_t *loop;
-    uv_tcp_t listener;
+    union {
+        uv_tcp_t listener;        /* mph_http_listen */
+        uv_pipe_t local_listener; /* mph_http_listen_local; closed through `listener` too */
+    };
+    int local;         /* listening on a Unix socket: connections are pipes */
     int listening;     /* listener initialised */
     int listener_open; /* listener (or the shared socket's handles) not closed yet */
     /* A socket shared with other processes (mph_http_listen_shared) is accepted on by hand: */
@@ -138,6 +156,7 @@ void mph_http_config_default(mph_http_config_t *cfg)
     cfg->max_connections = 10000;
     cfg->idle_timeout_ms = 30000;
     cfg->max_pipeline = 64;
+    cfg->capture_header = NULL;
 }
 
 static void conn_close(conn_t *c);
@@ -428,19 +447,27 @@ static int on_url(http_parser *p, const char *at, size_t len)
     return over_header_limit(p->data, len);
 }
 
-static int field_is(const conn_t *c, const char *lower_name)
+/* Whether the header just read is `name` (lowercase). */
+static int header_is(const conn_t *c, const char *name)
 {
-    size_t n = strlen(lower_name);
-    return c->field_len == n && memcmp(c->field, lower_name, n) == 0;
+    size_t n = strlen(name);
+    return c->field_len == n && n <= sizeof(c->field) && memcmp(c->field, name, n) == 0;
 }
 
 static void end_header_value(conn_t *c)
 {
-    if (field_is(c, "authorization") && c->cur->auth_state == AUTH_PARTIAL)
+    if (header_is(c, "authorization") && c->cur->auth_state == AUTH_PARTIAL)
         c->cur->auth_state = AUTH_SOME;
-    if (field_is(c, "expect") && c->value_len == 12 &&
+    if (header_is(c, "expect") && c->value_len == 12 &&
         strncasecmp(c->value, "100-continue", 12) == 0)
         c->expect_continue = 1;
+    const char *capture = c->srv->cfg.capture_header;
+    if (capture && header_is(c, capture)) {
+        mph_http_req_t *r = c->cur;
+        size_t n = c->value_len < sizeof(r->header) ? c->value_len : sizeof(r->header) - 1;
+        memcpy(r->header, c->value, n);
+        r->header[n] = '\0';
+    }
     c->field_len = c->value_len = 0;
     c->in_value = 0;
 }
@@ -450,9 +477,10 @@ static int on_header_field(http_parser *p, const char *at, size_t len)
     conn_t *c = p->data;
     if (c->in_value)
         end_header_value(c);
-    for (size_t i = 0; i < len && c->field_len < sizeof(c->field); i++) {
+    for (size_t i = 0; i < len; i++, c->field_len++) {
         char ch = at[i];
-        c->field[c->field_len++] = (char)(ch >= 'A' && ch <= 'Z' ? ch + 32 : ch);
+        if (c->field_len < sizeof(c->field))
+            c->field[c->field_len] = (char)(ch >= 'A' && ch <= 'Z' ? ch + 32 : ch);
     }
     return over_header_limit(c, len);
 }
@@ -461,10 +489,11 @@ static int on_header_value(http_parser *p, const char *at, size_t len)
 {
     conn_t *c = p->data;
     c->in_value = 1;
-    if (field_is(c, "authorization"))
+    if (header_is(c, "authorization"))
         authorization_append(c->cur, at, len);
-    for (size_t i = 0; i < len && c->value_len < sizeof(c->value); i++)
-        c->value[c->value_len++] = at[i];
+    for (size_t i = 0; i < len; i++, c->value_len++)
+        if (c->value_len < sizeof(c->value))
+            c->value[c->value_len] = at[i];
     return over_header_limit(c, len);
 }
 
@@ -717,7 +746,10 @@ static conn_t *conn_new(mph_http_server_t *srv)
 {
     conn_t *c = mph_xcalloc(1, sizeof(*c));
     c->srv = srv;
-    uv_tcp_init(srv->loop, &c->tcp);
+    if (srv->local)
+        uv_pipe_init(srv->loop, &c->pipe, 0);
+    else
+        uv_tcp_init(srv->loop, &c->tcp);
     uv_timer_init(srv->loop, &c->timer);
     c->tcp.data = c->timer.data = c;
     c->open_handles = 2;
@@ -734,11 +766,36 @@ static conn_t *conn_new(mph_http_server_t *srv)
 /* Starts parsing and reading an accepted connection. */
 static void conn_start(conn_t *c)
 {
-    uv_tcp_nodelay(&c->tcp, 1);
+    if (!c->srv->local)
+        uv_tcp_nodelay(&c->tcp, 1);
     http_parser_init(&c->parser, HTTP_REQUEST);
     c->parser.data = c;
     arm_idle_timer(c);
     resume_reading(c);
+}
+
+int mph_http_same_user(int fd, const char *what)
+{
+    struct ucred cred;
+    socklen_t len = sizeof(cred);
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
+        mph_log(MPH_LOG_WARN, "%s: cannot read its credentials: %s", what, strerror(errno));
+        return 0;
+    }
+    if (cred.uid == geteuid())
+        return 1;
+    mph_log(MPH_LOG_WARN, "%s: refused: pid %d runs as uid %u, not as ours", what, (int)cred.pid,
+            (unsigned)cred.uid);
+    return 0;
+}
+
+/* A Unix-socket client must run as our effective user: an abstract socket has no file
+ * permissions, so anyone on the machine could connect to it. */
+static int same_user(conn_t *c)
+{
+    uv_os_fd_t fd;
+    return uv_fileno((uv_handle_t *)&c->pipe, &fd) == 0 &&
+           mph_http_same_user(fd, "http: a local connection");
 }
 
 static void on_connection(uv_stream_t *listener, int status)
@@ -750,6 +807,10 @@ static void on_connection(uv_stream_t *listener, int status)
     }
     conn_t *c = conn_new(srv);
     if (uv_accept(listener, (uv_stream_t *)&c->tcp) != 0) {
+        conn_close(c);
+        return;
+    }
+    if (srv->local && !same_user(c)) {
         conn_close(c);
         return;
     }
@@ -844,6 +905,50 @@ int mph_http_open_listener(const char *addr, int port, int *fd_out, int *port_ou
     *port_out = ntohs(((struct sockaddr_in *)&bound)->sin_port); /* same offset in sin6 */
     *fd_out = fd;
     return 0;
+}
+
+int mph_http_listen_local(mph_http_server_t *srv, const char *name, size_t namelen, char *err,
+                          size_t errlen)
+{
+    struct sockaddr_un sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sun_family = AF_UNIX;
+    if (namelen == 0 || namelen > sizeof(sa.sun_path)) {
+        snprintf(err, errlen, "invalid local socket name");
+        return MPH_EINVAL;
+    }
+    memcpy(sa.sun_path, name, namelen);
+    /* A name that starts with a NUL is abstract (unix(7)): there is no file to remove, and
+     * the name goes when the socket does, however the process ends. libuv 1.44 binds only
+     * NUL-terminated paths, hence our own socket, handed to a uv_pipe_t to listen on. */
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int rc = fd < 0 ? -errno : 0;
+    if (rc == 0 && bind(fd, (struct sockaddr *)&sa,
+                        (socklen_t)(offsetof(struct sockaddr_un, sun_path) + namelen)) != 0)
+        rc = -errno;
+    uv_pipe_init(srv->loop, &srv->local_listener, 0);
+    srv->local_listener.data = srv;
+    srv->local = 1;
+    srv->listening = srv->listener_open = 1;
+    if (rc == 0 && (rc = uv_pipe_open(&srv->local_listener, fd)) == 0)
+        fd = -1; /* the handle owns it now */
+    if (rc == 0)
+        rc = uv_listen((uv_stream_t *)&srv->local_listener, 511, on_connection);
+    if (rc != 0) {
+        int abstract = name[0] == '\0'; /* shown as ss(8) shows it: @name */
+        snprintf(err, errlen, "cannot listen on local socket %s%.*s: %s%s", abstract ? "@" : "",
+                 (int)namelen - abstract, name + abstract, uv_strerror(rc),
+                 rc == UV_EADDRINUSE ? " (another process holds the name)" : "");
+        if (fd >= 0)
+            close(fd);
+        return rc == UV_EADDRINUSE ? MPH_EADDRINUSE : MPH_ELISTEN;
+    }
+    return 0;
+}
+
+const char *mph_http_req_header(const mph_http_req_t *req)
+{
+    return req->header;
 }
 
 /* ---- A listening socket shared with other processes ----

@@ -15,15 +15,18 @@ typedef struct mph_http_server_s mph_http_server_t;
 typedef struct mph_http_req_s mph_http_req_t;
 
 typedef struct {
-    size_t max_body;          /* bytes of a request body; more -> 413 */
-    size_t max_header;        /* bytes of request line plus headers; more -> 431 */
-    unsigned max_connections; /* open connections; more are closed at once */
-    unsigned idle_timeout_ms; /* a connection with nothing in flight that completes no
-                                 request for this long is closed (idle or stalled) */
-    unsigned max_pipeline;    /* requests in flight per connection before reading pauses */
+    size_t max_body;            /* bytes of a request body; more -> 413 */
+    size_t max_header;          /* bytes of request line plus headers; more -> 431 */
+    unsigned max_connections;   /* open connections; more are closed at once */
+    unsigned idle_timeout_ms;   /* a connection with nothing in flight that completes no
+                                   request for this long is closed (idle or stalled) */
+    unsigned max_pipeline;      /* requests in flight per connection before reading pauses */
+    const char *capture_header; /* a header (lowercase name, borrowed) whose value each request
+                                   keeps for the handler (mph_http_req_header); NULL: none */
 } mph_http_config_t;
 
-/* Fills the defaults: 1 MiB body, 16 KiB headers, 10000 connections, 30 s, 64. */
+/* Fills the defaults: 1 MiB body, 16 KiB headers, 10000 connections, 30 s, 64, no header
+ * captured. */
 void mph_http_config_default(mph_http_config_t *cfg);
 
 /* Called for each complete POST request. body is borrowed for the duration of the call. The
@@ -50,6 +53,22 @@ int mph_http_open_listener(const char *addr, int port, int *fd_out, int *port_ou
  * closed at the shutdown); MPH_ELISTEN: fd is not a listening socket (left to the caller). */
 int mph_http_listen_shared(mph_http_server_t *srv, int fd, unsigned pause_ms, char *err,
                            size_t errlen);
+
+/* Binds a Unix stream socket to `name` (namelen bytes; a leading NUL makes it abstract, see
+ * unix(7)) and listens on it. Only clients running as this process's effective user are
+ * served (mph_http_same_user); others are closed at once. Returns 0, MPH_EADDRINUSE (the name
+ * is taken) or MPH_ELISTEN, with a message in err. */
+int mph_http_listen_local(mph_http_server_t *srv, const char *name, size_t namelen, char *err,
+                          size_t errlen);
+
+/* Whether the process at the other end of the connected Unix socket fd runs as this
+ * process's effective user (SO_PEERCRED). When not (or when that cannot be read), logs a
+ * warning that starts with `what` and returns 0. */
+int mph_http_same_user(int fd, const char *what);
+
+/* The value of the header cfg.capture_header names, as req carried it (cut to 31 bytes), or
+ * "" when it did not. Borrowed: valid until the request is answered. */
+const char *mph_http_req_header(const mph_http_req_t *req);
 
 /* The port actually bound (useful after listening on port 0). */
 int mph_http_port(const mph_http_server_t *srv);

@@ -73,6 +73,14 @@ typedef struct {
     const char *users_file;       /* users for mp.basicAuth (--users): read at mph_host_new
                                      and again on SIGHUP; NULL (default): none, and calls
                                      to mp.basicAuth services are refused */
+    int supervisor_pid;           /* a worker's supervisor, after whose pid the workers'
+                                     peer sockets are named; 0 (default): not a worker, no
+                                     forwarding between workers */
+    int generation;               /* the worker's generation (with supervisor_pid) */
+    const uint64_t *serving_generation; /* NULL, or where the supervisor publishes the
+                                     generation that serves (shared memory, read with a
+                                     relaxed atomic load): after a reload, the workers of the
+                                     generation being replaced forward to the new ones */
 } mph_host_config_t;
 
 /* Fills every field with its default. */
@@ -94,7 +102,7 @@ int mph_host_load_string(mph_host_t *h, const char *name, const char *src, char 
 int mph_host_listen(mph_host_t *h, char *err, size_t errlen);
 
 /* The number of workers the loaded script's topologies ask for: the largest n of its
- * mp.spread(n, fn) calls, 0 when it has none. */
+ * mp.spread, mp.shard and mp.scatter calls, 0 when it has none. */
 int mph_host_topology_workers(const mph_host_t *h);
 
 /* The port listened on. */

@@ -38,6 +38,7 @@ typedef struct {
 typedef struct call_s {
     mph_http_req_t *req; /* answered once every slot is done */
     mph_rpc_t *rpc;      /* borrowed */
+    mph_lua_role_t role; /* of every call in it: MPH_LUA_CALL unless another worker forwarded */
     int is_batch;
     size_t nslots;
     size_t outstanding; /* slots without a reply, plus one while dispatching or releasing
@@ -136,12 +137,12 @@ static void slot_error(slot_t *s, int code, const char *message)
     slot_done(s);
 }
 
-/* Runs a validated call object as user (NULL: nobody). */
+/* Runs a validated call object, in the role of its request, as user (NULL: nobody). */
 static void run_call(mph_rpc_t *rpc, slot_t *s, const json_t *r, const char *user)
 {
     json_t *method = json_object_get(r, "method");
-    mph_lua_call_as(rpc->lua, user, json_string_value(method), json_string_length(method),
-                    json_object_get(r, "params"), on_reply, s);
+    mph_lua_call_as(rpc->lua, s->call->role, user, json_string_value(method),
+                    json_string_length(method), json_object_get(r, "params"), on_reply, s);
 }
 
 /* The request's credentials were checked: the held calls run as user, or are refused. */
@@ -166,7 +167,10 @@ static void on_verified(void *ud, const char *user)
         call_finish(call);
 }
 
-/* Validates one request object and dispatches it, or holds it for the credentials check. */
+/* Validates one request object and dispatches it in the role of its HTTP request, or holds
+ * it for the credentials check. A call another worker forwarded was checked there: it runs
+ * as the user the forwarding worker named (MPH_LUA_FORWARD_USER, read only on the peer
+ * listener, which only our own processes reach). */
 static void dispatch(mph_rpc_t *rpc, slot_t *s, const json_t *r)
 {
     if (!json_is_object(r)) {
@@ -202,6 +206,11 @@ static void dispatch(mph_rpc_t *rpc, slot_t *s, const json_t *r)
                    "Invalid params: params must be an array or an object");
         return;
     }
+    if (s->call->role != MPH_LUA_CALL) {
+        json_t *user = json_object_get(r, MPH_LUA_FORWARD_USER);
+        run_call(rpc, s, r, json_is_string(user) ? json_string_value(user) : NULL);
+        return;
+    }
     if (mph_lua_needs_auth(rpc->lua, json_string_value(method), json_string_length(method))) {
         s->held = json_incref((json_t *)r);
         s->call->held++;
@@ -220,9 +229,10 @@ static void answer_alone(mph_http_req_t *req, int code, const char *message)
     mph_http_respond(req, 200, data, len);
 }
 
-void mph_rpc_handle(void *ud, mph_http_req_t *req, const char *body, size_t len)
+/* Answers one HTTP request's body: a call or a batch, each call in `role`. */
+static void handle(mph_rpc_t *rpc, mph_http_req_t *req, const char *body, size_t len,
+                   mph_lua_role_t role)
 {
-    mph_rpc_t *rpc = ud;
     json_error_t err;
     json_t *doc = mph_json_load(body, len, &err);
     if (doc == NULL) {
@@ -244,6 +254,7 @@ void mph_rpc_handle(void *ud, mph_http_req_t *req, const char *body, size_t len)
     call_t *call = mph_xcalloc(1, sizeof(*call));
     call->req = req;
     call->rpc = rpc;
+    call->role = role;
     call->is_batch = json_is_array(doc);
     call->nslots = call->is_batch ? json_array_size(doc) : 1;
     call->slots = mph_xcalloc(call->nslots, sizeof(slot_t));
@@ -261,4 +272,22 @@ void mph_rpc_handle(void *ud, mph_http_req_t *req, const char *body, size_t len)
     json_decref(doc);
     if (--call->outstanding == 0)
         call_finish(call);
+}
+
+void mph_rpc_handle(void *ud, mph_http_req_t *req, const char *body, size_t len)
+{
+    handle(ud, req, body, len, MPH_LUA_CALL);
+}
+
+void mph_rpc_handle_forwarded(void *ud, mph_http_req_t *req, const char *body, size_t len)
+{
+    mph_lua_role_t role;
+    const char *name = mph_http_req_header(req);
+    if (mph_lua_role_parse(name, &role) != 0) {
+        char msg[128];
+        snprintf(msg, sizeof(msg), "Invalid Request: unknown forward role \"%s\"", name);
+        answer_alone(req, MPH_RPC_INVALID_REQUEST, msg);
+        return;
+    }
+    handle(ud, req, body, len, role);
 }

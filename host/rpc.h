@@ -23,4 +23,14 @@ typedef struct {
  * WWW-Authenticate when every call was refused for its credentials (-32004). */
 void mph_rpc_handle(void *ud, mph_http_req_t *req, const char *body, size_t len);
 
+/* The header that carries the role of a forwarded call (mph_lua_role_name), lowercase: the
+ * peer listener's HTTP server captures it (mph_http_config_t.capture_header); the public one
+ * does not, so a client cannot choose a role. */
+#define MPH_RPC_FORWARD_HEADER "x-mphost-forward"
+
+/* mph_rpc_handle for the peer listener (host/peer.c; ud is an mph_rpc_t too): every call of
+ * the request runs in the role its MPH_RPC_FORWARD_HEADER names (none: an ordinary call), as
+ * the user MPH_LUA_FORWARD_USER names; an unknown role is -32600. */
+void mph_rpc_handle_forwarded(void *ud, mph_http_req_t *req, const char *body, size_t len);
+
 #endif

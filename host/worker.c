@@ -24,7 +24,7 @@
 #include "common.h"
 #include "supervisor.h"
 
-/* The shared page while this worker serves (for mph_worker_generation), else NULL. */
+/* The shared page while this worker serves, else NULL. */
 static mph_shared_page_t *shared_page;
 
 /* Writes one report line ("what msg"); `last`: and closes the socket. */
@@ -80,8 +80,9 @@ static int probe(mph_cli_t *cli)
     return rc == 0 ? 0 : 1;
 }
 
-/* Loads, listens, reports, waits for "go", serves. */
-static int serve(mph_cli_t *cli, int id, int count, int beat)
+/* Loads, listens, reports, waits for "go", serves (as worker id of count, of the given
+ * supervisor and generation, stamping heartbeat slot beat). */
+static int serve(mph_cli_t *cli, int id, int count, int supervisor, int generation, int beat)
 {
     char err[1024], msg[1100];
     char tag[32];
@@ -100,6 +101,9 @@ static int serve(mph_cli_t *cli, int id, int count, int beat)
     cfg.worker_count = count;
     cfg.supervised = 1;
     cfg.heartbeat = &shared_page->beats[beat].alive_ms;
+    cfg.supervisor_pid = supervisor;
+    cfg.generation = generation;
+    cfg.serving_generation = &shared_page->generation;
     mph_host_t *h = NULL;
     int script_failed = 0;
     int rc = mph_host_new(&h, &cfg, err, sizeof(err));
@@ -158,10 +162,5 @@ int mph_worker_serve(mph_cli_t *cli, const char *spec)
     fcntl(MPH_WORKER_LISTEN_FD, F_SETFD, FD_CLOEXEC);
     fcntl(MPH_WORKER_REPORT_FD, F_SETFD, FD_CLOEXEC);
     unsetenv(MPH_WORKER_ENV);
-    return id == 0 ? probe(cli) : serve(cli, id, count, beat);
-}
-
-uint64_t mph_worker_generation(void)
-{
-    return shared_page ? __atomic_load_n(&shared_page->generation, __ATOMIC_RELAXED) : 0;
+    return id == 0 ? probe(cli) : serve(cli, id, count, supervisor, generation, beat);
 }

@@ -4,8 +4,9 @@
  * Each attempt gets a coroutine from lua_newthread, anchored in the registry by luaL_ref
  * until the attempt ends (a thread only reachable from C would be collected). The coroutine
  * runs I.run(rec) from metaparticle.lua: the handler (rec.handler on rec.args), then the write
- * sets. A handler suspends only inside C.acquire (a scope is loading): that C function ends
- * with `return lua_yield(L, 0)` and the runner resumes it once the load ends. One function,
+ * sets. A handler suspends only inside C.acquire (a scope is loading) or C.forward (mp.shard
+ * and mp.scatter wait for other workers, lua/topology.c): each ends with
+ * `return lua_yield(L, 0)`, and the runner, or the last answer, resumes it. One function,
  * mph__txn_resume, owns lua_resume and tells host waits from a user's stray
  * coroutine.yield by the transaction's state.
  *
@@ -45,27 +46,32 @@ void mph__lua_get_internal(mph_lua_t *lua, lua_State *L, const char *name)
     lua_remove(L, -2);                                    /* I[name] */
 }
 
-static mph_lua_t *upvalue_lua(lua_State *L)
+mph_lua_t *mph__lua_upvalue(lua_State *L)
 {
     return lua_touserdata(L, lua_upvalueindex(1));
 }
 
-/* Raises a JSON-RPC error object (the module's error_mt) with `code` and `message`. */
-static int raise_error_object(mph_lua_t *lua, lua_State *L, int code, const char *message)
+void mph__lua_push_error(mph_lua_t *lua, lua_State *L, int code, const char *message)
 {
-    lua_createtable(L, 0, 2);
+    lua_createtable(L, 0, 3);
     lua_pushinteger(L, code);
     lua_setfield(L, -2, "code");
     lua_pushstring(L, message);
     lua_setfield(L, -2, "message");
     mph__lua_get_internal(lua, L, "error_mt");
     lua_setmetatable(L, -2);
+}
+
+/* Raises a JSON-RPC error object (the module's error_mt) with `code` and `message`. */
+static int raise_error_object(mph_lua_t *lua, lua_State *L, int code, const char *message)
+{
+    mph__lua_push_error(lua, L, code, message);
     return lua_error(L);
 }
 
 static int raise_rpc_error(lua_State *L, int code, const char *message)
 {
-    return raise_error_object(upvalue_lua(L), L, code, message);
+    return raise_error_object(mph__lua_upvalue(L), L, code, message);
 }
 
 /* Raises Lua's out-of-memory message (LuaJIT's preallocated string) as an error, which
@@ -114,7 +120,7 @@ static void timeout_hook(lua_State *L, lua_Debug *ar)
  * the point where it may be interrupted. [-0, +0, e] */
 static int l_checkpoint(lua_State *L)
 {
-    mph_lua_t *lua = upvalue_lua(L);
+    mph_lua_t *lua = mph__lua_upvalue(L);
     mph_txn_t *t = lua->current;
     assert(t != NULL);
     if (t->deadline != 0 && uv_hrtime() >= t->deadline) {
@@ -147,7 +153,7 @@ static int l_log(lua_State *L)
 /* C.serve() [-0, +0, -] */
 static int l_serve(lua_State *L)
 {
-    upvalue_lua(L)->serve_called = 1;
+    mph__lua_upvalue(L)->serve_called = 1;
     return 0;
 }
 
@@ -155,7 +161,7 @@ static int l_serve(lua_State *L)
  * n); the host starts as many workers as the largest n asks for. [-0, +0, -] */
 static int l_topology(lua_State *L)
 {
-    mph_lua_t *lua = upvalue_lua(L);
+    mph_lua_t *lua = mph__lua_upvalue(L);
     int n = (int)lua_tointeger(L, 1);
     if (n > lua->topology_workers)
         lua->topology_workers = n;
@@ -167,7 +173,7 @@ static int l_topology(lua_State *L)
  * A name made again takes the new handler's need. [-2, +0, -] */
 static int l_service(lua_State *L)
 {
-    mph_lua_t *lua = upvalue_lua(L);
+    mph_lua_t *lua = mph__lua_upvalue(L);
     size_t len;
     const char *name = luaL_checklstring(L, 1, &len);
     int needs_user = lua_toboolean(L, 2);
@@ -187,7 +193,7 @@ static int l_service(lua_State *L)
 /* C.current() -> the running attempt's record table, or nil [-0, +1, -] */
 static int l_current(lua_State *L)
 {
-    mph_txn_t *t = upvalue_lua(L)->current;
+    mph_txn_t *t = mph__lua_upvalue(L)->current;
     if (t == NULL)
         lua_pushnil(L);
     else
@@ -206,7 +212,7 @@ static int l_current(lua_State *L)
  * [-2, +1 or +3, e] */
 static int l_acquire(lua_State *L)
 {
-    mph_lua_t *lua = upvalue_lua(L);
+    mph_lua_t *lua = mph__lua_upvalue(L);
     const char *name = luaL_checkstring(L, 1);
     int yieldable = lua_toboolean(L, 2);
     mph_txn_t *t = lua->current;
@@ -234,7 +240,7 @@ static int l_acquire(lua_State *L)
 /* C.join(name, wrote): the attempt touched scope `name` [-0, +0, -] */
 static int l_join(lua_State *L)
 {
-    mph_lua_t *lua = upvalue_lua(L);
+    mph_lua_t *lua = mph__lua_upvalue(L);
     const char *name = luaL_checkstring(L, 1);
     assert(lua->current != NULL);
     mph__runner_join(lua->current, name, lua_toboolean(L, 2));
@@ -244,7 +250,7 @@ static int l_join(lua_State *L)
 /* C.encode(value, path) -> JSON text; raises -32000 naming the path [-0, +1, e] */
 static int l_encode(lua_State *L)
 {
-    mph_lua_t *lua = upvalue_lua(L);
+    mph_lua_t *lua = mph__lua_upvalue(L);
     const char *root = luaL_optstring(L, 2, NULL);
     char err[512];
     /* The bridge's scratch buffer, not a local one: lua_pushlstring may raise (out of memory)
@@ -279,7 +285,7 @@ static int l_decode(lua_State *L)
 /* C.set_result(...) stores the first value's JSON as the attempt's result [-0, +0, e] */
 static int l_set_result(lua_State *L)
 {
-    mph_lua_t *lua = upvalue_lua(L);
+    mph_lua_t *lua = mph__lua_upvalue(L);
     mph_txn_t *t = lua->current;
     assert(t != NULL);
     lua_settop(L, 1); /* extra results are ignored; none is null */
@@ -303,7 +309,7 @@ static int l_set_result(lua_State *L)
  * the next `skip` allocations succeed, then `count` fail. [-2, +0, -] */
 static int l_fail_allocations(lua_State *L)
 {
-    mph_lua_t *lua = upvalue_lua(L);
+    mph_lua_t *lua = mph__lua_upvalue(L);
     lua->alloc_skip = (long)luaL_checknumber(L, 1);
     lua->alloc_fail = (long)luaL_checknumber(L, 2);
     return 0;
@@ -399,13 +405,16 @@ static void open_module(mph_lua_t *lua, lua_State *L)
                         "=metaparticle.lua") != 0)
         lua_error(L);
     /* Stack: chunk */
-    lua_createtable(L, 0, 16);
-    for (const luaL_Reg *r = helper_functions; r->name; r++) {
-        if (r->func == l_fail_allocations && !lua->alloc_test)
-            continue;
-        lua_pushlightuserdata(L, lua);
-        lua_pushcclosure(L, r->func, 1);
-        lua_setfield(L, -2, r->name);
+    lua_createtable(L, 0, 24);
+    const luaL_Reg *lists[] = {helper_functions, mph__topology_helpers};
+    for (size_t i = 0; i < sizeof(lists) / sizeof(lists[0]); i++) {
+        for (const luaL_Reg *r = lists[i]; r->name; r++) {
+            if (r->func == l_fail_allocations && !lua->alloc_test)
+                continue;
+            lua_pushlightuserdata(L, lua);
+            lua_pushcclosure(L, r->func, 1);
+            lua_setfield(L, -2, r->name);
+        }
     }
     lua_pushlightuserdata(L, NULL);
     lua_setfield(L, -2, "null");
@@ -481,6 +490,8 @@ int mph_lua_new(mph_lua_t **out, uv_loop_t *loop, const mph_lua_config_t *cfg)
     lua->worker_id = cfg->worker_id > 0 ? cfg->worker_id : 1;
     lua->worker_count = cfg->worker_count > 0 ? cfg->worker_count : 1;
     lua->scope_cache = cfg->scope_cache;
+    lua->forward = cfg->forward;
+    lua->forward_ud = cfg->forward_ud;
     lua->rng = random_seed(lua) | 1;           /* xorshift needs a nonzero state */
     lua->committer = mph__lua_random(lua) | 1; /* distinct per process and per host */
     lua->internal_ref = LUA_NOREF;
@@ -669,6 +680,7 @@ static void txn_free(mph_txn_t *t)
 {
     mph_lua_t *lua = t->lua;
     assert(t->co == NULL);
+    mph__forward_clear(t);
     json_decref(t->params);
     free(t->method);
     free(t->user);
@@ -863,6 +875,10 @@ void mph__txn_resume(mph_txn_t *t, int nargs)
     lua->current = outer;
     if (status == LUA_YIELD && t->state == TXN_WAITING)
         return; /* the runner resumes it when the scope has loaded */
+    if (status == LUA_YIELD && t->state == TXN_FORWARDING) {
+        mph__forward_send(t); /* the answers resume it, perhaps before this returns */
+        return;
+    }
     if (t->reload != NULL) {
         /* The attempt touched a scope that was not loaded where it could not wait: whatever
          * it did next is void. It runs again once the scope has loaded. */
@@ -921,6 +937,11 @@ static int setup_attempt(lua_State *L)
         lua_pushstring(L, t->user);
         lua_setfield(L, -2, "user");
     }
+    const char *role = mph_lua_role_name(t->role);
+    if (role != NULL) { /* rec.role: what the topology's handler runs (metaparticle.lua) */
+        lua_pushstring(L, role);
+        lua_setfield(L, -2, "role");
+    }
     size_t n = json_is_array(t->params) ? json_array_size(t->params) : t->params ? 1 : 0;
     if (n > 200) {
         c->code = MPH_RPC_INVALID_PARAMS;
@@ -960,6 +981,7 @@ void mph__txn_start_attempt(mph_txn_t *t)
     t->past_checkpoint = 0;
     t->result.len = 0;
     mph__txn_clear_wake(t);
+    mph__forward_clear(t);
     t->state = TXN_RUNNING;
     setup_t c = {t, 0, ""};
     if (mph__lua_protect(t->lua, setup_attempt, &c, "starting a call") != 0) {
@@ -976,14 +998,15 @@ void mph__txn_start_attempt(mph_txn_t *t)
 void mph_lua_call(mph_lua_t *lua, const char *method, size_t mlen, const json_t *params,
                   mph_lua_reply_cb cb, void *ud)
 {
-    mph_lua_call_as(lua, NULL, method, mlen, params, cb, ud);
+    mph_lua_call_as(lua, MPH_LUA_CALL, NULL, method, mlen, params, cb, ud);
 }
 
-void mph_lua_call_as(mph_lua_t *lua, const char *user, const char *method, size_t mlen,
-                     const json_t *params, mph_lua_reply_cb cb, void *ud)
+void mph_lua_call_as(mph_lua_t *lua, mph_lua_role_t role, const char *user, const char *method,
+                     size_t mlen, const json_t *params, mph_lua_reply_cb cb, void *ud)
 {
     mph_txn_t *t = mph_xcalloc(1, sizeof(*t));
     t->lua = lua;
+    t->role = role;
     t->method = mph_xstrndup(method, mlen);
     t->user = user ? mph_xstrdup(user) : NULL;
     t->params = params ? json_incref((json_t *)params) : NULL;

@@ -16,24 +16,6 @@
 typedef struct mph_lua_s mph_lua_t;
 
 typedef struct {
-    mph_store_t *store; /* borrowed; must outlive the bridge */
-    int max_retries;    /* refused commits of a call's writes before -32001; 0: one attempt,
-                           no retry; negative: the default (50) */
-    int debug_errors;   /* 1: handler errors carry a traceback in error.data */
-    unsigned handler_timeout_ms; /* a handler running longer without a pause fails with
-                                    -32003; 0: no limit (and the JIT compiler is on) */
-    int watched;                 /* 1: something outside ends this process when its loop
-                                    stops turning, so the JIT compiler stays on and the time
-                                    limit's hook is armed only past a deadline (watchdog.h);
-                                    0: with a limit, the compiler is off, the hook armed */
-    int worker_id;               /* mp.worker.id: this process's worker number, 1..worker_count
-                                    (0: 1) */
-    int worker_count;            /* mp.worker.count: workers serving the script (0: 1) */
-    size_t scope_cache;          /* idle scopes are evicted past this many bytes (estimated);
-                                    0: no bound */
-} mph_lua_config_t;
-
-typedef struct {
     int code;        /* 0 for a result, else the JSON-RPC error code */
     char *json;      /* result JSON text, or the error's data JSON text (NULL: no data) */
     size_t json_len; /* bytes in json */
@@ -43,6 +25,51 @@ typedef struct {
 /* A reply is borrowed by the callback, which may take json or message by setting the field
  * to NULL; whatever is left is freed when the callback returns. */
 typedef void (*mph_lua_reply_cb)(void *ud, mph_lua_reply_t *reply);
+
+/* What a call is (DESIGN.md, "Workers and topologies"): an ordinary call, or one that another
+ * worker's mp.shard or mp.scatter forwarded here, which runs the topology's inner function
+ * (the shard's handler, the scatter's leaf) and forwards nothing. */
+typedef enum { MPH_LUA_CALL, MPH_LUA_SHARD, MPH_LUA_LEAF } mph_lua_role_t;
+
+/* Sends a call to another worker (host/peer.c implements it): `body` is the JSON-RPC request
+ * (len bytes, borrowed for the duration of the call), to be run on worker `worker` in role
+ * `role` (the body names the call's verified user, if any: MPH_LUA_FORWARD_USER). cb runs
+ * exactly once and never before this returns, with the worker's reply, or
+ * with -32005 when it cannot be had (the worker is gone, it did not answer in time). */
+typedef void (*mph_lua_forward_fn)(void *fud, int worker, mph_lua_role_t role, const char *body,
+                                   size_t len, mph_lua_reply_cb cb, void *ud);
+
+/* The member of a forwarded call's request object that names its verified user: the worker
+ * that forwards checked the credentials; the one that runs it reads this on its peer listener
+ * only (host/rpc.c), which no other user's process reaches. */
+#define MPH_LUA_FORWARD_USER "mphost_user"
+
+/* The name a role has on the wire and in Lua ("shard", "leaf"; NULL for MPH_LUA_CALL). */
+const char *mph_lua_role_name(mph_lua_role_t role);
+
+/* Reads a role name ("" is MPH_LUA_CALL). Returns 0, or MPH_EINVAL for an unknown name. */
+int mph_lua_role_parse(const char *name, mph_lua_role_t *out);
+
+typedef struct {
+    mph_store_t *store; /* borrowed; must outlive the bridge */
+    int max_retries;    /* refused commits of a call's writes before -32001; 0: one attempt,
+                           no retry; negative: the default (50) */
+    int debug_errors;   /* 1: handler errors carry a traceback in error.data */
+    unsigned handler_timeout_ms; /* a handler running longer without a pause fails with
+                                    -32003; 0: no limit (and the JIT compiler is on) */
+    int worker_id;               /* mp.worker.id: this process's worker number, 1..worker_count
+                                    (0: 1) */
+    int worker_count;            /* mp.worker.count: workers serving the script (0: 1) */
+    int watched;                 /* 1: something outside ends this process when its loop
+                                    stops turning, so the JIT compiler stays on and the time
+                                    limit's hook is armed only past a deadline (watchdog.h);
+                                    0: with a limit, the compiler is off, the hook armed */
+    size_t scope_cache;          /* idle scopes are evicted past this many bytes (estimated);
+                                    0: no bound */
+    mph_lua_forward_fn forward;  /* reaches the other workers; NULL: there are none (calls
+                                    routed to another worker fail with -32005) */
+    void *forward_ud;            /* for forward */
+} mph_lua_config_t;
 
 /* Creates a state with the metaparticle module loaded. Returns 0 or MPH_ENOMEM. */
 int mph_lua_new(mph_lua_t **out, uv_loop_t *loop, const mph_lua_config_t *cfg);
@@ -63,11 +90,12 @@ int mph_lua_load_file(mph_lua_t *lua, const char *path, char *err, size_t errlen
 void mph_lua_call(mph_lua_t *lua, const char *method, size_t mlen, const json_t *params,
                   mph_lua_reply_cb cb, void *ud);
 
-/* mph_lua_call as a verified user (copied; NULL: none): the handler sees it as mp.user. The
- * caller has checked the credentials (host/auth.h) of a method for which mph_lua_needs_auth
- * is true. */
-void mph_lua_call_as(mph_lua_t *lua, const char *user, const char *method, size_t mlen,
-                     const json_t *params, mph_lua_reply_cb cb, void *ud);
+/* mph_lua_call in a given role (MPH_LUA_SHARD and MPH_LUA_LEAF: a call another worker
+ * forwarded, by the peer listener, host/peer.c) and as a verified user (copied; NULL: none),
+ * whom the handler sees as mp.user: the caller checked the credentials (host/auth.h) of a
+ * method for which mph_lua_needs_auth is true, or the worker that forwarded the call did. */
+void mph_lua_call_as(mph_lua_t *lua, mph_lua_role_t role, const char *user, const char *method,
+                     size_t mlen, const json_t *params, mph_lua_reply_cb cb, void *ud);
 
 /* Whether method (mlen bytes) is a service behind mp.basicAuth: its calls need a verified
  * user, without which they fail with -32004. */
@@ -79,15 +107,16 @@ int mph_lua_uses_auth(const mph_lua_t *lua);
 /* Number of calls whose callback has not run yet. */
 size_t mph_lua_pending(const mph_lua_t *lua);
 
-/* The largest n of the loaded script's topologies (mp.spread(n, fn)), 0 when none: how many
- * workers the script asks for. */
+/* The largest n of the loaded script's topologies (mp.spread, mp.shard, mp.scatter), 0 when
+ * none: how many workers the script asks for. */
 int mph_lua_topology_workers(const mph_lua_t *lua);
 
 /* Whether the script called mp.serve(). */
 int mph_lua_serve_called(const mph_lua_t *lua);
 
 /* Fails calls still waiting with -32002, closes the bridge's handles and frees it once their
- * close callbacks have run (so run the loop afterwards). The store is not closed. */
+ * close callbacks have run (so run the loop afterwards). The store is not closed, and the
+ * forwarder must have answered every forward it was given (close it first). */
 void mph_lua_close(mph_lua_t *lua);
 
 #endif

@@ -7,6 +7,8 @@
  *
  *   RUNNING  --handler waits for a scope to load (C.acquire yields)-->  WAITING
  *   WAITING  --on_loaded (runner.c) resumes it-->                        RUNNING
+ *   RUNNING  --mp.shard/mp.scatter forward the call (C.forward yields)-> FORWARDING
+ *   FORWARDING --every forwarded call has answered (forward_done)-->     RUNNING
  *   RUNNING  --touched an unloaded scope where it cannot wait-->         RELOAD (attempt void)
  *   RELOAD   --that scope has loaded-->                                  RUNNING (new attempt)
  *   RUNNING  --handler returns, writes merged into its scopes-->         QUEUED (unit's pending)
@@ -21,6 +23,7 @@
 #define MPH_LUA_INTERNAL_H
 
 #include <assert.h>
+#include <lauxlib.h>
 #include <lua.h>
 #include <stdint.h>
 
@@ -31,6 +34,7 @@
 typedef enum {
     TXN_RUNNING,
     TXN_WAITING,
+    TXN_FORWARDING,
     TXN_RELOAD,
     TXN_QUEUED,
     TXN_COMMITTING,
@@ -41,6 +45,16 @@ typedef struct mph_scope_s mph_scope_t;
 typedef struct mph_txn_s mph_txn_t;
 typedef struct mph_unit_s mph_unit_t;
 typedef struct mph_commit_s mph_commit_t;
+
+/* The answer of one worker to a forwarded call (bridge.c, "Forwarding"). */
+typedef struct {
+    mph_txn_t *t;    /* the forwarding transaction */
+    int done;        /* the answer is in */
+    int code;        /* 0: a result */
+    char *json;      /* owned: the result's JSON text, or the error's data (NULL: none) */
+    size_t json_len; /* bytes in json */
+    char *message;   /* owned: the error's message */
+} mph_fwd_answer_t;
 
 struct mph_txn_s {
     mph_lua_t *lua;        /* owner */
@@ -66,9 +80,15 @@ struct mph_txn_s {
     uint64_t deadline;             /* uv_hrtime() when the running stretch must end (0: none) */
     int past_checkpoint;           /* the attempt passed C.checkpoint: its writes are merging */
     mph_scope_t *reload;           /* the attempt is void: run again once this scope has loaded */
-    int wake_code;      /* WAITING: the load failed with this JSON-RPC code (0: it did not) */
-    char *wake_message; /* owned: its message, for C.acquire to return */
-    mph_txn_t *next;    /* link in whichever queue holds it */
+    int wake_code;           /* WAITING: the load failed with this JSON-RPC code (0: it did not) */
+    char *wake_message;      /* owned: its message, for C.acquire to return */
+    mph_lua_role_t role;     /* MPH_LUA_CALL, or the role of a call another worker forwarded */
+    mph_lua_role_t fwd_role; /* FORWARDING: the role the forwarded calls run in */
+    int fwd_first;           /* ... on workers fwd_first .. fwd_first + fwd_n - 1 */
+    int fwd_n;               /* 0: no forward in progress or unread */
+    size_t fwd_outstanding;  /* answers still to come (one more while sending) */
+    mph_fwd_answer_t *fwd;   /* owned: fwd_n answers, until C.forwarded reads them */
+    mph_txn_t *next;         /* link in whichever queue holds it */
 };
 
 /* A FIFO of transactions. */
@@ -115,29 +135,31 @@ struct mph_scope_s {
 };
 
 struct mph_lua_s {
-    uv_loop_t *loop;       /* borrowed */
-    lua_State *L;          /* the one state */
-    mph_store_t *store;    /* borrowed; NULL: no storage */
-    int max_retries;       /* re-runs allowed after the first attempt */
-    int debug_errors;      /* tracebacks in error data */
-    uint64_t timeout_ns;   /* handler time limit per running stretch; 0: none */
-    uint64_t committer;    /* random nonzero id of this process for fairness claims */
-    uint64_t rng;          /* our own PRNG state (jitter): rand() is the embedder's */
-    mph_buf_t scratch;     /* C.encode's output, reused (owned; nothing to leak on a raise) */
-    int alloc_test;        /* MPH_TEST_LUA_ALLOC_FAIL=1: the state uses test_alloc */
-    long alloc_skip;       /* test_alloc: allocations to let through before failing */
-    long alloc_fail;       /* test_alloc: allocations to fail after those */
-    int internal_ref;      /* registry ref of the module's internal table */
-    int serve_called;      /* the script called mp.serve() */
-    int worker_id;         /* mp.worker.id (1..worker_count) */
-    int worker_count;      /* mp.worker.count */
-    int topology_workers;  /* largest n of the script's topologies (mp.spread); 0: none */
-    char **auth_services;  /* owned names of the services behind mp.basicAuth (C.service) */
-    size_t nauth_services; /* their number */
-    size_t pending_calls;  /* calls whose callback has not run */
-    mph_txn_t *current;    /* the transaction whose coroutine is running, or NULL */
-    mph_map_t scope_map;   /* every scope kept, by name; owned */
-    mph_scope_t *lru_head; /* the same scopes, most recently acquired first */
+    uv_loop_t *loop;            /* borrowed */
+    lua_State *L;               /* the one state */
+    mph_store_t *store;         /* borrowed; NULL: no storage */
+    int max_retries;            /* re-runs allowed after the first attempt */
+    int debug_errors;           /* tracebacks in error data */
+    uint64_t timeout_ns;        /* handler time limit per running stretch; 0: none */
+    uint64_t committer;         /* random nonzero id of this process for fairness claims */
+    uint64_t rng;               /* our own PRNG state (jitter): rand() is the embedder's */
+    mph_buf_t scratch;          /* C.encode's output, reused (owned; nothing to leak on a raise) */
+    int alloc_test;             /* MPH_TEST_LUA_ALLOC_FAIL=1: the state uses test_alloc */
+    long alloc_skip;            /* test_alloc: allocations to let through before failing */
+    long alloc_fail;            /* test_alloc: allocations to fail after those */
+    int internal_ref;           /* registry ref of the module's internal table */
+    int serve_called;           /* the script called mp.serve() */
+    int worker_id;              /* mp.worker.id (1..worker_count) */
+    int worker_count;           /* mp.worker.count */
+    int topology_workers;       /* largest n of the script's topologies; 0: none */
+    char **auth_services;       /* owned names of the services behind mp.basicAuth (C.service) */
+    size_t nauth_services;      /* their number */
+    mph_lua_forward_fn forward; /* reaches the other workers (borrowed), or NULL */
+    void *forward_ud;           /* for forward */
+    size_t pending_calls;       /* calls whose callback has not run */
+    mph_txn_t *current;         /* the transaction whose coroutine is running, or NULL */
+    mph_map_t scope_map;        /* every scope kept, by name; owned */
+    mph_scope_t *lru_head;      /* the same scopes, most recently acquired first */
     mph_scope_t *lru_tail;
     size_t scope_bytes;     /* their estimated memory ... */
     size_t scope_cache;     /* ... kept under this by evicting idle ones (0: no bound) */
@@ -161,6 +183,9 @@ static inline int assert_txn_state(const mph_txn_t *t)
         break;
     case TXN_WAITING: /* suspended in C.acquire, queued on a loading scope */
         assert(t->co != NULL && t->reload == NULL && !t->past_checkpoint);
+        break;
+    case TXN_FORWARDING: /* suspended in C.forward, in no queue: the answers resume it */
+        assert(t->co != NULL && t->fwd != NULL && t->role == MPH_LUA_CALL && t->scope == NULL);
         break;
     case TXN_RELOAD: /* its void attempt ended; it waits for reload to load */
         assert(t->co == NULL && t->reload != NULL);
@@ -197,6 +222,21 @@ void mph__lua_call_internal(mph_lua_t *lua, lua_State *L, const char *fn, int na
 int mph__lua_protect(mph_lua_t *lua, lua_CFunction f, void *ud, const char *what);
 /* The next number of the bridge's own PRNG (never rand(): that state is the embedder's). */
 uint64_t mph__lua_random(mph_lua_t *lua);
+
+/* Pushes a JSON-RPC error object (the module's error_mt) with code and message: what
+ * mp.error raises. [-0, +1, m] */
+void mph__lua_push_error(mph_lua_t *lua, lua_State *L, int code, const char *message);
+/* The mph_lua_t every C helper of the module carries as its first upvalue. */
+mph_lua_t *mph__lua_upvalue(lua_State *L);
+
+/* topology.c */
+/* The C helpers of mp.shard and mp.scatter (C.shard_target, C.forward, C.forwarded). */
+extern const luaL_Reg mph__topology_helpers[];
+/* t yielded in C.forward (FORWARDING): sends its calls; once all have answered, t is resumed,
+ * perhaps before this returns (and then t may be gone). */
+void mph__forward_send(mph_txn_t *t);
+/* Frees t's forwarded answers, if any. */
+void mph__forward_clear(mph_txn_t *t);
 
 /* runner.c */
 /* 0: the scope is ready; 1: t was queued until it loads (yield); <0: *code and *why say why

@@ -110,6 +110,22 @@ I.services = services
 -- makes of one (see inherit_auth). Weak keys: a handler dropped by the script goes.
 local needs_user = setmetatable({}, {__mode = "k"})
 
+-- The original walkthrough exposes a sharded service with `svc.subservices.shard.expose =
+-- true` and a scatter/gather one with `svc.subservices.gather.expose = true`: both are
+-- aliases of svc.expose here, on any service.
+local function subservices_of(svc)
+  local alias = setmetatable({}, {
+    __index = function(_, k)
+      if k == "expose" then return svc.expose end
+    end,
+    __newindex = function(_, k, v)
+      if k ~= "expose" then error("svc.subservices: only expose can be set", 2) end
+      svc.expose = v
+    end,
+  })
+  return {shard = alias, gather = alias}
+end
+
 function M.service(name, handler)
   if type(name) ~= "string" or name == "" then
     error("mp.service: name must be a non-empty string", 2)
@@ -118,6 +134,7 @@ function M.service(name, handler)
     error("mp.service: handler must be a function", 2)
   end
   local svc = {name = name, handler = handler, expose = false}
+  svc.subservices = subservices_of(svc)
   services[name] = svc
   -- The host checks a call's credentials before the call starts (on a pool thread, since
   -- hashes are slow): it has to know which services need them without running Lua.
@@ -169,17 +186,25 @@ end
 
 -- ---- Topologies ----
 --
--- The script is the topology, as in Metaparticle: mp.spread(n, fn) asks for n workers
--- (processes under one supervisor; the largest n of the script, or --workers if larger, is
--- how many run) and every worker serves every service. A spread call runs on whichever
--- worker accepted its connection, so its handler just calls fn there (a new function each
--- time, so that the topology of a handler can be told later); mp.shard and mp.scatter, which
--- must reach chosen workers, will forward calls between workers from here.
+-- The script is the topology, as in Metaparticle: mp.spread(n, fn), mp.shard(n, keyfn, fn)
+-- and mp.scatter(n, leaf, merge) ask for n workers (processes under one supervisor; the
+-- largest n of the script, or --workers if larger, is how many run) and every worker serves
+-- every service. A spread call runs on whichever worker accepted its connection, so its
+-- handler just calls fn there. mp.shard and mp.scatter return routers: handlers that send
+-- the call on to chosen workers (C.forward, lua/topology.c) in a role ("shard", "leaf") that
+-- the worker it reaches reads in rec.role and answers by running the inner function itself.
+--
+-- A router may not use scopes on the worker that routes (keyfn, merge, and the router
+-- itself once it has forwarded): each forwarded call is a transaction of its own on its
+-- worker, and a router that took part in a transaction could be run again by a conflict,
+-- forwarding the call a second time. So a forwarded call runs once per routing, and the
+-- router commits nothing.
 
 local MAX_WORKERS = 256
 
 -- mp.worker = { id = 1..count, count = N, pid = ... }: where this state runs.
-M.worker = C.worker
+local worker = C.worker
+M.worker = worker
 
 local function check_workers(what, n)
   if type(n) ~= "number" or n ~= floor(n) or n < 1 or n > MAX_WORKERS then
@@ -194,6 +219,78 @@ function M.spread(n, fn)
   end
   C.topology(n)
   return inherit_auth(fn, function(...) return fn(...) end)
+end
+
+local routers = setmetatable({}, {__mode = "k"}) -- router -> "mp.shard" or "mp.scatter"
+
+local function check_inner(what, name, f)
+  if type(f) ~= "function" then
+    error(what .. ": " .. name .. " must be a function", 3)
+  end
+  if routers[f] then -- the inner call would have to forward again, which a forwarded one may not
+    error(what .. ": " .. name .. " is a " .. routers[f] .. " handler (topologies do not nest)", 3)
+  end
+end
+
+-- Runs the call on workers first..last in `role`; returns their results in worker order.
+-- From here on the call may use no scope here; `after` says so to what runs next.
+local function forward(rec, what, role, first, last, after)
+  if raw_next(rec.roots) ~= nil then
+    raise(-32000, what .. ": the call used a scope before it was routed; a call that " ..
+      "forwards to other workers may not (it runs on them, in transactions of their own)", nil, 0)
+  end
+  rec.routing = after
+  C.forward(role, first, last, isyieldable())
+  return C.forwarded()
+end
+
+-- The handler of a topology `what`: a call forwarded here in `role` runs `inner` (and
+-- forwards nothing); any other call is routed by route(rec, params...).
+local function router(what, role, inner, route)
+  local function handler(...)
+    local rec = C.current()
+    if rec == nil then error(what .. ": its handler runs only as a service handler", 2) end
+    local r = rec.role
+    if r == role then return inner(...) end
+    if r ~= nil then
+      raise(-32603, what .. ": another worker forwarded a call here as " .. r, nil, 0)
+    end
+    return route(rec, ...)
+  end
+  routers[handler] = what
+  return inherit_auth(inner, handler) -- the user the host verified goes with each forward
+end
+
+-- mp.shard(n, keyfn, fn): keyfn(params...) -> an integer k (worker k % n + 1) or a string
+-- (worker FNV-1a-32 % n + 1); fn runs on that worker (lua/topology.c, C.shard_target).
+function M.shard(n, keyfn, fn)
+  check_workers("mp.shard", n)
+  check_inner("mp.shard", "keyfn", keyfn)
+  check_inner("mp.shard", "handler", fn)
+  C.topology(n)
+  return router("mp.shard", "shard", fn, function(rec, ...)
+    rec.routing = "mp.shard: keyfn may not use a scope (it runs where the call arrives, " ..
+      "before the call is routed)"
+    local target = C.shard_target(keyfn(...), n)
+    rec.routing = nil
+    if target == worker.id then return fn(...) end
+    return forward(rec, "mp.shard", "shard", target, target,
+      "mp.shard: a call forwarded to another worker may not use a scope where it arrived")[1]
+  end)
+end
+
+-- mp.scatter(n, leaf, merge): leaf(params...) on workers 1..n at once, then merge(results),
+-- an array in worker order, where the call arrived. A leaf that raised fails the call with
+-- its error (the first in worker order, once every leaf has answered).
+function M.scatter(n, leaf, merge)
+  check_workers("mp.scatter", n)
+  check_inner("mp.scatter", "leaf", leaf)
+  check_inner("mp.scatter", "merge", merge)
+  C.topology(n)
+  return router("mp.scatter", "leaf", leaf, function(rec)
+    return merge(forward(rec, "mp.scatter", "leaf", 1, n,
+      "mp.scatter: merge may not use a scope (the leaves run in transactions of their own)"))
+  end)
 end
 
 -- ---- Plain data helpers ----
@@ -484,6 +581,7 @@ end
 
 -- The root of scope `key` in this attempt, loading the scope first if need be.
 local function open_scope(rec, key, display)
+  if rec.routing then raise(-32000, rec.routing, nil, 0) end
   local root = rec.roots[key]
   if root then return root end
   -- C.acquire answers true (ready) or false, code, message. Where it can, it waits for a

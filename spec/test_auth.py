@@ -258,6 +258,14 @@ def test_sighup_reload_gives_every_worker_the_new_users_and_topologies_compose()
             for _ in range(60):  # new connections: both workers answer
                 workers.add(whoami(s.port, "alice", "alice-pw", method)["worker"])
             eq(workers, {1, 2}, "workers that answered %s" % method)
+        for method in ("auth-of-shard", "shard-of-auth"):
+            status, headers, _ = request(s.port, call(method))
+            eq((status, headers.get("www-authenticate")), (401, CHALLENGE), method)
+            for k in range(4):  # forwarded to worker k % 2 + 1 wherever it arrives
+                body = dict(call(method), params=[{"k": k}])
+                status, _, r = request(s.port, body, basic("alice", "alice-pw"))
+                eq((status, r["result"]["user"], r["result"]["worker"]), (200, "alice", k % 2 + 1),
+                   "%s with key %d" % (method, k))
         passwd(path, "bob", "bob-pw")
         sighup_and_wait(s, text="reload: done (ok")  # new workers, which read the file
         workers = set()

@@ -20,6 +20,12 @@ local n = tonumber(os.getenv("MPH_TEST_SPREAD") or "1")
 mp.service("auth-of-spread", mp.basicAuth(mp.spread(n, counted("outer")))).expose = true
 mp.service("spread-of-auth", mp.spread(n, mp.basicAuth(counted("inner")))).expose = true
 
+-- mp.shard with basicAuth on either side: a call forwarded to its shard's worker runs as
+-- the user the worker that took it verified.
+local function key(p) return type(p) == "table" and p.k or 0 end
+mp.service("auth-of-shard", mp.basicAuth(mp.shard(n, key, counted("outer-shard")))).expose = true
+mp.service("shard-of-auth", mp.shard(n, key, mp.basicAuth(counted("inner-shard")))).expose = true
+
 -- A wrapper of our own hides the basicAuth handler from the host, which then checks no
 -- credentials for it: its calls fail closed (-32004), never run without a user.
 local hidden = mp.basicAuth(counted("hidden"))

@@ -3,8 +3,9 @@
  * balanced after every call) and the transaction runner's state machine, driven against a
  * fake in-memory store whose operations complete when the test says so: commits, conflicts
  * (as if another process had written), storage errors, retries running out, a handler that
- * raises, a scope loaded from inside a table.sort comparator. The .c files are included to
- * reach their statics.
+ * raises, a scope loaded from inside a table.sort comparator; and mp.shard and mp.scatter
+ * against a fake forwarder whose forwards the test answers when and how it likes. The .c
+ * files are included to reach their statics.
  */
 #define _GNU_SOURCE
 #include "host/common.c"
@@ -13,6 +14,7 @@
 #include "lua/json.c"
 #include "lua/runner.c"
 #include "lua/watchdog.c"
+#include "lua/topology.c"
 
 #include "spec/unit/unit.h"
 
@@ -401,6 +403,161 @@ static void test_txn_states_are_asserted(void)
 #endif
 }
 
+/* ---- mp.shard and mp.scatter against a fake forwarder (this bridge is worker 1 of 3) ---- */
+
+typedef struct {
+    int worker;
+    mph_lua_role_t role;
+    char body[256];
+    mph_lua_reply_cb cb;
+    void *ud;
+} fake_fwd_t;
+
+static fake_fwd_t fwds[8];
+static int nfwds;
+
+static void fake_forward(void *fud, int worker, mph_lua_role_t role, const char *body, size_t len,
+                         mph_lua_reply_cb cb, void *ud)
+{
+    CHECK(fud == &fwds && nfwds < 8);
+    fwds[nfwds++] = (fake_fwd_t){worker, role, "", cb, ud};
+    snprintf(fwds[nfwds - 1].body, sizeof(fwds[0].body), "%.*s", (int)len, body);
+}
+
+/* Answers forward i: a result (json), or an error (code, message, json as its data). */
+static void fake_answer(int i, int code, const char *json, const char *message)
+{
+    mph_lua_reply_t r = {code, json ? strdup(json) : NULL, json ? strlen(json) : 0,
+                         message ? strdup(message) : NULL};
+    fwds[i].cb(fwds[i].ud, &r);
+    free(r.json);
+    free(r.message);
+}
+
+static const char topo_script[] =
+    "local mp = require('metaparticle')\n"
+    "local function here(k) return {k = k, w = mp.worker.id} end\n"
+    "mp.service('sh', mp.shard(3, function(k) return k end, here)).expose = true\n"
+    "mp.service('sc', mp.scatter(3, function(x) return {x = x, w = mp.worker.id} end,\n"
+    "  function(r) return {n = #r, r = r} end)).expose = true\n"
+    "mp.service('sc1', mp.scatter(1, function() return mp.worker.id end,\n"
+    "  function(r) return r end)).expose = true\n"
+    "mp.serve()\n";
+
+static mph_lua_t *topo_bridge(int count, mph_lua_forward_fn forward)
+{
+    memset(&fake, 0, sizeof(fake));
+    fake.base.methods = &fake_methods;
+    nfwds = 0;
+    uv_loop_init(&loop);
+    mph_lua_config_t cfg = {.store = &fake.base,
+                            .max_retries = -1,
+                            .worker_id = 1,
+                            .worker_count = count,
+                            .forward = forward,
+                            .forward_ud = &fwds};
+    mph_lua_t *lua = NULL;
+    CHECK(mph_lua_new(&lua, &loop, &cfg) == 0);
+    char err[256];
+    CHECK(mph_lua_load(lua, "=topo", topo_script, strlen(topo_script), NULL, err, sizeof(err)) ==
+          0);
+    CHECK(mph_lua_topology_workers(lua) == 3);
+    return lua;
+}
+
+/* Starts a call (in a role) that is left waiting for forwards. */
+static void start(mph_lua_t *lua, mph_lua_role_t role, const char *method, const char *params,
+                  reply_t *r)
+{
+    json_error_t jerr;
+    json_t *p = json_loads(params, 0, &jerr);
+    mph_lua_call_as(lua, role, NULL, method, strlen(method), p, on_reply, r);
+    json_decref(p);
+}
+
+static void test_shard_routes_by_key(void)
+{
+    mph_lua_t *lua = topo_bridge(3, fake_forward);
+    reply_t r = call(lua, "sh", "[3]"); /* 3 % 3 + 1: this worker, no forward */
+    CHECK(r.code == 0 && strcmp(r.json, "{\"k\":3,\"w\":1}") == 0 && nfwds == 0);
+    struct {
+        const char *params;
+        int worker;
+    } keys[] = {{"[1]", 2}, {"[-1]", 3}, {"[\"a\"]", 2}, {"[4503599627370497]", 3}};
+    for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
+        r = (reply_t){0, 0, "", ""};
+        nfwds = 0;
+        start(lua, MPH_LUA_CALL, "sh", keys[i].params, &r);
+        CHECK(r.done == 0 && nfwds == 1 && fwds[0].worker == keys[i].worker);
+        CHECK(fwds[0].role == MPH_LUA_SHARD);
+        char body[128];
+        snprintf(body, sizeof(body),
+                 "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"sh\",\"params\":%s}", keys[i].params);
+        CHECK(strcmp(fwds[0].body, body) == 0); /* the call as it came */
+        fake_answer(0, 0, "{\"w\":7,\"big\":[1,2]}", NULL);
+        CHECK(r.done == 1 && r.code == 0 && strcmp(r.json, "{\"big\":[1,2],\"w\":7}") == 0);
+    }
+    /* A forwarded error keeps its code, message and data. */
+    r = (reply_t){0, 0, "", ""};
+    nfwds = 0;
+    start(lua, MPH_LUA_CALL, "sh", "[2]", &r);
+    fake_answer(0, -32042, "{\"d\":1}", "no");
+    CHECK(r.code == -32042 && strcmp(r.message, "no") == 0 && strcmp(r.json, "{\"d\":1}") == 0);
+    /* Forwarded here as a shard: fn runs here, whatever the key says. */
+    r = (reply_t){0, 0, "", ""};
+    nfwds = 0;
+    start(lua, MPH_LUA_SHARD, "sh", "[2]", &r);
+    CHECK(r.done == 1 && strcmp(r.json, "{\"k\":2,\"w\":1}") == 0 && nfwds == 0);
+    CHECK(lua_gettop(lua->L) == 0 && mph_lua_pending(lua) == 0);
+    bridge_free(lua);
+}
+
+static void test_scatter_gathers_in_worker_order(void)
+{
+    mph_lua_t *lua = topo_bridge(3, fake_forward);
+    reply_t r = {0, 0, "", ""};
+    start(lua, MPH_LUA_CALL, "sc", "[5]", &r);
+    /* Workers 2 and 3 by the forwarder, this worker's leaf as a call of its own. */
+    CHECK(r.done == 0 && nfwds == 2 && fwds[0].worker == 2 && fwds[1].worker == 3);
+    CHECK(fwds[0].role == MPH_LUA_LEAF && fwds[1].role == MPH_LUA_LEAF);
+    fake_answer(1, 0, "\"three\"", NULL); /* out of order */
+    CHECK(r.done == 0);
+    fake_answer(0, 0, "null", NULL);
+    CHECK(r.done == 1 && r.code == 0);
+    CHECK(strcmp(r.json, "{\"n\":3,\"r\":[{\"w\":1,\"x\":5},null,\"three\"]}") == 0);
+    /* Two leaves fail: the first in worker order is the call's error, once all answered. */
+    r = (reply_t){0, 0, "", ""};
+    nfwds = 0;
+    start(lua, MPH_LUA_CALL, "sc", "[5]", &r);
+    fake_answer(1, -32003, NULL, "three timed out");
+    fake_answer(0, -32005, NULL, "worker 2 unavailable: connection refused");
+    CHECK(r.code == -32005 && strcmp(r.message, "worker 2 unavailable: connection refused") == 0);
+    /* A leaf forwarded here runs the leaf. */
+    r = (reply_t){0, 0, "", ""};
+    nfwds = 0;
+    start(lua, MPH_LUA_LEAF, "sc", "[6]", &r);
+    CHECK(r.done == 1 && strcmp(r.json, "{\"w\":1,\"x\":6}") == 0 && nfwds == 0);
+    /* A scatter over this worker alone forwards nothing: its leaf is a local call. */
+    r = call(lua, "sc1", "[]");
+    CHECK(r.code == 0 && strcmp(r.json, "[1]") == 0 && nfwds == 0);
+    CHECK(lua_gettop(lua->L) == 0 && mph_lua_pending(lua) == 0);
+    bridge_free(lua);
+}
+
+/* An embedded host has no other workers: what is routed elsewhere fails with -32005. */
+static void test_no_forwarder_is_32005(void)
+{
+    mph_lua_t *lua = topo_bridge(1, NULL);
+    reply_t r = call(lua, "sh", "[0]");
+    CHECK(r.code == 0);
+    r = call(lua, "sh", "[1]");
+    CHECK(r.code == MPH_RPC_WORKER_UNAVAILABLE);
+    CHECK(strcmp(r.message, "worker 2 unavailable: this host runs 1 worker") == 0);
+    r = call(lua, "sc", "[1]");
+    CHECK(r.code == MPH_RPC_WORKER_UNAVAILABLE);
+    bridge_free(lua);
+}
+
 static const mph_unit_test_t tests[] = {
     {"params_and_results", test_params_and_results},
     {"errors", test_errors},
@@ -414,6 +571,9 @@ static const mph_unit_test_t tests[] = {
     {"read_waits_for_the_commit_it_read", test_read_waits_for_the_commit_it_read},
     {"no_global_prng_state", test_no_global_prng_state},
     {"txn_states_are_asserted", test_txn_states_are_asserted},
+    {"shard_routes_by_key", test_shard_routes_by_key},
+    {"scatter_gathers_in_worker_order", test_scatter_gathers_in_worker_order},
+    {"no_forwarder_is_32005", test_no_forwarder_is_32005},
 };
 
 MPH_UNIT_MAIN(tests)
