@@ -10,6 +10,7 @@
 # persistence) shares CPU 1 with wrk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 BUILD=${1:-build}
 MPHOST=$PWD/$BUILD/mphost
 DURATION=${DURATION:-3}
@@ -19,16 +20,6 @@ WORK=$(mktemp -d)
 SERVER_PID=""
 REDIS_PID=""
 trap '[ -n "$SERVER_PID" ] && kill $SERVER_PID 2>/dev/null; [ -n "$REDIS_PID" ] && kill $REDIS_PID 2>/dev/null; rm -rf "$WORK"' EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-wait_port() {
-  for _ in $(seq 1 500); do
-    (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0
-    sleep 0.02
-  done
-  echo "server did not start" >&2; exit 1
-}
 
 # start NAME CMD...: runs CMD pinned to CPU 0 on a free $PORT (written @PORT@ in CMD);
 # output to $WORK/NAME.log

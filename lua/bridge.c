@@ -663,6 +663,10 @@ static void on_timer_closed(uv_handle_t *h)
 void mph_lua_close(mph_lua_t *lua)
 {
     lua->closing = 1;
+    mph_log(lua->stats.calls ? MPH_LOG_INFO : MPH_LOG_DEBUG,
+            "transactions: %llu calls, %llu attempts, %llu commits, %llu conflicts",
+            (unsigned long long)lua->stats.calls, (unsigned long long)lua->stats.attempts,
+            (unsigned long long)lua->stats.commits, (unsigned long long)lua->stats.conflicts);
     if (lua->watchdog) {
         mph_watchdog_stop(lua->watchdog);
         lua->watchdog = NULL;
@@ -976,6 +980,7 @@ static int setup_attempt(lua_State *L)
 void mph__txn_start_attempt(mph_txn_t *t)
 {
     t->attempts++;
+    t->lua->stats.attempts++;
     mph__runner_unpin(t);
     t->reload = NULL;
     t->past_checkpoint = 0;
@@ -1015,6 +1020,7 @@ void mph_lua_call_as(mph_lua_t *lua, mph_lua_role_t role, const char *user, cons
     t->co_ref = t->rec_ref = LUA_NOREF;
     t->scopes = t->scopes_inline;
     t->scopes_cap = 2;
+    lua->stats.calls++;
     lua->pending_calls++;
     if (lua->closing || memchr(method, '\0', mlen) != NULL) {
         mph__txn_reply(t, lua->closing ? MPH_RPC_STORAGE_UNAVAILABLE : MPH_RPC_METHOD_NOT_FOUND,

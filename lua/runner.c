@@ -749,6 +749,7 @@ static void on_committed(void *ud, const mph_store_result_t *res)
             }
         }
         commit_free(c);
+        lua->stats.commits++;
         u->conflict_streak = u->error_streak = 0;
         answer_all(batch);
         schedule_eviction(lua);
@@ -788,6 +789,7 @@ static void on_committed(void *ud, const mph_store_result_t *res)
         if (!nomem && bad == NULL) {
             commit_free(c);
             u->conflict_streak++;
+            lua->stats.conflicts++;
             mph_txn_t *later = unit_void_pending(u);
             requeue_all(u, batch, !held); /* being held off is waiting, not refusal */
             requeue_all(u, later, 0);
