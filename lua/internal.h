@@ -185,7 +185,7 @@ static inline int assert_txn_state(const mph_txn_t *t)
         assert(t->co != NULL && t->reload == NULL && !t->past_checkpoint);
         break;
     case TXN_FORWARDING: /* suspended in C.forward, in no queue: the answers resume it */
-        assert(t->co != NULL && t->fwd != NULL && t->role == MPH_LUA_CALL && t->scope == NULL);
+        assert(t->co != NULL && t->fwd != NULL && t->role == MPH_LUA_CALL && t->nscopes == 0);
         break;
     case TXN_RELOAD: /* its void attempt ended; it waits for reload to load */
         assert(t->co == NULL && t->reload != NULL);
