@@ -116,8 +116,9 @@ static void timeout_hook(lua_State *L, lua_Debug *ar)
     raise_error_object(lua, L, MPH_RPC_TIMEOUT, msg);
 }
 
-/* C.checkpoint(): raises -32003 if the deadline has passed, else marks the attempt as past
- * the point where it may be interrupted. [-0, +0, e] */
+/* C.checkpoint([stale]): raises -32003 if the deadline has passed; voids the attempt (it runs
+ * again) when `stale` names a scope whose state was dropped under it; else marks the attempt
+ * as past the point where it may be interrupted. [-0, +0, e] */
 static int l_checkpoint(lua_State *L)
 {
     mph_lua_t *lua = mph__lua_upvalue(L);
@@ -129,8 +130,9 @@ static int l_checkpoint(lua_State *L)
                  (unsigned long long)(lua->timeout_ns / 1000000));
         return raise_rpc_error(L, MPH_RPC_TIMEOUT, msg);
     }
-    if (t->reload == NULL)
-        t->reload = mph__runner_dropped(t); /* a failed commit dropped one of its scopes */
+    const char *stale = lua_tostring(L, 1);
+    if (t->reload == NULL && stale != NULL)
+        t->reload = mph__runner_acquired(t, stale); /* dropped by a failed commit */
     if (t->reload != NULL) /* the attempt is void: it runs again once the scope loads */
         return raise_rpc_error(L, MPH_RPC_STORAGE_UNAVAILABLE, "the scope is loading");
     t->past_checkpoint = 1;

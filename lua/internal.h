@@ -249,9 +249,8 @@ int mph__runner_acquire(mph_txn_t *t, const char *name, int can_wait, int *code,
 void mph__runner_join(mph_txn_t *t, const char *name, int wrote);
 /* The attempt ends (or starts again): its scopes are no longer pinned by it. */
 void mph__runner_unpin(mph_txn_t *t);
-/* At the checkpoint: a scope the attempt acquired was dropped meanwhile (a failed commit of
- * another transaction): returns it (the attempt is void), else NULL. */
-mph_scope_t *mph__runner_dropped(mph_txn_t *t);
+/* The scope called `name` that the attempt acquired, or NULL. */
+mph_scope_t *mph__runner_acquired(mph_txn_t *t, const char *name);
 void mph__runner_finished(mph_txn_t *t);
 /* t's void attempt has ended: it runs again once t->reload has loaded (or hears why not). */
 void mph__runner_reload(mph_txn_t *t);

@@ -640,11 +640,18 @@ M.scope = setmetatable({}, {
 -- pending state and tells the runner which scopes the transaction joined.
 function I.run(rec)
   C.set_result(rec.handler(unpack(rec.args, 1, rec.nargs)))
+  -- A scope dropped while the handler ran (a failed commit of another call forgets it; it may
+  -- even have loaded again since) leaves this attempt reading a state that is gone: its
+  -- writes would go over data it never read. The checkpoint voids such an attempt.
+  local stale
+  for name, root in raw_pairs(rec.roots) do
+    if roots[root].state ~= states[name] then stale = name end
+  end
   local sets = {}
   for name, root in raw_pairs(rec.roots) do
     sets[name] = finish_root(root) or false
   end
-  C.checkpoint() -- past the time limit or void: fail now; after it only out-of-memory can
+  C.checkpoint(stale) -- past the time limit or void: fail now; after it only out-of-memory can
   local decoded, made = {}, {}
   local ok, err = pcall(prepare, sets, decoded, made)
   if not ok then

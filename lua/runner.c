@@ -476,10 +476,10 @@ void mph__runner_unpin(mph_txn_t *t)
     t->wrote = 0;
 }
 
-mph_scope_t *mph__runner_dropped(mph_txn_t *t)
+mph_scope_t *mph__runner_acquired(mph_txn_t *t, const char *name)
 {
     for (int i = 0; i < t->nscopes; i++)
-        if (t->scopes[i]->state != SCOPE_READY)
+        if (strcmp(t->scopes[i]->name, name) == 0)
             return t->scopes[i];
     return NULL;
 }
