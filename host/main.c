@@ -48,11 +48,12 @@ static const char usage[] =
     "  --handler-timeout=SEC a handler running longer fails with -32003, or its worker is\n"
     "                        replaced (default 10; 0: no limit)\n"
     "  --workers=N           serve with N worker processes under a supervisor (default:\n"
-    "                        the largest n of the script's mp.spread(n, fn), else 1);\n"
+    "                        the largest n of the script's mp.spread, mp.shard and\n"
+    "                        mp.scatter, else 1);\n"
     "                        0: one process, no supervisor (for debugging and benchmarks;\n"
     "                        LuaJIT's compiler is then off while a handler limit is set)\n"
     "  --users=FILE          users for mp.basicAuth services (lines NAME:HASH, made with\n"
-    "                        mphost passwd; read again on SIGHUP)\n"
+    "                        mphost passwd; read again by a reload or SIGHUP)\n"
     "  --help, --version\n";
 
 static int bad_usage(const char *fmt, const char *arg)
