@@ -7,6 +7,7 @@
 #include "common.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -203,18 +204,40 @@ void mph_log_set_tag(const char *tag)
     snprintf(log_tag, sizeof(log_tag), "%s%s", tag, *tag ? ": " : "");
 }
 
-void mph_log(mph_log_level_t level, const char *fmt, ...)
+void mph_reopen_stderr(const char *path)
 {
-    if (!MPH_LOG_ENABLED(level) || level >= MPH_LOG_SILENT)
+    if (path == NULL)
         return;
-    char line[2048];
+    fflush(stdout);
+    fflush(stderr);
+    /* O_NOFOLLOW: as deploy opened it, a link planted under the name is refused. */
+    int fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (fd < 0) {
+        mph_log(MPH_LOG_ERROR, "cannot reopen the log file %s: %s", path, strerror(errno));
+        return;
+    }
+    dup2(fd, 1);
+    dup2(fd, 2);
+    close(fd);
+}
+
+void mph_format_time(char *buf, size_t size)
+{
     struct timespec ts;
     struct tm tm;
     clock_gettime(CLOCK_REALTIME, &ts);
     gmtime_r(&ts.tv_sec, &tm);
-    int n = snprintf(line, sizeof(line), "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ %-5s %s",
-                     tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
-                     ts.tv_nsec / 1000000, level_names[level], log_tag);
+    snprintf(buf, size, "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ", tm.tm_year + 1900, tm.tm_mon + 1,
+             tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000);
+}
+
+void mph_log(mph_log_level_t level, const char *fmt, ...)
+{
+    if (!MPH_LOG_ENABLED(level) || level >= MPH_LOG_SILENT)
+        return;
+    char line[2048], now[32];
+    mph_format_time(now, sizeof(now));
+    int n = snprintf(line, sizeof(line), "%s %-5s %s", now, level_names[level], log_tag);
     va_list ap;
     va_start(ap, fmt);
     int m = vsnprintf(line + n, sizeof(line) - (size_t)n - 1, fmt, ap);

@@ -113,6 +113,13 @@ int mph_log_parse_level(const char *name, mph_log_level_t *out);
 /* Names the process in every line it logs from now on ("worker 2"; "" for none). */
 void mph_log_set_tag(const char *tag);
 
+/* Opens path again (append, created 0600 if missing) over stdout and stderr, after a log
+ * rotation renamed it (SIGUSR1); NULL: nothing to do. A failure is logged to the old one. */
+void mph_reopen_stderr(const char *path);
+
+/* Now as ISO 8601 UTC with milliseconds ("2026-01-02T03:04:05.678Z", 24 characters). */
+void mph_format_time(char *buf, size_t size);
+
 /* Writes one line to stderr: timestamp, level, tag, message. Never fails visibly. */
 void mph_log(mph_log_level_t level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 

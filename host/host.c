@@ -29,6 +29,7 @@
 #include "../lua/bridge.h"
 #include "../storage/storage.h"
 #include "auth.h"
+#include "accesslog.h"
 #include "common.h"
 #include "http.h"
 #include "peer.h"
@@ -62,16 +63,17 @@ struct mph_host_s {
     uv_loop_t loop;
     mph_host_config_t cfg; /* strings borrowed from the caller's config */
     host_state_t state;
-    mph_http_server_t *http;    /* owned */
-    mph_http_config_t http_cfg; /* the public server's, which the peer listener's follows */
-    mph_peer_t *peer;           /* owned; NULL unless a worker of several (cfg.supervisor_pid) */
-    mph_lua_t *lua;             /* owned */
-    mph_store_t *store;         /* owned */
-    mph_auth_t *auth;           /* owned; NULL once closed */
-    mph_rpc_t rpc;              /* what the HTTP servers dispatch to */
-    uv_async_t stop_async;      /* mph_host_stop from any thread */
-    uv_signal_t sigint, sigterm, sighup;
-    int signals_on;      /* sigint/sigterm/sighup initialised */
+    mph_http_server_t *http;     /* owned */
+    mph_http_config_t http_cfg;  /* the public server's, which the peer listener's follows */
+    mph_peer_t *peer;            /* owned; NULL unless a worker of several (cfg.supervisor_pid) */
+    mph_lua_t *lua;              /* owned */
+    mph_store_t *store;          /* owned */
+    mph_auth_t *auth;            /* owned; NULL once closed */
+    mph_rpc_t rpc;               /* what the HTTP servers dispatch to */
+    mph_accesslog_t *access_log; /* owned; NULL: none (cfg.access_log) */
+    uv_async_t stop_async;       /* mph_host_stop from any thread */
+    uv_signal_t sigint, sigterm, sighup, sigusr1;
+    int signals_on;      /* sigint/sigterm/sighup/sigusr1 initialised */
     uv_timer_t deadline; /* bounds the graceful stop */
     int deadline_passed; /* it fired: what is still running is cut */
     int listening;
@@ -222,8 +224,11 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
     rc = mph_auth_new(&h->auth, &h->loop, cfg->users_file, err, errlen);
     if (rc != 0)
         goto fail_store;
+    if (cfg->access_log && (rc = mph_accesslog_open(&h->access_log, cfg->access_log, err, errlen)))
+        goto fail_auth;
     h->http_cfg = (mph_http_config_t){
-        cfg->max_body, cfg->max_header, cfg->max_connections, cfg->idle_timeout_ms, 64, NULL};
+        cfg->max_body, cfg->max_header, cfg->max_connections, cfg->idle_timeout_ms, 64,
+        NULL,          h->access_log};
     if (cfg->supervisor_pid > 0 && cfg->worker_count > 1) {
         unsigned idle = cfg->idle_timeout_ms / 2;
         mph_peer_config_t pcfg = {cfg->supervisor_pid,
@@ -250,7 +255,7 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
     rc = mph_lua_new(&h->lua, &h->loop, &lcfg);
     if (rc != 0) {
         snprintf(err, errlen, "cannot create the Lua state: %s", mph_strerror(rc));
-        goto fail_auth;
+        goto fail_log;
     }
     h->rpc = (mph_rpc_t){h->lua, h->auth};
     mph_http_server_new(&h->http, &h->loop, &h->http_cfg, mph_rpc_handle, &h->rpc);
@@ -262,6 +267,8 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
     *out = h;
     return 0;
 
+fail_log:
+    mph_accesslog_close(h->access_log);
 fail_auth:
     mph_auth_close(h->auth, on_auth_failed_closed, NULL);
 fail_store:
@@ -368,6 +375,7 @@ static void close_host_handles(mph_host_t *h)
         uv_close((uv_handle_t *)&h->sigint, on_handle_closed);
         uv_close((uv_handle_t *)&h->sigterm, on_handle_closed);
         uv_close((uv_handle_t *)&h->sighup, on_handle_closed);
+        uv_close((uv_handle_t *)&h->sigusr1, on_handle_closed);
     }
     h->state = HOST_CLOSED;
 }
@@ -467,15 +475,28 @@ static void on_sighup(uv_signal_t *s, int signum)
     mph_auth_reload(h->auth);
 }
 
+/* SIGUSR1: logrotate renamed the log files; write to fresh ones under the old names. */
+static void on_sigusr1(uv_signal_t *s, int signum)
+{
+    mph_host_t *h = s->data;
+    (void)signum;
+    mph_reopen_stderr(h->cfg.log_path);
+    if (h->access_log)
+        mph_accesslog_reopen(h->access_log);
+    mph_log(MPH_LOG_INFO, "received SIGUSR1: log files reopened");
+}
+
 int mph_host_handle_signals(mph_host_t *h)
 {
     uv_signal_init(&h->loop, &h->sigint);
     uv_signal_init(&h->loop, &h->sigterm);
     uv_signal_init(&h->loop, &h->sighup);
-    h->sigint.data = h->sigterm.data = h->sighup.data = h;
+    uv_signal_init(&h->loop, &h->sigusr1);
+    h->sigint.data = h->sigterm.data = h->sighup.data = h->sigusr1.data = h;
     uv_signal_start(&h->sigint, on_signal, SIGINT);
     uv_signal_start(&h->sigterm, on_signal, SIGTERM);
     uv_signal_start(&h->sighup, on_sighup, SIGHUP);
+    uv_signal_start(&h->sigusr1, on_sigusr1, SIGUSR1);
     h->signals_on = 1;
     return 0;
 }
@@ -508,6 +529,7 @@ void mph_host_free(mph_host_t *h)
     mph_http_server_free(h->http);
     if (h->peer)
         mph_peer_free(h->peer);
+    mph_accesslog_close(h->access_log); /* after the server: it wrote to it up to the end */
     int rc = uv_loop_close(&h->loop);
     if (rc != 0)
         mph_log(MPH_LOG_ERROR, "bug: handles left open at exit (%s)", uv_strerror(rc));

@@ -79,6 +79,11 @@ struct mph_http_req_s {
     int http_minor;          /* 0 for HTTP/1.0 */
     int want_continue;       /* sent Expect: 100-continue; "100 Continue" not yet queued */
     int error_status;        /* set during parsing: 405, 413, 431, 400; 0 otherwise */
+    mph_http_server_t *srv;  /* for the access log, which outlives a vanished client */
+    uint64_t started_ns;     /* uv_hrtime() at the request's first byte */
+    char methods[128];       /* for the access log (mph_http_req_set_call); "" for non-RPC */
+    int rpc_code;            /* idem */
+    char peer[48];           /* the client's address (the connection's), idem */
     char header[32];         /* the captured header's value (cfg.capture_header), cut to 31
                                 bytes; "" when the request did not carry it */
     mph_buf_t body;          /* request body while parsing */
@@ -116,6 +121,7 @@ struct conn_s {
     unsigned writes;      /* response writes issued, not yet completed */
     size_t stalled_queue; /* write queue bytes when the idle timer was armed with writes */
     int reading;          /* uv_read_start is active */
+    char peer[48];        /* the client's address, for the access log */
     conn_t *prev, *next;  /* in srv->conns */
 };
 
@@ -251,6 +257,9 @@ static mph_http_req_t *req_new(conn_t *c)
 {
     mph_http_req_t *r = mph_xcalloc(1, sizeof(*r));
     r->conn = c;
+    r->srv = c->srv;
+    r->started_ns = uv_hrtime();
+    memcpy(r->peer, c->peer, sizeof(r->peer));
     r->keep_alive = 1;
     if (c->tail)
         c->tail->next = r;
@@ -261,6 +270,32 @@ static mph_http_req_t *req_new(conn_t *c)
     return r;
 }
 
+void mph_http_req_set_call(mph_http_req_t *r, const char *methods, int code)
+{
+    /* Method names come from clients: anything but printable ASCII (spaces, newlines) is
+     * written '?', so that a line stays one line of fields. */
+    size_t i = 0;
+    for (; methods[i] && i < sizeof(r->methods) - 1; i++)
+        r->methods[i] = methods[i] > ' ' && methods[i] < 127 ? methods[i] : '?';
+    r->methods[i] = '\0';
+    r->rpc_code = code;
+}
+
+/* The access log's line for r, answered with status and len bytes of body. */
+static void log_access(const mph_http_req_t *r, int status, size_t len)
+{
+    char now[32], line[384];
+    mph_format_time(now, sizeof(now));
+    double ms = (double)(uv_hrtime() - r->started_ns) / 1e6;
+    int n;
+    if (r->methods[0])
+        n = snprintf(line, sizeof(line), "%s %s %s %d %d %zu %.3f\n", now, r->peer, r->methods,
+                     r->rpc_code, status, len, ms);
+    else
+        n = snprintf(line, sizeof(line), "%s %s - - %d %zu %.3f\n", now, r->peer, status, len, ms);
+    mph_accesslog_append(r->srv->cfg.access_log, line, (size_t)n < sizeof(line) ? (size_t)n : 0);
+}
+
 /* Writes the response's head, then queues it in order. ctype: its Content-Type; extra: more
  * header lines ("Name: value\r\n"), "" for none. */
 static void respond(mph_http_req_t *r, int status, const char *ctype, const char *extra, char *body,
@@ -268,6 +303,8 @@ static void respond(mph_http_req_t *r, int status, const char *ctype, const char
 {
     assert(!r->responded);
     conn_t *c = r->conn;
+    if (r->srv->cfg.access_log)
+        log_access(r, status, body ? len : 0);
     if (c == NULL) { /* the client is gone */
         free(body);
         req_free(r);
@@ -766,8 +803,15 @@ static conn_t *conn_new(mph_http_server_t *srv)
 /* Starts parsing and reading an accepted connection. */
 static void conn_start(conn_t *c)
 {
-    if (!c->srv->local)
+    snprintf(c->peer, sizeof(c->peer), "local");
+    if (!c->srv->local) {
         uv_tcp_nodelay(&c->tcp, 1);
+        struct sockaddr_storage sa;
+        int salen = sizeof(sa);
+        if (c->srv->cfg.access_log &&
+            uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&sa, &salen) == 0)
+            uv_ip_name((struct sockaddr *)&sa, c->peer, sizeof(c->peer));
+    }
     http_parser_init(&c->parser, HTTP_REQUEST);
     c->parser.data = c;
     arm_idle_timer(c);

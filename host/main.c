@@ -23,6 +23,8 @@ static const char usage[] =
     "       mphost SCRIPT delete [--port=N]      stop that deployment gracefully\n"
     "       mphost SCRIPT status [--port=N]      is it running: pid, port, storage, uptime\n"
     "       mphost SCRIPT reload [--port=N]      swap in workers running the re-read script\n"
+    "       mphost SCRIPT logs [-f] [--port=N]   print its log file (-f: and follow it)\n"
+    "       mphost list                          every deployment of this user\n"
     "       mphost call METHOD [JSON] [--url URL]\n"
     "                                            call METHOD with params JSON (default [{}])\n"
     "       mphost passwd FILE USER              add or replace USER in a users file (the\n"
@@ -54,6 +56,8 @@ static const char usage[] =
     "                        LuaJIT's compiler is then off while a handler limit is set)\n"
     "  --users=FILE          users for mp.basicAuth services (lines NAME:HASH, made with\n"
     "                        mphost passwd; read again by a reload or SIGHUP)\n"
+    "  --access-log=FILE     one line per HTTP request appended to FILE (- for stderr);\n"
+    "                        SIGUSR1 reopens it and the deployment's log\n"
     "  --help, --version\n";
 
 static int bad_usage(const char *fmt, const char *arg)
@@ -203,6 +207,10 @@ static int apply_option(mph_cli_t *cli, const char *name, const char *value)
         if (*value == '\0')
             return bad_usage("%s", "--users needs a file");
         h->users_file = value;
+    } else if (strcmp(name, "access-log") == 0) {
+        if (*value == '\0')
+            return bad_usage("%s", "--access-log needs a file, or - for stderr");
+        h->access_log = value;
     } else if (strcmp(name, "url") == 0) {
         cli->url = value;
     } else {
@@ -357,6 +365,7 @@ int main(int argc, char **argv)
     cli.url = "http://127.0.0.1:3000/";
     cli.workers = -1;
 
+    cli.host.log_path = getenv("MPH_LOG_PATH"); /* set by deploy: SIGUSR1 reopens it */
     const char *env = getenv("MP_PORT");
     if (env && apply_option(&cli, "port", env) != 0)
         return 1;

@@ -81,6 +81,10 @@ typedef struct {
                                      generation that serves (shared memory, read with a
                                      relaxed atomic load): after a reload, the workers of the
                                      generation being replaced forward to the new ones */
+    const char *access_log;             /* NULL (default): none; a file to append one line per HTTP
+                                           request to, or "-" for stderr (README, "Operations") */
+    const char *log_path;               /* NULL (default), or the file stderr (and stdout) write to:
+                                           SIGUSR1 opens it again over them, after a rotation */
 } mph_host_config_t;
 
 /* Fills every field with its default. */
@@ -108,7 +112,8 @@ int mph_host_topology_workers(const mph_host_t *h);
 /* The port listened on. */
 int mph_host_port(const mph_host_t *h);
 
-/* SIGINT and SIGTERM stop the host gracefully, SIGHUP reads the users file again (through
+/* SIGINT and SIGTERM stop the host gracefully, SIGHUP reads the users file again, SIGUSR1
+ * opens the access log and cfg.log_path again (a log rotation renamed them) (through
  * libuv signal handles; other signals, SIGPIPE included, are left alone: see above).
  * Returns 0. */
 int mph_host_handle_signals(mph_host_t *h);

@@ -45,6 +45,7 @@ typedef struct call_s {
                            the held ones */
     size_t held;        /* slots waiting for the credentials check */
     slot_t *slots;
+    char *methods; /* the calls' method names joined by ",", for the access log (owned) */
 } call_t;
 
 #define WWW_AUTHENTICATE "WWW-Authenticate: Basic realm=\"mphost\"\r\n"
@@ -69,6 +70,11 @@ static void call_finish(call_t *call)
 {
     mph_buf_t body = MPH_BUF_INIT;
     size_t answered = 0, refused = 0;
+    int code = 0; /* the access log's: the first error of the request */
+    for (size_t i = 0; i < call->nslots && code == 0; i++)
+        code = call->slots[i].code;
+    mph_http_req_set_call(call->req, call->methods ? call->methods : "-", code);
+    free(call->methods);
     if (call->is_batch)
         mph_buf_puts(&body, "[");
     for (size_t i = 0; i < call->nslots; i++) {
@@ -221,12 +227,30 @@ static void dispatch(mph_rpc_t *rpc, slot_t *s, const json_t *r)
 
 static void answer_alone(mph_http_req_t *req, int code, const char *message)
 {
+    mph_http_req_set_call(req, "-", code);
     mph_buf_t b = MPH_BUF_INIT;
     write_error(&b, NULL, code, message, NULL, 0);
     mph_buf_puts(&b, "\n");
     size_t len;
     char *data = mph_buf_steal(&b, &len);
     mph_http_respond(req, 200, data, len);
+}
+
+/* The method names of a call or a batch joined by "," ("-" for a call without one), as much
+ * as the access log keeps. New string. */
+static char *method_names(const json_t *doc)
+{
+    mph_buf_t b = MPH_BUF_INIT;
+    size_t n = json_is_array(doc) ? json_array_size(doc) : 1;
+    for (size_t i = 0; i < n && b.len < 128; i++) {
+        const json_t *m =
+            json_object_get(json_is_array(doc) ? json_array_get(doc, i) : doc, "method");
+        if (i)
+            mph_buf_puts(&b, ",");
+        mph_buf_puts(&b, json_is_string(m) ? json_string_value(m) : "-");
+    }
+    size_t len;
+    return mph_buf_steal(&b, &len);
 }
 
 /* Answers one HTTP request's body: a call or a batch, each call in `role`. */
@@ -259,6 +283,7 @@ static void handle(mph_rpc_t *rpc, mph_http_req_t *req, const char *body, size_t
     call->nslots = call->is_batch ? json_array_size(doc) : 1;
     call->slots = mph_xcalloc(call->nslots, sizeof(slot_t));
     call->outstanding = call->nslots + 1;
+    call->methods = method_names(doc);
     for (size_t i = 0; i < call->nslots; i++) {
         call->slots[i].call = call;
         dispatch(rpc, &call->slots[i], call->is_batch ? json_array_get(doc, i) : doc);

@@ -140,7 +140,7 @@ struct sup_s {
     gen_t *current;  /* the generation that serves (or is to, while starting) */
     gen_t *gens;     /* every generation not freed yet, owned */
     reload_t reload; /* the reload in progress, if any */
-    uv_signal_t sigint, sigterm, sighup;
+    uv_signal_t sigint, sigterm, sighup, sigusr1;
     uv_timer_t beat_check;     /* looks at the heartbeats (with a handler time limit) */
     mph_control_t *control;    /* the control socket (control.h); NULL once closed */
     FILE *ready_out;           /* deploy's ready stream until the start ends, else NULL */
@@ -811,6 +811,24 @@ static void on_sighup(uv_signal_t *sig, int signum)
     begin_reload(sig->data, NULL);
 }
 
+/* SIGUSR1 (a log rotation): the supervisor reopens its log, then each worker its own and its
+ * access log. Only workers that have reported ready are told: one still starting may not
+ * handle the signal yet (it would die of it); its lines go to the renamed file meanwhile,
+ * none is lost. */
+static void on_sigusr1(uv_signal_t *sig, int signum)
+{
+    sup_t *sup = sig->data;
+    (void)signum;
+    mph_reopen_stderr(sup->log_path);
+    mph_log(MPH_LOG_INFO, "received SIGUSR1: log files reopened; telling the workers");
+    for (gen_t *gen = sup->gens; gen; gen = gen->next)
+        for (int i = 1; i <= gen->n; i++) {
+            slot_t *s = GEN_SLOT(gen, i);
+            if ((s->state == SLOT_READY || s->state == SLOT_SERVING) && !s->exited)
+                uv_process_kill(&s->proc, SIGUSR1);
+        }
+}
+
 /* ---- Heartbeats ---- */
 
 /* Kills every serving worker whose loop has not turned for the handler time limit plus
@@ -881,6 +899,7 @@ static void begin_stop(sup_t *sup)
     uv_close((uv_handle_t *)&sup->sigint, on_closed);
     uv_close((uv_handle_t *)&sup->sigterm, on_closed);
     uv_close((uv_handle_t *)&sup->sighup, on_closed);
+    uv_close((uv_handle_t *)&sup->sigusr1, on_closed);
 }
 
 static void on_signal(uv_signal_t *sig, int signum)
@@ -936,10 +955,12 @@ static void init_handles(sup_t *sup)
     uv_signal_init(&sup->loop, &sup->sigint);
     uv_signal_init(&sup->loop, &sup->sigterm);
     uv_signal_init(&sup->loop, &sup->sighup);
-    sup->sigint.data = sup->sigterm.data = sup->sighup.data = sup;
+    uv_signal_init(&sup->loop, &sup->sigusr1);
+    sup->sigint.data = sup->sigterm.data = sup->sighup.data = sup->sigusr1.data = sup;
     uv_signal_start(&sup->sigint, on_signal, SIGINT);
     uv_signal_start(&sup->sigterm, on_signal, SIGTERM);
     uv_signal_start(&sup->sighup, on_sighup, SIGHUP);
+    uv_signal_start(&sup->sigusr1, on_sigusr1, SIGUSR1);
     uv_timer_init(&sup->loop, &sup->beat_check);
     sup->beat_check.data = sup;
     if (sup->cli->host.handler_timeout_ms > 0) /* with no limit, a handler may run for ever */

@@ -5,6 +5,7 @@
  */
 #define _GNU_SOURCE
 #include "host/common.c"
+#include "host/accesslog.c"
 #include "host/auth.c"
 #include "host/http.c"
 #include "host/rpc.c"

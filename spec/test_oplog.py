@@ -1,0 +1,147 @@
+"""Operations: the access log (--access-log) and its rotation by SIGUSR1, `mphost list`,
+`mphost SCRIPT logs [-f]`, and systemd's readiness notification."""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+from harness import (MPHOST, SCRIPTS, KeepAliveClient, Server, check, eq, http_exchange, run,
+                     tmpdir, wait_port)
+
+RPC = os.path.join(SCRIPTS, "rpc.lua")
+
+# time client method(s) code status bytes milliseconds
+LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (\S+) (\S+) (\S+) (\d{3}) (\d+) "
+                  r"(\d+\.\d{3})$")
+
+
+def read_lines(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def wait_lines(paths, n, timeout=30):
+    """Waits until the files hold n lines in all (the writer thread writes them soon after
+    the answers; the bound only turns a hang into a failure)."""
+    deadline = time.time() + timeout
+    while True:
+        lines = [l for p in paths for l in read_lines(p)]
+        if len(lines) >= n or time.time() > deadline:
+            return lines
+        time.sleep(0.01)
+
+
+def wait_for(cond, what, timeout=30):
+    deadline = time.time() + timeout
+    while not cond():
+        check(time.time() < deadline, what)
+        time.sleep(0.01)
+
+
+def fields(line):
+    m = LINE.match(line)
+    check(m is not None, "access log line %r does not have the documented format" % line)
+    return m.groups()[1:6]  # client, method(s), code, status, bytes
+
+
+def check_access_log_format(workers):
+    log = os.path.join(tmpdir("mph-alog-"), "access.log")
+    with Server(RPC, args=["--access-log=" + log, "--workers=%d" % workers]) as s:
+        eq(s.result("echo", [1]), 1, "echo")
+        status, body = s.post_raw(json.dumps([
+            {"jsonrpc": "2.0", "method": "sum", "params": [1, 2], "id": 1},
+            {"jsonrpc": "2.0", "method": "nope", "id": 2},
+            {"jsonrpc": "2.0", "method": "raise", "params": ["x"], "id": 3}]),
+            headers={"Authorization": "Basic c2VjcmV0OnNlY3JldA=="})
+        eq(status, 200, "batch status")
+        status, _ = http_exchange(s.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        eq(status, 405, "GET status")
+        status, _ = s.post_raw("{not json")
+        eq(status, 200, "parse error status")
+        status, _ = s.post_raw('{"jsonrpc":"2.0","method":"a b\\nc"}')  # a notification
+        eq(status, 204, "notification status")
+        lines = wait_lines([log], 5)
+        got = [fields(l) for l in lines]
+        eq(len(got), 5, "lines: %r" % lines)
+        eq(got[0][:4], ("127.0.0.1", "echo", "0", "200"), "a call")
+        eq(got[1][:4], ("127.0.0.1", "sum,nope,raise", "-32601", "200"), "a batch")
+        eq(got[2][:4], ("127.0.0.1", "-", "-", "405"), "a GET")
+        eq(got[3][:4], ("127.0.0.1", "-", "-32700", "200"), "a parse error")
+        eq(got[4][:4], ("127.0.0.1", "a?b?c", "-32601", "204"), "a method with a space")
+        eq(int(got[0][4]), len(b'{"jsonrpc":"2.0","id":1,"result":1}\n'), "bytes of the echo")
+        text = "\n".join(lines)
+        check("c2VjcmV0" not in text and "params" not in text, "credentials or bodies logged")
+        s.stop()
+
+
+def test_access_log_format_one_process():
+    check_access_log_format(0)
+
+
+def test_access_log_format_workers():
+    check_access_log_format(2)
+
+
+def test_access_log_to_stderr_and_bad_file():
+    with Server(RPC, args=["--access-log=-", "--workers=0"]) as s:
+        s.result("echo", [1])
+        wait_for(lambda: any(LINE.match(l) for l in s.read_log().splitlines()),
+                 "no access log line on stderr: " + s.read_log()[-1000:])
+        s.stop()
+    rc, out, err = run([RPC, "serve", "0", "--access-log=/nonexistent/dir/a.log"], timeout=30)
+    eq(rc, 1, "exit status with an access log that cannot be opened")
+    check("cannot open the access log /nonexistent/dir/a.log" in err, "message: " + err)
+
+
+def test_rotation_under_load_loses_no_line():
+    """logrotate's way: rename the files, then SIGUSR1; 16 clients keep calling throughout.
+    Every answered call has its line in the old file or the new one."""
+    d = tmpdir("mph-alog-")
+    log = os.path.join(d, "access.log")
+    s = Server(RPC, args=["--access-log=" + log, "--workers=2"])
+    s.env["MPH_LOG_PATH"] = s.log_path  # as deploy runs it: the server log is a file too
+    with s:
+        answered = [0] * 16
+        stop = threading.Event()
+        errors = []
+
+        def client(i):
+            try:
+                c = KeepAliveClient(s.port)
+                while not stop.is_set():
+                    eq(c.call("echo", [i]).get("result"), i, "echo")
+                    answered[i] += 1
+                c.close()
+            except Exception as e:  # reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: sum(answered) >= 200, "no load")
+        os.rename(log, log + ".1")
+        os.rename(s.log_path, s.log_path + ".1")
+        os.kill(s.proc.pid, signal.SIGUSR1)
+        # Both workers write to the new file once they reopened it.
+        wait_for(lambda: len(read_lines(log)) >= 100, "nothing in the new access log")
+        wait_for(lambda: s.read_log().count("received SIGUSR1") >= 3,
+                 "the supervisor and both workers did not reopen the server log: " +
+                 s.read_log())
+        stop.set()
+        for t in threads:
+            t.join(60)
+        check(not errors, "client errors: %r" % errors[:3])
+        s.stop()
+        total = sum(answered)
+        lines = wait_lines([log + ".1", log], total)
+        eq(len(lines), total, "lines in the old and new access logs")
+        for l in lines:
+            eq(fields(l)[1:4], ("echo", "0", "200"), "line " + l)
+        check(len(read_lines(log + ".1")) >= 200, "the old file kept its lines")
