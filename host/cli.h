@@ -13,7 +13,8 @@
 typedef struct {
     const char *script;     /* as given on the command line */
     char *script_path;      /* canonical path (owned), NULL if the script is missing */
-    const char *verb;       /* deploy, serve, delete, status, call */
+    const char *verb;       /* deploy, serve, delete, status, reload, logs, call */
+    int follow;             /* logs -f */
     int port_given;         /* --port, MP_PORT or serve's PORT was given */
     mph_host_config_t host; /* everything the host takes */
     char *storage_desc;     /* what status prints, e.g. "file:/abs/mp-data" (owned) */
@@ -48,6 +49,13 @@ void mph_cli_report_failure(FILE *ready, const char *msg);
 int mph_cli_deploy(mph_cli_t *cli);
 int mph_cli_delete(mph_cli_t *cli);
 int mph_cli_status(mph_cli_t *cli);
+/* list: one line per live deployment in the state directory (script, port, pid, storage,
+ * uptime); stale pid files are removed, not listed. Exit 0, even for none. */
+int mph_cli_list(mph_cli_t *cli);
+/* logs: copies the deployment's log file to stdout; with cli->follow, then prints what is
+ * appended (reopening the file when a rotation replaced it) until killed. Exit 1 with one line
+ * on stderr when there is no log file, or several deployments and no --port. */
+int mph_cli_logs(mph_cli_t *cli);
 /* reload: asks the supervisor of each deployment of the script (or of --port) to swap in
  * workers running the re-read script, over its control socket (control.h), and waits for the
  * outcome. Exit 0 when every reload worked; 1 with one line on stderr when one failed (the

@@ -212,6 +212,7 @@ typedef struct {
     mph_cli_worker_t workers[MPH_MAX_WORKERS];
     char storage[2048];
     char log[2048];
+    char script[4096];
     char path[4096]; /* the pid file */
 } deployment_t;
 
@@ -235,6 +236,8 @@ static int read_pidfile(const char *path, deployment_t *d)
             snprintf(d->storage, sizeof(d->storage), "%s", line + 8);
         else if (strncmp(line, "log=", 4) == 0)
             snprintf(d->log, sizeof(d->log), "%s", line + 4);
+        else if (strncmp(line, "script=", 7) == 0)
+            snprintf(d->script, sizeof(d->script), "%s", line + 7);
         else if (strncmp(line, "worker=", 7) == 0 && d->nworkers < MPH_MAX_WORKERS) {
             mph_cli_worker_t *w = &d->workers[d->nworkers];
             if (sscanf(line + 7, "%d %d %lld %d", &w->id, &w->pid, &w->started, &w->restarts) == 4)
@@ -274,20 +277,17 @@ static int is_alive_mphost(int pid)
     return 0;
 }
 
-/* Finds the deployments of cli's script (all ports, or the one port given). */
-static int find_deployments(const mph_cli_t *cli, deployment_t **out)
+/* The live deployments whose pid files in dir are named base-PORT.pid (base NULL: every one;
+ * port 0: any port); removes the stale pid files met. *out: new array. */
+static int scan_deployments(const char *dir, const char *base, int port, deployment_t **out)
 {
     deployment_t *list = NULL;
     int n = 0;
-    char *prefix = deployment_prefix(cli);
-    char *slash = strrchr(prefix, '/');
-    *slash = '\0';
-    const char *dir = prefix, *base = slash + 1;
     DIR *d = opendir(dir);
     struct dirent *e;
     while (d && (e = readdir(d)) != NULL) {
-        size_t blen = strlen(base), nlen = strlen(e->d_name);
-        if (strncmp(e->d_name, base, blen) != 0 || e->d_name[blen] != '-' || nlen < 5 ||
+        size_t blen = base ? strlen(base) : 0, nlen = strlen(e->d_name);
+        if ((base && (strncmp(e->d_name, base, blen) != 0 || e->d_name[blen] != '-')) || nlen < 5 ||
             strcmp(e->d_name + nlen - 4, ".pid") != 0)
             continue;
         char path[2048];
@@ -295,7 +295,7 @@ static int find_deployments(const mph_cli_t *cli, deployment_t **out)
         deployment_t dep;
         if (read_pidfile(path, &dep) != 0)
             continue;
-        if (cli->port_given && dep.port != cli->host.port)
+        if (port && dep.port != port)
             continue;
         if (!is_alive_mphost(dep.pid)) {
             unlink(path); /* stale: the process died without cleaning up */
@@ -306,9 +306,31 @@ static int find_deployments(const mph_cli_t *cli, deployment_t **out)
     }
     if (d)
         closedir(d);
-    free(prefix);
     *out = list;
     return n;
+}
+
+/* Finds the deployments of cli's script (all ports, or the one port given). */
+static int find_deployments(const mph_cli_t *cli, deployment_t **out)
+{
+    char *prefix = deployment_prefix(cli);
+    char *slash = strrchr(prefix, '/');
+    *slash = '\0';
+    int n = scan_deployments(prefix, slash + 1, cli->port_given ? cli->host.port : 0, out);
+    free(prefix);
+    return n;
+}
+
+int mph_cli_list(mph_cli_t *cli)
+{
+    deployment_t *deps;
+    int n = scan_deployments(cli->state_dir, NULL, 0, &deps);
+    long long now = (long long)time(NULL);
+    for (int i = 0; i < n; i++)
+        printf("%s: port %d, pid %d, storage %s, uptime %llds\n", deps[i].script, deps[i].port,
+               deps[i].pid, deps[i].storage, now - deps[i].started);
+    free(deps);
+    return 0;
 }
 
 int mph_cli_status(mph_cli_t *cli)
@@ -553,4 +575,70 @@ out:
     free(pid_path);
     free(log_path);
     return rc;
+}
+
+/* Copies what fd holds past its offset to stdout. -1 when stdout is gone (a closed pipe). */
+static int copy_out(int fd)
+{
+    char buf[65536];
+    ssize_t n;
+    while ((n = read(fd, buf, sizeof(buf))) > 0)
+        if (fwrite(buf, 1, (size_t)n, stdout) != (size_t)n)
+            return -1;
+    return fflush(stdout) == 0 ? 0 : -1;
+}
+
+/* Whether the file at path is no longer the one fd has open (a rotation renamed it and a new
+ * one took the name). */
+static int replaced(int fd, const char *path)
+{
+    struct stat open_st, path_st;
+    return fstat(fd, &open_st) == 0 && stat(path, &path_st) == 0 &&
+           (open_st.st_ino != path_st.st_ino || open_st.st_dev != path_st.st_dev);
+}
+
+int mph_cli_logs(mph_cli_t *cli)
+{
+    deployment_t *deps;
+    int n = find_deployments(cli, &deps);
+    char *path = NULL;
+    if (n > 1) {
+        fprintf(stderr, "mphost: %s runs on %d ports (%d, %d%s): give --port\n", cli->script, n,
+                deps[0].port, deps[1].port, n > 2 ? ", ..." : "");
+    } else if (n == 1 && strcmp(deps[0].log, "(stderr)") == 0) {
+        fprintf(stderr, "mphost: %s on port %d logs to its stderr (it was started with serve)\n",
+                cli->script, deps[0].port);
+    } else {
+        /* Not running: the log its last deployment on that port left, if any. */
+        path = n == 1 ? mph_xstrdup(deps[0].log)
+                      : mph_cli_deployment_file(cli, cli->host.port, ".log");
+    }
+    free(deps);
+    if (path == NULL)
+        return 1;
+    int fd = open_state_file(path, O_RDONLY);
+    if (fd < 0) {
+        fprintf(stderr, "mphost: no log for %s on port %d (%s: %s)\n", cli->script, cli->host.port,
+                path, strerror(errno));
+        free(path);
+        return 1;
+    }
+    int rc = copy_out(fd);
+    /* -f: polls, as tail -f does; a rotation is followed into the new file once the old one
+     * has been read to its end. */
+    while (cli->follow && rc == 0) {
+        sleep_ms(200);
+        rc = copy_out(fd);
+        if (rc == 0 && replaced(fd, path)) {
+            int next = open_state_file(path, O_RDONLY);
+            if (next >= 0) {
+                rc = copy_out(fd);
+                close(fd);
+                fd = next;
+            }
+        }
+    }
+    close(fd);
+    free(path);
+    return rc == 0 ? 0 : 1;
 }

@@ -385,6 +385,10 @@ int main(int argc, char **argv)
             printf("mphost %s\n", MPHOST_VERSION);
             return 0;
         }
+        if (strcmp(a, "-f") == 0) { /* logs -f */
+            cli.follow = 1;
+            continue;
+        }
         if (strncmp(a, "--", 2) == 0) {
             const char *eq = strchr(a, '=');
             char name[64];
@@ -425,6 +429,17 @@ int main(int argc, char **argv)
         return mph_cli_passwd(positional[1], positional[2]);
     }
 
+    if (strcmp(positional[0], "list") == 0 && npos == 1) {
+        char err[1200];
+        int rc = mph_cli_open_state_dir(&cli, err, sizeof(err));
+        if (rc != 0)
+            fprintf(stderr, "mphost: %s\n", err);
+        else
+            rc = mph_cli_list(&cli);
+        free(cli.state_dir);
+        return rc ? 1 : 0;
+    }
+
     cli.script = positional[0];
     cli.verb = npos > 1 ? positional[1] : "deploy";
     int serve = strcmp(cli.verb, "serve") == 0;
@@ -432,9 +447,11 @@ int main(int argc, char **argv)
         return bad_usage("unexpected argument: %s", positional[npos - 1]);
     if (serve && npos == 3 && apply_option(&cli, "port", positional[2]) != 0)
         return 1;
+    if (cli.follow && strcmp(cli.verb, "logs") != 0)
+        return bad_usage("%s", "-f is an option of logs");
     cli.script_path = realpath(cli.script, NULL);
     int managing = strcmp(cli.verb, "delete") == 0 || strcmp(cli.verb, "status") == 0 ||
-                   strcmp(cli.verb, "reload") == 0;
+                   strcmp(cli.verb, "reload") == 0 || strcmp(cli.verb, "logs") == 0;
     if (cli.script_path == NULL && !managing) {
         fprintf(stderr, "mphost: cannot open script %s: %s\n", cli.script, strerror(errno));
         return 1;
@@ -468,6 +485,8 @@ int main(int argc, char **argv)
         rc = mph_cli_status(&cli);
     else if (strcmp(cli.verb, "reload") == 0)
         rc = mph_cli_reload(&cli);
+    else if (strcmp(cli.verb, "logs") == 0)
+        rc = mph_cli_logs(&cli);
     else
         rc = bad_usage("unknown command: %s", cli.verb);
 out:

@@ -9,7 +9,8 @@ import subprocess
 import threading
 import time
 
-from harness import (MPHOST, SCRIPTS, KeepAliveClient, Server, check, eq, http_exchange, run,
+from harness import (MPHOST, SCRIPTS, KeepAliveClient, Server, check, eq, free_port,
+                     http_exchange, run,
                      tmpdir, wait_port)
 
 RPC = os.path.join(SCRIPTS, "rpc.lua")
@@ -145,3 +146,83 @@ def test_rotation_under_load_loses_no_line():
         for l in lines:
             eq(fields(l)[1:4], ("echo", "0", "200"), "line " + l)
         check(len(read_lines(log + ".1")) >= 200, "the old file kept its lines")
+
+
+def deploy(script, port, env, *args):
+    rc, out, err = run([script, "--port=%d" % port, "--data=" + tmpdir("mph-data-")] +
+                       list(args), env=env)
+    eq(rc, 0, "deploy: " + err)
+
+
+def test_list_shows_live_deployments_not_stale_ones():
+    env = {"MP_STATE_DIR": tmpdir("mph-state-")}
+    rc, out, err = run(["list"], env=env)
+    eq((rc, out, err), (0, "", ""), "list with nothing deployed")
+    p1, p2 = free_port(), free_port()
+    try:
+        deploy(RPC, p1, env)
+        deploy(RPC, p2, env, "--workers=2")
+        # A pid file left by a process that died without cleaning up is not listed.
+        stale = os.path.join(env["MP_STATE_DIR"], "0000000000000000-1.pid")
+        with open(stale, "w") as f:
+            f.write("pid=999999999\nport=1\nscript=/gone.lua\nstorage=file:/x\nstarted=1\n")
+        rc, out, err = run(["list"], env=env)
+        eq(rc, 0, "list: " + err)
+        lines = sorted(out.splitlines())
+        eq(len(lines), 2, "lines: %r" % lines)
+        for port, line in zip(sorted([p1, p2]), sorted(lines, key=lambda l: int(
+                re.search(r"port (\d+)", l).group(1)))):
+            m = re.match(r"^(\S+): port (\d+), pid (\d+), storage file:/\S+, uptime (\d+)s$",
+                         line)
+            check(m is not None, "list line %r" % line)
+            eq((m.group(1), int(m.group(2))), (os.path.realpath(RPC), port), "script and port")
+            check(os.path.exists("/proc/%s" % m.group(3)), "the pid runs")
+        check(not os.path.exists(stale), "the stale pid file was removed")
+    finally:
+        run([RPC, "delete"], env=env)
+    rc, out, err = run(["list"], env=env)
+    eq((rc, out), (0, ""), "list after delete")
+
+
+def test_logs_prints_and_follows_the_log():
+    env = {"MP_STATE_DIR": tmpdir("mph-state-")}
+    port = free_port()
+    try:
+        deploy(RPC, port, env)
+        rc, out, err = run([RPC, "logs"], env=env)
+        eq(rc, 0, "logs: " + err)
+        check("serving" in out, "the log: " + out)
+        follow = subprocess.Popen([MPHOST, RPC, "logs", "-f", "--port=%d" % port],
+                                  stdout=subprocess.PIPE, env=dict(os.environ, **env))
+        got = []  # what -f printed, read by a thread so that every wait has a deadline
+        reader = threading.Thread(target=lambda: got.extend(iter(follow.stdout.readline, b"")))
+        reader.start()
+        try:
+            wait_for(lambda: b"serving" in b"".join(got), "logs -f did not print the log so far")
+            # Lines written after -f started: a reload logs some.
+            rc, out, err = run([RPC, "reload"], env=env)
+            eq(rc, 0, "reload: " + err)
+            wait_for(lambda: b"reload" in b"".join(got),
+                     "logs -f did not print the reload: %r" % got)
+            check(follow.poll() is None, "logs -f still runs")
+        finally:
+            follow.kill()
+            follow.wait()
+            reader.join(30)
+        # Several deployments: -f needs to know which.
+        other = free_port()
+        deploy(RPC, other, env)
+        rc, out, err = run([RPC, "logs"], env=env)
+        eq(rc, 1, "logs with two deployments")
+        check("give --port" in err, err)
+    finally:
+        run([RPC, "delete"], env=env)
+    # Stopped: the last log is still there.
+    rc, out, err = run([RPC, "logs", "--port=%d" % port], env=env)
+    eq(rc, 0, "logs of a stopped deployment: " + err)
+    check("stopped" in out, out[-500:])
+    rc, out, err = run([RPC, "logs", "--port=1"], env=env)
+    eq(rc, 1, "logs of a port never deployed")
+    check("no log for" in err, err)
+    rc, out, err = run([RPC, "status", "-f"], env=env)
+    eq(rc, 1, "-f elsewhere")
