@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <signal.h>
+#include <systemd/sd-daemon.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -343,7 +344,11 @@ int mph_cli_serve(mph_cli_t *cli, int ready_fd)
         fprintf(ready, "ready %d\n", port);
         fclose(ready);
     }
+    /* Under systemd's Type=notify (NOTIFY_SOCKET set; otherwise it does nothing). The host
+     * library does not tell when a stop begins, so STOPPING=1 comes once it has drained. */
+    sd_notifyf(0, "READY=1\nSTATUS=serving %s on port %d", cli->script, port);
     mph_host_run(h);
+    sd_notify(0, "STOPPING=1");
     mph_host_free(h);
     if (cli->state_dir)
         mph_cli_remove_pidfile(cli, port);

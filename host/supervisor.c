@@ -54,6 +54,7 @@
 #include <assert.h>
 #include <errno.h>
 #include <signal.h>
+#include <systemd/sd-daemon.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -236,6 +237,9 @@ static void start_done(sup_t *sup)
         fclose(sup->ready_out);
         sup->ready_out = NULL;
     }
+    /* Under systemd's Type=notify (NOTIFY_SOCKET set; otherwise it does nothing). */
+    sd_notifyf(0, "READY=1\nSTATUS=serving %s on port %d with %d %s", sup->cli->script, sup->port,
+               sup->current->n, MPH_WORKERS_WORD(sup->current->n));
 }
 
 /* ---- A worker's report line ---- */
@@ -908,6 +912,7 @@ static void on_signal(uv_signal_t *sig, int signum)
     if (sup->state == SUP_STOPPING)
         return;
     mph_log(MPH_LOG_INFO, "received %s; stopping", signum == SIGINT ? "SIGINT" : "SIGTERM");
+    sd_notify(0, "STOPPING=1");
     if (sup->state == SUP_STARTING && sup->failure[0] == '\0')
         snprintf(sup->failure, sizeof(sup->failure), "stopped by %s during startup",
                  signum == SIGINT ? "SIGINT" : "SIGTERM");

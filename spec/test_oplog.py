@@ -9,7 +9,7 @@ import subprocess
 import threading
 import time
 
-from harness import (MPHOST, SCRIPTS, KeepAliveClient, Server, check, eq, free_port,
+from harness import (EXAMPLES, MPHOST, SCRIPTS, KeepAliveClient, Server, check, eq, free_port,
                      http_exchange, run,
                      tmpdir, wait_port)
 
@@ -226,3 +226,52 @@ def test_logs_prints_and_follows_the_log():
     check("no log for" in err, err)
     rc, out, err = run([RPC, "status", "-f"], env=env)
     eq(rc, 1, "-f elsewhere")
+
+
+def check_sd_notify(workers):
+    """systemd's Type=notify, with a Python datagram socket as NOTIFY_SOCKET: READY=1 once the
+    port serves, STOPPING=1 at a graceful stop."""
+    path = os.path.join(tmpdir("mph-notify-"), "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(30)
+    try:
+        s = Server(RPC, args=["--workers=%d" % workers], env={"NOTIFY_SOCKET": path})
+        s.log = open(s.log_path, "ab")
+        s.proc = subprocess.Popen(
+            [MPHOST, RPC, "serve", str(s.port), "--listen=127.0.0.1", "--data=" + s.data] +
+            s.args, stdout=s.log, stderr=s.log, stdin=subprocess.DEVNULL, env=s.env)
+        try:
+            msg = sock.recv(4096).decode()
+            lines = msg.split("\n")
+            check("READY=1" in lines, "READY=1 in %r" % msg)
+            check(any(l.startswith("STATUS=serving ") for l in lines), "STATUS in %r" % msg)
+            # Ready means serving: a call answers at once, without waiting for the port.
+            eq(s.result("echo", [7]), 7, "a call right after READY=1")
+            s.proc.send_signal(signal.SIGTERM)
+            eq(sock.recv(4096).decode(), "STOPPING=1", "at a graceful stop")
+            eq(s.proc.wait(30), 0, "exit status")
+        finally:
+            if s.proc.poll() is None:
+                s.proc.kill()
+                s.proc.wait()
+            s.log.close()
+    finally:
+        sock.close()
+
+
+def test_sd_notify_ready_and_stopping_workers():
+    check_sd_notify(2)
+
+
+def test_sd_notify_ready_and_stopping_one_process():
+    check_sd_notify(0)
+
+
+def test_example_unit_file():
+    """examples/mphost.service is a Type=notify unit for `mphost SCRIPT serve`."""
+    with open(os.path.join(EXAMPLES, "mphost.service")) as f:
+        unit = f.read()
+    for line in ["Type=notify", "ExecStart=/usr/local/bin/mphost /srv/service.lua serve 3000",
+                 "ExecReload=/bin/kill -HUP $MAINPID", "KillSignal=SIGTERM", "TimeoutStopSec="]:
+        check(line in unit, "%s in the unit" % line)
