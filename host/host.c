@@ -63,15 +63,15 @@ struct mph_host_s {
     uv_loop_t loop;
     mph_host_config_t cfg; /* strings borrowed from the caller's config */
     host_state_t state;
-    mph_http_server_t *http;     /* owned */
-    mph_http_config_t http_cfg;  /* the public server's, which the peer listener's follows */
-    mph_peer_t *peer;            /* owned; NULL unless a worker of several (cfg.supervisor_pid) */
-    mph_lua_t *lua;              /* owned */
-    mph_store_t *store;          /* owned */
-    mph_auth_t *auth;            /* owned; NULL once closed */
-    mph_rpc_t rpc;               /* what the HTTP servers dispatch to */
-    mph_accesslog_t *access_log; /* owned; NULL: none (cfg.access_log) */
-    uv_async_t stop_async;       /* mph_host_stop from any thread */
+    mph_http_server_t *http;    /* owned */
+    mph_http_config_t http_cfg; /* the public server's, which the peer listener's follows */
+    mph_peer_t *peer;           /* owned; NULL unless a worker of several (cfg.supervisor_pid) */
+    mph_lua_t *lua;             /* owned */
+    mph_store_t *store;         /* owned */
+    mph_auth_t *auth;           /* owned; NULL once closed */
+    mph_rpc_t rpc;              /* what the HTTP servers dispatch to */
+    mph_accesslog_t *alog;      /* owned: the access log (cfg.access_log); NULL: none */
+    uv_async_t stop_async;      /* mph_host_stop from any thread */
     uv_signal_t sigint, sigterm, sighup, sigusr1;
     int signals_on;      /* sigint/sigterm/sighup/sigusr1 initialised */
     uv_timer_t deadline; /* bounds the graceful stop */
@@ -224,11 +224,14 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
     rc = mph_auth_new(&h->auth, &h->loop, cfg->users_file, err, errlen);
     if (rc != 0)
         goto fail_store;
-    if (cfg->access_log && (rc = mph_accesslog_open(&h->access_log, cfg->access_log, err, errlen)))
+    if (cfg->access_log && (rc = mph_accesslog_open(&h->alog, cfg->access_log, err, errlen)) != 0)
         goto fail_auth;
-    h->http_cfg = (mph_http_config_t){
-        cfg->max_body, cfg->max_header, cfg->max_connections, cfg->idle_timeout_ms, 64,
-        NULL,          h->access_log};
+    h->http_cfg = (mph_http_config_t){.max_body = cfg->max_body,
+                                      .max_header = cfg->max_header,
+                                      .max_connections = cfg->max_connections,
+                                      .idle_timeout_ms = cfg->idle_timeout_ms,
+                                      .max_pipeline = 64,
+                                      .alog = h->alog};
     if (cfg->supervisor_pid > 0 && cfg->worker_count > 1) {
         unsigned idle = cfg->idle_timeout_ms / 2;
         mph_peer_config_t pcfg = {cfg->supervisor_pid,
@@ -268,7 +271,7 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
     return 0;
 
 fail_log:
-    mph_accesslog_close(h->access_log);
+    mph_accesslog_close(h->alog);
 fail_auth:
     mph_auth_close(h->auth, on_auth_failed_closed, NULL);
 fail_store:
@@ -481,8 +484,8 @@ static void on_sigusr1(uv_signal_t *s, int signum)
     mph_host_t *h = s->data;
     (void)signum;
     mph_reopen_stderr(h->cfg.log_path);
-    if (h->access_log)
-        mph_accesslog_reopen(h->access_log);
+    if (h->alog)
+        mph_accesslog_reopen(h->alog);
     mph_log(MPH_LOG_INFO, "received SIGUSR1: log files reopened");
 }
 
@@ -529,7 +532,7 @@ void mph_host_free(mph_host_t *h)
     mph_http_server_free(h->http);
     if (h->peer)
         mph_peer_free(h->peer);
-    mph_accesslog_close(h->access_log); /* after the server: it wrote to it up to the end */
+    mph_accesslog_close(h->alog); /* after the server: it wrote to it up to the end */
     int rc = uv_loop_close(&h->loop);
     if (rc != 0)
         mph_log(MPH_LOG_ERROR, "bug: handles left open at exit (%s)", uv_strerror(rc));

@@ -293,7 +293,7 @@ static void log_access(const mph_http_req_t *r, int status, size_t len)
                      r->rpc_code, status, len, ms);
     else
         n = snprintf(line, sizeof(line), "%s %s - - %d %zu %.3f\n", now, r->peer, status, len, ms);
-    mph_accesslog_append(r->srv->cfg.access_log, line, (size_t)n < sizeof(line) ? (size_t)n : 0);
+    mph_accesslog_append(r->srv->cfg.alog, line, (size_t)n < sizeof(line) ? (size_t)n : 0);
 }
 
 /* Writes the response's head, then queues it in order. ctype: its Content-Type; extra: more
@@ -303,7 +303,7 @@ static void respond(mph_http_req_t *r, int status, const char *ctype, const char
 {
     assert(!r->responded);
     conn_t *c = r->conn;
-    if (r->srv->cfg.access_log)
+    if (r->srv->cfg.alog)
         log_access(r, status, body ? len : 0);
     if (c == NULL) { /* the client is gone */
         free(body);
@@ -808,8 +808,7 @@ static void conn_start(conn_t *c)
         uv_tcp_nodelay(&c->tcp, 1);
         struct sockaddr_storage sa;
         int salen = sizeof(sa);
-        if (c->srv->cfg.access_log &&
-            uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&sa, &salen) == 0)
+        if (c->srv->cfg.alog && uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&sa, &salen) == 0)
             uv_ip_name((struct sockaddr *)&sa, c->peer, sizeof(c->peer));
     }
     http_parser_init(&c->parser, HTTP_REQUEST);

@@ -17,16 +17,16 @@ typedef struct mph_http_server_s mph_http_server_t;
 typedef struct mph_http_req_s mph_http_req_t;
 
 typedef struct {
-    size_t max_body;             /* bytes of a request body; more -> 413 */
-    size_t max_header;           /* bytes of request line plus headers; more -> 431 */
-    unsigned max_connections;    /* open connections; more are closed at once */
-    unsigned idle_timeout_ms;    /* a connection with nothing in flight that completes no
-                                    request for this long is closed (idle or stalled) */
-    unsigned max_pipeline;       /* requests in flight per connection before reading pauses */
-    const char *capture_header;  /* a header (lowercase name, borrowed) whose value each request
-                                    keeps for the handler (mph_http_req_header); NULL: none */
-    mph_accesslog_t *access_log; /* borrowed; gets one line per request answered (README,
-                                    "Operations"); NULL: none */
+    size_t max_body;            /* bytes of a request body; more -> 413 */
+    size_t max_header;          /* bytes of request line plus headers; more -> 431 */
+    unsigned max_connections;   /* open connections; more are closed at once */
+    unsigned idle_timeout_ms;   /* a connection with nothing in flight that completes no
+                                   request for this long is closed (idle or stalled) */
+    unsigned max_pipeline;      /* requests in flight per connection before reading pauses */
+    const char *capture_header; /* a header (lowercase name, borrowed) whose value each request
+                                   keeps for the handler (mph_http_req_header); NULL: none */
+    mph_accesslog_t *alog;      /* borrowed: gets one line per request answered (README,
+                                   "Operations"); NULL: none */
 } mph_http_config_t;
 
 /* Fills the defaults: 1 MiB body, 16 KiB headers, 10000 connections, 30 s, 64, no header

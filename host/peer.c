@@ -600,7 +600,7 @@ int mph_peer_listen(mph_peer_t *p, const mph_http_config_t *http, mph_rpc_t *rpc
 {
     mph_http_config_t cfg = *http;
     cfg.capture_header = MPH_RPC_FORWARD_HEADER;
-    cfg.access_log = NULL; /* the public port logged the call that was forwarded */
+    cfg.alog = NULL; /* the public port logged the call that was forwarded */
     /* A forwarded call is the public one re-encoded (numbers and escapes may be written
      * longer): leave room, or a call the public port took could be refused here. */
     cfg.max_body = http->max_body * 2 + 4096;
