@@ -77,10 +77,15 @@ typedef struct {
                                      peer sockets are named; 0 (default): not a worker, no
                                      forwarding between workers */
     int generation;               /* the worker's generation (with supervisor_pid) */
-    const uint64_t *serving_generation; /* NULL, or where the supervisor publishes the
-                                     generation that serves (shared memory, read with a
-                                     relaxed atomic load): after a reload, the workers of the
-                                     generation being replaced forward to the new ones */
+    const uint64_t *serving_generation;             /* NULL, or where the supervisor publishes the
+                                                 generation that serves (shared memory, read with a
+                                                 relaxed atomic load): after a reload, the workers of the
+                                                 generation being replaced forward to the new ones */
+    struct mph_metrics_slot_s *metrics_slot;        /* NULL: counts in a slot of its own; else
+                                            its slot in shared memory (host/metrics.h) */
+    const struct mph_metrics_slot_s *metrics_slots; /* NULL: /metrics shows its own slot;
+                                     else every slot a scrape sums (the supervisor's) */
+    size_t metrics_nslots;                          /* how many */
 } mph_host_config_t;
 
 /* Fills every field with its default. */

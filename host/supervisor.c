@@ -375,8 +375,16 @@ static void slot_closed(slot_t *s)
     s->state = SLOT_IDLE;
     s->pid = 0;
     s->exited = 0;
-    if (s->beat >= 0)
+    if (s->beat >= 0) {
+        /* Its process is gone: nobody writes its metrics slot any more. */
+        mph_metrics_slot_t *m = &sup->shared->metrics[1 + s->beat];
+        if (__atomic_load_n(&m->in_use, __ATOMIC_ACQUIRE)) {
+            mph_metrics_fold(&sup->shared->metrics[0], m, 0);
+            __atomic_store_n(&m->in_use, 0, __ATOMIC_RELEASE);
+            memset(m, 0, sizeof(*m));
+        }
         sup->beat_used[s->beat] = 0;
+    }
     s->beat = -1;
     assert(assert_slot_state(s));
     gen->busy--;
@@ -446,9 +454,10 @@ static void on_worker_exit(uv_process_t *proc, int64_t status, int signum)
     if (s->id == 0)
         mph_log(status || signum ? MPH_LOG_WARN : MPH_LOG_DEBUG, "the reload's check (pid %d) %s",
                 s->pid, s->how);
-    else if (sup->state == SUP_RUNNING && gen->state == GEN_CURRENT)
+    else if (sup->state == SUP_RUNNING && gen->state == GEN_CURRENT) {
         mph_log(MPH_LOG_WARN, "worker %d (pid %d) %s; replacing it", s->id, s->pid, s->how);
-    else
+        __atomic_fetch_add(&sup->shared->metrics[0].restarts, 1, __ATOMIC_RELAXED);
+    } else
         mph_log(gen->state != GEN_STOPPING || signum || status ? MPH_LOG_WARN : MPH_LOG_DEBUG,
                 "worker %d (pid %d) %s", s->id, s->pid, s->how);
     s->exited = 1;
@@ -914,6 +923,7 @@ static int make_shared_page(sup_t *sup, char *err, size_t errlen)
         goto fail;
     }
     sup->shared->magic = MPH_SHARED_MAGIC; /* the rest is zero, as ftruncate made it */
+    sup->shared->metrics[0].in_use = 1;    /* always summed */
     return 0;
 fail:
     if (sup->shared_fd >= 0)

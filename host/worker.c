@@ -101,6 +101,9 @@ static int serve(mph_cli_t *cli, int id, int count, int supervisor, int generati
     cfg.worker_count = count;
     cfg.supervised = 1;
     cfg.heartbeat = &shared_page->beats[beat].alive_ms;
+    cfg.metrics_slot = &shared_page->metrics[1 + beat];
+    cfg.metrics_slots = shared_page->metrics;
+    cfg.metrics_nslots = sizeof(shared_page->metrics) / sizeof(shared_page->metrics[0]);
     cfg.supervisor_pid = supervisor;
     cfg.generation = generation;
     cfg.serving_generation = &shared_page->generation;

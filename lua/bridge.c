@@ -618,6 +618,20 @@ int mph_lua_load_file(mph_lua_t *lua, const char *path, char *err, size_t errlen
     return rc;
 }
 
+void mph_lua_stats(const mph_lua_t *lua, mph_lua_stats_t *out)
+{
+    lua_State *L = lua->L; /* [-0, +0, -]: reading the collector's count changes nothing */
+    out->calls = lua->stats.calls;
+    out->attempts = lua->stats.attempts;
+    out->commits = lua->stats.commits;
+    out->conflicts = lua->stats.conflicts;
+    out->storage_errors = lua->stats.storage_errors;
+    out->lua_bytes =
+        ((uint64_t)lua_gc(L, LUA_GCCOUNT, 0) << 10) + (uint64_t)lua_gc(L, LUA_GCCOUNTB, 0);
+    out->scope_bytes = lua->scope_bytes;
+    out->scopes = lua->scope_map.count;
+}
+
 size_t mph_lua_pending(const mph_lua_t *lua)
 {
     return lua->pending_calls;
