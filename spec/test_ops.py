@@ -7,13 +7,16 @@ import sys
 import urllib.error
 import urllib.request
 
+import jsonschema
+
 try:
     from prometheus_client.parser import text_string_to_metric_families
 except ImportError:  # Debian's python3-prometheus-client, under another python3 on PATH
     sys.path.append("/usr/lib/python3/dist-packages")
     from prometheus_client.parser import text_string_to_metric_families
 
-from harness import SCRIPTS, RedisServer, Server, check, eq, http_exchange
+from harness import (SCRIPTS, RedisServer, Server, check, eq, free_port, http_exchange,
+                     run, tmpdir)
 from test_redis import wait_until
 from test_scope import wait_log
 from test_workers import started, status
@@ -183,3 +186,53 @@ def test_readyz_follows_redis():
         redis.start()
         wait_until(lambda: get(s, "/readyz")[0] == 200, "/readyz is 200 once Redis is back")
         eq(s.result("add", [1])["total"], 1, "it serves again")
+
+
+def test_rpc_discover_is_an_openrpc_document_of_the_exposed_methods():
+    # The meta-schema is our own transcription of the OpenRPC 1.2 specification's required
+    # structure (spec/openrpc-1.2.schema.json): the official one is not reachable offline.
+    with open(os.path.join(os.path.dirname(__file__), "openrpc-1.2.schema.json")) as f:
+        meta = json.load(f)
+    jsonschema.Draft7Validator.check_schema(meta)
+    with Server(OPS, ["--workers=2"]) as s:
+        doc = s.result("rpc.discover")
+        jsonschema.validate(doc, meta)
+        eq(doc["openrpc"], "1.2.6", "openrpc")
+        eq(doc["info"]["title"], "ops.lua", "info.title: the script")
+        methods = {m["name"]: m for m in doc["methods"]}
+        eq(sorted(methods), ["add", "fail", "whoami"], "exactly the exposed methods")
+        eq(len(methods), len(doc["methods"]), "each once")
+        eq(methods["add"], {"name": "add", "description": "adds n to the global total",
+                            "params": [{"name": "n", "schema": {"type": "number"}}],
+                            "result": {"name": "sum", "schema": {"type": "object"}}},
+           "a method that describes itself")
+        eq(methods["fail"], {"name": "fail", "params": [],
+                             "result": {"name": "result", "schema": {}}}, "the defaults")
+        # In a batch too, next to an ordinary call.
+        code, body = s.post_raw(json.dumps([
+            {"jsonrpc": "2.0", "method": "rpc.discover", "id": 1},
+            {"jsonrpc": "2.0", "method": "whoami", "id": 2}]))
+        replies = {r["id"]: r for r in json.loads(body)}
+        eq(replies[1]["result"], doc, "rpc.discover in a batch")
+        check(replies[2]["result"] in (1, 2), "the other call of the batch")
+        # Not broken by a validator that accepts anything: a method without result fails.
+        del doc["methods"][0]["result"]
+        try:
+            jsonschema.validate(doc, meta)
+        except jsonschema.ValidationError:
+            pass
+        else:
+            raise AssertionError("the meta-schema accepted a method without result")
+
+
+def test_a_script_cannot_define_rpc_names():
+    script = os.path.join(tmpdir(), "own_discover.lua")
+    with open(script, "w") as f:
+        f.write('local mp = require("metaparticle")\n'
+                'mp.service("rpc.discover", function() return 1 end).expose = true\n'
+                'mp.serve()\n')
+    port = free_port()
+    rc, out, err = run([script, "serve", str(port), "--listen=127.0.0.1",
+                        "--data=" + tmpdir()], timeout=60)
+    eq(rc, 1, "exit status of a script defining rpc.discover (%s)" % err)
+    check('mp.service: "rpc.discover": names starting with "rpc." are reserved' in err, err)
