@@ -112,16 +112,15 @@ static void call_finish(call_t *call)
 static void count(slot_t *s, int known_method)
 {
     mph_metrics_t *m = s->call->rpc->metrics;
-    if (m == NULL || s->call->role != MPH_LUA_CALL)
-        return;
-    int ix = 0;
-    if (s->method) {
-        ix = mph_metrics_method(m, json_string_value(s->method), json_string_length(s->method),
-                                known_method);
-        json_decref(s->method);
-        s->method = NULL;
+    json_t *method = s->method;
+    s->method = NULL;
+    if (m && s->call->role == MPH_LUA_CALL) {
+        int ix = method ? mph_metrics_method(m, json_string_value(method),
+                                             json_string_length(method), known_method)
+                        : 0;
+        mph_metrics_request(m, ix, s->code, uv_hrtime() - s->call->start_ns);
     }
-    mph_metrics_request(m, ix, s->code, uv_hrtime() - s->call->start_ns);
+    json_decref(method); /* NULL: nothing */
 }
 
 static void slot_done(slot_t *s)
