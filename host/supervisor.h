@@ -27,6 +27,7 @@
 #ifndef MPH_SUPERVISOR_H
 #define MPH_SUPERVISOR_H
 
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 
@@ -71,14 +72,20 @@ typedef struct {
 } mph_shared_beat_t;
 
 typedef struct {
-    uint64_t magic;      /* MPH_SHARED_MAGIC */
-    uint64_t generation; /* the current generation (see above) */
-    char pad[48];
+    uint64_t magic;       /* MPH_SHARED_MAGIC */
+    uint64_t generation;  /* the current generation (see above) */
+    uint64_t has_metrics; /* 1: the page goes on with `metrics` (see below) */
+    char pad[40];
     mph_shared_beat_t beats[MPH_SHARED_BEATS];
     /* [0]: retired; [1 + i]: heartbeat slot i's. ~5 MiB, mostly never touched (so never
-     * backed by memory). A scrape sums the whole array (the slots in use). */
+     * backed by memory). A scrape sums the whole array (the slots in use). Only when
+     * has_metrics: a file size limit (RLIMIT_FSIZE) may leave the memfd too small for it,
+     * and the page ends here (MPH_SHARED_BASE_SIZE); each worker then counts on its own and
+     * a scrape shows the worker that answers it (the supervisor warns at the start). */
     mph_metrics_slot_t metrics[1 + MPH_SHARED_BEATS];
 } mph_shared_page_t;
+
+#define MPH_SHARED_BASE_SIZE offsetof(mph_shared_page_t, metrics)
 
 /* Supervises nworkers (1..MPH_MAX_WORKERS) workers serving cli's script until SIGTERM or
  * SIGINT, then stops them gracefully. Writes deploy's line on ready (may be NULL; closed here)

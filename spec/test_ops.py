@@ -236,3 +236,15 @@ def test_a_script_cannot_define_rpc_names():
                         "--data=" + tmpdir()], timeout=60)
     eq(rc, 1, "exit status of a script defining rpc.discover (%s)" % err)
     check('mp.service: "rpc.discover": names starting with "rpc." are reserved' in err, err)
+
+
+def test_metrics_without_room_in_shared_memory_show_the_answering_worker():
+    # A file size limit too small for the workers' counters (a memfd obeys it too): the
+    # supervisor warns, serves, and each worker's scrape shows its own counts.
+    with Server(OPS, prefix_cmd=["prlimit", "--fsize=300000", "--"]) as s:
+        started(s, 1)
+        check("/metrics will show only the worker that answers a scrape" in s.read_log(),
+              s.read_log()[-1500:])
+        for _ in range(5):
+            s.result("add", [1])
+        eq(requests(scrape(s), "add", 0), 5, "successful calls, counted by the one worker")
