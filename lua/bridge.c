@@ -27,7 +27,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
-
 #include <unistd.h>
 
 #include "../host/mphost.h" /* MPHOST_VERSION */
