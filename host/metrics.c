@@ -30,7 +30,11 @@ typedef struct {
     label_t nodes[MPH_METRICS_METHODS];
 } label_index_t;
 
-#define ADD(p, n) __atomic_fetch_add((p), (n), __ATOMIC_RELAXED)
+/* Every slot has one writer (its process; the supervisor for the retired one; a scrape's
+ * private sum), so an add is a relaxed load and store, not a locked read-modify-write: no
+ * lock prefix on the hot path. */
+#define ADD(p, n)                                                                                  \
+    __atomic_store_n((p), __atomic_load_n((p), __ATOMIC_RELAXED) + (n), __ATOMIC_RELAXED)
 #define LOAD(p) __atomic_load_n((p), __ATOMIC_RELAXED)
 
 void mph_metrics_init(mph_metrics_t *m, mph_metrics_slot_t *slot)

@@ -458,7 +458,8 @@ static void on_worker_exit(uv_process_t *proc, int64_t status, int signum)
     else if (sup->state == SUP_RUNNING && gen->state == GEN_CURRENT) {
         mph_log(MPH_LOG_WARN, "worker %d (pid %d) %s; replacing it", s->id, s->pid, s->how);
         if (sup->shared->has_metrics)
-            __atomic_fetch_add(&sup->shared->metrics[0].restarts, 1, __ATOMIC_RELAXED);
+            __atomic_store_n(&sup->shared->metrics[0].restarts,
+                             sup->shared->metrics[0].restarts + 1, __ATOMIC_RELAXED);
     } else
         mph_log(gen->state != GEN_STOPPING || signum || status ? MPH_LOG_WARN : MPH_LOG_DEBUG,
                 "worker %d (pid %d) %s", s->id, s->pid, s->how);
