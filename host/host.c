@@ -24,6 +24,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <uv.h>
 
 #include "../lua/bridge.h"
@@ -32,6 +34,7 @@
 #include "accesslog.h"
 #include "common.h"
 #include "http.h"
+#include "metrics.h"
 #include "peer.h"
 #include "rpc.h"
 
@@ -71,6 +74,7 @@ struct mph_host_s {
     mph_auth_t *auth;           /* owned; NULL once closed */
     mph_rpc_t rpc;              /* what the HTTP servers dispatch to */
     mph_accesslog_t *alog;      /* owned: the access log (cfg.access_log); NULL: none */
+    mph_metrics_t metrics;      /* this process's counters (its slot) */
     uv_async_t stop_async;      /* mph_host_stop from any thread */
     uv_signal_t sigint, sigterm, sighup, sigusr1;
     int signals_on;      /* sigint/sigterm/sighup/sigusr1 initialised */
@@ -119,10 +123,30 @@ static void on_auth_failed_closed(void *ud)
 
 /* ---- The heartbeat ---- */
 
+/* Copies the bridge's counters and the gauges into the metrics slot: at every loop turn of
+ * a worker (others may scrape them), and before this process answers a scrape. */
+static void publish_metrics(mph_host_t *h)
+{
+    mph_metrics_slot_t *slot = h->metrics.slot;
+    mph_lua_stats_t st;
+    if (h->lua == NULL)
+        return;
+    mph_lua_stats(h->lua, &st);
+    __atomic_store_n(&slot->attempts, st.attempts, __ATOMIC_RELAXED);
+    __atomic_store_n(&slot->commits, st.commits, __ATOMIC_RELAXED);
+    __atomic_store_n(&slot->conflicts, st.conflicts, __ATOMIC_RELAXED);
+    __atomic_store_n(&slot->storage_errors, st.storage_errors, __ATOMIC_RELAXED);
+    __atomic_store_n(&slot->lua_bytes, st.lua_bytes, __ATOMIC_RELAXED);
+    __atomic_store_n(&slot->scope_bytes, st.scope_bytes, __ATOMIC_RELAXED);
+    __atomic_store_n(&slot->scopes, st.scopes, __ATOMIC_RELAXED);
+    __atomic_store_n(&slot->connections, mph_http_connections(h->http), __ATOMIC_RELAXED);
+}
+
 static void on_beat(uv_prepare_t *p)
 {
     mph_host_t *h = mph_container_of(p, mph_host_t, beat);
     __atomic_store_n(h->cfg.heartbeat, uv_now(&h->loop), __ATOMIC_RELAXED);
+    publish_metrics(h);
 }
 
 static void on_beat_tick(uv_timer_t *t)
@@ -200,6 +224,82 @@ static int open_redis(mph_host_t *h, char *err, size_t errlen)
     return mph_store_redis_open(&h->store, &h->loop, &rc, err, errlen);
 }
 
+/* ---- GET: /metrics, /healthz, /readyz (answered without Lua) ---- */
+
+#define READY_PROBE_SCOPE "mphost-readyz-probe" /* loaded (never written) to ask Redis */
+
+static void respond_plain(mph_http_req_t *req, int status, const char *text)
+{
+    mph_http_respond_text(req, status, "text/plain; charset=utf-8", mph_xstrdup(text),
+                          strlen(text));
+}
+
+static void on_ready_probe(void *ud, const mph_store_result_t *res)
+{
+    mph_http_req_t *req = ud; /* valid until answered, even if the client left */
+    if (res->status == 0)
+        respond_plain(req, 200, "ready\n");
+    else
+        respond_plain(req, 503, "storage unavailable\n");
+}
+
+/* Readiness: the data directory is a directory we may write to (files), or Redis answers a
+ * read within its command time limit (redis_timeout_ms), so the request never hangs. */
+static void readyz(mph_host_t *h, mph_http_req_t *req)
+{
+    if (h->store == NULL || h->state != HOST_RUNNING) {
+        respond_plain(req, 503, "stopping\n");
+        return;
+    }
+    if (strcmp(h->store->methods->name, "redis") == 0) {
+        if (h->store->methods->load(h->store, READY_PROBE_SCOPE, on_ready_probe, req) != 0)
+            respond_plain(req, 503, "storage unavailable\n");
+        return;
+    }
+    struct stat st;
+    int ok = stat(h->cfg.data_dir, &st) == 0 && S_ISDIR(st.st_mode) &&
+             access(h->cfg.data_dir, W_OK | X_OK) == 0;
+    respond_plain(req, ok ? 200 : 503, ok ? "ready\n" : "data directory unusable\n");
+}
+
+static void metrics(mph_host_t *h, mph_http_req_t *req)
+{
+    publish_metrics(h);
+    const mph_metrics_slot_t *own = h->metrics.slot;
+    const mph_metrics_slot_t *const *slots = &own;
+    size_t n = 1;
+    const mph_metrics_slot_t **all = NULL;
+    if (h->cfg.metrics_slots) { /* the live slots and the retired one, not the free ones */
+        all = mph_xcalloc(h->cfg.metrics_nslots, sizeof(*all));
+        for (size_t i = 0; i < h->cfg.metrics_nslots; i++)
+            if (__atomic_load_n(&h->cfg.metrics_slots[i].in_use, __ATOMIC_ACQUIRE))
+                all[i] = &h->cfg.metrics_slots[i];
+        slots = all;
+        n = h->cfg.metrics_nslots;
+    }
+    mph_buf_t b = MPH_BUF_INIT;
+    mph_metrics_render(&b, slots, n);
+    free(all);
+    size_t len;
+    char *text = mph_buf_steal(&b, &len);
+    mph_http_respond_text(req, 200, MPH_METRICS_CONTENT_TYPE, text, len);
+}
+
+/* An mph_http_get_handler_t (ud: the host's rpc). */
+static int on_get(void *ud, mph_http_req_t *req, const char *path)
+{
+    mph_host_t *h = mph_container_of(ud, mph_host_t, rpc);
+    if (strcmp(path, "/metrics") == 0)
+        metrics(h, req);
+    else if (strcmp(path, "/healthz") == 0)
+        respond_plain(req, 200, "ok\n");
+    else if (strcmp(path, "/readyz") == 0)
+        readyz(h, req);
+    else
+        return 0;
+    return 1;
+}
+
 int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size_t errlen)
 {
     mph_host_t *h = mph_xcalloc(1, sizeof(*h));
@@ -260,8 +360,10 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
         snprintf(err, errlen, "cannot create the Lua state: %s", mph_strerror(rc));
         goto fail_log;
     }
-    h->rpc = (mph_rpc_t){h->lua, h->auth};
+    mph_metrics_init(&h->metrics, cfg->metrics_slot);
+    h->rpc = (mph_rpc_t){h->lua, h->auth, &h->metrics};
     mph_http_server_new(&h->http, &h->loop, &h->http_cfg, mph_rpc_handle, &h->rpc);
+    mph_http_set_get_handler(h->http, on_get);
     uv_async_init(&h->loop, &h->stop_async, on_stop_async);
     uv_timer_init(&h->loop, &h->deadline);
     if (cfg->heartbeat)
@@ -530,6 +632,7 @@ void mph_host_free(mph_host_t *h)
         uv_run(&h->loop, UV_RUN_DEFAULT);
     }
     mph_http_server_free(h->http);
+    mph_metrics_free(&h->metrics);
     if (h->peer)
         mph_peer_free(h->peer);
     mph_accesslog_close(h->alog); /* after the server: it wrote to it up to the end */

@@ -84,6 +84,11 @@ struct mph_http_req_s {
     char methods[128];       /* for the access log (mph_http_req_set_call); "" for non-RPC */
     int rpc_code;            /* idem */
     char peer[48];           /* the client's address (the connection's), idem */
+    int is_get;              /* a GET, for the get handler (mph_http_set_get_handler) */
+    char path[64];           /* the URL up to '?' (cut to 63 bytes; longer ones match no
+                                path the get handler knows) */
+    size_t path_len;         /* its whole length */
+    int path_ended;          /* the '?' was seen */
     char header[32];         /* the captured header's value (cfg.capture_header), cut to 31
                                 bytes; "" when the request did not carry it */
     mph_buf_t body;          /* request body while parsing */
@@ -142,6 +147,7 @@ struct mph_http_server_s {
     int accept_handles;      /* accept_poll and accept_pause not closed yet */
     mph_http_config_t cfg;
     mph_http_handler_t handler;
+    mph_http_get_handler_t get_handler; /* NULL: every GET is 405 */
     void *ud;
     conn_t *conns; /* open connections */
     unsigned nconns;
@@ -342,6 +348,21 @@ void mph_http_respond(mph_http_req_t *r, int status, char *body, size_t len)
             len);
 }
 
+void mph_http_respond_text(mph_http_req_t *r, int status, const char *ctype, char *body, size_t len)
+{
+    respond(r, status, ctype, "", body, len);
+}
+
+void mph_http_set_get_handler(mph_http_server_t *srv, mph_http_get_handler_t fn)
+{
+    srv->get_handler = fn;
+}
+
+unsigned mph_http_connections(const mph_http_server_t *srv)
+{
+    return srv->nconns;
+}
+
 void mph_http_respond_json(mph_http_req_t *r, int status, const char *headers, char *body,
                            size_t len)
 {
@@ -480,8 +501,18 @@ static int on_message_begin(http_parser *p)
 
 static int on_url(http_parser *p, const char *at, size_t len)
 {
-    (void)at;
-    return over_header_limit(p->data, len);
+    conn_t *c = p->data;
+    mph_http_req_t *r = c->cur;
+    for (size_t i = 0; i < len && !r->path_ended; i++) {
+        if (at[i] == '?') {
+            r->path_ended = 1; /* the query is not part of the path */
+            break;
+        }
+        if (r->path_len < sizeof(r->path) - 1)
+            r->path[r->path_len] = at[i];
+        r->path_len++;
+    }
+    return over_header_limit(c, len);
 }
 
 /* Whether the header just read is `name` (lowercase). */
@@ -541,6 +572,10 @@ static int on_headers_complete(http_parser *p)
     if (c->in_value)
         end_header_value(c);
     r->http_minor = p->http_major == 1 ? p->http_minor : 0;
+    if (p->method == HTTP_GET && c->srv->get_handler) {
+        r->is_get = 1; /* a body (if any) is read and dropped */
+        return 0;
+    }
     if (p->method != HTTP_POST) {
         r->error_status = 405; /* the body (if any) is read and dropped */
         return 0;
@@ -558,7 +593,7 @@ static int on_body(http_parser *p, const char *at, size_t len)
 {
     conn_t *c = p->data;
     mph_http_req_t *r = c->cur;
-    if (r->error_status)
+    if (r->error_status || r->is_get)
         return 0;
     if (r->body.len + len > c->srv->cfg.max_body) {
         r->error_status = 413;
@@ -583,6 +618,13 @@ static int on_message_complete(http_parser *p)
     }
     if (!r->keep_alive)
         conn_drain(c); /* read no further requests on this connection */
+    if (r->is_get) {
+        if (r->path_len >= sizeof(r->path))
+            r->path[0] = '\0'; /* too long: no known path */
+        if (!srv->get_handler(srv->ud, r, r->path))
+            respond_error(c, r, 405);
+        return 0;
+    }
     mph_buf_t body = r->body;
     r->body = (mph_buf_t)MPH_BUF_INIT;
     srv->handler(srv->ud, r, body.data ? body.data : "", body.len);

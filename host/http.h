@@ -78,12 +78,27 @@ const char *mph_http_req_header(const mph_http_req_t *req);
  * set) and the JSON-RPC code of the answer (0 for a result). Call before responding. */
 void mph_http_req_set_call(mph_http_req_t *req, const char *methods, int code);
 
+/* Called for a complete GET request, with the URL's path (the query left out; "" when longer
+ * than 63 bytes). Returns 1 when it answers req (mph_http_respond_text), now or later; 0
+ * leaves it to the server, which answers 405 as to any other method but POST. */
+typedef int (*mph_http_get_handler_t)(void *ud, mph_http_req_t *req, const char *path);
+
+/* Has GET requests handed to fn (with the server's ud) instead of refused with 405. */
+void mph_http_set_get_handler(mph_http_server_t *srv, mph_http_get_handler_t fn);
+
+/* Open connections now. */
+unsigned mph_http_connections(const mph_http_server_t *srv);
+
 /* The port actually bound (useful after listening on port 0). */
 int mph_http_port(const mph_http_server_t *srv);
 
 /* Answers req. status 200 with a body, or 204 with len 0; body (malloc'd, may be NULL) is
  * stolen. Safe after the client went away: the response is then dropped. */
 void mph_http_respond(mph_http_req_t *req, int status, char *body, size_t len);
+
+/* As mph_http_respond, with the body's Content-Type (borrowed for the call). */
+void mph_http_respond_text(mph_http_req_t *req, int status, const char *ctype, char *body,
+                           size_t len);
 
 /* As mph_http_respond, for a JSON body under another status (401 for a request refused for
  * its credentials), with `headers` added: "Name: value\r\n" lines, at most 128 bytes,

@@ -85,6 +85,11 @@ typedef struct {
                                            request to, or "-" for stderr (README, "Operations") */
     const char *log_path;               /* NULL (default), or the file stderr (and stdout) write to:
                                            SIGUSR1 opens it again over them, after a rotation */
+    struct mph_metrics_slot_s *metrics_slot;        /* NULL: counts in a slot of its own; else
+                                            its slot in shared memory (host/metrics.h) */
+    const struct mph_metrics_slot_s *metrics_slots; /* NULL: /metrics shows its own slot;
+                                     else every slot a scrape sums (the supervisor's) */
+    size_t metrics_nslots;                          /* how many */
 } mph_host_config_t;
 
 /* Fills every field with its default. */

@@ -32,6 +32,7 @@ typedef struct {
     json_t *held;     /* owned reference to the call object while it waits for the
                          request's credentials to be checked; NULL otherwise */
     mph_buf_t out;    /* this slot's response object */
+    json_t *method;   /* owned reference to the method name while counted (rpc->metrics) */
     struct call_s *call;
 } slot_t;
 
@@ -44,6 +45,7 @@ typedef struct call_s {
     size_t outstanding; /* slots without a reply, plus one while dispatching or releasing
                            the held ones */
     size_t held;        /* slots waiting for the credentials check */
+    uint64_t start_ns;  /* uv_hrtime when the request was read (a call's duration) */
     slot_t *slots;
     char *methods; /* the calls' method names joined by ",", for the access log (owned) */
 } call_t;
@@ -110,6 +112,23 @@ static void call_finish(call_t *call)
     free(call);
 }
 
+/* Counts the call's reply (metrics.h). Its method gets a label of its own only when the
+ * bridge answered with something else than -32601 (the method is exposed), or when its
+ * credentials were refused (it is a service): a client cannot make up labels. */
+static void count(slot_t *s, int known_method)
+{
+    mph_metrics_t *m = s->call->rpc->metrics;
+    json_t *method = s->method;
+    s->method = NULL;
+    if (m && s->call->role == MPH_LUA_CALL) {
+        int ix = method ? mph_metrics_method(m, json_string_value(method),
+                                             json_string_length(method), known_method)
+                        : 0;
+        mph_metrics_request(m, ix, s->code, uv_hrtime() - s->call->start_ns);
+    }
+    json_decref(method); /* NULL: nothing */
+}
+
 static void slot_done(slot_t *s)
 {
     call_t *call = s->call;
@@ -121,6 +140,7 @@ static void on_reply(void *ud, mph_lua_reply_t *reply)
 {
     slot_t *s = ud;
     s->code = reply->code;
+    count(s, reply->code != MPH_RPC_METHOD_NOT_FOUND);
     if (!s->notification) {
         if (reply->code == 0) {
             mph_buf_puts(&s->out, "{\"jsonrpc\":\"2.0\",\"id\":");
@@ -138,6 +158,7 @@ static void on_reply(void *ud, mph_lua_reply_t *reply)
 static void slot_error(slot_t *s, int code, const char *message)
 {
     s->code = code;
+    count(s, code == MPH_RPC_UNAUTHORIZED);
     if (!s->notification)
         write_error(&s->out, s->id, code, message, NULL, 0);
     slot_done(s);
@@ -212,6 +233,8 @@ static void dispatch(mph_rpc_t *rpc, slot_t *s, const json_t *r)
                    "Invalid params: params must be an array or an object");
         return;
     }
+    if (rpc->metrics)
+        s->method = json_incref(method);
     if (s->call->role != MPH_LUA_CALL) {
         json_t *user = json_object_get(r, MPH_LUA_FORWARD_USER);
         run_call(rpc, s, r, json_is_string(user) ? json_string_value(user) : NULL);
@@ -225,9 +248,12 @@ static void dispatch(mph_rpc_t *rpc, slot_t *s, const json_t *r)
     run_call(rpc, s, r, NULL);
 }
 
-static void answer_alone(mph_http_req_t *req, int code, const char *message)
+/* Answers a request that has no call to run; counted in m (NULL: not counted). */
+static void answer_alone(mph_metrics_t *m, mph_http_req_t *req, int code, const char *message)
 {
     mph_http_req_set_call(req, "-", code);
+    if (m)
+        mph_metrics_request(m, 0, code, 0);
     mph_buf_t b = MPH_BUF_INIT;
     write_error(&b, NULL, code, message, NULL, 0);
     mph_buf_puts(&b, "\n");
@@ -257,27 +283,29 @@ static char *method_names(const json_t *doc)
 static void handle(mph_rpc_t *rpc, mph_http_req_t *req, const char *body, size_t len,
                    mph_lua_role_t role)
 {
+    mph_metrics_t *counted = role == MPH_LUA_CALL ? rpc->metrics : NULL;
     json_error_t err;
     json_t *doc = mph_json_load(body, len, &err);
     if (doc == NULL) {
         char msg[256];
         if (json_error_code(&err) == json_error_numeric_overflow) {
             snprintf(msg, sizeof(msg), "Invalid params: %s", err.text);
-            answer_alone(req, MPH_RPC_INVALID_PARAMS, msg);
+            answer_alone(counted, req, MPH_RPC_INVALID_PARAMS, msg);
         } else {
             snprintf(msg, sizeof(msg), "Parse error: %s", err.text);
-            answer_alone(req, MPH_RPC_PARSE_ERROR, msg);
+            answer_alone(counted, req, MPH_RPC_PARSE_ERROR, msg);
         }
         return;
     }
     if (json_is_array(doc) && json_array_size(doc) == 0) {
         json_decref(doc);
-        answer_alone(req, MPH_RPC_INVALID_REQUEST, "Invalid Request: empty batch");
+        answer_alone(counted, req, MPH_RPC_INVALID_REQUEST, "Invalid Request: empty batch");
         return;
     }
     call_t *call = mph_xcalloc(1, sizeof(*call));
     call->req = req;
     call->rpc = rpc;
+    call->start_ns = uv_hrtime();
     call->role = role;
     call->is_batch = json_is_array(doc);
     call->nslots = call->is_batch ? json_array_size(doc) : 1;
@@ -311,7 +339,7 @@ void mph_rpc_handle_forwarded(void *ud, mph_http_req_t *req, const char *body, s
     if (mph_lua_role_parse(name, &role) != 0) {
         char msg[128];
         snprintf(msg, sizeof(msg), "Invalid Request: unknown forward role \"%s\"", name);
-        answer_alone(req, MPH_RPC_INVALID_REQUEST, msg);
+        answer_alone(NULL, req, MPH_RPC_INVALID_REQUEST, msg);
         return;
     }
     handle(ud, req, body, len, role);

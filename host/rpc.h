@@ -11,11 +11,14 @@
 #include "../lua/bridge.h"
 #include "auth.h"
 #include "http.h"
+#include "metrics.h"
 
 /* What requests are dispatched to. */
 typedef struct {
-    mph_lua_t *lua;   /* borrowed */
-    mph_auth_t *auth; /* borrowed: checks the credentials of calls to mp.basicAuth services */
+    mph_lua_t *lua;         /* borrowed */
+    mph_auth_t *auth;       /* borrowed: checks the credentials of calls to mp.basicAuth services */
+    mph_metrics_t *metrics; /* borrowed: counts each call of a client (not forwarded ones);
+                               NULL: none */
 } mph_rpc_t;
 
 /* An mph_http_handler_t: ud is an mph_rpc_t. Answers 200 with the response (a trailing

@@ -151,6 +151,7 @@ struct sup_s {
     char **args;               /* a worker's command line (owned array, borrowed strings) */
     mph_shared_page_t *shared; /* the shared page (supervisor.h), mapped; owned */
     int shared_fd;             /* its memfd, which workers inherit */
+    size_t shared_len;         /* bytes of it mapped (supervisor.h: with metrics or not) */
     unsigned char beat_used[MPH_SHARED_BEATS]; /* heartbeat slots given to live processes */
     char exe[4096];                            /* this binary's path, which workers run */
 };
@@ -379,8 +380,16 @@ static void slot_closed(slot_t *s)
     s->state = SLOT_IDLE;
     s->pid = 0;
     s->exited = 0;
-    if (s->beat >= 0)
+    if (s->beat >= 0) {
+        /* Its process is gone: nobody writes its metrics slot any more. */
+        mph_metrics_slot_t *m = &sup->shared->metrics[1 + s->beat];
+        if (sup->shared->has_metrics && __atomic_load_n(&m->in_use, __ATOMIC_ACQUIRE)) {
+            mph_metrics_fold(&sup->shared->metrics[0], m, 0);
+            __atomic_store_n(&m->in_use, 0, __ATOMIC_RELEASE);
+            memset(m, 0, sizeof(*m));
+        }
         sup->beat_used[s->beat] = 0;
+    }
     s->beat = -1;
     assert(assert_slot_state(s));
     gen->busy--;
@@ -450,9 +459,12 @@ static void on_worker_exit(uv_process_t *proc, int64_t status, int signum)
     if (s->id == 0)
         mph_log(status || signum ? MPH_LOG_WARN : MPH_LOG_DEBUG, "the reload's check (pid %d) %s",
                 s->pid, s->how);
-    else if (sup->state == SUP_RUNNING && gen->state == GEN_CURRENT)
+    else if (sup->state == SUP_RUNNING && gen->state == GEN_CURRENT) {
         mph_log(MPH_LOG_WARN, "worker %d (pid %d) %s; replacing it", s->id, s->pid, s->how);
-    else
+        if (sup->shared->has_metrics)
+            __atomic_store_n(&sup->shared->metrics[0].restarts,
+                             sup->shared->metrics[0].restarts + 1, __ATOMIC_RELAXED);
+    } else
         mph_log(gen->state != GEN_STOPPING || signum || status ? MPH_LOG_WARN : MPH_LOG_DEBUG,
                 "worker %d (pid %d) %s", s->id, s->pid, s->how);
     s->exited = 1;
@@ -926,18 +938,29 @@ static void on_signal(uv_signal_t *sig, int signum)
 static int make_shared_page(sup_t *sup, char *err, size_t errlen)
 {
     sup->shared_fd = memfd_create("mphost-shared", MFD_CLOEXEC);
-    if (sup->shared_fd < 0 || ftruncate(sup->shared_fd, sizeof(mph_shared_page_t)) != 0) {
+    sup->shared_len = sizeof(mph_shared_page_t);
+    if (sup->shared_fd >= 0 && ftruncate(sup->shared_fd, sup->shared_len) != 0) {
+        mph_log(MPH_LOG_WARN,
+                "/metrics will show only the worker that answers a scrape: no room "
+                "for the workers' counters in shared memory (%s)",
+                strerror(errno));
+        sup->shared_len = MPH_SHARED_BASE_SIZE;
+    }
+    if (sup->shared_fd < 0 || ftruncate(sup->shared_fd, sup->shared_len) != 0) {
         snprintf(err, errlen, "cannot create the workers' shared page: %s", strerror(errno));
         goto fail;
     }
-    sup->shared = mmap(NULL, sizeof(mph_shared_page_t), PROT_READ | PROT_WRITE, MAP_SHARED,
-                       sup->shared_fd, 0);
+    sup->shared =
+        mmap(NULL, sup->shared_len, PROT_READ | PROT_WRITE, MAP_SHARED, sup->shared_fd, 0);
     if (sup->shared == MAP_FAILED) {
         sup->shared = NULL;
         snprintf(err, errlen, "cannot map the workers' shared page: %s", strerror(errno));
         goto fail;
     }
     sup->shared->magic = MPH_SHARED_MAGIC; /* the rest is zero, as ftruncate made it */
+    sup->shared->has_metrics = sup->shared_len == sizeof(mph_shared_page_t);
+    if (sup->shared->has_metrics)
+        sup->shared->metrics[0].in_use = 1; /* always summed */
     return 0;
 fail:
     if (sup->shared_fd >= 0)
@@ -949,7 +972,7 @@ fail:
 static void free_shared_page(sup_t *sup)
 {
     if (sup->shared)
-        munmap(sup->shared, sizeof(mph_shared_page_t));
+        munmap(sup->shared, sup->shared_len);
     if (sup->shared_fd >= 0)
         close(sup->shared_fd);
 }

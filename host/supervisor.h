@@ -27,10 +27,12 @@
 #ifndef MPH_SUPERVISOR_H
 #define MPH_SUPERVISOR_H
 
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 
 #include "cli.h"
+#include "metrics.h"
 
 #define MPH_WORKER_ENV "MPH_WORKER"
 #define MPH_WORKER_LISTEN_FD 3
@@ -51,9 +53,14 @@
  *     time there at every turn (mph_host_config_t.heartbeat); the supervisor zeroes a slot
  *     before it gives it to a new process, and kills a ready worker whose stamp is older than
  *     the handler time limit plus MPH_HEARTBEAT_GRACE_MS.
- * Words are read and written with relaxed atomics: each is a value on its own, no field is
- * read together with another. A slot per process, not per worker id, because during a reload
- * the old and the new worker of an id run at once. */
+ *   - metrics[1 + i]: the worker process given heartbeat slot i, which counts there
+ *     (metrics.h); when that process has ended, the supervisor adds its counters to
+ *     metrics[0], the retired slot, and zeroes the slot before the slot is given again, so that a
+ * scrape (any worker sums retired and every slot in use) never sees totals go down. The supervisor
+ * writes metrics[0], and counts there the workers it replaced. Words are read and written with
+ * relaxed atomics: each is a value on its own, no field is read together with another. A slot per
+ * process, not per worker id, because during a reload the old and the new worker of an id run at
+ * once. */
 #define MPH_SHARED_MAGIC 0x31726873687068ULL   /* "mphshr1" */
 #define MPH_SHARED_BEATS (2 * MPH_MAX_WORKERS) /* one generation, and the next during a reload */
 #define MPH_HEARTBEAT_GRACE_MS 1000
@@ -65,11 +72,20 @@ typedef struct {
 } mph_shared_beat_t;
 
 typedef struct {
-    uint64_t magic;      /* MPH_SHARED_MAGIC */
-    uint64_t generation; /* the current generation (see above) */
-    char pad[48];
+    uint64_t magic;       /* MPH_SHARED_MAGIC */
+    uint64_t generation;  /* the current generation (see above) */
+    uint64_t has_metrics; /* 1: the page goes on with `metrics` (see below) */
+    char pad[40];
     mph_shared_beat_t beats[MPH_SHARED_BEATS];
+    /* [0]: retired; [1 + i]: heartbeat slot i's. ~5 MiB, mostly never touched (so never
+     * backed by memory). A scrape sums the whole array (the slots in use). Only when
+     * has_metrics: a file size limit (RLIMIT_FSIZE) may leave the memfd too small for it,
+     * and the page ends here (MPH_SHARED_BASE_SIZE); each worker then counts on its own and
+     * a scrape shows the worker that answers it (the supervisor warns at the start). */
+    mph_metrics_slot_t metrics[1 + MPH_SHARED_BEATS];
 } mph_shared_page_t;
+
+#define MPH_SHARED_BASE_SIZE offsetof(mph_shared_page_t, metrics)
 
 /* Supervises nworkers (1..MPH_MAX_WORKERS) workers serving cli's script until SIGTERM or
  * SIGINT, then stops them gracefully. Writes deploy's line on ready (may be NULL; closed here)

@@ -19,13 +19,15 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "common.h"
 #include "supervisor.h"
 
-/* The shared page while this worker serves, else NULL. */
+/* The shared page while this worker serves, else NULL; shared_len bytes of it mapped. */
 static mph_shared_page_t *shared_page;
+static size_t shared_len;
 
 /* Writes one report line ("what msg"); `last`: and closes the socket. */
 static void report(const char *what, const char *msg, int last)
@@ -48,12 +50,22 @@ static int wait_for_go(void)
 /* The shared page (supervisor.h), mapped until the worker ends; NULL if it cannot be. */
 static mph_shared_page_t *map_shared_page(void)
 {
-    void *p = mmap(NULL, sizeof(mph_shared_page_t), PROT_READ | PROT_WRITE, MAP_SHARED,
-                   MPH_WORKER_SHARED_FD, 0);
+    struct stat st; /* its size says whether it has the metrics (supervisor.h) */
+    void *p = MAP_FAILED;
+    if (fstat(MPH_WORKER_SHARED_FD, &st) == 0 && (size_t)st.st_size >= MPH_SHARED_BASE_SIZE) {
+        shared_len = (size_t)st.st_size;
+        p = mmap(NULL, shared_len, PROT_READ | PROT_WRITE, MAP_SHARED, MPH_WORKER_SHARED_FD, 0);
+    }
     close(MPH_WORKER_SHARED_FD); /* the mapping stays */
-    if (p == MAP_FAILED || ((mph_shared_page_t *)p)->magic != MPH_SHARED_MAGIC)
+    if (p == MAP_FAILED)
         return NULL;
-    return p;
+    mph_shared_page_t *page = p;
+    if (page->magic != MPH_SHARED_MAGIC ||
+        (page->has_metrics && shared_len < sizeof(mph_shared_page_t))) {
+        munmap(p, shared_len);
+        return NULL;
+    }
+    return page;
 }
 
 /* A reload's probe: loads the script as the supervisor's start does (so mp.worker is
@@ -101,6 +113,11 @@ static int serve(mph_cli_t *cli, int id, int count, int supervisor, int generati
     cfg.worker_count = count;
     cfg.supervised = 1;
     cfg.heartbeat = &shared_page->beats[beat].alive_ms;
+    if (shared_page->has_metrics) { /* else: a slot of its own (supervisor.h) */
+        cfg.metrics_slot = &shared_page->metrics[1 + beat];
+        cfg.metrics_slots = shared_page->metrics;
+        cfg.metrics_nslots = sizeof(shared_page->metrics) / sizeof(shared_page->metrics[0]);
+    }
     cfg.supervisor_pid = supervisor;
     cfg.generation = generation;
     cfg.serving_generation = &shared_page->generation;
@@ -130,7 +147,7 @@ static int serve(mph_cli_t *cli, int id, int count, int supervisor, int generati
     }
     if (h)
         mph_host_free(h);
-    munmap(shared_page, sizeof(*shared_page));
+    munmap(shared_page, shared_len);
     shared_page = NULL;
     mph_log(MPH_LOG_DEBUG, "stopped");
     return rc == 0 ? 0 : 1;

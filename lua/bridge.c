@@ -29,6 +29,7 @@
 #include <sys/random.h>
 #include <unistd.h>
 
+#include "../host/mphost.h" /* MPHOST_VERSION */
 #include "internal.h"
 #include "json.h"
 #include "metaparticle_lua.h" /* generated from metaparticle.lua: mph_metaparticle_lua[] */
@@ -428,6 +429,8 @@ static void open_module(mph_lua_t *lua, lua_State *L)
     lua_setfield(L, -2, "object_mt");
     lua_pushinteger(L, MPH_RPC_UNAUTHORIZED);
     lua_setfield(L, -2, "UNAUTHORIZED");
+    lua_pushstring(L, MPHOST_VERSION); /* rpc.discover's info.version */
+    lua_setfield(L, -2, "VERSION");
     /* mp.worker: which worker this state serves in (a plain table the module hands out). */
     lua_createtable(L, 0, 3);
     lua_pushinteger(L, lua->worker_id);
@@ -529,6 +532,7 @@ int mph_lua_new(mph_lua_t **out, uv_loop_t *loop, const mph_lua_config_t *cfg)
 
 /* What mph_lua_load hands to load_script. */
 typedef struct {
+    mph_lua_t *lua;
     const char *chunkname, *src, *dir;
     size_t len;
     char *err; /* the caller's buffer */
@@ -541,6 +545,11 @@ typedef struct {
 static int load_script(lua_State *L)
 {
     load_ctx_t *c = lua_touserdata(L, 1);
+    /* internal.script_name: the chunk's name without its '@' (rpc.discover's info.title) */
+    lua_rawgeti(L, LUA_REGISTRYINDEX, c->lua->internal_ref);
+    lua_pushstring(L, c->chunkname + (c->chunkname[0] == '@'));
+    lua_setfield(L, -2, "script_name");
+    lua_pop(L, 1);
     if (c->dir) { /* package.path = "<dir>/?.lua;<dir>/?/init.lua;" .. package.path */
         lua_getglobal(L, "package");
         lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;", c->dir, c->dir);
@@ -566,7 +575,7 @@ static int load_script(lua_State *L)
 int mph_lua_load(mph_lua_t *lua, const char *chunkname, const char *src, size_t len,
                  const char *dir, char *err, size_t errlen)
 {
-    load_ctx_t c = {chunkname, src, dir, len, err, errlen, 0};
+    load_ctx_t c = {lua, chunkname, src, dir, len, err, errlen, 0};
     if (mph__lua_protect(lua, load_script, &c, "loading the script") != 0) {
         snprintf(err, errlen, "%s: %s", chunkname, NOMEM_MESSAGE);
         return MPH_ESCRIPT;
@@ -616,6 +625,20 @@ int mph_lua_load_file(mph_lua_t *lua, const char *path, char *err, size_t errlen
     free(dir);
     mph_buf_free(&src);
     return rc;
+}
+
+void mph_lua_stats(const mph_lua_t *lua, mph_lua_stats_t *out)
+{
+    lua_State *L = lua->L; /* [-0, +0, -]: reading the collector's count changes nothing */
+    out->calls = lua->stats.calls;
+    out->attempts = lua->stats.attempts;
+    out->commits = lua->stats.commits;
+    out->conflicts = lua->stats.conflicts;
+    out->storage_errors = lua->stats.storage_errors;
+    out->lua_bytes =
+        ((uint64_t)lua_gc(L, LUA_GCCOUNT, 0) << 10) + (uint64_t)lua_gc(L, LUA_GCCOUNTB, 0);
+    out->scope_bytes = lua->scope_bytes;
+    out->scopes = lua->scope_map.count;
 }
 
 size_t mph_lua_pending(const mph_lua_t *lua)

@@ -104,6 +104,18 @@ int mph_lua_needs_auth(const mph_lua_t *lua, const char *method, size_t mlen);
 /* Whether the loaded script has any service behind mp.basicAuth. */
 int mph_lua_uses_auth(const mph_lua_t *lua);
 
+/* What /metrics shows of the bridge (host/metrics.h). */
+typedef struct {
+    uint64_t calls, attempts, commits, conflicts; /* since the start */
+    uint64_t storage_errors; /* loads and commits that failed on a storage error */
+    uint64_t lua_bytes;      /* the Lua state's memory */
+    uint64_t scope_bytes;    /* the scopes kept (estimated) */
+    uint64_t scopes;         /* how many */
+} mph_lua_stats_t;
+
+/* Fills *out (cheap: a few reads). */
+void mph_lua_stats(const mph_lua_t *lua, mph_lua_stats_t *out);
+
 /* Number of calls whose callback has not run yet. */
 size_t mph_lua_pending(const mph_lua_t *lua);
 

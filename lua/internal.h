@@ -165,8 +165,9 @@ struct mph_lua_s {
     size_t scope_cache;     /* ... kept under this by evicting idle ones (0: no bound) */
     uv_timer_t evict_timer; /* evicts from a clean stack, on the next loop iteration */
     int closing_timers;     /* timers whose close callback has not run yet */
-    struct {                /* counted for the log line at close (benchmarks read it) */
-        uint64_t calls, attempts, commits, conflicts;
+    struct {                /* counted for the log line at close (benchmarks read it) and
+                               /metrics (mph_lua_stats) */
+        uint64_t calls, attempts, commits, conflicts, storage_errors;
     } stats;
     mph_unit_t *backoffs;   /* units backing off after a conflict, any order */
     uv_timer_t retry_timer; /* fires at the earliest backoff_until */

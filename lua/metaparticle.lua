@@ -130,6 +130,10 @@ function M.service(name, handler)
   if type(name) ~= "string" or name == "" then
     error("mp.service: name must be a non-empty string", 2)
   end
+  if name:sub(1, 4) == "rpc." then
+    error("mp.service: \"" .. name .. "\": names starting with \"rpc.\" are reserved by " ..
+          "JSON-RPC (the host answers rpc.discover)", 2)
+  end
   if type(handler) ~= "function" then
     error("mp.service: handler must be a function", 2)
   end
@@ -141,6 +145,37 @@ function M.service(name, handler)
   C.service(name, needs_user[handler] == true)
   return svc
 end
+
+-- rpc.discover: an OpenRPC 1.2 document of the exposed services, which may describe
+-- themselves with svc.description (a string), svc.params (content descriptors) and
+-- svc.result (one). Set like svc.expose, at any time before the call: read at each call.
+local function discover()
+  local names = {}
+  for name, svc in pairs(services) do
+    if svc.expose == true and name ~= "rpc.discover" then names[#names + 1] = name end
+  end
+  table.sort(names)
+  local methods = {}
+  for i, name in ipairs(names) do
+    local svc = services[name]
+    local params = {}
+    if type(svc.params) == "table" then
+      for k, p in ipairs(svc.params) do params[k] = p end
+    end
+    methods[i] = {
+      name = name,
+      description = type(svc.description) == "string" and svc.description or nil,
+      params = M.array(params),
+      result = type(svc.result) == "table" and svc.result or {name = "result", schema = {}},
+    }
+  end
+  return {
+    openrpc = "1.2.6",
+    info = {title = I.script_name or "mphost", version = C.VERSION},
+    methods = M.array(methods),
+  }
+end
+services["rpc.discover"] = {name = "rpc.discover", handler = discover, expose = true}
 
 -- ---- Users ----
 --

@@ -341,6 +341,7 @@ static void on_loaded(void *ud, const mph_store_result_t *res)
     assert(s->state == SCOPE_LOADING);
     char failure[400];
     if (res->status != 0) {
+        lua->stats.storage_errors++;
         snprintf(failure, sizeof(failure), "storage unavailable: %s",
                  res->message ? res->message : mph_strerror(res->status));
         mph_log(MPH_LOG_WARN, "loading scope %s: %s", s->name, failure);
@@ -815,6 +816,7 @@ static void on_committed(void *ud, const mph_store_result_t *res)
         scope_forget(c->scopes[i]);
     }
     commit_free(c);
+    lua->stats.storage_errors += !nomem;
     mph_txn_t *later = unit_void_pending(u);
     fail_all(batch, nomem ? MPH_RPC_INTERNAL_ERROR : MPH_RPC_STORAGE_UNAVAILABLE, message);
     requeue_all(u, later, 0);

@@ -19,6 +19,8 @@
 #include "host/common.c"
 #include "host/auth.c"
 #include "host/http.c"
+#include "host/map.c"
+#include "host/metrics.c"
 #include "host/rpc.c"
 #include "lua/json.c"
 

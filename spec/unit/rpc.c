@@ -9,6 +9,8 @@
 #include "host/accesslog.c"
 #include "host/auth.c"
 #include "host/http.c"
+#include "host/map.c"
+#include "host/metrics.c"
 #include "host/rpc.c"
 #include "lua/json.c"
 
