@@ -169,6 +169,7 @@ void mph_http_config_default(mph_http_config_t *cfg)
     cfg->idle_timeout_ms = 30000;
     cfg->max_pipeline = 64;
     cfg->capture_header = NULL;
+    cfg->alog = NULL;
 }
 
 static void conn_close(conn_t *c);

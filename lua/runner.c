@@ -430,7 +430,11 @@ int mph__runner_acquire(mph_txn_t *t, const char *name, int can_wait, int *code,
         }
         s->state = SCOPE_LOADING;
     }
-    if (!can_wait) {
+    /* An attempt that already holds a scope must not wait either: while it waited, other
+     * calls would run on that scope, and what it read before would be stale when it writes
+     * (transactions of one process run one after another only because none pauses once it
+     * has read). It runs again, from the start, once this scope has loaded. */
+    if (!can_wait || t->nscopes > 0) {
         t->reload = s;
         *why = "the scope is loading: the call runs again once it has loaded";
         return -1;
