@@ -449,3 +449,26 @@ def test_per_user_counts_exact_over_two_processes_on_files():
 def test_per_user_counts_exact_over_two_processes_on_redis():
     with RedisServer() as redis:
         per_user_counts(["--storage=" + redis.url()])
+
+
+def test_a_call_that_waits_for_a_load_after_reading_a_scope_loses_no_update():
+    """A call reads scope a, then touches scope b, whose load is held (MPH_TEST_FAULT): while
+    it waits, another call increments a. The first call must run again on the new a (it
+    would otherwise write a over the increment)."""
+    from test_scope import wait_log
+    gate = os.path.join(tmpdir(), "gate")
+    env = {"MPH_TEST_FAULT": "open.dirsync:2:hold", "MPH_TEST_GATE": gate}
+    with Server(ACCOUNTS, ["--workers=0"], env=env) as s:
+        eq(s.result("count", {"name": "a"}), 1, "a loaded (first open) and counted")
+        out = {}
+
+        def slow():
+            out["r"] = s.rpc("read_then_touch", {"a": "a", "b": "b"})
+        t = threading.Thread(target=slow)
+        t.start()
+        wait_log(s, "hold at open.dirsync")
+        eq(s.result("count", {"name": "a"}), 2, "a counted while the other call waits")
+        open(gate, "w").close()
+        t.join(60)
+        eq(out["r"].get("result"), 12, "the waiting call ran again on a = 2: %r" % out["r"])
+        eq(s.result("read", {"name": "a"}), 12)

@@ -61,6 +61,17 @@ expose("both", function(p)
   return {named = s.n, global = g.n}
 end)
 
+-- Reads scope a, then touches scope b (cold in a test: its load is held), then writes a from
+-- what it read: an increment of a made meanwhile must not be lost.
+expose("read_then_touch", function(p)
+  local a = mp.scope.named(p.a)
+  local v = a.n or 0
+  local b = mp.scope.named(p.b)
+  b.n = (b.n or 0) + 1
+  a.n = v + 10
+  return a.n
+end)
+
 expose("user_outside_auth", function()
   return mp.scope.user.n
 end)
