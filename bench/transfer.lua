@@ -2,6 +2,8 @@
 -- MODE (env): "transfer" moves 1 between two random accounts of 1..ACCOUNTS; "count" counts
 -- in a random named scope of 1..ACCOUNTS (ACCOUNTS=1: one hot scope). AUTH (env, optional):
 -- "user:password", sent as HTTP Basic credentials.
+dofile("bench/rpc.lua") -- its done(): the RESULT line bench/lib.sh reads (wrk runs from the repo root)
+
 local mode = os.getenv("MODE") or "transfer"
 local accounts = tonumber(os.getenv("ACCOUNTS") or "10000")
 local method = os.getenv("METHOD")
@@ -53,11 +55,4 @@ function response(status, headers, body)
     errors = errors + 1
     if errors <= 3 then io.stderr:write("bad response: ", status, " ", body, "\n") end
   end
-end
-
-function done(summary, latency, requests)
-  io.write(string.format("RESULT rps=%.0f p50_us=%d p99_us=%d requests=%d errors=%d\n",
-    summary.requests / (summary.duration / 1e6), latency:percentile(50),
-    latency:percentile(99), summary.requests, summary.errors.status + summary.errors.read +
-    summary.errors.write + summary.errors.timeout + summary.errors.connect))
 end
