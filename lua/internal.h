@@ -110,6 +110,8 @@ struct mph_unit_s {
     mph_commit_t *commits;    /* in flight; more than one only after a merge */
     mph_txn_queue_t rerun;    /* RETRY: to run again when the backoff ends, in order */
     int backing_off;          /* 1: no commit starts until backoff_until */
+    int rerunning;            /* 1: its refused transactions are running again (rerun_now):
+                                 their commit waits until the last one has run */
     uint64_t backoff_until;   /* uv_now() milliseconds */
     int conflict_streak;      /* conflicts since the last successful commit */
     int error_streak;         /* storage errors since the last successful commit */

@@ -199,6 +199,32 @@ def test_two_processes_on_one_data_directory():
         b.stop()
 
 
+def test_a_lock_kept_for_a_retry_that_does_not_commit_is_given_back():
+    # A commit that conflicts keeps the scope's lock for its retry. When the retry commits
+    # nothing (here its re-run raises), the lock must still go back, or the other process
+    # would wait on it forever.
+    data = tmpdir()
+    swap = os.path.join(SCRIPTS, "swap.lua")
+    a = Server(swap, data=data).start()
+    b = Server(swap, data=data).start()
+    try:
+        eq(a.result("swap", [0, 1]), 1)
+        eq(b.result("swap", [1, 2]), 2)  # b loads n = 1; a still has 1 in memory
+        r = a.rpc("swap", [1, 3])  # runs on 1, conflicts, re-runs on 2 and raises
+        eq(r["error"]["code"], -32000, "the re-run's error")
+        check("n is 2, not 1" in r["error"]["message"], r)
+        started = time.monotonic()
+        eq(b.result("swap", [2, 4]), 4)  # a's kept lock is given back: b commits
+        check(time.monotonic() - started < 10, "b waited %.1f s" % (time.monotonic() - started))
+        r = a.rpc("swap", [2, 5])  # a caught up to 2 only: the same again, on 4
+        check("n is 4, not 2" in r["error"]["message"], r)
+        eq(b.result("swap", [4, 6]), 6)
+        eq(b.result("get"), 6)
+    finally:
+        a.stop()
+        b.stop()
+
+
 def test_kill_9_during_load_loses_nothing_acknowledged():
     data = tmpdir()
     acked = []

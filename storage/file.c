@@ -45,6 +45,17 @@
  * unknown, and no other reader may build on it. If the take-back fails too, nothing about
  * the file can be trusted any more: this process refuses the scope until it restarts.
  *
+ * Keeping the lock after a conflict. Two processes committing back to back to one scope would
+ * otherwise refuse each other forever: while the loser re-runs its calls on the conflict's
+ * data, the winner's next batch (ready, run speculatively) takes the lock first, and the
+ * loser's retry conflicts again (measured: 4.7 attempts per call, calls giving up with
+ * -32001). So a commit of one scope that conflicts keeps the scope's lock: nobody can append
+ * before our retry, which was computed on what we just read, so the retry lands. The next
+ * commit of the scope uses the lock; anything else on the scope (a load, a commit of several
+ * scopes, closing its files) gives it back first, and a lock not used within LOCK_KEEP_MS is
+ * given back by a timer (the re-run raised, say, and nothing is committed). Under contention
+ * each call runs at most twice and commits alternate between processes.
+ *
  * Compaction runs as its own job, never inside a commit (see the Compaction section): the
  * snapshot is built and synced without the lock, while commits go on appending; only the
  * switch to a new log holds the lock, for the records that arrived meanwhile and two syncs.
@@ -86,6 +97,7 @@
 #define MAX_SCOPE_NAME 512  /* bytes; mp.scope.named allows 200, user names 255, plus a prefix */
 #define MAX_FILE_STEM 200   /* an encoded name longer than this is shortened (encode_name) */
 #define MAX_OPEN_SCOPES 128 /* scopes whose two files stay open (loop side: note_open) */
+#define LOCK_KEEP_MS 20     /* a lock kept after a conflict is given back after this */
 
 typedef struct fscope_s {
     char *name;          /* owned */
@@ -105,6 +117,9 @@ typedef struct fscope_s {
     char *failed;        /* owned; set when the file's state is unknown: why we refuse it */
     int forgotten;       /* the runner evicted it while a compaction ran: freed after */
     int in_open;         /* in fs's list of scopes with open files */
+    int lock_kept;       /* the flock is still ours after a conflict, for the retry (written
+                            by the job that kept it; read on the loop while not busy) */
+    uint64_t kept_at;    /* uv_now when the loop saw it kept */
     struct fscope_s *open_prev, *open_next;
     mph_map_node_t node; /* in fs->scopes, keyed by name */
 } fscope_t;
@@ -125,6 +140,9 @@ typedef struct {
     int closing;
     void (*closed_cb)(void *ud);
     void *closed_ud;
+    uv_timer_t keep_timer; /* gives back locks kept after a conflict and left unused */
+    fscope_t **kept;       /* scopes whose lock_kept the loop has seen, unordered */
+    size_t nkept, kept_cap;
 } file_store_t;
 
 typedef enum { OP_LOAD, OP_COMMIT, OP_COMPACT } op_kind_t;
@@ -733,8 +751,11 @@ static int lock_fd(int fd)
     return 0;
 }
 
+/* Takes the scope's lock, unless a conflict kept it for us. */
 static int lock_scope(op_t *op)
 {
+    if (op->sc->lock_kept)
+        return 0;
     return lock_fd(op->sc->lock_fd) != 0 ? op_fail(op, MPH_ESTORAGE, "cannot lock", op->sc->path)
                                          : 0;
 }
@@ -742,6 +763,7 @@ static int lock_scope(op_t *op)
 static void unlock_scope(op_t *op)
 {
     flock(op->sc->lock_fd, LOCK_UN);
+    op->sc->lock_kept = 0;
 }
 
 /* ---- Commits of several scopes ----
@@ -1028,8 +1050,8 @@ static int may_commit(op_t *op, uint64_t *holder)
     if (op->held)
         mph_log(MPH_LOG_DEBUG, "file: %s: held off by the claim of committer %llu", sc->name,
                 (unsigned long long)*holder);
-    else if (op->claim)
-        claim_set(op);
+    else if (op->claim && op->group)
+        claim_set(op); /* a commit of one scope keeps the lock instead, which serves better */
     op->status = MPH_ECONFLICT;
     return 0;
 }
@@ -1064,7 +1086,10 @@ static void do_commit(op_t *op)
         committed(op, rec.len, holder);
     mph_buf_free(&rec);
 out:
-    unlock_scope(op);
+    if (op->status == MPH_ECONFLICT && !op->held)
+        op->sc->lock_kept = 1; /* for the retry: see "Keeping the lock after a conflict" */
+    else
+        unlock_scope(op);
 }
 
 /* Cuts the part of commit `id` from the log at `path` when it is the log's last record
@@ -1633,6 +1658,64 @@ static void group_work_cb(uv_work_t *w)
 
 /* ---- Loop side ---- */
 
+/* ---- Kept locks (see "Keeping the lock after a conflict") ---- */
+
+static void kept_remove(file_store_t *fs, fscope_t *sc)
+{
+    for (size_t i = 0; i < fs->nkept; i++) {
+        if (fs->kept[i] == sc) {
+            fs->kept[i] = fs->kept[--fs->nkept];
+            break;
+        }
+    }
+    if (fs->nkept == 0)
+        uv_timer_stop(&fs->keep_timer);
+}
+
+/* Gives back a lock kept for a retry that did not come (loop side; sc is not busy). */
+static void give_back_lock(file_store_t *fs, fscope_t *sc)
+{
+    if (!sc->lock_kept)
+        return;
+    flock(sc->lock_fd, LOCK_UN);
+    sc->lock_kept = 0;
+    kept_remove(fs, sc);
+}
+
+static void on_keep_timer(uv_timer_t *t)
+{
+    file_store_t *fs = t->data;
+    uint64_t now = uv_now(fs->loop);
+    for (size_t i = fs->nkept; i-- > 0;) {
+        fscope_t *sc = fs->kept[i];
+        if (!sc->busy && now - sc->kept_at >= LOCK_KEEP_MS)
+            give_back_lock(fs, sc);
+    }
+}
+
+/* An operation of sc ended: note whether it left the lock kept. */
+static void note_kept(file_store_t *fs, fscope_t *sc)
+{
+    int listed = 0;
+    for (size_t i = 0; i < fs->nkept && !listed; i++)
+        listed = fs->kept[i] == sc;
+    if (!sc->lock_kept) {
+        if (listed)
+            kept_remove(fs, sc);
+        return;
+    }
+    sc->kept_at = uv_now(fs->loop);
+    if (listed)
+        return;
+    if (fs->nkept == fs->kept_cap) {
+        fs->kept_cap = fs->kept_cap ? 2 * fs->kept_cap : 4;
+        fs->kept = mph_xrealloc(fs->kept, fs->kept_cap * sizeof(*fs->kept));
+    }
+    fs->kept[fs->nkept++] = sc;
+    if (fs->nkept == 1)
+        uv_timer_start(&fs->keep_timer, on_keep_timer, LOCK_KEEP_MS, LOCK_KEEP_MS);
+}
+
 /* ---- Open files ----
  * A scope's lock and log stay open between operations (a hot scope opens nothing), but a
  * process that touches many scopes must not keep two descriptors for each: past
@@ -1657,8 +1740,9 @@ static void open_unlink(file_store_t *fs, fscope_t *sc)
     fs->nopen--;
 }
 
-static void close_files(fscope_t *sc)
+static void close_files(file_store_t *fs, fscope_t *sc)
 {
+    give_back_lock(fs, sc); /* closing would, too; this keeps the list right */
     if (sc->lock_fd >= 0)
         close(sc->lock_fd);
     if (sc->log_fd >= 0)
@@ -1684,7 +1768,7 @@ static void note_open(file_store_t *fs, fscope_t *sc)
     while (c && fs->nopen > MAX_OPEN_SCOPES) {
         fscope_t *prev = c->open_prev;
         if (!c->busy && !c->compacting) {
-            close_files(c);
+            close_files(fs, c);
             open_unlink(fs, c);
         }
         c = prev;
@@ -1698,7 +1782,7 @@ static void free_scope(mph_map_node_t *n, void *ud)
     file_store_t *fs = ud;
     mph_map_remove(&fs->scopes, n);
     open_unlink(fs, sc);
-    close_files(sc);
+    close_files(fs, sc);
     uv_mutex_destroy(&sc->mutex);
     free(sc->failed);
     free(sc->name);
@@ -1710,8 +1794,9 @@ static void store_free(file_store_t *fs)
 {
     mph_log(fs->commits ? MPH_LOG_INFO : MPH_LOG_DEBUG, "file storage: %llu commits, %llu syncs",
             (unsigned long long)fs->commits, (unsigned long long)fs->syncs);
-    mph_map_each(&fs->scopes, free_scope, fs);
+    mph_map_each(&fs->scopes, free_scope, fs); /* gives back kept locks: closing does */
     mph_map_free(&fs->scopes);
+    free(fs->kept);
     void (*cb)(void *) = fs->closed_cb;
     void *ud = fs->closed_ud;
     free(fs->dir);
@@ -1721,6 +1806,17 @@ static void store_free(file_store_t *fs)
 }
 
 static void after_work_cb(uv_work_t *w, int status);
+
+static void on_keep_timer_closed(uv_handle_t *h)
+{
+    store_free(h->data);
+}
+
+/* The last step of closing: the store frees itself once its timer has closed. */
+static void close_timer(file_store_t *fs)
+{
+    uv_close((uv_handle_t *)&fs->keep_timer, on_keep_timer_closed);
+}
 
 /* Starts a compaction job of sc from the log as this process has read it. Called with no
  * load or commit of sc in flight, so its fields are ours to read. */
@@ -1759,6 +1855,7 @@ static void after_work_cb(uv_work_t *w, int status)
             free_scope(&sc->node, fs);
     } else {
         sc->busy = 0;
+        note_kept(fs, sc);
         note_open(fs, sc);
         if (op->kind == OP_COMMIT && op->status == 0) {
             fs->commits++;
@@ -1783,7 +1880,7 @@ static void after_work_cb(uv_work_t *w, int status)
     mph_buf_free(&op->doubt);
     free(op);
     if (--fs->ops == 0 && fs->closing)
-        store_free(fs);
+        close_timer(fs);
 }
 
 static void group_free(group_t *g)
@@ -1812,6 +1909,7 @@ static void after_group_cb(uv_work_t *w, int status)
     for (size_t i = 0; i < g->n; i++) {
         op_t *op = g->ops[i];
         op->sc->busy = 0;
+        note_kept(fs, op->sc); /* group_unlock gave back what was kept */
         note_open(fs, op->sc);
         if (g->status == MPH_ECONFLICT && (op->sc->version != op->expected || op->held))
             conflicts[res.nconflicts++] = (mph_store_conflict_t){op->sc->name, op->doc, op->held};
@@ -1828,7 +1926,7 @@ static void after_group_cb(uv_work_t *w, int status)
     free(conflicts);
     group_free(g);
     if (--fs->ops == 0 && fs->closing)
-        store_free(fs);
+        close_timer(fs);
 }
 
 static fscope_t *scope_for(file_store_t *fs, const char *name)
@@ -1959,6 +2057,10 @@ static int commit_group(file_store_t *fs, const mph_store_write_t *writes, size_
         op->nwrites = writes[i].n;
     }
     qsort(g->ops, nwrites, sizeof(*g->ops), compare_ops);
+    /* Its locks are taken in name order, the rule that keeps processes out of deadlock: one
+     * held since a conflict would break it. */
+    for (size_t i = 0; i < nwrites; i++)
+        give_back_lock(fs, g->ops[i]->sc);
     build_trailer(g);
     if (uv_queue_work(fs->loop, &g->work, group_work_cb, after_group_cb) != 0) {
         group_free(g);
@@ -1996,7 +2098,7 @@ static void file_close(mph_store_t *s, void (*done)(void *ud), void *ud)
     fs->closed_cb = done;
     fs->closed_ud = ud;
     if (fs->ops == 0)
-        store_free(fs);
+        close_timer(fs);
 }
 
 /* Closes the files of a scope the runner evicted (one that failed stays, and keeps refusing:
@@ -2055,6 +2157,9 @@ int mph_store_file_open(mph_store_t **out, uv_loop_t *loop, const char *dir, cha
     char *abs = realpath(dir, NULL);
     fs->dir = abs ? abs : mph_xstrdup(dir);
     fs->compact_min = COMPACT_MIN_BYTES;
+    uv_timer_init(loop, &fs->keep_timer);
+    uv_unref((uv_handle_t *)&fs->keep_timer); /* a kept lock is no reason to keep running */
+    fs->keep_timer.data = fs;
     faults_init();
     const char *min = getenv("MPH_TEST_COMPACT_MIN");
     if (min && atol(min) > 0)
