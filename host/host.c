@@ -627,17 +627,20 @@ int mph_host_run(mph_host_t *h)
 
 void mph_host_free(mph_host_t *h)
 {
-    if (h->state != HOST_CLOSED) {
+    if (h->state != HOST_CLOSED)
         begin_stop(h);
-        uv_run(&h->loop, UV_RUN_DEFAULT);
-    }
+    /* Until every handle has closed: even a host that reached HOST_CLOSED inside
+     * mph_host_stop_requested's one turn of the loop may have close callbacks still due. */
+    uv_run(&h->loop, UV_RUN_DEFAULT);
     mph_http_server_free(h->http);
     mph_metrics_free(&h->metrics);
     if (h->peer)
         mph_peer_free(h->peer);
     mph_accesslog_close(h->alog); /* after the server: it wrote to it up to the end */
     int rc = uv_loop_close(&h->loop);
-    if (rc != 0)
-        mph_log(MPH_LOG_ERROR, "bug: handles left open at exit (%s)", uv_strerror(rc));
+    if (rc != 0) {
+        mph_log(MPH_LOG_ERROR, "bug: handles left open at exit (%s):", uv_strerror(rc));
+        uv_print_all_handles(&h->loop, stderr);
+    }
     free(h);
 }

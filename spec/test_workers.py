@@ -372,6 +372,7 @@ def test_sigterm_while_the_supervisor_loads_the_script_stops_it():
             p.wait()
     eq(p.returncode, 0, "exit status: " + err)
     check("stopped before serving" in err and "starting 2 workers" not in err, err)
+    check("bug:" not in err, err)  # every handle closed, on either build
 
 
 def test_port_in_use_with_workers_is_one_clear_line():
