@@ -38,3 +38,39 @@ tree() {
   echo "$1"
   cat "/proc/$1/task/$1/children" 2>/dev/null | tr ' ' '\n' | sed '/^$/d'
 }
+
+# measure_once CONNS SCRIPT PIDS [ENV=VALUE...] -> "rps p50_us p99_us requests cpu_us syscalls"
+# One wrk run against $PORT, with the CPU time (user + system, /proc) per request of the
+# processes PIDS (comma-separated) and their system calls per request, counted by
+# `perf stat -e raw_syscalls:sys_enter` over the run ("-" when perf cannot count them).
+measure_once() {
+  local conns=$1 script=$2 pids=$3 t0 t1 r sys="-"
+  shift 3
+  local list
+  read -ra list <<<"${pids//,/ }"
+  t0=$(cpu_ticks "${list[@]}")
+  if perf stat -e raw_syscalls:sys_enter true >/dev/null 2>&1; then
+    perf stat -x, -e raw_syscalls:sys_enter -p "$pids" -o "$WORK/perf.out" -- sleep "$DURATION" \
+      >/dev/null 2>&1 &
+    local perf_pid=$!
+  fi
+  r=$(env "$@" taskset -c 1 wrk -t1 -c"$conns" -d"${DURATION}"s -s "$script" \
+    "http://127.0.0.1:$PORT/" | awk '/^RESULT/ { split($2,a,"="); split($3,b,"=");
+      split($4,c,"="); split($5,d,"="); print a[2], b[2], c[2], d[2] }')
+  t1=$(cpu_ticks "${list[@]}")
+  if [ -n "${perf_pid:-}" ]; then
+    wait "$perf_pid" || true
+    sys=$(awk -F, '/raw_syscalls/ { print $1 }' "$WORK/perf.out")
+  fi
+  read -r rps p50 p99 n <<<"$r"
+  local hz
+  hz=$(getconf CLK_TCK)
+  printf '%s %s %s %s %s %s\n' "$rps" "$p50" "$p99" "$n" \
+    "$(echo "scale=2; ($t1 - $t0) * 1000000 / $hz / $n" | bc)" \
+    "$( [ "$sys" = "-" ] || [ -z "$sys" ] && echo - || echo "scale=2; $sys / $n" | bc)"
+}
+
+# median_of LINES... -> the line whose first field (requests/s) is the median
+median_of() {
+  printf '%s\n' "$@" | sort -n | sed -n "$(( ($# + 1) / 2 ))p"
+}
