@@ -1,8 +1,8 @@
 /*
- * json.c: JSON <-> Lua. Parsing is jansson's; the Lua -> JSON direction writes text directly,
- * for two reasons: jansson prints 0.1 as 0.10000000000000001 (it always uses 17 digits),
- * and building a jansson tree only to print it would allocate once per node on the hottest
- * path of every response and every commit.
+ * json.c: JSON <-> Lua. Text is read into jansson trees (json_parse.c); the Lua -> JSON
+ * direction writes text directly, for two reasons: jansson prints 0.1 as 0.10000000000000001
+ * (it always uses 17 digits), and building a jansson tree only to print it would allocate
+ * once per node on the hottest path of every response and every commit.
  *
  * Arrays keep their kind through the array metatable that decoding sets, so `[]` read from
  * JSON (a request, a scope) is written back as `[]`, not `{}`.
@@ -61,11 +61,6 @@ void mph_json_push_object_mt(lua_State *L)
 {
     lua_pushlightuserdata(L, &object_mt_key);
     lua_rawget(L, LUA_REGISTRYINDEX);
-}
-
-json_t *mph_json_load(const char *text, size_t len, json_error_t *error)
-{
-    return json_loadb(text, len, JSON_DECODE_ANY | JSON_ALLOW_NUL, error);
 }
 
 /* ---- JSON -> Lua ---- */

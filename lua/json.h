@@ -63,8 +63,9 @@ int mph_json_write_string(mph_buf_t *out, const char *s, size_t len);
 /* Returns 1 when s[0..len) is well-formed UTF-8 (no overlongs, no surrogates). */
 int mph_utf8_valid(const char *s, size_t len);
 
-/* Loads a JSON text of any type with the flags mphost uses everywhere (NUL in strings
- * allowed, any top-level value). Returns a new reference or NULL with `error` filled. */
+/* Loads a JSON text of any type (json_parse.c): what json_loadb accepts with JSON_DECODE_ANY |
+ * JSON_ALLOW_NUL, as the same tree, in a fraction of the time. Returns a new reference or
+ * NULL with `error` filled (json_error_code(error) is jansson's for the same input). */
 json_t *mph_json_load(const char *text, size_t len, json_error_t *error);
 
 /* Appends the compact text of a jansson value (ids, the call client's output), numbers

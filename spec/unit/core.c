@@ -6,6 +6,7 @@
 #define _GNU_SOURCE
 #include "host/common.c"
 #include "lua/json.c"
+#include "lua/json_parse.c"
 
 #include <lualib.h>
 

@@ -12,6 +12,7 @@
 #include "host/metrics.c"
 #include "host/rpc.c"
 #include "lua/json.c"
+#include "lua/json_parse.c"
 
 #include "spec/unit/unit.h"
 

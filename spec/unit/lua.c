@@ -12,6 +12,7 @@
 #include "host/map.c"
 #include "lua/bridge.c"
 #include "lua/json.c"
+#include "lua/json_parse.c"
 #include "lua/runner.c"
 #include "lua/watchdog.c"
 #include "lua/topology.c"
