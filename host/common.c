@@ -126,6 +126,30 @@ void mph_buf_printf(mph_buf_t *b, const char *fmt, ...)
     b->len += (size_t)n;
 }
 
+size_t mph_format_int(char *out, long long v)
+{
+    char tmp[MPH_INT_CHARS];
+    /* Through unsigned, so that LLONG_MIN's magnitude does not overflow. */
+    unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+    size_t n = 0;
+    do {
+        tmp[n++] = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    size_t len = 0;
+    if (v < 0)
+        out[len++] = '-';
+    while (n)
+        out[len++] = tmp[--n];
+    return len;
+}
+
+void mph_buf_put_int(mph_buf_t *b, long long v)
+{
+    char digits[MPH_INT_CHARS];
+    mph_buf_append(b, digits, mph_format_int(digits, v));
+}
+
 char *mph_buf_steal(mph_buf_t *b, size_t *len)
 {
     char *data = b->data;

@@ -83,6 +83,12 @@ void mph_buf_reserve(mph_buf_t *b, size_t extra);
 void mph_buf_append(mph_buf_t *b, const void *data, size_t len);
 void mph_buf_puts(mph_buf_t *b, const char *s);
 void mph_buf_printf(mph_buf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Appends v in decimal: what mph_buf_printf("%lld") writes, without printf's cost (it runs
+ * for every id and integral number of every response). */
+void mph_buf_put_int(mph_buf_t *b, long long v);
+/* Writes v in decimal at out (at least MPH_INT_CHARS bytes; no NUL); returns the length. */
+#define MPH_INT_CHARS 20
+size_t mph_format_int(char *out, long long v);
 /* Hands the bytes over: returns the data (caller frees, may be NULL when empty) and resets b. */
 char *mph_buf_steal(mph_buf_t *b, size_t *len);
 void mph_buf_free(mph_buf_t *b);

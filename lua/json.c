@@ -291,18 +291,18 @@ int mph_json_write_string(mph_buf_t *out, const char *s, size_t len)
  * so a fixed buffer holds every case; snprintf's result is still checked, never trusted. */
 static void write_number(mph_buf_t *out, double d)
 {
+    if (d == floor(d) && fabs(d) < 9.2e18) {
+        mph_buf_put_int(out, (long long)d);
+        return;
+    }
     char tmp[40];
     int n;
-    if (d == floor(d) && fabs(d) < 9.2e18) {
-        n = snprintf(tmp, sizeof(tmp), "%lld", (long long)d);
-    } else {
-        for (int prec = 15;; prec++) {
-            n = snprintf(tmp, sizeof(tmp), "%.*g", prec, d);
-            if (prec == 17 || strtod(tmp, NULL) == d)
-                break;
-        }
+    for (int prec = 15;; prec++) {
+        n = snprintf(tmp, sizeof(tmp), "%.*g", prec, d);
+        if (prec == 17 || strtod(tmp, NULL) == d)
+            break;
     }
-    /* %lld of |d| < 9.2e18 and %.17g both fit in 40 bytes: a shortfall is a bug here. */
+    /* %.17g fits in 40 bytes: a shortfall is a bug here. */
     assert(n > 0 && (size_t)n < sizeof(tmp));
     mph_buf_append(out, tmp, (size_t)n);
 }
@@ -698,7 +698,7 @@ int mph_json_write_jansson(mph_buf_t *out, const json_t *v)
         return mph_json_write_string(out, json_string_value(v), json_string_length(v)) ? MPH_EIO
                                                                                        : 0;
     case JSON_INTEGER:
-        mph_buf_printf(out, "%lld", (long long)json_integer_value(v));
+        mph_buf_put_int(out, (long long)json_integer_value(v));
         return 0;
     case JSON_REAL:
         write_number(out, json_real_value(v));
