@@ -743,7 +743,9 @@ static int close_record(lua_State *L)
 static void end_attempt(mph_txn_t *t, int close_roots)
 {
     lua_State *L = t->lua->L;
-    if (close_roots && t->rec_ref != LUA_NOREF)
+    /* A root exists only for a scope acquired (metaparticle.lua's open_scope): none to close
+     * for the calls that touched no scope, which spares them a protected call. */
+    if (close_roots && t->rec_ref != LUA_NOREF && t->nscopes > 0)
         mph__lua_protect(t->lua, close_record, t, "closing a record");
     /* luaL_unref writes into slots that exist: it allocates nothing. */
     luaL_unref(L, LUA_REGISTRYINDEX, t->co_ref);

@@ -675,6 +675,10 @@ M.scope = setmetatable({}, {
 -- pending state and tells the runner which scopes the transaction joined.
 function I.run(rec)
   C.set_result(rec.handler(unpack(rec.args, 1, rec.nargs)))
+  if next(rec.roots) == nil then -- no scope touched: nothing to check, nothing to commit
+    C.checkpoint(nil)
+    return
+  end
   -- A scope dropped while the handler ran (a failed commit of another call forgets it; it may
   -- even have loaded again since) leaves this attempt reading a state that is gone: its
   -- writes would go over data it never read. The checkpoint voids such an attempt.
