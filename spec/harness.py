@@ -95,7 +95,7 @@ class Server:
     """mphost SCRIPT serve PORT in the foreground, as a child process."""
 
     def __init__(self, script, args=(), data=None, port=None, env=None, prefix_cmd=(),
-                 state=None):
+                 state=None, binary=None):
         self.script = script if os.path.isabs(script) else os.path.join(EXAMPLES, script)
         self.port = port or free_port()
         self.data = data or tmpdir("mph-data-")
@@ -108,6 +108,7 @@ class Server:
         if env:
             self.env.update(env)
         self.prefix_cmd = list(prefix_cmd)
+        self.binary = binary or MPHOST  # another mphost than the build's (an installed one)
         self.valgrind_log = None
         if os.environ.get("MPH_VALGRIND"):
             # Opt-in: every server runs under memcheck; a report fails the stop() check.
@@ -125,7 +126,7 @@ class Server:
 
     def start(self, expect_ok=True):
         self.log = open(self.log_path, "ab")
-        cmd = self.prefix_cmd + [MPHOST, self.script, "serve", str(self.port),
+        cmd = self.prefix_cmd + [self.binary, self.script, "serve", str(self.port),
                                  "--listen=127.0.0.1", "--data=" + self.data] + self.args
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log,
                                      stdin=subprocess.DEVNULL, env=self.env)
