@@ -92,6 +92,13 @@ def test_install_prefix_and_pkg_config():
     check("libmphost" not in sh(["ldd", static_bin]), "the static build needs no libmphost.so")
     serve_hello(shared_bin, run_env)
     serve_hello(static_bin, dict(os.environ))
+    # A program on its own libuv loop (examples/embed_loop.c) adds libuv's flags to ours.
+    loop_bin = os.path.join(prefix, "embed-loop")
+    src = os.path.join(prefix, "share/doc/mphost/examples/embed_loop.c")
+    uv = sh(["pkg-config", "--cflags", "--libs", "mphost", "libuv"], env).split()
+    sh(["cc"] + san + [src, "-o", loop_bin] + uv)
+    out = sh([loop_bin, tmpdir("mph-data-"), "20"], run_env)
+    check("final count 40 (exact)" in out and "uv_loop_close: 0" in out, out)
     shutil.rmtree(prefix, ignore_errors=True)
 
 
