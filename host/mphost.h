@@ -168,9 +168,10 @@ const char *mph_host_strerror(int err);
 typedef void (*mph_host_close_cb)(mph_host_t *h, void *ud);
 
 /* Starts closing the host; cb (not NULL) runs exactly once, on the loop's thread, never
- * before this returns, once the host is closed. Works with the host's own loop too (cb runs
- * inside mph_host_run or mph_host_free). Returns 0, or a negative code (cb will not run) when
- * the host is already closed or closing by mph_host_close. */
+ * before this returns, once the host is closed. Works with the host's own loop too: cb then
+ * runs inside mph_host_run (or mph_host_free), and the host is freed after that returns,
+ * not in cb. Returns 0, or a negative code (cb will not run) when the host is already closed
+ * or closing by mph_host_close. */
 int mph_host_close(mph_host_t *h, mph_host_close_cb cb, void *ud);
 
 /* ---- C functions callable from Lua ----

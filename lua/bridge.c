@@ -326,7 +326,7 @@ static int l_fail_allocations(lua_State *L)
  * failure, a result that is not JSON) is raised as a string. C memory is released before
  * anything that may raise: the arguments' text is freed before the function's result is
  * looked at, and that result is copied into the bridge's scratch buffer (which nothing leaks
- * from) and freed before it is decoded. [-n, +1, e] */
+ * from) and freed before it is decoded. [-0, +1, e] */
 static int l_cfunc(lua_State *L)
 {
     mph_lua_t *lua = mph__lua_upvalue(L);
