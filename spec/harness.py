@@ -9,6 +9,7 @@ default), which log to the same file; the supervisor's pid is the server's.
 import glob
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -81,6 +82,27 @@ def run(args, env=None, cwd=None, timeout=60, stdin=None):
     p = subprocess.run([MPHOST] + list(args), cwd=cwd, env=full_env, timeout=timeout,
                        capture_output=True, text=True, stdin=stdin or subprocess.DEVNULL)
     return p.returncode, p.stdout, p.stderr
+
+
+def embed_serves(binary, env=None):
+    """Runs examples/embed.c built as `binary` on a free port (in a scratch directory, its
+    data dir's parent), calls its hello service over a real socket and stops it with SIGTERM;
+    checks the answer and a clean exit."""
+    port = free_port()
+    cwd = tmpdir()
+    p = subprocess.Popen([binary, str(port)], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        check(wait_port(port, 15, p), "%s listens" % binary)
+        rc, out, err = run(["call", "hello", '{"name":"C"}', "--url",
+                            "http://127.0.0.1:%d/" % port])
+        eq((rc, out), (0, '{"greeting":"hello, C"}\n'), err)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=30)
+    eq(p.returncode, 0, "%s exits cleanly: %s" % (binary, err))
+    check("AddressSanitizer" not in err and "runtime error" not in err, err)
+    shutil.rmtree(cwd, ignore_errors=True)
 
 
 def sanitizer_report(text):

@@ -4,10 +4,9 @@ and server5 served by the mphost it carries)."""
 import os
 import re
 import shutil
-import signal
 import subprocess
 
-from harness import (ROOT, Server, check, eq, free_port, run, tmpdir, wait_port)
+from harness import ROOT, Server, check, embed_serves, eq, tmpdir
 
 BUILD = os.environ.get("MPH_BUILD", os.path.join(ROOT, "build"))
 
@@ -27,25 +26,6 @@ def sh(cmd, env=None, timeout=300):
     check(p.returncode == 0, "%s exited %d:\n%s%s" % (" ".join(cmd), p.returncode,
                                                       p.stdout[-3000:], p.stderr[-3000:]))
     return p.stdout
-
-
-def serve_hello(binary, env):
-    """Runs the embedding example `binary` on a free port, calls its hello service over a
-    real socket, stops it with SIGTERM; checks the answer and a clean exit."""
-    port = free_port()
-    cwd = tmpdir()
-    p = subprocess.Popen([binary, str(port)], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    try:
-        check(wait_port(port, 15, p), "%s listens" % binary)
-        rc, out, err = run(["call", "hello", '{"name":"pkg"}', "--url",
-                            "http://127.0.0.1:%d/" % port])
-        eq((rc, out), (0, '{"greeting":"hello, pkg"}\n'), err)
-    finally:
-        p.send_signal(signal.SIGTERM)
-        out, err = p.communicate(timeout=30)
-    eq(p.returncode, 0, "%s exits cleanly: %s" % (binary, err))
-    check("AddressSanitizer" not in err and "runtime error" not in err, err)
 
 
 def test_install_prefix_and_pkg_config():
@@ -90,8 +70,8 @@ def test_install_prefix_and_pkg_config():
     linked = sh(["ldd", shared_bin], {"LD_LIBRARY_PATH": libdir})
     check("libmphost.so.0 => %s/libmphost.so.0 " % libdir in linked, linked)
     check("libmphost" not in sh(["ldd", static_bin]), "the static build needs no libmphost.so")
-    serve_hello(shared_bin, run_env)
-    serve_hello(static_bin, dict(os.environ))
+    embed_serves(shared_bin, run_env)
+    embed_serves(static_bin, dict(os.environ))
     # A program on its own libuv loop (examples/embed_loop.c) adds libuv's flags to ours.
     loop_bin = os.path.join(prefix, "embed-loop")
     src = os.path.join(prefix, "share/doc/mphost/examples/embed_loop.c")
