@@ -576,7 +576,29 @@ static void test_own_loop_close_from_a_reply(void)
     remove_data_dir(data);
 }
 
+/* A host that fails to start on the caller's loop leaves only closing handles there: the
+ * loop runs dry and closes. */
+static void test_failed_new_on_callers_loop(void)
+{
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    char *data = new_data_dir();
+    mph_host_config_t cfg;
+    mph_host_config_default(&cfg);
+    cfg.loop = &loop;
+    cfg.data_dir = data;
+    cfg.users_file = "/nonexistent/users"; /* fails after the store has opened */
+    mph_host_t *h = NULL;
+    char err[256] = "";
+    CHECK(mph_host_new(&h, &cfg, err, sizeof(err)) != 0);
+    CHECK(strstr(err, "/nonexistent/users") != NULL);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    CHECK(uv_loop_close(&loop) == 0);
+    remove_data_dir(data);
+}
+
 static const mph_unit_test_t tests[] = {
+    {"failed_new_on_callers_loop", test_failed_new_on_callers_loop},
     {"callers_loop_and_close", test_callers_loop_and_close},
     {"close_answers_calls_in_flight", test_close_answers_calls_in_flight},
     {"c_functions", test_c_functions},
