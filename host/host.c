@@ -396,7 +396,7 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
     h->state = HOST_NEW;
     if (cfg->loop) {
         /* The caller runs its loop: the host serves from now on, and an idle host does not
-         * keep that loop running (its listener and its work in flight do). */
+         * keep that loop running (its listener, a Redis connection, work in flight do). */
         h->state = HOST_RUNNING;
         uv_unref((uv_handle_t *)&h->stop_async);
     }

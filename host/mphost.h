@@ -158,12 +158,13 @@ const char *mph_host_strerror(int err);
  *
  * With cfg.loop set, the host opens its handles on that loop (and its storage's, its HTTP
  * server's, its timers') and never runs it: the caller runs it, with its own handles beside
- * the host's. mph_host_handle_signals stays the caller's choice. To end the host, the caller
- * calls mph_host_close and keeps running the loop: the host stops as on mph_host_stop
- * (in-flight HTTP requests and in-process calls finish, up to cfg.shutdown_timeout_ms),
- * closes every handle it opened, and then calls cb, after which nothing of the host is left
- * on the loop: the caller frees the host (mph_host_free, in cb or later), and its loop can
- * run dry and uv_loop_close() it. */
+ * the host's. An idle host does not keep the loop running by itself (its listener, a Redis
+ * connection and work in flight do). mph_host_handle_signals stays the caller's choice.
+ * To end the host, the caller calls mph_host_close and keeps running the loop: the host stops
+ * as on mph_host_stop (in-flight HTTP requests and in-process calls finish, up to
+ * cfg.shutdown_timeout_ms), closes every handle it opened, and then calls cb, after which
+ * nothing of the host is left on the loop: the caller frees the host (mph_host_free, in cb or
+ * later), and its loop can run dry and uv_loop_close() it. */
 
 typedef void (*mph_host_close_cb)(mph_host_t *h, void *ud);
 
