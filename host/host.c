@@ -91,9 +91,12 @@ struct mph_host_s {
     uv_timer_t deadline; /* bounds the graceful stop */
     int deadline_passed; /* it fired: what is still running is cut */
     int listening;
-    uv_prepare_t beat;          /* stamps cfg.heartbeat before the loop waits (if heartbeat) */
-    uv_timer_t beat_tick;       /* turns an idle loop every HEARTBEAT_TICK_MS (idem) */
-    size_t calls_in_flight;     /* in-process calls not answered yet (mph_host_call) */
+    uv_prepare_t beat;         /* stamps cfg.heartbeat before the loop waits (if heartbeat) */
+    uv_timer_t beat_tick;      /* turns an idle loop every HEARTBEAT_TICK_MS (idem) */
+    size_t calls_in_flight;    /* in-process calls whose callback has not run (mph_host_call) */
+    struct host_call_s *ready; /* calls answered inside mph_host_call, oldest first ... */
+    struct host_call_s **ready_tail; /* (where the next one goes) */
+    uv_idle_t deliver;               /* ... which this hands to their callbacks on the next turn */
     int http_drained;           /* the stop has drained HTTP; it waits for calls_in_flight ... */
     int drain_done;             /* ... and has gone on to close the rest (after_drain) */
     unsigned closing;           /* close callbacks to come (the bridge's, the host's handles')
@@ -102,11 +105,17 @@ struct mph_host_s {
     void *close_ud;
 };
 
-/* An in-process call in flight: the caller's callback, and the host that counts it. */
-typedef struct {
+/* An in-process call in flight: the caller's callback, and the host that counts it. A reply
+ * that comes before mph_host_call has returned is kept here until the next turn of the loop
+ * (its callback never runs inside mph_host_call). */
+typedef struct host_call_s {
     mph_host_t *h;
     mph_host_call_cb cb;
     void *ud;
+    int returned;             /* mph_host_call has returned: a reply goes straight to cb */
+    int early;                /* it was answered before: the reply waits in `kept` */
+    struct host_call_s *next; /* in h->ready, once answered early */
+    mph_host_reply_t kept;    /* that early reply (its json and message owned) */
 } host_call_t;
 
 void mph_host_config_default(mph_host_config_t *cfg)
@@ -391,6 +400,8 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
     mph_http_set_get_handler(h->http, on_get);
     uv_async_init(h->loop, &h->stop_async, on_stop_async);
     uv_timer_init(h->loop, &h->deadline);
+    uv_idle_init(h->loop, &h->deliver);
+    h->ready_tail = &h->ready;
     if (cfg->heartbeat)
         start_heartbeat(h);
     h->state = HOST_NEW;
@@ -521,8 +532,12 @@ static void close_handle(mph_host_t *h, uv_handle_t *handle)
     uv_close(handle, on_handle_closed);
 }
 
+static void deliver_ready(mph_host_t *h);
+
 static void close_host_handles(mph_host_t *h)
 {
+    deliver_ready(h); /* replies of the last turn (after a deadline cut the wait for them) */
+    close_handle(h, (uv_handle_t *)&h->deliver);
     close_handle(h, (uv_handle_t *)&h->stop_async);
     close_handle(h, (uv_handle_t *)&h->deadline);
     if (h->cfg.heartbeat) {
@@ -762,15 +777,50 @@ int mph_host_register_function(mph_host_t *h, const char *name, mph_host_functio
     return mph_lua_register(h->lua, name, fn, ud);
 }
 
+/* Hands a reply to the call's callback and forgets the call; the stop may have waited for
+ * it. */
+static void deliver(host_call_t *c, const mph_host_reply_t *reply)
+{
+    mph_host_t *h = c->h;
+    c->cb(c->ud, reply);
+    free(c);
+    if (--h->calls_in_flight == 0 && waiting_for_calls(h))
+        uv_async_send(&h->stop_async); /* on a clean stack, not inside the store's callback */
+}
+
+/* The calls answered early, in the order they were made (those that their callbacks make
+ * meanwhile wait for the next turn). */
+static void deliver_ready(mph_host_t *h)
+{
+    host_call_t *c = h->ready;
+    h->ready = NULL;
+    h->ready_tail = &h->ready;
+    uv_idle_stop(&h->deliver);
+    while (c) {
+        host_call_t *next = c->next;
+        char *json = (char *)c->kept.json, *message = (char *)c->kept.message;
+        deliver(c, &c->kept);
+        free(json);
+        free(message);
+        c = next;
+    }
+}
+
+static void on_deliver(uv_idle_t *idle)
+{
+    deliver_ready(mph_container_of(idle, mph_host_t, deliver));
+}
+
 static void on_call_reply(void *ud, mph_lua_reply_t *reply)
 {
     host_call_t *c = ud;
-    mph_host_t *h = c->h;
-    mph_host_reply_t r = {reply->code, reply->json, reply->json_len, reply->message};
-    c->cb(c->ud, &r);
-    free(c);
-    if (--h->calls_in_flight == 0 && waiting_for_calls(h))
-        uv_async_send(&h->stop_async);
+    if (!c->returned) { /* inside mph_host_call: kept for the next turn (taking the texts) */
+        c->kept = (mph_host_reply_t){reply->code, reply->json, reply->json_len, reply->message};
+        reply->json = reply->message = NULL;
+        c->early = 1;
+        return;
+    }
+    deliver(c, &(mph_host_reply_t){reply->code, reply->json, reply->json_len, reply->message});
 }
 
 int mph_host_call(mph_host_t *h, const char *method, const char *params, size_t len,
@@ -780,9 +830,16 @@ int mph_host_call(mph_host_t *h, const char *method, const char *params, size_t 
         return MPH_EINVAL;
     if (h->state == HOST_STOPPING || h->state == HOST_CLOSED)
         return MPH_ECLOSED;
-    host_call_t *c = mph_xmalloc(sizeof(*c));
-    *c = (host_call_t){h, cb, ud};
+    host_call_t *c = mph_xcalloc(1, sizeof(*c));
+    *c = (host_call_t){.h = h, .cb = cb, .ud = ud};
     h->calls_in_flight++;
     mph_rpc_call(&h->rpc, method, params, len, user, on_call_reply, c);
+    c->returned = 1;
+    if (c->early) {
+        if (h->ready == NULL)
+            uv_idle_start(&h->deliver, on_deliver);
+        *h->ready_tail = c;
+        h->ready_tail = &c->next;
+    }
     return 0;
 }

@@ -223,9 +223,9 @@ typedef void (*mph_host_call_cb)(void *ud, const mph_host_reply_t *reply);
  * caller vouches for, whom the handler sees as mp.user: a service behind mp.basicAuth refuses
  * a call without one, -32004, as HTTP does a call without credentials). Params that do not
  * parse are -32700, that are neither array nor object -32602; an unknown or unexposed method
- * -32601. cb runs exactly once, on the loop's thread, possibly before this returns (a handler
- * that needs no storage can finish at once). Returns 0, or a negative code (cb will not run):
- * no method or cb, or the host is stopping. */
+ * -32601. cb runs exactly once, on the loop's thread, never before this returns (a reply
+ * that is ready at once, such as an error, comes on the loop's next turn). Returns 0, or a
+ * negative code (cb will not run): no method or cb, or the host is stopping. */
 int mph_host_call(mph_host_t *h, const char *method, const char *params, size_t len,
                   const char *user, mph_host_call_cb cb, void *ud);
 

@@ -126,6 +126,7 @@ static reply_t call(fixture_t *f, const char *method, const char *params, const 
     int rc =
         mph_host_call(f->host, method, params, params ? strlen(params) : 0, user, on_reply, &r);
     CHECK(rc == 0);
+    CHECK(r.done == 0); /* never before mph_host_call returns */
     while (rc == 0 && !r.done && uv_run(f->loop, UV_RUN_ONCE))
         ;
     CHECK(r.done == 1);
@@ -224,9 +225,11 @@ static void test_close_answers_calls_in_flight(void)
     char *data = new_data_dir();
     fixture_t f;
     CHECK(host_open(&f, &loop, data, counter_lua, 0, NULL) == 0);
-    reply_t r[20] = {{0}};
+    reply_t r[20] = {{0}}, early = {0};
     for (int i = 0; i < 20; i++)
         CHECK(mph_host_call(f.host, "incr", NULL, 0, NULL, on_reply, &r[i]) == 0);
+    /* answered at once, delivered on the next turn, still before the close callback */
+    CHECK(mph_host_call(f.host, "nope", NULL, 0, NULL, on_reply, &early) == 0);
     CHECK(mph_host_close(f.host, on_closed, &f) == 0);
     CHECK(mph_host_close(f.host, on_closed, &f) != 0);
     reply_t late = {0};
@@ -235,6 +238,8 @@ static void test_close_answers_calls_in_flight(void)
         CHECK(mph_host_call(f.host, "incr", NULL, 0, NULL, on_reply, &late) != 0);
     uv_run(&loop, UV_RUN_DEFAULT);
     CHECK(f.closed && late.done == 0);
+    CHECK(early.done == 1 && early.code == -32601);
+    reply_free(&early);
     for (int i = 0; i < 20; i++) {
         CHECK(r[i].done == 1 && r[i].code == 0);
         reply_free(&r[i]);
