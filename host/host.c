@@ -14,11 +14,20 @@
  *                 -> close the store: operations in flight complete and their transactions
  *                    are answered
  *                 -> close the bridge (answers retries still waiting), then the host's own
- *                    handles; the loop runs dry and uv_loop_close() must return 0.
+ *                    handles; once the last of their close callbacks has run, the host is
+ *                    closed (mph_host_close's callback); its own loop runs dry and
+ *                    uv_loop_close() must return 0 (a caller's loop no longer holds any
+ *                    handle of the host).
+ * In-process calls (mph_host_call) in flight are waited for as HTTP requests are: the step
+ * after the drain waits for them too (bounded by the same deadline).
+ *
+ * The loop is the host's own (cfg.loop NULL: created here, run by mph_host_run, closed by
+ * mph_host_free) or the caller's, which the host never runs: every wait is a callback.
  */
 #define _POSIX_C_SOURCE 200809L
 #include "mphost.h"
 
+#include <assert.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -63,7 +72,8 @@
 typedef enum { HOST_NEW, HOST_RUNNING, HOST_STOPPING, HOST_CLOSED } host_state_t;
 
 struct mph_host_s {
-    uv_loop_t loop;
+    uv_loop_t own_loop;    /* the loop, when the host owns it (cfg.loop NULL) */
+    uv_loop_t *loop;       /* &own_loop, or the caller's (borrowed) */
     mph_host_config_t cfg; /* strings borrowed from the caller's config */
     host_state_t state;
     mph_http_server_t *http;    /* owned */
@@ -81,9 +91,32 @@ struct mph_host_s {
     uv_timer_t deadline; /* bounds the graceful stop */
     int deadline_passed; /* it fired: what is still running is cut */
     int listening;
-    uv_prepare_t beat;    /* stamps cfg.heartbeat before the loop waits (if heartbeat) */
-    uv_timer_t beat_tick; /* turns an idle loop every HEARTBEAT_TICK_MS (idem) */
+    uv_prepare_t beat;         /* stamps cfg.heartbeat before the loop waits (if heartbeat) */
+    uv_timer_t beat_tick;      /* turns an idle loop every HEARTBEAT_TICK_MS (idem) */
+    size_t calls_in_flight;    /* in-process calls whose callback has not run (mph_host_call) */
+    struct host_call_s *ready; /* calls answered inside mph_host_call, oldest first ... */
+    struct host_call_s **ready_tail; /* (where the next one goes) */
+    uv_idle_t deliver;               /* ... which this hands to their callbacks on the next turn */
+    int http_drained;           /* the stop has drained HTTP; it waits for calls_in_flight ... */
+    int drain_done;             /* ... and has gone on to close the rest (after_drain) */
+    unsigned closing;           /* close callbacks to come (the bridge's, the host's handles')
+                                   before the host is closed */
+    mph_host_close_cb close_cb; /* mph_host_close's (NULL: none) */
+    void *close_ud;
 };
+
+/* An in-process call in flight: the caller's callback, and the host that counts it. A reply
+ * that comes before mph_host_call has returned is kept here until the next turn of the loop
+ * (its callback never runs inside mph_host_call). */
+typedef struct host_call_s {
+    mph_host_t *h;
+    mph_host_call_cb cb;
+    void *ud;
+    int returned;             /* mph_host_call has returned: a reply goes straight to cb */
+    int early;                /* it was answered before: the reply waits in `kept` */
+    struct host_call_s *next; /* in h->ready, once answered early */
+    mph_host_reply_t kept;    /* that early reply (its json and message owned) */
+} host_call_t;
 
 void mph_host_config_default(mph_host_config_t *cfg)
 {
@@ -145,7 +178,7 @@ static void publish_metrics(mph_host_t *h)
 static void on_beat(uv_prepare_t *p)
 {
     mph_host_t *h = mph_container_of(p, mph_host_t, beat);
-    __atomic_store_n(h->cfg.heartbeat, uv_now(&h->loop), __ATOMIC_RELAXED);
+    __atomic_store_n(h->cfg.heartbeat, uv_now(h->loop), __ATOMIC_RELAXED);
     publish_metrics(h);
 }
 
@@ -156,9 +189,9 @@ static void on_beat_tick(uv_timer_t *t)
 
 static void start_heartbeat(mph_host_t *h)
 {
-    uv_prepare_init(&h->loop, &h->beat);
+    uv_prepare_init(h->loop, &h->beat);
     uv_prepare_start(&h->beat, on_beat);
-    uv_timer_init(&h->loop, &h->beat_tick);
+    uv_timer_init(h->loop, &h->beat_tick);
     uv_timer_start(&h->beat_tick, on_beat_tick, HEARTBEAT_TICK_MS, HEARTBEAT_TICK_MS);
     /* Neither keeps the loop running by itself: a host that is done still ends. */
     uv_unref((uv_handle_t *)&h->beat);
@@ -221,7 +254,7 @@ static int open_redis(mph_host_t *h, char *err, size_t errlen)
     }
     if (*hostpart)
         rc.host = hostpart;
-    return mph_store_redis_open(&h->store, &h->loop, &rc, err, errlen);
+    return mph_store_redis_open(&h->store, h->loop, &rc, err, errlen);
 }
 
 /* ---- GET: /metrics, /healthz, /readyz (answered without Lua) ---- */
@@ -304,14 +337,15 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
 {
     mph_host_t *h = mph_xcalloc(1, sizeof(*h));
     h->cfg = *cfg;
-    int rc = uv_loop_init(&h->loop);
+    h->loop = cfg->loop ? cfg->loop : &h->own_loop;
+    int rc = cfg->loop ? 0 : uv_loop_init(h->loop);
     if (rc != 0) {
         snprintf(err, errlen, "cannot create the event loop: %s", uv_strerror(rc));
         free(h);
         return MPH_EIO;
     }
     if (strcmp(cfg->storage, "file") == 0) {
-        rc = mph_store_file_open(&h->store, &h->loop, cfg->data_dir, err, errlen);
+        rc = mph_store_file_open(&h->store, h->loop, cfg->data_dir, err, errlen);
     } else if (strncmp(cfg->storage, "redis://", 8) == 0) {
         rc = open_redis(h, err, errlen);
     } else {
@@ -321,7 +355,7 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
     }
     if (rc != 0)
         goto fail_loop;
-    rc = mph_auth_new(&h->auth, &h->loop, cfg->users_file, err, errlen);
+    rc = mph_auth_new(&h->auth, h->loop, cfg->users_file, err, errlen);
     if (rc != 0)
         goto fail_store;
     if (cfg->access_log && (rc = mph_accesslog_open(&h->alog, cfg->access_log, err, errlen)) != 0)
@@ -343,7 +377,7 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
                                       ? cfg->handler_timeout_ms + FORWARD_SLACK_MS
                                       : FORWARD_NO_LIMIT_MS,
                                   idle < PEER_IDLE_MS ? (idle ? idle : 1) : PEER_IDLE_MS};
-        mph_peer_new(&h->peer, &h->loop, &pcfg);
+        mph_peer_new(&h->peer, h->loop, &pcfg);
     }
     mph_lua_config_t lcfg = {.store = h->store,
                              .max_retries = cfg->max_retries,
@@ -355,20 +389,28 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
                              .scope_cache = cfg->scope_cache,
                              .forward = h->peer ? mph_peer_forward : NULL,
                              .forward_ud = h->peer};
-    rc = mph_lua_new(&h->lua, &h->loop, &lcfg);
+    rc = mph_lua_new(&h->lua, h->loop, &lcfg);
     if (rc != 0) {
         snprintf(err, errlen, "cannot create the Lua state: %s", mph_strerror(rc));
         goto fail_log;
     }
     mph_metrics_init(&h->metrics, cfg->metrics_slot);
     h->rpc = (mph_rpc_t){h->lua, h->auth, &h->metrics};
-    mph_http_server_new(&h->http, &h->loop, &h->http_cfg, mph_rpc_handle, &h->rpc);
+    mph_http_server_new(&h->http, h->loop, &h->http_cfg, mph_rpc_handle, &h->rpc);
     mph_http_set_get_handler(h->http, on_get);
-    uv_async_init(&h->loop, &h->stop_async, on_stop_async);
-    uv_timer_init(&h->loop, &h->deadline);
+    uv_async_init(h->loop, &h->stop_async, on_stop_async);
+    uv_timer_init(h->loop, &h->deadline);
+    uv_idle_init(h->loop, &h->deliver);
+    h->ready_tail = &h->ready;
     if (cfg->heartbeat)
         start_heartbeat(h);
     h->state = HOST_NEW;
+    if (cfg->loop) {
+        /* The caller runs its loop: the host serves from now on, and an idle host does not
+         * keep that loop running (its listener, a Redis connection, work in flight do). */
+        h->state = HOST_RUNNING;
+        uv_unref((uv_handle_t *)&h->stop_async);
+    }
     *out = h;
     return 0;
 
@@ -381,8 +423,10 @@ fail_store:
         mph_peer_free(h->peer); /* it has done nothing yet */
     h->store->methods->close(h->store, NULL, NULL);
 fail_loop:
-    uv_run(&h->loop, UV_RUN_DEFAULT); /* let the store's close callbacks run */
-    uv_loop_close(&h->loop);
+    if (h->loop == &h->own_loop) {       /* a caller's loop finishes these closes as it runs */
+        uv_run(h->loop, UV_RUN_DEFAULT); /* let the store's close callbacks run */
+        uv_loop_close(h->loop);
+    }
     free(h);
     return rc;
 }
@@ -394,10 +438,11 @@ static void check_served(mph_host_t *h, const char *name)
     if (!mph_lua_serve_called(h->lua))
         mph_log(MPH_LOG_WARN, "%s did not call mp.serve(); serving its services anyway", name);
     if (mph_lua_uses_auth(h->lua) && h->cfg.users_file == NULL)
-        mph_log(MPH_LOG_WARN,
-                "%s has services behind mp.basicAuth but no --users=FILE was given: every call "
-                "to them is refused (-32004)",
-                name);
+        mph_log(
+            MPH_LOG_WARN,
+            "%s has services behind mp.basicAuth but no --users=FILE was given: every HTTP call "
+            "to them is refused (-32004)",
+            name);
 }
 
 int mph_host_load_file(mph_host_t *h, const char *path, char *err, size_t errlen)
@@ -463,33 +508,61 @@ int mph_host_port(const mph_host_t *h)
 
 /* ---- Stopping ---- */
 
+/* One close callback fewer to wait for; after the last one the host is closed. Nothing of
+ * the host is touched after close_cb, which may free it. */
+static void closed_one(mph_host_t *h)
+{
+    assert(h->closing > 0);
+    if (--h->closing > 0)
+        return;
+    h->state = HOST_CLOSED;
+    if (h->close_cb)
+        h->close_cb(h, h->close_ud);
+}
+
 static void on_handle_closed(uv_handle_t *handle)
 {
-    (void)handle; /* the host's handles are embedded; the host is freed by mph_host_free */
+    closed_one(handle->data); /* the host's handles are embedded in it */
 }
+
+static void close_handle(mph_host_t *h, uv_handle_t *handle)
+{
+    handle->data = h;
+    h->closing++;
+    uv_close(handle, on_handle_closed);
+}
+
+static void deliver_ready(mph_host_t *h);
 
 static void close_host_handles(mph_host_t *h)
 {
-    uv_close((uv_handle_t *)&h->stop_async, on_handle_closed);
-    uv_close((uv_handle_t *)&h->deadline, on_handle_closed);
+    deliver_ready(h); /* replies of the last turn (after a deadline cut the wait for them) */
+    close_handle(h, (uv_handle_t *)&h->deliver);
+    close_handle(h, (uv_handle_t *)&h->stop_async);
+    close_handle(h, (uv_handle_t *)&h->deadline);
     if (h->cfg.heartbeat) {
-        uv_close((uv_handle_t *)&h->beat, on_handle_closed);
-        uv_close((uv_handle_t *)&h->beat_tick, on_handle_closed);
+        close_handle(h, (uv_handle_t *)&h->beat);
+        close_handle(h, (uv_handle_t *)&h->beat_tick);
     }
     if (h->signals_on) {
-        uv_close((uv_handle_t *)&h->sigint, on_handle_closed);
-        uv_close((uv_handle_t *)&h->sigterm, on_handle_closed);
-        uv_close((uv_handle_t *)&h->sighup, on_handle_closed);
-        uv_close((uv_handle_t *)&h->sigusr1, on_handle_closed);
+        close_handle(h, (uv_handle_t *)&h->sigint);
+        close_handle(h, (uv_handle_t *)&h->sigterm);
+        close_handle(h, (uv_handle_t *)&h->sighup);
+        close_handle(h, (uv_handle_t *)&h->sigusr1);
     }
-    h->state = HOST_CLOSED;
+}
+
+static void on_lua_closed(void *ud)
+{
+    closed_one(ud);
 }
 
 static void on_store_closed(void *ud)
 {
     mph_host_t *h = ud;
     h->store = NULL;
-    mph_lua_close(h->lua); /* frees itself once its timer has closed */
+    h->closing++;
+    mph_lua_close(h->lua, on_lua_closed, h); /* frees itself once its timers have closed */
     h->lua = NULL;
     close_host_handles(h);
 }
@@ -520,9 +593,11 @@ static void on_peer_closed(void *ud)
     close_auth(ud);
 }
 
-static void on_http_drained(void *ud)
+/* HTTP has drained and no in-process call is in flight (or the deadline passed): the
+ * listener of other workers' calls, then the authenticator, the store, the rest. */
+static void after_drain(mph_host_t *h)
 {
-    mph_host_t *h = ud;
+    h->drain_done = 1;
     if (h->peer == NULL) {
         close_auth(h);
         return;
@@ -532,6 +607,22 @@ static void on_http_drained(void *ud)
         mph_peer_abort(h->peer);
 }
 
+/* Whether the stop waits for in-process calls before it goes on. */
+static int waiting_for_calls(const mph_host_t *h)
+{
+    return h->http_drained && !h->drain_done;
+}
+
+static void on_http_drained(void *ud)
+{
+    mph_host_t *h = ud;
+    h->http_drained = 1;
+    if (h->calls_in_flight == 0 || h->deadline_passed)
+        after_drain(h);
+    else
+        mph_log(MPH_LOG_INFO, "waiting for %zu in-process call(s)", h->calls_in_flight);
+}
+
 static void on_deadline(uv_timer_t *t)
 {
     mph_host_t *h = mph_container_of(t, mph_host_t, deadline);
@@ -539,7 +630,9 @@ static void on_deadline(uv_timer_t *t)
             h->cfg.shutdown_timeout_ms);
     h->deadline_passed = 1;
     mph_http_abort(h->http);
-    if (h->peer)
+    if (waiting_for_calls(h)) /* they are answered when the store and the bridge close */
+        after_drain(h);
+    else if (h->peer)
         mph_peer_abort(h->peer);
 }
 
@@ -554,9 +647,15 @@ static void begin_stop(mph_host_t *h)
     mph_http_shutdown(h->http, on_http_drained, h);
 }
 
+/* mph_host_stop, or the last in-process call the stop waited for was answered (on_call_reply
+ * wakes the stop here rather than closing the store from inside the store's own callback). */
 static void on_stop_async(uv_async_t *a)
 {
-    begin_stop(mph_container_of(a, mph_host_t, stop_async));
+    mph_host_t *h = mph_container_of(a, mph_host_t, stop_async);
+    if (waiting_for_calls(h) && h->calls_in_flight == 0)
+        after_drain(h);
+    else
+        begin_stop(h);
 }
 
 static void on_signal(uv_signal_t *s, int signum)
@@ -593,10 +692,10 @@ static void on_sigusr1(uv_signal_t *s, int signum)
 
 int mph_host_handle_signals(mph_host_t *h)
 {
-    uv_signal_init(&h->loop, &h->sigint);
-    uv_signal_init(&h->loop, &h->sigterm);
-    uv_signal_init(&h->loop, &h->sighup);
-    uv_signal_init(&h->loop, &h->sigusr1);
+    uv_signal_init(h->loop, &h->sigint);
+    uv_signal_init(h->loop, &h->sigterm);
+    uv_signal_init(h->loop, &h->sighup);
+    uv_signal_init(h->loop, &h->sigusr1);
     h->sigint.data = h->sigterm.data = h->sighup.data = h->sigusr1.data = h;
     uv_signal_start(&h->sigint, on_signal, SIGINT);
     uv_signal_start(&h->sigterm, on_signal, SIGTERM);
@@ -613,34 +712,138 @@ void mph_host_stop(mph_host_t *h)
 
 int mph_host_stop_requested(mph_host_t *h)
 {
-    uv_run(&h->loop, UV_RUN_NOWAIT); /* runs on_signal or on_stop_async if one is pending */
+    if (h->loop == &h->own_loop)        /* a caller's loop has delivered them already */
+        uv_run(h->loop, UV_RUN_NOWAIT); /* runs on_signal or on_stop_async if one is pending */
     return h->state == HOST_STOPPING || h->state == HOST_CLOSED;
 }
 
 int mph_host_run(mph_host_t *h)
 {
+    if (h->loop != &h->own_loop)
+        return MPH_EINVAL; /* the caller runs its loop */
     if (h->state == HOST_NEW)
         h->state = HOST_RUNNING;
-    uv_run(&h->loop, UV_RUN_DEFAULT);
+    uv_run(h->loop, UV_RUN_DEFAULT);
+    return 0;
+}
+
+int mph_host_close(mph_host_t *h, mph_host_close_cb cb, void *ud)
+{
+    if (cb == NULL)
+        return MPH_EINVAL;
+    if (h->close_cb || h->state == HOST_CLOSED)
+        return MPH_ECLOSED;
+    h->close_cb = cb;
+    h->close_ud = ud;
+    /* The stop begins on the loop's next turn, as mph_host_stop's does: the caller may be
+     * inside one of the host's callbacks (a call's reply), where closing the store would be
+     * closing it from inside its own callback. A stop already under way ends in cb too.
+     * Referenced again, so that a caller's loop runs until the host has closed. */
+    uv_ref((uv_handle_t *)&h->stop_async);
+    uv_async_send(&h->stop_async);
     return 0;
 }
 
 void mph_host_free(mph_host_t *h)
 {
-    if (h->state != HOST_CLOSED)
-        begin_stop(h);
-    /* Until every handle has closed: even a host that reached HOST_CLOSED inside
-     * mph_host_stop_requested's one turn of the loop may have close callbacks still due. */
-    uv_run(&h->loop, UV_RUN_DEFAULT);
+    if (h->loop != &h->own_loop && h->state != HOST_CLOSED) {
+        mph_log(MPH_LOG_ERROR, "bug: mph_host_free on the caller's loop before mph_host_close's "
+                               "callback: the host is left allocated");
+        return;
+    }
+    if (h->loop == &h->own_loop) {
+        begin_stop(h); /* nothing if stopping or closed */
+        /* Until every handle has closed: even a host that reached HOST_CLOSED inside
+         * mph_host_stop_requested's one turn of the loop may have close callbacks still due. */
+        uv_run(h->loop, UV_RUN_DEFAULT);
+    }
     mph_http_server_free(h->http);
     mph_metrics_free(&h->metrics);
     if (h->peer)
         mph_peer_free(h->peer);
     mph_accesslog_close(h->alog); /* after the server: it wrote to it up to the end */
-    int rc = uv_loop_close(&h->loop);
-    if (rc != 0) {
-        mph_log(MPH_LOG_ERROR, "bug: handles left open at exit (%s):", uv_strerror(rc));
-        uv_print_all_handles(&h->loop, stderr);
+    if (h->loop == &h->own_loop) {
+        int rc = uv_loop_close(h->loop);
+        if (rc != 0) {
+            mph_log(MPH_LOG_ERROR, "bug: handles left open at exit (%s):", uv_strerror(rc));
+            uv_print_all_handles(h->loop, stderr);
+        }
     }
     free(h);
+}
+
+/* ---- Embedding: C functions, in-process calls ---- */
+
+int mph_host_register_function(mph_host_t *h, const char *name, mph_host_function_t fn, void *ud)
+{
+    if (h->lua == NULL)
+        return MPH_ECLOSED;
+    return mph_lua_register(h->lua, name, fn, ud);
+}
+
+/* Hands a reply to the call's callback and forgets the call; the stop may have waited for
+ * it. */
+static void deliver(host_call_t *c, const mph_host_reply_t *reply)
+{
+    mph_host_t *h = c->h;
+    c->cb(c->ud, reply);
+    free(c);
+    if (--h->calls_in_flight == 0 && waiting_for_calls(h))
+        uv_async_send(&h->stop_async); /* on a clean stack, not inside the store's callback */
+}
+
+/* The calls answered early, in the order they were made (those that their callbacks make
+ * meanwhile wait for the next turn). */
+static void deliver_ready(mph_host_t *h)
+{
+    host_call_t *c = h->ready;
+    h->ready = NULL;
+    h->ready_tail = &h->ready;
+    uv_idle_stop(&h->deliver);
+    while (c) {
+        host_call_t *next = c->next;
+        char *json = (char *)c->kept.json, *message = (char *)c->kept.message;
+        deliver(c, &c->kept);
+        free(json);
+        free(message);
+        c = next;
+    }
+}
+
+static void on_deliver(uv_idle_t *idle)
+{
+    deliver_ready(mph_container_of(idle, mph_host_t, deliver));
+}
+
+static void on_call_reply(void *ud, mph_lua_reply_t *reply)
+{
+    host_call_t *c = ud;
+    if (!c->returned) { /* inside mph_host_call: kept for the next turn (taking the texts) */
+        c->kept = (mph_host_reply_t){reply->code, reply->json, reply->json_len, reply->message};
+        reply->json = reply->message = NULL;
+        c->early = 1;
+        return;
+    }
+    deliver(c, &(mph_host_reply_t){reply->code, reply->json, reply->json_len, reply->message});
+}
+
+int mph_host_call(mph_host_t *h, const char *method, const char *params, size_t len,
+                  const char *user, mph_host_call_cb cb, void *ud)
+{
+    if (method == NULL || cb == NULL)
+        return MPH_EINVAL;
+    if (h->state == HOST_STOPPING || h->state == HOST_CLOSED)
+        return MPH_ECLOSED;
+    host_call_t *c = mph_xcalloc(1, sizeof(*c));
+    *c = (host_call_t){.h = h, .cb = cb, .ud = ud};
+    h->calls_in_flight++;
+    mph_rpc_call(&h->rpc, method, params, len, user, on_call_reply, c);
+    c->returned = 1;
+    if (c->early) {
+        if (h->ready == NULL)
+            uv_idle_start(&h->deliver, on_deliver);
+        *h->ready_tail = c;
+        h->ready_tail = &c->next;
+    }
+    return 0;
 }

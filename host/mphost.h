@@ -13,8 +13,9 @@
  *   mph_host_run(h);                   // until stopped
  *   mph_host_free(h);
  *
- * A host owns its libuv loop, its Lua state and its storage connection. All functions but
- * mph_host_stop must be called from the thread that runs the host.
+ * A host owns its Lua state and its storage connection, and its libuv loop unless the caller
+ * gives it one (cfg.loop: see "The caller's loop" below). All functions but mph_host_stop
+ * must be called from the thread that runs the host's loop.
  *
  * SIGPIPE: the library changes no signal disposition of the process (but SIGURG's, when a host
  * is created with `supervised` set: see below). libuv writes to sockets
@@ -32,6 +33,7 @@
 #define MPHOST_VERSION "0.1.0"
 
 typedef struct mph_host_s mph_host_t;
+struct uv_loop_s; /* libuv's uv_loop_t: this header needs no libuv header */
 
 typedef struct {
     const char *listen;           /* address to bind; default "0.0.0.0" */
@@ -90,13 +92,19 @@ typedef struct {
     const struct mph_metrics_slot_s *metrics_slots; /* NULL: /metrics shows its own slot;
                                      else every slot a scrape sums (the supervisor's) */
     size_t metrics_nslots;                          /* how many */
+    struct uv_loop_s *loop; /* NULL (default): the host creates its own loop, which
+                               mph_host_run runs; else the caller's loop (initialised, not
+                               closed before the host is), which the caller runs: see "The
+                               caller's loop" below */
 } mph_host_config_t;
 
 /* Fills every field with its default. */
 void mph_host_config_default(mph_host_config_t *cfg);
 
-/* Creates a host: loop, storage (opened; Redis is checked to answer), Lua state.
- * cfg is copied. Returns 0, or a negative code with a one-line message in err. */
+/* Creates a host: loop (unless cfg.loop), storage (opened; Redis is checked to answer), Lua
+ * state. cfg is copied (its strings are borrowed: they must outlive the host). Returns 0, or a
+ * negative code with a one-line message in err. On a caller's loop, a failure may leave
+ * handles closing on it: run the loop before closing it. */
 int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size_t errlen);
 
 /* Runs a service script (a file, or source text named `name`). Returns 0 or a negative code
@@ -129,17 +137,96 @@ int mph_host_handle_signals(mph_host_t *h);
  * that a SIGTERM that came during the load is not lost. */
 int mph_host_stop_requested(mph_host_t *h);
 
-/* Serves until stopped, then closes everything. Returns 0. */
+/* Serves until stopped, then closes everything. Returns 0; MPH_EINVAL's code (and does
+ * nothing) for a host on the caller's loop, which the caller runs. */
 int mph_host_run(mph_host_t *h);
 
 /* Asks the host to stop gracefully: stop accepting, finish in-flight requests (up to the
  * shutdown timeout), close. Safe from any thread and from a signal handler. */
 void mph_host_stop(mph_host_t *h);
 
-/* Frees a host that has returned from mph_host_run, or that never ran. */
+/* Frees a host that has returned from mph_host_run, or that never ran (its own loop is then
+ * run until the host has closed). A host on the caller's loop is freed only once
+ * mph_host_close's callback has run (in that callback or later); freeing it earlier is a bug
+ * that is logged, and the host is left allocated. */
 void mph_host_free(mph_host_t *h);
 
 /* Message for a negative code returned here. */
 const char *mph_host_strerror(int err);
+
+/* ---- The caller's loop ----
+ *
+ * With cfg.loop set, the host opens its handles on that loop (and its storage's, its HTTP
+ * server's, its timers') and never runs it: the caller runs it, with its own handles beside
+ * the host's. An idle host does not keep the loop running by itself (its listener, a Redis
+ * connection and work in flight do). mph_host_handle_signals stays the caller's choice.
+ * To end the host, the caller calls mph_host_close and keeps running the loop: the host stops
+ * as on mph_host_stop (in-flight HTTP requests and in-process calls finish, up to
+ * cfg.shutdown_timeout_ms), closes every handle it opened, and then calls cb, after which
+ * nothing of the host is left on the loop: the caller frees the host (mph_host_free, in cb or
+ * later), and its loop can run dry and uv_loop_close() it. */
+
+typedef void (*mph_host_close_cb)(mph_host_t *h, void *ud);
+
+/* Starts closing the host; cb (not NULL) runs exactly once, on the loop's thread, never
+ * before this returns, once the host is closed. Works with the host's own loop too: cb then
+ * runs inside mph_host_run (or mph_host_free), and the host is freed after that returns,
+ * not in cb. Returns 0, or a negative code (cb will not run) when the host is already closed
+ * or closing by mph_host_close. */
+int mph_host_close(mph_host_t *h, mph_host_close_cb cb, void *ud);
+
+/* ---- C functions callable from Lua ----
+ *
+ * A function registered as NAME is require("metaparticle").c.NAME in Lua. Lua calls it with
+ * any arguments: they reach C as one JSON array text (args, args_len bytes, NUL-terminated),
+ * mapped as a handler's result is (README, "JSON <-> Lua": nil -> null, tables -> arrays or
+ * objects; a value with no JSON form raises in the caller). The function returns 0 and sets
+ * *result to a JSON text, which Lua receives as params are mapped (NULL: null); or nonzero
+ * and sets *result to an error message (NULL: "NAME failed"), which is raised as a Lua error
+ * in the handler that called it (uncaught, the call fails with -32000 and that message); a
+ * *result that is not JSON raises too. *result is malloc'd by the function and freed by the
+ * host. The process stays up either way.
+ *
+ * Rules: it runs on the loop's thread, synchronously, inside the handler (keep it short: the
+ * loop waits, and the handler time limit counts it). A handler may run more than once for one
+ * call (a conflicting transaction runs again on fresh data) and a run may be dropped, so the
+ * function must not have effects that must happen once: make it a pure function, a read, or
+ * idempotent (e.g. keyed by an id the caller passes, so a second run finds the work done).
+ * Writes that must happen exactly once belong in a scope (mp.scope), which commits with the
+ * call. */
+
+typedef int (*mph_host_function_t)(void *ud, const char *args, size_t args_len, char **result);
+
+/* Makes fn (with ud, borrowed) callable as c.NAME; register before loading the script that
+ * uses it (a script may look it up at load time). name (copied) is a non-empty string not
+ * registered yet. Returns 0, or a negative code (a bad or taken name, no memory). */
+int mph_host_register_function(mph_host_t *h, const char *name, mph_host_function_t fn, void *ud);
+
+/* ---- In-process calls ----
+ *
+ * A call without HTTP (no mph_host_listen needed): the same checks, transactions, retries and
+ * time limit as a call over HTTP, and the same answer as the call object of a JSON-RPC
+ * response would carry. It is counted in /metrics (there is no access-log line). */
+
+typedef struct {
+    int code;            /* 0: a result; else the JSON-RPC error code */
+    const char *json;    /* the result's JSON text; for an error, its data's (NULL: none) */
+    size_t json_len;     /* bytes in json */
+    const char *message; /* the error's message; NULL for a result */
+} mph_host_reply_t;
+
+/* Receives an in-process call's reply (borrowed: valid during the callback only). */
+typedef void (*mph_host_call_cb)(void *ud, const mph_host_reply_t *reply);
+
+/* Calls `method` (NUL-terminated) with params, a JSON text of len bytes (an array: positional
+ * arguments; an object: one table; NULL: none), as `user` (NULL: nobody; else a user the
+ * caller vouches for, whom the handler sees as mp.user: a service behind mp.basicAuth refuses
+ * a call without one, -32004, as HTTP does a call without credentials). Params that do not
+ * parse are -32700, that are neither array nor object -32602; an unknown or unexposed method
+ * -32601. cb runs exactly once, on the loop's thread, never before this returns (a reply
+ * that is ready at once, such as an error, comes on the loop's next turn). Returns 0, or a
+ * negative code (cb will not run): no method or cb, or the host is stopping. */
+int mph_host_call(mph_host_t *h, const char *method, const char *params, size_t len,
+                  const char *user, mph_host_call_cb cb, void *ud);
 
 #endif

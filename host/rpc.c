@@ -51,6 +51,24 @@ typedef struct call_s {
 } call_t;
 
 #define WWW_AUTHENTICATE "WWW-Authenticate: Basic realm=\"mphost\"\r\n"
+#define PARAMS_PROBLEM "Invalid params: params must be an array or an object"
+
+/* Parses a JSON text (a request body, an in-process call's params). Returns a new reference,
+ * or NULL with the JSON-RPC error in *code and msg: -32602 for a number out of range, else
+ * -32700. */
+static json_t *load_json(const char *text, size_t len, int *code, char *msg, size_t msglen)
+{
+    json_error_t err;
+    json_t *doc = mph_json_load(text, len, &err);
+    if (doc == NULL && json_error_code(&err) == json_error_numeric_overflow) {
+        *code = MPH_RPC_INVALID_PARAMS;
+        snprintf(msg, msglen, "Invalid params: %s", err.text);
+    } else if (doc == NULL) {
+        *code = MPH_RPC_PARSE_ERROR;
+        snprintf(msg, msglen, "Parse error: %s", err.text);
+    }
+    return doc;
+}
 
 static void write_error(mph_buf_t *b, const json_t *id, int code, const char *message,
                         const char *data, size_t data_len)
@@ -112,20 +130,27 @@ static void call_finish(call_t *call)
     free(call);
 }
 
-/* Counts the call's reply (metrics.h). Its method gets a label of its own only when the
- * bridge answered with something else than -32601 (the method is exposed), or when its
- * credentials were refused (it is a service): a client cannot make up labels. */
+/* Counts a call's reply in m (metrics.h; NULL: not counted). Its method (mlen bytes) gets a
+ * label of its own only when known: the bridge answered with something else than -32601 (the
+ * method is exposed), or its credentials were refused (it is a service); a client cannot make
+ * up labels. */
+static void count_call(mph_metrics_t *m, const char *method, size_t mlen, int known, int code,
+                       uint64_t start_ns)
+{
+    if (m == NULL)
+        return;
+    int ix = method ? mph_metrics_method(m, method, mlen, known) : 0;
+    mph_metrics_request(m, ix, code, uv_hrtime() - start_ns);
+}
+
+/* Counts the slot's reply (a client's call: not forwarded ones). */
 static void count(slot_t *s, int known_method)
 {
-    mph_metrics_t *m = s->call->rpc->metrics;
     json_t *method = s->method;
     s->method = NULL;
-    if (m && s->call->role == MPH_LUA_CALL) {
-        int ix = method ? mph_metrics_method(m, json_string_value(method),
-                                             json_string_length(method), known_method)
-                        : 0;
-        mph_metrics_request(m, ix, s->code, uv_hrtime() - s->call->start_ns);
-    }
+    if (s->call->role == MPH_LUA_CALL)
+        count_call(s->call->rpc->metrics, json_string_value(method), json_string_length(method),
+                   known_method, s->code, s->call->start_ns);
     json_decref(method); /* NULL: nothing */
 }
 
@@ -229,8 +254,7 @@ static void dispatch(mph_rpc_t *rpc, slot_t *s, const json_t *r)
             slot_done(s);
             return;
         }
-        slot_error(s, MPH_RPC_INVALID_PARAMS,
-                   "Invalid params: params must be an array or an object");
+        slot_error(s, MPH_RPC_INVALID_PARAMS, PARAMS_PROBLEM);
         return;
     }
     if (rpc->metrics)
@@ -284,17 +308,11 @@ static void handle(mph_rpc_t *rpc, mph_http_req_t *req, const char *body, size_t
                    mph_lua_role_t role)
 {
     mph_metrics_t *counted = role == MPH_LUA_CALL ? rpc->metrics : NULL;
-    json_error_t err;
-    json_t *doc = mph_json_load(body, len, &err);
+    char msg[256];
+    int code;
+    json_t *doc = load_json(body, len, &code, msg, sizeof(msg));
     if (doc == NULL) {
-        char msg[256];
-        if (json_error_code(&err) == json_error_numeric_overflow) {
-            snprintf(msg, sizeof(msg), "Invalid params: %s", err.text);
-            answer_alone(counted, req, MPH_RPC_INVALID_PARAMS, msg);
-        } else {
-            snprintf(msg, sizeof(msg), "Parse error: %s", err.text);
-            answer_alone(counted, req, MPH_RPC_PARSE_ERROR, msg);
-        }
+        answer_alone(counted, req, code, msg);
         return;
     }
     if (json_is_array(doc) && json_array_size(doc) == 0) {
@@ -343,4 +361,65 @@ void mph_rpc_handle_forwarded(void *ud, mph_http_req_t *req, const char *body, s
         return;
     }
     handle(ud, req, body, len, role);
+}
+
+/* ---- In-process calls ---- */
+
+typedef struct {
+    mph_rpc_t *rpc;      /* borrowed */
+    char *method;        /* owned copy, for the metrics */
+    uint64_t start_ns;   /* uv_hrtime at the call */
+    mph_lua_reply_cb cb; /* the caller's */
+    void *ud;
+} direct_t;
+
+static void on_direct_reply(void *ud, mph_lua_reply_t *reply)
+{
+    direct_t *d = ud;
+    count_call(d->rpc->metrics, d->method, strlen(d->method),
+               reply->code != MPH_RPC_METHOD_NOT_FOUND, reply->code, d->start_ns);
+    d->cb(d->ud, reply);
+    free(d->method);
+    free(d);
+}
+
+/* Answers a call the bridge never saw, as HTTP answers its call object (slot_error). */
+static void direct_error(direct_t *d, int code, const char *message)
+{
+    count_call(d->rpc->metrics, d->method, strlen(d->method), code == MPH_RPC_UNAUTHORIZED, code,
+               d->start_ns);
+    mph_lua_reply_t reply = {code, NULL, 0, mph_xstrdup(message)};
+    d->cb(d->ud, &reply);
+    free(reply.json);
+    free(reply.message);
+    free(d->method);
+    free(d);
+}
+
+void mph_rpc_call(mph_rpc_t *rpc, const char *method, const char *params, size_t len,
+                  const char *user, mph_lua_reply_cb cb, void *ud)
+{
+    direct_t *d = mph_xcalloc(1, sizeof(*d));
+    *d = (direct_t){rpc, mph_xstrdup(method), uv_hrtime(), cb, ud};
+    json_t *doc = NULL;
+    if (params) {
+        char msg[256];
+        int code;
+        if ((doc = load_json(params, len, &code, msg, sizeof(msg))) == NULL) {
+            direct_error(d, code, msg);
+            return;
+        }
+        if (!json_is_array(doc) && !json_is_object(doc)) {
+            json_decref(doc);
+            direct_error(d, MPH_RPC_INVALID_PARAMS, PARAMS_PROBLEM);
+            return;
+        }
+    }
+    if (user == NULL && mph_lua_needs_auth(rpc->lua, method, strlen(method))) {
+        json_decref(doc);
+        direct_error(d, MPH_RPC_UNAUTHORIZED, mph_rpc_message(MPH_RPC_UNAUTHORIZED));
+        return;
+    }
+    mph_lua_call_as(rpc->lua, MPH_LUA_CALL, user, method, strlen(method), doc, on_direct_reply, d);
+    json_decref(doc); /* the bridge keeps its own reference */
 }

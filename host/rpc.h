@@ -26,6 +26,14 @@ typedef struct {
  * WWW-Authenticate when every call was refused for its credentials (-32004). */
 void mph_rpc_handle(void *ud, mph_http_req_t *req, const char *body, size_t len);
 
+/* An in-process call (mph_host_call): `method` (NUL-terminated) with params, a JSON text of len
+ * bytes (NULL: none), as `user` (borrowed; NULL: nobody, and a service behind mp.basicAuth
+ * refuses the call, -32004). Checked, run and counted as a client's call object over HTTP
+ * is; cb gets the reply that object would get (mph_lua_reply_cb's rules), exactly once,
+ * possibly before this returns. */
+void mph_rpc_call(mph_rpc_t *rpc, const char *method, const char *params, size_t len,
+                  const char *user, mph_lua_reply_cb cb, void *ud);
+
 /* The header that carries the role of a forwarded call (mph_lua_role_name), lowercase: the
  * peer listener's HTTP server captures it (mph_http_config_t.capture_header); the public one
  * does not, so a client cannot choose a role. */

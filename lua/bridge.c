@@ -318,6 +318,102 @@ static int l_fail_allocations(lua_State *L)
     return 0;
 }
 
+/* ---- C functions of the embedding program (c.NAME) ---- */
+
+/* c.NAME(...) -> the function's result. Upvalues: the bridge, the mph_lua_cfunc_t. The
+ * arguments go to C as one JSON array (nil -> null, so that positions hold); what C returns
+ * is decoded as params are. Every error (an argument with no JSON form, the function's
+ * failure, a result that is not JSON) is raised as a string. C memory is released before
+ * anything that may raise: the arguments' text is freed before the function's result is
+ * looked at, and that result is copied into the bridge's scratch buffer (which nothing leaks
+ * from) and freed before it is decoded. [-0, +1, e] */
+static int l_cfunc(lua_State *L)
+{
+    mph_lua_t *lua = mph__lua_upvalue(L);
+    const mph_lua_cfunc_t *f = lua_touserdata(L, lua_upvalueindex(2));
+    int n = lua_gettop(L);
+    lua_createtable(L, n, 0); /* Stack: args..., array */
+    for (int i = 1; i <= n; i++) {
+        if (lua_isnil(L, i))
+            lua_pushlightuserdata(L, NULL); /* mp.null */
+        else
+            lua_pushvalue(L, i);
+        lua_rawseti(L, -2, i);
+    }
+    mph_json_push_array_mt(L);
+    lua_setmetatable(L, -2);
+    char err[512], root[160];
+    snprintf(root, sizeof(root), "c.%s(...)", f->name);
+    mph_buf_t args = MPH_BUF_INIT;
+    int rc = mph_json_encode(L, n + 1, root, &args, err, sizeof(err));
+    if (rc != 0) {
+        mph_buf_free(&args);
+        if (rc == MPH_JSON_ENOMEM)
+            return raise_nomem(L);
+        return luaL_error(L, "%s", err);
+    }
+    char *result = NULL;
+    int failed = f->fn(f->ud, args.data, args.len, &result);
+    mph_buf_free(&args);
+    if (failed) {
+        snprintf(err, sizeof(err), "%s", result ? result : "");
+        free(result);
+        if (err[0] == '\0')
+            snprintf(err, sizeof(err), "%s failed", f->name);
+        lua_pushstring(L, err);
+        return lua_error(L);
+    }
+    mph_buf_t *out = &lua->scratch;
+    out->len = 0;
+    mph_buf_puts(out, result ? result : "null");
+    free(result);
+    rc = mph_json_push_text(L, out->data, out->len, err, sizeof(err));
+    if (out->cap > (1 << 20)) /* do not keep a huge value's buffer for good */
+        mph_buf_free(out);
+    if (rc == MPH_JSON_ENOMEM)
+        return raise_nomem(L);
+    if (rc != 0)
+        return luaL_error(L, "c.%s returned invalid JSON: %s", f->name, err);
+    return 1;
+}
+
+typedef struct {
+    mph_lua_t *lua;
+    mph_lua_cfunc_t *f;
+} register_ctx_t;
+
+/* I.c[name] = the closure, under lua_cpcall. [-0, +0, m] */
+static int register_cfunc(lua_State *L)
+{
+    register_ctx_t *c = lua_touserdata(L, 1);
+    mph__lua_get_internal(c->lua, L, "c"); /* Stack: c */
+    lua_pushlightuserdata(L, c->lua);
+    lua_pushlightuserdata(L, c->f);
+    lua_pushcclosure(L, l_cfunc, 2);
+    lua_setfield(L, -2, c->f->name);
+    lua_pop(L, 1);
+    return 0;
+}
+
+int mph_lua_register(mph_lua_t *lua, const char *name, mph_lua_cfunction_t fn, void *ud)
+{
+    if (name == NULL || name[0] == '\0' || fn == NULL)
+        return MPH_EINVAL;
+    for (const mph_lua_cfunc_t *f = lua->cfuncs; f; f = f->next)
+        if (strcmp(f->name, name) == 0)
+            return MPH_EINVAL;
+    mph_lua_cfunc_t *f = mph_xcalloc(1, sizeof(*f));
+    *f = (mph_lua_cfunc_t){lua->cfuncs, fn, ud, mph_xstrdup(name)};
+    register_ctx_t c = {lua, f};
+    if (mph__lua_protect(lua, register_cfunc, &c, "registering a C function") != 0) {
+        free(f->name);
+        free(f);
+        return MPH_ENOMEM;
+    }
+    lua->cfuncs = f;
+    return 0;
+}
+
 static const luaL_Reg helper_functions[] = {{"log", l_log},
                                             {"serve", l_serve},
                                             {"topology", l_topology},
@@ -677,17 +773,29 @@ static void on_timer_closed(uv_handle_t *h)
     mph_lua_t *lua = h->data;
     if (--lua->closing_timers > 0)
         return;
+    void (*closed)(void *) = lua->closed;
+    void *closed_ud = lua->closed_ud;
     lua_close(lua->L);
+    while (lua->cfuncs) {
+        mph_lua_cfunc_t *f = lua->cfuncs;
+        lua->cfuncs = f->next;
+        free(f->name);
+        free(f);
+    }
     mph_buf_free(&lua->scratch);
     for (size_t i = 0; i < lua->nauth_services; i++)
         free(lua->auth_services[i]);
     free(lua->auth_services);
     free(lua);
+    if (closed)
+        closed(closed_ud);
 }
 
-void mph_lua_close(mph_lua_t *lua)
+void mph_lua_close(mph_lua_t *lua, void (*closed)(void *ud), void *ud)
 {
     lua->closing = 1;
+    lua->closed = closed;
+    lua->closed_ud = ud;
     mph_log(lua->stats.calls ? MPH_LOG_INFO : MPH_LOG_DEBUG,
             "transactions: %llu calls, %llu attempts, %llu commits, %llu conflicts",
             (unsigned long long)lua->stats.calls, (unsigned long long)lua->stats.attempts,

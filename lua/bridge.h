@@ -126,9 +126,20 @@ int mph_lua_topology_workers(const mph_lua_t *lua);
 /* Whether the script called mp.serve(). */
 int mph_lua_serve_called(const mph_lua_t *lua);
 
+/* A C function callable from Lua as require("metaparticle").c.NAME (mphost.h,
+ * mph_host_function_t, has the contract): args is the Lua arguments' JSON array; it returns 0
+ * with *result a JSON text, or nonzero with *result an error message (either malloc'd, freed
+ * by the bridge, or NULL). */
+typedef int (*mph_lua_cfunction_t)(void *ud, const char *args, size_t args_len, char **result);
+
+/* Sets c.NAME to fn (with ud, borrowed) in the state. name is copied. Returns 0, MPH_EINVAL
+ * for an empty name or one registered already, or MPH_ENOMEM. */
+int mph_lua_register(mph_lua_t *lua, const char *name, mph_lua_cfunction_t fn, void *ud);
+
 /* Fails calls still waiting with -32002, closes the bridge's handles and frees it once their
- * close callbacks have run (so run the loop afterwards). The store is not closed, and the
- * forwarder must have answered every forward it was given (close it first). */
-void mph_lua_close(mph_lua_t *lua);
+ * close callbacks have run (so run the loop afterwards), then calls closed(ud) (NULL: none).
+ * The store is not closed, and the forwarder must have answered every forward it was given
+ * (close it first). */
+void mph_lua_close(mph_lua_t *lua, void (*closed)(void *ud), void *ud);
 
 #endif

@@ -136,6 +136,14 @@ struct mph_scope_s {
     mph_scope_t *lru_next;
 };
 
+/* A C function registered as c.NAME (mph_lua_register); the closure holds its address. */
+typedef struct mph_lua_cfunc_s {
+    struct mph_lua_cfunc_s *next; /* the bridge's list, freed with it */
+    mph_lua_cfunction_t fn;
+    void *ud;   /* the registrant's, borrowed */
+    char *name; /* owned */
+} mph_lua_cfunc_t;
+
 struct mph_lua_s {
     uv_loop_t *loop;            /* borrowed */
     lua_State *L;               /* the one state */
@@ -171,9 +179,12 @@ struct mph_lua_s {
                                /metrics (mph_lua_stats) */
         uint64_t calls, attempts, commits, conflicts, storage_errors;
     } stats;
-    mph_unit_t *backoffs;   /* units backing off after a conflict, any order */
-    uv_timer_t retry_timer; /* fires at the earliest backoff_until */
-    int closing;            /* mph_lua_close was called */
+    mph_unit_t *backoffs;     /* units backing off after a conflict, any order */
+    uv_timer_t retry_timer;   /* fires at the earliest backoff_until */
+    int closing;              /* mph_lua_close was called */
+    void (*closed)(void *ud); /* mph_lua_close's callback, run once the bridge is freed */
+    void *closed_ud;
+    mph_lua_cfunc_t *cfuncs; /* the registered C functions (owned) */
     /* Arms the hook of a stretch past its deadline (owned); NULL: always armed, or no limit. */
     mph_watchdog_t *watchdog;
 };

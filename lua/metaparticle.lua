@@ -38,6 +38,11 @@ local raw_next, raw_pairs = next, pairs
 local M = {null = null}
 local I = {}
 
+-- mp.c.NAME: the C functions the embedding program registered (mph_host_register_function);
+-- the bridge fills this table.
+M.c = {}
+I.c = M.c
+
 -- Error objects raised by mp.error and by the host; the bridge recognises this metatable.
 local error_mt = {__tostring = function(e) return tostring(e.message) end}
 I.error_mt = error_mt

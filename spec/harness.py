@@ -9,6 +9,7 @@ default), which log to the same file; the supervisor's pid is the server's.
 import glob
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -83,6 +84,27 @@ def run(args, env=None, cwd=None, timeout=60, stdin=None):
     return p.returncode, p.stdout, p.stderr
 
 
+def embed_serves(binary, env=None):
+    """Runs examples/embed.c built as `binary` on a free port (in a scratch directory, its
+    data dir's parent), calls its hello service over a real socket and stops it with SIGTERM;
+    checks the answer and a clean exit."""
+    port = free_port()
+    cwd = tmpdir()
+    p = subprocess.Popen([binary, str(port)], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        check(wait_port(port, 15, p), "%s listens" % binary)
+        rc, out, err = run(["call", "hello", '{"name":"C"}', "--url",
+                            "http://127.0.0.1:%d/" % port])
+        eq((rc, out), (0, '{"greeting":"hello, C"}\n'), err)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=30)
+    eq(p.returncode, 0, "%s exits cleanly: %s" % (binary, err))
+    check("AddressSanitizer" not in err and "runtime error" not in err, err)
+    shutil.rmtree(cwd, ignore_errors=True)
+
+
 def sanitizer_report(text):
     for marker in ("ERROR: AddressSanitizer", "runtime error:", "ERROR: LeakSanitizer",
                    "bug: handles left open"):
@@ -95,7 +117,7 @@ class Server:
     """mphost SCRIPT serve PORT in the foreground, as a child process."""
 
     def __init__(self, script, args=(), data=None, port=None, env=None, prefix_cmd=(),
-                 state=None):
+                 state=None, binary=None):
         self.script = script if os.path.isabs(script) else os.path.join(EXAMPLES, script)
         self.port = port or free_port()
         self.data = data or tmpdir("mph-data-")
@@ -108,6 +130,7 @@ class Server:
         if env:
             self.env.update(env)
         self.prefix_cmd = list(prefix_cmd)
+        self.binary = binary or MPHOST  # another mphost than the build's (an installed one)
         self.valgrind_log = None
         if os.environ.get("MPH_VALGRIND"):
             # Opt-in: every server runs under memcheck; a report fails the stop() check.
@@ -125,7 +148,7 @@ class Server:
 
     def start(self, expect_ok=True):
         self.log = open(self.log_path, "ab")
-        cmd = self.prefix_cmd + [MPHOST, self.script, "serve", str(self.port),
+        cmd = self.prefix_cmd + [self.binary, self.script, "serve", str(self.port),
                                  "--listen=127.0.0.1", "--data=" + self.data] + self.args
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log,
                                      stdin=subprocess.DEVNULL, env=self.env)

@@ -7,7 +7,7 @@ import subprocess
 import time
 
 from harness import (EXAMPLES, MPHOST, ROOT, SCRIPTS, Server, TestFailure, check,
-                     deployment_file, eq, free_port, run, tmpdir, wait_port)
+                     deployment_file, embed_serves, eq, free_port, run, tmpdir, wait_port)
 
 
 def workspace():
@@ -184,22 +184,7 @@ def test_delete_is_graceful():
 
 
 def test_embed_example():
-    build = os.environ.get("MPH_BUILD", os.path.join(ROOT, "build"))
-    port = free_port()
-    cwd = tmpdir()
-    p = subprocess.Popen([os.path.join(build, "embed"), str(port)], cwd=cwd,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        check(wait_port(port, 10, p), "embed listens")
-        rc, out, err = run(["call", "hello", '{"name":"C"}', "--url",
-                            "http://127.0.0.1:%d/" % port])
-        eq((rc, out), (0, '{"greeting":"hello, C"}\n'), err)
-    finally:
-        p.send_signal(signal.SIGTERM)
-        out, err = p.communicate(timeout=20)
-    eq(p.returncode, 0, "embed exits cleanly: " + err)
-    check("AddressSanitizer" not in err and "runtime error" not in err, err)
-    shutil.rmtree(cwd, ignore_errors=True)
+    embed_serves(os.path.join(os.environ.get("MPH_BUILD", os.path.join(ROOT, "build")), "embed"))
 
 
 def test_bad_numeric_options_are_one_line_and_exit_1():

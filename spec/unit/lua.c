@@ -212,7 +212,7 @@ static mph_lua_t *bridge(int max_retries)
 
 static void bridge_free(mph_lua_t *lua)
 {
-    mph_lua_close(lua);
+    mph_lua_close(lua, NULL, NULL);
     uv_run(&loop, UV_RUN_DEFAULT);
     CHECK(uv_loop_close(&loop) == 0);
     fake_free(&fake);
