@@ -172,8 +172,15 @@ static int open_redis(mph_host_t *h, char *err, size_t errlen)
     const char *url = h->cfg.storage + 8;
     char buf[1024];
     snprintf(buf, sizeof(buf), "%s", url);
-    mph_store_redis_config_t rc = {
-        "127.0.0.1", 6379, NULL, 0, h->cfg.redis_prefix, h->cfg.redis_timeout_ms, 0};
+    mph_store_redis_config_t rc = {"127.0.0.1",
+                                   6379,
+                                   NULL,
+                                   0,
+                                   h->cfg.redis_prefix,
+                                   h->cfg.redis_timeout_ms,
+                                   0,
+                                   h->cfg.redis_wait_replicas,
+                                   h->cfg.redis_wait_ms};
     char *hostpart = buf;
     char *at = strrchr(buf, '@');
     if (at) {

@@ -38,6 +38,8 @@ static const char usage[] =
     "  --storage=redis://[:password@]host[:port][/db]\n"
     "  --redis-prefix=P      Redis key prefix (default mp:)\n"
     "  --redis-timeout=SEC   a Redis command unanswered this long fails (default 1)\n"
+    "  --redis-wait=N[,MS]   answer a commit only once N Redis replicas confirm it (WAIT N\n"
+    "                        MS; MS default 1000); fewer: -32002, outcome unknown\n"
     "  --logging=LEVEL       trace|debug|info|warn|error|silent (default info)\n"
     "  --max-retries=N       refused commits of a call before error -32001 (default 50;\n"
     "                        0: one attempt, no retry)\n"
@@ -142,6 +144,25 @@ static int parse_seconds(const char *s, unsigned long min_ms, unsigned long max_
     return 0;
 }
 
+/* --redis-wait=N[,MS] into h. Returns 0 or -1. */
+static int parse_redis_wait(const char *value, mph_host_config_t *h)
+{
+    char n[16];
+    const char *comma = strchr(value, ',');
+    size_t len = comma ? (size_t)(comma - value) : strlen(value);
+    unsigned long replicas, ms = 1000;
+    if (len == 0 || len >= sizeof(n))
+        return -1;
+    memcpy(n, value, len);
+    n[len] = '\0';
+    if (parse_integer(n, 0, 100, &replicas) != 0 ||
+        (comma && parse_integer(comma + 1, 1, 3600 * 1000, &ms) != 0))
+        return -1;
+    h->redis_wait_replicas = (unsigned)replicas;
+    h->redis_wait_ms = (unsigned)ms;
+    return 0;
+}
+
 /* Applies one --name=value option. Returns 0 or prints why not and returns 1. */
 static int apply_option(mph_cli_t *cli, const char *name, const char *value)
 {
@@ -163,6 +184,11 @@ static int apply_option(mph_cli_t *cli, const char *name, const char *value)
     } else if (strcmp(name, "redis-timeout") == 0) {
         if (parse_seconds(value, 10, 3600 * 1000, &h->redis_timeout_ms) != 0)
             return bad_usage("invalid --redis-timeout: %s (expected seconds, 0.01 to 3600)", value);
+    } else if (strcmp(name, "redis-wait") == 0) {
+        if (parse_redis_wait(value, h) != 0)
+            return bad_usage("invalid --redis-wait: %s (expected N[,MS]: N 0 to 100 replicas, "
+                             "MS 1 to 3600000 milliseconds)",
+                             value);
     } else if (strcmp(name, "logging") == 0) {
         mph_log_level_t level;
         if (mph_log_parse_level(value, &level) != 0)

@@ -69,7 +69,7 @@
 #define BACKOFF_MIN_MS 50
 #define BACKOFF_MAX_MS 2000
 
-typedef enum { OP_LOAD, OP_COMMIT, OP_SETUP } op_kind_t;
+typedef enum { OP_LOAD, OP_COMMIT, OP_SETUP, OP_WAIT } op_kind_t;
 
 typedef enum { STATE_DOWN, STATE_RESOLVING, STATE_CONNECTED } conn_state_t;
 
@@ -99,6 +99,11 @@ typedef struct rop_s {
     int sent_as_eval;          /* already fell back from EVALSHA */
     uint64_t deadline;         /* uv_now() limit for the reply */
     struct rop_s *prev, *next; /* in rs->inflight, oldest first */
+    /* --redis-wait: a COMMIT that succeeded waits in a WAIT's group (see "Replication"). */
+    uint64_t version;        /* COMMIT: the new version, reported once WAIT confirms */
+    unsigned conn;           /* COMMIT: rs->conns when it was applied */
+    struct rop_s *group;     /* WAIT: the commits it confirms, linked by wait_next */
+    struct rop_s *wait_next; /* COMMIT: next in rs->waiting or in a WAIT's group */
 } rop_t;
 
 struct redis_store_s {
@@ -127,9 +132,15 @@ struct redis_store_s {
     char commit_sha[41]; /* "" until SCRIPT LOAD answered on this connection */
     char load_sha[41];
     rop_t *oldest, *newest; /* commands in flight */
-    uv_timer_t tick;        /* timeouts, reconnects, and the end of a close */
-    int closing;            /* close() was called */
-    int tick_closing;       /* uv_close(tick) was called: rs is freed in its callback */
+    unsigned wait_replicas; /* --redis-wait N: 0 = answer commits without WAIT */
+    char wait_args[2][24];  /* N and the WAIT's milliseconds, as text */
+    unsigned wait_ms;       /* how long a WAIT may block the connection */
+    int wait_sent;          /* a WAIT is in flight (rs->waiting then holds the next group) */
+    unsigned conns;         /* connections made so far: which one applied a commit */
+    rop_t *waiting, **waiting_tail; /* commits applied, queued for the next WAIT */
+    uv_timer_t tick;                /* timeouts, reconnects, and the end of a close */
+    int closing;                    /* close() was called */
+    int tick_closing;               /* uv_close(tick) was called: rs is freed in its callback */
     void (*closed_cb)(void *ud);
     void *closed_ud;
 };
@@ -144,6 +155,7 @@ static int assert_store_state(const redis_store_t *rs)
     assert((rs->state == STATE_CONNECTED) == (rs->ac != NULL));
     assert(rs->state != STATE_RESOLVING || !rs->numeric);
     assert(!rs->tick_closing || (rs->state == STATE_DOWN && rs->oldest == NULL));
+    assert(rs->waiting == NULL || rs->wait_sent); /* a WAIT in flight sends the next one */
     return 1;
 }
 #endif
@@ -521,6 +533,126 @@ static void on_setup_reply(redis_store_t *rs, rop_t *op, const redisReply *r)
     op_free(op);
 }
 
+/* ---- Replication (--redis-wait) ----
+ * A commit the script applied is answered only after `WAIT N MS` on the same connection
+ * confirms that N replicas have it (WAIT counts the writes this client made so far). At most
+ * one WAIT is in flight: commits applied meanwhile queue in rs->waiting and share the next
+ * one, so a burst of commits costs one WAIT, not one each. WAIT blocks the connection while
+ * it waits, so commands queued behind it get their time limit counted from its reply.
+ * A WAIT that falls short, fails, or whose connection is lost leaves the outcome unknown:
+ * the write is applied on the master and may or may not survive a failover. */
+
+static void send_wait(redis_store_t *rs);
+
+/* Answers every commit of a WAIT's group: ok (status 0) or the error `why`. */
+static void answer_group(rop_t *group, const char *why)
+{
+    while (group) {
+        rop_t *next = group->wait_next;
+        if (why) {
+            fail_op(group, MPH_ESTORAGE, why);
+        } else {
+            mph_store_result_t res = {
+                0, NULL, {group->version, 0, 0, NULL}, group->shape.names[0], 0, 0, NULL};
+            finish(group, &res);
+        }
+        group = next;
+    }
+}
+
+static void wait_enqueue(redis_store_t *rs, rop_t *op)
+{
+    op->wait_next = NULL;
+    if (rs->waiting == NULL)
+        rs->waiting_tail = &rs->waiting;
+    *rs->waiting_tail = op;
+    rs->waiting_tail = &op->wait_next;
+    if (!rs->wait_sent)
+        send_wait(rs);
+}
+
+/* Sends one WAIT for every commit queued in rs->waiting. */
+static void send_wait(redis_store_t *rs)
+{
+    rop_t *group = rs->waiting;
+    rs->waiting = NULL;
+    rs->wait_sent = 0;
+    if (group == NULL)
+        return;
+    /* Commits applied on a connection that is gone cannot be confirmed from another one. */
+    rop_t *lost = NULL, **keep = &group;
+    while (*keep) {
+        rop_t *op = *keep;
+        if (op->conn != rs->conns || rs->ac == NULL) {
+            *keep = op->wait_next;
+            op->wait_next = lost;
+            lost = op;
+        } else {
+            keep = &op->wait_next;
+        }
+    }
+    answer_group(lost, "outcome unknown: the connection to Redis was lost before replicas "
+                       "confirmed the commit (it is applied on the master, and may be lost "
+                       "by a failover)");
+    if (group == NULL)
+        return;
+    rop_t *op = mph_xcalloc(1, sizeof(*op));
+    op->rs = rs;
+    op->kind = OP_WAIT;
+    op->group = group;
+    op->argc = 3;
+    op->argv = mph_xmalloc(3 * sizeof(*op->argv));
+    op->argvlen = mph_xmalloc(3 * sizeof(*op->argvlen));
+    const char *argv[3] = {"WAIT", rs->wait_args[0], rs->wait_args[1]};
+    for (int i = 0; i < 3; i++) {
+        op->argv[i] = argv[i];
+        op->argvlen[i] = strlen(argv[i]);
+    }
+    if (send_op(op) != 0) {
+        op_free(op);
+        answer_group(group, "outcome unknown: cannot send WAIT to Redis (the commit is applied "
+                            "on the master, and may be lost by a failover)");
+        return;
+    }
+    op->deadline += rs->wait_ms; /* WAIT may block this long by design */
+    rs->wait_sent = 1;
+}
+
+static void on_wait_reply(redis_store_t *rs, rop_t *op, const redisReply *r)
+{
+    char why[300];
+    rop_t *group = op->group;
+    if (r == NULL) {
+        snprintf(why, sizeof(why),
+                 "outcome unknown: the connection to Redis was lost while "
+                 "waiting for replicas (the commit is applied on the master, "
+                 "and may be lost by a failover)");
+    } else if (r->type == REDIS_REPLY_ERROR) {
+        snprintf(why, sizeof(why),
+                 "outcome unknown: WAIT failed: %.*s (the commit is applied "
+                 "on the master)",
+                 (int)r->len, r->str ? r->str : "");
+    } else if (r->type != REDIS_REPLY_INTEGER) {
+        snprintf(why, sizeof(why), "outcome unknown: WAIT is not answered by an integer");
+    } else if (r->integer < (long long)rs->wait_replicas) {
+        snprintf(why, sizeof(why),
+                 "outcome unknown: %lld of %u Redis replicas confirmed the "
+                 "commit within %u ms (it is applied on the master, and may be lost by a "
+                 "failover)",
+                 r->integer, rs->wait_replicas, rs->wait_ms);
+    } else {
+        why[0] = '\0';
+    }
+    /* Commands queued behind the WAIT waited for it: their time starts now. */
+    uint64_t now = uv_now(rs->loop);
+    for (rop_t *o = rs->oldest; o; o = o->next)
+        if (o->deadline < now + rs->timeout_ms)
+            o->deadline = now + rs->timeout_ms;
+    op_free(op);
+    answer_group(group, why[0] ? why : NULL);
+    send_wait(rs); /* the commits that queued meanwhile */
+}
+
 static void on_reply(redisAsyncContext *ac, void *reply_ptr, void *privdata)
 {
     rop_t *op = privdata;
@@ -532,6 +664,10 @@ static void on_reply(redisAsyncContext *ac, void *reply_ptr, void *privdata)
     assert(assert_store_state(rs));
     if (op->kind == OP_SETUP) {
         on_setup_reply(rs, op, r);
+        return;
+    }
+    if (op->kind == OP_WAIT) {
+        on_wait_reply(rs, op, r);
         return;
     }
     if (wants_eval(op, r) && rs->ac == ac) {
@@ -546,6 +682,13 @@ static void on_reply(redisAsyncContext *ac, void *reply_ptr, void *privdata)
     }
     reply_t out;
     read_shaped_reply(op->kind, &op->shape, r, &out);
+    if (op->kind == OP_COMMIT && out.res.status == 0 && rs->wait_replicas) {
+        op->version = out.res.doc.version;
+        op->conn = rs->conns;
+        reply_free(&out);
+        wait_enqueue(rs, op); /* answered once replicas confirm it */
+        return;
+    }
     finish(op, &out.res);
     reply_free(&out);
 }
@@ -734,6 +877,7 @@ static void connect_addr(redis_store_t *rs, const char *addr)
     redisAsyncSetConnectCallback(ac, on_connect);
     redisAsyncSetDisconnectCallback(ac, on_disconnect);
     rs->ac = ac;
+    rs->conns++;
     rs->state = STATE_CONNECTED;
     rs->ready = 0;
     rs->commit_sha[0] = rs->load_sha[0] = '\0';
@@ -1105,6 +1249,10 @@ static redis_store_t *store_new(uv_loop_t *loop, const mph_store_redis_config_t 
     snprintf(rs->log_bytes_str, sizeof(rs->log_bytes_str), "%zu",
              cfg->log_bytes ? cfg->log_bytes : LOG_BYTES_DEFAULT);
     rs->timeout_ms = cfg->timeout_ms ? cfg->timeout_ms : 1000;
+    rs->wait_replicas = cfg->wait_replicas;
+    rs->wait_ms = cfg->wait_ms ? cfg->wait_ms : 1000;
+    snprintf(rs->wait_args[0], sizeof(rs->wait_args[0]), "%u", rs->wait_replicas);
+    snprintf(rs->wait_args[1], sizeof(rs->wait_args[1]), "%u", rs->wait_ms);
     rs->backoff_ms = BACKOFF_MIN_MS;
     rs->was_up = 1;
     rs->state = STATE_DOWN;

@@ -117,13 +117,16 @@ int mph_store_file_open(mph_store_t **out, uv_loop_t *loop, const char *dir, cha
                         size_t errlen);
 
 typedef struct {
-    const char *host;     /* borrowed; e.g. "127.0.0.1" */
-    int port;             /* e.g. 6379 */
-    const char *password; /* NULL: no AUTH */
-    int db;               /* SELECTed when not 0 */
-    const char *prefix;   /* key prefix; NULL: "mp:" */
-    unsigned timeout_ms;  /* a command unanswered this long fails; 0: 1000 */
-    size_t log_bytes;     /* each scope's change log keeps at most this many bytes; 0: 1 MiB */
+    const char *host;       /* borrowed; e.g. "127.0.0.1" */
+    int port;               /* e.g. 6379 */
+    const char *password;   /* NULL: no AUTH */
+    int db;                 /* SELECTed when not 0 */
+    const char *prefix;     /* key prefix; NULL: "mp:" */
+    unsigned timeout_ms;    /* a command unanswered this long fails; 0: 1000 */
+    size_t log_bytes;       /* each scope's change log keeps at most this many bytes; 0: 1 MiB */
+    unsigned wait_replicas; /* 0, or answer a commit only once WAIT says this many replicas
+                               have it (else -32002, "outcome unknown") */
+    unsigned wait_ms;       /* WAIT's time limit; 0: 1000 */
 } mph_store_redis_config_t;
 
 /* Opens the Redis backend: resolves the host and checks (blocking, at most a few seconds) that
