@@ -36,6 +36,8 @@ static const char usage[] =
     "  --storage=file        file storage (default) in --data=DIR (env MP_DATA, ./mp-data)\n"
     "  --storage=redis       Redis at REDIS_HOST, REDIS_PORT, REDIS_PASSWORD, or\n"
     "  --storage=redis://[:password@]host[:port][/db]\n"
+    "  --storage=redis-sentinel://[:password@]host:port[,host:port...]/MASTER\n"
+    "                        Redis master MASTER as those sentinels name it\n"
     "  --redis-prefix=P      Redis key prefix (default mp:)\n"
     "  --redis-timeout=SEC   a Redis command unanswered this long fails (default 1)\n"
     "  --redis-wait=N[,MS]   answer a commit only once N Redis replicas confirm it (WAIT N\n"
@@ -277,15 +279,21 @@ static int resolve_storage(mph_cli_t *cli)
                  host && *host ? host : "127.0.0.1", v6 ? "]" : "", port && *port ? port : "6379");
         h->storage = cli->storage_url;
     }
-    if (strncmp(h->storage, "redis://", 8) == 0) {
+    static const char *const schemes[] = {"redis://", "redis-sentinel://"};
+    for (int i = 0; i < 2; i++) {
+        size_t len = strlen(schemes[i]);
+        if (strncmp(h->storage, schemes[i], len) != 0)
+            continue;
         /* What status shows: the URL without its password. */
         const char *at = strrchr(h->storage, '@');
-        size_t n = strlen(h->storage) + 16;
+        size_t n = strlen(h->storage) + 24;
         cli->storage_desc = mph_xmalloc(n);
-        snprintf(cli->storage_desc, n, "redis://%s", at ? at + 1 : h->storage + 8);
+        snprintf(cli->storage_desc, n, "%s%s", schemes[i], at ? at + 1 : h->storage + len);
         return 0;
     }
-    return bad_usage("unknown storage: %s (expected file, redis or redis://...)", h->storage);
+    return bad_usage("unknown storage: %s (expected file, redis, redis://... or "
+                     "redis-sentinel://...)",
+                     h->storage);
 }
 
 void mph_cli_report_failure(FILE *ready, const char *msg)

@@ -107,3 +107,149 @@ def test_redis_wait_flag_is_checked():
         rc = s.proc.wait(timeout=20)
         check(rc != 0 and "invalid --redis-wait" in s.read_log(),
               "--redis-wait=%s: exit %d, %s" % (bad, rc, s.read_log()[-300:]))
+
+
+class Sentinel:
+    """One redis-sentinel (redis-server --sentinel) watching master NAME, with failure
+    detection in one second and failovers of a few seconds."""
+
+    def __init__(self, master_port, name="mymaster"):
+        self.port = free_port()
+        self.dir = tmpdir("mph-sentinel-")
+        self.conf = os.path.join(self.dir, "sentinel.conf")
+        with open(self.conf, "w") as f:
+            f.write("port %d\nbind 127.0.0.1\ndir %s\nlogfile %s\n"
+                    "sentinel monitor %s 127.0.0.1 %d 2\n"
+                    "sentinel down-after-milliseconds %s 1000\n"
+                    "sentinel failover-timeout %s 4000\n"
+                    % (self.port, self.dir, os.path.join(self.dir, "sentinel.log"), name,
+                       master_port, name, name))
+        self.proc = subprocess.Popen(["redis-server", self.conf, "--sentinel"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def cli(self, *args):
+        return subprocess.run(["redis-cli", "-p", str(self.port)] + list(args),
+                              capture_output=True, text=True, timeout=10).stdout.split()
+
+    def master(self, name="mymaster"):
+        """SENTINEL master NAME as a dict."""
+        out = self.cli("SENTINEL", "master", name)
+        return dict(zip(out[0::2], out[1::2]))
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=20)
+
+
+class ReplicatedRedis:
+    """A master, one replica and three sentinels, all on free loopback ports; ready once every
+    sentinel knows the replica and the other two sentinels (a failover needs both)."""
+
+    def __enter__(self):
+        self.master = RedisServer().start()
+        self.replica = replica_of(self.master).start()
+        self.sentinels = [Sentinel(self.master.port) for _ in range(3)]
+        replica_online(self.master)
+
+        def ready():
+            for s in self.sentinels:
+                m = s.master()
+                if m.get("num-slaves") != "1" or m.get("num-other-sentinels") != "2":
+                    return False
+            return True
+        wait_until(ready, "the sentinels know the replica and each other", timeout=60)
+        return self
+
+    def __exit__(self, *exc):
+        for s in self.sentinels:
+            s.stop()
+        self.replica.stop()
+        self.master.stop()
+
+    def url(self):
+        return "redis-sentinel://%s/mymaster" % ",".join(
+            "127.0.0.1:%d" % s.port for s in self.sentinels)
+
+    def current_master_port(self):
+        out = self.sentinels[0].cli("SENTINEL", "get-master-addr-by-name", "mymaster")
+        return int(out[1]) if len(out) == 2 else None
+
+
+def failover_under_load(wait, clients=4, before=100, after=50):
+    """Kills the master with -9 once `before` calls were acknowledged, restarts it once the
+    replica is promoted, and keeps calling until `after` more calls were acknowledged. Returns (acknowledged counts, the
+    count stored on the new master, number of -32002 answers)."""
+    with ReplicatedRedis() as rr:
+        args = ["--storage=" + rr.url()] + (["--redis-wait=1"] if wait else [])
+        with Server("server5.lua", args) as s:
+            acked, problems, unavailable = [], [], [0]
+            lock = threading.Lock()
+            killed_at = [None]
+            enough = threading.Event()
+
+            def worker():
+                c = KeepAliveClient(s.port, timeout=30)
+                while not enough.is_set():
+                    r = c.call("simple-storage", [{}])
+                    with lock:
+                        if "result" in r:
+                            acked.append(r["result"]["requests"])
+                            if killed_at[0] is not None:
+                                killed_at[0] += 1
+                                if killed_at[0] >= after:
+                                    enough.set()
+                        elif r["error"]["code"] == -32002:
+                            unavailable[0] += 1
+                        else:
+                            problems.append(r["error"])
+                            enough.set()
+                c.close()
+
+            threads = [threading.Thread(target=worker) for _ in range(clients)]
+            for t in threads:
+                t.start()
+            wait_until(lambda: len(acked) >= before, "%d calls acknowledged" % before)
+            old = rr.master.port
+            with lock:
+                killed_at[0] = 0
+            rr.master.kill9()
+            # The promoted replica has no replica of its own: WAIT 1 needs the old master back,
+            # which the sentinels turn into the new master's replica once it returns (were it
+            # back before the failover, it would simply stay master).
+            wait_until(lambda: rr.current_master_port() == rr.replica.port,
+                       "the sentinels promote the replica", timeout=60)
+            rr.master = RedisServer(port=old, directory=rr.master.dir).start()
+            resumed = enough.wait(90)
+            enough.set()
+            for t in threads:
+                t.join()
+            check(not problems, "calls failed otherwise than -32002: %r" % problems[:3])
+            check(resumed, "service did not resume after the failover (%d acknowledged after "
+                  "the kill)" % killed_at[0])
+            new = rr.current_master_port()
+            eq(new, rr.replica.port, "the master after the failover")
+            check(new != old, "no failover happened")
+            stored = int(rr.replica.cli("HGET", "mp:{global}:d", "requests"))
+            return acked, stored, unavailable[0]
+
+
+def test_sentinel_failover_under_load_with_wait_loses_no_acknowledged_count():
+    acked, stored, unavailable = failover_under_load(wait=True)
+    # Every acknowledged count is distinct (a lost commit would make the next call answer a
+    # count already answered) and the promoted replica holds at least the highest one.
+    eq(len(set(acked)), len(acked), "acknowledged counts are distinct")
+    check(stored >= max(acked), "stored %d < acknowledged %d" % (stored, max(acked)))
+    check(unavailable > 0, "the failover was not even noticed")
+
+
+def test_sentinel_url_errors_at_start():
+    dead = free_port()
+    cases = [("redis-sentinel://127.0.0.1:%d/mymaster" % dead, "sentinel 127.0.0.1:%d" % dead),
+             ("redis-sentinel://127.0.0.1:%d" % dead, "expected redis-sentinel://"),
+             ("redis-sentinel://127.0.0.1/mymaster", "expected host:port")]
+    for url, why in cases:
+        s = Server("server5.lua", ["--storage=" + url])
+        s.start(expect_ok=False)
+        rc = s.proc.wait(timeout=30)
+        check(rc != 0 and why in s.read_log(), "%s: exit %d, %s" % (url, rc, s.read_log()[-300:]))

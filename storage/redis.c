@@ -53,6 +53,7 @@
 #include <strings.h>
 #include <sys/socket.h>
 
+#include "redis_route.h"
 #include "storage.h"
 
 #include "redis_cas_lua.h"  /* generated from redis_cas.lua: mph_redis_cas_lua[] */
@@ -138,15 +139,27 @@ struct redis_store_s {
     int wait_sent;          /* a WAIT is in flight (rs->waiting then holds the next group) */
     unsigned conns;         /* connections made so far: which one applied a commit */
     rop_t *waiting, **waiting_tail; /* commits applied, queued for the next WAIT */
-    uv_timer_t tick;                /* timeouts, reconnects, and the end of a close */
-    int closing;                    /* close() was called */
-    int tick_closing;               /* uv_close(tick) was called: rs is freed in its callback */
+    /* Sentinel (see "Sentinel"): the master is asked for, not configured. */
+    mph__redis_addr_t *sentinels; /* owned; NULL: host and port are the server */
+    size_t nsentinels;
+    char *master;              /* owned: the master's name at the sentinels */
+    uv_work_t locate;          /* RESOLVING with sentinels: the lookup on the thread pool */
+    mph__redis_addr_t located; /* its answer (written by the pool thread, read after) */
+    int locate_rc;
+    char locate_err[256];
+    unsigned sentinel_turn;   /* which sentinel is asked first next time */
+    redisAsyncContext *watch; /* subscribed to +switch-master on a sentinel, or NULL */
+    uint64_t watch_at;        /* when to try subscribing again */
+    uv_timer_t tick;          /* timeouts, reconnects, and the end of a close */
+    int closing;              /* close() was called */
+    int tick_closing;         /* uv_close(tick) was called: rs is freed in its callback */
     void (*closed_cb)(void *ud);
     void *closed_ud;
 };
 
 static void connect_now(redis_store_t *rs);
 static void drop_connection(redis_store_t *rs, const char *why);
+static void format_where(char *buf, size_t len, const char *host, int port);
 
 #ifndef NDEBUG
 /* The store's invariants; used as assert(assert_store_state(rs)). */
@@ -680,8 +693,18 @@ static void on_reply(redisAsyncContext *ac, void *reply_ptr, void *privdata)
             fail_op(op, MPH_ESTORAGE, "cannot send to Redis");
         return;
     }
+    /* A master demoted under us (a failover) refuses writes: the script wrote nothing. Drop
+     * the connection, so the next one asks Sentinel again. */
+    int demoted = r && r->type == REDIS_REPLY_ERROR && r->len >= 8 &&
+                  strncmp(r->str, "READONLY", 8) == 0 && rs->ac == ac;
     reply_t out;
     read_shaped_reply(op->kind, &op->shape, r, &out);
+    if (demoted) {
+        finish(op, &out.res);
+        reply_free(&out);
+        drop_connection(rs, "the server is not a master any more (READONLY)");
+        return;
+    }
     if (op->kind == OP_COMMIT && out.res.status == 0 && rs->wait_replicas) {
         op->version = out.res.doc.version;
         op->conn = rs->conns;
@@ -943,12 +966,126 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
     connect_addr(rs, addr);
 }
 
+/* ---- Sentinel ----
+ * With sentinels, RESOLVING is a lookup on the thread pool (mph__sentinel_locate: ask each
+ * sentinel for the master, then check with ROLE that it is one), made before every connection
+ * attempt: a lost connection is the first sign of a failover. A subscription to
+ * +switch-master on one sentinel tells of a failover at once; the data connection is then
+ * dropped (calls in flight on it get -32002, their outcome unknown) and the next attempt asks
+ * again. A write refused with READONLY (the master was demoted) drops it too (on_reply).
+ * Commands are sent only on a connection to a server that said ROLE master just before. */
+
+static void locate_work(uv_work_t *w)
+{
+    redis_store_t *rs = mph_container_of(w, redis_store_t, locate);
+    unsigned timeout = rs->timeout_ms < 1000 ? rs->timeout_ms : 1000;
+    rs->locate_rc = mph__sentinel_locate(rs->sentinels, rs->nsentinels, rs->sentinel_turn,
+                                         rs->master, rs->password, timeout, &rs->located,
+                                         rs->locate_err, sizeof(rs->locate_err));
+}
+
+/* RESOLVING -> CONNECTED or DOWN, with sentinels. */
+static void locate_done(uv_work_t *w, int status)
+{
+    redis_store_t *rs = mph_container_of(w, redis_store_t, locate);
+    assert(rs->state == STATE_RESOLVING);
+    rs->resolutions++;
+    rs->state = STATE_DOWN;
+    if (rs->closing)
+        return; /* the next tick frees the store */
+    if (status != 0 || rs->locate_rc != 0) {
+        rs->sentinel_turn++;
+        attempt_failed(rs, status != 0 ? uv_strerror(status) : rs->locate_err);
+        return;
+    }
+    rs->port = rs->located.port;
+    format_where(rs->where, sizeof(rs->where), rs->located.host, rs->located.port);
+    connect_addr(rs, rs->located.host);
+}
+
+static void on_switch(redisAsyncContext *ac, void *reply_ptr, void *privdata)
+{
+    redis_store_t *rs = privdata;
+    const redisReply *r = reply_ptr;
+    (void)ac;
+    /* A message is {"message", "+switch-master", "NAME OLDIP OLDPORT NEWIP NEWPORT"}. */
+    if (r == NULL || r->type != REDIS_REPLY_ARRAY || r->elements != 3 ||
+        !is_string(r->element[0]) || strcmp(r->element[0]->str, "message") != 0 ||
+        !is_string(r->element[2]))
+        return;
+    char name[256], ip[INET6_ADDRSTRLEN];
+    int port;
+    if (sscanf(r->element[2]->str, "%255s %*s %*d %45s %d", name, ip, &port) != 3 ||
+        strcmp(name, rs->master) != 0)
+        return;
+    mph_log(MPH_LOG_WARN, "redis: Sentinel switched master %s to %s:%d", name, ip, port);
+    if (rs->ac && (strcmp(rs->addr, ip) != 0 || rs->port != port))
+        drop_connection(rs, "Sentinel switched the master");
+    rs->backoff_ms = BACKOFF_MIN_MS;
+    rs->reconnect_at = uv_now(rs->loop); /* ask again at the next tick */
+}
+
+static void watch_lost(redis_store_t *rs)
+{
+    rs->watch = NULL;
+    rs->watch_at = uv_now(rs->loop) + BACKOFF_MAX_MS;
+    rs->sentinel_turn++;
+}
+
+static void on_watch_connect(const redisAsyncContext *ac, int status)
+{
+    redis_store_t *rs = ac->data;
+    if (status != REDIS_OK && rs->watch == ac)
+        watch_lost(rs); /* hiredis frees ac after this callback */
+}
+
+static void on_watch_disconnect(const redisAsyncContext *ac, int status)
+{
+    redis_store_t *rs = ac->data;
+    (void)status;
+    if (rs->watch == ac)
+        watch_lost(rs);
+}
+
+/* Subscribes to +switch-master on the next sentinel in turn. */
+static void watch_start(redis_store_t *rs)
+{
+    const mph__redis_addr_t *s = &rs->sentinels[rs->sentinel_turn % rs->nsentinels];
+    redisAsyncContext *ac = redisAsyncConnect(s->host, s->port);
+    if (ac == NULL || ac->err || ev_attach(ac, rs->loop) != 0) {
+        if (ac)
+            redisAsyncFree(ac);
+        watch_lost(rs);
+        return;
+    }
+    ac->data = rs;
+    redisAsyncSetConnectCallback(ac, on_watch_connect);
+    redisAsyncSetDisconnectCallback(ac, on_watch_disconnect);
+    rs->watch = ac;
+    if (redisAsyncCommand(ac, on_switch, rs, "SUBSCRIBE +switch-master") != REDIS_OK) {
+        rs->watch = NULL;
+        redisAsyncFree(ac);
+        watch_lost(rs);
+    }
+}
+
 /* DOWN -> RESOLVING (a name: resolved off the loop, every attempt, so a changed DNS record is
- * followed) or straight on to CONNECTED (a numeric address). */
+ * followed; Sentinel: asked off the loop, every attempt) or straight on to CONNECTED (a
+ * numeric address). */
 static void connect_now(redis_store_t *rs)
 {
     assert(rs->state == STATE_DOWN && !rs->closing);
+    if (rs->sentinels) {
+        int rc = uv_queue_work(rs->loop, &rs->locate, locate_work, locate_done);
+        if (rc != 0) {
+            attempt_failed(rs, uv_strerror(rc));
+            return;
+        }
+        rs->state = STATE_RESOLVING;
+        return;
+    }
     if (rs->numeric) {
+
         connect_addr(rs, rs->host);
         return;
     }
@@ -982,6 +1119,8 @@ static void on_tick_closed(uv_handle_t *h)
     void (*cb)(void *) = rs->closed_cb;
     void *ud = rs->closed_ud;
     free(rs->host);
+    free(rs->sentinels);
+    free(rs->master);
     free(rs->password);
     free(rs->prefix);
     free(rs);
@@ -994,7 +1133,8 @@ static void on_tick(uv_timer_t *t)
     redis_store_t *rs = mph_container_of(t, redis_store_t, tick);
     uint64_t now = uv_now(rs->loop);
     assert(assert_store_state(rs));
-    if (rs->closing && rs->state == STATE_DOWN && rs->oldest == NULL && !rs->tick_closing) {
+    if (rs->closing && rs->state == STATE_DOWN && rs->oldest == NULL && rs->watch == NULL &&
+        !rs->tick_closing) {
         /* The connection is gone, no resolution runs and nothing waits: free from a libuv
          * callback, never from inside hiredis, which may still hold a pointer to us there. */
         rs->tick_closing = 1;
@@ -1008,6 +1148,8 @@ static void on_tick(uv_timer_t *t)
     }
     if (rs->state == STATE_DOWN && !rs->closing && now >= rs->reconnect_at)
         connect_now(rs);
+    if (rs->sentinels && rs->watch == NULL && !rs->closing && now >= rs->watch_at)
+        watch_start(rs);
 }
 
 /* ---- Methods ---- */
@@ -1146,7 +1288,12 @@ static void redis_close(mph_store_t *s, void (*done)(void *ud), void *ud)
      * runs, and the next tick frees the store. A resolution in flight is cancelled if it has
      * not started yet, else awaited (on_resolved). */
     if (rs->state == STATE_RESOLVING)
-        uv_cancel((uv_req_t *)&rs->resolve);
+        uv_cancel(rs->sentinels ? (uv_req_t *)&rs->locate : (uv_req_t *)&rs->resolve);
+    if (rs->watch) {
+        redisAsyncContext *watch = rs->watch;
+        rs->watch = NULL;
+        redisAsyncFree(watch); /* never called from the watch's own callbacks */
+    }
     if (rs->ac)
         redisAsyncDisconnect(rs->ac);
 }
@@ -1232,16 +1379,22 @@ static int check_reachable(const mph_store_redis_config_t *cfg, const char *wher
     return rc == 1 ? MPH_ESTORAGE : rc;
 }
 
-/* A new store that starts connecting (the unit tests call this without the check). */
-static redis_store_t *store_new(uv_loop_t *loop, const mph_store_redis_config_t *cfg, unsigned turn)
+/* A new store that starts connecting (the unit tests call this without the check). With
+ * Sentinel, it steals `sentinels` (nsentinels addresses) and cfg->host is the master's last
+ * known address; else sentinels is NULL. */
+static redis_store_t *store_new(uv_loop_t *loop, const mph_store_redis_config_t *cfg, unsigned turn,
+                                mph__redis_addr_t *sentinels, size_t nsentinels)
 {
     redis_store_t *rs = mph_xcalloc(1, sizeof(*rs));
     rs->base.methods = &redis_methods;
     rs->loop = loop;
     rs->host = mph_xstrdup(cfg->host);
     rs->port = cfg->port;
-    rs->numeric = is_numeric_address(cfg->host);
+    rs->numeric = is_numeric_address(cfg->host) && sentinels == NULL;
     format_where(rs->where, sizeof(rs->where), cfg->host, cfg->port);
+    rs->sentinels = sentinels;
+    rs->nsentinels = nsentinels;
+    rs->master = cfg->master ? mph_xstrdup(cfg->master) : NULL;
     rs->addr_turn = turn;
     rs->password = cfg->password ? mph_xstrdup(cfg->password) : NULL;
     rs->db = cfg->db;
@@ -1267,10 +1420,28 @@ int mph_store_redis_open(mph_store_t **out, uv_loop_t *loop, const mph_store_red
 {
     char where[80];
     unsigned turn = 0;
-    format_where(where, sizeof(where), cfg->host, cfg->port);
-    int rc = check_reachable(cfg, where, &turn, err, errlen);
-    if (rc != 0)
+    mph_store_redis_config_t c = *cfg;
+    mph__redis_addr_t *sentinels = NULL, master;
+    size_t nsentinels = 0;
+    if (cfg->sentinels) {
+        /* Ask now, so that no sentinel answering, or no master, is an error at start. */
+        int rc = mph__redis_parse_addrs(cfg->sentinels, &sentinels, &nsentinels, err, errlen);
+        if (rc == 0)
+            rc = mph__sentinel_locate(sentinels, nsentinels, 0, cfg->master, cfg->password, 2000,
+                                      &master, err, errlen);
+        if (rc != 0) {
+            free(sentinels);
+            return rc;
+        }
+        c.host = master.host;
+        c.port = master.port;
+    }
+    format_where(where, sizeof(where), c.host, c.port);
+    int rc = check_reachable(&c, where, &turn, err, errlen);
+    if (rc != 0) {
+        free(sentinels);
         return rc;
-    *out = &store_new(loop, cfg, turn)->base;
+    }
+    *out = &store_new(loop, &c, turn, sentinels, nsentinels)->base;
     return 0;
 }

@@ -127,6 +127,9 @@ typedef struct {
     unsigned wait_replicas; /* 0, or answer a commit only once WAIT says this many replicas
                                have it (else -32002, "outcome unknown") */
     unsigned wait_ms;       /* WAIT's time limit; 0: 1000 */
+    const char *sentinels;  /* NULL, or "host:port[,host:port...]": Sentinel names the master
+                               (host and port are then unused) */
+    const char *master;     /* with sentinels: the master's name */
 } mph_store_redis_config_t;
 
 /* Opens the Redis backend: resolves the host and checks (blocking, at most a few seconds) that

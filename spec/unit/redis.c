@@ -12,6 +12,7 @@
 #define MPH_REDIS_TESTS /* read_reply */
 #include "host/common.c"
 #include "storage/redis.c"
+#include "storage/redis_route.c"
 
 #include "spec/unit/unit.h"
 
@@ -347,8 +348,9 @@ static void test_numeric_hosts_are_not_resolved(void)
     for (int i = 0; i < 2; i++) {
         uv_loop_t loop;
         uv_loop_init(&loop);
-        mph_store_redis_config_t cfg = {hosts[i], dead_port(), NULL, 0, NULL, 600000, 0, 0, 0};
-        redis_store_t *rs = store_new(&loop, &cfg, 0);
+        mph_store_redis_config_t cfg = {hosts[i], dead_port(), NULL, 0,    NULL, 600000,
+                                        0,        0,           0,    NULL, NULL};
+        redis_store_t *rs = store_new(&loop, &cfg, 0, NULL, 0);
         CHECK(rs->numeric && rs->state == STATE_CONNECTED && rs->ac != NULL);
         CHECK(strcmp(rs->addr, hosts[i]) == 0);
         /* The first connection: calls queue while it is being made. */
@@ -369,8 +371,9 @@ static void test_names_are_resolved_off_the_loop_on_every_attempt(void)
 {
     uv_loop_t loop;
     uv_loop_init(&loop);
-    mph_store_redis_config_t cfg = {"localhost", dead_port(), NULL, 0, NULL, 600000, 0, 0, 0};
-    redis_store_t *rs = store_new(&loop, &cfg, 0);
+    mph_store_redis_config_t cfg = {"localhost", dead_port(), NULL, 0,    NULL, 600000,
+                                    0,           0,           0,    NULL, NULL};
+    redis_store_t *rs = store_new(&loop, &cfg, 0, NULL, 0);
     /* store_new returned before the name was resolved: it is on the thread pool. */
     CHECK(!rs->numeric && rs->state == STATE_RESOLVING && rs->ac == NULL);
     CHECK(rs->resolutions == 0 && rs->addr[0] == '\0');
@@ -386,8 +389,9 @@ static void test_close_while_resolving(void)
 {
     uv_loop_t loop;
     uv_loop_init(&loop);
-    mph_store_redis_config_t cfg = {"localhost", dead_port(), NULL, 0, NULL, 600000, 0, 0, 0};
-    redis_store_t *rs = store_new(&loop, &cfg, 0);
+    mph_store_redis_config_t cfg = {"localhost", dead_port(), NULL, 0,    NULL, 600000,
+                                    0,           0,           0,    NULL, NULL};
+    redis_store_t *rs = store_new(&loop, &cfg, 0, NULL, 0);
     CHECK(rs->state == STATE_RESOLVING);
     close_store(&loop, rs); /* cancelled or awaited; no connection attempt after close */
 }
