@@ -70,7 +70,7 @@
 #define BACKOFF_MIN_MS 50
 #define BACKOFF_MAX_MS 2000
 
-typedef enum { OP_LOAD, OP_COMMIT, OP_SETUP, OP_WAIT } op_kind_t;
+typedef enum { OP_LOAD, OP_COMMIT, OP_SETUP, OP_WAIT, OP_RAW } op_kind_t;
 
 typedef enum { STATE_DOWN, STATE_RESOLVING, STATE_CONNECTED } conn_state_t;
 
@@ -89,17 +89,19 @@ typedef struct rop_s {
     op_kind_t kind;
     mph_store_cb cb; /* runs exactly once (LOAD, COMMIT) */
     void *ud;
-    shape_t shape;             /* owned arrays */
-    char **keys;               /* owned: NKEYS per scope: P{S}:v, :d, :log, :claim, :logsize */
-    char (*numbers)[24];       /* owned: per scope, the expected version and the count, as text */
-    int argc;                  /* argv[0..1] are the command and script or sha */
-    const char **argv;         /* owned array; strings borrowed or owned as below */
-    size_t *argvlen;           /* owned */
-    char committer_str[24];    /* argv string for the committer id */
-    char numkeys[24];          /* argv string for the number of keys */
-    int sent_as_eval;          /* already fell back from EVALSHA */
-    uint64_t deadline;         /* uv_now() limit for the reply */
-    struct rop_s *prev, *next; /* in rs->inflight, oldest first */
+    shape_t shape;          /* owned arrays */
+    char **keys;            /* owned: NKEYS per scope: P{S}:v, :d, :log, :claim, :logsize */
+    char (*numbers)[24];    /* owned: per scope, the expected version and the count, as text */
+    int argc;               /* argv[0..1] are the command and script or sha */
+    const char **argv;      /* owned array; strings borrowed or owned as below */
+    size_t *argvlen;        /* owned */
+    char committer_str[24]; /* argv string for the committer id */
+    char numkeys[24];       /* argv string for the number of keys */
+    int sent_as_eval;       /* already fell back from EVALSHA */
+    int asking;             /* Cluster: send ASKING first (an ASK redirection) */
+    void (*raw_cb)(void *ud, const redisReply *r); /* OP_RAW: gets the reply (NULL: lost) */
+    uint64_t deadline;                             /* uv_now() limit for the reply */
+    struct rop_s *prev, *next;                     /* in rs->inflight, oldest first */
     /* --redis-wait: a COMMIT that succeeded waits in a WAIT's group (see "Replication"). */
     uint64_t version;        /* COMMIT: the new version, reported once WAIT confirms */
     unsigned conn;           /* COMMIT: rs->conns when it was applied */
@@ -683,6 +685,11 @@ static void on_reply(redisAsyncContext *ac, void *reply_ptr, void *privdata)
         on_wait_reply(rs, op, r);
         return;
     }
+    if (op->kind == OP_RAW) {
+        op->raw_cb(op->ud, r);
+        op_free(op);
+        return;
+    }
     if (wants_eval(op, r) && rs->ac == ac) {
         op->sent_as_eval = 1;
         op->argv[0] = "EVAL";
@@ -725,7 +732,9 @@ static int send_op(rop_t *op)
     redis_store_t *rs = op->rs;
     op->deadline = uv_now(rs->loop) + rs->timeout_ms;
     inflight_add(rs, op);
-    if (redisAsyncCommandArgv(rs->ac, on_reply, op, op->argc, op->argv, op->argvlen) != REDIS_OK) {
+    /* ASKING holds for the next command only: the two go out back to back. */
+    if ((op->asking && redisAsyncCommand(rs->ac, NULL, NULL, "ASKING") != REDIS_OK) ||
+        redisAsyncCommandArgv(rs->ac, on_reply, op, op->argc, op->argv, op->argvlen) != REDIS_OK) {
         inflight_remove(rs, op);
         return MPH_ESTORAGE;
     }
@@ -1162,6 +1171,31 @@ static int can_send(const redis_store_t *rs)
     return rs->state == STATE_CONNECTED && (rs->ready || rs->was_up);
 }
 
+/* Key `suffix` of scope S under prefix P (new, caller frees). A name with a hash tag of its
+ * own ("account:{42}:savings") keeps it as THE tag of its keys: P + S + "/" + suffix, so
+ * scopes that share a tag share a Cluster slot and can change in one transaction. Any other
+ * name gets the tag {S}: P + "{" + S + "}:" + suffix (the layout of mphost before tags). The
+ * two forms never collide: the character before the suffix is '/' in one and ':' in the
+ * other, and no suffix contains either. */
+static char *scope_key(const char *prefix, const char *scope, const char *suffix)
+{
+    size_t at, len, n = strlen(prefix) + strlen(scope) + strlen(suffix) + 4; /* {}:\0 */
+    char *key = mph_xmalloc(n);
+    if (mph__redis_name_tag(scope, &at, &len) == 0)
+        snprintf(key, n, "%s%s/%s", prefix, scope, suffix);
+    else
+        snprintf(key, n, "%s{%s}:%s", prefix, scope, suffix);
+    return key;
+}
+
+unsigned mph__redis_scope_slot(const char *prefix, const char *scope)
+{
+    char *key = scope_key(prefix, scope, "v");
+    unsigned slot = mph__redis_key_slot(key, strlen(key));
+    free(key);
+    return slot;
+}
+
 /* A new LOAD (one scope) or COMMIT of nscopes scopes: the script, its keys, and room for
  * argc arguments in all (the caller fills those after the keys). */
 static rop_t *new_op(redis_store_t *rs, op_kind_t kind, const char *const *scopes, size_t nscopes,
@@ -1192,11 +1226,9 @@ static rop_t *new_op(redis_store_t *rs, op_kind_t kind, const char *const *scope
     for (size_t i = 0; i < nscopes; i++) {
         op->shape.names[i] = mph_xstrdup(scopes[i]);
         for (int k = 0; k < NKEYS; k++) {
-            size_t n = strlen(rs->prefix) + strlen(scopes[i]) + strlen(suffix[k]) + 4; /* {}:\0 */
-            char *key = op->keys[NKEYS * i + k] = mph_xmalloc(n);
-            snprintf(key, n, "%s{%s}:%s", rs->prefix, scopes[i], suffix[k]);
+            char *key = op->keys[NKEYS * i + k] = scope_key(rs->prefix, scopes[i], suffix[k]);
             op->argv[3 + NKEYS * i + k] = key;
-            op->argvlen[3 + NKEYS * i + k] = n - 1;
+            op->argvlen[3 + NKEYS * i + k] = strlen(key);
         }
     }
     op->argvlen[0] = strlen(op->argv[0]);
@@ -1204,7 +1236,7 @@ static rop_t *new_op(redis_store_t *rs, op_kind_t kind, const char *const *scope
     return op;
 }
 
-static int redis_load(mph_store_t *s, const char *scope, mph_store_cb cb, void *ud)
+int mph__redis_node_load(mph_store_t *s, const char *scope, int asking, mph_store_cb cb, void *ud)
 {
     redis_store_t *rs = (redis_store_t *)s;
     if (rs->closing)
@@ -1212,6 +1244,7 @@ static int redis_load(mph_store_t *s, const char *scope, mph_store_cb cb, void *
     if (!can_send(rs))
         return MPH_ESTORAGE;
     rop_t *op = new_op(rs, OP_LOAD, &scope, 1, cb, ud, 3 + NKEYS);
+    op->asking = asking;
     if (send_op(op) != 0) {
         op_free(op); /* never call back before returning */
         return MPH_ESTORAGE;
@@ -1226,8 +1259,13 @@ static void set_arg(rop_t *op, size_t at, const char *text, size_t len)
     op->argvlen[at] = len;
 }
 
-static int redis_commit(mph_store_t *s, const mph_store_write_t *writes, size_t nwrites,
-                        mph_store_cb cb, void *ud)
+static int redis_load(mph_store_t *s, const char *scope, mph_store_cb cb, void *ud)
+{
+    return mph__redis_node_load(s, scope, 0, cb, ud);
+}
+
+int mph__redis_node_commit(mph_store_t *s, const mph_store_write_t *writes, size_t nwrites,
+                           int asking, mph_store_cb cb, void *ud)
 {
     redis_store_t *rs = (redis_store_t *)s;
     if (rs->closing)
@@ -1244,6 +1282,7 @@ static int redis_commit(mph_store_t *s, const mph_store_write_t *writes, size_t 
         argc += 2 + 2 * writes[i].n;
     }
     rop_t *op = new_op(rs, OP_COMMIT, names, nwrites, cb, ud, argc);
+    op->asking = asking;
     free(names);
     snprintf(op->committer_str, sizeof(op->committer_str), "%llu",
              (unsigned long long)writes[0].committer);
@@ -1278,6 +1317,39 @@ static int redis_commit(mph_store_t *s, const mph_store_write_t *writes, size_t 
     return 0;
 }
 
+static int redis_commit(mph_store_t *s, const mph_store_write_t *writes, size_t nwrites,
+                        mph_store_cb cb, void *ud)
+{
+    return mph__redis_node_commit(s, writes, nwrites, 0, cb, ud);
+}
+
+int mph__redis_node_command(mph_store_t *s, const char *a, const char *b,
+                            void (*cb)(void *ud, const redisReply *r), void *ud)
+{
+    redis_store_t *rs = (redis_store_t *)s;
+    if (rs->closing)
+        return MPH_ECLOSED;
+    if (!can_send(rs) || !rs->ready)
+        return MPH_ESTORAGE;
+    rop_t *op = mph_xcalloc(1, sizeof(*op));
+    op->rs = rs;
+    op->kind = OP_RAW;
+    op->raw_cb = cb;
+    op->ud = ud;
+    op->argc = 2;
+    op->argv = mph_xmalloc(2 * sizeof(*op->argv));
+    op->argvlen = mph_xmalloc(2 * sizeof(*op->argvlen));
+    op->argv[0] = a;
+    op->argv[1] = b;
+    op->argvlen[0] = strlen(a);
+    op->argvlen[1] = strlen(b);
+    if (send_op(op) != 0) {
+        op_free(op);
+        return MPH_ESTORAGE;
+    }
+    return 0;
+}
+
 static void redis_close(mph_store_t *s, void (*done)(void *ud), void *ud)
 {
     redis_store_t *rs = (redis_store_t *)s;
@@ -1299,7 +1371,7 @@ static void redis_close(mph_store_t *s, void (*done)(void *ud), void *ud)
 }
 
 static const mph_store_methods_t redis_methods = {
-    MPH_STORE_METHODS_VERSION, "redis", redis_load, redis_commit, redis_close, NULL,
+    MPH_STORE_METHODS_VERSION, "redis", redis_load, redis_commit, redis_close, NULL, NULL,
 };
 
 /* ---- Opening ---- */
@@ -1415,6 +1487,57 @@ static redis_store_t *store_new(uv_loop_t *loop, const mph_store_redis_config_t 
     return rs;
 }
 
+mph_store_t *mph__redis_node_new(uv_loop_t *loop, const mph_store_redis_config_t *cfg)
+{
+    return &store_new(loop, cfg, 0, NULL, 0)->base;
+}
+
+/* Whether the server at cfg->host:port is a Cluster member (INFO cluster); if so *slots is its
+ * CLUSTER SLOTS reply (new: the caller frees it). Returns 0, or MPH_ESTORAGE with err. */
+static int probe_cluster(const mph_store_redis_config_t *cfg, redisReply **slots, char *err,
+                         size_t errlen)
+{
+    struct timeval tv = {2, 0};
+    *slots = NULL;
+    redisContext *c = redisConnectWithTimeout(cfg->host, cfg->port, tv);
+    if (c == NULL || c->err) {
+        snprintf(err, errlen, "cannot reach Redis at %s:%d: %s", cfg->host, cfg->port,
+                 c ? c->errstr : "out of memory");
+        if (c)
+            redisFree(c);
+        return MPH_ESTORAGE;
+    }
+    redisSetTimeout(c, tv);
+    redisReply *r = cfg->password ? redisCommand(c, "AUTH %s", cfg->password) : NULL;
+    if (r)
+        freeReplyObject(r);
+    r = redisCommand(c, "INFO cluster");
+    int cluster = r && r->type == REDIS_REPLY_STRING && strstr(r->str, "cluster_enabled:1");
+    if (r)
+        freeReplyObject(r);
+    int rc = 0;
+    if (cluster) {
+        *slots = redisCommand(c, "CLUSTER SLOTS");
+        if (*slots == NULL || (*slots)->type != REDIS_REPLY_ARRAY) {
+            snprintf(err, errlen, "Redis Cluster at %s:%d: CLUSTER SLOTS failed: %s", cfg->host,
+                     cfg->port,
+                     *slots && (*slots)->type == REDIS_REPLY_ERROR ? (*slots)->str : c->errstr);
+            if (*slots)
+                freeReplyObject(*slots);
+            *slots = NULL;
+            rc = MPH_ESTORAGE;
+        } else if (cfg->db != 0) {
+            snprintf(err, errlen, "Redis Cluster has only database 0 (the URL asks for %d)",
+                     cfg->db);
+            freeReplyObject(*slots);
+            *slots = NULL;
+            rc = MPH_ESTORAGE;
+        }
+    }
+    redisFree(c);
+    return rc;
+}
+
 int mph_store_redis_open(mph_store_t **out, uv_loop_t *loop, const mph_store_redis_config_t *cfg,
                          char *err, size_t errlen)
 {
@@ -1440,6 +1563,14 @@ int mph_store_redis_open(mph_store_t **out, uv_loop_t *loop, const mph_store_red
     int rc = check_reachable(&c, where, &turn, err, errlen);
     if (rc != 0) {
         free(sentinels);
+        return rc;
+    }
+    redisReply *slots = NULL;
+    if (sentinels == NULL && (rc = probe_cluster(&c, &slots, err, errlen)) != 0)
+        return rc;
+    if (slots) {
+        rc = mph__redis_cluster_open(out, loop, &c, slots, err, errlen);
+        freeReplyObject(slots);
         return rc;
     }
     *out = &store_new(loop, &c, turn, sentinels, nsentinels)->base;

@@ -105,6 +105,11 @@ typedef struct {
     /* The caller evicted `scope` from its cache and has no operation of it in flight: drop
      * what is kept for it (open files); its next operation starts afresh. May be NULL. */
     void (*forget)(mph_store_t *s, const char *scope);
+    /* Whether scopes a and b can ever change in one commit: 0, or MPH_EINVAL with a message
+     * naming both in why (a Redis Cluster keeps them in different slots). Being the same slot
+     * is an equivalence, so a transaction checks each new scope against its first one only.
+     * May be NULL: always. */
+    int (*together)(mph_store_t *s, const char *a, const char *b, char *why, size_t len);
 } mph_store_methods_t;
 
 struct mph_store_s {

@@ -13,6 +13,7 @@
 #include "host/common.c"
 #include "storage/redis.c"
 #include "storage/redis_route.c"
+#include "storage/redis_cluster.c"
 
 #include "spec/unit/unit.h"
 
