@@ -178,6 +178,21 @@ static mph_store_redis_config_t redis_config(const mph_host_t *h)
     return rc;
 }
 
+/* Splits "[:password@]rest" in buf (cut in place): returns rest; *password is NULL when
+ * there is none or it is empty. */
+static char *take_password(char *buf, const char **password)
+{
+    char *at = strrchr(buf, '@');
+    *password = NULL;
+    if (at == NULL)
+        return buf;
+    *at = '\0';
+    *password = buf[0] == ':' ? buf + 1 : buf;
+    if (**password == '\0')
+        *password = NULL;
+    return at + 1;
+}
+
 /* redis-sentinel://[:password@]host:port[,host:port...]/MASTER -> the Redis backend, its
  * master named by those sentinels (the password is the master's). */
 static int open_redis_sentinel(mph_host_t *h, char *err, size_t errlen)
@@ -185,15 +200,7 @@ static int open_redis_sentinel(mph_host_t *h, char *err, size_t errlen)
     char buf[1024];
     snprintf(buf, sizeof(buf), "%s", h->cfg.storage + strlen("redis-sentinel://"));
     mph_store_redis_config_t rc = redis_config(h);
-    char *list = buf;
-    char *at = strrchr(buf, '@');
-    if (at) {
-        *at = '\0';
-        list = at + 1;
-        rc.password = buf[0] == ':' ? buf + 1 : buf;
-        if (*rc.password == '\0')
-            rc.password = NULL;
-    }
+    char *list = take_password(buf, &rc.password);
     char *slash = strrchr(list, '/');
     if (slash == NULL || slash[1] == '\0' || slash == list) {
         snprintf(err, errlen,
@@ -215,15 +222,7 @@ static int open_redis(mph_host_t *h, char *err, size_t errlen)
     char buf[1024];
     snprintf(buf, sizeof(buf), "%s", url);
     mph_store_redis_config_t rc = redis_config(h);
-    char *hostpart = buf;
-    char *at = strrchr(buf, '@');
-    if (at) {
-        *at = '\0';
-        hostpart = at + 1;
-        rc.password = buf[0] == ':' ? buf + 1 : buf;
-        if (*rc.password == '\0')
-            rc.password = NULL;
-    }
+    char *hostpart = take_password(buf, &rc.password);
     char *slash = strchr(hostpart, '/');
     if (slash) {
         *slash = '\0';
@@ -358,7 +357,8 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
     } else if (strncmp(cfg->storage, "redis-sentinel://", 17) == 0) {
         rc = open_redis_sentinel(h, err, errlen);
     } else {
-        snprintf(err, errlen, "unknown storage \"%s\" (expected file or redis://...)",
+        snprintf(err, errlen,
+                 "unknown storage \"%s\" (expected file, redis://... or redis-sentinel://...)",
                  cfg->storage);
         rc = MPH_EINVAL;
     }

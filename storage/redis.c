@@ -24,6 +24,13 @@
  * once, never applied twice, because nothing is re-sent blindly and a re-sent CAS with a
  * stale version would be refused anyway.
  *
+ * Beyond one server: with --redis-wait a commit is answered once WAIT confirms replicas have
+ * it (see "Replication"); with Sentinel the server's address is asked for before every
+ * connection (see "Sentinel"); on a Redis Cluster, storage/redis_cluster.c keeps one of these
+ * stores per master and sends each scope to its slot's master through mph__redis_node_*
+ * (redis_route.h), which add ASKING after an ASK redirection. A scope's keys always share one
+ * hash tag: its name's own tag when it has one (scope_key).
+ *
  * Connection states (rs->state; assert_store_state checks them):
  *
  *        connect_now (host is a name)              on_resolved
@@ -33,13 +40,14 @@
  *    +------------------------------------------------------------------ failed, connection
  *                                                                       lost or dropped
  * DOWN: ac == NULL; on_tick calls connect_now at reconnect_at. RESOLVING: a uv_getaddrinfo
- * is in flight on the thread pool: hiredis 0.14's connect resolves names synchronously, which
- * would block the loop on every reconnect, so names are resolved here and hiredis is only
- * ever given a numeric address (which it parses without any lookup). CONNECTED: ac != NULL
- * (hiredis queues commands until the TCP connect ends). While not CONNECTED every call fails
- * at once with MPH_ESTORAGE. A command without a reply for timeout_ms drops the connection
- * (so a hung server fails calls fast, too). Reconnects back off from 50 ms to 2 s. hiredis
- * 0.14.1 has no command timeouts of its own, hence one uv_timer ticking every 50 ms.
+ * (or, with Sentinel, the sentinels' lookup: locate_work) is in flight on the thread pool: hiredis
+ * 0.14's connect resolves names synchronously, which would block the loop on every reconnect, so
+ * names are resolved here and hiredis is only ever given a numeric address (which it parses without
+ * any lookup). CONNECTED: ac != NULL (hiredis queues commands until the TCP connect ends). While
+ * not CONNECTED every call fails at once with MPH_ESTORAGE. A command without a reply for
+ * timeout_ms drops the connection (so a hung server fails calls fast, too). Reconnects back off
+ * from 50 ms to 2 s. hiredis 0.14.1 has no command timeouts of its own, hence one uv_timer ticking
+ * every 50 ms.
  */
 #define _GNU_SOURCE
 #include <assert.h>
@@ -150,6 +158,7 @@ struct redis_store_s {
     int locate_rc;
     char locate_err[256];
     unsigned sentinel_turn;   /* which sentinel is asked first next time */
+    unsigned locate_first;    /* sentinel_turn as the lookup in flight read it */
     redisAsyncContext *watch; /* subscribed to +switch-master on a sentinel, or NULL */
     uint64_t watch_at;        /* when to try subscribing again */
     uv_timer_t tick;          /* timeouts, reconnects, and the end of a close */
@@ -558,6 +567,8 @@ static void on_setup_reply(redis_store_t *rs, rop_t *op, const redisReply *r)
  * the write is applied on the master and may or may not survive a failover. */
 
 static void send_wait(redis_store_t *rs);
+static rop_t *command_op(redis_store_t *rs, op_kind_t kind, int argc, const char *const *argv,
+                         const size_t *lens);
 
 /* Answers every commit of a WAIT's group: ok (status 0) or the error `why`. */
 static void answer_group(rop_t *group, const char *why)
@@ -611,18 +622,9 @@ static void send_wait(redis_store_t *rs)
                        "by a failover)");
     if (group == NULL)
         return;
-    rop_t *op = mph_xcalloc(1, sizeof(*op));
-    op->rs = rs;
-    op->kind = OP_WAIT;
-    op->group = group;
-    op->argc = 3;
-    op->argv = mph_xmalloc(3 * sizeof(*op->argv));
-    op->argvlen = mph_xmalloc(3 * sizeof(*op->argvlen));
     const char *argv[3] = {"WAIT", rs->wait_args[0], rs->wait_args[1]};
-    for (int i = 0; i < 3; i++) {
-        op->argv[i] = argv[i];
-        op->argvlen[i] = strlen(argv[i]);
-    }
+    rop_t *op = command_op(rs, OP_WAIT, 3, argv, NULL);
+    op->group = group;
     if (send_op(op) != 0) {
         op_free(op);
         answer_group(group, "outcome unknown: cannot send WAIT to Redis (the commit is applied "
@@ -741,11 +743,14 @@ static int send_op(rop_t *op)
     return 0;
 }
 
-static void setup_command(redis_store_t *rs, int argc, const char **argv, const size_t *lens)
+/* A new command of argc arguments (strings borrowed; lens NULL: NUL-terminated) that is
+ * not a script: SETUP, WAIT or RAW. */
+static rop_t *command_op(redis_store_t *rs, op_kind_t kind, int argc, const char *const *argv,
+                         const size_t *lens)
 {
     rop_t *op = mph_xcalloc(1, sizeof(*op));
     op->rs = rs;
-    op->kind = OP_SETUP;
+    op->kind = kind;
     op->argc = argc;
     op->argv = mph_xmalloc((size_t)argc * sizeof(*op->argv));
     op->argvlen = mph_xmalloc((size_t)argc * sizeof(*op->argvlen));
@@ -753,6 +758,12 @@ static void setup_command(redis_store_t *rs, int argc, const char **argv, const 
         op->argv[i] = argv[i];
         op->argvlen[i] = lens ? lens[i] : strlen(argv[i]);
     }
+    return op;
+}
+
+static void setup_command(redis_store_t *rs, int argc, const char **argv, const size_t *lens)
+{
+    rop_t *op = command_op(rs, OP_SETUP, argc, argv, lens);
     if (send_op(op) != 0)
         op_free(op);
 }
@@ -988,7 +999,7 @@ static void locate_work(uv_work_t *w)
 {
     redis_store_t *rs = mph_container_of(w, redis_store_t, locate);
     unsigned timeout = rs->timeout_ms < 1000 ? rs->timeout_ms : 1000;
-    rs->locate_rc = mph__sentinel_locate(rs->sentinels, rs->nsentinels, rs->sentinel_turn,
+    rs->locate_rc = mph__sentinel_locate(rs->sentinels, rs->nsentinels, rs->locate_first,
                                          rs->master, rs->password, timeout, &rs->located,
                                          rs->locate_err, sizeof(rs->locate_err));
 }
@@ -1085,6 +1096,8 @@ static void connect_now(redis_store_t *rs)
 {
     assert(rs->state == STATE_DOWN && !rs->closing);
     if (rs->sentinels) {
+        /* The pool thread reads only what the loop leaves alone until locate_done. */
+        rs->locate_first = rs->sentinel_turn;
         int rc = uv_queue_work(rs->loop, &rs->locate, locate_work, locate_done);
         if (rc != 0) {
             attempt_failed(rs, uv_strerror(rc));
@@ -1094,7 +1107,6 @@ static void connect_now(redis_store_t *rs)
         return;
     }
     if (rs->numeric) {
-
         connect_addr(rs, rs->host);
         return;
     }
@@ -1331,18 +1343,10 @@ int mph__redis_node_command(mph_store_t *s, const char *a, const char *b,
         return MPH_ECLOSED;
     if (!can_send(rs) || !rs->ready)
         return MPH_ESTORAGE;
-    rop_t *op = mph_xcalloc(1, sizeof(*op));
-    op->rs = rs;
-    op->kind = OP_RAW;
+    const char *argv[2] = {a, b};
+    rop_t *op = command_op(rs, OP_RAW, 2, argv, NULL);
     op->raw_cb = cb;
     op->ud = ud;
-    op->argc = 2;
-    op->argv = mph_xmalloc(2 * sizeof(*op->argv));
-    op->argvlen = mph_xmalloc(2 * sizeof(*op->argvlen));
-    op->argv[0] = a;
-    op->argv[1] = b;
-    op->argvlen[0] = strlen(a);
-    op->argvlen[1] = strlen(b);
     if (send_op(op) != 0) {
         op_free(op);
         return MPH_ESTORAGE;

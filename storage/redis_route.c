@@ -103,12 +103,21 @@ int mph__redis_parse_addrs(const char *list, mph__redis_addr_t **out, size_t *n,
 
 /* ---- Sentinel ---- */
 
-static redisContext *connect_blocking(const mph__redis_addr_t *a, unsigned timeout_ms)
+/* A blocking connection to a (`what` names it in err), every step limited to timeout_ms,
+ * or NULL with why in err. */
+static redisContext *connect_blocking(const mph__redis_addr_t *a, const char *what,
+                                      unsigned timeout_ms, char *err, size_t errlen)
 {
     struct timeval tv = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
     redisContext *c = redisConnectWithTimeout(a->host, a->port, tv);
-    if (c && !c->err)
-        redisSetTimeout(c, tv);
+    if (c == NULL || c->err) {
+        snprintf(err, errlen, "%s %s:%d: %s", what, a->host, a->port,
+                 c ? c->errstr : "out of memory");
+        if (c)
+            redisFree(c);
+        return NULL;
+    }
+    redisSetTimeout(c, tv);
     return c;
 }
 
@@ -116,14 +125,9 @@ static redisContext *connect_blocking(const mph__redis_addr_t *a, unsigned timeo
 static int ask_sentinel(const mph__redis_addr_t *s, const char *name, unsigned timeout_ms,
                         mph__redis_addr_t *out, char *err, size_t errlen)
 {
-    redisContext *c = connect_blocking(s, timeout_ms);
-    if (c == NULL || c->err) {
-        snprintf(err, errlen, "sentinel %s:%d: %s", s->host, s->port,
-                 c ? c->errstr : "out of memory");
-        if (c)
-            redisFree(c);
+    redisContext *c = connect_blocking(s, "sentinel", timeout_ms, err, errlen);
+    if (c == NULL)
         return -1;
-    }
     redisReply *r = redisCommand(c, "SENTINEL get-master-addr-by-name %s", name);
     int rc = -1;
     if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 2 &&
@@ -147,14 +151,9 @@ static int ask_sentinel(const mph__redis_addr_t *s, const char *name, unsigned t
 static int check_master(const mph__redis_addr_t *a, const char *password, unsigned timeout_ms,
                         char *err, size_t errlen)
 {
-    redisContext *c = connect_blocking(a, timeout_ms);
-    if (c == NULL || c->err) {
-        snprintf(err, errlen, "master %s:%d: %s", a->host, a->port,
-                 c ? c->errstr : "out of memory");
-        if (c)
-            redisFree(c);
+    redisContext *c = connect_blocking(a, "master", timeout_ms, err, errlen);
+    if (c == NULL)
         return -1;
-    }
     redisReply *r = NULL;
     if (password) {
         r = redisCommand(c, "AUTH %s", password);

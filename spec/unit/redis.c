@@ -408,7 +408,39 @@ static void test_addresses_in_messages(void)
     CHECK(!is_numeric_address("localhost") && !is_numeric_address("[::1]"));
 }
 
+/* Hash slots against values Redis's CLUSTER KEYSLOT gives, and where scopes' keys go. */
+static void test_slots_and_scope_keys(void)
+{
+    CHECK(mph__redis_key_slot("123456789", 9) == 12739); /* CRC16/XMODEM check value 0x31c3 */
+    CHECK(mph__redis_key_slot("foo", 3) == 12182);
+    CHECK(mph__redis_key_slot("{user1000}.following", 20) == mph__redis_key_slot("user1000", 8));
+    CHECK(mph__redis_key_slot("foo{bar}{zap}", 13) == mph__redis_key_slot("bar", 3));
+    CHECK(mph__redis_key_slot("foo{{bar}}zap", 13) == mph__redis_key_slot("{bar", 4));
+    CHECK(mph__redis_key_slot("{}x", 3) != mph__redis_key_slot("", 0)); /* empty tag: whole key */
+    size_t at, len;
+    CHECK(mph__redis_name_tag("n:account:{42}:savings", &at, &len) == 0 && at == 11 && len == 2);
+    CHECK(mph__redis_name_tag("global", &at, &len) != 0);
+    CHECK(mph__redis_name_tag("a{}b", &at, &len) != 0);
+    CHECK(mph__redis_name_tag("a}{b", &at, &len) != 0);
+    /* A name's own tag decides the slot of its keys; other names get their own. */
+    char *k = scope_key("mp:", "n:account:{42}:savings", "v");
+    CHECK(strcmp(k, "mp:n:account:{42}:savings/v") == 0);
+    free(k);
+    k = scope_key("mp:", "global", "d");
+    CHECK(strcmp(k, "mp:{global}:d") == 0);
+    free(k);
+    CHECK(mph__redis_scope_slot("mp:", "n:a{42}x") == mph__redis_key_slot("42", 2));
+    CHECK(mph__redis_scope_slot("mp:", "n:a{42}x") == mph__redis_scope_slot("mp:", "n:b{42}"));
+    CHECK(mph__redis_scope_slot("mp:", "global") == mph__redis_key_slot("global", 6));
+    /* The collision the two forms could have ("{a}" tagged vs "a}{a" untagged) does not. */
+    char *t = scope_key("mp:", "{a}", "v"), *u = scope_key("mp:", "a}{a", "v");
+    CHECK(strcmp(t, u) != 0);
+    free(t);
+    free(u);
+}
+
 static const mph_unit_test_t tests[] = {
+    {"slots_and_scope_keys", test_slots_and_scope_keys},
     {"load_replies", test_load_replies},
     {"load_wrong_shapes", test_load_wrong_shapes},
     {"commit_ok", test_commit_ok},
