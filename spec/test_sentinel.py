@@ -36,15 +36,19 @@ def info(redis, section):
 def replica_of(master, port=None):
     # No AOF on replicas: a replica refuses SIGTERM while it writes its first one after a sync
     # ("Writing initial AOF, can't exit"), and the tests kill masters, never replicas' disks.
-    return RedisServer(port=port, args=["--replicaof", "127.0.0.1", str(master.port),
-                                        "--appendonly", "no", "--repl-diskless-sync-delay", "0"])
+    auth = ["--masterauth", master.password] if master.password else []
+    return RedisServer(port=port, password=master.password,
+                       args=["--replicaof", "127.0.0.1", str(master.port), "--appendonly", "no",
+                             "--repl-diskless-sync-delay", "0"] + auth)
 
 
 def replica_online(master, n=1):
     """Waits until n replicas of master acknowledge a write (WAIT on one connection): "online"
     in INFO comes a moment before a replica answers WAIT."""
     def confirmed():
-        p = subprocess.run(["redis-cli", "-p", str(master.port)], capture_output=True, text=True,
+        auth = ["--no-auth-warning", "-a", master.password] if master.password else []
+        p = subprocess.run(["redis-cli", "-p", str(master.port)] + auth, capture_output=True,
+                           text=True,
                            input="SET mph:probe 1\nWAIT %d 200\n" % n, timeout=10)
         return p.stdout.split()[-1:] == [str(n)]
     wait_until(confirmed, "%d replica(s) of %d confirm writes" % (n, master.port))
@@ -113,7 +117,7 @@ class Sentinel:
     """One redis-sentinel (redis-server --sentinel) watching master NAME, with failure
     detection in one second and failovers of a few seconds."""
 
-    def __init__(self, master_port, name="mymaster"):
+    def __init__(self, master_port, name="mymaster", password=None):
         self.port = free_port()
         self.dir = tmpdir("mph-sentinel-")
         self.conf = os.path.join(self.dir, "sentinel.conf")
@@ -124,6 +128,8 @@ class Sentinel:
                     "sentinel failover-timeout %s 4000\n"
                     % (self.port, self.dir, os.path.join(self.dir, "sentinel.log"), name,
                        master_port, name, name))
+            if password:
+                f.write("sentinel auth-pass %s %s\n" % (name, password))
         self.proc = subprocess.Popen(["redis-server", self.conf, "--sentinel"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -146,10 +152,13 @@ class ReplicatedRedis:
     """A master, one replica and three sentinels, all on free loopback ports; ready once every
     sentinel knows the replica and the other two sentinels (a failover needs both)."""
 
+    def __init__(self, password=None):
+        self.password = password
+
     def __enter__(self):
-        self.master = RedisServer().start()
+        self.master = RedisServer(password=self.password).start()
         self.replica = replica_of(self.master).start()
-        self.sentinels = [Sentinel(self.master.port) for _ in range(3)]
+        self.sentinels = [Sentinel(self.master.port, password=self.password) for _ in range(3)]
         replica_online(self.master)
 
         def ready():
@@ -167,9 +176,10 @@ class ReplicatedRedis:
         self.replica.stop()
         self.master.stop()
 
-    def url(self):
-        return "redis-sentinel://%s/mymaster" % ",".join(
-            "127.0.0.1:%d" % s.port for s in self.sentinels)
+    def url(self, password=None):
+        auth = ":%s@" % password if password else ""
+        return "redis-sentinel://%s%s/mymaster" % (auth, ",".join(
+            "127.0.0.1:%d" % s.port for s in self.sentinels))
 
     def current_master_port(self):
         out = self.sentinels[0].cli("SENTINEL", "get-master-addr-by-name", "mymaster")
@@ -230,6 +240,8 @@ def failover_under_load(wait, clients=4, before=100, after=50):
             new = rr.current_master_port()
             eq(new, rr.replica.port, "the master after the failover")
             check(new != old, "no failover happened")
+            check("Sentinel switched master mymaster" in s.read_log(),
+                  "+switch-master was not heard: " + s.read_log()[-1500:])
             stored = int(rr.replica.cli("HGET", "mp:{global}:d", "requests"))
             return acked, stored, unavailable[0]
 
@@ -253,3 +265,17 @@ def test_sentinel_url_errors_at_start():
         s.start(expect_ok=False)
         rc = s.proc.wait(timeout=30)
         check(rc != 0 and why in s.read_log(), "%s: exit %d, %s" % (url, rc, s.read_log()[-300:]))
+
+
+def test_sentinel_with_a_password():
+    with ReplicatedRedis(password="s3cret") as rr:
+        with Server("server5.lua", ["--storage=" + rr.url("s3cret"), "--redis-wait=1"]) as s:
+            for i in range(1, 4):
+                eq(s.result("simple-storage", [{}]), {"requests": i})
+            eq(rr.replica.cli("HGET", "mp:{global}:d", "requests"), "3")
+            check("s3cret" not in s.read_log(), "the password is in the log")
+        bad = Server("server5.lua", ["--storage=" + rr.url("wrong")])
+        bad.start(expect_ok=False)
+        rc = bad.proc.wait(timeout=30)
+        check(rc != 0 and "refused AUTH" in bad.read_log(), "a wrong password: exit %d, %s"
+              % (rc, bad.read_log()[-300:]))
