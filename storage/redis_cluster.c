@@ -236,7 +236,7 @@ static void on_node_result(void *ud, const mph_store_result_t *res)
         op->asking = node;
     }
     if (cop_send(op) != 0)
-        cop_fail(op, "storage unavailable: the Redis Cluster node a redirection named is down");
+        cop_fail(op, "the Redis Cluster node a redirection named is down");
 }
 
 /* Sends op to the node for its slot (or the one an ASK named). Returns 0 (on_node_result will
@@ -366,7 +366,7 @@ static void cluster_tick(uv_timer_t *t)
         cop_t *op = due;
         due = op->next;
         if (cop_send(op) != 0)
-            cop_fail(op, "storage unavailable: the Redis Cluster node for this scope is down");
+            cop_fail(op, "the Redis Cluster node for this scope is down");
     }
 }
 
@@ -379,7 +379,7 @@ static void cluster_close(mph_store_t *s, void (*done)(void *ud), void *ud)
     while (cl->retries) {
         cop_t *op = cl->retries;
         cl->retries = op->next;
-        cop_fail(op, "storage unavailable: shutting down");
+        cop_fail(op, "shutting down");
     }
     uv_timer_stop(&cl->tick);
     /* Each node completes what it started (our callbacks pass results up: no new sends
