@@ -198,6 +198,55 @@ static void start_heartbeat(mph_host_t *h)
     uv_unref((uv_handle_t *)&h->beat_tick);
 }
 
+/* The Redis options common to every URL form. */
+static mph_store_redis_config_t redis_config(const mph_host_t *h)
+{
+    mph_store_redis_config_t rc = {0};
+    rc.host = "127.0.0.1";
+    rc.port = 6379;
+    rc.prefix = h->cfg.redis_prefix;
+    rc.timeout_ms = h->cfg.redis_timeout_ms;
+    rc.wait_replicas = h->cfg.redis_wait_replicas;
+    rc.wait_ms = h->cfg.redis_wait_ms;
+    return rc;
+}
+
+/* Splits "[:password@]rest" in buf (cut in place): returns rest; *password is NULL when
+ * there is none or it is empty. */
+static char *take_password(char *buf, const char **password)
+{
+    char *at = strrchr(buf, '@');
+    *password = NULL;
+    if (at == NULL)
+        return buf;
+    *at = '\0';
+    *password = buf[0] == ':' ? buf + 1 : buf;
+    if (**password == '\0')
+        *password = NULL;
+    return at + 1;
+}
+
+/* redis-sentinel://[:password@]host:port[,host:port...]/MASTER -> the Redis backend, its
+ * master named by those sentinels (the password is the master's). */
+static int open_redis_sentinel(mph_host_t *h, char *err, size_t errlen)
+{
+    char buf[1024];
+    snprintf(buf, sizeof(buf), "%s", h->cfg.storage + strlen("redis-sentinel://"));
+    mph_store_redis_config_t rc = redis_config(h);
+    char *list = take_password(buf, &rc.password);
+    char *slash = strrchr(list, '/');
+    if (slash == NULL || slash[1] == '\0' || slash == list) {
+        snprintf(err, errlen,
+                 "invalid %s (expected redis-sentinel://host:port[,host:port...]/MASTER)",
+                 h->cfg.storage);
+        return MPH_EINVAL;
+    }
+    *slash = '\0';
+    rc.sentinels = list;
+    rc.master = slash + 1;
+    return mph_store_redis_open(&h->store, &h->loop, &rc, err, errlen);
+}
+
 /* redis://[:password@]host[:port][/db] -> the Redis backend. An IPv6 host is in brackets:
  * redis://[::1]:6380. */
 static int open_redis(mph_host_t *h, char *err, size_t errlen)
@@ -205,17 +254,8 @@ static int open_redis(mph_host_t *h, char *err, size_t errlen)
     const char *url = h->cfg.storage + 8;
     char buf[1024];
     snprintf(buf, sizeof(buf), "%s", url);
-    mph_store_redis_config_t rc = {
-        "127.0.0.1", 6379, NULL, 0, h->cfg.redis_prefix, h->cfg.redis_timeout_ms, 0};
-    char *hostpart = buf;
-    char *at = strrchr(buf, '@');
-    if (at) {
-        *at = '\0';
-        hostpart = at + 1;
-        rc.password = buf[0] == ':' ? buf + 1 : buf;
-        if (*rc.password == '\0')
-            rc.password = NULL;
-    }
+    mph_store_redis_config_t rc = redis_config(h);
+    char *hostpart = take_password(buf, &rc.password);
     char *slash = strchr(hostpart, '/');
     if (slash) {
         *slash = '\0';
@@ -348,8 +388,11 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
         rc = mph_store_file_open(&h->store, h->loop, cfg->data_dir, err, errlen);
     } else if (strncmp(cfg->storage, "redis://", 8) == 0) {
         rc = open_redis(h, err, errlen);
+    } else if (strncmp(cfg->storage, "redis-sentinel://", 17) == 0) {
+        rc = open_redis_sentinel(h, err, errlen);
     } else {
-        snprintf(err, errlen, "unknown storage \"%s\" (expected file or redis://...)",
+        snprintf(err, errlen,
+                 "unknown storage \"%s\" (expected file, redis://... or redis-sentinel://...)",
                  cfg->storage);
         rc = MPH_EINVAL;
     }

@@ -36,8 +36,12 @@ static const char usage[] =
     "  --storage=file        file storage (default) in --data=DIR (env MP_DATA, ./mp-data)\n"
     "  --storage=redis       Redis at REDIS_HOST, REDIS_PORT, REDIS_PASSWORD, or\n"
     "  --storage=redis://[:password@]host[:port][/db]\n"
+    "  --storage=redis-sentinel://[:password@]host:port[,host:port...]/MASTER\n"
+    "                        Redis master MASTER as those sentinels name it\n"
     "  --redis-prefix=P      Redis key prefix (default mp:)\n"
     "  --redis-timeout=SEC   a Redis command unanswered this long fails (default 1)\n"
+    "  --redis-wait=N[,MS]   answer a commit only once N Redis replicas confirm it (WAIT N\n"
+    "                        MS; MS default 1000); fewer: -32002, outcome unknown\n"
     "  --logging=LEVEL       trace|debug|info|warn|error|silent (default info)\n"
     "  --max-retries=N       refused commits of a call before error -32001 (default 50;\n"
     "                        0: one attempt, no retry)\n"
@@ -142,6 +146,25 @@ static int parse_seconds(const char *s, unsigned long min_ms, unsigned long max_
     return 0;
 }
 
+/* --redis-wait=N[,MS] into h. Returns 0 or -1. */
+static int parse_redis_wait(const char *value, mph_host_config_t *h)
+{
+    char n[16];
+    const char *comma = strchr(value, ',');
+    size_t len = comma ? (size_t)(comma - value) : strlen(value);
+    unsigned long replicas, ms = 1000;
+    if (len == 0 || len >= sizeof(n))
+        return -1;
+    memcpy(n, value, len);
+    n[len] = '\0';
+    if (parse_integer(n, 0, 100, &replicas) != 0 ||
+        (comma && parse_integer(comma + 1, 1, 3600 * 1000, &ms) != 0))
+        return -1;
+    h->redis_wait_replicas = (unsigned)replicas;
+    h->redis_wait_ms = (unsigned)ms;
+    return 0;
+}
+
 /* Applies one --name=value option. Returns 0 or prints why not and returns 1. */
 static int apply_option(mph_cli_t *cli, const char *name, const char *value)
 {
@@ -163,6 +186,11 @@ static int apply_option(mph_cli_t *cli, const char *name, const char *value)
     } else if (strcmp(name, "redis-timeout") == 0) {
         if (parse_seconds(value, 10, 3600 * 1000, &h->redis_timeout_ms) != 0)
             return bad_usage("invalid --redis-timeout: %s (expected seconds, 0.01 to 3600)", value);
+    } else if (strcmp(name, "redis-wait") == 0) {
+        if (parse_redis_wait(value, h) != 0)
+            return bad_usage("invalid --redis-wait: %s (expected N[,MS]: N 0 to 100 replicas, "
+                             "MS 1 to 3600000 milliseconds)",
+                             value);
     } else if (strcmp(name, "logging") == 0) {
         mph_log_level_t level;
         if (mph_log_parse_level(value, &level) != 0)
@@ -251,15 +279,21 @@ static int resolve_storage(mph_cli_t *cli)
                  host && *host ? host : "127.0.0.1", v6 ? "]" : "", port && *port ? port : "6379");
         h->storage = cli->storage_url;
     }
-    if (strncmp(h->storage, "redis://", 8) == 0) {
+    static const char *const schemes[] = {"redis://", "redis-sentinel://"};
+    for (int i = 0; i < 2; i++) {
+        size_t len = strlen(schemes[i]);
+        if (strncmp(h->storage, schemes[i], len) != 0)
+            continue;
         /* What status shows: the URL without its password. */
         const char *at = strrchr(h->storage, '@');
-        size_t n = strlen(h->storage) + 16;
+        size_t n = strlen(h->storage) + 24;
         cli->storage_desc = mph_xmalloc(n);
-        snprintf(cli->storage_desc, n, "redis://%s", at ? at + 1 : h->storage + 8);
+        snprintf(cli->storage_desc, n, "%s%s", schemes[i], at ? at + 1 : h->storage + len);
         return 0;
     }
-    return bad_usage("unknown storage: %s (expected file, redis or redis://...)", h->storage);
+    return bad_usage("unknown storage: %s (expected file, redis, redis://... or "
+                     "redis-sentinel://...)",
+                     h->storage);
 }
 
 void mph_cli_report_failure(FILE *ready, const char *msg)

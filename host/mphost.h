@@ -42,6 +42,9 @@ typedef struct {
     const char *data_dir;         /* file storage directory; default "./mp-data" */
     const char *redis_prefix;     /* key prefix for Redis; default "mp:" */
     unsigned redis_timeout_ms;    /* a Redis command unanswered this long fails; default 1000 */
+    unsigned redis_wait_replicas; /* 0, or a commit is answered once this many Redis replicas
+                                     confirm it (WAIT); default 0 */
+    unsigned redis_wait_ms;       /* WAIT's time limit; default 1000 */
     int max_retries;              /* refused commits of a call's writes before -32001;
                                      default 50; 0: one attempt, no retry */
     size_t max_body;              /* bytes; default 1 MiB */

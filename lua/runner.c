@@ -403,6 +403,16 @@ int mph__runner_acquire(mph_txn_t *t, const char *name, int can_wait, int *code,
         *why = "storage unavailable: no storage is configured";
         return -1;
     }
+    /* Scopes the storage can never commit together (Redis Cluster slots): the handler's
+     * error, found where it touches the second one, never a commit that cannot succeed. */
+    static char apart[512]; /* the loop thread's; *why is copied at once (C.acquire) */
+    const mph_store_methods_t *m = lua->store->methods;
+    if (t->nscopes > 0 && m->together &&
+        m->together(lua->store, t->scopes[0]->name, name, apart, sizeof(apart)) != 0) {
+        *code = MPH_RPC_HANDLER_ERROR;
+        *why = apart;
+        return -1;
+    }
     mph_scope_t *s = scope_get(lua, name);
     if (s->state == SCOPE_READY) {
         /* Pinned until the attempt ends: not evicted under it. */

@@ -419,8 +419,9 @@ class RedisServer:
     """A real redis-server on a free loopback port with its own directory (never 6379);
     bind="::1" for IPv6."""
 
-    def __init__(self, password=None, port=None, directory=None, bind="127.0.0.1"):
+    def __init__(self, password=None, port=None, directory=None, bind="127.0.0.1", args=()):
         self.bind = bind
+        self.args = list(args)  # more redis-server options (--replicaof, --cluster-enabled)
         self.port = port or free_port()
         self.dir = directory or tmpdir("mph-redis-")
         self.password = password
@@ -433,6 +434,7 @@ class RedisServer:
                os.path.join(self.dir, "redis.log")]
         if self.password:
             cmd += ["--requirepass", self.password]
+        cmd += self.args
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if not wait_port(self.port, 10, self.proc, self.bind):
             raise TestFailure("redis-server did not start")

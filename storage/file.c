@@ -2120,7 +2120,7 @@ static void file_forget(mph_store_t *s, const char *scope)
 }
 
 static const mph_store_methods_t file_methods = {
-    MPH_STORE_METHODS_VERSION, "file", file_load, file_commit, file_close, file_forget,
+    MPH_STORE_METHODS_VERSION, "file", file_load, file_commit, file_close, file_forget, NULL,
 };
 
 /* mkdir -p */

@@ -24,6 +24,13 @@
  * once, never applied twice, because nothing is re-sent blindly and a re-sent CAS with a
  * stale version would be refused anyway.
  *
+ * Beyond one server: with --redis-wait a commit is answered once WAIT confirms replicas have
+ * it (see "Replication"); with Sentinel the server's address is asked for before every
+ * connection (see "Sentinel"); on a Redis Cluster, storage/redis_cluster.c keeps one of these
+ * stores per master and sends each scope to its slot's master through mph__redis_node_*
+ * (redis_route.h), which add ASKING after an ASK redirection. A scope's keys always share one
+ * hash tag: its name's own tag when it has one (scope_key).
+ *
  * Connection states (rs->state; assert_store_state checks them):
  *
  *        connect_now (host is a name)              on_resolved
@@ -33,13 +40,14 @@
  *    +------------------------------------------------------------------ failed, connection
  *                                                                       lost or dropped
  * DOWN: ac == NULL; on_tick calls connect_now at reconnect_at. RESOLVING: a uv_getaddrinfo
- * is in flight on the thread pool: hiredis 0.14's connect resolves names synchronously, which
- * would block the loop on every reconnect, so names are resolved here and hiredis is only
- * ever given a numeric address (which it parses without any lookup). CONNECTED: ac != NULL
- * (hiredis queues commands until the TCP connect ends). While not CONNECTED every call fails
- * at once with MPH_ESTORAGE. A command without a reply for timeout_ms drops the connection
- * (so a hung server fails calls fast, too). Reconnects back off from 50 ms to 2 s. hiredis
- * 0.14.1 has no command timeouts of its own, hence one uv_timer ticking every 50 ms.
+ * (or, with Sentinel, the sentinels' lookup: locate_work) is in flight on the thread pool: hiredis
+ * 0.14's connect resolves names synchronously, which would block the loop on every reconnect, so
+ * names are resolved here and hiredis is only ever given a numeric address (which it parses without
+ * any lookup). CONNECTED: ac != NULL (hiredis queues commands until the TCP connect ends). While
+ * not CONNECTED every call fails at once with MPH_ESTORAGE. A command without a reply for
+ * timeout_ms drops the connection (so a hung server fails calls fast, too). Reconnects back off
+ * from 50 ms to 2 s. hiredis 0.14.1 has no command timeouts of its own, hence one uv_timer ticking
+ * every 50 ms.
  */
 #define _GNU_SOURCE
 #include <assert.h>
@@ -53,6 +61,7 @@
 #include <strings.h>
 #include <sys/socket.h>
 
+#include "redis_route.h"
 #include "storage.h"
 
 #include "redis_cas_lua.h"  /* generated from redis_cas.lua: mph_redis_cas_lua[] */
@@ -69,7 +78,7 @@
 #define BACKOFF_MIN_MS 50
 #define BACKOFF_MAX_MS 2000
 
-typedef enum { OP_LOAD, OP_COMMIT, OP_SETUP } op_kind_t;
+typedef enum { OP_LOAD, OP_COMMIT, OP_SETUP, OP_WAIT, OP_RAW } op_kind_t;
 
 typedef enum { STATE_DOWN, STATE_RESOLVING, STATE_CONNECTED } conn_state_t;
 
@@ -88,17 +97,24 @@ typedef struct rop_s {
     op_kind_t kind;
     mph_store_cb cb; /* runs exactly once (LOAD, COMMIT) */
     void *ud;
-    shape_t shape;             /* owned arrays */
-    char **keys;               /* owned: NKEYS per scope: P{S}:v, :d, :log, :claim, :logsize */
-    char (*numbers)[24];       /* owned: per scope, the expected version and the count, as text */
-    int argc;                  /* argv[0..1] are the command and script or sha */
-    const char **argv;         /* owned array; strings borrowed or owned as below */
-    size_t *argvlen;           /* owned */
-    char committer_str[24];    /* argv string for the committer id */
-    char numkeys[24];          /* argv string for the number of keys */
-    int sent_as_eval;          /* already fell back from EVALSHA */
-    uint64_t deadline;         /* uv_now() limit for the reply */
-    struct rop_s *prev, *next; /* in rs->inflight, oldest first */
+    shape_t shape;          /* owned arrays */
+    char **keys;            /* owned: NKEYS per scope: P{S}:v, :d, :log, :claim, :logsize */
+    char (*numbers)[24];    /* owned: per scope, the expected version and the count, as text */
+    int argc;               /* argv[0..1] are the command and script or sha */
+    const char **argv;      /* owned array; strings borrowed or owned as below */
+    size_t *argvlen;        /* owned */
+    char committer_str[24]; /* argv string for the committer id */
+    char numkeys[24];       /* argv string for the number of keys */
+    int sent_as_eval;       /* already fell back from EVALSHA */
+    int asking;             /* Cluster: send ASKING first (an ASK redirection) */
+    void (*raw_cb)(void *ud, const redisReply *r); /* OP_RAW: gets the reply (NULL: lost) */
+    uint64_t deadline;                             /* uv_now() limit for the reply */
+    struct rop_s *prev, *next;                     /* in rs->inflight, oldest first */
+    /* --redis-wait: a COMMIT that succeeded waits in a WAIT's group (see "Replication"). */
+    uint64_t version;        /* COMMIT: the new version, reported once WAIT confirms */
+    unsigned conn;           /* COMMIT: rs->conns when it was applied */
+    struct rop_s *group;     /* WAIT: the commits it confirms, linked by wait_next */
+    struct rop_s *wait_next; /* COMMIT: next in rs->waiting or in a WAIT's group */
 } rop_t;
 
 struct redis_store_s {
@@ -127,15 +143,34 @@ struct redis_store_s {
     char commit_sha[41]; /* "" until SCRIPT LOAD answered on this connection */
     char load_sha[41];
     rop_t *oldest, *newest; /* commands in flight */
-    uv_timer_t tick;        /* timeouts, reconnects, and the end of a close */
-    int closing;            /* close() was called */
-    int tick_closing;       /* uv_close(tick) was called: rs is freed in its callback */
+    unsigned wait_replicas; /* --redis-wait N: 0 = answer commits without WAIT */
+    char wait_args[2][24];  /* N and the WAIT's milliseconds, as text */
+    unsigned wait_ms;       /* how long a WAIT may block the connection */
+    int wait_sent;          /* a WAIT is in flight (rs->waiting then holds the next group) */
+    unsigned conns;         /* connections made so far: which one applied a commit */
+    rop_t *waiting, **waiting_tail; /* commits applied, queued for the next WAIT */
+    /* Sentinel (see "Sentinel"): the master is asked for, not configured. */
+    mph__redis_addr_t *sentinels; /* owned; NULL: host and port are the server */
+    size_t nsentinels;
+    char *master;              /* owned: the master's name at the sentinels */
+    uv_work_t locate;          /* RESOLVING with sentinels: the lookup on the thread pool */
+    mph__redis_addr_t located; /* its answer (written by the pool thread, read after) */
+    int locate_rc;
+    char locate_err[256];
+    unsigned sentinel_turn;   /* which sentinel is asked first next time */
+    unsigned locate_first;    /* sentinel_turn as the lookup in flight read it */
+    redisAsyncContext *watch; /* subscribed to +switch-master on a sentinel, or NULL */
+    uint64_t watch_at;        /* when to try subscribing again */
+    uv_timer_t tick;          /* timeouts, reconnects, and the end of a close */
+    int closing;              /* close() was called */
+    int tick_closing;         /* uv_close(tick) was called: rs is freed in its callback */
     void (*closed_cb)(void *ud);
     void *closed_ud;
 };
 
 static void connect_now(redis_store_t *rs);
 static void drop_connection(redis_store_t *rs, const char *why);
+static void format_where(char *buf, size_t len, const char *host, int port);
 
 #ifndef NDEBUG
 /* The store's invariants; used as assert(assert_store_state(rs)). */
@@ -144,6 +179,7 @@ static int assert_store_state(const redis_store_t *rs)
     assert((rs->state == STATE_CONNECTED) == (rs->ac != NULL));
     assert(rs->state != STATE_RESOLVING || !rs->numeric);
     assert(!rs->tick_closing || (rs->state == STATE_DOWN && rs->oldest == NULL));
+    assert(rs->waiting == NULL || rs->wait_sent); /* a WAIT in flight sends the next one */
     return 1;
 }
 #endif
@@ -521,6 +557,119 @@ static void on_setup_reply(redis_store_t *rs, rop_t *op, const redisReply *r)
     op_free(op);
 }
 
+/* ---- Replication (--redis-wait) ----
+ * A commit the script applied is answered only after `WAIT N MS` on the same connection
+ * confirms that N replicas have it (WAIT counts the writes this client made so far). At most
+ * one WAIT is in flight: commits applied meanwhile queue in rs->waiting and share the next
+ * one, so a burst of commits costs one WAIT, not one each. WAIT blocks the connection while
+ * it waits, so commands queued behind it get their time limit counted from its reply.
+ * A WAIT that falls short, fails, or whose connection is lost leaves the outcome unknown:
+ * the write is applied on the master and may or may not survive a failover. */
+
+static void send_wait(redis_store_t *rs);
+static rop_t *command_op(redis_store_t *rs, op_kind_t kind, int argc, const char *const *argv,
+                         const size_t *lens);
+
+/* Answers every commit of a WAIT's group: ok (status 0) or the error `why`. */
+static void answer_group(rop_t *group, const char *why)
+{
+    while (group) {
+        rop_t *next = group->wait_next;
+        if (why) {
+            fail_op(group, MPH_ESTORAGE, why);
+        } else {
+            mph_store_result_t res = {
+                0, NULL, {group->version, 0, 0, NULL}, group->shape.names[0], 0, 0, NULL};
+            finish(group, &res);
+        }
+        group = next;
+    }
+}
+
+static void wait_enqueue(redis_store_t *rs, rop_t *op)
+{
+    op->wait_next = NULL;
+    if (rs->waiting == NULL)
+        rs->waiting_tail = &rs->waiting;
+    *rs->waiting_tail = op;
+    rs->waiting_tail = &op->wait_next;
+    if (!rs->wait_sent)
+        send_wait(rs);
+}
+
+/* Sends one WAIT for every commit queued in rs->waiting. */
+static void send_wait(redis_store_t *rs)
+{
+    rop_t *group = rs->waiting;
+    rs->waiting = NULL;
+    rs->wait_sent = 0;
+    if (group == NULL)
+        return;
+    /* Commits applied on a connection that is gone cannot be confirmed from another one. */
+    rop_t *lost = NULL, **keep = &group;
+    while (*keep) {
+        rop_t *op = *keep;
+        if (op->conn != rs->conns || rs->ac == NULL) {
+            *keep = op->wait_next;
+            op->wait_next = lost;
+            lost = op;
+        } else {
+            keep = &op->wait_next;
+        }
+    }
+    answer_group(lost, "outcome unknown: the connection to Redis was lost before replicas "
+                       "confirmed the commit (it is applied on the master, and may be lost "
+                       "by a failover)");
+    if (group == NULL)
+        return;
+    const char *argv[3] = {"WAIT", rs->wait_args[0], rs->wait_args[1]};
+    rop_t *op = command_op(rs, OP_WAIT, 3, argv, NULL);
+    op->group = group;
+    if (send_op(op) != 0) {
+        op_free(op);
+        answer_group(group, "outcome unknown: cannot send WAIT to Redis (the commit is applied "
+                            "on the master, and may be lost by a failover)");
+        return;
+    }
+    op->deadline += rs->wait_ms; /* WAIT may block this long by design */
+    rs->wait_sent = 1;
+}
+
+static void on_wait_reply(redis_store_t *rs, rop_t *op, const redisReply *r)
+{
+    char why[300];
+    rop_t *group = op->group;
+    if (r == NULL) {
+        snprintf(why, sizeof(why),
+                 "outcome unknown: the connection to Redis was lost while "
+                 "waiting for replicas (the commit is applied on the master, "
+                 "and may be lost by a failover)");
+    } else if (r->type == REDIS_REPLY_ERROR) {
+        snprintf(why, sizeof(why),
+                 "outcome unknown: WAIT failed: %.*s (the commit is applied "
+                 "on the master)",
+                 (int)r->len, r->str ? r->str : "");
+    } else if (r->type != REDIS_REPLY_INTEGER) {
+        snprintf(why, sizeof(why), "outcome unknown: WAIT is not answered by an integer");
+    } else if (r->integer < (long long)rs->wait_replicas) {
+        snprintf(why, sizeof(why),
+                 "outcome unknown: %lld of %u Redis replicas confirmed the "
+                 "commit within %u ms (it is applied on the master, and may be lost by a "
+                 "failover)",
+                 r->integer, rs->wait_replicas, rs->wait_ms);
+    } else {
+        why[0] = '\0';
+    }
+    /* Commands queued behind the WAIT waited for it: their time starts now. */
+    uint64_t now = uv_now(rs->loop);
+    for (rop_t *o = rs->oldest; o; o = o->next)
+        if (o->deadline < now + rs->timeout_ms)
+            o->deadline = now + rs->timeout_ms;
+    op_free(op);
+    answer_group(group, why[0] ? why : NULL);
+    send_wait(rs); /* the commits that queued meanwhile */
+}
+
 static void on_reply(redisAsyncContext *ac, void *reply_ptr, void *privdata)
 {
     rop_t *op = privdata;
@@ -534,6 +683,15 @@ static void on_reply(redisAsyncContext *ac, void *reply_ptr, void *privdata)
         on_setup_reply(rs, op, r);
         return;
     }
+    if (op->kind == OP_WAIT) {
+        on_wait_reply(rs, op, r);
+        return;
+    }
+    if (op->kind == OP_RAW) {
+        op->raw_cb(op->ud, r);
+        op_free(op);
+        return;
+    }
     if (wants_eval(op, r) && rs->ac == ac) {
         op->sent_as_eval = 1;
         op->argv[0] = "EVAL";
@@ -544,8 +702,25 @@ static void on_reply(redisAsyncContext *ac, void *reply_ptr, void *privdata)
             fail_op(op, MPH_ESTORAGE, "cannot send to Redis");
         return;
     }
+    /* A master demoted under us (a failover) refuses writes: the script wrote nothing. Drop
+     * the connection, so the next one asks Sentinel again. */
+    int demoted = r && r->type == REDIS_REPLY_ERROR && r->len >= 8 &&
+                  strncmp(r->str, "READONLY", 8) == 0 && rs->ac == ac;
     reply_t out;
     read_shaped_reply(op->kind, &op->shape, r, &out);
+    if (demoted) {
+        finish(op, &out.res);
+        reply_free(&out);
+        drop_connection(rs, "the server is not a master any more (READONLY)");
+        return;
+    }
+    if (op->kind == OP_COMMIT && out.res.status == 0 && rs->wait_replicas) {
+        op->version = out.res.doc.version;
+        op->conn = rs->conns;
+        reply_free(&out);
+        wait_enqueue(rs, op); /* answered once replicas confirm it */
+        return;
+    }
     finish(op, &out.res);
     reply_free(&out);
 }
@@ -559,18 +734,23 @@ static int send_op(rop_t *op)
     redis_store_t *rs = op->rs;
     op->deadline = uv_now(rs->loop) + rs->timeout_ms;
     inflight_add(rs, op);
-    if (redisAsyncCommandArgv(rs->ac, on_reply, op, op->argc, op->argv, op->argvlen) != REDIS_OK) {
+    /* ASKING holds for the next command only: the two go out back to back. */
+    if ((op->asking && redisAsyncCommand(rs->ac, NULL, NULL, "ASKING") != REDIS_OK) ||
+        redisAsyncCommandArgv(rs->ac, on_reply, op, op->argc, op->argv, op->argvlen) != REDIS_OK) {
         inflight_remove(rs, op);
         return MPH_ESTORAGE;
     }
     return 0;
 }
 
-static void setup_command(redis_store_t *rs, int argc, const char **argv, const size_t *lens)
+/* A new command of argc arguments (strings borrowed; lens NULL: NUL-terminated) that is
+ * not a script: SETUP, WAIT or RAW. */
+static rop_t *command_op(redis_store_t *rs, op_kind_t kind, int argc, const char *const *argv,
+                         const size_t *lens)
 {
     rop_t *op = mph_xcalloc(1, sizeof(*op));
     op->rs = rs;
-    op->kind = OP_SETUP;
+    op->kind = kind;
     op->argc = argc;
     op->argv = mph_xmalloc((size_t)argc * sizeof(*op->argv));
     op->argvlen = mph_xmalloc((size_t)argc * sizeof(*op->argvlen));
@@ -578,6 +758,12 @@ static void setup_command(redis_store_t *rs, int argc, const char **argv, const 
         op->argv[i] = argv[i];
         op->argvlen[i] = lens ? lens[i] : strlen(argv[i]);
     }
+    return op;
+}
+
+static void setup_command(redis_store_t *rs, int argc, const char **argv, const size_t *lens)
+{
+    rop_t *op = command_op(rs, OP_SETUP, argc, argv, lens);
     if (send_op(op) != 0)
         op_free(op);
 }
@@ -734,6 +920,7 @@ static void connect_addr(redis_store_t *rs, const char *addr)
     redisAsyncSetConnectCallback(ac, on_connect);
     redisAsyncSetDisconnectCallback(ac, on_disconnect);
     rs->ac = ac;
+    rs->conns++;
     rs->state = STATE_CONNECTED;
     rs->ready = 0;
     rs->commit_sha[0] = rs->load_sha[0] = '\0';
@@ -799,11 +986,126 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
     connect_addr(rs, addr);
 }
 
+/* ---- Sentinel ----
+ * With sentinels, RESOLVING is a lookup on the thread pool (mph__sentinel_locate: ask each
+ * sentinel for the master, then check with ROLE that it is one), made before every connection
+ * attempt: a lost connection is the first sign of a failover. A subscription to
+ * +switch-master on one sentinel tells of a failover at once; the data connection is then
+ * dropped (calls in flight on it get -32002, their outcome unknown) and the next attempt asks
+ * again. A write refused with READONLY (the master was demoted) drops it too (on_reply).
+ * Commands are sent only on a connection to a server that said ROLE master just before. */
+
+static void locate_work(uv_work_t *w)
+{
+    redis_store_t *rs = mph_container_of(w, redis_store_t, locate);
+    unsigned timeout = rs->timeout_ms < 1000 ? rs->timeout_ms : 1000;
+    rs->locate_rc = mph__sentinel_locate(rs->sentinels, rs->nsentinels, rs->locate_first,
+                                         rs->master, rs->password, timeout, &rs->located,
+                                         rs->locate_err, sizeof(rs->locate_err));
+}
+
+/* RESOLVING -> CONNECTED or DOWN, with sentinels. */
+static void locate_done(uv_work_t *w, int status)
+{
+    redis_store_t *rs = mph_container_of(w, redis_store_t, locate);
+    assert(rs->state == STATE_RESOLVING);
+    rs->resolutions++;
+    rs->state = STATE_DOWN;
+    if (rs->closing)
+        return; /* the next tick frees the store */
+    if (status != 0 || rs->locate_rc != 0) {
+        rs->sentinel_turn++;
+        attempt_failed(rs, status != 0 ? uv_strerror(status) : rs->locate_err);
+        return;
+    }
+    rs->port = rs->located.port;
+    format_where(rs->where, sizeof(rs->where), rs->located.host, rs->located.port);
+    connect_addr(rs, rs->located.host);
+}
+
+static void on_switch(redisAsyncContext *ac, void *reply_ptr, void *privdata)
+{
+    redis_store_t *rs = privdata;
+    const redisReply *r = reply_ptr;
+    (void)ac;
+    /* A message is {"message", "+switch-master", "NAME OLDIP OLDPORT NEWIP NEWPORT"}. */
+    if (r == NULL || r->type != REDIS_REPLY_ARRAY || r->elements != 3 ||
+        !is_string(r->element[0]) || strcmp(r->element[0]->str, "message") != 0 ||
+        !is_string(r->element[2]))
+        return;
+    char name[256], ip[INET6_ADDRSTRLEN];
+    int port;
+    if (sscanf(r->element[2]->str, "%255s %*s %*d %45s %d", name, ip, &port) != 3 ||
+        strcmp(name, rs->master) != 0)
+        return;
+    mph_log(MPH_LOG_WARN, "redis: Sentinel switched master %s to %s:%d", name, ip, port);
+    if (rs->ac && (strcmp(rs->addr, ip) != 0 || rs->port != port))
+        drop_connection(rs, "Sentinel switched the master");
+    rs->backoff_ms = BACKOFF_MIN_MS;
+    rs->reconnect_at = uv_now(rs->loop); /* ask again at the next tick */
+}
+
+static void watch_lost(redis_store_t *rs)
+{
+    rs->watch = NULL;
+    rs->watch_at = uv_now(rs->loop) + BACKOFF_MAX_MS;
+    rs->sentinel_turn++;
+}
+
+static void on_watch_connect(const redisAsyncContext *ac, int status)
+{
+    redis_store_t *rs = ac->data;
+    if (status != REDIS_OK && rs->watch == ac)
+        watch_lost(rs); /* hiredis frees ac after this callback */
+}
+
+static void on_watch_disconnect(const redisAsyncContext *ac, int status)
+{
+    redis_store_t *rs = ac->data;
+    (void)status;
+    if (rs->watch == ac)
+        watch_lost(rs);
+}
+
+/* Subscribes to +switch-master on the next sentinel in turn. */
+static void watch_start(redis_store_t *rs)
+{
+    const mph__redis_addr_t *s = &rs->sentinels[rs->sentinel_turn % rs->nsentinels];
+    redisAsyncContext *ac = redisAsyncConnect(s->host, s->port);
+    if (ac == NULL || ac->err || ev_attach(ac, rs->loop) != 0) {
+        if (ac)
+            redisAsyncFree(ac);
+        watch_lost(rs);
+        return;
+    }
+    ac->data = rs;
+    redisAsyncSetConnectCallback(ac, on_watch_connect);
+    redisAsyncSetDisconnectCallback(ac, on_watch_disconnect);
+    rs->watch = ac;
+    if (redisAsyncCommand(ac, on_switch, rs, "SUBSCRIBE +switch-master") != REDIS_OK) {
+        rs->watch = NULL;
+        redisAsyncFree(ac);
+        watch_lost(rs);
+    }
+}
+
 /* DOWN -> RESOLVING (a name: resolved off the loop, every attempt, so a changed DNS record is
- * followed) or straight on to CONNECTED (a numeric address). */
+ * followed; Sentinel: asked off the loop, every attempt) or straight on to CONNECTED (a
+ * numeric address). */
 static void connect_now(redis_store_t *rs)
 {
     assert(rs->state == STATE_DOWN && !rs->closing);
+    if (rs->sentinels) {
+        /* The pool thread reads only what the loop leaves alone until locate_done. */
+        rs->locate_first = rs->sentinel_turn;
+        int rc = uv_queue_work(rs->loop, &rs->locate, locate_work, locate_done);
+        if (rc != 0) {
+            attempt_failed(rs, uv_strerror(rc));
+            return;
+        }
+        rs->state = STATE_RESOLVING;
+        return;
+    }
     if (rs->numeric) {
         connect_addr(rs, rs->host);
         return;
@@ -838,6 +1140,8 @@ static void on_tick_closed(uv_handle_t *h)
     void (*cb)(void *) = rs->closed_cb;
     void *ud = rs->closed_ud;
     free(rs->host);
+    free(rs->sentinels);
+    free(rs->master);
     free(rs->password);
     free(rs->prefix);
     free(rs);
@@ -850,7 +1154,8 @@ static void on_tick(uv_timer_t *t)
     redis_store_t *rs = mph_container_of(t, redis_store_t, tick);
     uint64_t now = uv_now(rs->loop);
     assert(assert_store_state(rs));
-    if (rs->closing && rs->state == STATE_DOWN && rs->oldest == NULL && !rs->tick_closing) {
+    if (rs->closing && rs->state == STATE_DOWN && rs->oldest == NULL && rs->watch == NULL &&
+        !rs->tick_closing) {
         /* The connection is gone, no resolution runs and nothing waits: free from a libuv
          * callback, never from inside hiredis, which may still hold a pointer to us there. */
         rs->tick_closing = 1;
@@ -864,6 +1169,8 @@ static void on_tick(uv_timer_t *t)
     }
     if (rs->state == STATE_DOWN && !rs->closing && now >= rs->reconnect_at)
         connect_now(rs);
+    if (rs->sentinels && rs->watch == NULL && !rs->closing && now >= rs->watch_at)
+        watch_start(rs);
 }
 
 /* ---- Methods ---- */
@@ -874,6 +1181,31 @@ static void on_tick(uv_timer_t *t)
 static int can_send(const redis_store_t *rs)
 {
     return rs->state == STATE_CONNECTED && (rs->ready || rs->was_up);
+}
+
+/* Key `suffix` of scope S under prefix P (new, caller frees). A name with a hash tag of its
+ * own ("account:{42}:savings") keeps it as THE tag of its keys: P + S + "/" + suffix, so
+ * scopes that share a tag share a Cluster slot and can change in one transaction. Any other
+ * name gets the tag {S}: P + "{" + S + "}:" + suffix (the layout of mphost before tags). The
+ * two forms never collide: the character before the suffix is '/' in one and ':' in the
+ * other, and no suffix contains either. */
+static char *scope_key(const char *prefix, const char *scope, const char *suffix)
+{
+    size_t at, len, n = strlen(prefix) + strlen(scope) + strlen(suffix) + 4; /* {}:\0 */
+    char *key = mph_xmalloc(n);
+    if (mph__redis_name_tag(scope, &at, &len) == 0)
+        snprintf(key, n, "%s%s/%s", prefix, scope, suffix);
+    else
+        snprintf(key, n, "%s{%s}:%s", prefix, scope, suffix);
+    return key;
+}
+
+unsigned mph__redis_scope_slot(const char *prefix, const char *scope)
+{
+    char *key = scope_key(prefix, scope, "v");
+    unsigned slot = mph__redis_key_slot(key, strlen(key));
+    free(key);
+    return slot;
 }
 
 /* A new LOAD (one scope) or COMMIT of nscopes scopes: the script, its keys, and room for
@@ -906,11 +1238,9 @@ static rop_t *new_op(redis_store_t *rs, op_kind_t kind, const char *const *scope
     for (size_t i = 0; i < nscopes; i++) {
         op->shape.names[i] = mph_xstrdup(scopes[i]);
         for (int k = 0; k < NKEYS; k++) {
-            size_t n = strlen(rs->prefix) + strlen(scopes[i]) + strlen(suffix[k]) + 4; /* {}:\0 */
-            char *key = op->keys[NKEYS * i + k] = mph_xmalloc(n);
-            snprintf(key, n, "%s{%s}:%s", rs->prefix, scopes[i], suffix[k]);
+            char *key = op->keys[NKEYS * i + k] = scope_key(rs->prefix, scopes[i], suffix[k]);
             op->argv[3 + NKEYS * i + k] = key;
-            op->argvlen[3 + NKEYS * i + k] = n - 1;
+            op->argvlen[3 + NKEYS * i + k] = strlen(key);
         }
     }
     op->argvlen[0] = strlen(op->argv[0]);
@@ -918,7 +1248,7 @@ static rop_t *new_op(redis_store_t *rs, op_kind_t kind, const char *const *scope
     return op;
 }
 
-static int redis_load(mph_store_t *s, const char *scope, mph_store_cb cb, void *ud)
+int mph__redis_node_load(mph_store_t *s, const char *scope, int asking, mph_store_cb cb, void *ud)
 {
     redis_store_t *rs = (redis_store_t *)s;
     if (rs->closing)
@@ -926,6 +1256,7 @@ static int redis_load(mph_store_t *s, const char *scope, mph_store_cb cb, void *
     if (!can_send(rs))
         return MPH_ESTORAGE;
     rop_t *op = new_op(rs, OP_LOAD, &scope, 1, cb, ud, 3 + NKEYS);
+    op->asking = asking;
     if (send_op(op) != 0) {
         op_free(op); /* never call back before returning */
         return MPH_ESTORAGE;
@@ -940,8 +1271,13 @@ static void set_arg(rop_t *op, size_t at, const char *text, size_t len)
     op->argvlen[at] = len;
 }
 
-static int redis_commit(mph_store_t *s, const mph_store_write_t *writes, size_t nwrites,
-                        mph_store_cb cb, void *ud)
+static int redis_load(mph_store_t *s, const char *scope, mph_store_cb cb, void *ud)
+{
+    return mph__redis_node_load(s, scope, 0, cb, ud);
+}
+
+int mph__redis_node_commit(mph_store_t *s, const mph_store_write_t *writes, size_t nwrites,
+                           int asking, mph_store_cb cb, void *ud)
 {
     redis_store_t *rs = (redis_store_t *)s;
     if (rs->closing)
@@ -958,6 +1294,7 @@ static int redis_commit(mph_store_t *s, const mph_store_write_t *writes, size_t 
         argc += 2 + 2 * writes[i].n;
     }
     rop_t *op = new_op(rs, OP_COMMIT, names, nwrites, cb, ud, argc);
+    op->asking = asking;
     free(names);
     snprintf(op->committer_str, sizeof(op->committer_str), "%llu",
              (unsigned long long)writes[0].committer);
@@ -992,6 +1329,31 @@ static int redis_commit(mph_store_t *s, const mph_store_write_t *writes, size_t 
     return 0;
 }
 
+static int redis_commit(mph_store_t *s, const mph_store_write_t *writes, size_t nwrites,
+                        mph_store_cb cb, void *ud)
+{
+    return mph__redis_node_commit(s, writes, nwrites, 0, cb, ud);
+}
+
+int mph__redis_node_command(mph_store_t *s, const char *a, const char *b,
+                            void (*cb)(void *ud, const redisReply *r), void *ud)
+{
+    redis_store_t *rs = (redis_store_t *)s;
+    if (rs->closing)
+        return MPH_ECLOSED;
+    if (!can_send(rs) || !rs->ready)
+        return MPH_ESTORAGE;
+    const char *argv[2] = {a, b};
+    rop_t *op = command_op(rs, OP_RAW, 2, argv, NULL);
+    op->raw_cb = cb;
+    op->ud = ud;
+    if (send_op(op) != 0) {
+        op_free(op);
+        return MPH_ESTORAGE;
+    }
+    return 0;
+}
+
 static void redis_close(mph_store_t *s, void (*done)(void *ud), void *ud)
 {
     redis_store_t *rs = (redis_store_t *)s;
@@ -1002,13 +1364,18 @@ static void redis_close(mph_store_t *s, void (*done)(void *ud), void *ud)
      * runs, and the next tick frees the store. A resolution in flight is cancelled if it has
      * not started yet, else awaited (on_resolved). */
     if (rs->state == STATE_RESOLVING)
-        uv_cancel((uv_req_t *)&rs->resolve);
+        uv_cancel(rs->sentinels ? (uv_req_t *)&rs->locate : (uv_req_t *)&rs->resolve);
+    if (rs->watch) {
+        redisAsyncContext *watch = rs->watch;
+        rs->watch = NULL;
+        redisAsyncFree(watch); /* never called from the watch's own callbacks */
+    }
     if (rs->ac)
         redisAsyncDisconnect(rs->ac);
 }
 
 static const mph_store_methods_t redis_methods = {
-    MPH_STORE_METHODS_VERSION, "redis", redis_load, redis_commit, redis_close, NULL,
+    MPH_STORE_METHODS_VERSION, "redis", redis_load, redis_commit, redis_close, NULL, NULL,
 };
 
 /* ---- Opening ---- */
@@ -1088,16 +1455,22 @@ static int check_reachable(const mph_store_redis_config_t *cfg, const char *wher
     return rc == 1 ? MPH_ESTORAGE : rc;
 }
 
-/* A new store that starts connecting (the unit tests call this without the check). */
-static redis_store_t *store_new(uv_loop_t *loop, const mph_store_redis_config_t *cfg, unsigned turn)
+/* A new store that starts connecting (the unit tests call this without the check). With
+ * Sentinel, it steals `sentinels` (nsentinels addresses) and cfg->host is the master's last
+ * known address; else sentinels is NULL. */
+static redis_store_t *store_new(uv_loop_t *loop, const mph_store_redis_config_t *cfg, unsigned turn,
+                                mph__redis_addr_t *sentinels, size_t nsentinels)
 {
     redis_store_t *rs = mph_xcalloc(1, sizeof(*rs));
     rs->base.methods = &redis_methods;
     rs->loop = loop;
     rs->host = mph_xstrdup(cfg->host);
     rs->port = cfg->port;
-    rs->numeric = is_numeric_address(cfg->host);
+    rs->numeric = is_numeric_address(cfg->host) && sentinels == NULL;
     format_where(rs->where, sizeof(rs->where), cfg->host, cfg->port);
+    rs->sentinels = sentinels;
+    rs->nsentinels = nsentinels;
+    rs->master = cfg->master ? mph_xstrdup(cfg->master) : NULL;
     rs->addr_turn = turn;
     rs->password = cfg->password ? mph_xstrdup(cfg->password) : NULL;
     rs->db = cfg->db;
@@ -1105,6 +1478,10 @@ static redis_store_t *store_new(uv_loop_t *loop, const mph_store_redis_config_t 
     snprintf(rs->log_bytes_str, sizeof(rs->log_bytes_str), "%zu",
              cfg->log_bytes ? cfg->log_bytes : LOG_BYTES_DEFAULT);
     rs->timeout_ms = cfg->timeout_ms ? cfg->timeout_ms : 1000;
+    rs->wait_replicas = cfg->wait_replicas;
+    rs->wait_ms = cfg->wait_ms ? cfg->wait_ms : 1000;
+    snprintf(rs->wait_args[0], sizeof(rs->wait_args[0]), "%u", rs->wait_replicas);
+    snprintf(rs->wait_args[1], sizeof(rs->wait_args[1]), "%u", rs->wait_ms);
     rs->backoff_ms = BACKOFF_MIN_MS;
     rs->was_up = 1;
     rs->state = STATE_DOWN;
@@ -1114,15 +1491,92 @@ static redis_store_t *store_new(uv_loop_t *loop, const mph_store_redis_config_t 
     return rs;
 }
 
+mph_store_t *mph__redis_node_new(uv_loop_t *loop, const mph_store_redis_config_t *cfg)
+{
+    return &store_new(loop, cfg, 0, NULL, 0)->base;
+}
+
+/* Whether the server at cfg->host:port is a Cluster member (INFO cluster); if so *slots is its
+ * CLUSTER SLOTS reply (new: the caller frees it). Returns 0, or MPH_ESTORAGE with err. */
+static int probe_cluster(const mph_store_redis_config_t *cfg, redisReply **slots, char *err,
+                         size_t errlen)
+{
+    struct timeval tv = {2, 0};
+    *slots = NULL;
+    redisContext *c = redisConnectWithTimeout(cfg->host, cfg->port, tv);
+    if (c == NULL || c->err) {
+        snprintf(err, errlen, "cannot reach Redis at %s:%d: %s", cfg->host, cfg->port,
+                 c ? c->errstr : "out of memory");
+        if (c)
+            redisFree(c);
+        return MPH_ESTORAGE;
+    }
+    redisSetTimeout(c, tv);
+    redisReply *r = cfg->password ? redisCommand(c, "AUTH %s", cfg->password) : NULL;
+    if (r)
+        freeReplyObject(r);
+    r = redisCommand(c, "INFO cluster");
+    int cluster = r && r->type == REDIS_REPLY_STRING && strstr(r->str, "cluster_enabled:1");
+    if (r)
+        freeReplyObject(r);
+    int rc = 0;
+    if (cluster) {
+        *slots = redisCommand(c, "CLUSTER SLOTS");
+        if (*slots == NULL || (*slots)->type != REDIS_REPLY_ARRAY) {
+            snprintf(err, errlen, "Redis Cluster at %s:%d: CLUSTER SLOTS failed: %s", cfg->host,
+                     cfg->port,
+                     *slots && (*slots)->type == REDIS_REPLY_ERROR ? (*slots)->str : c->errstr);
+            if (*slots)
+                freeReplyObject(*slots);
+            *slots = NULL;
+            rc = MPH_ESTORAGE;
+        } else if (cfg->db != 0) {
+            snprintf(err, errlen, "Redis Cluster has only database 0 (the URL asks for %d)",
+                     cfg->db);
+            freeReplyObject(*slots);
+            *slots = NULL;
+            rc = MPH_ESTORAGE;
+        }
+    }
+    redisFree(c);
+    return rc;
+}
+
 int mph_store_redis_open(mph_store_t **out, uv_loop_t *loop, const mph_store_redis_config_t *cfg,
                          char *err, size_t errlen)
 {
     char where[80];
     unsigned turn = 0;
-    format_where(where, sizeof(where), cfg->host, cfg->port);
-    int rc = check_reachable(cfg, where, &turn, err, errlen);
-    if (rc != 0)
+    mph_store_redis_config_t c = *cfg;
+    mph__redis_addr_t *sentinels = NULL, master;
+    size_t nsentinels = 0;
+    if (cfg->sentinels) {
+        /* Ask now, so that no sentinel answering, or no master, is an error at start. */
+        int rc = mph__redis_parse_addrs(cfg->sentinels, &sentinels, &nsentinels, err, errlen);
+        if (rc == 0)
+            rc = mph__sentinel_locate(sentinels, nsentinels, 0, cfg->master, cfg->password, 2000,
+                                      &master, err, errlen);
+        if (rc != 0) {
+            free(sentinels);
+            return rc;
+        }
+        c.host = master.host;
+        c.port = master.port;
+    }
+    format_where(where, sizeof(where), c.host, c.port);
+    int rc = check_reachable(&c, where, &turn, err, errlen);
+    if (rc != 0) {
+        free(sentinels);
         return rc;
-    *out = &store_new(loop, cfg, turn)->base;
+    }
+    redisReply *slots = NULL;
+    if (sentinels == NULL && (rc = probe_cluster(&c, &slots, err, errlen)) != 0)
+        return rc;
+    if (slots) {
+        rc = mph__redis_cluster_open(out, loop, &c, slots, err, errlen);
+        freeReplyObject(slots);
+        return rc;
+    }
+    *out = &store_new(loop, &c, turn, sentinels, nsentinels)->base;
     return 0;
 }

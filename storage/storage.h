@@ -105,6 +105,11 @@ typedef struct {
     /* The caller evicted `scope` from its cache and has no operation of it in flight: drop
      * what is kept for it (open files); its next operation starts afresh. May be NULL. */
     void (*forget)(mph_store_t *s, const char *scope);
+    /* Whether scopes a and b can ever change in one commit: 0, or MPH_EINVAL with a message
+     * naming both in why (a Redis Cluster keeps them in different slots). Being the same slot
+     * is an equivalence, so a transaction checks each new scope against its first one only.
+     * May be NULL: always. */
+    int (*together)(mph_store_t *s, const char *a, const char *b, char *why, size_t len);
 } mph_store_methods_t;
 
 struct mph_store_s {
@@ -117,13 +122,19 @@ int mph_store_file_open(mph_store_t **out, uv_loop_t *loop, const char *dir, cha
                         size_t errlen);
 
 typedef struct {
-    const char *host;     /* borrowed; e.g. "127.0.0.1" */
-    int port;             /* e.g. 6379 */
-    const char *password; /* NULL: no AUTH */
-    int db;               /* SELECTed when not 0 */
-    const char *prefix;   /* key prefix; NULL: "mp:" */
-    unsigned timeout_ms;  /* a command unanswered this long fails; 0: 1000 */
-    size_t log_bytes;     /* each scope's change log keeps at most this many bytes; 0: 1 MiB */
+    const char *host;       /* borrowed; e.g. "127.0.0.1" */
+    int port;               /* e.g. 6379 */
+    const char *password;   /* NULL: no AUTH */
+    int db;                 /* SELECTed when not 0 */
+    const char *prefix;     /* key prefix; NULL: "mp:" */
+    unsigned timeout_ms;    /* a command unanswered this long fails; 0: 1000 */
+    size_t log_bytes;       /* each scope's change log keeps at most this many bytes; 0: 1 MiB */
+    unsigned wait_replicas; /* 0, or answer a commit only once WAIT says this many replicas
+                               have it (else -32002, "outcome unknown") */
+    unsigned wait_ms;       /* WAIT's time limit; 0: 1000 */
+    const char *sentinels;  /* NULL, or "host:port[,host:port...]": Sentinel names the master
+                               (host and port are then unused) */
+    const char *master;     /* with sentinels: the master's name */
 } mph_store_redis_config_t;
 
 /* Opens the Redis backend: resolves the host and checks (blocking, at most a few seconds) that

@@ -12,6 +12,8 @@
 #define MPH_REDIS_TESTS /* read_reply */
 #include "host/common.c"
 #include "storage/redis.c"
+#include "storage/redis_route.c"
+#include "storage/redis_cluster.c"
 
 #include "spec/unit/unit.h"
 
@@ -347,8 +349,9 @@ static void test_numeric_hosts_are_not_resolved(void)
     for (int i = 0; i < 2; i++) {
         uv_loop_t loop;
         uv_loop_init(&loop);
-        mph_store_redis_config_t cfg = {hosts[i], dead_port(), NULL, 0, NULL, 600000, 0};
-        redis_store_t *rs = store_new(&loop, &cfg, 0);
+        mph_store_redis_config_t cfg = {hosts[i], dead_port(), NULL, 0,    NULL, 600000,
+                                        0,        0,           0,    NULL, NULL};
+        redis_store_t *rs = store_new(&loop, &cfg, 0, NULL, 0);
         CHECK(rs->numeric && rs->state == STATE_CONNECTED && rs->ac != NULL);
         CHECK(strcmp(rs->addr, hosts[i]) == 0);
         /* The first connection: calls queue while it is being made. */
@@ -369,8 +372,9 @@ static void test_names_are_resolved_off_the_loop_on_every_attempt(void)
 {
     uv_loop_t loop;
     uv_loop_init(&loop);
-    mph_store_redis_config_t cfg = {"localhost", dead_port(), NULL, 0, NULL, 600000, 0};
-    redis_store_t *rs = store_new(&loop, &cfg, 0);
+    mph_store_redis_config_t cfg = {"localhost", dead_port(), NULL, 0,    NULL, 600000,
+                                    0,           0,           0,    NULL, NULL};
+    redis_store_t *rs = store_new(&loop, &cfg, 0, NULL, 0);
     /* store_new returned before the name was resolved: it is on the thread pool. */
     CHECK(!rs->numeric && rs->state == STATE_RESOLVING && rs->ac == NULL);
     CHECK(rs->resolutions == 0 && rs->addr[0] == '\0');
@@ -386,8 +390,9 @@ static void test_close_while_resolving(void)
 {
     uv_loop_t loop;
     uv_loop_init(&loop);
-    mph_store_redis_config_t cfg = {"localhost", dead_port(), NULL, 0, NULL, 600000, 0};
-    redis_store_t *rs = store_new(&loop, &cfg, 0);
+    mph_store_redis_config_t cfg = {"localhost", dead_port(), NULL, 0,    NULL, 600000,
+                                    0,           0,           0,    NULL, NULL};
+    redis_store_t *rs = store_new(&loop, &cfg, 0, NULL, 0);
     CHECK(rs->state == STATE_RESOLVING);
     close_store(&loop, rs); /* cancelled or awaited; no connection attempt after close */
 }
@@ -403,7 +408,39 @@ static void test_addresses_in_messages(void)
     CHECK(!is_numeric_address("localhost") && !is_numeric_address("[::1]"));
 }
 
+/* Hash slots against values Redis's CLUSTER KEYSLOT gives, and where scopes' keys go. */
+static void test_slots_and_scope_keys(void)
+{
+    CHECK(mph__redis_key_slot("123456789", 9) == 12739); /* CRC16/XMODEM check value 0x31c3 */
+    CHECK(mph__redis_key_slot("foo", 3) == 12182);
+    CHECK(mph__redis_key_slot("{user1000}.following", 20) == mph__redis_key_slot("user1000", 8));
+    CHECK(mph__redis_key_slot("foo{bar}{zap}", 13) == mph__redis_key_slot("bar", 3));
+    CHECK(mph__redis_key_slot("foo{{bar}}zap", 13) == mph__redis_key_slot("{bar", 4));
+    CHECK(mph__redis_key_slot("{}x", 3) != mph__redis_key_slot("", 0)); /* empty tag: whole key */
+    size_t at, len;
+    CHECK(mph__redis_name_tag("n:account:{42}:savings", &at, &len) == 0 && at == 11 && len == 2);
+    CHECK(mph__redis_name_tag("global", &at, &len) != 0);
+    CHECK(mph__redis_name_tag("a{}b", &at, &len) != 0);
+    CHECK(mph__redis_name_tag("a}{b", &at, &len) != 0);
+    /* A name's own tag decides the slot of its keys; other names get their own. */
+    char *k = scope_key("mp:", "n:account:{42}:savings", "v");
+    CHECK(strcmp(k, "mp:n:account:{42}:savings/v") == 0);
+    free(k);
+    k = scope_key("mp:", "global", "d");
+    CHECK(strcmp(k, "mp:{global}:d") == 0);
+    free(k);
+    CHECK(mph__redis_scope_slot("mp:", "n:a{42}x") == mph__redis_key_slot("42", 2));
+    CHECK(mph__redis_scope_slot("mp:", "n:a{42}x") == mph__redis_scope_slot("mp:", "n:b{42}"));
+    CHECK(mph__redis_scope_slot("mp:", "global") == mph__redis_key_slot("global", 6));
+    /* The collision the two forms could have ("{a}" tagged vs "a}{a" untagged) does not. */
+    char *t = scope_key("mp:", "{a}", "v"), *u = scope_key("mp:", "a}{a", "v");
+    CHECK(strcmp(t, u) != 0);
+    free(t);
+    free(u);
+}
+
 static const mph_unit_test_t tests[] = {
+    {"slots_and_scope_keys", test_slots_and_scope_keys},
     {"load_replies", test_load_replies},
     {"load_wrong_shapes", test_load_wrong_shapes},
     {"commit_ok", test_commit_ok},
