@@ -244,7 +244,7 @@ static int open_redis_sentinel(mph_host_t *h, char *err, size_t errlen)
     *slash = '\0';
     rc.sentinels = list;
     rc.master = slash + 1;
-    return mph_store_redis_open(&h->store, &h->loop, &rc, err, errlen);
+    return mph_store_redis_open(&h->store, h->loop, &rc, err, errlen);
 }
 
 /* redis://[:password@]host[:port][/db] -> the Redis backend. An IPv6 host is in brackets:
