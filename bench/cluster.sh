@@ -55,6 +55,12 @@ start() { # start LOG ARGS...: mphost on CPU 0 serving bench/bank.lua on a free 
   wait_port "$PORT"
 }
 
+# Round trips a node served: the storage scripts (loads and commits) and WAITs that clients sent.
+# (total_commands_processed also counts every command a script runs inside Redis.)
+round_trips() { # round_trips PORT
+  echo $(( $(stat "$1" cmdstat_evalsha) + $(stat "$1" cmdstat_eval) + $(stat "$1" cmdstat_wait) ))
+}
+
 stop() { kill -TERM "$SERVER_PID"; wait "$SERVER_PID" || true; SERVER_PID=""; }
 
 stat() { # stat PORT FIELD -> an INFO field of the node (commandstats: cmdstat_NAME calls)
@@ -69,27 +75,33 @@ stat() { # stat PORT FIELD -> an INFO field of the node (commandstats: cmdstat_N
 # running server, with every node's commands counted over the measured runs.
 run() {
   local name=$1 n=$2; shift 2
-  local before=() after=() total=0 spread="" rps p50 p99 calls
-  for p in "$@"; do before+=("$(stat "$p" total_commands_processed)"); done
+  local before=() after=() total=0 spread="" rps p50 p99 calls rt0=0 rt1=0
+  for p in "$@"; do
+    before+=("$(stat "$p" total_commands_processed)"); rt0=$(( rt0 + $(round_trips "$p") ))
+  done
   read -r rps p50 p99 calls <<<"$(wrk_median "$CONNS" bench/transfer.lua MODE=count \
     ACCOUNTS="$n")"
   local i=0
   for p in "$@"; do
     after[i]=$(( $(stat "$p" total_commands_processed) - before[i] ))
     total=$(( total + after[i] )); i=$(( i + 1 ))
+    rt1=$(( rt1 + $(round_trips "$p") ))
   done
   for c in "${after[@]}"; do spread+="$(( 100 * c / (total ? total : 1) ))% "; done
   # wrk_median reports the median run's calls; the nodes counted all RUNS runs.
-  printf '| %s | %s | %.2f | %.2f | %.2f | %s|\n' "$name" "$rps" "$(echo "$p50/1000" | bc -l)" \
-    "$(echo "$p99/1000" | bc -l)" "$(echo "$total / ($calls * $RUNS)" | bc -l)" "$spread"
+  printf '| %s | %s | %.2f | %.2f | %.2f | %.2f | %s|\n' "$name" "$rps" \
+    "$(echo "$p50/1000" | bc -l)" "$(echo "$p99/1000" | bc -l)" \
+    "$(echo "($rt1 - $rt0) / ($calls * $RUNS)" | bc -l)" "$(echo "$total / ($calls * $RUNS)" | bc -l)" \
+    "$spread"
 }
 
 echo "mphost $("$MPHOST" --version | cut -d' ' -f2), $(nproc) cores, server on CPU 0, wrk and" \
   "redis-server on CPU 1, $CONNS connections, median of $RUNS x ${DURATION}s"
-echo "(commands per call: over all runs, approximated by the median run's calls x RUNS)"
+echo "(per call: over all runs, approximated by the median run's calls x RUNS; round trips are"
+echo " the storage scripts and WAITs mphost sent, commands also count those the scripts ran)"
 echo
-echo "| workload | calls/s | p50 ms | p99 ms | Redis commands per call | per-node share |"
-echo "|---|---|---|---|---|---|"
+echo "| workload | calls/s | p50 ms | p99 ms | round trips per call | Redis commands per call | per-node share of commands |"
+echo "|---|---|---|---|---|---|---|"
 
 # One node.
 ONE=$(free_port)
@@ -126,8 +138,8 @@ for _ in $(seq 1 500); do
   sleep 0.02
 done
 echo
-echo "| hot scope (1 named scope), master + 1 replica | calls/s | p50 ms | p99 ms | Redis commands per call | WAITs per call |"
-echo "|---|---|---|---|---|---|"
+echo "| hot scope (1 named scope), master + 1 replica | calls/s | p50 ms | p99 ms | round trips per call | Redis commands per call | WAITs per call |"
+echo "|---|---|---|---|---|---|---|"
 for wait in "" 1; do
   # shellcheck disable=SC2086 # no WAIT: no option at all
   start "wait$wait" --storage="redis://127.0.0.1:$MASTER" ${wait:+--redis-wait=$wait}
@@ -136,5 +148,6 @@ for wait in "" 1; do
   w=$(( $(stat "$MASTER" cmdstat_wait) - w0 ))
   stop
   calls=$(sed -n 's/.*transactions: \([0-9]*\) calls.*/\1/p' "$WORK/wait$wait.log" | tail -n 1)
-  echo "$row" | sed "s/^| x |/| ${wait:+--redis-wait=1}${wait:-no WAIT} |/; s/| [0-9]*% |$/| $(echo "$w / ${calls:-1}" | bc -l | cut -c1-5) |/"
+  label="no WAIT"; [ -n "$wait" ] && label="--redis-wait=$wait"
+  echo "$row" | sed "s/^| x |/| $label |/; s/| [0-9]*% |$/| $(echo "$w / ${calls:-1}" | bc -l | cut -c1-5) |/"
 done
