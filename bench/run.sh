@@ -132,19 +132,28 @@ wait_port "$REDIS_PORT"
 redis_case() {
   local label=$1 script=$2 fill=$3 c=$4 before after r n
   redis-cli -p "$REDIS_PORT" FLUSHALL >/dev/null
+  if [ -n "$fill" ]; then # filled, then a restart: the scope is loaded from Redis, as in use
+    start redis-prep "$MPHOST" "$script" serve @PORT@ --listen=127.0.0.1 --logging=warn \
+      --storage=redis://127.0.0.1:$REDIS_PORT
+    call fill "[$fill]" >/dev/null
+    stop
+  fi
   start redis-case "$MPHOST" "$script" serve @PORT@ --listen=127.0.0.1 --logging=warn \
     --storage=redis://127.0.0.1:$REDIS_PORT
-  [ -n "$fill" ] && call fill "[$fill]" >/dev/null
+  call simple-storage '[{}]' >/dev/null # loads the scope before measuring
   before=$(redis_commands)
   r=$(measure simple-storage '[{}]' "$c")
   n=$(call simple-storage '[{}]' | tr -dc 0-9)
   after=$(redis_commands)
   stop
   row "$label" "$c" "$r" "$(per_request "$before" "$after" "$n")"
+  LAST_RPS=${r%% *}
 }
 
+declare -A SMALL_REDIS
 for c in $CONNS; do
   redis_case "server5, Redis" examples/server5.lua "" "$c"
+  SMALL_REDIS[$c]=$LAST_RPS
 done
 
 # Two processes: two wrk (CPU 1) against two mphost (CPU 0) at once; requests/s summed.
@@ -177,8 +186,10 @@ for c in $CONNS; do
   median=$(printf '%s\n' "${totals[@]}" | sort -n | sed -n "$(( (RUNS + 1) / 2 ))p")
   printf '| server5, Redis, 2 mphost processes | %s (%s each) | %s | | | %s |\n' "$c" \
     "$((c / 2))" "$median" "$(per_request "$before" "$after" "$n")"
+  echo "| ratio 2 processes / 1 process at $c | | $(echo "scale=2; $median/${SMALL_REDIS[$c]}" | bc) | | | |"
 done
 
 for c in $CONNS; do
   redis_case "server5 + 100,000 other keys, Redis" bench/big.lua 100000 "$c"
+  echo "| ratio 100,000-key / 1-key scope at $c | | $(echo "scale=2; $LAST_RPS/${SMALL_REDIS[$c]}" | bc) | | | |"
 done
