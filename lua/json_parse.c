@@ -328,6 +328,16 @@ static json_t *syntax_error(parser_t *ps, const char *what)
     return fail(ps, json_error_invalid_syntax, "%s", what);
 }
 
+/* Steps over the byte c if it is next; returns whether it was. */
+static int eat(parser_t *ps, char c)
+{
+    if (ps->p < ps->end && *ps->p == (unsigned char)c) {
+        ps->p++;
+        return 1;
+    }
+    return 0;
+}
+
 static json_t *read_array(parser_t *ps)
 {
     json_t *a = json_array();
@@ -335,10 +345,8 @@ static json_t *read_array(parser_t *ps)
         return nomem(ps);
     ps->p++;
     skip_space(ps);
-    if (ps->p < ps->end && *ps->p == ']') {
-        ps->p++;
+    if (eat(ps, ']'))
         return a;
-    }
     for (;;) {
         json_t *v = read_value(ps);
         if (v == NULL || json_array_append_new(a, v) != 0) {
@@ -346,15 +354,12 @@ static json_t *read_array(parser_t *ps)
             return v ? nomem(ps) : NULL;
         }
         skip_space(ps);
-        if (ps->p < ps->end && *ps->p == ',') {
-            ps->p++;
+        if (eat(ps, ',')) {
             skip_space(ps);
             continue;
         }
-        if (ps->p < ps->end && *ps->p == ']') {
-            ps->p++;
+        if (eat(ps, ']'))
             return a;
-        }
         json_decref(a);
         return syntax_error(ps, "',' or ']' expected");
     }
@@ -367,10 +372,8 @@ static json_t *read_object(parser_t *ps)
         return nomem(ps);
     ps->p++;
     skip_space(ps);
-    if (ps->p < ps->end && *ps->p == '}') {
-        ps->p++;
+    if (eat(ps, '}'))
         return o;
-    }
     for (;;) {
         if (ps->p >= ps->end || *ps->p != '"') {
             json_decref(o);
@@ -397,8 +400,7 @@ static json_t *read_object(parser_t *ps)
         key[klen] = '\0';
         skip_space(ps);
         json_t *v = NULL;
-        if (ps->p < ps->end && *ps->p == ':') {
-            ps->p++;
+        if (eat(ps, ':')) {
             skip_space(ps);
             v = read_value(ps);
         } else {
@@ -412,15 +414,12 @@ static json_t *read_object(parser_t *ps)
             return v ? nomem(ps) : NULL;
         }
         skip_space(ps);
-        if (ps->p < ps->end && *ps->p == ',') {
-            ps->p++;
+        if (eat(ps, ',')) {
             skip_space(ps);
             continue;
         }
-        if (ps->p < ps->end && *ps->p == '}') {
-            ps->p++;
+        if (eat(ps, '}'))
             return o;
-        }
         json_decref(o);
         return syntax_error(ps, "',' or '}' expected");
     }
