@@ -109,6 +109,8 @@ struct mph_unit_s {
     int pending_commits;      /* how many of `pending` need a commit (wrote, or span scopes) */
     mph_commit_t *commits;    /* in flight; more than one only after a merge */
     mph_txn_queue_t rerun;    /* RETRY: to run again when the backoff ends, in order */
+    mph_txn_queue_t held;     /* WAITING: new attempts kept from running speculatively on a
+                                 contended scope until its commit ends (runner.c) */
     int backing_off;          /* 1: no commit starts until backoff_until */
     int rerunning;            /* 1: its refused transactions are running again (rerun_now):
                                  their commit waits until the last one has run */
@@ -198,7 +200,7 @@ static inline int assert_txn_state(const mph_txn_t *t)
     case TXN_RUNNING: /* its coroutine exists (or is being made) and it has no queue */
         assert(t->reload == NULL || t->co != NULL);
         break;
-    case TXN_WAITING: /* suspended in C.acquire, queued on a loading scope */
+    case TXN_WAITING: /* suspended in C.acquire, queued on a loading scope or held */
         assert(t->co != NULL && t->reload == NULL && !t->past_checkpoint);
         break;
     case TXN_FORWARDING: /* suspended in C.forward, in no queue: the answers resume it */

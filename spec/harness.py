@@ -9,6 +9,7 @@ default), which log to the same file; the supervisor's pid is the server's.
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -466,3 +467,17 @@ class RedisServer:
         auth = ":%s@" % self.password if self.password else ""
         host = "[%s]" % self.bind if ":" in self.bind else self.bind
         return "redis://%s%s:%d%s" % (auth, host, self.port, "/%d" % db if db else "")
+
+
+def wrk_counter(port, seconds, connections):
+    """wrk on the counter (spec/load/counter.lua): (calls answered with a result, others, what
+    wrk wrote on stderr)."""
+    p = subprocess.run(["wrk", "-t2", "-c%d" % connections, "-d%ds" % seconds, "-s",
+                        os.path.join(ROOT, "spec", "load", "counter.lua"),
+                        "http://127.0.0.1:%d/" % port], timeout=seconds + 60,
+                       capture_output=True, text=True)
+    out, err = p.stdout, p.stderr
+    eq(p.returncode, 0, "wrk exit (%s)" % err)
+    m = re.search(r"CALLS ok=(\d+) bad=(\d+)", out)
+    check(m, "wrk printed no CALLS line: " + out)
+    return int(m.group(1)), int(m.group(2)), err

@@ -9,7 +9,8 @@ import threading
 import time
 
 from harness import (EXAMPLES, MPHOST, SCRIPTS, KeepAliveClient, RedisServer, Server, TestFailure,
-                     check, eq, free_port, gone, run, sanitizer_report, tmpdir, wait_port)
+                     check, eq, free_port, gone, run, sanitizer_report, tmpdir, wait_port,
+                     wrk_counter)
 from test_redis import wait_until
 from test_scope import hammer, wait_log
 
@@ -105,20 +106,6 @@ def test_chapter6_16_clients_x_100_calls_across_3_workers_on_redis():
         with Server("server6.lua", ["--storage=" + redis.url()]) as s:
             started(s, 3)
             counter_16x100(s)
-
-
-def wrk_counter(port, seconds, connections):
-    """wrk on the counter (spec/load/counter.lua): (calls answered with a result, others, what
-    wrk wrote on stderr)."""
-    p = subprocess.run(["wrk", "-t2", "-c%d" % connections, "-d%ds" % seconds, "-s",
-                        os.path.join(os.path.dirname(__file__), "load", "counter.lua"),
-                        "http://127.0.0.1:%d/" % port], timeout=seconds + 60,
-                       capture_output=True, text=True)
-    out, err = p.stdout, p.stderr
-    eq(p.returncode, 0, "wrk exit (%s)" % err)
-    m = re.search(r"CALLS ok=(\d+) bad=(\d+)", out)
-    check(m, "wrk printed no CALLS line: " + out)
-    return int(m.group(1)), int(m.group(2)), err
 
 
 def test_3_workers_flooding_one_hot_file_scope_fail_no_call_and_run_each_at_most_twice():

@@ -157,7 +157,8 @@ typedef struct {
     uint64_t expected;               /* commit: the CAS version */
     uint64_t committer;              /* commit: who asks (fairness claims) */
     int claim;                       /* commit: reserve the next commit on a conflict */
-    int held;                        /* result: refused for another committer's claim */
+    int held;                        /* result: >0 refused for another committer's claim,
+                                        which has this many milliseconds left */
     const mph_store_entry_t *writes; /* commit: borrowed from the caller until cb */
     size_t nwrites;
     mph_store_cb cb;
@@ -948,17 +949,21 @@ static uint64_t now_ms(void)
     return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
-/* The committer holding an unexpired claim on the scope, or 0. Caller holds the lock. */
-static uint64_t claim_holder(op_t *op)
+/* The committer holding an unexpired claim on the scope, or 0; *left_ms: how long it has
+ * left. Caller holds the lock. */
+static uint64_t claim_holder(op_t *op, int *left_ms)
 {
     char *path = scope_file(op->sc, ".claim");
     FILE *f = fopen(path, "re");
     free(path);
-    unsigned long long id = 0, expiry = 0;
+    unsigned long long id = 0, expiry = 0, now = now_ms();
+    *left_ms = 0;
     if (f == NULL)
         return 0;
-    if (fscanf(f, "%llu %llu", &id, &expiry) != 2 || expiry <= now_ms())
+    if (fscanf(f, "%llu %llu", &id, &expiry) != 2 || expiry <= now)
         id = 0;
+    else /* its claimant's next commit, usually within a millisecond, releases it: wait 1-2 */
+        *left_ms = expiry - now > 2 ? 2 : (int)(expiry - now);
     fclose(f);
     return id;
 }
@@ -1043,8 +1048,9 @@ static int catch_up(op_t *op)
 static int may_commit(op_t *op, uint64_t *holder)
 {
     fscope_t *sc = op->sc;
-    *holder = claim_holder(op);
-    op->held = *holder != 0 && *holder != op->committer;
+    int left_ms;
+    *holder = claim_holder(op, &left_ms);
+    op->held = *holder != 0 && *holder != op->committer ? left_ms : 0;
     if (sc->version == op->expected && !op->held)
         return 1;
     if (op->held)

@@ -54,6 +54,7 @@
 #include <errno.h>
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
+#include <limits.h>
 #include <netdb.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -292,6 +293,15 @@ static int reply_flag(const redisReply *r, int *out)
     return 0;
 }
 
+/* A non-negative integer reply that fits an int (milliseconds). */
+static int reply_ms(const redisReply *r, int *out)
+{
+    if (r == NULL || r->type != REDIS_REPLY_INTEGER || r->integer < 0 || r->integer > INT_MAX)
+        return -1;
+    *out = (int)r->integer;
+    return 0;
+}
+
 static int malformed(reply_t *out, const char *what)
 {
     reply_free(out);
@@ -389,9 +399,10 @@ static int read_conflict(const redisReply *r, const shape_t *shape, size_t i, re
     *first = out->nentries;
     if (reply_u64(element(r, at), &c->doc.version) != 0)
         return malformed(out, "the version of a commit is not a decimal string");
-    if (reply_flag(element(r, at + 1), &c->doc.is_delta) != 0 ||
-        reply_flag(element(r, at + 3), &c->held) != 0)
-        return malformed(out, "a conflict's is_delta or held is not 0 or 1");
+    if (reply_flag(element(r, at + 1), &c->doc.is_delta) != 0)
+        return malformed(out, "a conflict's is_delta is not 0 or 1");
+    if (reply_ms(element(r, at + 3), &c->held) != 0)
+        return malformed(out, "a conflict's held is not milliseconds");
     const redisReply *list = element(r, at + 2);
     if (!c->doc.is_delta) {
         if (add_hash(out, list) != 0)
@@ -1303,7 +1314,7 @@ int mph__redis_node_commit(mph_store_t *s, const mph_store_write_t *writes, size
         claim |= writes[i].claim;
     size_t at = 3 + NKEYS * nwrites;
     const char *args[NARGS] = {rs->log_bytes_str, LOG_RECORDS, op->committer_str,
-                               claim ? MPH_STR(MPH_STORE_CLAIM_MS) : "0"};
+                               claim ? MPH_STR(MPH_STORE_TURN_MS) : "0"};
     for (int i = 0; i < NARGS; i++, at++)
         set_arg(op, at, args[i], strlen(args[i]));
     for (size_t i = 0; i < nwrites; i++) {

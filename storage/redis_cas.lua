@@ -10,7 +10,7 @@
 --   2 P{S}:d        hash: top-level key -> JSON text
 --   3 P{S}:log      the change log, newest first: one record per commit,
 --                   "VERSION\n" then per key "KLEN:KEY" "VLEN:VALUE" (VLEN 0 = deleted)
---   4 P{S}:claim    a fairness claim: the id of the committer owed the next commit
+--   4 P{S}:claim    a fairness claim: the id of the committer whose turn it is, expiring
 --   5 P{S}:logsize  the sum of the log's record lengths, in bytes
 -- ARGV:
 --   1 the log's byte budget       2 the log's record limit
@@ -30,7 +30,13 @@
 --                                        document as flat key/value pairs (IS_DELTA 0) when the
 --                                        caller is further behind than the log reaches; for a
 --                                        scope that held: CUR = expected, 1, {}, 0
--- CUR is a decimal string, HELD is 1 when another committer's claim refused the commit.
+-- CUR is a decimal string; HELD is 0, or, when another committer's claim refused the commit,
+-- the milliseconds left of that claim (at least 1): the caller waits that long, not a guess.
+--
+-- A claim is a turn: the claimant's commits land, anyone else's are held, until it expires.
+-- It is not released by the claimant's first commit, because two processes committing one hot
+-- scope back to back conflict on nearly every other commit, and each conflict re-runs a whole
+-- batch of handlers; in turns, each commits alone for a while and runs its handlers once.
 --
 -- Why the log is bounded by bytes: it exists so that a conflict costs what changed, not the
 -- scope. Bounded only by a record count, a scope of big values would keep that many copies of
@@ -60,8 +66,11 @@ for _, s in ipairs(scopes) do
   s.cur = tonumber(call('GET', s.version_key) or '0')
   s.holder = call('GET', s.claim_key)
   s.held = 0
-  if s.holder and s.holder ~= committer then s.held = 1 end
-  if s.cur ~= s.expected or s.held == 1 then refused = true end
+  if s.holder and s.holder ~= committer then
+    s.held = call('PTTL', s.claim_key)
+    if s.held < 1 then s.held = 1 end -- a claim set by hand without an expiry
+  end
+  if s.cur ~= s.expected or s.held > 0 then refused = true end
 end
 
 -- Refused: say, per scope, what changed since the caller's version.
@@ -69,7 +78,7 @@ if refused then
   local reply = {0}
   for _, s in ipairs(scopes) do
     local behind = s.cur - s.expected
-    local moved = behind ~= 0 or s.held == 1
+    local moved = behind ~= 0 or s.held > 0
     if moved and s.held == 0 and claim_ms > 0 then
       call('SET', s.claim_key, committer, 'PX', claim_ms)
     end
@@ -138,6 +147,5 @@ for i, s in ipairs(scopes) do
   else
     reply[i + 1] = tostring(s.cur) -- only checked
   end
-  if s.holder then call('DEL', s.claim_key) end
 end
 return reply

@@ -20,9 +20,11 @@
  * moment the last one lands; another process that must first re-run its handlers on the
  * conflict's data then arrives second every time and could starve. So a committer refused
  * several times in a row sets `claim`: if its CAS conflicts, the backend reserves the scope's
- * next commit for it (for MPH_STORE_CLAIM_MS at most). While a claim by another committer
- * stands, a CAS is refused even at the right version, with `held` set in the result (wait a
- * little, do not spin); the claimant's next CAS lands and releases the claim.
+ * next commit for it. While a claim by another committer stands, a CAS is refused even at the
+ * right version, with `held` set in the result to the milliseconds the claim has left (wait
+ * that long, do not spin). The file backend's claim lasts MPH_STORE_CLAIM_MS at most and the
+ * claimant's next commit releases it. Redis's is a turn of MPH_STORE_TURN_MS: every commit of
+ * the claimant lands in it, others wait it out (redis_cas.lua says why).
  *
  * Backends are method tables, like sqlite3_io_methods: `storage/file.c` and `storage/redis.c`
  * each export an open function that returns an mph_store_t whose first member points at its
@@ -41,7 +43,8 @@
 #include "../host/common.h"
 
 #define MPH_STORE_METHODS_VERSION 1
-#define MPH_STORE_CLAIM_MS 20 /* how long a fairness claim can hold a scope */
+#define MPH_STORE_CLAIM_MS 20 /* how long a fairness claim can hold a scope (files) */
+#define MPH_STORE_TURN_MS 10  /* how long a claim on Redis holds others off */
 
 typedef struct {
     const char *key; /* UTF-8, not NUL-terminated */
@@ -71,7 +74,8 @@ typedef struct {
 typedef struct {
     const char *scope;   /* its name */
     mph_store_doc_t doc; /* what changed since the expected version, or the whole document */
-    int held;            /* refused because another committer holds a claim on it */
+    int held;            /* >0: refused because another committer holds a claim on it, for
+                            about this many more milliseconds */
 } mph_store_conflict_t;
 
 typedef struct {
@@ -81,7 +85,7 @@ typedef struct {
                             the first scope; conflict: what changed (of the scope named in
                             `scope`) */
     const char *scope;   /* conflict: the scope whose version moved */
-    int held;            /* conflict: refused because another committer holds a claim */
+    int held;            /* conflict: >0 when another committer's claim refused it (ms left) */
     size_t nconflicts;   /* conflict: every scope that refused it (at least one); the */
     const mph_store_conflict_t *conflicts; /* first is also scope, doc and held above */
 } mph_store_result_t;

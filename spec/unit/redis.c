@@ -190,6 +190,10 @@ static void test_commit_held_claim(void)
     CHECK(read_entries(OP_COMMIT, 6, "*5\r\n:0\r\n$1\r\n7\r\n:1\r\n*1\r\n$8\r\n7\n1:a1:7\r\n:1\r\n",
                        &out) == MPH_ECONFLICT);
     CHECK(out.res.held == 1 && strcmp(entries_text, "a=7") == 0);
+    /* HELD is the claim's milliseconds left: the caller waits that long. */
+    CHECK(read_entries(OP_COMMIT, 7, "*5\r\n:0\r\n$1\r\n7\r\n:1\r\n*0\r\n:9\r\n", &out) ==
+          MPH_ECONFLICT);
+    CHECK(out.res.held == 9 && out.res.conflicts[0].held == 9);
 }
 
 static void test_commit_conflict_wrong_shapes(void)
@@ -204,6 +208,7 @@ static void test_commit_conflict_wrong_shapes(void)
     expect_error(OP_COMMIT, 3, "*5\r\n:0\r\n$1\r\n5\r\n$1\r\n1\r\n*0\r\n:0\r\n", what);
     expect_error(OP_COMMIT, 3, "*5\r\n:0\r\n$1\r\n5\r\n:0\r\n*0\r\n:-1\r\n", what);
     expect_error(OP_COMMIT, 3, "*5\r\n:0\r\n$1\r\n5\r\n:0\r\n*0\r\n$-1\r\n", what);
+    expect_error(OP_COMMIT, 3, "*5\r\n:0\r\n$1\r\n5\r\n:0\r\n*0\r\n:4294967296\r\n", what);
     expect_error(OP_COMMIT, 3, "*5\r\n:-1\r\n$1\r\n5\r\n:0\r\n*0\r\n:0\r\n", what);
     expect_error(OP_COMMIT, 3, "*5\r\n:0\r\n*0\r\n:0\r\n*0\r\n:0\r\n", what);
     /* The document or the records are not an array. */
