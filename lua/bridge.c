@@ -505,7 +505,7 @@ static void open_module(mph_lua_t *lua, lua_State *L)
         lua_error(L);
     /* Stack: chunk */
     lua_createtable(L, 0, 24);
-    const luaL_Reg *lists[] = {helper_functions, mph__topology_helpers};
+    const luaL_Reg *lists[] = {helper_functions, mph__topology_helpers, mph__runner_helpers};
     for (size_t i = 0; i < sizeof(lists) / sizeof(lists[0]); i++) {
         for (const luaL_Reg *r = lists[i]; r->name; r++) {
             if (r->func == l_fail_allocations && !lua->alloc_test)
@@ -525,6 +525,8 @@ static void open_module(mph_lua_t *lua, lua_State *L)
     lua_setfield(L, -2, "object_mt");
     lua_pushinteger(L, MPH_RPC_UNAUTHORIZED);
     lua_setfield(L, -2, "UNAUTHORIZED");
+    lua_pushinteger(L, MPH_RPC_STORAGE_UNAVAILABLE);
+    lua_setfield(L, -2, "STORAGE_UNAVAILABLE");
     lua_pushstring(L, MPHOST_VERSION); /* rpc.discover's info.version */
     lua_setfield(L, -2, "VERSION");
     /* mp.worker: which worker this state serves in (a plain table the module hands out). */

@@ -134,6 +134,8 @@ struct mph_scope_s {
     int mark;                 /* scratch: collecting a batch's scopes */
     int pins;                 /* running attempts that acquired it: not evicted meanwhile */
     size_t bytes;             /* estimated memory of its state (runner.c, "The scope cache") */
+    mph_map_t cold;           /* values not read since the load, as JSON text (runner.c,
+                                 "Cold values"); owned */
     mph_scope_t *lru_prev;    /* in lua's LRU list, most recently used first */
     mph_scope_t *lru_next;
 };
@@ -251,6 +253,7 @@ mph_lua_t *mph__lua_upvalue(lua_State *L);
 /* topology.c */
 /* The C helpers of mp.shard and mp.scatter (C.shard_target, C.forward, C.forwarded). */
 extern const luaL_Reg mph__topology_helpers[];
+extern const luaL_Reg mph__runner_helpers[]; /* C.cold_take, C.cold_drop, C.cold_keys */
 /* t yielded in C.forward (FORWARDING): sends its calls; once all have answered, t is resumed,
  * perhaps before this returns (and then t may be gone). */
 void mph__forward_send(mph_txn_t *t);

@@ -503,6 +503,8 @@ static int encode_plain(encoder_t *e, int t, int depth)
     lua_pushvalue(L, t);
     int rc;
     if (lua_pcall(L, 1, 1, 0) != 0) {
+        if (lua_istable(L, -1)) /* an error object (mp.error's, or the storage's): its text */
+            lua_getfield(L, -1, "message");
         const char *m = lua_tostring(L, -1);
         rc = encode_fail(e, depth, "cannot read scope: %s", m ? m : "error");
     } else {

@@ -15,12 +15,15 @@
 -- the keys it touches, never with the size of the scope.
 --
 -- Scope state, per scope name, kept here and driven by the runner:
---   base      committed values (never handed out: readers get copies)
+--   base      committed values read since the load (never handed out: readers get copies)
+--   cold      the runner's handle on the others, still JSON text outside the Lua heap
+--             (runner.c, "Cold values"): C.cold_take moves one into base when first read
 --   inflight  writes of the batch whose commit is in flight (DELETED marks a deletion)
 --   pending   writes of transactions that ran after it, waiting for the next commit
 --   pending_json  key -> JSON text (false: deleted) of `pending`, what the commit sends
--- A read looks in pending, then inflight, then base: transactions of one scope run one after
--- another on the newest (speculative) state, and nothing is answered before it is durable.
+-- A read looks in pending, then inflight, then base, then cold: transactions of one scope run
+-- one after another on the newest (speculative) state, and nothing is answered before it is
+-- durable.
 
 local C = ...
 
@@ -191,6 +194,7 @@ services["rpc.discover"] = {name = "rpc.discover", handler = discover, expose = 
 -- did not inherit the mark hide fn from the host, calls fail closed, never run unverified.
 
 local UNAUTHORIZED = C.UNAUTHORIZED
+local STORAGE_UNAVAILABLE = C.STORAGE_UNAVAILABLE
 
 function M.basicAuth(fn)
   if type(fn) ~= "function" then
@@ -370,8 +374,10 @@ end
 
 local states = {}
 
-function I.new_state(name)
-  local st = {name = name, base = {}, inflight = {}, pending = {}, pending_json = {}}
+local cold_take, cold_drop, cold_keys = C.cold_take, C.cold_drop, C.cold_keys
+
+function I.new_state(name, _, cold)
+  local st = {name = name, base = {}, cold = cold, inflight = {}, pending = {}, pending_json = {}}
   states[name] = st
   return st.base
 end
@@ -391,9 +397,10 @@ end
 -- The in-flight commit is durable: fold its writes into base.
 function I.commit_ok(name)
   local st = states[name]
-  local base = st.base
+  local base, cold = st.base, st.cold
   for k, v in raw_pairs(st.inflight) do
     if v == DELETED then base[k] = nil else base[k] = v end
+    cold_drop(cold, k)
   end
   st.inflight = {}
 end
@@ -414,11 +421,25 @@ function I.reset_state(name, clear_base)
   return st.base
 end
 
+local function read_cold(st, k)
+  if type(k) ~= "string" then return nil end -- scope keys are strings; cold ones too
+  local v, err = cold_take(st.cold, st.base, k)
+  if err then
+    raise(STORAGE_UNAVAILABLE, "storage unavailable: scope " .. st.name .. ": the stored value " ..
+      "of key " .. k .. " is not valid JSON: " .. err, nil, 0)
+  end
+  return v
+end
+
 local function read(st, k)
   local v = st.pending[k]
   if v == nil then
     v = st.inflight[k]
-    if v == nil then return st.base[k] end
+    if v == nil then
+      v = st.base[k]
+      if v == nil then return read_cold(st, k) end
+      return v
+    end
   end
   if v == DELETED then return nil end
   return v
@@ -485,6 +506,13 @@ local function key_list(r)
   add(st.pending)
   add(st.inflight)
   add(st.base)
+  for _, k in ipairs(cold_keys(st.cold)) do -- never in base: no DELETED among them
+    if not seen[k] then
+      seen[k] = true
+      list[#list + 1] = k
+      pos[k] = #list
+    end
+  end
   r.keys, r.keypos = list, pos
   return list
 end

@@ -403,7 +403,36 @@ def test_two_processes_flooding_one_hot_scope_take_turns_and_rerun_little():
         for srv in servers:
             calls, attempts = map(int, re.search(r"transactions: (\d+) calls, (\d+) attempts",
                                                  srv.read_log()).groups())
-            check(attempts <= 1.4 * calls, "runs per call: %d attempts, %d calls" % (attempts, calls))
+            check(attempts <= 1.4 * calls,
+                  "runs per call: %d attempts, %d calls" % (attempts, calls))
+
+
+def test_cold_values_take_another_process_changes_and_a_bad_one_fails_only_its_readers():
+    """Values loaded but not read yet (runner.c, "Cold values") under a conflict's changes
+    from another process; a stored value that is not JSON fails the calls that read it, and
+    only them (it is found when read, not at the load)."""
+    idioms = os.path.join(SCRIPTS, "idioms.lua")
+    with RedisServer() as redis:
+        with Server(idioms, ["--storage=" + redis.url()]) as a:
+            for k in ("x", "y", "z"):
+                eq(a.result("set", [k, {"v": k}]), True)
+        with Server(idioms, ["--storage=" + redis.url()]) as a, \
+                Server(idioms, ["--storage=" + redis.url()]) as b:
+            eq(a.result("keys"), ["x", "y", "z"], "a loads: all cold")
+            eq(b.result("set", ["y", "from b"]), True)
+            eq(b.result("del", ["z"]), True)
+            eq(a.result("set", ["x", 1]), True, "a's blind write conflicts, takes b's changes")
+            eq(a.result("dump"), {"x": 1, "y": "from b"})
+        redis.cli("HSET", "mp:{global}:d", "bad", "{oops")
+        with Server(idioms, ["--storage=" + redis.url()]) as a:
+            eq(a.result("get", ["y"]), "from b")
+            r = a.rpc("get", ["bad"])
+            eq(r["error"]["code"], -32002, r)
+            check("bad" in r["error"]["message"] and "not valid JSON" in r["error"]["message"], r)
+            eq(a.result("set", ["w", True]), True, "a write that does not read it commits")
+            r = a.rpc("dump")  # returning the scope reads every value, while encoding it
+            check("error" in r and "key bad is not valid JSON" in r["error"]["message"], r)
+            eq(a.result("get", ["w"]), True)
 
 
 def test_redis_prefix_separates_deployments():

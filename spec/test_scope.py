@@ -67,6 +67,26 @@ def wait_exit(server, status, timeout=60):
     server.log.close()
 
 
+def test_values_not_read_since_the_load_behave_as_read_ones():
+    """A loaded scope's values stay JSON text until first read (runner.c, "Cold values"):
+    writing, deleting, iterating and reading them, before and after a restart, cannot tell."""
+    data = tmpdir()
+    with Server(IDIOMS, data=data) as s:
+        for k in ("a", "b", "c", "d"):
+            eq(s.result("set", [k, {"v": k}]), True)
+    with Server(IDIOMS, data=data) as s:  # every value cold
+        eq(s.result("set", ["a", 2]), True, "written, never read")
+        eq(s.result("del", ["b"]), True, "deleted, never read")
+        eq(s.result("keys"), ["a", "c", "d"], "pairs: a written, c and d still cold")
+        eq(s.result("get", ["c"]), {"v": "c"}, "read: decoded now")
+        eq(s.result("get", ["b"]), None)
+        eq(s.result("set", ["e", [1, 2]]), True)
+        expected = {"a": 2, "c": {"v": "c"}, "d": {"v": "d"}, "e": [1, 2]}
+        eq(s.result("dump"), expected)
+    with Server(IDIOMS, data=data) as s:
+        eq(s.result("dump"), expected, "after another restart")
+
+
 def test_every_idiom_is_recorded_and_committed():
     data = tmpdir()
     steps = ["set_scalar", "nested_table", "deep_assign", "read_then_assign", "new_list",

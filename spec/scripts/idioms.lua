@@ -85,5 +85,13 @@ mp.service("big", function(key, size, tag)
 end).expose = true
 
 mp.service("get", function(key) return mp.scope.global[key] end).expose = true
+mp.service("set", function(key, value) mp.scope.global[key] = value return true end).expose = true
+mp.service("del", function(key) mp.scope.global[key] = nil return true end).expose = true
+mp.service("keys", function()
+  local keys = {}
+  for k in pairs(mp.scope.global) do keys[#keys + 1] = k end
+  table.sort(keys)
+  return keys
+end).expose = true
 
 mp.serve()
