@@ -31,12 +31,13 @@
  * commit was in flight) answers success with a new CAS at once, while a process refused by a
  * conflict must first re-run its handlers: it would arrive second every round. So the retry of
  * a refused commit asks the storage for a fairness claim (storage.h): the next commit of the
- * scope is reserved for it, others are held off until it lands (on Redis, until its turn ends:
- * redis_cas.lua). The file backend does better for a commit of one scope: it keeps the scope's lock
- * from the conflict to the retry (storage/file.c). Either way the refused transactions run again
- * together and go out in one commit (rerun_now). (Two processes on one hot key, 64 clients,
- * before: files 11.8k calls/s, p99 29 ms, calls giving up with -32001; Redis 38k/s. After:
- * files 38-42k/s, p99 2 ms, two attempts per call at most; Redis 50-54k/s.)
+ * scope is reserved for it, others are held off until it lands (on Redis, until its turn
+ * ends: redis_cas.lua). The file backend does better for a commit of one scope: it keeps the
+ * scope's lock from the conflict to the retry (storage/file.c). Either way the refused
+ * transactions run again together and go out in one commit (rerun_now). (Two processes on
+ * one hot key, 64 clients, before: files 11.8k calls/s, p99 29 ms, calls giving up with
+ * -32001; Redis 38k/s. After: files 38-42k/s, p99 2 ms, two attempts per call at most; Redis
+ * 50-54k/s; with Redis turns, 0.83x one process.)
  *
  * Invariants, per scope: at most one commit in flight; `inflight` holds exactly the
  * transactions of that commit; `pending` holds transactions that ran on a state including
