@@ -374,7 +374,7 @@ def test_a_claim_is_a_turn_the_claimants_commits_land_and_others_wait_it_out():
 def test_two_processes_flooding_one_hot_scope_take_turns_and_rerun_little():
     """Two processes on one CPU, 32 connections each back to back on one Redis scope: every
     call answered, the count exact, both served, and few handler re-runs (before turns and
-    held attempts: 1.7 runs per call; with them about 1.1)."""
+    held attempts: 1.8 runs per call; with them about 1.1)."""
     with RedisServer() as redis:
         servers = [Server("server5.lua", ["--storage=" + redis.url(), "--workers=0"],
                           prefix_cmd=["taskset", "-c", "0"]).start() for _ in range(2)]
@@ -403,7 +403,9 @@ def test_two_processes_flooding_one_hot_scope_take_turns_and_rerun_little():
         for srv in servers:
             calls, attempts = map(int, re.search(r"transactions: (\d+) calls, (\d+) attempts",
                                                  srv.read_log()).groups())
-            check(attempts <= 1.4 * calls,
+            # About 1.1 (1.3 under ASan); 1.8 before turns. Under valgrind a turn is short
+            # against a handler's time, and the figure says nothing.
+            check(attempts <= 1.6 * calls or os.environ.get("MPH_VALGRIND"),
                   "runs per call: %d attempts, %d calls" % (attempts, calls))
 
 
