@@ -37,7 +37,7 @@
  * transactions run again together and go out in one commit (rerun_now). (Two processes on
  * one hot key, 64 clients, before: files 11.8k calls/s, p99 29 ms, calls giving up with
  * -32001; Redis 38k/s. After: files 38-42k/s, p99 2 ms, two attempts per call at most; Redis
- * 50-54k/s; with Redis turns, 0.83x one process.)
+ * 50-54k/s; with Redis turns, about 0.8x one process.)
  *
  * Invariants, per scope: at most one commit in flight; `inflight` holds exactly the
  * transactions of that commit; `pending` holds transactions that ran on a state including

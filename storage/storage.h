@@ -44,7 +44,7 @@
 
 #define MPH_STORE_METHODS_VERSION 1
 #define MPH_STORE_CLAIM_MS 20 /* how long a fairness claim can hold a scope (files) */
-#define MPH_STORE_TURN_MS 10  /* how long a claim on Redis holds others off */
+#define MPH_STORE_TURN_MS 15  /* how long a claim on Redis holds others off */
 
 typedef struct {
     const char *key; /* UTF-8, not NUL-terminated */
