@@ -829,14 +829,26 @@ static int login_commands(const char *password, int db, char db_buf[16], login_t
  * reports POLLERR (a refused connect, a reset) as UV_EBADF and stops watching, so with that
  * adapter a refused connect is never noticed and calls wait for the command timeout. Here an
  * error wakes hiredis for the events it waits on; its read or connect check finds the
- * socket's error and ends the connection at once. The poll handle is closed before it is
- * freed, in its close callback; `ac` is cut when hiredis cleans up, so a late event finds
- * NULL. */
+ * socket's error and ends the connection at once.
+ *
+ * hiredis asks to watch for writability each time a command is queued and stops once it is
+ * written, and libuv turns every change of a poll's events into epoll_ctl calls (a DEL and an
+ * ADD): six per commit, for a socket that is nearly always writable. So the hooks only note
+ * what hiredis wants, and a prepare handle, run once per loop iteration just before the loop
+ * polls, first writes what is queued (on a connected socket: hiredis then stops asking) and
+ * only then hands libuv the events still wanted, if they changed. A commit's command leaves
+ * within the iteration that queued it, and the poll stays on READABLE.
+ *
+ * Both handles are closed before ev is freed, in their close callbacks; `ac` is cut when
+ * hiredis cleans up, so a late event finds NULL. */
 
 typedef struct {
     uv_poll_t poll;        /* on the context's socket */
+    uv_prepare_t flush;    /* active while `events` differs from `polled` */
     redisAsyncContext *ac; /* NULL once hiredis cleaned up */
     int events;            /* UV_READABLE | UV_WRITABLE hiredis asked for */
+    int polled;            /* the events the poll handle watches */
+    int open_handles;      /* 2, then 0 once both close callbacks ran */
 } ev_t;
 
 static void on_poll(uv_poll_t *handle, int status, int events)
@@ -850,13 +862,26 @@ static void on_poll(uv_poll_t *handle, int status, int events)
         redisAsyncHandleWrite(ev->ac);
 }
 
+static void on_flush(uv_prepare_t *handle)
+{
+    ev_t *ev = mph_container_of(handle, ev_t, flush);
+    uv_prepare_stop(handle);
+    if (ev->ac && (ev->events & UV_WRITABLE) && (ev->ac->c.flags & REDIS_CONNECTED))
+        redisAsyncHandleWrite(ev->ac); /* may clean ac up, or ask for other events */
+    if (ev->ac == NULL || ev->events == ev->polled)
+        return;
+    ev->polled = ev->events;
+    if (ev->polled)
+        uv_poll_start(&ev->poll, ev->polled, on_poll);
+    else
+        uv_poll_stop(&ev->poll);
+}
+
 static void ev_update(ev_t *ev, int add, int del)
 {
     ev->events = (ev->events | add) & ~del;
-    if (ev->events)
-        uv_poll_start(&ev->poll, ev->events, on_poll);
-    else
-        uv_poll_stop(&ev->poll);
+    if (ev->events != ev->polled || (ev->events & UV_WRITABLE))
+        uv_prepare_start(&ev->flush, on_flush);
 }
 
 static void ev_add_read(void *p)
@@ -881,7 +906,9 @@ static void ev_del_write(void *p)
 
 static void on_ev_closed(uv_handle_t *h)
 {
-    free(mph_container_of((uv_poll_t *)h, ev_t, poll));
+    ev_t *ev = h->data;
+    if (--ev->open_handles == 0)
+        free(ev);
 }
 
 static void ev_cleanup(void *p)
@@ -889,6 +916,7 @@ static void ev_cleanup(void *p)
     ev_t *ev = p;
     ev->ac = NULL;
     uv_close((uv_handle_t *)&ev->poll, on_ev_closed);
+    uv_close((uv_handle_t *)&ev->flush, on_ev_closed);
 }
 
 /* Attaches ac to the loop. Returns 0 or -1 (ac untouched). */
@@ -899,6 +927,9 @@ static int ev_attach(redisAsyncContext *ac, uv_loop_t *loop)
         free(ev);
         return -1;
     }
+    uv_prepare_init(loop, &ev->flush); /* cannot fail */
+    ev->poll.data = ev->flush.data = ev;
+    ev->open_handles = 2;
     ev->ac = ac;
     ac->ev.data = ev;
     ac->ev.addRead = ev_add_read;
