@@ -622,6 +622,32 @@ def test_fairness_claim_of_another_process_is_waited_for():
         eq(result, [{"requests": 2}], "then it commits")
 
 
+def test_a_claim_met_after_the_log_was_replaced_keeps_the_scope():
+    """The log replaced under a process (a compaction elsewhere; here a copy renamed over it,
+    same records, new inode) makes its next commit read the scope whole; when nothing had
+    changed and another process's claim holds the scope, the refusal must not report an
+    empty whole document: the process would take the scope for empty and count from 0."""
+    data = tmpdir()
+    with Server("server5.lua", ["--logging=debug"], data=data) as s:
+        for n in (1, 2, 3):
+            eq(s.result("simple-storage", [{}]), {"requests": n})
+        log = os.path.join(data, "global.log")
+        shutil.copy(log, log + ".copy")
+        os.rename(log + ".copy", log)
+        claim = os.path.join(data, "global.claim")
+        with open(claim, "w") as f:
+            f.write("7 %d\n" % int((time.time() + 600) * 1000))
+        result = []
+        t = threading.Thread(target=lambda: result.append(s.result("simple-storage", [{}])))
+        t.start()
+        wait_log(s, "held off by the claim of committer 7")
+        os.unlink(claim)
+        t.join(60)
+        eq(result, [{"requests": 4}], "counted on from 3")
+    with Server("server5.lua", data=data) as s:
+        eq(s.result("simple-storage", [{}]), {"requests": 5})
+
+
 COLD = os.path.join(SCRIPTS, "cold.lua")
 COLD_METHODS = ["in_sort", "in_gsub", "in_tostring", "in_coroutine", "in_sort_caught"]
 

@@ -1029,8 +1029,12 @@ static int catch_up(op_t *op)
         uint64_t before = sc->version;
         if (load_all(op) != 0)
             return op->status;
-        if (sc->version == before && before == op->expected)
-            op->doc.n = 0; /* nothing changed: no conflict, nothing to report */
+        if (sc->version == before && before == op->expected) {
+            /* Nothing changed: an empty delta. Not an empty whole document, which says the
+             * scope is empty: a refusal for another's claim would carry it to the runner. */
+            op->doc.n = 0;
+            op->doc.is_delta = 1;
+        }
         return 0;
     }
     op->doc.is_delta = 1;
