@@ -291,17 +291,21 @@ static void cold_clear(mph_scope_t *s)
 /* Sets (e->json) or deletes (NULL) e's key in the cold map; the key holds no NUL byte. */
 static void cold_set(mph_scope_t *s, const mph_store_entry_t *e)
 {
-    cold_t *old = cold_find_entry(s, e);
-    if (old)
-        cold_remove(s, old);
-    if (e->json == NULL)
+    if (e->json == NULL) {
+        cold_t *old = cold_find_entry(s, e);
+        if (old)
+            cold_remove(s, old);
         return;
+    }
     cold_t *c = mph_xmalloc(sizeof(*c) + e->klen + 1 + e->jlen);
     memcpy(c->key, e->key, e->klen);
     c->key[e->klen] = '\0';
     c->json = c->key + e->klen + 1;
     memcpy(c->key + e->klen + 1, e->json, e->jlen);
     c->jlen = e->jlen;
+    cold_t *old = cold_find(s, c->key, e->klen); /* the new entry's key is NUL-terminated */
+    if (old)
+        cold_remove(s, old);
     mph_map_insert(&s->cold, &c->node, c->key);
 }
 

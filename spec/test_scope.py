@@ -604,21 +604,33 @@ def test_retries_exhausted_gives_32001_and_writes_nothing():
             eq(s.result("get", ["other"]), retries + 1)
 
 
+def counter_call_held_by_claim(server, data):
+    """Starts a counter call (server5, --logging=debug) while another process (id 7) holds a
+    claim on the global scope, for longer than a test runs, and waits until the call is held
+    off by it. Returns (the list its result goes to, release): release removes the claim (the
+    claimant committed, or its claim expired) and waits for the call."""
+    claim = os.path.join(data, "global.claim")
+    with open(claim, "w") as f:
+        f.write("7 %d\n" % int((time.time() + 600) * 1000))
+    result = []
+    t = threading.Thread(target=lambda: result.append(server.result("simple-storage", [{}])))
+    t.start()
+    wait_log(server, "held off by the claim of committer 7")
+
+    def release():
+        os.unlink(claim)
+        t.join(60)  # generous: the commit lands within a few milliseconds of the unlink
+
+    return result, release
+
+
 def test_fairness_claim_of_another_process_is_waited_for():
     data = tmpdir()
     with Server("server5.lua", ["--logging=debug"], data=data) as s:
         eq(s.result("simple-storage", [{}]), {"requests": 1})
-        # Another process (id 7) is owed the next commit, for longer than this test runs.
-        claim = os.path.join(data, "global.claim")
-        with open(claim, "w") as f:
-            f.write("7 %d\n" % int((time.time() + 600) * 1000))
-        result = []
-        t = threading.Thread(target=lambda: result.append(s.result("simple-storage", [{}])))
-        t.start()
-        wait_log(s, "held off by the claim of committer 7")
+        result, release = counter_call_held_by_claim(s, data)
         check(not result, "not answered while the claim stands")
-        os.unlink(claim)  # the claimant committed (or its claim expired)
-        t.join(60)  # generous: the commit lands within a few milliseconds of the unlink
+        release()
         eq(result, [{"requests": 2}], "then it commits")
 
 
@@ -634,15 +646,8 @@ def test_a_claim_met_after_the_log_was_replaced_keeps_the_scope():
         log = os.path.join(data, "global.log")
         shutil.copy(log, log + ".copy")
         os.rename(log + ".copy", log)
-        claim = os.path.join(data, "global.claim")
-        with open(claim, "w") as f:
-            f.write("7 %d\n" % int((time.time() + 600) * 1000))
-        result = []
-        t = threading.Thread(target=lambda: result.append(s.result("simple-storage", [{}])))
-        t.start()
-        wait_log(s, "held off by the claim of committer 7")
-        os.unlink(claim)
-        t.join(60)
+        result, release = counter_call_held_by_claim(s, data)
+        release()
         eq(result, [{"requests": 4}], "counted on from 3")
     with Server("server5.lua", data=data) as s:
         eq(s.result("simple-storage", [{}]), {"requests": 5})

@@ -844,7 +844,7 @@ static int login_commands(const char *password, int db, char db_buf[16], login_t
 
 typedef struct {
     uv_poll_t poll;        /* on the context's socket */
-    uv_prepare_t flush;    /* active while `events` differs from `polled` */
+    uv_prepare_t flush;    /* active while a write or a change of `polled` is due */
     redisAsyncContext *ac; /* NULL once hiredis cleaned up */
     int events;            /* UV_READABLE | UV_WRITABLE hiredis asked for */
     int polled;            /* the events the poll handle watches */
