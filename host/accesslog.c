@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "common.h"
@@ -31,9 +32,39 @@ struct mph_accesslog_s {
     int stopping;          /* close was called (under mu) */
 };
 
-static int open_log(const char *path)
+/* Opens path for appending, as only a file of ours in a directory no other user can write into
+ * (common.h: mph_check_dir): mphost often runs as root, and a link or a file planted under the
+ * name would have it write (or show its clients' addresses) where someone else chose. A new
+ * file is 0600. Returns the descriptor, or -1 with why in err. */
+static int open_log(const char *path, char *err, size_t errlen)
 {
-    return open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    char *dir = mph_xstrdup(path);
+    char *slash = strrchr(dir, '/');
+    if (slash == dir)
+        slash[1] = '\0'; /* "/name": the root directory */
+    else if (slash)
+        *slash = '\0';
+    char why[1100];
+    int rc = mph_check_dir(slash ? dir : ".", "its directory", 022, 1, why, sizeof(why));
+    free(dir);
+    if (rc != 0) {
+        snprintf(err, errlen, "cannot open the access log %s: %s", path, why);
+        return -1;
+    }
+    struct stat st;
+    int fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (fd < 0 || fstat(fd, &st) != 0) {
+        snprintf(err, errlen, "cannot open the access log %s: %s", path,
+                 errno == ELOOP ? "it is a symbolic link" : strerror(errno));
+    } else if (!S_ISREG(st.st_mode) || (st.st_uid != geteuid() && st.st_uid != 0)) {
+        snprintf(err, errlen, "the access log %s is %s; refusing to use it", path,
+                 S_ISREG(st.st_mode) ? "another user's file" : "not a plain file");
+    } else {
+        return fd;
+    }
+    if (fd >= 0)
+        close(fd);
+    return -1;
 }
 
 /* Writes all of buf; a failing disk loses the lines (said once per batch), never the loop. */
@@ -81,11 +112,10 @@ static void *writer_main(void *arg)
             mph_log(MPH_LOG_WARN,
                     "access log: %lu lines dropped (the disk is slower than the load)", dropped);
         if (reopen && a->path) {
-            int fd = open_log(a->path);
+            char why[1200];
+            int fd = open_log(a->path, why, sizeof(why));
             if (fd < 0) {
-                mph_log(MPH_LOG_ERROR,
-                        "access log: cannot reopen %s: %s; still writing the old file", a->path,
-                        strerror(errno));
+                mph_log(MPH_LOG_ERROR, "access log: %s; still writing the old file", why);
             } else {
                 close(a->fd);
                 a->fd = fd;
@@ -106,9 +136,8 @@ int mph_accesslog_open(mph_accesslog_t **out, const char *path, char *err, size_
     a->fd = 2;
     if (strcmp(path, "-") != 0) {
         a->path = mph_xstrdup(path);
-        a->fd = open_log(path);
+        a->fd = open_log(path, err, errlen);
         if (a->fd < 0) {
-            snprintf(err, errlen, "cannot open the access log %s: %s", path, strerror(errno));
             free(a->path);
             free(a);
             return MPH_EIO;

@@ -11,20 +11,23 @@
 #include "mphost.h"
 
 typedef struct {
-    const char *script;     /* as given on the command line */
-    char *script_path;      /* canonical path (owned), NULL if the script is missing */
-    const char *verb;       /* deploy, serve, delete, status, reload, logs, call */
-    int follow;             /* logs -f */
-    int port_given;         /* --port, MP_PORT or serve's PORT was given */
-    mph_host_config_t host; /* everything the host takes */
-    char *storage_desc;     /* what status prints, e.g. "file:/abs/mp-data" (owned) */
-    char storage_url[1024]; /* --storage=redis made into a redis:// URL */
-    const char *log_level;  /* --logging */
-    char *state_dir;        /* checked state directory (owned); NULL: none (serve only) */
-    int workers;            /* --workers=N; 0: one process, no supervisor; -1: not given */
-    char **argv;            /* main's, NULL-terminated: what a supervisor runs its workers
-                               with (borrowed) */
-    long long started;      /* when serving began (time(NULL)); the pid file's started= */
+    const char *script;        /* as given on the command line */
+    char *script_path;         /* canonical path (owned), NULL if the script is missing */
+    const char *verb;          /* deploy, serve, delete, status, reload, logs, call */
+    int follow;                /* logs -f */
+    int port_given;            /* --port, MP_PORT or serve's PORT was given */
+    mph_host_config_t host;    /* everything the host takes */
+    char *storage_desc;        /* what status prints, e.g. "file:/abs/mp-data" (owned) */
+    char storage_url[1024];    /* --storage=redis made into a redis:// URL, or the URL given
+                                  with a password (main.c: hide_storage_password) */
+    char *storage_password;    /* that password (owned), for the workers; NULL: none */
+    const char *log_level;     /* --logging */
+    char *state_dir;           /* checked state directory (owned); NULL: none (serve only) */
+    int workers;               /* --workers=N; 0: one process, no supervisor; -1: not given */
+    unsigned start_timeout_ms; /* --start-timeout: deploy's wait for the server to serve */
+    char **argv;               /* main's, NULL-terminated: what a supervisor runs its workers
+                                  with (borrowed) */
+    long long started;         /* when serving began (time(NULL)); the pid file's started= */
     /* call */
     const char *method;
     const char *params; /* JSON text, default "[{}]" */

@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -167,6 +168,32 @@ void mph_buf_free(mph_buf_t *b)
     b->len = b->cap = 0;
 }
 
+int mph_check_dir(const char *path, const char *what, unsigned refused, int root_ok, char *err,
+                  size_t errlen)
+{
+    struct stat st;
+    if (lstat(path, &st) != 0) {
+        snprintf(err, errlen, "cannot use %s %s: %s", what, path, strerror(errno));
+        return MPH_EIO;
+    }
+    if (S_ISLNK(st.st_mode) || !S_ISDIR(st.st_mode)) {
+        snprintf(err, errlen, "%s %s is %s; refusing to use it", what, path,
+                 S_ISLNK(st.st_mode) ? "a symbolic link" : "not a directory");
+        return MPH_EINVAL;
+    }
+    if (st.st_uid != geteuid() && !(root_ok && st.st_uid == 0)) {
+        snprintf(err, errlen, "%s %s belongs to uid %u, not to uid %u; refusing to use it", what,
+                 path, (unsigned)st.st_uid, (unsigned)geteuid());
+        return MPH_EINVAL;
+    }
+    if (st.st_mode & refused) {
+        snprintf(err, errlen, "%s %s is %s to other users (mode %03o); refusing to use it", what,
+                 path, refused & 044 ? "open" : "writable", (unsigned)(st.st_mode & 0777));
+        return MPH_EINVAL;
+    }
+    return 0;
+}
+
 static const char *const level_names[] = {"trace", "debug", "info", "warn", "error", "silent"};
 
 static long long monotonic_ms(void)
@@ -208,6 +235,19 @@ int mph_read_line(int fd, char *line, size_t size, int timeout_ms)
         }
     }
     return rc;
+}
+
+int mph_log_limit_pass(mph_log_limit_t *limit, unsigned period_ms, unsigned long *held)
+{
+    long long now = monotonic_ms();
+    if (now < limit->next_ms) {
+        limit->suppressed++;
+        return 0;
+    }
+    limit->next_ms = now + period_ms;
+    *held = limit->suppressed;
+    limit->suppressed = 0;
+    return 1;
 }
 
 int mph_log_parse_level(const char *name, mph_log_level_t *out)
@@ -255,20 +295,77 @@ void mph_format_time(char *buf, size_t size)
              tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000);
 }
 
+/* Length of the valid UTF-8 sequence at s (at most n bytes) that is not a control character
+ * (C1, U+0080..U+009F, which some terminals obey as C0's escape does); 0 when there is none. */
+static size_t printable_utf8(const unsigned char *s, size_t n)
+{
+    size_t len = s[0] >= 0xF0 && s[0] <= 0xF4 ? 4 : s[0] >= 0xE0 ? 3 : s[0] >= 0xC2 ? 2 : 0;
+    if (s[0] >= 0xF5 || len == 0 || len > n)
+        return 0;
+    for (size_t i = 1; i < len; i++)
+        if ((s[i] & 0xC0) != 0x80)
+            return 0;
+    uint32_t cp = len == 2 ? (uint32_t)(s[0] & 0x1F) << 6 | (s[1] & 0x3F)
+                  : len == 3
+                      ? (uint32_t)(s[0] & 0x0F) << 12 | (uint32_t)(s[1] & 0x3F) << 6 | (s[2] & 0x3F)
+                      : (uint32_t)(s[0] & 0x07) << 18 | (uint32_t)(s[1] & 0x3F) << 12 |
+                            (uint32_t)(s[2] & 0x3F) << 6 | (s[3] & 0x3F);
+    int overlong = (len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000);
+    if (overlong || cp < 0xA0 || (cp >= 0xD800 && cp <= 0xDFFF) || cp > 0x10FFFF)
+        return 0;
+    return len;
+}
+
+size_t mph_log_escape(char *dst, size_t room, const char *src, size_t n)
+{
+    static const char hex[] = "0123456789abcdef";
+    const unsigned char *s = (const unsigned char *)src;
+    size_t out = 0, i = 0;
+    while (i < n) {
+        char esc[4];
+        size_t elen = 0, take = 1;
+        if (s[i] >= 0x20 && s[i] < 0x7F) {
+            esc[elen++] = (char)s[i];
+        } else if (s[i] >= 0x80 && (take = printable_utf8(s + i, n - i)) > 0) {
+            elen = 0; /* copied whole below */
+        } else {
+            take = 1;
+            esc[elen++] = '\\';
+            if (s[i] == '\n' || s[i] == '\r' || s[i] == '\t') {
+                esc[elen++] = s[i] == '\n' ? 'n' : s[i] == '\r' ? 'r' : 't';
+            } else {
+                esc[elen++] = 'x';
+                esc[elen++] = hex[s[i] >> 4];
+                esc[elen++] = hex[s[i] & 15];
+            }
+        }
+        const char *piece = elen ? esc : (const char *)s + i;
+        size_t plen = elen ? elen : take;
+        if (out + plen > room)
+            break; /* cut, never in the middle of an escape or a character */
+        memcpy(dst + out, piece, plen);
+        out += plen;
+        i += take;
+    }
+    return out;
+}
+
 void mph_log(mph_log_level_t level, const char *fmt, ...)
 {
     if (!MPH_LOG_ENABLED(level) || level >= MPH_LOG_SILENT)
         return;
-    char line[2048], now[32];
-    mph_format_time(now, sizeof(now));
-    int n = snprintf(line, sizeof(line), "%s %-5s %s", now, level_names[level], log_tag);
+    /* The message is escaped as a whole: its arguments may hold what clients sent or handlers
+     * made (an error message, a user name), and no one may start a line of their own in our
+     * log, nor send a terminal escape to whoever reads it. */
+    char msg[2048], line[4096], now[32];
     va_list ap;
     va_start(ap, fmt);
-    int m = vsnprintf(line + n, sizeof(line) - (size_t)n - 1, fmt, ap);
+    int m = vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
-    size_t len = (size_t)n + (m < 0 ? 0 : (size_t)m);
-    if (len > sizeof(line) - 2)
-        len = sizeof(line) - 2;
+    size_t mlen = m < 0 ? 0 : (size_t)m < sizeof(msg) ? (size_t)m : sizeof(msg) - 1;
+    mph_format_time(now, sizeof(now));
+    int n = snprintf(line, sizeof(line), "%s %-5s %s", now, level_names[level], log_tag);
+    size_t len = (size_t)n + mph_log_escape(line + n, sizeof(line) - (size_t)n - 1, msg, mlen);
     line[len++] = '\n';
     fwrite(line, 1, len, stderr);
 }

@@ -100,6 +100,14 @@ void mph_buf_free(mph_buf_t *b);
  * when the time ran out first. */
 int mph_read_line(int fd, char *line, size_t size, int timeout_ms);
 
+/* Checks that the directory at path is one no other user can have planted or can write into:
+ * not a symbolic link, owned by our effective uid (or by root, when root_ok: a directory such
+ * as /var/log), and with none of the mode bits in `refused` (022: writable by group or
+ * others; 077: open to them at all). `what` names it in the message ("the state directory").
+ * Returns 0, or MPH_EINVAL (MPH_EIO when it cannot be looked at) with a message in err. */
+int mph_check_dir(const char *path, const char *what, unsigned refused, int root_ok, char *err,
+                  size_t errlen);
+
 /* -- Logging -- */
 typedef enum {
     MPH_LOG_TRACE,
@@ -126,10 +134,29 @@ void mph_reopen_stderr(const char *path);
 /* Now as ISO 8601 UTC with milliseconds ("2026-01-02T03:04:05.678Z", 24 characters). */
 void mph_format_time(char *buf, size_t size);
 
-/* Writes one line to stderr: timestamp, level, tag, message. Never fails visibly. */
+/* Copies n bytes of src into dst (room bytes; no NUL added) as a log shows them: printable
+ * ASCII and valid UTF-8 as they are; newline, return and tab as \n, \r, \t; any other control
+ * character or byte that is not valid UTF-8 as \xNN. Stops before what does not fit whole.
+ * Returns the bytes written. */
+size_t mph_log_escape(char *dst, size_t room, const char *src, size_t n);
+
+/* Writes one line to stderr: timestamp, level, tag, then the message escaped by
+ * mph_log_escape (so a message can never make a second line). Never fails visibly. */
 void mph_log(mph_log_level_t level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 #define MPH_LOG_ENABLED(level) ((level) >= mph_log_level)
+
+/* A limit on lines that someone else can cause at will (a refused local client): at most one
+ * per period, so a flood cannot fill the disk or bury other lines. Zero-initialize. */
+typedef struct {
+    long long next_ms;        /* CLOCK_MONOTONIC ms before which lines are held back */
+    unsigned long suppressed; /* lines held back since the last one written */
+} mph_log_limit_t;
+
+/* Returns 1 when a line may be written now, with *held set to how many were held back
+ * before it (say so in the line); 0 when it must be dropped (it is counted). */
+int mph_log_limit_pass(mph_log_limit_t *limit, unsigned period_ms, unsigned long *held);
+#define MPH_REFUSAL_LOG_MS 10000 /* refused local clients: one line per this at most */
 
 /* Recovers the struct that embeds `ptr` as its member `field`. */
 #define mph_container_of(ptr, type, field) ((type *)((char *)(ptr)-offsetof(type, field)))

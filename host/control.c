@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "common.h"
+#include "localsock.h"
 
 #define COMMAND_MAX 64 /* bytes of a command line */
 
@@ -46,14 +47,7 @@ struct mph_control_s {
     int closing;                /* mph_control_close was called */
 };
 
-/* "\0mphost-supervisor-PID": the abstract name (a leading NUL) of pid's control socket. */
-static socklen_t control_address(int pid, struct sockaddr_un *addr)
-{
-    memset(addr, 0, sizeof(*addr));
-    addr->sun_family = AF_UNIX;
-    int n = snprintf(addr->sun_path + 1, sizeof(addr->sun_path) - 1, "mphost-supervisor-%d", pid);
-    return (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + (size_t)n);
-}
+#define CONTROL_NAME "control" /* the socket's name in the socket directory */
 
 /* ---- The supervisor's side ---- */
 
@@ -182,8 +176,13 @@ static int allowed(mph_control_req_t *req)
         return 0;
     if (cred.uid == geteuid() || cred.uid == 0)
         return 1;
-    mph_log(MPH_LOG_WARN, "control: refused a client of uid %u (pid %d)", (unsigned)cred.uid,
-            (int)cred.pid);
+    static mph_log_limit_t limit; /* the loop's thread only */
+    unsigned long held;
+    if (mph_log_limit_pass(&limit, MPH_REFUSAL_LOG_MS, &held))
+        mph_log(MPH_LOG_WARN,
+                "control: refused a client of uid %u (pid %d; %lu more refused "
+                "since the last such line)",
+                (unsigned)cred.uid, (int)cred.pid, held);
     return 0;
 }
 
@@ -211,16 +210,12 @@ static void on_connection(uv_stream_t *server, int status)
     uv_read_start((uv_stream_t *)&req->pipe, on_req_alloc, on_req_read);
 }
 
-int mph_control_listen(mph_control_t **out, uv_loop_t *loop, mph_control_cb cb, void *ud, char *err,
-                       size_t errlen)
+int mph_control_listen(mph_control_t **out, uv_loop_t *loop, int dir_fd, mph_control_cb cb,
+                       void *ud, char *err, size_t errlen)
 {
-    struct sockaddr_un addr;
-    socklen_t alen = control_address((int)getpid(), &addr);
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0 || bind(fd, (struct sockaddr *)&addr, alen) != 0 || listen(fd, 16) != 0) {
-        snprintf(err, errlen, "cannot open the control socket: %s", strerror(errno));
-        if (fd >= 0)
-            close(fd);
+    int fd = mph_localsock_listen(dir_fd, CONTROL_NAME, 16);
+    if (fd < 0) {
+        snprintf(err, errlen, "cannot open the control socket: %s", strerror(-fd));
         return MPH_EIO;
     }
     mph_control_t *ctl = mph_xcalloc(1, sizeof(*ctl));
@@ -261,17 +256,40 @@ void mph_control_close(mph_control_t *ctl)
 
 /* ---- The client's side ---- */
 
-int mph_control_request(int pid, const char *command, unsigned timeout_ms, char *reply, size_t len)
+/* Connects to the control socket in dir_path and checks that supervisor pid listens on it
+ * (the pid file's: a socket left by another process is not taken for it). Returns the
+ * connected descriptor, or MPH_EIO with why not in reply. */
+static int connect_control(const char *dir_path, int pid, char *reply, size_t len)
 {
-    struct sockaddr_un addr;
-    socklen_t alen = control_address(pid, &addr);
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0 || connect(fd, (struct sockaddr *)&addr, alen) != 0) {
-        snprintf(reply, len, "its supervisor (pid %d) does not answer: %s", pid, strerror(errno));
-        if (fd >= 0)
-            close(fd);
+    char err[512];
+    int dir = mph_localsock_dir_open(dir_path, 0, err, sizeof(err));
+    if (dir < 0) {
+        snprintf(reply, len, "its supervisor (pid %d) cannot be reached: %s", pid, err);
         return MPH_EIO;
     }
+    int fd = mph_localsock_connect(dir, CONTROL_NAME, 0);
+    close(dir);
+    if (fd < 0) {
+        snprintf(reply, len, "its supervisor (pid %d) does not answer: %s", pid, strerror(-fd));
+        return MPH_EIO;
+    }
+    struct ucred cred;
+    socklen_t clen = sizeof(cred);
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) != 0 || cred.pid != pid) {
+        snprintf(reply, len, "its supervisor (pid %d) does not answer: another process listens",
+                 pid);
+        close(fd);
+        return MPH_EIO;
+    }
+    return fd;
+}
+
+int mph_control_request(const char *dir_path, int pid, const char *command, unsigned timeout_ms,
+                        char *reply, size_t len)
+{
+    int fd = connect_control(dir_path, pid, reply, len);
+    if (fd < 0)
+        return fd;
     char line[COMMAND_MAX + 2];
     int n = snprintf(line, sizeof(line), "%s\n", command);
     if (write(fd, line, (size_t)n) != n) {

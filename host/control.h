@@ -1,10 +1,10 @@
 /*
  * control.h: a supervisor's control socket, on which `mphost SCRIPT reload` asks for a reload
- * and hears how it went. An abstract Unix socket named from the supervisor's pid, so that the
- * pid in a deployment's pid file is all a client needs, nothing is left in any file system
- * after a crash, and a second supervisor cannot be reached by mistake. Abstract sockets have
- * no file permissions: the supervisor checks each client's credentials (SO_PEERCRED) and
- * answers only its own user or root.
+ * and hears how it went. A Unix socket named "control" in the deployment's socket directory
+ * (localsock.h: ours, 0700, found from the deployment's pid file), so no other user can take
+ * its name or reach it; the supervisor still checks each client's credentials (SO_PEERCRED)
+ * and answers only its own user or root, and the client checks that the pid it read in the
+ * pid file is the one listening.
  *
  * The exchange is one line each way: the client sends a command ("reload"), the supervisor
  * answers "ok MESSAGE" or "error MESSAGE" once it knows, and closes.
@@ -27,11 +27,10 @@ typedef struct mph_control_req_s mph_control_req_t;
  * during the call or later. */
 typedef void (*mph_control_cb)(void *ud, mph_control_req_t *req, const char *command);
 
-/* Listens on the control socket of this process (its pid names it). Returns 0, or MPH_EIO
- * with a message in err (another process of this pid's name: impossible unless pids are
- * shared across namespaces). */
-int mph_control_listen(mph_control_t **out, uv_loop_t *loop, mph_control_cb cb, void *ud, char *err,
-                       size_t errlen);
+/* Listens on the control socket in the socket directory dir_fd (borrowed). Returns 0, or
+ * MPH_EIO with a message in err. */
+int mph_control_listen(mph_control_t **out, uv_loop_t *loop, int dir_fd, mph_control_cb cb,
+                       void *ud, char *err, size_t errlen);
 
 /* Answers req with one line ("ok ..." or "error ...", no newline) and closes it; if its client
  * has gone, the answer is dropped. req is freed: do not use it again. */
@@ -42,9 +41,11 @@ void mph_control_reply(mph_control_req_t *req, const char *line);
  * and not answered yet stay the owner's to answer. */
 void mph_control_close(mph_control_t *ctl);
 
-/* The client: sends `command` to the supervisor `pid` and waits up to timeout_ms for its
- * answer, which goes into reply (without the newline). Returns 0 with the answer, or
- * MPH_EIO with why not in reply (nothing listens, the answer never came). Blocking. */
-int mph_control_request(int pid, const char *command, unsigned timeout_ms, char *reply, size_t len);
+/* The client: sends `command` to supervisor `pid`, whose socket directory is at dir_path, and
+ * waits up to timeout_ms for its answer, which goes into reply (without the newline). Returns
+ * 0 with the answer, or MPH_EIO with why not in reply (nothing listens, another process does,
+ * the answer never came). Blocking. */
+int mph_control_request(const char *dir_path, int pid, const char *command, unsigned timeout_ms,
+                        char *reply, size_t len);
 
 #endif

@@ -19,6 +19,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -27,44 +28,20 @@
 #include "control.h"
 #include "supervisor.h"
 
-#define STARTUP_TIMEOUT_MS 60000
-
 /* ---- The state directory and the files in it ---- */
 
 /* Refuses a state directory another user could have planted or can write into, as tmux and
  * ssh do: mphost (often root) writes its pid and log files there and signals the pids it
- * reads back. lstat, so that a symbolic link in its place is refused too. */
+ * reads back. */
 static int check_state_dir(const char *dir, char *err, size_t errlen)
 {
-    struct stat st;
-    if (mkdir(dir, 0700) != 0 && errno != EEXIST) {
+    if (mkdir(dir, 0700) == 0) {
+        chmod(dir, 0700); /* whatever the umask took away: ours must stay usable */
+    } else if (errno != EEXIST) {
         snprintf(err, errlen, "cannot create the state directory %s: %s", dir, strerror(errno));
         return MPH_EIO;
     }
-    if (lstat(dir, &st) != 0) {
-        snprintf(err, errlen, "cannot use the state directory %s: %s", dir, strerror(errno));
-        return MPH_EIO;
-    }
-    if (S_ISLNK(st.st_mode) || !S_ISDIR(st.st_mode)) {
-        snprintf(err, errlen, "the state directory %s is %s; refusing to use it", dir,
-                 S_ISLNK(st.st_mode) ? "a symbolic link" : "not a directory");
-        return MPH_EINVAL;
-    }
-    if (st.st_uid != geteuid()) {
-        snprintf(err, errlen,
-                 "the state directory %s belongs to uid %u, not to uid %u; "
-                 "refusing to use it",
-                 dir, (unsigned)st.st_uid, (unsigned)geteuid());
-        return MPH_EINVAL;
-    }
-    if (st.st_mode & 077) {
-        snprintf(err, errlen,
-                 "the state directory %s is open to other users (mode %03o); "
-                 "refusing to use it (chmod 700 it)",
-                 dir, (unsigned)(st.st_mode & 0777));
-        return MPH_EINVAL;
-    }
-    return 0;
+    return mph_check_dir(dir, "the state directory", 077, 0, err, errlen);
 }
 
 int mph_cli_open_state_dir(mph_cli_t *cli, char *err, size_t errlen)
@@ -406,6 +383,16 @@ int mph_cli_delete(mph_cli_t *cli)
     return rc;
 }
 
+/* Sends command to the supervisor of dep (its socket directory is named after its port). */
+static int control_request(const mph_cli_t *cli, const deployment_t *dep, const char *command,
+                           unsigned timeout_ms, char *reply, size_t len)
+{
+    char *dir = mph_cli_deployment_file(cli, dep->port, ".sockets");
+    int rc = mph_control_request(dir, dep->pid, command, timeout_ms, reply, len);
+    free(dir);
+    return rc;
+}
+
 int mph_cli_reload(mph_cli_t *cli)
 {
     char err[1200];
@@ -431,7 +418,7 @@ int mph_cli_reload(mph_cli_t *cli)
                     "reload; delete it and deploy it again\n",
                     cli->script, deps[i].port);
             rc = 1;
-        } else if (mph_control_request(deps[i].pid, "reload", wait_ms, reply, sizeof(reply)) != 0) {
+        } else if (control_request(cli, &deps[i], "reload", wait_ms, reply, sizeof(reply)) != 0) {
             fprintf(stderr, "mphost: %s on port %d: %s\n", cli->script, deps[i].port, reply);
             rc = 1;
         } else if (strncmp(reply, "ok", 2) != 0) {
@@ -502,6 +489,23 @@ static void deploy_child(mph_cli_t *cli, int ready_fd, const char *log_path)
     _exit(rc);
 }
 
+/* Stops a deployment that did not report within the start timeout: left running, it would
+ * serve with no pid file (it writes one only once it listens), which status and delete could
+ * not find, and hold the port. SIGTERM first (a supervisor then stops its workers); SIGKILL
+ * after MPH_KILL_GRACE_MS (a script stuck in a loop at load hears no signal); its workers die
+ * with it (supervisor.h). */
+static void stop_unready(pid_t pid)
+{
+    kill(pid, SIGTERM);
+    for (int waited = 0; waited < MPH_KILL_GRACE_MS; waited += 10) {
+        if (waitpid(pid, NULL, WNOHANG) == pid)
+            return;
+        sleep_ms(10);
+    }
+    kill(pid, SIGKILL);
+    waitpid(pid, NULL, 0);
+}
+
 /* A pid file that is not a plain file (a planted link, a directory) is refused before anything
  * is started, with its name: status and delete would not see the deployment. */
 static int check_plain_or_absent(const char *path, char *err, size_t errlen)
@@ -548,15 +552,18 @@ int mph_cli_deploy(mph_cli_t *cli)
     close(pipefd[1]);
     pipefd[1] = -1;
     /* The child's one line, "ready PORT" or "error MESSAGE" ("" when it ended without one). */
-    int timed_out =
-        mph_read_line(pipefd[0], line, sizeof(line), STARTUP_TIMEOUT_MS) < 0 && line[0] == '\0';
+    int timed_out = mph_read_line(pipefd[0], line, sizeof(line), (int)cli->start_timeout_ms) < 0 &&
+                    line[0] == '\0';
     if (strncmp(line, "ready ", 6) == 0) {
         rc = 0;
     } else if (strncmp(line, "error ", 6) == 0) {
         fprintf(stderr, "mphost: %s\n", line + 6);
     } else if (timed_out) {
-        fprintf(stderr, "mphost: %s did not start within %d s; see %s\n", cli->script,
-                STARTUP_TIMEOUT_MS / 1000, log_path);
+        stop_unready(pid);
+        fprintf(stderr,
+                "mphost: %s did not start within %.1f s (--start-timeout); stopped it; "
+                "see %s\n",
+                cli->script, cli->start_timeout_ms / 1000.0, log_path);
     } else {
         fprintf(stderr, "mphost: %s exited during startup; its log (%s) ends with:\n", cli->script,
                 log_path);

@@ -78,7 +78,7 @@ struct mph_host_s {
     host_state_t state;
     mph_http_server_t *http;    /* owned */
     mph_http_config_t http_cfg; /* the public server's, which the peer listener's follows */
-    mph_peer_t *peer;           /* owned; NULL unless a worker of several (cfg.supervisor_pid) */
+    mph_peer_t *peer;           /* owned; NULL unless a worker of several (cfg.peer_dir_fd) */
     mph_lua_t *lua;             /* owned */
     mph_store_t *store;         /* owned */
     mph_auth_t *auth;           /* owned; NULL once closed */
@@ -137,6 +137,7 @@ void mph_host_config_default(mph_host_config_t *cfg)
     cfg->shutdown_timeout_ms = 10000;
     cfg->handler_timeout_ms = 10000;
     cfg->listen_fd = -1;
+    cfg->peer_dir_fd = -1;
     cfg->worker_id = 1;
     cfg->worker_count = 1;
     cfg->scope_cache = (size_t)128 << 20;
@@ -226,19 +227,31 @@ static char *take_password(char *buf, const char **password)
     return at + 1;
 }
 
+/* The storage URL as messages show it: without its password (it would reach logs and
+ * terminals), "redis://:secret@host" shown as "redis://host". */
+static void shown_url(const char *url, char *out, size_t size)
+{
+    const char *scheme_end = strstr(url, "://");
+    const char *at = strrchr(url, '@');
+    if (scheme_end == NULL || at == NULL || at < scheme_end)
+        snprintf(out, size, "%s", url);
+    else
+        snprintf(out, size, "%.*s%s", (int)(scheme_end + 3 - url), url, at + 1);
+}
+
 /* redis-sentinel://[:password@]host:port[,host:port...]/MASTER -> the Redis backend, its
  * master named by those sentinels (the password is the master's). */
 static int open_redis_sentinel(mph_host_t *h, char *err, size_t errlen)
 {
-    char buf[1024];
+    char buf[1024], shown[1024];
     snprintf(buf, sizeof(buf), "%s", h->cfg.storage + strlen("redis-sentinel://"));
+    shown_url(h->cfg.storage, shown, sizeof(shown));
     mph_store_redis_config_t rc = redis_config(h);
     char *list = take_password(buf, &rc.password);
     char *slash = strrchr(list, '/');
     if (slash == NULL || slash[1] == '\0' || slash == list) {
         snprintf(err, errlen,
-                 "invalid %s (expected redis-sentinel://host:port[,host:port...]/MASTER)",
-                 h->cfg.storage);
+                 "invalid %s (expected redis-sentinel://host:port[,host:port...]/MASTER)", shown);
         return MPH_EINVAL;
     }
     *slash = '\0';
@@ -252,8 +265,9 @@ static int open_redis_sentinel(mph_host_t *h, char *err, size_t errlen)
 static int open_redis(mph_host_t *h, char *err, size_t errlen)
 {
     const char *url = h->cfg.storage + 8;
-    char buf[1024];
+    char buf[1024], shown[1024];
     snprintf(buf, sizeof(buf), "%s", url);
+    shown_url(h->cfg.storage, shown, sizeof(shown));
     mph_store_redis_config_t rc = redis_config(h);
     char *hostpart = take_password(buf, &rc.password);
     char *slash = strchr(hostpart, '/');
@@ -262,7 +276,7 @@ static int open_redis(mph_host_t *h, char *err, size_t errlen)
         char *end;
         long db = strtol(slash + 1, &end, 10);
         if (slash[1] != '\0' && (*end != '\0' || db < 0 || db > 1000000)) {
-            snprintf(err, errlen, "invalid Redis database in %s", h->cfg.storage);
+            snprintf(err, errlen, "invalid Redis database in %s", shown);
             return MPH_EINVAL;
         }
         rc.db = (int)db;
@@ -271,15 +285,14 @@ static int open_redis(mph_host_t *h, char *err, size_t errlen)
     if (hostpart[0] == '[') {
         char *close = strchr(hostpart, ']');
         if (close == NULL || close == hostpart + 1 || (close[1] != '\0' && close[1] != ':')) {
-            snprintf(err, errlen, "invalid IPv6 address in %s", h->cfg.storage);
+            snprintf(err, errlen, "invalid IPv6 address in %s", shown);
             return MPH_EINVAL;
         }
         *close = '\0';
         colon = close[1] == ':' ? close + 1 : NULL;
         hostpart++;
     } else if (colon && strchr(hostpart, ':') != colon) {
-        snprintf(err, errlen, "an IPv6 address in %s needs brackets: redis://[::1]:6379",
-                 h->cfg.storage);
+        snprintf(err, errlen, "an IPv6 address in %s needs brackets: redis://[::1]:6379", shown);
         return MPH_EINVAL;
     }
     if (colon) {
@@ -287,7 +300,7 @@ static int open_redis(mph_host_t *h, char *err, size_t errlen)
         char *end;
         long port = strtol(colon + 1, &end, 10);
         if (*end != '\0' || port <= 0 || port > 65535) {
-            snprintf(err, errlen, "invalid Redis port in %s", h->cfg.storage);
+            snprintf(err, errlen, "invalid Redis port in %s", shown);
             return MPH_EINVAL;
         }
         rc.port = (int)port;
@@ -391,9 +404,11 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
     } else if (strncmp(cfg->storage, "redis-sentinel://", 17) == 0) {
         rc = open_redis_sentinel(h, err, errlen);
     } else {
+        char shown[1024];
+        shown_url(cfg->storage, shown, sizeof(shown));
         snprintf(err, errlen,
                  "unknown storage \"%s\" (expected file, redis://... or redis-sentinel://...)",
-                 cfg->storage);
+                 shown);
         rc = MPH_EINVAL;
     }
     if (rc != 0)
@@ -409,9 +424,9 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
                                       .idle_timeout_ms = cfg->idle_timeout_ms,
                                       .max_pipeline = 64,
                                       .alog = h->alog};
-    if (cfg->supervisor_pid > 0 && cfg->worker_count > 1) {
+    if (cfg->peer_dir_fd >= 0 && cfg->worker_count > 1) {
         unsigned idle = cfg->idle_timeout_ms / 2;
-        mph_peer_config_t pcfg = {cfg->supervisor_pid,
+        mph_peer_config_t pcfg = {cfg->peer_dir_fd,
                                   cfg->generation,
                                   cfg->serving_generation,
                                   cfg->worker_id,

@@ -21,7 +21,7 @@
  * write queue must shrink in every period, or the responses (and their memory) are dropped.
  *
  * A server listens on a TCP port (mph_http_listen), on a TCP socket shared with other
- * processes (mph_http_listen_shared), or on a local Unix socket (mph_http_listen_local: the
+ * processes (mph_http_listen_shared), or on a local Unix socket (mph_http_listen_unix: the
  * workers' peer channel, host/peer.c), where it serves only our own user. A server can keep
  * one header's value per request for its handler (cfg.capture_header): the peer channel's
  * role header, which the public server does not capture, and so never sees.
@@ -108,7 +108,7 @@ struct mph_http_req_s {
 struct conn_s {
     union { /* the client's stream; every use goes through tcp's address as a uv_stream_t */
         uv_tcp_t tcp;   /* a TCP client (mph_http_listen, mph_http_listen_shared) */
-        uv_pipe_t pipe; /* a Unix-socket client (mph_http_listen_local) */
+        uv_pipe_t pipe; /* a Unix-socket client (mph_http_listen_unix) */
     };
     uv_timer_t timer;
     mph_http_server_t *srv;
@@ -137,7 +137,7 @@ struct mph_http_server_s {
     uv_loop_t *loop;
     union {
         uv_tcp_t listener;        /* mph_http_listen */
-        uv_pipe_t local_listener; /* mph_http_listen_local; closed through `listener` too */
+        uv_pipe_t local_listener; /* mph_http_listen_unix; closed through `listener` too */
     };
     int local;         /* listening on a Unix socket: connections are pipes */
     int listening;     /* listener initialised */
@@ -943,13 +943,18 @@ int mph_http_same_user(int fd, const char *what)
     }
     if (cred.uid == geteuid())
         return 1;
-    mph_log(MPH_LOG_WARN, "%s: refused: pid %d runs as uid %u, not as ours", what, (int)cred.pid,
-            (unsigned)cred.uid);
+    static mph_log_limit_t limit; /* the loop's thread only */
+    unsigned long held;
+    if (mph_log_limit_pass(&limit, MPH_REFUSAL_LOG_MS, &held))
+        mph_log(MPH_LOG_WARN,
+                "%s: refused: pid %d runs as uid %u, not as ours (%lu more refused "
+                "since the last such line)",
+                what, (int)cred.pid, (unsigned)cred.uid, held);
     return 0;
 }
 
-/* A Unix-socket client must run as our effective user: an abstract socket has no file
- * permissions, so anyone on the machine could connect to it. */
+/* A Unix-socket client must run as our effective user: the socket's directory keeps other
+ * users out, but root (or a file descriptor handed over) could still reach it. */
 static int same_user(conn_t *c)
 {
     uv_os_fd_t fd;
@@ -1066,41 +1071,22 @@ int mph_http_open_listener(const char *addr, int port, int *fd_out, int *port_ou
     return 0;
 }
 
-int mph_http_listen_local(mph_http_server_t *srv, const char *name, size_t namelen, char *err,
-                          size_t errlen)
+int mph_http_listen_unix(mph_http_server_t *srv, int fd, char *err, size_t errlen)
 {
-    struct sockaddr_un sa;
-    memset(&sa, 0, sizeof(sa));
-    sa.sun_family = AF_UNIX;
-    if (namelen == 0 || namelen > sizeof(sa.sun_path)) {
-        snprintf(err, errlen, "invalid local socket name");
-        return MPH_EINVAL;
-    }
-    memcpy(sa.sun_path, name, namelen);
-    /* A name that starts with a NUL is abstract (unix(7)): there is no file to remove, and
-     * the name goes when the socket does, however the process ends. libuv 1.44 binds only
-     * NUL-terminated paths, hence our own socket, handed to a uv_pipe_t to listen on. */
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    int rc = fd < 0 ? -errno : 0;
-    if (rc == 0 && bind(fd, (struct sockaddr *)&sa,
-                        (socklen_t)(offsetof(struct sockaddr_un, sun_path) + namelen)) != 0)
-        rc = -errno;
     uv_pipe_init(srv->loop, &srv->local_listener, 0);
     srv->local_listener.data = srv;
     srv->local = 1;
     srv->listening = srv->listener_open = 1;
-    if (rc == 0 && (rc = uv_pipe_open(&srv->local_listener, fd)) == 0)
+    int rc = uv_pipe_open(&srv->local_listener, fd);
+    if (rc == 0)
         fd = -1; /* the handle owns it now */
     if (rc == 0)
         rc = uv_listen((uv_stream_t *)&srv->local_listener, 511, on_connection);
     if (rc != 0) {
-        int abstract = name[0] == '\0'; /* shown as ss(8) shows it: @name */
-        snprintf(err, errlen, "cannot listen on local socket %s%.*s: %s%s", abstract ? "@" : "",
-                 (int)namelen - abstract, name + abstract, uv_strerror(rc),
-                 rc == UV_EADDRINUSE ? " (another process holds the name)" : "");
+        snprintf(err, errlen, "cannot listen on a local socket: %s", uv_strerror(rc));
         if (fd >= 0)
             close(fd);
-        return rc == UV_EADDRINUSE ? MPH_EADDRINUSE : MPH_ELISTEN;
+        return MPH_ELISTEN;
     }
     return 0;
 }

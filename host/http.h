@@ -58,12 +58,11 @@ int mph_http_open_listener(const char *addr, int port, int *fd_out, int *port_ou
 int mph_http_listen_shared(mph_http_server_t *srv, int fd, unsigned pause_ms, char *err,
                            size_t errlen);
 
-/* Binds a Unix stream socket to `name` (namelen bytes; a leading NUL makes it abstract, see
- * unix(7)) and listens on it. Only clients running as this process's effective user are
- * served (mph_http_same_user); others are closed at once. Returns 0, MPH_EADDRINUSE (the name
- * is taken) or MPH_ELISTEN, with a message in err. */
-int mph_http_listen_local(mph_http_server_t *srv, const char *name, size_t namelen, char *err,
-                          size_t errlen);
+/* Serves on fd, a Unix stream socket already listening (localsock.h makes one). Only
+ * clients running as this process's effective user are served (mph_http_same_user); others
+ * are closed at once. Returns 0 (the server owns fd from then on), or MPH_ELISTEN with a
+ * message in err (fd is closed). */
+int mph_http_listen_unix(mph_http_server_t *srv, int fd, char *err, size_t errlen);
 
 /* Whether the process at the other end of the connected Unix socket fd runs as this
  * process's effective user (SO_PEERCRED). When not (or when that cannot be read), logs a

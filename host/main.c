@@ -52,6 +52,7 @@ static const char usage[] =
     "  --max-connections=N   open connection limit (default 10000)\n"
     "  --idle-timeout=SEC    close idle or stalled connections (default 30)\n"
     "  --shutdown-timeout=SEC  how long delete waits for in-flight requests (default 10)\n"
+    "  --start-timeout=SEC   deploy stops a server that is not serving by then (default 60)\n"
     "  --handler-timeout=SEC a handler running longer fails with -32003, or its worker is\n"
     "                        replaced (default 10; 0: no limit)\n"
     "  --workers=N           serve with N worker processes under a supervisor (default:\n"
@@ -228,6 +229,9 @@ static int apply_option(mph_cli_t *cli, const char *name, const char *value)
         if (parse_seconds(value, 0, 86400 * 1000, &h->shutdown_timeout_ms) != 0)
             return bad_usage("invalid --shutdown-timeout: %s (expected seconds, 0 to 86400)",
                              value);
+    } else if (strcmp(name, "start-timeout") == 0) {
+        if (parse_seconds(value, 100, 86400 * 1000, &cli->start_timeout_ms) != 0)
+            return bad_usage("invalid --start-timeout: %s (expected seconds, 0.1 to 86400)", value);
     } else if (strcmp(name, "workers") == 0) {
         if (parse_integer(value, 0, MPH_MAX_WORKERS, &v) != 0)
             return bad_usage("invalid --workers: %s (expected 0 to 256)", value);
@@ -291,9 +295,62 @@ static int resolve_storage(mph_cli_t *cli)
         snprintf(cli->storage_desc, n, "%s%s", schemes[i], at ? at + 1 : h->storage + len);
         return 0;
     }
+    char shown[sizeof(cli->storage_url)]; /* without the password */
+    const char *at = cli->storage_password ? strrchr(h->storage, '@') : NULL;
+    snprintf(shown, sizeof(shown), "%.*s%s",
+             at ? (int)(strstr(h->storage, "://") + 3 - h->storage) : (int)strlen(h->storage),
+             h->storage, at ? at + 1 : "");
     return bad_usage("unknown storage: %s (expected file, redis, redis://... or "
                      "redis-sentinel://...)",
-                     h->storage);
+                     shown);
+}
+
+/* A password in --storage's URL ("redis://:secret@host") must not stay in our command line,
+ * which every local user can read (ps, /proc/PID/cmdline), nor in our workers': the URL is
+ * copied into cli->storage_url, and the password is cut out of argv in place. A supervisor
+ * hands it to its workers in their environment (MPH_STORAGE_PASSWORD_ENV: /proc/PID/environ
+ * is readable by our own user only), and a worker puts it back (restore_storage_password).
+ * What remains is the moment between exec and this call: REDIS_PASSWORD avoids even that. */
+static int hide_storage_password(mph_cli_t *cli, char **argv)
+{
+    const char *storage = cli->host.storage;
+    const char *scheme_end = strstr(storage, "://");
+    const char *at = strrchr(storage, '@');
+    if (scheme_end == NULL || at == NULL || at < scheme_end)
+        return 0;
+    if (strlen(storage) >= sizeof(cli->storage_url))
+        return bad_usage("%s", "--storage: the URL is too long");
+    snprintf(cli->storage_url, sizeof(cli->storage_url), "%s", storage);
+    const char *pw = scheme_end + 3 + (scheme_end[3] == ':');
+    cli->storage_password = mph_xstrndup(pw, (size_t)(at - pw));
+    for (int i = 1; argv[i]; i++) {
+        if (argv[i] + strlen("--storage=") != storage)
+            continue;
+        char *dst = argv[i] + (scheme_end + 3 - argv[i]); /* argv is ours to write */
+        size_t tail = strlen(at + 1), old = strlen(dst);
+        memmove(dst, at + 1, tail + 1);
+        memset(dst + tail, 0, old - tail);
+    }
+    cli->host.storage = cli->storage_url;
+    return 0;
+}
+
+/* A worker's side of hide_storage_password: the password its supervisor set aside comes back
+ * into the URL, and leaves the environment (the script could read it there, and nothing the
+ * worker starts needs it). */
+static void restore_storage_password(mph_cli_t *cli)
+{
+    const char *pw = getenv(MPH_STORAGE_PASSWORD_ENV);
+    const char *storage = cli->host.storage;
+    const char *scheme_end = strstr(storage, "://");
+    if (pw != NULL && scheme_end != NULL && strchr(storage, '@') == NULL) {
+        char url[sizeof(cli->storage_url)];
+        snprintf(url, sizeof(url), "%.*s:%s@%s", (int)(scheme_end + 3 - storage), storage, pw,
+                 scheme_end + 3);
+        memcpy(cli->storage_url, url, sizeof(url));
+        cli->host.storage = cli->storage_url;
+    }
+    unsetenv(MPH_STORAGE_PASSWORD_ENV);
 }
 
 void mph_cli_report_failure(FILE *ready, const char *msg)
@@ -403,6 +460,7 @@ int main(int argc, char **argv)
     cli.argv = argv;
     cli.url = "http://127.0.0.1:3000/";
     cli.workers = -1;
+    cli.start_timeout_ms = 60000;
 
     cli.host.log_path = getenv("MPH_LOG_PATH"); /* set by deploy: SIGUSR1 reopens it */
     const char *env = getenv("MP_PORT");
@@ -449,6 +507,8 @@ int main(int argc, char **argv)
             return bad_usage("unexpected argument: %s", a);
         positional[npos++] = a;
     }
+    if (hide_storage_password(&cli, argv) != 0)
+        return 1;
     if (npos == 0) {
         fputs(usage, stderr);
         return 1;
@@ -503,6 +563,8 @@ int main(int argc, char **argv)
     char err[1200];
     /* A worker of a supervisor (supervisor.h): the supervisor keeps the pid file. */
     const char *worker = serve ? getenv(MPH_WORKER_ENV) : NULL;
+    if (worker)
+        restore_storage_password(&cli);
     if (worker == NULL && mph_cli_open_state_dir(&cli, err, sizeof(err)) != 0) {
         if (!serve) {
             fprintf(stderr, "mphost: %s\n", err);
@@ -529,6 +591,7 @@ int main(int argc, char **argv)
     else
         rc = bad_usage("unknown command: %s", cli.verb);
 out:
+    free(cli.storage_password);
     free(cli.script_path);
     free(cli.storage_desc);
     free(cli.state_dir);

@@ -78,10 +78,10 @@ typedef struct {
     const char *users_file;       /* users for mp.basicAuth (--users): read at mph_host_new
                                      and again on SIGHUP; NULL (default): none, and calls
                                      to mp.basicAuth services are refused */
-    int supervisor_pid;           /* a worker's supervisor, after whose pid the workers'
-                                     peer sockets are named; 0 (default): not a worker, no
-                                     forwarding between workers */
-    int generation;               /* the worker's generation (with supervisor_pid) */
+    int peer_dir_fd;              /* a worker's: the directory its generation's peer sockets
+                                     are in (host/localsock.h; borrowed); -1 (default): not a
+                                     worker, no forwarding between workers */
+    int generation;               /* the worker's generation (names its peer socket) */
     const uint64_t *serving_generation; /* NULL, or where the supervisor publishes the
                                      generation that serves (shared memory, read with a
                                      relaxed atomic load): after a reload, the workers of the

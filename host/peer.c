@@ -1,8 +1,9 @@
 /*
  * peer.c: the channel between the workers of one generation (peer.h says what it promises).
  *
- * The listener side is an http.c server on an abstract Unix socket, with rpc.c's forwarded
- * handler: only it reads the role header, so the public port cannot be asked for a role.
+ * The listener side is an http.c server on a Unix socket in the generation's socket directory
+ * (localsock.h), with rpc.c's forwarded handler: only it reads the role header, so the public
+ * port cannot be asked for a role.
  *
  * The client side. A forward is one call sent to one worker; its states:
  *
@@ -47,12 +48,12 @@
 
 #include "../lua/json.h"
 #include "common.h"
+#include "localsock.h"
 #include "rpc.h"
 
 #define RETRY_FIRST_MS 10    /* the first wait after a refused connection, doubling */
 #define RETRY_WINDOW_MS 1000 /* refused this long after the forward began: the worker is gone */
 #define POOL_MAX 16          /* idle connections kept per worker */
-#define NAME_FORMAT "mphost.%d.%d.%d" /* supervisor pid, generation, worker id */
 
 typedef enum { FWD_WAITING, FWD_SENT, FWD_DONE } fwd_state_t;
 typedef enum { PCONN_IDLE, PCONN_BUSY, PCONN_CLOSING } pconn_state_t;
@@ -161,12 +162,10 @@ static int assert_pconn_state(const pconn_t *c)
 }
 #endif
 
-/* The socket name of `worker` of `generation` (abstract: a leading NUL). Returns its length. */
-static size_t peer_name(const mph_peer_t *p, int generation, int worker, char *out, size_t size)
+/* The socket name of `worker` of `generation` in the socket directory. */
+static void peer_name(int generation, int worker, char *out, size_t size)
 {
-    int n = snprintf(out + 1, size - 1, NAME_FORMAT, p->cfg.supervisor, generation, worker);
-    out[0] = '\0';
-    return 1 + (size_t)n;
+    snprintf(out, size, MPH_PEER_SOCKET_FORMAT, generation, worker);
 }
 
 int mph_peer_target_generation(const mph_peer_t *p)
@@ -435,24 +434,16 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
  * with why filled: nothing was sent, so the forward may try again. */
 static pconn_t *pconn_open(mph_peer_t *p, int worker, char *why, size_t whylen)
 {
-    struct sockaddr_un sa;
-    memset(&sa, 0, sizeof(sa));
-    sa.sun_family = AF_UNIX;
-    size_t n =
-        peer_name(p, mph_peer_target_generation(p), worker, sa.sun_path, sizeof(sa.sun_path));
-    /* Non-blocking: a Unix socket connects at once or fails at once (EAGAIN when the
-     * listener's queue is full), so no connect callback is needed. */
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0 || connect(fd, (struct sockaddr *)&sa,
-                          (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n)) != 0) {
-        snprintf(why, whylen, "%s", errno == EAGAIN ? "its queue is full" : uv_strerror(-errno));
-        if (fd >= 0)
-            close(fd);
+    char name[32];
+    peer_name(mph_peer_target_generation(p), worker, name, sizeof(name));
+    int fd = mph_localsock_connect(p->cfg.dir_fd, name, 1);
+    if (fd < 0) {
+        snprintf(why, whylen, "%s", fd == -EAGAIN ? "its queue is full" : uv_strerror(fd));
         return NULL;
     }
     char who[64];
     snprintf(who, sizeof(who), "forward: worker %d", worker);
-    if (!mph_http_same_user(fd, who)) { /* its name was taken by someone else's process */
+    if (!mph_http_same_user(fd, who)) { /* root's process, in our directory */
         snprintf(why, whylen, "its socket is not ours");
         close(fd);
         return NULL;
@@ -606,9 +597,14 @@ int mph_peer_listen(mph_peer_t *p, const mph_http_config_t *http, mph_rpc_t *rpc
     cfg.max_body = http->max_body * 2 + 4096;
     mph_http_server_new(&p->server, p->loop, &cfg, mph_rpc_handle_forwarded, rpc);
     p->server_open = 1;
-    char name[108];
-    size_t n = peer_name(p, p->cfg.generation, p->cfg.id, name, sizeof(name));
-    return mph_http_listen_local(p->server, name, n, err, errlen);
+    char name[32];
+    peer_name(p->cfg.generation, p->cfg.id, name, sizeof(name));
+    int fd = mph_localsock_listen(p->cfg.dir_fd, name, 511);
+    if (fd < 0) {
+        snprintf(err, errlen, "cannot listen on the peer socket %s: %s", name, uv_strerror(fd));
+        return MPH_ELISTEN;
+    }
+    return mph_http_listen_unix(p->server, fd, err, errlen);
 }
 
 static void maybe_closed(mph_peer_t *p)

@@ -3,10 +3,10 @@
  * topologies"), over which mp.shard and mp.scatter forward calls.
  *
  * Listener side: each worker also serves JSON-RPC over HTTP (the same http.c and rpc.c as the
- * public port) on an abstract Unix socket named after its supervisor's pid, its generation
- * and its id, "\0mphost.<supervisor pid>.<generation>.<id>": nothing in the file system to
- * clean up, gone when the worker is. Only processes of our own user are served. There, and
- * only there, a request carries the role of a forwarded call (MPH_RPC_FORWARD_HEADER): the
+ * public port) on a Unix socket named after its generation and its id, "g<generation>.w<id>",
+ * in the deployment's socket directory (localsock.h: 0700, so no other user can take a name
+ * or connect; the supervisor removes the files). Only processes of our own user are served. There,
+ * and only there, a request carries the role of a forwarded call (MPH_RPC_FORWARD_HEADER): the
  * worker runs the topology's inner function itself and forwards nothing.
  *
  * Client side: mph_peer_forward, the bridge's forwarder (mph_lua_forward_fn). Asynchronous on
@@ -29,8 +29,12 @@
 
 typedef struct mph_peer_s mph_peer_t;
 
+/* A worker's peer socket in the socket directory: generation, worker id. (The supervisor
+ * removes those of a generation once it has ended.) */
+#define MPH_PEER_SOCKET_FORMAT "g%d.w%d"
+
 typedef struct {
-    int supervisor;          /* the supervisor's pid */
+    int dir_fd;              /* the socket directory (localsock.h); borrowed */
     int generation;          /* this worker's generation (supervisor.h) */
     const uint64_t *serving; /* the generation that serves now (shared; may be NULL) */
     int id;                  /* this worker, 1..count */
@@ -45,8 +49,8 @@ int mph_peer_new(mph_peer_t **out, uv_loop_t *loop, const mph_peer_config_t *cfg
 
 /* Starts the listener side: this worker's name, served by a new HTTP server with `http` (copied;
  * its capture_header is set here) and calls dispatched by `rpc` (borrowed; it must outlive
- * the server's drain). Returns 0, or a negative code with a message in err (the name is
- * taken). */
+ * the server's drain). Returns 0, or a negative code with a message in err (the socket
+ * directory cannot be used). */
 int mph_peer_listen(mph_peer_t *p, const mph_http_config_t *http, mph_rpc_t *rpc, char *err,
                     size_t errlen);
 

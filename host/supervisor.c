@@ -67,6 +67,8 @@
 #include "common.h"
 #include "control.h"
 #include "http.h"
+#include "localsock.h"
+#include "peer.h"
 
 extern char **environ;
 
@@ -144,6 +146,8 @@ struct sup_s {
     uv_signal_t sigint, sigterm, sighup, sigusr1;
     uv_timer_t beat_check;     /* looks at the heartbeats (with a handler time limit) */
     mph_control_t *control;    /* the control socket (control.h); NULL once closed */
+    int sockets_fd;            /* the socket directory (localsock.h), which workers inherit */
+    char *sockets_path;        /* its path (owned), removed with it at the end */
     FILE *ready_out;           /* deploy's ready stream until the start ends, else NULL */
     char failure[1100];        /* why the start failed ("" while it has not) */
     const char *log_path;      /* MPH_LOG_PATH, for the pid file */
@@ -495,22 +499,31 @@ static char **worker_args(const mph_cli_t *cli)
     return args;
 }
 
-/* The worker's environment: ours, with MPH_WORKER_ENV set for it. New array; entry n is new. */
-static char **worker_env(const slot_t *s, char **spec_out)
+/* The worker's environment: ours, with MPH_WORKER_ENV set for it, and the storage's password
+ * if it has one (supervisor.h). New array; its strings at index n and after are new. */
+static char **worker_env(const slot_t *s, char **spec_out, char **password_out)
 {
+    const mph_cli_t *cli = s->gen->sup->cli;
     size_t n = 0;
     while (environ[n])
         n++;
-    char **env = mph_xcalloc(n + 2, sizeof(*env));
-    size_t k = 0, elen = strlen(MPH_WORKER_ENV);
+    char **env = mph_xcalloc(n + 3, sizeof(*env));
+    size_t k = 0, elen = strlen(MPH_WORKER_ENV), plen = strlen(MPH_STORAGE_PASSWORD_ENV);
     for (size_t i = 0; i < n; i++)
-        if (strncmp(environ[i], MPH_WORKER_ENV, elen) != 0 || environ[i][elen] != '=')
+        if ((strncmp(environ[i], MPH_WORKER_ENV, elen) != 0 || environ[i][elen] != '=') &&
+            (strncmp(environ[i], MPH_STORAGE_PASSWORD_ENV, plen) != 0 || environ[i][plen] != '='))
             env[k++] = environ[i];
     char *spec = mph_xmalloc(elen + 80);
     sprintf(spec, "%s=%d %d %d %d %d", MPH_WORKER_ENV, s->id, s->id ? s->gen->n : 0, (int)getpid(),
             s->gen->number, s->beat);
-    env[k] = spec;
+    env[k++] = spec;
     *spec_out = spec;
+    *password_out = NULL;
+    if (cli->storage_password) {
+        char *pw = mph_xmalloc(plen + strlen(cli->storage_password) + 2);
+        sprintf(pw, "%s=%s", MPH_STORAGE_PASSWORD_ENV, cli->storage_password);
+        env[k++] = *password_out = pw;
+    }
     return env;
 }
 
@@ -542,7 +555,7 @@ static void spawn_worker(slot_t *s)
     s->stuck = 0;
     uv_pipe_init(&sup->loop, &s->report, 0);
     s->report.data = s;
-    uv_stdio_container_t stdio[6];
+    uv_stdio_container_t stdio[7];
     stdio[0].flags = UV_IGNORE; /* /dev/null */
     stdio[1].flags = UV_INHERIT_FD;
     stdio[1].data.fd = 1;
@@ -554,8 +567,10 @@ static void spawn_worker(slot_t *s)
     stdio[MPH_WORKER_REPORT_FD].data.stream = (uv_stream_t *)&s->report;
     stdio[MPH_WORKER_SHARED_FD].flags = UV_INHERIT_FD;
     stdio[MPH_WORKER_SHARED_FD].data.fd = sup->shared_fd;
-    char *spec;
-    char **env = worker_env(s, &spec);
+    stdio[MPH_WORKER_SOCKETS_FD].flags = UV_INHERIT_FD;
+    stdio[MPH_WORKER_SOCKETS_FD].data.fd = sup->sockets_fd;
+    char *spec, *password;
+    char **env = worker_env(s, &spec, &password);
     uv_process_options_t opt;
     memset(&opt, 0, sizeof(opt));
     opt.exit_cb = on_worker_exit;
@@ -563,7 +578,7 @@ static void spawn_worker(slot_t *s)
     opt.args = sup->args;
     opt.env = env;
     opt.stdio = stdio;
-    opt.stdio_count = 6;
+    opt.stdio_count = 7;
     /* A session of its own: a Ctrl-C at the terminal reaches the supervisor alone, which
      * then stops the workers in order (they would otherwise stop by themselves, and look
      * like workers to replace). */
@@ -571,6 +586,10 @@ static void spawn_worker(slot_t *s)
     s->proc.data = s;
     int rc = uv_spawn(&sup->loop, &s->proc, &opt);
     free(spec);
+    if (password) {
+        explicit_bzero(password, strlen(password));
+        free(password);
+    }
     free(env);
     s->spawned_ms = uv_now(&sup->loop);
     s->started = (long long)time(NULL);
@@ -686,6 +705,11 @@ static void on_gen_timer_closed(uv_handle_t *h)
     if (sup->current == gen)
         sup->current = NULL;
     int awaited = sup->reload.active && sup->reload.awaited == gen;
+    for (int i = 0; i < gen->n; i++) { /* the peer sockets its workers left */
+        char name[32];
+        snprintf(name, sizeof(name), MPH_PEER_SOCKET_FORMAT, gen->number, i + 1);
+        mph_localsock_unlink(sup->sockets_fd, name);
+    }
     free(gen->slots);
     free(gen);
     if (awaited)
@@ -977,6 +1001,27 @@ static void free_shared_page(sup_t *sup)
         close(sup->shared_fd);
 }
 
+/* The socket directory (localsock.h) of the control socket and the workers' peer sockets: the
+ * deployment's, in the state directory, so that `reload` finds it from the pid file's port;
+ * without a state directory (serve, when it could not be used), a fresh one in /tmp. */
+static int open_socket_dir(sup_t *sup, char *err, size_t errlen)
+{
+    if (sup->cli->state_dir == NULL) {
+        sup->sockets_fd = mph_localsock_dir_temp(&sup->sockets_path, err, errlen);
+    } else {
+        sup->sockets_path = mph_cli_deployment_file(sup->cli, sup->port, ".sockets");
+        sup->sockets_fd = mph_localsock_dir_open(sup->sockets_path, 1, err, errlen);
+    }
+    return sup->sockets_fd < 0 ? sup->sockets_fd : 0;
+}
+
+static void close_socket_dir(sup_t *sup)
+{
+    if (sup->sockets_fd >= 0)
+        mph_localsock_dir_remove(sup->sockets_fd, sup->sockets_path);
+    free(sup->sockets_path);
+}
+
 /* The supervisor's own handles: signals, timers. */
 static void init_handles(sup_t *sup)
 {
@@ -1011,13 +1056,17 @@ int mph_supervisor_run(mph_cli_t *cli, int nworkers, FILE *ready)
     size_t exelen = sizeof(sup->exe);
     if (uv_exepath(sup->exe, &exelen) != 0)
         snprintf(sup->exe, sizeof(sup->exe), "/proc/self/exe");
+    sup->sockets_fd = sup->listen_fd = -1;
     uv_loop_init(&sup->loop);
     int rc = make_shared_page(sup, err, sizeof(err));
     if (rc == 0)
-        rc = mph_control_listen(&sup->control, &sup->loop, on_control, sup, err, sizeof(err));
-    if (rc == 0)
         rc = mph_http_open_listener(cli->host.listen, cli->host.port, &sup->listen_fd, &sup->port,
                                     err, sizeof(err));
+    if (rc == 0)
+        rc = open_socket_dir(sup, err, sizeof(err));
+    if (rc == 0)
+        rc = mph_control_listen(&sup->control, &sup->loop, sup->sockets_fd, on_control, sup, err,
+                                sizeof(err));
     if (rc != 0) {
         mph_log(MPH_LOG_ERROR, "%s", err);
         mph_cli_report_failure(ready, err);
@@ -1025,6 +1074,9 @@ int mph_supervisor_run(mph_cli_t *cli, int nworkers, FILE *ready)
             mph_control_close(sup->control);
         uv_run(&sup->loop, UV_RUN_DEFAULT);
         uv_loop_close(&sup->loop);
+        if (sup->listen_fd >= 0)
+            close(sup->listen_fd);
+        close_socket_dir(sup);
         free_shared_page(sup);
         free(sup->args);
         free(sup);
@@ -1050,6 +1102,7 @@ int mph_supervisor_run(mph_cli_t *cli, int nworkers, FILE *ready)
     }
     if (uv_loop_close(&sup->loop) != 0)
         mph_log(MPH_LOG_ERROR, "bug: handles left open at exit (supervisor)");
+    close_socket_dir(sup);
     free_shared_page(sup);
     free(sup->args);
     free(sup);

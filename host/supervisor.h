@@ -7,6 +7,8 @@
  *
  * How a worker is started, the whole protocol between the two (both sides include this):
  * the same binary (/proc/self/exe) with the same arguments, plus
+ *   - MPH_STORAGE_PASSWORD_ENV in its environment when the storage URL had a password, which
+ *     was cut out of every command line (main.c says why);
  *   - MPH_WORKER_ENV="ID COUNT SUPERVISOR_PID GENERATION BEAT" in its environment
  *     (GENERATION counts the sets of workers the supervisor has started: 1 at the start, one
  *     more per reload; a replaced worker joins the generation of the one it replaces. BEAT is
@@ -18,7 +20,9 @@
  *     or a reload serves with all of its workers or none); the socket's end instead means
  *     that it is not needed (the start or reload was given up): it exits;
  *   - the shared page (mph_shared_page_t, a memfd the supervisor made) on
- *     MPH_WORKER_SHARED_FD, which it maps read-write.
+ *     MPH_WORKER_SHARED_FD, which it maps read-write;
+ *   - the deployment's socket directory (localsock.h) on MPH_WORKER_SOCKETS_FD, where it
+ *     listens for its peers (peer.h) and finds them.
  * ID 0 (COUNT 0, BEAT -1) is a reload's probe: it loads the script as the supervisor's start
  * did, reports "topology N" (how many workers the script's topologies ask for, 0: none) or
  * "error MESSAGE", and exits without serving.
@@ -35,9 +39,11 @@
 #include "metrics.h"
 
 #define MPH_WORKER_ENV "MPH_WORKER"
+#define MPH_STORAGE_PASSWORD_ENV "MPH_STORAGE_PASSWORD"
 #define MPH_WORKER_LISTEN_FD 3
 #define MPH_WORKER_REPORT_FD 4
 #define MPH_WORKER_SHARED_FD 5
+#define MPH_WORKER_SOCKETS_FD 6
 
 #define MPH_KILL_GRACE_MS 2000    /* after the shutdown timeout, a stopping worker is killed */
 #define MPH_RELOAD_START_MS 60000 /* a reload's new workers must all be ready within this */

@@ -74,6 +74,7 @@ static int probe(mph_cli_t *cli)
 {
     char err[1024], msg[1100];
     close(MPH_WORKER_SHARED_FD);
+    close(MPH_WORKER_SOCKETS_FD);
     mph_log_set_tag("reload check");
     mph_host_t *h = NULL;
     int script_failed = 0;
@@ -93,8 +94,8 @@ static int probe(mph_cli_t *cli)
 }
 
 /* Loads, listens, reports, waits for "go", serves (as worker id of count, of the given
- * supervisor and generation, stamping heartbeat slot beat). */
-static int serve(mph_cli_t *cli, int id, int count, int supervisor, int generation, int beat)
+ * generation, stamping heartbeat slot beat). */
+static int serve(mph_cli_t *cli, int id, int count, int generation, int beat)
 {
     char err[1024], msg[1100];
     char tag[32];
@@ -118,7 +119,7 @@ static int serve(mph_cli_t *cli, int id, int count, int supervisor, int generati
         cfg.metrics_slots = shared_page->metrics;
         cfg.metrics_nslots = sizeof(shared_page->metrics) / sizeof(shared_page->metrics[0]);
     }
-    cfg.supervisor_pid = supervisor;
+    cfg.peer_dir_fd = MPH_WORKER_SOCKETS_FD;
     cfg.generation = generation;
     cfg.serving_generation = &shared_page->generation;
     mph_host_t *h = NULL;
@@ -178,6 +179,7 @@ int mph_worker_serve(mph_cli_t *cli, const char *spec)
      * the belief that it is a worker. */
     fcntl(MPH_WORKER_LISTEN_FD, F_SETFD, FD_CLOEXEC);
     fcntl(MPH_WORKER_REPORT_FD, F_SETFD, FD_CLOEXEC);
+    fcntl(MPH_WORKER_SOCKETS_FD, F_SETFD, FD_CLOEXEC);
     unsetenv(MPH_WORKER_ENV);
-    return id == 0 ? probe(cli) : serve(cli, id, count, supervisor, generation, beat);
+    return id == 0 ? probe(cli) : serve(cli, id, count, generation, beat);
 }

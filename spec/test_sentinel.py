@@ -239,12 +239,16 @@ def failover_under_load(wait, clients=4, before=100, after=50):
             check(not problems, "calls failed otherwise than -32002: %r" % problems[:3])
             check(resumed, "service did not resume after the failover (%d acknowledged after "
                   "the kill)" % killed_at[0])
+            # The replica was promoted (waited for above). On a loaded machine the sentinels
+            # may later fail over again, back to the old master, now the new one's replica
+            # (down-after-milliseconds is 1 s here): legitimate, and what counts is that no
+            # acknowledged count is lost, so the count is read on whichever is master now.
             new = rr.current_master_port()
-            eq(new, rr.replica.port, "the master after the failover")
-            check(new != old, "no failover happened")
+            check(new in (old, rr.replica.port), "the master is one of ours: %r" % new)
             check("Sentinel switched master mymaster" in s.read_log(),
                   "+switch-master was not heard: " + s.read_log()[-1500:])
-            stored = int(rr.replica.cli("HGET", "mp:{global}:d", "requests"))
+            master = rr.replica if new == rr.replica.port else rr.master
+            stored = int(master.cli("HGET", "mp:{global}:d", "requests"))
             return acked, stored, unavailable[0]
 
 
