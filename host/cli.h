@@ -10,6 +10,8 @@
 
 #include "mphost.h"
 
+#define MPH_CLI_MAX_POSITIONAL 4 /* SCRIPT serve PORT; passwd FILE USER; call METHOD JSON */
+
 typedef struct {
     const char *script;        /* as given on the command line */
     char *script_path;         /* canonical path (owned), NULL if the script is missing */
@@ -25,9 +27,13 @@ typedef struct {
     char *state_dir;           /* checked state directory (owned); NULL: none (serve only) */
     int workers;               /* --workers=N; 0: one process, no supervisor; -1: not given */
     unsigned start_timeout_ms; /* --start-timeout: deploy's wait for the server to serve */
-    char **argv;               /* main's, NULL-terminated: what a supervisor runs its workers
-                                  with (borrowed) */
-    long long started;         /* when serving began (time(NULL)); the pid file's started= */
+    const char *argv0;         /* how we were run (workers run the same binary) */
+    char **options;            /* every option applied, as "--name=value" (owned, NULL-ended):
+                                  what a supervisor runs its workers with */
+    int noptions;              /* entries in options */
+    const char *positional[MPH_CLI_MAX_POSITIONAL]; /* the other arguments, in order */
+    int npos;                                       /* entries in positional */
+    long long started; /* when serving began (time(NULL)); the pid file's started= */
     /* call */
     const char *method;
     const char *params; /* JSON text, default "[{}]" */
@@ -39,6 +45,40 @@ typedef struct {
 
 /* "worker" or "workers", after the number n. */
 #define MPH_WORKERS_WORD(n) ((n) == 1 ? "worker" : "workers")
+
+/* ---- options.c ---- */
+
+/* Parses argv into cli (options, -f, positionals); --help and --version print and give -1.
+ * Returns 0, -1 (done: exit 0), or 1 after printing why the line is wrong. */
+int mph_cli_parse(mph_cli_t *cli, int argc, char **argv);
+
+/* Applies option --name=value (from the environment: MP_PORT). 0, or 1 after printing why not. */
+int mph_cli_set_option(mph_cli_t *cli, const char *name, const char *value);
+
+/* Frees cli->options. */
+void mph_cli_free_options(mph_cli_t *cli);
+
+/* Prints the help. */
+void mph_cli_usage(FILE *out);
+
+/* Prints "mphost: MESSAGE (see mphost --help)" on stderr; returns 1 (the exit status). */
+int mph_cli_bad_usage(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* ---- storage_arg.c ---- */
+
+/* Makes --storage what the host takes ("redis" becomes a redis:// URL from REDIS_HOST,
+ * REDIS_PORT, REDIS_PASSWORD) and fills cli->storage_desc. 0, or 1 after printing why not. */
+int mph_cli_resolve_storage(mph_cli_t *cli);
+
+/* Moves a password in --storage's URL out of argv and cli->options into cli->storage_url and
+ * cli->storage_password (storage_arg.c says why). 0, or 1 after printing why not. */
+int mph_cli_hide_storage_password(mph_cli_t *cli, char **argv);
+
+/* A worker's side: takes the password its supervisor set aside (MPH_STORAGE_PASSWORD_ENV)
+ * back into the URL, and out of the environment. */
+void mph_cli_restore_storage_password(mph_cli_t *cli);
+
+/* ---- serve.c ---- */
 
 /* serve: loads the script, then becomes the supervisor of as many workers as --workers or the
  * script's topologies ask for (mph_host_topology_workers; at least 1: supervisor.h), or with

@@ -481,21 +481,18 @@ static void on_worker_exit(uv_process_t *proc, int64_t status, int signum)
 
 /* ---- Starting a worker ---- */
 
-/* A worker's command line: `mphost SCRIPT serve` with our options (--name=value) but not our
- * verb (deploy would fork again) nor a port (it inherits the socket). New array. */
+/* A worker's command line: `mphost SCRIPT serve` with our options (as "--name=value") but not
+ * our verb (deploy would fork again) nor serve's PORT (it inherits the socket). New array of
+ * borrowed strings. */
 static char **worker_args(const mph_cli_t *cli)
 {
-    int n = 0;
-    while (cli->argv[n])
-        n++;
-    char **args = mph_xcalloc((size_t)n + 4, sizeof(*args));
+    char **args = mph_xcalloc((size_t)cli->noptions + 4, sizeof(*args));
     int k = 0;
-    args[k++] = cli->argv[0];
+    args[k++] = (char *)cli->argv0;
     args[k++] = cli->script_path;
     args[k++] = "serve";
-    for (int i = 1; i < n; i++)
-        if (strncmp(cli->argv[i], "--", 2) == 0 && strchr(cli->argv[i], '='))
-            args[k++] = cli->argv[i];
+    for (int i = 0; i < cli->noptions; i++)
+        args[k++] = cli->options[i];
     return args;
 }
 
@@ -1069,7 +1066,6 @@ int mph_supervisor_run(mph_cli_t *cli, int nworkers, FILE *ready)
                                 sizeof(err));
     if (rc != 0) {
         mph_log(MPH_LOG_ERROR, "%s", err);
-        mph_cli_report_failure(ready, err);
         if (sup->control)
             mph_control_close(sup->control);
         uv_run(&sup->loop, UV_RUN_DEFAULT);
@@ -1077,6 +1073,7 @@ int mph_supervisor_run(mph_cli_t *cli, int nworkers, FILE *ready)
         if (sup->listen_fd >= 0)
             close(sup->listen_fd);
         close_socket_dir(sup);
+        mph_cli_report_failure(ready, err); /* once the port is free again */
         free_shared_page(sup);
         free(sup->args);
         free(sup);
