@@ -124,7 +124,9 @@ def test_3_workers_flooding_one_hot_file_scope_fail_no_call_and_run_each_at_most
         s.stop()
         stats = re.findall(r"transactions: (\d+) calls, (\d+) attempts, \d+ commits, (\d+) conflicts",
                            s.read_log())
-        eq(len(stats), 3, "workers that reported")
+        # A worker that served no call logs its line at debug: the kernel may hand all 64
+        # connections to two of them (wrk opens them at once). Racing needs two.
+        check(len(stats) >= 2, "workers that served calls: %r" % (stats,))
         check(sum(int(c) for _, _, c in stats) > 0, "no conflict: the workers did not race")
         for calls, attempts, _ in stats:
             check(int(attempts) <= 2 * int(calls), "attempts per call (%s)" % (stats,))
