@@ -199,117 +199,6 @@ static void start_heartbeat(mph_host_t *h)
     uv_unref((uv_handle_t *)&h->beat_tick);
 }
 
-/* The Redis options common to every URL form. */
-static mph_store_redis_config_t redis_config(const mph_host_t *h)
-{
-    mph_store_redis_config_t rc = {0};
-    rc.host = "127.0.0.1";
-    rc.port = 6379;
-    rc.prefix = h->cfg.redis_prefix;
-    rc.timeout_ms = h->cfg.redis_timeout_ms;
-    rc.wait_replicas = h->cfg.redis_wait_replicas;
-    rc.wait_ms = h->cfg.redis_wait_ms;
-    return rc;
-}
-
-/* Splits "[:password@]rest" in buf (cut in place): returns rest; *password is NULL when
- * there is none or it is empty. */
-static char *take_password(char *buf, const char **password)
-{
-    char *at = strrchr(buf, '@');
-    *password = NULL;
-    if (at == NULL)
-        return buf;
-    *at = '\0';
-    *password = buf[0] == ':' ? buf + 1 : buf;
-    if (**password == '\0')
-        *password = NULL;
-    return at + 1;
-}
-
-/* The storage URL as messages show it: without its password (it would reach logs and
- * terminals), "redis://:secret@host" shown as "redis://host". */
-static void shown_url(const char *url, char *out, size_t size)
-{
-    const char *scheme_end = strstr(url, "://");
-    const char *at = strrchr(url, '@');
-    if (scheme_end == NULL || at == NULL || at < scheme_end)
-        snprintf(out, size, "%s", url);
-    else
-        snprintf(out, size, "%.*s%s", (int)(scheme_end + 3 - url), url, at + 1);
-}
-
-/* redis-sentinel://[:password@]host:port[,host:port...]/MASTER -> the Redis backend, its
- * master named by those sentinels (the password is the master's). */
-static int open_redis_sentinel(mph_host_t *h, char *err, size_t errlen)
-{
-    char buf[1024], shown[1024];
-    snprintf(buf, sizeof(buf), "%s", h->cfg.storage + strlen("redis-sentinel://"));
-    shown_url(h->cfg.storage, shown, sizeof(shown));
-    mph_store_redis_config_t rc = redis_config(h);
-    char *list = take_password(buf, &rc.password);
-    char *slash = strrchr(list, '/');
-    if (slash == NULL || slash[1] == '\0' || slash == list) {
-        snprintf(err, errlen,
-                 "invalid %s (expected redis-sentinel://host:port[,host:port...]/MASTER)", shown);
-        return MPH_EINVAL;
-    }
-    *slash = '\0';
-    rc.sentinels = list;
-    rc.master = slash + 1;
-    return mph_store_redis_open(&h->store, h->loop, &rc, err, errlen);
-}
-
-/* redis://[:password@]host[:port][/db] -> the Redis backend. An IPv6 host is in brackets:
- * redis://[::1]:6380. */
-static int open_redis(mph_host_t *h, char *err, size_t errlen)
-{
-    const char *url = h->cfg.storage + 8;
-    char buf[1024], shown[1024];
-    snprintf(buf, sizeof(buf), "%s", url);
-    shown_url(h->cfg.storage, shown, sizeof(shown));
-    mph_store_redis_config_t rc = redis_config(h);
-    char *hostpart = take_password(buf, &rc.password);
-    char *slash = strchr(hostpart, '/');
-    if (slash) {
-        *slash = '\0';
-        char *end;
-        long db = strtol(slash + 1, &end, 10);
-        if (slash[1] != '\0' && (*end != '\0' || db < 0 || db > 1000000)) {
-            snprintf(err, errlen, "invalid Redis database in %s", shown);
-            return MPH_EINVAL;
-        }
-        rc.db = (int)db;
-    }
-    char *colon = strrchr(hostpart, ':');
-    if (hostpart[0] == '[') {
-        char *close = strchr(hostpart, ']');
-        if (close == NULL || close == hostpart + 1 || (close[1] != '\0' && close[1] != ':')) {
-            snprintf(err, errlen, "invalid IPv6 address in %s", shown);
-            return MPH_EINVAL;
-        }
-        *close = '\0';
-        colon = close[1] == ':' ? close + 1 : NULL;
-        hostpart++;
-    } else if (colon && strchr(hostpart, ':') != colon) {
-        snprintf(err, errlen, "an IPv6 address in %s needs brackets: redis://[::1]:6379", shown);
-        return MPH_EINVAL;
-    }
-    if (colon) {
-        *colon = '\0';
-        char *end;
-        long port = strtol(colon + 1, &end, 10);
-        if (*end != '\0' || port <= 0 || port > 65535) {
-            snprintf(err, errlen, "invalid Redis port in %s", shown);
-            return MPH_EINVAL;
-        }
-        rc.port = (int)port;
-    }
-    if (*hostpart)
-        rc.host = hostpart;
-    return mph_store_redis_open(&h->store, h->loop, &rc, err, errlen);
-}
-
 /* ---- GET: /metrics, /healthz, /readyz (answered without Lua) ---- */
 
 #define READY_PROBE_SCOPE "mphost-readyz-probe" /* loaded (never written) to ask Redis */
@@ -397,20 +286,12 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
         free(h);
         return MPH_EIO;
     }
-    if (strcmp(cfg->storage, "file") == 0) {
-        rc = mph_store_file_open(&h->store, h->loop, cfg->data_dir, err, errlen);
-    } else if (strncmp(cfg->storage, "redis://", 8) == 0) {
-        rc = open_redis(h, err, errlen);
-    } else if (strncmp(cfg->storage, "redis-sentinel://", 17) == 0) {
-        rc = open_redis_sentinel(h, err, errlen);
-    } else {
-        char shown[1024];
-        shown_url(cfg->storage, shown, sizeof(shown));
-        snprintf(err, errlen,
-                 "unknown storage \"%s\" (expected file, redis://... or redis-sentinel://...)",
-                 shown);
-        rc = MPH_EINVAL;
-    }
+    mph_store_options_t so = {.data_dir = cfg->data_dir,
+                              .redis_prefix = cfg->redis_prefix,
+                              .redis_timeout_ms = cfg->redis_timeout_ms,
+                              .redis_wait_replicas = cfg->redis_wait_replicas,
+                              .redis_wait_ms = cfg->redis_wait_ms};
+    rc = mph_store_open(&h->store, h->loop, cfg->storage, &so, err, errlen);
     if (rc != 0)
         goto fail_loop;
     rc = mph_auth_new(&h->auth, h->loop, cfg->users_file, err, errlen);

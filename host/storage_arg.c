@@ -21,6 +21,7 @@
 #include "cli.h"
 #include "common.h"
 #include "supervisor.h"
+#include "../storage/storage.h"
 
 int mph_cli_resolve_storage(mph_cli_t *cli)
 {
@@ -52,26 +53,14 @@ int mph_cli_resolve_storage(mph_cli_t *cli)
                  host && *host ? host : "127.0.0.1", v6 ? "]" : "", port && *port ? port : "6379");
         h->storage = cli->storage_url;
     }
-    static const char *const schemes[] = {"redis://", "redis-sentinel://"};
-    for (int i = 0; i < 2; i++) {
-        size_t len = strlen(schemes[i]);
-        if (strncmp(h->storage, schemes[i], len) != 0)
-            continue;
-        /* What status shows: the URL without its password. */
-        const char *at = strrchr(h->storage, '@');
-        size_t n = strlen(h->storage) + 24;
-        cli->storage_desc = mph_xmalloc(n);
-        snprintf(cli->storage_desc, n, "%s%s", schemes[i], at ? at + 1 : h->storage + len);
-        return 0;
-    }
-    char shown[sizeof(cli->storage_url)]; /* without the password */
-    const char *at = cli->storage_password ? strrchr(h->storage, '@') : NULL;
-    snprintf(shown, sizeof(shown), "%.*s%s",
-             at ? (int)(strstr(h->storage, "://") + 3 - h->storage) : (int)strlen(h->storage),
-             h->storage, at ? at + 1 : "");
-    return mph_cli_bad_usage("unknown storage: %s (expected file, redis, redis://... or "
-                             "redis-sentinel://...)",
-                             shown);
+    char shown[sizeof(cli->storage_url)];
+    mph_store_url_shown(h->storage, shown, sizeof(shown));
+    if (!mph_store_url_known(h->storage))
+        return mph_cli_bad_usage("unknown storage: %s (expected file, redis, redis://... or "
+                                 "redis-sentinel://...)",
+                                 shown);
+    cli->storage_desc = mph_xstrdup(shown); /* what status shows */
+    return 0;
 }
 
 /* Cuts "[:password]@" out of the URL at url (len bytes, ours to write), in place, and fills

@@ -120,6 +120,40 @@ struct mph_store_s {
     const mph_store_methods_t *methods; /* first member of every backend's struct */
 };
 
+/* ---- Opening a backend by its URL ----
+ *
+ * Each backend owns its URL schemes (a small registry, as SQLite's VFSes are found by name):
+ * file.c "file", redis_url.c "redis://" and "redis-sentinel://". */
+
+/* What a backend may be given besides its URL; each takes what concerns it. */
+typedef struct {
+    const char *data_dir;         /* file: the directory */
+    const char *redis_prefix;     /* Redis: the key prefix; NULL: "mp:" */
+    unsigned redis_timeout_ms;    /* Redis: a command unanswered this long fails; 0: 1000 */
+    unsigned redis_wait_replicas; /* Redis: see mph_store_redis_config_t.wait_replicas */
+    unsigned redis_wait_ms;       /* Redis: WAIT's time limit; 0: 1000 */
+} mph_store_options_t;
+
+typedef struct {
+    const char *scheme; /* what its URLs start with: "file", "redis://" */
+    /* Opens the backend for url (with its scheme), as mph_store_open does. */
+    int (*open)(mph_store_t **out, uv_loop_t *loop, const char *url,
+                const mph_store_options_t *opts, char *err, size_t errlen);
+} mph_store_backend_t;
+
+/* Opens the backend whose scheme starts url: "file" (in opts->data_dir), "redis://...",
+ * "redis-sentinel://...". Returns 0 and a new store in *out, or a negative code with a
+ * one-line message in err (which never shows the URL's password). */
+int mph_store_open(mph_store_t **out, uv_loop_t *loop, const char *url,
+                   const mph_store_options_t *opts, char *err, size_t errlen);
+
+/* Whether some backend takes url (its scheme is known). */
+int mph_store_url_known(const char *url);
+
+/* url as messages and status may show it: without its password ("redis://:secret@host" is
+ * shown "redis://host"). Writes at most size bytes, NUL included. */
+void mph_store_url_shown(const char *url, char *out, size_t size);
+
 /* Opens the file backend on directory `dir` (created if missing). Returns 0 and a new store
  * in *out, or a negative code with a message in err. */
 int mph_store_file_open(mph_store_t **out, uv_loop_t *loop, const char *dir, char *err,
