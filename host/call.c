@@ -68,36 +68,42 @@ static int connect_to(const char *host, const char *port, char *err, size_t errl
     return fd;
 }
 
-int mph_cli_call(mph_cli_t *cli)
+/* The parts of an http:// URL the client needs. */
+typedef struct {
+    char host[256], port[16], path[1024];
+} target_t;
+
+/* Reads url (http://host[:port][/path]) into t. 0, or -1 after printing why not. */
+static int parse_url(const char *url, target_t *t)
 {
-    /* URL: http://host[:port][/path] */
     struct http_parser_url u;
     http_parser_url_init(&u);
-    const char *url = cli->url;
     if (http_parser_parse_url(url, strlen(url), 0, &u) != 0 || !(u.field_set & (1 << UF_HOST)) ||
         strncmp(url, "http://", 7) != 0) {
         fprintf(stderr, "mphost call: invalid URL %s (expected http://host[:port]/path)\n", url);
-        return 1;
+        return -1;
     }
-    char host[256], port[16], path[1024];
-    snprintf(host, sizeof(host), "%.*s", u.field_data[UF_HOST].len,
+    snprintf(t->host, sizeof(t->host), "%.*s", u.field_data[UF_HOST].len,
              url + u.field_data[UF_HOST].off);
-    if (u.field_set & (1 << UF_PORT))
-        snprintf(port, sizeof(port), "%u", u.port);
-    else
-        snprintf(port, sizeof(port), "80");
+    snprintf(t->port, sizeof(t->port), "%u", (u.field_set & (1 << UF_PORT)) ? u.port : 80);
     if (u.field_set & (1 << UF_PATH))
-        snprintf(path, sizeof(path), "%.*s", u.field_data[UF_PATH].len,
+        snprintf(t->path, sizeof(t->path), "%.*s", u.field_data[UF_PATH].len,
                  url + u.field_data[UF_PATH].off);
     else
-        snprintf(path, sizeof(path), "/");
+        snprintf(t->path, sizeof(t->path), "/");
+    return 0;
+}
 
+/* The whole HTTP request of the call into req. 0, or -1 after printing why not (params is
+ * not a JSON array or object). */
+static int build_request(const mph_cli_t *cli, const target_t *t, mph_buf_t *req)
+{
     json_error_t jerr;
     json_t *params = mph_json_load(cli->params, strlen(cli->params), &jerr);
     if (params == NULL || (!json_is_array(params) && !json_is_object(params))) {
         fprintf(stderr, "mphost call: params must be a JSON array or object: %s\n", cli->params);
         json_decref(params);
-        return 1;
+        return -1;
     }
     mph_buf_t body = MPH_BUF_INIT;
     mph_buf_puts(&body, "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":");
@@ -106,44 +112,43 @@ int mph_cli_call(mph_cli_t *cli)
     mph_json_write_jansson(&body, params);
     mph_buf_puts(&body, "}");
     json_decref(params);
-
-    mph_buf_t req = MPH_BUF_INIT;
-    mph_buf_printf(&req,
+    mph_buf_printf(req,
                    "POST %s HTTP/1.1\r\nHost: %s:%s\r\nContent-Type: application/json\r\n"
                    "Content-Length: %zu\r\nConnection: close\r\n\r\n",
-                   path, host, port, body.len);
-    mph_buf_append(&req, body.data, body.len);
+                   t->path, t->host, t->port, body.len);
+    mph_buf_append(req, body.data, body.len);
     mph_buf_free(&body);
+    return 0;
+}
 
+/* Sends req and reads the whole response into resp (its status in *status). 0, or -1 after
+ * printing why not (the connection failed or broke). */
+static int exchange(const char *url, const target_t *t, const mph_buf_t *req, response_t *resp,
+                    unsigned *status)
+{
     char err[256] = "connection failed";
-    int fd = connect_to(host, port, err, sizeof(err));
+    int fd = connect_to(t->host, t->port, err, sizeof(err));
     if (fd < 0) {
         fprintf(stderr, "mphost call: cannot connect to %s: %s\n", url, err);
-        mph_buf_free(&req);
-        return 2;
+        return -1;
     }
-    size_t sent = 0;
-    while (sent < req.len) {
-        ssize_t w = send(fd, req.data + sent, req.len - sent, MSG_NOSIGNAL);
+    for (size_t sent = 0; sent < req->len;) {
+        ssize_t w = send(fd, req->data + sent, req->len - sent, MSG_NOSIGNAL);
         if (w <= 0) {
             fprintf(stderr, "mphost call: sending to %s: %s\n", url, strerror(errno));
             close(fd);
-            mph_buf_free(&req);
-            return 2;
+            return -1;
         }
         sent += (size_t)w;
     }
-    mph_buf_free(&req);
-
-    response_t resp = {MPH_BUF_INIT, 0};
     http_parser parser;
     http_parser_init(&parser, HTTP_RESPONSE);
-    parser.data = &resp;
+    parser.data = resp;
     http_parser_settings settings = {0};
     settings.on_body = on_body;
     settings.on_message_complete = on_complete;
     char buf[16384];
-    while (!resp.complete) {
+    while (!resp->complete) {
         ssize_t r = recv(fd, buf, sizeof(buf), 0);
         if (r < 0 && errno == EINTR)
             continue;
@@ -154,45 +159,70 @@ int mph_cli_call(mph_cli_t *cli)
             break;
     }
     close(fd);
-    if (!resp.complete) {
+    if (!resp->complete) {
         fprintf(stderr, "mphost call: no complete response from %s\n", url);
-        mph_buf_free(&resp.body);
-        return 2;
+        return -1;
     }
-    int rc = 1;
-    json_t *doc = NULL;
-    if (parser.status_code != 200 && parser.status_code != 401) { /* 401: a JSON-RPC error */
-        fprintf(stderr, "mphost call: HTTP %u: %.*s", parser.status_code, (int)resp.body.len,
-                resp.body.data ? resp.body.data : "");
-        goto out;
-    }
-    doc = mph_json_load(resp.body.data ? resp.body.data : "", resp.body.len, &jerr);
+    *status = parser.status_code;
+    return 0;
+}
+
+/* Prints v's compact JSON text and a newline on f, after prefix. */
+static void print_json(FILE *f, const char *prefix, const json_t *v)
+{
+    mph_buf_t out = MPH_BUF_INIT;
+    mph_json_write_jansson(&out, v);
+    fprintf(f, "%s%s\n", prefix, out.data ? out.data : "");
+    mph_buf_free(&out);
+}
+
+/* Prints the JSON-RPC response in body: its result on stdout (returns 0), or its error on
+ * stderr (returns 1). */
+static int print_reply(const mph_buf_t *body)
+{
+    json_error_t jerr;
+    json_t *doc = mph_json_load(body->data ? body->data : "", body->len, &jerr);
     json_t *result = json_object_get(doc, "result");
     json_t *error = json_object_get(doc, "error");
+    int rc = 1;
     if (result) {
-        mph_buf_t out = MPH_BUF_INIT;
-        mph_json_write_jansson(&out, result);
-        printf("%s\n", out.data);
-        mph_buf_free(&out);
+        print_json(stdout, "", result);
         rc = 0;
     } else if (json_is_object(error)) {
-        json_t *code = json_object_get(error, "code");
         json_t *message = json_object_get(error, "message");
-        json_t *data = json_object_get(error, "data");
-        fprintf(stderr, "error %lld: %s\n", (long long)json_integer_value(code),
+        fprintf(stderr, "error %lld: %s\n",
+                (long long)json_integer_value(json_object_get(error, "code")),
                 json_is_string(message) ? json_string_value(message) : "(no message)");
-        if (data) {
-            mph_buf_t out = MPH_BUF_INIT;
-            mph_json_write_jansson(&out, data);
-            fprintf(stderr, "data: %s\n", out.data);
-            mph_buf_free(&out);
-        }
+        if (json_object_get(error, "data"))
+            print_json(stderr, "data: ", json_object_get(error, "data"));
     } else {
-        fprintf(stderr, "mphost call: not a JSON-RPC response: %.*s\n", (int)resp.body.len,
-                resp.body.data ? resp.body.data : "");
+        fprintf(stderr, "mphost call: not a JSON-RPC response: %.*s\n", (int)body->len,
+                body->data ? body->data : "");
     }
-out:
     json_decref(doc);
+    return rc;
+}
+
+int mph_cli_call(mph_cli_t *cli)
+{
+    target_t t;
+    mph_buf_t req = MPH_BUF_INIT;
+    response_t resp = {MPH_BUF_INIT, 0};
+    unsigned status = 0;
+    int rc = 1;
+    if (parse_url(cli->url, &t) != 0 || build_request(cli, &t, &req) != 0)
+        goto out;
+    if (exchange(cli->url, &t, &req, &resp, &status) != 0) {
+        rc = 2;
+        goto out;
+    }
+    if (status != 200 && status != 401) /* 401: a JSON-RPC error (unauthorized) */
+        fprintf(stderr, "mphost call: HTTP %u: %.*s", status, (int)resp.body.len,
+                resp.body.data ? resp.body.data : "");
+    else
+        rc = print_reply(&resp.body);
+out:
+    mph_buf_free(&req);
     mph_buf_free(&resp.body);
     return rc;
 }
