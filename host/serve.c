@@ -23,69 +23,24 @@ void mph_cli_report_failure(FILE *ready, const char *msg)
     }
 }
 
-int mph_cli_serve(mph_cli_t *cli, int ready_fd)
+/* Serves in this process (--workers=0) with h, whose script is loaded, until it stops. */
+static int serve_alone(mph_cli_t *cli, mph_host_t *h, FILE *ready)
 {
-    char err[1024], msg[1100];
-    mph_host_t *h = NULL;
-    FILE *ready = ready_fd >= 0 ? fdopen(ready_fd, "w") : NULL;
-    int rc = mph_host_new(&h, &cli->host, err, sizeof(err));
-    int script_failed = 0;
-    /* From the start: a SIGTERM that arrives once the port accepts (the pid file is written
-     * after that) must mean a graceful stop, not the default death. */
-    if (rc == 0)
-        mph_host_handle_signals(h);
-    if (rc == 0 && (rc = mph_host_load_file(h, cli->script_path, err, sizeof(err))) != 0)
-        script_failed = 1;
-    if (rc != 0) {
-        snprintf(msg, sizeof(msg), "%s%s", script_failed ? "script error: " : "", err);
-        mph_log(MPH_LOG_ERROR, "%s", msg);
-        mph_cli_report_failure(ready, msg);
-        if (h)
-            mph_host_free(h);
-        return 1;
-    }
-    int nworkers = mph_host_topology_workers(h);
-    if (cli->workers != 0) {
-        /* Workers: this process becomes their supervisor. Its host only read the script's
-         * topologies (and checked that the script loads); each worker loads its own. */
-        if (cli->workers > 0 && cli->workers < nworkers)
-            mph_log(MPH_LOG_WARN, "--workers=%d raised to %d: the script's topologies need %d",
-                    cli->workers, nworkers, nworkers);
-        if (cli->workers > nworkers)
-            nworkers = cli->workers;
-        int stop = mph_host_stop_requested(h); /* a SIGTERM during the load is not lost */
-        mph_host_free(h);
-        if (stop) {
-            mph_log(MPH_LOG_INFO, "stopped before serving");
-            if (ready) {
-                fprintf(ready, "error stopped before serving\n");
-                fclose(ready);
-            }
-            return 0;
-        }
-        return mph_supervisor_run(cli, nworkers > 0 ? nworkers : 1, ready);
-    }
-    if (nworkers > 1) /* --workers=0 */
-        mph_log(MPH_LOG_WARN,
-                "--workers=0: serving in one process, although the script's topologies ask for "
-                "%d workers",
-                nworkers);
-    if ((rc = mph_host_listen(h, err, sizeof(err))) != 0) {
+    char err[1024];
+    if (mph_host_listen(h, err, sizeof(err)) != 0) {
         mph_log(MPH_LOG_ERROR, "%s", err);
         mph_host_free(h);
         mph_cli_report_failure(ready, err);
         return 1;
     }
     int port = mph_host_port(h);
-    const char *log_path = getenv("MPH_LOG_PATH");
     cli->started = (long long)time(NULL);
     if (cli->state_dir &&
-        mph_cli_write_pidfile(cli, port, log_path, NULL, 0, err, sizeof(err)) != 0) {
+        mph_cli_write_pidfile(cli, port, getenv("MPH_LOG_PATH"), NULL, 0, err, sizeof(err)) != 0) {
         mph_log(MPH_LOG_ERROR, "%s", err);
         if (ready) {          /* a deployment that delete and status cannot find must not run */
             mph_host_free(h); /* first: once deploy hears, the port is free again */
-            fprintf(ready, "error %s\n", err);
-            fclose(ready);
+            mph_cli_report_failure(ready, err);
             return 1;
         }
     }
@@ -105,4 +60,59 @@ int mph_cli_serve(mph_cli_t *cli, int ready_fd)
         mph_cli_remove_pidfile(cli, port);
     mph_log(MPH_LOG_INFO, "stopped");
     return 0;
+}
+
+/* Becomes the supervisor of the workers --workers or the script's topologies (nworkers) ask
+ * for. h only read the script's topologies (and checked that it loads): each worker loads its
+ * own, so h is freed here. */
+static int serve_supervised(mph_cli_t *cli, mph_host_t *h, int nworkers, FILE *ready)
+{
+    if (cli->workers > 0 && cli->workers < nworkers)
+        mph_log(MPH_LOG_WARN, "--workers=%d raised to %d: the script's topologies need %d",
+                cli->workers, nworkers, nworkers);
+    if (cli->workers > nworkers)
+        nworkers = cli->workers;
+    int stop = mph_host_stop_requested(h); /* a SIGTERM during the load is not lost */
+    mph_host_free(h);
+    if (stop) {
+        mph_log(MPH_LOG_INFO, "stopped before serving");
+        if (ready) {
+            fprintf(ready, "error stopped before serving\n");
+            fclose(ready);
+        }
+        return 0;
+    }
+    return mph_supervisor_run(cli, nworkers > 0 ? nworkers : 1, ready);
+}
+
+int mph_cli_serve(mph_cli_t *cli, int ready_fd)
+{
+    char err[1024], msg[1100];
+    mph_host_t *h = NULL;
+    FILE *ready = ready_fd >= 0 ? fdopen(ready_fd, "w") : NULL;
+    int rc = mph_host_new(&h, &cli->host, err, sizeof(err));
+    int script_failed = 0;
+    /* From the start: a SIGTERM that arrives once the port accepts (the pid file is written
+     * after that) must mean a graceful stop, not the default death. */
+    if (rc == 0)
+        mph_host_handle_signals(h);
+    if (rc == 0 && (rc = mph_host_load_file(h, cli->script_path, err, sizeof(err))) != 0)
+        script_failed = 1;
+    if (rc != 0) {
+        snprintf(msg, sizeof(msg), "%s%s", script_failed ? "script error: " : "", err);
+        mph_log(MPH_LOG_ERROR, "%s", msg);
+        if (h)
+            mph_host_free(h);
+        mph_cli_report_failure(ready, msg);
+        return 1;
+    }
+    int nworkers = mph_host_topology_workers(h);
+    if (cli->workers != 0)
+        return serve_supervised(cli, h, nworkers, ready);
+    if (nworkers > 1)
+        mph_log(MPH_LOG_WARN,
+                "--workers=0: serving in one process, although the script's topologies ask for "
+                "%d workers",
+                nworkers);
+    return serve_alone(cli, h, ready);
 }
