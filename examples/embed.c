@@ -26,20 +26,24 @@ int main(int argc, char **argv)
     const char *keep = getenv("EMBED_KEEP_SIGPIPE");
     if (keep == NULL || *keep != '1')
         signal(SIGPIPE, SIG_IGN);
-    mph_host_config_t cfg;
-    mph_host_config_default(&cfg);
-    cfg.listen = "127.0.0.1";
-    cfg.port = argc > 1 ? atoi(argv[1]) : 8080;
-    cfg.data_dir = "./embed-data";
-
     char err[1024];
-    mph_host_t *host;
-    if (mph_host_new(&host, &cfg, err, sizeof(err)) != 0) {
+    mph_host_config_t *cfg;
+    mph_host_config_new(&cfg);
+    int rc = mph_host_config_set(cfg, "listen", "127.0.0.1", err, sizeof(err));
+    if (rc == 0)
+        rc = mph_host_config_set(cfg, "port", argc > 1 ? argv[1] : "8080", err, sizeof(err));
+    if (rc == 0)
+        rc = mph_host_config_set(cfg, "data", "./embed-data", err, sizeof(err));
+    mph_host_t *host = NULL;
+    if (rc == 0)
+        rc = mph_host_new(&host, cfg, err, sizeof(err));
+    mph_host_config_free(cfg); /* the host has its own copy */
+    if (rc != 0) {
         fprintf(stderr, "embed: %s\n", err);
         return 1;
     }
-    int rc = argc > 2 ? mph_host_load_file(host, argv[2], err, sizeof(err))
-                      : mph_host_load_string(host, "hello.lua", service, err, sizeof(err));
+    rc = argc > 2 ? mph_host_load_file(host, argv[2], err, sizeof(err))
+                  : mph_host_load_string(host, "hello.lua", service, err, sizeof(err));
     if (rc == 0)
         rc = mph_host_listen(host, err, sizeof(err));
     if (rc != 0) {

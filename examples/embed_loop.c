@@ -21,7 +21,7 @@ static const char service[] = "local mp = require('metaparticle')\n"
                               "  local g = mp.scope.global\n"
                               "  g.count = (g.count or 0) + 1\n"
                               "  mp.c.attempt()\n"
-                              "  return mp.c.label(g.count, mp.worker.id)\n"
+                              "  return mp.c.label(g.count)\n"
                               "end).expose = true\n"
                               "mp.serve()\n";
 
@@ -34,18 +34,19 @@ typedef struct {
     int per_host;        /* calls to make on each host */
     int issued[2];       /* calls made, per host */
     int answered, failed, attempts, highest;
+    int number[2]; /* 1 and 2: what label says of each host */
 } app_t;
 
-/* mp.c.label(count, id) -> "count 7 (host 1)". A pure function of its arguments: a handler
- * may run more than once for one call (README, "Embedding"). */
+/* mp.c.label(count) -> "count 7 (host 1)", ud pointing at the host's number. A pure
+ * function of its arguments: a handler may run more than once for one call (docs/embedding.md). */
 static int label(void *ud, const char *args, size_t len, char **result)
 {
-    long count = 0, id = 0;
-    if (sscanf(args, "[%ld,%ld]", &count, &id) != 2) {
-        *result = strdup("label(count, id) expects two integers");
+    long count = 0;
+    if (sscanf(args, "[%ld]", &count) != 1) {
+        *result = strdup("label(count) expects an integer");
         return 1;
     }
-    if (asprintf(result, "\"count %ld (host %ld)\"", count, id) < 0)
+    if (asprintf(result, "\"count %ld (host %d)\"", count, *(const int *)ud) < 0)
         *result = NULL; /* "label failed" */
     return *result == NULL;
 }
@@ -127,14 +128,16 @@ static void on_tick(uv_timer_t *t)
 
 static int open_host(app_t *app, int i, const char *data)
 {
-    mph_host_config_t cfg;
-    mph_host_config_default(&cfg);
-    cfg.loop = &app->loop; /* ours: the host never runs it */
-    cfg.data_dir = data;
-    cfg.worker_id = i + 1; /* mp.worker.id, to tell the hosts apart */
     char err[1024];
-    if (mph_host_new(&app->host[i], &cfg, err, sizeof(err)) == 0 &&
-        mph_host_register_function(app->host[i], "label", label, app) == 0 &&
+    mph_host_config_t *cfg;
+    mph_host_config_new(&cfg);
+    mph_host_config_set_loop(cfg, &app->loop); /* ours: the host never runs it */
+    app->number[i] = i + 1;
+    int rc = mph_host_config_set(cfg, "data", data, err, sizeof(err));
+    if (rc == 0)
+        rc = mph_host_new(&app->host[i], cfg, err, sizeof(err));
+    mph_host_config_free(cfg);
+    if (rc == 0 && mph_host_register_function(app->host[i], "label", label, &app->number[i]) == 0 &&
         mph_host_register_function(app->host[i], "attempt", attempt, app) == 0 &&
         mph_host_load_string(app->host[i], "counter.lua", service, err, sizeof(err)) == 0)
         return 0;

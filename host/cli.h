@@ -8,29 +8,30 @@
 
 #include <stdio.h>
 
+#include "config.h"
 #include "mphost.h"
 
 #define MPH_CLI_MAX_POSITIONAL 4 /* SCRIPT serve PORT; passwd FILE USER; call METHOD JSON */
 
 typedef struct {
-    const char *script;        /* as given on the command line */
-    char *script_path;         /* canonical path (owned), NULL if the script is missing */
-    const char *verb;          /* deploy, serve, delete, status, reload, logs, call */
-    int follow;                /* logs -f */
-    int port_given;            /* --port, MP_PORT or serve's PORT was given */
-    mph_host_config_t host;    /* everything the host takes */
-    char *storage_desc;        /* what status prints, e.g. "file:/abs/mp-data" (owned) */
-    char storage_url[1024];    /* --storage=redis made into a redis:// URL, or the URL given
-                                  with a password (main.c: hide_storage_password) */
-    char *storage_password;    /* that password (owned), for the workers; NULL: none */
-    const char *log_level;     /* --logging */
-    char *state_dir;           /* checked state directory (owned); NULL: none (serve only) */
-    int workers;               /* --workers=N; 0: one process, no supervisor; -1: not given */
-    unsigned start_timeout_ms; /* --start-timeout: deploy's wait for the server to serve */
-    const char *argv0;         /* how we were run (workers run the same binary) */
-    char **options;            /* every option applied, as "--name=value" (owned, NULL-ended):
-                                  what a supervisor runs its workers with */
-    int noptions;              /* entries in options */
+    const char *script;            /* as given on the command line */
+    char *script_path;             /* canonical path (owned), NULL if the script is missing */
+    const char *verb;              /* deploy, serve, delete, status, reload, logs, call */
+    int follow;                    /* logs -f */
+    int port_given;                /* --port, MP_PORT or serve's PORT was given */
+    struct mph_host_config_s host; /* everything the host takes (config.h; strings borrowed) */
+    char *storage_desc;            /* what status prints, e.g. "file:/abs/mp-data" (owned) */
+    char storage_url[1024];        /* --storage=redis made into a redis:// URL, or the URL given
+                                      with a password (main.c: hide_storage_password) */
+    char *storage_password;        /* that password (owned), for the workers; NULL: none */
+    const char *log_level;         /* --logging */
+    char *state_dir;               /* checked state directory (owned); NULL: none (serve only) */
+    int workers;                   /* --workers=N; 0: one process, no supervisor; -1: not given */
+    unsigned start_timeout_ms;     /* --start-timeout: deploy's wait for the server to serve */
+    const char *argv0;             /* how we were run (workers run the same binary) */
+    char **options;                /* every option applied, as "--name=value" (owned, NULL-ended):
+                                      what a supervisor runs its workers with */
+    int noptions;                  /* entries in options */
     const char *positional[MPH_CLI_MAX_POSITIONAL]; /* the other arguments, in order */
     int npos;                                       /* entries in positional */
     long long started; /* when serving began (time(NULL)); the pid file's started= */

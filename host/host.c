@@ -42,6 +42,7 @@
 #include "auth.h"
 #include "accesslog.h"
 #include "common.h"
+#include "config.h"
 #include "http.h"
 #include "metrics.h"
 #include "peer.h"
@@ -74,7 +75,7 @@ typedef enum { HOST_NEW, HOST_RUNNING, HOST_STOPPING, HOST_CLOSED } host_state_t
 struct mph_host_s {
     uv_loop_t own_loop;    /* the loop, when the host owns it (cfg.loop NULL) */
     uv_loop_t *loop;       /* &own_loop, or the caller's (borrowed) */
-    mph_host_config_t cfg; /* strings borrowed from the caller's config */
+    mph_host_config_t cfg; /* a copy of the caller's (its strings owned: config.h) */
     host_state_t state;
     mph_http_server_t *http;    /* owned */
     mph_http_config_t http_cfg; /* the public server's, which the peer listener's follows */
@@ -117,31 +118,6 @@ typedef struct host_call_s {
     struct host_call_s *next; /* in h->ready, once answered early */
     mph_host_reply_t kept;    /* that early reply (its json and message owned) */
 } host_call_t;
-
-void mph_host_config_default(mph_host_config_t *cfg)
-{
-    memset(cfg, 0, sizeof(*cfg));
-    cfg->listen = "0.0.0.0";
-    cfg->port = 3000;
-    cfg->storage = "file";
-    cfg->data_dir = "./mp-data";
-    cfg->redis_prefix = "mp:";
-    cfg->redis_timeout_ms = 1000;
-    cfg->max_retries = 50;
-    mph_http_config_t http;
-    mph_http_config_default(&http);
-    cfg->max_body = http.max_body;
-    cfg->max_header = http.max_header;
-    cfg->max_connections = http.max_connections;
-    cfg->idle_timeout_ms = http.idle_timeout_ms;
-    cfg->shutdown_timeout_ms = 10000;
-    cfg->handler_timeout_ms = 10000;
-    cfg->listen_fd = -1;
-    cfg->peer_dir_fd = -1;
-    cfg->worker_id = 1;
-    cfg->worker_count = 1;
-    cfg->scope_cache = (size_t)128 << 20;
-}
 
 const char *mph_host_strerror(int err)
 {
@@ -275,65 +251,84 @@ static int on_get(void *ud, mph_http_req_t *req, const char *path)
     return 1;
 }
 
+/* The storage the config names (storage/storage.h: mph_store_open). */
+static int open_store(mph_host_t *h, char *err, size_t errlen)
+{
+    mph_store_options_t so = {.data_dir = h->cfg.data_dir,
+                              .redis_prefix = h->cfg.redis_prefix,
+                              .redis_timeout_ms = h->cfg.redis_timeout_ms,
+                              .redis_wait_replicas = h->cfg.redis_wait_replicas,
+                              .redis_wait_ms = h->cfg.redis_wait_ms};
+    return mph_store_open(&h->store, h->loop, h->cfg.storage, &so, err, errlen);
+}
+
+/* The Lua side (lua/bridge.h), on the store, forwarding through the peer channel if any. */
+static int new_lua(mph_host_t *h)
+{
+    mph_lua_config_t lcfg = {.store = h->store,
+                             .max_retries = h->cfg.max_retries,
+                             .debug_errors = h->cfg.debug_errors,
+                             .handler_timeout_ms = h->cfg.handler_timeout_ms,
+                             .watched = h->cfg.supervised,
+                             .worker_id = h->cfg.worker_id,
+                             .worker_count = h->cfg.worker_count,
+                             .scope_cache = h->cfg.scope_cache,
+                             .forward = h->peer ? mph_peer_forward : NULL,
+                             .forward_ud = h->peer};
+    return mph_lua_new(&h->lua, h->loop, &lcfg);
+}
+
+/* The channel to the other workers of a worker's generation (peer.h). */
+static void new_peer(mph_host_t *h)
+{
+    const mph_host_config_t *cfg = &h->cfg;
+    unsigned idle = cfg->idle_timeout_ms / 2;
+    mph_peer_config_t pcfg = {cfg->peer_dir_fd,
+                              cfg->generation,
+                              cfg->serving_generation,
+                              cfg->worker_id,
+                              cfg->worker_count,
+                              cfg->handler_timeout_ms ? cfg->handler_timeout_ms + FORWARD_SLACK_MS
+                                                      : FORWARD_NO_LIMIT_MS,
+                              idle < PEER_IDLE_MS ? (idle ? idle : 1) : PEER_IDLE_MS};
+    mph_peer_new(&h->peer, h->loop, &pcfg);
+}
+
 int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size_t errlen)
 {
     mph_host_t *h = mph_xcalloc(1, sizeof(*h));
-    h->cfg = *cfg;
-    h->loop = cfg->loop ? cfg->loop : &h->own_loop;
-    int rc = cfg->loop ? 0 : uv_loop_init(h->loop);
+    mph_config_copy(&h->cfg, cfg);
+    h->loop = h->cfg.loop ? h->cfg.loop : &h->own_loop;
+    int rc = h->cfg.loop ? 0 : uv_loop_init(h->loop);
     if (rc != 0) {
         snprintf(err, errlen, "cannot create the event loop: %s", uv_strerror(rc));
+        mph_config_release(&h->cfg);
         free(h);
         return MPH_EIO;
     }
-    mph_store_options_t so = {.data_dir = cfg->data_dir,
-                              .redis_prefix = cfg->redis_prefix,
-                              .redis_timeout_ms = cfg->redis_timeout_ms,
-                              .redis_wait_replicas = cfg->redis_wait_replicas,
-                              .redis_wait_ms = cfg->redis_wait_ms};
-    rc = mph_store_open(&h->store, h->loop, cfg->storage, &so, err, errlen);
+    rc = open_store(h, err, errlen);
     if (rc != 0)
         goto fail_loop;
-    rc = mph_auth_new(&h->auth, h->loop, cfg->users_file, err, errlen);
+    rc = mph_auth_new(&h->auth, h->loop, h->cfg.users_file, err, errlen);
     if (rc != 0)
         goto fail_store;
-    if (cfg->access_log && (rc = mph_accesslog_open(&h->alog, cfg->access_log, err, errlen)) != 0)
+    if (h->cfg.access_log &&
+        (rc = mph_accesslog_open(&h->alog, h->cfg.access_log, err, errlen)) != 0)
         goto fail_auth;
-    h->http_cfg = (mph_http_config_t){.max_body = cfg->max_body,
-                                      .max_header = cfg->max_header,
-                                      .max_connections = cfg->max_connections,
-                                      .idle_timeout_ms = cfg->idle_timeout_ms,
+    h->http_cfg = (mph_http_config_t){.max_body = h->cfg.max_body,
+                                      .max_header = h->cfg.max_header,
+                                      .max_connections = h->cfg.max_connections,
+                                      .idle_timeout_ms = h->cfg.idle_timeout_ms,
                                       .max_pipeline = 64,
                                       .alog = h->alog};
-    if (cfg->peer_dir_fd >= 0 && cfg->worker_count > 1) {
-        unsigned idle = cfg->idle_timeout_ms / 2;
-        mph_peer_config_t pcfg = {cfg->peer_dir_fd,
-                                  cfg->generation,
-                                  cfg->serving_generation,
-                                  cfg->worker_id,
-                                  cfg->worker_count,
-                                  cfg->handler_timeout_ms
-                                      ? cfg->handler_timeout_ms + FORWARD_SLACK_MS
-                                      : FORWARD_NO_LIMIT_MS,
-                                  idle < PEER_IDLE_MS ? (idle ? idle : 1) : PEER_IDLE_MS};
-        mph_peer_new(&h->peer, h->loop, &pcfg);
-    }
-    mph_lua_config_t lcfg = {.store = h->store,
-                             .max_retries = cfg->max_retries,
-                             .debug_errors = cfg->debug_errors,
-                             .handler_timeout_ms = cfg->handler_timeout_ms,
-                             .watched = cfg->supervised,
-                             .worker_id = cfg->worker_id,
-                             .worker_count = cfg->worker_count,
-                             .scope_cache = cfg->scope_cache,
-                             .forward = h->peer ? mph_peer_forward : NULL,
-                             .forward_ud = h->peer};
-    rc = mph_lua_new(&h->lua, h->loop, &lcfg);
+    if (h->cfg.peer_dir_fd >= 0 && h->cfg.worker_count > 1)
+        new_peer(h);
+    rc = new_lua(h);
     if (rc != 0) {
         snprintf(err, errlen, "cannot create the Lua state: %s", mph_strerror(rc));
         goto fail_log;
     }
-    mph_metrics_init(&h->metrics, cfg->metrics_slot);
+    mph_metrics_init(&h->metrics, h->cfg.metrics_slot);
     h->rpc = (mph_rpc_t){h->lua, h->auth, &h->metrics};
     mph_http_server_new(&h->http, h->loop, &h->http_cfg, mph_rpc_handle, &h->rpc);
     mph_http_set_get_handler(h->http, on_get);
@@ -341,10 +336,10 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
     uv_timer_init(h->loop, &h->deadline);
     uv_idle_init(h->loop, &h->deliver);
     h->ready_tail = &h->ready;
-    if (cfg->heartbeat)
+    if (h->cfg.heartbeat)
         start_heartbeat(h);
     h->state = HOST_NEW;
-    if (cfg->loop) {
+    if (h->cfg.loop) {
         /* The caller runs its loop: the host serves from now on, and an idle host does not
          * keep that loop running (its listener, a Redis connection, work in flight do). */
         h->state = HOST_RUNNING;
@@ -366,6 +361,7 @@ fail_loop:
         uv_run(h->loop, UV_RUN_DEFAULT); /* let the store's close callbacks run */
         uv_loop_close(h->loop);
     }
+    mph_config_release(&h->cfg);
     free(h);
     return rc;
 }
@@ -708,6 +704,7 @@ void mph_host_free(mph_host_t *h)
             uv_print_all_handles(h->loop, stderr);
         }
     }
+    mph_config_release(&h->cfg);
     free(h);
 }
 

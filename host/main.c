@@ -124,7 +124,7 @@ static int run_script_verb(mph_cli_t *cli)
 /* Defaults, then the environment's options, then the line's. 0, -1 (done), or 1. */
 static int configure(mph_cli_t *cli, int argc, char **argv)
 {
-    mph_host_config_default(&cli->host);
+    mph_config_init(&cli->host);
     cli->params = "[{}]";
     cli->argv0 = argv[0];
     cli->url = "http://127.0.0.1:3000/";

@@ -1,24 +1,28 @@
 /*
  * mphost.h: the embeddable host, the whole public surface of libmphost.
  *
- *   mph_host_config_t cfg;
- *   mph_host_config_default(&cfg);
- *   cfg.port = 8080;
+ *   mph_host_config_t *cfg;
  *   mph_host_t *h;
  *   char err[512];
- *   if (mph_host_new(&h, &cfg, err, sizeof err) ||
+ *   mph_host_config_new(&cfg);
+ *   if (mph_host_config_set(cfg, "port", "8080", err, sizeof err) ||
+ *       mph_host_new(&h, cfg, err, sizeof err) ||
  *       mph_host_load_file(h, "service.lua", err, sizeof err) ||
  *       mph_host_listen(h, err, sizeof err)) { fprintf(stderr, "%s\n", err); exit(1); }
+ *   mph_host_config_free(cfg);         // the host keeps a copy
  *   mph_host_handle_signals(h);        // SIGINT/SIGTERM stop it gracefully
  *   mph_host_run(h);                   // until stopped
  *   mph_host_free(h);
  *
  * A host owns its Lua state and its storage connection, and its libuv loop unless the caller
- * gives it one (cfg.loop: see "The caller's loop" below). All functions but mph_host_stop
- * must be called from the thread that runs the host's loop.
+ * gives it one (mph_host_config_set_loop: see "The caller's loop" below). All functions but
+ * mph_host_stop must be called from the thread that runs the host's loop.
  *
- * SIGPIPE: the library changes no signal disposition of the process (but SIGURG's, when a host
- * is created with `supervised` set: see below). libuv writes to sockets
+ * The configuration is opaque, set option by option with the names and value forms of the
+ * mphost command line (`mphost --help`), so that options can be added without changing the
+ * library's ABI (libmphost.so.1).
+ *
+ * SIGPIPE: the library changes no signal disposition of the process. libuv writes to sockets
  * with write(2), which raises SIGPIPE when a client has gone away, and SIGPIPE's default
  * action ends the process; so, as libuv asks of its users, the embedding program must ignore
  * SIGPIPE (signal(SIGPIPE, SIG_IGN), as examples/embed.c and mphost do) or block it in the
@@ -30,82 +34,36 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define MPHOST_VERSION "0.1.0"
+#define MPHOST_VERSION "1.0.0"
 
 typedef struct mph_host_s mph_host_t;
 struct uv_loop_s; /* libuv's uv_loop_t: this header needs no libuv header */
 
-typedef struct {
-    const char *listen;           /* address to bind; default "0.0.0.0" */
-    int port;                     /* default 3000; 0 picks a free port (see mph_host_port) */
-    const char *storage;          /* "file" (default) or "redis://[:password@]host[:port][/db]" */
-    const char *data_dir;         /* file storage directory; default "./mp-data" */
-    const char *redis_prefix;     /* key prefix for Redis; default "mp:" */
-    unsigned redis_timeout_ms;    /* a Redis command unanswered this long fails; default 1000 */
-    unsigned redis_wait_replicas; /* 0, or a commit is answered once this many Redis replicas
-                                     confirm it (WAIT); default 0 */
-    unsigned redis_wait_ms;       /* WAIT's time limit; default 1000 */
-    int max_retries;              /* refused commits of a call's writes before -32001;
-                                     default 50; 0: one attempt, no retry */
-    size_t max_body;              /* bytes; default 1 MiB */
-    size_t max_header;            /* bytes; default 16 KiB */
-    unsigned max_connections;     /* default 10000 */
-    unsigned idle_timeout_ms;     /* default 30000 */
-    unsigned shutdown_timeout_ms; /* graceful stop waits this long for in-flight calls */
-    int debug_errors;             /* handler errors carry tracebacks */
-    unsigned handler_timeout_ms;  /* -32003 past this; default 10000; 0: none, JIT on */
-    int supervised;               /* 0 (default): nothing outside the process watches it, so
-                                     while a time limit is set LuaJIT's compiler is off and a
-                                     count hook checks every handler (compiled code runs no
-                                     hooks). 1: a supervisor ends the process when its loop
-                                     stops turning (see heartbeat), so the compiler stays on
-                                     and the hook is armed only once a handler passes its
-                                     deadline, by a thread that signals the host's thread
-                                     with SIGURG: the host installs a SIGURG handler */
-    uint64_t *heartbeat;          /* NULL (default), or where the host stores its loop's time
-                                     (uv_now: CLOCK_MONOTONIC milliseconds) at every turn of
-                                     its loop, and every 250 ms or so while idle, for the
-                                     supervisor to see that the loop turns (a relaxed atomic
-                                     store; the memory is the caller's, e.g. shared) */
-    int listen_fd;                /* -1 (default): bind listen:port; else a socket already
-                                     listening (a supervisor's, shared with its other
-                                     workers) to accept on; the host owns it once listening */
-    int worker_id;                /* mp.worker.id, 1..worker_count; default 1 */
-    int worker_count;             /* mp.worker.count; default 1 */
-    size_t scope_cache;           /* bytes of scope state kept (estimated); idle scopes past
-                                     it are evicted, least recently used first; default
-                                     128 MiB; 0: no bound */
-    const char *users_file;       /* users for mp.basicAuth (--users): read at mph_host_new
-                                     and again on SIGHUP; NULL (default): none, and calls
-                                     to mp.basicAuth services are refused */
-    int peer_dir_fd;              /* a worker's: the directory its generation's peer sockets
-                                     are in (host/localsock.h; borrowed); -1 (default): not a
-                                     worker, no forwarding between workers */
-    int generation;               /* the worker's generation (names its peer socket) */
-    const uint64_t *serving_generation; /* NULL, or where the supervisor publishes the
-                                     generation that serves (shared memory, read with a
-                                     relaxed atomic load): after a reload, the workers of the
-                                     generation being replaced forward to the new ones */
-    const char *access_log;             /* NULL (default): none; a file to append one line per HTTP
-                                           request to, or "-" for stderr (README, "Operations") */
-    const char *log_path;               /* NULL (default), or the file stderr (and stdout) write to:
-                                           SIGUSR1 opens it again over them, after a rotation */
-    struct mph_metrics_slot_s *metrics_slot;        /* NULL: counts in a slot of its own; else
-                                            its slot in shared memory (host/metrics.h) */
-    const struct mph_metrics_slot_s *metrics_slots; /* NULL: /metrics shows its own slot;
-                                     else every slot a scrape sums (the supervisor's) */
-    size_t metrics_nslots;                          /* how many */
-    struct uv_loop_s *loop; /* NULL (default): the host creates its own loop, which
-                               mph_host_run runs; else the caller's loop (initialised, not
-                               closed before the host is), which the caller runs: see "The
-                               caller's loop" below */
-} mph_host_config_t;
+/* A host's configuration: every option at its default until set. */
+typedef struct mph_host_config_s mph_host_config_t;
 
-/* Fills every field with its default. */
-void mph_host_config_default(mph_host_config_t *cfg);
+/* A new configuration with every option at its default. Returns 0. */
+int mph_host_config_new(mph_host_config_t **out);
 
-/* Creates a host: loop (unless cfg.loop), storage (opened; Redis is checked to answer), Lua
- * state. cfg is copied (its strings are borrowed: they must outlive the host). Returns 0, or a
+/* Frees cfg (a host made from it keeps its own copy). NULL is fine. */
+void mph_host_config_free(mph_host_config_t *cfg);
+
+/* Sets option `name` as the command line's --name=value would: "listen", "port", "storage"
+ * (file, redis://..., redis-sentinel://...), "data", "redis-prefix", "redis-timeout",
+ * "redis-wait", "logging" (the process's log level), "max-retries", "max-body", "max-header",
+ * "scope-cache", "max-connections", "idle-timeout", "shutdown-timeout", "handler-timeout",
+ * "users", "access-log", "log-path" (`mphost --help` says what each takes). value is copied.
+ * Returns 0, or a negative code with a one-line message in err (an unknown name, a value
+ * out of range). */
+int mph_host_config_set(mph_host_config_t *cfg, const char *name, const char *value, char *err,
+                        size_t errlen);
+
+/* Serves on the caller's loop (initialised, not closed before the host is), which the caller
+ * runs, instead of a loop of the host's own: see "The caller's loop" below. NULL: its own. */
+void mph_host_config_set_loop(mph_host_config_t *cfg, struct uv_loop_s *loop);
+
+/* Creates a host: loop (unless the caller's), storage (opened; Redis is checked to answer),
+ * Lua state. cfg is copied: it may be freed or changed afterwards. Returns 0, or a
  * negative code with a one-line message in err. On a caller's loop, a failure may leave
  * handles closing on it: run the loop before closing it. */
 int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size_t errlen);
@@ -116,7 +74,7 @@ int mph_host_load_file(mph_host_t *h, const char *path, char *err, size_t errlen
 int mph_host_load_string(mph_host_t *h, const char *name, const char *src, char *err,
                          size_t errlen);
 
-/* Starts listening: binds listen:port, or accepts on cfg.listen_fd when it was given.
+/* Starts listening: binds listen:port (or, in a worker of mphost's, its supervisor's socket).
  * Returns 0 or a negative code with a message (port in use). Warns when SIGPIPE would end the
  * process. */
 int mph_host_listen(mph_host_t *h, char *err, size_t errlen);
@@ -129,7 +87,7 @@ int mph_host_topology_workers(const mph_host_t *h);
 int mph_host_port(const mph_host_t *h);
 
 /* SIGINT and SIGTERM stop the host gracefully, SIGHUP reads the users file again, SIGUSR1
- * opens the access log and cfg.log_path again (a log rotation renamed them) (through
+ * opens the access log and "log-path" again (a log rotation renamed them) (through
  * libuv signal handles; other signals, SIGPIPE included, are left alone: see above).
  * Returns 0. */
 int mph_host_handle_signals(mph_host_t *h);
@@ -159,13 +117,13 @@ const char *mph_host_strerror(int err);
 
 /* ---- The caller's loop ----
  *
- * With cfg.loop set, the host opens its handles on that loop (and its storage's, its HTTP
- * server's, its timers') and never runs it: the caller runs it, with its own handles beside
- * the host's. An idle host does not keep the loop running by itself (its listener, a Redis
- * connection and work in flight do). mph_host_handle_signals stays the caller's choice.
- * To end the host, the caller calls mph_host_close and keeps running the loop: the host stops
- * as on mph_host_stop (in-flight HTTP requests and in-process calls finish, up to
- * cfg.shutdown_timeout_ms), closes every handle it opened, and then calls cb, after which
+ * With the caller's loop (mph_host_config_set_loop), the host opens its handles on that loop (and
+ * its storage's, its HTTP server's, its timers') and never runs it: the caller runs it, with its
+ * own handles beside the host's. An idle host does not keep the loop running by itself (its
+ * listener, a Redis connection and work in flight do). mph_host_handle_signals stays the caller's
+ * choice. To end the host, the caller calls mph_host_close and keeps running the loop: the host
+ * stops as on mph_host_stop (in-flight HTTP requests and in-process calls finish, up to
+ * "shutdown-timeout"), closes every handle it opened, and then calls cb, after which
  * nothing of the host is left on the loop: the caller frees the host (mph_host_free, in cb or
  * later), and its loop can run dry and uv_loop_close() it. */
 
@@ -182,8 +140,8 @@ int mph_host_close(mph_host_t *h, mph_host_close_cb cb, void *ud);
  *
  * A function registered as NAME is require("metaparticle").c.NAME in Lua. Lua calls it with
  * any arguments: they reach C as one JSON array text (args, args_len bytes, NUL-terminated),
- * mapped as a handler's result is (README, "JSON <-> Lua": nil -> null, tables -> arrays or
- * objects; a value with no JSON form raises in the caller). The function returns 0 and sets
+ * mapped as a handler's result is (docs/lua-api.md, "JSON <-> Lua": nil -> null, tables -> arrays
+ * or objects; a value with no JSON form raises in the caller). The function returns 0 and sets
  * *result to a JSON text, which Lua receives as params are mapped (NULL: null); or nonzero
  * and sets *result to an error message (NULL: "NAME failed"), which is raised as a Lua error
  * in the handler that called it (uncaught, the call fails with -32000 and that message); a

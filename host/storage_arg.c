@@ -25,7 +25,7 @@
 
 int mph_cli_resolve_storage(mph_cli_t *cli)
 {
-    mph_host_config_t *h = &cli->host;
+    struct mph_host_config_s *h = &cli->host;
     if (strcmp(h->storage, "file") == 0) {
         /* Absolute, so that status means something from any directory; the directory may
          * not exist yet (the store creates it). */

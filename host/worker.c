@@ -108,7 +108,7 @@ static int serve(mph_cli_t *cli, int id, int count, int generation, int beat)
         report("error", msg, 1);
         return 1;
     }
-    mph_host_config_t cfg = cli->host;
+    struct mph_host_config_s cfg = cli->host; /* strings borrowed: mph_host_new copies */
     cfg.listen_fd = MPH_WORKER_LISTEN_FD;
     cfg.worker_id = id;
     cfg.worker_count = count;

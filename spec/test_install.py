@@ -40,9 +40,9 @@ def test_install_prefix_and_pkg_config():
               "lib/pkgconfig/mphost.pc", "share/doc/mphost/examples/embed.c"):
         check(os.path.exists(os.path.join(prefix, f)), "installed: " + f)
     real = os.path.realpath(os.path.join(libdir, "libmphost.so"))
-    eq(os.path.basename(real), "libmphost.so.0.1.0", "the shared library's file")
+    eq(os.path.basename(real), "libmphost.so.1.0.0", "the shared library's file")
     soname = sh(["objdump", "-p", real])
-    check(re.search(r"SONAME\s+libmphost\.so\.0\n", soname), "soname libmphost.so.0")
+    check(re.search(r"SONAME\s+libmphost\.so\.1\n", soname), "soname libmphost.so.1")
     exported = sh(["nm", "-D", "--defined-only", real])
     names = re.findall(r" T (\w+)", exported)
     check(names and all(n.startswith("mph_host_") for n in names),
@@ -52,7 +52,7 @@ def test_install_prefix_and_pkg_config():
         "-I%s -x c -" % os.path.join(prefix, "include")])
 
     env = {"PKG_CONFIG_PATH": os.path.join(libdir, "pkgconfig")}
-    eq(sh(["pkg-config", "--modversion", "mphost"], env).strip(), "0.1.0", "version")
+    eq(sh(["pkg-config", "--modversion", "mphost"], env).strip(), "1.0.0", "version")
     cflags = sh(["pkg-config", "--cflags", "mphost"], env).split()
     libs = sh(["pkg-config", "--libs", "mphost"], env).split()
     static_libs = sh(["pkg-config", "--static", "--libs", "mphost"], env).split()
@@ -68,7 +68,7 @@ def test_install_prefix_and_pkg_config():
 
     run_env = dict(os.environ, LD_LIBRARY_PATH=libdir)
     linked = sh(["ldd", shared_bin], {"LD_LIBRARY_PATH": libdir})
-    check("libmphost.so.0 => %s/libmphost.so.0 " % libdir in linked, linked)
+    check("libmphost.so.1 => %s/libmphost.so.1 " % libdir in linked, linked)
     check("libmphost" not in sh(["ldd", static_bin]), "the static build needs no libmphost.so")
     embed_serves(shared_bin, run_env)
     embed_serves(static_bin, dict(os.environ))
@@ -89,15 +89,15 @@ def test_debian_package():
     debs = [l for l in out.splitlines() if l.endswith(".deb")]
     eq(len(debs), 1, "one package: %s" % out)
     deb = debs[0] if os.path.isabs(debs[0]) else os.path.join(ROOT, debs[0])
-    check(re.search(r"/mphost_0\.1\.0_amd64\.deb$", deb), deb)
+    check(re.search(r"/mphost_1\.0\.0_amd64\.deb$", deb), deb)
     info = sh(["dpkg-deb", "-f", deb, "Package", "Version", "Depends"])
-    check("Package: mphost\n" in info and "Version: 0.1.0\n" in info, info)
+    check("Package: mphost\n" in info and "Version: 1.0.0\n" in info, info)
     for lib in ("libuv1", "libjansson4", "libhiredis0.14", "libhttp-parser2.9", "libluajit2-5.1-2",
                 "libcrypt1", "libsystemd0", "zlib1g", "libc6"):
         check(re.search(r"\b%s\b" % re.escape(lib), info), "Depends lists %s: %s" % (lib, info))
     files = sh(["dpkg-deb", "-c", deb])
     for f in ("./usr/bin/mphost", "./usr/include/mphost.h", "./usr/lib/libmphost.a",
-              "./usr/lib/libmphost.so.0.1.0", "./usr/lib/libmphost.so.0 -> libmphost.so.0.1.0",
+              "./usr/lib/libmphost.so.1.0.0", "./usr/lib/libmphost.so.1 -> libmphost.so.1.0.0",
               "./usr/lib/pkgconfig/mphost.pc", "./usr/share/doc/mphost/examples/server5.lua"):
         check(f in files, "the package holds %s:\n%s" % (f, files))
     root = tmpdir("mph-deb-")

@@ -57,16 +57,22 @@ static int host_open(fixture_t *f, uv_loop_t *loop, const char *data, const char
                      unsigned timeout_ms,
                      int (*setup)(mph_host_t *h)) /* registers functions; may be NULL */
 {
-    mph_host_config_t cfg;
-    mph_host_config_default(&cfg);
-    cfg.loop = loop;
-    cfg.data_dir = data;
-    cfg.handler_timeout_ms = timeout_ms;
-    cfg.shutdown_timeout_ms = 5000;
-    char err[512];
+    mph_host_config_t *cfg;
+    char err[512], timeout[32];
+    snprintf(timeout, sizeof(timeout), "%u.%03u", timeout_ms / 1000, timeout_ms % 1000);
+    mph_host_config_new(&cfg);
+    mph_host_config_set_loop(cfg, loop);
+    int rc = mph_host_config_set(cfg, "data", data, err, sizeof(err));
+    if (rc == 0)
+        rc = mph_host_config_set(cfg, "handler-timeout", timeout, err, sizeof(err));
+    if (rc == 0)
+        rc = mph_host_config_set(cfg, "shutdown-timeout", "5", err, sizeof(err));
     memset(f, 0, sizeof(*f));
     f->loop = loop;
-    if (mph_host_new(&f->host, &cfg, err, sizeof(err)) != 0) {
+    if (rc == 0)
+        rc = mph_host_new(&f->host, cfg, err, sizeof(err));
+    mph_host_config_free(cfg);
+    if (rc != 0) {
         fprintf(stderr, "  mph_host_new: %s\n", err);
         return -1;
     }
@@ -564,12 +570,13 @@ static void on_own_reply(void *ud, const mph_host_reply_t *r)
 static void test_own_loop_close_from_a_reply(void)
 {
     char *data = new_data_dir();
-    mph_host_config_t cfg;
-    mph_host_config_default(&cfg);
-    cfg.data_dir = data;
+    mph_host_config_t *cfg;
     mph_host_t *h;
     char err[256];
-    CHECK(mph_host_new(&h, &cfg, err, sizeof(err)) == 0);
+    mph_host_config_new(&cfg);
+    CHECK(mph_host_config_set(cfg, "data", data, err, sizeof(err)) == 0);
+    CHECK(mph_host_new(&h, cfg, err, sizeof(err)) == 0);
+    mph_host_config_free(cfg);
     CHECK(mph_host_load_string(h, "t.lua", counter_lua, err, sizeof(err)) == 0);
     int closed = 0;
     reply_t r = {0};
@@ -588,21 +595,56 @@ static void test_failed_new_on_callers_loop(void)
     uv_loop_t loop;
     uv_loop_init(&loop);
     char *data = new_data_dir();
-    mph_host_config_t cfg;
-    mph_host_config_default(&cfg);
-    cfg.loop = &loop;
-    cfg.data_dir = data;
-    cfg.users_file = "/nonexistent/users"; /* fails after the store has opened */
+    mph_host_config_t *cfg;
     mph_host_t *h = NULL;
     char err[256] = "";
-    CHECK(mph_host_new(&h, &cfg, err, sizeof(err)) != 0);
+    mph_host_config_new(&cfg);
+    mph_host_config_set_loop(cfg, &loop);
+    CHECK(mph_host_config_set(cfg, "data", data, err, sizeof(err)) == 0);
+    /* fails after the store has opened: */
+    CHECK(mph_host_config_set(cfg, "users", "/nonexistent/users", err, sizeof(err)) == 0);
+    CHECK(mph_host_new(&h, cfg, err, sizeof(err)) != 0);
+    mph_host_config_free(cfg);
     CHECK(strstr(err, "/nonexistent/users") != NULL);
     uv_run(&loop, UV_RUN_DEFAULT);
     CHECK(uv_loop_close(&loop) == 0);
     remove_data_dir(data);
 }
 
+/* The opaque configuration: options by the command line's names and value forms, refused
+ * with a message when unknown or out of range; the host keeps its own copy of the strings,
+ * so the caller's buffer and config may go at once. */
+static void test_config_by_name(void)
+{
+    mph_host_config_t *cfg;
+    char err[256] = "";
+    CHECK(mph_host_config_new(&cfg) == 0);
+    CHECK(mph_host_config_set(cfg, "no-such-option", "1", err, sizeof(err)) != 0);
+    CHECK(strstr(err, "unknown option --no-such-option") != NULL);
+    CHECK(mph_host_config_set(cfg, "port", "65536", err, sizeof(err)) != 0);
+    CHECK(strstr(err, "invalid --port: 65536 (expected 0 to 65535)") != NULL);
+    CHECK(mph_host_config_set(cfg, "idle-timeout", "1e3", err, sizeof(err)) != 0);
+    CHECK(mph_host_config_set(cfg, "scope-cache", "64M", err, sizeof(err)) == 0);
+    char *data = new_data_dir();
+    char buf[4096];
+    snprintf(buf, sizeof(buf), "%s", data);
+    CHECK(mph_host_config_set(cfg, "data", buf, err, sizeof(err)) == 0);
+    memset(buf, 'x', sizeof(buf) - 1); /* the config copied it */
+    CHECK(mph_host_config_set(cfg, "port", "0", err, sizeof(err)) == 0);
+    CHECK(mph_host_config_set(cfg, "listen", "127.0.0.1", err, sizeof(err)) == 0);
+    mph_host_t *h = NULL;
+    CHECK(mph_host_new(&h, cfg, err, sizeof(err)) == 0);
+    mph_host_config_free(cfg); /* the host copied it */
+    CHECK(h && mph_host_load_string(h, "t.lua", counter_lua, err, sizeof(err)) == 0);
+    CHECK(h && mph_host_listen(h, err, sizeof(err)) == 0);
+    CHECK(h && mph_host_port(h) > 0); /* port 0 picked a free one on 127.0.0.1 */
+    if (h)
+        mph_host_free(h);
+    remove_data_dir(data);
+}
+
 static const mph_unit_test_t tests[] = {
+    {"config_by_name", test_config_by_name},
     {"failed_new_on_callers_loop", test_failed_new_on_callers_loop},
     {"callers_loop_and_close", test_callers_loop_and_close},
     {"close_answers_calls_in_flight", test_close_answers_calls_in_flight},
