@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 KIND=${1:-file}
 SECONDS_=${2:-10}
-MPHOST=$PWD/${3:-build}/mphost
+MPHOST=$PWD/${3:-build-release}/mphost
 WORK=$(mktemp -d)
 PIDS=()
 trap 'kill "${PIDS[@]}" 2>/dev/null || true; rm -rf "$WORK"' EXIT

@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
-BUILD=${1:-build}
+BUILD=${1:-build-release}
 MPHOST=$PWD/$BUILD/mphost
 DURATION=${DURATION:-3}
 RUNS=${RUNS:-5}

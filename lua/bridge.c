@@ -335,8 +335,10 @@ static int l_set_result(lua_State *L)
     return 0;
 }
 
-/* C.fail_allocations(skip, count): test builds of the state only (MPH_TEST_LUA_ALLOC_FAIL=1):
- * the next `skip` allocations succeed, then `count` fail. [-2, +0, -] */
+#ifdef MPH_TEST_HOOKS
+/* C.fail_allocations(skip, count): test builds (MPH_TEST_HOOKS) whose state runs with
+ * MPH_TEST_LUA_ALLOC_FAIL=1 only: the next `skip` allocations succeed, then `count` fail.
+ * [-2, +0, -] */
 static int l_fail_allocations(lua_State *L)
 {
     mph_lua_t *lua = mph__lua_upvalue(L);
@@ -344,6 +346,7 @@ static int l_fail_allocations(lua_State *L)
     lua->alloc_fail = (long)luaL_checknumber(L, 2);
     return 0;
 }
+#endif
 
 /* ---- C functions of the embedding program (c.NAME) ---- */
 
@@ -452,7 +455,9 @@ static const luaL_Reg helper_functions[] = {{"log", l_log},
                                             {"decode", l_decode},
                                             {"set_result", l_set_result},
                                             {"checkpoint", l_checkpoint},
+#ifdef MPH_TEST_HOOKS
                                             {"fail_allocations", l_fail_allocations},
+#endif
                                             {NULL, NULL}};
 
 /* ---- Entering Lua from C ----
@@ -500,6 +505,7 @@ void mph__lua_call_internal(mph_lua_t *lua, lua_State *L, const char *fn, int na
 
 /* ---- Lifecycle ---- */
 
+#ifdef MPH_TEST_HOOKS
 /* The allocator of test runs (MPH_TEST_LUA_ALLOC_FAIL=1): C.fail_allocations arms it. Only
  * new blocks and growth fail; shrinking and freeing never do (LuaJIT relies on that). LuaJIT
  * accepts it: our build (openresty luajit2 v2.1-20230119, x86-64) is GC64, where lua_newstate
@@ -522,6 +528,7 @@ static void *test_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
     }
     return realloc(ptr, nsize);
 }
+#endif
 
 /* Runs metaparticle.lua with the helper table; leaves package.loaded.metaparticle = M and
  * keeps I in the registry. Run by init_state. [-0, +0, e] */
@@ -535,8 +542,10 @@ static void open_module(mph_lua_t *lua, lua_State *L)
     const luaL_Reg *lists[] = {helper_functions, mph__topology_helpers, mph__runner_helpers};
     for (size_t i = 0; i < sizeof(lists) / sizeof(lists[0]); i++) {
         for (const luaL_Reg *r = lists[i]; r->name; r++) {
+#ifdef MPH_TEST_HOOKS
             if (r->func == l_fail_allocations && !lua->alloc_test)
                 continue;
+#endif
             lua_pushlightuserdata(L, lua);
             lua_pushcclosure(L, r->func, 1);
             lua_setfield(L, -2, r->name);
@@ -627,9 +636,13 @@ int mph_lua_new(mph_lua_t **out, uv_loop_t *loop, const mph_lua_config_t *cfg)
     lua->rng = random_seed(lua) | 1;           /* xorshift needs a nonzero state */
     lua->committer = mph__lua_random(lua) | 1; /* distinct per process and per host */
     lua->internal_ref = LUA_NOREF;
+#ifdef MPH_TEST_HOOKS
     const char *test = getenv("MPH_TEST_LUA_ALLOC_FAIL");
     lua->alloc_test = test != NULL && strcmp(test, "1") == 0;
     lua->L = lua->alloc_test ? lua_newstate(test_alloc, lua) : luaL_newstate();
+#else
+    lua->L = luaL_newstate();
+#endif
     if (lua->L == NULL) {
         free(lua);
         return MPH_ENOMEM;

@@ -400,3 +400,24 @@ def sigpipe_ignored(pid):
             if line.startswith("SigIgn:"):
                 return bool(int(line.split()[1], 16) & (1 << (signal.SIGPIPE - 1)))
     raise TestFailure("no SigIgn line")
+
+
+def test_the_release_build_has_no_test_hooks():
+    """./dev test builds build-release too (what ./dev start installs): the suite's fault
+    hooks (MPH_TEST_* variables, mp.test_fail_allocations) are compiled out of it."""
+    binary = os.path.join(ROOT, "build-release", "mphost")
+    check(os.path.exists(binary), "no release build: run ./dev build release")
+    data = open(binary, "rb").read()
+    for hook in (b"MPH_TEST_FAULT", b"MPH_TEST_GATE", b"MPH_TEST_COMPACT_MIN",
+                 b"MPH_TEST_LUA_ALLOC_FAIL"):
+        check(hook not in data, "the release binary reads %s" % hook.decode())
+    script = os.path.join(tmpdir(), "hooks.lua")
+    with open(script, "w") as f:
+        f.write("local mp = require('metaparticle')\n"
+                "mp.service('hook', function() return type(mp.test_fail_allocations) end)"
+                ".expose = true\nmp.serve()\n")
+    env = {"MPH_TEST_LUA_ALLOC_FAIL": "1"}
+    with Server(script, env=env, binary=binary) as s:
+        eq(s.result("hook", []), "nil", "mp.test_fail_allocations in the release build")
+    with Server(script, env=env) as s:
+        eq(s.result("hook", []), "function", "mp.test_fail_allocations in the test build")
