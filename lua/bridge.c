@@ -262,7 +262,7 @@ static int l_acquire(lua_State *L)
         mph__txn_clear_wake(t);
         return 3;
     }
-    t->state = TXN_WAITING;
+    mph__txn_become(t, TXN_WAITING);
     assert(assert_txn_state(t));
     return lua_yield(L, 0);
 }
@@ -1048,7 +1048,7 @@ void mph__txn_resume(mph_txn_t *t, int nargs)
     mph_lua_t *lua = t->lua;
     mph_txn_t *outer = lua->current;
     lua->current = t;
-    t->state = TXN_RUNNING;
+    mph__txn_become(t, TXN_RUNNING);
     assert(assert_txn_state(t));
     t->deadline = lua->timeout_ns ? uv_hrtime() + lua->timeout_ns : 0; /* per running stretch */
     uint64_t outer_deadline = lua->watchdog ? mph_watchdog_enter(lua->watchdog, t->deadline) : 0;
@@ -1166,7 +1166,7 @@ void mph__txn_start_attempt(mph_txn_t *t)
     t->result.len = 0;
     mph__txn_clear_wake(t);
     mph__forward_clear(t);
-    t->state = TXN_RUNNING;
+    mph__txn_become(t, TXN_RUNNING);
     setup_t c = {t, 0, ""};
     if (mph__lua_protect(t->lua, setup_attempt, &c, "starting a call") != 0) {
         mph__txn_reply(t, MPH_RPC_INTERNAL_ERROR, "Internal error: " NOMEM_MESSAGE);

@@ -3,7 +3,8 @@
  * retries) share. Private to lua/.
  *
  * A transaction (mph_txn_t) is one JSON-RPC call. Each attempt runs the handler in a new
- * coroutine; its states (assert_txn_state below checks each):
+ * coroutine; its states (txn.c: mph__txn_become makes every change, checking the edge here
+ * and, with assert_txn_state below, the new state's invariants):
  *
  *   RUNNING  --handler waits for a scope to load (C.acquire yields)-->  WAITING
  *   WAITING  --on_loaded (runner.c) resumes it-->                        RUNNING
@@ -224,6 +225,13 @@ static inline int assert_txn_state(const mph_txn_t *t)
     return 1;
 }
 #endif
+
+/* Whether a transaction in state `from` may go to `to` (the edges of the diagram above). */
+int mph__txn_may_become(mph_txn_state_t from, mph_txn_state_t to);
+
+/* Moves t to state `to`: the edge must be drawn above; the caller then asserts
+ * assert_txn_state(t) once the new state's fields are set. */
+void mph__txn_become(mph_txn_t *t, mph_txn_state_t to);
 
 /* bridge.c */
 void mph__txn_start_attempt(mph_txn_t *t);

@@ -613,8 +613,7 @@ int mph__runner_acquire(mph_txn_t *t, const char *name, int can_wait, int *code,
     }
     mph_scope_t *s = scope_get(lua, name);
     if (s->state == SCOPE_READY && hold(t, s, can_wait)) {
-        t->state = TXN_WAITING;
-        queue_push(&s->unit->held, t);
+        queue_push(&s->unit->held, t); /* C.acquire makes it WAITING */
         return 1;
     }
     if (s->state == SCOPE_READY) {
@@ -672,7 +671,7 @@ void mph__runner_reload(mph_txn_t *t)
         mph__txn_start_attempt(t);
         return;
     }
-    t->state = TXN_RELOAD;
+    mph__txn_become(t, TXN_RELOAD);
     assert(assert_txn_state(t));
     queue_push(&s->waiting, t);
 }
@@ -879,7 +878,7 @@ static void requeue_all(mph_unit_t *u, mph_txn_t *t, int refused)
                      t->attempts, t->attempts == 1 ? "" : "s");
             mph__txn_reply(t, MPH_RPC_CONFLICT, msg);
         } else {
-            t->state = TXN_RETRY;
+            mph__txn_become(t, TXN_RETRY);
             assert(assert_txn_state(t));
             queue_push(&u->rerun, t);
         }
@@ -1147,7 +1146,7 @@ static void kick(mph_unit_t *u)
     u->pending.head = u->pending.tail = NULL;
     u->pending_commits = 0;
     for (mph_txn_t *t = c->batch.head; t; t = t->next) {
-        t->state = TXN_COMMITTING;
+        mph__txn_become(t, TXN_COMMITTING);
         assert(assert_txn_state(t));
     }
     c->next = u->commits;
@@ -1193,7 +1192,7 @@ void mph__runner_finished(mph_txn_t *t)
         mph__txn_reply_result(t); /* it read durable data only */
         return;
     }
-    t->state = TXN_QUEUED;
+    mph__txn_become(t, TXN_QUEUED);
     assert(assert_txn_state(t));
     queue_push(&u->pending, t);
     if (needs_commit(t))

@@ -165,7 +165,7 @@ static int l_forward(lua_State *L)
     t->fwd = mph_xcalloc((size_t)t->fwd_n, sizeof(*t->fwd));
     for (int i = 0; i < t->fwd_n; i++)
         t->fwd[i].t = t;
-    t->state = TXN_FORWARDING;
+    mph__txn_become(t, TXN_FORWARDING);
     assert(assert_txn_state(t));
     return lua_yield(L, 0);
 }

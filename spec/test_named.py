@@ -166,7 +166,8 @@ def kill9_during_transfers(storage_args, rounds=2):
         seed(s)
     for round_ in range(rounds):
         procs = servers(storage_args, data)
-        acked, lock, enough = [0], threading.Lock(), threading.Event()
+        acked, errors, lock, enough = [0], [], threading.Lock(), threading.Event()
+        killed = threading.Event()
 
         def mover(i):
             rng = random.Random(1000 * round_ + i)
@@ -174,22 +175,30 @@ def kill9_during_transfers(storage_args, rounds=2):
                 c = KeepAliveClient(procs[i % 2].port, timeout=30)
                 while True:
                     a, b = rng.sample(range(1, N_ACCOUNTS + 1), 2)
-                    c.call("transfer", {"from": a, "to": b, "amount": rng.randint(1, 400)})
+                    r = c.call("transfer", {"from": a, "to": b, "amount": rng.randint(1, 400)})
                     with lock:
-                        acked[0] += 1
-                        if acked[0] >= 200:
-                            enough.set()
-            except Exception:  # the kill cuts the connection
-                return
+                        if "result" in r:
+                            acked[0] += 1
+                            if acked[0] >= 200:
+                                enough.set()
+                        elif r["error"]["code"] != -32010 and not killed.is_set():
+                            errors.append(r)  # a failure; -32010 (insufficient funds) is not
+            except Exception as e:  # the kill cuts the connection; before it, nothing may
+                if not killed.is_set():
+                    with lock:
+                        errors.append(repr(e))
 
         threads = [threading.Thread(target=mover, args=(i,)) for i in range(16)]
         for t in threads:
             t.start()
-        check(enough.wait(60), "200 transfers were acknowledged before the kill")
+        got = enough.wait(60)
+        killed.set()
         for p in procs:
             p.kill9()
         for t in threads:
             t.join()
+        check(got, "200 transfers were acknowledged before the kill (%d)" % acked[0])
+        check(not errors, "calls failed before the kill: %r" % errors[:3])
         with Server(ACCOUNTS, storage_args, data=data) as s:
             audit = s.result("audit", {"n": N_ACCOUNTS})
             eq(audit["total"], N_ACCOUNTS * START, "the sum after kill -9, round %d" % round_)

@@ -11,11 +11,15 @@
 #include "host/common.c"
 #include "host/map.c"
 #include "lua/bridge.c"
+#include "lua/txn.c"
 #include "lua/json.c"
 #include "lua/json_parse.c"
 #include "lua/runner.c"
 #include "lua/watchdog.c"
 #include "lua/topology.c"
+
+#include <signal.h>
+#include <sys/wait.h>
 
 #include "spec/unit/unit.h"
 
@@ -392,15 +396,35 @@ static void test_no_global_prng_state(void)
     bridge_free(lua);
 }
 
+/* The edges of internal.h's diagram, and that a change along any other one stops the process
+ * (test builds keep assert(): CMakeLists.txt), in a child so that the abort is observed. */
 static void test_txn_states_are_asserted(void)
 {
-#ifndef NDEBUG
-    mph_txn_t t = {0};
-    t.state = TXN_RUNNING;
-    CHECK(assert_txn_state(&t));
-    t.state = TXN_RETRY;
-    t.nscopes = 1;
-    CHECK(assert_txn_state(&t));
+    CHECK(mph__txn_may_become(TXN_RUNNING, TXN_QUEUED));
+    CHECK(mph__txn_may_become(TXN_QUEUED, TXN_COMMITTING));
+    CHECK(mph__txn_may_become(TXN_COMMITTING, TXN_RETRY));
+    CHECK(mph__txn_may_become(TXN_RETRY, TXN_RUNNING));
+    CHECK(mph__txn_may_become(TXN_WAITING, TXN_RUNNING));
+    CHECK(!mph__txn_may_become(TXN_RUNNING, TXN_COMMITTING)); /* not before it is queued */
+    CHECK(!mph__txn_may_become(TXN_COMMITTING, TXN_QUEUED));
+    CHECK(!mph__txn_may_become(TXN_WAITING, TXN_QUEUED));
+    CHECK(!mph__txn_may_become(TXN_RETRY, TXN_COMMITTING));
+    CHECK(!mph__txn_may_become(TXN_RELOAD, TXN_WAITING));
+#ifdef NDEBUG
+    CHECK(!"a test build without assert(): see CMakeLists.txt");
+#else
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid == 0) {
+        signal(SIGABRT, SIG_DFL);
+        mph_txn_t t = {0};
+        t.state = TXN_RUNNING;
+        mph__txn_become(&t, TXN_COMMITTING); /* skips QUEUED */
+        _exit(0);
+    }
+    int status = 0;
+    CHECK(pid > 0 && waitpid(pid, &status, 0) == pid);
+    CHECK(WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT);
 #endif
 }
 
