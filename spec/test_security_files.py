@@ -199,7 +199,7 @@ def test_a_fresh_data_dir_is_0700_and_its_files_0600_whatever_the_umask():
 
 
 def test_existing_files_with_wide_modes_are_narrowed():
-    """Our choice for a data directory from before 0.3 (0755, files 0644): used, narrowed to
+    """Our choice for a data directory an older mphost made (0755, files 0644): used, narrowed to
     0700 at start (with a warning), each file to 0600 when first opened."""
     data = os.path.join(open_parent(), "data")
     with Server(SERVER5, data=data) as s:
@@ -315,6 +315,38 @@ def test_a_process_that_read_a_scope_missing_sees_another_create_it():
         eq(a.result("count", {"name": "p"}), 2, "a counts on b's first commit")
         eq(a.result("count", {"name": "q"}), 16, "a counts on b's snapshot and log")
         eq(b.result("count", {"name": "q"}), 17, "and b on a's commit")
+
+
+COPY = """
+local mp = require("metaparticle")
+local function expose(name, fn) mp.service(name, fn).expose = true end
+-- Reads scope a (perhaps never written) and writes scope b: one commit, a only checked.
+expose("copy", function(p)
+  local a, b = mp.scope.named(p.a), mp.scope.named(p.b)
+  b.n = (a.n or 0) + 100
+  return b.n
+end)
+expose("count", function(p)
+  local s = mp.scope.named(p.name)
+  s.n = (s.n or 0) + 1
+  return s.n
+end)
+mp.serve()
+"""
+
+
+def test_a_commit_that_only_checks_a_missing_scope_creates_nothing_and_sees_it_created():
+    script = os.path.join(tmpdir(), "copy.lua")
+    with open(script, "w") as f:
+        f.write(COPY)
+    data = tmpdir("mph-data-")
+    with Server(script, ["--workers=0"], data=data) as a, \
+            Server(script, ["--workers=0"], data=data) as b:
+        eq(a.result("copy", {"a": "ghost", "b": "real"}), 100)
+        check(not [n for n in os.listdir(data) if "ghost" in n], os.listdir(data))
+        eq(b.result("count", {"name": "ghost"}), 1)
+        # a read ghost missing; its check of version 0 now fails, and the call runs again.
+        eq(a.result("copy", {"a": "ghost", "b": "real"}), 101)
 
 
 def test_two_processes_racing_to_create_a_scope_lose_no_count():

@@ -429,7 +429,7 @@ static const char *rel(const file_store_t *fs, const char *path)
  * directory cannot be followed either (the name is resolved from dfd, one component). A file
  * created is 0600 whatever the umask. An existing one must be a regular file of our uid
  * (else EPERM, or EMEDIUMTYPE for anything but a regular file); one that is open to group or
- * others (0644 from mphost before 0.3) is narrowed to 0600 here, so that once the directory
+ * others (0644: older mphost made them so) is narrowed to 0600 here, so that once the directory
  * is 0700 nothing in it can be opened by another uid, lock files included (another uid that
  * held LOCK_EX on a lock stalled every call of its scope). Returns the fd, or -1 with errno. */
 static int open_in(file_store_t *fs, const char *path, int flags)
@@ -448,7 +448,9 @@ static int open_in(file_store_t *fs, const char *path, int flags)
         errno = EPERM;
         goto fail;
     }
-    if ((st.st_mode & 077) != 0 && fchmod(fd, 0600) != 0)
+    /* 0600 exactly: a umask that takes bits away from the owner (0277) must not leave a
+     * file we cannot open again for writing. */
+    if ((st.st_mode & 0777) != 0600 && fchmod(fd, 0600) != 0)
         goto fail;
     return fd;
 fail:;
