@@ -10,8 +10,6 @@ installs both) and fail, not skip, without them.
 """
 import os
 import select
-import shutil
-import signal
 import stat
 import subprocess
 import threading
@@ -30,6 +28,7 @@ POWERLOSS_FS = os.path.join(ROOT, "spec", "powerloss_fs.py")
 
 def as_nobody(*cmd):
     """Runs cmd as uid 65534; returns (exit code, stdout + stderr)."""
+    check(os.geteuid() == 0, "these tests run as root: the attacker is another uid (setpriv)")
     p = subprocess.run(NOBODY + list(cmd), capture_output=True, text=True, timeout=60)
     return p.returncode, p.stdout + p.stderr
 
@@ -70,9 +69,7 @@ def named_file(name, ext):
     return "n%3A" + name + ext
 
 
-def umask_0(cmd=()):
-    """A prefix that runs the server with umask 000."""
-    return ["sh", "-c", 'umask 000; exec "$@"', "sh"] + list(cmd)
+UMASK_0 = ["sh", "-c", 'umask 000; exec "$@"', "sh"]  # a prefix: the server runs with umask 000
 
 
 # -- refused at start --
@@ -182,7 +179,7 @@ def test_planted_links_in_an_accepted_data_dir_are_never_followed():
 def test_a_fresh_data_dir_is_0700_and_its_files_0600_whatever_the_umask():
     parent = open_parent()
     data = os.path.join(parent, "a", "b", "data")  # three levels created by mphost
-    with Server(ACCOUNTS, data=data, prefix_cmd=umask_0()) as s:
+    with Server(ACCOUNTS, data=data, prefix_cmd=UMASK_0) as s:
         eq(s.result("both", {"name": "x"}), {"named": 1, "global": 1})  # an intent file too
         eq(s.result("count", {"name": "y"}), 1)
         for d in ("a", "a/b", "a/b/data"):
