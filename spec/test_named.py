@@ -466,7 +466,7 @@ def test_a_call_that_waits_for_a_load_after_reading_a_scope_loses_no_update():
     would otherwise write a over the increment)."""
     from test_scope import wait_log
     gate = os.path.join(tmpdir(), "gate")
-    env = {"MPH_TEST_FAULT": "open.dirsync:2:hold", "MPH_TEST_GATE": gate}
+    env = {"MPH_TEST_FAULT": "load.start:2:hold", "MPH_TEST_GATE": gate}
     with Server(ACCOUNTS, ["--workers=0"], env=env) as s:
         eq(s.result("count", {"name": "a"}), 1, "a loaded (first open) and counted")
         out = {}
@@ -475,7 +475,7 @@ def test_a_call_that_waits_for_a_load_after_reading_a_scope_loses_no_update():
             out["r"] = s.rpc("read_then_touch", {"a": "a", "b": "b"})
         t = threading.Thread(target=slow)
         t.start()
-        wait_log(s, "hold at open.dirsync")
+        wait_log(s, "hold at load.start")
         eq(s.result("count", {"name": "a"}), 2, "a counted while the other call waits")
         open(gate, "w").close()
         t.join(60)

@@ -11,6 +11,24 @@
  *   E.claim a fairness claim (storage.h): "ID EXPIRY_MS", read and written under the lock;
  *           advisory, so it is not synced (a claim lost in a crash costs nothing)
  *   E.snap.tmp, E.log.tmp  a compaction's files before their rename
+ *   ~ID.intent  a commit of several scopes until its commit point (see that section)
+ *
+ * The directory and its files belong to one user (issue 19: another local user could plant
+ * links, read every scope and freeze calls by holding a lock file's flock). At open the data
+ * directory is created 0700 if missing (made durable in its parent), or refused if it is a
+ * link, another uid's, or writable by group or others (see "The data directory"), and kept
+ * open: every file is opened by its name relative to that descriptor with O_NOFOLLOW
+ * (open_in), renamed and removed with renameat and unlinkat, looked at with fstatat; no
+ * path through a link is ever followed. Files are created 0600 whatever the umask; an older
+ * file with wider modes is narrowed when opened. So no other uid can open anything here,
+ * a lock file least of all.
+ *
+ * A scope that was never written has no files, and reading it creates none: a load that
+ * finds no lock, log or snapshot answers version 0 without touching the disk, and the first
+ * commit that writes creates the lock, then (holding it) the log (open_files, create_log).
+ * A process that read a scope as missing has read nothing of its log (log_ino 0), so its
+ * commit reads the scope whole under the lock (catch_up): whatever another process wrote
+ * meanwhile, snapshot included, comes back as the conflict's answer.
  *
  * A record (format 2) is: magic "MPR2", payload length, CRC-32 of the payload, CRC-32 of
  * these first 12 header bytes, then the payload: version (u64), entry count (u32), and per
@@ -101,11 +119,13 @@
 
 typedef struct fscope_s {
     char *name;          /* owned */
-    char *path;          /* owned: dir/E without the extension */
-    int lock_fd;         /* -1 until the first operation */
-    int log_fd;          /* -1 until the first operation */
-    int dir_synced;      /* the directory was fsynced after our files were created */
-    ino_t log_ino;       /* inode of log_fd: a compaction replaces the file */
+    char *path;          /* owned: dir/E without the extension (for messages; files are
+                            opened by their name under the directory's fd: see open_in) */
+    int lock_fd;         /* -1 until an operation finds or creates the lock */
+    int log_fd;          /* -1 until an operation finds the log or a commit creates it */
+    int dir_synced;      /* the directory was fsynced since we found or created files */
+    ino_t log_ino;       /* inode of the log we read from its start, 0: none yet (the next
+                            operation reads the scope whole); a compaction replaces the file */
     off_t log_end;       /* bytes of the log read and applied by us */
     uint64_t version;    /* the version we last reported to the runner */
     off_t snap_size;     /* size of the current snapshot file (compaction policy) */
@@ -127,7 +147,10 @@ typedef struct fscope_s {
 typedef struct {
     mph_store_t base; /* must be first */
     uv_loop_t *loop;
-    char *dir;                       /* owned */
+    char *dir;                       /* owned: the data directory's path, for messages */
+    size_t dir_len;                  /* strlen(dir) */
+    int dfd;                         /* the data directory, checked at open (open_data_dir):
+                                        every file is reached through it (open_in) */
     mph_map_t scopes;                /* fscope_t by name, owned */
     fscope_t *open_head, *open_tail; /* scopes with open files, most recently used first */
     unsigned nopen;                  /* how many */
@@ -181,6 +204,8 @@ typedef struct {
     off_t part_start;  /* multi-scope commit: where our part starts (to take it back) */
     int mutexed;       /* multi-scope commit: we hold sc->mutex ... */
     int flocked;       /* ... and the scope lock */
+    int absent;        /* a check (no writes) of a scope that has no files: version 0,
+                          nothing to lock (a read creates nothing: see open_files) */
 } op_t;
 
 /* A commit of several scopes: one work item for all of them, so that their locks are taken
@@ -352,11 +377,26 @@ static int fault_at(const char *point)
 
 /* ---- I/O steps, each named for the test hooks ---- */
 
+/* strerror, but saying what the errors open_in makes up mean. */
+static const char *why_not(int err)
+{
+    switch (err) {
+    case ELOOP:
+        return "a symbolic link, refused (files in the data directory are never followed)";
+    case EPERM:
+        return "Operation not permitted (a file of another user is refused)";
+    case EMEDIUMTYPE:
+        return "not a regular file, refused";
+    default:
+        return strerror(err);
+    }
+}
+
 static int op_fail(op_t *op, int status, const char *what, const char *path)
 {
     op->status = status;
     if (path)
-        snprintf(op->message, sizeof(op->message), "%s %s: %s", what, path, strerror(errno));
+        snprintf(op->message, sizeof(op->message), "%s %s: %s", what, path, why_not(errno));
     else
         snprintf(op->message, sizeof(op->message), "%s", what);
     return status;
@@ -374,14 +414,75 @@ static int sync_at(const char *point, file_store_t *fs, int fd, int data_only)
 
 static int fsync_dir(const char *point, file_store_t *fs)
 {
-    int fd = open(fs->dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    return sync_at(point, fs, fs->dfd, 0);
+}
+
+/* The name inside the data directory of `path`, one of our paths (fs->dir, "/", a name). */
+static const char *rel(const file_store_t *fs, const char *path)
+{
+    assert(strncmp(path, fs->dir, fs->dir_len) == 0 && path[fs->dir_len] == '/');
+    return path + fs->dir_len + 1;
+}
+
+/* Opens the file at `path` (in the data directory) through the directory's fd, never through
+ * a symbolic link: a planted link fails with ELOOP whatever it points to, and a link to the
+ * directory cannot be followed either (the name is resolved from dfd, one component). A file
+ * created is 0600 whatever the umask. An existing one must be a regular file of our uid
+ * (else EPERM, or EMEDIUMTYPE for anything but a regular file); one that is open to group or
+ * others (0644: older mphost made them so) is narrowed to 0600 here, so that once the directory
+ * is 0700 nothing in it can be opened by another uid, lock files included (another uid that
+ * held LOCK_EX on a lock stalled every call of its scope). Returns the fd, or -1 with errno. */
+static int open_in(file_store_t *fs, const char *path, int flags)
+{
+    int fd = openat(fs->dfd, rel(fs, path), flags | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (fd < 0)
         return -1;
-    int rc = sync_at(point, fs, fd, 0);
+    struct stat st;
+    if (fstat(fd, &st) != 0)
+        goto fail;
+    if (!S_ISREG(st.st_mode)) {
+        errno = EMEDIUMTYPE; /* an errno nothing else here makes: why_not names it */
+        goto fail;
+    }
+    if (st.st_uid != geteuid()) {
+        errno = EPERM;
+        goto fail;
+    }
+    /* 0600 exactly: a umask that takes bits away from the owner (0277) must not leave a
+     * file we cannot open again for writing. */
+    if ((st.st_mode & 0777) != 0600 && fchmod(fd, 0600) != 0)
+        goto fail;
+    return fd;
+fail:;
     int saved = errno;
     close(fd);
     errno = saved;
-    return rc;
+    return -1;
+}
+
+/* Whether anything is named `path` in the data directory (a link is not followed): 1 (and
+ * *st, when not NULL, says what), 0, or -1 with errno. */
+static int exists_in(const file_store_t *fs, const char *path, struct stat *st)
+{
+    struct stat ignored;
+    if (fstatat(fs->dfd, rel(fs, path), st ? st : &ignored, AT_SYMLINK_NOFOLLOW) == 0)
+        return 1;
+    return errno == ENOENT ? 0 : -1;
+}
+
+static void unlink_in(const file_store_t *fs, const char *path)
+{
+    unlinkat(fs->dfd, rel(fs, path), 0);
+}
+
+/* Creates a compaction's temporary file (E.snap.tmp, E.log.tmp). Its name is predictable,
+ * but only our uid can add names to the checked directory, and one process at a time
+ * compacts a scope (the guard); still, a leftover of a crashed compaction is removed first
+ * and the file is created O_EXCL, so what we write is always a new inode of ours. */
+static int create_tmp(file_store_t *fs, const char *path)
+{
+    unlink_in(fs, path);
+    return open_in(fs, path, O_RDWR | O_CREAT | O_EXCL);
 }
 
 static int read_range(int fd, off_t from, off_t to, mph_buf_t *out)
@@ -434,9 +535,9 @@ static int truncate_at(const char *point, int fd, off_t len)
     return fault_at(point) != 0 ? -1 : ftruncate(fd, len);
 }
 
-static int rename_at(const char *point, const char *from, const char *to)
+static int rename_at(const char *point, file_store_t *fs, const char *from, const char *to)
 {
-    return fault_at(point) != 0 ? -1 : rename(from, to);
+    return fault_at(point) != 0 ? -1 : renameat(fs->dfd, rel(fs, from), fs->dfd, rel(fs, to));
 }
 
 /* ---- Records ---- */
@@ -706,41 +807,85 @@ static char *scope_file(const fscope_t *sc, const char *ext)
     return p;
 }
 
-/* Opens (creating) the lock and log files, and makes sure the directory entries are durable
- * before anything in them is acknowledged (until a directory fsync succeeds, every
- * operation tries again). */
-static int open_files(op_t *op)
+/* Whether the scope has a log or a snapshot (a lock alone holds no data). */
+static int has_data(op_t *op)
+{
+    static const char *const exts[] = {".log", ".snap"};
+    int found = 0;
+    for (size_t i = 0; i < sizeof(exts) / sizeof(exts[0]) && found == 0; i++) {
+        char *path = scope_file(op->sc, exts[i]);
+        found = exists_in(op->fs, path, NULL);
+        if (found < 0)
+            op_fail(op, MPH_ESTORAGE, "cannot stat", path);
+        free(path);
+    }
+    return found;
+}
+
+#define ABSENT 2 /* open_files: the scope has no files and none were asked for */
+
+/* Opens the scope's lock file, creating it when `create` is set (a commit that writes) or
+ * when the scope has data without a lock. A read of a scope that was never written creates
+ * nothing: without `create`, a scope with no lock, log or snapshot is ABSENT, version 0.
+ * That answer needs no lock: a commit creates the lock, then the log under it, and only
+ * then appends, so a scope with a committed version always has both; one created after we
+ * looked was committed after we looked. Returns 0, ABSENT, or an error status. */
+static int open_files(op_t *op, int create)
 {
     fscope_t *sc = op->sc;
-    if (sc->lock_fd < 0) {
-        char *lock = scope_file(sc, ".lock");
-        sc->lock_fd = open(lock, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-        int rc = sc->lock_fd < 0 ? op_fail(op, MPH_ESTORAGE, "cannot open", lock) : 0;
-        free(lock);
-        if (rc)
-            return rc;
+    if (sc->lock_fd >= 0)
+        return 0;
+    char *lock = scope_file(sc, ".lock");
+    int rc = 0;
+    sc->lock_fd = open_in(op->fs, lock, O_RDWR);
+    if (sc->lock_fd < 0 && errno == ENOENT) {
+        int data = create ? 1 : has_data(op);
+        if (data < 0)
+            rc = op->status;
+        else if (data == 0)
+            rc = ABSENT;
+        else
+            sc->lock_fd = open_in(op->fs, lock, O_RDWR | O_CREAT);
     }
-    if (sc->log_fd < 0) {
-        char *log = scope_file(sc, ".log");
-        sc->log_fd = open(log, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-        struct stat st;
-        int rc = 0;
-        if (sc->log_fd < 0 || fstat(sc->log_fd, &st) != 0)
-            rc = op_fail(op, MPH_ESTORAGE, "cannot open", log);
-        else if (sc->log_ino == 0)
-            sc->log_ino = st.st_ino;
-        /* else the files were closed to save descriptors (note_open) and are open again:
-         * log_ino stays the inode we read, so a log replaced meanwhile is seen as such. */
-        free(log);
-        if (rc)
-            return rc;
-    }
-    if (!sc->dir_synced) {
-        if (fsync_dir("open.dirsync", op->fs) != 0)
-            return op_fail(op, MPH_ESTORAGE, "cannot sync directory", op->fs->dir);
-        sc->dir_synced = 1;
-    }
+    if (rc == 0 && sc->lock_fd < 0)
+        rc = op_fail(op, MPH_ESTORAGE, "cannot open", lock);
+    free(lock);
+    return rc;
+}
+
+/* Before anything read from or written to the scope's files is answered: their directory
+ * entries are durable. A file we found may have been created by a process that died before
+ * its own directory sync; until a sync succeeds, every operation tries again. */
+static int dir_sync_once(op_t *op)
+{
+    if (op->sc->dir_synced)
+        return 0;
+    if (fsync_dir("open.dirsync", op->fs) != 0)
+        return op_fail(op, MPH_ESTORAGE, "cannot sync directory", op->fs->dir);
+    op->sc->dir_synced = 1;
     return 0;
+}
+
+/* A commit's first write to a scope without a log: creates it (under the scope lock, so
+ * that no one else can be creating it) and syncs the directory, so that the log outlives a
+ * power loss before the record in it is acknowledged. */
+static int create_log(op_t *op)
+{
+    fscope_t *sc = op->sc;
+    char *log = scope_file(sc, ".log");
+    struct stat st;
+    int rc = 0;
+    sc->log_fd = open_in(op->fs, log, O_RDWR | O_CREAT);
+    if (sc->log_fd < 0 || fstat(sc->log_fd, &st) != 0) {
+        rc = op_fail(op, MPH_ESTORAGE, "cannot create", log);
+    } else {
+        sc->log_ino = st.st_ino;
+        sc->log_end = 0;
+        sc->dir_synced = 0;
+        rc = dir_sync_once(op);
+    }
+    free(log);
+    return rc;
 }
 
 static int lock_fd(int fd)
@@ -799,7 +944,7 @@ static char *intent_path(const file_store_t *fs, const unsigned char *id)
 static int intent_exists(const file_store_t *fs, const unsigned char *trailer)
 {
     char *path = intent_path(fs, trailer);
-    int exists = access(path, F_OK) == 0 || errno != ENOENT;
+    int exists = exists_in(fs, path, NULL) != 0;
     free(path);
     return exists;
 }
@@ -878,7 +1023,7 @@ static int read_snapshot(op_t *op, const char *path, mph_buf_t *buf, uint64_t *v
 {
     *version = 0;
     *size = 0;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = open_in(op->fs, path, O_RDONLY);
     if (fd < 0)
         return errno == ENOENT ? 0 : op_fail(op, MPH_ESTORAGE, "cannot open", path);
     struct stat st;
@@ -895,29 +1040,46 @@ static int read_snapshot(op_t *op, const char *path, mph_buf_t *buf, uint64_t *v
     return 0;
 }
 
-/* Reads snapshot and whole log into the op's doc (is_delta = 0). Caller holds the lock. */
+/* Under the scope lock: points sc->log_fd at the file now named E.log (a compaction may
+ * have replaced the one we had open), or closes it when there is none. Returns 0 or an error
+ * status. */
+static int find_log(op_t *op)
+{
+    fscope_t *sc = op->sc;
+    char *log = scope_file(sc, ".log");
+    struct stat st, cur;
+    int rc = 0, found = exists_in(op->fs, log, &st);
+    if (found < 0) {
+        rc = op_fail(op, MPH_ESTORAGE, "cannot stat", log);
+    } else if (found == 0) {
+        if (sc->log_fd >= 0)
+            close(sc->log_fd);
+        sc->log_fd = -1;
+    } else if (sc->log_fd < 0 || fstat(sc->log_fd, &cur) != 0 || cur.st_ino != st.st_ino) {
+        int fd = open_in(op->fs, log, O_RDWR);
+        if (fd < 0) {
+            rc = op_fail(op, MPH_ESTORAGE, "cannot open", log);
+        } else {
+            if (sc->log_fd >= 0)
+                close(sc->log_fd);
+            sc->log_fd = fd;
+        }
+    }
+    free(log);
+    return rc;
+}
+
+/* Reads snapshot and whole log into the op's doc (is_delta = 0). Caller holds the lock. A
+ * scope may have neither (a lock alone): version 0, empty. */
 static int load_all(op_t *op)
 {
     fscope_t *sc = op->sc;
     op->doc.n = 0;
     op->doc.is_delta = 0;
     op->bufs[0].len = op->bufs[1].len = 0;
-    /* The log may have been replaced by a compaction since we opened it. */
-    char *log = scope_file(sc, ".log");
-    struct stat st;
-    if (stat(log, &st) == 0 && st.st_ino != sc->log_ino) {
-        int fd = open(log, O_RDWR | O_CLOEXEC);
-        if (fd < 0) {
-            int rc = op_fail(op, MPH_ESTORAGE, "cannot open", log);
-            free(log);
-            return rc;
-        }
-        close(sc->log_fd);
-        sc->log_fd = fd;
-        sc->log_ino = st.st_ino;
-    }
-    free(log);
-
+    sc->log_ino = 0; /* set again once the log is read from its start */
+    if (find_log(op) != 0)
+        return op->status;
     uint64_t snap_version;
     char *snap = scope_file(sc, ".snap");
     int rc = read_snapshot(op, snap, &op->bufs[0], &snap_version, &sc->snap_size);
@@ -926,19 +1088,49 @@ static int load_all(op_t *op)
         return rc;
     sc->log_end = 0;
     uint64_t last = 0;
-    rc = read_log_tail(op, &op->bufs[1], snap_version, &last);
-    if (rc)
-        return rc;
+    struct stat st;
+    if (sc->log_fd >= 0) {
+        if (fstat(sc->log_fd, &st) != 0) {
+            char *log = scope_file(sc, ".log");
+            rc = op_fail(op, MPH_ESTORAGE, "cannot stat", log);
+            free(log);
+            return rc;
+        }
+        rc = read_log_tail(op, &op->bufs[1], snap_version, &last);
+        if (rc)
+            return rc;
+        sc->log_ino = st.st_ino;
+    }
     sc->version = last > snap_version ? last : snap_version;
     op->doc.version = sc->version;
     return 0;
 }
 
+/* The answer for a scope without files (open_files said ABSENT): empty at version 0, and a
+ * check expecting version 0 holds. */
+static void absent_scope(op_t *op)
+{
+    op->sc->version = 0;
+    op->sc->log_ino = 0;
+    op->doc.n = 0;
+    op->doc.is_delta = 0;
+    op->doc.version = 0;
+    if (op->kind == OP_COMMIT && op->expected != 0)
+        op->status = MPH_ECONFLICT; /* files we had read are gone: the runner starts over */
+}
+
 static void do_load(op_t *op)
 {
-    if (open_files(op) != 0 || lock_scope(op) != 0)
+    fault_at("load.start"); /* a test's way to hold one load */
+    int rc = open_files(op, 0);
+    if (rc == ABSENT) {
+        absent_scope(op);
         return;
-    load_all(op);
+    }
+    if (rc != 0 || lock_scope(op) != 0)
+        return;
+    if (load_all(op) == 0 && op->sc->log_fd >= 0)
+        dir_sync_once(op);
     unlock_scope(op);
 }
 
@@ -954,28 +1146,33 @@ static uint64_t now_ms(void)
 static uint64_t claim_holder(op_t *op, int *left_ms)
 {
     char *path = scope_file(op->sc, ".claim");
-    FILE *f = fopen(path, "re");
+    int fd = open_in(op->fs, path, O_RDONLY);
     free(path);
     unsigned long long id = 0, expiry = 0, now = now_ms();
+    char text[64];
     *left_ms = 0;
-    if (f == NULL)
-        return 0;
-    if (fscanf(f, "%llu %llu", &id, &expiry) != 2 || expiry <= now)
+    if (fd < 0)
+        return 0; /* none, or one we refuse to read (a link): advisory either way */
+    ssize_t n = pread(fd, text, sizeof(text) - 1, 0);
+    close(fd);
+    text[n > 0 ? n : 0] = '\0';
+    if (sscanf(text, "%llu %llu", &id, &expiry) != 2 || expiry <= now)
         id = 0;
     else /* its claimant's next commit, usually within a millisecond, releases it: wait 1-2 */
         *left_ms = expiry - now > 2 ? 2 : (int)(expiry - now);
-    fclose(f);
     return id;
 }
 
 static void claim_set(op_t *op)
 {
     char *path = scope_file(op->sc, ".claim");
-    FILE *f = fopen(path, "we");
-    if (f) {
-        fprintf(f, "%llu %llu\n", (unsigned long long)op->committer,
-                (unsigned long long)(now_ms() + MPH_STORE_CLAIM_MS));
-        fclose(f);
+    int fd = open_in(op->fs, path, O_WRONLY | O_CREAT | O_TRUNC);
+    if (fd >= 0) {
+        char text[64];
+        int n = snprintf(text, sizeof(text), "%llu %llu\n", (unsigned long long)op->committer,
+                         (unsigned long long)(now_ms() + MPH_STORE_CLAIM_MS));
+        write_all(fd, text, (size_t)n, 0);
+        close(fd);
     }
     free(path);
 }
@@ -983,7 +1180,7 @@ static void claim_set(op_t *op)
 static void claim_clear(op_t *op)
 {
     char *path = scope_file(op->sc, ".claim");
-    unlink(path);
+    unlinkat(op->fs->dfd, rel(op->fs, path), 0);
     free(path);
 }
 
@@ -1023,9 +1220,25 @@ static int catch_up(op_t *op)
     fscope_t *sc = op->sc;
     char *log = scope_file(sc, ".log");
     struct stat st;
-    int replaced = stat(log, &st) == 0 && st.st_ino != sc->log_ino;
+    int found = exists_in(op->fs, log, &st), rc = 0;
+    if (found < 0) {
+        rc = op_fail(op, MPH_ESTORAGE, "cannot stat", log);
+    } else if (found == 0 && sc->log_ino != 0) {
+        snprintf(op->message, sizeof(op->message),
+                 "corrupt log %s: it is gone, but %lld bytes of records were read from it", log,
+                 (long long)sc->log_end);
+        rc = op->status = MPH_ECORRUPT;
+    } else if (found && sc->log_ino == st.st_ino && sc->log_fd < 0) {
+        /* Closed to save descriptors (note_open): the same file, as we hold the lock. */
+        if ((sc->log_fd = open_in(op->fs, log, O_RDWR)) < 0)
+            rc = op_fail(op, MPH_ESTORAGE, "cannot open", log);
+    }
     free(log);
-    if (replaced) { /* another process compacted: start over from the files */
+    if (rc != 0)
+        return rc;
+    if (sc->log_ino == 0 || st.st_ino != sc->log_ino) {
+        /* Not read from its start yet (a first commit, say, perhaps racing another process's
+         * first commit), or another process compacted: start over from the files. */
         uint64_t before = sc->version;
         if (load_all(op) != 0)
             return op->status;
@@ -1078,12 +1291,26 @@ static void committed(op_t *op, size_t len, uint64_t holder)
     op->doc.n = 0;
 }
 
+/* After may_commit: a scope the op writes has a log (its first commit creates it), and the
+ * directory entries of what we read or write are durable. */
+static int prepare_log(op_t *op)
+{
+    if (op->sc->log_fd < 0)
+        return op->nwrites > 0 ? create_log(op) : 0;
+    return dir_sync_once(op);
+}
+
 static void do_commit(op_t *op)
 {
-    if (open_files(op) != 0 || lock_scope(op) != 0)
+    int rc = open_files(op, op->nwrites > 0);
+    if (rc == ABSENT) {
+        absent_scope(op); /* only checked, and never written */
+        return;
+    }
+    if (rc != 0 || lock_scope(op) != 0)
         return;
     uint64_t holder;
-    if (catch_up(op) != 0 || !may_commit(op, &holder))
+    if (catch_up(op) != 0 || !may_commit(op, &holder) || prepare_log(op) != 0)
         goto out;
     if (op->nwrites == 0) { /* only checked: the version holds */
         op->doc.n = 0;
@@ -1107,7 +1334,7 @@ out:
  * log does not end cleanly: left to the next reader, and the commit stays in doubt). */
 static int cut_part(file_store_t *fs, const char *path, const unsigned char *id)
 {
-    int fd = open(path, O_RDWR | O_CLOEXEC);
+    int fd = open_in(fs, path, O_RDWR);
     if (fd < 0)
         return errno == ENOENT ? 0 : -1;
     struct stat st;
@@ -1194,7 +1421,7 @@ static int recover_commit(op_t *op)
         mph_buf_printf(&path, "%s/", fs->dir);
         encode_name(&path, sorted[locked]);
         mph_buf_puts(&path, ".lock");
-        locks[locked] = open(path.data, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+        locks[locked] = open_in(fs, path.data, O_RDWR | O_CREAT); /* a part: it has data */
         if (locks[locked] < 0 || lock_fd(locks[locked]) != 0) {
             if (locks[locked] >= 0)
                 close(locks[locked]);
@@ -1216,7 +1443,7 @@ static int recover_commit(op_t *op)
         }
         char *intent = intent_path(fs, id);
         if (rc == 0 && !unresolved &&
-            (unlink(intent) != 0 || fsync_dir("recover.dirsync", fs) != 0))
+            (unlinkat(fs->dfd, rel(fs, intent), 0) != 0 || fsync_dir("recover.dirsync", fs) != 0))
             rc = op_fail(op, MPH_ESTORAGE, "cannot remove", intent);
         if (rc == 0 && unresolved)
             rc = op_fail(op, MPH_ECORRUPT,
@@ -1245,6 +1472,7 @@ static void reset_op(op_t *op)
     op->status = 0;
     op->message[0] = '\0';
     op->held = 0;
+    op->absent = 0;
     op->doc.n = 0;
     op->doc.is_delta = 0;
     op->bufs[0].len = op->bufs[1].len = 0;
@@ -1262,7 +1490,12 @@ static int group_lock(op_t *op)
         snprintf(op->message, sizeof(op->message), "%s", op->sc->failed);
         return op->status;
     }
-    if (open_files(op) != 0 || lock_scope(op) != 0)
+    int rc = open_files(op, op->nwrites > 0);
+    if (rc == ABSENT) { /* only checked, and never written: nothing to lock */
+        op->absent = 1;
+        return 0;
+    }
+    if (rc != 0 || lock_scope(op) != 0)
         return op->status;
     op->flocked = 1;
     return 0;
@@ -1291,14 +1524,17 @@ static int group_fail(group_t *g, const op_t *op)
 static int group_write(group_t *g, const uint64_t *holders)
 {
     file_store_t *fs = g->fs;
+    for (size_t i = 0; i < g->n; i++)
+        if (!g->ops[i]->absent && prepare_log(g->ops[i]) != 0)
+            return group_fail(g, g->ops[i]);
     int multi = g->trailer.len > 0;
     char *intent = multi ? intent_path(fs, (const unsigned char *)g->trailer.data) : NULL;
     if (multi) {
-        int fd = open(intent, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+        int fd = open_in(fs, intent, O_WRONLY | O_CREAT | O_EXCL);
         if (fd < 0 || close(fd) != 0 || fsync_dir("multi.intent", fs) != 0) {
             snprintf(g->message, sizeof(g->message), "cannot create %s: %s", intent,
-                     strerror(errno));
-            unlink(intent);
+                     why_not(errno));
+            unlinkat(fs->dfd, rel(fs, intent), 0);
             free(intent);
             return g->status = MPH_ESTORAGE;
         }
@@ -1332,10 +1568,11 @@ static int group_write(group_t *g, const uint64_t *holders)
                 sync_at("takeback.sync", fs, op->sc->log_fd, 0) != 0)
                 kept = 1;
         }
-        if (multi && !kept && unlink(intent) == 0)
+        if (multi && !kept && unlinkat(fs->dfd, rel(fs, intent), 0) == 0)
             fsync_dir("multi.undo", fs);
-    } else if (multi && (fault_at("multi.decide") != 0 || unlink(intent) != 0 ||
-                         fsync_dir("multi.decide.sync", fs) != 0)) {
+    } else if (multi &&
+               (fault_at("multi.decide") != 0 || unlinkat(fs->dfd, rel(fs, intent), 0) != 0 ||
+                fsync_dir("multi.decide.sync", fs) != 0)) {
         /* Whether the removal reached the disk is unknown: so is the outcome. The runner
          * forgets these scopes and reads them again. */
         snprintf(g->message, sizeof(g->message),
@@ -1367,6 +1604,10 @@ static void do_group_commit(group_t *g)
             if ((rc = group_lock(g->ops[i])) != 0)
                 group_fail(g, g->ops[i]);
         for (size_t i = 0; i < g->n && rc == 0; i++) {
+            if (g->ops[i]->absent) {
+                absent_scope(g->ops[i]);
+                continue;
+            }
             rc = catch_up(g->ops[i]);
             if (rc == DOUBT)
                 doubt = g->ops[i];
@@ -1374,8 +1615,10 @@ static void do_group_commit(group_t *g)
                 group_fail(g, g->ops[i]);
         }
         int refused = 0;
-        for (size_t i = 0; i < g->n && rc == 0; i++)
-            refused |= !may_commit(g->ops[i], &holders[i]);
+        for (size_t i = 0; i < g->n && rc == 0; i++) {
+            op_t *op = g->ops[i];
+            refused |= op->absent ? op->status == MPH_ECONFLICT : !may_commit(op, &holders[i]);
+        }
         if (rc == 0 && refused)
             g->status = MPH_ECONFLICT;
         else if (rc == 0)
@@ -1468,7 +1711,7 @@ static const char *switch_log(op_t *op, uint64_t last, uint64_t snap_version)
     const char *failed = NULL;
     mph_buf_t tail = MPH_BUF_INIT;
     struct stat st;
-    int fd = open(log, O_RDONLY | O_CLOEXEC);
+    int fd = open_in(op->fs, log, O_RDONLY);
     if (fd < 0 || fstat(fd, &st) != 0 || st.st_ino != op->old_ino || st.st_size < op->from ||
         read_range(fd, op->from, st.st_size, &tail) != 0) {
         failed = "reading the new records";
@@ -1482,17 +1725,17 @@ static const char *switch_log(op_t *op, uint64_t last, uint64_t snap_version)
         goto out;
     }
     /* A torn tail is left behind with the old log: it was never acknowledged. */
-    op->new_log_fd = open(log_tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    op->new_log_fd = create_tmp(op->fs, log_tmp);
     if (op->new_log_fd < 0 ||
         write_at("compact.log.write", op->new_log_fd, tail.data, scan.end, 0) != 0 ||
         sync_at("compact.log.sync", op->fs, op->new_log_fd, 0) != 0) {
         failed = "writing the new log";
-        unlink(log_tmp);
+        unlink_in(op->fs, log_tmp);
         goto out;
     }
-    if (rename_at("compact.log.rename", log_tmp, log) != 0) {
+    if (rename_at("compact.log.rename", op->fs, log_tmp, log) != 0) {
         failed = "renaming the new log";
-        unlink(log_tmp);
+        unlink_in(op->fs, log_tmp);
         goto out;
     }
     struct stat nst;
@@ -1535,7 +1778,7 @@ static void do_compact(op_t *op)
     int fd = -1;
 
     /* 1. The guard. */
-    int guard = open(lock, O_RDWR | O_CLOEXEC);
+    int guard = open_in(op->fs, lock, O_RDWR);
     struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 1};
     if (guard < 0 || fcntl(guard, F_OFD_SETLK, &fl) != 0) {
         mph_log(MPH_LOG_DEBUG, "file: %s: not compacting: another process does", sc->name);
@@ -1543,7 +1786,7 @@ static void do_compact(op_t *op)
     }
     /* 2. The snapshot, from the records we had applied, without the scope lock. */
     struct stat st;
-    fd = open(log, O_RDONLY | O_CLOEXEC);
+    fd = open_in(op->fs, log, O_RDONLY);
     if (fd < 0 || fstat(fd, &st) != 0) {
         failed = "opening the log";
         goto done;
@@ -1573,18 +1816,18 @@ static void do_compact(op_t *op)
     }
     uint64_t version = scan.last > snap_version ? scan.last : snap_version;
     nlive = build_image(&rec, version, &op->doc);
-    fd = open(snap_tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    fd = create_tmp(op->fs, snap_tmp);
     if (fd < 0 || write_at("compact.snap.write", fd, rec.data, rec.len, 0) != 0 ||
         sync_at("compact.snap.sync", op->fs, fd, 0) != 0) {
         failed = "writing the snapshot";
-        unlink(snap_tmp);
+        unlink_in(op->fs, snap_tmp);
         goto done;
     }
     close(fd);
     fd = -1;
-    if (rename_at("compact.snap.rename", snap_tmp, snap) != 0) {
+    if (rename_at("compact.snap.rename", op->fs, snap_tmp, snap) != 0) {
         failed = "renaming the snapshot";
-        unlink(snap_tmp);
+        unlink_in(op->fs, snap_tmp);
         goto done;
     }
     op->snap_size = (off_t)rec.len;
@@ -1809,6 +2052,7 @@ static void store_free(file_store_t *fs)
     free(fs->kept);
     void (*cb)(void *) = fs->closed_cb;
     void *ud = fs->closed_ud;
+    close(fs->dfd);
     free(fs->dir);
     free(fs);
     if (cb)
@@ -2133,39 +2377,134 @@ static const mph_store_methods_t file_methods = {
     MPH_STORE_METHODS_VERSION, "file", file_load, file_commit, file_close, file_forget, NULL,
 };
 
-/* mkdir -p */
-static int make_dirs(const char *dir)
+/* ---- The data directory ----
+ *
+ * Everything the store does goes through one descriptor of the data directory, opened and
+ * checked here, at start: a file is opened by its name relative to it (open_in), so a
+ * rename of the directory or a link planted in a path cannot redirect a write once we run.
+ * What we refuse, and why (each refusal is one line naming the directory; the program exits
+ * 1):
+ *  - a symbolic link: whoever can change the link decides where root writes;
+ *  - a directory of another uid than our effective uid: its owner can read every scope,
+ *    swap files under us and plant links;
+ *  - a directory writable by group or others: anyone in them can do the same.
+ * A directory that passes but is readable by others (0755: an older mphost made it so) is
+ * narrowed to 0700: file names list the users, and no other uid may open a file in it,
+ * whatever the file's mode. Directories we create are 0700 whatever the umask. */
+
+/* mkdir -p, one component at a time from "/" or ".": each directory created is 0700
+ * whatever the umask (fchmod after mkdirat) and is made durable in its parent (fsync of it,
+ * then of the parent): without that, a power loss soon after the first acknowledged write
+ * could take the new directory away, and every write in it (issue 19). The last component
+ * is opened O_NOFOLLOW. Returns an fd of the directory, or -1 with a message in err. */
+static int open_data_dir(const char *dir, char *err, size_t errlen)
 {
-    char *p = mph_xstrdup(dir);
-    for (char *s = p + 1; *s; s++) {
-        if (*s == '/') {
-            *s = '\0';
-            if (mkdir(p, 0755) != 0 && errno != EEXIST) {
-                free(p);
-                return -1;
-            }
-            *s = '/';
+    char *copy = mph_xstrdup(dir), *save = NULL;
+    char **parts = mph_xmalloc((strlen(dir) / 2 + 1) * sizeof(*parts));
+    size_t n = 0;
+    for (char *c = strtok_r(copy, "/", &save); c; c = strtok_r(NULL, "/", &save))
+        if (strcmp(c, ".") != 0)
+            parts[n++] = c;
+    int fd = -1;
+    errno = ENOENT; /* an empty name */
+    if (dir[0] == '\0' ||
+        (fd = open(dir[0] == '/' ? "/" : ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0)
+        goto fail;
+    for (size_t i = 0; i < n; i++) {
+        int last = i + 1 == n;
+        int created = mkdirat(fd, parts[i], 0700) == 0;
+        if (!created && errno != EEXIST)
+            goto fail;
+        struct stat st;
+        if (last && !created && fstatat(fd, parts[i], &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+            S_ISLNK(st.st_mode)) {
+            errno = ELOOP;
+            goto fail;
+        }
+        int sub = openat(fd, parts[i],
+                         O_RDONLY | O_DIRECTORY | O_CLOEXEC | (created || last ? O_NOFOLLOW : 0));
+        if (sub < 0)
+            goto fail;
+        int durable = !created || (fchmod(sub, 0700) == 0 && fsync(sub) == 0 && fsync(fd) == 0);
+        int saved = errno;
+        close(fd);
+        fd = sub;
+        if (!durable) {
+            errno = saved;
+            goto fail;
         }
     }
-    int rc = mkdir(p, 0755) != 0 && errno != EEXIST ? -1 : 0;
-    free(p);
-    return rc;
+    free(parts);
+    free(copy);
+    return fd;
+fail:
+    if (errno == ELOOP)
+        snprintf(err, errlen,
+                 "the data directory %s is a symbolic link; refusing to use it (whoever can "
+                 "change the link would choose where this process writes)",
+                 dir);
+    else
+        snprintf(err, errlen, "cannot use data directory %s: %s", dir, strerror(errno));
+    if (fd >= 0)
+        close(fd);
+    free(parts);
+    free(copy);
+    return -1;
+}
+
+/* The checks on the opened data directory (see the section's comment): 0, or -1 with a
+ * message in err. */
+static int check_data_dir(int fd, const char *dir, char *err, size_t errlen)
+{
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        snprintf(err, errlen, "cannot use data directory %s: %s", dir, strerror(errno));
+        return -1;
+    }
+    if (st.st_uid != geteuid()) {
+        snprintf(err, errlen,
+                 "the data directory %s belongs to uid %u, not to uid %u (this process); "
+                 "refusing to use it (its owner could read or replace every scope)",
+                 dir, (unsigned)st.st_uid, (unsigned)geteuid());
+        return -1;
+    }
+    if (st.st_mode & (S_IWGRP | S_IWOTH)) {
+        snprintf(err, errlen,
+                 "the data directory %s is writable by group or others (mode %03o); refusing "
+                 "to use it (chmod 700 it)",
+                 dir, (unsigned)(st.st_mode & 0777));
+        return -1;
+    }
+    if (st.st_mode & 077) {
+        if (fchmod(fd, st.st_mode & 07700) != 0) {
+            snprintf(err, errlen, "cannot narrow the data directory %s to mode 700: %s", dir,
+                     strerror(errno));
+            return -1;
+        }
+        mph_log(MPH_LOG_WARN,
+                "file: the data directory %s was mode %03o, open to other users; it is 700 now",
+                dir, (unsigned)(st.st_mode & 0777));
+    }
+    return 0;
 }
 
 int mph_store_file_open(mph_store_t **out, uv_loop_t *loop, const char *dir, char *err,
                         size_t errlen)
 {
-    struct stat st;
-    if (make_dirs(dir) != 0 || stat(dir, &st) != 0 || !S_ISDIR(st.st_mode)) {
-        snprintf(err, errlen, "cannot use data directory %s: %s", dir,
-                 errno ? strerror(errno) : "not a directory");
+    int dfd = open_data_dir(dir, err, errlen);
+    if (dfd < 0)
+        return MPH_ESTORAGE;
+    if (check_data_dir(dfd, dir, err, errlen) != 0) {
+        close(dfd);
         return MPH_ESTORAGE;
     }
     file_store_t *fs = mph_xcalloc(1, sizeof(*fs));
     fs->base.methods = &file_methods;
     fs->loop = loop;
+    fs->dfd = dfd;
     char *abs = realpath(dir, NULL);
     fs->dir = abs ? abs : mph_xstrdup(dir);
+    fs->dir_len = strlen(fs->dir);
     fs->compact_min = COMPACT_MIN_BYTES;
     uv_timer_init(loop, &fs->keep_timer);
     uv_unref((uv_handle_t *)&fs->keep_timer); /* a kept lock is no reason to keep running */

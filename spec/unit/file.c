@@ -1,8 +1,9 @@
 /*
  * Unit tests of the file backend's pure pieces: scope-name encoding, the record format (both
  * formats), and recovery's verdicts (scan_log): what a crash can leave is a torn tail, to be
- * cut; damage with valid records after it is corruption, never cut. storage/file.c is
- * included to reach its statics (as h2o's t/00unit does).
+ * cut; damage with valid records after it is corruption, never cut; and the data directory's
+ * checks (refused links, modes, files opened only as regular files of ours). storage/file.c
+ * is included to reach its statics (as h2o's t/00unit does).
  */
 #define _GNU_SOURCE
 #include "host/common.c"
@@ -10,6 +11,8 @@
 #include "storage/file.c"
 
 #include "spec/unit/unit.h"
+
+#include <ftw.h>
 
 /* A log of records at versions first..first+n-1, each with one key "k" = "<version>". Sets
  * starts[i] to where record i begins (starts[n] to the end). */
@@ -267,6 +270,139 @@ static void test_fault_specs(void)
     nfaults = 0;
 }
 
+/* ---- The data directory and the files in it ---- */
+
+static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)st, (void)flag, (void)ftw;
+    return remove(path);
+}
+
+/* A new scratch directory (under MPH_TMP when spec/run.py sets it); removed by rm_tree. */
+static char *scratch(void)
+{
+    const char *tmp = getenv("MPH_TMP");
+    mph_buf_t b = MPH_BUF_INIT;
+    mph_buf_printf(&b, "%s/mph-unit-XXXXXX", tmp && *tmp ? tmp : "/tmp");
+    char *dir = mph_buf_steal(&b, NULL);
+    if (mkdtemp(dir) == NULL)
+        abort();
+    return dir;
+}
+
+static void rm_tree(char *dir)
+{
+    chmod(dir, 0700);
+    nftw(dir, remove_entry, 8, FTW_DEPTH | FTW_PHYS);
+    free(dir);
+}
+
+static unsigned mode_of(const char *path)
+{
+    struct stat st;
+    return lstat(path, &st) == 0 ? (unsigned)(st.st_mode & 07777) : 0;
+}
+
+static void test_data_dir_is_made_0700_whatever_the_umask(void)
+{
+    char *top = scratch(), path[512], err[256];
+    snprintf(path, sizeof(path), "%s/a/./b//c/", top);
+    mode_t old = umask(0);
+    int fd = open_data_dir(path, err, sizeof(err));
+    umask(old);
+    CHECK(fd >= 0 && check_data_dir(fd, path, err, sizeof(err)) == 0);
+    const char *made[] = {"a", "a/b", "a/b/c"};
+    for (size_t i = 0; i < 3; i++) {
+        snprintf(path, sizeof(path), "%s/%s", top, made[i]);
+        CHECK(mode_of(path) == 0700);
+    }
+    if (fd >= 0)
+        close(fd);
+    rm_tree(top);
+}
+
+static void test_data_dir_refusals(void)
+{
+    char *top = scratch(), path[512], link[512], err[256];
+    snprintf(path, sizeof(path), "%s/d", top);
+    snprintf(link, sizeof(link), "%s/link", top);
+    CHECK(mkdir(path, 0700) == 0 && symlink(path, link) == 0);
+    CHECK(open_data_dir(link, err, sizeof(err)) < 0 && strstr(err, "symbolic link") != NULL);
+    CHECK(strstr(err, link) != NULL);
+    const struct {
+        unsigned mode;
+        const char *said; /* NULL: accepted, and narrowed to 0700 */
+    } cases[] = {{0777, "writable by group or others"},
+                 {0720, "writable by group or others"},
+                 {0702, "writable by group or others"},
+                 {0755, NULL},
+                 {0700, NULL}};
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        chmod(path, cases[i].mode);
+        int fd = open_data_dir(path, err, sizeof(err));
+        CHECK(fd >= 0);
+        int rc = check_data_dir(fd, path, err, sizeof(err));
+        if (cases[i].said)
+            CHECK(rc < 0 && strstr(err, cases[i].said) && strstr(err, path));
+        else
+            CHECK(rc == 0 && mode_of(path) == 0700);
+        close(fd);
+    }
+    if (geteuid() == 0) { /* another uid's directory */
+        CHECK(chmod(path, 0700) == 0 && chown(path, 65534, 65534) == 0);
+        int fd = open_data_dir(path, err, sizeof(err));
+        CHECK(fd >= 0 && check_data_dir(fd, path, err, sizeof(err)) < 0);
+        CHECK(strstr(err, "belongs to uid 65534") != NULL);
+        close(fd);
+    }
+    snprintf(path, sizeof(path), "%s/file", top);
+    close(open(path, O_CREAT | O_WRONLY, 0600));
+    CHECK(open_data_dir(path, err, sizeof(err)) < 0 && strstr(err, "Not a directory"));
+    rm_tree(top);
+}
+
+static void test_files_open_only_as_our_regular_files(void)
+{
+    char *top = scratch(), err[256], path[512];
+    file_store_t fs;
+    memset(&fs, 0, sizeof(fs));
+    fs.dir = top;
+    fs.dir_len = strlen(top);
+    fs.dfd = open_data_dir(top, err, sizeof(err));
+    CHECK(fs.dfd >= 0);
+    /* Created 0600 whatever the umask. */
+    snprintf(path, sizeof(path), "%s/new", top);
+    mode_t old = umask(0);
+    int fd = open_in(&fs, path, O_RDWR | O_CREAT);
+    umask(old);
+    CHECK(fd >= 0 && mode_of(path) == 0600);
+    close(fd);
+    /* A link is never followed, even to a file of ours. */
+    char link[512];
+    snprintf(link, sizeof(link), "%s/link", top);
+    CHECK(symlink(path, link) == 0);
+    CHECK(open_in(&fs, link, O_RDWR | O_CREAT) < 0 && errno == ELOOP);
+    CHECK(strstr(why_not(ELOOP), "symbolic link") != NULL);
+    CHECK(exists_in(&fs, link, NULL) == 1); /* but seen as there */
+    /* Not a regular file. */
+    snprintf(path, sizeof(path), "%s/fifo", top);
+    CHECK(mkfifo(path, 0600) == 0);
+    CHECK(open_in(&fs, path, O_RDWR) < 0 && errno == EMEDIUMTYPE);
+    /* An older file open to others is narrowed. */
+    snprintf(path, sizeof(path), "%s/old", top);
+    close(open(path, O_CREAT | O_WRONLY, 0644));
+    chmod(path, 0644);
+    fd = open_in(&fs, path, O_RDONLY);
+    CHECK(fd >= 0 && mode_of(path) == 0600);
+    close(fd);
+    if (geteuid() == 0) { /* another uid's file */
+        CHECK(chown(path, 65534, 65534) == 0);
+        CHECK(open_in(&fs, path, O_RDONLY) < 0 && errno == EPERM);
+    }
+    close(fs.dfd);
+    rm_tree(top);
+}
+
 static const mph_unit_test_t tests[] = {
     {"scope_names_stay_in_the_directory", test_scope_names_stay_in_the_directory},
     {"records_round_trip", test_records_round_trip},
@@ -280,6 +416,9 @@ static const mph_unit_test_t tests[] = {
     {"versions_must_follow", test_versions_must_follow},
     {"malformed_record_is_corruption_even_last", test_malformed_record_is_corruption_even_last},
     {"fault_specs", test_fault_specs},
+    {"data_dir_is_made_0700_whatever_the_umask", test_data_dir_is_made_0700_whatever_the_umask},
+    {"data_dir_refusals", test_data_dir_refusals},
+    {"files_open_only_as_our_regular_files", test_files_open_only_as_our_regular_files},
 };
 
 MPH_UNIT_MAIN(tests)
