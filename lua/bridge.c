@@ -647,8 +647,10 @@ int mph_lua_new(mph_lua_t **out, uv_loop_t *loop, const mph_lua_config_t *cfg)
         free(lua);
         return MPH_ENOMEM;
     }
+#ifdef MPH_TEST_HOOKS
     if (lua->alloc_test)
         mph_log(MPH_LOG_WARN, "MPH_TEST_LUA_ALLOC_FAIL=1: Lua allocations can be made to fail");
+#endif
     if (mph__lua_protect(lua, init_state, lua, "cannot load the metaparticle module") != 0) {
         lua_close(lua->L);
         free(lua);

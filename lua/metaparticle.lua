@@ -71,9 +71,8 @@ function M.error(code, message, data)
   raise(code, message or "Server error", data, 2)
 end
 
--- Test builds (MPH_TEST_HOOKS) run with MPH_TEST_LUA_ALLOC_FAIL=1 only:
--- mp.test_fail_allocations(skip, count) lets the next `skip` Lua allocations through, then
--- fails `count`. nil otherwise (release builds have no C.fail_allocations at all).
+-- The test builds' allocation hook (lua/bridge.c, C.fail_allocations): the next `skip` Lua
+-- allocations go through, then `count` fail. nil where the build or the run has no hook.
 M.test_fail_allocations = C.fail_allocations
 
 function M.array(t)

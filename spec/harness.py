@@ -147,12 +147,15 @@ class Server:
                                 "--log-file=" + self.valgrind_log + ".%p"]
         self.proc = None
 
+    started = []  # every server started (run.py stops those a test left running)
+
     def start(self, expect_ok=True):
         self.log = open(self.log_path, "ab")
         cmd = self.prefix_cmd + [self.binary, self.script, "serve", str(self.port),
                                  "--listen=127.0.0.1", "--data=" + self.data] + self.args
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log,
                                      stdin=subprocess.DEVNULL, env=self.env)
+        Server.started.append(self)
         timeout = 60 if self.valgrind_log else 15
         ok = wait_port(self.port, timeout, self.proc) and self.wait_ready(timeout)
         if expect_ok and not ok:
@@ -257,6 +260,17 @@ class Server:
         if "error" in resp:
             raise TestFailure("%s returned error %r" % (method, resp["error"]))
         return resp["result"]
+
+
+def stop_leftover_servers():
+    """Kills the servers a test started and left running (their supervisors: the workers go
+    with them); returns how many there were."""
+    left = [s for s in Server.started if s.proc and s.proc.poll() is None]
+    for s in left:
+        s.proc.kill()
+        s.proc.wait()
+    Server.started.clear()
+    return len(left)
 
 
 def children(pid):

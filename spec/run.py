@@ -98,6 +98,14 @@ def run_all(args):
                 print("not ok - %s (%.2fs)\n%s" % (full, time.time() - t0, detail))
             sys.stdout.flush()
 
+    import harness  # (after the tests: they put spec/ on the path)
+    left = harness.stop_leftover_servers()
+    # A test that failed may leave one, and so may a -k run that skips a file's last test (the
+    # one that stops its shared server); a whole run that passed may not.
+    if left and not failures and not args.k:
+        failed += 1
+        failures.append("servers left running by the tests: %d (stopped now)" % left)
+        print("not ok - servers left running by the tests: %d" % left)
     if failures:
         print("\nFailures:")
         for f in failures:

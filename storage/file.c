@@ -303,8 +303,10 @@ static void encode_name(mph_buf_t *out, const char *name)
  * Each action is logged ("test fault: ACTION at POINT"), so a test can wait for it and a
  * renamed step cannot pass a test silently. MPH_TEST_COMPACT_MIN=BYTES lowers the log size
  * at which compaction starts. Both are read once, at open; unset, fault_at is one branch.
- * SQLite's SimulateIOError and do_ioerr_test are the model.
+ * SQLite's SimulateIOError and do_ioerr_test are the model; as its SQLITE_TEST, the hooks
+ * exist in test builds only (MPH_TEST_HOOKS): elsewhere fault_at is a constant 0.
  */
+#ifdef MPH_TEST_HOOKS
 
 typedef enum { FAULT_FAIL, FAULT_CRASH, FAULT_HOLD } fault_action_t;
 
@@ -374,6 +376,30 @@ static int fault_at(const char *point)
     }
     return 0;
 }
+
+/* MPH_TEST_COMPACT_MIN: the log size at which compaction starts, if a test lowered it. */
+static void compact_min_init(file_store_t *fs)
+{
+    const char *min = getenv("MPH_TEST_COMPACT_MIN");
+    if (min && atol(min) > 0)
+        fs->compact_min = (off_t)atol(min);
+}
+#else
+static void faults_init(void)
+{
+}
+
+static inline int fault_at(const char *point)
+{
+    (void)point;
+    return 0;
+}
+
+static void compact_min_init(file_store_t *fs)
+{
+    (void)fs;
+}
+#endif
 
 /* ---- I/O steps, each named for the test hooks ---- */
 
@@ -2510,9 +2536,17 @@ int mph_store_file_open(mph_store_t **out, uv_loop_t *loop, const char *dir, cha
     uv_unref((uv_handle_t *)&fs->keep_timer); /* a kept lock is no reason to keep running */
     fs->keep_timer.data = fs;
     faults_init();
-    const char *min = getenv("MPH_TEST_COMPACT_MIN");
-    if (min && atol(min) > 0)
-        fs->compact_min = (off_t)atol(min);
+    compact_min_init(fs);
     *out = &fs->base;
     return 0;
 }
+
+/* The file backend's scheme (storage.h: mph_store_open): "file", in the options' data_dir. */
+static int open_url(mph_store_t **out, uv_loop_t *loop, const char *url,
+                    const mph_store_options_t *opts, char *err, size_t errlen)
+{
+    (void)url;
+    return mph_store_file_open(out, loop, opts->data_dir, err, errlen);
+}
+
+const mph_store_backend_t mph_store_file_backend = {"file", open_url};

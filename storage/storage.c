@@ -59,13 +59,3 @@ void mph_store_url_shown(const char *url, char *out, size_t size)
     else
         snprintf(out, size, "%.*s%s", (int)(scheme_end + 3 - url), url, at + 1);
 }
-
-/* The file backend's scheme: "file", in the directory the options name. */
-static int open_file(mph_store_t **out, uv_loop_t *loop, const char *url,
-                     const mph_store_options_t *opts, char *err, size_t errlen)
-{
-    (void)url;
-    return mph_store_file_open(out, loop, opts->data_dir, err, errlen);
-}
-
-const mph_store_backend_t mph_store_file_backend = {"file", open_file};
