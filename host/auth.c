@@ -24,7 +24,9 @@
  * Same answer, same time: an unknown user is checked against the hash of the file's first
  * entry (the result thrown away), so a wrong user costs what a wrong password costs, exactly
  * when every entry has the same format and cost (as `mphost passwd` writes them), and the
- * answer is the same NULL. Hashes are compared in constant time.
+ * answer is the same NULL. Hashes are compared in constant time. Only a name that no users
+ * file can hold (not UTF-8, a control character: name_problem) is refused without a hash:
+ * that says nothing of who exists.
  */
 #define _GNU_SOURCE /* explicit_bzero, getrandom */
 #include "auth.h"
@@ -324,6 +326,66 @@ static int is_blank(const char *s, size_t n)
     return 1;
 }
 
+/* The length of the UTF-8 sequence at s (n bytes left) and its code point in *cp, or 0 when
+ * it is not one: a stray or missing continuation byte, an overlong form, a UTF-16 surrogate,
+ * beyond U+10FFFF (RFC 3629, section 4). */
+static size_t utf8_next(const unsigned char *s, size_t n, uint32_t *cp)
+{
+    unsigned char c = s[0];
+    size_t len;
+    uint32_t min;
+    if (c < 0x80) {
+        *cp = c;
+        return 1;
+    } else if (c >= 0xc2 && c <= 0xdf) {
+        len = 2, min = 0x80, *cp = c & 0x1f;
+    } else if (c >= 0xe0 && c <= 0xef) {
+        len = 3, min = 0x800, *cp = c & 0x0f;
+    } else if (c >= 0xf0 && c <= 0xf4) {
+        len = 4, min = 0x10000, *cp = c & 0x07;
+    } else {
+        return 0; /* a continuation byte, 0xc0, 0xc1 (always overlong) or beyond 0xf4 */
+    }
+    if (n < len)
+        return 0;
+    for (size_t i = 1; i < len; i++) {
+        if ((s[i] & 0xc0) != 0x80)
+            return 0;
+        *cp = *cp << 6 | (s[i] & 0x3f);
+    }
+    if (*cp < min || *cp > 0x10ffff || (*cp >= 0xd800 && *cp <= 0xdfff))
+        return 0;
+    return len;
+}
+
+/* Why name (n bytes) cannot be a user's, worded to follow "it" or "a user name that"; NULL
+ * when it can. A name travels in JSON (a forwarded call's user, mp.user) and into logs: it is
+ * valid UTF-8 without control characters, and it must read back as the same entry. */
+static const char *name_problem(const char *name, size_t n)
+{
+    if (n == 0)
+        return "is empty";
+    if (n > MPH_AUTH_MAX_USER)
+        return "is longer than 255 bytes";
+    if (memchr(name, ':', n) != NULL)
+        return "contains ':'";
+    for (size_t i = 0, len; i < n; i += len) {
+        uint32_t c;
+        if ((len = utf8_next((const unsigned char *)name + i, n - i, &c)) == 0)
+            return "is not valid UTF-8";
+        if (c == '\n' || c == '\r' || c == 0x2028 || c == 0x2029)
+            return "contains a line break";
+        if (c < 0x20 || c == 0x7f || (c >= 0x80 && c < 0xa0))
+            return "contains a control character"; /* C0 (NUL and tab too), DEL, C1 */
+    }
+    size_t lead = 0;
+    while (lead < n && name[lead] == ' ')
+        lead++;
+    if (lead == n || name[lead] == '#')
+        return "would read as a comment or a blank line";
+    return NULL;
+}
+
 /* What a line holds: 0 (blank or comment), 1 (an entry: *name_len bytes of name, then ':'),
  * or -1 with why in err. The line is `len` bytes without its newline. */
 static int parse_line(const char *line, size_t len, size_t *name_len, char *err, size_t errlen)
@@ -342,8 +404,9 @@ static int parse_line(const char *line, size_t len, size_t *name_len, char *err,
         snprintf(err, errlen, "expected NAME:HASH");
         return -1;
     }
-    if ((size_t)(colon - line) > MPH_AUTH_MAX_USER) {
-        snprintf(err, errlen, "a user name longer than %d bytes", MPH_AUTH_MAX_USER);
+    const char *why = name_problem(line, (size_t)(colon - line));
+    if (why != NULL) {
+        snprintf(err, errlen, "a user name that %s", why);
         return -1;
     }
     *name_len = (size_t)(colon - line);
@@ -622,6 +685,13 @@ void mph_auth_check(mph_auth_t *a, const char *value, size_t len, mph_auth_cb cb
     buf[colon] = '\0';
     const char *user = buf, *password = buf + colon + 1;
     size_t password_len = n - colon - 1;
+    /* A name no users file can hold: refused without a hash (that tells nothing of who
+     * exists), and never written to a log. */
+    if (name_problem(user, colon) != NULL) {
+        explicit_bzero(buf, sizeof(buf));
+        cb(ud, NULL);
+        return;
+    }
     const cache_entry_t *e = &a->cache[key & (CACHE_SLOTS - 1)];
     if (e->user && e->key == key && strcmp(e->user->name, user) == 0 &&
         uv_now(a->loop) < e->expires) {
@@ -724,18 +794,7 @@ void mph_auth_close(mph_auth_t *a, void (*closed)(void *ud), void *ud)
 
 int mph_auth_check_name(const char *name, char *err, size_t errlen)
 {
-    size_t n = strlen(name);
-    const char *why = NULL;
-    if (n == 0)
-        why = "is empty";
-    else if (n > MPH_AUTH_MAX_USER)
-        why = "is longer than 255 bytes";
-    else if (strchr(name, ':') != NULL)
-        why = "contains ':'";
-    else if (strpbrk(name, "\r\n") != NULL)
-        why = "contains a line break";
-    else if (name[strspn(name, " \t")] == '#' || is_blank(name, n))
-        why = "would read as a comment or a blank line";
+    const char *why = name_problem(name, strlen(name));
     if (why == NULL)
         return 0;
     snprintf(err, errlen, "invalid user name: it %s", why);

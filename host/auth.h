@@ -4,8 +4,10 @@
  *
  * The users file has one `name:hash` line per user, the hash in a crypt(3) format of
  * libxcrypt (bcrypt $2b$/$2y$, sha512-crypt $6$, yescrypt $y$); lines starting with '#' and
- * blank lines are ignored. Anything else (a plain-text password, another format) refuses the
- * whole file, with a message naming the file and the line, never what the line holds.
+ * blank lines are ignored. A name is valid UTF-8 without control characters. Anything else (a
+ * plain-text password, another format, a name that could not travel in JSON or would write
+ * raw bytes to a log) refuses the whole file, with a message naming the file and the line,
+ * never what the line holds.
  *
  * Hashes are slow by design, so a check that needs one runs on the libuv thread pool and
  * answers later; a verified (user, password) pair is remembered for a minute, keyed by a
@@ -54,8 +56,10 @@ void mph_auth_close(mph_auth_t *a, void (*closed)(void *ud), void *ud);
 
 /* -- What `mphost passwd` needs of the file format -- */
 
-/* 0 if name can be a user: 1 to MPH_AUTH_MAX_USER bytes, no ':', newline or NUL, not
- * starting with '#'. Else MPH_EINVAL with the reason in err. */
+/* 0 if name can be a user: 1 to MPH_AUTH_MAX_USER bytes of valid UTF-8, no ':', line break or
+ * other control character (C0, DEL, C1; U+2028 and U+2029 count as line breaks), not reading
+ * as a comment or a blank line. Else MPH_EINVAL with the reason in err (which never quotes
+ * the name). */
 int mph_auth_check_name(const char *name, char *err, size_t errlen);
 
 /* The user a line of a users file names (its first len bytes, without the newline): the

@@ -429,3 +429,81 @@ def test_logs_at_trace_hold_no_password_nor_credentials():
     log = s.read_log()
     for text in (secret, good[6:], bad[6:], base64.b64encode(secret.encode()).decode()):
         check(text not in log, "%r in the log:\n%s" % (text, log[-3000:]))
+
+
+def users_named(names, cost=None):
+    """A users file where NAME's password is NAME-pw, all hashes of one cost: yescrypt from
+    mphost passwd, or bcrypt at `cost` (10: some 70 ms a hash here, enough that a queue of
+    them shows against the noise of a loaded machine)."""
+    path = os.path.join(tmpdir("mph-users-"), "users")
+    if cost is None:
+        for name in names:
+            passwd(path, name, name + "-pw")
+        return path
+    with open(path, "w") as f:
+        for name in names:
+            f.write("%s:%s\n" % (name, crypt_hash(name + "-pw", "$2b$", cost)))
+    os.chmod(path, 0o600)
+    return path
+
+
+
+# ---- User names: UTF-8 without control characters (a name travels in JSON between workers
+# and into logs)
+
+BAD_NAMES = ((b"caf\xe9", "is not valid UTF-8"),        # Latin-1, not UTF-8
+             (b"\xc0\xaf", "is not valid UTF-8"),        # an overlong "/"
+             (b"\xed\xa0\x80x", "is not valid UTF-8"),   # a UTF-16 surrogate
+             (b"a\x1b[31mb", "contains a control character"),       # ESC: a terminal escape
+             (b"a\tb", "contains a control character"),
+             (b"a\x7fb", "contains a control character"),
+             (b"a\xc2\x85b", "contains a control character"))       # U+0085, a C1 control
+
+
+def test_passwd_refuses_user_names_that_are_not_utf8_or_hold_control_characters():
+    path = users_named(["alice"])
+    with open(path, "rb") as f:
+        kept = f.read()
+    for name, why in BAD_NAMES:
+        p = subprocess.run([MPHOST.encode(), b"passwd", path.encode(), name], input=b"pw\n",
+                           capture_output=True, timeout=60)
+        err = p.stderr.decode("utf-8", "replace")
+        eq(p.returncode, 1, "mphost passwd %r exit (%s)" % (name, err))
+        eq(len(err.strip().splitlines()), 1, "one line: " + err)
+        check(why in err, "%r: %s" % (name, err))
+        check(name not in p.stderr, "the name is echoed: %r" % p.stderr)
+    with open(path, "rb") as f:
+        eq(f.read(), kept, "the file after refusals")
+    passwd(path, "Åsa Öberg", "pw")  # UTF-8 beyond ASCII is a name like any other
+    with Server(AUTH, ["--users=" + path]) as s:
+        whoami(s.port, "Åsa Öberg", "pw")
+
+
+
+def serve_refused(users, why, hidden=()):
+    """`mphost SCRIPT serve` with --users=users exits 1 with one line that says why (and
+    none of `hidden`)."""
+    p = subprocess.run([MPHOST, AUTH, "serve", str(free_port()), "--listen=127.0.0.1",
+                        "--data=" + tmpdir(), "--users=" + users], capture_output=True,
+                       timeout=60, env=dict(os.environ, MP_STATE_DIR=tmpdir()))
+    out = (p.stdout + p.stderr).decode("utf-8", "replace")
+    eq(p.returncode, 1, "exit status (%s)" % out)
+    eq(len(out.strip().splitlines()), 1, "one line: " + out)
+    check(why in out, "%r not in %s" % (why, out))
+    for h in hidden:
+        check(h not in p.stdout + p.stderr, "%r in %r" % (h, out))
+
+
+
+def test_users_file_with_a_name_not_utf8_or_with_control_characters_refuses_start():
+    good = users_named(["alice"])
+    with open(good, "rb") as f:
+        alice = f.read().strip().split(b"\n")[-1]
+    hash_ = alice.split(b":", 1)[1]
+    for name, why in BAD_NAMES:
+        path = os.path.join(tmpdir("mph-users-"), "users")
+        with open(path, "wb") as f:
+            f.write(b"# users\n" + alice + b"\n" + name + b":" + hash_ + b"\n")
+        os.chmod(path, 0o600)
+        serve_refused(path, "users file %s, line 3: a user name that %s" % (path, why),
+                      hidden=(name,))

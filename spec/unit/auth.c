@@ -411,6 +411,34 @@ static void test_what_passwd_uses(void)
     CHECK(mph_auth_check_name("a\nb", err, sizeof(err)) == MPH_EINVAL);
     CHECK(mph_auth_check_name("#a", err, sizeof(err)) == MPH_EINVAL);
     CHECK(mph_auth_check_name("  ", err, sizeof(err)) == MPH_EINVAL);
+    CHECK(mph_auth_check_name(" #a", err, sizeof(err)) == MPH_EINVAL);
+    /* UTF-8 only, and no control character: the reason given, the name never quoted. */
+    static const struct {
+        const char *name, *why;
+    } bad[] = {{"caf\xe9", "not valid UTF-8"},
+               {"\xc0\xaf", "not valid UTF-8"},
+               {"\xe0\x80\xaf", "not valid UTF-8"},
+               {"\xed\xa0\x80", "not valid UTF-8"},
+               {"\xf4\x90\x80\x80", "not valid UTF-8"},
+               {"\xe2\x82", "not valid UTF-8"},
+               {"\x80", "not valid UTF-8"},
+               {"a\x1b[2Jb", "control character"},
+               {"a\tb", "control character"},
+               {"a\x7f", "control character"},
+               {"a\xc2\x9b", "control character"},
+               {"a\xe2\x80\xa8", "line break"},
+               {"a\rb", "line break"}};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        CHECK(mph_auth_check_name(bad[i].name, err, sizeof(err)) == MPH_EINVAL &&
+              strstr(err, bad[i].why) && strstr(err, bad[i].name) == NULL);
+        char line[64];
+        snprintf(line, sizeof(line), "%s:$y$x", bad[i].name);
+        CHECK(mph_auth_line_user(line, strlen(line)) == 0);
+    }
+    CHECK(mph_auth_check_name("\xc3\x85sa \xc3\x96"
+                              "berg \xf0\x9f\x94\x91",
+                              err, sizeof(err)) == 0);
+    CHECK(mph_auth_check_name("\xef\xbf\xbd", err, sizeof(err)) == 0); /* U+FFFD */
     memset(name, 'n', 256);
     name[256] = '\0';
     CHECK(mph_auth_check_name(name, err, sizeof(err)) == MPH_EINVAL && strstr(err, "255"));
