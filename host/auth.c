@@ -34,18 +34,23 @@
 #include <assert.h>
 #include <crypt.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <libgen.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <sys/random.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "common.h"
 
 #define MAX_RUNNING 2    /* jobs on the thread pool at once */
 #define CACHE_SLOTS 1024 /* verified pairs remembered (a power of two) */
 #define MAX_LINE 4096    /* bytes of a users file line */
+#define MESSAGE 512      /* bytes of an error or warning about the users file */
 #define MAX_DECODED (MPH_AUTH_MAX_USER + 1 + MPH_AUTH_MAX_PASSWORD) /* "user:password" */
 #define MAX_BASE64 ((MAX_DECODED + 2) / 3 * 4)                      /* its encoding */
 #define DECODE_ROOM (MAX_BASE64 / 4 * 3 + 1) /* what decoding that much may write, and a NUL */
@@ -93,10 +98,11 @@ typedef struct job_s {
 
 typedef struct {
     uv_work_t work;
-    mph_auth_t *auth; /* owner */
-    users_t users;    /* what the thread read (owned until swapped in) */
-    int rc;           /* 0 or the error of users_read */
-    char err[512];    /* its message */
+    mph_auth_t *auth;   /* owner */
+    users_t users;      /* what the thread read (owned until swapped in) */
+    int rc;             /* 0 or the error of users_read */
+    char err[MESSAGE];  /* its message */
+    char warn[MESSAGE]; /* its warning about the file's mode, "" for none */
 } reload_t;
 
 struct mph_auth_s {
@@ -413,15 +419,113 @@ static int parse_line(const char *line, size_t len, size_t *name_len, char *err,
     return 1;
 }
 
-/* Reads and checks a users file into *out (new). Returns 0, or MPH_EIO / MPH_EINVAL with one
- * line in err naming the file and the line, never their content. Runs on any thread. */
-static int users_read(const char *path, users_t *out, char *err, size_t errlen)
+/* ---- The users file's owner and mode ---- */
+
+int mph_auth_dir_check(const char *dir, char *err, size_t errlen)
 {
-    memset(out, 0, sizeof(*out));
-    FILE *f = fopen(path, "re");
-    if (f == NULL) {
+    struct stat st;
+    if (stat(dir, &st) != 0) {
+        snprintf(err, errlen, "cannot check the directory %s: %s", dir, strerror(errno));
+        return MPH_EINVAL;
+    }
+    /* Whoever may write to the directory may rename another file (or a symbolic link) over
+     * the users file; the sticky bit keeps that to the file's owner, as in /tmp. */
+    if ((st.st_mode & S_IWOTH) && !(st.st_mode & S_ISVTX)) {
+        snprintf(err, errlen,
+                 "the directory %s, which holds the users file, is writable by others (mode "
+                 "%03o): anyone could replace the file (chmod o-w it)",
+                 dir, (unsigned)(st.st_mode & 07777));
+        return MPH_EINVAL;
+    }
+    return 0;
+}
+
+/* mph_auth_dir_check on the directory that holds path. */
+static int parent_check(const char *path, char *err, size_t errlen)
+{
+    char *copy = mph_xstrdup(path);
+    int rc = mph_auth_dir_check(dirname(copy), err, errlen);
+    free(copy);
+    return rc;
+}
+
+int mph_auth_file_check(int fd, const char *path, char *err, size_t errlen, char *warn,
+                        size_t warnlen)
+{
+    struct stat st;
+    if (warnlen > 0)
+        warn[0] = '\0';
+    if (fstat(fd, &st) != 0) {
         snprintf(err, errlen, "cannot read the users file %s: %s", path, strerror(errno));
         return MPH_EIO;
+    }
+    unsigned mode = st.st_mode & 07777;
+    uid_t me = geteuid();
+    if (!S_ISREG(st.st_mode)) {
+        snprintf(err, errlen, "the users file %s is not a regular file", path);
+        return MPH_EINVAL;
+    }
+    /* Who may write the file decides who logs in. Its owner can always chmod it, so the
+     * owner must be us or root: root owns what a package or an administrator installs for a
+     * service user (0640, the service's group), and could change our files anyway. */
+    if (st.st_uid != me && st.st_uid != 0) {
+        snprintf(err, errlen,
+                 "the users file %s belongs to uid %u, neither to this process's user (uid %u) "
+                 "nor to root: its owner could add users",
+                 path, (unsigned)st.st_uid, (unsigned)me);
+        return MPH_EINVAL;
+    }
+    if (mode & S_IWOTH) {
+        snprintf(err, errlen,
+                 "the users file %s is writable by others (mode %03o): anyone could add a user "
+                 "(chmod o-w it)",
+                 path, mode);
+        return MPH_EINVAL;
+    }
+    /* The directory of the path given, and that of the file a symbolic link leads to. */
+    struct stat lst;
+    int rc = parent_check(path, err, errlen);
+    if (rc == 0 && lstat(path, &lst) == 0 && S_ISLNK(lst.st_mode)) {
+        char *target = realpath(path, NULL);
+        if (target)
+            rc = parent_check(target, err, errlen);
+        free(target);
+    }
+    if (rc != 0)
+        return rc;
+    /* Readable hashes can be guessed offline at the reader's pace: worth a line at start,
+     * not a refusal (a group of the service's own is a legitimate reader). */
+    if (mode & (S_IRGRP | S_IWGRP | S_IROTH))
+        snprintf(warn, warnlen,
+                 "the users file %s is readable or writable by group or others (mode %03o): "
+                 "whoever reads it can guess its passwords offline (chmod 600 it, or 640 with "
+                 "a group of the service's own)",
+                 path, mode);
+    return 0;
+}
+
+/* Reads and checks a users file into *out (new): its owner and mode first
+ * (mph_auth_file_check; a warning in warn, MESSAGE bytes), then its lines. Returns 0, or
+ * MPH_EIO / MPH_EINVAL with one line in err naming the file and the line, never their
+ * content. Runs on any thread. */
+static int users_read(const char *path, users_t *out, char *err, size_t errlen, char *warn)
+{
+    memset(out, 0, sizeof(*out));
+    warn[0] = '\0';
+    /* O_NONBLOCK: a FIFO put there must not block the open (mph_auth_file_check refuses it);
+     * reads from a regular file ignore it. The checks are made on what was opened. */
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+    if (fd < 0) {
+        snprintf(err, errlen, "cannot read the users file %s: %s", path, strerror(errno));
+        return MPH_EIO;
+    }
+    int checked = mph_auth_file_check(fd, path, err, errlen, warn, MESSAGE);
+    FILE *f = checked == 0 ? fdopen(fd, "r") : NULL;
+    if (f == NULL) {
+        if (checked == 0)
+            snprintf(err, errlen, "cannot read the users file %s: %s", path, strerror(errno));
+        close(fd);
+        return checked ? checked : MPH_EIO;
     }
     char *line = NULL, why[256];
     size_t cap = 0, alloc = 0;
@@ -644,7 +748,8 @@ static job_t *job_find(mph_auth_t *a, uint64_t key, const char *user, const char
 
 /* ---- The public surface ---- */
 
-int mph_auth_new(mph_auth_t **out, uv_loop_t *loop, const char *path, char *err, size_t errlen)
+int mph_auth_new(mph_auth_t **out, uv_loop_t *loop, const char *path, unsigned flags, char *err,
+                 size_t errlen)
 {
     mph_auth_t *a = mph_xcalloc(1, sizeof(*a));
     a->loop = loop;
@@ -654,11 +759,14 @@ int mph_auth_new(mph_auth_t **out, uv_loop_t *loop, const char *path, char *err,
         return MPH_EIO;
     }
     if (path) {
-        int rc = users_read(path, &a->users, err, errlen);
+        char warn[MESSAGE];
+        int rc = users_read(path, &a->users, err, errlen, warn);
         if (rc != 0) {
             free(a);
             return rc;
         }
+        if (warn[0] && !(flags & MPH_AUTH_QUIET))
+            mph_log(MPH_LOG_WARN, "%s", warn);
         a->path = mph_xstrdup(path);
     }
     *out = a;
@@ -719,7 +827,7 @@ void mph_auth_check(mph_auth_t *a, const char *value, size_t len, mph_auth_cb cb
 static void reload_work(uv_work_t *work)
 {
     reload_t *r = mph_container_of(work, reload_t, work);
-    r->rc = users_read(r->auth->path, &r->users, r->err, sizeof(r->err));
+    r->rc = users_read(r->auth->path, &r->users, r->err, sizeof(r->err), r->warn);
 }
 
 static void reload_done(uv_work_t *work, int status)
@@ -735,6 +843,8 @@ static void reload_done(uv_work_t *work, int status)
         a->generation++;
         memset(a->cache, 0, sizeof(a->cache)); /* it points into the old table */
         mph_log(MPH_LOG_INFO, "users file %s re-read: %zu users", a->path, a->users.n);
+        if (r->warn[0])
+            mph_log(MPH_LOG_WARN, "%s", r->warn);
     } else {
         mph_log(MPH_LOG_WARN, "%s; keeping the previous %zu users", r->err, a->users.n);
     }

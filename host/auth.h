@@ -7,7 +7,9 @@
  * blank lines are ignored. A name is valid UTF-8 without control characters. Anything else (a
  * plain-text password, another format, a name that could not travel in JSON or would write
  * raw bytes to a log) refuses the whole file, with a message naming the file and the line,
- * never what the line holds.
+ * never what the line holds. So does a file that someone else than this process's user or
+ * root could have written (mph_auth_file_check); one that others may read is taken with a
+ * warning.
  *
  * Hashes are slow by design, so a check that needs one runs on the libuv thread pool and
  * answers later; a verified (user, password) pair is remembered for a minute, keyed by a
@@ -27,17 +29,24 @@ typedef struct mph_auth_s mph_auth_t;
 #define MPH_AUTH_MAX_PASSWORD 1024 /* bytes of a password (longer ones are refused) */
 #define MPH_AUTH_CACHE_MS 60000    /* how long a verified pair is remembered */
 
+#define MPH_AUTH_QUIET                                                                             \
+    1 /* mph_auth_new flag: log no warning about the users file's mode (a                          \
+         worker, whose supervisor has said it already) */
+
 /* Creates the authenticator on loop. path (copied) is the users file, read and checked now
- * (blocking: this runs at start); NULL: no users, every check is refused. Returns 0, or
- * MPH_EINVAL or MPH_EIO with one line in err that names the file and line. */
-int mph_auth_new(mph_auth_t **out, uv_loop_t *loop, const char *path, char *err, size_t errlen);
+ * (blocking: this runs at start); NULL: no users, every check is refused. A file that others
+ * may read is logged as a warning unless flags has MPH_AUTH_QUIET. Returns 0, or MPH_EINVAL
+ * or MPH_EIO with one line in err that names the file (and the line, for its content). */
+int mph_auth_new(mph_auth_t **out, uv_loop_t *loop, const char *path, unsigned flags, char *err,
+                 size_t errlen);
 
 /* How many users the table holds now. */
 size_t mph_auth_count(const mph_auth_t *a);
 
 /* Re-reads the users file on the thread pool (SIGHUP). A good file replaces the table and
- * empties the cache; a bad one leaves the old table in place. Logs the outcome either way.
- * A re-read asked for while one runs is done again once that one ends. No-op without a file. */
+ * empties the cache; a bad one leaves the old table in place. Logs the outcome either way, and
+ * the warning mph_auth_new gives (whatever its flags). A re-read asked for while one runs is
+ * done again once that one ends. No-op without a file. */
 void mph_auth_reload(mph_auth_t *a);
 
 /* Called once per check: user is the verified name (borrowed for the call), or NULL when the
@@ -53,6 +62,22 @@ void mph_auth_check(mph_auth_t *a, const char *value, size_t len, mph_auth_cb cb
  * when it ends; then a is freed and closed(ud) runs (maybe before this returns). No check
  * may start afterwards. */
 void mph_auth_close(mph_auth_t *a, void (*closed)(void *ud), void *ud);
+
+/* -- The users file's owner and mode -- */
+
+/* Whether the users file open on fd (found at path) is safe to take (DESIGN.md, "Files,
+ * sockets and secrets"): a regular file, owned by this process's effective user or by root
+ * (a root-owned file readable by a service group is the usual way to hand one to a service
+ * user), not writable by others, in a directory (that of path and that of its target when
+ * path is a symbolic link) that others cannot write to unless it is sticky, as /tmp is.
+ * Returns 0, with a warning in warn when group or others may read or write the file ("" when
+ * none), or MPH_EINVAL with why in err. Blocking; any thread. */
+int mph_auth_file_check(int fd, const char *path, char *err, size_t errlen, char *warn,
+                        size_t warnlen);
+
+/* The directory rule of mph_auth_file_check alone, for dir (a file about to be made in it).
+ * Returns 0 or MPH_EINVAL with why in err. */
+int mph_auth_dir_check(const char *dir, char *err, size_t errlen);
 
 /* -- What `mphost passwd` needs of the file format -- */
 

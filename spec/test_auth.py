@@ -507,3 +507,51 @@ def test_users_file_with_a_name_not_utf8_or_with_control_characters_refuses_star
         os.chmod(path, 0o600)
         serve_refused(path, "users file %s, line 3: a user name that %s" % (path, why),
                       hidden=(name,))
+
+
+# ---- The users file's owner and mode, and its directory's
+
+def users_warnings(server):
+    return [line for line in server.read_log().splitlines()
+            if "users file" in line and "readable" in line]
+
+
+def test_users_file_open_to_group_or_others_warns_once_at_start_and_on_reload():
+    path = users_named(["alice"])
+    os.chmod(path, 0o644)
+    with Server(AUTH, ["--users=" + path]) as s:  # a supervisor and its worker: one line
+        wait_log(s, "serving")
+        whoami(s.port, "alice", "alice-pw")
+        lines = users_warnings(s)
+        eq(len(lines), 1, "warnings at start: %r" % lines)
+        check("mode 644" in lines[0] and path in lines[0] and "chmod" in lines[0], lines[0])
+        sighup_and_wait(s, text="reload: done (ok")
+        eq(len(users_warnings(s)), 2, "warnings after a reload: %r" % users_warnings(s))
+    with Server(AUTH, ["--users=" + path, "--workers=0"]) as s:  # the process re-reads
+        eq(len(users_warnings(s)), 1, "warnings at start: %r" % users_warnings(s))
+        os.chmod(path, 0o600)
+        sighup_and_wait(s)
+        eq(len(users_warnings(s)), 1, "a private file warns no more")
+        os.chmod(path, 0o640)
+        sighup_and_wait(s)
+        eq(len(users_warnings(s)), 2, "group-readable: %r" % users_warnings(s))
+        # Made writable by others: refused, the users of before stay.
+        os.chmod(path, 0o646)
+        sighup_and_wait(s, text="keeping the previous 1 users")
+        whoami(s.port, "alice", "alice-pw")
+
+
+def test_users_file_anyone_could_change_is_refused_at_start():
+    path = users_named(["alice"])
+    os.chmod(path, 0o602)
+    serve_refused(path, "users file %s is writable by others (mode 602)" % path)
+    os.chmod(path, 0o600)
+    os.chown(path, 65534, 65534)
+    serve_refused(path, "users file %s belongs to uid 65534" % path)
+    os.chown(path, 0, 0)
+    d = os.path.dirname(path)
+    os.chmod(d, 0o777)
+    serve_refused(path, "directory %s, which holds the users file, is writable by others" % d)
+    os.chmod(d, 0o1777)  # sticky, as /tmp: only the file's owner may replace it
+    with Server(AUTH, ["--users=" + path]) as s:
+        whoami(s.port, "alice", "alice-pw")

@@ -10,6 +10,8 @@
 #include "host/common.c"
 #include "host/auth.c"
 
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "spec/unit/unit.h"
@@ -179,12 +181,12 @@ static const char *write_file(const char *text)
 static void test_users_file(void)
 {
     char *bob = make_hash("$2b$", 4, "b"), *alice = make_hash("$6$", 0, "a");
-    char text[2000], err[512];
+    char text[2000], err[512], warn[MESSAGE];
     snprintf(text, sizeof(text), "# users\n\n   \nbob:%s\n  # indented comment\nalice:%s\r\n", bob,
              alice);
     const char *path = write_file(text);
     users_t u;
-    CHECK(users_read(path, &u, err, sizeof(err)) == 0);
+    CHECK(users_read(path, &u, err, sizeof(err), warn) == 0);
     CHECK(u.n == 2 && strcmp(u.v[0].name, "alice") == 0 && strcmp(u.v[1].name, "bob") == 0);
     CHECK(u.v[0].line == 6 && u.v[1].line == 4);
     CHECK(u.dummy != NULL && strcmp(u.dummy, bob) == 0); /* the file's first entry */
@@ -195,7 +197,7 @@ static void test_users_file(void)
     /* A plain-text password: refused, naming the file and line, not the password. */
     snprintf(text, sizeof(text), "bob:%s\ncarol:hunter2\n", bob);
     path = write_file(text);
-    CHECK(users_read(path, &u, err, sizeof(err)) == MPH_EINVAL);
+    CHECK(users_read(path, &u, err, sizeof(err), warn) == MPH_EINVAL);
     CHECK(strstr(err, path) != NULL && strstr(err, "line 2:") != NULL);
     CHECK(strstr(err, "hunter2") == NULL && strstr(err, "plain-text") != NULL);
     CHECK(u.n == 0 && u.v == NULL);
@@ -203,25 +205,25 @@ static void test_users_file(void)
 
     snprintf(text, sizeof(text), "bob:%s\njust a line\n", bob);
     path = write_file(text);
-    CHECK(users_read(path, &u, err, sizeof(err)) == MPH_EINVAL);
+    CHECK(users_read(path, &u, err, sizeof(err), warn) == MPH_EINVAL);
     CHECK(strstr(err, "line 2: expected NAME:HASH") != NULL && strstr(err, "just") == NULL);
     unlink(path);
 
     snprintf(text, sizeof(text), "bob:%s\n:%s\n", bob, bob);
     path = write_file(text);
-    CHECK(users_read(path, &u, err, sizeof(err)) == MPH_EINVAL && strstr(err, "line 2:"));
+    CHECK(users_read(path, &u, err, sizeof(err), warn) == MPH_EINVAL && strstr(err, "line 2:"));
     unlink(path);
 
     snprintf(text, sizeof(text), "bob:%s\nalice:%s\nbob:%s\n", bob, alice, bob);
     path = write_file(text);
-    CHECK(users_read(path, &u, err, sizeof(err)) == MPH_EINVAL);
+    CHECK(users_read(path, &u, err, sizeof(err), warn) == MPH_EINVAL);
     CHECK(strstr(err, "line 3: the same user as line 1") != NULL);
     unlink(path);
 
     path = write_file("# nobody yet\n");
-    CHECK(users_read(path, &u, err, sizeof(err)) == 0 && u.n == 0 && u.dummy == NULL);
+    CHECK(users_read(path, &u, err, sizeof(err), warn) == 0 && u.n == 0 && u.dummy == NULL);
     unlink(path);
-    CHECK(users_read(path, &u, err, sizeof(err)) == MPH_EIO && strstr(err, "cannot read"));
+    CHECK(users_read(path, &u, err, sizeof(err), warn) == MPH_EIO && strstr(err, "cannot read"));
     free(bob);
     free(alice);
 }
@@ -278,7 +280,7 @@ static void test_checks_on_the_pool(void)
     char saved[64];
     snprintf(saved, sizeof(saved), "%s", path);
     mph_auth_t *a;
-    CHECK(mph_auth_new(&a, &loop, saved, err, sizeof(err)) == 0 && mph_auth_count(a) == 2);
+    CHECK(mph_auth_new(&a, &loop, saved, 0, err, sizeof(err)) == 0 && mph_auth_count(a) == 2);
     /* The cache is direct-mapped under a random key: with this one, bob's and alice's pairs
      * could share a slot (1 run in 1024) and alice's would evict bob's below. A key that
      * keeps them apart makes the test say the same thing every run. */
@@ -389,7 +391,7 @@ static void test_no_users_refuses_at_once(void)
     uv_loop_init(&loop);
     mph_auth_t *a;
     char err[256];
-    CHECK(mph_auth_new(&a, &loop, NULL, err, sizeof(err)) == 0 && mph_auth_count(a) == 0);
+    CHECK(mph_auth_new(&a, &loop, NULL, 0, err, sizeof(err)) == 0 && mph_auth_count(a) == 0);
     answer_t ans = {0, "x"};
     check(a, "bob", "b-pw", &ans);
     CHECK(ans.calls == 1 && ans.user[0] == '\0');
@@ -399,6 +401,85 @@ static void test_no_users_refuses_at_once(void)
     CHECK(closed_count == 1);
     uv_run(&loop, UV_RUN_DEFAULT);
     CHECK(uv_loop_close(&loop) == 0);
+}
+
+/* ---- The users file's owner and mode ---- */
+
+static int file_check(const char *path, char *err, char *warn)
+{
+    int fd = open(path, O_RDONLY | O_NONBLOCK);
+    if (fd < 0)
+        return -100;
+    int rc = mph_auth_file_check(fd, path, err, 512, warn, MESSAGE);
+    close(fd);
+    return rc;
+}
+
+static void test_users_file_owner_and_mode(void)
+{
+    char dir[] = "/tmp/mph-unit-authdir-XXXXXX", path[128], link[128], fifo[128], err[512],
+         warn[MESSAGE];
+    CHECK(mkdtemp(dir) != NULL);
+    snprintf(path, sizeof(path), "%s/users", dir);
+    FILE *f = fopen(path, "w");
+    fputs("# nobody\n", f);
+    fclose(f);
+    chmod(path, 0600);
+    CHECK(file_check(path, err, warn) == 0 && warn[0] == '\0');
+    chmod(path, 0640);
+    CHECK(file_check(path, err, warn) == 0 && strstr(warn, "mode 640") && strstr(warn, path));
+    chmod(path, 0604);
+    CHECK(file_check(path, err, warn) == 0 && strstr(warn, "readable or writable"));
+    chmod(path, 0620);
+    CHECK(file_check(path, err, warn) == 0 && strstr(warn, "mode 620"));
+    chmod(path, 0602);
+    CHECK(file_check(path, err, warn) == MPH_EINVAL && strstr(err, "writable by others"));
+    chmod(path, 0600);
+    if (geteuid() == 0) { /* another owner: refused; root's: taken, whoever we are */
+        CHECK(chown(path, 65534, 65534) == 0);
+        CHECK(file_check(path, err, warn) == MPH_EINVAL && strstr(err, "belongs to uid 65534"));
+        CHECK(chown(path, 0, 0) == 0);
+        chmod(dir, 0711);
+        chmod(path, 0644);
+        CHECK(seteuid(65534) == 0);
+        int fd = open(path, O_RDONLY);
+        CHECK(fd >= 0 && mph_auth_file_check(fd, path, err, 512, warn, MESSAGE) == 0);
+        close(fd);
+        CHECK(seteuid(0) == 0);
+        chmod(dir, 0700);
+        chmod(path, 0600);
+    }
+    /* The directory: writable by others only with the sticky bit; through a link, both. */
+    chmod(dir, 0777);
+    CHECK(file_check(path, err, warn) == MPH_EINVAL && strstr(err, "is writable by others") &&
+          strstr(err, dir));
+    chmod(dir, 01777);
+    CHECK(file_check(path, err, warn) == 0);
+    chmod(dir, 0700);
+    char dir2[] = "/tmp/mph-unit-authdir-XXXXXX";
+    CHECK(mkdtemp(dir2) != NULL);
+    snprintf(link, sizeof(link), "%s/users-link", dir2);
+    CHECK(symlink(path, link) == 0);
+    CHECK(file_check(link, err, warn) == 0);
+    chmod(dir, 0757);
+    CHECK(file_check(link, err, warn) == MPH_EINVAL && strstr(err, dir));
+    chmod(dir, 0700);
+    chmod(dir2, 0703);
+    CHECK(file_check(link, err, warn) == MPH_EINVAL && strstr(err, dir2));
+    CHECK(mph_auth_dir_check(dir2, err, sizeof(err)) == MPH_EINVAL);
+    CHECK(mph_auth_dir_check(dir, err, sizeof(err)) == 0);
+    chmod(dir2, 0700);
+    /* Not a regular file: a FIFO does not block the open, and is refused. */
+    snprintf(fifo, sizeof(fifo), "%s/fifo", dir);
+    CHECK(mkfifo(fifo, 0600) == 0);
+    users_t u;
+    CHECK(users_read(fifo, &u, err, sizeof(err), warn) == MPH_EINVAL &&
+          strstr(err, "not a regular file"));
+    unlink(fifo);
+    unlink(link);
+    unlink(path);
+    rmdir(dir2);
+    rmdir(dir);
 }
 
 static void test_what_passwd_uses(void)
@@ -467,6 +548,7 @@ static const mph_unit_test_t tests[] = {
     {"hash_formats", test_hash_formats},
     {"users_file", test_users_file},
     {"checks_on_the_pool", test_checks_on_the_pool},
+    {"users_file_owner_and_mode", test_users_file_owner_and_mode},
     {"no_users_refuses_at_once", test_no_users_refuses_at_once},
     {"what_passwd_uses", test_what_passwd_uses},
 };
