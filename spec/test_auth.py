@@ -555,3 +555,24 @@ def test_users_file_anyone_could_change_is_refused_at_start():
     os.chmod(d, 0o1777)  # sticky, as /tmp: only the file's owner may replace it
     with Server(AUTH, ["--users=" + path]) as s:
         whoami(s.port, "alice", "alice-pw")
+
+
+def test_passwd_makes_private_files_whatever_the_umask_and_refuses_open_directories():
+    d = tmpdir("mph-users-")
+    path = os.path.join(d, "users")
+    for mask in (0, 0o022, 0o777):
+        if os.path.exists(path):
+            os.unlink(path)
+        p = subprocess.run([MPHOST, "passwd", path, "alice"], input="alice-pw\n", text=True,
+                           capture_output=True, timeout=60, preexec_fn=lambda m=mask: os.umask(m))
+        eq(p.returncode, 0, "passwd under umask %03o: %s" % (mask, p.stderr))
+        eq(stat.S_IMODE(os.stat(path).st_mode), 0o600, "mode under umask %03o" % mask)
+    eq(os.listdir(d), ["users"], "no temporary file left")
+    os.chmod(d, 0o777)
+    _, err = passwd(path, "bob", "bob-pw", expect=1)
+    check("writable by others" in err and len(err.strip().splitlines()) == 1, err)
+    os.chmod(d, 0o700)
+    # A file others may read: written, with the warning the server would give.
+    os.chmod(path, 0o644)
+    _, err = passwd(path, "bob", "bob-pw")
+    check("readable" in err and "mode 644" in err, err)
