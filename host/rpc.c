@@ -7,12 +7,14 @@
  * response cannot go out half-built. Batch elements run concurrently and are answered in the
  * order they came; notifications run but are not answered.
  *
- * A call to a service behind mp.basicAuth is held until the request's credentials are
- * checked (auth.h): once per request, however many such calls it carries, started after
+ * A call to an exposed service behind mp.basicAuth is held until the request's credentials
+ * are checked (auth.h): once per request, however many such calls it carries, started after
  * every other call is dispatched. The check answers with the user, and the held calls run
  * as that user, or with nobody, and they are answered -32004. A request whose every call
  * was answered -32004 (by this or by its handler) gets HTTP 401 and the header that asks
- * for Basic credentials; one that mixes them gets 200 and each call its own answer.
+ * for Basic credentials; one that mixes them gets 200 and each call its own answer. A
+ * service that is not exposed is answered -32601 as any unknown name, credentials or not:
+ * a 401 would tell a prober that it exists.
  *
  * A check the authenticator could not make (too many in progress, or one waited too long)
  * answers the held calls -32005 with HTTP 200: the server is busy, try again. A 401 would

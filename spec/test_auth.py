@@ -604,6 +604,26 @@ def test_checks_of_a_client_that_leaves_answer_nobody_and_others_still_answer():
         check(log_count(s, STARTED) - started <= 2, "checks that ran after a reset")
 
 
+def test_unexposed_basic_auth_service_is_method_not_found():
+    """A service behind basicAuth that is not exposed answers as a name that does not exist:
+    -32601 with HTTP 200, with or without credentials, and without checking them."""
+    with Server(AUTH, ["--users=" + users_named(["alice"]), "--logging=debug"]) as s:
+        unknown = request(s.port, call("no-such-method"))
+        eq(unknown[0], 200, "an unknown method")
+        for auth in (None, basic("alice", "alice-pw"), basic("alice", "wrong")):
+            status, headers, body = request(s.port, call("unexposed"), auth)
+            eq((status, body), (200, unknown[2]), "unexposed with %r" % auth)
+            check("www-authenticate" not in headers, "a challenge for an unexposed service")
+        code, out, err = run(["call", "unexposed", "--url", "http://127.0.0.1:%d/" % s.port])
+        eq((code, err), (1, "error -32601: Method not found\n"), "mphost call")
+        eq(log_count(s, STARTED), 0, "credentials checked for an unexposed service")
+        # In a batch with an exposed one, each gets its own answer.
+        status, _, body = request(s.port, [call("unexposed", 1), call("whoami", 2)],
+                                  basic("alice", "alice-pw"))
+        eq((status, body[0]["error"]["code"], body[1]["result"]["user"]), (200, -32601, "alice"),
+           "batch")
+
+
 # ---- User names: UTF-8 without control characters (a name travels in JSON between workers
 # and into logs)
 

@@ -45,7 +45,7 @@ static void fake_reply(fake_call_t *call)
     free(call);
 }
 
-int mph_lua_needs_auth(const mph_lua_t *lua, const char *method, size_t mlen)
+int mph_lua_needs_auth(mph_lua_t *lua, const char *method, size_t mlen)
 {
     (void)lua;
     return mlen == 4 && memcmp(method, "priv", 4) == 0;
