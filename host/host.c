@@ -309,7 +309,10 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
     rc = open_store(h, err, errlen);
     if (rc != 0)
         goto fail_loop;
-    rc = mph_auth_new(&h->auth, h->loop, h->cfg.users_file, err, errlen);
+    /* A worker keeps quiet about the users file's mode: its supervisor (or the reload check
+     * before it) has said it once already. */
+    rc = mph_auth_new(&h->auth, h->loop, h->cfg.users_file, h->cfg.supervised ? MPH_AUTH_QUIET : 0,
+                      err, errlen);
     if (rc != 0)
         goto fail_store;
     if (h->cfg.access_log &&

@@ -14,6 +14,11 @@
  * A request that fails at the HTTP level (400, 413, 431) is answered in order like any other,
  * and the connection drains: after a framing error nothing later on it can be trusted.
  *
+ * A handler whose request waits on something registers a cleanup (mph_http_req_on_gone). It
+ * runs if the client goes first: when the connection closes (conn_close), or when the client
+ * ends its side while the request waits (on_read, EOF), which cannot be told from a close.
+ * Requests without one are answered after such an EOF as before.
+ *
  * The idle timer closes a connection that has nothing in flight and completes no request for
  * idle_timeout_ms: it is re-armed only when a request completes or the last response leaves,
  * never by partial data, so a client that trickles bytes cannot hold a connection. While
@@ -102,7 +107,9 @@ struct mph_http_req_s {
     size_t head_len;
     char *resp_body; /* owned response body */
     size_t resp_len;
-    uv_write_t write; /* the response write */
+    uv_write_t write;      /* the response write */
+    mph_http_gone_cb gone; /* the handler's cleanup if the client leaves first, or NULL */
+    void *gone_ud;
 };
 
 struct conn_s {
@@ -280,6 +287,37 @@ static mph_http_req_t *req_new(conn_t *c)
     return r;
 }
 
+void mph_http_req_on_gone(mph_http_req_t *r, mph_http_gone_cb cb, void *ud)
+{
+    r->gone = cb;
+    r->gone_ud = ud;
+}
+
+int mph_http_req_peer(const mph_http_req_t *r, struct sockaddr_storage *out)
+{
+    int len = sizeof(*out);
+    if (r->conn == NULL || r->srv->local ||
+        uv_tcp_getpeername(&r->conn->tcp, (struct sockaddr *)out, &len) != 0)
+        return MPH_EINVAL;
+    return 0;
+}
+
+/* Runs the cleanup of the first request handed to the handler, not answered, that has one;
+ * returns 0 when none is left. One at a time, each looked for anew: a cleanup answers its
+ * request, which may close the connection (conn_close runs the rest itself). */
+static int run_one_gone(conn_t *c)
+{
+    for (mph_http_req_t *r = c->head; r; r = r->next) {
+        if (r->gone && !r->responded && r != c->cur) {
+            mph_http_gone_cb cb = r->gone;
+            r->gone = NULL;
+            cb(r->gone_ud, r);
+            return 1;
+        }
+    }
+    return 0;
+}
+
 void mph_http_req_set_call(mph_http_req_t *r, const char *methods, int code)
 {
     /* Method names come from clients: anything but printable ASCII (spaces, newlines) is
@@ -335,6 +373,7 @@ static void respond(mph_http_req_t *r, int status, const char *ctype, const char
 {
     assert(!r->responded);
     conn_t *c = r->conn;
+    r->gone = NULL; /* answered: nothing to clean up */
     if (r->srv->cfg.alog)
         log_access(r, status, body ? len : 0);
     if (c == NULL) { /* the client is gone */
@@ -772,7 +811,10 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
             return;
         }
         conn_drain(c);
-        conn_flush(c);
+        while (c->state != CONN_CLOSING && run_one_gone(c))
+            ; /* the client went: what its requests wait on is cancelled (mph_http_req_on_gone) */
+        if (c->state != CONN_CLOSING)
+            conn_flush(c);
         return;
     }
     assert(assert_conn_state(c));
@@ -873,13 +915,18 @@ static void conn_close(conn_t *c)
     mph_http_server_t *srv = c->srv;
     /* Cut the requests loose: handlers still running answer into the void. Requests not yet
      * handed to a handler (or already answered) are freed here; written ones are freed by
-     * their write callbacks, which run with UV_ECANCELED. */
-    mph_http_req_t *r = c->head;
+     * their write callbacks, which run with UV_ECANCELED. Those with a cleanup have it run
+     * (mph_http_req_on_gone) once the connection is unlinked, each answering only itself. */
+    mph_http_req_t *r = c->head, *gone = NULL;
     while (r) {
         mph_http_req_t *next = r->next;
         r->conn = NULL;
-        if (r->responded || r == c->cur)
+        if (r->responded || r == c->cur) {
             req_free(r);
+        } else if (r->gone) {
+            r->next = gone;
+            gone = r;
+        }
         r = next;
     }
     c->head = c->tail = c->cur = NULL;
@@ -892,6 +939,14 @@ static void conn_close(conn_t *c)
     srv->nconns--;
     uv_close((uv_handle_t *)&c->tcp, on_conn_handle_closed);
     uv_close((uv_handle_t *)&c->timer, on_conn_handle_closed);
+    while (gone) {
+        r = gone;
+        gone = r->next;
+        r->next = NULL;
+        mph_http_gone_cb cb = r->gone;
+        r->gone = NULL;
+        cb(r->gone_ud, r);
+    }
 }
 
 /* A connection with its handles initialised and counted, not yet reading. */

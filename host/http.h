@@ -9,6 +9,7 @@
 #define MPH_HTTP_H
 
 #include <stddef.h>
+#include <sys/socket.h>
 #include <uv.h>
 
 #include "accesslog.h"
@@ -116,6 +117,23 @@ const char *mph_http_req_authorization(const mph_http_req_t *req, size_t *len);
 /* Overwrites and forgets the request's copy of its Authorization header, which carries a
  * password: call it once the credentials have been read (freeing the request does it too). */
 void mph_http_req_wipe_authorization(mph_http_req_t *req);
+
+/* Called when req's client goes away before req is answered: its connection closed, or the
+ * client ended its side of it (EOF) while req waited. A server cannot tell that end from a
+ * close until it writes, and a client that half-closes while it waits for an answer is rare,
+ * so it counts as gone, as nginx's check for a broken connection counts it. The callback may
+ * answer req (dropped if the connection is gone) and nothing else of the server. */
+typedef void (*mph_http_gone_cb)(void *ud, mph_http_req_t *req);
+
+/* Registers the cleanup of a request that waits on something (STYLE.md: "Anything a request
+ * waits on registers a cleanup that cancels it"): cb runs at most once, on the loop, never
+ * during this call nor after req is answered. cb NULL: none (the wait ended). Replaces an
+ * earlier one. */
+void mph_http_req_on_gone(mph_http_req_t *req, mph_http_gone_cb cb, void *ud);
+
+/* The address of req's client, in *out: returns 0, or MPH_EINVAL when it has none to give
+ * (a Unix-socket client, or one already gone). */
+int mph_http_req_peer(const mph_http_req_t *req, struct sockaddr_storage *out);
 
 /* Graceful stop: stop accepting, close idle connections, let the others finish the
  * requests they have started, then close them. `drained` runs once when every connection

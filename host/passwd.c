@@ -4,10 +4,18 @@
  *
  * The file is rewritten whole and atomically: a temporary file in the same directory (so the
  * rename stays on one file system) is written, synced, given the old file's mode and owner
- * (0600 for a new file: hashes are for the server's eyes), renamed over the old one, and the
- * directory is synced. A server that reads the file (at start, on SIGHUP) sees the old file
- * or the new one, never a part of either. A FILE that is a symbolic link has its target
- * rewritten, so a link into a configuration directory stays a link.
+ * (0600 for a new file, whatever the umask: hashes are for the server's eyes), renamed over
+ * the old one, and the directory is synced. A server that reads the file (at start, on
+ * SIGHUP) sees the old file or the new one, never a part of either. A FILE that is a symbolic
+ * link has its target rewritten, so a link into a configuration directory stays a link.
+ *
+ * Every step after the link is resolved goes through one descriptor of the target's
+ * directory (openat, renameat): the old file is opened with O_NOFOLLOW, the temporary one is
+ * created with O_EXCL | O_NOFOLLOW under a random name, so nothing planted in the directory
+ * meanwhile is followed or overwritten. A directory others may write to (without the sticky
+ * bit) is refused, as the server refuses it (mph_auth_dir_check): anyone could replace the
+ * file there. A file the server would warn about or refuse for its mode or owner is written,
+ * with that warning.
  *
  * The password never goes through stdio's buffers: it is read with read(2) into one buffer
  * that is wiped once hashed.
@@ -17,8 +25,10 @@
 #include <fcntl.h>
 #include <libgen.h>
 #include <stdio.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <termios.h>
 #include <unistd.h>
@@ -135,24 +145,26 @@ static void edit(FILE *in, const char *user, const char *hash, mph_buf_t *out, i
         mph_buf_printf(out, "%s:%s\n", user, hash);
 }
 
-/* Writes data to a new file beside path and renames it over path. mode/uid/gid: the old
- * file's (have_old), else 0600 and ours. */
-static int replace_file(const char *path, const mph_buf_t *data, const struct stat *old, char *err,
-                        size_t errlen)
+/* Writes data to a new file in dir (an open descriptor of dirpath) and renames it over base
+ * there. mode/uid/gid: the old file's (old), else 0600 and ours. */
+static int replace_file(int dir, const char *dirpath, const char *base, const mph_buf_t *data,
+                        const struct stat *old, char *err, size_t errlen)
 {
-    char *copy = mph_xstrdup(path), *copy2 = mph_xstrdup(path);
-    const char *dir = dirname(copy), *base = basename(copy2);
-    size_t n = strlen(dir) + strlen(base) + 16;
-    char *tmp = mph_xmalloc(n);
-    snprintf(tmp, n, "%s/.%s.XXXXXX", dir, base);
-    int rc = 0, fd = mkostemp(tmp, O_CLOEXEC);
+    uint64_t r;
+    if (getrandom(&r, sizeof(r), 0) != (ssize_t)sizeof(r)) {
+        snprintf(err, errlen, "cannot draw a random name: %s", strerror(errno));
+        return MPH_EIO;
+    }
+    char tmp[64];
+    snprintf(tmp, sizeof(tmp), ".mphost-passwd.%016llx", (unsigned long long)r);
+    /* 0600 at creation (the umask may only take bits away), the final mode by fchmod. */
+    int rc = 0, fd = openat(dir, tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (fd < 0) {
-        snprintf(err, errlen, "cannot create a file in %s: %s", dir, strerror(errno));
-        rc = MPH_EIO;
-        goto out;
+        snprintf(err, errlen, "cannot create a file in %s: %s", dirpath, strerror(errno));
+        return MPH_EIO;
     }
     if (old && fchown(fd, old->st_uid, old->st_gid) != 0 && errno != EPERM)
-        fprintf(stderr, "mphost: warning: cannot keep the owner of %s: %s\n", path,
+        fprintf(stderr, "mphost: warning: cannot keep the owner of %s/%s: %s\n", dirpath, base,
                 strerror(errno));
     size_t off = 0;
     while (rc == 0 && off < data->len) {
@@ -168,23 +180,52 @@ static int replace_file(const char *path, const mph_buf_t *data, const struct st
         rc = MPH_EIO;
     if (close(fd) != 0 && rc == 0)
         rc = MPH_EIO;
-    if (rc == 0 && rename(tmp, path) != 0)
+    if (rc == 0 && renameat(dir, tmp, dir, base) != 0)
         rc = MPH_EIO;
     if (rc != 0) {
-        snprintf(err, errlen, "cannot write %s: %s", path, strerror(errno));
-        unlink(tmp);
-        goto out;
+        snprintf(err, errlen, "cannot write %s/%s: %s", dirpath, base, strerror(errno));
+        unlinkat(dir, tmp, 0);
+        return rc;
     }
-    int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd >= 0) { /* the rename is durable once the directory is */
-        fsync(dfd);
-        close(dfd);
+    fsync(dir); /* the rename is durable once the directory is */
+    return 0;
+}
+
+/* Opens the directory that holds file once it passes the server's rule: *dir (new
+ * descriptor), *dirpath (its path) and *base (the file's name in it) point into *names (new). */
+static int open_dir(const char *file, int *dir, char **names, const char **dirpath,
+                    const char **base, char *err, size_t errlen)
+{
+    size_t n = strlen(file) + 1;
+    *names = mph_xmalloc(2 * n);
+    memcpy(*names, file, n);
+    memcpy(*names + n, file, n);
+    *dirpath = dirname(*names);
+    *base = basename(*names + n);
+    int rc = mph_auth_dir_check(*dirpath, err, errlen);
+    if (rc == 0 && (*dir = open(*dirpath, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0) {
+        snprintf(err, errlen, "cannot open the directory %s: %s", *dirpath, strerror(errno));
+        rc = MPH_EIO;
     }
-out:
-    free(tmp);
-    free(copy);
-    free(copy2);
     return rc;
+}
+
+/* What a server running as us would say of the file now in dir: printed as a warning. (Of
+ * a file another user owns we cannot tell: that user, or root, may be the server's.) */
+static void warn_like_the_server(int dir, const char *base, const char *path)
+{
+    char err[512], warn[512];
+    struct stat st;
+    int fd = openat(dir, base, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    if (fstat(fd, &st) != 0 || (st.st_uid != geteuid() && st.st_uid != 0))
+        warn[0] = err[0] = '\0';
+    else if (mph_auth_file_check(fd, path, err, sizeof(err), warn, sizeof(warn)) != 0)
+        fprintf(stderr, "mphost: warning: %s; the server refuses it so\n", err);
+    else if (warn[0])
+        fprintf(stderr, "mphost: warning: %s\n", warn);
+    close(fd);
 }
 
 int mph_cli_passwd(const char *path, const char *user)
@@ -196,16 +237,36 @@ int mph_cli_passwd(const char *path, const char *user)
     }
     char *target = realpath(path, NULL); /* through a symbolic link to its target */
     const char *file = target ? target : path;
+    const char *dirpath, *base;
+    char *names = NULL, *hash = NULL;
+    int dir = -1, fd = -1, exists = 0;
+    FILE *in = NULL;
     struct stat st;
-    int exists = stat(file, &st) == 0;
-    FILE *in = exists ? fopen(file, "re") : NULL;
-    if ((!exists && errno != ENOENT) || (exists && in == NULL)) {
-        fprintf(stderr, "mphost: cannot read %s: %s\n", path, strerror(errno));
-        free(target);
-        return 1;
+    int rc = open_dir(file, &dir, &names, &dirpath, &base, err, sizeof(err));
+    if (rc != 0)
+        goto out;
+    /* The old file, if any, read through the same directory and never through a link. */
+    fd = openat(dir, base, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0 && errno != ENOENT) {
+        snprintf(err, sizeof(err), "cannot read %s: %s", path, strerror(errno));
+        rc = MPH_EIO;
+        goto out;
     }
-    char *hash = NULL;
-    int rc = get_password(user, password, err, sizeof(err));
+    if (fd >= 0) {
+        if (fstat(fd, &st) != 0 || (S_ISREG(st.st_mode) && (in = fdopen(fd, "r")) == NULL)) {
+            snprintf(err, sizeof(err), "cannot read %s: %s", path, strerror(errno));
+            rc = MPH_EIO;
+            goto out;
+        }
+        if (!S_ISREG(st.st_mode)) {
+            snprintf(err, sizeof(err), "%s is not a regular file", path);
+            rc = MPH_EINVAL;
+            goto out;
+        }
+        fd = -1; /* in owns it */
+        exists = 1;
+    }
+    rc = get_password(user, password, err, sizeof(err));
     if (rc == 0)
         rc = mph_auth_hash_new(password, &hash, err, sizeof(err));
     explicit_bzero(password, sizeof(password));
@@ -213,17 +274,25 @@ int mph_cli_passwd(const char *path, const char *user)
     mph_buf_t data = MPH_BUF_INIT;
     if (rc == 0) {
         edit(in, user, hash, &data, &replaced);
-        rc = replace_file(file, &data, exists ? &st : NULL, err, sizeof(err));
+        rc = replace_file(dir, dirpath, base, &data, exists ? &st : NULL, err, sizeof(err));
     }
-    if (in)
-        fclose(in);
-    if (rc == 0)
+    mph_buf_free(&data);
+    if (rc == 0) {
         printf("%s user %s %s %s\n", replaced ? "replaced" : "added", user, replaced ? "in" : "to",
                path);
-    else
+        warn_like_the_server(dir, base, path);
+    }
+out:
+    if (rc != 0)
         fprintf(stderr, "mphost: %s\n", err);
-    mph_buf_free(&data);
+    if (in)
+        fclose(in);
+    if (fd >= 0)
+        close(fd);
+    if (dir >= 0)
+        close(dir);
     free(hash);
+    free(names);
     free(target);
     return rc == 0 ? 0 : 1;
 }

@@ -7,12 +7,21 @@
  * response cannot go out half-built. Batch elements run concurrently and are answered in the
  * order they came; notifications run but are not answered.
  *
- * A call to a service behind mp.basicAuth is held until the request's credentials are
- * checked (auth.h): once per request, however many such calls it carries, started after
+ * A call to an exposed service behind mp.basicAuth is held until the request's credentials
+ * are checked (auth.h): once per request, however many such calls it carries, started after
  * every other call is dispatched. The check answers with the user, and the held calls run
  * as that user, or with nobody, and they are answered -32004. A request whose every call
  * was answered -32004 (by this or by its handler) gets HTTP 401 and the header that asks
- * for Basic credentials; one that mixes them gets 200 and each call its own answer.
+ * for Basic credentials; one that mixes them gets 200 and each call its own answer. A
+ * service that is not exposed is answered -32601 as any unknown name, credentials or not:
+ * a 401 would tell a prober that it exists.
+ *
+ * A check the authenticator could not make (too many in progress, or one waited too long)
+ * answers the held calls -32005 with HTTP 200: the server is busy, try again. A 401 would
+ * say the credentials are wrong, and a client would drop or re-ask a good password. While
+ * the check is pending, the request registers a cleanup with the HTTP layer
+ * (mph_http_req_on_gone): should its client leave, the wait is cancelled (a check nobody
+ * waits for is never hashed) and the held calls are answered -32005 into the void.
  */
 #define _POSIX_C_SOURCE 200809L
 #include "rpc.h"
@@ -47,11 +56,16 @@ typedef struct call_s {
     size_t held;        /* slots waiting for the credentials check */
     uint64_t start_ns;  /* uv_hrtime when the request was read (a call's duration) */
     slot_t *slots;
-    char *methods; /* the calls' method names joined by ",", for the access log (owned) */
+    char *methods;              /* the calls' method names joined by ",", for the access log
+                                   (owned) */
+    mph_auth_wait_t *auth_wait; /* the credentials check the held slots wait for, or NULL */
 } call_t;
 
 #define WWW_AUTHENTICATE "WWW-Authenticate: Basic realm=\"mphost\"\r\n"
 #define PARAMS_PROBLEM "Invalid params: params must be an array or an object"
+#define AUTH_BUSY "Worker unavailable: too many credential checks in progress; try again"
+#define AUTH_EXPIRED "Worker unavailable: the credential check waited too long; try again"
+#define CLIENT_GONE "Worker unavailable: the client left before its credentials were checked"
 
 /* Parses a JSON text (a request body, an in-process call's params). Returns a new reference,
  * or NULL with the JSON-RPC error in *code and msg: -32602 for a number out of range, else
@@ -183,7 +197,8 @@ static void on_reply(void *ud, mph_lua_reply_t *reply)
 static void slot_error(slot_t *s, int code, const char *message)
 {
     s->code = code;
-    count(s, code == MPH_RPC_UNAUTHORIZED);
+    /* Refused for its credentials, or not checked: the method is an exposed service. */
+    count(s, code == MPH_RPC_UNAUTHORIZED || code == MPH_RPC_WORKER_UNAVAILABLE);
     if (!s->notification)
         write_error(&s->out, s->id, code, message, NULL, 0);
     slot_done(s);
@@ -197,10 +212,9 @@ static void run_call(mph_rpc_t *rpc, slot_t *s, const json_t *r, const char *use
                     json_string_length(method), json_object_get(r, "params"), on_reply, s);
 }
 
-/* The request's credentials were checked: the held calls run as user, or are refused. */
-static void on_verified(void *ud, const char *user)
+/* Answers or runs the held calls: as user (NULL: refused with code and message). */
+static void release_held(call_t *call, const char *user, int code, const char *message)
 {
-    call_t *call = ud;
     call->outstanding++; /* the call may not finish while the loop below walks it */
     for (size_t i = 0; i < call->nslots && call->held > 0; i++) {
         slot_t *s = &call->slots[i];
@@ -212,11 +226,60 @@ static void on_verified(void *ud, const char *user)
         if (user)
             run_call(call->rpc, s, r, user);
         else
-            slot_error(s, MPH_RPC_UNAUTHORIZED, mph_rpc_message(MPH_RPC_UNAUTHORIZED));
+            slot_error(s, code, message);
         json_decref(r);
     }
     if (--call->outstanding == 0)
         call_finish(call);
+}
+
+/* The request's credentials were checked (an mph_auth_cb): the held calls run as user, or
+ * are refused. */
+static void on_verified(void *ud, mph_auth_result_t result, const char *user)
+{
+    call_t *call = ud;
+    call->auth_wait = NULL;
+    mph_http_req_on_gone(call->req, NULL, NULL); /* nothing to cancel any more */
+    switch (result) {
+    case MPH_AUTH_VERIFIED:
+        release_held(call, user, 0, NULL);
+        break;
+    case MPH_AUTH_REFUSED:
+        release_held(call, NULL, MPH_RPC_UNAUTHORIZED, mph_rpc_message(MPH_RPC_UNAUTHORIZED));
+        break;
+    case MPH_AUTH_BUSY:
+        release_held(call, NULL, MPH_RPC_WORKER_UNAVAILABLE, AUTH_BUSY);
+        break;
+    case MPH_AUTH_EXPIRED:
+        release_held(call, NULL, MPH_RPC_WORKER_UNAVAILABLE, AUTH_EXPIRED);
+        break;
+    }
+}
+
+/* The client left while its credentials were being checked (an mph_http_gone_cb): the wait
+ * is cancelled, and the held calls answered for form's sake (the answer is dropped). */
+static void on_client_gone(void *ud, mph_http_req_t *req)
+{
+    call_t *call = ud;
+    (void)req;
+    mph_auth_cancel(call->auth_wait);
+    call->auth_wait = NULL;
+    release_held(call, NULL, MPH_RPC_WORKER_UNAVAILABLE, CLIENT_GONE);
+}
+
+/* Starts the check of the request's credentials for its held calls. */
+static void check_credentials(call_t *call, mph_http_req_t *req)
+{
+    size_t alen = 0;
+    const char *authorization = mph_http_req_authorization(req, &alen);
+    struct sockaddr_storage peer;
+    const struct sockaddr *source =
+        mph_http_req_peer(req, &peer) == 0 ? (const struct sockaddr *)&peer : NULL;
+    /* on_verified may run before this returns: then there is no wait to cancel. */
+    call->auth_wait =
+        mph_auth_check(call->rpc->auth, source, authorization, alen, on_verified, call);
+    if (call->auth_wait)
+        mph_http_req_on_gone(req, on_client_gone, call);
 }
 
 /* Validates one request object and dispatches it in the role of its HTTP request, or holds
@@ -334,11 +397,8 @@ static void handle(mph_rpc_t *rpc, mph_http_req_t *req, const char *body, size_t
         call->slots[i].call = call;
         dispatch(rpc, &call->slots[i], call->is_batch ? json_array_get(doc, i) : doc);
     }
-    if (call->held > 0) {
-        size_t alen = 0;
-        const char *authorization = mph_http_req_authorization(req, &alen);
-        mph_auth_check(rpc->auth, authorization, alen, on_verified, call);
-    }
+    if (call->held > 0)
+        check_credentials(call, req);
     mph_http_req_wipe_authorization(req); /* read or not needed: no password stays around */
     json_decref(doc);
     if (--call->outstanding == 0)

@@ -798,12 +798,38 @@ int mph_lua_serve_called(const mph_lua_t *lua)
     return lua->serve_called;
 }
 
-int mph_lua_needs_auth(const mph_lua_t *lua, const char *method, size_t mlen)
+/* What needs_auth asks of the services table under lua_cpcall. */
+typedef struct {
+    mph_lua_t *lua;
+    const char *method; /* NUL-terminated: an auth service's name has no NUL */
+    int exposed;        /* out */
+} exposed_t;
+
+/* e->exposed = I.services[method].expose, read as setup_attempt reads it. [-0, +0, m] */
+static int read_exposed(lua_State *L)
 {
-    for (size_t i = 0; i < lua->nauth_services; i++)
-        if (strlen(lua->auth_services[i]) == mlen &&
-            memcmp(lua->auth_services[i], method, mlen) == 0)
-            return 1;
+    exposed_t *e = lua_touserdata(L, 1);
+    mph__lua_get_internal(e->lua, L, "services");
+    lua_getfield(L, -1, e->method); /* Stack: ud, services, svc */
+    if (lua_istable(L, -1)) {
+        lua_getfield(L, -1, "expose");
+        e->exposed = lua_toboolean(L, -1);
+    }
+    return 0;
+}
+
+int mph_lua_needs_auth(mph_lua_t *lua, const char *method, size_t mlen)
+{
+    for (size_t i = 0; i < lua->nauth_services; i++) {
+        if (strlen(lua->auth_services[i]) != mlen ||
+            memcmp(lua->auth_services[i], method, mlen) != 0)
+            continue;
+        /* Only an exposed one: a call to one that is not must get the -32601 of any unknown
+         * name (setup_attempt answers it), not the 401 that would tell it exists. svc.expose
+         * may change at any time, so it is read at each call, as setup_attempt reads it. */
+        exposed_t e = {lua, lua->auth_services[i], 0};
+        return mph__lua_protect(lua, read_exposed, &e, "reading svc.expose") == 0 && e.exposed;
+    }
     return 0;
 }
 

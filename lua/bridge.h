@@ -97,9 +97,10 @@ void mph_lua_call(mph_lua_t *lua, const char *method, size_t mlen, const json_t 
 void mph_lua_call_as(mph_lua_t *lua, mph_lua_role_t role, const char *user, const char *method,
                      size_t mlen, const json_t *params, mph_lua_reply_cb cb, void *ud);
 
-/* Whether method (mlen bytes) is a service behind mp.basicAuth: its calls need a verified
- * user, without which they fail with -32004. */
-int mph_lua_needs_auth(const mph_lua_t *lua, const char *method, size_t mlen);
+/* Whether method (mlen bytes) is an exposed service behind mp.basicAuth: its calls need a
+ * verified user, without which they fail with -32004. (One that is not exposed answers
+ * -32601, as an unknown method does, with or without a user.) Reads svc.expose in Lua. */
+int mph_lua_needs_auth(mph_lua_t *lua, const char *method, size_t mlen);
 
 /* Whether the loaded script has any service behind mp.basicAuth. */
 int mph_lua_uses_auth(const mph_lua_t *lua);

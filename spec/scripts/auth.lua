@@ -15,6 +15,10 @@ mp.service("public", function()
   return { user = mp.user or mp.null, worker = mp.worker.id }
 end).expose = true
 
+-- Behind basicAuth but not exposed: answered -32601 like any unknown method, credentials or
+-- not, so that a prober cannot tell it from a name that does not exist.
+mp.service("unexposed", mp.basicAuth(counted("unexposed")))
+
 -- Both orders of a topology and basicAuth (MPH_TEST_SPREAD workers; 1 asks for none).
 local n = tonumber(os.getenv("MPH_TEST_SPREAD") or "1")
 mp.service("auth-of-spread", mp.basicAuth(mp.spread(n, counted("outer")))).expose = true

@@ -45,7 +45,7 @@ static void fake_reply(fake_call_t *call)
     free(call);
 }
 
-int mph_lua_needs_auth(const mph_lua_t *lua, const char *method, size_t mlen)
+int mph_lua_needs_auth(mph_lua_t *lua, const char *method, size_t mlen)
 {
     (void)lua;
     return mlen == 4 && memcmp(method, "priv", 4) == 0;
@@ -144,7 +144,7 @@ static void fx_open(fx_t *f, const mph_http_config_t *cfg)
     if (uv_loop_init(&f->loop) != 0 || socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv))
         abort();
     char err[256];
-    if (mph_auth_new(&f->rpc.auth, &f->loop, NULL, err, sizeof(err)) != 0)
+    if (mph_auth_new(&f->rpc.auth, &f->loop, NULL, 0, err, sizeof(err)) != 0)
         abort();
     mph_http_server_new(&f->srv, &f->loop, cfg, mph_rpc_handle, &f->rpc);
     conn_t *c = conn_new(f->srv);
