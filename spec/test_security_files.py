@@ -409,7 +409,14 @@ class PowerLossMount:
                               % (line, self.proc.stderr.read()[-1000:]))
 
     def power_loss(self):
-        p = subprocess.run(["umount", self.mnt], capture_output=True, text=True)
+        # A process killed a moment ago may still be letting go of its files (its cwd, its
+        # open descriptors: seen under ASan): "target is busy" until it has.
+        deadline = time.time() + 30
+        while True:
+            p = subprocess.run(["umount", self.mnt], capture_output=True, text=True)
+            if p.returncode == 0 or "busy" not in p.stderr or time.time() > deadline:
+                break
+            time.sleep(0.05)
         eq(p.returncode, 0, "umount: %s" % p.stderr)
         line = read_line(self.proc, 60)
         eq(line, "materialized", "the FUSE layer wrote the durable view")
