@@ -53,9 +53,11 @@ def test_a_redis_password_in_the_url_is_in_no_command_line_log_or_status():
             eq(s.result("simple-storage", [{}]), {"requests": 2})
             lines = cmdlines(s.proc.pid)
             eq(len(lines), 3, "the supervisor and its 2 workers")
-            for line in lines:
+            # Under valgrind, /proc shows valgrind's own command line, not the one mphost
+            # edits; the rest of the test still holds there.
+            for line in lines if not os.environ.get("MPH_VALGRIND") else ():
                 check(secret.encode() not in line, "the password in a command line: %r" % line)
-            check(b"redis://127.0.0.1:%d" % r.port in lines[0], lines[0])
+                check(b"redis://127.0.0.1:%d" % r.port in line, line)
             line, _ = status(s)
             check(secret not in line, line)
             check(secret not in s.read_log(), "the password in the log")
@@ -76,7 +78,7 @@ def test_a_redis_password_in_the_url_is_in_no_command_line_log_or_status():
         try:
             pidfile = deployment_file(state, os.path.join(EXAMPLES, "server5.lua"), port, ".pid")
             pid = int(open(pidfile).read().split()[0].split("=")[-1])
-            for line in cmdlines(pid):
+            for line in cmdlines(pid):  # (deploy runs no valgrind)
                 check(secret.encode() not in line, "the password in a command line: %r" % line)
         finally:
             rc, out, err = run([os.path.join(EXAMPLES, "server5.lua"), "delete",
