@@ -169,21 +169,8 @@ static void on_req_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 static int allowed(mph_control_req_t *req)
 {
     uv_os_fd_t fd;
-    struct ucred cred;
-    socklen_t len = sizeof(cred);
-    if (uv_fileno((uv_handle_t *)&req->pipe, &fd) != 0 ||
-        getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0)
-        return 0;
-    if (cred.uid == geteuid() || cred.uid == 0)
-        return 1;
-    static mph_log_limit_t limit; /* the loop's thread only */
-    unsigned long held;
-    if (mph_log_limit_pass(&limit, MPH_REFUSAL_LOG_MS, &held))
-        mph_log(MPH_LOG_WARN,
-                "control: refused a client of uid %u (pid %d; %lu more refused "
-                "since the last such line)",
-                (unsigned)cred.uid, (int)cred.pid, held);
-    return 0;
+    return uv_fileno((uv_handle_t *)&req->pipe, &fd) == 0 &&
+           mph_localsock_peer_allowed(fd, 1, "control: a client");
 }
 
 static void on_connection(uv_stream_t *server, int status)

@@ -66,6 +66,7 @@
 #include <unistd.h>
 
 #include "common.h"
+#include "localsock.h"
 
 #define DRAIN_IDLE_MS                                                                              \
     1000 /* shutting down: how long an idle connection may still send a request                    \
@@ -988,33 +989,13 @@ static void conn_start(conn_t *c)
     resume_reading(c);
 }
 
-int mph_http_same_user(int fd, const char *what)
-{
-    struct ucred cred;
-    socklen_t len = sizeof(cred);
-    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
-        mph_log(MPH_LOG_WARN, "%s: cannot read its credentials: %s", what, strerror(errno));
-        return 0;
-    }
-    if (cred.uid == geteuid())
-        return 1;
-    static mph_log_limit_t limit; /* the loop's thread only */
-    unsigned long held;
-    if (mph_log_limit_pass(&limit, MPH_REFUSAL_LOG_MS, &held))
-        mph_log(MPH_LOG_WARN,
-                "%s: refused: pid %d runs as uid %u, not as ours (%lu more refused "
-                "since the last such line)",
-                what, (int)cred.pid, (unsigned)cred.uid, held);
-    return 0;
-}
-
 /* A Unix-socket client must run as our effective user: the socket's directory keeps other
  * users out, but root (or a file descriptor handed over) could still reach it. */
 static int same_user(conn_t *c)
 {
     uv_os_fd_t fd;
     return uv_fileno((uv_handle_t *)&c->pipe, &fd) == 0 &&
-           mph_http_same_user(fd, "http: a local connection");
+           mph_localsock_peer_allowed(fd, 0, "http: a local connection");
 }
 
 static void on_connection(uv_stream_t *listener, int status)

@@ -60,15 +60,10 @@ int mph_http_listen_shared(mph_http_server_t *srv, int fd, unsigned pause_ms, ch
                            size_t errlen);
 
 /* Serves on fd, a Unix stream socket already listening (localsock.h makes one). Only
- * clients running as this process's effective user are served (mph_http_same_user); others
- * are closed at once. Returns 0 (the server owns fd from then on), or MPH_ELISTEN with a
- * message in err (fd is closed). */
+ * clients running as this process's effective user are served (localsock.h:
+ * mph_localsock_peer_allowed); others are closed at once. Returns 0 (the server owns fd from then
+ * on), or MPH_ELISTEN with a message in err (fd is closed). */
 int mph_http_listen_unix(mph_http_server_t *srv, int fd, char *err, size_t errlen);
-
-/* Whether the process at the other end of the connected Unix socket fd runs as this
- * process's effective user (SO_PEERCRED). When not (or when that cannot be read), logs a
- * warning that starts with `what` and returns 0. */
-int mph_http_same_user(int fd, const char *what);
 
 /* The value of the header cfg.capture_header names, as req carried it (cut to 31 bytes), or
  * "" when it did not. Borrowed: valid until the request is answered. */

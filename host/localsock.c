@@ -130,6 +130,26 @@ int mph_localsock_connect(int dirfd, const char *name, int nonblock)
     return fd;
 }
 
+int mph_localsock_peer_allowed(int fd, int root_ok, const char *what)
+{
+    struct ucred cred;
+    socklen_t len = sizeof(cred);
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
+        mph_log(MPH_LOG_WARN, "%s: cannot read its credentials: %s", what, strerror(errno));
+        return 0;
+    }
+    if (cred.uid == geteuid() || (root_ok && cred.uid == 0))
+        return 1;
+    static mph_log_limit_t limit; /* the loop's thread only */
+    unsigned long held;
+    if (mph_log_limit_pass(&limit, MPH_REFUSAL_LOG_MS, &held))
+        mph_log(MPH_LOG_WARN,
+                "%s: refused: pid %d runs as uid %u, not as ours (%lu more refused since the "
+                "last such line)",
+                what, (int)cred.pid, (unsigned)cred.uid, held);
+    return 0;
+}
+
 void mph_localsock_unlink(int dirfd, const char *name)
 {
     struct stat st;

@@ -43,6 +43,12 @@ int mph_localsock_listen(int dirfd, const char *name, int backlog);
  * (close-on-exec) or a negative errno. */
 int mph_localsock_connect(int dirfd, const char *name, int nonblock);
 
+/* Whether the process at the other end of the connected Unix socket fd runs as our effective
+ * user (or as root, when root_ok). When not, or when that cannot be read, logs a warning that
+ * starts with `what`, at most one per MPH_REFUSAL_LOG_MS with a count of those held back (a
+ * stranger must not be able to flood the log), and returns 0. */
+int mph_localsock_peer_allowed(int fd, int root_ok, const char *what);
+
 /* Removes the socket file `name` in dirfd, if any. */
 void mph_localsock_unlink(int dirfd, const char *name);
 

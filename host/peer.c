@@ -443,7 +443,7 @@ static pconn_t *pconn_open(mph_peer_t *p, int worker, char *why, size_t whylen)
     }
     char who[64];
     snprintf(who, sizeof(who), "forward: worker %d", worker);
-    if (!mph_http_same_user(fd, who)) { /* root's process, in our directory */
+    if (!mph_localsock_peer_allowed(fd, 0, who)) { /* root's process, in our directory */
         snprintf(why, whylen, "its socket is not ours");
         close(fd);
         return NULL;

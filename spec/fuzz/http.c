@@ -19,6 +19,7 @@
 #include "host/common.c"
 #include "host/auth.c"
 #include "host/http.c"
+#include "host/localsock.c"
 #include "host/map.c"
 #include "host/metrics.c"
 #include "host/rpc.c"

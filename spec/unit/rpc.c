@@ -9,6 +9,7 @@
 #include "host/accesslog.c"
 #include "host/auth.c"
 #include "host/http.c"
+#include "host/localsock.c"
 #include "host/map.c"
 #include "host/metrics.c"
 #include "host/rpc.c"
