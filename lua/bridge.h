@@ -1,8 +1,8 @@
 /*
- * bridge.h: the Lua side of the host, as the transport sees it. One LuaJIT state per host
- * runs the user's script once at load time, then answers calls: each call attempt runs its
- * handler in a fresh coroutine, so a handler that waits for storage suspends without
- * blocking the loop, and the transaction runner (runner.c) commits what it wrote.
+ * bridge.h: lua/'s interface, the Lua side of the host as the transport sees it. One LuaJIT
+ * state per host (vm.c) runs the user's script once at load time, then answers calls: each
+ * call attempt runs its handler in a fresh coroutine (txn.c), so a handler that waits for
+ * storage suspends without blocking the loop, and scopes.c commits what it wrote.
  */
 #ifndef MPH_LUA_BRIDGE_H
 #define MPH_LUA_BRIDGE_H
@@ -11,7 +11,7 @@
 #include <stddef.h>
 #include <uv.h>
 
-#include "../storage/storage.h"
+#include "storage/storage.h"
 
 typedef struct mph_lua_s mph_lua_t;
 
@@ -26,7 +26,7 @@ typedef struct {
  * to NULL; whatever is left is freed when the callback returns. */
 typedef void (*mph_lua_reply_cb)(void *ud, mph_lua_reply_t *reply);
 
-/* What a call is (DESIGN.md, "Workers and topologies"): an ordinary call, or one that another
+/* What a call is (docs/topologies.md): an ordinary call, or one that another
  * worker's mp.shard or mp.scatter forwarded here, which runs the topology's inner function
  * (the shard's handler, the scatter's leaf) and forwards nothing. */
 typedef enum { MPH_LUA_CALL, MPH_LUA_SHARD, MPH_LUA_LEAF } mph_lua_role_t;
@@ -69,6 +69,7 @@ typedef struct {
     mph_lua_forward_fn forward;  /* reaches the other workers; NULL: there are none (calls
                                     routed to another worker fail with -32005) */
     void *forward_ud;            /* for forward */
+    const char *version;         /* the host's (rpc.discover's info.version); borrowed, static */
 } mph_lua_config_t;
 
 /* Creates a state with the metaparticle module loaded. Returns 0 or MPH_ENOMEM. */

@@ -1,13 +1,14 @@
 /*
- * internal.h: what bridge.c (coroutines, the module) and runner.c (scopes, commits,
- * retries) share. Private to lua/.
+ * internal.h: what the files of lua/ share: vm.c (the state and the module), txn.c (calls,
+ * attempts, coroutines, errors, state changes), scopes.c (the scope cache, loads, commits,
+ * retries) and forward.c (mp.shard and mp.scatter). Private to lua/.
  *
  * A transaction (mph_txn_t) is one JSON-RPC call. Each attempt runs the handler in a new
  * coroutine; its states (txn.c: mph__txn_become makes every change, checking the edge here
  * and, with assert_txn_state below, the new state's invariants):
  *
  *   RUNNING  --handler waits for a scope to load (C.acquire yields)-->  WAITING
- *   WAITING  --on_loaded (runner.c) resumes it-->                        RUNNING
+ *   WAITING  --on_loaded (scopes.c) resumes it-->                        RUNNING
  *   RUNNING  --mp.shard/mp.scatter forward the call (C.forward yields)-> FORWARDING
  *   FORWARDING --every forwarded call has answered (forward_done)-->     RUNNING
  *   RUNNING  --touched an unloaded scope where it cannot wait-->         RELOAD (attempt void)
@@ -28,7 +29,7 @@
 #include <lua.h>
 #include <stdint.h>
 
-#include "../host/map.h"
+#include "common/map.h"
 #include "bridge.h"
 #include "watchdog.h"
 
@@ -47,7 +48,7 @@ typedef struct mph_txn_s mph_txn_t;
 typedef struct mph_unit_s mph_unit_t;
 typedef struct mph_commit_s mph_commit_t;
 
-/* The answer of one worker to a forwarded call (bridge.c, "Forwarding"). */
+/* The answer of one worker to a forwarded call (forward.c). */
 typedef struct {
     mph_txn_t *t;    /* the forwarding transaction */
     int done;        /* the answer is in */
@@ -70,7 +71,7 @@ struct mph_txn_s {
     lua_State *co;         /* the current attempt's coroutine; NULL between attempts */
     int co_ref;            /* registry ref anchoring co (LUA_NOREF when none) */
     int rec_ref;           /* registry ref of the attempt's record table */
-    mph_scope_t **scopes;  /* the scopes the attempt acquired (pinned: see runner.c), in order;
+    mph_scope_t **scopes;  /* the scopes the attempt acquired (pinned: see scopes.c), in order;
                               scopes_inline or owned */
     int nscopes;           /* 0: it touched none */
     int scopes_cap;        /* room in scopes */
@@ -101,7 +102,7 @@ typedef struct {
 typedef enum { SCOPE_UNLOADED, SCOPE_LOADING, SCOPE_READY } mph_scope_state_t;
 
 /* A commit unit: the scopes whose next commits must go out together, because a transaction
- * spanning them ran on the speculative state of each (runner.c explains). Most of the time
+ * spanning them ran on the speculative state of each (scopes.c explains). Most of the time
  * a unit is one scope alone (its `home` unit). */
 struct mph_unit_s {
     mph_lua_t *lua;           /* owner */
@@ -111,7 +112,7 @@ struct mph_unit_s {
     mph_commit_t *commits;    /* in flight; more than one only after a merge */
     mph_txn_queue_t rerun;    /* RETRY: to run again when the backoff ends, in order */
     mph_txn_queue_t held;     /* WAITING: new attempts kept from running speculatively on a
-                                 contended scope until its commit ends (runner.c) */
+                                 contended scope until its commit ends (scopes.c) */
     int backing_off;          /* 1: no commit starts until backoff_until */
     int rerunning;            /* 1: its refused transactions are running again (rerun_now):
                                  their commit waits until the last one has run */
@@ -134,8 +135,8 @@ struct mph_scope_s {
     mph_commit_t *commit;     /* the commit in flight that carries it, or NULL */
     int mark;                 /* scratch: collecting a batch's scopes */
     int pins;                 /* running attempts that acquired it: not evicted meanwhile */
-    size_t bytes;             /* estimated memory of its state (runner.c, "The scope cache") */
-    mph_map_t cold;           /* values not read since the load, as JSON text (runner.c,
+    size_t bytes;             /* estimated memory of its state (scopes.c, "The scope cache") */
+    mph_map_t cold;           /* values not read since the load, as JSON text (scopes.c,
                                  "Cold values"); owned */
     mph_scope_t *lru_prev;    /* in lua's LRU list, most recently used first */
     mph_scope_t *lru_next;
@@ -171,6 +172,7 @@ struct mph_lua_s {
     size_t nauth_services;      /* their number */
     mph_lua_forward_fn forward; /* reaches the other workers (borrowed), or NULL */
     void *forward_ud;           /* for forward */
+    const char *version;        /* cfg.version, or "" */
     size_t pending_calls;       /* calls whose callback has not run */
     mph_txn_t *current;         /* the transaction whose coroutine is running, or NULL */
     mph_map_t scope_map;        /* every scope kept, by name; owned */
@@ -233,12 +235,29 @@ int mph__txn_may_become(mph_txn_state_t from, mph_txn_state_t to);
  * assert_txn_state(t) once the new state's fields are set. */
 void mph__txn_become(mph_txn_t *t, mph_txn_state_t to);
 
-/* bridge.c */
+/* txn.c */
 void mph__txn_start_attempt(mph_txn_t *t);
 void mph__txn_resume(mph_txn_t *t, int nargs);
 void mph__txn_reply(mph_txn_t *t, int code, const char *message);
 void mph__txn_reply_result(mph_txn_t *t);
 void mph__txn_clear_wake(mph_txn_t *t);
+/* The C helpers of a running attempt (C.current, C.acquire, C.join, C.set_result,
+ * C.checkpoint). */
+extern const luaL_Reg mph__txn_helpers[];
+/* The handler time limit's count hook (every MPH_HOOK_INSTRUCTIONS instructions, where the
+ * hook is armed: txn.c says when). */
+void mph__txn_timeout_hook(lua_State *L, lua_Debug *ar);
+#define MPH_HOOK_INSTRUCTIONS 10000
+
+/* vm.c */
+#define NOMEM_MESSAGE "not enough memory" /* LuaJIT's own, interned at start */
+/* Raises a JSON-RPC error object (the module's error_mt) with code and message. [-0, +0, e] */
+int mph__lua_raise(mph_lua_t *lua, lua_State *L, int code, const char *message);
+/* Raises Lua's out-of-memory message (LuaJIT's preallocated string) as an error, which an
+ * attempt answers with -32603 as it does LUA_ERRMEM itself. [-0, +0, e] */
+int mph__lua_raise_nomem(lua_State *L);
+/* The mph_lua_t whose state L (or a thread of it) is. [-0, +0, -] */
+mph_lua_t *mph__lua_owner(lua_State *L);
 /* Pushes I[name], a field of the internal table metaparticle.lua returned. [-0, +1, m] */
 void mph__lua_get_internal(mph_lua_t *lua, lua_State *L, const char *name);
 /* Calls I[fn] with the nargs values on top of L under lua_pcall with a traceback handler and
@@ -258,29 +277,29 @@ void mph__lua_push_error(mph_lua_t *lua, lua_State *L, int code, const char *mes
 /* The mph_lua_t every C helper of the module carries as its first upvalue. */
 mph_lua_t *mph__lua_upvalue(lua_State *L);
 
-/* topology.c */
+/* forward.c */
 /* The C helpers of mp.shard and mp.scatter (C.shard_target, C.forward, C.forwarded). */
-extern const luaL_Reg mph__topology_helpers[];
-extern const luaL_Reg mph__runner_helpers[]; /* C.cold_take, C.cold_drop, C.cold_keys */
+extern const luaL_Reg mph__forward_helpers[];
 /* t yielded in C.forward (FORWARDING): sends its calls; once all have answered, t is resumed,
  * perhaps before this returns (and then t may be gone). */
 void mph__forward_send(mph_txn_t *t);
 /* Frees t's forwarded answers, if any. */
 void mph__forward_clear(mph_txn_t *t);
 
-/* runner.c */
+/* scopes.c */
+extern const luaL_Reg mph__scopes_helpers[]; /* C.cold_take, C.cold_drop, C.cold_keys */
 /* 0: the scope is ready; 1: t was queued until it loads (yield); <0: *code and *why say why
  * not (when !can_wait and the scope is loading, t->reload is set: the attempt is void). */
-int mph__runner_acquire(mph_txn_t *t, const char *name, int can_wait, int *code, const char **why);
+int mph__scopes_acquire(mph_txn_t *t, const char *name, int can_wait, int *code, const char **why);
 /* The finished attempt touched scope `name` (acquired), writing to it or not. */
-void mph__runner_join(mph_txn_t *t, const char *name, int wrote);
+void mph__scopes_join(mph_txn_t *t, const char *name, int wrote);
 /* The attempt ends (or starts again): its scopes are no longer pinned by it. */
-void mph__runner_unpin(mph_txn_t *t);
+void mph__scopes_unpin(mph_txn_t *t);
 /* The scope called `name` that the attempt acquired, or NULL. */
-mph_scope_t *mph__runner_acquired(mph_txn_t *t, const char *name);
-void mph__runner_finished(mph_txn_t *t);
+mph_scope_t *mph__scopes_acquired(mph_txn_t *t, const char *name);
+void mph__scopes_finished(mph_txn_t *t);
 /* t's void attempt has ended: it runs again once t->reload has loaded (or hears why not). */
-void mph__runner_reload(mph_txn_t *t);
-void mph__runner_close(mph_lua_t *lua);
+void mph__scopes_reload(mph_txn_t *t);
+void mph__scopes_close(mph_lua_t *lua);
 
 #endif

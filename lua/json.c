@@ -1,5 +1,5 @@
 /*
- * json.c: JSON <-> Lua. Text is read into jansson trees (json_parse.c); the Lua -> JSON
+ * json.c: JSON <-> Lua. Text is read into jansson trees (common/json.c); the Lua -> JSON
  * direction writes text directly, for two reasons: jansson prints 0.1 as 0.10000000000000001
  * (it always uses 17 digits), and building a jansson tree only to print it would allocate
  * once per node on the hottest path of every response and every commit.
@@ -196,117 +196,6 @@ int mph_json_push_text(lua_State *L, const char *text, size_t len, char *err, si
 
 /* ---- Lua -> JSON text ---- */
 
-int mph_utf8_valid(const char *str, size_t len)
-{
-    const unsigned char *s = (const unsigned char *)str;
-    size_t i = 0;
-    while (i < len) {
-        unsigned c = s[i];
-        if (c < 0x80) {
-            i++;
-            continue;
-        }
-        size_t n;
-        unsigned cp;
-        if (c >= 0xC2 && c <= 0xDF) {
-            n = 1;
-            cp = c & 0x1F;
-        } else if (c >= 0xE0 && c <= 0xEF) {
-            n = 2;
-            cp = c & 0x0F;
-        } else if (c >= 0xF0 && c <= 0xF4) {
-            n = 3;
-            cp = c & 0x07;
-        } else {
-            return 0;
-        }
-        if (len - i <= n) /* the sequence runs past the end */
-            return 0;
-        for (size_t k = 1; k <= n; k++) {
-            if ((s[i + k] & 0xC0) != 0x80)
-                return 0;
-            cp = (cp << 6) | (s[i + k] & 0x3F);
-        }
-        if ((n == 2 && cp < 0x800) || (n == 3 && (cp < 0x10000 || cp > 0x10FFFF)) ||
-            (cp >= 0xD800 && cp <= 0xDFFF))
-            return 0;
-        i += n + 1;
-    }
-    return 1;
-}
-
-int mph_json_write_string(mph_buf_t *out, const char *s, size_t len)
-{
-    static const char hex[] = "0123456789abcdef";
-    if (!mph_utf8_valid(s, len))
-        return MPH_JSON_EENCODE;
-    mph_buf_reserve(out, len + 2);
-    out->data[out->len++] = '"';
-    size_t run = 0; /* start of the pending run of bytes that need no escape */
-    for (size_t i = 0; i < len; i++) {
-        unsigned char c = (unsigned char)s[i];
-        if (c >= 0x20 && c != '"' && c != '\\')
-            continue;
-        mph_buf_append(out, s + run, i - run);
-        run = i + 1;
-        char esc[7] = {'\\', 0};
-        size_t elen = 2;
-        switch (c) {
-        case '"':
-            esc[1] = '"';
-            break;
-        case '\\':
-            esc[1] = '\\';
-            break;
-        case '\n':
-            esc[1] = 'n';
-            break;
-        case '\r':
-            esc[1] = 'r';
-            break;
-        case '\t':
-            esc[1] = 't';
-            break;
-        case '\b':
-            esc[1] = 'b';
-            break;
-        case '\f':
-            esc[1] = 'f';
-            break;
-        default:
-            memcpy(esc + 1, "u00", 3);
-            esc[4] = hex[c >> 4];
-            esc[5] = hex[c & 15];
-            elen = 6;
-        }
-        mph_buf_append(out, esc, elen);
-    }
-    mph_buf_append(out, s + run, len - run);
-    mph_buf_append(out, "\"", 1);
-    return 0;
-}
-
-/* Appends the shortest text that reads back to d (finite): integral values below 2^63 without a
- * fraction, others with 15 to 17 significant digits. At most 24 bytes ("-1.2345678901234567e-308"),
- * so a fixed buffer holds every case; snprintf's result is still checked, never trusted. */
-static void write_number(mph_buf_t *out, double d)
-{
-    if (d == floor(d) && fabs(d) < 9.2e18) {
-        mph_buf_put_int(out, (long long)d);
-        return;
-    }
-    char tmp[40];
-    int n;
-    for (int prec = 15;; prec++) {
-        n = snprintf(tmp, sizeof(tmp), "%.*g", prec, d);
-        if (prec == 17 || strtod(tmp, NULL) == d)
-            break;
-    }
-    /* %.17g fits in 40 bytes: a shortfall is a bug here. */
-    assert(n > 0 && (size_t)n < sizeof(tmp));
-    mph_buf_append(out, tmp, (size_t)n);
-}
-
 typedef struct {
     lua_State *L;
     mph_buf_t *out;
@@ -442,7 +331,7 @@ static size_t collect_keys(lua_State *L, int t, key_t_ *keys, size_t n, mph_buf_
         } else {
             k->number = lua_tonumber(L, -2);
             k->off = numtext->len;
-            write_number(numtext, k->number);
+            mph_json_write_number(numtext, k->number);
             k->len = numtext->len - k->off;
         }
         lua_pop(L, 1);
@@ -589,7 +478,7 @@ static int encode_value(encoder_t *e, int idx, int depth)
             return encode_fail(e, depth, "%s", "cannot encode NaN");
         if (isinf(d))
             return encode_fail(e, depth, "%s", "cannot encode infinity");
-        write_number(e->out, d);
+        mph_json_write_number(e->out, d);
         return 0;
     }
     case LUA_TSTRING: {
@@ -661,59 +550,4 @@ int mph_json_encode(lua_State *L, int idx, const char *root, mph_buf_t *out, cha
     lua_settop(L, base);
     free(call.e);
     return call.rc;
-}
-
-int mph_json_write_jansson(mph_buf_t *out, const json_t *v)
-{
-    switch (json_typeof(v)) {
-    case JSON_OBJECT: {
-        const char *key;
-        size_t klen;
-        json_t *item;
-        int first = 1;
-        mph_buf_append(out, "{", 1);
-        json_object_keylen_foreach((json_t *)v, key, klen, item)
-        {
-            if (!first)
-                mph_buf_append(out, ",", 1);
-            first = 0;
-            if (mph_json_write_string(out, key, klen) != 0)
-                return MPH_EIO;
-            mph_buf_append(out, ":", 1);
-            if (mph_json_write_jansson(out, item) != 0)
-                return MPH_EIO;
-        }
-        mph_buf_append(out, "}", 1);
-        return 0;
-    }
-    case JSON_ARRAY:
-        mph_buf_append(out, "[", 1);
-        for (size_t i = 0; i < json_array_size(v); i++) {
-            if (i)
-                mph_buf_append(out, ",", 1);
-            if (mph_json_write_jansson(out, json_array_get(v, i)) != 0)
-                return MPH_EIO;
-        }
-        mph_buf_append(out, "]", 1);
-        return 0;
-    case JSON_STRING:
-        return mph_json_write_string(out, json_string_value(v), json_string_length(v)) ? MPH_EIO
-                                                                                       : 0;
-    case JSON_INTEGER:
-        mph_buf_put_int(out, (long long)json_integer_value(v));
-        return 0;
-    case JSON_REAL:
-        write_number(out, json_real_value(v));
-        return 0;
-    case JSON_TRUE:
-        mph_buf_append(out, "true", 4);
-        return 0;
-    case JSON_FALSE:
-        mph_buf_append(out, "false", 5);
-        return 0;
-    case JSON_NULL:
-        mph_buf_append(out, "null", 4);
-        return 0;
-    }
-    return MPH_EIO;
 }

@@ -1,5 +1,5 @@
 /*
- * json.h: the JSON <-> Lua mapping (DESIGN.md, "JSON <-> Lua").
+ * json.h: the JSON <-> Lua mapping (docs/lua-api.md, "JSON <-> Lua").
  *
  *   object -> table (no metatable)        array -> table 1..n with the array metatable
  *   null   -> mp.null (a NULL light userdata)
@@ -20,7 +20,8 @@
 #include <lua.h>
 #include <stddef.h>
 
-#include "../host/common.h"
+#include "common/common.h"
+#include "common/json.h"
 
 #define MPH_JSON_MAX_DEPTH 2048 /* same limit as jansson's parser */
 #define MPH_JSON_ERANGE (-1)    /* an integer outside +-2^53 */
@@ -56,20 +57,5 @@ int mph_json_push_text(lua_State *L, const char *text, size_t len, char *err, si
  * [-0, +0, m] */
 int mph_json_encode(lua_State *L, int idx, const char *root, mph_buf_t *out, char *err,
                     size_t errlen);
-
-/* Appends s as a JSON string literal. Returns 0, or MPH_JSON_EENCODE when s is not UTF-8. */
-int mph_json_write_string(mph_buf_t *out, const char *s, size_t len);
-
-/* Returns 1 when s[0..len) is well-formed UTF-8 (no overlongs, no surrogates). */
-int mph_utf8_valid(const char *s, size_t len);
-
-/* Loads a JSON text of any type (json_parse.c): what json_loadb accepts with JSON_DECODE_ANY |
- * JSON_ALLOW_NUL, as the same tree, in a fraction of the time. Returns a new reference or
- * NULL with `error` filled (json_error_code(error) is jansson's for the same input). */
-json_t *mph_json_load(const char *text, size_t len, json_error_t *error);
-
-/* Appends the compact text of a jansson value (ids, the call client's output), numbers
- * written as the Lua encoder writes them. Returns 0 or MPH_EIO. */
-int mph_json_write_jansson(mph_buf_t *out, const json_t *v);
 
 #endif

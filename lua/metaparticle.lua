@@ -1,6 +1,6 @@
 -- metaparticle.lua: the Lua half of mphost's "metaparticle" module.
 --
--- The bridge (lua/bridge.c) runs this chunk once per state with a table of C helpers `C`
+-- The bridge (lua/vm.c) runs this chunk once per state with a table of C helpers `C`
 -- and keeps the two tables it returns: the public module (what `require("metaparticle")`
 -- gives a script) and the internal table the C transaction runner calls.
 --
@@ -17,7 +17,7 @@
 -- Scope state, per scope name, kept here and driven by the runner:
 --   base      committed values read since the load (never handed out: readers get copies)
 --   cold      the runner's handle on the others, still JSON text outside the Lua heap
---             (runner.c, "Cold values"): C.cold_take moves one into base when first read
+--             (lua/scopes.c, "Cold values"): C.cold_take moves one into base when first read
 --   inflight  writes of the batch whose commit is in flight (DELETED marks a deletion)
 --   pending   writes of transactions that ran after it, waiting for the next commit
 --   pending_json  key -> JSON text (false: deleted) of `pending`, what the commit sends
@@ -71,7 +71,7 @@ function M.error(code, message, data)
   raise(code, message or "Server error", data, 2)
 end
 
--- The test builds' allocation hook (lua/bridge.c, C.fail_allocations): the next `skip` Lua
+-- The test builds' allocation hook (lua/vm.c, C.fail_allocations): the next `skip` Lua
 -- allocations go through, then `count` fail. nil where the build or the run has no hook.
 M.test_fail_allocations = C.fail_allocations
 
@@ -235,7 +235,7 @@ end
 -- largest n of the script, or --workers if larger, is how many run) and every worker serves
 -- every service. A spread call runs on whichever worker accepted its connection, so its
 -- handler just calls fn there. mp.shard and mp.scatter return routers: handlers that send
--- the call on to chosen workers (C.forward, lua/topology.c) in a role ("shard", "leaf") that
+-- the call on to chosen workers (C.forward, lua/forward.c) in a role ("shard", "leaf") that
 -- the worker it reaches reads in rec.role and answers by running the inner function itself.
 --
 -- A router may not use scopes on the worker that routes (keyfn, merge, and the router
@@ -306,7 +306,7 @@ local function router(what, role, inner, route)
 end
 
 -- mp.shard(n, keyfn, fn): keyfn(params...) -> an integer k (worker k % n + 1) or a string
--- (worker FNV-1a-32 % n + 1); fn runs on that worker (lua/topology.c, C.shard_target).
+-- (worker FNV-1a-32 % n + 1); fn runs on that worker (lua/forward.c, C.shard_target).
 function M.shard(n, keyfn, fn)
   check_workers("mp.shard", n)
   check_inner("mp.shard", "keyfn", keyfn)

@@ -16,7 +16,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "../host/common.h"
+#include "common/common.h"
 
 #define WATCHDOG_TICK_MS 50 /* how late past its deadline a stretch can be noticed */
 #define WATCHDOG_SIGNAL SIGURG

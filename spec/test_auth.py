@@ -438,8 +438,8 @@ def test_logs_at_trace_hold_no_password_nor_credentials():
 
 
 # ---- The queue of password checks: bounded, fair between clients, cancelled when they leave
-# (DESIGN.md, "Files, sockets and secrets": no queue an unauthenticated client can fill
-# without bound). host/auth.c logs each step at debug level; the tests count those lines.
+# (docs/security.md: no queue an unauthenticated client can fill
+# without bound). host/server/auth.c logs each step at debug level; the tests count those lines.
 
 BUSY = "too many credential checks"  # in the -32005 message of a check refused at once
 STARTED = "auth: checking credentials"

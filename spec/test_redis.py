@@ -410,7 +410,7 @@ def test_two_processes_flooding_one_hot_scope_take_turns_and_rerun_little():
 
 
 def test_cold_values_take_another_process_changes_and_a_bad_one_fails_only_its_readers():
-    """Values loaded but not read yet (runner.c, "Cold values") under a conflict's changes
+    """Values loaded but not read yet (lua/scopes.c, "Cold values") under a conflict's changes
     from another process; a stored value that is not JSON fails the calls that read it, and
     only them (it is found when read, not at the load)."""
     idioms = os.path.join(SCRIPTS, "idioms.lua")

@@ -68,7 +68,7 @@ def wait_exit(server, status, timeout=60):
 
 
 def test_values_not_read_since_the_load_behave_as_read_ones():
-    """A loaded scope's values stay JSON text until first read (runner.c, "Cold values"):
+    """A loaded scope's values stay JSON text until first read (lua/scopes.c, "Cold values"):
     writing, deleting, iterating and reading them, before and after a restart, cannot tell."""
     data = tmpdir()
     with Server(IDIOMS, data=data) as s:

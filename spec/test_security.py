@@ -1,4 +1,4 @@
-"""Local security (DESIGN.md, "Files, sockets and secrets"): what another user of the machine
+"""Local security (docs/security.md): what another user of the machine
 can do to a deployment, tried as that user (`setpriv` to nobody when the suite runs as root),
 and what a deployment must never show: secrets in command lines, lines of a client's making in
 its log."""

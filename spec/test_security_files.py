@@ -1,6 +1,6 @@
 """Issue 19, the file storage's part: another local user can neither redirect, read, nor stall
 what mphost keeps in its data directory, a read creates nothing, and a data directory mphost
-creates itself survives a power loss (DESIGN.md, "Files, sockets and secrets").
+creates itself survives a power loss (docs/security.md).
 
 The attacker is another uid (nobody, through setpriv) acting as one would: it makes or opens up
 the data directory before mphost starts, plants symbolic links to a file of root's, opens

@@ -1,5 +1,5 @@
 """Topologies that forward calls between workers: mp.shard and mp.scatter (examples/server3.lua,
-examples/server4.lua, spec/scripts/topologies.lua), the peer channel under them (host/peer.c)
+examples/server4.lua, spec/scripts/topologies.lua), the peer channel under them (host/server/peer.c)
 and its failures: a worker gone, a timeout, a client that leaves, a stop with forwards in
 flight."""
 import json

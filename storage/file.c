@@ -3,7 +3,7 @@
  *
  * Files of scope S (its name percent-encoded to E, so no name can leave the directory):
  *   E.log   records appended by commits; one fdatasync per commit (a commit is a whole
- *           group of transactions, see lua/runner.c)
+ *           group of transactions, see lua/scopes.c)
  *   E.snap  a compacted image of the scope at some version V (optional)
  *   E.lock  the flock() that makes the compare-and-set atomic across processes; an OFD
  *           lock on its first byte (independent of flock on Linux) lets one process at a
@@ -100,7 +100,7 @@
 #include <unistd.h>
 #include <zlib.h>
 
-#include "../host/map.h"
+#include "common/map.h"
 #include "storage.h"
 
 #define MAGIC_V1 0x3152504dU /* "MPR1" read as little-endian */

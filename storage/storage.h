@@ -40,7 +40,7 @@
 #include <stdint.h>
 #include <uv.h>
 
-#include "../host/common.h"
+#include "common/common.h"
 
 #define MPH_STORE_METHODS_VERSION 1
 #define MPH_STORE_CLAIM_MS 20 /* how long a fairness claim can hold a scope (files) */

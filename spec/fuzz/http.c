@@ -16,13 +16,13 @@
  * And no crash, no leak, every handle closed (fx_finish aborts otherwise).
  */
 #define _GNU_SOURCE
-#include "host/common.c"
-#include "host/auth.c"
-#include "host/http.c"
-#include "host/localsock.c"
-#include "host/map.c"
-#include "host/metrics.c"
-#include "host/rpc.c"
+#include "common/common.c"
+#include "host/server/auth.c"
+#include "host/server/http.c"
+#include "host/server/localsock.c"
+#include "common/map.c"
+#include "host/server/metrics.c"
+#include "host/server/rpc.c"
 #include "lua/json.c"
 
 #include "spec/unit/http_fixture.h"

@@ -1,5 +1,5 @@
 /*
- * fuzz_json_parse: mph_json_load (lua/json_parse.c) against jansson's own parser.
+ * fuzz_json_parse: mph_json_load (common/json.c) against jansson's own parser.
  *
  * Property, for every input: json_loadb(JSON_DECODE_ANY | JSON_ALLOW_NUL) and mph_json_load
  * (but for a NUL byte right after a number or a literal, which only jansson lets through) both

@@ -14,7 +14,7 @@
  *  - every entry points inside the reply (ASan checks the bytes are read in bounds).
  */
 #define MPH_REDIS_TESTS /* read_reply */
-#include "host/common.c"
+#include "common/common.c"
 #include "storage/redis.c"
 
 #define REQUIRE(cond)                                                                              \

@@ -7,8 +7,8 @@
  * runs, a close with checks waiting), and what `mphost passwd` uses.
  */
 #define _GNU_SOURCE
-#include "host/common.c"
-#include "host/auth.c"
+#include "common/common.c"
+#include "host/server/auth.c"
 
 #include <arpa/inet.h>
 #include <fcntl.h>

@@ -4,9 +4,9 @@
  * their statics (as h2o's t/00unit does). Output is TAP, one line per test.
  */
 #define _GNU_SOURCE
-#include "host/common.c"
+#include "common/common.c"
 #include "lua/json.c"
-#include "lua/json_parse.c"
+#include "common/json.c"
 
 #include <lualib.h>
 

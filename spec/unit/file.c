@@ -6,8 +6,8 @@
  * is included to reach its statics (as h2o's t/00unit does).
  */
 #define _GNU_SOURCE
-#include "host/common.c"
-#include "host/map.c"
+#include "common/common.c"
+#include "common/map.c"
 #include "storage/file.c"
 
 #include "spec/unit/unit.h"

@@ -8,15 +8,15 @@
  * files are included to reach their statics.
  */
 #define _GNU_SOURCE
-#include "host/common.c"
-#include "host/map.c"
-#include "lua/bridge.c"
+#include "common/common.c"
+#include "common/map.c"
+#include "lua/vm.c"
 #include "lua/txn.c"
 #include "lua/json.c"
-#include "lua/json_parse.c"
-#include "lua/runner.c"
+#include "common/json.c"
+#include "lua/scopes.c"
 #include "lua/watchdog.c"
-#include "lua/topology.c"
+#include "lua/forward.c"
 
 #include <signal.h>
 #include <sys/wait.h>

@@ -10,7 +10,7 @@
  */
 #define _GNU_SOURCE
 #define MPH_REDIS_TESTS /* read_reply */
-#include "host/common.c"
+#include "common/common.c"
 #include "storage/redis.c"
 #include "storage/redis_route.c"
 #include "storage/redis_cluster.c"

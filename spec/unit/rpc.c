@@ -5,16 +5,16 @@
  * (spec/unit/http_fixture.h); each case is one request body and the exact response.
  */
 #define _GNU_SOURCE
-#include "host/common.c"
-#include "host/accesslog.c"
-#include "host/auth.c"
-#include "host/http.c"
-#include "host/localsock.c"
-#include "host/map.c"
-#include "host/metrics.c"
-#include "host/rpc.c"
+#include "common/common.c"
+#include "host/server/accesslog.c"
+#include "host/server/auth.c"
+#include "host/server/http.c"
+#include "host/server/localsock.c"
+#include "common/map.c"
+#include "host/server/metrics.c"
+#include "host/server/rpc.c"
 #include "lua/json.c"
-#include "lua/json_parse.c"
+#include "common/json.c"
 
 #include "spec/unit/unit.h"
 
