@@ -111,6 +111,8 @@ int mph_cli_call(mph_cli_t *cli);
  * the password read from stdin (asked twice without echo when stdin is a terminal). */
 int mph_cli_passwd(const char *path, const char *user);
 
+/* ---- statedir.c: the state directory and the files in it ---- */
+
 /* Finds the directory for deployments' pid, log and lock files (MP_STATE_DIR, else
  * $XDG_RUNTIME_DIR/mphost, else /tmp/mphost-UID), creating it 0700, and sets cli->state_dir.
  * Refuses (MPH_EINVAL, a message in err) a directory that is a symbolic link, belongs to
@@ -134,5 +136,40 @@ typedef struct {
 int mph_cli_write_pidfile(const mph_cli_t *cli, int port, const char *log_path,
                           const mph_cli_worker_t *workers, int nworkers, char *err, size_t errlen);
 void mph_cli_remove_pidfile(const mph_cli_t *cli, int port);
+
+/* Opens a file of the state directory without following a symbolic link (the directory is
+ * ours, but a link in it must not redirect a write), close-on-exec, 0600 if created. */
+int mph_cli_open_state_file(const char *path, int flags);
+FILE *mph_cli_fopen_state_file(const char *path); /* for reading */
+
+/* Serializes deploy and delete of one script: without it, two deploys could both find nothing
+ * running, and a delete could find nothing while a deploy is starting and then leave it
+ * running. Blocks until the other side is done (a deploy is bounded by its start timeout).
+ * Returns the locked fd (close it to release) or -1 with a message in err. */
+int mph_cli_lock_script(const mph_cli_t *cli, char *err, size_t errlen);
+
+/* A deployment as its pid file describes it. */
+typedef struct {
+    int pid;
+    int port;
+    long long started;
+    int nworkers; /* 0: a single process */
+    mph_cli_worker_t workers[MPH_MAX_WORKERS];
+    char storage[2048];
+    char log[2048];
+    char script[4096];
+    char path[4096]; /* the pid file */
+} mph_cli_deployment_t;
+
+/* The live deployments whose pid files in dir are named base-PORT.pid (base NULL: every one;
+ * port 0: any port); removes the stale pid files met. *out: new array. Returns how many. */
+int mph_cli_scan_deployments(const char *dir, const char *base, int port,
+                             mph_cli_deployment_t **out);
+
+/* Is pid a live (not zombie) mphost process? Guards against a recycled pid. */
+int mph_cli_is_alive_mphost(int pid);
+
+/* The deployments of cli's script (all ports, or the one port given). */
+int mph_cli_find_deployments(const mph_cli_t *cli, mph_cli_deployment_t **out);
 
 #endif

@@ -1,7 +1,6 @@
 /*
- * deploy.c: background deployments. A deployment is identified by the script's canonical
- * path and its port; its pid file and log live in the state directory under a name made of
- * a hash of that path and the port, so `delete` and `status` find it from any directory.
+ * deploy.c: the verbs on deployments: deploy, delete, status, list, logs, reload. Where a
+ * deployment's files are, and what its pid file says: statedir.c.
  *
  * deploy forks; the child starts a new session, sends its output to the log and serves;
  * once it listens (or fails) it writes one line on a pipe, "ready PORT" or "error MESSAGE",
@@ -28,280 +27,10 @@
 #include "control.h"
 #include "supervisor.h"
 
-/* ---- The state directory and the files in it ---- */
-
-/* Refuses a state directory another user could have planted or can write into, as tmux and
- * ssh do: mphost (often root) writes its pid and log files there and signals the pids it
- * reads back. */
-static int check_state_dir(const char *dir, char *err, size_t errlen)
-{
-    if (mkdir(dir, 0700) == 0) {
-        chmod(dir, 0700); /* whatever the umask took away: ours must stay usable */
-    } else if (errno != EEXIST) {
-        snprintf(err, errlen, "cannot create the state directory %s: %s", dir, strerror(errno));
-        return MPH_EIO;
-    }
-    return mph_check_dir(dir, "the state directory", 077, 0, err, errlen);
-}
-
-int mph_cli_open_state_dir(mph_cli_t *cli, char *err, size_t errlen)
-{
-    char buf[4096];
-    const char *env = getenv("MP_STATE_DIR");
-    const char *xdg = getenv("XDG_RUNTIME_DIR");
-    if (env && *env)
-        snprintf(buf, sizeof(buf), "%s", env);
-    else if (xdg && *xdg)
-        snprintf(buf, sizeof(buf), "%s/mphost", xdg);
-    else
-        snprintf(buf, sizeof(buf), "/tmp/mphost-%u", (unsigned)geteuid());
-    int rc = check_state_dir(buf, err, errlen);
-    if (rc == 0)
-        cli->state_dir = mph_xstrdup(buf);
-    return rc;
-}
-
-/* Files of the state directory are opened without following a symbolic link (the directory is
- * ours, but a link in it must not redirect a write) and are never inherited by a child. */
-static int open_state_file(const char *path, int flags)
-{
-    return open(path, flags | O_NOFOLLOW | O_CLOEXEC, 0600);
-}
-
-static FILE *fopen_state_file(const char *path)
-{
-    int fd = open_state_file(path, O_RDONLY);
-    FILE *f = fd >= 0 ? fdopen(fd, "r") : NULL;
-    if (f == NULL && fd >= 0)
-        close(fd);
-    return f;
-}
-
-static uint64_t path_hash(const char *s)
-{
-    uint64_t h = 1469598103934665603ULL; /* FNV-1a */
-    for (; *s; s++) {
-        h ^= (unsigned char)*s;
-        h *= 1099511628211ULL;
-    }
-    return h;
-}
-
-/* "<state dir>/<hash of the script path>", the stem of every file of the script. New string. */
-static char *deployment_prefix(const mph_cli_t *cli)
-{
-    char *p = mph_xmalloc(strlen(cli->state_dir) + 32);
-    sprintf(p, "%s/%016llx", cli->state_dir, (unsigned long long)path_hash(cli->script_path));
-    return p;
-}
-
-char *mph_cli_deployment_file(const mph_cli_t *cli, int port, const char *ext)
-{
-    char *prefix = deployment_prefix(cli);
-    char *p = mph_xmalloc(strlen(prefix) + strlen(ext) + 16);
-    sprintf(p, "%s-%d%s", prefix, port, ext);
-    free(prefix);
-    return p;
-}
-
-/* Serializes deploy and delete of one script: without it, two deploys could both find nothing
- * running, and a delete could find nothing while a deploy is starting and then leave it
- * running. Blocks until the other side is done (a deploy is bounded by its startup timeout).
- * Returns the locked fd (close it to release) or -1 with a message in err. */
-static int lock_script(const mph_cli_t *cli, char *err, size_t errlen)
-{
-    char *prefix = deployment_prefix(cli);
-    char *path = mph_xmalloc(strlen(prefix) + 8);
-    sprintf(path, "%s.lock", prefix);
-    free(prefix);
-    int fd = open_state_file(path, O_RDWR | O_CREAT);
-    if (fd < 0) {
-        snprintf(err, errlen, "cannot open %s: %s", path, strerror(errno));
-    } else {
-        int rc;
-        while ((rc = flock(fd, LOCK_EX)) != 0 && errno == EINTR)
-            ;
-        if (rc != 0) {
-            snprintf(err, errlen, "cannot lock %s: %s", path, strerror(errno));
-            close(fd);
-            fd = -1;
-        }
-    }
-    free(path);
-    return fd;
-}
-
-int mph_cli_write_pidfile(const mph_cli_t *cli, int port, const char *log_path,
-                          const mph_cli_worker_t *workers, int nworkers, char *err, size_t errlen)
-{
-    char *path = mph_cli_deployment_file(cli, port, ".pid");
-    char *tmp = mph_xmalloc(strlen(path) + 32);
-    sprintf(tmp, "%s.%d.tmp", path, (int)getpid());
-    /* A fresh file renamed over the old one: a reader never sees half of it, and a symbolic
-     * link planted at either name is replaced, never written through. */
-    int fd = open_state_file(tmp, O_WRONLY | O_CREAT | O_EXCL);
-    FILE *f = fd >= 0 ? fdopen(fd, "w") : NULL;
-    int rc = MPH_EIO;
-    if (f) {
-        fprintf(f, "pid=%d\nport=%d\nscript=%s\nstorage=%s\nstarted=%lld\nlog=%s\n", (int)getpid(),
-                port, cli->script_path, cli->storage_desc,
-                cli->started ? cli->started : (long long)time(NULL),
-                log_path ? log_path : "(stderr)");
-        for (int i = 0; i < nworkers; i++)
-            fprintf(f, "worker=%d %d %lld %d\n", workers[i].id, workers[i].pid, workers[i].started,
-                    workers[i].restarts);
-        int ok = fflush(f) == 0 && fsync(fd) == 0; /* a full disk shows here, or at close */
-        ok = fclose(f) == 0 && ok && rename(tmp, path) == 0;
-        rc = ok ? 0 : MPH_EIO;
-    } else if (fd >= 0) {
-        close(fd);
-    }
-    if (rc != 0) {
-        snprintf(err, errlen, "cannot write the pid file %s: %s", path, strerror(errno));
-        unlink(tmp);
-    }
-    free(tmp);
-    free(path);
-    return rc;
-}
-
-void mph_cli_remove_pidfile(const mph_cli_t *cli, int port)
-{
-    char *path = mph_cli_deployment_file(cli, port, ".pid");
-    /* Only our own: a later deployment on the same port may have replaced it. */
-    FILE *f = fopen_state_file(path);
-    int pid = 0;
-    if (f) {
-        if (fscanf(f, "pid=%d", &pid) != 1)
-            pid = 0;
-        fclose(f);
-    }
-    if (pid == (int)getpid())
-        unlink(path);
-    free(path);
-}
-
-typedef struct {
-    int pid;
-    int port;
-    long long started;
-    int nworkers; /* 0: a single process */
-    mph_cli_worker_t workers[MPH_MAX_WORKERS];
-    char storage[2048];
-    char log[2048];
-    char script[4096];
-    char path[4096]; /* the pid file */
-} deployment_t;
-
-static int read_pidfile(const char *path, deployment_t *d)
-{
-    FILE *f = fopen_state_file(path);
-    if (f == NULL)
-        return -1;
-    memset(d, 0, sizeof(*d));
-    snprintf(d->path, sizeof(d->path), "%s", path);
-    char line[1200];
-    while (fgets(line, sizeof(line), f)) {
-        line[strcspn(line, "\n")] = '\0';
-        if (strncmp(line, "pid=", 4) == 0)
-            d->pid = atoi(line + 4);
-        else if (strncmp(line, "port=", 5) == 0)
-            d->port = atoi(line + 5);
-        else if (strncmp(line, "started=", 8) == 0)
-            d->started = atoll(line + 8);
-        else if (strncmp(line, "storage=", 8) == 0)
-            snprintf(d->storage, sizeof(d->storage), "%s", line + 8);
-        else if (strncmp(line, "log=", 4) == 0)
-            snprintf(d->log, sizeof(d->log), "%s", line + 4);
-        else if (strncmp(line, "script=", 7) == 0)
-            snprintf(d->script, sizeof(d->script), "%s", line + 7);
-        else if (strncmp(line, "worker=", 7) == 0 && d->nworkers < MPH_MAX_WORKERS) {
-            mph_cli_worker_t *w = &d->workers[d->nworkers];
-            if (sscanf(line + 7, "%d %d %lld %d", &w->id, &w->pid, &w->started, &w->restarts) == 4)
-                d->nworkers++;
-        }
-    }
-    fclose(f);
-    return d->pid > 0 ? 0 : -1;
-}
-
-/* Is pid a live (not zombie) mphost process? Guards against a recycled pid. */
-static int is_alive_mphost(int pid)
-{
-    char path[64], buf[4096];
-    snprintf(path, sizeof(path), "/proc/%d/stat", pid);
-    FILE *f = fopen(path, "r");
-    if (f == NULL)
-        return 0;
-    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
-    fclose(f);
-    buf[n] = '\0';
-    char *close_paren = strrchr(buf, ')');
-    if (close_paren == NULL || close_paren[1] == '\0' || close_paren[2] == 'Z')
-        return 0;
-    snprintf(path, sizeof(path), "/proc/%d/cmdline", pid);
-    f = fopen(path, "r");
-    if (f == NULL)
-        return 0;
-    n = fread(buf, 1, sizeof(buf) - 1, f);
-    fclose(f);
-    buf[n] = '\0';
-    /* Any argument, not only argv[0]: a server run under a tool (valgrind mphost ...) is one
-     * too. The arguments are NUL-separated. */
-    for (size_t at = 0; at < n; at += strlen(buf + at) + 1)
-        if (strstr(buf + at, "mphost") != NULL)
-            return 1;
-    return 0;
-}
-
-/* The live deployments whose pid files in dir are named base-PORT.pid (base NULL: every one;
- * port 0: any port); removes the stale pid files met. *out: new array. */
-static int scan_deployments(const char *dir, const char *base, int port, deployment_t **out)
-{
-    deployment_t *list = NULL;
-    int n = 0;
-    DIR *d = opendir(dir);
-    struct dirent *e;
-    while (d && (e = readdir(d)) != NULL) {
-        size_t blen = base ? strlen(base) : 0, nlen = strlen(e->d_name);
-        if ((base && (strncmp(e->d_name, base, blen) != 0 || e->d_name[blen] != '-')) || nlen < 5 ||
-            strcmp(e->d_name + nlen - 4, ".pid") != 0)
-            continue;
-        char path[2048];
-        snprintf(path, sizeof(path), "%s/%s", dir, e->d_name);
-        deployment_t dep;
-        if (read_pidfile(path, &dep) != 0)
-            continue;
-        if (port && dep.port != port)
-            continue;
-        if (!is_alive_mphost(dep.pid)) {
-            unlink(path); /* stale: the process died without cleaning up */
-            continue;
-        }
-        list = mph_xrealloc(list, (size_t)(n + 1) * sizeof(*list));
-        list[n++] = dep;
-    }
-    if (d)
-        closedir(d);
-    *out = list;
-    return n;
-}
-
-/* Finds the deployments of cli's script (all ports, or the one port given). */
-static int find_deployments(const mph_cli_t *cli, deployment_t **out)
-{
-    char *prefix = deployment_prefix(cli);
-    char *slash = strrchr(prefix, '/');
-    *slash = '\0';
-    int n = scan_deployments(prefix, slash + 1, cli->port_given ? cli->host.port : 0, out);
-    free(prefix);
-    return n;
-}
-
 int mph_cli_list(mph_cli_t *cli)
 {
-    deployment_t *deps;
-    int n = scan_deployments(cli->state_dir, NULL, 0, &deps);
+    mph_cli_deployment_t *deps;
+    int n = mph_cli_scan_deployments(cli->state_dir, NULL, 0, &deps);
     long long now = (long long)time(NULL);
     for (int i = 0; i < n; i++)
         printf("%s: port %d, pid %d, storage %s, uptime %llds\n", deps[i].script, deps[i].port,
@@ -312,15 +41,15 @@ int mph_cli_list(mph_cli_t *cli)
 
 int mph_cli_status(mph_cli_t *cli)
 {
-    deployment_t *deps;
-    int n = find_deployments(cli, &deps);
+    mph_cli_deployment_t *deps;
+    int n = mph_cli_find_deployments(cli, &deps);
     if (n == 0) {
         printf("%s: not running\n", cli->script);
         return 3;
     }
     long long now = (long long)time(NULL);
     for (int i = 0; i < n; i++) {
-        const deployment_t *d = &deps[i];
+        const mph_cli_deployment_t *d = &deps[i];
         printf("%s: running, pid %d, port %d, storage %s, uptime %llds, log %s", cli->script,
                d->pid, d->port, d->storage, now - d->started, d->log);
         if (d->nworkers > 0) /* a supervisor (the pid above) and its workers */
@@ -348,13 +77,13 @@ static void sleep_ms(int ms)
 int mph_cli_delete(mph_cli_t *cli)
 {
     char err[1200];
-    int lock = lock_script(cli, err, sizeof(err)); /* waits for a deploy still starting */
+    int lock = mph_cli_lock_script(cli, err, sizeof(err)); /* waits for a deploy still starting */
     if (lock < 0) {
         fprintf(stderr, "mphost: %s\n", err);
         return 1;
     }
-    deployment_t *deps;
-    int n = find_deployments(cli, &deps);
+    mph_cli_deployment_t *deps;
+    int n = mph_cli_find_deployments(cli, &deps);
     if (n == 0) {
         fprintf(stderr, "mphost: %s is not running\n", cli->script);
         close(lock);
@@ -366,11 +95,11 @@ int mph_cli_delete(mph_cli_t *cli)
     for (int i = 0; i < n; i++) {
         kill(deps[i].pid, SIGTERM);
         int waited = 0;
-        while (is_alive_mphost(deps[i].pid) && waited < wait_ms) {
+        while (mph_cli_is_alive_mphost(deps[i].pid) && waited < wait_ms) {
             sleep_ms(10);
             waited += 10;
         }
-        if (is_alive_mphost(deps[i].pid)) {
+        if (mph_cli_is_alive_mphost(deps[i].pid)) {
             fprintf(stderr, "mphost: pid %d did not stop in %d ms; killing it\n", deps[i].pid,
                     wait_ms);
             kill(deps[i].pid, SIGKILL);
@@ -384,8 +113,8 @@ int mph_cli_delete(mph_cli_t *cli)
 }
 
 /* Sends command to the supervisor of dep (its socket directory is named after its port). */
-static int control_request(const mph_cli_t *cli, const deployment_t *dep, const char *command,
-                           unsigned timeout_ms, char *reply, size_t len)
+static int control_request(const mph_cli_t *cli, const mph_cli_deployment_t *dep,
+                           const char *command, unsigned timeout_ms, char *reply, size_t len)
 {
     char *dir = mph_cli_deployment_file(cli, dep->port, ".sockets");
     int rc = mph_control_request(dir, dep->pid, command, timeout_ms, reply, len);
@@ -396,13 +125,13 @@ static int control_request(const mph_cli_t *cli, const deployment_t *dep, const 
 int mph_cli_reload(mph_cli_t *cli)
 {
     char err[1200];
-    int lock = lock_script(cli, err, sizeof(err)); /* a deploy or delete of it runs first */
+    int lock = mph_cli_lock_script(cli, err, sizeof(err)); /* a deploy or delete of it runs first */
     if (lock < 0) {
         fprintf(stderr, "mphost: %s\n", err);
         return 1;
     }
-    deployment_t *deps;
-    int n = find_deployments(cli, &deps);
+    mph_cli_deployment_t *deps;
+    int n = mph_cli_find_deployments(cli, &deps);
     if (n == 0)
         fprintf(stderr, "mphost: %s is not running\n", cli->script);
     int rc = n > 0 ? 0 : 1;
@@ -434,7 +163,7 @@ int mph_cli_reload(mph_cli_t *cli)
 /* Prints the last lines of a log file to stderr (why a deployment did not start). */
 static void print_log_tail(const char *path)
 {
-    FILE *f = fopen_state_file(path);
+    FILE *f = mph_cli_fopen_state_file(path);
     if (f == NULL)
         return;
     char buf[4096];
@@ -474,7 +203,7 @@ static void deploy_child(mph_cli_t *cli, int ready_fd, const char *log_path)
     dup2(devnull, 1);
     dup2(devnull, 2);
     close_inherited_fds(ready);
-    int log = open_state_file(log_path, O_WRONLY | O_CREAT | O_APPEND);
+    int log = mph_cli_open_state_file(log_path, O_WRONLY | O_CREAT | O_APPEND);
     if (log < 0) {
         dprintf(ready, "error cannot open the log file %s: %s\n", log_path,
                 errno == ELOOP ? "it is a symbolic link" : strerror(errno));
@@ -526,11 +255,11 @@ int mph_cli_deploy(mph_cli_t *cli)
     int lock = -1, pipefd[2] = {-1, -1}, rc = 1;
     if (check_plain_or_absent(pid_path, err, sizeof(err)) != 0)
         goto fail; /* (the child refuses a link at the log's name when it opens it) */
-    if ((lock = lock_script(cli, err, sizeof(err))) < 0)
+    if ((lock = mph_cli_lock_script(cli, err, sizeof(err))) < 0)
         goto fail;
-    deployment_t *deps;
+    mph_cli_deployment_t *deps;
     cli->port_given = 1; /* the configured port (default 3000) identifies the deployment */
-    if (find_deployments(cli, &deps) > 0) {
+    if (mph_cli_find_deployments(cli, &deps) > 0) {
         snprintf(err, sizeof(err),
                  "%s is already running on port %d (pid %d); use 'mphost %s delete' first",
                  cli->script, deps[0].port, deps[0].pid, cli->script);
@@ -606,8 +335,8 @@ static int replaced(int fd, const char *path)
 
 int mph_cli_logs(mph_cli_t *cli)
 {
-    deployment_t *deps;
-    int n = find_deployments(cli, &deps);
+    mph_cli_deployment_t *deps;
+    int n = mph_cli_find_deployments(cli, &deps);
     char *path = NULL;
     if (n > 1) {
         fprintf(stderr, "mphost: %s runs on %d ports (%d, %d%s): give --port\n", cli->script, n,
@@ -623,7 +352,7 @@ int mph_cli_logs(mph_cli_t *cli)
     free(deps);
     if (path == NULL)
         return 1;
-    int fd = open_state_file(path, O_RDONLY);
+    int fd = mph_cli_open_state_file(path, O_RDONLY);
     if (fd < 0) {
         fprintf(stderr, "mphost: no log for %s on port %d (%s: %s)\n", cli->script, cli->host.port,
                 path, strerror(errno));
@@ -637,7 +366,7 @@ int mph_cli_logs(mph_cli_t *cli)
         sleep_ms(200);
         rc = copy_out(fd);
         if (rc == 0 && replaced(fd, path)) {
-            int next = open_state_file(path, O_RDONLY);
+            int next = mph_cli_open_state_file(path, O_RDONLY);
             if (next >= 0) {
                 rc = copy_out(fd);
                 close(fd);
