@@ -947,86 +947,88 @@ static const mph_store_conflict_t *conflict_of(const mph_store_result_t *res, co
     return NULL;
 }
 
-static void on_committed(void *ud, const mph_store_result_t *res)
+/* The commit is durable: its writes fold into their scopes' states and the batch is
+ * answered. */
+static void committed(mph_commit_t *c, mph_txn_t *batch)
 {
-    mph_commit_t *c = ud;
     mph_unit_t *u = c->unit;
     mph_lua_t *lua = u->lua;
-    assert(assert_unit_state(u));
-    commit_detach(c);
-    mph_txn_t *batch = queue_take(&c->batch);
-
-    if (res->status == 0) {
-        int missed = 0;
-        for (size_t i = 0; i < c->n; i++) {
-            mph_scope_t *s = c->scopes[i];
-            scope_op_t op = {s, NULL, 0, 0, ""};
-            s->version = c->writes[i].expected_version + (c->writes[i].n > 0);
-            scope_set_bytes(s, s->bytes + doc_bytes(c->writes[i].entries, c->writes[i].n));
-            if (mph__lua_protect(lua, commit_ok, &op, "folding a commit into its scope") != 0) {
-                /* Durable, so the batch is answered; but the state in memory missed it:
-                 * forget it (it is reloaded on the next access). */
-                scope_forget(s);
-                missed = 1;
-            }
+    int missed = 0;
+    for (size_t i = 0; i < c->n; i++) {
+        mph_scope_t *s = c->scopes[i];
+        scope_op_t op = {s, NULL, 0, 0, ""};
+        s->version = c->writes[i].expected_version + (c->writes[i].n > 0);
+        scope_set_bytes(s, s->bytes + doc_bytes(c->writes[i].entries, c->writes[i].n));
+        if (mph__lua_protect(lua, commit_ok, &op, "folding a commit into its scope") != 0) {
+            /* Durable, so the batch is answered; but the state in memory missed it:
+             * forget it (it is reloaded on the next access). */
+            scope_forget(s);
+            missed = 1;
         }
-        commit_free(c);
-        lua->stats.commits++;
-        u->conflict_streak = u->error_streak = 0;
-        answer_all(batch);
-        schedule_eviction(lua);
-        if (missed) { /* what ran on top of the missed state runs again */
-            requeue_all(u, unit_void_pending(u), 0);
-            backoff(u, 0);
-            return;
-        }
-        kick(u);
+    }
+    commit_free(c);
+    lua->stats.commits++;
+    u->conflict_streak = u->error_streak = 0;
+    answer_all(batch);
+    schedule_eviction(lua);
+    if (missed) { /* what ran on top of the missed state runs again */
+        requeue_all(u, unit_void_pending(u), 0);
+        backoff(u, 0);
         return;
     }
+    kick(u);
+}
 
-    /* Every speculative write is void now: the batch and whatever ran on top of it. */
-    int nomem = res->status == MPH_ENOMEM;
-    const char *bad = NULL; /* a scope whose update could not be applied */
-    char bad_err[300] = "";
-    if (res->status == MPH_ECONFLICT) {
-        int held = 0; /* the longest claim of another process that refused it, in ms */
-        for (size_t i = 0; i < c->n && !nomem; i++) {
-            mph_scope_t *s = c->scopes[i];
-            const mph_store_conflict_t *cf = conflict_of(res, s->name);
-            static const mph_store_doc_t nothing = {0, 1, 0, NULL};
-            scope_op_t op = {s, cf ? &cf->doc : &nothing, cf && !cf->doc.is_delta, 0, ""};
-            nomem = mph__lua_protect(lua, reset_state, &op, "applying a conflict's update") != 0;
-            if (!nomem && op.rc != 0) {
-                bad = s->name;
-                snprintf(bad_err, sizeof(bad_err), "%s", op.err);
-                break;
-            }
-            if (cf) {
-                s->version = cf->doc.version;
-                if (cf->held > held)
-                    held = cf->held;
-                mph_log(MPH_LOG_DEBUG, "scope %s: conflict, now at version %llu", s->name,
-                        (unsigned long long)s->version);
-            }
+/* The commit was refused: each scope takes the conflict's update (what another process
+ * committed), and the batch and what ran on top of it run again. Returns 0, or -1 when an
+ * update could not be applied (out of memory: *nomem; an unreadable one: logged), which
+ * the caller treats as a failed commit. */
+static int conflicted(mph_commit_t *c, mph_txn_t *batch, const mph_store_result_t *res, int *nomem)
+{
+    mph_unit_t *u = c->unit;
+    mph_lua_t *lua = u->lua;
+    int held = 0; /* the longest claim of another process that refused it, in ms */
+    for (size_t i = 0; i < c->n; i++) {
+        mph_scope_t *s = c->scopes[i];
+        const mph_store_conflict_t *cf = conflict_of(res, s->name);
+        static const mph_store_doc_t nothing = {0, 1, 0, NULL};
+        scope_op_t op = {s, cf ? &cf->doc : &nothing, cf && !cf->doc.is_delta, 0, ""};
+        if (mph__lua_protect(lua, reset_state, &op, "applying a conflict's update") != 0) {
+            *nomem = 1;
+            return -1;
         }
-        if (!nomem && bad == NULL) {
-            commit_free(c);
-            u->conflict_streak++;
-            lua->stats.conflicts++;
-            mph_txn_t *later = unit_void_pending(u);
-            requeue_all(u, batch, !held); /* being held off is waiting, not refusal */
-            requeue_all(u, later, 0);
-            /* Held by another process's claim: wait until it ends, as it says. */
-            backoff(u, (uint64_t)held);
-            return;
+        if (op.rc != 0) {
+            mph_log(MPH_LOG_ERROR, "scope %s: unreadable update from storage: %s", s->name, op.err);
+            return -1;
         }
-        if (bad)
-            mph_log(MPH_LOG_ERROR, "scope %s: unreadable update from storage: %s", bad, bad_err);
+        if (cf) {
+            s->version = cf->doc.version;
+            if (cf->held > held)
+                held = cf->held;
+            mph_log(MPH_LOG_DEBUG, "scope %s: conflict, now at version %llu", s->name,
+                    (unsigned long long)s->version);
+        }
     }
-    /* An error: the outcome may be unknown, so forget the commit's scopes; they are reloaded
-     * on the next access. The batch hears -32002 (never "committed" unless it was), or
-     * -32603 when Lua ran out of memory; the later ones only read speculative data and
-     * simply run again. */
+    commit_free(c);
+    u->conflict_streak++;
+    lua->stats.conflicts++;
+    mph_txn_t *later = unit_void_pending(u);
+    requeue_all(u, batch, !held); /* being held off is waiting, not refusal */
+    requeue_all(u, later, 0);
+    /* Held by another process's claim: wait until it ends, as it says. */
+    backoff(u, (uint64_t)held);
+    return 0;
+}
+
+/* The commit failed: the outcome may be unknown, so the commit's scopes are forgotten (they
+ * are reloaded on the next access). The batch hears -32002 (never "committed" unless it
+ * was), or -32603 when Lua ran out of memory; the later ones only read speculative data and
+ * simply run again. */
+static void commit_failed(mph_commit_t *c, mph_txn_t *batch, const mph_store_result_t *res,
+                          int nomem)
+{
+    mph_unit_t *u = c->unit;
+    mph_lua_t *lua = u->lua;
     char message[400];
     if (nomem)
         snprintf(message, sizeof(message), "Internal error: not enough memory");
@@ -1044,6 +1046,23 @@ static void on_committed(void *ud, const mph_store_result_t *res)
     requeue_all(u, later, 0);
     u->error_streak++;
     backoff(u, jitter(lua, (uint64_t)1 << (u->error_streak < 6 ? u->error_streak : 6)));
+}
+
+static void on_committed(void *ud, const mph_store_result_t *res)
+{
+    mph_commit_t *c = ud;
+    assert(assert_unit_state(c->unit));
+    commit_detach(c);
+    mph_txn_t *batch = queue_take(&c->batch);
+    if (res->status == 0) {
+        committed(c, batch);
+        return;
+    }
+    /* Every speculative write is void now: the batch and whatever ran on top of it. */
+    int nomem = res->status == MPH_ENOMEM;
+    if (res->status == MPH_ECONFLICT && conflicted(c, batch, res, &nomem) == 0)
+        return;
+    commit_failed(c, batch, res, nomem);
 }
 
 /* What kick hands to take_pending. */
