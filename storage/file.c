@@ -1793,15 +1793,82 @@ out:
     return failed;
 }
 
+/* Step 2 of a compaction, without the scope lock: the image of the records we had applied
+ * (op->from bytes of the log) over the old snapshot, into rec. Returns NULL, or what failed
+ * (errno set); *skip when another process compacted first (nothing failed). */
+static const char *compact_image(op_t *op, mph_buf_t *rec, uint64_t *last, uint64_t *version,
+                                 size_t *nlive, int *skip)
+{
+    fscope_t *sc = op->sc;
+    char *log = scope_file(sc, ".log"), *snap = scope_file(sc, ".snap");
+    const char *failed = NULL;
+    struct stat st;
+    uint64_t snap_version;
+    off_t old_snap_size;
+    log_scan_t scan;
+    int fd = open_in(op->fs, log, O_RDONLY);
+    if (fd < 0 || fstat(fd, &st) != 0) {
+        failed = "opening the log";
+    } else if (st.st_ino != op->old_ino) {
+        mph_log(MPH_LOG_DEBUG, "file: %s: not compacting: another process did", sc->name);
+        *skip = 1;
+    } else if (read_range(fd, 0, op->from, &op->bufs[1]) != 0) {
+        failed = "reading the log";
+    } else if (read_snapshot(op, snap, &op->bufs[0], &snap_version, &old_snap_size) != 0) {
+        failed = op->message;
+    } else {
+        scan_log(&op->bufs[1], 0, snap_version, op, &scan);
+        if (scan.verdict != SCAN_END) {
+            errno = EINVAL;
+            failed = "reading the log (records we had read no longer check)";
+        } else {
+            *last = scan.last;
+            *version = scan.last > snap_version ? scan.last : snap_version;
+            *nlive = build_image(rec, *version, &op->doc);
+        }
+    }
+    if (fd >= 0)
+        close(fd);
+    free(log);
+    free(snap);
+    return failed;
+}
+
+/* Step 2, continued: the image made durable as the new snapshot (written to a temporary
+ * file, synced, renamed, the directory synced). Returns NULL, or what failed (errno set). */
+static const char *compact_write(op_t *op, const mph_buf_t *rec)
+{
+    char *snap = scope_file(op->sc, ".snap"), *snap_tmp = scope_file(op->sc, ".snap.tmp");
+    const char *failed = NULL;
+    int fd = create_tmp(op->fs, snap_tmp);
+    if (fd < 0 || write_at("compact.snap.write", fd, rec->data, rec->len, 0) != 0 ||
+        sync_at("compact.snap.sync", op->fs, fd, 0) != 0) {
+        failed = "writing the snapshot";
+        unlink_in(op->fs, snap_tmp);
+    } else if (rename_at("compact.snap.rename", op->fs, snap_tmp, snap) != 0) {
+        failed = "renaming the snapshot";
+        unlink_in(op->fs, snap_tmp);
+    } else {
+        op->snap_size = (off_t)rec->len;
+        if (fsync_dir("compact.snap.dirsync", op->fs) != 0)
+            failed = "syncing the directory after the snapshot";
+    }
+    if (fd >= 0)
+        close(fd);
+    free(snap);
+    free(snap_tmp);
+    return failed;
+}
+
 static void do_compact(op_t *op)
 {
     fscope_t *sc = op->sc;
-    char *lock = scope_file(sc, ".lock"), *log = scope_file(sc, ".log");
-    char *snap = scope_file(sc, ".snap"), *snap_tmp = scope_file(sc, ".snap.tmp");
+    char *lock = scope_file(sc, ".lock");
     const char *failed = NULL;
     mph_buf_t rec = MPH_BUF_INIT;
     size_t nlive = 0;
-    int fd = -1;
+    uint64_t last = 0, version = 0;
+    int skip = 0;
 
     /* 1. The guard. */
     int guard = open_in(op->fs, lock, O_RDWR);
@@ -1811,56 +1878,9 @@ static void do_compact(op_t *op)
         goto done;
     }
     /* 2. The snapshot, from the records we had applied, without the scope lock. */
-    struct stat st;
-    fd = open_in(op->fs, log, O_RDONLY);
-    if (fd < 0 || fstat(fd, &st) != 0) {
-        failed = "opening the log";
+    if ((failed = compact_image(op, &rec, &last, &version, &nlive, &skip)) != NULL || skip ||
+        (failed = compact_write(op, &rec)) != NULL)
         goto done;
-    }
-    if (st.st_ino != op->old_ino) {
-        mph_log(MPH_LOG_DEBUG, "file: %s: not compacting: another process did", sc->name);
-        goto done;
-    }
-    if (read_range(fd, 0, op->from, &op->bufs[1]) != 0) {
-        failed = "reading the log";
-        goto done;
-    }
-    close(fd);
-    fd = -1;
-    uint64_t snap_version;
-    off_t old_snap_size;
-    if (read_snapshot(op, snap, &op->bufs[0], &snap_version, &old_snap_size) != 0) {
-        failed = op->message;
-        goto done;
-    }
-    log_scan_t scan;
-    scan_log(&op->bufs[1], 0, snap_version, op, &scan);
-    if (scan.verdict != SCAN_END) {
-        errno = EINVAL;
-        failed = "reading the log (records we had read no longer check)";
-        goto done;
-    }
-    uint64_t version = scan.last > snap_version ? scan.last : snap_version;
-    nlive = build_image(&rec, version, &op->doc);
-    fd = create_tmp(op->fs, snap_tmp);
-    if (fd < 0 || write_at("compact.snap.write", fd, rec.data, rec.len, 0) != 0 ||
-        sync_at("compact.snap.sync", op->fs, fd, 0) != 0) {
-        failed = "writing the snapshot";
-        unlink_in(op->fs, snap_tmp);
-        goto done;
-    }
-    close(fd);
-    fd = -1;
-    if (rename_at("compact.snap.rename", op->fs, snap_tmp, snap) != 0) {
-        failed = "renaming the snapshot";
-        unlink_in(op->fs, snap_tmp);
-        goto done;
-    }
-    op->snap_size = (off_t)rec.len;
-    if (fsync_dir("compact.snap.dirsync", op->fs) != 0) {
-        failed = "syncing the directory after the snapshot";
-        goto done;
-    }
     /* 3. The switch, under the scope's mutex and lock. */
     uv_mutex_lock(&sc->mutex);
     if (sc->failed != NULL) { /* set under this mutex */
@@ -1869,7 +1889,7 @@ static void do_compact(op_t *op)
     } else if (lock_fd(guard) != 0) {
         failed = "locking the scope";
     } else {
-        failed = switch_log(op, scan.last, version);
+        failed = switch_log(op, last, version);
         flock(guard, LOCK_UN);
     }
     uv_mutex_unlock(&sc->mutex);
@@ -1884,15 +1904,10 @@ done:
                 sc->name, failed, strerror(errno));
         op->status = MPH_EIO; /* the loop backs off before the next try */
     }
-    if (fd >= 0)
-        close(fd);
     if (guard >= 0)
         close(guard); /* releases the guard */
     mph_buf_free(&rec);
     free(lock);
-    free(log);
-    free(snap);
-    free(snap_tmp);
 }
 
 static void work_cb(uv_work_t *w)
