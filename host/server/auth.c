@@ -575,6 +575,66 @@ int mph_auth_file_check(int fd, const char *path, char *err, size_t errlen, char
  * (mph_auth_file_check; a warning in warn, MESSAGE bytes), then its lines. Returns 0, or
  * MPH_EIO / MPH_EINVAL with one line in err naming the file and the line, never their
  * content. Runs on any thread. */
+/* Reads one line (len bytes, its end trimmed here) into `out` if it holds a user: returns 0
+ * (a user or a blank or comment line), or MPH_EINVAL with why in err. */
+static int users_add_line(users_t *out, size_t *alloc, char *line, size_t len, int lineno,
+                          const char *path, char *err, size_t errlen)
+{
+    char why[256];
+    while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r' || line[len - 1] == ' ' ||
+                       line[len - 1] == '\t'))
+        len--;
+    size_t name_len = 0;
+    int kind = len > MAX_LINE ? -1 : parse_line(line, len, &name_len, why, sizeof(why));
+    if (len > MAX_LINE)
+        snprintf(why, sizeof(why), "longer than %d bytes", MAX_LINE);
+    if (kind == 0)
+        return 0;
+    if (kind > 0) {
+        line[len] = '\0';
+        if (!hash_format_ok(line + name_len + 1)) {
+            snprintf(why, sizeof(why),
+                     "not a bcrypt ($2b$, $2y$), sha512-crypt ($6$) or yescrypt ($y$) hash "
+                     "(plain-text passwords are refused; `mphost passwd` writes hashes)");
+            kind = -1;
+        }
+    }
+    if (kind < 0) {
+        snprintf(err, errlen, "users file %s, line %d: %s", path, lineno, why);
+        return MPH_EINVAL;
+    }
+    if (out->n == *alloc) {
+        *alloc = *alloc ? *alloc * 2 : 16;
+        out->v = mph_xrealloc(out->v, *alloc * sizeof(user_t));
+    }
+    user_t *u = &out->v[out->n++];
+    u->name = mph_xstrndup(line, name_len);
+    u->hash = mph_xstrdup(line + name_len + 1);
+    u->line = lineno;
+    return 0;
+}
+
+/* Sorts the users read, refuses a name given twice, and picks the hash unknown users are
+ * checked against (the file's first entry's). Returns 0 or MPH_EINVAL with why in err. */
+static int users_finish(users_t *out, const char *path, char *err, size_t errlen)
+{
+    int first_line = 0;
+    qsort(out->v, out->n, sizeof(user_t), user_cmp);
+    for (size_t i = 0; i < out->n; i++) {
+        if (i > 0 && strcmp(out->v[i - 1].name, out->v[i].name) == 0) {
+            int a = out->v[i - 1].line, b = out->v[i].line;
+            snprintf(err, errlen, "users file %s, line %d: the same user as line %d", path,
+                     a > b ? a : b, a > b ? b : a);
+            return MPH_EINVAL;
+        }
+        if (first_line == 0 || out->v[i].line < first_line) {
+            first_line = out->v[i].line;
+            out->dummy = out->v[i].hash;
+        }
+    }
+    return 0;
+}
+
 static int users_read(const char *path, users_t *out, char *err, size_t errlen, char *warn)
 {
     memset(out, 0, sizeof(*out));
@@ -594,67 +654,20 @@ static int users_read(const char *path, users_t *out, char *err, size_t errlen, 
         close(fd);
         return checked ? checked : MPH_EIO;
     }
-    char *line = NULL, why[256];
+    char *line = NULL;
     size_t cap = 0, alloc = 0;
     ssize_t got;
-    int lineno = 0, rc = 0, first_line = 0;
-    while (rc == 0 && (got = getline(&line, &cap, f)) >= 0) {
-        lineno++;
-        size_t len = (size_t)got;
-        while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r' || line[len - 1] == ' ' ||
-                           line[len - 1] == '\t'))
-            len--;
-        size_t name_len = 0;
-        int kind = len > MAX_LINE ? -1 : parse_line(line, len, &name_len, why, sizeof(why));
-        if (len > MAX_LINE)
-            snprintf(why, sizeof(why), "longer than %d bytes", MAX_LINE);
-        if (kind == 0)
-            continue;
-        if (kind > 0) {
-            line[len] = '\0';
-            if (!hash_format_ok(line + name_len + 1)) {
-                snprintf(why, sizeof(why),
-                         "not a bcrypt ($2b$, $2y$), sha512-crypt ($6$) or yescrypt ($y$) hash "
-                         "(plain-text passwords are refused; `mphost passwd` writes hashes)");
-                kind = -1;
-            }
-        }
-        if (kind < 0) {
-            snprintf(err, errlen, "users file %s, line %d: %s", path, lineno, why);
-            rc = MPH_EINVAL;
-            break;
-        }
-        if (out->n == alloc) {
-            alloc = alloc ? alloc * 2 : 16;
-            out->v = mph_xrealloc(out->v, alloc * sizeof(user_t));
-        }
-        user_t *u = &out->v[out->n++];
-        u->name = mph_xstrndup(line, name_len);
-        u->hash = mph_xstrdup(line + name_len + 1);
-        u->line = lineno;
-    }
+    int lineno = 0, rc = 0;
+    while (rc == 0 && (got = getline(&line, &cap, f)) >= 0)
+        rc = users_add_line(out, &alloc, line, (size_t)got, ++lineno, path, err, errlen);
     if (rc == 0 && ferror(f)) {
         snprintf(err, errlen, "cannot read the users file %s: %s", path, strerror(errno));
         rc = MPH_EIO;
     }
     free(line);
     fclose(f);
-    if (rc == 0 && out->n > 0) {
-        qsort(out->v, out->n, sizeof(user_t), user_cmp);
-        for (size_t i = 0; i < out->n; i++) {
-            if (i > 0 && strcmp(out->v[i - 1].name, out->v[i].name) == 0) {
-                int a = out->v[i - 1].line, b = out->v[i].line;
-                snprintf(err, errlen, "users file %s, line %d: the same user as line %d", path,
-                         a > b ? a : b, a > b ? b : a);
-                rc = MPH_EINVAL;
-                break;
-            }
-            if (first_line == 0 || out->v[i].line < first_line) {
-                first_line = out->v[i].line;
-                out->dummy = out->v[i].hash;
-            }
-        }
-    }
+    if (rc == 0 && out->n > 0)
+        rc = users_finish(out, path, err, errlen);
     if (rc != 0)
         users_free(out);
     return rc;
