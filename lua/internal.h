@@ -77,6 +77,8 @@ struct mph_txn_s {
     int scopes_cap;        /* room in scopes */
     mph_scope_t *scopes_inline[2]; /* most calls touch one or two scopes */
     int wrote;                     /* 1 when the attempt wrote to any of its scopes */
+    int cached_reads;              /* its service said reads = "cached" (scopes.c, "Fresh
+                                      reads") */
     mph_buf_t result;              /* the attempt's encoded result */
     int refusals;                  /* commits of its own writes refused by a conflict */
     uint64_t deadline;             /* uv_hrtime() when the running stretch must end (0: none) */
@@ -128,6 +130,8 @@ struct mph_scope_s {
     char *name;               /* owned */
     mph_scope_state_t state;  /* UNLOADED -> LOADING -> READY; back to UNLOADED on error */
     uint64_t version;         /* version of the committed base */
+    uint64_t fresh_ms;        /* uv_now when storage last confirmed `version` current (a load,
+                                 a commit or a check): cached reads trust it this long */
     mph_txn_queue_t waiting;  /* transactions suspended until the load ends */
     mph_unit_t *unit;         /* the unit it belongs to: &home, or another scope's home */
     mph_unit_t home;          /* its own unit, used while it is not merged into another */

@@ -537,6 +537,7 @@ static void on_loaded(void *ud, const mph_store_result_t *res)
         return;
     }
     s->version = res->doc.version;
+    s->fresh_ms = uv_now(lua->loop);
     s->state = SCOPE_READY;
     scope_set_bytes(s, SCOPE_COST + strlen(s->name) + doc_bytes(res->doc.entries, res->doc.n));
     mph_log(MPH_LOG_DEBUG, "scope %s loaded: %zu entries, version %llu", s->name, res->doc.n,
@@ -723,11 +724,11 @@ mph_scope_t *mph__scopes_acquired(mph_txn_t *t, const char *name)
  * the unit runs again (some may have read what failed), and the pending writes of every
  * member are dropped with them.
  *
- * A transaction needs a commit when it wrote, or when it read several scopes: then the
- * commit carries those scopes with no writes, and the storage checks their versions, so a
- * call that reads two accounts another process changed in between is run again rather than
- * answered from two snapshots of different moments. A transaction that only read one scope
- * is answered from the snapshot, as before (serializable per scope; docs/guarantees.md says so). */
+ * A transaction needs a commit when it wrote, and also when it only read (see "Fresh
+ * reads"): the commit then carries the scopes it read with no writes, and the storage checks
+ * their versions, so a call that reads two accounts another process changed in between is
+ * run again rather than answered from two snapshots of different moments, and a call that
+ * reads one sees what another process committed before it began. */
 
 struct mph_commit_s {
     mph_unit_t *unit;            /* the unit it belongs to now (a merge moves it) */
@@ -958,6 +959,7 @@ static void committed(mph_commit_t *c, mph_txn_t *batch)
         mph_scope_t *s = c->scopes[i];
         scope_op_t op = {s, NULL, 0, 0, ""};
         s->version = c->writes[i].expected_version + (c->writes[i].n > 0);
+        s->fresh_ms = uv_now(lua->loop);
         scope_set_bytes(s, s->bytes + doc_bytes(c->writes[i].entries, c->writes[i].n));
         if (mph__lua_protect(lua, commit_ok, &op, "folding a commit into its scope") != 0) {
             /* Durable, so the batch is answered; but the state in memory missed it:
@@ -1003,6 +1005,7 @@ static int conflicted(mph_commit_t *c, mph_txn_t *batch, const mph_store_result_
         }
         if (cf) {
             s->version = cf->doc.version;
+            s->fresh_ms = uv_now(lua->loop);
             if (cf->held > held)
                 held = cf->held;
             mph_log(MPH_LOG_DEBUG, "scope %s: conflict, now at version %llu", s->name,
@@ -1193,9 +1196,31 @@ static void kick(mph_unit_t *u)
 }
 
 /* Whether t must go through a commit before it is answered. */
+/* ---- Fresh reads ----
+ *
+ * A call sees every write acknowledged before it began, by this process or any other sharing
+ * the storage (strictly serializable: docs/guarantees.md). A scope's state here may miss
+ * another process's commit, so a transaction that only read still goes through a commit,
+ * one that carries its scopes with no writes: the storage checks their versions (files: the
+ * log has not grown nor been replaced; Redis: one round trip), and a refusal brings what
+ * changed and runs the call again, as a conflict of writes does. The check starts after the
+ * call's handler ran, so after the call began; and as any commit, it serves the whole batch
+ * queued behind the one in flight: under load, one check answers many reads.
+ *
+ * A service may trade that for speed (svc.reads = "cached"): its calls that only read one
+ * scope are answered from the state here, unchecked, when the storage confirmed that state
+ * current (a load, a commit or a check of this process) within the last CACHED_READ_MS, and
+ * checked as above otherwise. Such a read sees this process's own commits at once and other
+ * processes' within about CACHED_READ_MS. */
+
+#define CACHED_READ_MS 1000
+
 static int needs_commit(const mph_txn_t *t)
 {
-    return t->wrote || t->nscopes > 1;
+    if (t->wrote || t->nscopes > 1 || !t->cached_reads)
+        return 1;
+    const mph_scope_t *s = t->scopes[0];
+    return uv_now(t->lua->loop) - s->fresh_ms > CACHED_READ_MS;
 }
 
 void mph__scopes_finished(mph_txn_t *t)

@@ -454,6 +454,10 @@ static int setup_attempt(lua_State *L)
         snprintf(c->msg, sizeof(c->msg), "Method not found");
         return 0;
     }
+    lua_getfield(L, -1, "reads"); /* Stack: ud, services, svc, reads */
+    const char *reads = lua_tostring(L, -1);
+    t->cached_reads = reads != NULL && strcmp(reads, "cached") == 0;
+    lua_pop(L, 1);
     lua_createtable(L, 0, 4); /* Stack: ud, services, svc, rec */
     lua_newtable(L);
     lua_setfield(L, -2, "roots");

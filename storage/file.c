@@ -1326,8 +1326,33 @@ static int prepare_log(op_t *op)
     return dir_sync_once(op);
 }
 
+/* A read's check of one scope (lua/scopes.c, "Fresh reads"), without the lock: a commit's
+ * record is in the log before the commit is acknowledged, so while the name still holds the
+ * log we read (same inode) and it is no longer than what we read, no commit was acknowledged
+ * since we last looked, and our version is current. Returns 1 when that settles it (op
+ * succeeds), 0 for the locked way (something changed, or this is no plain check). Only a
+ * commit of one scope: in a commit of several, the checks must hold with the writes. */
+static int unchanged_since_read(op_t *op)
+{
+    fscope_t *sc = op->sc;
+    if (op->nwrites != 0 || op->group != NULL || sc->log_ino == 0 || sc->version != op->expected)
+        return 0; /* (work_cb holds sc->mutex and has checked sc->failed) */
+    char *log = scope_file(sc, ".log");
+    struct stat st;
+    int found = exists_in(op->fs, log, &st);
+    free(log);
+    if (found != 1 || st.st_ino != sc->log_ino || st.st_size != sc->log_end)
+        return 0;
+    op->doc.version = sc->version;
+    op->doc.n = 0;
+    op->doc.is_delta = 1;
+    return 1;
+}
+
 static void do_commit(op_t *op)
 {
+    if (unchanged_since_read(op))
+        return;
     int rc = open_files(op, op->nwrites > 0);
     if (rc == ABSENT) {
         absent_scope(op); /* only checked, and never written */
