@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "common/common.h"
+#include "common/list.h"
 #include "host/server/localsock.h"
 
 #define COMMAND_MAX 64 /* bytes of a command line */
@@ -26,25 +27,25 @@
 typedef enum { REQ_READING, REQ_HANDED, REQ_ANSWERING } req_state_t;
 
 struct mph_control_req_s {
-    mph_control_t *ctl;             /* while READING (NULL once handed: the owner's then) */
-    req_state_t state;              /* see the top of this file */
-    uv_pipe_t pipe;                 /* the client's connection */
-    uv_write_t write;               /* the answer's write */
-    int closed;                     /* the pipe's close callback has run */
-    int closing;                    /* uv_close was called */
-    char line[COMMAND_MAX + 1];     /* the command being read */
-    size_t len;                     /* bytes in line */
-    char *answer;                   /* being written (owned) */
-    mph_control_req_t *prev, *next; /* in ctl->reading */
+    mph_control_t *ctl;         /* while READING (NULL once handed: the owner's then) */
+    req_state_t state;          /* see the top of this file */
+    uv_pipe_t pipe;             /* the client's connection */
+    uv_write_t write;           /* the answer's write */
+    int closed;                 /* the pipe's close callback has run */
+    int closing;                /* uv_close was called */
+    char line[COMMAND_MAX + 1]; /* the command being read */
+    size_t len;                 /* bytes in line */
+    char *answer;               /* being written (owned) */
+    mph_list_t node;            /* in ctl->reading while READING */
 };
 
 struct mph_control_s {
     uv_pipe_t listener;
     mph_control_cb cb;
     void *ud;
-    mph_control_req_t *reading; /* requests still READING (closed by mph_control_close) */
-    int listener_closed;        /* its close callback has run */
-    int closing;                /* mph_control_close was called */
+    mph_list_t reading;  /* requests still READING (closed by mph_control_close) */
+    int listener_closed; /* its close callback has run */
+    int closing;         /* mph_control_close was called */
 };
 
 #define CONTROL_NAME "control" /* the socket's name in the socket directory */
@@ -53,7 +54,7 @@ struct mph_control_s {
 
 static void maybe_free_control(mph_control_t *ctl)
 {
-    if (ctl->closing && ctl->listener_closed && ctl->reading == NULL)
+    if (ctl->closing && ctl->listener_closed && mph_list_empty(&ctl->reading))
         free(ctl);
 }
 
@@ -62,14 +63,8 @@ static void unlink_reading(mph_control_req_t *req)
     mph_control_t *ctl = req->ctl;
     if (ctl == NULL)
         return;
-    if (req->prev)
-        req->prev->next = req->next;
-    else
-        ctl->reading = req->next;
-    if (req->next)
-        req->next->prev = req->prev;
+    mph_list_remove(&req->node);
     req->ctl = NULL;
-    req->prev = req->next = NULL;
     maybe_free_control(ctl);
 }
 
@@ -182,10 +177,7 @@ static void on_connection(uv_stream_t *server, int status)
     uv_pipe_init(server->loop, &req->pipe, 0);
     req->pipe.data = req;
     req->ctl = ctl;
-    req->next = ctl->reading;
-    if (ctl->reading)
-        ctl->reading->prev = req;
-    ctl->reading = req;
+    mph_list_insert_head(&ctl->reading, &req->node);
     if (uv_accept(server, (uv_stream_t *)&req->pipe) != 0) {
         close_req(req);
         return;
@@ -206,6 +198,7 @@ int mph_control_listen(mph_control_t **out, uv_loop_t *loop, int dir_fd, mph_con
         return MPH_EIO;
     }
     mph_control_t *ctl = mph_xcalloc(1, sizeof(*ctl));
+    mph_list_init(&ctl->reading);
     ctl->cb = cb;
     ctl->ud = ud;
     uv_pipe_init(loop, &ctl->listener, 0);
@@ -237,8 +230,9 @@ void mph_control_close(mph_control_t *ctl)
     ctl->closing = 1;
     if (!uv_is_closing((uv_handle_t *)&ctl->listener))
         uv_close((uv_handle_t *)&ctl->listener, on_listener_closed);
-    while (ctl->reading)
-        close_req(ctl->reading); /* unlinks it */
+    mph_list_t *q;
+    while ((q = mph_list_first(&ctl->reading)) != NULL)
+        close_req(mph_list_entry(q, mph_control_req_t, node)); /* unlinks it */
 }
 
 /* ---- The client's side ---- */

@@ -65,6 +65,7 @@
 #include <uv.h>
 
 #include "common/common.h"
+#include "common/list.h"
 #include "control.h"
 #include "host/server/http.h"
 #include "host/server/localsock.h"
@@ -118,7 +119,7 @@ struct gen_s {
     int timers;            /* its timers (respawns, kill_timer) not closed yet, once closing */
     int closing;           /* gen_close was called */
     uv_timer_t kill_timer; /* STOPPING: SIGKILL what is left */
-    gen_t *next;           /* in sup->gens */
+    mph_list_t node;       /* in sup->gens */
 };
 
 /* The reload in progress (one at a time: a second is refused, see begin_reload). */
@@ -140,7 +141,7 @@ struct sup_s {
     int port;        /* bound */
     int generations; /* the last generation number given */
     gen_t *current;  /* the generation that serves (or is to, while starting) */
-    gen_t *gens;     /* every generation not freed yet, owned */
+    mph_list_t gens; /* every generation not freed yet (gen_t.node, owned), newest first */
     reload_t reload; /* the reload in progress, if any */
     uv_signal_t sigint, sigterm, sighup, sigusr1;
     uv_timer_t beat_check;     /* looks at the heartbeats (with a handler time limit) */
@@ -645,8 +646,7 @@ static gen_t *gen_new(sup_t *sup, int n, gen_state_t state)
     gen->slots = mph_xcalloc((size_t)(n > 0 ? n : 1), sizeof(*gen->slots));
     for (int i = 0; i < n; i++)
         slot_init(gen, &gen->slots[i], i + 1);
-    gen->next = sup->gens;
-    sup->gens = gen;
+    mph_list_insert_head(&sup->gens, &gen->node);
     return gen;
 }
 
@@ -694,10 +694,7 @@ static void on_gen_timer_closed(uv_handle_t *h)
     if (--gen->timers > 0)
         return;
     sup_t *sup = gen->sup;
-    gen_t **p = &sup->gens;
-    while (*p != gen)
-        p = &(*p)->next;
-    *p = gen->next;
+    mph_list_remove(&gen->node);
     if (sup->current == gen)
         sup->current = NULL;
     int awaited = sup->reload.active && sup->reload.awaited == gen;
@@ -710,7 +707,7 @@ static void on_gen_timer_closed(uv_handle_t *h)
     free(gen);
     if (awaited)
         reload_end(sup);
-    if (sup->state == SUP_STOPPING && sup->gens == NULL)
+    if (sup->state == SUP_STOPPING && mph_list_empty(&sup->gens))
         begin_stop(sup); /* finishes the stop */
 }
 
@@ -857,12 +854,15 @@ static void on_sigusr1(uv_signal_t *sig, int signum)
     (void)signum;
     mph_reopen_stderr(sup->log_path);
     mph_log(MPH_LOG_INFO, "received SIGUSR1: log files reopened; telling the workers");
-    for (gen_t *gen = sup->gens; gen; gen = gen->next)
+    mph_list_t *q;
+    mph_list_foreach(q, &sup->gens) {
+        gen_t *gen = mph_list_entry(q, gen_t, node);
         for (int i = 1; i <= gen->n; i++) {
             slot_t *s = GEN_SLOT(gen, i);
             if ((s->state == SLOT_READY || s->state == SLOT_SERVING) && !s->exited)
                 uv_process_kill(&s->proc, SIGUSR1);
         }
+    }
 }
 
 /* ---- Heartbeats ---- */
@@ -877,7 +877,9 @@ static void on_beat_check(uv_timer_t *t)
     sup_t *sup = t->data;
     uint64_t now = uv_hrtime() / 1000000; /* the clock the workers' loops stamp */
     uint64_t limit = (uint64_t)sup->cli->host.handler_timeout_ms + MPH_HEARTBEAT_GRACE_MS;
-    for (gen_t *gen = sup->gens; gen; gen = gen->next) {
+    mph_list_t *q;
+    mph_list_foreach(q, &sup->gens) {
+        gen_t *gen = mph_list_entry(q, gen_t, node);
         for (int i = 0; i < gen->n; i++) {
             slot_t *s = &gen->slots[i];
             if (s->state != SLOT_SERVING || s->exited || s->stuck)
@@ -922,10 +924,11 @@ static void begin_stop(sup_t *sup)
             snprintf(sup->reload.outcome, sizeof(sup->reload.outcome),
                      "error the deployment is stopping");
         }
-        for (gen_t *gen = sup->gens; gen; gen = gen->next)
-            gen_stop(gen); /* (frees nothing before this returns: handles close later) */
+        mph_list_t *q;
+        mph_list_foreach(q, &sup->gens) /* (gen_stop frees nothing: handles close later) */
+            gen_stop(mph_list_entry(q, gen_t, node));
     }
-    if (sup->gens != NULL || sup->closed)
+    if (!mph_list_empty(&sup->gens) || sup->closed)
         return;
     if (sup->reload.active) /* the generation it waited for went with the others */
         reload_end(sup);
@@ -1042,6 +1045,7 @@ int mph_supervisor_run(mph_cli_t *cli, int nworkers, FILE *ready)
 {
     sup_t *sup = mph_xcalloc(1, sizeof(*sup));
     char err[1024];
+    mph_list_init(&sup->gens);
     sup->cli = cli;
     sup->shared_fd = -1;
     sup->ready_out = ready;

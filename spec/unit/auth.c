@@ -526,7 +526,8 @@ static void test_bounds_in_all_and_per_source(void)
     }
     run_until(&loop, &az[1].calls, 1);
     CHECK(az[1].calls == 1 && az[1].result == MPH_AUTH_REFUSED);
-    CHECK(a->nchecks == 0 && a->nqueued == 0 && a->sources == NULL && a->stats.hashed == 6);
+    CHECK(a->nchecks == 0 && a->nqueued == 0 && mph_list_empty(&a->sources) &&
+          a->stats.hashed == 6);
     /* Room again: the one refused is welcome now. */
     check_from(a, (struct sockaddr *)&x, "alice", "a-pw", &ax[3]);
     run_until(&loop, &ax[3].calls, 2);

@@ -1,10 +1,12 @@
 /*
- * Unit tests of the pure C pieces: the JSON <-> Lua mapping and the UTF-8 check (the file
+ * Unit tests of the pure C pieces: the intrusive list, the JSON <-> Lua mapping and the UTF-8
+ * check (the file
  * backend's name encoding and record format are in file.c). The .c files are included to reach
  * their statics (as h2o's t/00unit does). Output is TAP, one line per test.
  */
 #define _GNU_SOURCE
 #include "common/common.c"
+#include "common/list.h"
 #include "lua/json.c"
 #include "common/json.c"
 
@@ -164,7 +166,74 @@ static void test_utf8(void)
     CHECK(!mph_utf8_valid("\xe0\x80\xaf", 3)); /* overlong 3-byte */
 }
 
+/* An element of the list tests. */
+typedef struct {
+    int v;
+    mph_list_t node;
+} item_t;
+
+/* Whether list holds exactly the values want[0..n-1] in order, both ways round. */
+static int list_is(const mph_list_t *list, const int *want, int n)
+{
+    const mph_list_t *q;
+    int i = 0;
+    mph_list_foreach(q, list) {
+        if (i >= n || mph_list_entry(q, item_t, node)->v != want[i])
+            return 0;
+        i++;
+    }
+    if (i != n)
+        return 0;
+    for (q = list->prev; q != list; q = q->prev)
+        if (--i < 0 || mph_list_entry(q, item_t, node)->v != want[i])
+            return 0;
+    return i == 0;
+}
+
+static void test_list(void)
+{
+    mph_list_t list = MPH_LIST_INIT(list), other;
+    mph_list_init(&other);
+    item_t it[5]; /* zeroed nodes: unlinked */
+    memset(it, 0, sizeof(it));
+    for (int i = 0; i < 5; i++)
+        it[i].v = i;
+    CHECK(mph_list_empty(&list) && mph_list_first(&list) == NULL && mph_list_pop(&list) == NULL);
+    CHECK(!mph_list_is_linked(&it[0].node));
+    mph_list_insert_tail(&list, &it[1].node);
+    mph_list_insert_tail(&list, &it[2].node);
+    mph_list_insert_head(&list, &it[0].node);
+    CHECK(list_is(&list, (int[]){0, 1, 2}, 3) && mph_list_is_linked(&it[1].node));
+    CHECK(mph_list_first(&list) == &it[0].node && mph_list_last(&list) == &it[2].node);
+    CHECK(mph_list_next(&list, &it[0].node) == &it[1].node);
+    CHECK(mph_list_next(&list, &it[2].node) == NULL);
+    mph_list_remove(&it[1].node); /* the middle */
+    CHECK(list_is(&list, (int[]){0, 2}, 2) && !mph_list_is_linked(&it[1].node));
+    mph_list_insert_after(&it[0].node, &it[1].node);
+    CHECK(list_is(&list, (int[]){0, 1, 2}, 3));
+    /* The safe walk may take out the node it stands on. */
+    mph_list_t *q, *tmp;
+    mph_list_foreach_safe(q, tmp, &list) {
+        if (mph_list_entry(q, item_t, node)->v != 1)
+            mph_list_remove(q);
+    }
+    CHECK(list_is(&list, (int[]){1}, 1));
+    /* Moving appends in order and empties the source. */
+    mph_list_insert_tail(&other, &it[3].node);
+    mph_list_insert_tail(&other, &it[4].node);
+    mph_list_move(&list, &other);
+    CHECK(mph_list_empty(&other) && list_is(&list, (int[]){1, 3, 4}, 3));
+    mph_list_move(&other, &list); /* into an empty one */
+    CHECK(mph_list_empty(&list) && list_is(&other, (int[]){1, 3, 4}, 3));
+    mph_list_move(&other, &list); /* from an empty one: nothing */
+    CHECK(list_is(&other, (int[]){1, 3, 4}, 3));
+    CHECK(mph_list_pop(&other) == &it[1].node && !mph_list_is_linked(&it[1].node));
+    CHECK(mph_list_pop(&other) == &it[3].node && mph_list_pop(&other) == &it[4].node);
+    CHECK(mph_list_pop(&other) == NULL && mph_list_empty(&other));
+}
+
 static const mph_unit_test_t tests[] = {
+    {"list", test_list},
     {"encode_scalars", test_encode_scalars},
     {"encode_tables", test_encode_tables},
     {"encode_errors_name_the_path", test_encode_errors_name_the_path},
