@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "common/common.h"
+#include "common/linebuf.h"
 #include "common/list.h"
 #include "host/server/localsock.h"
 
@@ -33,8 +34,8 @@ struct mph_control_req_s {
     uv_write_t write;           /* the answer's write */
     int closed;                 /* the pipe's close callback has run */
     int closing;                /* uv_close was called */
-    char line[COMMAND_MAX + 1]; /* the command being read */
-    size_t len;                 /* bytes in line */
+    char line[COMMAND_MAX + 1]; /* the command being read, in ... */
+    mph_linebuf_t lines;        /* ... which this reads it */
     char *answer;               /* being written (owned) */
     mph_list_t node;            /* in ctl->reading while READING */
 };
@@ -128,8 +129,10 @@ void mph_control_reply(mph_control_req_t *req, const char *line)
 static void on_req_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 {
     mph_control_req_t *req = h->data;
+    size_t room;
     (void)suggested;
-    *buf = uv_buf_init(req->line + req->len, (unsigned)(COMMAND_MAX - req->len));
+    char *at = mph_linebuf_room(&req->lines, &room);
+    *buf = uv_buf_init(at, (unsigned)room);
 }
 
 static void on_req_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
@@ -142,22 +145,20 @@ static void on_req_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         close_req(req);
         return;
     }
-    req->len += (size_t)nread;
-    req->line[req->len] = '\0';
-    char *nl = strchr(req->line, '\n');
-    if (nl == NULL) {
-        if (req->len == COMMAND_MAX) {
+    mph_linebuf_added(&req->lines, (size_t)nread);
+    const char *command = mph_linebuf_take(&req->lines);
+    if (command == NULL) {
+        if (mph_linebuf_full(&req->lines)) {
             uv_read_stop(s);
             answer(req, "error command too long");
         }
         return;
     }
-    *nl = '\0';
     uv_read_stop(s);
     mph_control_t *ctl = req->ctl;
     unlink_reading(req);
     req->state = REQ_HANDED;
-    ctl->cb(ctl->ud, req, req->line);
+    ctl->cb(ctl->ud, req, command);
 }
 
 /* Only our own user, or root, may steer this supervisor. */
@@ -176,6 +177,7 @@ static void on_connection(uv_stream_t *server, int status)
     mph_control_req_t *req = mph_xcalloc(1, sizeof(*req));
     uv_pipe_init(server->loop, &req->pipe, 0);
     req->pipe.data = req;
+    mph_linebuf_init(&req->lines, req->line, sizeof(req->line));
     req->ctl = ctl;
     mph_list_insert_head(&ctl->reading, &req->node);
     if (uv_accept(server, (uv_stream_t *)&req->pipe) != 0) {

@@ -65,6 +65,7 @@
 #include <uv.h>
 
 #include "common/common.h"
+#include "common/linebuf.h"
 #include "common/list.h"
 #include "control.h"
 #include "host/server/http.h"
@@ -103,8 +104,8 @@ typedef struct {
     int beat;            /* the process's heartbeat slot in the shared page; -1: none */
     int stuck;           /* the process was killed for a loop that stopped turning */
     char how[96];        /* how the last process ended ("exited with status 1") */
-    char line[1024];     /* the report line being read */
-    size_t len;          /* bytes in line */
+    char line[1024];     /* the report line being read, in ... */
+    mph_linebuf_t lines; /* ... which this reads them */
 } slot_t;
 
 struct gen_s {
@@ -335,8 +336,10 @@ static void on_report_line(slot_t *s, const char *line)
 static void on_report_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 {
     slot_t *s = h->data;
+    size_t room;
     (void)suggested;
-    *buf = uv_buf_init(s->line + s->len, (unsigned)(sizeof(s->line) - 1 - s->len));
+    char *at = mph_linebuf_room(&s->lines, &room); /* 0 when full: UV_ENOBUFS */
+    *buf = uv_buf_init(at, (unsigned)room);
 }
 
 static void on_report_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
@@ -350,16 +353,10 @@ static void on_report_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *b
             uv_read_stop(stream);
         return;
     }
-    s->len += (size_t)nread;
-    s->line[s->len] = '\0';
-    char *nl;
-    while (s->report_open && (nl = strchr(s->line, '\n')) != NULL) {
-        *nl = '\0';
-        on_report_line(s, s->line);
-        size_t rest = s->len - (size_t)(nl + 1 - s->line);
-        memmove(s->line, nl + 1, rest + 1);
-        s->len = rest;
-    }
+    mph_linebuf_added(&s->lines, (size_t)nread);
+    const char *line;
+    while (s->report_open && (line = mph_linebuf_take(&s->lines)) != NULL)
+        on_report_line(s, line);
 }
 
 /* ---- A worker's end ---- */
@@ -590,7 +587,7 @@ static void spawn_worker(slot_t *s)
     free(env);
     s->spawned_ms = uv_now(&sup->loop);
     s->started = (long long)time(NULL);
-    s->len = 0;
+    mph_linebuf_init(&s->lines, s->line, sizeof(s->line));
     gen->busy++;
     s->state = SLOT_STARTING;
     s->report_open = 1;

@@ -1,11 +1,12 @@
 /*
- * Unit tests of the pure C pieces: the intrusive list, the JSON <-> Lua mapping and the UTF-8
- * check (the file
+ * Unit tests of the pure C pieces: the intrusive list, the line buffer, the JSON <-> Lua
+ * mapping and the UTF-8 check (the file
  * backend's name encoding and record format are in file.c). The .c files are included to reach
  * their statics (as h2o's t/00unit does). Output is TAP, one line per test.
  */
 #define _GNU_SOURCE
 #include "common/common.c"
+#include "common/linebuf.c"
 #include "common/list.h"
 #include "lua/json.c"
 #include "common/json.c"
@@ -232,8 +233,60 @@ static void test_list(void)
     CHECK(mph_list_pop(&other) == NULL && mph_list_empty(&other));
 }
 
+/* Feeds text into lb as a read of at most its room would; returns the bytes that fit. */
+static size_t linebuf_feed(mph_linebuf_t *lb, const char *text)
+{
+    size_t room, n = strlen(text);
+    char *at = mph_linebuf_room(lb, &room);
+    n = n < room ? n : room;
+    memcpy(at, text, n);
+    mph_linebuf_added(lb, n);
+    return n;
+}
+
+static void test_linebuf(void)
+{
+    char data[8]; /* 7 bytes of lines at most */
+    mph_linebuf_t lb;
+    mph_linebuf_init(&lb, data, sizeof(data));
+    CHECK(mph_linebuf_take(&lb) == NULL && !mph_linebuf_full(&lb));
+    /* Lines split over reads, and several in one read. */
+    CHECK(linebuf_feed(&lb, "ab") == 2 && mph_linebuf_take(&lb) == NULL);
+    CHECK(linebuf_feed(&lb, "\nc\nd") == 4);
+    const char *line = mph_linebuf_take(&lb);
+    CHECK(line != NULL && strcmp(line, "ab") == 0);
+    line = mph_linebuf_take(&lb);
+    CHECK(line != NULL && strcmp(line, "c") == 0);
+    CHECK(mph_linebuf_take(&lb) == NULL && lb.len == 1); /* "d" waits for its newline */
+    CHECK(linebuf_feed(&lb, "\n") == 1);
+    line = mph_linebuf_take(&lb);
+    CHECK(line != NULL && strcmp(line, "d") == 0);
+    /* An empty line is a line. */
+    CHECK(linebuf_feed(&lb, "\n") == 1);
+    line = mph_linebuf_take(&lb);
+    CHECK(line != NULL && line[0] == '\0');
+    /* Too long: the buffer fills without a newline, and there is no room left. */
+    CHECK(linebuf_feed(&lb, "0123456789") == 7 && mph_linebuf_take(&lb) == NULL);
+    size_t room;
+    CHECK(mph_linebuf_full(&lb) && mph_linebuf_room(&lb, &room) != NULL && room == 0);
+    /* Exactly full with a newline last: a whole line of size - 2 bytes. */
+    mph_linebuf_init(&lb, data, sizeof(data));
+    CHECK(linebuf_feed(&lb, "012345\n") == 7 && mph_linebuf_full(&lb));
+    line = mph_linebuf_take(&lb);
+    CHECK(line != NULL && strcmp(line, "012345") == 0 && !mph_linebuf_full(&lb));
+    CHECK(mph_linebuf_room(&lb, &room) == data && room == 7);
+    /* A NUL byte hides what follows it: that line never completes. */
+    mph_linebuf_init(&lb, data, sizeof(data));
+    size_t room2;
+    char *at = mph_linebuf_room(&lb, &room2);
+    memcpy(at, "a\0b\n", 4);
+    mph_linebuf_added(&lb, 4);
+    CHECK(mph_linebuf_take(&lb) == NULL);
+}
+
 static const mph_unit_test_t tests[] = {
     {"list", test_list},
+    {"linebuf", test_linebuf},
     {"encode_scalars", test_encode_scalars},
     {"encode_tables", test_encode_tables},
     {"encode_errors_name_the_path", test_encode_errors_name_the_path},
