@@ -47,7 +47,7 @@
  * What is kept of a password: the job's copy, wiped when the job ends; the cache keeps a
  * SipHash-2-4 of "user:password" under a key drawn at random when the process starts, so a
  * memory dump yields no password and an entry cannot be computed without that key. The
- * cache is direct-mapped (a pair evicts another with the same slot), entries last
+ * cache is direct-mapped (a pair evicts another with the same entry), entries last
  * MPH_AUTH_CACHE_MS, and it is emptied whenever the table is replaced.
  *
  * Same answer, same time: an unknown user is checked against the hash of the file's first
@@ -78,11 +78,11 @@
 #include "common/common.h"
 #include "common/list.h"
 
-#define MAX_RUNNING 2     /* jobs on the thread pool at once */
-#define CACHE_SLOTS 1024  /* verified pairs remembered (a power of two) */
-#define MAX_LINE 4096     /* bytes of a users file line */
-#define BUSY_LOG_MS 60000 /* at most one warning this often about checks refused BUSY */
-#define MESSAGE 512       /* bytes of an error or warning about the users file */
+#define MAX_RUNNING 2      /* jobs on the thread pool at once */
+#define CACHE_ENTRIES 1024 /* verified pairs remembered (a power of two) */
+#define MAX_LINE 4096      /* bytes of a users file line */
+#define BUSY_LOG_MS 60000  /* at most one warning this often about checks refused BUSY */
+#define MESSAGE 512        /* bytes of an error or warning about the users file */
 #define MAX_DECODED (MPH_AUTH_MAX_USER + 1 + MPH_AUTH_MAX_PASSWORD) /* "user:password" */
 #define MAX_BASE64 ((MAX_DECODED + 2) / 3 * 4)                      /* its encoding */
 #define DECODE_ROOM (MAX_BASE64 / 4 * 3 + 1) /* what decoding that much may write, and a NUL */
@@ -102,7 +102,7 @@ typedef struct {
 
 typedef struct {
     uint64_t key;       /* SipHash of "user:password" */
-    const user_t *user; /* borrowed from auth->users; NULL: the slot is empty */
+    const user_t *user; /* borrowed from auth->users; NULL: the entry is empty */
     uint64_t expires;   /* uv_now() milliseconds */
 } cache_entry_t;
 
@@ -188,7 +188,7 @@ struct mph_auth_s {
     int closing;            /* mph_auth_close was called */
     void (*closed)(void *); /* runs once nothing is on the pool any more */
     void *closed_ud;
-    cache_entry_t cache[CACHE_SLOTS];
+    cache_entry_t cache[CACHE_ENTRIES];
 };
 
 /* ---- SipHash-2-4 (Aumasson and Bernstein, "SipHash: a fast short-input PRF", 2012) ---- */
@@ -855,7 +855,7 @@ static void job_work(uv_work_t *work)
 
 static void cache_put(mph_auth_t *a, uint64_t key, const user_t *u)
 {
-    cache_entry_t *e = &a->cache[key & (CACHE_SLOTS - 1)];
+    cache_entry_t *e = &a->cache[key & (CACHE_ENTRIES - 1)];
     e->key = key;
     e->user = u;
     e->expires = uv_now(a->loop) + MPH_AUTH_CACHE_MS;
@@ -1090,7 +1090,7 @@ mph_auth_wait_t *mph_auth_check(mph_auth_t *a, const struct sockaddr *source, co
      * exists), and never written to a log. */
     if (name_problem(user, colon) != NULL)
         return answer_now(a, buf, sizeof(buf), cb, ud, MPH_AUTH_REFUSED, NULL);
-    const cache_entry_t *e = &a->cache[key & (CACHE_SLOTS - 1)];
+    const cache_entry_t *e = &a->cache[key & (CACHE_ENTRIES - 1)];
     if (e->user && e->key == key && strcmp(e->user->name, user) == 0 &&
         uv_now(a->loop) < e->expires)
         return answer_now(a, buf, sizeof(buf), cb, ud, MPH_AUTH_VERIFIED, e->user->name);

@@ -302,9 +302,10 @@ static void test_checks_on_the_pool(void)
     mph_auth_t *a;
     CHECK(mph_auth_new(&a, &loop, saved, 0, err, sizeof(err)) == 0 && mph_auth_count(a) == 2);
     /* The cache is direct-mapped under a random key: with this one, bob's and alice's pairs
-     * could share a slot (1 run in 1024) and alice's would evict bob's below. A key that
+     * could share an entry (1 run in 1024) and alice's would evict bob's below. A key that
      * keeps them apart makes the test say the same thing every run. */
-    while ((siphash24(a->key, "bob:b-pw", 8) ^ siphash24(a->key, "alice:a-pw", 10)) % CACHE_SLOTS ==
+    while ((siphash24(a->key, "bob:b-pw", 8) ^ siphash24(a->key, "alice:a-pw", 10)) %
+               CACHE_ENTRIES ==
            0)
         a->key[0]++;
 

@@ -57,7 +57,7 @@ void mph_lua_call_as(mph_lua_t *lua, mph_lua_role_t role, const char *user, cons
     (void)lua;
     (void)role; /* the fake answers every role alike */
     (void)user;
-    const slot_t *slot = ud; /* rpc.c's: the id the answer must carry */
+    const part_t *part = ud; /* rpc.c's: the id the answer must carry */
     fake_call_t *call = mph_xcalloc(1, sizeof(*call));
     call->cb = cb;
     call->ud = ud;
@@ -66,7 +66,7 @@ void mph_lua_call_as(mph_lua_t *lua, mph_lua_role_t role, const char *user, cons
     if (known) {
         mph_buf_t b = MPH_BUF_INIT;
         mph_buf_printf(&b, "{\"seq\":%u,\"id\":", ++fake_seq);
-        if (slot->id == NULL || mph_json_write_jansson(&b, slot->id) != 0)
+        if (part->id == NULL || mph_json_write_jansson(&b, part->id) != 0)
             mph_buf_puts(&b, "\"none\"");
         mph_buf_puts(&b, ",\"params\":");
         if (params == NULL || mph_json_write_jansson(&b, params) != 0)
