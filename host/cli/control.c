@@ -1,7 +1,8 @@
 /*
  * control.c: the supervisor's control socket (control.h), both sides.
  *
- * A request (one accepted client) goes READING -> HANDED (its command went to the owner's
+ * A request (one accepted client) goes READING (in ctl->reading, which mph_control_close
+ * closes; its line read by common/linebuf.h) -> HANDED (its command went to the owner's
  * callback) -> ANSWERING (the answer is being written) -> closed. One refused or broken before
  * its command (wrong user, too long a line, the client left) is closed from READING. A request
  * is freed once its handle is closed and, if it was handed, once it was answered: the owner

@@ -18,8 +18,8 @@
  * new ones start.
  *
  * Generations. The workers started together (at the start, or by one reload) are a generation
- * (gen_t). One is CURRENT: its workers serve, and are replaced when they die. A reload makes a
- * second one:
+ * (gen_t; every one not freed yet is in sup->gens, newest first). One is CURRENT: its workers
+ * serve, and are replaced when they die. A reload makes a second one:
  *
  *   (reload) --spawn its probe, which reads the script's topologies-->    PROBING
  *   PROBING --"topology N": N workers spawned-->                          STARTING
@@ -37,7 +37,8 @@
  * which outlives the processes that hold it one after another:
  *
  *   (idle) --spawn_worker: uv_spawn-->                       STARTING
- *   STARTING --"ready" on its report socket-->                 READY
+ *   STARTING --"ready" on its report socket (lines read by
+ *         common/linebuf.h)-->                                 READY
  *   READY --"go" written (its generation serves)-->            SERVING
  *   any --exit (on_worker_exit), then both handles closed
  *         (on_worker_handle_closed)-->                         (idle)

@@ -31,8 +31,9 @@
  *   mph_auth_check --malformed, impossible name, no users, cached pair--> answered at once
  *                  --same pair queued or running--> waits for that job
  *                  --max_checks in progress, or max_per_source from its source--> BUSY at once
- *                  --else--> job QUEUED (job_queue)
- *   QUEUED  --its source's turn and a place frees (pump)--> RUNNING (crypt_rn on a thread)
+ *                  --else--> job QUEUED (job_queue: at the end of its source's queue)
+ *   QUEUED  --its source's turn and a place frees (pump)--> RUNNING (crypt_rn on a thread;
+ *             in auth->running)
  *           --queue_ms passed (on_expiry), or closing--> ANSWERING: EXPIRED
  *           --its last waiter cancelled (mph_auth_cancel)--> dropped (freed, never hashed)
  *   RUNNING --done, the table unchanged or the user's hash unchanged (job_done)--> ANSWERING:
@@ -42,7 +43,9 @@
  *   ANSWERING --every waiter called (a cancel now only removes its waiter)--> freed
  *
  * A job holds its place from QUEUED to ANSWERING; callbacks run after it is given back, so a
- * callback that checks again sees the room it left.
+ * callback that checks again sees the room it left. Its waiters (job->waiters, in arrival
+ * order) are answered in that order. A source lives in auth->sources while it has a job in
+ * progress.
  *
  * What is kept of a password: the job's copy, wiped when the job ends; the cache keeps a
  * SipHash-2-4 of "user:password" under a key drawn at random when the process starts, so a

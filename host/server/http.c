@@ -2,14 +2,17 @@
  * http.c: connections and HTTP/1.x on libuv with Debian's http-parser.
  *
  * A connection owns two handles (its stream: TCP, or a Unix socket for a local listener;
- * and a timer) and frees itself after the second close callback. Its requests form a FIFO in
- * arrival order; each is answered by the handler at its own pace, and responses leave in request
- * order (pipelining). States of a connection:
+ * and a timer) and frees itself after the second close callback; while open it is in the
+ * server's list (srv->conns). Its requests form a FIFO in arrival order (conn->reqs, from the
+ * first byte of a request until its response is taken to be written); each is answered by the
+ * handler at its own pace, and responses leave in request order (pipelining). States of a
+ * connection:
  *
  *   OPEN     reading and parsing                    (on_connection)
  *   DRAINING no more reading: write what is queued,  (EOF, a fatal request error, shutdown,
  *            then close                               Connection: close)
- *   CLOSING  uv_close called on both handles         (conn_close)
+ *   CLOSING  uv_close called on both handles;        (conn_close)
+ *            out of srv->conns, its FIFO emptied
  *
  * A request that fails at the HTTP level (400, 413, 431) is answered in order like any other,
  * and the connection drains: after a framing error nothing later on it can be trusted.

@@ -14,17 +14,19 @@
  *   SENT --a whole answer--> DONE                      (fwd_answered)
  *   SENT --EOF, error, malformed answer, timeout--> DONE (fwd_fail; the connection closes)
  *
- * In DONE its callback has run and only its timer's close is awaited (then it is freed).
+ * Until DONE a forward is in peer->fwds (which a stop fails at once: fail_all); in DONE its
+ * callback has run and only its timer's close is awaited (then it is freed).
  * Every failure answers -32005 "worker N unavailable: why". A failure found while
  * mph_peer_forward runs is answered from the timer, so the callback never runs before
  * mph_peer_forward returns (the bridge relies on that, as on storage.h's callbacks).
  *
- * A connection is IDLE (in its worker's pool, read for end of file only), BUSY (carrying one
- * forward: one request, one answer; no pipelining, so a slow call holds no other behind it)
- * or CLOSING. One whose forward failed or timed out is never reused: its answer could still
- * come and be read as the next forward's. The pool keeps at most POOL_MAX idle connections
- * per worker, each for cfg.idle_ms, below the listener's idle timeout so that the listener
- * never closes one under a request we are writing.
+ * A connection is IDLE (in its worker's pool, peer->idle[worker], newest first, unless it was
+ * just opened; read for end of file only), BUSY (carrying one forward: one request, one
+ * answer; no pipelining, so a slow call holds no other behind it) or CLOSING; in peer->conns
+ * until CLOSING. One whose forward failed or timed out is never reused: its answer could
+ * still come and be read as the next forward's. The pool keeps at most POOL_MAX idle
+ * connections per worker, each for cfg.idle_ms, below the listener's idle timeout so that the
+ * listener never closes one under a request we are writing.
  *
  * Why a refused connection is retried for a while: a worker that was killed is replaced in
  * well under a second, and until its replacement listens, its name refuses connections; a
