@@ -9,8 +9,8 @@
  *
  *     mph_list_t waiting;                  (the head, in its owner; mph_list_init first)
  *     typedef struct {
+ *         mph_list_t node;                 (in owner->waiting; first, see below)
  *         ...
- *         mph_list_t node;                 (in owner->waiting)
  *     } job_t;
  *     mph_list_insert_tail(&owner->waiting, &j->node);
  *     job_t *first = mph_list_entry(mph_list_first(&owner->waiting), job_t, node);
@@ -19,6 +19,12 @@
  * frees nothing, and the owner of each struct stays whoever it was (the comment on the head
  * says who that is); freeing a struct that is still linked leaves the list pointing at freed
  * memory, so remove it first. A node is in at most one list at a time.
+ *
+ * Where the node goes: first in its struct, when a list is what holds the struct (the one
+ * pointer to it that outlives a call). The list then points at the struct's start, which
+ * valgrind's leak check calls reachable; a pointer into a block's middle leaves it "possibly
+ * lost", and a process that ends without freeing what it holds (os.exit in a handler) would
+ * be reported for it. A struct in two lists puts first the node of the one that holds it.
  *
  * States of a node: unlinked (both pointers NULL: what mph_xcalloc and mph_list_remove
  * leave, so a zeroed struct needs no init) or linked. A head must be initialised

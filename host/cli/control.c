@@ -29,6 +29,7 @@
 typedef enum { REQ_READING, REQ_HANDED, REQ_ANSWERING } req_state_t;
 
 struct mph_control_req_s {
+    mph_list_t node;            /* in ctl->reading while READING (first: list.h) */
     mph_control_t *ctl;         /* while READING (NULL once handed: the owner's then) */
     req_state_t state;          /* see the top of this file */
     uv_pipe_t pipe;             /* the client's connection */
@@ -38,7 +39,6 @@ struct mph_control_req_s {
     char line[COMMAND_MAX + 1]; /* the command being read, in ... */
     mph_linebuf_t lines;        /* ... which this reads it */
     char *answer;               /* being written (owned) */
-    mph_list_t node;            /* in ctl->reading while READING */
 };
 
 struct mph_control_s {

@@ -113,6 +113,7 @@ typedef struct {
 } worker_t;
 
 struct gen_s {
+    mph_list_t node;       /* in sup->gens (first: list.h) */
     sup_t *sup;            /* owner */
     int number;            /* its generation number (supervisor.h) */
     gen_state_t state;     /* see the diagram above */
@@ -124,7 +125,6 @@ struct gen_s {
     int timers;            /* its timers (respawns, kill_timer) not closed yet, once closing */
     int closing;           /* gen_close was called */
     uv_timer_t kill_timer; /* STOPPING: SIGKILL what is left */
-    mph_list_t node;       /* in sup->gens */
 };
 
 /* The reload in progress (one at a time: a second is refused, see begin_reload). */

@@ -112,24 +112,25 @@ typedef struct {
 typedef enum { JOB_QUEUED, JOB_RUNNING, JOB_ANSWERING } job_state_t;
 
 struct mph_auth_wait_s {
+    mph_list_t node; /* in job->waiters, in arrival order (first: list.h) */
     mph_auth_cb cb;
     void *ud;
     struct job_s *job; /* what it waits for */
-    mph_list_t node;   /* in job->waiters, in arrival order */
 };
 
 /* A client address with jobs in progress. */
 typedef struct source_s {
+    mph_list_t node;  /* in auth->sources (first: list.h) */
     uint8_t addr[16]; /* IPv4 as ::ffff:a.b.c.d, IPv6 cut to its /64, or all zero (local or
                          unknown) */
     unsigned checks;  /* its jobs in progress (freed at 0) */
     mph_list_t queue; /* its QUEUED jobs (job_t.node), FIFO */
     uint64_t served;  /* auth->serial when it last got a place (or came): the smallest has
                          the next turn */
-    mph_list_t node;  /* in auth->sources */
 } source_t;
 
 typedef struct job_s {
+    mph_list_t node; /* in source->queue (QUEUED) or auth->running (RUNNING) (first: list.h) */
     uv_work_t work;
     mph_auth_t *auth;    /* owner */
     job_state_t state;   /* (assert_job_state) */
@@ -146,7 +147,6 @@ typedef struct job_s {
     int match;           /* written by the thread: crypt(password, hash) == hash */
     mph_list_t waiters;  /* answered when it ends (mph_auth_wait_t.node, owned); empty:
                             nobody waits */
-    mph_list_t node;     /* in source->queue (QUEUED) or auth->running (RUNNING) */
 } job_t;
 
 typedef struct {

@@ -110,12 +110,12 @@ struct mph_host_s {
  * that comes before mph_host_call has returned is kept here until the next turn of the loop
  * (its callback never runs inside mph_host_call). */
 typedef struct host_call_s {
+    mph_list_t node; /* in h->ready, once answered early (first: list.h) */
     mph_host_t *h;
     mph_host_call_cb cb;
     void *ud;
     int returned;          /* mph_host_call has returned: a reply goes straight to cb */
     int early;             /* it was answered before: the reply waits in `kept` */
-    mph_list_t node;       /* in h->ready, once answered early */
     mph_host_reply_t kept; /* that early reply (its json and message owned) */
 } host_call_t;
 

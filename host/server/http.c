@@ -2,17 +2,17 @@
  * http.c: connections and HTTP/1.x on libuv with Debian's http-parser.
  *
  * A connection owns two handles (its stream: TCP, or a Unix socket for a local listener;
- * and a timer) and frees itself after the second close callback; while open it is in the
- * server's list (srv->conns). Its requests form a FIFO in arrival order (conn->reqs, from the
- * first byte of a request until its response is taken to be written); each is answered by the
- * handler at its own pace, and responses leave in request order (pipelining). States of a
- * connection:
+ * and a timer) and frees itself after the second close callback; the server holds it until
+ * then (srv->conns while open, srv->closing after). Its requests form a FIFO in arrival order
+ * (conn->reqs, from the first byte of a request until its response is taken to be written); each is
+ * answered by the handler at its own pace, and responses leave in request order (pipelining).
+ * States of a connection:
  *
  *   OPEN     reading and parsing                    (on_connection)
  *   DRAINING no more reading: write what is queued,  (EOF, a fatal request error, shutdown,
  *            then close                               Connection: close)
  *   CLOSING  uv_close called on both handles;        (conn_close)
- *            out of srv->conns, its FIFO emptied
+ *            its FIFO emptied; in srv->closing until freed
  *
  * A request that fails at the HTTP level (400, 413, 431) is answered in order like any other,
  * and the connection drains: after a framing error nothing later on it can be trusted.
@@ -85,13 +85,13 @@ enum { AUTH_NONE, AUTH_PARTIAL, AUTH_SOME, AUTH_BAD };
 typedef struct conn_s conn_t;
 
 struct mph_http_req_s {
-    conn_t *conn;            /* NULL once the connection is gone (the response is dropped) */
-    mph_list_t node;         /* in conn->reqs until its response is taken to be written */
-    int responded;           /* the response is ready in head/body */
-    int keep_alive;          /* the client allows another request after this one */
-    int http_minor;          /* 0 for HTTP/1.0 */
-    int want_continue;       /* sent Expect: 100-continue; "100 Continue" not yet queued */
-    int error_status;        /* set during parsing: 405, 413, 431, 400; 0 otherwise */
+    mph_list_t node;   /* in conn->reqs until its response is taken to be written (first: list.h) */
+    conn_t *conn;      /* NULL once the connection is gone (the response is dropped) */
+    int responded;     /* the response is ready in head/body */
+    int keep_alive;    /* the client allows another request after this one */
+    int http_minor;    /* 0 for HTTP/1.0 */
+    int want_continue; /* sent Expect: 100-continue; "100 Continue" not yet queued */
+    int error_status;  /* set during parsing: 405, 413, 431, 400; 0 otherwise */
     mph_http_server_t *srv;  /* for the access log, which outlives a vanished client */
     uint64_t started_ns;     /* uv_hrtime() at the request's first byte */
     char methods[128];       /* for the access log (mph_http_req_set_call); "" for non-RPC */
@@ -118,6 +118,7 @@ struct mph_http_req_s {
 };
 
 struct conn_s {
+    mph_list_t node; /* in srv->conns, then srv->closing (first: list.h) */
     union { /* the client's stream; every use goes through tcp's address as a uv_stream_t */
         uv_tcp_t tcp;   /* a TCP client (mph_http_listen, mph_http_listen_shared) */
         uv_pipe_t pipe; /* a Unix-socket client (mph_http_listen_unix) */
@@ -141,7 +142,6 @@ struct conn_s {
     size_t stalled_queue; /* write queue bytes when the idle timer was armed with writes */
     int reading;          /* uv_read_start is active */
     char peer[48];        /* the client's address, for the access log */
-    mph_list_t node;      /* in srv->conns */
 };
 
 struct mph_http_server_s {
@@ -163,7 +163,8 @@ struct mph_http_server_s {
     mph_http_handler_t handler;
     mph_http_get_handler_t get_handler; /* NULL: every GET is 405 */
     void *ud;
-    mph_list_t conns; /* open connections (conn_t.node), newest first */
+    mph_list_t conns;   /* open connections (conn_t.node), newest first */
+    mph_list_t closing; /* connections closing: their handles' close callbacks are to come */
     unsigned nconns;
     unsigned nallocated; /* connections not yet freed (closing ones too): `drained` waits for
                             0, since their close callbacks still reach the server */
@@ -903,6 +904,7 @@ static void on_conn_handle_closed(uv_handle_t *h)
     if (--c->open_handles > 0)
         return;
     mph_http_server_t *srv = c->srv;
+    mph_list_remove(&c->node); /* from srv->closing */
     free(c);
     srv->nallocated--;
     maybe_drained(srv);
@@ -932,6 +934,7 @@ static void conn_close(conn_t *c)
     }
     c->cur = NULL;
     mph_list_remove(&c->node);
+    mph_list_insert_tail(&srv->closing, &c->node);
     srv->nconns--;
     uv_close((uv_handle_t *)&c->tcp, on_conn_handle_closed);
     uv_close((uv_handle_t *)&c->timer, on_conn_handle_closed);
@@ -1028,6 +1031,7 @@ int mph_http_server_new(mph_http_server_t **out, uv_loop_t *loop, const mph_http
     srv->ud = ud;
     srv->shared_fd = -1;
     mph_list_init(&srv->conns);
+    mph_list_init(&srv->closing);
     srv->settings.on_message_begin = on_message_begin;
     srv->settings.on_url = on_url;
     srv->settings.on_header_field = on_header_field;
@@ -1290,6 +1294,6 @@ void mph_http_abort(mph_http_server_t *srv)
 
 void mph_http_server_free(mph_http_server_t *srv)
 {
-    assert(srv->nallocated == 0 && !srv->listener_open);
+    assert(srv->nallocated == 0 && !srv->listener_open && mph_list_empty(&srv->closing));
     free(srv);
 }

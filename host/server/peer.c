@@ -23,7 +23,7 @@
  * A connection is IDLE (in its worker's pool, peer->idle[worker], newest first, unless it was
  * just opened; read for end of file only), BUSY (carrying one forward: one request, one
  * answer; no pipelining, so a slow call holds no other behind it) or CLOSING; in peer->conns
- * until CLOSING. One whose forward failed or timed out is never reused: its answer could
+ * until freed. One whose forward failed or timed out is never reused: its answer could
  * still come and be read as the next forward's. The pool keeps at most POOL_MAX idle
  * connections per worker, each for cfg.idle_ms, below the listener's idle timeout so that the
  * listener never closes one under a request we are writing.
@@ -66,6 +66,7 @@ typedef struct fwd_s fwd_t;
 typedef struct pconn_s pconn_t;
 
 struct fwd_s {
+    mph_list_t node; /* in peer->fwds (for a stop) until answered (first: list.h) */
     mph_peer_t *peer;
     int worker;          /* 1..count */
     fwd_state_t state;   /* see the diagram above */
@@ -77,10 +78,10 @@ struct fwd_s {
     char why[200];       /* WAITING: the failure the timer answers ("" while retrying) */
     uv_timer_t timer;    /* WAITING: the retry or the failure; SENT: the deadline */
     pconn_t *conn;       /* SENT: the connection carrying it */
-    mph_list_t node;     /* in peer->fwds (unanswered forwards, for a stop) until answered */
 };
 
 struct pconn_s {
+    mph_list_t node; /* in peer->conns until freed (first: list.h) */
     uv_pipe_t pipe;
     uv_timer_t idle; /* IDLE: closes it after cfg.idle_ms */
     mph_peer_t *peer;
@@ -92,7 +93,6 @@ struct pconn_s {
     mph_buf_t body;       /* the answer's body so far */
     int complete;         /* the answer has ended */
     int reusable;         /* ... and the connection may carry another request */
-    mph_list_t node;      /* in peer->conns (open connections) until CLOSING */
     mph_list_t idle_node; /* in peer->idle[worker] while IDLE and pooled */
 };
 
@@ -110,7 +110,7 @@ struct mph_peer_s {
     mph_peer_config_t cfg;
     mph_http_server_t *server; /* the listener side (owned), or NULL */
     int server_open;           /* server exists and has not drained */
-    mph_list_t conns;          /* open connections (pconn_t.node) */
+    mph_list_t conns;          /* connections not freed yet, closing ones too (pconn_t.node) */
     mph_list_t *idle;          /* [1..count]: each worker's idle connections (pconn_t.idle_node),
                                   newest first */
     int *nidle;                /* [1..count]: how many */
@@ -257,6 +257,7 @@ static void on_pconn_closed(uv_handle_t *h)
     if (--c->open_handles > 0)
         return;
     mph_peer_t *p = c->peer;
+    mph_list_remove(&c->node);
     mph_buf_free(&c->body);
     free(c);
     p->handles -= 2;
@@ -279,7 +280,6 @@ static void pconn_close(pconn_t *c)
     if (c->state == PCONN_IDLE)
         pool_remove(c);
     c->state = PCONN_CLOSING;
-    mph_list_remove(&c->node);
     uv_close((uv_handle_t *)&c->pipe, on_pconn_closed);
     uv_close((uv_handle_t *)&c->idle, on_pconn_closed);
 }

@@ -24,12 +24,12 @@
 /* ---- The fake bridge ---- */
 
 typedef struct fake_call_s {
+    mph_list_t node; /* in fake_pending (first: list.h) */
     mph_lua_reply_cb cb;
     void *ud;
-    int code;        /* 0: result */
-    char *json;      /* result or error data (owned) */
-    char *message;   /* error message (owned) */
-    mph_list_t node; /* in fake_pending */
+    int code;      /* 0: result */
+    char *json;    /* result or error data (owned) */
+    char *message; /* error message (owned) */
 } fake_call_t;
 
 static mph_list_t fake_pending = MPH_LIST_INIT(fake_pending); /* deferred calls, newest first */
