@@ -1,7 +1,8 @@
 /*
  * control.c: the supervisor's control socket (control.h), both sides.
  *
- * A request (one accepted client) goes READING -> HANDED (its command went to the owner's
+ * A request (one accepted client) goes READING (in ctl->reading, which mph_control_close
+ * closes; its line read by common/linebuf.h) -> HANDED (its command went to the owner's
  * callback) -> ANSWERING (the answer is being written) -> closed. One refused or broken before
  * its command (wrong user, too long a line, the client left) is closed from READING. A request
  * is freed once its handle is closed and, if it was handed, once it was answered: the owner
@@ -19,6 +20,8 @@
 #include <unistd.h>
 
 #include "common/common.h"
+#include "common/linebuf.h"
+#include "common/list.h"
 #include "host/server/localsock.h"
 
 #define COMMAND_MAX 64 /* bytes of a command line */
@@ -26,25 +29,25 @@
 typedef enum { REQ_READING, REQ_HANDED, REQ_ANSWERING } req_state_t;
 
 struct mph_control_req_s {
-    mph_control_t *ctl;             /* while READING (NULL once handed: the owner's then) */
-    req_state_t state;              /* see the top of this file */
-    uv_pipe_t pipe;                 /* the client's connection */
-    uv_write_t write;               /* the answer's write */
-    int closed;                     /* the pipe's close callback has run */
-    int closing;                    /* uv_close was called */
-    char line[COMMAND_MAX + 1];     /* the command being read */
-    size_t len;                     /* bytes in line */
-    char *answer;                   /* being written (owned) */
-    mph_control_req_t *prev, *next; /* in ctl->reading */
+    mph_list_t node;            /* in ctl->reading while READING (first: list.h) */
+    mph_control_t *ctl;         /* while READING (NULL once handed: the owner's then) */
+    req_state_t state;          /* see the top of this file */
+    uv_pipe_t pipe;             /* the client's connection */
+    uv_write_t write;           /* the answer's write */
+    int closed;                 /* the pipe's close callback has run */
+    int closing;                /* uv_close was called */
+    char line[COMMAND_MAX + 1]; /* the command being read, in ... */
+    mph_linebuf_t lines;        /* ... which this reads it */
+    char *answer;               /* being written (owned) */
 };
 
 struct mph_control_s {
     uv_pipe_t listener;
     mph_control_cb cb;
     void *ud;
-    mph_control_req_t *reading; /* requests still READING (closed by mph_control_close) */
-    int listener_closed;        /* its close callback has run */
-    int closing;                /* mph_control_close was called */
+    mph_list_t reading;  /* requests still READING (closed by mph_control_close) */
+    int listener_closed; /* its close callback has run */
+    int closing;         /* mph_control_close was called */
 };
 
 #define CONTROL_NAME "control" /* the socket's name in the socket directory */
@@ -53,7 +56,7 @@ struct mph_control_s {
 
 static void maybe_free_control(mph_control_t *ctl)
 {
-    if (ctl->closing && ctl->listener_closed && ctl->reading == NULL)
+    if (ctl->closing && ctl->listener_closed && mph_list_empty(&ctl->reading))
         free(ctl);
 }
 
@@ -62,14 +65,8 @@ static void unlink_reading(mph_control_req_t *req)
     mph_control_t *ctl = req->ctl;
     if (ctl == NULL)
         return;
-    if (req->prev)
-        req->prev->next = req->next;
-    else
-        ctl->reading = req->next;
-    if (req->next)
-        req->next->prev = req->prev;
+    mph_list_remove(&req->node);
     req->ctl = NULL;
-    req->prev = req->next = NULL;
     maybe_free_control(ctl);
 }
 
@@ -133,8 +130,10 @@ void mph_control_reply(mph_control_req_t *req, const char *line)
 static void on_req_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 {
     mph_control_req_t *req = h->data;
+    size_t room;
     (void)suggested;
-    *buf = uv_buf_init(req->line + req->len, (unsigned)(COMMAND_MAX - req->len));
+    char *at = mph_linebuf_room(&req->lines, &room);
+    *buf = uv_buf_init(at, (unsigned)room);
 }
 
 static void on_req_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
@@ -147,22 +146,20 @@ static void on_req_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         close_req(req);
         return;
     }
-    req->len += (size_t)nread;
-    req->line[req->len] = '\0';
-    char *nl = strchr(req->line, '\n');
-    if (nl == NULL) {
-        if (req->len == COMMAND_MAX) {
+    mph_linebuf_added(&req->lines, (size_t)nread);
+    const char *command = mph_linebuf_take(&req->lines);
+    if (command == NULL) {
+        if (mph_linebuf_full(&req->lines)) {
             uv_read_stop(s);
             answer(req, "error command too long");
         }
         return;
     }
-    *nl = '\0';
     uv_read_stop(s);
     mph_control_t *ctl = req->ctl;
     unlink_reading(req);
     req->state = REQ_HANDED;
-    ctl->cb(ctl->ud, req, req->line);
+    ctl->cb(ctl->ud, req, command);
 }
 
 /* Only our own user, or root, may steer this supervisor. */
@@ -181,11 +178,9 @@ static void on_connection(uv_stream_t *server, int status)
     mph_control_req_t *req = mph_xcalloc(1, sizeof(*req));
     uv_pipe_init(server->loop, &req->pipe, 0);
     req->pipe.data = req;
+    mph_linebuf_init(&req->lines, req->line, sizeof(req->line));
     req->ctl = ctl;
-    req->next = ctl->reading;
-    if (ctl->reading)
-        ctl->reading->prev = req;
-    ctl->reading = req;
+    mph_list_insert_head(&ctl->reading, &req->node);
     if (uv_accept(server, (uv_stream_t *)&req->pipe) != 0) {
         close_req(req);
         return;
@@ -206,6 +201,7 @@ int mph_control_listen(mph_control_t **out, uv_loop_t *loop, int dir_fd, mph_con
         return MPH_EIO;
     }
     mph_control_t *ctl = mph_xcalloc(1, sizeof(*ctl));
+    mph_list_init(&ctl->reading);
     ctl->cb = cb;
     ctl->ud = ud;
     uv_pipe_init(loop, &ctl->listener, 0);
@@ -237,8 +233,9 @@ void mph_control_close(mph_control_t *ctl)
     ctl->closing = 1;
     if (!uv_is_closing((uv_handle_t *)&ctl->listener))
         uv_close((uv_handle_t *)&ctl->listener, on_listener_closed);
-    while (ctl->reading)
-        close_req(ctl->reading); /* unlinks it */
+    mph_list_t *q;
+    while ((q = mph_list_first(&ctl->reading)) != NULL)
+        close_req(mph_list_entry(q, mph_control_req_t, node)); /* unlinks it */
 }
 
 /* ---- The client's side ---- */

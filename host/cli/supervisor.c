@@ -18,8 +18,8 @@
  * new ones start.
  *
  * Generations. The workers started together (at the start, or by one reload) are a generation
- * (gen_t). One is CURRENT: its workers serve, and are replaced when they die. A reload makes a
- * second one:
+ * (gen_t; every one not freed yet is in sup->gens, newest first). One is CURRENT: its workers
+ * serve, and are replaced when they die. A reload makes a second one:
  *
  *   (reload) --spawn its probe, which reads the script's topologies-->    PROBING
  *   PROBING --"topology N": N workers spawned-->                          STARTING
@@ -29,24 +29,27 @@
  *       and the reload ends, failed, once this one is gone
  *   CURRENT --the supervisor stops-->                                     STOPPING
  *   STOPPING --SIGTERM to its processes (and the end of the report socket to those waiting
- *       for "go"); SIGKILL after the shutdown timeout + MPH_KILL_GRACE_MS; when every slot is
- *       idle, its timers are closed (gen_close)-->                         freed
+ *       for "go"); SIGKILL after the shutdown timeout + MPH_KILL_GRACE_MS; when every worker
+ *       is idle, its timers are closed (gen_close)-->                      freed
  * The first generation is born STARTING (the supervisor read the script itself).
  *
- * Worker slots, one per worker id of a generation (and one for its probe):
+ * Workers (worker_t): a worker id's place in a generation, one per id (and one for its probe),
+ * which outlives the processes that hold it one after another:
  *
  *   (idle) --spawn_worker: uv_spawn-->                       STARTING
- *   STARTING --"ready" on its report socket-->                 READY
+ *   STARTING --"ready" on its report socket (lines read by
+ *         common/linebuf.h)-->                                 READY
  *   READY --"go" written (its generation serves)-->            SERVING
  *   any --exit (on_worker_exit), then both handles closed
- *         (on_slot_handle_closed)-->                           (idle)
+ *         (on_worker_handle_closed)-->                         (idle)
  *   (idle) --its generation is CURRENT: respawn timer (backoff)--> STARTING
  *
  * and the supervisor's: STARTING (until the first generation serves; any failure stops
  * everything and the start fails) -> RUNNING (replaces workers, reloads) -> STOPPING (every
  * generation stops; it ends when none is left). While it runs it also reads the serving
  * workers' heartbeats in the shared page (supervisor.h) every BEAT_CHECK_MS, and kills one
- * whose loop has stopped turning (on_beat_check).
+ * whose loop has stopped turning (on_beat_check). Each process it starts (but a probe) is
+ * given a beat index: its heartbeat's place in the shared page, and its metrics slot's.
  */
 #define _GNU_SOURCE
 #include "supervisor.h"
@@ -65,6 +68,8 @@
 #include <uv.h>
 
 #include "common/common.h"
+#include "common/linebuf.h"
+#include "common/list.h"
 #include "control.h"
 #include "host/server/http.h"
 #include "host/server/localsock.h"
@@ -76,49 +81,50 @@ extern char **environ;
 #define BACKOFF_MAX_MS 10000 /* ... doubling with each quick death in a row, up to this */
 #define BEAT_CHECK_MS 250    /* how often the workers' heartbeats are looked at */
 
-typedef enum { SLOT_IDLE, SLOT_STARTING, SLOT_READY, SLOT_SERVING } slot_state_t;
+typedef enum { WORKER_IDLE, WORKER_STARTING, WORKER_READY, WORKER_SERVING } worker_state_t;
 typedef enum { GEN_PROBING, GEN_STARTING, GEN_CURRENT, GEN_STOPPING } gen_state_t;
 typedef enum { SUP_STARTING, SUP_RUNNING, SUP_STOPPING } sup_state_t;
 
 typedef struct sup_s sup_t;
 typedef struct gen_s gen_t;
 
+/* A worker id's place in a generation (see the diagram above). */
 typedef struct {
-    gen_t *gen;          /* owner */
-    int id;              /* 1..n; 0: the generation's probe */
-    slot_state_t state;  /* see the diagram above */
-    uv_process_t proc;   /* the worker's process handle (while open_handles counts it) */
-    uv_pipe_t report;    /* our end of its report socket (idem) */
-    uv_write_t go;       /* the "go" line's write */
-    uv_timer_t respawn;  /* the backoff before the next process; open for the generation's life */
-    int open_handles;    /* proc and report handles not closed yet */
-    int exited;          /* on_worker_exit has run for the current process */
-    int report_open;     /* the report pipe is not closing yet */
-    int pid;             /* of the current process; 0 when idle */
-    long long started;   /* time(NULL) when it was spawned, for status */
-    uint64_t spawned_ms; /* uv_now() then, for the quick-death test */
-    int restarts;        /* processes started for this id after one died (kept across reloads) */
-    int quick_deaths;    /* quick deaths in a row (the backoff's exponent) */
-    int beat;            /* the process's heartbeat slot in the shared page; -1: none */
-    int stuck;           /* the process was killed for a loop that stopped turning */
-    char how[96];        /* how the last process ended ("exited with status 1") */
-    char line[1024];     /* the report line being read */
-    size_t len;          /* bytes in line */
-} slot_t;
+    gen_t *gen;           /* owner */
+    int id;               /* 1..n; 0: the generation's probe */
+    worker_state_t state; /* see the diagram above */
+    uv_process_t proc;    /* the worker's process handle (while open_handles counts it) */
+    uv_pipe_t report;     /* our end of its report socket (idem) */
+    uv_write_t go;        /* the "go" line's write */
+    uv_timer_t respawn;   /* the backoff before the next process; open for the generation's life */
+    int open_handles;     /* proc and report handles not closed yet */
+    int exited;           /* on_worker_exit has run for the current process */
+    int report_open;      /* the report pipe is not closing yet */
+    int pid;              /* of the current process; 0 when idle */
+    long long started;    /* time(NULL) when it was spawned, for status */
+    uint64_t spawned_ms;  /* uv_now() then, for the quick-death test */
+    int restarts;         /* processes started for this id after one died (kept across reloads) */
+    int quick_deaths;     /* quick deaths in a row (the backoff's exponent) */
+    int beat;             /* the process's beat index (supervisor.h); -1: none */
+    int stuck;            /* the process was killed for a loop that stopped turning */
+    char how[96];         /* how the last process ended ("exited with status 1") */
+    char line[1024];      /* the report line being read, in ... */
+    mph_linebuf_t lines;  /* ... which this reads them */
+} worker_t;
 
 struct gen_s {
+    mph_list_t node;       /* in sup->gens (first: list.h) */
     sup_t *sup;            /* owner */
     int number;            /* its generation number (supervisor.h) */
     gen_state_t state;     /* see the diagram above */
     int n;                 /* workers (0 while PROBING) */
-    slot_t *slots;         /* n, owned */
-    slot_t probe;          /* a reload's probe process (id 0) */
-    int ready;             /* slots READY or SERVING */
-    int busy;              /* slots (the probe too) with a process or an open handle */
+    worker_t *workers;     /* n, owned */
+    worker_t probe;        /* a reload's probe process (id 0) */
+    int ready;             /* workers READY or SERVING */
+    int busy;              /* workers (the probe too) with a process or an open handle */
     int timers;            /* its timers (respawns, kill_timer) not closed yet, once closing */
     int closing;           /* gen_close was called */
     uv_timer_t kill_timer; /* STOPPING: SIGKILL what is left */
-    gen_t *next;           /* in sup->gens */
 };
 
 /* The reload in progress (one at a time: a second is refused, see begin_reload). */
@@ -140,7 +146,7 @@ struct sup_s {
     int port;        /* bound */
     int generations; /* the last generation number given */
     gen_t *current;  /* the generation that serves (or is to, while starting) */
-    gen_t *gens;     /* every generation not freed yet, owned */
+    mph_list_t gens; /* every generation not freed yet (gen_t.node, owned), newest first */
     reload_t reload; /* the reload in progress, if any */
     uv_signal_t sigint, sigterm, sighup, sigusr1;
     uv_timer_t beat_check;     /* looks at the heartbeats (with a handler time limit) */
@@ -155,38 +161,38 @@ struct sup_s {
     mph_shared_page_t *shared; /* the shared page (supervisor.h), mapped; owned */
     int shared_fd;             /* its memfd, which workers inherit */
     size_t shared_len;         /* bytes of it mapped (supervisor.h: with metrics or not) */
-    unsigned char beat_used[MPH_SHARED_BEATS]; /* heartbeat slots given to live processes */
+    unsigned char beat_used[MPH_SHARED_BEATS]; /* beat indexes given to live processes */
     char exe[4096];                            /* this binary's path, which workers run */
 };
 
 #ifndef NDEBUG
-static int assert_slot_state(const slot_t *s)
+static int assert_worker_state(const worker_t *w)
 {
-    switch (s->state) {
-    case SLOT_IDLE:
-        assert(s->open_handles == 0 && s->pid == 0 && s->beat < 0);
+    switch (w->state) {
+    case WORKER_IDLE:
+        assert(w->open_handles == 0 && w->pid == 0 && w->beat < 0);
         break;
-    case SLOT_STARTING:
-    case SLOT_READY:
-    case SLOT_SERVING:
-        assert(s->open_handles > 0 || s->exited);
+    case WORKER_STARTING:
+    case WORKER_READY:
+    case WORKER_SERVING:
+        assert(w->open_handles > 0 || w->exited);
         break;
     default:
-        assert(!"unknown slot state");
+        assert(!"unknown worker state");
     }
     return 1;
 }
 #endif
 
-static void spawn_worker(slot_t *s);
+static void spawn_worker(worker_t *w);
 static void on_respawn(uv_timer_t *t);
 static void begin_stop(sup_t *sup);
 static void gen_stop(gen_t *gen);
 static void gen_failed(gen_t *gen, const char *why);
 static void reload_probed(gen_t *gen, const char *count);
 
-/* The slots of a generation, its probe first: for (each slot s of gen) loops. */
-#define GEN_SLOT(gen, i) ((i) == 0 ? &(gen)->probe : &(gen)->slots[(i)-1])
+/* The workers of a generation, its probe first: for (each worker w of gen) loops. */
+#define GEN_WORKER(gen, i) ((i) == 0 ? &(gen)->probe : &(gen)->workers[(i)-1])
 
 /* ---- The pid file and the start's outcome ---- */
 
@@ -200,17 +206,18 @@ static int update_pidfile(sup_t *sup)
     if (sup->cli->state_dir == NULL || sup->state != SUP_RUNNING)
         return 0;
     const gen_t *gen = sup->current;
-    mph_cli_worker_t *w = mph_xcalloc((size_t)gen->n, sizeof(*w));
+    mph_cli_worker_t *rows = mph_xcalloc((size_t)gen->n, sizeof(*rows));
     for (int i = 0; i < gen->n; i++) {
-        const slot_t *s = &gen->slots[i];
-        w[i] =
-            (mph_cli_worker_t){s->id, s->state == SLOT_IDLE ? 0 : s->pid, s->started, s->restarts};
+        const worker_t *w = &gen->workers[i];
+        rows[i] = (mph_cli_worker_t){w->id, w->state == WORKER_IDLE ? 0 : w->pid, w->started,
+                                     w->restarts};
     }
     char err[1200];
-    int rc = mph_cli_write_pidfile(sup->cli, sup->port, sup->log_path, w, gen->n, err, sizeof(err));
+    int rc =
+        mph_cli_write_pidfile(sup->cli, sup->port, sup->log_path, rows, gen->n, err, sizeof(err));
     if (rc != 0)
         mph_log(MPH_LOG_ERROR, "%s", err);
-    free(w);
+    free(rows);
     return rc;
 }
 
@@ -250,31 +257,31 @@ static void start_done(sup_t *sup)
 
 static void on_report_closed(uv_handle_t *h);
 
-static void close_report(slot_t *s)
+static void close_report(worker_t *w)
 {
-    if (!s->report_open)
+    if (!w->report_open)
         return;
-    s->report_open = 0;
-    uv_close((uv_handle_t *)&s->report, on_report_closed);
+    w->report_open = 0;
+    uv_close((uv_handle_t *)&w->report, on_report_closed);
 }
 
-static void on_go_written(uv_write_t *w, int status)
+static void on_go_written(uv_write_t *req, int status)
 {
-    slot_t *s = w->data;
+    worker_t *w = req->data;
     (void)status; /* a worker that died meanwhile is replaced as it exits */
-    close_report(s);
+    close_report(w);
 }
 
 /* READY -> SERVING: tells the worker to accept connections; its report socket then ends. */
-static void send_go(slot_t *s)
+static void send_go(worker_t *w)
 {
     static char go[] = "go\n";
-    assert(s->state == SLOT_READY);
-    s->state = SLOT_SERVING;
+    assert(w->state == WORKER_READY);
+    w->state = WORKER_SERVING;
     uv_buf_t buf = uv_buf_init(go, sizeof(go) - 1);
-    s->go.data = s;
-    if (uv_write(&s->go, (uv_stream_t *)&s->report, &buf, 1, on_go_written) != 0)
-        close_report(s); /* it reads the end: it leaves, and is replaced */
+    w->go.data = w;
+    if (uv_write(&w->go, (uv_stream_t *)&w->report, &buf, 1, on_go_written) != 0)
+        close_report(w); /* it reads the end: it leaves, and is replaced */
 }
 
 /* Every worker of gen is ready: they all serve from now on. */
@@ -282,7 +289,7 @@ static void gen_serve(gen_t *gen)
 {
     sup_t *sup = gen->sup;
     for (int i = 0; i < gen->n; i++)
-        send_go(&gen->slots[i]);
+        send_go(&gen->workers[i]);
     gen->state = GEN_CURRENT;
     if (sup->state == SUP_STARTING) {
         start_done(sup);
@@ -302,22 +309,22 @@ static void gen_serve(gen_t *gen)
     gen_stop(old);
 }
 
-static void on_report_line(slot_t *s, const char *line)
+static void on_report_line(worker_t *w, const char *line)
 {
-    gen_t *gen = s->gen;
+    gen_t *gen = w->gen;
     sup_t *sup = gen->sup;
-    if (s->id == 0 && strncmp(line, "topology ", 9) == 0 && gen->state == GEN_PROBING) {
+    if (w->id == 0 && strncmp(line, "topology ", 9) == 0 && gen->state == GEN_PROBING) {
         reload_probed(gen, line + 9);
-    } else if (strcmp(line, "ready") == 0 && s->state == SLOT_STARTING) {
-        s->state = SLOT_READY;
+    } else if (strcmp(line, "ready") == 0 && w->state == WORKER_STARTING) {
+        w->state = WORKER_READY;
         gen->ready++;
         if (gen->state == GEN_CURRENT) { /* a replacement */
-            mph_log(MPH_LOG_INFO, "worker %d ready (pid %d)", s->id, s->pid);
-            send_go(s);
+            mph_log(MPH_LOG_INFO, "worker %d ready (pid %d)", w->id, w->pid);
+            send_go(w);
             update_pidfile(sup);
         } else if (gen->state == GEN_STARTING) {
-            mph_log(MPH_LOG_DEBUG, "worker %d of generation %d ready (pid %d)", s->id, gen->number,
-                    s->pid);
+            mph_log(MPH_LOG_DEBUG, "worker %d of generation %d ready (pid %d)", w->id, gen->number,
+                    w->pid);
             if (gen->ready == gen->n)
                 gen_serve(gen);
         }
@@ -326,75 +333,71 @@ static void on_report_line(slot_t *s, const char *line)
         if (gen->state == GEN_PROBING || gen->state == GEN_STARTING)
             gen_failed(gen, line + 6);
     } else {
-        mph_log(MPH_LOG_WARN, "worker %d (pid %d): unexpected report \"%.100s\"", s->id, s->pid,
+        mph_log(MPH_LOG_WARN, "worker %d (pid %d): unexpected report \"%.100s\"", w->id, w->pid,
                 line);
     }
 }
 
 static void on_report_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 {
-    slot_t *s = h->data;
+    worker_t *w = h->data;
+    size_t room;
     (void)suggested;
-    *buf = uv_buf_init(s->line + s->len, (unsigned)(sizeof(s->line) - 1 - s->len));
+    char *at = mph_linebuf_room(&w->lines, &room); /* 0 when full: UV_ENOBUFS */
+    *buf = uv_buf_init(at, (unsigned)room);
 }
 
 static void on_report_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
 {
-    slot_t *s = stream->data;
+    worker_t *w = stream->data;
     (void)buf;
-    if (nread < 0) {                /* end of file (the line was all), an error, or no room left */
-        if (s->state != SLOT_READY) /* one waiting for "go" keeps its socket until then */
-            close_report(s);
+    if (nread < 0) { /* end of file (the line was all), an error, or no room left */
+        if (w->state != WORKER_READY) /* one waiting for "go" keeps its socket until then */
+            close_report(w);
         else
             uv_read_stop(stream);
         return;
     }
-    s->len += (size_t)nread;
-    s->line[s->len] = '\0';
-    char *nl;
-    while (s->report_open && (nl = strchr(s->line, '\n')) != NULL) {
-        *nl = '\0';
-        on_report_line(s, s->line);
-        size_t rest = s->len - (size_t)(nl + 1 - s->line);
-        memmove(s->line, nl + 1, rest + 1);
-        s->len = rest;
-    }
+    mph_linebuf_added(&w->lines, (size_t)nread);
+    const char *line;
+    while (w->report_open && (line = mph_linebuf_take(&w->lines)) != NULL)
+        on_report_line(w, line);
 }
 
 /* ---- A worker's end ---- */
 
 static void gen_close(gen_t *gen);
 
-/* The wait before replacing slot s's worker: none, unless it keeps dying young. */
-static uint64_t respawn_delay(const slot_t *s)
+/* The wait before replacing w's process: none, unless it keeps dying young. */
+static uint64_t respawn_delay(const worker_t *w)
 {
-    if (s->quick_deaths == 0)
+    if (w->quick_deaths == 0)
         return 0;
-    int shift = s->quick_deaths - 1 < 10 ? s->quick_deaths - 1 : 10;
+    int shift = w->quick_deaths - 1 < 10 ? w->quick_deaths - 1 : 10;
     uint64_t delay = (uint64_t)BACKOFF_FIRST_MS << shift;
     return delay > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : delay;
 }
 
-/* Both handles of the slot's process are closed: replace it, or count it out. */
-static void slot_closed(slot_t *s)
+/* Both handles of w's process are closed: replace it, or count it out. */
+static void worker_closed(worker_t *w)
 {
-    gen_t *gen = s->gen;
+    gen_t *gen = w->gen;
     sup_t *sup = gen->sup;
-    s->state = SLOT_IDLE;
-    s->pid = 0;
-    s->exited = 0;
-    if (s->beat >= 0) {
+    w->state = WORKER_IDLE;
+    w->pid = 0;
+    w->exited = 0;
+    if (w->beat >= 0) {
         /* Its process is gone: nobody writes its metrics slot any more. */
-        mph_metrics_slot_t *m = &sup->shared->metrics[1 + s->beat];
+        mph_metrics_slot_t *m = &sup->shared->metrics[1 + w->beat];
         if (sup->shared->has_metrics && __atomic_load_n(&m->in_use, __ATOMIC_ACQUIRE)) {
             mph_metrics_fold(&sup->shared->metrics[0], m, 0);
             __atomic_store_n(&m->in_use, 0, __ATOMIC_RELEASE);
             memset(m, 0, sizeof(*m));
         }
-        sup->beat_used[s->beat] = 0;
+        sup->beat_used[w->beat] = 0;
     }
-    s->beat = -1;
-    assert(assert_slot_state(s));
+    w->beat = -1;
+    assert(assert_worker_state(w));
     gen->busy--;
     char why[200];
     switch (gen->state) {
@@ -403,15 +406,15 @@ static void slot_closed(slot_t *s)
             gen_close(gen);
         return;
     case GEN_PROBING: /* the probe ended without a word: how it ended is the reason */
-        snprintf(why, sizeof(why), "the script's check %s", s->how);
+        snprintf(why, sizeof(why), "the script's check %s", w->how);
         gen_failed(gen, why);
         return;
     case GEN_STARTING:
-        if (s->id == 0)
+        if (w->id == 0)
             return; /* the probe, done */
         /* Its report said nothing (it would have failed the start already): how it ended is
          * the reason. Decided only now, when its report socket has been read to the end. */
-        snprintf(why, sizeof(why), "worker %d %s during %s", s->id, s->how,
+        snprintf(why, sizeof(why), "worker %d %s during %s", w->id, w->how,
                  sup->state == SUP_STARTING ? "startup" : "the reload");
         gen_failed(gen, why);
         return;
@@ -420,62 +423,62 @@ static void slot_closed(slot_t *s)
     }
     if (sup->state != SUP_RUNNING)
         return;
-    uint64_t delay = respawn_delay(s);
+    uint64_t delay = respawn_delay(w);
     if (delay > 0)
         mph_log(MPH_LOG_WARN,
                 "worker %d ended within %d ms of starting (%d time(s) in a row); "
                 "starting it again in %.1f s",
-                s->id, QUICK_DEATH_MS, s->quick_deaths, (double)delay / 1000);
+                w->id, QUICK_DEATH_MS, w->quick_deaths, (double)delay / 1000);
     update_pidfile(sup);
-    uv_timer_start(&s->respawn, on_respawn, delay, 0);
+    uv_timer_start(&w->respawn, on_respawn, delay, 0);
 }
 
-static void on_slot_handle_closed(slot_t *s)
+static void on_worker_handle_closed(worker_t *w)
 {
-    if (--s->open_handles == 0 && s->exited)
-        slot_closed(s);
+    if (--w->open_handles == 0 && w->exited)
+        worker_closed(w);
 }
 
 static void on_report_closed(uv_handle_t *h)
 {
-    on_slot_handle_closed(h->data);
+    on_worker_handle_closed(h->data);
 }
 
 static void on_proc_closed(uv_handle_t *h)
 {
-    on_slot_handle_closed(h->data);
+    on_worker_handle_closed(h->data);
 }
 
 static void on_worker_exit(uv_process_t *proc, int64_t status, int signum)
 {
-    slot_t *s = proc->data;
-    gen_t *gen = s->gen;
+    worker_t *w = proc->data;
+    gen_t *gen = w->gen;
     sup_t *sup = gen->sup;
     if (signum)
-        snprintf(s->how, sizeof(s->how), "was killed by signal %d (%s)", signum, strsignal(signum));
+        snprintf(w->how, sizeof(w->how), "was killed by signal %d (%s)", signum, strsignal(signum));
     else
-        snprintf(s->how, sizeof(s->how), "exited with status %lld", (long long)status);
-    int quick = uv_now(&sup->loop) - s->spawned_ms < QUICK_DEATH_MS;
-    s->quick_deaths = quick ? s->quick_deaths + 1 : 0;
-    if (s->state == SLOT_READY || s->state == SLOT_SERVING)
+        snprintf(w->how, sizeof(w->how), "exited with status %lld", (long long)status);
+    int quick = uv_now(&sup->loop) - w->spawned_ms < QUICK_DEATH_MS;
+    w->quick_deaths = quick ? w->quick_deaths + 1 : 0;
+    if (w->state == WORKER_READY || w->state == WORKER_SERVING)
         gen->ready--;
-    if (s->id == 0)
+    if (w->id == 0)
         mph_log(status || signum ? MPH_LOG_WARN : MPH_LOG_DEBUG, "the reload's check (pid %d) %s",
-                s->pid, s->how);
+                w->pid, w->how);
     else if (sup->state == SUP_RUNNING && gen->state == GEN_CURRENT) {
-        mph_log(MPH_LOG_WARN, "worker %d (pid %d) %s; replacing it", s->id, s->pid, s->how);
+        mph_log(MPH_LOG_WARN, "worker %d (pid %d) %s; replacing it", w->id, w->pid, w->how);
         if (sup->shared->has_metrics)
             __atomic_store_n(&sup->shared->metrics[0].restarts,
                              sup->shared->metrics[0].restarts + 1, __ATOMIC_RELAXED);
     } else
         mph_log(gen->state != GEN_STOPPING || signum || status ? MPH_LOG_WARN : MPH_LOG_DEBUG,
-                "worker %d (pid %d) %s", s->id, s->pid, s->how);
-    s->exited = 1;
-    uv_close((uv_handle_t *)&s->proc, on_proc_closed);
+                "worker %d (pid %d) %s", w->id, w->pid, w->how);
+    w->exited = 1;
+    uv_close((uv_handle_t *)&w->proc, on_proc_closed);
     /* The report socket reaches end of file by itself now that its other end is gone; one
      * that waited for "go" stopped reading, so close it here. */
-    if (s->state == SLOT_READY)
-        close_report(s);
+    if (w->state == WORKER_READY)
+        close_report(w);
 }
 
 /* ---- Starting a worker ---- */
@@ -497,9 +500,9 @@ static char **worker_args(const mph_cli_t *cli)
 
 /* The worker's environment: ours, with MPH_WORKER_ENV set for it, and the storage's password
  * if it has one (supervisor.h). New array; its strings at index n and after are new. */
-static char **worker_env(const slot_t *s, char **spec_out, char **password_out)
+static char **worker_env(const worker_t *w, char **spec_out, char **password_out)
 {
-    const mph_cli_t *cli = s->gen->sup->cli;
+    const mph_cli_t *cli = w->gen->sup->cli;
     size_t n = 0;
     while (environ[n])
         n++;
@@ -510,8 +513,8 @@ static char **worker_env(const slot_t *s, char **spec_out, char **password_out)
             (strncmp(environ[i], MPH_STORAGE_PASSWORD_ENV, plen) != 0 || environ[i][plen] != '='))
             env[k++] = environ[i];
     char *spec = mph_xmalloc(elen + 80);
-    sprintf(spec, "%s=%d %d %d %d %d", MPH_WORKER_ENV, s->id, s->id ? s->gen->n : 0, (int)getpid(),
-            s->gen->number, s->beat);
+    sprintf(spec, "%s=%d %d %d %d %d", MPH_WORKER_ENV, w->id, w->id ? w->gen->n : 0, (int)getpid(),
+            w->gen->number, w->beat);
     env[k++] = spec;
     *spec_out = spec;
     *password_out = NULL;
@@ -523,8 +526,8 @@ static char **worker_env(const slot_t *s, char **spec_out, char **password_out)
     return env;
 }
 
-/* A free heartbeat slot, zeroed (so that a stamp of its last process is not read as the new
- * one's), or -1 when every slot is taken. */
+/* A free beat index, its heartbeat zeroed (so that a stamp of its last process is not read
+ * as the new one's), or -1 when every one is taken. */
 static int take_beat(sup_t *sup)
 {
     for (int i = 0; i < MPH_SHARED_BEATS; i++) {
@@ -537,20 +540,20 @@ static int take_beat(sup_t *sup)
     return -1;
 }
 
-static void spawn_worker(slot_t *s)
+static void spawn_worker(worker_t *w)
 {
-    gen_t *gen = s->gen;
+    gen_t *gen = w->gen;
     sup_t *sup = gen->sup;
-    assert(assert_slot_state(s) && s->state == SLOT_IDLE);
-    if (s->id > 0) {
-        s->beat = take_beat(sup);
-        /* As many slots as two generations of the most workers, and a reload ends only once
+    assert(assert_worker_state(w) && w->state == WORKER_IDLE);
+    if (w->id > 0) {
+        w->beat = take_beat(sup);
+        /* As many indexes as two generations of the most workers, and a reload ends only once
          * one of its two is gone. */
-        assert(s->beat >= 0);
+        assert(w->beat >= 0);
     }
-    s->stuck = 0;
-    uv_pipe_init(&sup->loop, &s->report, 0);
-    s->report.data = s;
+    w->stuck = 0;
+    uv_pipe_init(&sup->loop, &w->report, 0);
+    w->report.data = w;
     uv_stdio_container_t stdio[7];
     stdio[0].flags = UV_IGNORE; /* /dev/null */
     stdio[1].flags = UV_INHERIT_FD;
@@ -560,13 +563,13 @@ static void spawn_worker(slot_t *s)
     stdio[MPH_WORKER_LISTEN_FD].flags = UV_INHERIT_FD;
     stdio[MPH_WORKER_LISTEN_FD].data.fd = sup->listen_fd;
     stdio[MPH_WORKER_REPORT_FD].flags = UV_CREATE_PIPE | UV_WRITABLE_PIPE | UV_READABLE_PIPE;
-    stdio[MPH_WORKER_REPORT_FD].data.stream = (uv_stream_t *)&s->report;
+    stdio[MPH_WORKER_REPORT_FD].data.stream = (uv_stream_t *)&w->report;
     stdio[MPH_WORKER_SHARED_FD].flags = UV_INHERIT_FD;
     stdio[MPH_WORKER_SHARED_FD].data.fd = sup->shared_fd;
     stdio[MPH_WORKER_SOCKETS_FD].flags = UV_INHERIT_FD;
     stdio[MPH_WORKER_SOCKETS_FD].data.fd = sup->sockets_fd;
     char *spec, *password;
-    char **env = worker_env(s, &spec, &password);
+    char **env = worker_env(w, &spec, &password);
     uv_process_options_t opt;
     memset(&opt, 0, sizeof(opt));
     opt.exit_cb = on_worker_exit;
@@ -579,56 +582,56 @@ static void spawn_worker(slot_t *s)
      * then stops the workers in order (they would otherwise stop by themselves, and look
      * like workers to replace). */
     opt.flags = UV_PROCESS_DETACHED;
-    s->proc.data = s;
-    int rc = uv_spawn(&sup->loop, &s->proc, &opt);
+    w->proc.data = w;
+    int rc = uv_spawn(&sup->loop, &w->proc, &opt);
     free(spec);
     if (password) {
         explicit_bzero(password, strlen(password));
         free(password);
     }
     free(env);
-    s->spawned_ms = uv_now(&sup->loop);
-    s->started = (long long)time(NULL);
-    s->len = 0;
+    w->spawned_ms = uv_now(&sup->loop);
+    w->started = (long long)time(NULL);
+    mph_linebuf_init(&w->lines, w->line, sizeof(w->line));
     gen->busy++;
-    s->state = SLOT_STARTING;
-    s->report_open = 1;
-    s->open_handles = 2;
+    w->state = WORKER_STARTING;
+    w->report_open = 1;
+    w->open_handles = 2;
     if (rc != 0) {
         /* No exit callback will come, but the process handle must still be closed. */
-        snprintf(s->how, sizeof(s->how), "could not be started (%s)", uv_strerror(rc));
-        mph_log(MPH_LOG_ERROR, "worker %d %s", s->id, s->how);
-        s->quick_deaths++;
-        s->exited = 1;
-        uv_close((uv_handle_t *)&s->proc, on_proc_closed);
-        close_report(s);
+        snprintf(w->how, sizeof(w->how), "could not be started (%s)", uv_strerror(rc));
+        mph_log(MPH_LOG_ERROR, "worker %d %s", w->id, w->how);
+        w->quick_deaths++;
+        w->exited = 1;
+        uv_close((uv_handle_t *)&w->proc, on_proc_closed);
+        close_report(w);
         return;
     }
-    s->pid = s->proc.pid;
-    uv_read_start((uv_stream_t *)&s->report, on_report_alloc, on_report_read);
-    mph_log(MPH_LOG_DEBUG, "worker %d of generation %d started (pid %d)", s->id, gen->number,
-            s->pid);
+    w->pid = w->proc.pid;
+    uv_read_start((uv_stream_t *)&w->report, on_report_alloc, on_report_read);
+    mph_log(MPH_LOG_DEBUG, "worker %d of generation %d started (pid %d)", w->id, gen->number,
+            w->pid);
 }
 
 static void on_respawn(uv_timer_t *t)
 {
-    slot_t *s = t->data;
-    if (s->gen->sup->state != SUP_RUNNING || s->gen->state != GEN_CURRENT)
+    worker_t *w = t->data;
+    if (w->gen->sup->state != SUP_RUNNING || w->gen->state != GEN_CURRENT)
         return;
-    s->restarts++;
-    spawn_worker(s);
-    update_pidfile(s->gen->sup);
+    w->restarts++;
+    spawn_worker(w);
+    update_pidfile(w->gen->sup);
 }
 
 /* ---- Generations ---- */
 
-static void slot_init(gen_t *gen, slot_t *s, int id)
+static void worker_init(gen_t *gen, worker_t *w, int id)
 {
-    s->gen = gen;
-    s->id = id;
-    s->beat = -1;
-    uv_timer_init(&gen->sup->loop, &s->respawn);
-    s->respawn.data = s;
+    w->gen = gen;
+    w->id = id;
+    w->beat = -1;
+    uv_timer_init(&gen->sup->loop, &w->respawn);
+    w->respawn.data = w;
 }
 
 /* A new generation of n workers (0: its probe tells how many), not started. */
@@ -638,15 +641,14 @@ static gen_t *gen_new(sup_t *sup, int n, gen_state_t state)
     gen->sup = sup;
     gen->number = ++sup->generations;
     gen->state = state;
-    slot_init(gen, &gen->probe, 0);
+    worker_init(gen, &gen->probe, 0);
     uv_timer_init(&sup->loop, &gen->kill_timer);
     gen->kill_timer.data = gen;
     gen->n = n;
-    gen->slots = mph_xcalloc((size_t)(n > 0 ? n : 1), sizeof(*gen->slots));
+    gen->workers = mph_xcalloc((size_t)(n > 0 ? n : 1), sizeof(*gen->workers));
     for (int i = 0; i < n; i++)
-        slot_init(gen, &gen->slots[i], i + 1);
-    gen->next = sup->gens;
-    sup->gens = gen;
+        worker_init(gen, &gen->workers[i], i + 1);
+    mph_list_insert_head(&sup->gens, &gen->node);
     return gen;
 }
 
@@ -654,12 +656,12 @@ static void on_gen_kill_timer(uv_timer_t *t)
 {
     gen_t *gen = t->data;
     for (int i = 0; i <= gen->n; i++) {
-        slot_t *s = GEN_SLOT(gen, i);
-        if (s->state != SLOT_IDLE && !s->exited) {
+        worker_t *w = GEN_WORKER(gen, i);
+        if (w->state != WORKER_IDLE && !w->exited) {
             mph_log(MPH_LOG_WARN,
-                    "worker %d (pid %d) still running %u ms after SIGTERM; killing it", s->id,
-                    s->pid, gen->sup->cli->host.shutdown_timeout_ms + MPH_KILL_GRACE_MS);
-            uv_process_kill(&s->proc, SIGKILL);
+                    "worker %d (pid %d) still running %u ms after SIGTERM; killing it", w->id,
+                    w->pid, gen->sup->cli->host.shutdown_timeout_ms + MPH_KILL_GRACE_MS);
+            uv_process_kill(&w->proc, SIGKILL);
         }
     }
 }
@@ -672,13 +674,13 @@ static void gen_stop(gen_t *gen)
         return;
     gen->state = GEN_STOPPING;
     for (int i = 0; i <= gen->n; i++) {
-        slot_t *s = GEN_SLOT(gen, i);
-        uv_timer_stop(&s->respawn);
-        if (s->state == SLOT_IDLE || s->exited)
+        worker_t *w = GEN_WORKER(gen, i);
+        uv_timer_stop(&w->respawn);
+        if (w->state == WORKER_IDLE || w->exited)
             continue;
-        if (s->state != SLOT_SERVING)
-            close_report(s);
-        uv_process_kill(&s->proc, SIGTERM);
+        if (w->state != WORKER_SERVING)
+            close_report(w);
+        uv_process_kill(&w->proc, SIGTERM);
     }
     uv_timer_start(&gen->kill_timer, on_gen_kill_timer,
                    (uint64_t)gen->sup->cli->host.shutdown_timeout_ms + MPH_KILL_GRACE_MS, 0);
@@ -694,10 +696,7 @@ static void on_gen_timer_closed(uv_handle_t *h)
     if (--gen->timers > 0)
         return;
     sup_t *sup = gen->sup;
-    gen_t **p = &sup->gens;
-    while (*p != gen)
-        p = &(*p)->next;
-    *p = gen->next;
+    mph_list_remove(&gen->node);
     if (sup->current == gen)
         sup->current = NULL;
     int awaited = sup->reload.active && sup->reload.awaited == gen;
@@ -706,15 +705,15 @@ static void on_gen_timer_closed(uv_handle_t *h)
         snprintf(name, sizeof(name), MPH_PEER_SOCKET_FORMAT, gen->number, i + 1);
         mph_localsock_unlink(sup->sockets_fd, name);
     }
-    free(gen->slots);
+    free(gen->workers);
     free(gen);
     if (awaited)
         reload_end(sup);
-    if (sup->state == SUP_STOPPING && sup->gens == NULL)
+    if (sup->state == SUP_STOPPING && mph_list_empty(&sup->gens))
         begin_stop(sup); /* finishes the stop */
 }
 
-/* Every slot of a stopping generation is idle: closes its timers, then frees it. */
+/* Every worker of a stopping generation is idle: closes its timers, then frees it. */
 static void gen_close(gen_t *gen)
 {
     assert(gen->state == GEN_STOPPING && gen->busy == 0);
@@ -723,9 +722,9 @@ static void gen_close(gen_t *gen)
     gen->closing = 1;
     gen->timers = gen->n + 2;
     for (int i = 0; i <= gen->n; i++) {
-        slot_t *s = GEN_SLOT(gen, i);
-        s->respawn.data = gen;
-        uv_close((uv_handle_t *)&s->respawn, on_gen_timer_closed);
+        worker_t *w = GEN_WORKER(gen, i);
+        w->respawn.data = gen;
+        uv_close((uv_handle_t *)&w->respawn, on_gen_timer_closed);
     }
     gen->kill_timer.data = gen;
     uv_close((uv_handle_t *)&gen->kill_timer, on_gen_timer_closed);
@@ -785,21 +784,21 @@ static void reload_probed(gen_t *gen, const char *count)
         gen_failed(gen, "the script's topologies ask for too many workers");
         return;
     }
-    free(gen->slots);
-    gen->slots = mph_xcalloc((size_t)n, sizeof(*gen->slots));
+    free(gen->workers);
+    gen->workers = mph_xcalloc((size_t)n, sizeof(*gen->workers));
     gen->n = n;
     for (int i = 0; i < n; i++) {
-        slot_t *s = &gen->slots[i];
-        slot_init(gen, s, i + 1);
+        worker_t *w = &gen->workers[i];
+        worker_init(gen, w, i + 1);
         /* restarts counts deaths of an id over the deployment's life: a reload is none. */
         if (sup->current && i < sup->current->n)
-            s->restarts = sup->current->slots[i].restarts;
+            w->restarts = sup->current->workers[i].restarts;
     }
     gen->state = GEN_STARTING;
     mph_log(MPH_LOG_INFO, "reload: starting generation %d (%d %s)", gen->number, n,
             MPH_WORKERS_WORD(n));
     for (int i = 0; i < n && gen->state == GEN_STARTING; i++)
-        spawn_worker(&gen->slots[i]);
+        spawn_worker(&gen->workers[i]);
 }
 
 /* A reload asked for (req: by `mphost SCRIPT reload`; NULL: by SIGHUP). One at a time: a
@@ -857,12 +856,15 @@ static void on_sigusr1(uv_signal_t *sig, int signum)
     (void)signum;
     mph_reopen_stderr(sup->log_path);
     mph_log(MPH_LOG_INFO, "received SIGUSR1: log files reopened; telling the workers");
-    for (gen_t *gen = sup->gens; gen; gen = gen->next)
+    mph_list_t *q;
+    mph_list_foreach(q, &sup->gens) {
+        gen_t *gen = mph_list_entry(q, gen_t, node);
         for (int i = 1; i <= gen->n; i++) {
-            slot_t *s = GEN_SLOT(gen, i);
-            if ((s->state == SLOT_READY || s->state == SLOT_SERVING) && !s->exited)
-                uv_process_kill(&s->proc, SIGUSR1);
+            worker_t *w = GEN_WORKER(gen, i);
+            if ((w->state == WORKER_READY || w->state == WORKER_SERVING) && !w->exited)
+                uv_process_kill(&w->proc, SIGUSR1);
         }
+    }
 }
 
 /* ---- Heartbeats ---- */
@@ -877,22 +879,24 @@ static void on_beat_check(uv_timer_t *t)
     sup_t *sup = t->data;
     uint64_t now = uv_hrtime() / 1000000; /* the clock the workers' loops stamp */
     uint64_t limit = (uint64_t)sup->cli->host.handler_timeout_ms + MPH_HEARTBEAT_GRACE_MS;
-    for (gen_t *gen = sup->gens; gen; gen = gen->next) {
+    mph_list_t *q;
+    mph_list_foreach(q, &sup->gens) {
+        gen_t *gen = mph_list_entry(q, gen_t, node);
         for (int i = 0; i < gen->n; i++) {
-            slot_t *s = &gen->slots[i];
-            if (s->state != SLOT_SERVING || s->exited || s->stuck)
+            worker_t *w = &gen->workers[i];
+            if (w->state != WORKER_SERVING || w->exited || w->stuck)
                 continue;
             uint64_t alive =
-                __atomic_load_n(&sup->shared->beats[s->beat].alive_ms, __ATOMIC_RELAXED);
+                __atomic_load_n(&sup->shared->beats[w->beat].alive_ms, __ATOMIC_RELAXED);
             if (alive == 0 || now < alive + limit)
                 continue;
             mph_log(MPH_LOG_WARN,
                     "worker %d (pid %d): its loop has not turned for %.1f s (handler time limit "
                     "%.1f s); killing it",
-                    s->id, s->pid, (double)(now - alive) / 1000,
+                    w->id, w->pid, (double)(now - alive) / 1000,
                     (double)sup->cli->host.handler_timeout_ms / 1000);
-            s->stuck = 1;
-            uv_process_kill(&s->proc, SIGKILL);
+            w->stuck = 1;
+            uv_process_kill(&w->proc, SIGKILL);
         }
     }
 }
@@ -922,10 +926,11 @@ static void begin_stop(sup_t *sup)
             snprintf(sup->reload.outcome, sizeof(sup->reload.outcome),
                      "error the deployment is stopping");
         }
-        for (gen_t *gen = sup->gens; gen; gen = gen->next)
-            gen_stop(gen); /* (frees nothing before this returns: handles close later) */
+        mph_list_t *q;
+        mph_list_foreach(q, &sup->gens) /* (gen_stop frees nothing: handles close later) */
+            gen_stop(mph_list_entry(q, gen_t, node));
     }
-    if (sup->gens != NULL || sup->closed)
+    if (!mph_list_empty(&sup->gens) || sup->closed)
         return;
     if (sup->reload.active) /* the generation it waited for went with the others */
         reload_end(sup);
@@ -1042,6 +1047,7 @@ int mph_supervisor_run(mph_cli_t *cli, int nworkers, FILE *ready)
 {
     sup_t *sup = mph_xcalloc(1, sizeof(*sup));
     char err[1024];
+    mph_list_init(&sup->gens);
     sup->cli = cli;
     sup->shared_fd = -1;
     sup->ready_out = ready;
@@ -1083,7 +1089,7 @@ int mph_supervisor_run(mph_cli_t *cli, int nworkers, FILE *ready)
     mph_log(MPH_LOG_INFO, "starting %d %s for %s on %s:%d", nworkers, MPH_WORKERS_WORD(nworkers),
             cli->script, cli->host.listen, sup->port);
     for (int i = 0; i < nworkers && sup->state == SUP_STARTING; i++)
-        spawn_worker(&sup->current->slots[i]);
+        spawn_worker(&sup->current->workers[i]);
     uv_run(&sup->loop, UV_RUN_DEFAULT);
 
     rc = 0;

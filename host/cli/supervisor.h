@@ -12,7 +12,8 @@
  *   - MPH_WORKER_ENV="ID COUNT SUPERVISOR_PID GENERATION BEAT" in its environment
  *     (GENERATION counts the sets of workers the supervisor has started: 1 at the start, one
  *     more per reload; a replaced worker joins the generation of the one it replaces. BEAT is
- *     the worker's slot in the shared page's heartbeats, 0..MPH_SHARED_BEATS-1);
+ *     the process's beat index, 0..MPH_SHARED_BEATS-1: where in the shared page it stamps its
+ *     heartbeat and counts its metrics, see below);
  *   - the listening socket on descriptor MPH_WORKER_LISTEN_FD;
  *   - a stream socket on MPH_WORKER_REPORT_FD on which it writes one line once it has loaded
  *     the script and can serve ("ready") or has failed to start ("error MESSAGE"). After
@@ -55,20 +56,21 @@
  *   - generation: the supervisor, once every worker of the first generation is ready, then
  *     once every worker of a reload's is; the generation that calls forwarded between
  *     workers go to (0 until the first is ready);
- *   - beats[i]: the worker process given slot i (in MPH_WORKER_ENV), which stores its loop's
- *     time there at every turn (mph_host_config_t.heartbeat); the supervisor zeroes a slot
- *     before it gives it to a new process, and kills a ready worker whose stamp is older than
- *     the handler time limit plus MPH_HEARTBEAT_GRACE_MS.
- *   - metrics[1 + i]: the worker process given heartbeat slot i, which counts there
- *     (metrics.h); when that process has ended, the supervisor adds its counters to
- *     metrics[0], the retired slot, and zeroes the slot before the slot is given again, so that a
- * scrape (any worker sums retired and every slot in use) never sees totals go down. The supervisor
- * writes metrics[0], and counts there the workers it replaced. Words are read and written with
- * relaxed atomics: each is a value on its own, no field is read together with another. A slot per
- * process, not per worker id, because during a reload the old and the new worker of an id run at
- * once. */
+ *   - beats[i]: the worker process given beat index i (in MPH_WORKER_ENV), which stores its
+ *     loop's time there at every turn (mph_host_config_t.heartbeat); the supervisor zeroes it
+ *     before it gives index i to a new process, and kills a ready worker whose stamp is older
+ *     than the handler time limit plus MPH_HEARTBEAT_GRACE_MS.
+ *   - metrics[1 + i]: the metrics slot (metrics.h) of the worker process given beat index i,
+ *     which counts there; when that process has ended, the supervisor adds its counters to
+ *     metrics[0], the retired slot, and zeroes slot 1 + i before index i is given again, so
+ *     that a scrape (any worker sums the retired slot and every slot in use) never sees
+ *     totals go down. The supervisor writes metrics[0], and counts there the workers it
+ *     replaced.
+ * Words are read and written with relaxed atomics: each is a value on its own, no field is
+ * read together with another. A beat index per process, not per worker id, because during a
+ * reload the old and the new worker of an id run at once. */
 #define MPH_SHARED_MAGIC 0x31726873687068ULL   /* "mphshr1" */
-#define MPH_SHARED_BEATS (2 * MPH_MAX_WORKERS) /* one generation, and the next during a reload */
+#define MPH_SHARED_BEATS (2 * MPH_MAX_WORKERS) /* beat indexes: a generation, and a reload's */
 #define MPH_HEARTBEAT_GRACE_MS 1000
 
 typedef struct {
@@ -83,7 +85,7 @@ typedef struct {
     uint64_t has_metrics; /* 1: the page goes on with `metrics` (see below) */
     char pad[40];
     mph_shared_beat_t beats[MPH_SHARED_BEATS];
-    /* [0]: retired; [1 + i]: heartbeat slot i's. ~5 MiB, mostly never touched (so never
+    /* [0]: retired; [1 + i]: beat index i's. ~5 MiB, mostly never touched (so never
      * backed by memory). A scrape sums the whole array (the slots in use). Only when
      * has_metrics: a file size limit (RLIMIT_FSIZE) may leave the memfd too small for it,
      * and the page ends here (MPH_SHARED_BASE_SIZE); each worker then counts on its own and

@@ -94,7 +94,7 @@ static int probe(mph_cli_t *cli)
 }
 
 /* Loads, listens, reports, waits for "go", serves (as worker id of count, of the given
- * generation, stamping heartbeat slot beat). */
+ * generation, with beat index beat: supervisor.h). */
 static int serve(mph_cli_t *cli, int id, int count, int generation, int beat)
 {
     char err[1024], msg[1100];

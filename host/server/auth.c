@@ -31,8 +31,9 @@
  *   mph_auth_check --malformed, impossible name, no users, cached pair--> answered at once
  *                  --same pair queued or running--> waits for that job
  *                  --max_checks in progress, or max_per_source from its source--> BUSY at once
- *                  --else--> job QUEUED (job_queue)
- *   QUEUED  --its source's turn and a place frees (pump)--> RUNNING (crypt_rn on a thread)
+ *                  --else--> job QUEUED (job_queue: at the end of its source's queue)
+ *   QUEUED  --its source's turn and a place frees (pump)--> RUNNING (crypt_rn on a thread;
+ *             in auth->running)
  *           --queue_ms passed (on_expiry), or closing--> ANSWERING: EXPIRED
  *           --its last waiter cancelled (mph_auth_cancel)--> dropped (freed, never hashed)
  *   RUNNING --done, the table unchanged or the user's hash unchanged (job_done)--> ANSWERING:
@@ -42,12 +43,14 @@
  *   ANSWERING --every waiter called (a cancel now only removes its waiter)--> freed
  *
  * A job holds its place from QUEUED to ANSWERING; callbacks run after it is given back, so a
- * callback that checks again sees the room it left.
+ * callback that checks again sees the room it left. Its waiters (job->waiters, in arrival
+ * order) are answered in that order. A source lives in auth->sources while it has a job in
+ * progress.
  *
  * What is kept of a password: the job's copy, wiped when the job ends; the cache keeps a
  * SipHash-2-4 of "user:password" under a key drawn at random when the process starts, so a
  * memory dump yields no password and an entry cannot be computed without that key. The
- * cache is direct-mapped (a pair evicts another with the same slot), entries last
+ * cache is direct-mapped (a pair evicts another with the same entry), entries last
  * MPH_AUTH_CACHE_MS, and it is emptied whenever the table is replaced.
  *
  * Same answer, same time: an unknown user is checked against the hash of the file's first
@@ -76,12 +79,13 @@
 #include <unistd.h>
 
 #include "common/common.h"
+#include "common/list.h"
 
-#define MAX_RUNNING 2     /* jobs on the thread pool at once */
-#define CACHE_SLOTS 1024  /* verified pairs remembered (a power of two) */
-#define MAX_LINE 4096     /* bytes of a users file line */
-#define BUSY_LOG_MS 60000 /* at most one warning this often about checks refused BUSY */
-#define MESSAGE 512       /* bytes of an error or warning about the users file */
+#define MAX_RUNNING 2      /* jobs on the thread pool at once */
+#define CACHE_ENTRIES 1024 /* verified pairs remembered (a power of two) */
+#define MAX_LINE 4096      /* bytes of a users file line */
+#define BUSY_LOG_MS 60000  /* at most one warning this often about checks refused BUSY */
+#define MESSAGE 512        /* bytes of an error or warning about the users file */
 #define MAX_DECODED (MPH_AUTH_MAX_USER + 1 + MPH_AUTH_MAX_PASSWORD) /* "user:password" */
 #define MAX_BASE64 ((MAX_DECODED + 2) / 3 * 4)                      /* its encoding */
 #define DECODE_ROOM (MAX_BASE64 / 4 * 3 + 1) /* what decoding that much may write, and a NUL */
@@ -101,31 +105,32 @@ typedef struct {
 
 typedef struct {
     uint64_t key;       /* SipHash of "user:password" */
-    const user_t *user; /* borrowed from auth->users; NULL: the slot is empty */
+    const user_t *user; /* borrowed from auth->users; NULL: the entry is empty */
     uint64_t expires;   /* uv_now() milliseconds */
 } cache_entry_t;
 
 typedef enum { JOB_QUEUED, JOB_RUNNING, JOB_ANSWERING } job_state_t;
 
 struct mph_auth_wait_s {
+    mph_list_t node; /* in job->waiters, in arrival order (first: list.h) */
     mph_auth_cb cb;
     void *ud;
-    struct job_s *job;                   /* what it waits for */
-    struct mph_auth_wait_s *prev, *next; /* in job->waiters, in arrival order */
+    struct job_s *job; /* what it waits for */
 };
 
 /* A client address with jobs in progress. */
 typedef struct source_s {
-    uint8_t addr[16];                 /* IPv4 as ::ffff:a.b.c.d, IPv6 cut to its /64, or all
-                                         zero (local or unknown) */
-    unsigned checks;                  /* its jobs in progress (freed at 0) */
-    struct job_s *queue, *queue_tail; /* its QUEUED jobs, FIFO */
-    uint64_t served;                  /* auth->serial when it last got a place (or came):
-                                         the smallest has the next turn */
-    struct source_s *prev, *next;     /* in auth->sources */
+    mph_list_t node;  /* in auth->sources (first: list.h) */
+    uint8_t addr[16]; /* IPv4 as ::ffff:a.b.c.d, IPv6 cut to its /64, or all zero (local or
+                         unknown) */
+    unsigned checks;  /* its jobs in progress (freed at 0) */
+    mph_list_t queue; /* its QUEUED jobs (job_t.node), FIFO */
+    uint64_t served;  /* auth->serial when it last got a place (or came): the smallest has
+                         the next turn */
 } source_t;
 
 typedef struct job_s {
+    mph_list_t node; /* in source->queue (QUEUED) or auth->running (RUNNING) (first: list.h) */
     uv_work_t work;
     mph_auth_t *auth;    /* owner */
     job_state_t state;   /* (assert_job_state) */
@@ -140,8 +145,8 @@ typedef struct job_s {
     int known;           /* the user is in the table: a match verifies */
     unsigned generation; /* of the table `hash` came from */
     int match;           /* written by the thread: crypt(password, hash) == hash */
-    mph_auth_wait_t *waiters, *waiters_tail; /* answered when it ends; NULL: nobody waits */
-    struct job_s *prev, *next; /* in source->queue (QUEUED) or auth->running (RUNNING) */
+    mph_list_t waiters;  /* answered when it ends (mph_auth_wait_t.node, owned); empty:
+                            nobody waits */
 } job_t;
 
 typedef struct {
@@ -161,10 +166,10 @@ struct mph_auth_s {
     users_t users;           /* the table */
     unsigned generation;     /* bumped each time the table is replaced */
     uint8_t key[16];         /* SipHash key, random per process */
-    source_t *sources;       /* every source with jobs in progress */
+    mph_list_t sources;      /* every source with jobs in progress (owned), newest first */
     unsigned nchecks;        /* jobs in progress (QUEUED or RUNNING) */
     unsigned nqueued;        /* of which QUEUED */
-    job_t *running;          /* jobs on the pool */
+    mph_list_t running;      /* jobs on the pool, newest first */
     int nrunning;            /* their number */
     uint64_t serial;         /* hands out source->served */
     unsigned max_checks;     /* MPH_AUTH_MAX_CHECKS (a field: the unit tests lower it) */
@@ -186,7 +191,7 @@ struct mph_auth_s {
     int closing;            /* mph_auth_close was called */
     void (*closed)(void *); /* runs once nothing is on the pool any more */
     void *closed_ud;
-    cache_entry_t cache[CACHE_SLOTS];
+    cache_entry_t cache[CACHE_ENTRIES];
 };
 
 /* ---- SipHash-2-4 (Aumasson and Bernstein, "SipHash: a fast short-input PRF", 2012) ---- */
@@ -684,9 +689,8 @@ static int assert_job_state(const job_t *j)
 {
     const mph_auth_t *a = j->auth;
     assert(j->source != NULL && j->source->checks > 0);
-    assert((j->waiters == NULL) == (j->waiters_tail == NULL));
     assert(j->state != JOB_QUEUED || j->deadline > 0);
-    assert(j->state != JOB_QUEUED || j->waiters != NULL); /* else dropped */
+    assert(j->state != JOB_QUEUED || !mph_list_empty(&j->waiters)); /* else dropped */
     assert(j->state != JOB_RUNNING || a->nrunning > 0);
     assert(a->nqueued <= a->nchecks && (unsigned)a->nrunning <= a->nchecks);
     (void)a;
@@ -710,9 +714,12 @@ static void source_key(const struct sockaddr *sa, uint8_t out[16])
 
 static source_t *source_find(mph_auth_t *a, const uint8_t addr[16])
 {
-    for (source_t *s = a->sources; s; s = s->next)
+    mph_list_t *q;
+    mph_list_foreach(q, &a->sources) {
+        source_t *s = mph_list_entry(q, source_t, node);
         if (memcmp(s->addr, addr, 16) == 0)
             return s;
+    }
     return NULL;
 }
 
@@ -724,10 +731,8 @@ static source_t *source_take(mph_auth_t *a, const uint8_t addr[16])
         s = mph_xcalloc(1, sizeof(*s));
         memcpy(s->addr, addr, 16);
         s->served = a->serial++;
-        s->next = a->sources;
-        if (a->sources)
-            a->sources->prev = s;
-        a->sources = s;
+        mph_list_init(&s->queue);
+        mph_list_insert_head(&a->sources, &s->node);
     }
     s->checks++;
     a->nchecks++;
@@ -741,13 +746,8 @@ static void job_give_back(mph_auth_t *a, job_t *j)
     a->nchecks--;
     if (--s->checks > 0)
         return;
-    assert(s->queue == NULL);
-    if (s->prev)
-        s->prev->next = s->next;
-    else
-        a->sources = s->next;
-    if (s->next)
-        s->next->prev = s->prev;
+    assert(mph_list_empty(&s->queue));
+    mph_list_remove(&s->node);
     free(s);
 }
 
@@ -759,13 +759,7 @@ static void job_queue(mph_auth_t *a, job_t *j)
     source_t *s = j->source;
     j->state = JOB_QUEUED;
     j->deadline = uv_now(a->loop) + a->queue_ms;
-    j->next = NULL;
-    j->prev = s->queue_tail;
-    if (s->queue_tail)
-        s->queue_tail->next = j;
-    else
-        s->queue = j;
-    s->queue_tail = j;
+    mph_list_insert_tail(&s->queue, &j->node);
     a->nqueued++;
     if (a->timer_state == TIMER_NONE) { /* made at the first need: most hosts never queue */
         uv_timer_init(a->loop, &a->expiry);
@@ -780,17 +774,8 @@ static void job_queue(mph_auth_t *a, job_t *j)
 /* Takes j out of its source's queue. */
 static void job_unqueue(mph_auth_t *a, job_t *j)
 {
-    source_t *s = j->source;
     assert(j->state == JOB_QUEUED);
-    if (j->prev)
-        j->prev->next = j->next;
-    else
-        s->queue = j->next;
-    if (j->next)
-        j->next->prev = j->prev;
-    else
-        s->queue_tail = j->prev;
-    j->prev = j->next = NULL;
+    mph_list_remove(&j->node);
     if (--a->nqueued == 0 && a->timer_state == TIMER_OPEN)
         uv_timer_stop(&a->expiry);
 }
@@ -820,13 +805,9 @@ static void deliver(mph_auth_t *a, mph_auth_cb cb, void *ud, mph_auth_result_t r
 static void job_answer(mph_auth_t *a, job_t *j, mph_auth_result_t result, const char *user)
 {
     j->state = JOB_ANSWERING;
-    mph_auth_wait_t *w;
-    while ((w = j->waiters) != NULL) {
-        j->waiters = w->next;
-        if (j->waiters)
-            j->waiters->prev = NULL;
-        else
-            j->waiters_tail = NULL;
+    mph_list_t *q;
+    while ((q = mph_list_pop(&j->waiters)) != NULL) {
+        mph_auth_wait_t *w = mph_list_entry(q, mph_auth_wait_t, node);
         deliver(a, w->cb, w->ud, result, user);
         free(w);
     }
@@ -839,12 +820,7 @@ static mph_auth_wait_t *job_add_waiter(job_t *j, mph_auth_cb cb, void *ud)
     w->cb = cb;
     w->ud = ud;
     w->job = j;
-    w->prev = j->waiters_tail;
-    if (j->waiters_tail)
-        j->waiters_tail->next = w;
-    else
-        j->waiters = w;
-    j->waiters_tail = w;
+    mph_list_insert_tail(&j->waiters, &w->node);
     return w;
 }
 
@@ -882,7 +858,7 @@ static void job_work(uv_work_t *work)
 
 static void cache_put(mph_auth_t *a, uint64_t key, const user_t *u)
 {
-    cache_entry_t *e = &a->cache[key & (CACHE_SLOTS - 1)];
+    cache_entry_t *e = &a->cache[key & (CACHE_ENTRIES - 1)];
     e->key = key;
     e->user = u;
     e->expires = uv_now(a->loop) + MPH_AUTH_CACHE_MS;
@@ -894,13 +870,7 @@ static void job_done(uv_work_t *work, int status)
     job_t *j = mph_container_of(work, job_t, work);
     mph_auth_t *a = j->auth;
     assert(j->state == JOB_RUNNING && assert_job_state(j));
-    if (j->prev)
-        j->prev->next = j->next;
-    else
-        a->running = j->next;
-    if (j->next)
-        j->next->prev = j->prev;
-    j->prev = j->next = NULL;
+    mph_list_remove(&j->node);
     a->nrunning--;
     mph_auth_result_t result = MPH_AUTH_EXPIRED; /* closing: not answered for the password */
     const char *user = NULL;
@@ -908,7 +878,7 @@ static void job_done(uv_work_t *work, int status)
         /* A re-read replaced the table while the hash ran: the answer stands only if the
          * user's hash is the same in the new table (a removed user is refused from now on).
          * A job nobody waits for any more is not run again. */
-        if (j->generation != a->generation && j->waiters && job_resolve(a, j)) {
+        if (j->generation != a->generation && !mph_list_empty(&j->waiters) && job_resolve(a, j)) {
             job_queue(a, j);
             pump(a);
             return;
@@ -934,10 +904,13 @@ static void job_done(uv_work_t *work, int status)
 static job_t *next_turn(mph_auth_t *a)
 {
     source_t *next = NULL;
-    for (source_t *s = a->sources; s; s = s->next)
-        if (s->queue && (next == NULL || s->served < next->served))
+    mph_list_t *q;
+    mph_list_foreach(q, &a->sources) {
+        source_t *s = mph_list_entry(q, source_t, node);
+        if (!mph_list_empty(&s->queue) && (next == NULL || s->served < next->served))
             next = s;
-    return next ? next->queue : NULL;
+    }
+    return next ? mph_list_entry(mph_list_first(&next->queue), job_t, node) : NULL;
 }
 
 /* Starts queued jobs while there is room on the pool, taking turns between sources. */
@@ -948,10 +921,7 @@ static void pump(mph_auth_t *a)
         job_unqueue(a, j);
         j->turn = j->source->served = a->serial++;
         j->state = JOB_RUNNING;
-        j->next = a->running;
-        if (a->running)
-            a->running->prev = j;
-        a->running = j;
+        mph_list_insert_head(&a->running, &j->node);
         a->nrunning++;
         a->stats.hashed++;
         mph_log(MPH_LOG_DEBUG, "auth: checking credentials (%d on the pool, %u waiting)",
@@ -967,28 +937,29 @@ static void pump(mph_auth_t *a)
 static void expire(mph_auth_t *a)
 {
     uint64_t now = uv_now(a->loop), next = 0;
-    job_t *expired = NULL;
-    /* First take them out, then answer: a callback may check again, or cancel. */
-    for (source_t *s = a->sources, *snext; s; s = snext) {
-        snext = s->next; /* job_give_back may free s */
-        for (job_t *j = s->queue, *jnext; j; j = jnext) {
-            jnext = j->next;
+    mph_list_t expired, *qs, *qj, *tmp;
+    mph_list_init(&expired); /* the last one taken out first */
+    /* First take them out, then give their places back (which may free their sources: not
+     * during the walk), then answer: a callback may check again, or cancel. */
+    mph_list_foreach(qs, &a->sources) {
+        source_t *s = mph_list_entry(qs, source_t, node);
+        mph_list_foreach_safe(qj, tmp, &s->queue) {
+            job_t *j = mph_list_entry(qj, job_t, node);
             if (!a->closing && j->deadline > now) {
                 next = next == 0 || j->deadline < next ? j->deadline : next;
                 continue;
             }
             job_unqueue(a, j);
-            job_give_back(a, j);
             j->state = JOB_ANSWERING;
-            j->next = expired;
-            expired = j;
+            mph_list_insert_head(&expired, &j->node);
         }
     }
+    mph_list_foreach(qj, &expired)
+        job_give_back(a, mph_list_entry(qj, job_t, node));
     if (next && a->timer_state == TIMER_OPEN)
         uv_timer_start(&a->expiry, on_expiry, next - now, 0);
-    while (expired) {
-        job_t *j = expired;
-        expired = j->next;
+    while ((qj = mph_list_pop(&expired)) != NULL) {
+        job_t *j = mph_list_entry(qj, job_t, node);
         if (!a->closing) {
             a->stats.expired++;
             mph_log(MPH_LOG_DEBUG, "auth: a check refused after waiting %llu ms for the pool",
@@ -1022,13 +993,19 @@ static int same_pair(const job_t *j, uint64_t key, const char *user, const char 
 static job_t *job_find(mph_auth_t *a, uint64_t key, const char *user, const char *password,
                        size_t password_len)
 {
-    for (source_t *s = a->sources; s; s = s->next)
-        for (job_t *j = s->queue; j; j = j->next)
+    mph_list_t *qs, *qj;
+    mph_list_foreach(qs, &a->sources) {
+        mph_list_foreach(qj, &mph_list_entry(qs, source_t, node)->queue) {
+            job_t *j = mph_list_entry(qj, job_t, node);
             if (same_pair(j, key, user, password, password_len))
                 return j;
-    for (job_t *j = a->running; j; j = j->next)
+        }
+    }
+    mph_list_foreach(qj, &a->running) {
+        job_t *j = mph_list_entry(qj, job_t, node);
         if (same_pair(j, key, user, password, password_len))
             return j;
+    }
     return NULL;
 }
 
@@ -1059,6 +1036,8 @@ int mph_auth_new(mph_auth_t **out, uv_loop_t *loop, const char *path, unsigned f
 {
     mph_auth_t *a = mph_xcalloc(1, sizeof(*a));
     a->loop = loop;
+    mph_list_init(&a->sources);
+    mph_list_init(&a->running);
     a->max_checks = MPH_AUTH_MAX_CHECKS;
     a->max_per_source = MPH_AUTH_MAX_PER_SOURCE;
     a->queue_ms = MPH_AUTH_QUEUE_MS;
@@ -1114,7 +1093,7 @@ mph_auth_wait_t *mph_auth_check(mph_auth_t *a, const struct sockaddr *source, co
      * exists), and never written to a log. */
     if (name_problem(user, colon) != NULL)
         return answer_now(a, buf, sizeof(buf), cb, ud, MPH_AUTH_REFUSED, NULL);
-    const cache_entry_t *e = &a->cache[key & (CACHE_SLOTS - 1)];
+    const cache_entry_t *e = &a->cache[key & (CACHE_ENTRIES - 1)];
     if (e->user && e->key == key && strcmp(e->user->name, user) == 0 &&
         uv_now(a->loop) < e->expires)
         return answer_now(a, buf, sizeof(buf), cb, ud, MPH_AUTH_VERIFIED, e->user->name);
@@ -1129,6 +1108,7 @@ mph_auth_wait_t *mph_auth_check(mph_auth_t *a, const struct sockaddr *source, co
         }
         j = mph_xcalloc(1, sizeof(*j));
         j->auth = a;
+        mph_list_init(&j->waiters);
         j->source = source_take(a, addr);
         j->key = key;
         j->user = mph_xstrdup(user);
@@ -1148,16 +1128,9 @@ void mph_auth_cancel(mph_auth_wait_t *w)
 {
     job_t *j = w->job;
     mph_auth_t *a = j->auth;
-    if (w->prev)
-        w->prev->next = w->next;
-    else
-        j->waiters = w->next;
-    if (w->next)
-        w->next->prev = w->prev;
-    else
-        j->waiters_tail = w->prev;
+    mph_list_remove(&w->node);
     free(w);
-    if (j->waiters || j->state != JOB_QUEUED)
+    if (!mph_list_empty(&j->waiters) || j->state != JOB_QUEUED)
         return; /* others wait; or it runs (it ends unanswered), or is being answered */
     job_unqueue(a, j);
     job_give_back(a, j);
@@ -1229,7 +1202,7 @@ static void maybe_closed(mph_auth_t *a)
     if (!a->closing || a->nrunning > 0 || a->reload != NULL || a->closed == NULL ||
         a->callbacks > 0 || a->timer_state == TIMER_OPEN || a->timer_state == TIMER_CLOSING)
         return;
-    assert(a->nchecks == 0 && a->sources == NULL);
+    assert(a->nchecks == 0 && mph_list_empty(&a->sources));
     void (*closed)(void *) = a->closed;
     void *ud = a->closed_ud;
     users_free(&a->users);

@@ -42,6 +42,7 @@
 #include "auth.h"
 #include "accesslog.h"
 #include "common/common.h"
+#include "common/list.h"
 #include "config.h"
 #include "http.h"
 #include "metrics.h"
@@ -92,12 +93,11 @@ struct mph_host_s {
     uv_timer_t deadline; /* bounds the graceful stop */
     int deadline_passed; /* it fired: what is still running is cut */
     int listening;
-    uv_prepare_t beat;         /* stamps cfg.heartbeat before the loop waits (if heartbeat) */
-    uv_timer_t beat_tick;      /* turns an idle loop every HEARTBEAT_TICK_MS (idem) */
-    size_t calls_in_flight;    /* in-process calls whose callback has not run (mph_host_call) */
-    struct host_call_s *ready; /* calls answered inside mph_host_call, oldest first ... */
-    struct host_call_s **ready_tail; /* (where the next one goes) */
-    uv_idle_t deliver;               /* ... which this hands to their callbacks on the next turn */
+    uv_prepare_t beat;          /* stamps cfg.heartbeat before the loop waits (if heartbeat) */
+    uv_timer_t beat_tick;       /* turns an idle loop every HEARTBEAT_TICK_MS (idem) */
+    size_t calls_in_flight;     /* in-process calls whose callback has not run (mph_host_call) */
+    mph_list_t ready;           /* calls answered inside mph_host_call, oldest first ... */
+    uv_idle_t deliver;          /* ... which this hands to their callbacks on the next turn */
     int http_drained;           /* the stop has drained HTTP; it waits for calls_in_flight ... */
     int drain_done;             /* ... and has gone on to close the rest (after_drain) */
     unsigned closing;           /* close callbacks to come (the bridge's, the host's handles')
@@ -110,13 +110,13 @@ struct mph_host_s {
  * that comes before mph_host_call has returned is kept here until the next turn of the loop
  * (its callback never runs inside mph_host_call). */
 typedef struct host_call_s {
+    mph_list_t node; /* in h->ready, once answered early (first: list.h) */
     mph_host_t *h;
     mph_host_call_cb cb;
     void *ud;
-    int returned;             /* mph_host_call has returned: a reply goes straight to cb */
-    int early;                /* it was answered before: the reply waits in `kept` */
-    struct host_call_s *next; /* in h->ready, once answered early */
-    mph_host_reply_t kept;    /* that early reply (its json and message owned) */
+    int returned;          /* mph_host_call has returned: a reply goes straight to cb */
+    int early;             /* it was answered before: the reply waits in `kept` */
+    mph_host_reply_t kept; /* that early reply (its json and message owned) */
 } host_call_t;
 
 const char *mph_host_strerror(int err)
@@ -298,6 +298,7 @@ static void new_peer(mph_host_t *h)
 int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size_t errlen)
 {
     mph_host_t *h = mph_xcalloc(1, sizeof(*h));
+    mph_list_init(&h->ready);
     mph_config_copy(&h->cfg, cfg);
     h->loop = h->cfg.loop ? h->cfg.loop : &h->own_loop;
     int rc = h->cfg.loop ? 0 : uv_loop_init(h->loop);
@@ -339,7 +340,6 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
     uv_async_init(h->loop, &h->stop_async, on_stop_async);
     uv_timer_init(h->loop, &h->deadline);
     uv_idle_init(h->loop, &h->deliver);
-    h->ready_tail = &h->ready;
     if (h->cfg.heartbeat)
         start_heartbeat(h);
     h->state = HOST_NEW;
@@ -736,17 +736,16 @@ static void deliver(host_call_t *c, const mph_host_reply_t *reply)
  * meanwhile wait for the next turn). */
 static void deliver_ready(mph_host_t *h)
 {
-    host_call_t *c = h->ready;
-    h->ready = NULL;
-    h->ready_tail = &h->ready;
+    mph_list_t batch, *q;
+    mph_list_init(&batch);
+    mph_list_move(&batch, &h->ready);
     uv_idle_stop(&h->deliver);
-    while (c) {
-        host_call_t *next = c->next;
+    while ((q = mph_list_pop(&batch)) != NULL) {
+        host_call_t *c = mph_list_entry(q, host_call_t, node);
         char *json = (char *)c->kept.json, *message = (char *)c->kept.message;
         deliver(c, &c->kept);
         free(json);
         free(message);
-        c = next;
     }
 }
 
@@ -780,10 +779,9 @@ int mph_host_call(mph_host_t *h, const char *method, const char *params, size_t 
     mph_rpc_call(&h->rpc, method, params, len, user, on_call_reply, c);
     c->returned = 1;
     if (c->early) {
-        if (h->ready == NULL)
+        if (mph_list_empty(&h->ready))
             uv_idle_start(&h->deliver, on_deliver);
-        *h->ready_tail = c;
-        h->ready_tail = &c->next;
+        mph_list_insert_tail(&h->ready, &c->node);
     }
     return 0;
 }

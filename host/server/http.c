@@ -2,14 +2,17 @@
  * http.c: connections and HTTP/1.x on libuv with Debian's http-parser.
  *
  * A connection owns two handles (its stream: TCP, or a Unix socket for a local listener;
- * and a timer) and frees itself after the second close callback. Its requests form a FIFO in
- * arrival order; each is answered by the handler at its own pace, and responses leave in request
- * order (pipelining). States of a connection:
+ * and a timer) and frees itself after the second close callback; the server holds it until
+ * then (srv->conns while open, srv->closing after). Its requests form a FIFO in arrival order
+ * (conn->reqs, from the first byte of a request until its response is taken to be written); each is
+ * answered by the handler at its own pace, and responses leave in request order (pipelining).
+ * States of a connection:
  *
  *   OPEN     reading and parsing                    (on_connection)
  *   DRAINING no more reading: write what is queued,  (EOF, a fatal request error, shutdown,
  *            then close                               Connection: close)
- *   CLOSING  uv_close called on both handles         (conn_close)
+ *   CLOSING  uv_close called on both handles;        (conn_close)
+ *            its FIFO emptied; in srv->closing until freed
  *
  * A request that fails at the HTTP level (400, 413, 431) is answered in order like any other,
  * and the connection drains: after a framing error nothing later on it can be trusted.
@@ -66,6 +69,7 @@
 #include <unistd.h>
 
 #include "common/common.h"
+#include "common/list.h"
 #include "localsock.h"
 
 #define DRAIN_IDLE_MS                                                                              \
@@ -81,13 +85,13 @@ enum { AUTH_NONE, AUTH_PARTIAL, AUTH_SOME, AUTH_BAD };
 typedef struct conn_s conn_t;
 
 struct mph_http_req_s {
-    conn_t *conn;            /* NULL once the connection is gone (the response is dropped) */
-    mph_http_req_t *next;    /* FIFO of the connection */
-    int responded;           /* the response is ready in head/body */
-    int keep_alive;          /* the client allows another request after this one */
-    int http_minor;          /* 0 for HTTP/1.0 */
-    int want_continue;       /* sent Expect: 100-continue; "100 Continue" not yet queued */
-    int error_status;        /* set during parsing: 405, 413, 431, 400; 0 otherwise */
+    mph_list_t node;   /* in conn->reqs until its response is taken to be written (first: list.h) */
+    conn_t *conn;      /* NULL once the connection is gone (the response is dropped) */
+    int responded;     /* the response is ready in head/body */
+    int keep_alive;    /* the client allows another request after this one */
+    int http_minor;    /* 0 for HTTP/1.0 */
+    int want_continue; /* sent Expect: 100-continue; "100 Continue" not yet queued */
+    int error_status;  /* set during parsing: 405, 413, 431, 400; 0 otherwise */
     mph_http_server_t *srv;  /* for the access log, which outlives a vanished client */
     uint64_t started_ns;     /* uv_hrtime() at the request's first byte */
     char methods[128];       /* for the access log (mph_http_req_set_call); "" for non-RPC */
@@ -114,6 +118,7 @@ struct mph_http_req_s {
 };
 
 struct conn_s {
+    mph_list_t node; /* in srv->conns, then srv->closing (first: list.h) */
     union { /* the client's stream; every use goes through tcp's address as a uv_stream_t */
         uv_tcp_t tcp;   /* a TCP client (mph_http_listen, mph_http_listen_shared) */
         uv_pipe_t pipe; /* a Unix-socket client (mph_http_listen_unix) */
@@ -131,14 +136,12 @@ struct conn_s {
     int expect_continue;  /* cur sent Expect: 100-continue */
     char value[32];       /* start of the current header value */
     size_t value_len;     /* its whole length */
-    mph_http_req_t *head; /* requests in order, not yet written */
-    mph_http_req_t *tail;
+    mph_list_t reqs;      /* requests in order, not yet written (mph_http_req_t.node) */
     unsigned in_flight;   /* requests parsed, not yet written out */
     unsigned writes;      /* response writes issued, not yet completed */
     size_t stalled_queue; /* write queue bytes when the idle timer was armed with writes */
     int reading;          /* uv_read_start is active */
     char peer[48];        /* the client's address, for the access log */
-    conn_t *prev, *next;  /* in srv->conns */
 };
 
 struct mph_http_server_s {
@@ -160,7 +163,8 @@ struct mph_http_server_s {
     mph_http_handler_t handler;
     mph_http_get_handler_t get_handler; /* NULL: every GET is 405 */
     void *ud;
-    conn_t *conns; /* open connections */
+    mph_list_t conns;   /* open connections (conn_t.node), newest first */
+    mph_list_t closing; /* connections closing: their handles' close callbacks are to come */
     unsigned nconns;
     unsigned nallocated; /* connections not yet freed (closing ones too): `drained` waits for
                             0, since their close callbacks still reach the server */
@@ -217,11 +221,11 @@ static const char *status_text(int status)
 /* The connection's invariants; used as assert(assert_conn_state(c)). */
 static int assert_conn_state(const conn_t *c)
 {
-    assert((c->head == NULL) == (c->tail == NULL));
-    assert(c->cur == NULL || c->cur == c->tail); /* the request being parsed is the last */
+    /* The request being parsed is the last. */
+    assert(c->cur == NULL || &c->cur->node == mph_list_last(&c->reqs));
     assert(c->in_flight >= (unsigned)(c->cur != NULL) + c->writes);
     assert(c->state == CONN_OPEN || !c->reading);
-    assert(c->state != CONN_CLOSING || (c->head == NULL && c->cur == NULL));
+    assert(c->state != CONN_CLOSING || (mph_list_empty(&c->reqs) && c->cur == NULL));
     (void)c;
     return 1;
 }
@@ -265,6 +269,8 @@ static void authorization_append(mph_http_req_t *r, const char *at, size_t len)
 
 static void req_free(mph_http_req_t *r)
 {
+    if (mph_list_is_linked(&r->node)) /* (only in conn_close's list of cleanups) */
+        mph_list_remove(&r->node);
     mph_http_req_wipe_authorization(r);
     mph_buf_free(&r->body);
     free(r->resp_body);
@@ -279,11 +285,7 @@ static mph_http_req_t *req_new(conn_t *c)
     r->started_ns = uv_hrtime();
     memcpy(r->peer, c->peer, sizeof(r->peer));
     r->keep_alive = 1;
-    if (c->tail)
-        c->tail->next = r;
-    else
-        c->head = r;
-    c->tail = r;
+    mph_list_insert_tail(&c->reqs, &r->node);
     c->in_flight++;
     return r;
 }
@@ -308,7 +310,9 @@ int mph_http_req_peer(const mph_http_req_t *r, struct sockaddr_storage *out)
  * request, which may close the connection (conn_close runs the rest itself). */
 static int run_one_gone(conn_t *c)
 {
-    for (mph_http_req_t *r = c->head; r; r = r->next) {
+    mph_list_t *q;
+    mph_list_foreach(q, &c->reqs) {
+        mph_http_req_t *r = mph_list_entry(q, mph_http_req_t, node);
         if (r->gone && !r->responded && r != c->cur) {
             mph_http_gone_cb cb = r->gone;
             r->gone = NULL;
@@ -387,7 +391,8 @@ static void respond(mph_http_req_t *r, int status, const char *ctype, const char
     r->resp_len = body ? len : 0;
     /* On a draining connection only the last response says "close": one said earlier would
      * tell the client to drop the responses still to come after it. */
-    int close = !r->keep_alive || (c->state != CONN_OPEN && r->next == NULL);
+    int close =
+        !r->keep_alive || (c->state != CONN_OPEN && mph_list_next(&c->reqs, &r->node) == NULL);
     r->keep_alive = !close;
     /* Built from pieces, not with snprintf: on every response, it cost 2,500 instructions. */
     head_t h = {r->head, 0};
@@ -480,7 +485,7 @@ static void response_written(conn_t *c, mph_http_req_t *r, int status)
         conn_close(c);
         return;
     }
-    if (c->state == CONN_DRAINING && c->head == NULL && c->writes == 0) {
+    if (c->state == CONN_DRAINING && mph_list_empty(&c->reqs) && c->writes == 0) {
         conn_close(c);
         return;
     }
@@ -532,11 +537,12 @@ static int write_response(conn_t *c, mph_http_req_t *r)
 static void conn_flush(conn_t *c)
 {
     assert(assert_conn_state(c));
-    while (c->head && c->head->responded && c->state != CONN_CLOSING) {
-        mph_http_req_t *r = c->head;
-        c->head = r->next;
-        if (c->head == NULL)
-            c->tail = NULL;
+    mph_list_t *q;
+    while (c->state != CONN_CLOSING && (q = mph_list_first(&c->reqs)) != NULL) {
+        mph_http_req_t *r = mph_list_entry(q, mph_http_req_t, node);
+        if (!r->responded)
+            break;
+        mph_list_remove(q);
         int rc = write_response(c, r);
         if (rc < 0) {
             c->in_flight--;
@@ -554,7 +560,7 @@ static void conn_flush(conn_t *c)
     }
     if (c->state == CONN_CLOSING)
         return;
-    if (c->state == CONN_DRAINING && c->head == NULL && c->writes == 0) {
+    if (c->state == CONN_DRAINING && mph_list_empty(&c->reqs) && c->writes == 0) {
         conn_close(c);
         return;
     }
@@ -577,7 +583,8 @@ static void on_continue_written(uv_write_t *w, int status)
 static void maybe_send_continue(conn_t *c)
 {
     mph_http_req_t *r = c->cur;
-    if (r == NULL || !r->want_continue || c->head != r || c->state != CONN_OPEN)
+    if (r == NULL || !r->want_continue || mph_list_first(&c->reqs) != &r->node ||
+        c->state != CONN_OPEN)
         return;
     r->want_continue = 0;
     static char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
@@ -784,14 +791,8 @@ static void conn_drain(conn_t *c)
 /* Forgets the half-received request, which is always the tail of the FIFO. */
 static void drop_partial(conn_t *c)
 {
-    mph_http_req_t *partial = c->cur, *prev = NULL;
-    for (mph_http_req_t *q = c->head; q != partial; q = q->next)
-        prev = q;
-    if (prev)
-        prev->next = NULL;
-    else
-        c->head = NULL;
-    c->tail = prev;
+    mph_http_req_t *partial = c->cur;
+    mph_list_remove(&partial->node);
     c->cur = NULL;
     c->in_flight--;
     req_free(partial);
@@ -903,6 +904,7 @@ static void on_conn_handle_closed(uv_handle_t *h)
     if (--c->open_handles > 0)
         return;
     mph_http_server_t *srv = c->srv;
+    mph_list_remove(&c->node); /* from srv->closing */
     free(c);
     srv->nallocated--;
     maybe_drained(srv);
@@ -917,33 +919,27 @@ static void conn_close(conn_t *c)
     /* Cut the requests loose: handlers still running answer into the void. Requests not yet
      * handed to a handler (or already answered) are freed here; written ones are freed by
      * their write callbacks, which run with UV_ECANCELED. Those with a cleanup have it run
-     * (mph_http_req_on_gone) once the connection is unlinked, each answering only itself. */
-    mph_http_req_t *r = c->head, *gone = NULL;
-    while (r) {
-        mph_http_req_t *next = r->next;
+     * (mph_http_req_on_gone) once the connection is unlinked, each answering only itself,
+     * the newest first. */
+    mph_list_t gone, *q, *tmp;
+    mph_list_init(&gone);
+    mph_list_foreach_safe(q, tmp, &c->reqs) {
+        mph_http_req_t *r = mph_list_entry(q, mph_http_req_t, node);
+        mph_list_remove(q);
         r->conn = NULL;
-        if (r->responded || r == c->cur) {
+        if (r->responded || r == c->cur)
             req_free(r);
-        } else if (r->gone) {
-            r->next = gone;
-            gone = r;
-        }
-        r = next;
+        else if (r->gone)
+            mph_list_insert_head(&gone, &r->node);
     }
-    c->head = c->tail = c->cur = NULL;
-    if (c->prev)
-        c->prev->next = c->next;
-    else
-        srv->conns = c->next;
-    if (c->next)
-        c->next->prev = c->prev;
+    c->cur = NULL;
+    mph_list_remove(&c->node);
+    mph_list_insert_tail(&srv->closing, &c->node);
     srv->nconns--;
     uv_close((uv_handle_t *)&c->tcp, on_conn_handle_closed);
     uv_close((uv_handle_t *)&c->timer, on_conn_handle_closed);
-    while (gone) {
-        r = gone;
-        gone = r->next;
-        r->next = NULL;
+    while ((q = mph_list_pop(&gone)) != NULL) {
+        mph_http_req_t *r = mph_list_entry(q, mph_http_req_t, node);
         mph_http_gone_cb cb = r->gone;
         r->gone = NULL;
         cb(r->gone_ud, r);
@@ -963,10 +959,8 @@ static conn_t *conn_new(mph_http_server_t *srv)
     c->tcp.data = c->timer.data = c;
     c->open_handles = 2;
     c->state = CONN_OPEN;
-    c->next = srv->conns;
-    if (srv->conns)
-        srv->conns->prev = c;
-    srv->conns = c;
+    mph_list_init(&c->reqs);
+    mph_list_insert_head(&srv->conns, &c->node);
     srv->nconns++;
     srv->nallocated++;
     return c;
@@ -1036,6 +1030,8 @@ int mph_http_server_new(mph_http_server_t **out, uv_loop_t *loop, const mph_http
     srv->handler = handler;
     srv->ud = ud;
     srv->shared_fd = -1;
+    mph_list_init(&srv->conns);
+    mph_list_init(&srv->closing);
     srv->settings.on_message_begin = on_message_begin;
     srv->settings.on_url = on_url;
     srv->settings.on_header_field = on_header_field;
@@ -1253,9 +1249,12 @@ static void on_listener_closed(uv_handle_t *h)
 static int last_answer_keeps_alive(const conn_t *c)
 {
     const mph_http_req_t *last = NULL;
-    for (const mph_http_req_t *r = c->head; r; r = r->next)
+    const mph_list_t *q;
+    mph_list_foreach(q, &c->reqs) {
+        const mph_http_req_t *r = mph_list_entry(q, mph_http_req_t, node);
         if (r != c->cur)
             last = r;
+    }
     return last == NULL || (last->responded && last->keep_alive);
 }
 
@@ -1274,7 +1273,9 @@ void mph_http_shutdown(mph_http_server_t *srv, void (*drained)(void *ud), void *
     }
     /* Connections whose last request is unanswered finish with it; the others get a last
      * moment for a request (see the top of this file). */
-    for (conn_t *c = srv->conns; c; c = c->next) {
+    mph_list_t *q;
+    mph_list_foreach(q, &srv->conns) {
+        conn_t *c = mph_list_entry(q, conn_t, node);
         if (!last_answer_keeps_alive(c))
             conn_drain(c);
         else if (c->writes == 0) /* (else on_write arms the timer, shortened now) */
@@ -1285,13 +1286,14 @@ void mph_http_shutdown(mph_http_server_t *srv, void (*drained)(void *ud), void *
 
 void mph_http_abort(mph_http_server_t *srv)
 {
-    while (srv->conns)
-        conn_close(srv->conns);
+    mph_list_t *q;
+    while ((q = mph_list_first(&srv->conns)) != NULL)
+        conn_close(mph_list_entry(q, conn_t, node)); /* unlinks it */
     maybe_drained(srv);
 }
 
 void mph_http_server_free(mph_http_server_t *srv)
 {
-    assert(srv->nallocated == 0 && !srv->listener_open);
+    assert(srv->nallocated == 0 && !srv->listener_open && mph_list_empty(&srv->closing));
     free(srv);
 }

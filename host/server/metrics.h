@@ -4,7 +4,7 @@
  * Each serving process owns one slot (mph_metrics_slot_t) and is its only writer: plain
  * relaxed atomic stores and increments, no lock, no allocation per call, so counting costs
  * nothing measurable on the hot path. Under a supervisor the slots live in the shared page
- * (supervisor.h), one per heartbeat slot (a slot per process, as the heartbeats are), plus
+ * (supervisor.h), one per beat index (a slot per process, as the heartbeats are), plus
  * one "retired" slot: when a worker exits, the supervisor adds its counters there and zeroes
  * its slot before the slot is given to a new process, so totals never go down when a worker
  * dies or a reload replaces them (we chose folding over a slot per process generation: the

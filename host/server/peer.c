@@ -14,17 +14,19 @@
  *   SENT --a whole answer--> DONE                      (fwd_answered)
  *   SENT --EOF, error, malformed answer, timeout--> DONE (fwd_fail; the connection closes)
  *
- * In DONE its callback has run and only its timer's close is awaited (then it is freed).
+ * Until DONE a forward is in peer->fwds (which a stop fails at once: fail_all); in DONE its
+ * callback has run and only its timer's close is awaited (then it is freed).
  * Every failure answers -32005 "worker N unavailable: why". A failure found while
  * mph_peer_forward runs is answered from the timer, so the callback never runs before
  * mph_peer_forward returns (the bridge relies on that, as on storage.h's callbacks).
  *
- * A connection is IDLE (in its worker's pool, read for end of file only), BUSY (carrying one
- * forward: one request, one answer; no pipelining, so a slow call holds no other behind it)
- * or CLOSING. One whose forward failed or timed out is never reused: its answer could still
- * come and be read as the next forward's. The pool keeps at most POOL_MAX idle connections
- * per worker, each for cfg.idle_ms, below the listener's idle timeout so that the listener
- * never closes one under a request we are writing.
+ * A connection is IDLE (in its worker's pool, peer->idle[worker], newest first, unless it was
+ * just opened; read for end of file only), BUSY (carrying one forward: one request, one
+ * answer; no pipelining, so a slow call holds no other behind it) or CLOSING; in peer->conns
+ * until freed. One whose forward failed or timed out is never reused: its answer could
+ * still come and be read as the next forward's. The pool keeps at most POOL_MAX idle
+ * connections per worker, each for cfg.idle_ms, below the listener's idle timeout so that the
+ * listener never closes one under a request we are writing.
  *
  * Why a refused connection is retried for a while: a worker that was killed is replaced in
  * well under a second, and until its replacement listens, its name refuses connections; a
@@ -48,6 +50,7 @@
 
 #include "common/json.h"
 #include "common/common.h"
+#include "common/list.h"
 #include "config.h"
 #include "localsock.h"
 #include "rpc.h"
@@ -63,6 +66,7 @@ typedef struct fwd_s fwd_t;
 typedef struct pconn_s pconn_t;
 
 struct fwd_s {
+    mph_list_t node; /* in peer->fwds (for a stop) until answered (first: list.h) */
     mph_peer_t *peer;
     int worker;          /* 1..count */
     fwd_state_t state;   /* see the diagram above */
@@ -74,11 +78,10 @@ struct fwd_s {
     char why[200];       /* WAITING: the failure the timer answers ("" while retrying) */
     uv_timer_t timer;    /* WAITING: the retry or the failure; SENT: the deadline */
     pconn_t *conn;       /* SENT: the connection carrying it */
-    int linked;          /* in peer->fwds */
-    fwd_t *prev, *next;  /* in peer->fwds: unanswered forwards, for a stop */
 };
 
 struct pconn_s {
+    mph_list_t node; /* in peer->conns until freed (first: list.h) */
     uv_pipe_t pipe;
     uv_timer_t idle; /* IDLE: closes it after cfg.idle_ms */
     mph_peer_t *peer;
@@ -90,8 +93,7 @@ struct pconn_s {
     mph_buf_t body;       /* the answer's body so far */
     int complete;         /* the answer has ended */
     int reusable;         /* ... and the connection may carry another request */
-    pconn_t *prev, *next; /* in peer->conns (open connections) */
-    pconn_t *next_idle;   /* in peer->idle[worker] */
+    mph_list_t idle_node; /* in peer->idle[worker] while IDLE and pooled */
 };
 
 /* A write in flight, on its own: it outlives the forward and the connection's reuse, and its
@@ -108,10 +110,11 @@ struct mph_peer_s {
     mph_peer_config_t cfg;
     mph_http_server_t *server; /* the listener side (owned), or NULL */
     int server_open;           /* server exists and has not drained */
-    pconn_t *conns;            /* open connections */
-    pconn_t **idle;            /* [1..count]: each worker's idle connections, newest first */
+    mph_list_t conns;          /* connections not freed yet, closing ones too (pconn_t.node) */
+    mph_list_t *idle;          /* [1..count]: each worker's idle connections (pconn_t.idle_node),
+                                  newest first */
     int *nidle;                /* [1..count]: how many */
-    fwd_t *fwds;               /* unanswered forwards */
+    mph_list_t fwds;           /* unanswered forwards (fwd_t.node) */
     unsigned handles;          /* open handles of connections and forwards */
     int stopping;              /* mph_peer_shutdown was called: forwards fail at once */
     void (*closed)(void *ud);  /* until it has run */
@@ -137,7 +140,7 @@ static int assert_fwd_state(const fwd_t *f)
         assert(f->conn != NULL && f->conn->fwd == f && f->request.len == 0);
         break;
     case FWD_DONE: /* answered: nothing refers to it but its closing timer */
-        assert(f->conn == NULL && !f->linked);
+        assert(f->conn == NULL && !mph_list_is_linked(&f->node));
         break;
     default:
         assert(!"unknown forward state");
@@ -191,25 +194,12 @@ static void on_fwd_closed(uv_handle_t *h)
     maybe_closed(p);
 }
 
-static void fwd_unlink(fwd_t *f)
-{
-    mph_peer_t *p = f->peer;
-    if (!f->linked)
-        return;
-    if (f->prev)
-        f->prev->next = f->next;
-    else
-        p->fwds = f->next;
-    if (f->next)
-        f->next->prev = f->prev;
-    f->linked = 0;
-}
-
 /* Answers f (the reply is borrowed by the callback) and lets it go. */
 static void fwd_finish(fwd_t *f, mph_lua_reply_t *reply)
 {
     assert(f->state != FWD_DONE && f->conn == NULL);
-    fwd_unlink(f);
+    if (mph_list_is_linked(&f->node)) /* (fail_all has taken it out already) */
+        mph_list_remove(&f->node);
     f->state = FWD_DONE;
     assert(assert_fwd_state(f));
     uv_timer_stop(&f->timer);
@@ -267,6 +257,7 @@ static void on_pconn_closed(uv_handle_t *h)
     if (--c->open_handles > 0)
         return;
     mph_peer_t *p = c->peer;
+    mph_list_remove(&c->node);
     mph_buf_free(&c->body);
     free(c);
     p->handles -= 2;
@@ -275,31 +266,20 @@ static void on_pconn_closed(uv_handle_t *h)
 
 static void pool_remove(pconn_t *c)
 {
-    mph_peer_t *p = c->peer;
-    for (pconn_t **q = &p->idle[c->worker]; *q; q = &(*q)->next_idle) {
-        if (*q == c) {
-            *q = c->next_idle;
-            p->nidle[c->worker]--;
-            return;
-        }
-    }
+    if (!mph_list_is_linked(&c->idle_node))
+        return;
+    mph_list_remove(&c->idle_node);
+    c->peer->nidle[c->worker]--;
 }
 
 static void pconn_close(pconn_t *c)
 {
-    mph_peer_t *p = c->peer;
     if (c->state == PCONN_CLOSING)
         return;
     assert(c->fwd == NULL); /* a forward on it has been answered or failed first */
     if (c->state == PCONN_IDLE)
         pool_remove(c);
     c->state = PCONN_CLOSING;
-    if (c->prev)
-        c->prev->next = c->next;
-    else
-        p->conns = c->next;
-    if (c->next)
-        c->next->prev = c->prev;
     uv_close((uv_handle_t *)&c->pipe, on_pconn_closed);
     uv_close((uv_handle_t *)&c->idle, on_pconn_closed);
 }
@@ -319,8 +299,7 @@ static void pconn_release(pconn_t *c)
     }
     c->state = PCONN_IDLE;
     assert(assert_pconn_state(c));
-    c->next_idle = p->idle[c->worker];
-    p->idle[c->worker] = c;
+    mph_list_insert_head(&p->idle[c->worker], &c->idle_node);
     p->nidle[c->worker]++;
     uv_timer_start(&c->idle, on_idle_timeout, p->cfg.idle_ms, 0);
 }
@@ -458,10 +437,7 @@ static pconn_t *pconn_open(mph_peer_t *p, int worker, char *why, size_t whylen)
     c->pipe.data = c->idle.data = c;
     c->open_handles = 2;
     p->handles += 2;
-    c->next = p->conns;
-    if (p->conns)
-        p->conns->prev = c;
-    p->conns = c;
+    mph_list_insert_head(&p->conns, &c->node);
     int rc = uv_pipe_open(&c->pipe, fd);
     if (rc != 0)
         close(fd); /* not the handle's: it refused it */
@@ -525,7 +501,8 @@ static void fwd_try(fwd_t *f)
         fwd_fail_later(f, "this worker is stopping");
         return;
     }
-    pconn_t *c = p->idle[f->worker];
+    mph_list_t *pooled = mph_list_first(&p->idle[f->worker]);
+    pconn_t *c = pooled ? mph_list_entry(pooled, pconn_t, idle_node) : NULL;
     if (c != NULL) {
         pool_remove(c);
     } else if ((c = pconn_open(p, f->worker, why, sizeof(why))) == NULL) {
@@ -563,11 +540,7 @@ void mph_peer_forward(void *fud, int worker, mph_lua_role_t role, const char *bo
     uv_timer_init(p->loop, &f->timer);
     f->timer.data = f;
     p->handles++;
-    f->linked = 1;
-    f->next = p->fwds;
-    if (p->fwds)
-        p->fwds->prev = f;
-    p->fwds = f;
+    mph_list_insert_head(&p->fwds, &f->node);
     assert(assert_fwd_state(f));
     fwd_try(f);
 }
@@ -579,7 +552,11 @@ int mph_peer_new(mph_peer_t **out, uv_loop_t *loop, const mph_peer_config_t *cfg
     mph_peer_t *p = mph_xcalloc(1, sizeof(*p));
     p->loop = loop;
     p->cfg = *cfg;
+    mph_list_init(&p->conns);
+    mph_list_init(&p->fwds);
     p->idle = mph_xcalloc((size_t)cfg->count + 1, sizeof(*p->idle));
+    for (int w = 0; w <= cfg->count; w++)
+        mph_list_init(&p->idle[w]);
     p->nidle = mph_xcalloc((size_t)cfg->count + 1, sizeof(*p->nidle));
     p->settings.on_body = on_answer_body;
     p->settings.on_message_complete = on_answer_complete;
@@ -617,26 +594,23 @@ static void maybe_closed(mph_peer_t *p)
     }
 }
 
-/* Fails every unanswered forward now. Those that the callbacks start meanwhile are not in the
- * list taken here: they fail from their timers (the peer is stopping). */
+/* Fails every unanswered forward now, newest first. Those that the callbacks start meanwhile
+ * are not in the list taken here: they fail from their timers (the peer is stopping). */
 static void fail_all(mph_peer_t *p)
 {
-    fwd_t *f = p->fwds;
-    p->fwds = NULL;
-    for (fwd_t *g = f; g; g = g->next)
-        g->linked = 0;
-    while (f) {
-        fwd_t *next = f->next;
-        fwd_fail(f, "this worker is stopping");
-        f = next;
-    }
+    mph_list_t all, *q;
+    mph_list_init(&all);
+    mph_list_move(&all, &p->fwds);
+    while ((q = mph_list_pop(&all)) != NULL)
+        fwd_fail(mph_list_entry(q, fwd_t, node), "this worker is stopping");
 }
 
 static void close_pools(mph_peer_t *p)
 {
+    mph_list_t *q;
     for (int w = 1; w <= p->cfg.count; w++)
-        while (p->idle[w])
-            pconn_close(p->idle[w]);
+        while ((q = mph_list_first(&p->idle[w])) != NULL)
+            pconn_close(mph_list_entry(q, pconn_t, idle_node)); /* takes it out */
 }
 
 static void on_server_drained(void *ud)
@@ -671,7 +645,7 @@ void mph_peer_abort(mph_peer_t *p)
 
 void mph_peer_free(mph_peer_t *p)
 {
-    assert(p->handles == 0 && p->conns == NULL && p->fwds == NULL);
+    assert(p->handles == 0 && mph_list_empty(&p->conns) && mph_list_empty(&p->fwds));
     if (p->server != NULL)
         mph_http_server_free(p->server);
     free(p->idle);

@@ -1,11 +1,12 @@
 /*
  * rpc.c: JSON-RPC 2.0 (https://www.jsonrpc.org/specification).
  *
- * A request body is one call or a batch. Each call becomes a slot; the bridge replies to
- * each slot once, possibly before mph_lua_call returns, so the count of outstanding slots
- * starts one higher than their number and drops that extra one only after dispatching: the
- * response cannot go out half-built. Batch elements run concurrently and are answered in the
- * order they came; notifications run but are not answered.
+ * A request body is one call or a batch: a request (call_t) of one or more parts (part_t),
+ * one per call object. The bridge replies to each part once, possibly before mph_lua_call
+ * returns, so the count of outstanding parts starts one higher than their number and drops
+ * that extra one only after dispatching: the response cannot go out half-built. Batch
+ * elements run concurrently and are answered in the order they came; notifications run but
+ * are not answered.
  *
  * A call to an exposed service behind mp.basicAuth is held until the request's credentials
  * are checked (auth.h): once per request, however many such calls it carries, started after
@@ -34,31 +35,33 @@
 #include "common/json.h"
 #include "common/common.h"
 
+/* A part of a request: one call object of it (a batch has several). */
 typedef struct {
-    json_t *id;       /* owned reference; NULL for a notification */
-    int notification; /* valid call without "id": run, do not answer */
-    int code;         /* the reply's JSON-RPC error code once done; 0: a result */
-    json_t *held;     /* owned reference to the call object while it waits for the
-                         request's credentials to be checked; NULL otherwise */
-    mph_buf_t out;    /* this slot's response object */
-    json_t *method;   /* owned reference to the method name while counted (rpc->metrics) */
-    struct call_s *call;
-} slot_t;
+    json_t *id;          /* owned reference; NULL for a notification */
+    int notification;    /* valid call without "id": run, do not answer */
+    int code;            /* the reply's JSON-RPC error code once done; 0: a result */
+    json_t *held;        /* owned reference to the call object while it waits for the
+                            request's credentials to be checked; NULL otherwise */
+    mph_buf_t out;       /* this part's response object */
+    json_t *method;      /* owned reference to the method name while counted (rpc->metrics) */
+    struct call_s *call; /* the request it is a part of */
+} part_t;
 
+/* A request: its body's calls, answered together once every part is done. */
 typedef struct call_s {
-    mph_http_req_t *req; /* answered once every slot is done */
+    mph_http_req_t *req; /* answered once every part is done */
     mph_rpc_t *rpc;      /* borrowed */
     mph_lua_role_t role; /* of every call in it: MPH_LUA_CALL unless another worker forwarded */
     int is_batch;
-    size_t nslots;
-    size_t outstanding; /* slots without a reply, plus one while dispatching or releasing
-                           the held ones */
-    size_t held;        /* slots waiting for the credentials check */
-    uint64_t start_ns;  /* uv_hrtime when the request was read (a call's duration) */
-    slot_t *slots;
+    size_t nparts;
+    size_t outstanding;         /* parts without a reply, plus one while dispatching or releasing
+                                   the held ones */
+    size_t held;                /* parts waiting for the credentials check */
+    uint64_t start_ns;          /* uv_hrtime when the request was read (a call's duration) */
+    part_t *parts;              /* nparts, owned; in the body's order */
     char *methods;              /* the calls' method names joined by ",", for the access log
                                    (owned) */
-    mph_auth_wait_t *auth_wait; /* the credentials check the held slots wait for, or NULL */
+    mph_auth_wait_t *auth_wait; /* the credentials check the held parts wait for, or NULL */
 } call_t;
 
 #define WWW_AUTHENTICATE "WWW-Authenticate: Basic realm=\"mphost\"\r\n"
@@ -105,27 +108,27 @@ static void call_finish(call_t *call)
     mph_buf_t body = MPH_BUF_INIT;
     size_t answered = 0, refused = 0;
     int code = 0; /* the access log's: the first error of the request */
-    for (size_t i = 0; i < call->nslots && code == 0; i++)
-        code = call->slots[i].code;
+    for (size_t i = 0; i < call->nparts && code == 0; i++)
+        code = call->parts[i].code;
     mph_http_req_set_call(call->req, call->methods ? call->methods : "-", code);
     free(call->methods);
     if (call->is_batch)
         mph_buf_puts(&body, "[");
-    for (size_t i = 0; i < call->nslots; i++) {
-        slot_t *s = &call->slots[i];
-        refused += s->code == MPH_RPC_UNAUTHORIZED;
-        if (s->out.len) {
+    for (size_t i = 0; i < call->nparts; i++) {
+        part_t *p = &call->parts[i];
+        refused += p->code == MPH_RPC_UNAUTHORIZED;
+        if (p->out.len) {
             if (answered++)
                 mph_buf_puts(&body, ",");
-            mph_buf_append(&body, s->out.data, s->out.len);
+            mph_buf_append(&body, p->out.data, p->out.len);
         }
-        mph_buf_free(&s->out);
-        json_decref(s->id);
+        mph_buf_free(&p->out);
+        json_decref(p->id);
     }
     if (call->is_batch)
         mph_buf_puts(&body, "]");
-    free(call->slots);
-    if (answered == 0 && refused < call->nslots) {
+    free(call->parts);
+    if (answered == 0 && refused < call->nparts) {
         mph_buf_free(&body);
         mph_http_respond(call->req, 204, NULL, 0);
     } else {
@@ -136,7 +139,7 @@ static void call_finish(call_t *call)
             data = mph_buf_steal(&body, &len);
         }
         mph_buf_free(&body); /* the brackets of an unanswered batch */
-        if (refused == call->nslots)
+        if (refused == call->nparts)
             mph_http_respond_json(call->req, 401, WWW_AUTHENTICATE, data, len);
         else
             mph_http_respond(call->req, 200, data, len);
@@ -157,76 +160,76 @@ static void count_call(mph_metrics_t *m, const char *method, size_t mlen, int kn
     mph_metrics_request(m, ix, code, uv_hrtime() - start_ns);
 }
 
-/* Counts the slot's reply (a client's call: not forwarded ones). */
-static void count(slot_t *s, int known_method)
+/* Counts the part's reply (a client's call: not forwarded ones). */
+static void count(part_t *p, int known_method)
 {
-    json_t *method = s->method;
-    s->method = NULL;
-    if (s->call->role == MPH_LUA_CALL)
-        count_call(s->call->rpc->metrics, json_string_value(method), json_string_length(method),
-                   known_method, s->code, s->call->start_ns);
+    json_t *method = p->method;
+    p->method = NULL;
+    if (p->call->role == MPH_LUA_CALL)
+        count_call(p->call->rpc->metrics, json_string_value(method), json_string_length(method),
+                   known_method, p->code, p->call->start_ns);
     json_decref(method); /* NULL: nothing */
 }
 
-static void slot_done(slot_t *s)
+static void part_done(part_t *p)
 {
-    call_t *call = s->call;
+    call_t *call = p->call;
     if (--call->outstanding == 0)
         call_finish(call);
 }
 
 static void on_reply(void *ud, mph_lua_reply_t *reply)
 {
-    slot_t *s = ud;
-    s->code = reply->code;
-    count(s, reply->code != MPH_RPC_METHOD_NOT_FOUND);
-    if (!s->notification) {
+    part_t *p = ud;
+    p->code = reply->code;
+    count(p, reply->code != MPH_RPC_METHOD_NOT_FOUND);
+    if (!p->notification) {
         if (reply->code == 0) {
-            mph_buf_puts(&s->out, "{\"jsonrpc\":\"2.0\",\"id\":");
-            mph_json_write_jansson(&s->out, s->id);
-            mph_buf_puts(&s->out, ",\"result\":");
-            mph_buf_append(&s->out, reply->json, reply->json_len);
-            mph_buf_puts(&s->out, "}");
+            mph_buf_puts(&p->out, "{\"jsonrpc\":\"2.0\",\"id\":");
+            mph_json_write_jansson(&p->out, p->id);
+            mph_buf_puts(&p->out, ",\"result\":");
+            mph_buf_append(&p->out, reply->json, reply->json_len);
+            mph_buf_puts(&p->out, "}");
         } else {
-            write_error(&s->out, s->id, reply->code, reply->message, reply->json, reply->json_len);
+            write_error(&p->out, p->id, reply->code, reply->message, reply->json, reply->json_len);
         }
     }
-    slot_done(s);
+    part_done(p);
 }
 
-static void slot_error(slot_t *s, int code, const char *message)
+static void part_error(part_t *p, int code, const char *message)
 {
-    s->code = code;
+    p->code = code;
     /* Refused for its credentials, or not checked: the method is an exposed service. */
-    count(s, code == MPH_RPC_UNAUTHORIZED || code == MPH_RPC_WORKER_UNAVAILABLE);
-    if (!s->notification)
-        write_error(&s->out, s->id, code, message, NULL, 0);
-    slot_done(s);
+    count(p, code == MPH_RPC_UNAUTHORIZED || code == MPH_RPC_WORKER_UNAVAILABLE);
+    if (!p->notification)
+        write_error(&p->out, p->id, code, message, NULL, 0);
+    part_done(p);
 }
 
 /* Runs a validated call object, in the role of its request, as user (NULL: nobody). */
-static void run_call(mph_rpc_t *rpc, slot_t *s, const json_t *r, const char *user)
+static void run_call(mph_rpc_t *rpc, part_t *p, const json_t *r, const char *user)
 {
     json_t *method = json_object_get(r, "method");
-    mph_lua_call_as(rpc->lua, s->call->role, user, json_string_value(method),
-                    json_string_length(method), json_object_get(r, "params"), on_reply, s);
+    mph_lua_call_as(rpc->lua, p->call->role, user, json_string_value(method),
+                    json_string_length(method), json_object_get(r, "params"), on_reply, p);
 }
 
 /* Answers or runs the held calls: as user (NULL: refused with code and message). */
 static void release_held(call_t *call, const char *user, int code, const char *message)
 {
     call->outstanding++; /* the call may not finish while the loop below walks it */
-    for (size_t i = 0; i < call->nslots && call->held > 0; i++) {
-        slot_t *s = &call->slots[i];
-        json_t *r = s->held;
+    for (size_t i = 0; i < call->nparts && call->held > 0; i++) {
+        part_t *p = &call->parts[i];
+        json_t *r = p->held;
         if (r == NULL)
             continue;
-        s->held = NULL;
+        p->held = NULL;
         call->held--;
         if (user)
-            run_call(call->rpc, s, r, user);
+            run_call(call->rpc, p, r, user);
         else
-            slot_error(s, code, message);
+            part_error(p, code, message);
         json_decref(r);
     }
     if (--call->outstanding == 0)
@@ -286,19 +289,19 @@ static void check_credentials(call_t *call, mph_http_req_t *req)
  * it for the credentials check. A call another worker forwarded was checked there: it runs
  * as the user the forwarding worker named (MPH_LUA_FORWARD_USER, read only on the peer
  * listener, which only our own processes reach). */
-static void dispatch(mph_rpc_t *rpc, slot_t *s, const json_t *r)
+static void dispatch(mph_rpc_t *rpc, part_t *p, const json_t *r)
 {
     if (!json_is_object(r)) {
-        slot_error(s, MPH_RPC_INVALID_REQUEST, "Invalid Request");
+        part_error(p, MPH_RPC_INVALID_REQUEST, "Invalid Request");
         return;
     }
     json_t *id = json_object_get(r, "id");
     if (id && !json_is_string(id) && !json_is_number(id) && !json_is_null(id)) {
-        slot_error(s, MPH_RPC_INVALID_REQUEST,
+        part_error(p, MPH_RPC_INVALID_REQUEST,
                    "Invalid Request: id must be a string, number or null");
         return;
     }
-    s->id = json_incref(id); /* NULL stays NULL */
+    p->id = json_incref(id); /* NULL stays NULL */
     json_t *version = json_object_get(r, "jsonrpc");
     json_t *method = json_object_get(r, "method");
     json_t *params = json_object_get(r, "params");
@@ -308,31 +311,31 @@ static void dispatch(mph_rpc_t *rpc, slot_t *s, const json_t *r)
     else if (!json_is_string(method))
         problem = "Invalid Request: method must be a string";
     if (problem) {
-        slot_error(s, MPH_RPC_INVALID_REQUEST, problem);
+        part_error(p, MPH_RPC_INVALID_REQUEST, problem);
         return;
     }
-    s->notification = (id == NULL);
+    p->notification = (id == NULL);
     if (params && !json_is_array(params) && !json_is_object(params)) {
-        if (s->notification) {
-            slot_done(s);
+        if (p->notification) {
+            part_done(p);
             return;
         }
-        slot_error(s, MPH_RPC_INVALID_PARAMS, PARAMS_PROBLEM);
+        part_error(p, MPH_RPC_INVALID_PARAMS, PARAMS_PROBLEM);
         return;
     }
     if (rpc->metrics)
-        s->method = json_incref(method);
-    if (s->call->role != MPH_LUA_CALL) {
+        p->method = json_incref(method);
+    if (p->call->role != MPH_LUA_CALL) {
         json_t *user = json_object_get(r, MPH_LUA_FORWARD_USER);
-        run_call(rpc, s, r, json_is_string(user) ? json_string_value(user) : NULL);
+        run_call(rpc, p, r, json_is_string(user) ? json_string_value(user) : NULL);
         return;
     }
     if (mph_lua_needs_auth(rpc->lua, json_string_value(method), json_string_length(method))) {
-        s->held = json_incref((json_t *)r);
-        s->call->held++;
+        p->held = json_incref((json_t *)r);
+        p->call->held++;
         return;
     }
-    run_call(rpc, s, r, NULL);
+    run_call(rpc, p, r, NULL);
 }
 
 /* Answers a request that has no call to run; counted in m (NULL: not counted). */
@@ -389,13 +392,13 @@ static void handle(mph_rpc_t *rpc, mph_http_req_t *req, const char *body, size_t
     call->start_ns = uv_hrtime();
     call->role = role;
     call->is_batch = json_is_array(doc);
-    call->nslots = call->is_batch ? json_array_size(doc) : 1;
-    call->slots = mph_xcalloc(call->nslots, sizeof(slot_t));
-    call->outstanding = call->nslots + 1;
+    call->nparts = call->is_batch ? json_array_size(doc) : 1;
+    call->parts = mph_xcalloc(call->nparts, sizeof(part_t));
+    call->outstanding = call->nparts + 1;
     call->methods = method_names(doc);
-    for (size_t i = 0; i < call->nslots; i++) {
-        call->slots[i].call = call;
-        dispatch(rpc, &call->slots[i], call->is_batch ? json_array_get(doc, i) : doc);
+    for (size_t i = 0; i < call->nparts; i++) {
+        call->parts[i].call = call;
+        dispatch(rpc, &call->parts[i], call->is_batch ? json_array_get(doc, i) : doc);
     }
     if (call->held > 0)
         check_credentials(call, req);
@@ -443,7 +446,7 @@ static void on_direct_reply(void *ud, mph_lua_reply_t *reply)
     free(d);
 }
 
-/* Answers a call the bridge never saw, as HTTP answers its call object (slot_error). */
+/* Answers a call the bridge never saw, as HTTP answers its call object (part_error). */
 static void direct_error(direct_t *d, int code, const char *message)
 {
     count_call(d->rpc->metrics, d->method, strlen(d->method), code == MPH_RPC_UNAUTHORIZED, code,

@@ -302,9 +302,10 @@ static void test_checks_on_the_pool(void)
     mph_auth_t *a;
     CHECK(mph_auth_new(&a, &loop, saved, 0, err, sizeof(err)) == 0 && mph_auth_count(a) == 2);
     /* The cache is direct-mapped under a random key: with this one, bob's and alice's pairs
-     * could share a slot (1 run in 1024) and alice's would evict bob's below. A key that
+     * could share an entry (1 run in 1024) and alice's would evict bob's below. A key that
      * keeps them apart makes the test say the same thing every run. */
-    while ((siphash24(a->key, "bob:b-pw", 8) ^ siphash24(a->key, "alice:a-pw", 10)) % CACHE_SLOTS ==
+    while ((siphash24(a->key, "bob:b-pw", 8) ^ siphash24(a->key, "alice:a-pw", 10)) %
+               CACHE_ENTRIES ==
            0)
         a->key[0]++;
 
@@ -526,7 +527,8 @@ static void test_bounds_in_all_and_per_source(void)
     }
     run_until(&loop, &az[1].calls, 1);
     CHECK(az[1].calls == 1 && az[1].result == MPH_AUTH_REFUSED);
-    CHECK(a->nchecks == 0 && a->nqueued == 0 && a->sources == NULL && a->stats.hashed == 6);
+    CHECK(a->nchecks == 0 && a->nqueued == 0 && mph_list_empty(&a->sources) &&
+          a->stats.hashed == 6);
     /* Room again: the one refused is welcome now. */
     check_from(a, (struct sockaddr *)&x, "alice", "a-pw", &ax[3]);
     run_until(&loop, &ax[3].calls, 2);

@@ -1,10 +1,13 @@
 /*
- * Unit tests of the pure C pieces: the JSON <-> Lua mapping and the UTF-8 check (the file
+ * Unit tests of the pure C pieces: the intrusive list, the line buffer, the JSON <-> Lua
+ * mapping and the UTF-8 check (the file
  * backend's name encoding and record format are in file.c). The .c files are included to reach
  * their statics (as h2o's t/00unit does). Output is TAP, one line per test.
  */
 #define _GNU_SOURCE
 #include "common/common.c"
+#include "common/linebuf.c"
+#include "common/list.h"
 #include "lua/json.c"
 #include "common/json.c"
 
@@ -164,7 +167,126 @@ static void test_utf8(void)
     CHECK(!mph_utf8_valid("\xe0\x80\xaf", 3)); /* overlong 3-byte */
 }
 
+/* An element of the list tests. */
+typedef struct {
+    int v;
+    mph_list_t node;
+} item_t;
+
+/* Whether list holds exactly the values want[0..n-1] in order, both ways round. */
+static int list_is(const mph_list_t *list, const int *want, int n)
+{
+    const mph_list_t *q;
+    int i = 0;
+    mph_list_foreach(q, list) {
+        if (i >= n || mph_list_entry(q, item_t, node)->v != want[i])
+            return 0;
+        i++;
+    }
+    if (i != n)
+        return 0;
+    for (q = list->prev; q != list; q = q->prev)
+        if (--i < 0 || mph_list_entry(q, item_t, node)->v != want[i])
+            return 0;
+    return i == 0;
+}
+
+static void test_list(void)
+{
+    mph_list_t list = MPH_LIST_INIT(list), other;
+    mph_list_init(&other);
+    item_t it[5]; /* zeroed nodes: unlinked */
+    memset(it, 0, sizeof(it));
+    for (int i = 0; i < 5; i++)
+        it[i].v = i;
+    CHECK(mph_list_empty(&list) && mph_list_first(&list) == NULL && mph_list_pop(&list) == NULL);
+    CHECK(!mph_list_is_linked(&it[0].node));
+    mph_list_insert_tail(&list, &it[1].node);
+    mph_list_insert_tail(&list, &it[2].node);
+    mph_list_insert_head(&list, &it[0].node);
+    CHECK(list_is(&list, (int[]){0, 1, 2}, 3) && mph_list_is_linked(&it[1].node));
+    CHECK(mph_list_first(&list) == &it[0].node && mph_list_last(&list) == &it[2].node);
+    CHECK(mph_list_next(&list, &it[0].node) == &it[1].node);
+    CHECK(mph_list_next(&list, &it[2].node) == NULL);
+    mph_list_remove(&it[1].node); /* the middle */
+    CHECK(list_is(&list, (int[]){0, 2}, 2) && !mph_list_is_linked(&it[1].node));
+    mph_list_insert_after(&it[0].node, &it[1].node);
+    CHECK(list_is(&list, (int[]){0, 1, 2}, 3));
+    /* The safe walk may take out the node it stands on. */
+    mph_list_t *q, *tmp;
+    mph_list_foreach_safe(q, tmp, &list) {
+        if (mph_list_entry(q, item_t, node)->v != 1)
+            mph_list_remove(q);
+    }
+    CHECK(list_is(&list, (int[]){1}, 1));
+    /* Moving appends in order and empties the source. */
+    mph_list_insert_tail(&other, &it[3].node);
+    mph_list_insert_tail(&other, &it[4].node);
+    mph_list_move(&list, &other);
+    CHECK(mph_list_empty(&other) && list_is(&list, (int[]){1, 3, 4}, 3));
+    mph_list_move(&other, &list); /* into an empty one */
+    CHECK(mph_list_empty(&list) && list_is(&other, (int[]){1, 3, 4}, 3));
+    mph_list_move(&other, &list); /* from an empty one: nothing */
+    CHECK(list_is(&other, (int[]){1, 3, 4}, 3));
+    CHECK(mph_list_pop(&other) == &it[1].node && !mph_list_is_linked(&it[1].node));
+    CHECK(mph_list_pop(&other) == &it[3].node && mph_list_pop(&other) == &it[4].node);
+    CHECK(mph_list_pop(&other) == NULL && mph_list_empty(&other));
+}
+
+/* Feeds text into lb as a read of at most its room would; returns the bytes that fit. */
+static size_t linebuf_feed(mph_linebuf_t *lb, const char *text)
+{
+    size_t room, n = strlen(text);
+    char *at = mph_linebuf_room(lb, &room);
+    n = n < room ? n : room;
+    memcpy(at, text, n);
+    mph_linebuf_added(lb, n);
+    return n;
+}
+
+static void test_linebuf(void)
+{
+    char data[8]; /* 7 bytes of lines at most */
+    mph_linebuf_t lb;
+    mph_linebuf_init(&lb, data, sizeof(data));
+    CHECK(mph_linebuf_take(&lb) == NULL && !mph_linebuf_full(&lb));
+    /* Lines split over reads, and several in one read. */
+    CHECK(linebuf_feed(&lb, "ab") == 2 && mph_linebuf_take(&lb) == NULL);
+    CHECK(linebuf_feed(&lb, "\nc\nd") == 4);
+    const char *line = mph_linebuf_take(&lb);
+    CHECK(line != NULL && strcmp(line, "ab") == 0);
+    line = mph_linebuf_take(&lb);
+    CHECK(line != NULL && strcmp(line, "c") == 0);
+    CHECK(mph_linebuf_take(&lb) == NULL && lb.len == 1); /* "d" waits for its newline */
+    CHECK(linebuf_feed(&lb, "\n") == 1);
+    line = mph_linebuf_take(&lb);
+    CHECK(line != NULL && strcmp(line, "d") == 0);
+    /* An empty line is a line. */
+    CHECK(linebuf_feed(&lb, "\n") == 1);
+    line = mph_linebuf_take(&lb);
+    CHECK(line != NULL && line[0] == '\0');
+    /* Too long: the buffer fills without a newline, and there is no room left. */
+    CHECK(linebuf_feed(&lb, "0123456789") == 7 && mph_linebuf_take(&lb) == NULL);
+    size_t room;
+    CHECK(mph_linebuf_full(&lb) && mph_linebuf_room(&lb, &room) != NULL && room == 0);
+    /* Exactly full with a newline last: a whole line of size - 2 bytes. */
+    mph_linebuf_init(&lb, data, sizeof(data));
+    CHECK(linebuf_feed(&lb, "012345\n") == 7 && mph_linebuf_full(&lb));
+    line = mph_linebuf_take(&lb);
+    CHECK(line != NULL && strcmp(line, "012345") == 0 && !mph_linebuf_full(&lb));
+    CHECK(mph_linebuf_room(&lb, &room) == data && room == 7);
+    /* A NUL byte hides what follows it: that line never completes. */
+    mph_linebuf_init(&lb, data, sizeof(data));
+    size_t room2;
+    char *at = mph_linebuf_room(&lb, &room2);
+    memcpy(at, "a\0b\n", 4);
+    mph_linebuf_added(&lb, 4);
+    CHECK(mph_linebuf_take(&lb) == NULL);
+}
+
 static const mph_unit_test_t tests[] = {
+    {"list", test_list},
+    {"linebuf", test_linebuf},
     {"encode_scalars", test_encode_scalars},
     {"encode_tables", test_encode_tables},
     {"encode_errors_name_the_path", test_encode_errors_name_the_path},

@@ -24,16 +24,16 @@
 /* ---- The fake bridge ---- */
 
 typedef struct fake_call_s {
+    mph_list_t node; /* in fake_pending (first: list.h) */
     mph_lua_reply_cb cb;
     void *ud;
     int code;      /* 0: result */
     char *json;    /* result or error data (owned) */
     char *message; /* error message (owned) */
-    struct fake_call_s *next;
 } fake_call_t;
 
-static fake_call_t *fake_pending; /* deferred calls, newest first */
-static unsigned fake_seq;         /* calls seen, in dispatch order */
+static mph_list_t fake_pending = MPH_LIST_INIT(fake_pending); /* deferred calls, newest first */
+static unsigned fake_seq;                                     /* calls seen, in dispatch order */
 
 static void fake_reply(fake_call_t *call)
 {
@@ -57,7 +57,7 @@ void mph_lua_call_as(mph_lua_t *lua, mph_lua_role_t role, const char *user, cons
     (void)lua;
     (void)role; /* the fake answers every role alike */
     (void)user;
-    const slot_t *slot = ud; /* rpc.c's: the id the answer must carry */
+    const part_t *part = ud; /* rpc.c's: the id the answer must carry */
     fake_call_t *call = mph_xcalloc(1, sizeof(*call));
     call->cb = cb;
     call->ud = ud;
@@ -66,7 +66,7 @@ void mph_lua_call_as(mph_lua_t *lua, mph_lua_role_t role, const char *user, cons
     if (known) {
         mph_buf_t b = MPH_BUF_INIT;
         mph_buf_printf(&b, "{\"seq\":%u,\"id\":", ++fake_seq);
-        if (slot->id == NULL || mph_json_write_jansson(&b, slot->id) != 0)
+        if (part->id == NULL || mph_json_write_jansson(&b, part->id) != 0)
             mph_buf_puts(&b, "\"none\"");
         mph_buf_puts(&b, ",\"params\":");
         if (params == NULL || mph_json_write_jansson(&b, params) != 0)
@@ -85,18 +85,16 @@ void mph_lua_call_as(mph_lua_t *lua, mph_lua_role_t role, const char *user, cons
         fake_reply(call);
         return;
     }
-    call->next = fake_pending;
-    fake_pending = call;
+    mph_list_insert_head(&fake_pending, &call->node);
 }
 
 /* Answers every deferred call, newest first (and those their answers start). */
 static int fx_answer(void)
 {
     int n = 0;
-    while (fake_pending) {
-        fake_call_t *call = fake_pending;
-        fake_pending = call->next;
-        fake_reply(call);
+    mph_list_t *q;
+    while ((q = mph_list_pop(&fake_pending)) != NULL) {
+        fake_reply(mph_list_entry(q, fake_call_t, node));
         n++;
     }
     return n;
@@ -133,7 +131,8 @@ static void fx_on_auth_closed(void *ud)
 /* The connection, or NULL once it is closing (conn_close unlinks it). */
 static conn_t *fx_conn(fx_t *f)
 {
-    return f->srv->conns;
+    mph_list_t *q = mph_list_first(&f->srv->conns);
+    return q ? mph_list_entry(q, conn_t, node) : NULL;
 }
 
 static void fx_open(fx_t *f, const mph_http_config_t *cfg)
@@ -205,14 +204,14 @@ static void fx_feed(fx_t *f, const void *data, size_t len, int answer)
             fx_answer();
         fx_run(f);
         fx_push(f); /* reading may have resumed */
-    } while (answer && fake_pending);
+    } while (answer && !mph_list_empty(&fake_pending));
 }
 
 /* Ends the input (EOF, or only answers when `eof` is 0), answers everything, stops the server
  * and frees it all. Afterwards f->out holds the whole output. Aborts if a handle leaks. */
 static void fx_finish(fx_t *f, int eof)
 {
-    for (int i = 0; i < 100 && (f->input.len || fake_pending); i++) {
+    for (int i = 0; i < 100 && (f->input.len || !mph_list_empty(&fake_pending)); i++) {
         fx_answer();
         fx_run(f);
         fx_push(f);
