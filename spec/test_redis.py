@@ -7,8 +7,8 @@ import subprocess
 import threading
 import time
 
-from harness import (ROOT, SCRIPTS, KeepAliveClient, RedisServer, Server, check, eq, free_port,
-                     kill9_under_load, run, tmpdir, wrk_counter)
+from harness import (ROOT, SCRIPTS, KeepAliveClient, RedisServer, Server, Threads, check, eq,
+                     free_port, kill9_under_load, run, tmpdir, wrk_counter)
 from test_cli import shell, workspace
 from test_scope import hammer
 
@@ -76,12 +76,10 @@ def test_two_and_three_processes_share_one_redis():
                         results.extend(got)
 
                 split = [16 // nproc + (1 if i < 16 % nproc else 0) for i in range(nproc)]
-                threads = [threading.Thread(target=run_on, args=(srv, n))
-                           for srv, n in zip(servers, split)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
+                threads = Threads()
+                for srv, n in zip(servers, split):
+                    threads.start(run_on, srv, n)
+                threads.join()
                 eq(sorted(results), list(range(1, 1601)), "%d processes" % nproc)
             finally:
                 for srv in servers:
@@ -123,20 +121,23 @@ def test_redis_down_fails_fast_then_service_resumes():
             with lock:
                 return len(items)
 
-        threads = [threading.Thread(target=worker) for _ in range(8)]
-        for t in threads:
-            t.start()
-        wait_until(lambda: count(acked) >= 50, "calls are acknowledged")
+        # A client that dies (a reset, a bad status, an error other than -32002: the check
+        # below) fails the test; the waits give up as soon as one has.
+        threads = Threads()
+        for _ in range(8):
+            threads.start(worker)
+        wait_until(lambda: threads.check_alive() or count(acked) >= 50, "calls are acknowledged")
         redis.kill9()
-        wait_until(lambda: count(errors) >= 50, "calls fail while Redis is down")
+        wait_until(lambda: threads.check_alive() or count(errors) >= 50,
+                   "calls fail while Redis is down")
         with lock:
             during = len(errors)
             acked_while_down = len(acked)
         redis.start()  # same directory: the append-only file brings the data back
-        wait_until(lambda: count(acked) >= acked_while_down + 50, "the service resumes")
+        wait_until(lambda: threads.check_alive() or count(acked) >= acked_while_down + 50,
+                   "the service resumes")
         stop.set()
-        for t in threads:
-            t.join()
+        threads.join()
         check(during > 0, "calls failed while Redis was down")
         check(all(code == -32002 for code, _ in errors), "errors are -32002: %r" % errors[:5])
         # A call queued on a connection that dies fails at the latest after the command
@@ -384,11 +385,10 @@ def test_two_processes_flooding_one_hot_scope_take_turns_and_rerun_little():
             def flood(i):
                 got[i] = wrk_counter(servers[i].port, 3, 32)
 
-            threads = [threading.Thread(target=flood, args=(i,)) for i in range(2)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            threads = Threads()
+            for i in range(2):
+                threads.start(flood, i)
+            threads.join()
             for ok, bad, err in got:
                 eq(bad, 0, "calls answered with an error (%s)" % err.strip()[:600])
             ok = [g[0] for g in got]

@@ -9,8 +9,8 @@ import threading
 import time
 
 from harness import (EXAMPLES, MPHOST, SCRIPTS, KeepAliveClient, RedisServer, Server, TestFailure,
-                     check, eq, free_port, gone, run, sanitizer_report, tmpdir, wait_port,
-                     wrk_counter)
+                     Threads, check, eq, free_port, gone, run, sanitizer_report, tmpdir,
+                     wait_port, wrk_counter)
 from test_redis import wait_until
 from test_scope import hammer, wait_log
 
@@ -163,11 +163,12 @@ def test_kill_9_of_a_worker_under_load_replaces_it_and_loses_nothing():
             if c:
                 c.close()
 
-        threads = [threading.Thread(target=client) for _ in range(16)]
-        for t in threads:
-            t.start()
+        threads = Threads()  # a client that dies otherwise than by the kill fails the test
+        for _ in range(16):
+            threads.start(client)
         try:
-            wait_until(lambda: len(acked) >= 200, "200 calls are acknowledged")
+            wait_until(lambda: threads.check_alive() or len(acked) >= 200,
+                       "200 calls are acknowledged")
             victim = workers[2]
             killed.set()
             t0 = time.time()
@@ -177,11 +178,11 @@ def test_kill_9_of_a_worker_under_load_replaces_it_and_loses_nothing():
             wait_log(s, "worker 2 ready (pid %d)" % status(s)[1][2])
             replaced_in = time.time() - t0
             # The other workers answered meanwhile, and all of them go on answering.
-            wait_until(lambda: after_kill[0] >= 300, "300 calls after the kill")
+            wait_until(lambda: threads.check_alive() or after_kill[0] >= 300,
+                       "300 calls after the kill")
         finally:
             stop.set()
-            for t in threads:
-                t.join()
+            threads.join()
         check(not errors, "JSON-RPC errors: %r" % errors[:5])
         check(not [f for f in failures if not f[0]], "failures before the kill: %r" % failures)
         # Each client can lose at most its one call in flight on the killed worker.
@@ -514,9 +515,9 @@ class Load:
         self.answers, self.failures, self.lock = [], [], threading.Lock()
         self.stopping = threading.Event()
         self.reconnects = 0
-        self.threads = [threading.Thread(target=self.client, args=(i < 8,)) for i in range(16)]
-        for t in self.threads:
-            t.start()
+        self.threads = Threads()  # a client that dies otherwise fails the test at stop()
+        for i in range(16):
+            self.threads.start(self.client, i < 8)
 
     def client(self, keep_alive):
         c = KeepAliveClient(self.server.port) if keep_alive else None
@@ -538,14 +539,13 @@ class Load:
             c.close()
 
     def wait_answers(self, n, after=0):
-        wait_until(lambda: self.failures or
+        wait_until(lambda: self.threads.check_alive() or self.failures or
                    len([a for a in self.answers if a[0] > after]) >= n,
                    "%d answers" % n)
 
     def stop(self):
         self.stopping.set()
-        for t in self.threads:
-            t.join()
+        self.threads.join()
         return self.answers
 
 
