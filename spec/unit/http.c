@@ -303,12 +303,12 @@ static void test_pipeline_limit_pauses_and_resumes(void)
 {
     mph_http_config_t cfg = config();
     cfg.max_pipeline = 4;
-    mph_buf_t in = MPH_BUF_INIT;
-    for (int i = 0; i < 20; i++) {
+    mph_buf_t in = MPH_BUF_INIT, more = MPH_BUF_INIT;
+    for (int i = 0; i < 25; i++) {
         char body[96];
         snprintf(body, sizeof(body), "{\"jsonrpc\":\"2.0\",\"method\":\"echo\",\"id\":%d}", i);
         char *req = post(body, "");
-        mph_buf_puts(&in, req);
+        mph_buf_puts(i < 20 ? &in : &more, req);
         free(req);
     }
     fx_t f;
@@ -316,11 +316,23 @@ static void test_pipeline_limit_pauses_and_resumes(void)
     fx_feed(&f, in.data, in.len, 0);
     /* One read is parsed to its end (at most the 64 KiB read buffer), then reading pauses
      * until the answers owed fall under half the limit. */
-    CHECK(fx_conn(&f) && !fx_conn(&f)->reading && fx_conn(&f)->in_flight == 20);
+    conn_t *c = fx_conn(&f);
+    CHECK(c && !c->reading && c->in_flight == 20);
+    /* Paused: what arrives now stays unread (in the socket, here in f.input). */
+    fx_feed(&f, more.data, more.len, 0);
+    c = fx_conn(&f);
+    CHECK(c && !c->reading && c->in_flight == 20 && f.input.len == more.len);
+    /* The answers leave, the backlog falls under the limit: reading resumes and takes the
+     * rest, whose 5 requests are again over the limit of 4. */
+    CHECK(fx_answer() == 20);
+    fx_run(&f);
+    fx_push(&f);
+    c = fx_conn(&f);
+    CHECK(c && f.input.len == 0 && c->in_flight == 5 && !c->reading);
     fx_finish(&f, 1);
     fx_responses_t r;
     fx_parse(&f.out, &r);
-    CHECK(r.n == 20 && r.trailing == 0);
+    CHECK(r.n == 25 && r.trailing == 0);
     for (size_t i = 0; i < r.n; i++) {
         char want[32];
         snprintf(want, sizeof(want), "\"id\":%zu,", i);
@@ -329,6 +341,7 @@ static void test_pipeline_limit_pauses_and_resumes(void)
     fx_responses_free(&r);
     mph_buf_free(&f.out);
     mph_buf_free(&in);
+    mph_buf_free(&more);
 }
 
 static void test_response_after_the_client_left_is_dropped(void)
