@@ -654,8 +654,14 @@ def test_a_sighup_during_a_reload_is_refused_and_reload_commands_wait_their_turn
             s.proc.send_signal(signal.SIGHUP)
             wait_log(s, "reload refused: a reload is already in progress")
             # A second reload command waits for the first (it locks the script, as deploy
-            # and delete do), then reloads again.
+            # and delete do), then reloads again: the kernel shows it blocked in flock() on
+            # the lock the first one holds, while the first is still held up.
             second = reload_in_background()
+            wait_until(lambda: second.poll() is not None or
+                       waits_for_flock(second.pid, first.pid),
+                       "the second reload waits for the first one's lock")
+            check(second.poll() is None and first.poll() is None,
+                  "both reloads run: %r" % ([p.poll() for p in (first, second)],))
             os.unlink(os.path.join(hold + ".waiting"))
             os.unlink(hold)
             outs = [p.communicate(timeout=60) for p in (first, second)]
@@ -668,6 +674,22 @@ def test_a_sighup_during_a_reload_is_refused_and_reload_commands_wait_their_turn
         text = s.read_log()
         check(text.index("generation 2 serves") < text.index("generation 3 serves"), text)
         eq(s.result("count", [])["version"], "v2")
+
+
+def waits_for_flock(waiter, holder):
+    """Whether process `waiter` is blocked in flock() on a file that process `holder` has
+    locked, as /proc/locks says: a holder's line is "N: FLOCK ADVISORY WRITE PID DEV:INODE
+    ...", a waiter's "N: -> FLOCK ADVISORY WRITE PID DEV:INODE ..."."""
+    held, wanted = set(), set()
+    with open("/proc/locks") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 7 and fields[1] == "->":
+                if fields[2] == "FLOCK" and fields[5] == str(waiter):
+                    wanted.add(fields[6])
+            elif len(fields) >= 6 and fields[1] == "FLOCK" and fields[4] == str(holder):
+                held.add(fields[5])
+    return bool(held & wanted)
 
 
 def test_reload_with_nothing_to_reload_says_so():
