@@ -386,10 +386,15 @@ def test_a_stop_with_forwards_in_flight_answers_them():
     s = Server(TOPOLOGIES).start()
     try:
         started(s, 3)
-        flag, out = os.path.join(d, "leaf"), {}
-        t = call_thread(s, "slow-leaf", [2, 1.5, flag], out)
+        # Leaf 2 runs until `gate` exists, which is written only once the stop has begun:
+        # the forward is in flight when the SIGTERM arrives, whatever the machine's speed.
+        flag, gate, out = os.path.join(d, "leaf"), os.path.join(d, "gate"), {}
+        t = call_thread(s, "slow-leaf", [2, 20, flag, gate], out)
         wait_until(lambda: os.path.exists(flag), "leaf 2 runs")
         s.proc.send_signal(signal.SIGTERM)
+        wait_log(s, "received SIGTERM; stopping")
+        check("reply" not in out, "the call ended before its leaf did: %r" % out.get("reply"))
+        open(gate, "w").close()
         t.join(60)
     finally:
         if s.alive() and "reply" not in locals().get("out", {}):
