@@ -336,23 +336,30 @@ def test_a_forward_to_a_stuck_worker_answers_32005_in_bounded_time():
     d = tmpdir()
     with Server(TOPOLOGIES, ["--handler-timeout=1"]) as s:
         started(s, 3)
-        # Worker 2 sleeps 6 s in a C call (the time limit's hook cannot stop it), so it takes
+        # Worker 2 sleeps 30 s in a C call (the time limit's hook cannot stop it), so it takes
         # no new connection: the scatter below arrives elsewhere and forwards leaf 2 to it.
-        # The forward gives up after the limit + 2 s; the supervisor's watchdog replaces the
-        # stuck worker after the limit + 1 s (its heartbeat stops), which cuts the forward's
-        # connection first: either way a clear -32005, in bounded time.
+        # The forward gives up after the limit + 2 s; the supervisor's watchdog kills the
+        # stuck worker once its loop has not turned for the limit + 1 s (its last turn was at
+        # most one 250 ms heartbeat tick before the sleep began), which cuts the forward's
+        # connection first: either way a clear -32005, after 1.75 to 3 s, long before the
+        # stuck worker would answer.
         flag, first = os.path.join(d, "asleep"), {}
-        t = call_thread(s, "sleep", [1, 6, flag], first)
+        t = call_thread(s, "sleep", [1, 30, flag], first)
         wait_until(lambda: os.path.exists(flag), "worker 2 sleeps")
+        asleep_at = os.stat(flag).st_mtime  # (a coarse clock, never later than the sleep)
         t0 = time.time()
         e = error_of(s.rpc("gather", []))
-        waited = time.time() - t0
+        gave_up = time.time()
         eq(e["code"], -32005)
         check(e["message"] in ("worker 2 unavailable: no answer within 3000 ms",
                                "worker 2 unavailable: connection reset by peer",
                                "worker 2 unavailable: it closed the connection before answering"),
               e["message"])
-        check(1.5 < waited < 20, "the forward gave up after %.1f s (1 s limit + 1 or 2 s)" % waited)
+        # Not before the worker could be judged stuck (1.75 s into its sleep); well before it
+        # wakes (30 s): 10 s leaves a loaded machine 7 s over the forward's own 3 s.
+        check(gave_up - asleep_at > 1.7, "the forward gave up %.2f s into the sleep" %
+              (gave_up - asleep_at))
+        check(gave_up - t0 < 10, "the forward gave up after %.1f s" % (gave_up - t0))
         t.join(60)
         # The sleeper's own call failed one way or another (it ran past its limit): an error,
         # or its connection closed when the watchdog replaced its worker.

@@ -35,11 +35,12 @@ mp.service("count", mp.shard(3, first, function(key)
   return { key = key, count = g[key], worker = mp.worker.id }
 end)).expose = true
 
--- Runs for `seconds` (in a C call the time limit's hook cannot interrupt) on the key's worker,
--- after creating file `started`.
+-- Runs for `seconds` in a C call (which the time limit's hook cannot interrupt) on the key's
+-- worker, after creating file `started`. The sleep dies with the worker (setpriv's
+-- --pdeathsig): a worker killed meanwhile leaves no sleeper behind.
 mp.service("sleep", mp.shard(3, first, function(key, seconds, started)
   io.open(started, "w"):close()
-  os.execute("sleep " .. seconds)
+  os.execute("exec setpriv --pdeathsig KILL sleep " .. seconds)
   return here(key)
 end)).expose = true
 
