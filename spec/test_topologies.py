@@ -242,8 +242,10 @@ def test_a_leaf_on_a_worker_that_is_gone_fails_with_32005():
             t0 = time.time()
             e = error_of(s.rpc("gather", []))
             eq((e["code"], e["message"]), (-32005, "worker 2 unavailable: connection refused"))
-            # Retried for about a second; the bound only catches a hang.
-            check(time.time() - t0 < 20, "answered in %.1f s" % (time.time() - t0))
+            # Refused connections are retried for a second (peer.c's RETRY_WINDOW_MS; timers
+            # never fire early), then it fails at once: 4 s of slack for a loaded machine.
+            took = time.time() - t0
+            check(0.95 < took < 1 + 4, "answered after %.2f s" % took)
             e = error_of(s.rpc("by-key", [1]))
             eq((e["code"], e["message"]), (-32005, "worker 2 unavailable: connection refused"))
         eq(s.result("by-key", [0]), {"key": 0, "worker": 1}, "the other shards answer")
