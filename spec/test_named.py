@@ -128,6 +128,8 @@ def test_named_scope_counts_exact_over_two_processes_on_redis():
             for i in range(8):
                 threads.start(worker, i)
             threads.join()
+            eq(sorted(seen), ["room-%d" % k for k in range(4)], "rooms counted")
+            eq(sum(len(counts) for counts in seen.values()), 8 * 50, "calls answered")
             for name, counts in seen.items():
                 eq(sorted(counts), list(range(1, len(counts) + 1)), name)
                 eq(redis.cli("HGET", "mp:{n:%s}:d" % name, "n"), str(len(counts)), name + " stored")
