@@ -15,7 +15,9 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
+import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MPHOST = os.environ.get("MPHOST", os.path.join(ROOT, "build", "mphost"))
@@ -381,13 +383,69 @@ class KeepAliveClient:
             self.sock.close()
 
 
+class Threads:
+    """Threads whose death fails the test. start(fn, *args) runs fn(*args) on a thread of its
+    own; join() waits for all of them, then raises the first exception any of them raised, so a
+    client thread that dies (an error reply it did not expect, a connection reset) cannot vanish
+    while the others still meet the test's progress checks. Failures a test expects (-32002
+    while Redis fails over, a connection cut by a kill -9) stay the thread function's to catch
+    and count. The threads are daemons: a test that fails before it joins them (and before it
+    tells them to stop) does not keep the run from ending."""
+
+    def __init__(self):
+        self.threads = []
+        self.errors = []  # (thread name, exception, its traceback as text), first first
+        self.lock = threading.Lock()
+
+    def start(self, fn, *args):
+        def body():
+            try:
+                fn(*args)
+            except BaseException as e:  # every death is reported, whatever it is
+                with self.lock:
+                    self.errors.append((threading.current_thread().name, e,
+                                        traceback.format_exc()))
+        t = threading.Thread(target=body, name="%s-%d" % (getattr(fn, "__name__", "thread"),
+                                                          len(self.threads)), daemon=True)
+        self.threads.append(t)
+        t.start()
+        return t
+
+    def died(self):
+        """How many threads have died so far (a wait for progress can give up at once)."""
+        with self.lock:
+            return len(self.errors)
+
+    def check_alive(self):
+        """Raises the first death so far, if any (for a wait that would otherwise go on)."""
+        with self.lock:
+            first = self.errors[0] if self.errors else None
+        if first:
+            self.raise_error(first)
+
+    def raise_error(self, error):
+        name, e, tb = error
+        raise TestFailure("thread %s died (%d of %d threads died): %r\n%s" %
+                          (name, len(self.errors), len(self.threads), e, tb[-2000:])) from e
+
+    def join(self, timeout=None):
+        """Waits for every thread (each at most `timeout` s, if given: the bound only turns a
+        hang into a failure), then raises the first death, if any."""
+        deadline = None if timeout is None else time.time() + timeout
+        for t in self.threads:
+            t.join(None if deadline is None else max(0, deadline - time.time()))
+        if self.errors:
+            self.raise_error(self.errors[0])
+        alive = [t.name for t in self.threads if t.is_alive()]
+        check(not alive, "threads still running after %ss: %s" % (timeout, alive))
+
+
 def kill9_under_load(server, clients=8, after_acks=50):
     """Runs `clients` keep-alive callers of simple-storage against server, kills it with -9
     once `after_acks` calls were acknowledged (so it dies under load, whatever the machine's
     speed), and returns the counts acknowledged before it died. The only failure expected is
     the connection cut by the kill: a JSON-RPC error, or a failure before the kill, fails the
     test, with every such problem listed."""
-    import threading
     acked, problems, lock = [], [], threading.Lock()
     enough, killing = threading.Event(), threading.Event()
 
@@ -416,15 +474,14 @@ def kill9_under_load(server, clients=8, after_acks=50):
                     enough.set()
         c.close()
 
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    for t in threads:
-        t.start()
+    threads = Threads()
+    for _ in range(clients):
+        threads.start(worker)
     # Generous: 50 calls take milliseconds; this only bounds a hung server.
     reached = enough.wait(60)
     killing.set()
     server.kill9()
-    for t in threads:
-        t.join()
+    threads.join()
     check(reached, "only %d calls were acknowledged in 60 s" % len(acked))
     check(not problems, "calls failed under load: %s" % "; ".join(problems[:5]))
     return acked

@@ -1,5 +1,6 @@
 """The mphost command line: deploy, status, delete, call, errors; the embedding example."""
 import os
+import re
 import shutil
 import signal
 import socket
@@ -158,29 +159,71 @@ def test_call_exit_codes():
 
 
 def test_delete_is_graceful():
-    """delete lets an in-flight request finish before the process exits."""
+    """delete lets an in-flight request finish before the process exits: its SIGTERM arrives
+    while a handler runs (the handler waits for a file the test writes only once the log says
+    the SIGTERM was received), and the call is still answered."""
     cwd, env = workspace()
     port = free_port()
     work = tmpdir()
-    started = os.path.join(work, "started")
+    started, go = os.path.join(work, "started"), os.path.join(work, "go")
     slow = os.path.join(work, "slow.lua")
     with open(slow, "w") as f:
-        # The handler marks that it runs, then keeps running for a second: delete's SIGTERM
-        # lands in that second (a slower delete would make this test check less, never fail).
+        # The handler marks that it runs, then runs on until `go` exists (at most 20 s; the
+        # handler time limit, 10 s, would end it first and fail the test).
         f.write("local mp = require('metaparticle')\n"
-                "mp.service('slow', function() io.open(%r, 'w'):close() local t = os.clock() "
-                "while os.clock() - t < 1 do end return 'done' end).expose = true\n"
-                "mp.serve()\n" % started)
+                "local function exists(p) local f = io.open(p) if f then f:close() end "
+                "return f ~= nil end\n"
+                "mp.service('slow', function() io.open(%r, 'w'):close() local t = os.time() "
+                "while not exists(%r) and os.time() - t < 20 do os.execute('sleep 0.01') end "
+                "return 'done' end).expose = true\n"
+                "mp.serve()\n" % (started, go))
     rc, _, err = run([slow, "--port=%d" % port], env=env, cwd=cwd)
     eq(rc, 0, err)
+    rc, out, err = run([slow, "status"], env=env, cwd=cwd)
+    log = re.search(r", log ([^,\s]+)", out)
+    check(rc == 0 and log, "status: %s%s" % (out, err))
     url = "http://127.0.0.1:%d/" % port
     caller = subprocess.Popen([MPHOST, "call", "slow", "--url", url], stdout=subprocess.PIPE,
                               text=True)
-    wait_file(started)
-    rc, _, err = run([slow, "delete"], env=env, cwd=cwd)
-    eq(rc, 0, err)
-    out, _ = caller.communicate(timeout=30)
-    eq((caller.returncode, out), (0, '"done"\n'), "the in-flight call was answered")
+    delete = None
+    try:
+        wait_file(started)
+        delete = subprocess.Popen([MPHOST, slow, "delete"], env=dict(os.environ, **env),
+                                  cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+        wait_until_true(lambda: "received SIGTERM" in read_text(log.group(1)),
+                        "the server logs delete's SIGTERM")
+        check(caller.poll() is None and delete.poll() is None,
+              "the call and delete wait for the handler")
+        open(go, "w").close()
+        out, _ = caller.communicate(timeout=30)
+        eq((caller.returncode, out), (0, '"done"\n'), "the in-flight call was answered")
+        dout, derr = delete.communicate(timeout=30)
+        eq(delete.returncode, 0, derr)
+    finally:
+        open(go, "w").close()
+        for p in (caller, delete):
+            if p and p.poll() is None:
+                p.kill()
+                p.wait()
+        run([slow, "delete"], env=env, cwd=cwd)
+    check(port_closed(port), "delete stopped the deployment")
+
+
+def read_text(path):
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def wait_until_true(predicate, what, timeout=30):
+    """Polls for an event (the bound only turns a hang into a failure)."""
+    deadline = time.time() + timeout
+    while not predicate():
+        check(time.time() < deadline, "timed out waiting until " + what)
+        time.sleep(0.01)
 
 
 def test_embed_example():

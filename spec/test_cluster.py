@@ -8,7 +8,7 @@ import subprocess
 import threading
 import time
 
-from harness import KeepAliveClient, RedisServer, Server, check, eq, free_port
+from harness import KeepAliveClient, RedisServer, Server, Threads, check, eq, free_port
 from test_named import ACCOUNTS
 
 
@@ -121,18 +121,18 @@ def test_cluster_500_scopes_2_processes_exact_through_a_live_reshard():
                 finally:
                     c.close()
 
-            threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-            for t in threads:
-                t.start()
+            threads = Threads()  # a client that dies (a reset, a bad status) fails the test
+            for i in range(clients):
+                threads.start(client, i)
             # Reshard under the load: 300 slots from the first master to the second.
-            wait_until(lambda: progress[0] >= 100, "the load is under way")
+            wait_until(lambda: threads.check_alive() or progress[0] >= 100,
+                       "the load is under way")
             before = cl.slots_of(1)
             rc, out = redis_cli("--cluster", "reshard", "127.0.0.1:%d" % cl.nodes[0].port,
                                 "--cluster-from", cl.node_id(0), "--cluster-to", cl.node_id(1),
                                 "--cluster-slots", "300", "--cluster-yes")
             resharded.set()
-            for t in threads:
-                t.join()
+            threads.join()
             check(rc == 0, "reshard failed: " + out[-1000:])
             eq(cl.slots_of(1), before + 300, "slots of the second master after the reshard")
             check(not problems, "%d calls failed, e.g. %r" % (len(problems), problems[:3]))

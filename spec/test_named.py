@@ -5,8 +5,8 @@ import os
 import random
 import threading
 
-from harness import (SCRIPTS, KeepAliveClient, RedisServer, Server, TestFailure, check, eq,
-                     read_response, tmpdir)
+from harness import (SCRIPTS, KeepAliveClient, RedisServer, Server, TestFailure, Threads, check,
+                     eq, read_response, tmpdir)
 
 ACCOUNTS = os.path.join(SCRIPTS, "accounts.lua")
 N_ACCOUNTS = 50
@@ -63,15 +63,17 @@ def transfers_with_auditor(procs, clients=16, calls=60):
         finally:
             c.close()
 
-    movers = [threading.Thread(target=mover, args=(i,)) for i in range(clients)]
-    auditors = [threading.Thread(target=auditor, args=(p,)) for p in procs]
-    for t in movers + auditors:
-        t.start()
-    for t in movers:
-        t.join()
-    done.set()
-    for t in auditors:
-        t.join()
+    # A mover or an auditor that dies (a reset, a bad status) fails the test.
+    movers, auditors = Threads(), Threads()
+    for i in range(clients):
+        movers.start(mover, i)
+    for p in procs:
+        auditors.start(auditor, p)
+    try:
+        movers.join()
+    finally:
+        done.set()
+        auditors.join()
     return audits, refused[0], problems
 
 
@@ -122,11 +124,12 @@ def test_named_scope_counts_exact_over_two_processes_on_redis():
                         seen.setdefault(name, []).append(r["result"])
                 c.close()
 
-            threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            threads = Threads()  # a worker that dies (an error reply, a reset) fails the test
+            for i in range(8):
+                threads.start(worker, i)
+            threads.join()
+            eq(sorted(seen), ["room-%d" % k for k in range(4)], "rooms counted")
+            eq(sum(len(counts) for counts in seen.values()), 8 * 50, "calls answered")
             for name, counts in seen.items():
                 eq(sorted(counts), list(range(1, len(counts) + 1)), name)
                 eq(redis.cli("HGET", "mp:{n:%s}:d" % name, "n"), str(len(counts)), name + " stored")
@@ -188,15 +191,14 @@ def kill9_during_transfers(storage_args, rounds=2):
                     with lock:
                         errors.append(repr(e))
 
-        threads = [threading.Thread(target=mover, args=(i,)) for i in range(16)]
-        for t in threads:
-            t.start()
+        threads = Threads()
+        for i in range(16):
+            threads.start(mover, i)
         got = enough.wait(60)
         killed.set()
         for p in procs:
             p.kill9()
-        for t in threads:
-            t.join()
+        threads.join()
         check(got, "200 transfers were acknowledged before the kill (%d)" % acked[0])
         check(not errors, "calls failed before the kill: %r" % errors[:3])
         with Server(ACCOUNTS, storage_args, data=data) as s:
@@ -315,11 +317,10 @@ def touch_many(server, count, per_batch=500, clients=4):
             eq(got, [1] * len(names), "first counts")
         c.close()
 
-    threads = [threading.Thread(target=part, args=(k,)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    threads = Threads()  # a part that fails (a count other than 1, a reset) fails the test
+    for k in range(clients):
+        threads.start(part, k)
+    threads.join()
 
 
 def check_scope_cache(storage_args, count, cache_mb):
@@ -436,12 +437,10 @@ def per_user_counts(storage_args):
             totals.extend(mine_totals)
 
     try:
-        threads = [threading.Thread(target=client, args=(k, u))
-                   for k, u in enumerate(["ann", "ben", "cat", "dan"] * 4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        threads = Threads()
+        for k, u in enumerate(["ann", "ben", "cat", "dan"] * 4):
+            threads.start(client, k, u)
+        threads.join()
         check(not problems, "failed calls: %r" % problems[:3])
         for user, counts in seen.items():
             eq(sorted(counts), list(range(1, 401)), "%s's counts" % user)
@@ -473,11 +472,11 @@ def test_a_call_that_waits_for_a_load_after_reading_a_scope_loses_no_update():
 
         def slow():
             out["r"] = s.rpc("read_then_touch", {"a": "a", "b": "b"})
-        t = threading.Thread(target=slow)
-        t.start()
+        call = Threads()
+        call.start(slow)
         wait_log(s, "hold at load.start")
         eq(s.result("count", {"name": "a"}), 2, "a counted while the other call waits")
         open(gate, "w").close()
-        t.join(60)
+        call.join(60)
         eq(out["r"].get("result"), 12, "the waiting call ran again on a = 2: %r" % out["r"])
         eq(s.result("read", {"name": "a"}), 12)

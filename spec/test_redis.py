@@ -7,8 +7,8 @@ import subprocess
 import threading
 import time
 
-from harness import (ROOT, SCRIPTS, KeepAliveClient, RedisServer, Server, check, eq, free_port,
-                     kill9_under_load, run, tmpdir, wrk_counter)
+from harness import (ROOT, SCRIPTS, KeepAliveClient, RedisServer, Server, Threads, check, eq,
+                     free_port, kill9_under_load, run, tmpdir, wrk_counter)
 from test_cli import shell, workspace
 from test_scope import hammer
 
@@ -58,7 +58,14 @@ def test_16_clients_x_100_calls_exact_on_redis():
         counts = hammer(s.port, 16, 100)
         eq(sorted(counts), list(range(1, 1601)))
         eq(redis.cli("HGET", "mp:{global}:d", "requests"), "1600")
-        eq(redis.cli("GET", "mp:{global}:v") != "", True)
+        # The version counts commits: group commit makes them fewer than the calls, never
+        # more. The newest change log record is that version's, and wrote requests = 1600; the
+        # log holds one record per commit (at most 1000, storage/redis.c's LOG_RECORDS).
+        version = redis.cli("GET", "mp:{global}:v")
+        check(version.isdigit() and 1 <= int(version) <= 1600, "version %r" % version)
+        eq(redis.cli("LINDEX", "mp:{global}:log", "0"), "%s\n8:requests4:1600" % version,
+           "the newest change log record")
+        eq(redis.cli("LLEN", "mp:{global}:log"), str(min(int(version), 1000)), "log records")
 
 
 def test_two_and_three_processes_share_one_redis():
@@ -76,12 +83,10 @@ def test_two_and_three_processes_share_one_redis():
                         results.extend(got)
 
                 split = [16 // nproc + (1 if i < 16 % nproc else 0) for i in range(nproc)]
-                threads = [threading.Thread(target=run_on, args=(srv, n))
-                           for srv, n in zip(servers, split)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
+                threads = Threads()
+                for srv, n in zip(servers, split):
+                    threads.start(run_on, srv, n)
+                threads.join()
                 eq(sorted(results), list(range(1, 1601)), "%d processes" % nproc)
             finally:
                 for srv in servers:
@@ -101,7 +106,7 @@ def test_kill_9_of_mphost_during_load():
 def test_redis_down_fails_fast_then_service_resumes():
     with RedisServer() as redis:
         s = redis_server5(redis).start()
-        acked, errors = [], []
+        acked, errors, ok_took = [], [], []
         lock = threading.Lock()
         stop = threading.Event()
 
@@ -113,6 +118,7 @@ def test_redis_down_fails_fast_then_service_resumes():
                 with lock:
                     if "result" in r:
                         acked.append(r["result"]["requests"])
+                        ok_took.append(time.time() - t0)
                     else:
                         errors.append((r["error"]["code"], time.time() - t0))
                 if "error" in r:
@@ -123,27 +129,33 @@ def test_redis_down_fails_fast_then_service_resumes():
             with lock:
                 return len(items)
 
-        threads = [threading.Thread(target=worker) for _ in range(8)]
-        for t in threads:
-            t.start()
-        wait_until(lambda: count(acked) >= 50, "calls are acknowledged")
-        redis.kill9()
-        wait_until(lambda: count(errors) >= 50, "calls fail while Redis is down")
+        # A client that dies (a reset, a bad status, an error other than -32002: the check
+        # below) fails the test; the waits give up as soon as one has.
+        threads = Threads()
+        for _ in range(8):
+            threads.start(worker)
+        wait_until(lambda: threads.check_alive() or count(acked) >= 50, "calls are acknowledged")
         with lock:
-            during = len(errors)
+            slowest_ok = max(ok_took)  # the same clients on the same machine, Redis up
+        redis.kill9()
+        wait_until(lambda: threads.check_alive() or count(errors) >= 50,
+                   "calls fail while Redis is down")
+        with lock:
             acked_while_down = len(acked)
         redis.start()  # same directory: the append-only file brings the data back
-        wait_until(lambda: count(acked) >= acked_while_down + 50, "the service resumes")
+        wait_until(lambda: threads.check_alive() or count(acked) >= acked_while_down + 50,
+                   "the service resumes without a restart")
         stop.set()
-        for t in threads:
-            t.join()
-        check(during > 0, "calls failed while Redis was down")
+        threads.join()
         check(all(code == -32002 for code, _ in errors), "errors are -32002: %r" % errors[:5])
         # A call queued on a connection that dies fails at the latest after the command
-        # timeout (1 s); every later one at once. 1.6 s leaves slack for a loaded machine.
+        # timeout (1 s); every later one at once. On top of that second, a failure may take
+        # what a successful call took under the same load on this machine (measured above,
+        # twice over, and at least 0.6 s).
         slowest = max(d for _, d in errors)
-        check(slowest < 1.6, "failures are fast (slowest %.2fs)" % slowest)
-        check(len(acked) > acked_while_down, "the service resumed without a restart")
+        bound = 1.0 + max(0.6, 2 * slowest_ok)
+        check(slowest < bound, "failures are fast: slowest %.2f s, bound %.2f s (the slowest "
+              "call while Redis was up took %.2f s)" % (slowest, bound, slowest_ok))
         eq(len(set(acked)), len(acked), "acknowledged counts are distinct")
         final = s.result("simple-storage", [{}])["requests"] - 1
         check(final >= len(acked) and final >= max(acked),
@@ -160,8 +172,9 @@ def test_hung_redis_fails_fast_and_recovers():
             r = s.rpc("simple-storage", [{}])
             elapsed = time.time() - t0
             eq(r["error"]["code"], -32002)
-            # The command timeout is 1 s; 0.6 s of slack for a loaded machine.
-            check(elapsed < 1.6, "answered within about a second (%.2fs)" % elapsed)
+            # Failed by the command timeout (1 s, checked every 50 ms), not at once and not
+            # much later: 1.5 s over it is slack for a loaded machine, not a measure of it.
+            check(0.95 < elapsed < 2.5, "answered after about a second (%.2fs)" % elapsed)
         finally:
             redis.proc.send_signal(signal.SIGCONT)
         r = retry_until_result(s)
@@ -354,12 +367,17 @@ def test_a_claim_is_a_turn_the_claimants_commits_land_and_others_wait_it_out():
 
     with RedisServer() as redis, redis_server5(redis) as s:
         eq(s.result("simple-storage", [{}]), {"requests": 1})
-        redis.cli("SET", keys[3], "7", "PX", "500")  # committer 7's turn, for 500 ms
+        # Committer 7's turn, for 2 s: longer than the redis-cli runs below take even on a
+        # loaded machine (each starts a process), so the turn is still on when they end.
+        redis.cli("SET", keys[3], "7", "PX", "2000")
         t0 = time.time()
         eq(commit_as_7(1, 2), ["1", "2"], "the claimant commits")
         eq(commit_as_7(2, 3), ["1", "3"], "and again: the turn is not spent by one commit")
+        eq(redis.cli("GET", keys[3]), "7", "the claimant's turn stands after its commits")
         left = int(redis.cli("PTTL", keys[3]))
-        check(300 < left <= 500, "the turn stands after the claimant's commits: %d ms" % left)
+        # Neither ended nor set anew by the commits (a new claim would be their 400 ms).
+        check(400 < left <= 2000, "the turn's time left after the claimant's commits: %d ms"
+              % left)
         # Another committer is held, with the milliseconds left in the reply's HELD field.
         held = redis.cli("EVAL", script, "5", *keys, "65536", "100", "8", "0", "3", "1",
                          "requests", "9").split()
@@ -367,14 +385,21 @@ def test_a_claim_is_a_turn_the_claimants_commits_land_and_others_wait_it_out():
         check(0 < int(held[-1]) <= left, "HELD is the claim's time left: %r" % held)
         eq(s.result("simple-storage", [{}]), {"requests": 4}, "waits out the turn, then commits")
         waited = time.time() - t0
-        # Set before t0: at least 500 ms minus the SET's own round trip pass before it expires.
-        check(0.45 < waited < 2, "answered once the turn was over: %.3f s" % waited)
+        # Set before t0: at least 2 s minus the SET's own exit (0.2 s allowed) pass before it
+        # expires; then the call commits at once (2 s more is slack for a loaded machine).
+        check(1.8 < waited < 4, "answered once the turn was over: %.3f s" % waited)
+
+
+def cmdstat_calls(redis, name):
+    """How many times Redis ran command `name`, from scripts included (INFO commandstats)."""
+    m = re.search(r"^cmdstat_%s:calls=(\d+)," % name, redis.cli("INFO", "commandstats"), re.M)
+    return int(m.group(1)) if m else 0
 
 
 def test_two_processes_flooding_one_hot_scope_take_turns_and_rerun_little():
     """Two processes on one CPU, 32 connections each back to back on one Redis scope: every
-    call answered, the count exact, both served, and few handler re-runs (before turns and
-    held attempts: 1.8 runs per call; with them about 1.1)."""
+    call answered, the count exact, both served, turns taken (redis_cas.lua's own commands
+    count them) and few handler re-runs."""
     with RedisServer() as redis:
         servers = [Server("server5.lua", ["--storage=" + redis.url(), "--workers=0"],
                           prefix_cmd=["taskset", "-c", "0"]).start() for _ in range(2)]
@@ -384,11 +409,10 @@ def test_two_processes_flooding_one_hot_scope_take_turns_and_rerun_little():
             def flood(i):
                 got[i] = wrk_counter(servers[i].port, 3, 32)
 
-            threads = [threading.Thread(target=flood, args=(i,)) for i in range(2)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            threads = Threads()
+            for i in range(2):
+                threads.start(flood, i)
+            threads.join()
             for ok, bad, err in got:
                 eq(bad, 0, "calls answered with an error (%s)" % err.strip()[:600])
             ok = [g[0] for g in got]
@@ -400,12 +424,27 @@ def test_two_processes_flooding_one_hot_scope_take_turns_and_rerun_little():
         finally:
             for srv in servers:
                 srv.stop()
+        # The turns, counted by Redis itself (redis_cas.lua's commands): a commit refused on
+        # a version change, from a committer that asks for turns, SETs a claim, besides the
+        # version and the log size that every landed commit SETs (one per version); a commit
+        # that meets the other's turn asks its PTTL and is held off until the turn ends.
+        version = int(redis.cli("GET", "mp:{global}:v"))
+        claims = cmdstat_calls(redis, "set") - 2 * version
+        held = cmdstat_calls(redis, "pttl")
+        check(claims > 0 and held > 0, "turns: %d claimed, %d commits held off (%d commits)"
+              % (claims, held, version))
         for srv in servers:
             calls, attempts = map(int, re.search(r"transactions: (\d+) calls, (\d+) attempts",
                                                  srv.read_log()).groups())
-            # About 1.1 (1.3 under ASan); 1.8 before turns. Under valgrind a turn is short
-            # against a handler's time, and the figure says nothing.
-            check(attempts <= 1.6 * calls or os.environ.get("MPH_VALGRIND"),
+            # A call runs again only with a refused commit that carried it; in turns a
+            # refused batch runs again and lands in the turn it claimed, and once more only
+            # when that 15 ms turn ran out first (a loaded machine, ASan), which leaves the
+            # average call under two runs (about 1.1 unloaded, 1.75 seen on a loaded 2-core
+            # machine under ASan; without turns 1.8 to 2.3). That the turns happen is checked
+            # above, by Redis' own counts.
+            # Under valgrind a turn is short against a handler's time, and the figure says
+            # nothing.
+            check(attempts <= 2 * calls or os.environ.get("MPH_VALGRIND"),
                   "runs per call: %d attempts, %d calls" % (attempts, calls))
 
 

@@ -8,7 +8,7 @@ import threading
 import time
 import zlib
 
-from harness import (SCRIPTS, KeepAliveClient, Server, TestFailure, check, eq,
+from harness import (SCRIPTS, KeepAliveClient, Server, TestFailure, Threads, check, eq,
                      kill9_under_load, tmpdir)
 
 IDIOMS = os.path.join(SCRIPTS, "idioms.lua")
@@ -154,33 +154,27 @@ def test_scope_misuse_is_a_clear_error():
 
 
 def hammer(port, clients, calls, method="simple-storage"):
-    """clients threads x calls each over keep-alive; returns the list of counts seen."""
-    counts, errors = [], []
+    """clients threads x calls each over keep-alive; returns the list of counts seen. Any
+    error, reset or bad status in any client fails the call (Threads.join raises it)."""
+    counts = []
     lock = threading.Lock()
 
     def worker():
-        try:
-            c = KeepAliveClient(port)
-            mine = []
-            for _ in range(calls):
-                r = c.call(method, [{}])
-                if "error" in r:
-                    raise TestFailure("error: %r" % r["error"])
-                mine.append(r["result"]["requests"])
-            c.close()
-            with lock:
-                counts.extend(mine)
-        except Exception as e:  # reported by the caller
-            with lock:
-                errors.append(e)
+        c = KeepAliveClient(port)
+        mine = []
+        for _ in range(calls):
+            r = c.call(method, [{}])
+            if "error" in r:
+                raise TestFailure("error: %r" % r["error"])
+            mine.append(r["result"]["requests"])
+        c.close()
+        with lock:
+            counts.extend(mine)
 
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    threads = Threads()
+    for _ in range(clients):
+        threads.start(worker)
+    threads.join()
     return counts
 
 
@@ -203,12 +197,10 @@ def test_two_processes_on_one_data_directory():
         def run_on(name, srv):
             results[name] = hammer(srv.port, 8, 100)
 
-        ta = threading.Thread(target=run_on, args=("a", a))
-        tb = threading.Thread(target=run_on, args=("b", b))
-        ta.start()
-        tb.start()
-        ta.join()
-        tb.join()
+        threads = Threads()
+        threads.start(run_on, "a", a)
+        threads.start(run_on, "b", b)
+        threads.join()
         counts = results["a"] + results["b"]
         eq(len(counts), 1600)
         eq(sorted(counts), list(range(1, 1601)), "two processes never lose an update")
@@ -614,13 +606,13 @@ def counter_call_held_by_claim(server, data):
     with open(claim, "w") as f:
         f.write("7 %d\n" % int((time.time() + 600) * 1000))
     result = []
-    t = threading.Thread(target=lambda: result.append(server.result("simple-storage", [{}])))
-    t.start()
+    call = Threads()  # a call that fails (an error, a reset) fails the test at release()
+    call.start(lambda: result.append(server.result("simple-storage", [{}])))
     wait_log(server, "held off by the claim of committer 7")
 
     def release():
         os.unlink(claim)
-        t.join(60)  # generous: the commit lands within a few milliseconds of the unlink
+        call.join(60)  # generous: the commit lands within a few milliseconds of the unlink
 
     return result, release
 

@@ -6,7 +6,8 @@ import subprocess
 import threading
 import time
 
-from harness import (KeepAliveClient, RedisServer, Server, check, eq, free_port, tmpdir)
+from harness import (KeepAliveClient, RedisServer, Server, Threads, check, eq, free_port,
+                     tmpdir)
 from test_scope import hammer
 
 
@@ -218,10 +219,11 @@ def failover_under_load(wait, clients=4, before=100, after=50):
                             enough.set()
                 c.close()
 
-            threads = [threading.Thread(target=worker) for _ in range(clients)]
-            for t in threads:
-                t.start()
-            wait_until(lambda: len(acked) >= before, "%d calls acknowledged" % before)
+            threads = Threads()  # a client that dies (a reset, a bad status) fails the test
+            for _ in range(clients):
+                threads.start(worker)
+            wait_until(lambda: threads.check_alive() or len(acked) >= before,
+                       "%d calls acknowledged" % before)
             old = rr.master.port
             with lock:
                 killed_at[0] = 0
@@ -234,8 +236,7 @@ def failover_under_load(wait, clients=4, before=100, after=50):
             rr.master = RedisServer(port=old, directory=rr.master.dir).start()
             resumed = enough.wait(90)
             enough.set()
-            for t in threads:
-                t.join()
+            threads.join()
             check(not problems, "calls failed otherwise than -32002: %r" % problems[:3])
             check(resumed, "service did not resume after the failover (%d acknowledged after "
                   "the kill)" % killed_at[0])

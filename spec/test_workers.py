@@ -1,6 +1,7 @@
 """Workers: a supervisor and N worker processes on one shared listening socket (mp.spread,
 --workers, mp.worker), supervision (replacement, backoff, stop, the heartbeat), the handler
 time limit with LuaJIT's compiler on, and status."""
+import datetime
 import os
 import re
 import signal
@@ -9,8 +10,8 @@ import threading
 import time
 
 from harness import (EXAMPLES, MPHOST, SCRIPTS, KeepAliveClient, RedisServer, Server, TestFailure,
-                     check, eq, free_port, gone, run, sanitizer_report, tmpdir, wait_port,
-                     wrk_counter)
+                     Threads, check, eq, free_port, gone, run, sanitizer_report, tmpdir,
+                     wait_port, wrk_counter)
 from test_redis import wait_until
 from test_scope import hammer, wait_log
 
@@ -34,6 +35,40 @@ def started(server, n):
     check(line.endswith(", " + words), "status: " + line)
     eq(sorted(workers), list(range(1, n + 1)), "worker ids")
     return workers
+
+
+def log_time(server, text, after=0.0):
+    """When the server logged the first line containing text at or after `after`: seconds
+    since the epoch, from the line's own stamp (UTC, milliseconds)."""
+    for line in server.read_log().splitlines():
+        if text in line:
+            stamp = datetime.datetime.strptime(line.split()[0], "%Y-%m-%dT%H:%M:%S.%fZ")
+            t = stamp.replace(tzinfo=datetime.timezone.utc).timestamp()
+            if t >= after:
+                return t
+    raise TestFailure("no %r in the log: %s" % (text, server.read_log()[-1500:]))
+
+
+def start_took(server):
+    """How long the server took to start its workers, from its log ("starting N workers"
+    to "serving"): what starting a worker costs in this run, on this machine, in this build,
+    under its current load."""
+    return log_time(server, "serving ") - log_time(server, "starting ")
+
+
+def check_replaced_in_time(server, wid, died, new_pid):
+    """Worker `wid`, dead at `died` (a log time), was replaced by new_pid as fast as the
+    supervisor's backoff (logged) and a worker's start allow: start_took four times over (the
+    replacement may start under the load the test runs, the first start did not) plus 1 s
+    for a loaded machine."""
+    ready = log_time(server, "worker %d ready (pid %d)" % (wid, new_pid), died)
+    m = re.search(r"worker %d ended within \d+ ms of starting .*starting it again in ([\d.]+) s"
+                  % wid, server.read_log())
+    backoff = float(m.group(1)) if m else 0.0
+    bound = backoff + 4 * start_took(server) + 1.0
+    check(ready - died < bound, "worker %d replaced and ready %.2f s after it died (bound "
+          "%.2f s: backoff %.1f s, a start took %.2f s)" % (wid, ready - died, bound, backoff,
+                                                           start_took(server)))
 
 
 def test_spread_300_calls_on_new_connections_reach_all_3_workers():
@@ -163,25 +198,24 @@ def test_kill_9_of_a_worker_under_load_replaces_it_and_loses_nothing():
             if c:
                 c.close()
 
-        threads = [threading.Thread(target=client) for _ in range(16)]
-        for t in threads:
-            t.start()
+        threads = Threads()  # a client that dies otherwise than by the kill fails the test
+        for _ in range(16):
+            threads.start(client)
         try:
-            wait_until(lambda: len(acked) >= 200, "200 calls are acknowledged")
+            wait_until(lambda: threads.check_alive() or len(acked) >= 200,
+                       "200 calls are acknowledged")
             victim = workers[2]
             killed.set()
-            t0 = time.time()
             os.kill(victim, signal.SIGKILL)
             wait_log(s, "worker 2 (pid %d) was killed by signal 9" % victim)
             wait_until(lambda: status(s)[1].get(2, victim) != victim, "worker 2 is replaced")
             wait_log(s, "worker 2 ready (pid %d)" % status(s)[1][2])
-            replaced_in = time.time() - t0
             # The other workers answered meanwhile, and all of them go on answering.
-            wait_until(lambda: after_kill[0] >= 300, "300 calls after the kill")
+            wait_until(lambda: threads.check_alive() or after_kill[0] >= 300,
+                       "300 calls after the kill")
         finally:
             stop.set()
-            for t in threads:
-                t.join()
+            threads.join()
         check(not errors, "JSON-RPC errors: %r" % errors[:5])
         check(not [f for f in failures if not f[0]], "failures before the kill: %r" % failures)
         # Each client can lose at most its one call in flight on the killed worker.
@@ -193,9 +227,9 @@ def test_kill_9_of_a_worker_under_load_replaces_it_and_loses_nothing():
         new = status(s)[1]
         eq((new[1], new[3]), (workers[1], workers[3]), "the other workers were left alone")
         check(not gone(new[2]) and gone(victim), "a new worker 2")
-        # A replacement takes milliseconds (plus the 0.1 s backoff of a worker that died
-        # young), and loading the script in the new process.
-        check(replaced_in < 2, "replaced and ready in %.1f s" % replaced_in)
+        # A replacement takes the backoff (0.1 s for a worker that died young) and a worker's
+        # start (loading the script in the new process).
+        check_replaced_in_time(s, 2, log_time(s, "worker 2 (pid %d) was killed" % victim), new[2])
 
 
 def test_delete_stops_every_worker_and_leaves_no_process():
@@ -427,9 +461,7 @@ def test_a_compiled_endless_loop_loses_its_worker_while_the_others_answer():
             answered[r["id"]] = r["pid"]
         t.join()
         check("cut" in outcome, "the endless call has no answer: %r" % outcome)
-        check(outcome["elapsed"] < 1 + 2, "cut after %.1f s" % outcome["elapsed"])
-        check("worker %d (pid %d): its loop has not turned" % (stuck, workers[stuck])
-              in s.read_log(), s.read_log()[-1500:])
+        check_stuck_for(s, stuck, workers[stuck])
         check(answered[stuck] != workers[stuck], "its replacement answered")
         eq(answered[3 - stuck], workers[3 - stuck], "the other worker was left alone")
 
@@ -439,13 +471,27 @@ def test_a_compiled_endless_loop_in_the_only_worker_is_ended_within_the_limit():
     with Server(WORKERS, ["--handler-timeout=1"]) as s:
         workers = started(s, 1)
         t, outcome = spin_in_background(s, "forever", flag)
-        t0 = time.time()
         r = s.result("whoami", [])  # waits in the listening socket's queue meanwhile
-        elapsed = time.time() - t0
         t.join()
         check("cut" in outcome, "the endless call has no answer: %r" % outcome)
         check(r["pid"] != workers[1], "a new worker answered")
-        check(elapsed < 1 + 2, "answered again after %.1f s" % elapsed)
+        # Killed within the limit + 2 s of its last turn, then replaced as fast as a start
+        # allows; the call queued meanwhile was answered by the replacement, at once.
+        killed = check_stuck_for(s, 1, workers[1])
+        check_replaced_in_time(s, 1, killed, r["pid"])
+
+
+def check_stuck_for(server, wid, pid):
+    """The supervisor killed worker `wid` (pid) for a loop that had not turned for the handler
+    time limit (1 s) plus its grace (1 s), and no later than its next look at the heartbeats
+    (every 250 ms) with some slack: under the limit + 2 s, as promised, measured by the
+    supervisor itself. Returns when it logged the kill."""
+    m = re.search(r"worker %d \(pid %d\): its loop has not turned for ([\d.]+) s" % (wid, pid),
+                  server.read_log())
+    check(m, "no kill of the stuck worker %d in the log: %s" % (wid, server.read_log()[-1500:]))
+    stuck_for = float(m.group(1))
+    check(2.0 <= stuck_for < 1 + 2, "killed after its loop stood still %.1f s" % stuck_for)
+    return log_time(server, m.group(0))
 
 
 def test_an_interpreted_endless_loop_is_32003_and_keeps_its_worker():
@@ -455,7 +501,9 @@ def test_an_interpreted_endless_loop_is_32003_and_keeps_its_worker():
         t, outcome = spin_in_background(s, "interp", flag)
         t.join()
         eq(outcome.get("reply", {}).get("error", {}).get("code"), -32003, repr(outcome))
-        check(outcome["elapsed"] < 1 + 1, "answered after %.1f s" % outcome["elapsed"])
+        # Not before the limit; the hook ends the loop at its next instruction (a second of
+        # slack for a loaded machine).
+        check(0.95 < outcome["elapsed"] < 1 + 1, "answered after %.1f s" % outcome["elapsed"])
         eq(s.result("whoami", [])["pid"], workers[1], "the same worker answers")
         eq(s.result("jit", []), True, "with the compiler on")
         check(s.alive(), "no worker was replaced")
@@ -514,9 +562,9 @@ class Load:
         self.answers, self.failures, self.lock = [], [], threading.Lock()
         self.stopping = threading.Event()
         self.reconnects = 0
-        self.threads = [threading.Thread(target=self.client, args=(i < 8,)) for i in range(16)]
-        for t in self.threads:
-            t.start()
+        self.threads = Threads()  # a client that dies otherwise fails the test at stop()
+        for i in range(16):
+            self.threads.start(self.client, i < 8)
 
     def client(self, keep_alive):
         c = KeepAliveClient(self.server.port) if keep_alive else None
@@ -538,14 +586,13 @@ class Load:
             c.close()
 
     def wait_answers(self, n, after=0):
-        wait_until(lambda: self.failures or
+        wait_until(lambda: self.threads.check_alive() or self.failures or
                    len([a for a in self.answers if a[0] > after]) >= n,
                    "%d answers" % n)
 
     def stop(self):
         self.stopping.set()
-        for t in self.threads:
-            t.join()
+        self.threads.join()
         return self.answers
 
 
@@ -654,8 +701,14 @@ def test_a_sighup_during_a_reload_is_refused_and_reload_commands_wait_their_turn
             s.proc.send_signal(signal.SIGHUP)
             wait_log(s, "reload refused: a reload is already in progress")
             # A second reload command waits for the first (it locks the script, as deploy
-            # and delete do), then reloads again.
+            # and delete do), then reloads again: the kernel shows it blocked in flock() on
+            # the lock the first one holds, while the first is still held up.
             second = reload_in_background()
+            wait_until(lambda: second.poll() is not None or
+                       waits_for_flock(second.pid, first.pid),
+                       "the second reload waits for the first one's lock")
+            check(second.poll() is None and first.poll() is None,
+                  "both reloads run: %r" % ([p.poll() for p in (first, second)],))
             os.unlink(os.path.join(hold + ".waiting"))
             os.unlink(hold)
             outs = [p.communicate(timeout=60) for p in (first, second)]
@@ -668,6 +721,22 @@ def test_a_sighup_during_a_reload_is_refused_and_reload_commands_wait_their_turn
         text = s.read_log()
         check(text.index("generation 2 serves") < text.index("generation 3 serves"), text)
         eq(s.result("count", [])["version"], "v2")
+
+
+def waits_for_flock(waiter, holder):
+    """Whether process `waiter` is blocked in flock() on a file that process `holder` has
+    locked, as /proc/locks says: a holder's line is "N: FLOCK ADVISORY WRITE PID DEV:INODE
+    ...", a waiter's "N: -> FLOCK ADVISORY WRITE PID DEV:INODE ..."."""
+    held, wanted = set(), set()
+    with open("/proc/locks") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 7 and fields[1] == "->":
+                if fields[2] == "FLOCK" and fields[5] == str(waiter):
+                    wanted.add(fields[6])
+            elif len(fields) >= 6 and fields[1] == "FLOCK" and fields[4] == str(holder):
+                held.add(fields[5])
+    return bool(held & wanted)
 
 
 def test_reload_with_nothing_to_reload_says_so():

@@ -35,11 +35,12 @@ mp.service("count", mp.shard(3, first, function(key)
   return { key = key, count = g[key], worker = mp.worker.id }
 end)).expose = true
 
--- Runs for `seconds` (in a C call the time limit's hook cannot interrupt) on the key's worker,
--- after creating file `started`.
+-- Runs for `seconds` in a C call (which the time limit's hook cannot interrupt) on the key's
+-- worker, after creating file `started`. The sleep dies with the worker (setpriv's
+-- --pdeathsig): a worker killed meanwhile leaves no sleeper behind.
 mp.service("sleep", mp.shard(3, first, function(key, seconds, started)
   io.open(started, "w"):close()
-  os.execute("sleep " .. seconds)
+  os.execute("exec setpriv --pdeathsig KILL sleep " .. seconds)
   return here(key)
 end)).expose = true
 
@@ -56,11 +57,23 @@ mp.service("leaf-raises", mp.scatter(3, function(how)
   return mp.worker.id
 end, function(results) return results end)).expose = true
 
--- Leaf `who` sleeps `seconds` (for a client that leaves, and a stop, while it runs).
-mp.service("slow-leaf", mp.scatter(3, function(who, seconds, started)
+local function exists(path)
+  local f = io.open(path)
+  if f then f:close() end
+  return f ~= nil
+end
+
+-- Leaf `who` sleeps `seconds` (for a client that leaves, and a stop, while it runs); with
+-- `gate`, until file `gate` exists instead (`seconds` at most).
+mp.service("slow-leaf", mp.scatter(3, function(who, seconds, started, gate)
   if mp.worker.id == who then
     if started then io.open(started, "w"):close() end
-    os.execute("sleep " .. seconds)
+    if gate then
+      local t = os.time()
+      while not exists(gate) and os.time() - t < seconds do os.execute("sleep 0.01") end
+    else
+      os.execute("sleep " .. seconds)
+    end
   end
   return mp.worker.id
 end, function(results) return results end)).expose = true

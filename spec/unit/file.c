@@ -65,21 +65,65 @@ static void test_scope_names_stay_in_the_directory(void)
     mph_buf_free(&b);
 }
 
+/* Whether entry `got` holds exactly the bytes of `want` (a deletion: json NULL, no length). */
+static int same_entry(const mph_store_entry_t *got, const mph_store_entry_t *want)
+{
+    if (got->klen != want->klen || memcmp(got->key, want->key, want->klen) != 0)
+        return 0;
+    if (want->json == NULL)
+        return got->json == NULL && got->jlen == 0;
+    return got->json != NULL && got->jlen == want->jlen &&
+           memcmp(got->json, want->json, want->jlen) == 0;
+}
+
 static void test_records_round_trip(void)
 {
-    mph_store_entry_t e[2] = {{"a", 1, "1", 1}, {"gone", 4, NULL, 0}};
+    /* Keys and values of several lengths (one over 255 bytes, so every byte of a length
+     * counts), UTF-8, a deletion, bytes JSON escapes would show; then a part of a multi-scope
+     * commit, whose trailer comes back as written. */
+    char big[300];
+    for (size_t i = 0; i < sizeof(big); i++)
+        big[i] = (char)('a' + i % 26);
+    big[0] = '"';
+    big[sizeof(big) - 1] = '"';
+    mph_store_entry_t e[] = {
+        {"a", 1, "1", 1},
+        {"gone", 4, NULL, 0},
+        {"user:\xc3\xa9", 7, "\"caf\xc3\xa9\\n\\u0000\"", 15},
+        {big + 1, 298, big, sizeof(big)},
+    };
+    size_t n = sizeof(e) / sizeof(e[0]);
+    unsigned char parts[MULTI_ID + 4 + 2 * (4 + 2 + 8)];
+    memset(parts, 0x5a, MULTI_ID);
+    put_u32(parts + MULTI_ID, 2);
+    for (size_t i = 0, q = MULTI_ID + 4; i < 2; i++, q += 4 + 2 + 8) {
+        put_u32(parts + q, 2);
+        memcpy(parts + q + 4, i ? "s2" : "s1", 2);
+        put_u64(parts + q + 6, 40 + i);
+    }
+    mph_buf_t trailer = {(char *)parts, sizeof(parts), sizeof(parts)};
     mph_buf_t b = MPH_BUF_INIT;
-    build_record(&b, 7, e, 2, NULL);
-    build_record(&b, 8, e, 1, NULL);
+    build_record(&b, 7, e, n, NULL);
+    build_record(&b, 8, e + 2, 1, NULL);
+    build_record(&b, 9, e + 3, 1, &trailer);
     op_t op;
     memset(&op, 0, sizeof(op));
     size_t pos = 0;
     uint64_t v = 0;
-    CHECK(parse_record(&b, &pos, &v, &op, 0, NULL) == PARSE_OK && v == 7);
-    CHECK(op.doc.n == 2 && op.doc.entries[1].json == NULL && op.doc.entries[0].jlen == 1);
-    CHECK(parse_record(&b, &pos, &v, &op, 7, NULL) == PARSE_OK && v == 8);
-    CHECK(op.doc.n == 3);
-    CHECK(parse_record(&b, &pos, &v, &op, 0, NULL) == PARSE_END);
+    trailer_t t = {(const unsigned char *)"x", 1};
+    CHECK(parse_record(&b, &pos, &v, &op, 0, &t) == PARSE_OK && v == 7 && t.data == NULL);
+    CHECK(op.doc.n == n);
+    for (size_t i = 0; i < n && i < op.doc.n; i++)
+        CHECK(same_entry(&op.doc.entries[i], &e[i]));
+    /* At or below skip_upto, a record is read but adds nothing. */
+    size_t again = pos;
+    CHECK(parse_record(&b, &again, &v, &op, 8, NULL) == PARSE_OK && v == 8 && op.doc.n == n);
+    CHECK(parse_record(&b, &pos, &v, &op, 7, NULL) == PARSE_OK && v == 8 && pos == again);
+    CHECK(op.doc.n == n + 1 && same_entry(&op.doc.entries[n], &e[2]));
+    CHECK(parse_record(&b, &pos, &v, &op, 0, &t) == PARSE_OK && v == 9);
+    CHECK(op.doc.n == n + 2 && same_entry(&op.doc.entries[n + 1], &e[3]));
+    CHECK(t.data != NULL && t.len == sizeof(parts) && memcmp(t.data, parts, sizeof(parts)) == 0);
+    CHECK(pos == b.len && parse_record(&b, &pos, &v, &op, 0, NULL) == PARSE_END);
     free(op.doc.entries);
     mph_buf_free(&b);
 }

@@ -244,7 +244,8 @@ static void fx_finish(fx_t *f, int eof)
 
 typedef struct {
     int status;
-    int close; /* Connection: close */
+    int close;      /* Connection: close */
+    mph_buf_t head; /* the status line and every header line, as sent, up to the empty line */
     mph_buf_t body;
 } fx_response_t;
 
@@ -253,6 +254,9 @@ typedef struct {
     size_t n;
     int error;       /* the byte stream is not well-formed HTTP */
     size_t trailing; /* bytes after the last complete response */
+    const char *out; /* the bytes being parsed, */
+    size_t pos;      /* the one the parser is at, */
+    size_t start;    /* and where the response being read began */
     char field[16];  /* the header being read, cut short */
     size_t field_len;
     char value[16];
@@ -265,6 +269,7 @@ static int fxr_begin(http_parser *p)
     fx_responses_t *r = p->data;
     if (r->n == sizeof(r->list) / sizeof(r->list[0]))
         return 1;
+    r->start = r->pos;
     return 0;
 }
 
@@ -306,6 +311,8 @@ static int fxr_headers(http_parser *p)
     fx_responses_t *r = p->data;
     fxr_end_header(r);
     r->list[r->n].status = (int)p->status_code;
+    /* Called on the head's last byte. */
+    mph_buf_append(&r->list[r->n].head, r->out + r->start, r->pos + 1 - r->start);
     return 0;
 }
 
@@ -338,10 +345,12 @@ static void fx_parse(const mph_buf_t *out, fx_responses_t *r)
     s.on_message_complete = fxr_complete;
     http_parser_init(&p, HTTP_RESPONSE);
     p.data = r;
+    r->out = out->data;
     size_t pos = 0, last_end = 0;
-    /* One response at a time, so that the bytes after the last complete one are known. */
+    /* One byte at a time, so that the bytes after the last complete response are known. */
     while (pos < out->len) {
         size_t before = r->n;
+        r->pos = pos;
         size_t used = http_parser_execute(&p, &s, out->data + pos, 1);
         if (HTTP_PARSER_ERRNO(&p) != HPE_OK || used != 1) {
             r->error = 1;
@@ -356,8 +365,10 @@ static void fx_parse(const mph_buf_t *out, fx_responses_t *r)
 
 static void fx_responses_free(fx_responses_t *r)
 {
-    for (size_t i = 0; i < sizeof(r->list) / sizeof(r->list[0]); i++)
+    for (size_t i = 0; i < sizeof(r->list) / sizeof(r->list[0]); i++) {
+        mph_buf_free(&r->list[i].head);
         mph_buf_free(&r->list[i].body);
+    }
 }
 
 #endif
