@@ -177,7 +177,8 @@ static void on_fetch_done(void *ud, mph_lua_fetch_res_t *res)
     assert(t->state == TXN_FETCHING && t->fetch == out && !out->done);
     out->done = 1;
     out->status = res->status;
-    out->error = mph_xstrdup(res->status == 0 && res->error ? res->error : "no response");
+    if (res->status == 0)
+        out->error = mph_xstrdup(res->error ? res->error : "no response");
     out->headers = res->headers;
     out->headers_len = res->headers_len;
     out->body = res->body;
@@ -234,7 +235,7 @@ static int l_fetch_start(lua_State *L)
                                .body_len = body_len,
                                .timeout_ms = (uint64_t)timeout_ms,
                                .cafile = cafile,
-                               .max_body = (size_t)max_body};
+                               .max_body = max_body < 1e15 ? (size_t)max_body : (size_t)1e15};
     mph_fetch_out_t *out = mph_xcalloc(1, sizeof(*out));
     out->t = t;
     char why[256] = "";
