@@ -465,6 +465,8 @@ def test_fetch_in_scatter_leaves_and_shards_on_two_workers():
         for k in range(4):
             eq(s.result("shard", [k, b.url("/text")]),
                {"worker": k % 2 + 1, "body": "hello, fetch"}, "shard %d" % k)
+        # One scrape, whichever worker answers it, counts both workers' fetches.
+        eq(metric(s, 'mphost_fetch_total{code="200"}'), 6, "fetches of both workers")
 
 
 # ---- /metrics ----
