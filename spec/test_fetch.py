@@ -128,6 +128,8 @@ class Backend:
             do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = handle_any
 
         class Quiet(ThreadingHTTPServer):
+            request_queue_size = 128  # 40 connections at once: no SYN left to a retry
+
             def handle_error(self, request, client_address):
                 pass  # a client that left (a stop cut it): nothing to report
 
