@@ -69,8 +69,8 @@ typedef struct {
 typedef struct {
     int status;         /* the HTTP status (100..599), or 0: none */
     char *error;        /* status 0: why, one line ("connection refused: ..."); else NULL */
-    char *headers;      /* the response's fields as "name\0value\0" pairs, names lower-case,
-                           repeated names joined by ", " in one value; NULL: none */
+    char *headers;      /* the response's fields as "name\0value\0" pairs in the order they
+                           came, names lower-case (a name may repeat); NULL: none */
     size_t headers_len; /* bytes in headers */
     char *body;         /* the body (body_len bytes; NULL when empty) */
     size_t body_len;
