@@ -504,6 +504,22 @@ def test_stop_finishes_fetches_in_flight():
         eq([r["body"] for r in out["r"]], ["slow"] * 5, "answered before the stop ended")
 
 
+def test_reload_lets_the_old_workers_finish_their_fetches():
+    from harness import run
+    with Backend() as b, Server(FETCH) as s:
+        out = {}
+        t = threading.Thread(target=lambda: out.update(
+            r=in_threads(5, lambda i: s.result("fetch", [b.url("/slow?s=1")]))))
+        t.start()
+        wait_for(lambda: b.inflight == 5, "5 fetches in flight")
+        rc, _, err = run([s.script, "reload", "--port=%d" % s.port], env={"MP_STATE_DIR": s.state})
+        eq(rc, 0, "reload: " + err)
+        t.join(60)
+        eq([r["body"] for r in out["r"]], ["slow"] * 5, "answered by the old generation")
+        eq(s.result("fetch", [b.url("/text")])["body"], "hello, fetch", "the new one fetches")
+        check(s.alive(), "no worker died")
+
+
 def test_stop_cancels_fetches_past_the_deadline_and_exits_clean():
     with Backend() as b:
         s = Server(FETCH, ["--shutdown-timeout=1"]).start()
