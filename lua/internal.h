@@ -12,7 +12,7 @@
  *   WAITING  --on_loaded (scopes.c) resumes it-->                        RUNNING
  *   RUNNING  --mp.shard/mp.scatter forward the call (C.forward yields)-> FORWARDING
  *   FORWARDING --every forwarded call has answered (forward_done)-->     RUNNING
- *   RUNNING  --mp.fetch/mp.rpc start an exchange (C.fetch yields)-->     FETCHING
+ *   RUNNING  --mp.fetch/mp.rpc start an exchange (F.start yields)-->     FETCHING
  *   FETCHING --the exchange has ended (fetch.c, on_fetch_done)-->        RUNNING
  *   RUNNING  --touched an unloaded scope where it cannot wait-->         RELOAD (attempt void)
  *   RELOAD   --that scope has loaded-->                                  RUNNING (new attempt)
@@ -98,7 +98,7 @@ struct mph_txn_s {
     size_t fwd_outstanding;  /* answers still to come (one more while sending) */
     mph_fwd_answer_t *fwd;   /* owned: fwd_n answers, until C.forwarded reads them */
     mph_fetch_out_t *fetch;  /* owned: FETCHING: the exchange's outcome once it has ended, until
-                                C.fetch_result reads it (fetch.c) */
+                                F.result reads it (fetch.c) */
     int fetch_voids;         /* attempts made void because a scope they had read changed while
                                 an exchange waited (fetch.c, "Reads across a wait") */
     mph_txn_t *next;         /* link in whichever queue holds it */
@@ -227,7 +227,7 @@ static inline int assert_txn_state(const mph_txn_t *t)
     case TXN_FORWARDING: /* suspended in C.forward, in no queue: the answers resume it */
         assert(t->co != NULL && t->fwd != NULL && t->role == MPH_LUA_CALL && t->nscopes == 0);
         break;
-    case TXN_FETCHING: /* suspended in C.fetch, in no queue: the exchange's end resumes it */
+    case TXN_FETCHING: /* suspended in F.start, in no queue: the exchange's end resumes it */
         assert(t->co != NULL && t->fetch != NULL && t->reload == NULL && !t->past_checkpoint);
         break;
     case TXN_RELOAD: /* its void attempt ended; it waits for reload to load */

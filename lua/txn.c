@@ -5,7 +5,7 @@
  * until the attempt ends (a thread only reachable from C would be collected). The coroutine
  * runs I.run(rec) from metaparticle.lua: the handler (rec.handler on rec.args), then the write
  * sets. A handler suspends only inside C.acquire (a scope is loading), C.forward (mp.shard
- * and mp.scatter wait for other workers, forward.c) or C.fetch (mp.fetch and mp.rpc wait for
+ * and mp.scatter wait for other workers, forward.c) or F.start (mp.fetch and mp.rpc wait for
  * an outbound exchange, fetch.c): each ends with `return lua_yield(L, 0)`, and the scopes
  * (scopes.c), the last answer or the exchange's end resume it. One function, mph__txn_resume,
  * owns lua_resume and tells host waits from a user's stray coroutine.yield by the
