@@ -49,7 +49,8 @@ const char *mph_strerror(int err);
     X(STORAGE_UNAVAILABLE, -32002, "Storage unavailable")                                          \
     X(TIMEOUT, -32003, "Handler timed out")                                                        \
     X(UNAUTHORIZED, -32004, "unauthorized")                                                        \
-    X(WORKER_UNAVAILABLE, -32005, "Worker unavailable")
+    X(WORKER_UNAVAILABLE, -32005, "Worker unavailable")                                            \
+    X(OUTBOUND_FAILED, -32008, "Outbound call failed")
 
 enum {
 #define MPH_RPC_ENUM(name, code, msg) MPH_RPC_##name = code,

@@ -9,6 +9,7 @@
 
 #include <jansson.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <uv.h>
 
 #include "storage/storage.h"
@@ -44,6 +45,46 @@ typedef void (*mph_lua_forward_fn)(void *fud, int worker, mph_lua_role_t role, c
  * only (host/rpc.c), which no other user's process reaches. */
 #define MPH_LUA_FORWARD_USER "mphost_user"
 
+/* An outbound HTTP exchange, what mp.fetch and mp.rpc ask for (lua/fetch.c). Every pointer is
+ * borrowed for the duration of the mph_lua_fetch_fn call only: the fetcher copies what it
+ * keeps. */
+typedef struct {
+    const char *url;            /* NUL-terminated; http:// or https:// */
+    const char *method;         /* "GET", "POST", ...: letters only (fetch.c checked) */
+    const char *const *headers; /* nheaders request header lines "Name: value" (checked: no CR,
+                                   LF or NUL; a name of token characters) */
+    size_t nheaders;
+    const char *body;    /* the request body (body_len bytes), or NULL: none */
+    size_t body_len;     /* bytes in body */
+    uint64_t timeout_ms; /* bounds the whole exchange, from the call to the last byte */
+    const char *cafile;  /* PEM file of the CAs an https server is verified against, instead of
+                            the system's; NULL: the system's */
+    size_t max_body;     /* a response body longer than this fails the exchange */
+} mph_lua_fetch_req_t;
+
+/* How an exchange ended. status 0: no HTTP response (error says why); else the final
+ * response's status, its header fields and its body. The callback borrows it, and may take
+ * `headers` or `body` by setting the field to NULL (then it frees them); the rest is freed
+ * when it returns. */
+typedef struct {
+    int status;         /* the HTTP status (100..599), or 0: none */
+    char *error;        /* status 0: why, one line ("connection refused: ..."); else NULL */
+    char *headers;      /* the response's fields as "name\0value\0" pairs in the order they
+                           came, names lower-case (a name may repeat); NULL: none */
+    size_t headers_len; /* bytes in headers */
+    char *body;         /* the body (body_len bytes; NULL when empty) */
+    size_t body_len;
+} mph_lua_fetch_res_t;
+
+typedef void (*mph_lua_fetch_cb)(void *ud, mph_lua_fetch_res_t *res);
+
+/* Starts an outbound exchange (host/server/fetch.c implements it). Returns 0 and calls cb
+ * exactly once, never before it returns: with the response, or with why none came (refused,
+ * DNS, TLS, timeout, too large, cancelled by a stop). Or returns a negative code and never
+ * calls cb (MPH_ECLOSED: the host is stopping), with a one-line reason in why (whylen bytes). */
+typedef int (*mph_lua_fetch_fn)(void *fud, const mph_lua_fetch_req_t *req, mph_lua_fetch_cb cb,
+                                void *ud, char *why, size_t whylen);
+
 /* The name a role has on the wire and in Lua ("shard", "leaf"; NULL for MPH_LUA_CALL). */
 const char *mph_lua_role_name(mph_lua_role_t role);
 
@@ -69,6 +110,8 @@ typedef struct {
     mph_lua_forward_fn forward;  /* reaches the other workers; NULL: there are none (calls
                                     routed to another worker fail with -32005) */
     void *forward_ud;            /* for forward */
+    mph_lua_fetch_fn fetch;      /* mp.fetch's and mp.rpc's exchanges; NULL: none (they fail) */
+    void *fetch_ud;              /* for fetch */
     const char *version;         /* the host's (rpc.discover's info.version); borrowed, static */
 } mph_lua_config_t;
 
@@ -140,8 +183,8 @@ int mph_lua_register(mph_lua_t *lua, const char *name, mph_lua_cfunction_t fn, v
 
 /* Fails calls still waiting with -32002, closes the bridge's handles and frees it once their
  * close callbacks have run (so run the loop afterwards), then calls closed(ud) (NULL: none).
- * The store is not closed, and the forwarder must have answered every forward it was given
- * (close it first). */
+ * The store is not closed, and the forwarder and the fetcher must have answered every forward
+ * and exchange they were given (close them first). */
 void mph_lua_close(mph_lua_t *lua, void (*closed)(void *ud), void *ud);
 
 #endif

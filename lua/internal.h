@@ -1,7 +1,8 @@
 /*
  * internal.h: what the files of lua/ share: vm.c (the state and the module), txn.c (calls,
  * attempts, coroutines, errors, state changes), scopes.c (the scope cache, loads, commits,
- * retries) and forward.c (mp.shard and mp.scatter). Private to lua/.
+ * retries), forward.c (mp.shard and mp.scatter) and fetch.c (mp.fetch and mp.rpc). Private to
+ * lua/.
  *
  * A transaction (mph_txn_t) is one JSON-RPC call. Each attempt runs the handler in a new
  * coroutine; its states (txn.c: mph__txn_become makes every change, checking the edge here
@@ -11,6 +12,8 @@
  *   WAITING  --on_loaded (scopes.c) resumes it-->                        RUNNING
  *   RUNNING  --mp.shard/mp.scatter forward the call (C.forward yields)-> FORWARDING
  *   FORWARDING --every forwarded call has answered (forward_done)-->     RUNNING
+ *   RUNNING  --mp.fetch/mp.rpc start an exchange (F.start yields)-->     FETCHING
+ *   FETCHING --the exchange has ended (fetch.c, on_fetch_done)-->        RUNNING
  *   RUNNING  --touched an unloaded scope where it cannot wait-->         RELOAD (attempt void)
  *   RELOAD   --that scope has loaded-->                                  RUNNING (new attempt)
  *   RUNNING  --handler returns, writes merged into its scopes-->         QUEUED (unit's pending)
@@ -37,6 +40,7 @@ typedef enum {
     TXN_RUNNING,
     TXN_WAITING,
     TXN_FORWARDING,
+    TXN_FETCHING,
     TXN_RELOAD,
     TXN_QUEUED,
     TXN_COMMITTING,
@@ -47,6 +51,7 @@ typedef struct mph_scope_s mph_scope_t;
 typedef struct mph_txn_s mph_txn_t;
 typedef struct mph_unit_s mph_unit_t;
 typedef struct mph_commit_s mph_commit_t;
+typedef struct mph_fetch_out_s mph_fetch_out_t; /* an exchange's outcome (fetch.c) */
 
 /* The answer of one worker to a forwarded call (forward.c). */
 typedef struct {
@@ -92,6 +97,10 @@ struct mph_txn_s {
     int fwd_n;               /* 0: no forward in progress or unread */
     size_t fwd_outstanding;  /* answers still to come (one more while sending) */
     mph_fwd_answer_t *fwd;   /* owned: fwd_n answers, until C.forwarded reads them */
+    mph_fetch_out_t *fetch;  /* owned: FETCHING: the exchange's outcome once it has ended, until
+                                F.result reads it (fetch.c) */
+    int fetch_voids;         /* attempts made void because a scope they had read changed while
+                                an exchange waited (fetch.c, "Reads across a wait") */
     mph_txn_t *next;         /* link in whichever queue holds it */
 };
 
@@ -176,6 +185,9 @@ struct mph_lua_s {
     size_t nauth_services;      /* their number */
     mph_lua_forward_fn forward; /* reaches the other workers (borrowed), or NULL */
     void *forward_ud;           /* for forward */
+    mph_lua_fetch_fn fetch;     /* mp.fetch's exchanges (borrowed), or NULL */
+    void *fetch_ud;             /* for fetch */
+    size_t fetching;            /* transactions in FETCHING: their exchanges have not ended */
     const char *version;        /* cfg.version, or "" */
     size_t pending_calls;       /* calls whose callback has not run */
     mph_txn_t *current;         /* the transaction whose coroutine is running, or NULL */
@@ -214,6 +226,9 @@ static inline int assert_txn_state(const mph_txn_t *t)
         break;
     case TXN_FORWARDING: /* suspended in C.forward, in no queue: the answers resume it */
         assert(t->co != NULL && t->fwd != NULL && t->role == MPH_LUA_CALL && t->nscopes == 0);
+        break;
+    case TXN_FETCHING: /* suspended in F.start, in no queue: the exchange's end resumes it */
+        assert(t->co != NULL && t->fetch != NULL && t->reload == NULL && !t->past_checkpoint);
         break;
     case TXN_RELOAD: /* its void attempt ended; it waits for reload to load */
         assert(t->co == NULL && t->reload != NULL);
@@ -289,6 +304,13 @@ extern const luaL_Reg mph__forward_helpers[];
 void mph__forward_send(mph_txn_t *t);
 /* Frees t's forwarded answers, if any. */
 void mph__forward_clear(mph_txn_t *t);
+
+/* fetch.c */
+/* Runs lua/fetch.lua, which adds mp.fetch and mp.rpc to the module (package.loaded). Inside
+ * init_state's protected call. [-0, +0, e] */
+void mph__fetch_open(mph_lua_t *lua, lua_State *L);
+/* Frees t's exchange outcome, if any (never one in flight: t is not FETCHING). */
+void mph__fetch_clear(mph_txn_t *t);
 
 /* scopes.c */
 extern const luaL_Reg mph__scopes_helpers[]; /* C.cold_take, C.cold_drop, C.cold_keys */

@@ -21,6 +21,8 @@
 --   inflight  writes of the batch whose commit is in flight (DELETED marks a deletion)
 --   pending   writes of transactions that ran after it, waiting for the next commit
 --   pending_json  key -> JSON text (false: deleted) of `pending`, what the commit sends
+--   changes   counts the changes of what a read sees (writes merged, pending or all reset):
+--             an attempt that paused in mp.fetch after reading compares it (I.stamp)
 -- A read looks in pending, then inflight, then base, then cold: transactions of one scope run
 -- one after another on the newest (speculative) state, and nothing is answered before it is
 -- durable.
@@ -49,6 +51,8 @@ I.c = M.c
 -- Error objects raised by mp.error and by the host; the bridge recognises this metatable.
 local error_mt = {__tostring = function(e) return tostring(e.message) end}
 I.error_mt = error_mt
+-- JSON text to and from Lua values, for lua/fetch.lua (mp.fetch's bodies, mp.rpc).
+I.encode, I.decode = C.encode, C.decode
 
 local function raise(code, message, data, level)
   error(setmetatable({code = code, message = message, data = data}, error_mt), level)
@@ -377,7 +381,8 @@ local states = {}
 local cold_take, cold_drop, cold_keys = C.cold_take, C.cold_drop, C.cold_keys
 
 function I.new_state(name, _, cold)
-  local st = {name = name, base = {}, cold = cold, inflight = {}, pending = {}, pending_json = {}}
+  local st = {name = name, base = {}, cold = cold, inflight = {}, pending = {}, pending_json = {},
+    changes = 0}
   states[name] = st
   return st.base
 end
@@ -410,6 +415,7 @@ end
 function I.drop_pending(name)
   local st = states[name]
   st.pending, st.pending_json = {}, {}
+  st.changes = st.changes + 1
 end
 
 -- A commit failed or conflicted: every speculative write is void; returns base so the
@@ -417,6 +423,7 @@ end
 function I.reset_state(name, clear_base)
   local st = states[name]
   st.inflight, st.pending, st.pending_json = {}, {}, {}
+  st.changes = st.changes + 1
   if clear_base then st.base = {} end
   return st.base
 end
@@ -626,6 +633,7 @@ end
 
 local function apply(st, writes, values)
   local pending, pending_json = st.pending, st.pending_json
+  st.changes = st.changes + 1
   for k, json in raw_pairs(writes) do
     pending_json[k] = json
     pending[k] = values[k]
@@ -734,6 +742,19 @@ function I.run(rec)
     if writes then apply(states[name], writes, decoded[name]) end
     C.join(name, writes and true or false)
   end
+end
+
+-- A stamp of what the attempt's scopes hold (lua/fetch.c, "Reads across a wait"): equal
+-- stamps before and after a pause mean nothing it may have read has changed meanwhile; false
+-- when a scope's state was dropped under it (C.checkpoint voids such an attempt anyway).
+function I.stamp(rec)
+  local n = 0
+  for name, root in raw_pairs(rec.roots) do
+    local st = roots[root].state
+    if st ~= states[name] then return false end
+    n = n + st.changes
+  end
+  return n
 end
 
 -- The attempt ended without committing (it raised, or it is abandoned): its roots refuse

@@ -4,9 +4,10 @@
  * Each attempt gets a coroutine from lua_newthread, anchored in the registry by luaL_ref
  * until the attempt ends (a thread only reachable from C would be collected). The coroutine
  * runs I.run(rec) from metaparticle.lua: the handler (rec.handler on rec.args), then the write
- * sets. A handler suspends only inside C.acquire (a scope is loading) or C.forward (mp.shard
- * and mp.scatter wait for other workers, forward.c): each ends with `return lua_yield(L, 0)`,
- * and the scopes (scopes.c), or the last answer, resume it. One function, mph__txn_resume,
+ * sets. A handler suspends only inside C.acquire (a scope is loading), C.forward (mp.shard
+ * and mp.scatter wait for other workers, forward.c) or F.start (mp.fetch and mp.rpc wait for
+ * an outbound exchange, fetch.c): each ends with `return lua_yield(L, 0)`, and the scopes
+ * (scopes.c), the last answer or the exchange's end resume it. One function, mph__txn_resume,
  * owns lua_resume and tells host waits from a user's stray coroutine.yield by the
  * transaction's state.
  *
@@ -40,10 +41,11 @@
  * or the first resume of a fresh attempt. */
 #define BIT(s) (1u << (s))
 static const unsigned edges[] = {
-    [TXN_RUNNING] = BIT(TXN_RUNNING) | BIT(TXN_WAITING) | BIT(TXN_FORWARDING) | BIT(TXN_RELOAD) |
-                    BIT(TXN_QUEUED),
+    [TXN_RUNNING] = BIT(TXN_RUNNING) | BIT(TXN_WAITING) | BIT(TXN_FORWARDING) | BIT(TXN_FETCHING) |
+                    BIT(TXN_RELOAD) | BIT(TXN_QUEUED),
     [TXN_WAITING] = BIT(TXN_RUNNING),
     [TXN_FORWARDING] = BIT(TXN_RUNNING),
+    [TXN_FETCHING] = BIT(TXN_RUNNING),
     [TXN_RELOAD] = BIT(TXN_RUNNING),
     [TXN_QUEUED] = BIT(TXN_COMMITTING) | BIT(TXN_RETRY),
     [TXN_COMMITTING] = BIT(TXN_RETRY),
@@ -205,6 +207,7 @@ static void txn_free(mph_txn_t *t)
     mph_lua_t *lua = t->lua;
     assert(t->co == NULL);
     mph__forward_clear(t);
+    mph__fetch_clear(t);
     json_decref(t->params);
     free(t->method);
     free(t->user);
@@ -405,6 +408,8 @@ void mph__txn_resume(mph_txn_t *t, int nargs)
         mph__forward_send(t); /* the answers resume it, perhaps before this returns */
         return;
     }
+    if (status == LUA_YIELD && t->state == TXN_FETCHING)
+        return; /* the exchange's end resumes it (never before this returns) */
     if (t->reload != NULL) {
         /* The attempt touched a scope that was not loaded where it could not wait: whatever
          * it did next is void. It runs again once the scope has loaded. */
@@ -513,6 +518,7 @@ void mph__txn_start_attempt(mph_txn_t *t)
     t->result.len = 0;
     mph__txn_clear_wake(t);
     mph__forward_clear(t);
+    mph__fetch_clear(t);
     mph__txn_become(t, TXN_RUNNING);
     setup_t c = {t, 0, ""};
     if (mph__lua_protect(t->lua, setup_attempt, &c, "starting a call") != 0) {

@@ -3,7 +3,8 @@
  * the state, the C helpers the module is given that do not belong to a transaction (logging,
  * services, JSON), the embedding program's C functions (c.NAME), and how C enters Lua
  * (protected calls). The transactions themselves, their coroutines and their errors, are
- * txn.c's; scopes and commits, scopes.c's; mp.shard and mp.scatter, forward.c's.
+ * txn.c's; scopes and commits, scopes.c's; mp.shard and mp.scatter, forward.c's; mp.fetch and
+ * mp.rpc, fetch.c's.
  *
  * Lua running out of memory is -32603 for the call that met it; the process stays up (see
  * "Entering Lua from C").
@@ -450,6 +451,7 @@ static int init_state(lua_State *L)
     lua_pushlightuserdata(L, lua);
     lua_rawset(L, LUA_REGISTRYINDEX);
     open_module(lua, L);
+    mph__fetch_open(lua, L); /* mp.fetch and mp.rpc */
     return 0;
 }
 
@@ -486,6 +488,8 @@ int mph_lua_new(mph_lua_t **out, uv_loop_t *loop, const mph_lua_config_t *cfg)
     lua->scope_cache = cfg->scope_cache;
     lua->forward = cfg->forward;
     lua->forward_ud = cfg->forward_ud;
+    lua->fetch = cfg->fetch;
+    lua->fetch_ud = cfg->fetch_ud;
     lua->version = cfg->version ? cfg->version : "";
     lua->rng = random_seed(lua) | 1;           /* xorshift needs a nonzero state */
     lua->committer = mph__lua_random(lua) | 1; /* distinct per process and per host */
@@ -720,6 +724,7 @@ static void on_timer_closed(uv_handle_t *h)
 
 void mph_lua_close(mph_lua_t *lua, void (*closed)(void *ud), void *ud)
 {
+    assert(lua->fetching == 0); /* the fetcher was closed first: every exchange has ended */
     lua->closing = 1;
     lua->closed = closed;
     lua->closed_ud = ud;

@@ -9,6 +9,9 @@
  *                    finish (they may be what this worker's public calls waited for, and
  *                    other workers stopping at the same time wait for them); then forwards
  *                    still unanswered fail with -32005 (the deadline aborts the same way)
+ *                 -> close the fetcher (fetch.h): outbound exchanges still in flight (the
+ *                    deadline cut the wait for their calls, or their clients left) end as
+ *                    cancelled, and their handlers go on without them
  *                 -> close the authenticator: credential checks still on the thread pool
  *                    end (refused), so none reaches the bridge once it is gone
  *                 -> close the store: operations in flight complete and their transactions
@@ -44,6 +47,7 @@
 #include "common/common.h"
 #include "common/list.h"
 #include "config.h"
+#include "fetch.h"
 #include "http.h"
 #include "metrics.h"
 #include "peer.h"
@@ -81,6 +85,7 @@ struct mph_host_s {
     mph_http_server_t *http;    /* owned */
     mph_http_config_t http_cfg; /* the public server's, which the peer listener's follows */
     mph_peer_t *peer;           /* owned; NULL unless a worker of several (cfg.peer_dir_fd) */
+    mph_fetch_t *fetch;         /* owned: mp.fetch's exchanges; NULL once closed */
     mph_lua_t *lua;             /* owned */
     mph_store_t *store;         /* owned */
     mph_auth_t *auth;           /* owned; NULL once closed */
@@ -275,6 +280,8 @@ static int new_lua(mph_host_t *h)
                              .scope_cache = h->cfg.scope_cache,
                              .forward = h->peer ? mph_peer_forward : NULL,
                              .forward_ud = h->peer,
+                             .fetch = mph_fetch_start,
+                             .fetch_ud = h->fetch,
                              .version = MPHOST_VERSION};
     return mph_lua_new(&h->lua, h->loop, &lcfg);
 }
@@ -328,10 +335,11 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
                                       .alog = h->alog};
     if (h->cfg.peer_dir_fd >= 0 && h->cfg.worker_count > 1)
         new_peer(h);
+    mph_fetch_new(&h->fetch, h->loop, &h->metrics); /* counts once metrics are set up below */
     rc = new_lua(h);
     if (rc != 0) {
         snprintf(err, errlen, "cannot create the Lua state: %s", mph_strerror(rc));
-        goto fail_log;
+        goto fail_fetch;
     }
     mph_metrics_init(&h->metrics, h->cfg.metrics_slot);
     h->rpc = (mph_rpc_t){h->lua, h->auth, &h->metrics};
@@ -352,7 +360,8 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
     *out = h;
     return 0;
 
-fail_log:
+fail_fetch:
+    mph_fetch_close(h->fetch, NULL, NULL); /* it has done nothing: its timer closes */
     mph_accesslog_close(h->alog);
 fail_auth:
     mph_auth_close(h->auth, on_auth_failed_closed, NULL);
@@ -527,18 +536,32 @@ static void close_auth(mph_host_t *h)
     mph_auth_close(h->auth, on_auth_closed, h);
 }
 
+static void on_fetch_closed(void *ud)
+{
+    mph_host_t *h = ud;
+    h->fetch = NULL;
+    close_auth(h);
+}
+
+/* Outbound exchanges end (cancelled) before the bridge may close. */
+static void close_fetch(mph_host_t *h)
+{
+    mph_fetch_close(h->fetch, on_fetch_closed, h);
+}
+
 static void on_peer_closed(void *ud)
 {
-    close_auth(ud);
+    close_fetch(ud);
 }
 
 /* HTTP has drained and no in-process call is in flight (or the deadline passed): the
- * listener of other workers' calls, then the authenticator, the store, the rest. */
+ * listener of other workers' calls, the fetcher, then the authenticator, the store, the
+ * rest. */
 static void after_drain(mph_host_t *h)
 {
     h->drain_done = 1;
     if (h->peer == NULL) {
-        close_auth(h);
+        close_fetch(h);
         return;
     }
     mph_peer_shutdown(h->peer, on_peer_closed, h);

@@ -9,8 +9,9 @@
 
 #include "common/map.h"
 
-static const int codes[MPH_METRICS_CODES - 1] = {0,      -32700, -32600, -32601, -32602, -32603,
-                                                 -32000, -32001, -32002, -32003, -32004, -32005};
+static const int codes[MPH_METRICS_CODES - 1] = {0,      -32700, -32600, -32601, -32602,
+                                                 -32603, -32000, -32001, -32002, -32003,
+                                                 -32004, -32005, -32008};
 
 /* Upper bounds of the duration buckets, in ns and as labels; the last bucket is +Inf. */
 static const uint64_t bucket_ns[MPH_METRICS_BUCKETS - 1] = {
@@ -86,15 +87,63 @@ static int code_index(int code)
     return MPH_METRICS_CODES - 1;
 }
 
-void mph_metrics_request(mph_metrics_t *m, int ix, int code, uint64_t ns)
+/* The duration bucket of ns. */
+static int bucket_of(uint64_t ns)
 {
-    mph_metrics_method_t *mm = &m->slot->methods[ix];
     int b = 0;
     while (b < MPH_METRICS_BUCKETS - 1 && ns > bucket_ns[b])
         b++;
+    return b;
+}
+
+void mph_metrics_request(mph_metrics_t *m, int ix, int code, uint64_t ns)
+{
+    mph_metrics_method_t *mm = &m->slot->methods[ix];
     ADD(&mm->calls[code_index(code)], 1);
-    ADD(&mm->buckets[b], 1);
+    ADD(&mm->buckets[bucket_of(ns)], 1);
     ADD(&mm->sum_ns, ns);
+}
+
+/* The index of status in s's fetch codes: 0 for no response, the status's own entry (made when
+ * missing: only the slot's writer calls this), or the last ("other") when they are all taken. */
+static int fetch_index(mph_metrics_slot_t *s, uint64_t status)
+{
+    if (status == 0)
+        return 0;
+    for (int i = 1; i < MPH_METRICS_FETCH_CODES - 1; i++) {
+        uint64_t c = __atomic_load_n(&s->fetch_code[i], __ATOMIC_ACQUIRE);
+        if (c == status)
+            return i;
+        if (c == 0) {
+            __atomic_store_n(&s->fetch_code[i], status, __ATOMIC_RELEASE); /* before its count */
+            return i;
+        }
+    }
+    return MPH_METRICS_FETCH_CODES - 1;
+}
+
+void mph_metrics_fetch(mph_metrics_t *m, int status, uint64_t ns)
+{
+    mph_metrics_slot_t *s = m->slot;
+    ADD(&s->fetch_count[fetch_index(s, status > 0 ? (uint64_t)status : 0)], 1);
+    ADD(&s->fetch_buckets[bucket_of(ns)], 1);
+    ADD(&s->fetch_sum_ns, ns);
+}
+
+/* Adds src's outbound exchange counts to dst (private to its writer). */
+static void fold_fetch(mph_metrics_slot_t *dst, const mph_metrics_slot_t *src)
+{
+    for (int i = 0; i < MPH_METRICS_FETCH_CODES; i++) {
+        uint64_t code = __atomic_load_n(&src->fetch_code[i], __ATOMIC_ACQUIRE);
+        uint64_t n = LOAD(&src->fetch_count[i]);
+        if (n == 0)
+            continue;
+        int j = i == MPH_METRICS_FETCH_CODES - 1 ? i : fetch_index(dst, i == 0 ? 0 : code);
+        ADD(&dst->fetch_count[j], n);
+    }
+    for (int b = 0; b < MPH_METRICS_BUCKETS; b++)
+        ADD(&dst->fetch_buckets[b], LOAD(&src->fetch_buckets[b]));
+    ADD(&dst->fetch_sum_ns, LOAD(&src->fetch_sum_ns));
 }
 
 /* dst's label index for name, added when missing (or 0, "(other)", when dst is full). dst
@@ -135,6 +184,7 @@ void mph_metrics_fold(mph_metrics_slot_t *dst, const mph_metrics_slot_t *src, in
     ADD(&dst->conflicts, LOAD(&src->conflicts));
     ADD(&dst->storage_errors, LOAD(&src->storage_errors));
     ADD(&dst->restarts, LOAD(&src->restarts));
+    fold_fetch(dst, src);
     if (with_gauges) {
         ADD(&dst->connections, LOAD(&src->connections));
         ADD(&dst->lua_bytes, LOAD(&src->lua_bytes));
@@ -165,6 +215,34 @@ static void label_value(mph_buf_t *out, const char *s)
         else
             mph_buf_append(out, s, 1);
     }
+}
+
+/* mphost_fetch_total{code} and mphost_fetch_duration_seconds of the summed slot. */
+static void render_fetch(mph_buf_t *out, const mph_metrics_slot_t *sum)
+{
+    family(out, "mphost_fetch_total", "counter",
+           "outbound exchanges (mp.fetch, mp.rpc) by HTTP status (0: no response)");
+    for (int i = 0; i < MPH_METRICS_FETCH_CODES; i++) {
+        if (sum->fetch_count[i] == 0)
+            continue;
+        if (i == MPH_METRICS_FETCH_CODES - 1)
+            mph_buf_puts(out, "mphost_fetch_total{code=\"other\"}");
+        else
+            mph_buf_printf(out, "mphost_fetch_total{code=\"%llu\"}",
+                           (unsigned long long)(i == 0 ? 0 : sum->fetch_code[i]));
+        mph_buf_printf(out, " %llu\n", (unsigned long long)sum->fetch_count[i]);
+    }
+    family(out, "mphost_fetch_duration_seconds", "histogram",
+           "time from an outbound exchange's start to its end");
+    uint64_t cum = 0;
+    for (int b = 0; b < MPH_METRICS_BUCKETS; b++) {
+        cum += sum->fetch_buckets[b];
+        mph_buf_printf(out, "mphost_fetch_duration_seconds_bucket{le=\"%s\"} %llu\n", bucket_le[b],
+                       (unsigned long long)cum);
+    }
+    mph_buf_printf(out, "mphost_fetch_duration_seconds_sum %.9f\n",
+                   (double)sum->fetch_sum_ns / 1e9);
+    mph_buf_printf(out, "mphost_fetch_duration_seconds_count %llu\n", (unsigned long long)cum);
 }
 
 void mph_metrics_render(mph_buf_t *out, const mph_metrics_slot_t *const *slots, size_t n)
@@ -210,6 +288,7 @@ void mph_metrics_render(mph_buf_t *out, const mph_metrics_slot_t *const *slots, 
         label_value(out, sum->names[i]);
         mph_buf_printf(out, "\"} %llu\n", (unsigned long long)cum);
     }
+    render_fetch(out, sum);
     scalar(out, "mphost_attempts_total", "counter",
            "handler attempts started (more than the calls: retries after conflicts)",
            sum->attempts);

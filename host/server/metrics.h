@@ -16,7 +16,11 @@
  * Labels stay bounded whatever clients send: a process names at most MPH_METRICS_METHODS - 1
  * methods, and only methods that answered with something else than -32601 (so: exposed
  * ones); every other call counts under method="(other)". Codes outside the specification's
- * and the host's (-32700, -32600..-32603, -32000..-32005) count as code="other".
+ * and the host's (-32700, -32600..-32603, -32000..-32005, -32008) count as code="other".
+ *
+ * Outbound exchanges (mp.fetch, mp.rpc: host/server/fetch.c) count by HTTP status, 0 when no
+ * response came; a slot names at most MPH_METRICS_FETCH_CODES - 2 statuses (the first ones
+ * seen), and counts any other under code="other".
  */
 #ifndef MPH_METRICS_H
 #define MPH_METRICS_H
@@ -28,8 +32,12 @@
 
 #define MPH_METRICS_METHODS 32 /* method labels per slot; [0] is "(other)" */
 #define MPH_METRICS_NAME 64    /* bytes of a method label, NUL included; longer: "(other)" */
-#define MPH_METRICS_CODES 13   /* the known codes, then "other" */
+#define MPH_METRICS_CODES 14   /* the known codes, then "other" */
 #define MPH_METRICS_BUCKETS 16 /* duration buckets; the last is +Inf */
+
+/* Statuses of outbound exchanges per slot: [0] no response, then statuses as first seen, the
+ * last "other". */
+#define MPH_METRICS_FETCH_CODES 16
 
 typedef struct {
     uint64_t calls[MPH_METRICS_CODES];
@@ -45,6 +53,13 @@ typedef struct mph_metrics_slot_s {
     /* counters, copied from the Lua bridge at every loop turn (mph_lua_stats) */
     uint64_t attempts, commits, conflicts, storage_errors;
     uint64_t restarts; /* the retired slot only: workers the supervisor replaced */
+    /* outbound exchanges: fetch_code[i] is the status fetch_count[i] counts (i in 1..
+       MPH_METRICS_FETCH_CODES-2, 0: unused yet; written before its count), [0] no response,
+       the last: any other status */
+    uint64_t fetch_code[MPH_METRICS_FETCH_CODES];
+    uint64_t fetch_count[MPH_METRICS_FETCH_CODES];
+    uint64_t fetch_buckets[MPH_METRICS_BUCKETS]; /* durations, per bucket, not cumulative */
+    uint64_t fetch_sum_ns;
     /* gauges: summed over the live slots only, never folded */
     uint64_t connections, lua_bytes, scope_bytes, scopes;
 } mph_metrics_slot_t;
@@ -67,6 +82,9 @@ int mph_metrics_method(mph_metrics_t *m, const char *method, size_t mlen, int re
 
 /* Counts one answered call of label `ix`, with its code and time taken. */
 void mph_metrics_request(mph_metrics_t *m, int ix, int code, uint64_t ns);
+
+/* Counts one outbound exchange: its HTTP status (0: no response) and time taken. */
+void mph_metrics_fetch(mph_metrics_t *m, int status, uint64_t ns);
 
 /* Adds src's counters to dst (by method name); gauges too when with_gauges. The supervisor
  * folds an exited worker's slot into the retired one with with_gauges 0. */

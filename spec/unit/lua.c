@@ -17,6 +17,7 @@
 #include "lua/scopes.c"
 #include "lua/watchdog.c"
 #include "lua/forward.c"
+#include "lua/fetch.c"
 
 #include <signal.h>
 #include <sys/wait.h>
@@ -442,6 +443,10 @@ static void test_txn_states_are_asserted(void)
     CHECK(!mph__txn_may_become(TXN_WAITING, TXN_QUEUED));
     CHECK(!mph__txn_may_become(TXN_RETRY, TXN_COMMITTING));
     CHECK(!mph__txn_may_become(TXN_RELOAD, TXN_WAITING));
+    CHECK(mph__txn_may_become(TXN_RUNNING, TXN_FETCHING)); /* mp.fetch waits ... */
+    CHECK(mph__txn_may_become(TXN_FETCHING, TXN_RUNNING)); /* ... and the exchange's end resumes */
+    CHECK(!mph__txn_may_become(TXN_FETCHING, TXN_QUEUED));
+    CHECK(!mph__txn_may_become(TXN_WAITING, TXN_FETCHING));
 #ifdef NDEBUG
     CHECK(!"a test build without assert(): see CMakeLists.txt");
 #else
