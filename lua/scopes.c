@@ -1205,7 +1205,10 @@ static void kick(mph_unit_t *u)
  * log has not grown nor been replaced; Redis: one round trip), and a refusal brings what
  * changed and runs the call again, as a conflict of writes does. The check starts after the
  * call's handler ran, so after the call began; and as any commit, it serves the whole batch
- * queued behind the one in flight: under load, one check answers many reads.
+ * queued behind the one in flight: under load, one check answers many reads. No check at all
+ * when the storage knows at once that what this process holds is current (files: the commit
+ * counters every process of the data directory shares, storage/file.c): the read is then
+ * answered as soon as nothing it read waits for a commit of this process.
  *
  * A service may trade that for speed (svc.reads = "cached"): its calls that only read one
  * scope are answered from the state here, unchecked, when the storage confirmed that state
@@ -1215,12 +1218,28 @@ static void kick(mph_unit_t *u)
 
 #define CACHED_READ_MS 1000
 
+/* Whether the storage knows, with no I/O, that every scope t read is current (storage.h:
+ * current): then no check is needed. For several scopes, each one known current in turn means
+ * all were at the moment of the first answer (none changes back), so the call read one moment. */
+static int known_current(const mph_txn_t *t)
+{
+    const mph_store_methods_t *m = t->lua->store->methods;
+    if (m->current == NULL)
+        return 0;
+    for (int i = 0; i < t->nscopes; i++)
+        if (!m->current(t->lua->store, t->scopes[i]->name, t->scopes[i]->version))
+            return 0;
+    return 1;
+}
+
 static int needs_commit(const mph_txn_t *t)
 {
-    if (t->wrote || t->nscopes > 1 || !t->cached_reads)
+    if (t->wrote)
         return 1;
-    const mph_scope_t *s = t->scopes[0];
-    return uv_now(t->lua->loop) - s->fresh_ms > CACHED_READ_MS;
+    if (t->cached_reads && t->nscopes == 1 &&
+        uv_now(t->lua->loop) - t->scopes[0]->fresh_ms <= CACHED_READ_MS)
+        return 0;
+    return !known_current(t);
 }
 
 void mph__scopes_finished(mph_txn_t *t)

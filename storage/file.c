@@ -94,6 +94,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -118,28 +119,31 @@
 #define LOCK_KEEP_MS 20     /* a lock kept after a conflict is given back after this */
 
 typedef struct fscope_s {
-    char *name;          /* owned */
-    char *path;          /* owned: dir/E without the extension (for messages; files are
-                            opened by their name under the directory's fd: see open_in) */
-    int lock_fd;         /* -1 until an operation finds or creates the lock */
-    int log_fd;          /* -1 until an operation finds the log or a commit creates it */
-    int dir_synced;      /* the directory was fsynced since we found or created files */
-    ino_t log_ino;       /* inode of the log we read from its start, 0: none yet (the next
-                            operation reads the scope whole); a compaction replaces the file */
-    off_t log_end;       /* bytes of the log read and applied by us */
-    uint64_t version;    /* the version we last reported to the runner */
-    off_t snap_size;     /* size of the current snapshot file (compaction policy) */
-    int busy;            /* a load or commit is in flight (invariant: at most one) */
-    int compacting;      /* a compaction job is in flight (at most one) */
-    off_t compact_after; /* no compaction before the log passes this (backoff after a
-                            failed one: a full disk would otherwise rewrite per commit) */
-    uv_mutex_t mutex;    /* held by a load or commit, and by a compaction's switch */
-    char *failed;        /* owned; set when the file's state is unknown: why we refuse it */
-    int forgotten;       /* the runner evicted it while a compaction ran: freed after */
-    int in_open;         /* in fs's list of scopes with open files */
-    int lock_kept;       /* the flock is still ours after a conflict, for the retry (written
-                            by the job that kept it; read on the loop while not busy) */
-    uint64_t kept_at;    /* uv_now when the loop saw it kept */
+    char *name;             /* owned */
+    char *path;             /* owned: dir/E without the extension (for messages; files are
+                               opened by their name under the directory's fd: see open_in) */
+    int lock_fd;            /* -1 until an operation finds or creates the lock */
+    int log_fd;             /* -1 until an operation finds the log or a commit creates it */
+    int dir_synced;         /* the directory was fsynced since we found or created files */
+    ino_t log_ino;          /* inode of the log we read from its start, 0: none yet (the next
+                               operation reads the scope whole); a compaction replaces the file */
+    off_t log_end;          /* bytes of the log read and applied by us */
+    uint64_t version;       /* the version we last reported to the runner */
+    uint64_t known_version; /* loop side: the version the counters vouch for ... */
+    uint64_t known_counter; /* ... while the scope's commit counters both still read this */
+    int known;              /* ... (0: nothing vouched for; see "Commit counters") */
+    off_t snap_size;        /* size of the current snapshot file (compaction policy) */
+    int busy;               /* a load or commit is in flight (invariant: at most one) */
+    int compacting;         /* a compaction job is in flight (at most one) */
+    off_t compact_after;    /* no compaction before the log passes this (backoff after a
+                               failed one: a full disk would otherwise rewrite per commit) */
+    uv_mutex_t mutex;       /* held by a load or commit, and by a compaction's switch */
+    char *failed;           /* owned; set when the file's state is unknown: why we refuse it */
+    int forgotten;          /* the runner evicted it while a compaction ran: freed after */
+    int in_open;            /* in fs's list of scopes with open files */
+    int lock_kept;          /* the flock is still ours after a conflict, for the retry (written
+                               by the job that kept it; read on the loop while not busy) */
+    uint64_t kept_at;       /* uv_now when the loop saw it kept */
     struct fscope_s *open_prev, *open_next;
     mph_map_node_t node; /* in fs->scopes, keyed by name */
 } fscope_t;
@@ -151,6 +155,7 @@ typedef struct {
     size_t dir_len;                  /* strlen(dir) */
     int dfd;                         /* the data directory, checked at open (open_data_dir):
                                         every file is reached through it (open_in) */
+    uint64_t *counters;              /* the commit counters (.commits, mapped), or NULL */
     mph_map_t scopes;                /* fscope_t by name, owned */
     fscope_t *open_head, *open_tail; /* scopes with open files, most recently used first */
     unsigned nopen;                  /* how many */
@@ -206,6 +211,8 @@ typedef struct {
     int flocked;       /* ... and the scope lock */
     int absent;        /* a check (no writes) of a scope that has no files: version 0,
                           nothing to lock (a read creates nothing: see open_files) */
+    uint64_t counter;  /* result: the scope's commit counters read this ... */
+    int counted;       /* ... when the state reported was read (0: they vouch for nothing) */
 } op_t;
 
 /* A commit of several scopes: one work item for all of them, so that their locks are taken
@@ -400,6 +407,54 @@ static void compact_min_init(file_store_t *fs)
     (void)fs;
 }
 #endif
+
+/* ---- Commit counters ----
+ *
+ * Every process of a data directory maps one small file, .commits: COUNTER_SLOTS pairs of
+ * 64-bit counters, a pair per scope (its name hashed to a slot). append_record counts the
+ * appends it starts (begun, before the write) and those it ends (ended, once the record is
+ * durable or taken back). A reader notes the pair when it reads a scope's state, under the
+ * scope's lock or before the unlocked look of unchanged_since_read, and only when no append
+ * is in flight (begun == ended). While both still read that value, no append of the scope
+ * has started since: the state it read is current, and a read (lua/scopes.c, "Fresh reads")
+ * is answered with no I/O at all (file_current). Scopes sharing a slot only cost each other
+ * a check. A process killed between the two counts leaves its slot uneven, and that slot's
+ * scopes are then checked the slower way (correct) until the file is removed with every
+ * process of the directory stopped. Nothing in it needs to survive a crash: it is never
+ * synced. */
+
+#define COUNTER_SLOTS 4096
+#define COUNTERS_FILE ".commits" /* no scope's: encoded names hold no '.' (encode_name) */
+
+static uint64_t *counter_pair(const file_store_t *fs, const char *name)
+{
+    if (fs->counters == NULL)
+        return NULL;
+    return fs->counters + 2 * (fnv1a64(name, 0xcbf29ce484222325ULL) % COUNTER_SLOTS);
+}
+
+/* Whether no append of the pair's scopes is in flight; *value gets the count. */
+static int counters_even(const uint64_t *pair, uint64_t *value)
+{
+    uint64_t ended = __atomic_load_n(&pair[1], __ATOMIC_SEQ_CST);
+    *value = __atomic_load_n(&pair[0], __ATOMIC_SEQ_CST);
+    return *value == ended;
+}
+
+/* Notes, for the state op will report, what the scope's counters read: call it under the
+ * scope's lock, or before an unlocked look at its files. */
+static void counters_note(op_t *op)
+{
+    const uint64_t *pair = counter_pair(op->fs, op->sc->name);
+    op->counted = pair != NULL && counters_even(pair, &op->counter);
+}
+
+static void counters_add(const file_store_t *fs, const fscope_t *sc, int which)
+{
+    uint64_t *pair = counter_pair(fs, sc->name);
+    if (pair)
+        __atomic_add_fetch(&pair[which], 1, __ATOMIC_SEQ_CST);
+}
 
 /* ---- I/O steps, each named for the test hooks ---- */
 
@@ -1155,6 +1210,7 @@ static void do_load(op_t *op)
     }
     if (rc != 0 || lock_scope(op) != 0)
         return;
+    counters_note(op);
     if (load_all(op) == 0 && op->sc->log_fd >= 0)
         dir_sync_once(op);
     unlock_scope(op);
@@ -1217,9 +1273,12 @@ static void claim_clear(op_t *op)
 static int append_record(op_t *op, const mph_buf_t *rec)
 {
     fscope_t *sc = op->sc;
+    counters_add(op->fs, sc, 0); /* begun: see "Commit counters" */
     if (write_at("append.write", sc->log_fd, rec->data, rec->len, sc->log_end) == 0 &&
-        sync_at("append.sync", op->fs, sc->log_fd, 1) == 0)
+        sync_at("append.sync", op->fs, sc->log_fd, 1) == 0) {
+        counters_add(op->fs, sc, 1);
         return 0;
+    }
     char *path = scope_file(sc, ".log");
     op_fail(op, MPH_ESTORAGE, "cannot write", path);
     if (truncate_at("takeback.truncate", sc->log_fd, sc->log_end) != 0 ||
@@ -1234,6 +1293,7 @@ static int append_record(op_t *op, const mph_buf_t *rec)
         snprintf(op->message, sizeof(op->message), "%s", sc->failed);
         mph_log(MPH_LOG_ERROR, "file: %s", sc->failed);
     }
+    counters_add(op->fs, sc, 1); /* ended: taken back (or refused for good) */
     free(path);
     return op->status;
 }
@@ -1336,7 +1396,8 @@ static int unchanged_since_read(op_t *op)
 {
     fscope_t *sc = op->sc;
     if (op->nwrites != 0 || op->group != NULL || sc->log_ino == 0 || sc->version != op->expected)
-        return 0; /* (work_cb holds sc->mutex and has checked sc->failed) */
+        return 0;      /* (work_cb holds sc->mutex and has checked sc->failed) */
+    counters_note(op); /* before the look: an append after it changes them */
     char *log = scope_file(sc, ".log");
     struct stat st;
     int found = exists_in(op->fs, log, &st);
@@ -1360,6 +1421,7 @@ static void do_commit(op_t *op)
     }
     if (rc != 0 || lock_scope(op) != 0)
         return;
+    counters_note(op);
     uint64_t holder;
     if (catch_up(op) != 0 || !may_commit(op, &holder) || prepare_log(op) != 0)
         goto out;
@@ -1370,8 +1432,10 @@ static void do_commit(op_t *op)
     /* Our version is current: append, sync, and only then report success. */
     mph_buf_t rec = MPH_BUF_INIT;
     build_record(&rec, op->expected + 1, op->writes, op->nwrites, NULL);
-    if (append_record(op, &rec) == 0)
+    if (append_record(op, &rec) == 0) {
         committed(op, rec.len, holder);
+        counters_note(op); /* what they read after our own append */
+    }
     mph_buf_free(&rec);
 out:
     if (op->status == MPH_ECONFLICT && !op->held)
@@ -2118,6 +2182,8 @@ static void store_free(file_store_t *fs)
     free(fs->kept);
     void (*cb)(void *) = fs->closed_cb;
     void *ud = fs->closed_ud;
+    if (fs->counters)
+        munmap(fs->counters, COUNTER_SLOTS * 2 * sizeof(uint64_t));
     close(fs->dfd);
     free(fs->dir);
     free(fs);
@@ -2177,6 +2243,9 @@ static void after_work_cb(uv_work_t *w, int status)
         sc->busy = 0;
         note_kept(fs, sc);
         note_open(fs, sc);
+        sc->known = op->counted && (op->status == 0 || op->status == MPH_ECONFLICT);
+        sc->known_counter = op->counter;
+        sc->known_version = op->doc.version;
         if (op->kind == OP_COMMIT && op->status == 0) {
             fs->commits++;
             /* Decided before the callback, which may start the next commit. */
@@ -2229,6 +2298,7 @@ static void after_group_cb(uv_work_t *w, int status)
     for (size_t i = 0; i < g->n; i++) {
         op_t *op = g->ops[i];
         op->sc->busy = 0;
+        op->sc->known = 0;     /* (a commit of several scopes notes no counters) */
         note_kept(fs, op->sc); /* group_unlock gave back what was kept */
         note_open(fs, op->sc);
         if (g->status == MPH_ECONFLICT && (op->sc->version != op->expected || op->held))
@@ -2439,8 +2509,30 @@ static void file_forget(mph_store_t *s, const char *scope)
         free_scope(n, fs);
 }
 
+/* Whether the state this process last read of scope, at `version`, is still current, known
+ * from the commit counters alone (see "Commit counters"): on the loop, no I/O. */
+static int file_current(mph_store_t *s, const char *scope, uint64_t version)
+{
+    file_store_t *fs = (file_store_t *)s;
+    mph_map_node_t *n = mph_map_find(&fs->scopes, scope);
+    if (n == NULL)
+        return 0;
+    const fscope_t *sc = mph_container_of(n, fscope_t, node);
+    uint64_t value;
+    const uint64_t *pair = counter_pair(fs, scope);
+    return sc->known && !sc->busy && sc->known_version == version && pair != NULL &&
+           counters_even(pair, &value) && value == sc->known_counter;
+}
+
 static const mph_store_methods_t file_methods = {
-    MPH_STORE_METHODS_VERSION, "file", file_load, file_commit, file_close, file_forget, NULL,
+    MPH_STORE_METHODS_VERSION,
+    "file",
+    file_load,
+    file_commit,
+    file_close,
+    file_forget,
+    NULL,
+    file_current,
 };
 
 /* ---- The data directory ----
@@ -2554,6 +2646,27 @@ static int check_data_dir(int fd, const char *dir, char *err, size_t errlen)
     return 0;
 }
 
+/* Maps .commits (made if missing, as every file here: 0600, never through a link). Without
+ * it every read is checked the slower way, which is correct: a warning says so. */
+static void counters_map(file_store_t *fs)
+{
+    size_t size = COUNTER_SLOTS * 2 * sizeof(uint64_t);
+    char *path = mph_xmalloc(fs->dir_len + sizeof(COUNTERS_FILE) + 2);
+    sprintf(path, "%s/%s", fs->dir, COUNTERS_FILE);
+    struct stat st;
+    int fd = open_in(fs, path, O_RDWR | O_CREAT);
+    void *p = MAP_FAILED;
+    if (fd >= 0 && fstat(fd, &st) == 0 && (st.st_size >= (off_t)size || ftruncate(fd, size) == 0))
+        p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED)
+        mph_log(MPH_LOG_WARN, "file: %s: %s; every read checks the log", path, strerror(errno));
+    else
+        fs->counters = p;
+    if (fd >= 0)
+        close(fd);
+    free(path);
+}
+
 int mph_store_file_open(mph_store_t **out, uv_loop_t *loop, const char *dir, char *err,
                         size_t errlen)
 {
@@ -2577,6 +2690,7 @@ int mph_store_file_open(mph_store_t **out, uv_loop_t *loop, const char *dir, cha
     fs->keep_timer.data = fs;
     faults_init();
     compact_min_init(fs);
+    counters_map(fs);
     *out = &fs->base;
     return 0;
 }

@@ -1417,7 +1417,7 @@ static void redis_close(mph_store_t *s, void (*done)(void *ud), void *ud)
 }
 
 static const mph_store_methods_t redis_methods = {
-    MPH_STORE_METHODS_VERSION, "redis", redis_load, redis_commit, redis_close, NULL, NULL,
+    MPH_STORE_METHODS_VERSION, "redis", redis_load, redis_commit, redis_close, NULL, NULL, NULL,
 };
 
 /* ---- Opening ---- */

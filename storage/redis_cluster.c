@@ -391,7 +391,7 @@ static void cluster_close(mph_store_t *s, void (*done)(void *ud), void *ud)
 
 static const mph_store_methods_t cluster_methods = {
     MPH_STORE_METHODS_VERSION, "redis", cluster_load, cluster_commit, cluster_close, NULL,
-    cluster_together,
+    cluster_together,          NULL,
 };
 
 int mph__redis_cluster_open(mph_store_t **out, uv_loop_t *loop, const mph_store_redis_config_t *cfg,

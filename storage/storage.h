@@ -114,6 +114,11 @@ typedef struct {
      * is an equivalence, so a transaction checks each new scope against its first one only.
      * May be NULL: always. */
     int (*together)(mph_store_t *s, const char *a, const char *b, char *why, size_t len);
+    /* Whether `version` of `scope`, as this process last read or committed it, is certainly
+     * still the scope's newest acknowledged version, known at once on the loop with no I/O
+     * (file.c: the commit counters every process of a data directory shares): 1, or 0 when
+     * only a commit with no writes (a check) can tell. May be NULL: never known. */
+    int (*current)(mph_store_t *s, const char *scope, uint64_t version);
 } mph_store_methods_t;
 
 struct mph_store_s {

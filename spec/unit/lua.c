@@ -106,7 +106,7 @@ static void fake_close(mph_store_t *s, void (*done)(void *), void *ud)
 }
 
 static const mph_store_methods_t fake_methods = {
-    MPH_STORE_METHODS_VERSION, "fake", fake_load, fake_commit, fake_close, NULL, NULL};
+    MPH_STORE_METHODS_VERSION, "fake", fake_load, fake_commit, fake_close, NULL, NULL, NULL};
 
 /* Completes every started operation (and those they start), in order. */
 static void fake_run(fake_t *f)
