@@ -32,6 +32,7 @@
 #include <lua.h>
 #include <stdint.h>
 
+#include "common/list.h"
 #include "common/map.h"
 #include "bridge.h"
 #include "watchdog.h"
@@ -64,6 +65,8 @@ typedef struct {
 } mph_fwd_answer_t;
 
 struct mph_txn_s {
+    mph_list_t node;       /* in whichever queue holds it (scopes.c), or unlinked (first:
+                              list.h) */
     mph_lua_t *lua;        /* owner */
     mph_txn_state_t state; /* see the diagram above */
     char *method;          /* owned, NUL-terminated */
@@ -101,14 +104,7 @@ struct mph_txn_s {
                                 F.result reads it (fetch.c) */
     int fetch_voids;         /* attempts made void because a scope they had read changed while
                                 an exchange waited (fetch.c, "Reads across a wait") */
-    mph_txn_t *next;         /* link in whichever queue holds it */
 };
-
-/* A FIFO of transactions. */
-typedef struct {
-    mph_txn_t *head;
-    mph_txn_t *tail;
-} mph_txn_queue_t;
 
 typedef enum { SCOPE_UNLOADED, SCOPE_LOADING, SCOPE_READY } mph_scope_state_t;
 
@@ -116,48 +112,51 @@ typedef enum { SCOPE_UNLOADED, SCOPE_LOADING, SCOPE_READY } mph_scope_state_t;
  * spanning them ran on the speculative state of each (scopes.c explains). Most of the time
  * a unit is one scope alone (its `home` unit). */
 struct mph_unit_s {
-    mph_lua_t *lua;           /* owner */
-    mph_scope_t *members;     /* linked through next_member; the unit is one member's home */
-    mph_txn_queue_t pending;  /* ran on the speculative state; in the next batch */
-    int pending_commits;      /* how many of `pending` need a commit (wrote, or span scopes) */
-    mph_commit_t *commits;    /* in flight; more than one only after a merge */
-    mph_txn_queue_t rerun;    /* RETRY: to run again when the backoff ends, in order */
-    mph_txn_queue_t held;     /* WAITING: new attempts kept from running speculatively on a
-                                 contended scope until its commit ends (scopes.c) */
-    int backing_off;          /* 1: no commit starts until backoff_until */
-    int rerunning;            /* 1: its refused transactions are running again (rerun_now):
-                                 their commit waits until the last one has run */
-    uint64_t backoff_until;   /* uv_now() milliseconds */
-    int conflict_streak;      /* conflicts since the last successful commit */
-    int error_streak;         /* storage errors since the last successful commit */
-    mph_unit_t *next_backoff; /* in lua->backoffs */
+    mph_lua_t *lua;          /* owner */
+    mph_list_t members;      /* its scopes (mph_scope_t.member_node); the unit is one member's
+                                home */
+    mph_list_t pending;      /* ran on the speculative state; in the next batch (a FIFO of
+                                mph_txn_t.node, as are rerun and held) */
+    int pending_commits;     /* how many of `pending` need a commit (wrote, or span scopes) */
+    mph_list_t commits;      /* in flight (mph_commit_t.node, newest first); more than one
+                                only after a merge */
+    mph_list_t rerun;        /* RETRY: to run again when the backoff ends, in order */
+    mph_list_t held;         /* WAITING: new attempts kept from running speculatively on a
+                                contended scope until its commit ends (scopes.c) */
+    int backing_off;         /* 1: no commit starts until backoff_until */
+    int rerunning;           /* 1: its refused transactions are running again (rerun_now):
+                                their commit waits until the last one has run */
+    uint64_t backoff_until;  /* uv_now() milliseconds */
+    int conflict_streak;     /* conflicts since the last successful commit */
+    int error_streak;        /* storage errors since the last successful commit */
+    mph_list_t backoff_node; /* in lua->backoffs while backing_off */
 };
 
 struct mph_scope_s {
-    mph_map_node_t node;      /* in lua->scope_map, keyed by name */
-    mph_lua_t *lua;           /* owner */
-    char *name;               /* owned */
-    mph_scope_state_t state;  /* UNLOADED -> LOADING -> READY; back to UNLOADED on error */
-    uint64_t version;         /* version of the committed base */
-    uint64_t fresh_ms;        /* uv_now when storage last confirmed `version` current (a load,
-                                 a commit or a check): cached reads trust it this long */
-    mph_txn_queue_t waiting;  /* transactions suspended until the load ends */
-    mph_unit_t *unit;         /* the unit it belongs to: &home, or another scope's home */
-    mph_unit_t home;          /* its own unit, used while it is not merged into another */
-    mph_scope_t *next_member; /* in unit->members */
-    mph_commit_t *commit;     /* the commit in flight that carries it, or NULL */
-    int mark;                 /* scratch: collecting a batch's scopes */
-    int pins;                 /* running attempts that acquired it: not evicted meanwhile */
-    size_t bytes;             /* estimated memory of its state (scopes.c, "The scope cache") */
-    mph_map_t cold;           /* values not read since the load, as JSON text (scopes.c,
-                                 "Cold values"); owned */
-    mph_scope_t *lru_prev;    /* in lua's LRU list, most recently used first */
-    mph_scope_t *lru_next;
+    mph_map_node_t node;     /* in lua->scope_map, keyed by name */
+    mph_lua_t *lua;          /* owner */
+    char *name;              /* owned */
+    mph_scope_state_t state; /* UNLOADED -> LOADING -> READY; back to UNLOADED on error */
+    uint64_t version;        /* version of the committed base */
+    uint64_t fresh_ms;       /* uv_now when storage last confirmed `version` current (a load,
+                                a commit or a check): cached reads trust it this long */
+    mph_list_t waiting;      /* transactions suspended until the load ends (mph_txn_t.node,
+                                FIFO) */
+    mph_unit_t *unit;        /* the unit it belongs to: &home, or another scope's home */
+    mph_unit_t home;         /* its own unit, used while it is not merged into another */
+    mph_list_t member_node;  /* in unit->members */
+    mph_commit_t *commit;    /* the commit in flight that carries it, or NULL */
+    int mark;                /* scratch: collecting a batch's scopes */
+    int pins;                /* running attempts that acquired it: not evicted meanwhile */
+    size_t bytes;            /* estimated memory of its state (scopes.c, "The scope cache") */
+    mph_map_t cold;          /* values not read since the load, as JSON text (scopes.c,
+                                "Cold values"); owned */
+    mph_list_t lru_node;     /* in lua->lru */
 };
 
 /* A C function registered as c.NAME (mph_lua_register); the closure holds its address. */
 typedef struct mph_lua_cfunc_s {
-    struct mph_lua_cfunc_s *next; /* the bridge's list, freed with it */
+    mph_list_t node; /* in lua->cfuncs, freed with the bridge (first: list.h) */
     mph_lua_cfunction_t fn;
     void *ud;   /* the registrant's, borrowed */
     char *name; /* owned */
@@ -192,22 +191,24 @@ struct mph_lua_s {
     size_t pending_calls;       /* calls whose callback has not run */
     mph_txn_t *current;         /* the transaction whose coroutine is running, or NULL */
     mph_map_t scope_map;        /* every scope kept, by name; owned */
-    mph_scope_t *lru_head;      /* the same scopes, most recently acquired first */
-    mph_scope_t *lru_tail;
-    size_t scope_bytes;     /* their estimated memory ... */
-    size_t scope_cache;     /* ... kept under this by evicting idle ones (0: no bound) */
-    uv_timer_t evict_timer; /* evicts from a clean stack, on the next loop iteration */
-    int closing_timers;     /* timers whose close callback has not run yet */
-    struct {                /* counted for the log line at close (benchmarks read it) and
-                               /metrics (mph_lua_stats) */
+    mph_list_t lru;             /* the same scopes (mph_scope_t.lru_node), least recently
+                                   acquired first */
+    size_t scope_bytes;         /* their estimated memory ... */
+    size_t scope_cache;         /* ... kept under this by evicting idle ones (0: no bound) */
+    uv_timer_t evict_timer;     /* evicts from a clean stack, on the next loop iteration */
+    int closing_timers;         /* timers whose close callback has not run yet */
+    struct {                    /* counted for the log line at close (benchmarks read it) and
+                                   /metrics (mph_lua_stats) */
         uint64_t calls, attempts, commits, conflicts, storage_errors;
     } stats;
-    mph_unit_t *backoffs;     /* units backing off after a conflict, any order */
+    mph_list_t backoffs;      /* units backing off after a conflict (mph_unit_t.backoff_node),
+                                 any order */
     uv_timer_t retry_timer;   /* fires at the earliest backoff_until */
     int closing;              /* mph_lua_close was called */
     void (*closed)(void *ud); /* mph_lua_close's callback, run once the bridge is freed */
     void *closed_ud;
-    mph_lua_cfunc_t *cfuncs; /* the registered C functions (owned) */
+    mph_list_t cfuncs; /* the registered C functions (mph_lua_cfunc_t.node, owned),
+                          newest first */
     /* Arms the hook of a stretch past its deadline (owned); NULL: always armed, or no limit. */
     mph_watchdog_t *watchdog;
 };
@@ -220,15 +221,18 @@ static inline int assert_txn_state(const mph_txn_t *t)
     switch (t->state) {
     case TXN_RUNNING: /* its coroutine exists (or is being made) and it has no queue */
         assert(t->reload == NULL || t->co != NULL);
+        assert(!mph_list_is_linked(&t->node));
         break;
     case TXN_WAITING: /* suspended in C.acquire, queued on a loading scope or held */
         assert(t->co != NULL && t->reload == NULL && !t->past_checkpoint);
         break;
     case TXN_FORWARDING: /* suspended in C.forward, in no queue: the answers resume it */
         assert(t->co != NULL && t->fwd != NULL && t->role == MPH_LUA_CALL && t->nscopes == 0);
+        assert(!mph_list_is_linked(&t->node));
         break;
     case TXN_FETCHING: /* suspended in F.start, in no queue: the exchange's end resumes it */
         assert(t->co != NULL && t->fetch != NULL && t->reload == NULL && !t->past_checkpoint);
+        assert(!mph_list_is_linked(&t->node));
         break;
     case TXN_RELOAD: /* its void attempt ended; it waits for reload to load */
         assert(t->co == NULL && t->reload != NULL);

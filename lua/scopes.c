@@ -57,24 +57,32 @@
 
 #define CLAIM_AFTER 1 /* consecutive refusals before a commit asks for a fairness claim */
 
-/* ---- Queues ---- */
+/* ---- Queues ----
+ *
+ * A transaction waits in at most one queue at a time (mph_txn_t.node, common/list.h): a
+ * scope's `waiting`, its unit's `pending`, `rerun` or `held`, a commit's `batch`; each is a
+ * FIFO. A walk that runs every transaction of a queue first takes the queue whole into a list
+ * of its own (queue_take), then pops them one by one from that: running one may put it (or a
+ * newcomer) into the same queue again, which then waits for the next walk. */
 
-static void queue_push(mph_txn_queue_t *q, mph_txn_t *t)
+static void queue_push(mph_list_t *q, mph_txn_t *t)
 {
-    t->next = NULL;
-    if (q->tail)
-        q->tail->next = t;
-    else
-        q->head = t;
-    q->tail = t;
+    mph_list_insert_tail(q, &t->node);
 }
 
-/* Empties q and returns its former head. */
-static mph_txn_t *queue_take(mph_txn_queue_t *q)
+/* Moves every transaction of q, in order, into `out` (made an empty list first); q is left
+ * empty. */
+static void queue_take(mph_list_t *q, mph_list_t *out)
 {
-    mph_txn_t *head = q->head;
-    q->head = q->tail = NULL;
-    return head;
+    mph_list_init(out);
+    mph_list_move(out, q);
+}
+
+/* Unlinks and returns the first transaction of q, or NULL when it is empty. */
+static mph_txn_t *queue_pop(mph_list_t *q)
+{
+    mph_list_t *n = mph_list_pop(q);
+    return n ? mph_list_entry(n, mph_txn_t, node) : NULL;
 }
 
 /* ---- Scopes ---- */
@@ -85,13 +93,25 @@ static mph_scope_t *scope_find(mph_lua_t *lua, const char *name)
     return n ? mph_container_of(n, mph_scope_t, node) : NULL;
 }
 
+/* Makes u a unit of one member, `only` (whose member_node is unlinked). */
 static void unit_init(mph_unit_t *u, mph_scope_t *only)
 {
     memset(u, 0, sizeof(*u));
     u->lua = only->lua;
-    u->members = only;
-    only->next_member = NULL;
+    mph_list_init(&u->members);
+    mph_list_init(&u->pending);
+    mph_list_init(&u->commits);
+    mph_list_init(&u->rerun);
+    mph_list_init(&u->held);
+    mph_list_insert_tail(&u->members, &only->member_node);
     only->unit = u;
+}
+
+/* The unit's first member, or NULL: an empty home (its scope is in another unit). */
+static mph_scope_t *unit_first(const mph_unit_t *u)
+{
+    mph_list_t *n = mph_list_first(&u->members);
+    return n ? mph_list_entry(n, mph_scope_t, member_node) : NULL;
 }
 
 /* ---- The scope cache ----
@@ -103,36 +123,19 @@ static void unit_init(mph_unit_t *u, mph_scope_t *only)
  * while the total passes --scope-cache the least recently acquired idle scopes are evicted:
  * their state is dropped, the storage is told to forget them, and their next use loads them
  * again. Idle: no attempt has it pinned (acquired and not ended), nothing waits for its load,
- * no commit carries it, and its unit is itself alone with nothing pending. */
+ * no commit carries it, and its unit is itself alone with nothing pending. lua->lru keeps
+ * every scope, least recently acquired first: eviction looks from that end. */
 
 #define SCOPE_COST 1536 /* bytes per scope beyond its name and data: structs, tables, files */
 #define KEY_COST 192    /* per key: its table slot, the value's Lua object */
 #define EVICT_SCAN 64   /* idle candidates looked at per check, from the cold end */
 
-static void lru_unlink(mph_scope_t *s)
+/* s is the most recently acquired scope now (or a new one). */
+static void lru_touch(mph_scope_t *s)
 {
-    mph_lua_t *lua = s->lua;
-    if (s->lru_prev)
-        s->lru_prev->lru_next = s->lru_next;
-    else
-        lua->lru_head = s->lru_next;
-    if (s->lru_next)
-        s->lru_next->lru_prev = s->lru_prev;
-    else
-        lua->lru_tail = s->lru_prev;
-    s->lru_prev = s->lru_next = NULL;
-}
-
-static void lru_push_front(mph_scope_t *s)
-{
-    mph_lua_t *lua = s->lua;
-    s->lru_prev = NULL;
-    s->lru_next = lua->lru_head;
-    if (lua->lru_head)
-        lua->lru_head->lru_prev = s;
-    else
-        lua->lru_tail = s;
-    lua->lru_head = s;
+    if (mph_list_is_linked(&s->lru_node))
+        mph_list_remove(&s->lru_node);
+    mph_list_insert_tail(&s->lua->lru, &s->lru_node);
 }
 
 /* Sets the scope's estimated memory (the total follows). */
@@ -160,9 +163,10 @@ static mph_scope_t *scope_get(mph_lua_t *lua, const char *name)
     s->lua = lua;
     s->name = mph_xstrdup(name);
     s->state = SCOPE_UNLOADED;
+    mph_list_init(&s->waiting);
     unit_init(&s->home, s);
     mph_map_insert(&lua->scope_map, &s->node, s->name);
-    lru_push_front(s);
+    lru_touch(s);
     scope_set_bytes(s, SCOPE_COST + strlen(name));
     return s;
 }
@@ -170,9 +174,10 @@ static mph_scope_t *scope_get(mph_lua_t *lua, const char *name)
 static int scope_idle(const mph_scope_t *s)
 {
     const mph_unit_t *u = s->unit;
-    return s->pins == 0 && s->state != SCOPE_LOADING && s->waiting.head == NULL &&
-           s->commit == NULL && u == &s->home && s->next_member == NULL && u->commits == NULL &&
-           u->pending.head == NULL && u->rerun.head == NULL && u->held.head == NULL &&
+    return s->pins == 0 && s->state != SCOPE_LOADING && mph_list_empty(&s->waiting) &&
+           s->commit == NULL && u == &s->home &&
+           mph_list_next(&u->members, &s->member_node) == NULL && mph_list_empty(&u->commits) &&
+           mph_list_empty(&u->pending) && mph_list_empty(&u->rerun) && mph_list_empty(&u->held) &&
            !u->backing_off;
 }
 
@@ -204,23 +209,22 @@ static void schedule_eviction(mph_lua_t *lua)
 static void on_evict_timer(uv_timer_t *timer)
 {
     mph_lua_t *lua = mph_container_of(timer, mph_lua_t, evict_timer);
-    int evicted = 0;
-    mph_scope_t *s = lua->lru_tail;
-    for (int looked = 0;
-         s && lua->scope_cache && lua->scope_bytes > lua->scope_cache && looked < EVICT_SCAN;
-         looked++) {
-        mph_scope_t *prev = s->lru_prev;
+    int evicted = 0, looked = 0;
+    mph_list_t *n, *next;
+    mph_list_foreach_safe(n, next, &lua->lru) {
+        if (!lua->scope_cache || lua->scope_bytes <= lua->scope_cache || looked++ == EVICT_SCAN)
+            break;
+        mph_scope_t *s = mph_list_entry(n, mph_scope_t, lru_node);
         if (scope_idle(s)) {
             if (s->state == SCOPE_READY)
                 scope_forget(s);
-            lru_unlink(s);
+            mph_list_remove(&s->lru_node);
             mph_map_remove(&lua->scope_map, &s->node);
             if (lua->store && lua->store->methods->forget)
                 lua->store->methods->forget(lua->store, s->name);
             scope_free(s);
             evicted++;
         }
-        s = prev;
     }
     if (evicted)
         schedule_eviction(lua); /* more, if still over: the next iteration goes on */
@@ -485,9 +489,10 @@ static void scope_forget(mph_scope_t *s)
  * failure. code == 0: the scope is ready. */
 static void wake_waiters(mph_scope_t *s, int code, const char *failure)
 {
-    mph_txn_t *t = queue_take(&s->waiting);
-    while (t) {
-        mph_txn_t *next = t->next;
+    mph_list_t waiting;
+    queue_take(&s->waiting, &waiting);
+    mph_txn_t *t;
+    while ((t = queue_pop(&waiting)) != NULL) {
         assert(assert_txn_state(t));
         if (t->state == TXN_RELOAD) {
             if (code != 0)
@@ -501,7 +506,6 @@ static void wake_waiters(mph_scope_t *s, int code, const char *failure)
             }
             mph__txn_resume(t, 0);
         }
-        t = next;
     }
 }
 
@@ -564,17 +568,17 @@ static int hold(const mph_txn_t *t, const mph_scope_t *s, int can_wait)
 {
     const mph_unit_t *u = s->unit;
     return can_wait && t->nscopes == 0 && !u->rerunning && u->conflict_streak > 0 &&
-           (u->commits || u->backing_off);
+           (!mph_list_empty(&u->commits) || u->backing_off);
 }
 
-/* Resumes attempts suspended in C.acquire; each calls it again. */
-static void wake_all(mph_txn_t *t)
+/* Resumes the attempts of q, suspended in C.acquire; each calls it again. */
+static void wake_all(mph_list_t *q)
 {
-    while (t) {
-        mph_txn_t *next = t->next;
+    mph_list_t all;
+    queue_take(q, &all);
+    mph_txn_t *t;
+    while ((t = queue_pop(&all)) != NULL)
         mph__txn_resume(t, 0);
-        t = next;
-    }
 }
 
 /* ---- Loading where one cannot wait ----
@@ -631,8 +635,7 @@ int mph__scopes_acquire(mph_txn_t *t, const char *name, int can_wait, int *code,
         }
         t->scopes[t->nscopes++] = s;
         s->pins++;
-        lru_unlink(s);
-        lru_push_front(s);
+        lru_touch(s);
         return 0;
     }
     if (lua->closing) {
@@ -731,37 +734,15 @@ mph_scope_t *mph__scopes_acquired(mph_txn_t *t, const char *name)
  * reads one sees what another process committed before it began. */
 
 struct mph_commit_s {
+    mph_list_t node;             /* in unit->commits (first: list.h) */
     mph_unit_t *unit;            /* the unit it belongs to now (a merge moves it) */
-    mph_txn_queue_t batch;       /* the transactions whose writes or reads it carries */
+    mph_list_t batch;            /* the transactions whose writes or reads it carries */
     size_t n;                    /* scopes */
     mph_scope_t **scopes;        /* n, in this allocation */
     mph_store_write_t *writes;   /* n, in this allocation */
     int *json_refs;              /* n registry refs keeping each write set's strings alive */
     mph_store_entry_t **entries; /* n owned arrays (pointers into those strings) */
-    mph_commit_t *next;          /* in unit->commits */
 };
-
-static void unit_remove_backoff(mph_unit_t *u)
-{
-    for (mph_unit_t **p = &u->lua->backoffs; *p; p = &(*p)->next_backoff)
-        if (*p == u) {
-            *p = u->next_backoff;
-            break;
-        }
-    u->next_backoff = NULL;
-}
-
-static void queue_append(mph_txn_queue_t *to, mph_txn_queue_t *from)
-{
-    if (from->head == NULL)
-        return;
-    if (to->tail)
-        to->tail->next = from->head;
-    else
-        to->head = from->head;
-    to->tail = from->tail;
-    from->head = from->tail = NULL;
-}
 
 static void arm_retry_timer(mph_lua_t *lua);
 
@@ -770,29 +751,24 @@ static mph_unit_t *unit_merge(mph_unit_t *into, mph_unit_t *from)
 {
     if (into == from)
         return into;
-    mph_scope_t *last = into->members;
-    while (last->next_member)
-        last = last->next_member;
-    last->next_member = from->members;
-    for (mph_scope_t *m = from->members; m; m = m->next_member)
-        m->unit = into;
-    queue_append(&into->pending, &from->pending);
+    mph_list_t *n;
+    mph_list_foreach(n, &from->members)
+        mph_list_entry(n, mph_scope_t, member_node)->unit = into;
+    mph_list_move(&into->members, &from->members); /* from is an empty home now, until its
+                                                      scope is alone again (unit_split) */
+    mph_list_move(&into->pending, &from->pending);
     into->pending_commits += from->pending_commits;
-    mph_commit_t **tail = &into->commits;
-    while (*tail)
-        tail = &(*tail)->next;
-    *tail = from->commits;
-    for (mph_commit_t *c = from->commits; c; c = c->next)
-        c->unit = into;
-    queue_append(&into->rerun, &from->rerun);
-    queue_append(&into->held, &from->held);
+    mph_list_foreach(n, &from->commits)
+        mph_list_entry(n, mph_commit_t, node)->unit = into;
+    mph_list_move(&into->commits, &from->commits);
+    mph_list_move(&into->rerun, &from->rerun);
+    mph_list_move(&into->held, &from->held);
     if (from->backing_off) {
-        unit_remove_backoff(from);
+        mph_list_remove(&from->backoff_node); /* from lua->backoffs, or on_retry_timer's due */
         if (!into->backing_off) {
             into->backing_off = 1;
             into->backoff_until = from->backoff_until;
-            into->next_backoff = into->lua->backoffs;
-            into->lua->backoffs = into;
+            mph_list_insert_head(&into->lua->backoffs, &into->backoff_node);
         } else if (from->backoff_until > into->backoff_until) {
             into->backoff_until = from->backoff_until;
         }
@@ -802,8 +778,6 @@ static mph_unit_t *unit_merge(mph_unit_t *into, mph_unit_t *from)
         into->conflict_streak = from->conflict_streak;
     if (from->error_streak > into->error_streak)
         into->error_streak = from->error_streak;
-    from->members = NULL; /* an empty home until its scope is alone again (unit_split) */
-    from->commits = NULL;
     from->pending_commits = 0;
     from->backing_off = 0;
     return into;
@@ -812,17 +786,19 @@ static mph_unit_t *unit_merge(mph_unit_t *into, mph_unit_t *from)
 /* A unit with nothing pending, in flight or to re-run: every member is alone again. */
 static void unit_split(mph_unit_t *u)
 {
-    if (u->members == NULL || u->members->next_member == NULL || u->commits || u->backing_off ||
-        u->pending.head || u->rerun.head || u->held.head)
+    if (mph_list_first(&u->members) == mph_list_last(&u->members) /* none or one */ ||
+        !mph_list_empty(&u->commits) || u->backing_off || !mph_list_empty(&u->pending) ||
+        !mph_list_empty(&u->rerun) || !mph_list_empty(&u->held))
         return;
     int conflicts = u->conflict_streak, errors = u->error_streak; /* u is reset below */
-    mph_scope_t *m = u->members;
-    while (m) {
-        mph_scope_t *next = m->next_member;
+    mph_list_t members, *n;
+    mph_list_init(&members);
+    mph_list_move(&members, &u->members);
+    while ((n = mph_list_pop(&members)) != NULL) {
+        mph_scope_t *m = mph_list_entry(n, mph_scope_t, member_node);
         unit_init(&m->home, m);
         m->home.conflict_streak = conflicts;
         m->home.error_streak = errors;
-        m = next;
     }
 }
 
@@ -832,44 +808,51 @@ static void unit_split(mph_unit_t *u)
 /* The unit's invariants; used as assert(assert_unit_state(u)). */
 static int assert_unit_state(const mph_unit_t *u)
 {
-    assert(u->members != NULL);
-    for (const mph_scope_t *m = u->members; m; m = m->next_member) {
+    assert(!mph_list_empty(&u->members));
+    const mph_list_t *n;
+    mph_list_foreach(n, &u->members) {
+        const mph_scope_t *m = mph_list_entry(n, mph_scope_t, member_node);
         assert(m->unit == u);
-        assert(m->state == SCOPE_LOADING || m->waiting.head == NULL);
+        assert(m->state == SCOPE_LOADING || mph_list_empty(&m->waiting));
         assert(m->commit == NULL || m->state == SCOPE_READY);
     }
-    for (const mph_commit_t *c = u->commits; c; c = c->next)
-        assert(c->unit == u && c->batch.head != NULL);
-    assert(!u->backing_off || u->rerun.head != NULL);
-    int n = 0;
-    for (mph_txn_t *t = u->pending.head; t; t = t->next)
-        n++;
-    assert(u->pending_commits <= n);
-    (void)n;
+    mph_list_foreach(n, &u->commits) {
+        const mph_commit_t *c = mph_list_entry(n, mph_commit_t, node);
+        assert(c->unit == u && !mph_list_empty(&c->batch));
+    }
+    assert(!u->backing_off || !mph_list_empty(&u->rerun));
+    assert(u->backing_off == mph_list_is_linked(&u->backoff_node));
+    int count = 0;
+    mph_list_foreach(n, &u->pending)
+        count++;
+    assert(u->pending_commits <= count);
+    (void)count;
     return 1;
 }
 #endif
 
 static void kick(mph_unit_t *u);
 
-static void answer_all(mph_txn_t *t)
+static void answer_all(mph_list_t *q)
 {
-    while (t) {
-        mph_txn_t *next = t->next;
+    mph_list_t all;
+    queue_take(q, &all);
+    mph_txn_t *t;
+    while ((t = queue_pop(&all)) != NULL)
         mph__txn_reply_result(t);
-        t = next;
-    }
 }
 
 static void backoff(mph_unit_t *u, uint64_t delay_ms);
 
-/* Queues transactions to run again when the unit's backoff ends (the caller starts it).
- * `refused`: their own commit was refused (it counts toward the limit). */
-static void requeue_all(mph_unit_t *u, mph_txn_t *t, int refused)
+/* Queues the transactions of q to run again when the unit's backoff ends (the caller starts
+ * it). `refused`: their own commit was refused (it counts toward the limit). */
+static void requeue_all(mph_unit_t *u, mph_list_t *q, int refused)
 {
     mph_lua_t *lua = u->lua;
-    while (t) {
-        mph_txn_t *next = t->next;
+    mph_list_t all;
+    queue_take(q, &all);
+    mph_txn_t *t;
+    while ((t = queue_pop(&all)) != NULL) {
         t->refusals += refused;
         if (lua->closing) {
             mph__txn_reply(t, MPH_RPC_STORAGE_UNAVAILABLE, "storage unavailable: shutting down");
@@ -883,7 +866,6 @@ static void requeue_all(mph_unit_t *u, mph_txn_t *t, int refused)
             assert(assert_txn_state(t));
             queue_push(&u->rerun, t);
         }
-        t = next;
     }
 }
 
@@ -893,13 +875,13 @@ static uint64_t jitter(mph_lua_t *lua, uint64_t ceiling)
     return 1 + mph__lua_random(lua) % ceiling;
 }
 
-static void fail_all(mph_txn_t *t, int code, const char *message)
+static void fail_all(mph_list_t *q, int code, const char *message)
 {
-    while (t) {
-        mph_txn_t *next = t->next;
+    mph_list_t all;
+    queue_take(q, &all);
+    mph_txn_t *t;
+    while ((t = queue_pop(&all)) != NULL)
         mph__txn_reply(t, code, message);
-        t = next;
-    }
 }
 
 /* Frees a commit that has ended; its scopes are free to join the next one. */
@@ -916,27 +898,26 @@ static void commit_free(mph_commit_t *c)
 /* Takes c out of its unit's list of commits in flight. */
 static void commit_detach(mph_commit_t *c)
 {
-    for (mph_commit_t **p = &c->unit->commits; *p; p = &(*p)->next)
-        if (*p == c) {
-            *p = c->next;
-            return;
-        }
-    assert(!"a commit not in its unit's list");
+    assert(mph_list_is_linked(&c->node)); /* in c->unit->commits */
+    mph_list_remove(&c->node);
 }
 
 /* A commit of u failed: whatever ran on speculative state in u runs again (the members'
- * pending writes go with it). Members of the failed commit are handled by the caller. */
-static mph_txn_t *unit_void_pending(mph_unit_t *u)
+ * pending writes go with it): u's pending transactions are moved into `later` (the caller's,
+ * made a list here). Members of the failed commit are handled by the caller. */
+static void unit_void_pending(mph_unit_t *u, mph_list_t *later)
 {
-    mph_txn_t *later = queue_take(&u->pending);
+    queue_take(&u->pending, later);
     u->pending_commits = 0;
-    for (mph_scope_t *m = u->members; m; m = m->next_member)
+    mph_list_t *n;
+    mph_list_foreach(n, &u->members) {
+        mph_scope_t *m = mph_list_entry(n, mph_scope_t, member_node);
         if (m->state == SCOPE_READY) {
             scope_op_t op = {m, NULL, 0, 0, ""};
             if (mph__lua_protect(u->lua, drop_pending, &op, "dropping pending writes") != 0)
                 scope_forget(m); /* out of memory: it is reloaded on the next access */
         }
-    return later;
+    }
 }
 
 /* The conflict the storage reported for scope `name`, or NULL when its version held. */
@@ -950,7 +931,7 @@ static const mph_store_conflict_t *conflict_of(const mph_store_result_t *res, co
 
 /* The commit is durable: its writes fold into their scopes' states and the batch is
  * answered. */
-static void committed(mph_commit_t *c, mph_txn_t *batch)
+static void committed(mph_commit_t *c, mph_list_t *batch)
 {
     mph_unit_t *u = c->unit;
     mph_lua_t *lua = u->lua;
@@ -974,7 +955,9 @@ static void committed(mph_commit_t *c, mph_txn_t *batch)
     answer_all(batch);
     schedule_eviction(lua);
     if (missed) { /* what ran on top of the missed state runs again */
-        requeue_all(u, unit_void_pending(u), 0);
+        mph_list_t later;
+        unit_void_pending(u, &later);
+        requeue_all(u, &later, 0);
         backoff(u, 0);
         return;
     }
@@ -985,7 +968,7 @@ static void committed(mph_commit_t *c, mph_txn_t *batch)
  * committed), and the batch and what ran on top of it run again. Returns 0, or -1 when an
  * update could not be applied (out of memory: *nomem; an unreadable one: logged), which
  * the caller treats as a failed commit. */
-static int conflicted(mph_commit_t *c, mph_txn_t *batch, const mph_store_result_t *res, int *nomem)
+static int conflicted(mph_commit_t *c, mph_list_t *batch, const mph_store_result_t *res, int *nomem)
 {
     mph_unit_t *u = c->unit;
     mph_lua_t *lua = u->lua;
@@ -1015,9 +998,10 @@ static int conflicted(mph_commit_t *c, mph_txn_t *batch, const mph_store_result_
     commit_free(c);
     u->conflict_streak++;
     lua->stats.conflicts++;
-    mph_txn_t *later = unit_void_pending(u);
+    mph_list_t later;
+    unit_void_pending(u, &later);
     requeue_all(u, batch, !held); /* being held off is waiting, not refusal */
-    requeue_all(u, later, 0);
+    requeue_all(u, &later, 0);
     /* Held by another process's claim: wait until it ends, as it says. */
     backoff(u, (uint64_t)held);
     return 0;
@@ -1027,7 +1011,7 @@ static int conflicted(mph_commit_t *c, mph_txn_t *batch, const mph_store_result_
  * are reloaded on the next access). The batch hears -32002 (never "committed" unless it
  * was), or -32603 when Lua ran out of memory; the later ones only read speculative data and
  * simply run again. */
-static void commit_failed(mph_commit_t *c, mph_txn_t *batch, const mph_store_result_t *res,
+static void commit_failed(mph_commit_t *c, mph_list_t *batch, const mph_store_result_t *res,
                           int nomem)
 {
     mph_unit_t *u = c->unit;
@@ -1044,9 +1028,10 @@ static void commit_failed(mph_commit_t *c, mph_txn_t *batch, const mph_store_res
     }
     commit_free(c);
     lua->stats.storage_errors += !nomem;
-    mph_txn_t *later = unit_void_pending(u);
+    mph_list_t later;
+    unit_void_pending(u, &later);
     fail_all(batch, nomem ? MPH_RPC_INTERNAL_ERROR : MPH_RPC_STORAGE_UNAVAILABLE, message);
-    requeue_all(u, later, 0);
+    requeue_all(u, &later, 0);
     u->error_streak++;
     backoff(u, jitter(lua, (uint64_t)1 << (u->error_streak < 6 ? u->error_streak : 6)));
 }
@@ -1056,16 +1041,17 @@ static void on_committed(void *ud, const mph_store_result_t *res)
     mph_commit_t *c = ud;
     assert(assert_unit_state(c->unit));
     commit_detach(c);
-    mph_txn_t *batch = queue_take(&c->batch);
+    mph_list_t batch; /* c is freed before its batch is answered */
+    queue_take(&c->batch, &batch);
     if (res->status == 0) {
-        committed(c, batch);
+        committed(c, &batch);
         return;
     }
     /* Every speculative write is void now: the batch and whatever ran on top of it. */
     int nomem = res->status == MPH_ENOMEM;
-    if (res->status == MPH_ECONFLICT && conflicted(c, batch, res, &nomem) == 0)
+    if (res->status == MPH_ECONFLICT && conflicted(c, &batch, res, &nomem) == 0)
         return;
-    commit_failed(c, batch, res, nomem);
+    commit_failed(c, &batch, res, nomem);
 }
 
 /* What kick hands to take_pending. */
@@ -1106,31 +1092,38 @@ static int take_pending(lua_State *L)
     return 0;
 }
 
-/* A new commit of the scopes the batch's transactions touched, each once. */
-static mph_commit_t *commit_new(mph_unit_t *u, mph_txn_t *batch)
+/* A new commit of the scopes the batch's transactions touched, each once; its own batch is
+ * empty. */
+static mph_commit_t *commit_new(mph_unit_t *u, const mph_list_t *batch)
 {
     size_t n = 0;
-    for (mph_txn_t *t = batch; t; t = t->next)
+    const mph_list_t *q;
+    mph_list_foreach(q, batch) {
+        const mph_txn_t *t = mph_list_entry(q, mph_txn_t, node);
         for (int i = 0; i < t->nscopes; i++)
             if (!t->scopes[i]->mark) {
                 t->scopes[i]->mark = 1;
                 n++;
             }
+    }
     size_t size = sizeof(mph_commit_t) + n * (sizeof(mph_scope_t *) + sizeof(mph_store_write_t) +
                                               sizeof(int) + sizeof(mph_store_entry_t *));
     mph_commit_t *c = mph_xcalloc(1, size);
     c->unit = u;
+    mph_list_init(&c->batch);
     c->writes = (mph_store_write_t *)(c + 1); /* the widest members first: aligned */
     c->entries = (mph_store_entry_t **)(c->writes + n);
     c->scopes = (mph_scope_t **)(c->entries + n);
     c->json_refs = (int *)(c->scopes + n);
-    for (mph_txn_t *t = batch; t; t = t->next)
+    mph_list_foreach(q, batch) {
+        const mph_txn_t *t = mph_list_entry(q, mph_txn_t, node);
         for (int i = 0; i < t->nscopes; i++)
             if (t->scopes[i]->mark) {
                 t->scopes[i]->mark = 0;
                 c->json_refs[c->n] = LUA_NOREF;
                 c->scopes[c->n++] = t->scopes[i];
             }
+    }
     assert(c->n == n);
     return c;
 }
@@ -1141,38 +1134,38 @@ static void kick(mph_unit_t *u)
     mph_lua_t *lua = u->lua;
     if (u->rerunning)
         return; /* rerun_now kicks once they have all run */
-    if (u->held.head && u->commits == NULL && !u->backing_off) {
+    if (!mph_list_empty(&u->held) && mph_list_empty(&u->commits) && !u->backing_off) {
         /* The held attempts go on now, on the state the commit left, and join the next
          * batch together (as rerun_now's do). One may merge u into another unit. */
-        mph_scope_t *member = u->members;
+        mph_scope_t *member = unit_first(u);
         u->rerunning = 1;
-        wake_all(queue_take(&u->held));
+        wake_all(&u->held);
         u->rerunning = 0;
         u = member->unit;
         if (u->rerunning)
             return;
     }
     assert(assert_unit_state(u));
-    if (u->commits || u->backing_off || u->pending.head == NULL) {
+    if (!mph_list_empty(&u->commits) || u->backing_off || mph_list_empty(&u->pending)) {
         unit_split(u);
         return;
     }
     if (u->pending_commits == 0) {
         /* Only readers of one scope each, and what they read is durable now. */
-        answer_all(queue_take(&u->pending));
+        answer_all(&u->pending);
         unit_split(u);
         return;
     }
-    mph_commit_t *c = commit_new(u, u->pending.head);
-    c->batch = u->pending;
-    u->pending.head = u->pending.tail = NULL;
+    mph_commit_t *c = commit_new(u, &u->pending);
+    mph_list_move(&c->batch, &u->pending);
     u->pending_commits = 0;
-    for (mph_txn_t *t = c->batch.head; t; t = t->next) {
+    mph_list_t *n;
+    mph_list_foreach(n, &c->batch) {
+        mph_txn_t *t = mph_list_entry(n, mph_txn_t, node);
         mph__txn_become(t, TXN_COMMITTING);
         assert(assert_txn_state(t));
     }
-    c->next = u->commits;
-    u->commits = c;
+    mph_list_insert_head(&u->commits, &c->node);
     int status = 0;
     for (size_t i = 0; i < c->n && status == 0; i++) {
         mph_scope_t *s = c->scopes[i];
@@ -1251,7 +1244,7 @@ void mph__scopes_finished(mph_txn_t *t)
     mph_unit_t *u = t->scopes[0]->unit;
     for (int i = 1; i < t->nscopes; i++)
         u = unit_merge(u, t->scopes[i]->unit);
-    if (!needs_commit(t) && u->commits == NULL && u->pending.head == NULL) {
+    if (!needs_commit(t) && mph_list_empty(&u->commits) && mph_list_empty(&u->pending)) {
         mph__txn_reply_result(t); /* it read durable data only */
         return;
     }
@@ -1269,14 +1262,17 @@ static void on_retry_timer(uv_timer_t *timer);
 
 static void arm_retry_timer(mph_lua_t *lua)
 {
-    if (lua->backoffs == NULL) {
+    mph_list_t *n = mph_list_first(&lua->backoffs);
+    if (n == NULL) {
         uv_timer_stop(&lua->retry_timer);
         return;
     }
-    uint64_t at = lua->backoffs->backoff_until;
-    for (mph_unit_t *u = lua->backoffs->next_backoff; u; u = u->next_backoff)
+    uint64_t at = mph_list_entry(n, mph_unit_t, backoff_node)->backoff_until;
+    mph_list_foreach(n, &lua->backoffs) {
+        const mph_unit_t *u = mph_list_entry(n, mph_unit_t, backoff_node);
         if (u->backoff_until < at)
             at = u->backoff_until;
+    }
     uint64_t now = uv_now(lua->loop);
     uv_timer_start(&lua->retry_timer, on_retry_timer, at > now ? at - now : 0, 0);
 }
@@ -1291,13 +1287,12 @@ static void rerun_now(mph_unit_t *u)
 {
     u->backing_off = 0;
     u->rerunning = 1;
-    mph_scope_t *member = u->members;
-    mph_txn_t *t = queue_take(&u->rerun);
-    while (t) {
-        mph_txn_t *next = t->next;
+    mph_scope_t *member = unit_first(u);
+    mph_list_t rerun;
+    queue_take(&u->rerun, &rerun);
+    mph_txn_t *t;
+    while ((t = queue_pop(&rerun)) != NULL)
         mph__txn_start_attempt(t);
-        t = next;
-    }
     u->rerunning = 0;
     if (member)
         kick(member->unit);
@@ -1310,7 +1305,7 @@ static void rerun_now(mph_unit_t *u)
 static void backoff(mph_unit_t *u, uint64_t delay_ms)
 {
     mph_lua_t *lua = u->lua;
-    if (u->backing_off || u->rerun.head == NULL) {
+    if (u->backing_off || mph_list_empty(&u->rerun)) {
         kick(u);
         return;
     }
@@ -1320,8 +1315,7 @@ static void backoff(mph_unit_t *u, uint64_t delay_ms)
     }
     u->backing_off = 1;
     u->backoff_until = uv_now(lua->loop) + delay_ms;
-    u->next_backoff = lua->backoffs;
-    lua->backoffs = u;
+    mph_list_insert_head(&lua->backoffs, &u->backoff_node);
     arm_retry_timer(lua);
 }
 
@@ -1329,25 +1323,19 @@ static void on_retry_timer(uv_timer_t *timer)
 {
     mph_lua_t *lua = mph_container_of(timer, mph_lua_t, retry_timer);
     uint64_t now = uv_now(lua->loop);
-    /* Detach the units whose backoff is over first: re-running may start new backoffs. */
-    mph_unit_t *due = NULL, **p = &lua->backoffs;
-    while (*p) {
-        mph_unit_t *u = *p;
-        if (u->backoff_until <= now) {
-            *p = u->next_backoff;
-            u->next_backoff = due;
-            due = u;
-        } else {
-            p = &u->next_backoff;
+    /* Detach the units whose backoff is over first: re-running may start new backoffs. A
+     * re-run may also merge a unit still in `due` into another, which takes it out. */
+    mph_list_t due, *n, *next;
+    mph_list_init(&due);
+    mph_list_foreach_safe(n, next, &lua->backoffs) {
+        if (mph_list_entry(n, mph_unit_t, backoff_node)->backoff_until <= now) {
+            mph_list_remove(n);
+            mph_list_insert_head(&due, n);
         }
     }
     arm_retry_timer(lua);
-    while (due) {
-        mph_unit_t *u = due;
-        due = u->next_backoff;
-        u->next_backoff = NULL;
-        rerun_now(u);
-    }
+    while ((n = mph_list_pop(&due)) != NULL)
+        rerun_now(mph_list_entry(n, mph_unit_t, backoff_node));
 }
 
 static void close_scope(mph_map_node_t *n, void *ud)
@@ -1357,10 +1345,10 @@ static void close_scope(mph_map_node_t *n, void *ud)
     /* A commit still in flight would call back into freed memory: the host closes the store
      * (which completes every operation) before the bridge. */
     assert(s->commit == NULL && s->state != SCOPE_LOADING);
-    fail_all(queue_take(&s->waiting), MPH_RPC_STORAGE_UNAVAILABLE, msg);
-    fail_all(queue_take(&s->home.pending), MPH_RPC_STORAGE_UNAVAILABLE, msg);
-    fail_all(queue_take(&s->home.rerun), MPH_RPC_STORAGE_UNAVAILABLE, msg);
-    fail_all(queue_take(&s->home.held), MPH_RPC_STORAGE_UNAVAILABLE, msg);
+    fail_all(&s->waiting, MPH_RPC_STORAGE_UNAVAILABLE, msg);
+    fail_all(&s->home.pending, MPH_RPC_STORAGE_UNAVAILABLE, msg);
+    fail_all(&s->home.rerun, MPH_RPC_STORAGE_UNAVAILABLE, msg);
+    fail_all(&s->home.held, MPH_RPC_STORAGE_UNAVAILABLE, msg);
 }
 
 static void free_scope(mph_map_node_t *n, void *ud)
@@ -1373,12 +1361,14 @@ static void free_scope(mph_map_node_t *n, void *ud)
 
 void mph__scopes_close(mph_lua_t *lua)
 {
-    lua->backoffs = NULL;
+    mph_list_t *n;
+    while ((n = mph_list_pop(&lua->backoffs)) != NULL) /* their queues are failed below */
+        mph_list_entry(n, mph_unit_t, backoff_node)->backing_off = 0;
     uv_timer_stop(&lua->retry_timer);
     uv_timer_stop(&lua->evict_timer);
     /* First every queue (failing a transaction unpins its scopes), then the scopes. */
     mph_map_each(&lua->scope_map, close_scope, "storage unavailable: shutting down");
     mph_map_each(&lua->scope_map, free_scope, NULL);
     mph_map_free(&lua->scope_map);
-    lua->lru_head = lua->lru_tail = NULL;
+    mph_list_init(&lua->lru); /* every scope in it is freed */
 }

@@ -205,7 +205,7 @@ const luaL_Reg mph__txn_helpers[] = {
 static void txn_free(mph_txn_t *t)
 {
     mph_lua_t *lua = t->lua;
-    assert(t->co == NULL);
+    assert(t->co == NULL && !mph_list_is_linked(&t->node)); /* in no queue any more */
     mph__forward_clear(t);
     mph__fetch_clear(t);
     json_decref(t->params);

@@ -287,18 +287,21 @@ int mph_lua_register(mph_lua_t *lua, const char *name, mph_lua_cfunction_t fn, v
 {
     if (name == NULL || name[0] == '\0' || fn == NULL)
         return MPH_EINVAL;
-    for (const mph_lua_cfunc_t *f = lua->cfuncs; f; f = f->next)
-        if (strcmp(f->name, name) == 0)
+    const mph_list_t *n;
+    mph_list_foreach(n, &lua->cfuncs)
+        if (strcmp(mph_list_entry(n, mph_lua_cfunc_t, node)->name, name) == 0)
             return MPH_EINVAL;
     mph_lua_cfunc_t *f = mph_xcalloc(1, sizeof(*f));
-    *f = (mph_lua_cfunc_t){lua->cfuncs, fn, ud, mph_xstrdup(name)};
+    f->fn = fn;
+    f->ud = ud;
+    f->name = mph_xstrdup(name);
     register_ctx_t c = {lua, f};
     if (mph__lua_protect(lua, register_cfunc, &c, "registering a C function") != 0) {
         free(f->name);
         free(f);
         return MPH_ENOMEM;
     }
-    lua->cfuncs = f;
+    mph_list_insert_head(&lua->cfuncs, &f->node);
     return 0;
 }
 
@@ -479,6 +482,9 @@ int mph_lua_new(mph_lua_t **out, uv_loop_t *loop, const mph_lua_config_t *cfg)
 {
     mph_lua_t *lua = mph_xcalloc(1, sizeof(*lua));
     lua->loop = loop;
+    mph_list_init(&lua->lru);
+    mph_list_init(&lua->backoffs);
+    mph_list_init(&lua->cfuncs);
     lua->store = cfg->store;
     lua->max_retries = cfg->max_retries >= 0 ? cfg->max_retries : DEFAULT_MAX_RETRIES;
     lua->debug_errors = cfg->debug_errors;
@@ -707,9 +713,9 @@ static void on_timer_closed(uv_handle_t *h)
     void (*closed)(void *) = lua->closed;
     void *closed_ud = lua->closed_ud;
     lua_close(lua->L);
-    while (lua->cfuncs) {
-        mph_lua_cfunc_t *f = lua->cfuncs;
-        lua->cfuncs = f->next;
+    mph_list_t *n;
+    while ((n = mph_list_pop(&lua->cfuncs)) != NULL) {
+        mph_lua_cfunc_t *f = mph_list_entry(n, mph_lua_cfunc_t, node);
         free(f->name);
         free(f);
     }

@@ -101,6 +101,7 @@
 #include <unistd.h>
 #include <zlib.h>
 
+#include "common/list.h"
 #include "common/map.h"
 #include "storage.h"
 
@@ -119,6 +120,7 @@
 #define LOCK_KEEP_MS 20     /* a lock kept after a conflict is given back after this */
 
 typedef struct fscope_s {
+    mph_map_node_t node;    /* in fs->scopes, keyed by name (first: common/list.h says why) */
     char *name;             /* owned */
     char *path;             /* owned: dir/E without the extension (for messages; files are
                                opened by their name under the directory's fd: see open_in) */
@@ -140,31 +142,30 @@ typedef struct fscope_s {
     uv_mutex_t mutex;       /* held by a load or commit, and by a compaction's switch */
     char *failed;           /* owned; set when the file's state is unknown: why we refuse it */
     int forgotten;          /* the runner evicted it while a compaction ran: freed after */
-    int in_open;            /* in fs's list of scopes with open files */
     int lock_kept;          /* the flock is still ours after a conflict, for the retry (written
                                by the job that kept it; read on the loop while not busy) */
     uint64_t kept_at;       /* uv_now when the loop saw it kept */
-    struct fscope_s *open_prev, *open_next;
-    mph_map_node_t node; /* in fs->scopes, keyed by name */
+    mph_list_t open_node;   /* in fs->open while it keeps files open (note_open) */
 } fscope_t;
 
 typedef struct {
     mph_store_t base; /* must be first */
     uv_loop_t *loop;
-    char *dir;                       /* owned: the data directory's path, for messages */
-    size_t dir_len;                  /* strlen(dir) */
-    int dfd;                         /* the data directory, checked at open (open_data_dir):
-                                        every file is reached through it (open_in) */
-    uint64_t *counters;              /* the commit counters (.commits, mapped), or NULL */
-    mph_map_t scopes;                /* fscope_t by name, owned */
-    fscope_t *open_head, *open_tail; /* scopes with open files, most recently used first */
-    unsigned nopen;                  /* how many */
-    unsigned ops;                    /* operations and compactions in flight */
-    int compactions;   /* compaction jobs in flight: at most one per store, so that they
-                          hold at most one of libuv's four pool threads, never all */
-    uint64_t commits;  /* commits written (loop thread) */
-    uint64_t syncs;    /* fsync and fdatasync calls, from any thread (atomic) */
-    off_t compact_min; /* compact logs above this size (COMPACT_MIN_BYTES; a test may lower) */
+    char *dir;          /* owned: the data directory's path, for messages */
+    size_t dir_len;     /* strlen(dir) */
+    int dfd;            /* the data directory, checked at open (open_data_dir): every file
+                           is reached through it (open_in) */
+    uint64_t *counters; /* the commit counters (.commits, mapped), or NULL */
+    mph_map_t scopes;   /* fscope_t by name, owned */
+    mph_list_t open;    /* scopes with open files (fscope_t.open_node), least recently used
+                           first */
+    unsigned nopen;     /* how many */
+    unsigned ops;       /* operations and compactions in flight */
+    int compactions;    /* compaction jobs in flight: at most one per store, so that they
+                           hold at most one of libuv's four pool threads, never all */
+    uint64_t commits;   /* commits written (loop thread) */
+    uint64_t syncs;     /* fsync and fdatasync calls, from any thread (atomic) */
+    off_t compact_min;  /* compact logs above this size (COMPACT_MIN_BYTES; a test may lower) */
     int closing;
     void (*closed_cb)(void *ud);
     void *closed_ud;
@@ -2108,18 +2109,9 @@ static void note_kept(file_store_t *fs, fscope_t *sc)
 
 static void open_unlink(file_store_t *fs, fscope_t *sc)
 {
-    if (!sc->in_open)
+    if (!mph_list_is_linked(&sc->open_node))
         return;
-    if (sc->open_prev)
-        sc->open_prev->open_next = sc->open_next;
-    else
-        fs->open_head = sc->open_next;
-    if (sc->open_next)
-        sc->open_next->open_prev = sc->open_prev;
-    else
-        fs->open_tail = sc->open_prev;
-    sc->open_prev = sc->open_next = NULL;
-    sc->in_open = 0;
+    mph_list_remove(&sc->open_node);
     fs->nopen--;
 }
 
@@ -2138,23 +2130,18 @@ static void note_open(file_store_t *fs, fscope_t *sc)
 {
     open_unlink(fs, sc);
     if (sc->lock_fd >= 0 || sc->log_fd >= 0) {
-        sc->open_next = fs->open_head;
-        if (fs->open_head)
-            fs->open_head->open_prev = sc;
-        else
-            fs->open_tail = sc;
-        fs->open_head = sc;
-        sc->in_open = 1;
+        mph_list_insert_tail(&fs->open, &sc->open_node);
         fs->nopen++;
     }
-    fscope_t *c = fs->open_tail;
-    while (c && fs->nopen > MAX_OPEN_SCOPES) {
-        fscope_t *prev = c->open_prev;
+    mph_list_t *n, *next;
+    mph_list_foreach_safe(n, next, &fs->open) {
+        if (fs->nopen <= MAX_OPEN_SCOPES)
+            break;
+        fscope_t *c = mph_list_entry(n, fscope_t, open_node);
         if (!c->busy && !c->compacting) {
             close_files(fs, c);
             open_unlink(fs, c);
         }
-        c = prev;
     }
 }
 
@@ -2680,6 +2667,7 @@ int mph_store_file_open(mph_store_t **out, uv_loop_t *loop, const char *dir, cha
     file_store_t *fs = mph_xcalloc(1, sizeof(*fs));
     fs->base.methods = &file_methods;
     fs->loop = loop;
+    mph_list_init(&fs->open);
     fs->dfd = dfd;
     char *abs = realpath(dir, NULL);
     fs->dir = abs ? abs : mph_xstrdup(dir);

@@ -62,6 +62,7 @@
 #include <strings.h>
 #include <sys/socket.h>
 
+#include "common/list.h"
 #include "redis_route.h"
 #include "storage.h"
 
@@ -94,6 +95,9 @@ typedef struct {
 } shape_t;
 
 typedef struct rop_s {
+    mph_list_t node; /* in rs->inflight while sent; then, a COMMIT applied that waits for
+                        replicas: in rs->waiting, then in its WAIT's group (first:
+                        common/list.h) */
     redis_store_t *rs;
     op_kind_t kind;
     mph_store_cb cb; /* runs exactly once (LOAD, COMMIT) */
@@ -110,12 +114,10 @@ typedef struct rop_s {
     int asking;             /* Cluster: send ASKING first (an ASK redirection) */
     void (*raw_cb)(void *ud, const redisReply *r); /* OP_RAW: gets the reply (NULL: lost) */
     uint64_t deadline;                             /* uv_now() limit for the reply */
-    struct rop_s *prev, *next;                     /* in rs->inflight, oldest first */
     /* --redis-wait: a COMMIT that succeeded waits in a WAIT's group (see "Replication"). */
-    uint64_t version;        /* COMMIT: the new version, reported once WAIT confirms */
-    unsigned conn;           /* COMMIT: rs->conns when it was applied */
-    struct rop_s *group;     /* WAIT: the commits it confirms, linked by wait_next */
-    struct rop_s *wait_next; /* COMMIT: next in rs->waiting or in a WAIT's group */
+    uint64_t version; /* COMMIT: the new version, reported once WAIT confirms */
+    unsigned conn;    /* COMMIT: rs->conns when it was applied */
+    mph_list_t group; /* WAIT: the commits it confirms (their node), in the order applied */
 } rop_t;
 
 struct redis_store_s {
@@ -143,13 +145,13 @@ struct redis_store_s {
                             a connection is still being made (else they fail at once) */
     char commit_sha[41]; /* "" until SCRIPT LOAD answered on this connection */
     char load_sha[41];
-    rop_t *oldest, *newest; /* commands in flight */
+    mph_list_t inflight;    /* commands in flight (rop_t.node), oldest first */
     unsigned wait_replicas; /* --redis-wait N: 0 = answer commits without WAIT */
     char wait_args[2][24];  /* N and the WAIT's milliseconds, as text */
     unsigned wait_ms;       /* how long a WAIT may block the connection */
     int wait_sent;          /* a WAIT is in flight (rs->waiting then holds the next group) */
     unsigned conns;         /* connections made so far: which one applied a commit */
-    rop_t *waiting, **waiting_tail; /* commits applied, queued for the next WAIT */
+    mph_list_t waiting;     /* commits applied, queued for the next WAIT (rop_t.node), FIFO */
     /* Sentinel (see "Sentinel"): the master is asked for, not configured. */
     mph__redis_addr_t *sentinels; /* owned; NULL: host and port are the server */
     size_t nsentinels;
@@ -179,40 +181,16 @@ static int assert_store_state(const redis_store_t *rs)
 {
     assert((rs->state == STATE_CONNECTED) == (rs->ac != NULL));
     assert(rs->state != STATE_RESOLVING || !rs->numeric);
-    assert(!rs->tick_closing || (rs->state == STATE_DOWN && rs->oldest == NULL));
-    assert(rs->waiting == NULL || rs->wait_sent); /* a WAIT in flight sends the next one */
+    assert(!rs->tick_closing || (rs->state == STATE_DOWN && mph_list_empty(&rs->inflight)));
+    /* a WAIT in flight sends the next one */
+    assert(mph_list_empty(&rs->waiting) || rs->wait_sent);
     return 1;
 }
 #endif
 
-/* ---- In-flight list ---- */
-
-static void inflight_add(redis_store_t *rs, rop_t *op)
-{
-    op->prev = rs->newest;
-    op->next = NULL;
-    if (rs->newest)
-        rs->newest->next = op;
-    else
-        rs->oldest = op;
-    rs->newest = op;
-}
-
-static void inflight_remove(redis_store_t *rs, rop_t *op)
-{
-    if (op->prev)
-        op->prev->next = op->next;
-    else
-        rs->oldest = op->next;
-    if (op->next)
-        op->next->prev = op->prev;
-    else
-        rs->newest = op->prev;
-    op->prev = op->next = NULL;
-}
-
 static void op_free(rop_t *op)
 {
+    assert(!mph_list_is_linked(&op->node)); /* in no list any more */
     for (size_t i = 0; i < op->shape.n; i++)
         free(op->shape.names[i]);
     for (size_t i = 0; op->keys && i < NKEYS * op->shape.n; i++)
@@ -581,29 +559,26 @@ static void send_wait(redis_store_t *rs);
 static rop_t *command_op(redis_store_t *rs, op_kind_t kind, int argc, const char *const *argv,
                          const size_t *lens);
 
-/* Answers every commit of a WAIT's group: ok (status 0) or the error `why`. */
-static void answer_group(rop_t *group, const char *why)
+/* Answers every commit of a WAIT's group (which this empties): ok (status 0) or the error
+ * `why`. */
+static void answer_group(mph_list_t *group, const char *why)
 {
-    while (group) {
-        rop_t *next = group->wait_next;
+    mph_list_t *n;
+    while ((n = mph_list_pop(group)) != NULL) {
+        rop_t *op = mph_list_entry(n, rop_t, node);
         if (why) {
-            fail_op(group, MPH_ESTORAGE, why);
+            fail_op(op, MPH_ESTORAGE, why);
         } else {
-            mph_store_result_t res = {
-                0, NULL, {group->version, 0, 0, NULL}, group->shape.names[0], 0, 0, NULL};
-            finish(group, &res);
+            mph_store_result_t res = {0, NULL, {op->version, 0, 0, NULL}, op->shape.names[0], 0,
+                                      0, NULL};
+            finish(op, &res);
         }
-        group = next;
     }
 }
 
 static void wait_enqueue(redis_store_t *rs, rop_t *op)
 {
-    op->wait_next = NULL;
-    if (rs->waiting == NULL)
-        rs->waiting_tail = &rs->waiting;
-    *rs->waiting_tail = op;
-    rs->waiting_tail = &op->wait_next;
+    mph_list_insert_tail(&rs->waiting, &op->node); /* out of rs->inflight since its reply */
     if (!rs->wait_sent)
         send_wait(rs);
 }
@@ -611,37 +586,35 @@ static void wait_enqueue(redis_store_t *rs, rop_t *op)
 /* Sends one WAIT for every commit queued in rs->waiting. */
 static void send_wait(redis_store_t *rs)
 {
-    rop_t *group = rs->waiting;
-    rs->waiting = NULL;
+    mph_list_t group, lost, *n, *next;
+    mph_list_init(&group);
+    mph_list_move(&group, &rs->waiting);
     rs->wait_sent = 0;
-    if (group == NULL)
+    if (mph_list_empty(&group))
         return;
     /* Commits applied on a connection that is gone cannot be confirmed from another one. */
-    rop_t *lost = NULL, **keep = &group;
-    while (*keep) {
-        rop_t *op = *keep;
+    mph_list_init(&lost);
+    mph_list_foreach_safe(n, next, &group) {
+        rop_t *op = mph_list_entry(n, rop_t, node);
         if (op->conn != rs->conns || rs->ac == NULL) {
-            *keep = op->wait_next;
-            op->wait_next = lost;
-            lost = op;
-        } else {
-            keep = &op->wait_next;
+            mph_list_remove(n);
+            mph_list_insert_head(&lost, n);
         }
     }
-    answer_group(lost, "outcome unknown: the connection to Redis was lost before replicas "
-                       "confirmed the commit (it is applied on the master, and may be lost "
-                       "by a failover)");
-    if (group == NULL)
+    answer_group(&lost, "outcome unknown: the connection to Redis was lost before replicas "
+                        "confirmed the commit (it is applied on the master, and may be lost "
+                        "by a failover)");
+    if (mph_list_empty(&group))
         return;
     const char *argv[3] = {"WAIT", rs->wait_args[0], rs->wait_args[1]};
     rop_t *op = command_op(rs, OP_WAIT, 3, argv, NULL);
-    op->group = group;
     if (send_op(op) != 0) {
         op_free(op);
-        answer_group(group, "outcome unknown: cannot send WAIT to Redis (the commit is applied "
-                            "on the master, and may be lost by a failover)");
+        answer_group(&group, "outcome unknown: cannot send WAIT to Redis (the commit is applied "
+                             "on the master, and may be lost by a failover)");
         return;
     }
+    mph_list_move(&op->group, &group);
     op->deadline += rs->wait_ms; /* WAIT may block this long by design */
     rs->wait_sent = 1;
 }
@@ -649,7 +622,9 @@ static void send_wait(redis_store_t *rs)
 static void on_wait_reply(redis_store_t *rs, rop_t *op, const redisReply *r)
 {
     char why[300];
-    rop_t *group = op->group;
+    mph_list_t group; /* op is freed before its group is answered */
+    mph_list_init(&group);
+    mph_list_move(&group, &op->group);
     if (r == NULL) {
         snprintf(why, sizeof(why),
                  "outcome unknown: the connection to Redis was lost while "
@@ -673,11 +648,14 @@ static void on_wait_reply(redis_store_t *rs, rop_t *op, const redisReply *r)
     }
     /* Commands queued behind the WAIT waited for it: their time starts now. */
     uint64_t now = uv_now(rs->loop);
-    for (rop_t *o = rs->oldest; o; o = o->next)
+    mph_list_t *n;
+    mph_list_foreach(n, &rs->inflight) {
+        rop_t *o = mph_list_entry(n, rop_t, node);
         if (o->deadline < now + rs->timeout_ms)
             o->deadline = now + rs->timeout_ms;
+    }
     op_free(op);
-    answer_group(group, why[0] ? why : NULL);
+    answer_group(&group, why[0] ? why : NULL);
     send_wait(rs); /* the commits that queued meanwhile */
 }
 
@@ -686,7 +664,7 @@ static void on_reply(redisAsyncContext *ac, void *reply_ptr, void *privdata)
     rop_t *op = privdata;
     redis_store_t *rs = op->rs;
     const redisReply *r = reply_ptr;
-    inflight_remove(rs, op);
+    mph_list_remove(&op->node); /* from rs->inflight */
     if (r == NULL && rs->ac == ac)
         went_down(rs); /* only a dying context answers NULL: mark it before anyone calls us */
     assert(assert_store_state(rs));
@@ -744,11 +722,11 @@ static int send_op(rop_t *op)
 {
     redis_store_t *rs = op->rs;
     op->deadline = uv_now(rs->loop) + rs->timeout_ms;
-    inflight_add(rs, op);
+    mph_list_insert_tail(&rs->inflight, &op->node);
     /* ASKING holds for the next command only: the two go out back to back. */
     if ((op->asking && redisAsyncCommand(rs->ac, NULL, NULL, "ASKING") != REDIS_OK) ||
         redisAsyncCommandArgv(rs->ac, on_reply, op, op->argc, op->argv, op->argvlen) != REDIS_OK) {
-        inflight_remove(rs, op);
+        mph_list_remove(&op->node);
         return MPH_ESTORAGE;
     }
     return 0;
@@ -762,6 +740,7 @@ static rop_t *command_op(redis_store_t *rs, op_kind_t kind, int argc, const char
     rop_t *op = mph_xcalloc(1, sizeof(*op));
     op->rs = rs;
     op->kind = kind;
+    mph_list_init(&op->group); /* a WAIT's */
     op->argc = argc;
     op->argv = mph_xmalloc((size_t)argc * sizeof(*op->argv));
     op->argvlen = mph_xmalloc((size_t)argc * sizeof(*op->argvlen));
@@ -1196,15 +1175,17 @@ static void on_tick(uv_timer_t *t)
     redis_store_t *rs = mph_container_of(t, redis_store_t, tick);
     uint64_t now = uv_now(rs->loop);
     assert(assert_store_state(rs));
-    if (rs->closing && rs->state == STATE_DOWN && rs->oldest == NULL && rs->watch == NULL &&
-        !rs->tick_closing) {
+    if (rs->closing && rs->state == STATE_DOWN && mph_list_empty(&rs->inflight) &&
+        rs->watch == NULL && !rs->tick_closing) {
         /* The connection is gone, no resolution runs and nothing waits: free from a libuv
          * callback, never from inside hiredis, which may still hold a pointer to us there. */
         rs->tick_closing = 1;
         uv_close((uv_handle_t *)&rs->tick, on_tick_closed);
         return;
     }
-    if (rs->state == STATE_CONNECTED && rs->oldest && rs->oldest->deadline <= now) {
+    mph_list_t *oldest = mph_list_first(&rs->inflight);
+    if (rs->state == STATE_CONNECTED && oldest &&
+        mph_list_entry(oldest, rop_t, node)->deadline <= now) {
         char why[96];
         snprintf(why, sizeof(why), "no reply within %u ms", rs->timeout_ms);
         drop_connection(rs, why);
@@ -1506,6 +1487,8 @@ static redis_store_t *store_new(uv_loop_t *loop, const mph_store_redis_config_t 
     redis_store_t *rs = mph_xcalloc(1, sizeof(*rs));
     rs->base.methods = &redis_methods;
     rs->loop = loop;
+    mph_list_init(&rs->inflight);
+    mph_list_init(&rs->waiting);
     rs->host = mph_xstrdup(cfg->host);
     rs->port = cfg->port;
     rs->numeric = is_numeric_address(cfg->host) && sentinels == NULL;

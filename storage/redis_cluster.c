@@ -27,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/list.h"
 #include "redis_route.h"
 #include "storage.h"
 
@@ -45,6 +46,7 @@ typedef struct {
 
 /* One load or commit on its way to the right master. */
 typedef struct cop_s {
+    mph_list_t node; /* in cl->retries while waiting there (first: common/list.h) */
     cluster_t *cl;
     int commit;                /* 0: a load of `scope` */
     const char *scope;         /* load: borrowed until the callback */
@@ -56,7 +58,6 @@ typedef struct cop_s {
     uint64_t retry_at; /* in cl->retries: when to send again */
     mph_store_cb cb;   /* runs exactly once */
     void *ud;
-    struct cop_s *next; /* in cl->retries */
 } cop_t;
 
 struct cluster_s {
@@ -69,7 +70,7 @@ struct cluster_s {
     uint16_t slots[MPH_REDIS_SLOTS]; /* slot -> index in nodes, or NO_NODE */
     int refreshing;                  /* a CLUSTER SLOTS is in flight */
     int refresh_wanted;              /* ask again when it lands, or at the next tick */
-    cop_t *retries;                  /* waiting for retry_at */
+    mph_list_t retries;              /* waiting for retry_at (cop_t.node), newest first */
     uv_timer_t tick;                 /* retries, refreshes, the end of a close */
     int closing;
     size_t open_nodes; /* node stores not yet closed (closing) */
@@ -164,6 +165,7 @@ static void map_refresh(cluster_t *cl)
 
 static void cop_free(cop_t *op)
 {
+    assert(!mph_list_is_linked(&op->node)); /* out of cl->retries */
     free(op->writes);
     free(op);
 }
@@ -182,8 +184,7 @@ static void retry_later(cop_t *op)
     cluster_t *cl = op->cl;
     op->asking = NO_NODE; /* start again from the slot's owner */
     op->retry_at = uv_now(cl->loop) + RETRY_MS;
-    op->next = cl->retries;
-    cl->retries = op;
+    mph_list_insert_head(&cl->retries, &op->node);
 }
 
 /* A redirection "MOVED slot host:port" or "ASK slot host:port" (after "Redis: "): the node it
@@ -350,21 +351,17 @@ static void cluster_tick(uv_timer_t *t)
     uint64_t now = uv_now(cl->loop);
     if (cl->refresh_wanted)
         map_refresh(cl);
-    /* Take the due retries off the list first: sending may queue new ones. */
-    cop_t *due = NULL, **p = &cl->retries;
-    while (*p) {
-        cop_t *op = *p;
-        if (op->retry_at <= now) {
-            *p = op->next;
-            op->next = due;
-            due = op;
-        } else {
-            p = &op->next;
+    /* Take the due retries off the list first (oldest first): sending may queue new ones. */
+    mph_list_t due, *n, *next;
+    mph_list_init(&due);
+    mph_list_foreach_safe(n, next, &cl->retries) {
+        if (mph_list_entry(n, cop_t, node)->retry_at <= now) {
+            mph_list_remove(n);
+            mph_list_insert_head(&due, n);
         }
     }
-    while (due) {
-        cop_t *op = due;
-        due = op->next;
+    while ((n = mph_list_pop(&due)) != NULL) {
+        cop_t *op = mph_list_entry(n, cop_t, node);
         if (cop_send(op) != 0)
             cop_fail(op, "the Redis Cluster node for this scope is down");
     }
@@ -376,11 +373,9 @@ static void cluster_close(mph_store_t *s, void (*done)(void *ud), void *ud)
     cl->closing = 1;
     cl->closed_cb = done;
     cl->closed_ud = ud;
-    while (cl->retries) {
-        cop_t *op = cl->retries;
-        cl->retries = op->next;
-        cop_fail(op, "shutting down");
-    }
+    mph_list_t *n;
+    while ((n = mph_list_pop(&cl->retries)) != NULL)
+        cop_fail(mph_list_entry(n, cop_t, node), "shutting down");
     uv_timer_stop(&cl->tick);
     /* Each node completes what it started (our callbacks pass results up: no new sends
      * while closing), then reports closed; the last one closes the timer, which frees us. */
@@ -400,6 +395,7 @@ int mph__redis_cluster_open(mph_store_t **out, uv_loop_t *loop, const mph_store_
     cluster_t *cl = mph_xcalloc(1, sizeof(*cl));
     cl->base.methods = &cluster_methods;
     cl->loop = loop;
+    mph_list_init(&cl->retries);
     cl->cfg = *cfg;
     cl->password = cfg->password ? mph_xstrdup(cfg->password) : NULL;
     cl->prefix = mph_xstrdup(cfg->prefix ? cfg->prefix : "mp:");
