@@ -185,14 +185,18 @@ struct mph_lua_s {
     size_t nauth_services;      /* their number */
     mph_lua_forward_fn forward; /* reaches the other workers (borrowed), or NULL */
     void *forward_ud;           /* for forward */
-    mph_lua_fetch_fn fetch;     /* mp.fetch's exchanges (borrowed), or NULL */
-    void *fetch_ud;             /* for fetch */
-    size_t fetching;            /* transactions in FETCHING: their exchanges have not ended */
-    const char *version;        /* cfg.version, or "" */
-    size_t pending_calls;       /* calls whose callback has not run */
-    mph_txn_t *current;         /* the transaction whose coroutine is running, or NULL */
-    mph_map_t scope_map;        /* every scope kept, by name; owned */
-    mph_scope_t *lru_head;      /* the same scopes, most recently acquired first */
+    int host_id;                /* mp.worker.host (1..host_count) */
+    int host_count;             /* mp.worker.hosts */
+    mph_lua_forward_host_fn forward_host; /* reaches the other hosts (borrowed), or NULL */
+    void *forward_host_ud;                /* for forward_host */
+    mph_lua_fetch_fn fetch;               /* mp.fetch's exchanges (borrowed), or NULL */
+    void *fetch_ud;                       /* for fetch */
+    size_t fetching;       /* transactions in FETCHING: their exchanges have not ended */
+    const char *version;   /* cfg.version, or "" */
+    size_t pending_calls;  /* calls whose callback has not run */
+    mph_txn_t *current;    /* the transaction whose coroutine is running, or NULL */
+    mph_map_t scope_map;   /* every scope kept, by name; owned */
+    mph_scope_t *lru_head; /* the same scopes, most recently acquired first */
     mph_scope_t *lru_tail;
     size_t scope_bytes;     /* their estimated memory ... */
     size_t scope_cache;     /* ... kept under this by evicting idle ones (0: no bound) */
