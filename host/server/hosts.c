@@ -463,13 +463,13 @@ static void on_fetched(void *ud, mph_lua_fetch_res_t *res)
     }
     int read =
         mph_peer_read_answer(res->body ? res->body : "", res->body_len, &reply, why, sizeof(why));
-    if (res->status == 200 && read == 0) {
+    if ((res->status == 200 || res->status == 401) && read == 0) { /* 401: a handler's -32004 */
         answer(c, &reply);
         return;
     }
     if (res->status == 403 && read == 0 && reply.message != NULL) {
         snprintf(refusal, sizeof(refusal), "it refused the call: %s", reply.message);
-    } else if (res->status != 200) {
+    } else if (res->status != 200 && res->status != 401) {
         snprintf(refusal, sizeof(refusal),
                  "it answered HTTP %d (is it an mphost of this "
                  "deployment, on the URL --peers gives?)",
@@ -551,17 +551,17 @@ static int read_line(const mph_hosts_t *hs, const char *line, envelope_t *e, cha
         snprintf(why, whylen, "it is not a %s call (another version of mphost?)", PROTOCOL);
         return -1;
     }
-    if (mph_lua_role_parse(role, &e->role) != 0 || e->role == MPH_LUA_CALL ||
-        strlen(nonce) != NONCE_HEX || !all_hex(nonce, NONCE_HEX) || e->worker < 1 || e->from < 1 ||
-        e->from > hs->count || e->from == hs->id) {
-        snprintf(why, whylen, "its signed line is not one this host reads");
-        return -1;
-    }
     if (e->to != hs->id) {
         snprintf(why, whylen,
                  "it was meant for host %d and came to host %d (do the hosts list --peers in "
                  "the same order?)",
                  e->to, hs->id);
+        return -1;
+    }
+    if (mph_lua_role_parse(role, &e->role) != 0 || e->role == MPH_LUA_CALL ||
+        strlen(nonce) != NONCE_HEX || !all_hex(nonce, NONCE_HEX) || e->worker < 1 || e->from < 1 ||
+        e->from > hs->count || e->from == hs->id) {
+        snprintf(why, whylen, "its signed line is not one this host reads");
         return -1;
     }
     e->ts = ts;
@@ -689,12 +689,20 @@ static void respond_reply(mph_http_req_t *req, const mph_lua_reply_t *reply)
     mph_http_respond(req, 200, data, n);
 }
 
-/* The worker a call was handed on to answered (an mph_lua_reply_cb). A failure of the
- * channel itself ("worker N unavailable: ...") says which host it was. */
+/* The worker a call was handed on to answered (an mph_lua_reply_cb). Its refusal goes back
+ * as a refusal (peer.c reads the 403's error); a failure of the channel itself ("worker N
+ * unavailable: ...") says which host it was. */
 static void on_relayed(void *ud, mph_lua_reply_t *reply)
 {
     relay_t *r = ud;
     char prefix[48], msg[600];
+    size_t refused = strlen(MPH_RPC_HOST_REFUSED);
+    if (reply->code == MPH_RPC_UNAUTHORIZED && reply->message &&
+        strncmp(reply->message, MPH_RPC_HOST_REFUSED, refused) == 0) {
+        mph_rpc_refuse_host(r->req, reply->message + refused); /* the worker logged it */
+        free(r);
+        return;
+    }
     snprintf(prefix, sizeof(prefix), "worker %d unavailable", r->worker);
     if (reply->code == MPH_RPC_WORKER_UNAVAILABLE && reply->message &&
         strncmp(reply->message, prefix, strlen(prefix)) == 0) {

@@ -340,7 +340,9 @@ static void fwd_answered(fwd_t *f, pconn_t *c)
     char why[300] = "";
     mph_lua_reply_t reply = {0, NULL, 0, NULL};
     int status = c->parser.status_code;
-    if (status != 200)
+    /* 401: every call of the request was answered -32004 (a handler's mp.error); 403: a call
+     * another host sent was refused (rpc.h, mph_rpc_refuse_host). Both carry the answer. */
+    if (status != 200 && status != 401 && status != 403)
         snprintf(why, sizeof(why), "it answered HTTP %d", status);
     else
         mph_peer_read_answer(c->body.data ? c->body.data : "", c->body.len, &reply, why,

@@ -411,7 +411,7 @@ static void handle(mph_rpc_t *rpc, mph_http_req_t *req, const char *body, size_t
 void mph_rpc_refuse_host(mph_http_req_t *req, const char *why)
 {
     char msg[400];
-    snprintf(msg, sizeof(msg), "%s: %s", mph_rpc_message(MPH_RPC_UNAUTHORIZED), why);
+    snprintf(msg, sizeof(msg), MPH_RPC_HOST_REFUSED "%s", why);
     mph_http_req_set_call(req, "-", MPH_RPC_UNAUTHORIZED);
     mph_buf_t b = MPH_BUF_INIT;
     write_error(&b, NULL, MPH_RPC_UNAUTHORIZED, msg, NULL, 0);

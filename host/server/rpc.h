@@ -66,7 +66,8 @@ void mph_rpc_handle_role(mph_rpc_t *rpc, mph_http_req_t *req, const char *body, 
                          mph_lua_role_t role);
 
 /* Refuses req, a call from another host that cannot run here: HTTP 403 with error -32004
- * "unauthorized: " + why, so that the host that sent it reads it (hosts.c). */
+ * MPH_RPC_HOST_REFUSED + why, so that the host that sent it reads it (hosts.c). */
+#define MPH_RPC_HOST_REFUSED "unauthorized: "
 void mph_rpc_refuse_host(mph_http_req_t *req, const char *why);
 
 /* mph_rpc_handle for the peer listener (host/peer.c; ud is an mph_rpc_t too): every call of
