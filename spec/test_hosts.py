@@ -529,3 +529,28 @@ def test_hosts_one_host_is_host_1_of_1():
         status, resp = send_signed(s.port, b"0" * 64 + b" x")
         eq((status, error_of(resp)["code"]), (403, -32004), "no calls from other hosts")
         check("(no --peers)" in error_of(resp)["message"], resp)
+
+
+# ---- The walkthrough ----
+
+def test_docs_walkthrough_prints_what_docs_hosts_md_shows():
+    """Runs the console block of docs/hosts.md (three hosts of examples/hosts.lua on ports 3001
+    to 3003 and a redis-server on 6390) and compares what each command prints."""
+    from test_cli import shell, workspace
+    with open(os.path.join(ROOT, "docs", "hosts.md")) as f:
+        block = f.read().split("```console\n", 1)[1].split("```", 1)[0]
+    steps = []
+    for line in block.splitlines():
+        if line.startswith("$ "):
+            steps.append((line[2:], []))
+        else:
+            steps[-1][1].append(line)
+    check(len(steps) >= 15, "the walkthrough has its steps")
+    cwd, env = workspace()
+    try:
+        for cmd, expected in steps:
+            rc, out, err = shell(cmd, cwd, env)
+            eq((out + err).splitlines(), expected, "what `%s` prints" % cmd)
+    finally:
+        shell("for p in 3001 3002 3003; do mphost examples/hosts.lua delete --port=$p; done; "
+              "redis-cli -p 6390 shutdown nosave", cwd, env)
