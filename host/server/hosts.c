@@ -469,10 +469,12 @@ static void on_fetched(void *ud, mph_lua_fetch_res_t *res)
     }
     if (res->status == 403 && read == 0 && reply.message != NULL) {
         snprintf(refusal, sizeof(refusal), "it refused the call: %s", reply.message);
+    } else if (res->status == 413) { /* the forwarded call is re-encoded, so may be longer */
+        snprintf(refusal, sizeof(refusal), "the call is larger than its --max-body");
     } else if (res->status != 200 && res->status != 401) {
         snprintf(refusal, sizeof(refusal),
-                 "it answered HTTP %d (is it an mphost of this "
-                 "deployment, on the URL --peers gives?)",
+                 "it answered HTTP %d (is it an mphost of this deployment, on the URL --peers "
+                 "gives?)",
                  res->status);
     } else {
         snprintf(refusal, sizeof(refusal), "%s", why);
