@@ -40,6 +40,14 @@ typedef enum { MPH_LUA_CALL, MPH_LUA_SHARD, MPH_LUA_LEAF } mph_lua_role_t;
 typedef void (*mph_lua_forward_fn)(void *fud, int worker, mph_lua_role_t role, const char *body,
                                    size_t len, mph_lua_reply_cb cb, void *ud);
 
+/* Sends a call to worker `worker` of another host of the deployment (host/server/hosts.c
+ * implements it; docs/hosts.md): as mph_lua_forward_fn, with the host's number (1..host_count,
+ * never this one's). cb runs exactly once and never before this returns, with that worker's
+ * reply, or with -32005 "host K unavailable: ..." when it cannot be had. */
+typedef void (*mph_lua_forward_host_fn)(void *fud, int host, int worker, mph_lua_role_t role,
+                                        const char *body, size_t len, mph_lua_reply_cb cb,
+                                        void *ud);
+
 /* The member of a forwarded call's request object that names its verified user: the worker
  * that forwards checked the credentials; the one that runs it reads this on its peer listener
  * only (host/rpc.c), which no other user's process reaches. */
@@ -110,9 +118,15 @@ typedef struct {
     mph_lua_forward_fn forward;  /* reaches the other workers; NULL: there are none (calls
                                     routed to another worker fail with -32005) */
     void *forward_ud;            /* for forward */
-    mph_lua_fetch_fn fetch;      /* mp.fetch's and mp.rpc's exchanges; NULL: none (they fail) */
-    void *fetch_ud;              /* for fetch */
-    const char *version;         /* the host's (rpc.discover's info.version); borrowed, static */
+    int host_id;                 /* mp.worker.host: this host's number among the deployment's
+                                    hosts, 1..host_count (0: 1) */
+    int host_count;              /* mp.worker.hosts: the hosts that share the topologies' shards
+                                    (0: 1; forward.c, "Where a shard runs") */
+    mph_lua_forward_host_fn forward_host; /* reaches the other hosts; NULL: there are none */
+    void *forward_host_ud;                /* for forward_host */
+    mph_lua_fetch_fn fetch; /* mp.fetch's and mp.rpc's exchanges; NULL: none (they fail) */
+    void *fetch_ud;         /* for fetch */
+    const char *version;    /* the host's (rpc.discover's info.version); borrowed, static */
 } mph_lua_config_t;
 
 /* Creates a state with the metaparticle module loaded. Returns 0 or MPH_ENOMEM. */

@@ -26,6 +26,18 @@
  * limit counts running stretches (mph__txn_resume sets a new deadline on each resume). A
  * forward that fails answers -32005 (host/peer.c says when); none is left unanswered, so the
  * router always resumes.
+ *
+ * Where a shard runs. A topology of n shards (mp.shard's workers, mp.scatter's leaves) puts
+ * them on the workers of every host of the deployment (docs/hosts.md): shard s (1..n), s0 =
+ * s - 1, runs on host s0 % H + 1, worker s0 / H + 1, where H is the number of hosts. Hosts
+ * take the shards in turn, so a topology of n >= H shards uses every host, and each host's
+ * shards fill its workers from 1 (a host runs as many workers as the largest n asks for, so
+ * s0 / H + 1 <= n is always one of them). With one host, shard s is worker s, as before
+ * hosts existed. Every host computes the same place from the same n and H, so the same key
+ * reaches the same worker of the same host wherever the call arrives. A share on this host
+ * goes through the forwarder (or is a call of its own here); one on another host through the
+ * host forwarder (host/server/hosts.c), which answers -32005 "host K unavailable" when that
+ * host cannot be reached.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <lauxlib.h>
@@ -79,19 +91,37 @@ static uint32_t fnv1a32(const char *s, size_t len)
     return h;
 }
 
-/* C.shard_target(key, n) -> the worker (1..n) that key belongs to: an integer k goes to
- * k % n + 1, % being the floored modulo (Lua's: -1 goes to worker n), computed exactly for
- * any integral double; a string to FNV-1a-32(string) % n + 1. Anything else raises -32000
- * naming what keyfn returned. [-2, +1, e] */
+/* Where shard s (1..n) of a topology runs: *host and *worker (see the top of the file). */
+static void place(const mph_lua_t *lua, int s, int *host, int *worker)
+{
+    int s0 = s - 1;
+    *host = s0 % lua->host_count + 1;
+    *worker = s0 / lua->host_count + 1;
+}
+
+/* Pushes shard s and whether it runs here (this host, this worker). [-0, +2, -] */
+static int push_shard(mph_lua_t *lua, lua_State *L, int s)
+{
+    int host, worker;
+    place(lua, s, &host, &worker);
+    lua_pushinteger(L, s);
+    lua_pushboolean(L, host == lua->host_id && worker == lua->worker_id);
+    return 2;
+}
+
+/* C.shard_target(key, n) -> the shard (1..n) that key belongs to, and whether it runs here:
+ * an integer k goes to k % n + 1, % being the floored modulo (Lua's: -1 goes to shard n),
+ * computed exactly for any integral double; a string to FNV-1a-32(string) % n + 1. Anything
+ * else raises -32000 naming what keyfn returned. [-2, +2, e] */
 static int l_shard_target(lua_State *L)
 {
+    mph_lua_t *lua = mph__lua_upvalue(L);
     int n = (int)lua_tointeger(L, 2); /* checked by mp.shard at load */
     char msg[160];
     if (lua_type(L, 1) == LUA_TSTRING) {
         size_t len;
         const char *key = lua_tolstring(L, 1, &len);
-        lua_pushinteger(L, (lua_Integer)(fnv1a32(key, len) % (uint32_t)n) + 1);
-        return 1;
+        return push_shard(lua, L, (int)(fnv1a32(key, len) % (uint32_t)n) + 1);
     }
     if (lua_type(L, 1) == LUA_TNUMBER) {
         double k = lua_tonumber(L, 1);
@@ -99,8 +129,7 @@ static int l_shard_target(lua_State *L)
             double r = fmod(k, n); /* exact; the sign of k */
             if (r < 0)
                 r += n;
-            lua_pushinteger(L, (lua_Integer)r + 1);
-            return 1;
+            return push_shard(lua, L, (int)r + 1);
         }
         snprintf(msg, sizeof(msg),
                  "mp.shard: keyfn returned %.17g, not an integer (a shard key is an integer or "
@@ -128,9 +157,10 @@ void mph__forward_clear(mph_txn_t *t)
     t->fwd_n = 0;
 }
 
-/* C.forward(role, first, last, yieldable): runs the current call on workers first..last in
- * `role` and waits for every answer (C.forwarded reads them). Only the handler's own
- * coroutine can wait, and a call that was itself forwarded forwards nothing. [-4, +0, e] */
+/* C.forward(role, first, last, yieldable): runs the current call on shards first..last in
+ * `role` (each where place() puts it) and waits for every answer (C.forwarded reads them). Only the
+ * handler's own coroutine can wait, and a call that was itself forwarded forwards nothing. [-4, +0,
+ * e] */
 static int l_forward(lua_State *L)
 {
     mph_lua_t *lua = mph__lua_upvalue(L);
@@ -221,19 +251,30 @@ void mph__forward_send(mph_txn_t *t)
     int n = t->fwd_n;
     for (int i = 0; i < n; i++) {
         mph_fwd_answer_t *a = &t->fwd[i];
-        int worker = t->fwd_first + i;
-        if (worker == lua->worker_id) {
+        int host, worker;
+        char msg[160];
+        place(lua, t->fwd_first + i, &host, &worker);
+        if (host != lua->host_id && lua->forward_host != NULL) {
+            lua->forward_host(lua->forward_host_ud, host, worker, t->fwd_role, body.data, body.len,
+                              on_answer, a);
+            continue;
+        }
+        if (host == lua->host_id && worker == lua->worker_id) {
             mph_lua_call_as(lua, t->fwd_role, t->user, t->method, strlen(t->method), t->params,
                             on_answer, a);
-        } else if (lua->forward != NULL && worker <= lua->worker_count) {
+            continue;
+        }
+        if (host == lua->host_id && lua->forward != NULL && worker <= lua->worker_count) {
             lua->forward(lua->forward_ud, worker, t->fwd_role, body.data, body.len, on_answer, a);
-        } else {
-            char msg[160];
+            continue;
+        }
+        if (host != lua->host_id)
+            snprintf(msg, sizeof(msg), "host %d unavailable: this host reaches no other", host);
+        else
             snprintf(msg, sizeof(msg), "worker %d unavailable: this host runs %d worker%s", worker,
                      lua->worker_count, lua->worker_count == 1 ? "" : "s");
-            mph_lua_reply_t reply = {MPH_RPC_WORKER_UNAVAILABLE, NULL, 0, mph_xstrdup(msg)};
-            on_answer(a, &reply);
-        }
+        mph_lua_reply_t reply = {MPH_RPC_WORKER_UNAVAILABLE, NULL, 0, mph_xstrdup(msg)};
+        on_answer(a, &reply);
     }
     mph_buf_free(&body);
     answer_done(t);
@@ -252,8 +293,8 @@ static int raise_answer(mph_lua_t *lua, lua_State *L, mph_fwd_answer_t *a, int w
     return lua_error(L);
 }
 
-/* C.forwarded() -> the results of the forward that just ended, an array in worker order;
- * or raises the error of the first worker that failed. [-0, +1, e] */
+/* C.forwarded() -> the results of the forward that just ended, an array in shard order;
+ * or raises the error of the first shard that failed. [-0, +1, e] */
 static int l_forwarded(lua_State *L)
 {
     mph_lua_t *lua = mph__lua_upvalue(L);

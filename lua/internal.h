@@ -184,21 +184,25 @@ struct mph_lua_s {
     size_t nauth_services;      /* their number */
     mph_lua_forward_fn forward; /* reaches the other workers (borrowed), or NULL */
     void *forward_ud;           /* for forward */
-    mph_lua_fetch_fn fetch;     /* mp.fetch's exchanges (borrowed), or NULL */
-    void *fetch_ud;             /* for fetch */
-    size_t fetching;            /* transactions in FETCHING: their exchanges have not ended */
-    const char *version;        /* cfg.version, or "" */
-    size_t pending_calls;       /* calls whose callback has not run */
-    mph_txn_t *current;         /* the transaction whose coroutine is running, or NULL */
-    mph_map_t scope_map;        /* every scope kept, by name; owned */
-    mph_list_t lru;             /* the same scopes (mph_scope_t.lru_node), least recently
-                                   acquired first */
-    size_t scope_bytes;         /* their estimated memory ... */
-    size_t scope_cache;         /* ... kept under this by evicting idle ones (0: no bound) */
-    uv_timer_t evict_timer;     /* evicts from a clean stack, on the next loop iteration */
-    int closing_timers;         /* timers whose close callback has not run yet */
-    struct {                    /* counted for the log line at close (benchmarks read it) and
-                                   /metrics (mph_lua_stats) */
+    int host_id;                /* mp.worker.host (1..host_count) */
+    int host_count;             /* mp.worker.hosts */
+    mph_lua_forward_host_fn forward_host; /* reaches the other hosts (borrowed), or NULL */
+    void *forward_host_ud;                /* for forward_host */
+    mph_lua_fetch_fn fetch;               /* mp.fetch's exchanges (borrowed), or NULL */
+    void *fetch_ud;                       /* for fetch */
+    size_t fetching;        /* transactions in FETCHING: their exchanges have not ended */
+    const char *version;    /* cfg.version, or "" */
+    size_t pending_calls;   /* calls whose callback has not run */
+    mph_txn_t *current;     /* the transaction whose coroutine is running, or NULL */
+    mph_map_t scope_map;    /* every scope kept, by name; owned */
+    mph_list_t lru;         /* the same scopes (mph_scope_t.lru_node), least recently
+                               acquired first */
+    size_t scope_bytes;     /* their estimated memory ... */
+    size_t scope_cache;     /* ... kept under this by evicting idle ones (0: no bound) */
+    uv_timer_t evict_timer; /* evicts from a clean stack, on the next loop iteration */
+    int closing_timers;     /* timers whose close callback has not run yet */
+    struct {                /* counted for the log line at close (benchmarks read it) and
+                               /metrics (mph_lua_stats) */
         uint64_t calls, attempts, commits, conflicts, storage_errors;
     } stats;
     mph_list_t backoffs;      /* units backing off after a conflict (mph_unit_t.backoff_node),

@@ -250,7 +250,8 @@ end
 
 local MAX_WORKERS = 256
 
--- mp.worker = { id = 1..count, count = N, pid = ... }: where this state runs.
+-- mp.worker = { id = 1..count, count = N, pid = ..., host = 1..hosts, hosts = H }: where this
+-- state runs (host: which of the deployment's hosts, docs/hosts.md).
 local worker = C.worker
 M.worker = worker
 
@@ -309,8 +310,9 @@ local function router(what, role, inner, route)
   return inherit_auth(inner, handler) -- the user the host verified goes with each forward
 end
 
--- mp.shard(n, keyfn, fn): keyfn(params...) -> an integer k (worker k % n + 1) or a string
--- (worker FNV-1a-32 % n + 1); fn runs on that worker (lua/forward.c, C.shard_target).
+-- mp.shard(n, keyfn, fn): keyfn(params...) -> an integer k (shard k % n + 1) or a string
+-- (shard FNV-1a-32 % n + 1); fn runs on that shard's worker, of this host or of another one
+-- (lua/forward.c, C.shard_target and "Where a shard runs").
 function M.shard(n, keyfn, fn)
   check_workers("mp.shard", n)
   check_inner("mp.shard", "keyfn", keyfn)
@@ -319,9 +321,9 @@ function M.shard(n, keyfn, fn)
   return router("mp.shard", "shard", fn, function(rec, ...)
     rec.routing = "mp.shard: keyfn may not use a scope (it runs where the call arrives, " ..
       "before the call is routed)"
-    local target = C.shard_target(keyfn(...), n)
+    local target, here = C.shard_target(keyfn(...), n)
     rec.routing = nil
-    if target == worker.id then return fn(...) end
+    if here then return fn(...) end
     return forward(rec, "mp.shard", "shard", target, target,
       "mp.shard: a call forwarded to another worker may not use a scope where it arrived")[1]
   end)

@@ -423,11 +423,15 @@ static void open_module(mph_lua_t *lua, lua_State *L)
     lua_pushstring(L, lua->version); /* rpc.discover's info.version */
     lua_setfield(L, -2, "VERSION");
     /* mp.worker: which worker this state serves in (a plain table the module hands out). */
-    lua_createtable(L, 0, 3);
+    lua_createtable(L, 0, 5);
     lua_pushinteger(L, lua->worker_id);
     lua_setfield(L, -2, "id");
     lua_pushinteger(L, lua->worker_count);
     lua_setfield(L, -2, "count");
+    lua_pushinteger(L, lua->host_id); /* which host of the deployment (docs/hosts.md) */
+    lua_setfield(L, -2, "host");
+    lua_pushinteger(L, lua->host_count);
+    lua_setfield(L, -2, "hosts");
     lua_pushinteger(L, (lua_Integer)getpid());
     lua_setfield(L, -2, "pid");
     lua_setfield(L, -2, "worker");
@@ -494,6 +498,10 @@ int mph_lua_new(mph_lua_t **out, uv_loop_t *loop, const mph_lua_config_t *cfg)
     lua->scope_cache = cfg->scope_cache;
     lua->forward = cfg->forward;
     lua->forward_ud = cfg->forward_ud;
+    lua->host_count = cfg->host_count > 0 ? cfg->host_count : 1;
+    lua->host_id = cfg->host_id > 0 && cfg->host_id <= lua->host_count ? cfg->host_id : 1;
+    lua->forward_host = cfg->forward_host;
+    lua->forward_host_ud = cfg->forward_host_ud;
     lua->fetch = cfg->fetch;
     lua->fetch_ud = cfg->fetch_ud;
     lua->version = cfg->version ? cfg->version : "";

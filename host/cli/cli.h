@@ -28,6 +28,9 @@ typedef struct {
     char *state_dir;               /* checked state directory (owned); NULL: none (serve only) */
     int workers;                   /* --workers=N; 0: one process, no supervisor; -1: not given */
     unsigned start_timeout_ms;     /* --start-timeout: deploy's wait for the server to serve */
+    int replicas;                  /* manifest: --replicas, the hosts (default 1) */
+    const char *image;             /* manifest: --image (default mphost:VERSION) */
+    const char *name;              /* manifest: --name of the objects (default: the script's) */
     const char *argv0;             /* how we were run (workers run the same binary) */
     char **options;                /* every option applied, as "--name=value" (owned, NULL-ended):
                                       what a supervisor runs its workers with */
@@ -106,6 +109,12 @@ int mph_cli_logs(mph_cli_t *cli);
  * Lua error of a script that does not load), nothing runs, or a deployment has no workers. */
 int mph_cli_reload(mph_cli_t *cli);
 int mph_cli_call(mph_cli_t *cli);
+
+/* manifest (manifest.c): prints Kubernetes YAML that runs the script on cli->replicas hosts
+ * (docs/hosts.md): Secrets, a ConfigMap, a headless Service, a Service and a StatefulSet.
+ * Exit 0; 1 with one line on stderr for file storage with several replicas, a bad --name,
+ * or a file it cannot read. */
+int mph_cli_manifest(mph_cli_t *cli);
 
 /* mphost passwd FILE USER (passwd.c): adds USER to the users file or replaces its hash, with
  * the password read from stdin (asked twice without echo when stdin is a terminal). */

@@ -72,9 +72,10 @@ typedef struct {
 } script_verb_t;
 
 static const script_verb_t script_verbs[] = {
-    {"deploy", 0, 0, mph_cli_deploy}, {"serve", 1, 0, run_serve},
-    {"delete", 0, 1, mph_cli_delete}, {"status", 0, 1, mph_cli_status},
-    {"reload", 0, 1, mph_cli_reload}, {"logs", 0, 1, mph_cli_logs},
+    {"deploy", 0, 0, mph_cli_deploy},     {"serve", 1, 0, run_serve},
+    {"delete", 0, 1, mph_cli_delete},     {"status", 0, 1, mph_cli_status},
+    {"reload", 0, 1, mph_cli_reload},     {"logs", 0, 1, mph_cli_logs},
+    {"manifest", 0, 0, mph_cli_manifest},
 };
 
 /* Runs a verb of cli->positional[0], the script. */
@@ -103,6 +104,8 @@ static int run_script_verb(mph_cli_t *cli)
         cli->script_path = mph_xstrdup(cli->script);
     if (mph_cli_resolve_storage(cli) != 0)
         return 1;
+    if (v->run == mph_cli_manifest) /* prints objects: no deployment here, no state */
+        return v->run(cli);
     int worker = v->run == run_serve && getenv(MPH_WORKER_ENV) != NULL;
     if (worker) {
         mph_cli_restore_storage_password(cli);
@@ -130,6 +133,8 @@ static int configure(mph_cli_t *cli, int argc, char **argv)
     cli->url = "http://127.0.0.1:3000/";
     cli->workers = -1;
     cli->start_timeout_ms = 60000;
+    cli->replicas = 1;
+    cli->image = "mphost:" MPHOST_VERSION;
     cli->host.log_path = getenv("MPH_LOG_PATH"); /* set by deploy: SIGUSR1 reopens it */
     const char *env = getenv("MP_PORT");
     if (env && mph_cli_set_option(cli, "port", env) != 0)

@@ -35,6 +35,12 @@ static const mph_option_t cli_options[] = {
      "limit is set)"},
     {"url", MPH_OPT_STRING, 0, 0, FIELD(url), NULL, "a URL", "URL",
      "call's server (default http://127.0.0.1:3000/)"},
+    {"replicas", MPH_OPT_INT, 1, 1000, FIELD(replicas), NULL, NULL, "H",
+     "manifest: the hosts (pods) to run (default 1)"},
+    {"image", MPH_OPT_STRING, 0, 0, FIELD(image), NULL, "an image", "IMAGE",
+     "manifest: the container image (default mphost:" MPHOST_VERSION ", ./dev image)"},
+    {"name", MPH_OPT_STRING, 0, 0, FIELD(name), NULL, "a name", "NAME",
+     "manifest: the Kubernetes objects' name (default: the script's)"},
 };
 
 #define NCLI (sizeof(cli_options) / sizeof(cli_options[0]))
@@ -51,6 +57,8 @@ static const char verbs_usage[] =
     "                                            call METHOD with params JSON (default [{}])\n"
     "       mphost passwd FILE USER              add or replace USER in a users file (the\n"
     "                                            password from stdin, or asked twice at a tty)\n"
+    "       mphost SCRIPT manifest [--replicas=H] [--image=IMAGE] [--storage=URL] [--name=NAME]\n"
+    "                                            print Kubernetes objects that run SCRIPT\n"
     "options (--name=VALUE or --name VALUE):\n";
 
 void mph_cli_usage(FILE *out)

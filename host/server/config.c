@@ -264,6 +264,16 @@ static const mph_option_t host_options[] = {
     {"access-log", MPH_OPT_STRING, 0, 0, FIELD(access_log), NULL, "a file, or - for stderr", "FILE",
      "one line per HTTP request appended to FILE (- for stderr);\n"
      "SIGUSR1 reopens it and the deployment's log"},
+    {"peers", MPH_OPT_STRING, 0, 0, FIELD(peers), NULL, "URLs, comma-separated", "URL,...",
+     "the base URL of every host of the deployment, this one included,\n"
+     "in the same order on each: mp.shard and mp.scatter place their\n"
+     "shards over all of them (needs Redis and --peer-secret-file)"},
+    {"host-id", MPH_OPT_INT, 1, 1000, FIELD(host_id), NULL, NULL, "K",
+     "which host of --peers this one is (default: N+1 for a host\n"
+     "named NAME-N, as a StatefulSet's pods are)"},
+    {"peer-secret-file", MPH_OPT_STRING, 0, 0, FIELD(peer_secret_file), NULL, "a file", "FILE",
+     "the secret the hosts of --peers sign their calls with (the same\n"
+     "file on every host; readable by this user only)"},
     {"log-path", MPH_OPT_STRING, 0, 0, FIELD(log_path), NULL, "a file", "FILE",
      "the file stderr writes to, opened again on SIGUSR1 (deploy sets it)"},
 };

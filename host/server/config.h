@@ -55,6 +55,12 @@ struct mph_host_config_s {
                                      request to, or "-" for stderr */
     const char *log_path;         /* NULL (default), or the file stderr (and stdout) write to:
                                      SIGUSR1 opens it again over them, after a rotation */
+    const char *peers;            /* NULL (default), or every host's base URL, comma-separated,
+                                     in host order: mp.shard and mp.scatter place their shards
+                                     over all of them (hosts.h) */
+    int host_id;                  /* which of peers this host is, 1..; 0 (default): from the
+                                     host name (NAME-N is host N + 1) */
+    const char *peer_secret_file; /* the secret the hosts of peers sign their calls with */
     int debug_errors;             /* handler errors carry tracebacks (logging at debug) */
     struct uv_loop_s *loop;       /* NULL (default): the host's own; else the caller's */
 

@@ -89,9 +89,10 @@ struct mph_fetch_s {
     sock_t *socks;             /* sockets watched */
     CURL *idle[IDLE_EASY_MAX]; /* easy handles for reuse */
     int nidle;
-    unsigned handles;         /* uv handles not yet closed: the timer and every sock_t's */
-    int closing;              /* mph_fetch_close was called */
-    void (*closed)(void *ud); /* its callback */
+    mph_fetch_tuning_t tuning; /* set on every exchange (mph_fetch_tune); zeros: defaults */
+    unsigned handles;          /* uv handles not yet closed: the timer and every sock_t's */
+    int closing;               /* mph_fetch_close was called */
+    void (*closed)(void *ud);  /* its callback */
     void *closed_ud;
 };
 
@@ -429,7 +430,8 @@ static void finish(xfer_t *x, CURLcode code, const char *cancelled)
         status = 0;
     }
     uint64_t ns = uv_hrtime() - x->started;
-    mph_metrics_fetch(f->metrics, (int)status, ns);
+    if (f->metrics)
+        mph_metrics_fetch(f->metrics, (int)status, ns);
     if (status != 0) {
         res.status = (int)status;
         res.headers = mph_buf_steal(&x->head, &res.headers_len);
@@ -530,6 +532,13 @@ static void set_options(xfer_t *x, const mph_lua_fetch_req_t *req)
         curl_easy_setopt(e, CURLOPT_CAINFO, req->cafile);
         curl_easy_setopt(e, CURLOPT_CAPATH, NULL);
     }
+    const mph_fetch_tuning_t *t = &x->f->tuning;
+    if (t->connect_timeout_ms)
+        curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)t->connect_timeout_ms);
+    if (t->dns_cache_s)
+        curl_easy_setopt(e, CURLOPT_DNS_CACHE_TIMEOUT, (long)t->dns_cache_s);
+    if (t->max_conn_age_s)
+        curl_easy_setopt(e, CURLOPT_MAXAGE_CONN, (long)t->max_conn_age_s);
     if (req->max_body > 0) /* refused at once when Content-Length says more; 0 is "no limit" */
         curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)req->max_body);
     set_request(x, req);
@@ -563,6 +572,11 @@ int mph_fetch_new(mph_fetch_t **out, uv_loop_t *loop, mph_metrics_t *metrics)
     f->handles = 1;
     *out = f;
     return 0;
+}
+
+void mph_fetch_tune(mph_fetch_t *f, const mph_fetch_tuning_t *tuning)
+{
+    f->tuning = *tuning;
 }
 
 int mph_fetch_start(void *fud, const mph_lua_fetch_req_t *req, mph_lua_fetch_cb cb, void *ud,

@@ -18,10 +18,23 @@
 
 typedef struct mph_fetch_s mph_fetch_t;
 
-/* Creates a fetcher on loop, counting into metrics (borrowed; it must outlive the fetcher).
+/* Creates a fetcher on loop, counting into metrics (borrowed; it must outlive the fetcher;
+ * NULL: nothing counted).
  * libcurl itself is set up at the first exchange, so a host that never fetches pays nothing
  * for it. Returns 0. */
 int mph_fetch_new(mph_fetch_t **out, uv_loop_t *loop, mph_metrics_t *metrics);
+
+/* What a fetcher sets on every exchange besides the request's own options (0: curl's
+ * default): the calls between hosts (hosts.c) want a dead host found in bounded time and a
+ * restarted one found at its new address soon. */
+typedef struct {
+    unsigned connect_timeout_ms; /* a connection not made by then fails the exchange */
+    unsigned dns_cache_s;        /* a name's addresses are looked up again after this (0: 60) */
+    unsigned max_conn_age_s;     /* an idle connection older than this is not reused */
+} mph_fetch_tuning_t;
+
+/* Sets the tuning of every exchange started from now on (copied). */
+void mph_fetch_tune(mph_fetch_t *f, const mph_fetch_tuning_t *tuning);
 
 /* An mph_lua_fetch_fn; fud is the mph_fetch_t. cb runs from the loop, never before this
  * returns. After mph_fetch_close it returns MPH_ECLOSED ("the host is stopping"); when libcurl

@@ -12,6 +12,9 @@
  *                 -> close the fetcher (fetch.h): outbound exchanges still in flight (the
  *                    deadline cut the wait for their calls, or their clients left) end as
  *                    cancelled, and their handlers go on without them
+ *                 -> close the sending side to other hosts (hosts.h), after the fetcher:
+ *                    a handler that went on without its fetch may still route a call;
+ *                    calls still waiting for another host fail with -32005
  *                 -> close the authenticator: credential checks still on the thread pool
  *                    end (refused), so none reaches the bridge once it is gone
  *                 -> close the store: operations in flight complete and their transactions
@@ -48,6 +51,7 @@
 #include "common/list.h"
 #include "config.h"
 #include "fetch.h"
+#include "hosts.h"
 #include "http.h"
 #include "metrics.h"
 #include "peer.h"
@@ -85,6 +89,7 @@ struct mph_host_s {
     mph_http_server_t *http;    /* owned */
     mph_http_config_t http_cfg; /* the public server's, which the peer listener's follows */
     mph_peer_t *peer;           /* owned; NULL unless a worker of several (cfg.peer_dir_fd) */
+    mph_hosts_t *hosts;         /* owned; NULL unless --peers lists several hosts */
     mph_fetch_t *fetch;         /* owned: mp.fetch's exchanges; NULL once closed */
     mph_lua_t *lua;             /* owned */
     mph_store_t *store;         /* owned */
@@ -280,10 +285,38 @@ static int new_lua(mph_host_t *h)
                              .scope_cache = h->cfg.scope_cache,
                              .forward = h->peer ? mph_peer_forward : NULL,
                              .forward_ud = h->peer,
+                             .host_id = mph_hosts_id(h->hosts),
+                             .host_count = mph_hosts_count(h->hosts),
+                             .forward_host = h->hosts ? mph_hosts_forward : NULL,
+                             .forward_host_ud = h->hosts,
                              .fetch = mph_fetch_start,
                              .fetch_ud = h->fetch,
                              .version = MPHOST_VERSION};
     return mph_lua_new(&h->lua, h->loop, &lcfg);
+}
+
+/* A forward's time limit: the handler's own, and time for its commit. */
+static unsigned forward_timeout_ms(const mph_host_config_t *cfg)
+{
+    return cfg->handler_timeout_ms ? cfg->handler_timeout_ms + FORWARD_SLACK_MS
+                                   : FORWARD_NO_LIMIT_MS;
+}
+
+/* The other hosts of the deployment (hosts.h), when --peers lists several. */
+static int new_hosts(mph_host_t *h, char *err, size_t errlen)
+{
+    const mph_host_config_t *cfg = &h->cfg;
+    unsigned idle = cfg->idle_timeout_ms / 2;
+    mph_hosts_config_t hc = {.peers = cfg->peers,
+                             .host_id = cfg->host_id,
+                             .secret_file = cfg->peer_secret_file,
+                             .storage_shared = strcmp(cfg->storage, "file") != 0,
+                             .quiet = cfg->supervised,
+                             .worker_id = cfg->worker_id,
+                             .worker_count = cfg->worker_count,
+                             .timeout_ms = forward_timeout_ms(cfg),
+                             .idle_ms = idle < PEER_IDLE_MS ? (idle ? idle : 1) : PEER_IDLE_MS};
+    return mph_hosts_new(&h->hosts, h->loop, &hc, err, errlen);
 }
 
 /* The channel to the other workers of a worker's generation (peer.h). */
@@ -296,8 +329,7 @@ static void new_peer(mph_host_t *h)
                               cfg->serving_generation,
                               cfg->worker_id,
                               cfg->worker_count,
-                              cfg->handler_timeout_ms ? cfg->handler_timeout_ms + FORWARD_SLACK_MS
-                                                      : FORWARD_NO_LIMIT_MS,
+                              forward_timeout_ms(cfg),
                               idle < PEER_IDLE_MS ? (idle ? idle : 1) : PEER_IDLE_MS};
     mph_peer_new(&h->peer, h->loop, &pcfg);
 }
@@ -315,9 +347,12 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
         free(h);
         return MPH_EIO;
     }
-    rc = open_store(h, err, errlen);
+    rc = new_hosts(h, err, errlen); /* before the store: a bad --peers opens nothing */
     if (rc != 0)
         goto fail_loop;
+    rc = open_store(h, err, errlen);
+    if (rc != 0)
+        goto fail_hosts;
     /* A worker keeps quiet about the users file's mode: its supervisor (or the reload check
      * before it) has said it once already. */
     rc = mph_auth_new(&h->auth, h->loop, h->cfg.users_file, h->cfg.supervised ? MPH_AUTH_QUIET : 0,
@@ -342,8 +377,13 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
         goto fail_fetch;
     }
     mph_metrics_init(&h->metrics, h->cfg.metrics_slot);
-    h->rpc = (mph_rpc_t){h->lua, h->auth, &h->metrics};
-    mph_http_server_new(&h->http, h->loop, &h->http_cfg, mph_rpc_handle, &h->rpc);
+    h->rpc =
+        (mph_rpc_t){h->lua, h->auth, &h->metrics, h->hosts ? mph_hosts_receive : NULL, h->hosts};
+    if (h->hosts)
+        mph_hosts_attach(h->hosts, &h->rpc, h->peer);
+    mph_http_config_t public_cfg = h->http_cfg; /* (the peer listener captures its own) */
+    public_cfg.capture_header = MPH_RPC_PEER_HEADER;
+    mph_http_server_new(&h->http, h->loop, &public_cfg, mph_rpc_handle, &h->rpc);
     mph_http_set_get_handler(h->http, on_get);
     uv_async_init(h->loop, &h->stop_async, on_stop_async);
     uv_timer_init(h->loop, &h->deadline);
@@ -369,6 +409,8 @@ fail_store:
     if (h->peer)
         mph_peer_free(h->peer); /* it has done nothing yet */
     h->store->methods->close(h->store, NULL, NULL);
+fail_hosts:
+    mph_hosts_free(h->hosts); /* not attached yet: nothing on the loop */
 fail_loop:
     if (h->loop == &h->own_loop) {       /* a caller's loop finishes these closes as it runs */
         uv_run(h->loop, UV_RUN_DEFAULT); /* let the store's close callbacks run */
@@ -536,11 +578,19 @@ static void close_auth(mph_host_t *h)
     mph_auth_close(h->auth, on_auth_closed, h);
 }
 
+static void on_hosts_closed(void *ud)
+{
+    close_auth(ud);
+}
+
 static void on_fetch_closed(void *ud)
 {
     mph_host_t *h = ud;
     h->fetch = NULL;
-    close_auth(h);
+    if (h->hosts)
+        mph_hosts_close(h->hosts, on_hosts_closed, h);
+    else
+        close_auth(h);
 }
 
 /* Outbound exchanges end (cancelled) before the bridge may close. */
@@ -723,6 +773,7 @@ void mph_host_free(mph_host_t *h)
     mph_metrics_free(&h->metrics);
     if (h->peer)
         mph_peer_free(h->peer);
+    mph_hosts_free(h->hosts);
     mph_accesslog_close(h->alog); /* after the server: it wrote to it up to the end */
     if (h->loop == &h->own_loop) {
         int rc = uv_loop_close(h->loop);

@@ -205,6 +205,8 @@ static const char *status_text(int status)
         return "Bad Request";
     case 401:
         return "Unauthorized";
+    case 403:
+        return "Forbidden";
     case 405:
         return "Method Not Allowed";
     case 413:

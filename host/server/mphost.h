@@ -52,7 +52,8 @@ void mph_host_config_free(mph_host_config_t *cfg);
  * (file, redis://..., redis-sentinel://...), "data", "redis-prefix", "redis-timeout",
  * "redis-wait", "logging" (the process's log level), "max-retries", "max-body", "max-header",
  * "scope-cache", "max-connections", "idle-timeout", "shutdown-timeout", "handler-timeout",
- * "users", "access-log", "log-path" (`mphost --help` says what each takes). value is copied.
+ * "users", "access-log", "peers", "host-id", "peer-secret-file", "log-path" (`mphost --help`
+ * says what each takes). value is copied.
  * Returns 0, or a negative code with a one-line message in err (an unknown name, a value
  * out of range). */
 int mph_host_config_set(mph_host_config_t *cfg, const char *name, const char *value, char *err,

@@ -304,9 +304,8 @@ static void pconn_release(pconn_t *c)
     uv_timer_start(&c->idle, on_idle_timeout, p->cfg.idle_ms, 0);
 }
 
-/* Reads a JSON-RPC answer into reply (fields new). Returns 0, or -1 with why filled. */
-static int read_answer(const char *text, size_t len, mph_lua_reply_t *reply, char *why,
-                       size_t whylen)
+int mph_peer_read_answer(const char *text, size_t len, mph_lua_reply_t *reply, char *why,
+                         size_t whylen)
 {
     json_error_t jerr;
     json_t *doc = mph_json_load(text, len, &jerr);
@@ -341,10 +340,13 @@ static void fwd_answered(fwd_t *f, pconn_t *c)
     char why[300] = "";
     mph_lua_reply_t reply = {0, NULL, 0, NULL};
     int status = c->parser.status_code;
-    if (status != 200)
+    /* 401: every call of the request was answered -32004 (a handler's mp.error); 403: a call
+     * another host sent was refused (rpc.h, mph_rpc_refuse_host). Both carry the answer. */
+    if (status != 200 && status != 401 && status != 403)
         snprintf(why, sizeof(why), "it answered HTTP %d", status);
     else
-        read_answer(c->body.data ? c->body.data : "", c->body.len, &reply, why, sizeof(why));
+        mph_peer_read_answer(c->body.data ? c->body.data : "", c->body.len, &reply, why,
+                             sizeof(why));
     if (why[0] != '\0') {
         free(reply.message);
         fwd_fail(f, why);
@@ -520,10 +522,10 @@ static void fwd_try(fwd_t *f)
     fwd_send(f, c);
 }
 
-void mph_peer_forward(void *fud, int worker, mph_lua_role_t role, const char *body, size_t len,
-                      mph_lua_reply_cb cb, void *ud)
+/* Sends body to `worker` with the role header's value `role_value`. */
+static void forward_as(mph_peer_t *p, int worker, const char *role_value, const char *body,
+                       size_t len, mph_lua_reply_cb cb, void *ud)
 {
-    mph_peer_t *p = fud;
     assert(worker >= 1 && worker <= p->cfg.count && worker != p->cfg.id);
     fwd_t *f = mph_xcalloc(1, sizeof(*f));
     f->peer = p;
@@ -535,7 +537,7 @@ void mph_peer_forward(void *fud, int worker, mph_lua_role_t role, const char *bo
     mph_buf_printf(&f->request,
                    "POST / HTTP/1.1\r\nHost: mphost\r\nContent-Type: application/json\r\n"
                    "%s: %s\r\nContent-Length: %zu\r\n\r\n",
-                   MPH_RPC_FORWARD_HEADER, mph_lua_role_name(role), len);
+                   MPH_RPC_FORWARD_HEADER, role_value, len);
     mph_buf_append(&f->request, body, len);
     uv_timer_init(p->loop, &f->timer);
     f->timer.data = f;
@@ -543,6 +545,23 @@ void mph_peer_forward(void *fud, int worker, mph_lua_role_t role, const char *bo
     mph_list_insert_head(&p->fwds, &f->node);
     assert(assert_fwd_state(f));
     fwd_try(f);
+}
+
+void mph_peer_forward(void *fud, int worker, mph_lua_role_t role, const char *body, size_t len,
+                      mph_lua_reply_cb cb, void *ud)
+{
+    forward_as(fud, worker, mph_lua_role_name(role), body, len, cb, ud);
+}
+
+void mph_peer_relay(mph_peer_t *p, int worker, const char *body, size_t len, mph_lua_reply_cb cb,
+                    void *ud)
+{
+    forward_as(p, worker, MPH_RPC_FORWARD_HOST, body, len, cb, ud);
+}
+
+int mph_peer_count(const mph_peer_t *p)
+{
+    return p->cfg.count;
 }
 
 /* ---- Lifecycle ---- */

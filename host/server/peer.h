@@ -56,6 +56,20 @@ int mph_peer_listen(mph_peer_t *p, const mph_http_config_t *http, mph_rpc_t *rpc
 void mph_peer_forward(void *fud, int worker, mph_lua_role_t role, const char *body, size_t len,
                       mph_lua_reply_cb cb, void *ud);
 
+/* Hands a call that another host sent to this one (hosts.h: its signed body, len bytes,
+ * copied) on to `worker`, whose peer listener checks it and runs it (MPH_RPC_FORWARD_HOST):
+ * answered as mph_peer_forward answers. */
+void mph_peer_relay(mph_peer_t *p, int worker, const char *body, size_t len, mph_lua_reply_cb cb,
+                    void *ud);
+
+/* The workers of the generation (cfg.count). */
+int mph_peer_count(const mph_peer_t *p);
+
+/* Reads a JSON-RPC answer (one call's response object, len bytes) into reply (its fields
+ * new). Returns 0, or -1 with why filled ("its answer is not JSON: ..."). */
+int mph_peer_read_answer(const char *text, size_t len, mph_lua_reply_t *reply, char *why,
+                         size_t whylen);
+
 /* The generation whose workers this worker forwards to: its own. (A reload, which runs a new
  * generation next to the draining old one, decides here where calls go while both run.) */
 int mph_peer_target_generation(const mph_peer_t *p);

@@ -408,15 +408,50 @@ static void handle(mph_rpc_t *rpc, mph_http_req_t *req, const char *body, size_t
         call_finish(call);
 }
 
+void mph_rpc_refuse_host(mph_http_req_t *req, const char *why)
+{
+    char msg[400];
+    snprintf(msg, sizeof(msg), MPH_RPC_HOST_REFUSED "%s", why);
+    mph_http_req_set_call(req, "-", MPH_RPC_UNAUTHORIZED);
+    mph_buf_t b = MPH_BUF_INIT;
+    write_error(&b, NULL, MPH_RPC_UNAUTHORIZED, msg, NULL, 0);
+    mph_buf_puts(&b, "\n");
+    size_t n;
+    char *data = mph_buf_steal(&b, &n);
+    mph_http_respond_json(req, 403, "", data, n);
+}
+
+void mph_rpc_handle_role(mph_rpc_t *rpc, mph_http_req_t *req, const char *body, size_t len,
+                         mph_lua_role_t role)
+{
+    handle(rpc, req, body, len, role);
+}
+
 void mph_rpc_handle(void *ud, mph_http_req_t *req, const char *body, size_t len)
 {
-    handle(ud, req, body, len, MPH_LUA_CALL);
+    mph_rpc_t *rpc = ud;
+    if (mph_http_req_header(req)[0] != '\0') { /* another host's call (MPH_RPC_PEER_HEADER) */
+        if (rpc->host)
+            rpc->host(rpc->host_ud, req, body, len, 0);
+        else
+            mph_rpc_refuse_host(req, "this host takes no calls from other hosts (no --peers)");
+        return;
+    }
+    handle(rpc, req, body, len, MPH_LUA_CALL);
 }
 
 void mph_rpc_handle_forwarded(void *ud, mph_http_req_t *req, const char *body, size_t len)
 {
     mph_lua_role_t role;
+    mph_rpc_t *rpc = ud;
     const char *name = mph_http_req_header(req);
+    if (strcmp(name, MPH_RPC_FORWARD_HOST) == 0) { /* relayed by a worker of this host */
+        if (rpc->host)
+            rpc->host(rpc->host_ud, req, body, len, 1);
+        else
+            mph_rpc_refuse_host(req, "this host takes no calls from other hosts (no --peers)");
+        return;
+    }
     if (mph_lua_role_parse(name, &role) != 0) {
         char msg[128];
         snprintf(msg, sizeof(msg), "Invalid Request: unknown forward role \"%s\"", name);
