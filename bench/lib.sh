@@ -74,3 +74,12 @@ measure_once() {
 median_of() {
   printf '%s\n' "$@" | sort -n | sed -n "$(( ($# + 1) / 2 ))p"
 }
+
+# md_row LABEL CONNS "rps p50_us p99_us requests cpu_us syscalls" -> a Markdown table row:
+# | LABEL | CONNS | rps | p50 ms | p99 ms | cpu_us | syscalls |
+md_row() {
+  local rps p50 p99 cpu sys
+  read -r rps p50 p99 _ cpu sys <<<"$3"
+  printf '| %s | %s | %s | %.2f | %.2f | %s | %s |\n' "$1" "$2" "$rps" \
+    "$(echo "$p50/1000" | bc -l)" "$(echo "$p99/1000" | bc -l)" "${cpu:--}" "${sys:--}"
+}

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # peers.sh: mphost against the OpenResty-style peer (nginx with Debian's Lua module and
-# lua-cjson, bench/peers/nginx.conf, one worker) on the echo call, in the same run: the same
-# request (bench/rpc.lua), each server pinned to CPU 0 and wrk to CPU 1, the two servers
+# lua-cjson, bench/peers/nginx.conf, one worker) on server1's echo call, in the same run, for
+# each workload: single calls at 16 and 64 connections, batches of 10 calls, 4 KiB params,
+# 1,000 connections, and "Connection: close" on every request. The same requests
+# (bench/rpc.lua) to both, each server pinned to CPU 0 and wrk to CPU 1, the two servers
 # measured in turn for each of RUNS rounds. Prints requests/s, latency, CPU time and system
-# calls per request of each, and the ratio of the medians.
+# calls per request of each, and the ratios of the medians (CPU per request is the figure
+# noise moves least).
 #
-#   bench/peers.sh [BUILD_DIR]      env: DURATION (3), RUNS (5), CONNS ("16 64")
+#   bench/peers.sh [BUILD_DIR]      env: DURATION (3), RUNS (5), WORKLOADS (all of them:
+#                                   "NAME|CONNECTIONS|VARS;...", VARS as bench/rpc.lua reads)
 #
 # Needs nginx-core, libnginx-mod-http-lua and lua-cjson (`./dev bench-deps`).
 set -euo pipefail
@@ -15,7 +19,13 @@ BUILD=${1:-build-release}
 MPHOST=$PWD/$BUILD/mphost
 DURATION=${DURATION:-3}
 RUNS=${RUNS:-5}
-CONNS=${CONNS:-"16 64"}
+# Each workload: "NAME|CONNECTIONS|VARIABLES for bench/rpc.lua".
+if [ -n "${WORKLOADS:-}" ]; then
+  IFS=';' read -ra WORKLOADS <<<"$WORKLOADS"
+else
+  WORKLOADS=("echo|16|" "echo|64|" "batch of 10 calls|64|BATCH=10" "4 KiB params|64|PAD=4096"
+    "1,000 connections|1000|" "Connection: close|64|CLOSE=1")
+fi
 WORK=$(mktemp -d)
 PIDS_TO_KILL=()
 trap 'kill "${PIDS_TO_KILL[@]}" 2>/dev/null; rm -rf "$WORK"' EXIT
@@ -58,24 +68,26 @@ echo "mphost $("$MPHOST" --version | cut -d' ' -f2) vs $(nginx -v 2>&1 | cut -d'
   "wrk on CPU 1; median of $RUNS x ${DURATION}s, taken in turns"
 echo "answers: $(paste -sd'|' "$WORK/answers")"
 echo
-echo "| server | connections | requests/s | p50 ms | p99 ms | CPU µs/request | syscalls/request |"
-echo "|---|---|---|---|---|---|---|"
-row() { # row NAME CONNS "rps p50 p99 n cpu sys"
-  read -r rps p50 p99 _ cpu sys <<<"$3"
-  printf '| %s | %s | %s | %.2f | %.2f | %s | %s |\n' "$1" "$2" "$rps" \
-    "$(echo "$p50/1000" | bc -l)" "$(echo "$p99/1000" | bc -l)" "$cpu" "$sys"
-}
-for c in $CONNS; do
+echo "| workload | server | connections | requests/s | p50 ms | p99 ms | CPU µs/request | syscalls/request |"
+echo "|---|---|---|---|---|---|---|---|"
+# ratio A B -> A / B to two places, or - when either is not a number
+ratio() { if [[ $1 =~ ^[0-9.]+$ && $2 =~ ^[0-9.]+$ ]]; then echo "scale=2; $1 / $2" | bc; else echo -; fi; }
+for w in "${WORKLOADS[@]}"; do
+  IFS='|' read -r name c envs <<<"$w"
+  read -ra env_list <<<"$envs"
   mine=() theirs=()
   for _ in $(seq 1 "$RUNS"); do
     PORT=$MPHOST_PORT
-    mine+=("$(measure_once "$c" bench/rpc.lua "$MPHOST_WORKERS")")
+    mine+=("$(measure_once "$c" bench/rpc.lua "$MPHOST_WORKERS" "${env_list[@]}")")
     PORT=$NGINX_PORT
-    theirs+=("$(measure_once "$c" bench/rpc.lua "$NGINX_WORKERS")")
+    theirs+=("$(measure_once "$c" bench/rpc.lua "$NGINX_WORKERS" "${env_list[@]}")")
   done
   m=$(median_of "${mine[@]}")
   t=$(median_of "${theirs[@]}")
-  row "mphost (server1, 1 worker)" "$c" "$m"
-  row "nginx + Lua + cjson" "$c" "$t"
-  echo "| **ratio mphost / peer** | $c | **$(echo "scale=2; ${m%% *} / ${t%% *}" | bc)** | | | | |"
+  md_row "$name | mphost (server1, 1 worker)" "$c" "$m"
+  md_row "$name | nginx + Lua + cjson" "$c" "$t"
+  read -r mrps _ _ _ mcpu msys <<<"$m"
+  read -r trps _ _ _ tcpu tsys <<<"$t"
+  echo "| $name | **mphost / peer** | $c | **$(ratio "$mrps" "$trps")** | | |" \
+    "**$(ratio "$mcpu" "$tcpu")** | $(ratio "$msys" "$tsys") |"
 done

@@ -1,16 +1,34 @@
--- rpc.lua: wrk script that POSTs one JSON-RPC call per request.
--- METHOD and PARAMS come from the environment (defaults: simple-service, [{"hello":"world"}]).
+-- rpc.lua: wrk script that POSTs JSON-RPC calls, one request after another.
+-- From the environment: METHOD and PARAMS (defaults: simple-service, [{"hello":"world"}]);
+-- BATCH=N sends a batch of N calls per request (ids 1..N) instead of one call; PAD=BYTES
+-- replaces PARAMS with [{"hello":"<BYTES x's>"}] (large params); CLOSE=1 sends
+-- "Connection: close", so every request opens a new connection.
 local method = os.getenv("METHOD") or "simple-service"
 local params = os.getenv("PARAMS") or '[{"hello":"world"}]'
+local pad = tonumber(os.getenv("PAD") or "")
+if pad then params = '[{"hello":"' .. string.rep("x", pad) .. '"}]' end
+local batch = tonumber(os.getenv("BATCH") or "")
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
-wrk.body = '{"jsonrpc":"2.0","id":1,"method":"' .. method .. '","params":' .. params .. '}'
+if os.getenv("CLOSE") == "1" then wrk.headers["Connection"] = "close" end
 
+local function call(id)
+  return '{"jsonrpc":"2.0","id":' .. id .. ',"method":"' .. method .. '","params":' .. params .. '}'
+end
+if batch then
+  local calls = {}
+  for i = 1, batch do calls[i] = call(i) end
+  wrk.body = "[" .. table.concat(calls, ",") .. "]"
+else
+  wrk.body = call(1)
+end
+
+-- Every answer must be a result: a batch's last call's result is at the end of the answer.
 local errors = 0
 function response(status, headers, body)
-  if status ~= 200 or not body:find('"result"', 1, true) then
+  if status ~= 200 or not body:find('"result"', 1, true) or body:find('"error"', 1, true) then
     errors = errors + 1
-    if errors <= 3 then io.stderr:write("bad response: ", status, " ", body, "\n") end
+    if errors <= 3 then io.stderr:write("bad response: ", status, " ", body:sub(1, 300), "\n") end
   end
 end
 
