@@ -194,6 +194,9 @@ struct mph_lua_s {
     const char *version;    /* cfg.version, or "" */
     size_t pending_calls;   /* calls whose callback has not run */
     mph_txn_t *current;     /* the transaction whose coroutine is running, or NULL */
+    int spare_threads[16];  /* registry refs of coroutines whose attempt finished, kept to
+                               run later attempts in: making one costs more than reusing */
+    int nspare_threads;     /* how many */
     mph_map_t scope_map;    /* every scope kept, by name; owned */
     mph_list_t lru;         /* the same scopes (mph_scope_t.lru_node), least recently
                                acquired first */

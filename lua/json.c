@@ -256,6 +256,7 @@ typedef struct {
     size_t off;    /* a number key's text: offset in numtext */
     double number; /* the Lua key when it is a number (object-marked tables only) */
     int is_number;
+    int value; /* the stack index of its value when the object's pairs are kept, or 0 */
 } key_t_;
 
 static int compare_keys(const void *a, const void *b)
@@ -312,10 +313,18 @@ static int encode_array(encoder_t *e, int t, int depth, size_t n)
     return 0;
 }
 
+/* Objects with at most this many keys keep each key and value on the Lua stack while they are
+ * sorted and written: fetching a value again by its key interns the key's text once more
+ * (lua_pushlstring), which was a tenth of the CPU of a batch of small replies. */
+#define KEPT_PAIRS 16
+
 /* Collects the keys of the object at `t` into keys[] (room for n), number keys written into
  * numtext as the encoder writes numbers (1e300 becomes "1e+300"), sorts them and returns how
- * many there are. [-0, +0, -] */
-static size_t collect_keys(lua_State *L, int t, key_t_ *keys, size_t n, mph_buf_t *numtext)
+ * many there are. With `keep`, every key and its value stay on the stack, pushed in pairs
+ * (keys[i].value says where; the caller has made room for 2n); else keys[i].value is 0.
+ * [-0, +(keep ? 2n : 0), -] */
+static size_t collect_keys(lua_State *L, int t, key_t_ *keys, size_t n, mph_buf_t *numtext,
+                           int keep)
 {
     size_t nk = 0;
     lua_pushnil(L);
@@ -325,16 +334,23 @@ static size_t collect_keys(lua_State *L, int t, key_t_ *keys, size_t n, mph_buf_
             break;
         }
         key_t_ *k = &keys[nk++];
-        k->is_number = lua_type(L, -2) != LUA_TSTRING;
+        k->value = 0;
+        if (keep) { /* Stack: ..., key, value, key (the copy lua_next goes on from) */
+            lua_pushvalue(L, -2);
+            k->value = lua_gettop(L) - 1;
+        }
+        int key = keep ? -3 : -2;
+        k->is_number = lua_type(L, key) != LUA_TSTRING;
         if (!k->is_number) {
-            k->s = lua_tolstring(L, -2, &k->len);
+            k->s = lua_tolstring(L, key, &k->len); /* kept alive by the table, or the stack */
         } else {
-            k->number = lua_tonumber(L, -2);
+            k->number = lua_tonumber(L, key);
             k->off = numtext->len;
             mph_json_write_number(numtext, k->number);
             k->len = numtext->len - k->off;
         }
-        lua_pop(L, 1);
+        if (!keep)
+            lua_pop(L, 1);
     }
     for (size_t i = 0; i < nk; i++) /* numtext no longer moves */
         if (keys[i].is_number)
@@ -343,14 +359,29 @@ static size_t collect_keys(lua_State *L, int t, key_t_ *keys, size_t n, mph_buf_
     return nk;
 }
 
+/* Pushes the value of key k of the table at `t`, kept or looked up again. [-0, +1, -] */
+static void push_field(lua_State *L, int t, const key_t_ *k)
+{
+    if (k->value != 0)
+        lua_pushvalue(L, k->value);
+    else if (k->is_number)
+        lua_pushnumber(L, k->number);
+    else
+        lua_pushlstring(L, k->s, k->len);
+    if (k->value == 0)
+        lua_rawget(L, t);
+}
+
 /* Object: string keys (integers allowed only under the object mark), sorted. */
 static int encode_object(encoder_t *e, int t, int depth, size_t n)
 {
     lua_State *L = e->L;
-    key_t_ small[16];
-    key_t_ *keys = n <= 16 ? small : mph_xmalloc(n * sizeof(*keys));
+    int base = lua_gettop(L);
+    key_t_ small[KEPT_PAIRS];
+    key_t_ *keys = n <= KEPT_PAIRS ? small : mph_xmalloc(n * sizeof(*keys));
+    int keep = n <= KEPT_PAIRS && lua_checkstack(L, 2 * (int)n + 2);
     mph_buf_t numtext = MPH_BUF_INIT;
-    n = collect_keys(L, t, keys, n, &numtext);
+    n = collect_keys(L, t, keys, n, &numtext, keep);
     int rc = 0;
     mph_buf_append(e->out, "{", 1);
     for (size_t i = 0; i < n && rc == 0; i++) {
@@ -367,14 +398,11 @@ static int encode_object(encoder_t *e, int t, int depth, size_t n)
             break;
         }
         mph_buf_append(e->out, ":", 1);
-        if (keys[i].is_number)
-            lua_pushnumber(L, keys[i].number);
-        else
-            lua_pushlstring(L, keys[i].s, keys[i].len);
-        lua_rawget(L, t);
+        push_field(L, t, &keys[i]);
         rc = encode_value(e, lua_gettop(L), depth + 1);
         lua_pop(L, 1);
     }
+    lua_settop(L, base); /* the kept pairs */
     if (keys != small)
         free(keys);
     mph_buf_free(&numtext);
@@ -501,6 +529,28 @@ static int encode_value(encoder_t *e, int idx, int depth)
     }
 }
 
+/* An encoder is about 35 KB (the cycle check's array is sized for the deepest value), too big
+ * for the C stack of a handler's call and big enough that a malloc and free of it on every
+ * reply made glibc consolidate its small free chunks each time (a tenth of a batch's CPU). So
+ * each thread keeps one spare; an encode that runs while another is in progress (a plain
+ * form's function encoding) gets its own. */
+static _Thread_local encoder_t *spare_encoder;
+
+static encoder_t *encoder_take(void)
+{
+    encoder_t *e = spare_encoder;
+    spare_encoder = NULL;
+    return e ? e : mph_xmalloc(sizeof(encoder_t));
+}
+
+static void encoder_give_back(encoder_t *e)
+{
+    if (spare_encoder == NULL)
+        spare_encoder = e;
+    else
+        free(e);
+}
+
 /* What mph_json_encode hands to encode_protected. */
 typedef struct {
     encoder_t *e;
@@ -531,7 +581,7 @@ int mph_json_encode(lua_State *L, int idx, const char *root, mph_buf_t *out, cha
     lua_pushlightuserdata(L, &encode_fn_key);
     lua_rawget(L, LUA_REGISTRYINDEX);
     lua_pushvalue(L, idx);
-    encode_call_t call = {mph_xmalloc(sizeof(encoder_t)), MPH_JSON_EENCODE};
+    encode_call_t call = {encoder_take(), MPH_JSON_EENCODE};
     lua_pushlightuserdata(L, &call); /* Stack: encode_protected, value, call */
     call.e->out = out;
     call.e->root = root ? root : "$";
@@ -548,6 +598,6 @@ int mph_json_encode(lua_State *L, int idx, const char *root, mph_buf_t *out, cha
         call.rc = MPH_JSON_EENCODE;
     }
     lua_settop(L, base);
-    free(call.e);
+    encoder_give_back(call.e);
     return call.rc;
 }

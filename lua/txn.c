@@ -236,6 +236,39 @@ static int close_record(lua_State *L)
     return 0;
 }
 
+/* A coroutine for an attempt, its registry ref in *ref: a spare one (lua->spare_threads) when
+ * there is one, else a new one. A spare gets the globals a new one would have: a handler may
+ * have changed its own (setfenv(0, ...)). [-0, +0, m] */
+static lua_State *take_thread(mph_lua_t *lua, lua_State *L, int *ref)
+{
+    if (lua->nspare_threads == 0) {
+        lua_State *co = lua_newthread(L);
+        *ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        return co;
+    }
+    *ref = lua->spare_threads[--lua->nspare_threads];
+    lua_rawgeti(L, LUA_REGISTRYINDEX, *ref);
+    lua_State *co = lua_tothread(L, -1);
+    lua_pop(L, 1);
+    lua_pushvalue(L, LUA_GLOBALSINDEX);
+    lua_xmove(L, co, 1);
+    lua_replace(co, LUA_GLOBALSINDEX);
+    return co;
+}
+
+/* Keeps the coroutine of an attempt that returned (its stack is empty, it can run another
+ * function) as a spare, when there is room. */
+static void keep_thread(mph_txn_t *t)
+{
+    mph_lua_t *lua = t->lua;
+    size_t room = sizeof(lua->spare_threads) / sizeof(lua->spare_threads[0]);
+    if (t->co == NULL || lua_status(t->co) != 0 || (size_t)lua->nspare_threads == room)
+        return;
+    lua_settop(t->co, 0);
+    lua->spare_threads[lua->nspare_threads++] = t->co_ref;
+    t->co_ref = LUA_NOREF; /* end_attempt leaves it in the registry */
+}
+
 /* Ends the attempt's coroutine: its roots are closed and it is left to the collector. Safe on
  * a half-made attempt (refs taken, no coroutine yet). */
 static void end_attempt(mph_txn_t *t, int close_roots)
@@ -423,6 +456,7 @@ void mph__txn_resume(mph_txn_t *t, int nargs)
                        "a handler may not yield: coroutine.yield outside a coroutine it made");
         return;
     case 0:
+        keep_thread(t);
         end_attempt(t, 0);
         mph__scopes_finished(t);
         return;
@@ -499,8 +533,7 @@ static int setup_attempt(lua_State *L)
     lua_setfield(L, -2, "nargs");
     lua_pushvalue(L, -1);
     t->rec_ref = luaL_ref(L, LUA_REGISTRYINDEX); /* Stack: ..., rec */
-    lua_State *co = lua_newthread(L);
-    t->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_State *co = take_thread(lua, L, &t->co_ref);
     t->co = co;
     mph__lua_get_internal(lua, L, "run");
     lua_insert(L, -2);   /* Stack: ..., run, rec */

@@ -112,6 +112,10 @@ static void call_finish(call_t *call)
         code = call->parts[i].code;
     mph_http_req_set_call(call->req, call->methods ? call->methods : "-", code);
     free(call->methods);
+    size_t total = 3; /* the brackets and the final newline */
+    for (size_t i = 0; i < call->nparts; i++)
+        total += call->parts[i].out.len + 1;
+    mph_buf_reserve(&body, total); /* one allocation, however many parts */
     if (call->is_batch)
         mph_buf_puts(&body, "[");
     for (size_t i = 0; i < call->nparts; i++) {
@@ -185,6 +189,7 @@ static void on_reply(void *ud, mph_lua_reply_t *reply)
     count(p, reply->code != MPH_RPC_METHOD_NOT_FOUND);
     if (!p->notification) {
         if (reply->code == 0) {
+            mph_buf_reserve(&p->out, reply->json_len + 64); /* the envelope, a short id */
             mph_buf_puts(&p->out, "{\"jsonrpc\":\"2.0\",\"id\":");
             mph_json_write_jansson(&p->out, p->id);
             mph_buf_puts(&p->out, ",\"result\":");
