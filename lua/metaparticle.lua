@@ -712,12 +712,17 @@ M.scope = setmetatable({}, {
 
 -- ---- The body of every call attempt's coroutine ----
 
--- Runs the handler (on the arguments the bridge put in rec.args), encodes its first result,
+-- Runs the handler (on the arguments after rec, or in rec.args when there are more than the
+-- bridge passes on the stack), encodes its first result,
 -- then computes every touched scope's write set and, only when nothing can interrupt the
 -- attempt any more (the checkpoint ends the time limit's power to), merges them into the
 -- pending state and tells the runner which scopes the transaction joined.
-function I.run(rec)
-  C.set_result(rec.handler(unpack(rec.args, 1, rec.nargs)))
+function I.run(rec, ...)
+  if rec.args then
+    C.set_result(rec.handler(unpack(rec.args, 1, rec.nargs)))
+  else
+    C.set_result(rec.handler(...))
+  end
   if next(rec.roots) == nil then -- no scope touched: nothing to check, nothing to commit
     C.checkpoint(nil)
     return

@@ -471,7 +471,12 @@ typedef struct {
     mph_txn_t *t;
     int code;      /* 0, or the error to answer */
     char msg[320]; /* its message */
+    int nargs;     /* what I.run gets: rec, and the arguments unless they are in rec.args */
 } setup_t;
+
+/* Arguments passed to I.run on the coroutine's stack, which has LUA_MINSTACK (20) free slots
+ * when it starts: with I.run and rec, at most 18. More go in a table (rec.args). */
+#define ARGS_ON_STACK 16
 
 /* Makes the attempt's record (roots, handler, arguments) and coroutine, the coroutine's stack
  * holding I.run and the record; under lua_cpcall. [-0, +0, e] */
@@ -517,7 +522,11 @@ static int setup_attempt(lua_State *L)
         snprintf(c->msg, sizeof(c->msg), "Invalid params: more than 200 positional");
         return 0;
     }
-    lua_createtable(L, (int)n, 0); /* Stack: ..., rec, args */
+    /* A few arguments go to I.run on the coroutine's stack; more in rec.args. */
+    int on_stack = n <= ARGS_ON_STACK;
+    if (!on_stack)
+        lua_createtable(L, (int)n, 0); /* Stack: ..., rec, args */
+    lua_checkstack(L, ARGS_ON_STACK + 4);
     char err[256];
     for (size_t i = 0; i < n; i++) {
         const json_t *v = json_is_array(t->params) ? json_array_get(t->params, i) : t->params;
@@ -526,18 +535,24 @@ static int setup_attempt(lua_State *L)
             snprintf(c->msg, sizeof(c->msg), "Invalid params: %s", err);
             return 0;
         }
-        lua_rawseti(L, -2, (int)(i + 1));
+        if (!on_stack)
+            lua_rawseti(L, -2, (int)(i + 1));
     }
-    lua_setfield(L, -2, "args");
-    lua_pushinteger(L, (lua_Integer)n);
-    lua_setfield(L, -2, "nargs");
-    lua_pushvalue(L, -1);
-    t->rec_ref = luaL_ref(L, LUA_REGISTRYINDEX); /* Stack: ..., rec */
+    if (!on_stack) {
+        lua_setfield(L, -2, "args");
+        lua_pushinteger(L, (lua_Integer)n);
+        lua_setfield(L, -2, "nargs");
+    }
+    int rec = lua_gettop(L) - (on_stack ? (int)n : 0); /* Stack: ..., rec[, args...] */
+    lua_pushvalue(L, rec);
+    t->rec_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     lua_State *co = take_thread(lua, L, &t->co_ref);
     t->co = co;
     mph__lua_get_internal(lua, L, "run");
-    lua_insert(L, -2);   /* Stack: ..., run, rec */
-    lua_xmove(L, co, 2); /* a new thread has LUA_MINSTACK free slots: no allocation */
+    lua_insert(L, rec); /* Stack: ..., run, rec[, args...] */
+    c->nargs = 1 + (on_stack ? (int)n : 0);
+    /* A coroutine has LUA_MINSTACK free slots when new or spare: no allocation. */
+    lua_xmove(L, co, 1 + c->nargs);
     return 0;
 }
 
@@ -553,7 +568,7 @@ void mph__txn_start_attempt(mph_txn_t *t)
     mph__forward_clear(t);
     mph__fetch_clear(t);
     mph__txn_become(t, TXN_RUNNING);
-    setup_t c = {t, 0, ""};
+    setup_t c = {t, 0, "", 0};
     if (mph__lua_protect(t->lua, setup_attempt, &c, "starting a call") != 0) {
         mph__txn_reply(t, MPH_RPC_INTERNAL_ERROR, "Internal error: " NOMEM_MESSAGE);
         return;
@@ -562,7 +577,7 @@ void mph__txn_start_attempt(mph_txn_t *t)
         mph__txn_reply(t, c.code, c.msg);
         return;
     }
-    mph__txn_resume(t, 1); /* co stack: run, rec -> I.run(rec) */
+    mph__txn_resume(t, c.nargs); /* co stack: run, rec[, args...] -> I.run(rec[, ...]) */
 }
 
 void mph_lua_call(mph_lua_t *lua, const char *method, size_t mlen, const json_t *params,
