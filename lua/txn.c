@@ -213,6 +213,7 @@ static void txn_free(mph_txn_t *t)
     free(t->user);
     free(t->wake_message);
     mph_buf_free(&t->result);
+    mph__idem_free(t);
     mph__scopes_unpin(t);
     if (t->scopes != t->scopes_inline)
         free(t->scopes);
@@ -254,7 +255,8 @@ static void end_attempt(mph_txn_t *t, int close_roots)
 
 static void deliver(mph_txn_t *t, int code, const char *message, mph_buf_t *data)
 {
-    mph_lua_reply_t reply = {code, NULL, 0, NULL};
+    mph_lua_reply_t reply = {code, NULL, 0, NULL, t->replayed};
+    t->lua->stats.idem_replays += (uint64_t)t->replayed;
     if (data && data->len)
         reply.json = mph_buf_steal(data, &reply.json_len);
     if (code != 0)
@@ -270,11 +272,16 @@ static void deliver(mph_txn_t *t, int code, const char *message, mph_buf_t *data
 void mph__txn_reply(mph_txn_t *t, int code, const char *message)
 {
     assert(code != 0);
+    t->replayed = 0; /* a failure of this attempt, not the stored reply it may have read */
     deliver(t, code, message, NULL);
 }
 
 void mph__txn_reply_result(mph_txn_t *t)
 {
+    if (t->outcome != 0) { /* a stored reply, or the refusal of a key's reuse (idem.c) */
+        deliver(t, t->outcome, t->outcome_message, &t->result);
+        return;
+    }
     if (t->result.len == 0)
         mph_buf_puts(&t->result, "null");
     deliver(t, 0, NULL, &t->result);
@@ -371,6 +378,8 @@ static int read_failure(lua_State *L)
     return 0;
 }
 
+static void start_attempt(mph_txn_t *t, int keep_failure);
+
 /* The attempt raised (status from lua_resume): the error value is on top of t->co. It is
  * moved to the main state and read there (a dead coroutine is only good for its traceback). */
 static void attempt_failed(mph_txn_t *t, int status)
@@ -383,6 +392,13 @@ static void attempt_failed(mph_txn_t *t, int status)
         free(f.message);
         f.message = mph_xstrdup("Internal error: " NOMEM_MESSAGE);
         f.data.len = 0;
+    }
+    if (mph__idem_keep_failure(t, f.code, &f.message, &f.data)) {
+        /* The call has an idempotency key: its error is committed as its record first (the
+         * next attempt stores it, idem.c) and answered once that commit is durable. */
+        end_attempt(t, 1);
+        start_attempt(t, 1);
+        return;
     }
     deliver(t, f.code, f.message, &f.data);
     free(f.message);
@@ -477,6 +493,8 @@ static int setup_attempt(lua_State *L)
         lua_pushstring(L, role);
         lua_setfield(L, -2, "role");
     }
+    if (t->idem_key) /* rec.idem: the call's key (idem.c) */
+        mph__idem_push(t, L);
     size_t n = json_is_array(t->params) ? json_array_size(t->params) : t->params ? 1 : 0;
     if (n > 200) {
         c->code = MPH_RPC_INVALID_PARAMS;
@@ -508,7 +526,8 @@ static int setup_attempt(lua_State *L)
     return 0;
 }
 
-void mph__txn_start_attempt(mph_txn_t *t)
+/* Starts an attempt; keep_failure: it only stores the error the last one raised (idem.c). */
+static void start_attempt(mph_txn_t *t, int keep_failure)
 {
     t->attempts++;
     t->lua->stats.attempts++;
@@ -519,6 +538,7 @@ void mph__txn_start_attempt(mph_txn_t *t)
     mph__txn_clear_wake(t);
     mph__forward_clear(t);
     mph__fetch_clear(t);
+    mph__idem_reset(t, keep_failure);
     mph__txn_become(t, TXN_RUNNING);
     setup_t c = {t, 0, ""};
     if (mph__lua_protect(t->lua, setup_attempt, &c, "starting a call") != 0) {
@@ -532,6 +552,11 @@ void mph__txn_start_attempt(mph_txn_t *t)
     mph__txn_resume(t, 1); /* co stack: run, rec -> I.run(rec) */
 }
 
+void mph__txn_start_attempt(mph_txn_t *t)
+{
+    start_attempt(t, 0);
+}
+
 void mph_lua_call(mph_lua_t *lua, const char *method, size_t mlen, const json_t *params,
                   mph_lua_reply_cb cb, void *ud)
 {
@@ -540,6 +565,13 @@ void mph_lua_call(mph_lua_t *lua, const char *method, size_t mlen, const json_t 
 
 void mph_lua_call_as(mph_lua_t *lua, mph_lua_role_t role, const char *user, const char *method,
                      size_t mlen, const json_t *params, mph_lua_reply_cb cb, void *ud)
+{
+    mph_lua_call_keyed(lua, role, user, NULL, 0, method, mlen, params, cb, ud);
+}
+
+void mph_lua_call_keyed(mph_lua_t *lua, mph_lua_role_t role, const char *user, const char *key,
+                        size_t klen, const char *method, size_t mlen, const json_t *params,
+                        mph_lua_reply_cb cb, void *ud)
 {
     mph_txn_t *t = mph_xcalloc(1, sizeof(*t));
     t->lua = lua;
@@ -557,6 +589,11 @@ void mph_lua_call_as(mph_lua_t *lua, mph_lua_role_t role, const char *user, cons
     if (lua->closing || memchr(method, '\0', mlen) != NULL) {
         mph__txn_reply(t, lua->closing ? MPH_RPC_STORAGE_UNAVAILABLE : MPH_RPC_METHOD_NOT_FOUND,
                        lua->closing ? "Shutting down" : "Method not found");
+        return;
+    }
+    const char *why = key ? mph__idem_init(t, key, klen) : NULL;
+    if (why != NULL) {
+        mph__txn_reply(t, MPH_RPC_INVALID_REQUEST, why);
         return;
     }
     mph__txn_start_attempt(t);

@@ -18,6 +18,7 @@
 #include "lua/watchdog.c"
 #include "lua/forward.c"
 #include "lua/fetch.c"
+#include "lua/idem.c"
 
 #include <signal.h>
 #include <sys/wait.h>
@@ -490,7 +491,7 @@ static void fake_forward(void *fud, int worker, mph_lua_role_t role, const char 
 static void fake_answer(int i, int code, const char *json, const char *message)
 {
     mph_lua_reply_t r = {code, json ? strdup(json) : NULL, json ? strlen(json) : 0,
-                         message ? strdup(message) : NULL};
+                         message ? strdup(message) : NULL, 0};
     fwds[i].cb(fwds[i].ud, &r);
     free(r.json);
     free(r.message);
