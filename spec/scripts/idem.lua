@@ -59,7 +59,19 @@ mp.service("mine", mp.basicAuth(function()
   return { user = mp.user, n = u.n }
 end)).expose = true
 
+mp.service("peek", function(k)
+  return mp.scope.global[k]
+end).expose = true
+
 mp.service("runs", function(what)
   return runs[what] or 0
 end).expose = true
+-- Tries to reach an idempotency record's bucket by its name (it cannot: named scopes are
+-- stored as "n:" .. name).
+mp.service("tamper", function(p)
+  local s = mp.scope.named(p.scope)
+  s[p.key] = { e = 0 }
+  return true
+end).expose = true
+
 mp.serve()
