@@ -469,3 +469,28 @@ def test_reserved_bucket_scopes_are_out_of_reach_of_scripts():
         eq(body.get("result"), True, "tamper ran")
         again, replayed = call(s.port, "incr", {"a": 1}, key=key)
         eq((again["result"], replayed), (first["result"], "true"), "the record is intact")
+
+
+# ---- Redis Cluster ----
+
+def test_redis_cluster_record_beside_the_scopes_of_the_key_hash_tag():
+    from test_cluster import Cluster
+    with Cluster() as cl:
+        with server(["--storage=" + cl.url()]) as s:
+            # The key's hash tag puts the record in the slot of the scopes named with it.
+            first, _ = call(s.port, "deposit", {"id": "{42}", "amount": 5}, key="{42}:order-1")
+            eq(first.get("result"), {"id": "{42}", "balance": 5}, "tagged key: %r" % first)
+            again, replayed = call(s.port, "deposit", {"id": "{42}", "amount": 5},
+                                   key="{42}:order-1")
+            eq((again["result"], replayed), (first["result"], "true"), "replayed")
+            first, _ = call(s.port, "incr", {"a": 1}, key="{global}:x")
+            check("result" in first, first)
+            # A key without the tag: its record's slot is not the scope's, a clear error that
+            # is not stored (a retry gets it again, not replayed).
+            key = next(k for k in ("plain-%d" % i for i in range(100))
+                       if cl.keyslot("i:%d" % bucket_of(k)) != cl.keyslot("42"))
+            for _ in range(2):
+                body, replayed = call(s.port, "deposit", {"id": "{42}", "amount": 1}, key=key)
+                eq((body.get("error", {}).get("code"), replayed), (-32000, None), "untagged")
+                check("hash tag" in body["error"]["message"], body)
+            eq(plain(s.port, "balance", {"id": "{42}"}), 5, "balance")
