@@ -19,7 +19,9 @@
  * Errors raised in handlers become JSON-RPC errors: an error object from mp.error (or from
  * the host, e.g. -32002) keeps its code; any other value is -32000 with its message, the
  * "file:line:" prefix removed unless tracebacks are on (--logging=debug). Lua running out of
- * memory is -32603.
+ * memory is -32603. A call with an idempotency key whose handler raised an error that is
+ * stored (idem.c, "Storing an error") is not answered yet: one more attempt commits the error
+ * as the call's record, and the call is answered once that commit is durable.
  */
 #define _POSIX_C_SOURCE 200809L
 #include "internal.h"
