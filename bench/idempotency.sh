@@ -2,7 +2,8 @@
 # idempotency.sh: what an Idempotency-Key costs (issue 23, docs/idempotency.md). The same call
 # with a key of its own on every request (its reply committed as a record in a bucket scope,
 # with its writes) against the call without one, alternating, RUNS rounds each, medians:
-#   - a counter in the global scope, one process, on files and on Redis;
+#   - a counter in the global scope, and deposits spread over ACCOUNTS named scopes, one
+#     process, on files and on Redis;
 #   - deposits spread over ACCOUNTS named scopes from two processes sharing Redis at once (one
 #     wrk each, half the connections each): the commits refused by conflicts per call, from
 #     both processes' /metrics, show what the buckets' false conflicts add.
@@ -45,16 +46,17 @@ metric() { # metric PORT NAME -> its value
   curl -s "http://127.0.0.1:$1/metrics" | awk -v n="$2" '$1 == n { print $2 }'
 }
 
-# counter NAME STORAGE_ARGS...: incr without and with a key, alternating, on one process
+# counter NAME METHOD STORAGE_ARGS...: METHOD without and with a key, alternating, on one
+# process
 counter() {
-  local name=$1; shift
+  local name=$1 method=$2; shift 2
   local plain=() keyed=() pids list
   start "$WORK/data-$RANDOM" "$@"
   mapfile -t pids < <(tree "${PIDS[0]}")
   list=$(IFS=,; echo "${pids[*]}")
   for _ in $(seq 1 "$RUNS"); do
-    plain+=("$(measure_once "$CONNS" bench/keyed_rpc.lua "$list" METHOD=incr KEYED=0)")
-    keyed+=("$(measure_once "$CONNS" bench/keyed_rpc.lua "$list" METHOD=incr KEYED=1)")
+    plain+=("$(measure_once "$CONNS" bench/keyed_rpc.lua "$list" METHOD="$method" KEYED=0)")
+    keyed+=("$(measure_once "$CONNS" bench/keyed_rpc.lua "$list" METHOD="$method" KEYED=1)")
   done
   local replays
   replays=$(metric "$PORT" mphost_idempotent_replays_total)
@@ -100,10 +102,12 @@ REDIS=--storage=redis://127.0.0.1:$REDIS_PORT
 echo "mphost $("$MPHOST" --version | cut -d' ' -f2), $(nproc) cores, server on CPU 0, wrk on CPU 1," \
   "$CONNS connections, median of $RUNS x ${DURATION}s, with and without a key alternating"
 echo
-echo "| counter (incr), one process | no key requests/s | unique key requests/s | no key p99 ms | key p99 ms | no key CPU µs/req | key CPU µs/req | key / no key | replays |"
+echo "| one process | no key requests/s | unique key requests/s | no key p99 ms | key p99 ms | no key CPU µs/req | key CPU µs/req | key / no key | replays |"
 echo "|---|---|---|---|---|---|---|---|---|"
-counter "files" --storage=file
-counter "Redis" "$REDIS"
+counter "counter (incr), files" incr --storage=file
+counter "counter (incr), Redis" incr "$REDIS"
+counter "deposits over $ACCOUNTS accounts, files" deposit --storage=file
+counter "deposits over $ACCOUNTS accounts, Redis" deposit "$REDIS"
 echo
 echo "| deposits over $ACCOUNTS accounts, 2 processes on Redis at once | calls/s | conflicts per call |"
 echo "|---|---|---|"

@@ -23,6 +23,17 @@
  * known current) before it is answered, so a record another process committed is never missed
  * for long and never replayed before it is durable.
  *
+ * Runs nothing. A duplicate must find the record before its handler runs, but the bucket's
+ * state in this process may be older than another process's commit of the record. So the
+ * first attempt of a keyed call that finds no record runs the handler only if that state is
+ * known current (it was loaded for the attempt, or the storage says so at once: files, with
+ * no I/O); else it ends as a read of the bucket (a probe), checked like any read, and once
+ * the check confirms it (or the conflict's fresh data was read again and still holds no
+ * record) the call runs its handler in a new attempt. On Redis that is one more round trip
+ * for a keyed call, batched with the other commits. Two duplicates racing past their probes
+ * at once still both run their handlers, and the commit of the second conflicts on the
+ * bucket: its handler's effects are discarded and it answers the first one's reply.
+ *
  * Storing an error. A handler that raises commits nothing, but a call with a key must commit
  * its error as its record. So when the attempt raised an error that is stored (not a transient
  * one: -32001, -32002, -32003, -32005; nor -32600 or -32603), the error is kept in the
@@ -34,17 +45,22 @@
  * --idempotency-ttl); a record past it is treated as absent, and the next call with the key
  * runs and replaces it. Expired records are deleted lazily, when a call writes a record into
  * their bucket and the bucket's "~prune" time has come (then it is set ttl/4 later): that call
- * deletes every expired record of the bucket, found without decoding the others into Lua
- * (C.idem_expired reads the JSON text of the values never read since the load). So each
- * bucket is scanned at most once per ttl/4 when written, never on the calls in between, and
- * a record is gone at most about ttl * 1.25 after its call.
+ * deletes the bucket's expired records, found without decoding the others into Lua
+ * (C.idem_expired reads the JSON text of the values never read since the load), at most
+ * PRUNE_MAX of them (metaparticle.lua): with more, the bucket stays due and the next call that
+ * writes into it goes on. So each bucket is scanned about once per ttl/4 while written, never
+ * on the calls in between, no call deletes more than PRUNE_MAX records, and a record is gone
+ * about ttl * 1.25 after its call.
  *
  * Buckets and conflicts. Versions are per scope, so two calls writing records into one
  * bucket from two processes at once conflict though their keys differ: one runs again. With
- * IDEM_BUCKETS buckets, two such commits of one record each meet in one with probability
- * 1/IDEM_BUCKETS; group commit puts several records in one commit, which makes it more likely
- * (docs/idempotency.md has the measurement). More buckets would cost more scopes kept and, on
- * files, more logs synced per group commit.
+ * B buckets, two such commits of one record each meet in one with probability 1/B; group
+ * commit puts several records in one commit, which makes it more likely. A bucket also ties
+ * the calls that use it into one commit unit (scopes.c, "Units") while they are in flight. On
+ * Redis a commit's scopes cost little, so there are BUCKETS_REDIS of them; on files every
+ * scope of a commit is a log synced (storage/file.c, commits of several scopes), and a group
+ * commit of calls on one hot scope would carry as many buckets as calls, so there are only
+ * BUCKETS_FILE (docs/idempotency.md has the measurements).
  *
  * Redis Cluster. The record must be in the slot of the call's scopes. When the storage can keep
  * scopes apart (storage.h `together`: a Cluster), a key that carries a hash tag ("{42}:order-7")
@@ -63,7 +79,10 @@
 #include <string.h>
 #include <time.h>
 
-#define IDEM_BUCKETS 256 /* internal scopes the records are spread over (see above) */
+/* Internal scopes the records are spread over (see "Buckets and conflicts" above). */
+#define BUCKETS_FILE 16    /* file storage: a bucket more in a group commit is a log more synced */
+#define BUCKETS_REDIS 1024 /* Redis: a commit's scopes cost little; conflicts and units do */
+#define BUCKETS_TAGGED 16  /* per hash tag, on a Redis Cluster */
 #define FINGERPRINT_BYTES 16
 
 int mph_lua_idem_key_valid(const char *key, size_t len)
@@ -150,14 +169,16 @@ const char *mph__idem_init(mph_txn_t *t, const char *key, size_t klen)
     mph_buf_append(&b, "", 1); /* the NUL */
     size_t len;
     t->idem_key = mph_buf_steal(&b, &len);
-    unsigned n = (unsigned)(fnv1a64(t->idem_key, len - 1) % IDEM_BUCKETS);
+    uint64_t h = fnv1a64(t->idem_key, len - 1);
     const mph_store_t *store = t->lua->store;
+    int files = store == NULL || strcmp(store->methods->name, "file") == 0;
     size_t at, tlen;
     if (store && store->methods->together && hash_tag(key, klen, &at, &tlen))
-        mph_buf_printf(&b, "i:{%.*s}:%u", (int)tlen, key + at, n);
+        mph_buf_printf(&b, "i:{%.*s}:%u", (int)tlen, key + at, (unsigned)(h % BUCKETS_TAGGED));
     else
-        mph_buf_printf(&b, "i:%u", n);
+        mph_buf_printf(&b, "i:%u", (unsigned)(h % (files ? BUCKETS_FILE : BUCKETS_REDIS)));
     t->idem_scope = mph_buf_steal(&b, &len);
+    t->idem_probe = 1;
     return NULL;
 }
 
@@ -186,6 +207,8 @@ void mph__idem_push(mph_txn_t *t, lua_State *L)
     lua_setfield(L, -2, "exp");
     lua_pushnumber(L, ttl / 4 > 0 ? ttl / 4 : 1); /* seconds between a bucket's prunings */
     lua_setfield(L, -2, "every");
+    lua_pushboolean(L, t->idem_probe);
+    lua_setfield(L, -2, "probe");
     lua_setfield(L, -2, "idem"); /* Stack: ..., rec */
     if (t->fail_code == 0)
         return;
@@ -241,6 +264,8 @@ void mph__idem_reset(mph_txn_t *t, int keep_failure)
     t->replayed = 0;
     t->idem_armed = 0;
     t->idem_apart = 0;
+    t->idem_absent = 0;
+    t->idem_fresh = 0;
     if (!keep_failure) {
         t->fail_code = 0;
         free(t->fail_message);
@@ -264,7 +289,48 @@ void mph__idem_free(mph_txn_t *t)
     mph_buf_free(&t->fail_data);
 }
 
+int mph__idem_probed(mph_txn_t *t)
+{
+    if (!t->idem_absent)
+        return 0;
+    t->idem_probe = 0; /* the record was absent from a current state: the handler runs now */
+    mph__txn_start_attempt(t);
+    return 1;
+}
+
+void mph__idem_loading(mph_txn_t *t, const char *name)
+{
+    if (t->idem_scope && strcmp(name, t->idem_scope) == 0)
+        t->idem_fresh = 1;
+}
+
 /* ---- The C helpers (metaparticle.lua, I.run) ---- */
+
+/* C.idem_current() -> whether the bucket's state, as the attempt read it, is certainly the
+ * newest acknowledged: it was loaded for this attempt, or the storage knows at once (files:
+ * storage.h `current`). [-0, +1, -] */
+static int l_idem_current(lua_State *L)
+{
+    mph_txn_t *t = mph__lua_upvalue(L)->current;
+    assert(t != NULL && t->idem_key != NULL);
+    const mph_store_t *store = t->lua->store;
+    mph_scope_t *s = mph__scopes_acquired(t, t->idem_scope);
+    lua_pushboolean(L, t->idem_fresh ||
+                           (s != NULL && store->methods->current &&
+                            store->methods->current((mph_store_t *)store, s->name, s->version)));
+    return 1;
+}
+
+/* C.idem_absent(): the attempt found no record in a state not known current; it ends as a
+ * read of the bucket, and once that read is checked the handler runs (mph__idem_probed).
+ * [-0, +0, -] */
+static int l_idem_absent(lua_State *L)
+{
+    mph_txn_t *t = mph__lua_upvalue(L)->current;
+    assert(t != NULL && t->idem_key != NULL && t->idem_probe);
+    t->idem_absent = 1;
+    return 0;
+}
 
 /* C.idem_arm(): the handler starts now; an error it raises is the call's outcome, stored.
  * [-0, +0, -] */
@@ -273,6 +339,7 @@ static int l_idem_arm(lua_State *L)
     mph_txn_t *t = mph__lua_upvalue(L)->current;
     assert(t != NULL && t->idem_key != NULL);
     t->idem_armed = 1;
+    t->idem_probe = 0; /* from now on every attempt reads a bucket state a commit checks */
     return 0;
 }
 
@@ -318,12 +385,15 @@ static int l_result_text(lua_State *L)
 typedef struct {
     lua_State *L;
     double now;
-    int n; /* keys pushed into the table on top */
+    int n;     /* keys pushed into the table on top */
+    int limit; /* ... at most */
 } expired_t;
 
 static void check_expired(const char *key, const char *json, size_t jlen, void *ud)
 {
     expired_t *x = ud;
+    if (x->n >= x->limit)
+        return; /* enough for this call: the next write into the bucket goes on */
     json_t *rec = json_loadb(json, jlen, JSON_DECODE_ANY, NULL);
     json_t *e = json_is_object(rec) ? json_object_get(rec, "e") : NULL;
     int expired = json_is_number(e) && json_number_value(e) <= x->now;
@@ -334,13 +404,13 @@ static void check_expired(const char *key, const char *json, size_t jlen, void *
     lua_rawseti(x->L, -2, ++x->n);
 }
 
-/* C.idem_expired(cold, now) -> an array of the keys of scope `cold` (the scope's handle in
- * metaparticle.lua) whose value, still JSON text, is a record that expired by `now`.
- * [-0, +1, m] */
+/* C.idem_expired(cold, now, limit) -> an array of at most `limit` keys of scope `cold` (the
+ * scope's handle in metaparticle.lua) whose value, still JSON text, is a record that expired
+ * by `now`. [-0, +1, m] */
 static int l_idem_expired(lua_State *L)
 {
     mph_scope_t *s = lua_touserdata(L, 1);
-    expired_t x = {L, luaL_checknumber(L, 2), 0};
+    expired_t x = {L, luaL_checknumber(L, 2), 0, (int)luaL_checkinteger(L, 3)};
     lua_newtable(L);
     if (s != NULL)
         mph__scopes_cold_each(s, check_expired, &x);
@@ -351,4 +421,6 @@ const luaL_Reg mph__idem_helpers[] = {{"idem_arm", l_idem_arm},
                                       {"idem_outcome", l_idem_outcome},
                                       {"result_text", l_result_text},
                                       {"idem_expired", l_idem_expired},
+                                      {"idem_current", l_idem_current},
+                                      {"idem_absent", l_idem_absent},
                                       {NULL, NULL}};

@@ -21,6 +21,7 @@
  *   COMMITTING --commit ok--> answered (freed)
  *   QUEUED/COMMITTING --conflict or a failed batch it depends on-->      RETRY (unit's rerun)
  *   RETRY    --the unit's backoff ends-->                                RUNNING (new attempt)
+ *   QUEUED/COMMITTING --a keyed call's probe is answered (idem.c)-->    RUNNING (new attempt)
  *   RUNNING  --handler raises / no scope touched-->                      answered (freed)
  *   WAITING/RELOAD --the load failed-->                                  answered (freed)
  */
@@ -115,6 +116,12 @@ struct mph_txn_s {
                               by a replay, a -32006, or the attempt that stores an error */
     char *outcome_message; /* owned: its message */
     int replayed;          /* the outcome is an earlier call's stored reply */
+    int idem_probe;        /* no attempt has yet found the record absent in a bucket state known
+                              current: the next one that does not find it only checks (idem.c,
+                              "Runs nothing") */
+    int idem_absent;       /* this attempt found no record and ran no handler: once its read
+                              is checked, the call runs its handler in a new attempt */
+    int idem_fresh;        /* this attempt waited for the bucket's load: its state is current */
     int fail_code;         /* the handler raised this storable error: the next attempt only
                               stores it (0: none; idem.c, "Storing an error") */
     char *fail_message;    /* owned: its message */
@@ -354,6 +361,11 @@ int mph__idem_keep_failure(mph_txn_t *t, int code, char **message, mph_buf_t *da
 void mph__idem_reset(mph_txn_t *t, int keep_failure);
 /* Frees what the call's key owns. */
 void mph__idem_free(mph_txn_t *t);
+/* The attempt of t is answered: 1 when it was a keyed call's probe (idem.c, "Runs nothing")
+ * and the call now runs its handler in a new attempt, so nothing is to be answered yet. */
+int mph__idem_probed(mph_txn_t *t);
+/* t waits for the load of scope `name`: its state will be current once loaded. */
+void mph__idem_loading(mph_txn_t *t, const char *name);
 
 /* scopes.c */
 /* Calls fn on every cold value of scope s (key, JSON text), in no order; fn changes nothing

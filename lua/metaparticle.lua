@@ -724,9 +724,10 @@ M.scope = setmetatable({}, {
 -- key, req (the request's fingerprint), now, exp, every (seconds between prunings)}.
 
 local idem_arm, idem_outcome, result_text = C.idem_arm, C.idem_outcome, C.result_text
-local idem_expired = C.idem_expired
+local idem_expired, idem_current, idem_absent = C.idem_expired, C.idem_current, C.idem_absent
 local KEY_REUSED = "idempotency key reused with a different request"
 local PRUNE = "~prune" -- a bucket's next pruning time (record keys start with "-" or "u")
+local PRUNE_MAX = 1000 -- records one call deletes at most (lua/idem.c, "Expiry")
 
 local function expired(r, now)
   return type(r) ~= "table" or type(r.e) ~= "number" or r.e <= now
@@ -740,15 +741,17 @@ local function prune(bucket, idem)
   local due = bucket[PRUNE]
   if type(due) == "number" and due > now then return end
   local st = roots[bucket].state
-  local old = idem_expired(st.cold, now)
+  local old = idem_expired(st.cold, now, PRUNE_MAX)
   for k, v in raw_pairs(st.base) do
+    if #old >= PRUNE_MAX then break end
     if k ~= PRUNE and expired(v, now) then old[#old + 1] = k end
   end
   for i = 1, #old do
     local k = old[i]
     if k ~= PRUNE and expired(bucket[k], now) then bucket[k] = nil end
   end
-  bucket[PRUNE] = now + idem.every
+  -- With PRUNE_MAX found there may be more: the bucket stays due for the next write.
+  if #old < PRUNE_MAX then bucket[PRUNE] = now + idem.every end
 end
 
 -- The record of a reply: its expiry, the request's fingerprint, the code (0: a result), the
@@ -772,6 +775,10 @@ local function run_keyed(rec, idem)
   if fail then -- the last attempt raised fail: this one only stores it (it is the outcome)
     prune(bucket, idem)
     bucket[idem.key] = record(idem, fail.code, fail.data, fail.message)
+    return
+  end
+  if idem.probe and not idem_current() then
+    idem_absent() -- a read of the bucket; once it is checked the handler runs (lua/idem.c)
     return
   end
   idem_arm()

@@ -691,6 +691,7 @@ int mph__scopes_acquire(mph_txn_t *t, const char *name, int can_wait, int *code,
         *why = "the scope is loading: the call runs again once it has loaded";
         return -1;
     }
+    mph__idem_loading(t, name);
     queue_push(&s->waiting, t);
     return 1;
 }

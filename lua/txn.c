@@ -49,8 +49,8 @@ static const unsigned edges[] = {
     [TXN_FORWARDING] = BIT(TXN_RUNNING),
     [TXN_FETCHING] = BIT(TXN_RUNNING),
     [TXN_RELOAD] = BIT(TXN_RUNNING),
-    [TXN_QUEUED] = BIT(TXN_COMMITTING) | BIT(TXN_RETRY),
-    [TXN_COMMITTING] = BIT(TXN_RETRY),
+    [TXN_QUEUED] = BIT(TXN_COMMITTING) | BIT(TXN_RETRY) | BIT(TXN_RUNNING),
+    [TXN_COMMITTING] = BIT(TXN_RETRY) | BIT(TXN_RUNNING),
     [TXN_RETRY] = BIT(TXN_RUNNING),
 };
 
@@ -280,6 +280,8 @@ void mph__txn_reply(mph_txn_t *t, int code, const char *message)
 
 void mph__txn_reply_result(mph_txn_t *t)
 {
+    if (mph__idem_probed(t))
+        return;            /* a keyed call found no record: its handler runs now (idem.c) */
     if (t->outcome != 0) { /* a stored reply, or the refusal of a key's reuse (idem.c) */
         deliver(t, t->outcome, t->outcome_message, &t->result);
         return;
