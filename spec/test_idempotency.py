@@ -461,6 +461,30 @@ def test_expired_records_are_pruned_when_their_bucket_is_written():
             check("-" + new in fields, "the new record is there: %r" % fields)
 
 
+def test_pruning_deletes_at_most_1000_records_per_call_and_goes_on():
+    """1005 expired records planted in one bucket (read cold at the load): the first call that
+    writes into the bucket deletes 1000 of them, the next one the rest."""
+    with RedisServer() as r:
+        bucket = 5
+        hkey = "mp:{i:%d}:d" % bucket
+        planted = ["-planted-%d" % i for i in range(1005)]
+        args = ["HSET", hkey, "~prune", "1"]
+        for f in planted:
+            args += [f, '{"c":0,"e":1,"q":"x","r":"1"}']  # expired in 1970
+        r.cli(*args)
+        r.cli("SET", "mp:{i:%d}:v" % bucket, "1")
+        new = keys_in_bucket(bucket, 2, "new")
+        with server(["--storage=" + r.url()]) as s:
+            old = lambda: [f for f in r.cli("HKEYS", hkey).split() if f.startswith("-planted-")]
+            body, _ = call(s.port, "pure", [1], key=new[0])
+            check("result" in body, body)
+            eq(len(old()), 5, "planted records left after the first pruning call")
+            call(s.port, "pure", [1], key=new[1])
+            eq(old(), [], "planted records left after the second")
+            fields = set(r.cli("HKEYS", hkey).split())
+            eq(fields, {"~prune", "-" + new[0], "-" + new[1]}, "the bucket")
+
+
 def test_reserved_bucket_scopes_are_out_of_reach_of_scripts():
     """mp.scope.named("i:N") is the scope "n:i:N", never the bucket "i:N": a script that writes
     there changes no record."""
