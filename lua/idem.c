@@ -166,10 +166,9 @@ const char *mph__idem_init(mph_txn_t *t, const char *key, size_t klen)
     else
         mph_buf_puts(&b, "-");
     mph_buf_append(&b, key, klen);
-    mph_buf_append(&b, "", 1); /* the NUL */
     size_t len;
-    t->idem_key = mph_buf_steal(&b, &len);
-    uint64_t h = fnv1a64(t->idem_key, len - 1);
+    t->idem_key = mph_buf_steal(&b, &len); /* NUL-terminated, as a buffer always is */
+    uint64_t h = fnv1a64(t->idem_key, len);
     const mph_store_t *store = t->lua->store;
     int files = store == NULL || strcmp(store->methods->name, "file") == 0;
     size_t at, tlen;

@@ -721,7 +721,9 @@ M.scope = setmetatable({}, {
 -- name reaches) before its handler runs, as a scope of its own transaction: a record found
 -- (and not expired) is the outcome and the handler never runs; else the handler runs and its
 -- reply is written into the bucket beside its writes, committed with them. rec.idem = {scope,
--- key, req (the request's fingerprint), now, exp, every (seconds between prunings)}.
+-- key, req (the request's fingerprint), now, exp, every (seconds between prunings), probe (no
+-- attempt has found the record absent in a state known current yet)}; rec.fail: the error
+-- the last attempt raised, which this one only stores.
 
 local idem_arm, idem_outcome, result_text = C.idem_arm, C.idem_outcome, C.result_text
 local idem_expired, idem_current, idem_absent = C.idem_expired, C.idem_current, C.idem_absent
