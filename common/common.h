@@ -50,6 +50,7 @@ const char *mph_strerror(int err);
     X(TIMEOUT, -32003, "Handler timed out")                                                        \
     X(UNAUTHORIZED, -32004, "unauthorized")                                                        \
     X(WORKER_UNAVAILABLE, -32005, "Worker unavailable")                                            \
+    X(KEY_REUSED, -32006, "idempotency key reused with a different request")                       \
     X(OUTBOUND_FAILED, -32008, "Outbound call failed")
 
 enum {

@@ -21,6 +21,8 @@ typedef struct {
     char *json;      /* result JSON text, or the error's data JSON text (NULL: no data) */
     size_t json_len; /* bytes in json */
     char *message;   /* error message (NULL for a result) */
+    int replayed;    /* 1: the stored reply of an earlier call with the same idempotency key
+                        (mph_lua_call_keyed); nothing ran */
 } mph_lua_reply_t;
 
 /* A reply is borrowed by the callback, which may take json or message by setting the field
@@ -124,9 +126,11 @@ typedef struct {
                                     (0: 1; forward.c, "Where a shard runs") */
     mph_lua_forward_host_fn forward_host; /* reaches the other hosts; NULL: there are none */
     void *forward_host_ud;                /* for forward_host */
-    mph_lua_fetch_fn fetch; /* mp.fetch's and mp.rpc's exchanges; NULL: none (they fail) */
-    void *fetch_ud;         /* for fetch */
-    const char *version;    /* the host's (rpc.discover's info.version); borrowed, static */
+    mph_lua_fetch_fn fetch;   /* mp.fetch's and mp.rpc's exchanges; NULL: none (they fail) */
+    void *fetch_ud;           /* for fetch */
+    const char *version;      /* the host's (rpc.discover's info.version); borrowed, static */
+    unsigned idempotency_ttl; /* seconds a call's idempotency record answers its duplicates
+                                 (--idempotency-ttl); 0: MPH_LUA_IDEM_TTL */
 } mph_lua_config_t;
 
 /* Creates a state with the metaparticle module loaded. Returns 0 or MPH_ENOMEM. */
@@ -155,6 +159,33 @@ void mph_lua_call(mph_lua_t *lua, const char *method, size_t mlen, const json_t 
 void mph_lua_call_as(mph_lua_t *lua, mph_lua_role_t role, const char *user, const char *method,
                      size_t mlen, const json_t *params, mph_lua_reply_cb cb, void *ud);
 
+/* ---- Idempotency keys (docs/idempotency.md) ----
+ *
+ * A call made with a key has its final reply (a result, or an error its handler raised, but
+ * no transient one: -32001, -32002, -32003, -32005, nor -32600 or -32603) committed as a record
+ * in the same storage commit as its writes. A later call with the same key (and the same user)
+ * and the same method and params, in any process sharing the storage, within the TTL, gets
+ * that reply with `replayed` set and runs nothing; with another method or params it gets
+ * -32006. Concurrent duplicates: one runs, the others get its reply (the record is in a
+ * scope the call's transaction reads and writes, so the same compare-and-set orders them). */
+
+#define MPH_LUA_IDEM_KEY_MAX 200 /* bytes of a key */
+#define MPH_LUA_IDEM_TTL 86400   /* seconds, the default TTL */
+
+/* Whether key (len bytes) is a usable idempotency key: 1 to MPH_LUA_IDEM_KEY_MAX printable
+ * ASCII bytes (0x20 to 0x7e). */
+int mph_lua_idem_key_valid(const char *key, size_t len);
+
+/* mph_lua_call_as with an idempotency key (klen bytes, copied; NULL: none, exactly
+ * mph_lua_call_as). An invalid key is answered -32600 and runs nothing; a key on a call of an
+ * mp.shard or mp.scatter service too (its handler runs in other transactions). The entry for
+ * in-process callers that must run a call at most once, such as the outbox delivering a
+ * message to mp.self with the message's id as the key: the reply's `replayed` tells a
+ * duplicate. cb runs exactly once, possibly before this returns. */
+void mph_lua_call_keyed(mph_lua_t *lua, mph_lua_role_t role, const char *user, const char *key,
+                        size_t klen, const char *method, size_t mlen, const json_t *params,
+                        mph_lua_reply_cb cb, void *ud);
+
 /* Whether method (mlen bytes) is an exposed service behind mp.basicAuth: its calls need a
  * verified user, without which they fail with -32004. (One that is not exposed answers
  * -32601, as an unknown method does, with or without a user.) Reads svc.expose in Lua. */
@@ -170,6 +201,7 @@ typedef struct {
     uint64_t lua_bytes;      /* the Lua state's memory */
     uint64_t scope_bytes;    /* the scopes kept (estimated) */
     uint64_t scopes;         /* how many */
+    uint64_t idem_replays;   /* calls answered with a stored reply (idempotency keys) */
 } mph_lua_stats_t;
 
 /* Fills *out (cheap: a few reads). */

@@ -273,7 +273,7 @@ void mph__forward_send(mph_txn_t *t)
         else
             snprintf(msg, sizeof(msg), "worker %d unavailable: this host runs %d worker%s", worker,
                      lua->worker_count, lua->worker_count == 1 ? "" : "s");
-        mph_lua_reply_t reply = {MPH_RPC_WORKER_UNAVAILABLE, NULL, 0, mph_xstrdup(msg)};
+        mph_lua_reply_t reply = {MPH_RPC_WORKER_UNAVAILABLE, NULL, 0, mph_xstrdup(msg), 0};
         on_answer(a, &reply);
     }
     mph_buf_free(&body);

@@ -21,6 +21,7 @@
  *   COMMITTING --commit ok--> answered (freed)
  *   QUEUED/COMMITTING --conflict or a failed batch it depends on-->      RETRY (unit's rerun)
  *   RETRY    --the unit's backoff ends-->                                RUNNING (new attempt)
+ *   QUEUED/COMMITTING --a keyed call's probe is answered (idem.c)-->    RUNNING (new attempt)
  *   RUNNING  --handler raises / no scope touched-->                      answered (freed)
  *   WAITING/RELOAD --the load failed-->                                  answered (freed)
  */
@@ -104,6 +105,27 @@ struct mph_txn_s {
                                 F.result reads it (fetch.c) */
     int fetch_voids;         /* attempts made void because a scope they had read changed while
                                 an exchange waited (fetch.c, "Reads across a wait") */
+    /* Idempotency keys (idem.c): */
+    char *idem_key;        /* owned: the record's key in its bucket (the user's name and the
+                              client's key), or NULL: the call has no key */
+    char *idem_scope;      /* owned: the bucket scope that holds the record */
+    char idem_req[33];     /* the request's fingerprint, hex (method and params) */
+    int idem_armed;        /* the attempt's handler has started: an error it raises is stored */
+    int idem_apart;        /* a scope of the call cannot commit with the record (Cluster) */
+    int outcome;           /* the error answered instead of the result (0: the result); set
+                              by a replay, a -32006, or the attempt that stores an error */
+    char *outcome_message; /* owned: its message */
+    int replayed;          /* the outcome is an earlier call's stored reply */
+    int idem_probe;        /* no attempt has yet found the record absent in a bucket state known
+                              current: the next one that does not find it only checks (idem.c,
+                              "Runs nothing") */
+    int idem_absent;       /* this attempt found no record and ran no handler: once its read
+                              is checked, the call runs its handler in a new attempt */
+    int idem_fresh;        /* this attempt waited for the bucket's load: its state is current */
+    int fail_code;         /* the handler raised this storable error: the next attempt only
+                              stores it (0: none; idem.c, "Storing an error") */
+    char *fail_message;    /* owned: its message */
+    mph_buf_t fail_data;   /* its data, JSON text (len 0: none) */
 };
 
 typedef enum { SCOPE_UNLOADED, SCOPE_LOADING, SCOPE_READY } mph_scope_state_t;
@@ -206,7 +228,7 @@ struct mph_lua_s {
     int closing_timers;     /* timers whose close callback has not run yet */
     struct {                /* counted for the log line at close (benchmarks read it) and
                                /metrics (mph_lua_stats) */
-        uint64_t calls, attempts, commits, conflicts, storage_errors;
+        uint64_t calls, attempts, commits, conflicts, storage_errors, idem_replays;
     } stats;
     mph_list_t backoffs;      /* units backing off after a conflict (mph_unit_t.backoff_node),
                                  any order */
@@ -218,6 +240,7 @@ struct mph_lua_s {
                           newest first */
     /* Arms the hook of a stretch past its deadline (owned); NULL: always armed, or no limit. */
     mph_watchdog_t *watchdog;
+    unsigned idem_ttl; /* seconds an idempotency record answers duplicates (idem.c) */
 };
 
 #ifndef NDEBUG
@@ -323,7 +346,36 @@ void mph__fetch_open(mph_lua_t *lua, lua_State *L);
 /* Frees t's exchange outcome, if any (never one in flight: t is not FETCHING). */
 void mph__fetch_clear(mph_txn_t *t);
 
+/* idem.c */
+/* The C helpers of idempotency keys (C.idem_arm, C.idem_outcome, C.result_text,
+ * C.idem_expired). */
+extern const luaL_Reg mph__idem_helpers[];
+/* Gives t (a new call) its key (klen bytes): NULL, or why it is refused (-32600). */
+const char *mph__idem_init(mph_txn_t *t, const char *key, size_t klen);
+/* Sets rec.idem (and rec.fail for an attempt that stores an error) on the record table on
+ * top of L, for a call with a key. [-0, +0, m] */
+void mph__idem_push(mph_txn_t *t, lua_State *L);
+/* The attempt raised code (message, data): returns 1 when the error is stored (the caller
+ * gives up its message and data: they are the transaction's now, and the next attempt
+ * stores them), 0 when it is answered as it is. */
+int mph__idem_keep_failure(mph_txn_t *t, int code, char **message, mph_buf_t *data);
+/* Clears what an attempt of a keyed call leaves (its outcome; its stored failure too when
+ * !keep_failure). */
+void mph__idem_reset(mph_txn_t *t, int keep_failure);
+/* Frees what the call's key owns. */
+void mph__idem_free(mph_txn_t *t);
+/* The attempt of t is answered: 1 when it was a keyed call's probe (idem.c, "Runs nothing")
+ * and the call now runs its handler in a new attempt, so nothing is to be answered yet. */
+int mph__idem_probed(mph_txn_t *t);
+/* t waits for the load of scope `name`: its state will be current once loaded. */
+void mph__idem_loading(mph_txn_t *t, const char *name);
+
 /* scopes.c */
+/* Calls fn on every cold value of scope s (key, JSON text), in no order; fn changes nothing
+ * of s. */
+void mph__scopes_cold_each(mph_scope_t *s,
+                           void (*fn)(const char *key, const char *json, size_t jlen, void *ud),
+                           void *ud);
 extern const luaL_Reg mph__scopes_helpers[]; /* C.cold_take, C.cold_drop, C.cold_keys */
 /* 0: the scope is ready; 1: t was queued until it loads (yield); <0: *code and *why say why
  * not (when !can_wait and the scope is loading, t->reload is set: the attempt is void). */

@@ -31,6 +31,7 @@ local C = ...
 
 local type, pairs, next, setmetatable, getmetatable = type, pairs, next, setmetatable, getmetatable
 local error, tostring, select, rawget, pcall = error, tostring, select, rawget, pcall
+local tonumber = tonumber
 local unpack = unpack
 local tconcat = table.concat
 local floor = math.floor
@@ -303,6 +304,10 @@ local function router(what, role, inner, route)
     if r == role then return inner(...) end
     if r ~= nil then
       raise(-32603, what .. ": another worker forwarded a call here as " .. r, nil, 0)
+    end
+    if rec.idem then -- its record could not commit with what runs on the other workers
+      raise(-32600, "Invalid Request: " .. what .. " services take no Idempotency-Key (their " ..
+        "handlers run in transactions of their own on other workers)", nil, 0)
     end
     return route(rec, ...)
   end
@@ -710,6 +715,86 @@ M.scope = setmetatable({}, {
   __newindex = function() error("mp.scope is read-only", 2) end,
 })
 
+-- ---- Idempotency keys (lua/idem.c) ----
+--
+-- A call with a key opens its record's bucket (an internal scope, "i:N", that no mp.scope
+-- name reaches) before its handler runs, as a scope of its own transaction: a record found
+-- (and not expired) is the outcome and the handler never runs; else the handler runs and its
+-- reply is written into the bucket beside its writes, committed with them. rec.idem = {scope,
+-- key, req (the request's fingerprint), now, exp, every (seconds between prunings), probe (no
+-- attempt has found the record absent in a state known current yet)}; rec.fail: the error
+-- the last attempt raised, which this one only stores.
+
+local idem_arm, idem_outcome, result_text = C.idem_arm, C.idem_outcome, C.result_text
+local idem_expired, idem_current, idem_absent = C.idem_expired, C.idem_current, C.idem_absent
+local KEY_REUSED = "idempotency key reused with a different request"
+local PRUNE = "~prune" -- a bucket's next pruning time (record keys start with "-" or "u")
+local PRUNE_MAX = 1000 -- records one call deletes at most (lua/idem.c, "Expiry")
+
+local function expired(r, now)
+  return type(r) ~= "table" or type(r.e) ~= "number" or r.e <= now
+end
+
+-- Deletes the bucket's expired records once its pruning time has come: the values never read
+-- are checked as JSON text in C, the others here; each is read again through the root, which
+-- sees a newer record of the same key that is pending.
+local function prune(bucket, idem)
+  local now = idem.now
+  local due = bucket[PRUNE]
+  if type(due) == "number" and due > now then return end
+  local st = roots[bucket].state
+  local old = idem_expired(st.cold, now, PRUNE_MAX)
+  for k, v in raw_pairs(st.base) do
+    if #old >= PRUNE_MAX then break end
+    if k ~= PRUNE and expired(v, now) then old[#old + 1] = k end
+  end
+  for i = 1, #old do
+    local k = old[i]
+    if k ~= PRUNE and expired(bucket[k], now) then bucket[k] = nil end
+  end
+  -- With PRUNE_MAX found there may be more: the bucket stays due for the next write.
+  if #old < PRUNE_MAX then bucket[PRUNE] = now + idem.every end
+end
+
+-- The record of a reply: its expiry, the request's fingerprint, the code (0: a result), the
+-- result's or the error data's JSON text, the error's message.
+local function record(idem, code, text, message)
+  return {e = idem.exp, q = idem.req, c = code, r = text, m = message}
+end
+
+-- The handler's results, on the arguments after rec or in rec.args (lua/txn.c, setup_attempt).
+local function call_handler(rec, ...)
+  if rec.args then return rec.handler(unpack(rec.args, 1, rec.nargs)) end
+  return rec.handler(...)
+end
+
+local function run_keyed(rec, idem, ...)
+  local bucket = open_scope(rec, idem.scope, "idempotency")
+  local r = bucket[idem.key]
+  if not expired(r, idem.now) then
+    if r.q == idem.req then
+      idem_outcome(tonumber(r.c) or 0, r.r, r.m, true)
+    else
+      idem_outcome(-32006, nil, KEY_REUSED, false)
+    end
+    return
+  end
+  local fail = rec.fail
+  if fail then -- the last attempt raised fail: this one only stores it (it is the outcome)
+    prune(bucket, idem)
+    bucket[idem.key] = record(idem, fail.code, fail.data, fail.message)
+    return
+  end
+  if idem.probe and not idem_current() then
+    idem_absent() -- a read of the bucket; once it is checked the handler runs (lua/idem.c)
+    return
+  end
+  idem_arm()
+  C.set_result(call_handler(rec, ...))
+  prune(bucket, idem)
+  bucket[idem.key] = record(idem, 0, result_text())
+end
+
 -- ---- The body of every call attempt's coroutine ----
 
 -- Runs the handler (on the arguments after rec, or in rec.args when there are more than the
@@ -718,10 +803,10 @@ M.scope = setmetatable({}, {
 -- attempt any more (the checkpoint ends the time limit's power to), merges them into the
 -- pending state and tells the runner which scopes the transaction joined.
 function I.run(rec, ...)
-  if rec.args then
-    C.set_result(rec.handler(unpack(rec.args, 1, rec.nargs)))
+  if rec.idem then
+    run_keyed(rec, rec.idem, ...)
   else
-    C.set_result(rec.handler(...))
+    C.set_result(call_handler(rec, ...))
   end
   if next(rec.roots) == nil then -- no scope touched: nothing to check, nothing to commit
     C.checkpoint(nil)

@@ -369,6 +369,27 @@ static int l_cold_keys(lua_State *L)
     return 1;
 }
 
+/* What mph__scopes_cold_each hands to each_cold. */
+typedef struct {
+    void (*fn)(const char *key, const char *json, size_t jlen, void *ud);
+    void *ud;
+} cold_each_t;
+
+static void each_cold(mph_map_node_t *n, void *ud)
+{
+    const cold_each_t *e = ud;
+    const cold_t *c = mph_container_of(n, cold_t, node);
+    e->fn(c->key, c->json, c->jlen, e->ud);
+}
+
+void mph__scopes_cold_each(mph_scope_t *s,
+                           void (*fn)(const char *key, const char *json, size_t jlen, void *ud),
+                           void *ud)
+{
+    cold_each_t e = {fn, ud};
+    mph_map_each(&s->cold, each_cold, &e);
+}
+
 const luaL_Reg mph__scopes_helpers[] = {{"cold_take", l_cold_take},
                                         {"cold_drop", l_cold_drop},
                                         {"cold_keys", l_cold_keys},
@@ -614,6 +635,17 @@ int mph__scopes_acquire(mph_txn_t *t, const char *name, int can_wait, int *code,
         m->together(lua->store, t->scopes[0]->name, name, apart, sizeof(apart)) != 0) {
         *code = MPH_RPC_HANDLER_ERROR;
         *why = apart;
+        if (t->idem_scope && strcmp(t->scopes[0]->name, t->idem_scope) == 0) {
+            /* The first scope is the record's bucket (idem.c, "Redis Cluster"): say how to
+             * keep them together; the error is the setup's, not the call's, and not stored. */
+            t->idem_apart = 1;
+            snprintf(apart, sizeof(apart),
+                     "Idempotency-Key on a Redis Cluster: the call's record (scope \"%s\") "
+                     "and scope \"%s\" live in different slots; put the hash tag of the "
+                     "call's scopes in the key (e.g. \"{42}:order-7\" for scopes named "
+                     "\"account:{42}\")",
+                     t->idem_scope, name);
+        }
         return -1;
     }
     mph_scope_t *s = scope_get(lua, name);
@@ -659,6 +691,7 @@ int mph__scopes_acquire(mph_txn_t *t, const char *name, int can_wait, int *code,
         *why = "the scope is loading: the call runs again once it has loaded";
         return -1;
     }
+    mph__idem_loading(t, name);
     queue_push(&s->waiting, t);
     return 1;
 }

@@ -19,7 +19,9 @@
  * Errors raised in handlers become JSON-RPC errors: an error object from mp.error (or from
  * the host, e.g. -32002) keeps its code; any other value is -32000 with its message, the
  * "file:line:" prefix removed unless tracebacks are on (--logging=debug). Lua running out of
- * memory is -32603.
+ * memory is -32603. A call with an idempotency key whose handler raised an error that is
+ * stored (idem.c, "Storing an error") is not answered yet: one more attempt commits the error
+ * as the call's record, and the call is answered once that commit is durable.
  */
 #define _POSIX_C_SOURCE 200809L
 #include "internal.h"
@@ -47,8 +49,8 @@ static const unsigned edges[] = {
     [TXN_FORWARDING] = BIT(TXN_RUNNING),
     [TXN_FETCHING] = BIT(TXN_RUNNING),
     [TXN_RELOAD] = BIT(TXN_RUNNING),
-    [TXN_QUEUED] = BIT(TXN_COMMITTING) | BIT(TXN_RETRY),
-    [TXN_COMMITTING] = BIT(TXN_RETRY),
+    [TXN_QUEUED] = BIT(TXN_COMMITTING) | BIT(TXN_RETRY) | BIT(TXN_RUNNING),
+    [TXN_COMMITTING] = BIT(TXN_RETRY) | BIT(TXN_RUNNING),
     [TXN_RETRY] = BIT(TXN_RUNNING),
 };
 
@@ -213,6 +215,7 @@ static void txn_free(mph_txn_t *t)
     free(t->user);
     free(t->wake_message);
     mph_buf_free(&t->result);
+    mph__idem_free(t);
     mph__scopes_unpin(t);
     if (t->scopes != t->scopes_inline)
         free(t->scopes);
@@ -287,7 +290,8 @@ static void end_attempt(mph_txn_t *t, int close_roots)
 
 static void deliver(mph_txn_t *t, int code, const char *message, mph_buf_t *data)
 {
-    mph_lua_reply_t reply = {code, NULL, 0, NULL};
+    mph_lua_reply_t reply = {code, NULL, 0, NULL, t->replayed};
+    t->lua->stats.idem_replays += (uint64_t)t->replayed;
     if (data && data->len)
         reply.json = mph_buf_steal(data, &reply.json_len);
     if (code != 0)
@@ -303,11 +307,18 @@ static void deliver(mph_txn_t *t, int code, const char *message, mph_buf_t *data
 void mph__txn_reply(mph_txn_t *t, int code, const char *message)
 {
     assert(code != 0);
+    t->replayed = 0; /* a failure of this attempt, not the stored reply it may have read */
     deliver(t, code, message, NULL);
 }
 
 void mph__txn_reply_result(mph_txn_t *t)
 {
+    if (mph__idem_probed(t))
+        return;            /* a keyed call found no record: its handler runs now (idem.c) */
+    if (t->outcome != 0) { /* a stored reply, or the refusal of a key's reuse (idem.c) */
+        deliver(t, t->outcome, t->outcome_message, &t->result);
+        return;
+    }
     if (t->result.len == 0)
         mph_buf_puts(&t->result, "null");
     deliver(t, 0, NULL, &t->result);
@@ -404,6 +415,8 @@ static int read_failure(lua_State *L)
     return 0;
 }
 
+static void start_attempt(mph_txn_t *t, int keep_failure);
+
 /* The attempt raised (status from lua_resume): the error value is on top of t->co. It is
  * moved to the main state and read there (a dead coroutine is only good for its traceback). */
 static void attempt_failed(mph_txn_t *t, int status)
@@ -416,6 +429,13 @@ static void attempt_failed(mph_txn_t *t, int status)
         free(f.message);
         f.message = mph_xstrdup("Internal error: " NOMEM_MESSAGE);
         f.data.len = 0;
+    }
+    if (mph__idem_keep_failure(t, f.code, &f.message, &f.data)) {
+        /* The call has an idempotency key: its error is committed as its record first (the
+         * next attempt stores it, idem.c) and answered once that commit is durable. */
+        end_attempt(t, 1);
+        start_attempt(t, 1);
+        return;
     }
     deliver(t, f.code, f.message, &f.data);
     free(f.message);
@@ -516,6 +536,8 @@ static int setup_attempt(lua_State *L)
         lua_pushstring(L, role);
         lua_setfield(L, -2, "role");
     }
+    if (t->idem_key) /* rec.idem: the call's key (idem.c) */
+        mph__idem_push(t, L);
     size_t n = json_is_array(t->params) ? json_array_size(t->params) : t->params ? 1 : 0;
     if (n > 200) {
         c->code = MPH_RPC_INVALID_PARAMS;
@@ -556,7 +578,8 @@ static int setup_attempt(lua_State *L)
     return 0;
 }
 
-void mph__txn_start_attempt(mph_txn_t *t)
+/* Starts an attempt; keep_failure: it only stores the error the last one raised (idem.c). */
+static void start_attempt(mph_txn_t *t, int keep_failure)
 {
     t->attempts++;
     t->lua->stats.attempts++;
@@ -567,6 +590,7 @@ void mph__txn_start_attempt(mph_txn_t *t)
     mph__txn_clear_wake(t);
     mph__forward_clear(t);
     mph__fetch_clear(t);
+    mph__idem_reset(t, keep_failure);
     mph__txn_become(t, TXN_RUNNING);
     setup_t c = {t, 0, "", 0};
     if (mph__lua_protect(t->lua, setup_attempt, &c, "starting a call") != 0) {
@@ -580,6 +604,11 @@ void mph__txn_start_attempt(mph_txn_t *t)
     mph__txn_resume(t, c.nargs); /* co stack: run, rec[, args...] -> I.run(rec[, ...]) */
 }
 
+void mph__txn_start_attempt(mph_txn_t *t)
+{
+    start_attempt(t, 0);
+}
+
 void mph_lua_call(mph_lua_t *lua, const char *method, size_t mlen, const json_t *params,
                   mph_lua_reply_cb cb, void *ud)
 {
@@ -588,6 +617,13 @@ void mph_lua_call(mph_lua_t *lua, const char *method, size_t mlen, const json_t 
 
 void mph_lua_call_as(mph_lua_t *lua, mph_lua_role_t role, const char *user, const char *method,
                      size_t mlen, const json_t *params, mph_lua_reply_cb cb, void *ud)
+{
+    mph_lua_call_keyed(lua, role, user, NULL, 0, method, mlen, params, cb, ud);
+}
+
+void mph_lua_call_keyed(mph_lua_t *lua, mph_lua_role_t role, const char *user, const char *key,
+                        size_t klen, const char *method, size_t mlen, const json_t *params,
+                        mph_lua_reply_cb cb, void *ud)
 {
     mph_txn_t *t = mph_xcalloc(1, sizeof(*t));
     t->lua = lua;
@@ -605,6 +641,11 @@ void mph_lua_call_as(mph_lua_t *lua, mph_lua_role_t role, const char *user, cons
     if (lua->closing || memchr(method, '\0', mlen) != NULL) {
         mph__txn_reply(t, lua->closing ? MPH_RPC_STORAGE_UNAVAILABLE : MPH_RPC_METHOD_NOT_FOUND,
                        lua->closing ? "Shutting down" : "Method not found");
+        return;
+    }
+    const char *why = key ? mph__idem_init(t, key, klen) : NULL;
+    if (why != NULL) {
+        mph__txn_reply(t, MPH_RPC_INVALID_REQUEST, why);
         return;
     }
     mph__txn_start_attempt(t);

@@ -396,7 +396,7 @@ static void open_module(mph_lua_t *lua, lua_State *L)
     /* Stack: chunk */
     lua_createtable(L, 0, 24);
     const luaL_Reg *lists[] = {helper_functions, mph__txn_helpers, mph__forward_helpers,
-                               mph__scopes_helpers};
+                               mph__scopes_helpers, mph__idem_helpers};
     for (size_t i = 0; i < sizeof(lists) / sizeof(lists[0]); i++) {
         for (const luaL_Reg *r = lists[i]; r->name; r++) {
 #ifdef MPH_TEST_HOOKS
@@ -505,6 +505,7 @@ int mph_lua_new(mph_lua_t **out, uv_loop_t *loop, const mph_lua_config_t *cfg)
     lua->fetch = cfg->fetch;
     lua->fetch_ud = cfg->fetch_ud;
     lua->version = cfg->version ? cfg->version : "";
+    lua->idem_ttl = cfg->idempotency_ttl ? cfg->idempotency_ttl : MPH_LUA_IDEM_TTL;
     lua->rng = random_seed(lua) | 1;           /* xorshift needs a nonzero state */
     lua->committer = mph__lua_random(lua) | 1; /* distinct per process and per host */
     lua->internal_ref = LUA_NOREF;
@@ -650,6 +651,7 @@ void mph_lua_stats(const mph_lua_t *lua, mph_lua_stats_t *out)
     out->commits = lua->stats.commits;
     out->conflicts = lua->stats.conflicts;
     out->storage_errors = lua->stats.storage_errors;
+    out->idem_replays = lua->stats.idem_replays;
     out->lua_bytes =
         ((uint64_t)lua_gc(L, LUA_GCCOUNT, 0) << 10) + (uint64_t)lua_gc(L, LUA_GCCOUNTB, 0);
     out->scope_bytes = lua->scope_bytes;

@@ -258,6 +258,9 @@ static const mph_option_t host_options[] = {
      "SEC",
      "a handler running longer fails with -32003, or its worker is\n"
      "replaced (default 10; 0: no limit)"},
+    {"idempotency-ttl", MPH_OPT_INT, 1, 10 * 365 * 86400, FIELD(idempotency_ttl), NULL, NULL, "SEC",
+     "a call's reply kept for its Idempotency-Key answers the key's\n"
+     "duplicates this long (default 86400)"},
     {"users", MPH_OPT_STRING, 0, 0, FIELD(users_file), NULL, "a file", "FILE",
      "users for mp.basicAuth services (lines NAME:HASH, made with\n"
      "mphost passwd; read again by a reload or SIGHUP)"},
@@ -305,6 +308,7 @@ void mph_config_init(struct mph_host_config_s *cfg)
     cfg->idle_timeout_ms = http.idle_timeout_ms;
     cfg->shutdown_timeout_ms = 10000;
     cfg->handler_timeout_ms = 10000;
+    cfg->idempotency_ttl = 86400;
     cfg->listen_fd = -1;
     cfg->peer_dir_fd = -1;
     cfg->worker_id = 1;

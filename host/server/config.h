@@ -45,6 +45,8 @@ struct mph_host_config_s {
     unsigned idle_timeout_ms;     /* default 30000 */
     unsigned shutdown_timeout_ms; /* graceful stop waits this long for in-flight calls */
     unsigned handler_timeout_ms;  /* -32003 past this; default 10000; 0: none, JIT on */
+    int idempotency_ttl;          /* seconds a call's Idempotency-Key record answers its
+                                     duplicates; default 86400 */
     size_t scope_cache;           /* bytes of scope state kept (estimated); idle scopes past
                                      it are evicted, least recently used first; default
                                      128 MiB; 0: no bound */

@@ -156,6 +156,7 @@ static void publish_metrics(mph_host_t *h)
     __atomic_store_n(&slot->commits, st.commits, __ATOMIC_RELAXED);
     __atomic_store_n(&slot->conflicts, st.conflicts, __ATOMIC_RELAXED);
     __atomic_store_n(&slot->storage_errors, st.storage_errors, __ATOMIC_RELAXED);
+    __atomic_store_n(&slot->idem_replays, st.idem_replays, __ATOMIC_RELAXED);
     __atomic_store_n(&slot->lua_bytes, st.lua_bytes, __ATOMIC_RELAXED);
     __atomic_store_n(&slot->scope_bytes, st.scope_bytes, __ATOMIC_RELAXED);
     __atomic_store_n(&slot->scopes, st.scopes, __ATOMIC_RELAXED);
@@ -291,7 +292,8 @@ static int new_lua(mph_host_t *h)
                              .forward_host_ud = h->hosts,
                              .fetch = mph_fetch_start,
                              .fetch_ud = h->fetch,
-                             .version = MPHOST_VERSION};
+                             .version = MPHOST_VERSION,
+                             .idempotency_ttl = (unsigned)h->cfg.idempotency_ttl};
     return mph_lua_new(&h->lua, h->loop, &lcfg);
 }
 

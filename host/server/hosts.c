@@ -419,7 +419,7 @@ static void fail(hcall_t *c, const char *why)
     if (!hs->closing && mph_log_limit_pass(&hs->failures, MPH_REFUSAL_LOG_MS, &held))
         mph_log(MPH_LOG_WARN, "forward: %s (%lu more such failures since the last line)", msg,
                 held);
-    mph_lua_reply_t reply = {MPH_RPC_WORKER_UNAVAILABLE, NULL, 0, mph_xstrdup(msg)};
+    mph_lua_reply_t reply = {MPH_RPC_WORKER_UNAVAILABLE, NULL, 0, mph_xstrdup(msg), 0};
     answer(c, &reply);
 }
 
@@ -455,7 +455,7 @@ static void fail_later(hcall_t *c, const char *why)
 static void on_fetched(void *ud, mph_lua_fetch_res_t *res)
 {
     hcall_t *c = ud;
-    mph_lua_reply_t reply = {0, NULL, 0, NULL};
+    mph_lua_reply_t reply = {0, NULL, 0, NULL, 0};
     char why[300], refusal[400];
     if (res->status == 0) {
         fail(c, res->error);
@@ -723,7 +723,7 @@ static void relay(mph_hosts_t *hs, mph_http_req_t *req, int worker, const char *
         char msg[200];
         snprintf(msg, sizeof(msg), "host %d unavailable: worker %d: this host runs %d worker%s",
                  hs->id, worker, hs->worker_count, hs->worker_count == 1 ? "" : "s");
-        mph_lua_reply_t reply = {MPH_RPC_WORKER_UNAVAILABLE, NULL, 0, msg};
+        mph_lua_reply_t reply = {MPH_RPC_WORKER_UNAVAILABLE, NULL, 0, msg, 0};
         respond_reply(req, &reply);
         return;
     }

@@ -112,6 +112,9 @@ struct mph_http_req_s {
     mph_buf_t authorization; /* the Authorization header's value (it carries a password:
                                 wiped before it is freed), while auth_state is AUTH_SOME */
     int auth_state;          /* AUTH_NONE, AUTH_PARTIAL (being read), AUTH_SOME, AUTH_BAD */
+    mph_buf_t idem_key;      /* the Idempotency-Key header's value while idem_state is
+                                AUTH_PARTIAL or AUTH_SOME (the same states) */
+    int idem_state;          /* AUTH_NONE: no such header; AUTH_BAD: two, or one too long */
     char head[384];          /* response status line and headers */
     size_t head_len;
     char *resp_body; /* owned response body */
@@ -275,11 +278,42 @@ static void authorization_append(mph_http_req_t *r, const char *at, size_t len)
     r->auth_state = AUTH_PARTIAL;
 }
 
+/* Adds a piece of an Idempotency-Key value: one header of at most
+ * MPH_HTTP_MAX_IDEMPOTENCY_KEY bytes is kept; two, or a longer one, are unusable. */
+static void idem_key_append(mph_http_req_t *r, const char *at, size_t len)
+{
+    if (r->idem_state == AUTH_BAD)
+        return;
+    if (r->idem_state == AUTH_SOME || r->idem_key.len + len > MPH_HTTP_MAX_IDEMPOTENCY_KEY) {
+        mph_buf_free(&r->idem_key);
+        r->idem_state = AUTH_BAD;
+        return;
+    }
+    mph_buf_append(&r->idem_key, at, len);
+    r->idem_state = AUTH_PARTIAL;
+}
+
+int mph_http_req_idempotency_key(const mph_http_req_t *r, const char **key, size_t *len)
+{
+    *key = NULL;
+    *len = 0;
+    if (r->idem_state == AUTH_NONE)
+        return 0;
+    if (r->idem_state != AUTH_SOME)
+        return -1;
+    *key = r->idem_key.data ? r->idem_key.data : "";
+    *len = r->idem_key.len;
+    while (*len > 0 && ((*key)[*len - 1] == ' ' || (*key)[*len - 1] == '\t'))
+        (*len)--; /* optional whitespace after a field value is not part of it (RFC 9110) */
+    return 1;
+}
+
 static void req_free(mph_http_req_t *r)
 {
     if (mph_list_is_linked(&r->node)) /* (only in conn_close's list of cleanups) */
         mph_list_remove(&r->node);
     mph_http_req_wipe_authorization(r);
+    mph_buf_free(&r->idem_key);
     mph_buf_free(&r->body);
     free(r->resp_body);
     free(r);
@@ -655,6 +689,15 @@ static void end_header_value(conn_t *c)
 {
     if (header_is(c, "authorization") && c->cur->auth_state == AUTH_PARTIAL)
         c->cur->auth_state = AUTH_SOME;
+    if (header_is(c, "idempotency-key")) {
+        mph_http_req_t *r = c->cur;
+        if (r->idem_state == AUTH_SOME) { /* a second one, empty (idem_key_append saw none) */
+            mph_buf_free(&r->idem_key);
+            r->idem_state = AUTH_BAD;
+        } else if (r->idem_state != AUTH_BAD) {
+            r->idem_state = AUTH_SOME; /* from PARTIAL, or NONE: an empty value (refused) */
+        }
+    }
     if (header_is(c, "expect") && c->value_len == 12 &&
         strncasecmp(c->value, "100-continue", 12) == 0)
         c->expect_continue = 1;
@@ -688,6 +731,8 @@ static int on_header_value(http_parser *p, const char *at, size_t len)
     c->in_value = 1;
     if (header_is(c, "authorization"))
         authorization_append(c->cur, at, len);
+    if (header_is(c, "idempotency-key"))
+        idem_key_append(c->cur, at, len);
     for (size_t i = 0; i < len; i++, c->value_len++)
         if (c->value_len < sizeof(c->value))
             c->value[c->value_len] = at[i];

@@ -111,6 +111,15 @@ void mph_http_respond_json(mph_http_req_t *req, int status, const char *headers,
  * one (two of them, or one too long). */
 const char *mph_http_req_authorization(const mph_http_req_t *req, size_t *len);
 
+/* The longest Idempotency-Key value kept (JSON-RPC refuses more than 200 bytes: bridge.h); a
+ * longer one is unusable. */
+#define MPH_HTTP_MAX_IDEMPOTENCY_KEY 256
+
+/* The request's Idempotency-Key header: 0 when it sent none; 1 with the value in *key, *len
+ * bytes (not NUL-terminated, trailing whitespace left out; borrowed until the response); -1
+ * when it sent an unusable one (two of them, or one too long). */
+int mph_http_req_idempotency_key(const mph_http_req_t *req, const char **key, size_t *len);
+
 /* Overwrites and forgets the request's copy of its Authorization header, which carries a
  * password: call it once the credentials have been read (freeing the request does it too). */
 void mph_http_req_wipe_authorization(mph_http_req_t *req);

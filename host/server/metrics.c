@@ -11,7 +11,7 @@
 
 static const int codes[MPH_METRICS_CODES - 1] = {0,      -32700, -32600, -32601, -32602,
                                                  -32603, -32000, -32001, -32002, -32003,
-                                                 -32004, -32005, -32008};
+                                                 -32004, -32005, -32006, -32008};
 
 /* Upper bounds of the duration buckets, in ns and as labels; the last bucket is +Inf. */
 static const uint64_t bucket_ns[MPH_METRICS_BUCKETS - 1] = {
@@ -183,6 +183,7 @@ void mph_metrics_fold(mph_metrics_slot_t *dst, const mph_metrics_slot_t *src, in
     ADD(&dst->commits, LOAD(&src->commits));
     ADD(&dst->conflicts, LOAD(&src->conflicts));
     ADD(&dst->storage_errors, LOAD(&src->storage_errors));
+    ADD(&dst->idem_replays, LOAD(&src->idem_replays));
     ADD(&dst->restarts, LOAD(&src->restarts));
     fold_fetch(dst, src);
     if (with_gauges) {
@@ -297,6 +298,8 @@ void mph_metrics_render(mph_buf_t *out, const mph_metrics_slot_t *const *slots, 
            sum->conflicts);
     scalar(out, "mphost_storage_errors_total", "counter", "storage loads and commits that failed",
            sum->storage_errors);
+    scalar(out, "mphost_idempotent_replays_total", "counter",
+           "calls answered with the stored reply of their Idempotency-Key", sum->idem_replays);
     scalar(out, "mphost_worker_restarts_total", "counter",
            "worker processes the supervisor replaced", sum->restarts);
     scalar(out, "mphost_connections", "gauge", "open HTTP connections", sum->connections);

@@ -16,7 +16,7 @@
  * Labels stay bounded whatever clients send: a process names at most MPH_METRICS_METHODS - 1
  * methods, and only methods that answered with something else than -32601 (so: exposed
  * ones); every other call counts under method="(other)". Codes outside the specification's
- * and the host's (-32700, -32600..-32603, -32000..-32005, -32008) count as code="other".
+ * and the host's (-32700, -32600..-32603, -32000..-32006, -32008) count as code="other".
  *
  * Outbound exchanges (mp.fetch, mp.rpc: host/server/fetch.c) count by HTTP status, 0 when no
  * response came; a slot names at most MPH_METRICS_FETCH_CODES - 2 statuses (the first ones
@@ -32,7 +32,7 @@
 
 #define MPH_METRICS_METHODS 32 /* method labels per slot; [0] is "(other)" */
 #define MPH_METRICS_NAME 64    /* bytes of a method label, NUL included; longer: "(other)" */
-#define MPH_METRICS_CODES 14   /* the known codes, then "other" */
+#define MPH_METRICS_CODES 15   /* the known codes, then "other" */
 #define MPH_METRICS_BUCKETS 16 /* duration buckets; the last is +Inf */
 
 /* Statuses of outbound exchanges per slot: [0] no response, then statuses as first seen, the
@@ -52,7 +52,8 @@ typedef struct mph_metrics_slot_s {
     mph_metrics_method_t methods[MPH_METRICS_METHODS];
     /* counters, copied from the Lua bridge at every loop turn (mph_lua_stats) */
     uint64_t attempts, commits, conflicts, storage_errors;
-    uint64_t restarts; /* the retired slot only: workers the supervisor replaced */
+    uint64_t idem_replays; /* calls answered with a stored reply (idempotency keys) */
+    uint64_t restarts;     /* the retired slot only: workers the supervisor replaced */
     /* outbound exchanges: fetch_code[i] is the status fetch_count[i] counts (i in 1..
        MPH_METRICS_FETCH_CODES-2, 0: unused yet; written before its count), [0] no response,
        the last: any other status */

@@ -222,7 +222,7 @@ static void fwd_fail(fwd_t *f, const char *why)
         f->conn = NULL;
         pconn_close(c);
     }
-    mph_lua_reply_t reply = {MPH_RPC_WORKER_UNAVAILABLE, NULL, 0, mph_xstrdup(msg)};
+    mph_lua_reply_t reply = {MPH_RPC_WORKER_UNAVAILABLE, NULL, 0, mph_xstrdup(msg), 0};
     fwd_finish(f, &reply);
 }
 
@@ -338,7 +338,7 @@ int mph_peer_read_answer(const char *text, size_t len, mph_lua_reply_t *reply, c
 static void fwd_answered(fwd_t *f, pconn_t *c)
 {
     char why[300] = "";
-    mph_lua_reply_t reply = {0, NULL, 0, NULL};
+    mph_lua_reply_t reply = {0, NULL, 0, NULL, 0};
     int status = c->parser.status_code;
     /* 401: every call of the request was answered -32004 (a handler's mp.error); 403: a call
      * another host sent was refused (rpc.h, mph_rpc_refuse_host). Both carry the answer. */

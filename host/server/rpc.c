@@ -62,6 +62,11 @@ typedef struct call_s {
     char *methods;              /* the calls' method names joined by ",", for the access log
                                    (owned) */
     mph_auth_wait_t *auth_wait; /* the credentials check the held parts wait for, or NULL */
+    const char *idem_key;       /* the request's Idempotency-Key (idem_len bytes, borrowed from
+                                   req), or NULL */
+    size_t idem_len;
+    int idem_bad; /* it sent an unusable one: its call is refused (-32600) */
+    int replayed; /* a reply is an earlier call's (Idempotent-Replayed: true) */
 } call_t;
 
 #define WWW_AUTHENTICATE "WWW-Authenticate: Basic realm=\"mphost\"\r\n"
@@ -69,6 +74,9 @@ typedef struct call_s {
 #define AUTH_BUSY "Worker unavailable: too many credential checks in progress; try again"
 #define AUTH_EXPIRED "Worker unavailable: the credential check waited too long; try again"
 #define CLIENT_GONE "Worker unavailable: the client left before its credentials were checked"
+#define BAD_KEY "Invalid Request: an Idempotency-Key must be 1 to 200 printable ASCII characters"
+#define BATCH_KEY "Invalid Request: an Idempotency-Key applies to one call, not to a batch"
+#define REPLAYED "Idempotent-Replayed: true\r\n"
 
 /* Parses a JSON text (a request body, an in-process call's params). Returns a new reference,
  * or NULL with the JSON-RPC error in *code and msg: -32602 for a number out of range, else
@@ -145,6 +153,8 @@ static void call_finish(call_t *call)
         mph_buf_free(&body); /* the brackets of an unanswered batch */
         if (refused == call->nparts)
             mph_http_respond_json(call->req, 401, WWW_AUTHENTICATE, data, len);
+        else if (call->replayed)
+            mph_http_respond_json(call->req, 200, REPLAYED, data, len);
         else
             mph_http_respond(call->req, 200, data, len);
     }
@@ -186,6 +196,7 @@ static void on_reply(void *ud, mph_lua_reply_t *reply)
 {
     part_t *p = ud;
     p->code = reply->code;
+    p->call->replayed |= reply->replayed;
     count(p, reply->code != MPH_RPC_METHOD_NOT_FOUND);
     if (!p->notification) {
         if (reply->code == 0) {
@@ -216,8 +227,9 @@ static void part_error(part_t *p, int code, const char *message)
 static void run_call(mph_rpc_t *rpc, part_t *p, const json_t *r, const char *user)
 {
     json_t *method = json_object_get(r, "method");
-    mph_lua_call_as(rpc->lua, p->call->role, user, json_string_value(method),
-                    json_string_length(method), json_object_get(r, "params"), on_reply, p);
+    mph_lua_call_keyed(rpc->lua, p->call->role, user, p->call->idem_key, p->call->idem_len,
+                       json_string_value(method), json_string_length(method),
+                       json_object_get(r, "params"), on_reply, p);
 }
 
 /* Answers or runs the held calls: as user (NULL: refused with code and message). */
@@ -320,6 +332,10 @@ static void dispatch(mph_rpc_t *rpc, part_t *p, const json_t *r)
         return;
     }
     p->notification = (id == NULL);
+    if (p->call->idem_bad) {
+        part_error(p, MPH_RPC_INVALID_REQUEST, BAD_KEY);
+        return;
+    }
     if (params && !json_is_array(params) && !json_is_object(params)) {
         if (p->notification) {
             part_done(p);
@@ -391,6 +407,14 @@ static void handle(mph_rpc_t *rpc, mph_http_req_t *req, const char *body, size_t
         answer_alone(counted, req, MPH_RPC_INVALID_REQUEST, "Invalid Request: empty batch");
         return;
     }
+    const char *key = NULL;
+    size_t klen = 0;
+    int keyed = role == MPH_LUA_CALL ? mph_http_req_idempotency_key(req, &key, &klen) : 0;
+    if (keyed != 0 && json_is_array(doc)) {
+        json_decref(doc);
+        answer_alone(counted, req, MPH_RPC_INVALID_REQUEST, BATCH_KEY);
+        return;
+    }
     call_t *call = mph_xcalloc(1, sizeof(*call));
     call->req = req;
     call->rpc = rpc;
@@ -401,6 +425,9 @@ static void handle(mph_rpc_t *rpc, mph_http_req_t *req, const char *body, size_t
     call->parts = mph_xcalloc(call->nparts, sizeof(part_t));
     call->outstanding = call->nparts + 1;
     call->methods = method_names(doc);
+    call->idem_bad = keyed < 0 || (keyed > 0 && !mph_lua_idem_key_valid(key, klen));
+    call->idem_key = keyed > 0 && !call->idem_bad ? key : NULL;
+    call->idem_len = klen;
     for (size_t i = 0; i < call->nparts; i++) {
         call->parts[i].call = call;
         dispatch(rpc, &call->parts[i], call->is_batch ? json_array_get(doc, i) : doc);
@@ -491,7 +518,7 @@ static void direct_error(direct_t *d, int code, const char *message)
 {
     count_call(d->rpc->metrics, d->method, strlen(d->method), code == MPH_RPC_UNAUTHORIZED, code,
                d->start_ns);
-    mph_lua_reply_t reply = {code, NULL, 0, mph_xstrdup(message)};
+    mph_lua_reply_t reply = {code, NULL, 0, mph_xstrdup(message), 0};
     d->cb(d->ud, &reply);
     free(reply.json);
     free(reply.message);

@@ -18,6 +18,7 @@
 #include "lua/watchdog.c"
 #include "lua/forward.c"
 #include "lua/fetch.c"
+#include "lua/idem.c"
 
 #include <signal.h>
 #include <sys/wait.h>
@@ -171,6 +172,7 @@ typedef struct {
     int code;
     char json[256];
     char message[256];
+    int replayed; /* the reply's flag (idempotency keys) */
 } reply_t;
 
 static void on_reply(void *ud, mph_lua_reply_t *r)
@@ -180,6 +182,7 @@ static void on_reply(void *ud, mph_lua_reply_t *r)
     out->code = r->code;
     snprintf(out->json, sizeof(out->json), "%.*s", (int)r->json_len, r->json ? r->json : "");
     snprintf(out->message, sizeof(out->message), "%s", r->message ? r->message : "");
+    out->replayed = r->replayed;
 }
 
 static uv_loop_t loop;
@@ -232,7 +235,7 @@ static void bridge_free(mph_lua_t *lua)
 /* Calls method with params (JSON text or NULL) and runs storage and timers until answered. */
 static reply_t call(mph_lua_t *lua, const char *method, const char *params)
 {
-    reply_t r = {0, 0, "", ""};
+    reply_t r = {0, 0, "", "", 0};
     json_error_t jerr;
     json_t *p = params ? json_loads(params, 0, &jerr) : NULL;
     mph_lua_call(lua, method, strlen(method), p, on_reply, &r);
@@ -247,6 +250,27 @@ static reply_t call(mph_lua_t *lua, const char *method, const char *params)
     }
     CHECK(r.done == 1);
     CHECK(lua_gettop(lua->L) == 0); /* the main stack is balanced after every call */
+    CHECK(mph_lua_pending(lua) == 0);
+    return r;
+}
+
+/* call() with an idempotency key (klen bytes). */
+static reply_t call_keyed(mph_lua_t *lua, const char *key, size_t klen, const char *method,
+                          const char *params)
+{
+    reply_t r = {0, 0, "", "", 0};
+    json_error_t jerr;
+    json_t *p = params ? json_loads(params, 0, &jerr) : NULL;
+    mph_lua_call_keyed(lua, MPH_LUA_CALL, NULL, key, klen, method, strlen(method), p, on_reply, &r);
+    json_decref(p);
+    for (int i = 0; i < 10000 && !r.done; i++) {
+        if (fake.nops > 0)
+            fake_run(&fake);
+        else
+            break;
+    }
+    CHECK(r.done == 1);
+    CHECK(lua_gettop(lua->L) == 0);
     CHECK(mph_lua_pending(lua) == 0);
     return r;
 }
@@ -287,6 +311,37 @@ static void test_errors(void)
     CHECK(strcmp(r.json, "{\"a\":1}") == 0);
     r = call(lua, "zero", NULL);
     CHECK(r.code == MPH_RPC_HANDLER_ERROR && strstr(r.message, "nonzero integer") != NULL);
+    bridge_free(lua);
+}
+
+/* The in-process entry of idempotency keys (bridge.h, mph_lua_call_keyed), on calls whose
+ * only scope is the record's bucket (the fake store keeps one scope). */
+static void test_idempotency_keys(void)
+{
+    mph_lua_t *lua = bridge(-1); /* the default retries */
+    reply_t r = call_keyed(lua, "k1", 2, "add", "[2, 3]");
+    CHECK(r.code == 0 && strcmp(r.json, "5") == 0 && !r.replayed);
+    CHECK(fake.commits == 1); /* the record */
+    r = call_keyed(lua, "k1", 2, "add", "[2, 3]");
+    CHECK(r.code == 0 && strcmp(r.json, "5") == 0 && r.replayed);
+    CHECK(fake.commits == 1); /* a replay writes nothing */
+    r = call_keyed(lua, "k1", 2, "add", "[2, 4]");
+    CHECK(r.code == MPH_RPC_KEY_REUSED && !r.replayed);
+    CHECK(strcmp(r.message, "idempotency key reused with a different request") == 0);
+    /* A raised error is stored, then replayed with its code, message and data. */
+    r = call_keyed(lua, "k2", 2, "raise_obj", NULL);
+    CHECK(r.code == -32050 && strcmp(r.json, "{\"a\":1}") == 0 && !r.replayed);
+    CHECK(fake.commits == 2);
+    r = call_keyed(lua, "k2", 2, "raise_obj", NULL);
+    CHECK(r.code == -32050 && strcmp(r.message, "custom") == 0 && r.replayed);
+    CHECK(strcmp(r.json, "{\"a\":1}") == 0);
+    /* Bad keys run nothing. */
+    r = call_keyed(lua, "", 0, "add", "[1, 1]");
+    CHECK(r.code == MPH_RPC_INVALID_REQUEST);
+    r = call_keyed(lua, "a\nb", 3, "add", "[1, 1]");
+    CHECK(r.code == MPH_RPC_INVALID_REQUEST);
+    CHECK(fake.commits == 2);
+    CHECK(mph_lua_idem_key_valid("x", 1) && !mph_lua_idem_key_valid("\x80", 1));
     bridge_free(lua);
 }
 
@@ -404,7 +459,7 @@ static void test_read_waits_for_the_commit_it_read(void)
 {
     mph_lua_t *lua = bridge(-1); /* the default retries */
     call(lua, "incr", NULL);     /* loaded, n = 1 */
-    reply_t w = {0, 0, "", ""}, r = {0, 0, "", ""};
+    reply_t w = {0, 0, "", "", 0}, r = {0, 0, "", "", 0};
     mph_lua_call(lua, "incr", 4, NULL, on_reply, &w); /* its commit stays in flight */
     CHECK(fake.nops == 1 && w.done == 0);
     mph_lua_call(lua, "get", 3, NULL, on_reply, &r);
@@ -490,7 +545,7 @@ static void fake_forward(void *fud, int worker, mph_lua_role_t role, const char 
 static void fake_answer(int i, int code, const char *json, const char *message)
 {
     mph_lua_reply_t r = {code, json ? strdup(json) : NULL, json ? strlen(json) : 0,
-                         message ? strdup(message) : NULL};
+                         message ? strdup(message) : NULL, 0};
     fwds[i].cb(fwds[i].ud, &r);
     free(r.json);
     free(r.message);
@@ -547,7 +602,7 @@ static void test_shard_routes_by_key(void)
         int worker;
     } keys[] = {{"[1]", 2}, {"[-1]", 3}, {"[\"a\"]", 2}, {"[4503599627370497]", 3}};
     for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
-        r = (reply_t){0, 0, "", ""};
+        r = (reply_t){0, 0, "", "", 0};
         nfwds = 0;
         start(lua, MPH_LUA_CALL, "sh", keys[i].params, &r);
         CHECK(r.done == 0 && nfwds == 1 && fwds[0].worker == keys[i].worker);
@@ -560,13 +615,13 @@ static void test_shard_routes_by_key(void)
         CHECK(r.done == 1 && r.code == 0 && strcmp(r.json, "{\"big\":[1,2],\"w\":7}") == 0);
     }
     /* A forwarded error keeps its code, message and data. */
-    r = (reply_t){0, 0, "", ""};
+    r = (reply_t){0, 0, "", "", 0};
     nfwds = 0;
     start(lua, MPH_LUA_CALL, "sh", "[2]", &r);
     fake_answer(0, -32042, "{\"d\":1}", "no");
     CHECK(r.code == -32042 && strcmp(r.message, "no") == 0 && strcmp(r.json, "{\"d\":1}") == 0);
     /* Forwarded here as a shard: fn runs here, whatever the key says. */
-    r = (reply_t){0, 0, "", ""};
+    r = (reply_t){0, 0, "", "", 0};
     nfwds = 0;
     start(lua, MPH_LUA_SHARD, "sh", "[2]", &r);
     CHECK(r.done == 1 && strcmp(r.json, "{\"k\":2,\"w\":1}") == 0 && nfwds == 0);
@@ -577,7 +632,7 @@ static void test_shard_routes_by_key(void)
 static void test_scatter_gathers_in_worker_order(void)
 {
     mph_lua_t *lua = topo_bridge(3, fake_forward);
-    reply_t r = {0, 0, "", ""};
+    reply_t r = {0, 0, "", "", 0};
     start(lua, MPH_LUA_CALL, "sc", "[5]", &r);
     /* Workers 2 and 3 by the forwarder, this worker's leaf as a call of its own. */
     CHECK(r.done == 0 && nfwds == 2 && fwds[0].worker == 2 && fwds[1].worker == 3);
@@ -588,14 +643,14 @@ static void test_scatter_gathers_in_worker_order(void)
     CHECK(r.done == 1 && r.code == 0);
     CHECK(strcmp(r.json, "{\"n\":3,\"r\":[{\"w\":1,\"x\":5},null,\"three\"]}") == 0);
     /* Two leaves fail: the first in worker order is the call's error, once all answered. */
-    r = (reply_t){0, 0, "", ""};
+    r = (reply_t){0, 0, "", "", 0};
     nfwds = 0;
     start(lua, MPH_LUA_CALL, "sc", "[5]", &r);
     fake_answer(1, -32003, NULL, "three timed out");
     fake_answer(0, -32005, NULL, "worker 2 unavailable: connection refused");
     CHECK(r.code == -32005 && strcmp(r.message, "worker 2 unavailable: connection refused") == 0);
     /* A leaf forwarded here runs the leaf. */
-    r = (reply_t){0, 0, "", ""};
+    r = (reply_t){0, 0, "", "", 0};
     nfwds = 0;
     start(lua, MPH_LUA_LEAF, "sc", "[6]", &r);
     CHECK(r.done == 1 && strcmp(r.json, "{\"w\":1,\"x\":6}") == 0 && nfwds == 0);
@@ -623,6 +678,7 @@ static void test_no_forwarder_is_32005(void)
 static const mph_unit_test_t tests[] = {
     {"params_and_results", test_params_and_results},
     {"errors", test_errors},
+    {"idempotency_keys", test_idempotency_keys},
     {"commit_and_read", test_commit_and_read},
     {"conflicts_rerun_on_fresh_data", test_conflicts_rerun_on_fresh_data},
     {"retries_exhausted_is_32001_and_writes_nothing",
