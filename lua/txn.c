@@ -1,15 +1,15 @@
 /*
  * txn.c: transactions: one JSON-RPC call each, run as attempts of its handler.
  *
- * Each attempt gets a coroutine from lua_newthread, anchored in the registry by luaL_ref
- * until the attempt ends (a thread only reachable from C would be collected). The coroutine
- * runs I.run(rec) from metaparticle.lua: the handler (rec.handler on rec.args), then the write
- * sets. A handler suspends only inside C.acquire (a scope is loading), C.forward (mp.shard
- * and mp.scatter wait for other workers, forward.c) or F.start (mp.fetch and mp.rpc wait for
- * an outbound exchange, fetch.c): each ends with `return lua_yield(L, 0)`, and the scopes
- * (scopes.c), the last answer or the exchange's end resume it. One function, mph__txn_resume,
- * owns lua_resume and tells host waits from a user's stray coroutine.yield by the
- * transaction's state.
+ * Each attempt gets a coroutine, new from lua_newthread or one a finished attempt left
+ * (take_thread), anchored in the registry by luaL_ref until the attempt ends (a thread only
+ * reachable from C would be collected). The coroutine runs I.run(rec, args...) from
+ * metaparticle.lua: the handler on the call's arguments, then the write sets. A handler suspends
+ * only inside C.acquire (a scope is loading), C.forward (mp.shard and mp.scatter wait for other
+ * workers, forward.c) or F.start (mp.fetch and mp.rpc wait for an outbound exchange, fetch.c): each
+ * ends with `return lua_yield(L, 0)`, and the scopes (scopes.c), the last answer or the exchange's
+ * end resume it. One function, mph__txn_resume, owns lua_resume and tells host waits from a user's
+ * stray coroutine.yield by the transaction's state.
  *
  * This file is also the one place a transaction changes state (internal.h draws the states
  * and their edges): every change goes through mph__txn_become, which checks the edge against
@@ -498,8 +498,43 @@ typedef struct {
  * when it starts: with I.run and rec, at most 18. More go in a table (rec.args). */
 #define ARGS_ON_STACK 16
 
+/* Pushes the call's arguments (params) for I.run: up to ARGS_ON_STACK on the stack, above the
+ * record at the top, or more in rec.args and rec.nargs. Returns how many it left on the stack,
+ * or -1 with the error in c. [-0, +(result), m] */
+static int push_args(lua_State *L, mph_txn_t *t, setup_t *c)
+{
+    size_t n = json_is_array(t->params) ? json_array_size(t->params) : t->params ? 1 : 0;
+    if (n > 200) {
+        c->code = MPH_RPC_INVALID_PARAMS;
+        snprintf(c->msg, sizeof(c->msg), "Invalid params: more than 200 positional");
+        return -1;
+    }
+    int on_stack = n <= ARGS_ON_STACK;
+    if (!on_stack)
+        lua_createtable(L, (int)n, 0); /* Stack: ..., rec, args */
+    lua_checkstack(L, ARGS_ON_STACK + 4);
+    char err[256];
+    for (size_t i = 0; i < n; i++) {
+        const json_t *v = json_is_array(t->params) ? json_array_get(t->params, i) : t->params;
+        if (mph_json_push(L, v, err, sizeof(err)) != 0) {
+            c->code = MPH_RPC_INVALID_PARAMS;
+            snprintf(c->msg, sizeof(c->msg), "Invalid params: %s", err);
+            return -1;
+        }
+        if (!on_stack)
+            lua_rawseti(L, -2, (int)(i + 1));
+    }
+    if (on_stack)
+        return (int)n;
+    lua_setfield(L, -2, "args");
+    lua_pushinteger(L, (lua_Integer)n);
+    lua_setfield(L, -2, "nargs");
+    return 0;
+}
+
 /* Makes the attempt's record (roots, handler, arguments) and coroutine, the coroutine's stack
- * holding I.run and the record; under lua_cpcall. [-0, +0, e] */
+ * holding I.run, the record and the arguments (c->nargs with the record); under lua_cpcall.
+ * [-0, +0, e] */
 static int setup_attempt(lua_State *L)
 {
     setup_t *c = lua_touserdata(L, 1);
@@ -538,41 +573,17 @@ static int setup_attempt(lua_State *L)
     }
     if (t->idem_key) /* rec.idem: the call's key (idem.c) */
         mph__idem_push(t, L);
-    size_t n = json_is_array(t->params) ? json_array_size(t->params) : t->params ? 1 : 0;
-    if (n > 200) {
-        c->code = MPH_RPC_INVALID_PARAMS;
-        snprintf(c->msg, sizeof(c->msg), "Invalid params: more than 200 positional");
+    int n = push_args(L, t, c); /* Stack: ..., rec[, args...] */
+    if (n < 0)
         return 0;
-    }
-    /* A few arguments go to I.run on the coroutine's stack; more in rec.args. */
-    int on_stack = n <= ARGS_ON_STACK;
-    if (!on_stack)
-        lua_createtable(L, (int)n, 0); /* Stack: ..., rec, args */
-    lua_checkstack(L, ARGS_ON_STACK + 4);
-    char err[256];
-    for (size_t i = 0; i < n; i++) {
-        const json_t *v = json_is_array(t->params) ? json_array_get(t->params, i) : t->params;
-        if (mph_json_push(L, v, err, sizeof(err)) != 0) {
-            c->code = MPH_RPC_INVALID_PARAMS;
-            snprintf(c->msg, sizeof(c->msg), "Invalid params: %s", err);
-            return 0;
-        }
-        if (!on_stack)
-            lua_rawseti(L, -2, (int)(i + 1));
-    }
-    if (!on_stack) {
-        lua_setfield(L, -2, "args");
-        lua_pushinteger(L, (lua_Integer)n);
-        lua_setfield(L, -2, "nargs");
-    }
-    int rec = lua_gettop(L) - (on_stack ? (int)n : 0); /* Stack: ..., rec[, args...] */
+    int rec = lua_gettop(L) - n;
     lua_pushvalue(L, rec);
     t->rec_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     lua_State *co = take_thread(lua, L, &t->co_ref);
     t->co = co;
     mph__lua_get_internal(lua, L, "run");
     lua_insert(L, rec); /* Stack: ..., run, rec[, args...] */
-    c->nargs = 1 + (on_stack ? (int)n : 0);
+    c->nargs = 1 + n;
     /* A coroutine has LUA_MINSTACK free slots when new or spare: no allocation. */
     lua_xmove(L, co, 1 + c->nargs);
     return 0;

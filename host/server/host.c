@@ -336,6 +336,33 @@ static void new_peer(mph_host_t *h)
     mph_peer_new(&h->peer, h->loop, &pcfg);
 }
 
+/* Wires what serves calls once the host's parts exist: metrics, the JSON-RPC layer, the HTTP
+ * server and the loop's handles; a host on a caller's loop serves from now on. */
+static void start_serving(mph_host_t *h)
+{
+    mph_metrics_init(&h->metrics, h->cfg.metrics_slot);
+    h->rpc =
+        (mph_rpc_t){h->lua, h->auth, &h->metrics, h->hosts ? mph_hosts_receive : NULL, h->hosts};
+    if (h->hosts)
+        mph_hosts_attach(h->hosts, &h->rpc, h->peer);
+    mph_http_config_t public_cfg = h->http_cfg; /* (the peer listener captures its own) */
+    public_cfg.capture_header = MPH_RPC_PEER_HEADER;
+    mph_http_server_new(&h->http, h->loop, &public_cfg, mph_rpc_handle, &h->rpc);
+    mph_http_set_get_handler(h->http, on_get);
+    uv_async_init(h->loop, &h->stop_async, on_stop_async);
+    uv_timer_init(h->loop, &h->deadline);
+    uv_idle_init(h->loop, &h->deliver);
+    if (h->cfg.heartbeat)
+        start_heartbeat(h);
+    h->state = HOST_NEW;
+    if (h->cfg.loop) {
+        /* The caller runs its loop: the host serves from now on, and an idle host does not
+         * keep that loop running (its listener, a Redis connection, work in flight do). */
+        h->state = HOST_RUNNING;
+        uv_unref((uv_handle_t *)&h->stop_async);
+    }
+}
+
 int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size_t errlen)
 {
     mph_host_t *h = mph_xcalloc(1, sizeof(*h));
@@ -378,27 +405,7 @@ int mph_host_new(mph_host_t **out, const mph_host_config_t *cfg, char *err, size
         snprintf(err, errlen, "cannot create the Lua state: %s", mph_strerror(rc));
         goto fail_fetch;
     }
-    mph_metrics_init(&h->metrics, h->cfg.metrics_slot);
-    h->rpc =
-        (mph_rpc_t){h->lua, h->auth, &h->metrics, h->hosts ? mph_hosts_receive : NULL, h->hosts};
-    if (h->hosts)
-        mph_hosts_attach(h->hosts, &h->rpc, h->peer);
-    mph_http_config_t public_cfg = h->http_cfg; /* (the peer listener captures its own) */
-    public_cfg.capture_header = MPH_RPC_PEER_HEADER;
-    mph_http_server_new(&h->http, h->loop, &public_cfg, mph_rpc_handle, &h->rpc);
-    mph_http_set_get_handler(h->http, on_get);
-    uv_async_init(h->loop, &h->stop_async, on_stop_async);
-    uv_timer_init(h->loop, &h->deadline);
-    uv_idle_init(h->loop, &h->deliver);
-    if (h->cfg.heartbeat)
-        start_heartbeat(h);
-    h->state = HOST_NEW;
-    if (h->cfg.loop) {
-        /* The caller runs its loop: the host serves from now on, and an idle host does not
-         * keep that loop running (its listener, a Redis connection, work in flight do). */
-        h->state = HOST_RUNNING;
-        uv_unref((uv_handle_t *)&h->stop_async);
-    }
+    start_serving(h);
     *out = h;
     return 0;
 
