@@ -6,6 +6,9 @@ crash safety is the point). A clean stop must exit 0 with no sanitizer report in
 Unless the test passes --workers=0, the server is a supervisor with worker processes (one by
 default), which log to the same file; the supervisor's pid is the server's.
 """
+import ctypes
+import fcntl
+import functools
 import glob
 import json
 import os
@@ -13,7 +16,9 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -114,6 +119,66 @@ def sanitizer_report(text):
         if marker in text:
             return marker
     return None
+
+
+def _enter_private_network():
+    """Moves this process into a new network namespace with its loopback up. Returns False
+    where that is not allowed (not root): the caller then runs in the machine's network."""
+    clone_newnet = 0x40000000
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(clone_newnet) != 0:
+        return False
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s, siocgifflags, req))[1]
+        fcntl.ioctl(s, siocsifflags, struct.pack("16sH14x", b"lo", flags | iff_up))
+    return True
+
+
+def private_network(test):
+    """Runs a test in a child process in a network namespace of its own, so that the fixed
+    ports a walkthrough prints (3000, 3001...) meet nothing else running on the machine (a
+    developer's mphost, a second test run). Its failure is raised here, with its traceback."""
+    @functools.wraps(test)
+    def in_namespace():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: run the test, report, never return into the runner
+            os.close(r)
+            code, report = 0, ""
+            try:
+                _enter_private_network()
+                test()
+            except BaseException as e:  # pylint: disable=broad-except
+                code = 1
+                report = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+            stop_leftover_servers()
+            os.write(w, report[-6000:].encode())
+            os._exit(code)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            report = f.read().decode(errors="replace")
+        _, status = os.waitpid(pid, 0)
+        if status != 0:
+            raise TestFailure("in its own network namespace:\n" + (report or "exit status %d" % status))
+    return in_namespace
+
+
+def console_steps(doc, at_least):
+    """The commands of the first ```console block of docs/DOC and what each prints (lines)."""
+    with open(os.path.join(ROOT, "docs", doc)) as f:
+        block = f.read().split("```console\n", 1)[1].split("```", 1)[0]
+    steps = []
+    for line in block.splitlines():
+        if line.startswith("$ "):
+            steps.append((line[2:], []))
+        else:
+            steps[-1][1].append(line)
+    check(len(steps) >= at_least, "docs/%s's walkthrough has its steps" % doc)
+    return steps
 
 
 class Server:

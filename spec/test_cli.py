@@ -7,8 +7,8 @@ import socket
 import subprocess
 import time
 
-from harness import (EXAMPLES, MPHOST, ROOT, SCRIPTS, Server, TestFailure, check,
-                     deployment_file, embed_serves, eq, free_port, run, tmpdir, wait_port)
+from harness import (EXAMPLES, MPHOST, ROOT, SCRIPTS, Server, TestFailure, check, deployment_file,
+                     embed_serves, eq, free_port, private_network, run, tmpdir, wait_port)
 
 
 def workspace():
@@ -43,6 +43,7 @@ def shell(cmd, cwd, env):
     return p.returncode, p.stdout, p.stderr
 
 
+@private_network
 def test_walkthrough_file_storage_exact_output():
     cwd, env = workspace()
     try:

@@ -16,7 +16,7 @@ import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from harness import ROOT, SCRIPTS, Server, check, eq, tmpdir
+from harness import ROOT, SCRIPTS, Server, check, console_steps, eq, private_network, tmpdir
 from test_auth import basic, call, passwd, request
 
 FETCH = os.path.join(SCRIPTS, "fetch.lua")
@@ -544,19 +544,12 @@ def test_stop_cancels_fetches_past_the_deadline_and_exits_clean():
 
 # ---- The walkthrough ----
 
+@private_network
 def test_docs_walkthrough_prints_what_docs_fetch_md_shows():
     """Runs the console block of docs/fetch.md (examples/server1.lua on port 3001,
     examples/fetch.lua on 3000) and compares what each command prints, stdout and stderr."""
     from test_cli import shell, workspace
-    with open(os.path.join(ROOT, "docs", "fetch.md")) as f:
-        block = f.read().split("```console\n", 1)[1].split("```", 1)[0]
-    steps = []
-    for line in block.splitlines():
-        if line.startswith("$ "):
-            steps.append((line[2:], []))
-        else:
-            steps[-1][1].append(line)
-    check(len(steps) >= 10, "the walkthrough has its steps")
+    steps = console_steps("fetch.md", 10)
     cwd, env = workspace()
     try:
         for cmd, expected in steps:

@@ -18,7 +18,7 @@ import threading
 import time
 
 from harness import (MPHOST, ROOT, SCRIPTS, KeepAliveClient, RedisServer, Server, TestFailure,
-                     Threads, check, eq, free_port, run, tmpdir)
+                     Threads, check, console_steps, eq, free_port, private_network, run, tmpdir)
 from test_auth import passwd
 from test_redis import wait_until
 from test_topologies import fnv1a32
@@ -533,19 +533,12 @@ def test_hosts_one_host_is_host_1_of_1():
 
 # ---- The walkthrough ----
 
+@private_network
 def test_docs_walkthrough_prints_what_docs_hosts_md_shows():
     """Runs the console block of docs/hosts.md (three hosts of examples/hosts.lua on ports 3001
     to 3003 and a redis-server on 6390) and compares what each command prints."""
     from test_cli import shell, workspace
-    with open(os.path.join(ROOT, "docs", "hosts.md")) as f:
-        block = f.read().split("```console\n", 1)[1].split("```", 1)[0]
-    steps = []
-    for line in block.splitlines():
-        if line.startswith("$ "):
-            steps.append((line[2:], []))
-        else:
-            steps[-1][1].append(line)
-    check(len(steps) >= 15, "the walkthrough has its steps")
+    steps = console_steps("hosts.md", 15)
     cwd, env = workspace()
     try:
         for cmd, expected in steps:

@@ -5,8 +5,8 @@ import os
 import random
 import threading
 
-from harness import (SCRIPTS, KeepAliveClient, RedisServer, Server, TestFailure, Threads, check,
-                     eq, read_response, tmpdir)
+from harness import (KeepAliveClient, RedisServer, SCRIPTS, Server, TestFailure, Threads, check, eq,
+                     private_network, read_response, tmpdir)
 
 ACCOUNTS = os.path.join(SCRIPTS, "accounts.lua")
 N_ACCOUNTS = 50
@@ -359,6 +359,7 @@ def test_20000_scopes_touched_once_stay_under_the_cache_bound_on_files():
     check_scope_cache([], 20000, 2)
 
 
+@private_network
 def test_chapter_7_walkthrough_exact_output():
     """README's chapter 7, command by command, on port 3000 as printed."""
     from test_cli import shell, workspace

@@ -7,8 +7,8 @@ import subprocess
 import threading
 import time
 
-from harness import (ROOT, SCRIPTS, KeepAliveClient, RedisServer, Server, Threads, check, eq,
-                     free_port, kill9_under_load, run, tmpdir, wrk_counter)
+from harness import (KeepAliveClient, ROOT, RedisServer, SCRIPTS, Server, Threads, check, eq,
+                     free_port, kill9_under_load, private_network, run, tmpdir, wrk_counter)
 from test_cli import shell, workspace
 from test_scope import hammer
 
@@ -27,6 +27,7 @@ def redis_server5(redis, **kw):
     return Server("server5.lua", ["--storage=" + redis.url()], **kw)
 
 
+@private_network
 def test_walkthrough_both_halves_exact_output():
     cwd, env = workspace()
     with RedisServer() as redis:
