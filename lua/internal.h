@@ -53,6 +53,7 @@ typedef struct mph_txn_s mph_txn_t;
 typedef struct mph_unit_s mph_unit_t;
 typedef struct mph_commit_s mph_commit_t;
 typedef struct mph_fetch_out_s mph_fetch_out_t; /* an exchange's outcome (fetch.c) */
+typedef struct mph_outbox_s mph_outbox_t;       /* the delivery loop (outbox.c) */
 
 /* The answer of one worker to a forwarded call (forward.c). */
 typedef struct {
@@ -104,6 +105,8 @@ struct mph_txn_s {
                                 F.result reads it (fetch.c) */
     int fetch_voids;         /* attempts made void because a scope they had read changed while
                                 an exchange waited (fetch.c, "Reads across a wait") */
+    int internal;            /* 1: the outbox's own call (outbox.c): `method` names one of
+                                I.outbox_services, which need no exposing */
 };
 
 typedef enum { SCOPE_UNLOADED, SCOPE_LOADING, SCOPE_READY } mph_scope_state_t;
@@ -191,6 +194,7 @@ struct mph_lua_s {
     mph_lua_fetch_fn fetch;               /* mp.fetch's exchanges (borrowed), or NULL */
     void *fetch_ud;                       /* for fetch */
     size_t fetching;        /* transactions in FETCHING: their exchanges have not ended */
+    mph_outbox_t *outbox;   /* owned: mp.send's delivery loop */
     const char *version;    /* cfg.version, or "" */
     size_t pending_calls;   /* calls whose callback has not run */
     mph_txn_t *current;     /* the transaction whose coroutine is running, or NULL */
@@ -319,6 +323,25 @@ void mph__forward_clear(mph_txn_t *t);
 void mph__fetch_open(mph_lua_t *lua, lua_State *L);
 /* Frees t's exchange outcome, if any (never one in flight: t is not FETCHING). */
 void mph__fetch_clear(mph_txn_t *t);
+
+/* outbox.c */
+/* Makes lua->outbox (mph_lua_new initialises its timer, mph_lua_close closes it). */
+void mph__outbox_new(mph_lua_t *lua);
+/* Runs lua/outbox.lua, which adds mp.send, mp.cancel and mp.self to the module and the
+ * delivery's operations to I. Inside init_state's protected call. [-0, +0, e] */
+void mph__outbox_open(mph_lua_t *lua, lua_State *L);
+/* Stops claiming (mph_lua_close does before it answers what waits). */
+void mph__outbox_stop(mph_outbox_t *ob);
+/* Its timer, for mph_lua_close to close; the outbox is freed with the bridge. */
+uv_handle_t *mph__outbox_handle(mph_outbox_t *ob);
+void mph__outbox_stats(const mph_outbox_t *ob, mph_lua_outbox_stats_t *out);
+
+/* txn.c */
+/* Runs I.outbox_services[op] (outbox.lua) with params (borrowed; an array: positional
+ * arguments) as a transaction of its own, as the verified user `user` (copied; NULL: none).
+ * cb runs exactly once, possibly before this returns, as for mph_lua_call. */
+void mph__txn_call_internal(mph_lua_t *lua, const char *op, const json_t *params, const char *user,
+                            mph_lua_reply_cb cb, void *ud);
 
 /* scopes.c */
 extern const luaL_Reg mph__scopes_helpers[]; /* C.cold_take, C.cold_drop, C.cold_keys */

@@ -446,7 +446,8 @@ static int setup_attempt(lua_State *L)
     setup_t *c = lua_touserdata(L, 1);
     mph_txn_t *t = c->t;
     mph_lua_t *lua = t->lua;
-    mph__lua_get_internal(lua, L, "services");
+    /* The outbox's own calls find their operation in I.outbox_services (outbox.lua). */
+    mph__lua_get_internal(lua, L, t->internal ? "outbox_services" : "services");
     lua_getfield(L, -1, t->method); /* Stack: ud, services, svc */
     int exposed = 0;
     if (lua_istable(L, -1)) {
@@ -538,8 +539,9 @@ void mph_lua_call(mph_lua_t *lua, const char *method, size_t mlen, const json_t 
     mph_lua_call_as(lua, MPH_LUA_CALL, NULL, method, mlen, params, cb, ud);
 }
 
-void mph_lua_call_as(mph_lua_t *lua, mph_lua_role_t role, const char *user, const char *method,
-                     size_t mlen, const json_t *params, mph_lua_reply_cb cb, void *ud)
+/* A new transaction of a call (not started). */
+static mph_txn_t *txn_new(mph_lua_t *lua, mph_lua_role_t role, const char *user, const char *method,
+                          size_t mlen, const json_t *params, mph_lua_reply_cb cb, void *ud)
 {
     mph_txn_t *t = mph_xcalloc(1, sizeof(*t));
     t->lua = lua;
@@ -554,9 +556,28 @@ void mph_lua_call_as(mph_lua_t *lua, mph_lua_role_t role, const char *user, cons
     t->scopes_cap = 2;
     lua->stats.calls++;
     lua->pending_calls++;
+    return t;
+}
+
+void mph_lua_call_as(mph_lua_t *lua, mph_lua_role_t role, const char *user, const char *method,
+                     size_t mlen, const json_t *params, mph_lua_reply_cb cb, void *ud)
+{
+    mph_txn_t *t = txn_new(lua, role, user, method, mlen, params, cb, ud);
     if (lua->closing || memchr(method, '\0', mlen) != NULL) {
         mph__txn_reply(t, lua->closing ? MPH_RPC_STORAGE_UNAVAILABLE : MPH_RPC_METHOD_NOT_FOUND,
                        lua->closing ? "Shutting down" : "Method not found");
+        return;
+    }
+    mph__txn_start_attempt(t);
+}
+
+void mph__txn_call_internal(mph_lua_t *lua, const char *op, const json_t *params, const char *user,
+                            mph_lua_reply_cb cb, void *ud)
+{
+    mph_txn_t *t = txn_new(lua, MPH_LUA_CALL, user, op, strlen(op), params, cb, ud);
+    t->internal = 1;
+    if (lua->closing) {
+        mph__txn_reply(t, MPH_RPC_STORAGE_UNAVAILABLE, "Shutting down");
         return;
     }
     mph__txn_start_attempt(t);

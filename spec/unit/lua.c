@@ -18,6 +18,7 @@
 #include "lua/watchdog.c"
 #include "lua/forward.c"
 #include "lua/fetch.c"
+#include "lua/outbox.c"
 
 #include <signal.h>
 #include <sys/wait.h>
