@@ -332,6 +332,8 @@ void mph__outbox_new(mph_lua_t *lua);
 void mph__outbox_open(mph_lua_t *lua, lua_State *L);
 /* Stops claiming (mph_lua_close does before it answers what waits). */
 void mph__outbox_stop(mph_outbox_t *ob);
+/* Frees it (its timer closed), with the deliveries whose next step never ran. */
+void mph__outbox_free(mph_outbox_t *ob);
 /* Its timer, for mph_lua_close to close; the outbox is freed with the bridge. */
 uv_handle_t *mph__outbox_handle(mph_outbox_t *ob);
 void mph__outbox_stats(const mph_outbox_t *ob, mph_lua_outbox_stats_t *out);

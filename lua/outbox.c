@@ -90,12 +90,19 @@ struct mph_outbox_s {
     unsigned expiry_ms; /* --send-expiry */
     uint64_t seq;       /* numbers ids and claim tokens */
     size_t inflight;    /* deliveries started, bookkeeping included, not finished */
+    mph_list_t queue;   /* deliveries whose next step waits for the timer (delivery_t.node) */
     bucket_t buckets[MPH_OUTBOX_BUCKETS];
     mph_lua_outbox_stats_t stats;
 };
 
+/* What a delivery does next, on a clean stack (see defer). */
+typedef enum { NEXT_START, NEXT_DONE, NEXT_RETRY } next_step_t;
+
 /* One message being delivered, from its claim to its last bookkeeping call. */
 typedef struct {
+    mph_list_t node; /* in ob->queue while its next step waits (first: list.h) */
+    next_step_t next;
+    char *why; /* owned: NEXT_RETRY's reason */
     mph_outbox_t *ob;
     int bucket;
     char *id, *token, *target, *method; /* owned */
@@ -127,9 +134,14 @@ static int is_transient(int code)
 
 static void on_timer(uv_timer_t *timer);
 
-/* Sets the timer to the earliest claim due (nothing while stopped). */
+/* Sets the timer: at once for steps queued, else to the earliest claim due (nothing while
+ * stopped). */
 static void arm(mph_outbox_t *ob)
 {
+    if (!mph_list_empty(&ob->queue) && !ob->lua->closing) {
+        uv_timer_start(&ob->timer, on_timer, 0, 0);
+        return;
+    }
     if (!ob->running)
         return;
     uint64_t now = uv_now(ob->lua->loop), first = UINT64_MAX;
@@ -150,9 +162,23 @@ static void soon(mph_outbox_t *ob, int b, uint64_t delay_ms)
 
 /* ---- Bookkeeping calls ---- */
 
+/* Queues d's next step for the timer. A step starts a transaction, and the callbacks that
+ * decide it are replies of other transactions, which run inside the bridge's own commit
+ * handling (scopes.c): a call started from there would re-enter it. (The host's in-process
+ * calls wait for the next turn of the loop for the same reason, host.c's deliver_ready.) */
+static void defer(delivery_t *d, next_step_t next, const char *why)
+{
+    d->next = next;
+    free(d->why);
+    d->why = why ? mph_xstrdup(why) : NULL;
+    mph_list_insert_tail(&d->ob->queue, &d->node);
+    arm(d->ob);
+}
+
 static void delivery_free(delivery_t *d)
 {
     mph_outbox_t *ob = d->ob;
+    free(d->why);
     free(d->id);
     free(d->token);
     free(d->target);
@@ -183,6 +209,11 @@ static void finish(delivery_t *d, int is_error)
         d->ob->stats.delivered_error++;
     else
         d->ob->stats.delivered_ok++;
+    defer(d, NEXT_DONE, NULL);
+}
+
+static void run_done(delivery_t *d)
+{
     json_t *params = json_pack("[is]", d->bucket, d->id);
     mph__txn_call_internal(d->ob->lua, "done", params, NULL, on_done, d);
     json_decref(params);
@@ -213,11 +244,17 @@ static void on_retried(void *ud, mph_lua_reply_t *reply)
 /* The attempt failed without a final answer: count it and try again later (or give up). */
 static void retry(delivery_t *d, const char *why)
 {
-    mph_outbox_t *ob = d->ob;
     mph_log(MPH_LOG_INFO, "outbox: message %s (%s to %s) not delivered: %s; retrying", d->id,
             d->method, d->target, why);
-    json_t *params = json_pack("[isssIII]", d->bucket, d->id, d->token, why, (json_int_t)wall_ms(),
-                               (json_int_t)ob->expiry_ms, (json_int_t)BACKOFF_MAX_MS);
+    defer(d, NEXT_RETRY, why);
+}
+
+static void run_retry(delivery_t *d)
+{
+    mph_outbox_t *ob = d->ob;
+    json_t *params =
+        json_pack("[isssIII]", d->bucket, d->id, d->token, d->why, (json_int_t)wall_ms(),
+                  (json_int_t)ob->expiry_ms, (json_int_t)BACKOFF_MAX_MS);
     mph__txn_call_internal(ob->lua, "retry", params, NULL, on_retried, d);
     json_decref(params);
 }
@@ -246,7 +283,7 @@ static void on_self_delivered(void *ud, mph_lua_reply_t *reply)
 
 static void deliver_self(delivery_t *d)
 {
-    json_t *params = json_pack("[isss?]", d->bucket, d->id, d->token, d->method, d->params);
+    json_t *params = json_pack("[issss?]", d->bucket, d->id, d->token, d->method, d->params);
     mph__txn_call_internal(d->ob->lua, "deliver", params, d->user, on_self_delivered, d);
     json_decref(params);
 }
@@ -347,19 +384,35 @@ static void start_delivery(mph_outbox_t *ob, int b, const char *token, json_t *m
         return;
     }
     delivery_t *d = mph_xcalloc(1, sizeof(*d));
-    *d = (delivery_t){ob,
-                      b,
-                      mph_xstrdup(id),
-                      mph_xstrdup(token),
-                      mph_xstrdup(target),
-                      mph_xstrdup(method),
-                      params ? mph_xstrdup(params) : NULL,
-                      user ? mph_xstrdup(user) : NULL};
+    d->ob = ob;
+    d->bucket = b;
+    d->id = mph_xstrdup(id);
+    d->token = mph_xstrdup(token);
+    d->target = mph_xstrdup(target);
+    d->method = mph_xstrdup(method);
+    d->params = params ? mph_xstrdup(params) : NULL;
+    d->user = user ? mph_xstrdup(user) : NULL;
     ob->inflight++;
-    if (strcmp(target, "mp.self") == 0)
-        deliver_self(d);
-    else
-        deliver_url(d);
+    defer(d, NEXT_START, NULL);
+}
+
+/* Runs the steps queued (on the timer: a clean stack). */
+static void run_queue(mph_outbox_t *ob)
+{
+    mph_list_t batch, *n;
+    mph_list_init(&batch);
+    mph_list_move(&batch, &ob->queue);
+    while ((n = mph_list_pop(&batch)) != NULL) {
+        delivery_t *d = mph_list_entry(n, delivery_t, node);
+        if (d->next == NEXT_DONE)
+            run_done(d);
+        else if (d->next == NEXT_RETRY)
+            run_retry(d);
+        else if (strcmp(d->target, "mp.self") == 0)
+            deliver_self(d);
+        else
+            deliver_url(d);
+    }
 }
 
 /* Reads ops.claim's result ({msgs, pending, next}) and starts the deliveries. */
@@ -422,6 +475,7 @@ static void claim(mph_outbox_t *ob, int b)
 static void on_timer(uv_timer_t *timer)
 {
     mph_outbox_t *ob = mph_container_of(timer, mph_outbox_t, timer);
+    run_queue(ob);
     uint64_t now = uv_now(ob->lua->loop);
     for (int i = 0; i < MPH_OUTBOX_BUCKETS && ob->running; i++) {
         int b = (ob->home + i) % MPH_OUTBOX_BUCKETS; /* its own first */
@@ -512,6 +566,7 @@ void mph__outbox_new(mph_lua_t *lua)
     /* The home bucket: one per worker of each host, as far as the buckets go round. */
     ob->home = ((lua->host_id - 1) * lua->worker_count + lua->worker_id - 1) % MPH_OUTBOX_BUCKETS;
     ob->expiry_ms = 86400 * 1000;
+    mph_list_init(&ob->queue);
     lua->outbox = ob; /* its timer is initialised with the bridge's (vm.c) */
 }
 
@@ -519,6 +574,18 @@ void mph__outbox_stop(mph_outbox_t *ob)
 {
     ob->running = 0;
     uv_timer_stop(&ob->timer);
+}
+
+void mph__outbox_free(mph_outbox_t *ob)
+{
+    mph_list_t *n;
+    if (ob == NULL)
+        return;
+    /* Steps queued while the bridge closed never ran: those messages stay leased in the
+     * storage, and their leases run out. */
+    while ((n = mph_list_pop(&ob->queue)) != NULL)
+        delivery_free(mph_list_entry(n, delivery_t, node));
+    free(ob);
 }
 
 uv_handle_t *mph__outbox_handle(mph_outbox_t *ob)

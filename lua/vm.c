@@ -735,7 +735,7 @@ static void on_timer_closed(uv_handle_t *h)
         free(f);
     }
     mph_buf_free(&lua->scratch);
-    free(lua->outbox);
+    mph__outbox_free(lua->outbox);
     for (size_t i = 0; i < lua->nauth_services; i++)
         free(lua->auth_services[i]);
     free(lua->auth_services);
