@@ -197,7 +197,7 @@ typedef struct {
     uint64_t storage_errors; /* loads and commits that failed on a storage error */
     uint64_t lua_bytes;      /* the Lua state's memory */
     uint64_t scope_bytes;    /* the scopes kept (estimated) */
-    uint64_t scopes;         /* how many */
+    uint64_t scopes;         /* how many (the outbox's own left out) */
     mph_lua_outbox_stats_t outbox;
 } mph_lua_stats_t;
 

@@ -107,6 +107,8 @@ struct mph_txn_s {
                                 an exchange waited (fetch.c, "Reads across a wait") */
     int internal;            /* 1: the outbox's own call (outbox.c): `method` names one of
                                 I.outbox_services, which need no exposing */
+    int quiet;               /* 1: the outbox's bookkeeping (claims, records), which the
+                                statistics leave out (scopes.c, counted) */
 };
 
 typedef enum { SCOPE_UNLOADED, SCOPE_LOADING, SCOPE_READY } mph_scope_state_t;
@@ -199,6 +201,7 @@ struct mph_lua_s {
     size_t pending_calls;   /* calls whose callback has not run */
     mph_txn_t *current;     /* the transaction whose coroutine is running, or NULL */
     mph_map_t scope_map;    /* every scope kept, by name; owned */
+    size_t outbox_scopes;   /* how many of them are the outbox's (left out of mph_lua_stats) */
     mph_list_t lru;         /* the same scopes (mph_scope_t.lru_node), least recently
                                acquired first */
     size_t scope_bytes;     /* their estimated memory ... */
@@ -337,13 +340,16 @@ void mph__outbox_free(mph_outbox_t *ob);
 /* Its timer, for mph_lua_close to close; the outbox is freed with the bridge. */
 uv_handle_t *mph__outbox_handle(mph_outbox_t *ob);
 void mph__outbox_stats(const mph_outbox_t *ob, mph_lua_outbox_stats_t *out);
+/* Whether scope `name` is one of the outbox's (MPH_OUTBOX_PENDING or MPH_OUTBOX_DEAD). */
+int mph__outbox_is_scope(const char *name);
 
 /* txn.c */
 /* Runs I.outbox_services[op] (outbox.lua) with params (borrowed; an array: positional
- * arguments) as a transaction of its own, as the verified user `user` (copied; NULL: none).
- * cb runs exactly once, possibly before this returns, as for mph_lua_call. */
+ * arguments) as a transaction of its own, as the verified user `user` (copied; NULL: none);
+ * quiet: left out of the statistics (mph_txn_t.quiet). cb runs exactly once, possibly before
+ * this returns, as for mph_lua_call. */
 void mph__txn_call_internal(mph_lua_t *lua, const char *op, const json_t *params, const char *user,
-                            mph_lua_reply_cb cb, void *ud);
+                            int quiet, mph_lua_reply_cb cb, void *ud);
 
 /* scopes.c */
 extern const luaL_Reg mph__scopes_helpers[]; /* C.cold_take, C.cold_drop, C.cold_keys */

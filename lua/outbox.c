@@ -77,7 +77,8 @@
 #define SKIP_MESSAGE "mphost outbox: message taken"
 
 typedef struct {
-    uint64_t next_ms; /* uv_now() when it is claimed next */
+    uint64_t next_ms; /* uv_now() when it is claimed next; while claiming, the earliest a send
+                         or a due time asked for since the claim started (UINT64_MAX: none) */
     int claiming;     /* a claim of it is in flight */
     uint64_t pending; /* its messages at the last claim */
 } bucket_t;
@@ -215,7 +216,7 @@ static void finish(delivery_t *d, int is_error)
 static void run_done(delivery_t *d)
 {
     json_t *params = json_pack("[is]", d->bucket, d->id);
-    mph__txn_call_internal(d->ob->lua, "done", params, NULL, on_done, d);
+    mph__txn_call_internal(d->ob->lua, "done", params, NULL, 1, on_done, d);
     json_decref(params);
 }
 
@@ -255,7 +256,7 @@ static void run_retry(delivery_t *d)
     json_t *params =
         json_pack("[isssIII]", d->bucket, d->id, d->token, d->why, (json_int_t)wall_ms(),
                   (json_int_t)ob->expiry_ms, (json_int_t)BACKOFF_MAX_MS);
-    mph__txn_call_internal(ob->lua, "retry", params, NULL, on_retried, d);
+    mph__txn_call_internal(ob->lua, "retry", params, NULL, 1, on_retried, d);
     json_decref(params);
 }
 
@@ -284,7 +285,7 @@ static void on_self_delivered(void *ud, mph_lua_reply_t *reply)
 static void deliver_self(delivery_t *d)
 {
     json_t *params = json_pack("[issss?]", d->bucket, d->id, d->token, d->method, d->params);
-    mph__txn_call_internal(d->ob->lua, "deliver", params, d->user, on_self_delivered, d);
+    mph__txn_call_internal(d->ob->lua, "deliver", params, d->user, 0, on_self_delivered, d);
     json_decref(params);
 }
 
@@ -447,7 +448,7 @@ static void on_claimed(void *ud, mph_lua_reply_t *reply)
     mph_outbox_t *ob = cc->c.ob;
     bucket_t *bk = &ob->buckets[cc->c.bucket];
     bk->claiming = 0;
-    bk->next_ms = uv_now(ob->lua->loop) + POLL_MS;
+    soon(ob, cc->c.bucket, POLL_MS); /* or sooner, if a send asked meanwhile */
     if (reply->code != 0)
         mph_log(MPH_LOG_DEBUG, "outbox: claiming bucket %d failed: %s", cc->c.bucket,
                 reply->message);
@@ -466,9 +467,10 @@ static void claim(mph_outbox_t *ob, int b)
     snprintf(cc->token, sizeof(cc->token), "%016llx.%llx", (unsigned long long)ob->lua->committer,
              (unsigned long long)++ob->seq);
     ob->buckets[b].claiming = 1;
+    ob->buckets[b].next_ms = UINT64_MAX; /* what asks for a claim from now on is kept */
     json_t *params = json_pack("[iIsibII]", b, (json_int_t)wall_ms(), cc->token, cc->c.limit,
                                b == ob->home, (json_int_t)GRACE_MS, (json_int_t)LEASE_MS);
-    mph__txn_call_internal(ob->lua, "claim", params, NULL, on_claimed, cc);
+    mph__txn_call_internal(ob->lua, "claim", params, NULL, 1, on_claimed, cc);
     json_decref(params);
 }
 
@@ -618,4 +620,10 @@ void mph__outbox_stats(const mph_outbox_t *ob, mph_lua_outbox_stats_t *out)
     out->pending = 0;
     for (int b = 0; b < MPH_OUTBOX_BUCKETS; b++)
         out->pending += ob->buckets[b].pending;
+}
+
+int mph__outbox_is_scope(const char *name)
+{
+    return strncmp(name, MPH_OUTBOX_PENDING, strlen(MPH_OUTBOX_PENDING)) == 0 ||
+           strncmp(name, MPH_OUTBOX_DEAD, strlen(MPH_OUTBOX_DEAD)) == 0;
 }

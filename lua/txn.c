@@ -512,7 +512,7 @@ static int setup_attempt(lua_State *L)
 void mph__txn_start_attempt(mph_txn_t *t)
 {
     t->attempts++;
-    t->lua->stats.attempts++;
+    t->lua->stats.attempts += !t->quiet;
     mph__scopes_unpin(t);
     t->reload = NULL;
     t->past_checkpoint = 0;
@@ -539,11 +539,13 @@ void mph_lua_call(mph_lua_t *lua, const char *method, size_t mlen, const json_t 
     mph_lua_call_as(lua, MPH_LUA_CALL, NULL, method, mlen, params, cb, ud);
 }
 
-/* A new transaction of a call (not started). */
+/* A new transaction of a call (not started); quiet: see mph_txn_t. */
 static mph_txn_t *txn_new(mph_lua_t *lua, mph_lua_role_t role, const char *user, const char *method,
-                          size_t mlen, const json_t *params, mph_lua_reply_cb cb, void *ud)
+                          size_t mlen, const json_t *params, mph_lua_reply_cb cb, void *ud,
+                          int quiet)
 {
     mph_txn_t *t = mph_xcalloc(1, sizeof(*t));
+    t->quiet = quiet;
     t->lua = lua;
     t->role = role;
     t->method = mph_xstrndup(method, mlen);
@@ -554,7 +556,7 @@ static mph_txn_t *txn_new(mph_lua_t *lua, mph_lua_role_t role, const char *user,
     t->co_ref = t->rec_ref = LUA_NOREF;
     t->scopes = t->scopes_inline;
     t->scopes_cap = 2;
-    lua->stats.calls++;
+    lua->stats.calls += !quiet;
     lua->pending_calls++;
     return t;
 }
@@ -562,7 +564,7 @@ static mph_txn_t *txn_new(mph_lua_t *lua, mph_lua_role_t role, const char *user,
 void mph_lua_call_as(mph_lua_t *lua, mph_lua_role_t role, const char *user, const char *method,
                      size_t mlen, const json_t *params, mph_lua_reply_cb cb, void *ud)
 {
-    mph_txn_t *t = txn_new(lua, role, user, method, mlen, params, cb, ud);
+    mph_txn_t *t = txn_new(lua, role, user, method, mlen, params, cb, ud, 0);
     if (lua->closing || memchr(method, '\0', mlen) != NULL) {
         mph__txn_reply(t, lua->closing ? MPH_RPC_STORAGE_UNAVAILABLE : MPH_RPC_METHOD_NOT_FOUND,
                        lua->closing ? "Shutting down" : "Method not found");
@@ -572,9 +574,9 @@ void mph_lua_call_as(mph_lua_t *lua, mph_lua_role_t role, const char *user, cons
 }
 
 void mph__txn_call_internal(mph_lua_t *lua, const char *op, const json_t *params, const char *user,
-                            mph_lua_reply_cb cb, void *ud)
+                            int quiet, mph_lua_reply_cb cb, void *ud)
 {
-    mph_txn_t *t = txn_new(lua, MPH_LUA_CALL, user, op, strlen(op), params, cb, ud);
+    mph_txn_t *t = txn_new(lua, MPH_LUA_CALL, user, op, strlen(op), params, cb, ud, quiet);
     t->internal = 1;
     if (lua->closing) {
         mph__txn_reply(t, MPH_RPC_STORAGE_UNAVAILABLE, "Shutting down");

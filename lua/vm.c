@@ -659,7 +659,7 @@ void mph_lua_stats(const mph_lua_t *lua, mph_lua_stats_t *out)
     out->lua_bytes =
         ((uint64_t)lua_gc(L, LUA_GCCOUNT, 0) << 10) + (uint64_t)lua_gc(L, LUA_GCCOUNTB, 0);
     out->scope_bytes = lua->scope_bytes;
-    out->scopes = lua->scope_map.count;
+    out->scopes = lua->scope_map.count - lua->outbox_scopes; /* the script's data only */
     mph__outbox_stats(lua->outbox, &out->outbox);
 }
 
