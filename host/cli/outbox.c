@@ -176,7 +176,8 @@ int mph_cli_outbox(mph_cli_t *cli)
     uv_run(&loop, UV_RUN_DEFAULT); /* until every load has answered and the store closed */
     if (uv_loop_close(&loop) != 0)
         mph_log(MPH_LOG_ERROR, "bug: handles left open after reading the outbox");
-    qsort(l.rows, l.n, sizeof(*l.rows), by_due);
+    if (l.n > 1)
+        qsort(l.rows, l.n, sizeof(*l.rows), by_due);
     if (!l.failed && l.n == 0)
         printf("no %s messages\n", cli->dead ? "dead" : "pending");
     else if (!l.failed)
