@@ -203,13 +203,17 @@ static void on_done(void *ud, mph_lua_reply_t *reply)
     delivery_free(d);
 }
 
-/* A final answer came (is_error: a JSON-RPC error): the message goes. */
-static void finish(delivery_t *d, int is_error)
+/* A final answer came (error: a JSON-RPC error's text, or NULL for a result): the message
+ * goes. */
+static void finish(delivery_t *d, const char *error)
 {
-    if (is_error)
+    if (error) {
         d->ob->stats.delivered_error++;
-    else
+        mph_log(MPH_LOG_INFO, "outbox: message %s (%s to %s) answered %s; that is final", d->id,
+                d->method, d->target, error);
+    } else {
         d->ob->stats.delivered_ok++;
+    }
     defer(d, NEXT_DONE, NULL);
 }
 
@@ -272,13 +276,14 @@ static void on_self_delivered(void *ud, mph_lua_reply_t *reply)
     } else if (reply->code == SKIP_CODE && reply->message &&
                strcmp(reply->message, SKIP_MESSAGE) == 0) {
         delivery_free(d); /* another deliverer has it, or it was delivered or cancelled */
-    } else if (is_transient(reply->code)) {
+    } else {
         char why[512];
         snprintf(why, sizeof(why), "error %d: %s", reply->code,
                  reply->message ? reply->message : "");
-        retry(d, why);
-    } else {
-        finish(d, 1); /* the handler raised: a final answer, and nothing it wrote commits */
+        if (is_transient(reply->code))
+            retry(d, why);
+        else
+            finish(d, why); /* the handler raised: a final answer; nothing it wrote commits */
     }
 }
 
@@ -332,7 +337,7 @@ static void on_url_answered(void *ud, mph_lua_fetch_res_t *res)
     if (verdict == 0)
         retry(d, why);
     else
-        finish(d, verdict == 2);
+        finish(d, verdict == 2 ? why : NULL);
 }
 
 static void deliver_url(delivery_t *d)

@@ -719,7 +719,7 @@ int mph_lua_uses_auth(const mph_lua_t *lua)
 }
 
 /* The three timers close in one pass of the loop (a host that stops before it serves runs the
- * loop only once more); the second callback frees what embeds them. */
+ * loop only once more); the last callback frees what embeds them. */
 static void on_timer_closed(uv_handle_t *h)
 {
     mph_lua_t *lua = h->data;

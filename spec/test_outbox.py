@@ -240,6 +240,7 @@ def test_a_json_rpc_error_answer_is_final():
         wait_for(lambda: metric(s, 'mphost_outbox_delivered_total{result="error"}') == 2,
                  "two final errors")
         eq(len(counter.keys()), 1, "sent once")
+        check("answered error -32050: refused; that is final" in s.read_log(), "logged")
         eq(stats(s)["failed_runs"], 0, "a handler that raised committed nothing")
         eq(metric(s, "mphost_outbox_retries_total"), 0, "no retry")
         eq(outbox_cli(s)[1], "no pending messages\n", "nothing left")
