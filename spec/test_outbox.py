@@ -359,11 +359,15 @@ def test_messages_left_by_a_host_gone_for_good_are_taken_up_by_another():
 # ---- The command line, metrics, misuse ----
 
 def test_outbox_cli_lists_pending_messages_and_refuses_bad_storage():
-    with Server(OUTBOX) as s:
+    with Server(OUTBOX, ["--workers=2"]) as s:  # (the pending gauge: each worker sees all)
         rc, out, err = outbox_cli(s)
         eq((rc, out, err), (0, "no pending messages\n", ""), "empty")
         eq(outbox_cli(s, "--dead")[1], "no dead messages\n", "no dead")
         ids = [s.result("send", ["self", "count", [i], {"delay": 3600 + i}]) for i in range(3)]
+        wait_for(lambda: metric(s, "mphost_outbox_pending") == 3, "the pending gauge")
+        for _ in range(8):  # both workers look every second: the gauge stays 3 (not 6)
+            eq(metric(s, "mphost_outbox_pending"), 3, "the pending gauge, two workers")
+            time.sleep(0.3)
         rc, out, err = outbox_cli(s)
         lines = out.splitlines()
         eq(len(lines), 4, out)
@@ -371,7 +375,6 @@ def test_outbox_cli_lists_pending_messages_and_refuses_bad_storage():
         for line in lines[1:]:
             f = line.split()
             eq((f[1], f[2], f[4], f[5]), ("mp.self", "count", "0", "-"), line)
-        wait_for(lambda: metric(s, "mphost_outbox_pending") == 3, "the pending gauge")
         p = subprocess.run([MPHOST, s.script, "status", "--dead"], capture_output=True,
                            text=True, timeout=30)
         eq(p.returncode, 1, "--dead elsewhere")
