@@ -44,7 +44,18 @@
  *     retried as above. (Were the in-process call entry to take an idempotency key, the
  *     message id would be the one to pass; the transaction already makes it exact.)
  * Nothing of this holds the loop: claims, deliveries and their bookkeeping are calls and
- * exchanges like any other, answered by callbacks.
+ * exchanges like any other, answered by callbacks. Each step starts from the timer, never
+ * from inside another transaction's reply (defer says why). The `by` token makes a
+ * deliverer whose lease ran out give way to the one holding it now; exactly once does not
+ * rest on it (the CAS on the bucket lets one removal commit, the other finds the message
+ * gone), "one at a time per message" does.
+ *
+ * Out of sight. Every process claims every bucket every second, whether the script sends or
+ * not. Those claims and the delivery records are "quiet" transactions (mph_txn_t.quiet):
+ * /metrics' calls, attempts, commits and conflicts leave them out (a delivery to mp.self, a
+ * handler's run, counts), mphost_scopes leaves out the outbox's scopes, and the file
+ * backend's test hook for loads does not count theirs, so what a deployment shows and what a
+ * test counts are its calls'.
  *
  * Timers. A message's `due` is wall-clock time (Unix milliseconds: hosts share the storage,
  * not a monotonic clock). ops.claim reports when the next message not taken becomes ready,
@@ -169,6 +180,7 @@ static void soon(mph_outbox_t *ob, int b, uint64_t delay_ms)
  * calls wait for the next turn of the loop for the same reason, host.c's deliver_ready.) */
 static void defer(delivery_t *d, next_step_t next, const char *why)
 {
+    assert(!mph_list_is_linked(&d->node)); /* one step waits at a time */
     d->next = next;
     free(d->why);
     d->why = why ? mph_xstrdup(why) : NULL;
