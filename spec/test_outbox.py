@@ -11,7 +11,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from harness import MPHOST, ROOT, SCRIPTS, RedisServer, Server, check, eq, tmpdir
+from harness import MPHOST, ROOT, SCRIPTS, RedisServer, Server, check, eq
 from test_fetch import closed_port, metric, wait_for
 
 OUTBOX = os.path.join(SCRIPTS, "outbox.lua")
