@@ -194,14 +194,43 @@ int mph_lua_needs_auth(mph_lua_t *lua, const char *method, size_t mlen);
 /* Whether the loaded script has any service behind mp.basicAuth. */
 int mph_lua_uses_auth(const mph_lua_t *lua);
 
+/* ---- The outbox (lua/outbox.c; docs/outbox.md) ----
+ *
+ * mp.send's messages are keys of MPH_OUTBOX_BUCKETS scopes named MPH_OUTBOX_PENDING .. bucket
+ * (the bucket in decimal); those that expired, of MPH_OUTBOX_DEAD .. bucket. A message's value
+ * is a JSON object: t (target: a URL or "mp.self"), m (method), p (params, JSON text), at (first
+ * due), due (next due; Unix milliseconds), n (failed attempts), err (the last failure), and
+ * while a deliverer holds it, lease (until, Unix ms) and by; a dead one has died (Unix ms). */
+#define MPH_OUTBOX_BUCKETS 16
+#define MPH_OUTBOX_PENDING "o:"
+#define MPH_OUTBOX_DEAD "x:"
+
+typedef struct {
+    uint64_t pending;         /* messages in the buckets at their last claim (every process
+                                 sees them all) */
+    uint64_t delivered_ok;    /* deliveries answered with a result */
+    uint64_t delivered_error; /* ... with a JSON-RPC error (final) */
+    uint64_t dead;            /* messages that expired undelivered */
+    uint64_t retries;         /* failed attempts scheduled again */
+} mph_lua_outbox_stats_t;
+
+/* Starts delivering: every bucket is claimed now, then as messages fall due. expiry_ms is
+ * --send-expiry (0: the default, a day). A host calls it once it serves. */
+void mph_lua_outbox_start(mph_lua_t *lua, unsigned expiry_ms);
+
+/* Stops claiming (a host that stops): deliveries under way end; a URL delivery whose answer
+ * comes later is left to its lease, which runs out, and another process sends it again. */
+void mph_lua_outbox_stop(mph_lua_t *lua);
+
 /* What /metrics shows of the bridge (host/metrics.h). */
 typedef struct {
     uint64_t calls, attempts, commits, conflicts; /* since the start */
     uint64_t storage_errors; /* loads and commits that failed on a storage error */
     uint64_t lua_bytes;      /* the Lua state's memory */
     uint64_t scope_bytes;    /* the scopes kept (estimated) */
-    uint64_t scopes;         /* how many */
+    uint64_t scopes;         /* how many (the outbox's own left out) */
     uint64_t idem_replays;   /* calls answered with a stored reply (idempotency keys) */
+    mph_lua_outbox_stats_t outbox;
 } mph_lua_stats_t;
 
 /* Fills *out (cheap: a few reads). */

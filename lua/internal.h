@@ -54,6 +54,7 @@ typedef struct mph_txn_s mph_txn_t;
 typedef struct mph_unit_s mph_unit_t;
 typedef struct mph_commit_s mph_commit_t;
 typedef struct mph_fetch_out_s mph_fetch_out_t; /* an exchange's outcome (fetch.c) */
+typedef struct mph_outbox_s mph_outbox_t;       /* the delivery loop (outbox.c) */
 
 /* The answer of one worker to a forwarded call (forward.c). */
 typedef struct {
@@ -126,6 +127,10 @@ struct mph_txn_s {
                               stores it (0: none; idem.c, "Storing an error") */
     char *fail_message;    /* owned: its message */
     mph_buf_t fail_data;   /* its data, JSON text (len 0: none) */
+    int internal;          /* 1: the outbox's own call (outbox.c): `method` names one of
+                              I.outbox_services, which need no exposing */
+    int quiet;             /* 1: the outbox's bookkeeping (claims, records), which the
+                              statistics leave out (scopes.c, counted) */
 };
 
 typedef enum { SCOPE_UNLOADED, SCOPE_LOADING, SCOPE_READY } mph_scope_state_t;
@@ -213,6 +218,7 @@ struct mph_lua_s {
     mph_lua_fetch_fn fetch;               /* mp.fetch's exchanges (borrowed), or NULL */
     void *fetch_ud;                       /* for fetch */
     size_t fetching;        /* transactions in FETCHING: their exchanges have not ended */
+    mph_outbox_t *outbox;   /* owned: mp.send's delivery loop */
     const char *version;    /* cfg.version, or "" */
     size_t pending_calls;   /* calls whose callback has not run */
     mph_txn_t *current;     /* the transaction whose coroutine is running, or NULL */
@@ -220,6 +226,7 @@ struct mph_lua_s {
                                run later attempts in: making one costs more than reusing */
     int nspare_threads;     /* how many */
     mph_map_t scope_map;    /* every scope kept, by name; owned */
+    size_t outbox_scopes;   /* how many of them are the outbox's (left out of mph_lua_stats) */
     mph_list_t lru;         /* the same scopes (mph_scope_t.lru_node), least recently
                                acquired first */
     size_t scope_bytes;     /* their estimated memory ... */
@@ -369,6 +376,30 @@ void mph__idem_free(mph_txn_t *t);
 int mph__idem_probed(mph_txn_t *t);
 /* t waits for the load of scope `name`: its state will be current once loaded. */
 void mph__idem_loading(mph_txn_t *t, const char *name);
+
+/* outbox.c */
+/* Makes lua->outbox (mph_lua_new initialises its timer, mph_lua_close closes it). */
+void mph__outbox_new(mph_lua_t *lua);
+/* Runs lua/outbox.lua, which adds mp.send, mp.cancel and mp.self to the module and the
+ * delivery's operations to I. Inside init_state's protected call. [-0, +0, e] */
+void mph__outbox_open(mph_lua_t *lua, lua_State *L);
+/* Stops claiming (mph_lua_close does before it answers what waits). */
+void mph__outbox_stop(mph_outbox_t *ob);
+/* Frees it (its timer closed), with the deliveries whose next step never ran. */
+void mph__outbox_free(mph_outbox_t *ob);
+/* Its timer, for mph_lua_close to close; the outbox is freed with the bridge. */
+uv_handle_t *mph__outbox_handle(mph_outbox_t *ob);
+void mph__outbox_stats(const mph_outbox_t *ob, mph_lua_outbox_stats_t *out);
+/* Whether scope `name` is one of the outbox's (MPH_OUTBOX_PENDING or MPH_OUTBOX_DEAD). */
+int mph__outbox_is_scope(const char *name);
+
+/* txn.c */
+/* Runs I.outbox_services[op] (outbox.lua) with params (borrowed; an array: positional
+ * arguments) as a transaction of its own, as the verified user `user` (copied; NULL: none);
+ * quiet: left out of the statistics (mph_txn_t.quiet). cb runs exactly once, possibly before
+ * this returns, as for mph_lua_call. */
+void mph__txn_call_internal(mph_lua_t *lua, const char *op, const json_t *params, const char *user,
+                            int quiet, mph_lua_reply_cb cb, void *ud);
 
 /* scopes.c */
 /* Calls fn on every cold value of scope s (key, JSON text), in no order; fn changes nothing

@@ -650,7 +650,8 @@ end
 -- ---- mp.scope ----
 --
 -- Each scope is stored under a name of its own kind, so that no two kinds can meet:
--- "global", "u:" .. user for mp.scope.user, "n:" .. name for mp.scope.named(name).
+-- "global", "u:" .. user for mp.scope.user, "n:" .. name for mp.scope.named(name); the
+-- outbox's (lua/outbox.lua) are "o:" .. bucket and "x:" .. bucket, which scripts cannot name.
 
 local MAX_SCOPE_NAME = 200
 
@@ -794,6 +795,11 @@ local function run_keyed(rec, idem, ...)
   prune(bucket, idem)
   bucket[idem.key] = record(idem, 0, result_text())
 end
+
+-- What lua/outbox.lua builds mp.send and mp.cancel on: the running attempt's record, and a
+-- scope's root in it (the outbox keeps its messages in scopes of their own kind, "o:" and
+-- "x:", which no name a script gives can reach).
+I.current, I.open_scope, I.raise, I.array = C.current, open_scope, raise, M.array
 
 -- ---- The body of every call attempt's coroutine ----
 

@@ -166,6 +166,7 @@ static mph_scope_t *scope_get(mph_lua_t *lua, const char *name)
     mph_list_init(&s->waiting);
     unit_init(&s->home, s);
     mph_map_insert(&lua->scope_map, &s->node, s->name);
+    lua->outbox_scopes += mph__outbox_is_scope(name);
     lru_touch(s);
     scope_set_bytes(s, SCOPE_COST + strlen(name));
     return s;
@@ -187,6 +188,7 @@ static void cold_clear(mph_scope_t *s);
 
 static void scope_free(mph_scope_t *s)
 {
+    s->lua->outbox_scopes -= mph__outbox_is_scope(s->name);
     cold_clear(s);
     scope_set_bytes(s, 0);
     free(s->name);
@@ -962,6 +964,19 @@ static const mph_store_conflict_t *conflict_of(const mph_store_result_t *res, co
     return NULL;
 }
 
+/* Whether a batch counts in the statistics (/metrics): not when it holds only the outbox's
+ * bookkeeping (its claims, which every process makes every second, and its records), so a
+ * deployment's counts are its calls', whether mp.send is used or not. */
+static int counted(mph_list_t *batch)
+{
+    mph_list_t *n;
+    mph_list_foreach(n, batch) {
+        if (!mph_list_entry(n, mph_txn_t, node)->quiet)
+            return 1;
+    }
+    return 0;
+}
+
 /* The commit is durable: its writes fold into their scopes' states and the batch is
  * answered. */
 static void committed(mph_commit_t *c, mph_list_t *batch)
@@ -983,7 +998,7 @@ static void committed(mph_commit_t *c, mph_list_t *batch)
         }
     }
     commit_free(c);
-    lua->stats.commits++;
+    lua->stats.commits += counted(batch);
     u->conflict_streak = u->error_streak = 0;
     answer_all(batch);
     schedule_eviction(lua);
@@ -1030,7 +1045,7 @@ static int conflicted(mph_commit_t *c, mph_list_t *batch, const mph_store_result
     }
     commit_free(c);
     u->conflict_streak++;
-    lua->stats.conflicts++;
+    lua->stats.conflicts += counted(batch);
     mph_list_t later;
     unit_void_pending(u, &later);
     requeue_all(u, batch, !held); /* being held off is waiting, not refusal */

@@ -540,7 +540,8 @@ static int setup_attempt(lua_State *L)
     setup_t *c = lua_touserdata(L, 1);
     mph_txn_t *t = c->t;
     mph_lua_t *lua = t->lua;
-    mph__lua_get_internal(lua, L, "services");
+    /* The outbox's own calls find their operation in I.outbox_services (outbox.lua). */
+    mph__lua_get_internal(lua, L, t->internal ? "outbox_services" : "services");
     lua_getfield(L, -1, t->method); /* Stack: ud, services, svc */
     int exposed = 0;
     if (lua_istable(L, -1)) {
@@ -593,7 +594,7 @@ static int setup_attempt(lua_State *L)
 static void start_attempt(mph_txn_t *t, int keep_failure)
 {
     t->attempts++;
-    t->lua->stats.attempts++;
+    t->lua->stats.attempts += !t->quiet;
     mph__scopes_unpin(t);
     t->reload = NULL;
     t->past_checkpoint = 0;
@@ -626,17 +627,13 @@ void mph_lua_call(mph_lua_t *lua, const char *method, size_t mlen, const json_t 
     mph_lua_call_as(lua, MPH_LUA_CALL, NULL, method, mlen, params, cb, ud);
 }
 
-void mph_lua_call_as(mph_lua_t *lua, mph_lua_role_t role, const char *user, const char *method,
-                     size_t mlen, const json_t *params, mph_lua_reply_cb cb, void *ud)
-{
-    mph_lua_call_keyed(lua, role, user, NULL, 0, method, mlen, params, cb, ud);
-}
-
-void mph_lua_call_keyed(mph_lua_t *lua, mph_lua_role_t role, const char *user, const char *key,
-                        size_t klen, const char *method, size_t mlen, const json_t *params,
-                        mph_lua_reply_cb cb, void *ud)
+/* A new transaction of a call (not started); quiet: see mph_txn_t. */
+static mph_txn_t *txn_new(mph_lua_t *lua, mph_lua_role_t role, const char *user, const char *method,
+                          size_t mlen, const json_t *params, mph_lua_reply_cb cb, void *ud,
+                          int quiet)
 {
     mph_txn_t *t = mph_xcalloc(1, sizeof(*t));
+    t->quiet = quiet;
     t->lua = lua;
     t->role = role;
     t->method = mph_xstrndup(method, mlen);
@@ -647,8 +644,22 @@ void mph_lua_call_keyed(mph_lua_t *lua, mph_lua_role_t role, const char *user, c
     t->co_ref = t->rec_ref = LUA_NOREF;
     t->scopes = t->scopes_inline;
     t->scopes_cap = 2;
-    lua->stats.calls++;
+    lua->stats.calls += !quiet;
     lua->pending_calls++;
+    return t;
+}
+
+void mph_lua_call_as(mph_lua_t *lua, mph_lua_role_t role, const char *user, const char *method,
+                     size_t mlen, const json_t *params, mph_lua_reply_cb cb, void *ud)
+{
+    mph_lua_call_keyed(lua, role, user, NULL, 0, method, mlen, params, cb, ud);
+}
+
+void mph_lua_call_keyed(mph_lua_t *lua, mph_lua_role_t role, const char *user, const char *key,
+                        size_t klen, const char *method, size_t mlen, const json_t *params,
+                        mph_lua_reply_cb cb, void *ud)
+{
+    mph_txn_t *t = txn_new(lua, role, user, method, mlen, params, cb, ud, 0);
     if (lua->closing || memchr(method, '\0', mlen) != NULL) {
         mph__txn_reply(t, lua->closing ? MPH_RPC_STORAGE_UNAVAILABLE : MPH_RPC_METHOD_NOT_FOUND,
                        lua->closing ? "Shutting down" : "Method not found");
@@ -657,6 +668,18 @@ void mph_lua_call_keyed(mph_lua_t *lua, mph_lua_role_t role, const char *user, c
     const char *why = key ? mph__idem_init(t, key, klen) : NULL;
     if (why != NULL) {
         mph__txn_reply(t, MPH_RPC_INVALID_REQUEST, why);
+        return;
+    }
+    mph__txn_start_attempt(t);
+}
+
+void mph__txn_call_internal(mph_lua_t *lua, const char *op, const json_t *params, const char *user,
+                            int quiet, mph_lua_reply_cb cb, void *ud)
+{
+    mph_txn_t *t = txn_new(lua, MPH_LUA_CALL, user, op, strlen(op), params, cb, ud, quiet);
+    t->internal = 1;
+    if (lua->closing) {
+        mph__txn_reply(t, MPH_RPC_STORAGE_UNAVAILABLE, "Shutting down");
         return;
     }
     mph__txn_start_attempt(t);

@@ -458,7 +458,8 @@ static int init_state(lua_State *L)
     lua_pushlightuserdata(L, lua);
     lua_rawset(L, LUA_REGISTRYINDEX);
     open_module(lua, L);
-    mph__fetch_open(lua, L); /* mp.fetch and mp.rpc */
+    mph__fetch_open(lua, L);  /* mp.fetch and mp.rpc */
+    mph__outbox_open(lua, L); /* mp.send, mp.cancel, mp.self */
     return 0;
 }
 
@@ -509,6 +510,7 @@ int mph_lua_new(mph_lua_t **out, uv_loop_t *loop, const mph_lua_config_t *cfg)
     lua->rng = random_seed(lua) | 1;           /* xorshift needs a nonzero state */
     lua->committer = mph__lua_random(lua) | 1; /* distinct per process and per host */
     lua->internal_ref = LUA_NOREF;
+    mph__outbox_new(lua); /* before the module: mp.send's home bucket; freed with the bridge */
 #ifdef MPH_TEST_HOOKS
     const char *test = getenv("MPH_TEST_LUA_ALLOC_FAIL");
     lua->alloc_test = test != NULL && strcmp(test, "1") == 0;
@@ -517,6 +519,7 @@ int mph_lua_new(mph_lua_t **out, uv_loop_t *loop, const mph_lua_config_t *cfg)
     lua->L = luaL_newstate();
 #endif
     if (lua->L == NULL) {
+        free(lua->outbox);
         free(lua);
         return MPH_ENOMEM;
     }
@@ -526,6 +529,7 @@ int mph_lua_new(mph_lua_t **out, uv_loop_t *loop, const mph_lua_config_t *cfg)
 #endif
     if (mph__lua_protect(lua, init_state, lua, "cannot load the metaparticle module") != 0) {
         lua_close(lua->L);
+        free(lua->outbox);
         free(lua);
         return MPH_ESCRIPT;
     }
@@ -533,6 +537,7 @@ int mph_lua_new(mph_lua_t **out, uv_loop_t *loop, const mph_lua_config_t *cfg)
         if (mph_watchdog_start(&lua->watchdog, lua->L, mph__txn_timeout_hook,
                                MPH_HOOK_INSTRUCTIONS) != 0) {
             lua_close(lua->L);
+            free(lua->outbox);
             free(lua);
             return MPH_EIO;
         }
@@ -542,6 +547,7 @@ int mph_lua_new(mph_lua_t **out, uv_loop_t *loop, const mph_lua_config_t *cfg)
     }
     uv_timer_init(loop, &lua->retry_timer);
     uv_timer_init(loop, &lua->evict_timer);
+    uv_timer_init(loop, (uv_timer_t *)mph__outbox_handle(lua->outbox));
     *out = lua;
     return 0;
 }
@@ -655,7 +661,8 @@ void mph_lua_stats(const mph_lua_t *lua, mph_lua_stats_t *out)
     out->lua_bytes =
         ((uint64_t)lua_gc(L, LUA_GCCOUNT, 0) << 10) + (uint64_t)lua_gc(L, LUA_GCCOUNTB, 0);
     out->scope_bytes = lua->scope_bytes;
-    out->scopes = lua->scope_map.count;
+    out->scopes = lua->scope_map.count - lua->outbox_scopes; /* the script's data only */
+    mph__outbox_stats(lua->outbox, &out->outbox);
 }
 
 size_t mph_lua_pending(const mph_lua_t *lua)
@@ -713,8 +720,8 @@ int mph_lua_uses_auth(const mph_lua_t *lua)
     return lua->nauth_services > 0;
 }
 
-/* Both timers close in one pass of the loop (a host that stops before it serves runs the
- * loop only once more); the second callback frees what embeds them. */
+/* The three timers close in one pass of the loop (a host that stops before it serves runs the
+ * loop only once more); the last callback frees what embeds them. */
 static void on_timer_closed(uv_handle_t *h)
 {
     mph_lua_t *lua = h->data;
@@ -730,6 +737,7 @@ static void on_timer_closed(uv_handle_t *h)
         free(f);
     }
     mph_buf_free(&lua->scratch);
+    mph__outbox_free(lua->outbox);
     for (size_t i = 0; i < lua->nauth_services; i++)
         free(lua->auth_services[i]);
     free(lua->auth_services);
@@ -752,9 +760,12 @@ void mph_lua_close(mph_lua_t *lua, void (*closed)(void *ud), void *ud)
         mph_watchdog_stop(lua->watchdog);
         lua->watchdog = NULL;
     }
-    mph__scopes_close(lua); /* answers whatever still waits, frees scopes */
-    lua->closing_timers = 2;
-    lua->retry_timer.data = lua->evict_timer.data = lua;
+    mph__outbox_stop(lua->outbox); /* no claim starts from the answers below */
+    mph__scopes_close(lua);        /* answers whatever still waits, frees scopes */
+    lua->closing_timers = 3;
+    uv_handle_t *outbox_timer = mph__outbox_handle(lua->outbox);
+    lua->retry_timer.data = lua->evict_timer.data = outbox_timer->data = lua;
     uv_close((uv_handle_t *)&lua->retry_timer, on_timer_closed);
     uv_close((uv_handle_t *)&lua->evict_timer, on_timer_closed);
+    uv_close(outbox_timer, on_timer_closed);
 }

@@ -167,10 +167,10 @@ def private_network(test):
     return in_namespace
 
 
-def console_steps(doc, at_least):
-    """The commands of the first ```console block of docs/DOC and what each prints (lines)."""
+def console_steps(doc, at_least, block=1):
+    """The commands of the block-th ```console block of docs/DOC and what each prints."""
     with open(os.path.join(ROOT, "docs", doc)) as f:
-        block = f.read().split("```console\n", 1)[1].split("```", 1)[0]
+        block = f.read().split("```console\n")[block].split("```", 1)[0]
     steps = []
     for line in block.splitlines():
         if line.startswith("$ "):

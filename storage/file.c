@@ -1203,7 +1203,11 @@ static void absent_scope(op_t *op)
 
 static void do_load(op_t *op)
 {
-    fault_at("load.start"); /* a test's way to hold one load */
+    /* A test's way to hold one load. The outbox's scopes ("o:", "x:": lua/outbox.c reads them
+     * in the background, every second) take no pass: the N-th load a test counts is one of
+     * its calls'. */
+    if (strncmp(op->sc->name, "o:", 2) != 0 && strncmp(op->sc->name, "x:", 2) != 0)
+        fault_at("load.start");
     int rc = open_files(op, 0);
     if (rc == ABSENT) {
         absent_scope(op);

@@ -18,6 +18,7 @@ typedef struct {
     char *script_path;             /* canonical path (owned), NULL if the script is missing */
     const char *verb;              /* deploy, serve, delete, status, reload, logs, call */
     int follow;                    /* logs -f */
+    int dead;                      /* outbox --dead */
     int port_given;                /* --port, MP_PORT or serve's PORT was given */
     struct mph_host_config_s host; /* everything the host takes (config.h; strings borrowed) */
     char *storage_desc;            /* what status prints, e.g. "file:/abs/mp-data" (owned) */
@@ -109,6 +110,10 @@ int mph_cli_logs(mph_cli_t *cli);
  * Lua error of a script that does not load), nothing runs, or a deployment has no workers. */
 int mph_cli_reload(mph_cli_t *cli);
 int mph_cli_call(mph_cli_t *cli);
+/* outbox: lists mp.send's pending messages (cli->dead: the dead ones), read from the storage
+ * the options name, as serve would open it (outbox.c says what it prints). Exit 0, or 1 with
+ * one line on stderr when the storage cannot be read. */
+int mph_cli_outbox(mph_cli_t *cli);
 
 /* manifest (manifest.c): prints Kubernetes YAML that runs the script on cli->replicas hosts
  * (docs/hosts.md): Secrets, a ConfigMap, a headless Service, a Service and a StatefulSet.

@@ -1,8 +1,8 @@
 /*
  * main.c: the mphost program's entry: parses the line (options.c) and runs one verb. The
  * verbs are two tables: those that come first (call, passwd, list) and those that follow a
- * script (deploy, serve, delete, status, reload, logs). Each verb returns the exit status and
- * prints its own one-line errors.
+ * script (deploy, serve, delete, status, reload, logs, manifest, outbox). Each verb returns the
+ * exit status and prints its own one-line errors.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -75,7 +75,7 @@ static const script_verb_t script_verbs[] = {
     {"deploy", 0, 0, mph_cli_deploy},     {"serve", 1, 0, run_serve},
     {"delete", 0, 1, mph_cli_delete},     {"status", 0, 1, mph_cli_status},
     {"reload", 0, 1, mph_cli_reload},     {"logs", 0, 1, mph_cli_logs},
-    {"manifest", 0, 0, mph_cli_manifest},
+    {"manifest", 0, 0, mph_cli_manifest}, {"outbox", 0, 0, mph_cli_outbox},
 };
 
 /* Runs a verb of cli->positional[0], the script. */
@@ -95,6 +95,8 @@ static int run_script_verb(mph_cli_t *cli)
         return 1;
     if (cli->follow && strcmp(cli->verb, "logs") != 0)
         return mph_cli_bad_usage("%s", "-f is an option of logs");
+    if (cli->dead && strcmp(cli->verb, "outbox") != 0)
+        return mph_cli_bad_usage("%s", "--dead is an option of outbox");
     cli->script_path = realpath(cli->script, NULL);
     if (cli->script_path == NULL && !v->may_be_gone) {
         fprintf(stderr, "mphost: cannot open script %s: %s\n", cli->script, strerror(errno));
@@ -104,7 +106,8 @@ static int run_script_verb(mph_cli_t *cli)
         cli->script_path = mph_xstrdup(cli->script);
     if (mph_cli_resolve_storage(cli) != 0)
         return 1;
-    if (v->run == mph_cli_manifest) /* prints objects: no deployment here, no state */
+    /* manifest prints objects, outbox reads the storage: no deployment here, no state */
+    if (v->run == mph_cli_manifest || v->run == mph_cli_outbox)
         return v->run(cli);
     int worker = v->run == run_serve && getenv(MPH_WORKER_ENV) != NULL;
     if (worker) {

@@ -59,6 +59,7 @@ static const char verbs_usage[] =
     "                                            password from stdin, or asked twice at a tty)\n"
     "       mphost SCRIPT manifest [--replicas=H] [--image=IMAGE] [--storage=URL] [--name=NAME]\n"
     "                                            print Kubernetes objects that run SCRIPT\n"
+    "       mphost SCRIPT outbox [--dead]        list mp.send's pending (or dead) messages\n"
     "options (--name=VALUE or --name VALUE):\n";
 
 void mph_cli_usage(FILE *out)
@@ -116,7 +117,7 @@ int mph_cli_set_option(mph_cli_t *cli, const char *name, const char *value)
 
 /* ---- The command line ---- */
 
-enum { LONG_HELP = 1000, LONG_VERSION, LONG_FIRST_OPTION };
+enum { LONG_HELP = 1000, LONG_VERSION, LONG_DEAD, LONG_FIRST_OPTION };
 
 /* Applies getopt_long's option number k: the host's rows first, then cli_options. */
 static int apply_nth(mph_cli_t *cli, size_t k, const char *value)
@@ -139,12 +140,13 @@ int mph_cli_parse(mph_cli_t *cli, int argc, char **argv)
     size_t nhost, n;
     mph_config_options(&nhost);
     n = nhost + NCLI;
-    struct option *longs = mph_xcalloc(n + 3, sizeof(*longs));
+    struct option *longs = mph_xcalloc(n + 4, sizeof(*longs));
     for (size_t k = 0; k < n; k++)
         longs[k] =
             (struct option){nth_name(k), required_argument, NULL, LONG_FIRST_OPTION + (int)k};
     longs[n] = (struct option){"help", no_argument, NULL, LONG_HELP};
     longs[n + 1] = (struct option){"version", no_argument, NULL, LONG_VERSION};
+    longs[n + 2] = (struct option){"dead", no_argument, NULL, LONG_DEAD};
     opterr = 0; /* our own messages */
     /* Options may come anywhere on the line (docs/operations.md, "Command line"): with "-" first,
      * getopt_long hands each positional back where it stands (as code 1), so they keep their order;
@@ -164,6 +166,8 @@ int mph_cli_parse(mph_cli_t *cli, int argc, char **argv)
             rc = -1;
         } else if (c == 'f') {
             cli->follow = 1;
+        } else if (c == LONG_DEAD) {
+            cli->dead = 1;
         } else if (c >= LONG_FIRST_OPTION) {
             rc = apply_nth(cli, (size_t)(c - LONG_FIRST_OPTION), optarg);
         } else if (c == ':' && optopt >= LONG_FIRST_OPTION) {

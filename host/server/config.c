@@ -277,6 +277,10 @@ static const mph_option_t host_options[] = {
     {"peer-secret-file", MPH_OPT_STRING, 0, 0, FIELD(peer_secret_file), NULL, "a file", "FILE",
      "the secret the hosts of --peers sign their calls with (the same\n"
      "file on every host; readable by this user only)"},
+    {"send-expiry", MPH_OPT_SECONDS, 1, 30u * 86400 * 1000, FIELD(send_expiry_ms), NULL, NULL,
+     "SEC",
+     "mp.send retries a message this long after it was due, then\n"
+     "keeps it as dead (default 86400; at most 30 days)"},
     {"log-path", MPH_OPT_STRING, 0, 0, FIELD(log_path), NULL, "a file", "FILE",
      "the file stderr writes to, opened again on SIGUSR1 (deploy sets it)"},
 };
@@ -314,6 +318,7 @@ void mph_config_init(struct mph_host_config_s *cfg)
     cfg->worker_id = 1;
     cfg->worker_count = 1;
     cfg->scope_cache = (size_t)128 << 20;
+    cfg->send_expiry_ms = 86400 * 1000;
 }
 
 /* A copy of s that cfg owns (freed with it). */

@@ -63,6 +63,8 @@ struct mph_host_config_s {
     int host_id;                  /* which of peers this host is, 1..; 0 (default): from the
                                      host name (NAME-N is host N + 1) */
     const char *peer_secret_file; /* the secret the hosts of peers sign their calls with */
+    unsigned send_expiry_ms;      /* mp.send: a message undelivered this long after it was
+                                     due is dead (kept, listed, no longer sent); default a day */
     int debug_errors;             /* handler errors carry tracebacks (logging at debug) */
     struct uv_loop_s *loop;       /* NULL (default): the host's own; else the caller's */
 

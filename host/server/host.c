@@ -161,6 +161,11 @@ static void publish_metrics(mph_host_t *h)
     __atomic_store_n(&slot->scope_bytes, st.scope_bytes, __ATOMIC_RELAXED);
     __atomic_store_n(&slot->scopes, st.scopes, __ATOMIC_RELAXED);
     __atomic_store_n(&slot->connections, mph_http_connections(h->http), __ATOMIC_RELAXED);
+    __atomic_store_n(&slot->outbox_pending, st.outbox.pending, __ATOMIC_RELAXED);
+    __atomic_store_n(&slot->outbox_ok, st.outbox.delivered_ok, __ATOMIC_RELAXED);
+    __atomic_store_n(&slot->outbox_error, st.outbox.delivered_error, __ATOMIC_RELAXED);
+    __atomic_store_n(&slot->outbox_dead, st.outbox.dead, __ATOMIC_RELAXED);
+    __atomic_store_n(&slot->outbox_retries, st.outbox.retries, __ATOMIC_RELAXED);
 }
 
 static void on_beat(uv_prepare_t *p)
@@ -490,8 +495,11 @@ int mph_host_listen(mph_host_t *h, char *err, size_t errlen)
                                           h->cfg.worker_count > 1 ? SHARED_ACCEPT_PAUSE_MS : 0, err,
                                           errlen)
                  : mph_http_listen(h->http, h->cfg.listen, h->cfg.port, err, errlen);
-    if (rc == 0)
+    if (rc == 0) {
         h->listening = 1;
+        /* Messages of mp.send go out while the host serves (lua/outbox.c). */
+        mph_lua_outbox_start(h->lua, h->cfg.send_expiry_ms);
+    }
     return rc;
 }
 
@@ -664,6 +672,7 @@ static void begin_stop(mph_host_t *h)
     if (h->state == HOST_RUNNING)
         mph_log(MPH_LOG_INFO, "stopping: no new connections; finishing in-flight requests");
     h->state = HOST_STOPPING;
+    mph_lua_outbox_stop(h->lua); /* no new deliveries; those under way end or lapse */
     uv_timer_start(&h->deadline, on_deadline, h->cfg.shutdown_timeout_ms, 0);
     mph_http_shutdown(h->http, on_http_drained, h);
 }

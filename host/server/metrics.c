@@ -186,6 +186,12 @@ void mph_metrics_fold(mph_metrics_slot_t *dst, const mph_metrics_slot_t *src, in
     ADD(&dst->idem_replays, LOAD(&src->idem_replays));
     ADD(&dst->restarts, LOAD(&src->restarts));
     fold_fetch(dst, src);
+    ADD(&dst->outbox_ok, LOAD(&src->outbox_ok));
+    ADD(&dst->outbox_error, LOAD(&src->outbox_error));
+    ADD(&dst->outbox_dead, LOAD(&src->outbox_dead));
+    ADD(&dst->outbox_retries, LOAD(&src->outbox_retries));
+    if (with_gauges && LOAD(&src->outbox_pending) > LOAD(&dst->outbox_pending))
+        __atomic_store_n(&dst->outbox_pending, LOAD(&src->outbox_pending), __ATOMIC_RELAXED);
     if (with_gauges) {
         ADD(&dst->connections, LOAD(&src->connections));
         ADD(&dst->lua_bytes, LOAD(&src->lua_bytes));
@@ -246,6 +252,27 @@ static void render_fetch(mph_buf_t *out, const mph_metrics_slot_t *sum)
     mph_buf_printf(out, "mphost_fetch_duration_seconds_count %llu\n", (unsigned long long)cum);
 }
 
+/* mphost_outbox_*: mp.send's messages (lua/outbox.c). */
+static void render_outbox(mph_buf_t *out, const mph_metrics_slot_t *sum)
+{
+    scalar(out, "mphost_outbox_pending", "gauge",
+           "messages of mp.send not delivered yet (nor dead), as the last look at the storage "
+           "found them",
+           sum->outbox_pending);
+    family(out, "mphost_outbox_delivered_total", "counter",
+           "messages of mp.send delivered, by result: ok (a result), error (a JSON-RPC error, "
+           "final), dead (expired undelivered)");
+    mph_buf_printf(out, "mphost_outbox_delivered_total{result=\"ok\"} %llu\n",
+                   (unsigned long long)sum->outbox_ok);
+    mph_buf_printf(out, "mphost_outbox_delivered_total{result=\"error\"} %llu\n",
+                   (unsigned long long)sum->outbox_error);
+    mph_buf_printf(out, "mphost_outbox_delivered_total{result=\"dead\"} %llu\n",
+                   (unsigned long long)sum->outbox_dead);
+    scalar(out, "mphost_outbox_retries_total", "counter",
+           "deliveries of mp.send's messages that failed and were scheduled again",
+           sum->outbox_retries);
+}
+
 void mph_metrics_render(mph_buf_t *out, const mph_metrics_slot_t *const *slots, size_t n)
 {
     mph_metrics_slot_t *sum = mph_xcalloc(1, sizeof(*sum)); /* ~10 KiB: not on the stack */
@@ -290,6 +317,7 @@ void mph_metrics_render(mph_buf_t *out, const mph_metrics_slot_t *const *slots, 
         mph_buf_printf(out, "\"} %llu\n", (unsigned long long)cum);
     }
     render_fetch(out, sum);
+    render_outbox(out, sum);
     scalar(out, "mphost_attempts_total", "counter",
            "handler attempts started (more than the calls: retries after conflicts)",
            sum->attempts);

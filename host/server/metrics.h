@@ -61,8 +61,13 @@ typedef struct mph_metrics_slot_s {
     uint64_t fetch_count[MPH_METRICS_FETCH_CODES];
     uint64_t fetch_buckets[MPH_METRICS_BUCKETS]; /* durations, per bucket, not cumulative */
     uint64_t fetch_sum_ns;
+    /* the outbox (lua/outbox.c): deliveries by result, retries */
+    uint64_t outbox_ok, outbox_error, outbox_dead, outbox_retries;
     /* gauges: summed over the live slots only, never folded */
     uint64_t connections, lua_bytes, scope_bytes, scopes;
+    /* a gauge every process measures whole (the messages in the shared storage): the
+       largest of the live slots, never summed */
+    uint64_t outbox_pending;
 } mph_metrics_slot_t;
 
 /* Where a process's method labels are looked up (its own, private side). */

@@ -19,6 +19,7 @@
 #include "lua/forward.c"
 #include "lua/fetch.c"
 #include "lua/idem.c"
+#include "lua/outbox.c"
 
 #include <signal.h>
 #include <sys/wait.h>
