@@ -127,6 +127,20 @@ void mph_buf_printf(mph_buf_t *b, const char *fmt, ...)
     b->len += (size_t)n;
 }
 
+int mph_hash_tag(const char *s, size_t len, size_t *at, size_t *taglen)
+{
+    const char *open = memchr(s, '{', len);
+    if (open == NULL)
+        return 0;
+    size_t start = (size_t)(open - s) + 1;
+    const char *close = memchr(s + start, '}', len - start);
+    if (close == NULL || close == s + start)
+        return 0;
+    *at = start;
+    *taglen = (size_t)(close - s) - start;
+    return 1;
+}
+
 size_t mph_format_int(char *out, long long v)
 {
     char tmp[MPH_INT_CHARS];

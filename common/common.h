@@ -91,6 +91,12 @@ void mph_buf_put_int(mph_buf_t *b, long long v);
 /* Writes v in decimal at out (at least MPH_INT_CHARS bytes; no NUL); returns the length. */
 #define MPH_INT_CHARS 20
 size_t mph_format_int(char *out, long long v);
+
+/* Redis Cluster's hash tag of a key or name (len bytes): the text between its first '{' and
+ * the first '}' after it, when not empty. Returns 1 with its offset in *at and length in
+ * *taglen, or 0 when there is none. (storage/ routes by it; lua/ keeps a call's records beside
+ * the scopes that share a key's tag.) */
+int mph_hash_tag(const char *s, size_t len, size_t *at, size_t *taglen);
 /* Hands the bytes over: returns the data (caller frees, may be NULL when empty) and resets b. */
 char *mph_buf_steal(mph_buf_t *b, size_t *len);
 void mph_buf_free(mph_buf_t *b);

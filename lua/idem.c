@@ -107,22 +107,6 @@ static uint64_t fnv1a64(const char *s, size_t len)
     return h;
 }
 
-/* The key's Redis Cluster hash tag (the text between its first '{' and the first '}' after
- * it, when not empty): 1 with *at and *len, or 0. */
-static int hash_tag(const char *key, size_t klen, size_t *at, size_t *len)
-{
-    const char *open = memchr(key, '{', klen);
-    if (open == NULL)
-        return 0;
-    size_t start = (size_t)(open - key) + 1;
-    const char *close = memchr(key + start, '}', klen - start);
-    if (close == NULL || close == key + start)
-        return 0;
-    *at = start;
-    *len = (size_t)(close - key) - start;
-    return 1;
-}
-
 /* The request's fingerprint: the first FINGERPRINT_BYTES of SHA-256 over the method and the
  * params in a canonical form (compact, object keys sorted), in hex. Equal for the same method
  * and params whatever their spacing or key order. Returns 0, or -1 (no digest). */
@@ -172,7 +156,7 @@ const char *mph__idem_init(mph_txn_t *t, const char *key, size_t klen)
     const mph_store_t *store = t->lua->store;
     int files = store == NULL || strcmp(store->methods->name, "file") == 0;
     size_t at, tlen;
-    if (store && store->methods->together && hash_tag(key, klen, &at, &tlen))
+    if (store && store->methods->together && mph_hash_tag(key, klen, &at, &tlen))
         mph_buf_printf(&b, "i:{%.*s}:%u", (int)tlen, key + at, (unsigned)(h % BUCKETS_TAGGED));
     else
         mph_buf_printf(&b, "i:%u", (unsigned)(h % (files ? BUCKETS_FILE : BUCKETS_REDIS)));

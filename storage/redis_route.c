@@ -215,24 +215,13 @@ static unsigned crc16(const char *buf, size_t len)
 
 int mph__redis_name_tag(const char *name, size_t *at, size_t *len)
 {
-    const char *open = strchr(name, '{');
-    if (open == NULL)
-        return -1;
-    const char *close = strchr(open + 1, '}');
-    if (close == NULL || close == open + 1)
-        return -1;
-    *at = (size_t)(open + 1 - name);
-    *len = (size_t)(close - open - 1);
-    return 0;
+    return mph_hash_tag(name, strlen(name), at, len) ? 0 : -1;
 }
 
 unsigned mph__redis_key_slot(const char *key, size_t len)
 {
-    const char *open = memchr(key, '{', len);
-    if (open) {
-        const char *close = memchr(open + 1, '}', (size_t)(key + len - open - 1));
-        if (close && close != open + 1)
-            return crc16(open + 1, (size_t)(close - open - 1)) & (MPH_REDIS_SLOTS - 1);
-    }
+    size_t at, tlen;
+    if (mph_hash_tag(key, len, &at, &tlen))
+        return crc16(key + at, tlen) & (MPH_REDIS_SLOTS - 1);
     return crc16(key, len) & (MPH_REDIS_SLOTS - 1);
 }
