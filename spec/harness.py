@@ -145,6 +145,7 @@ def private_network(test):
         sys.stdout.flush()
         sys.stderr.flush()
         r, w = os.pipe()
+        earlier = len(Server.started)  # the runner's servers: the child leaves them alone
         pid = os.fork()
         if pid == 0:  # the child: run the test, report, never return into the runner
             os.close(r)
@@ -155,7 +156,7 @@ def private_network(test):
             except BaseException as e:  # pylint: disable=broad-except
                 code = 1
                 report = "".join(traceback.format_exception(type(e), e, e.__traceback__))
-            stop_leftover_servers()
+            stop_leftover_servers(since=earlier)
             os.write(w, report[-6000:].encode())
             os._exit(code)
         os.close(w)
@@ -329,14 +330,14 @@ class Server:
         return resp["result"]
 
 
-def stop_leftover_servers():
-    """Kills the servers a test started and left running (their supervisors: the workers go
-    with them); returns how many there were."""
-    left = [s for s in Server.started if s.proc and s.proc.poll() is None]
+def stop_leftover_servers(since=0):
+    """Kills the servers tests started (those after the first `since`) and left running (their
+    supervisors: the workers go with them); returns how many there were."""
+    left = [s for s in Server.started[since:] if s.proc and s.proc.poll() is None]
     for s in left:
         s.proc.kill()
         s.proc.wait()
-    Server.started.clear()
+    del Server.started[since:]
     return len(left)
 
 
