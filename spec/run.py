@@ -17,6 +17,10 @@ import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+# The suite's modules come from Debian's python3-* packages (./dev installs them); run by
+# another python3 of the same version (a pyenv one first on PATH), it finds them there too.
+if "/usr/lib/python3/dist-packages" not in sys.path:
+    sys.path.append("/usr/lib/python3/dist-packages")
 
 
 def main():

@@ -8,15 +8,9 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import yaml
-
-try:
-    from kubernetes import client as k8s
-except ImportError:  # Debian's python3-kubernetes, under another python3 on PATH
-    sys.path.append("/usr/lib/python3/dist-packages")
-    from kubernetes import client as k8s
+from kubernetes import client as k8s
 
 from harness import (MPHOST, SCRIPTS, RedisServer, Server, TestFailure, check, eq, free_port,
                      run, tmpdir)

@@ -3,17 +3,11 @@
 import json
 import os
 import signal
-import sys
 import urllib.error
 import urllib.request
 
 import jsonschema
-
-try:
-    from prometheus_client.parser import text_string_to_metric_families
-except ImportError:  # Debian's python3-prometheus-client, under another python3 on PATH
-    sys.path.append("/usr/lib/python3/dist-packages")
-    from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.parser import text_string_to_metric_families
 
 from harness import (SCRIPTS, RedisServer, Server, check, eq, free_port, http_exchange,
                      run, tmpdir)
