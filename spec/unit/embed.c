@@ -18,31 +18,10 @@
 
 #include "mphost.h"
 
+#include "spec/unit/scratch.h"
 #include "spec/unit/unit.h"
 
 /* ---- Helpers ---- */
-
-static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-    (void)st, (void)flag, (void)ftw;
-    return remove(path);
-}
-
-/* A fresh data directory under MPH_TMP (spec/run.py's scratch) or /tmp. New string. */
-static char *new_data_dir(void)
-{
-    const char *base = getenv("MPH_TMP");
-    char *dir;
-    if (asprintf(&dir, "%s/mph-embed-XXXXXX", base ? base : "/tmp") < 0 || !mkdtemp(dir))
-        abort();
-    return dir;
-}
-
-static void remove_data_dir(char *dir)
-{
-    nftw(dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
-    free(dir);
-}
 
 /* One host on the caller's loop, with `script` loaded. */
 typedef struct {
@@ -200,7 +179,7 @@ static void test_callers_loop_and_close(void)
 {
     uv_loop_t loop;
     uv_loop_init(&loop);
-    char *data = new_data_dir();
+    char *data = scratch_dir("mph-embed");
     fixture_t f;
     CHECK(host_open(&f, &loop, data, counter_lua, 0, NULL) == 0);
     CHECK(mph_host_run(f.host) != 0); /* the caller runs its loop, never the host */
@@ -219,7 +198,7 @@ static void test_callers_loop_and_close(void)
     reply_free(&r);
     host_close(&f);
     CHECK(uv_loop_close(&loop) == 0);
-    remove_data_dir(data);
+    scratch_remove(data);
 }
 
 /* Closing while calls are in flight: each is answered before the close callback runs;
@@ -228,7 +207,7 @@ static void test_close_answers_calls_in_flight(void)
 {
     uv_loop_t loop;
     uv_loop_init(&loop);
-    char *data = new_data_dir();
+    char *data = scratch_dir("mph-embed");
     fixture_t f;
     CHECK(host_open(&f, &loop, data, counter_lua, 0, NULL) == 0);
     reply_t r[20] = {{0}}, early = {0};
@@ -251,7 +230,7 @@ static void test_close_answers_calls_in_flight(void)
         reply_free(&r[i]);
     }
     CHECK(uv_loop_close(&loop) == 0);
-    remove_data_dir(data);
+    scratch_remove(data);
 }
 
 /* ---- C functions ---- */
@@ -328,7 +307,7 @@ static void test_c_functions(void)
 {
     uv_loop_t loop;
     uv_loop_init(&loop);
-    char *data = new_data_dir();
+    char *data = scratch_dir("mph-embed");
     fixture_t f;
     CHECK(host_open(&f, &loop, data, functions_lua, 0, register_all) == 0);
     /* names: taken, empty */
@@ -366,7 +345,7 @@ static void test_c_functions(void)
     reply_free(&r);
     host_close(&f);
     CHECK(uv_loop_close(&loop) == 0);
-    remove_data_dir(data);
+    scratch_remove(data);
 }
 
 /* ---- In-process calls ---- */
@@ -387,7 +366,7 @@ static void test_call_results_and_errors(void)
 {
     uv_loop_t loop;
     uv_loop_init(&loop);
-    char *data = new_data_dir();
+    char *data = scratch_dir("mph-embed");
     fixture_t f;
     CHECK(host_open(&f, &loop, data, calls_lua, 300, NULL) == 0);
     struct {
@@ -425,7 +404,7 @@ static void test_call_results_and_errors(void)
     host_close(&f);
     CHECK(none.done == 0);
     CHECK(uv_loop_close(&loop) == 0);
-    remove_data_dir(data);
+    scratch_remove(data);
 }
 
 /* Chains of increments on two hosts sharing one data directory: their commits conflict, the
@@ -464,7 +443,7 @@ static void test_concurrent_increments_are_exact(void)
     enum { CHAINS = 4, PER_CHAIN = 25, TOTAL = 2 * CHAINS * PER_CHAIN };
     uv_loop_t loop;
     uv_loop_init(&loop);
-    char *data = new_data_dir();
+    char *data = scratch_dir("mph-embed");
     fixture_t a, b;
     calls_of_ran = 0;
     CHECK(host_open(&a, &loop, data, counter_lua, 0, register_all) == 0);
@@ -495,7 +474,7 @@ static void test_concurrent_increments_are_exact(void)
     host_close(&a);
     host_close(&b);
     CHECK(uv_loop_close(&loop) == 0);
-    remove_data_dir(data);
+    scratch_remove(data);
 }
 
 /* Whether this process has any TCP socket: its descriptors' socket inodes, looked up in
@@ -539,7 +518,7 @@ static void test_no_listener_no_socket(void)
 {
     uv_loop_t loop;
     uv_loop_init(&loop);
-    char *data = new_data_dir();
+    char *data = scratch_dir("mph-embed");
     fixture_t f;
     CHECK(!has_tcp_socket());
     CHECK(host_open(&f, &loop, data, counter_lua, 0, NULL) == 0);
@@ -549,7 +528,7 @@ static void test_no_listener_no_socket(void)
     CHECK(!has_tcp_socket()); /* served without HTTP: nothing bound, nothing connected */
     host_close(&f);
     CHECK(uv_loop_close(&loop) == 0);
-    remove_data_dir(data);
+    scratch_remove(data);
 }
 
 /* The host's own loop: mph_host_close works there too, its callback running inside
@@ -569,7 +548,7 @@ static void on_own_reply(void *ud, const mph_host_reply_t *r)
 
 static void test_own_loop_close_from_a_reply(void)
 {
-    char *data = new_data_dir();
+    char *data = scratch_dir("mph-embed");
     mph_host_config_t *cfg;
     mph_host_t *h;
     char err[256];
@@ -585,7 +564,7 @@ static void test_own_loop_close_from_a_reply(void)
     CHECK(mph_host_run(h) == 0); /* returns once closed */
     CHECK(r.done == 1 && r.code == 0 && closed == 1);
     mph_host_free(h);
-    remove_data_dir(data);
+    scratch_remove(data);
 }
 
 /* A host that fails to start on the caller's loop leaves only closing handles there: the
@@ -594,7 +573,7 @@ static void test_failed_new_on_callers_loop(void)
 {
     uv_loop_t loop;
     uv_loop_init(&loop);
-    char *data = new_data_dir();
+    char *data = scratch_dir("mph-embed");
     mph_host_config_t *cfg;
     mph_host_t *h = NULL;
     char err[256] = "";
@@ -608,7 +587,7 @@ static void test_failed_new_on_callers_loop(void)
     CHECK(strstr(err, "/nonexistent/users") != NULL);
     uv_run(&loop, UV_RUN_DEFAULT);
     CHECK(uv_loop_close(&loop) == 0);
-    remove_data_dir(data);
+    scratch_remove(data);
 }
 
 /* The opaque configuration: options by the command line's names and value forms, refused
@@ -625,7 +604,7 @@ static void test_config_by_name(void)
     CHECK(strstr(err, "invalid --port: 65536 (expected 0 to 65535)") != NULL);
     CHECK(mph_host_config_set(cfg, "idle-timeout", "1e3", err, sizeof(err)) != 0);
     CHECK(mph_host_config_set(cfg, "scope-cache", "64M", err, sizeof(err)) == 0);
-    char *data = new_data_dir();
+    char *data = scratch_dir("mph-embed");
     char buf[4096];
     snprintf(buf, sizeof(buf), "%s", data);
     CHECK(mph_host_config_set(cfg, "data", buf, err, sizeof(err)) == 0);
@@ -640,7 +619,7 @@ static void test_config_by_name(void)
     CHECK(h && mph_host_port(h) > 0); /* port 0 picked a free one on 127.0.0.1 */
     if (h)
         mph_host_free(h);
-    remove_data_dir(data);
+    scratch_remove(data);
 }
 
 static const mph_unit_test_t tests[] = {

@@ -14,6 +14,7 @@
 
 #include "mphost.h"
 
+#include "spec/unit/scratch.h"
 #include "spec/unit/unit.h"
 
 /* ---- A tiny HTTP server on the test's loop ----
@@ -140,12 +141,6 @@ static const char script[] =
     "end).expose = true\n"
     "mp.serve()\n";
 
-static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-    (void)st, (void)flag, (void)ftw;
-    return remove(path);
-}
-
 typedef struct {
     int done;
     int code;
@@ -195,10 +190,7 @@ static void test_in_process_call_fetches_and_close_cancels(void)
     uv_loop_t loop;
     server_t srv;
     char url[64], params[96];
-    const char *base = getenv("MPH_TMP");
-    char *data;
-    if (asprintf(&data, "%s/mph-fetch-XXXXXX", base ? base : "/tmp") < 0 || !mkdtemp(data))
-        abort();
+    char *data = scratch_dir("mph-fetch");
     uv_loop_init(&loop);
     CHECK(server_start(&srv, &loop) == 0);
     mph_host_t *h = host_open(&loop, data);
@@ -240,8 +232,7 @@ static void test_in_process_call_fetches_and_close_cancels(void)
     server_stop(&srv);
     uv_run(&loop, UV_RUN_DEFAULT);
     CHECK(uv_loop_close(&loop) == 0); /* nothing of the host, nor of curl, is left on it */
-    nftw(data, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
-    free(data);
+    scratch_remove(data);
 }
 
 static const mph_unit_test_t tests[] = {

@@ -10,6 +10,7 @@
 #include "common/map.c"
 #include "storage/file.c"
 
+#include "spec/unit/scratch.h"
 #include "spec/unit/unit.h"
 
 #include <ftw.h>
@@ -316,31 +317,6 @@ static void test_fault_specs(void)
 
 /* ---- The data directory and the files in it ---- */
 
-static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-    (void)st, (void)flag, (void)ftw;
-    return remove(path);
-}
-
-/* A new scratch directory (under MPH_TMP when spec/run.py sets it); removed by rm_tree. */
-static char *scratch(void)
-{
-    const char *tmp = getenv("MPH_TMP");
-    mph_buf_t b = MPH_BUF_INIT;
-    mph_buf_printf(&b, "%s/mph-unit-XXXXXX", tmp && *tmp ? tmp : "/tmp");
-    char *dir = mph_buf_steal(&b, NULL);
-    if (mkdtemp(dir) == NULL)
-        abort();
-    return dir;
-}
-
-static void rm_tree(char *dir)
-{
-    chmod(dir, 0700);
-    nftw(dir, remove_entry, 8, FTW_DEPTH | FTW_PHYS);
-    free(dir);
-}
-
 static unsigned mode_of(const char *path)
 {
     struct stat st;
@@ -349,7 +325,7 @@ static unsigned mode_of(const char *path)
 
 static void test_data_dir_is_made_0700_whatever_the_umask(void)
 {
-    char *top = scratch(), path[512], err[256];
+    char *top = scratch_dir("mph-unit"), path[512], err[256];
     snprintf(path, sizeof(path), "%s/a/./b//c/", top);
     mode_t old = umask(0);
     int fd = open_data_dir(path, err, sizeof(err));
@@ -362,12 +338,12 @@ static void test_data_dir_is_made_0700_whatever_the_umask(void)
     }
     if (fd >= 0)
         close(fd);
-    rm_tree(top);
+    scratch_remove(top);
 }
 
 static void test_data_dir_refusals(void)
 {
-    char *top = scratch(), path[512], link[512], err[256];
+    char *top = scratch_dir("mph-unit"), path[512], link[512], err[256];
     snprintf(path, sizeof(path), "%s/d", top);
     snprintf(link, sizeof(link), "%s/link", top);
     CHECK(mkdir(path, 0700) == 0 && symlink(path, link) == 0);
@@ -402,12 +378,12 @@ static void test_data_dir_refusals(void)
     snprintf(path, sizeof(path), "%s/file", top);
     close(open(path, O_CREAT | O_WRONLY, 0600));
     CHECK(open_data_dir(path, err, sizeof(err)) < 0 && strstr(err, "Not a directory"));
-    rm_tree(top);
+    scratch_remove(top);
 }
 
 static void test_files_open_only_as_our_regular_files(void)
 {
-    char *top = scratch(), err[256], path[512];
+    char *top = scratch_dir("mph-unit"), err[256], path[512];
     file_store_t fs;
     memset(&fs, 0, sizeof(fs));
     fs.dir = top;
@@ -444,7 +420,7 @@ static void test_files_open_only_as_our_regular_files(void)
         CHECK(open_in(&fs, path, O_RDONLY) < 0 && errno == EPERM);
     }
     close(fs.dfd);
-    rm_tree(top);
+    scratch_remove(top);
 }
 
 static const mph_unit_test_t tests[] = {
