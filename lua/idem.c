@@ -107,6 +107,18 @@ static uint64_t fnv1a64(const char *s, size_t len)
     return h;
 }
 
+void mph__idem_apart(mph_txn_t *t, const char *first, const char *name, char *msg, size_t len)
+{
+    if (t->idem_scope == NULL || strcmp(first, t->idem_scope) != 0)
+        return;
+    t->idem_apart = 1;
+    snprintf(msg, len,
+             "Idempotency-Key on a Redis Cluster: the call's record (scope \"%s\") and scope "
+             "\"%s\" live in different slots; put the hash tag of the call's scopes in the key "
+             "(e.g. \"{42}:order-7\" for scopes named \"account:{42}\")",
+             t->idem_scope, name);
+}
+
 /* The request's fingerprint: the first FINGERPRINT_BYTES of SHA-256 over the method and the
  * params in a canonical form (compact, object keys sorted), in hex. Equal for the same method
  * and params whatever their spacing or key order. Returns 0, or -1 (no digest). */

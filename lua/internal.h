@@ -374,6 +374,10 @@ void mph__idem_free(mph_txn_t *t);
 /* The attempt of t is answered: 1 when it was a keyed call's probe (idem.c, "Runs nothing")
  * and the call now runs its handler in a new attempt, so nothing is to be answered yet. */
 int mph__idem_probed(mph_txn_t *t);
+/* Scope `name` cannot commit with t's first scope `first` (a Redis Cluster): when `first` is
+ * the record's bucket, rewrites msg (len bytes) to say how to keep them together and marks
+ * the error as the setup's, not stored (idem.c, "Redis Cluster"); else leaves msg. */
+void mph__idem_apart(mph_txn_t *t, const char *first, const char *name, char *msg, size_t len);
 /* t waits for the load of scope `name`: its state will be current once loaded. */
 void mph__idem_loading(mph_txn_t *t, const char *name);
 

@@ -616,6 +616,24 @@ static void wake_all(mph_list_t *q)
  * this is specific to the global scope: named scopes (mp.scope.named, to come) take the same
  * path, which is why it is not done by preloading "global" before every first call. */
 
+/* Adds ready scope s to t's: pinned until the attempt ends, so not evicted under it. */
+static void pin(mph_txn_t *t, mph_scope_t *s)
+{
+    if (t->nscopes == t->scopes_cap) {
+        int cap = t->scopes_cap * 2;
+        if (t->scopes == t->scopes_inline) {
+            t->scopes = mph_xmalloc((size_t)cap * sizeof(*t->scopes));
+            memcpy(t->scopes, t->scopes_inline, sizeof(t->scopes_inline));
+        } else {
+            t->scopes = mph_xrealloc(t->scopes, (size_t)cap * sizeof(*t->scopes));
+        }
+        t->scopes_cap = cap;
+    }
+    t->scopes[t->nscopes++] = s;
+    s->pins++;
+    lru_touch(s);
+}
+
 int mph__scopes_acquire(mph_txn_t *t, const char *name, int can_wait, int *code, const char **why)
 {
     mph_lua_t *lua = t->lua;
@@ -637,17 +655,7 @@ int mph__scopes_acquire(mph_txn_t *t, const char *name, int can_wait, int *code,
         m->together(lua->store, t->scopes[0]->name, name, apart, sizeof(apart)) != 0) {
         *code = MPH_RPC_HANDLER_ERROR;
         *why = apart;
-        if (t->idem_scope && strcmp(t->scopes[0]->name, t->idem_scope) == 0) {
-            /* The first scope is the record's bucket (idem.c, "Redis Cluster"): say how to
-             * keep them together; the error is the setup's, not the call's, and not stored. */
-            t->idem_apart = 1;
-            snprintf(apart, sizeof(apart),
-                     "Idempotency-Key on a Redis Cluster: the call's record (scope \"%s\") "
-                     "and scope \"%s\" live in different slots; put the hash tag of the "
-                     "call's scopes in the key (e.g. \"{42}:order-7\" for scopes named "
-                     "\"account:{42}\")",
-                     t->idem_scope, name);
-        }
+        mph__idem_apart(t, t->scopes[0]->name, name, apart, sizeof(apart));
         return -1;
     }
     mph_scope_t *s = scope_get(lua, name);
@@ -656,20 +664,7 @@ int mph__scopes_acquire(mph_txn_t *t, const char *name, int can_wait, int *code,
         return 1;
     }
     if (s->state == SCOPE_READY) {
-        /* Pinned until the attempt ends: not evicted under it. */
-        if (t->nscopes == t->scopes_cap) {
-            int cap = t->scopes_cap * 2;
-            if (t->scopes == t->scopes_inline) {
-                t->scopes = mph_xmalloc((size_t)cap * sizeof(*t->scopes));
-                memcpy(t->scopes, t->scopes_inline, sizeof(t->scopes_inline));
-            } else {
-                t->scopes = mph_xrealloc(t->scopes, (size_t)cap * sizeof(*t->scopes));
-            }
-            t->scopes_cap = cap;
-        }
-        t->scopes[t->nscopes++] = s;
-        s->pins++;
-        lru_touch(s);
+        pin(t, s);
         return 0;
     }
     if (lua->closing) {
