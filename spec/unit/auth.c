@@ -289,6 +289,78 @@ static void on_closed(void *ud)
     closed_count++;
 }
 
+static void rewrite(const char *path, const char *text)
+{
+    FILE *f = fopen(path, "w");
+    CHECK(f != NULL);
+    if (f != NULL) {
+        fputs(text, f);
+        fclose(f);
+    }
+}
+
+static void reload_and_wait(mph_auth_t *a, uv_loop_t *loop)
+{
+    mph_auth_reload(a);
+    for (int i = 0; i < 100000 && a->reload; i++)
+        uv_run(loop, UV_RUN_ONCE);
+}
+
+/* The users file at path (bob and alice, with these hashes) is re-read while checks run. */
+static void rereads_under_checks(mph_auth_t *a, uv_loop_t *loop, const char *path, const char *bob,
+                                 const char *alice)
+{
+    char text[2000];
+    /* A re-read without bob: his cached pair is forgotten, and a check that was running
+     * when the table changed is refused. A bad file keeps the table. */
+    answer_t late = {.user = "x"};
+    check(a, "bob", "b-pw", &late); /* cached: answered now */
+    CHECK(late.calls == 1 && strcmp(late.user, "bob") == 0);
+    snprintf(text, sizeof(text), "alice:%s\n", alice);
+    rewrite(path, text);
+    reload_and_wait(a, loop);
+    CHECK(mph_auth_count(a) == 1);
+    answer_t gone = {.user = "x"};
+    check(a, "bob", "b-pw", &gone);
+    run_until(loop, &gone.calls, 1);
+    CHECK(gone.calls == 1 && gone.user[0] == '\0');
+    snprintf(text, sizeof(text), "bob:%s\nalice:%s\n", bob, alice);
+    rewrite(path, text);
+    answer_t racing = {.user = "x"};
+    check(a, "bob", "b-pw", &racing); /* bob is unknown: checked against alice's hash */
+    /* bob is back while that runs (the re-read done here, by hand, so that it surely ends
+     * first): the check runs again against his hash. */
+    reload_t *r = mph_xcalloc(1, sizeof(*r));
+    r->auth = a;
+    a->reload = r;
+    reload_work(&r->work);
+    reload_done(&r->work, 0);
+    CHECK(mph_auth_count(a) == 2);
+    run_until(loop, &racing.calls, 1);
+    CHECK(racing.calls == 1 && strcmp(racing.user, "bob") == 0);
+    rewrite(path, "bob:plain\n");
+    reload_and_wait(a, loop);
+    CHECK(mph_auth_count(a) == 2);
+}
+
+/* Closing a with checks queued and running: each answered NULL once, then closed. */
+static void close_with_checks_queued(mph_auth_t *a, uv_loop_t *loop)
+{
+    answer_t q[5];
+    for (int i = 0; i < 5; i++) {
+        q[i] = (answer_t){.user = "x"};
+        char pw[16];
+        snprintf(pw, sizeof(pw), "guess%d", i);
+        check(a, "alice", pw, &q[i]);
+    }
+    closed_count = 0;
+    mph_auth_close(a, on_closed, NULL);
+    uv_run(loop, UV_RUN_DEFAULT);
+    CHECK(closed_count == 1);
+    for (int i = 0; i < 5; i++)
+        CHECK(q[i].calls == 1 && q[i].user[0] == '\0');
+}
+
 static void test_checks_on_the_pool(void)
 {
     uv_loop_t loop;
@@ -341,61 +413,8 @@ static void test_checks_on_the_pool(void)
     CHECK(s1.calls == 1 && s2.calls == 1 && strcmp(s1.user, "alice") == 0 &&
           strcmp(s2.user, "alice") == 0 && s3.user[0] == '\0');
 
-    /* A re-read without bob: his cached pair is forgotten, and a check that was running
-     * when the table changed is refused. A bad file keeps the table. */
-    answer_t late = {.user = "x"};
-    check(a, "bob", "b-pw", &late); /* cached: answered now */
-    CHECK(late.calls == 1 && strcmp(late.user, "bob") == 0);
-    snprintf(text, sizeof(text), "alice:%s\n", alice);
-    FILE *f = fopen(saved, "w");
-    fputs(text, f);
-    fclose(f);
-    mph_auth_reload(a);
-    for (int i = 0; i < 100000 && a->reload; i++)
-        uv_run(&loop, UV_RUN_ONCE);
-    CHECK(mph_auth_count(a) == 1);
-    answer_t gone = {.user = "x"};
-    check(a, "bob", "b-pw", &gone);
-    run_until(&loop, &gone.calls, 1);
-    CHECK(gone.calls == 1 && gone.user[0] == '\0');
-    snprintf(text, sizeof(text), "bob:%s\nalice:%s\n", bob, alice);
-    f = fopen(saved, "w");
-    fputs(text, f);
-    fclose(f);
-    answer_t racing = {.user = "x"};
-    check(a, "bob", "b-pw", &racing); /* bob is unknown: checked against alice's hash */
-    /* bob is back while that runs (the re-read done here, by hand, so that it surely ends
-     * first): the check runs again against his hash. */
-    reload_t *r = mph_xcalloc(1, sizeof(*r));
-    r->auth = a;
-    a->reload = r;
-    reload_work(&r->work);
-    reload_done(&r->work, 0);
-    CHECK(mph_auth_count(a) == 2);
-    run_until(&loop, &racing.calls, 1);
-    CHECK(racing.calls == 1 && strcmp(racing.user, "bob") == 0);
-    f = fopen(saved, "w");
-    fputs("bob:plain\n", f);
-    fclose(f);
-    mph_auth_reload(a);
-    for (int i = 0; i < 100000 && a->reload; i++)
-        uv_run(&loop, UV_RUN_ONCE);
-    CHECK(mph_auth_count(a) == 2);
-
-    /* Closing with checks queued and running: each answered NULL once, then closed. */
-    answer_t q[5];
-    for (int i = 0; i < 5; i++) {
-        q[i] = (answer_t){.user = "x"};
-        char pw[16];
-        snprintf(pw, sizeof(pw), "guess%d", i);
-        check(a, "alice", pw, &q[i]);
-    }
-    closed_count = 0;
-    mph_auth_close(a, on_closed, NULL);
-    uv_run(&loop, UV_RUN_DEFAULT);
-    CHECK(closed_count == 1);
-    for (int i = 0; i < 5; i++)
-        CHECK(q[i].calls == 1 && q[i].user[0] == '\0');
+    rereads_under_checks(a, &loop, saved, bob, alice);
+    close_with_checks_queued(a, &loop);
     CHECK(uv_loop_close(&loop) == 0);
     unlink(saved);
     free(bob);
