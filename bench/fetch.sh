@@ -17,8 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
-BUILD=${1:-build-release}
-MPHOST=$PWD/$BUILD/mphost
+bench_init "${1:-}"
 DURATION=${DURATION:-3}
 RUNS=${RUNS:-5}
 CONNS=${CONNS:-"16 64"}
@@ -30,9 +29,6 @@ if [ -z "${ECHO:-}" ]; then
   fi
 fi
 ECHO_CPU=$(( $(nproc) > 2 ? 2 : 1 ))
-WORK=$(mktemp -d)
-PIDS_TO_KILL=()
-trap 'kill "${PIDS_TO_KILL[@]}" 2>/dev/null; rm -rf "$WORK"' EXIT
 
 # The echo endpoint.
 ECHO_PORT=$(free_port)
@@ -77,11 +73,6 @@ echo "mphost $("$MPHOST" --version | cut -d' ' -f2), libcurl $(curl-config --ver
 echo
 echo "| call | connections | requests/s | p50 ms | p99 ms | mphost CPU µs/request |"
 echo "|---|---|---|---|---|---|"
-row() { # row NAME CONNS "rps p50 p99 n cpu sys" [CPU shown]
-  read -r rps p50 p99 _ cpu _ <<<"$3"
-  printf '| %s | %s | %s | %.2f | %.2f | %s |\n' "$1" "$2" "$rps" \
-    "$(echo "$p50/1000" | bc -l)" "$(echo "$p99/1000" | bc -l)" "${4:-$cpu}"
-}
 for c in $CONNS; do
   direct=() plain=() fetched=()
   for _ in $(seq 1 "$RUNS"); do
@@ -94,9 +85,9 @@ for c in $CONNS; do
   d=$(median_of "${direct[@]}")
   p=$(median_of "${plain[@]}")
   f=$(median_of "${fetched[@]}")
-  row "wrk -> $ECHO echo, direct" "$c" "$d" "-"
-  row "wrk -> mphost plain" "$c" "$p"
-  row "wrk -> mphost fetched (-> $ECHO echo)" "$c" "$f"
+  md_row "wrk -> $ECHO echo, direct" "$c" "$d" -
+  md_row "wrk -> mphost plain" "$c" "$p"
+  md_row "wrk -> mphost fetched (-> $ECHO echo)" "$c" "$f"
   read -r prps pp50 _ <<<"$p"
   read -r frps fp50 _ <<<"$f"
   read -r drps _ <<<"$d"

@@ -14,14 +14,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
-BUILD=${1:-build-release}
-MPHOST=$PWD/$BUILD/mphost
+bench_init "${1:-}"
 DURATION=${DURATION:-3}
 RUNS=${RUNS:-5}
 CONNS=${CONNS:-"16 64"}
-WORK=$(mktemp -d)
-PIDS_TO_KILL=()
-trap 'kill "${PIDS_TO_KILL[@]}" 2>/dev/null; rm -rf "$WORK"' EXIT
 
 REDIS_PORT=$(free_port)
 taskset -c 1 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --daemonize no \
@@ -61,11 +57,6 @@ echo "mphost $("$MPHOST" --version | cut -d' ' -f2), libcurl $(curl-config --ver
 echo
 echo "| call | connections | requests/s | p50 ms | p99 ms | CPU µs/request (both hosts) |"
 echo "|---|---|---|---|---|---|"
-row() { # row NAME CONNS "rps p50 p99 n cpu sys"
-  read -r rps p50 p99 _ cpu _ <<<"$3"
-  printf '| %s | %s | %s | %.2f | %.2f | %s |\n' "$1" "$2" "$rps" \
-    "$(echo "$p50/1000" | bc -l)" "$(echo "$p99/1000" | bc -l)" "$cpu"
-}
 for c in $CONNS; do
   here=() forwarded=() plain=()
   for _ in $(seq 1 "$RUNS"); do
@@ -78,9 +69,9 @@ for c in $CONNS; do
   h=$(median_of "${here[@]}")
   f=$(median_of "${forwarded[@]}")
   p=$(median_of "${plain[@]}")
-  row "sharded, answered on the receiving host" "$c" "$h"
-  row "sharded, forwarded to another host" "$c" "$f"
-  row "not routed (simple-service)" "$c" "$p"
+  md_row "sharded, answered on the receiving host" "$c" "$h"
+  md_row "sharded, forwarded to another host" "$c" "$f"
+  md_row "not routed (simple-service)" "$c" "$p"
   read -r hrps hp50 _ <<<"$h"
   read -r frps fp50 _ <<<"$f"
   printf '| **forwarded / here** | %s | **%.2f** | +%.2f | | |\n' "$c" \

@@ -1,6 +1,6 @@
 -- idempotency.lua: the services bench/idempotency.sh measures: a counter in the global scope
 -- (incr), and deposits into one of many named scopes (deposit), called with or without an
--- Idempotency-Key (bench/keyed_rpc.lua).
+-- Idempotency-Key (bench/rpc.lua, KEYED=1).
 local mp = require("metaparticle")
 
 mp.service("incr", function()

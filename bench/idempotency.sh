@@ -13,34 +13,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
-BUILD=${1:-build-release}
-MPHOST=$PWD/$BUILD/mphost
+bench_init "${1:-}"
 DURATION=${DURATION:-3}
 RUNS=${RUNS:-3}
 CONNS=${CONNS:-64}
-export ACCOUNTS=${ACCOUNTS:-64}
-WORK=$(mktemp -d)
-PIDS=()
-REDIS_PID=""
-cleanup() {
-  local rc=$?
-  [ "$rc" -ne 0 ] && [ -f "$WORK/server.log" ] && tail -n 5 "$WORK/server.log" >&2
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-  [ -n "$REDIS_PID" ] && kill "$REDIS_PID" 2>/dev/null
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+ACCOUNTS=${ACCOUNTS:-64}
 
-start() { # start DATA ARGS...: one mphost serve (--workers=0) on CPU 0; sets PORT, appends PIDS
-  local data=$1; shift
-  PORT=$(free_port)
-  taskset -c 0 "$MPHOST" bench/idempotency.lua serve "$PORT" --listen=127.0.0.1 \
-    --logging=warn --workers=0 --data="$data" "$@" >>"$WORK/server.log" 2>&1 &
-  PIDS+=($!)
-  wait_port "$PORT"
-}
+# start DATA ARGS...: one process (--workers=0) of bench/idempotency.lua
+start() { start_server bench/idempotency.lua "$@" --workers=0; }
 
-stop_all() { for p in "${PIDS[@]}"; do kill -TERM "$p"; wait "$p" || true; done; PIDS=(); }
+# accounts METHOD -> SPREAD=N (bench/rpc.lua) for deposits (each request into one of N accounts)
+accounts() { if [ "$1" = deposit ]; then echo "SPREAD=$ACCOUNTS"; fi; }
 
 metric() { # metric PORT NAME -> its value
   curl -s "http://127.0.0.1:$1/metrics" | awk -v n="$2" '$1 == n { print $2 }'
@@ -52,15 +35,15 @@ counter() {
   local name=$1 method=$2; shift 2
   local plain=() keyed=() pids list
   start "$WORK/data-$RANDOM" "$@"
-  mapfile -t pids < <(tree "${PIDS[0]}")
+  mapfile -t pids < <(tree "${SERVERS[0]}")
   list=$(IFS=,; echo "${pids[*]}")
   for _ in $(seq 1 "$RUNS"); do
-    plain+=("$(measure_once "$CONNS" bench/keyed_rpc.lua "$list" METHOD="$method" KEYED=0)")
-    keyed+=("$(measure_once "$CONNS" bench/keyed_rpc.lua "$list" METHOD="$method" KEYED=1)")
+    plain+=("$(measure_once "$CONNS" bench/rpc.lua "$list" METHOD="$method" PARAMS=[] KEYED=0 $(accounts "$method"))")
+    keyed+=("$(measure_once "$CONNS" bench/rpc.lua "$list" METHOD="$method" PARAMS=[] KEYED=1 $(accounts "$method"))")
   done
   local replays
   replays=$(metric "$PORT" mphost_idempotent_replays_total)
-  stop_all
+  stop_servers
   local p k
   p=$(median_of "${plain[@]}")
   k=$(median_of "${keyed[@]}")
@@ -78,8 +61,8 @@ two() {
   start "$data" "$REDIS"; b=$PORT
   local half=$(( CONNS / 2 )) wrks=()
   for port in "$a" "$b"; do
-    env METHOD=deposit KEYED="$keyed" taskset -c 1 wrk -t1 -c"$half" -d"${DURATION}"s \
-      -s bench/keyed_rpc.lua "http://127.0.0.1:$port/" >"$WORK/wrk-$port.out" &
+    env METHOD=deposit KEYED="$keyed" SPREAD="$ACCOUNTS" taskset -c 1 wrk -t1 -c"$half" \
+      -d"${DURATION}"s -s bench/rpc.lua "http://127.0.0.1:$port/" >"$WORK/wrk-$port.out" &
     wrks+=($!)
   done
   wait "${wrks[@]}"
@@ -88,16 +71,11 @@ two() {
     calls=$(( calls + $(awk '/^RESULT/ { split($5,d,"="); print d[2] }' "$WORK/wrk-$port.out") ))
     conflicts=$(( conflicts + $(metric "$port" mphost_conflicts_total) ))
   done
-  stop_all
+  stop_servers
   echo "$(( calls / DURATION )) $(echo "scale=3; $conflicts / $calls" | bc)"
 }
 
-REDIS_PORT=$(free_port)
-taskset -c 1 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --dir "$WORK" \
-  >"$WORK/redis.log" 2>&1 &
-REDIS_PID=$!
-wait_port "$REDIS_PORT"
-REDIS=--storage=redis://127.0.0.1:$REDIS_PORT
+start_redis
 
 echo "mphost $("$MPHOST" --version | cut -d' ' -f2), $(nproc) cores, server on CPU 0, wrk on CPU 1," \
   "$CONNS connections, median of $RUNS x ${DURATION}s, with and without a key alternating"

@@ -75,11 +75,70 @@ median_of() {
   printf '%s\n' "$@" | sort -n | sed -n "$(( ($# + 1) / 2 ))p"
 }
 
-# md_row LABEL CONNS "rps p50_us p99_us requests cpu_us syscalls" -> a Markdown table row:
-# | LABEL | CONNS | rps | p50 ms | p99 ms | cpu_us | syscalls |
+# md_row LABEL CONNS "rps p50_us p99_us requests cpu_us syscalls" [COLUMNS] -> a Markdown
+# table row: | LABEL | CONNS | rps | p50 ms | p99 ms | then COLUMNS: "cpu" (the default),
+# "cpu syscalls", or "-" (a dash where the CPU would be: not measured).
 md_row() {
   local rps p50 p99 cpu sys
   read -r rps p50 p99 _ cpu sys <<<"$3"
-  printf '| %s | %s | %s | %.2f | %.2f | %s | %s |\n' "$1" "$2" "$rps" \
-    "$(echo "$p50/1000" | bc -l)" "$(echo "$p99/1000" | bc -l)" "${cpu:--}" "${sys:--}"
+  local extra
+  case "${4:-cpu}" in
+    cpu) extra="$cpu" ;;
+    "cpu syscalls") extra="$cpu | ${sys:--}" ;;
+    *) extra="-" ;;
+  esac
+  printf '| %s | %s | %s | %.2f | %.2f | %s |\n' "$1" "$2" "$rps" \
+    "$(echo "$p50/1000" | bc -l)" "$(echo "$p99/1000" | bc -l)" "$extra"
+}
+
+# bench_init [BUILD_DIR]: what every script sets up first: MPHOST from the build
+# (build-release by default), a scratch WORK directory, and on exit every pid in PIDS_TO_KILL
+# killed and WORK removed (after the last lines of $WORK/server.log when the script failed).
+bench_init() {
+  BUILD=${1:-build-release}
+  MPHOST=$PWD/$BUILD/mphost
+  WORK=$(mktemp -d)
+  PIDS_TO_KILL=()
+  SERVERS=()
+  trap bench_cleanup EXIT
+}
+
+bench_cleanup() {
+  local rc=$?
+  [ "$rc" -ne 0 ] && [ -f "$WORK/server.log" ] && tail -n 5 "$WORK/server.log" >&2
+  [ ${#PIDS_TO_KILL[@]} -gt 0 ] && kill "${PIDS_TO_KILL[@]}" 2>/dev/null
+  wait 2>/dev/null # (redis-server may still write into $WORK while it exits)
+  rm -rf "$WORK"
+}
+
+# start_server SCRIPT DATA ARGS...: one `mphost SCRIPT serve` on CPU 0 with its data in DATA,
+# logging to $WORK/server.log; sets PORT, appends its pid to SERVERS; returns once it serves.
+start_server() {
+  local script=$1 data=$2
+  shift 2
+  PORT=$(free_port)
+  taskset -c 0 "$MPHOST" "$script" serve "$PORT" --listen=127.0.0.1 --logging=warn \
+    --data="$data" "$@" >>"$WORK/server.log" 2>&1 &
+  SERVERS+=($!)
+  PIDS_TO_KILL+=($!)
+  wait_port "$PORT"
+  sleep 0.3 # a supervisor's port accepts before every worker serves
+}
+
+# stop_servers: stops every server start_server started, and waits for each.
+stop_servers() {
+  local p
+  for p in "${SERVERS[@]}"; do kill -TERM "$p"; wait "$p" || true; done
+  SERVERS=()
+}
+
+# start_redis: a redis-server without persistence on CPU 1; sets REDIS_PORT and REDIS (the
+# --storage option for it).
+start_redis() {
+  REDIS_PORT=$(free_port)
+  taskset -c 1 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --dir "$WORK" \
+    >"$WORK/redis.log" 2>&1 &
+  PIDS_TO_KILL+=($!)
+  wait_port "$REDIS_PORT"
+  REDIS=--storage=redis://127.0.0.1:$REDIS_PORT
 }

@@ -11,15 +11,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
-BUILD=${1:-build-release}
-MPHOST=$PWD/$BUILD/mphost
+bench_init "${1:-}"
 N=${N:-5000}
 RUNS=${RUNS:-3}
 WORKERS=${WORKERS:-"1 2"}
-WORK=$(mktemp -d)
-PIDS_TO_KILL=()
-# (redis-server may still write into $WORK while it exits: wait for it before removing it)
-trap 'kill "${PIDS_TO_KILL[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$WORK"' EXIT
 
 call() { # call PORT METHOD PARAMS -> the result
   curl -s -d "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"$2\",\"params\":$3}" \

@@ -15,8 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
-BUILD=${1:-build-release}
-MPHOST=$PWD/$BUILD/mphost
+bench_init "${1:-}"
 DURATION=${DURATION:-3}
 RUNS=${RUNS:-5}
 # Each workload: "NAME|CONNECTIONS|VARIABLES for bench/rpc.lua".
@@ -26,9 +25,6 @@ else
   WORKLOADS=("echo|16|" "echo|64|" "batch of 10 calls|64|BATCH=10" "4 KiB params|64|PAD=4096"
     "1,000 connections|1000|" "Connection: close|64|CLOSE=1")
 fi
-WORK=$(mktemp -d)
-PIDS_TO_KILL=()
-trap 'kill "${PIDS_TO_KILL[@]}" 2>/dev/null; rm -rf "$WORK"' EXIT
 
 if ! command -v nginx >/dev/null || [ ! -e /usr/lib/nginx/modules/ngx_http_lua_module.so ] ||
   [ ! -e /usr/lib/x86_64-linux-gnu/lua/5.1/cjson.so ]; then
@@ -84,8 +80,8 @@ for w in "${WORKLOADS[@]}"; do
   done
   m=$(median_of "${mine[@]}")
   t=$(median_of "${theirs[@]}")
-  md_row "$name | mphost (server1, 1 worker)" "$c" "$m"
-  md_row "$name | nginx + Lua + cjson" "$c" "$t"
+  md_row "$name | mphost (server1, 1 worker)" "$c" "$m" "cpu syscalls"
+  md_row "$name | nginx + Lua + cjson" "$c" "$t" "cpu syscalls"
   read -r mrps _ _ _ mcpu msys <<<"$m"
   read -r trps _ _ _ tcpu tsys <<<"$t"
   echo "| $name | **mphost / peer** | $c | **$(ratio "$mrps" "$trps")** | | |" \

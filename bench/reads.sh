@@ -10,34 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
-BUILD=${1:-build-release}
-MPHOST=$PWD/$BUILD/mphost
+bench_init "${1:-}"
 DURATION=${DURATION:-3}
 RUNS=${RUNS:-5}
 CONNS=${CONNS:-64}
-WORK=$(mktemp -d)
-PIDS=()
-REDIS_PID=""
-cleanup() {
-  local rc=$?
-  [ "$rc" -ne 0 ] && [ -f "$WORK/server.log" ] && tail -n 5 "$WORK/server.log" >&2
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-  [ -n "$REDIS_PID" ] && kill "$REDIS_PID" 2>/dev/null
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-start() { # start DATA ARGS...: one mphost serve on CPU 0; sets PORT, appends to PIDS
-  local data=$1; shift
-  PORT=$(free_port)
-  taskset -c 0 "$MPHOST" bench/reads.lua serve "$PORT" --listen=127.0.0.1 --logging=warn \
-    --data="$data" "$@" >>"$WORK/server.log" 2>&1 &
-  PIDS+=($!)
-  wait_port "$PORT"
-  sleep 0.3 # a supervisor's port accepts before every worker serves
-}
-
-stop_all() { for p in "${PIDS[@]}"; do kill -TERM "$p"; wait "$p" || true; done; PIDS=(); }
 
 call() { curl -s -d "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"$1\",\"params\":[]}" "http://127.0.0.1:$PORT/" >/dev/null; }
 
@@ -45,17 +21,17 @@ call() { curl -s -d "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"$1\",\"params\":
 case_() {
   local name=$1 procs=$2; shift 2
   local data="$WORK/data-$RANDOM" pids strict=() cached=()
-  [ "$procs" -eq 2 ] && start "$data" "$@"
-  start "$data" "$@"
+  [ "$procs" -eq 2 ] && start_server bench/reads.lua "$data" "$@"
+  start_server bench/reads.lua "$data" "$@"
   call incr
-  mapfile -t pids < <(for p in "${PIDS[@]}"; do tree "$p"; done)
+  mapfile -t pids < <(for p in "${SERVERS[@]}"; do tree "$p"; done)
   local list
   list=$(IFS=,; echo "${pids[*]}")
   for _ in $(seq 1 "$RUNS"); do
     cached+=("$(measure_once "$CONNS" bench/rpc.lua "$list" METHOD=get_cached PARAMS='[]')")
     strict+=("$(measure_once "$CONNS" bench/rpc.lua "$list" METHOD=get PARAMS='[]')")
   done
-  stop_all
+  stop_servers
   local c s
   c=$(median_of "${cached[@]}")
   s=$(median_of "${strict[@]}")
@@ -66,12 +42,7 @@ case_() {
     "$(echo "scale=2; $srps / $crps" | bc)"
 }
 
-REDIS_PORT=$(free_port)
-taskset -c 1 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --dir "$WORK" \
-  >"$WORK/redis.log" 2>&1 &
-REDIS_PID=$!
-wait_port "$REDIS_PORT"
-REDIS=--storage=redis://127.0.0.1:$REDIS_PORT
+start_redis
 
 echo "mphost $("$MPHOST" --version | cut -d' ' -f2), $(nproc) cores, server on CPU 0, wrk on CPU 1," \
   "$CONNS connections, median of $RUNS x ${DURATION}s, the two kinds of read alternating"

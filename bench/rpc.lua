@@ -2,7 +2,10 @@
 -- From the environment: METHOD and PARAMS (defaults: simple-service, [{"hello":"world"}]);
 -- BATCH=N sends a batch of N calls per request (ids 1..N) instead of one call; PAD=BYTES
 -- replaces PARAMS with [{"hello":"<BYTES x's>"}] (large params); CLOSE=1 sends
--- "Connection: close", so every request opens a new connection.
+-- "Connection: close", so every request opens a new connection. Requests made one by one
+-- (with KEYED set, 0 or 1, so that both cases cost wrk the same): KEYED=1 gives each its own
+-- Idempotency-Key (a prefix unique to the run and thread, then a counter); SPREAD=N makes
+-- PARAMS {"id": <the counter modulo N>} (a deposit into one of N accounts).
 local method = os.getenv("METHOD") or "simple-service"
 local params = os.getenv("PARAMS") or '[{"hello":"world"}]'
 local pad = tonumber(os.getenv("PAD") or "")
@@ -21,6 +24,19 @@ if batch then
   wrk.body = "[" .. table.concat(calls, ",") .. "]"
 else
   wrk.body = call(1)
+end
+
+local keyed, accounts = os.getenv("KEYED"), tonumber(os.getenv("SPREAD") or "")
+if keyed or accounts then
+  local n = 0
+  local prefix = string.format("%d-%s-", os.time(), tostring({}):match("0x%x+") or "t")
+  function request()
+    n = n + 1
+    if accounts then params = string.format('{"id":%d}', n % accounts) end
+    local headers = {["Content-Type"] = "application/json"}
+    if keyed == "1" then headers["Idempotency-Key"] = prefix .. n end
+    return wrk.format("POST", "/", headers, call(1))
+  end
 end
 
 -- Every answer must be a result: a batch's last call's result is at the end of the answer.
