@@ -16,11 +16,13 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
 import tempfile
 import threading
+from http.server import ThreadingHTTPServer
 import time
 import traceback
 
@@ -180,6 +182,42 @@ def console_steps(doc, at_least, block=1):
             steps[-1][1].append(line)
     check(len(steps) >= at_least, "docs/%s's walkthrough has its steps" % doc)
     return steps
+
+
+class StubHTTP:
+    """A threaded HTTP server for `handler` (a BaseHTTPRequestHandler class) on a free loopback
+    port, https with `tls` (a (cert, key) pair); quiet about clients that leave. Serves from
+    start() (or entering `with`) until close(). Stand-ins for the services mphost calls."""
+
+    def __init__(self, handler, tls=None):
+        class Quiet(ThreadingHTTPServer):
+            daemon_threads = True
+            request_queue_size = 128  # many connections at once: no SYN left to a retry
+
+            def handle_error(self, request, client_address):
+                pass  # a client that left (a stop cut it): nothing to report
+
+        self.server = Quiet(("127.0.0.1", 0), handler)
+        if tls:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*tls)
+            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 class Server:

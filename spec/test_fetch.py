@@ -9,14 +9,14 @@ comparator case; basicAuth and topologies; /metrics; stops with fetches in fligh
 import json
 import os
 import socket
-import ssl
 import subprocess
 import threading
 import time
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
-from harness import ROOT, SCRIPTS, Server, check, console_steps, eq, private_network, tmpdir
+from harness import (ROOT, SCRIPTS, Server, StubHTTP, check, console_steps, eq, private_network,
+                     tmpdir)
 from test_auth import basic, call, passwd, request
 
 FETCH = os.path.join(SCRIPTS, "fetch.lua")
@@ -26,7 +26,7 @@ SLOW = 3 if VALGRIND else 1  # time bounds stretch under valgrind
 
 # ---- The backend: a small threaded HTTP server ----
 
-class Backend:
+class Backend(StubHTTP):
     """A threaded HTTP/1.1 server on a free loopback port (https with `tls`, a (cert, key)
     pair). It counts requests per path, the connections it accepted and the requests in
     progress (and their most at once). Paths:
@@ -127,21 +127,8 @@ class Backend:
 
             do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = handle_any
 
-        class Quiet(ThreadingHTTPServer):
-            request_queue_size = 128  # 40 connections at once: no SYN left to a retry
-
-            def handle_error(self, request, client_address):
-                pass  # a client that left (a stop cut it): nothing to report
-
-        self.server = Quiet(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        if tls:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.load_cert_chain(*tls)
-            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
-        self.port = self.server.server_address[1]
+        super().__init__(Handler, tls)
         self.scheme = "https" if tls else "http"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def url(self, path):
         return "%s://127.0.0.1:%d%s" % (self.scheme, self.port, path)
@@ -150,13 +137,6 @@ class Backend:
         with self.lock:
             return self.hits.get(path, 0)
 
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def throwaway_ca():

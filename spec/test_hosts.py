@@ -17,8 +17,9 @@ import subprocess
 import threading
 import time
 
-from harness import (MPHOST, ROOT, SCRIPTS, KeepAliveClient, RedisServer, Server, TestFailure,
-                     Threads, check, console_steps, eq, free_port, private_network, run, tmpdir)
+from harness import (MPHOST, ROOT, SCRIPTS, KeepAliveClient, RedisServer, Server, StubHTTP,
+                     TestFailure, Threads, check, console_steps, eq, free_port, private_network,
+                     run, tmpdir)
 from test_auth import passwd
 from test_redis import wait_until
 from test_topologies import fnv1a32
@@ -282,7 +283,7 @@ def test_hosts_refuse_unsigned_stale_tampered_and_misaddressed_calls():
         eq((status, json.loads(data)["result"]["host"]), (200, 2), "routed to host 2 as usual")
 
 
-class Recorder:
+class Recorder(StubHTTP):
     """An HTTP proxy in front of one host that keeps every request body it passes on (what a
     listener on the network between the hosts could capture)."""
 
@@ -310,14 +311,8 @@ class Recorder:
             def log_message(self, *args):
                 pass
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
+        self.start()
 
 
 def test_hosts_refuse_a_replayed_call():

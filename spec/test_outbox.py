@@ -9,9 +9,9 @@ import re
 import subprocess
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
-from harness import (MPHOST, ROOT, SCRIPTS, RedisServer, Server, check, console_steps, eq,
+from harness import (MPHOST, ROOT, SCRIPTS, RedisServer, Server, StubHTTP, check, console_steps, eq,
                      private_network)
 from test_fetch import closed_port, metric, wait_for
 
@@ -20,7 +20,7 @@ VALGRIND = bool(os.environ.get("MPH_VALGRIND"))
 WAIT = 120 if VALGRIND else 60  # deadlines of waits (never reached when things work)
 
 
-class Counter:
+class Counter(StubHTTP):
     """A JSON-RPC endpoint on a free loopback port that records each request: its
     Idempotency-Key, method and params. `fail_first` = N answers each key's first N requests
     with HTTP 503; `answer` = "error" answers a JSON-RPC error instead of a result."""
@@ -62,28 +62,12 @@ class Counter:
                 self.end_headers()
                 self.wfile.write(body)
 
-        class Quiet(ThreadingHTTPServer):
-            daemon_threads = True
-            request_queue_size = 128
-
-            def handle_error(self, request, client_address):
-                pass
-
-        self.server = Quiet(("127.0.0.1", 0), Handler)
-        self.url = "http://127.0.0.1:%d/" % self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        super().__init__(Handler)
+        self.url = "http://127.0.0.1:%d/" % self.port
 
     def keys(self):
         with self.lock:
             return [r[0] for r in self.requests]
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def storages():
