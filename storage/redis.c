@@ -576,6 +576,18 @@ static void answer_group(mph_list_t *group, const char *why)
     }
 }
 
+/* Whether a commit changed a scope. One that only checked versions (a read-only transaction,
+ * the outbox's idle claims) has nothing of its own to confirm: it waits only while a WAIT is
+ * out, since the commits of this connection before it, which it may have read, are not
+ * confirmed yet. */
+static int writes_data(const rop_t *op)
+{
+    for (size_t i = 0; i < op->shape.n; i++)
+        if (op->shape.counts[i] > 0)
+            return 1;
+    return 0;
+}
+
 static void wait_enqueue(redis_store_t *rs, rop_t *op)
 {
     mph_list_insert_tail(&rs->waiting, &op->node); /* out of rs->inflight since its reply */
@@ -703,7 +715,8 @@ static void on_reply(redisAsyncContext *ac, void *reply_ptr, void *privdata)
         drop_connection(rs, "the server is not a master any more (READONLY)");
         return;
     }
-    if (op->kind == OP_COMMIT && out.res.status == 0 && rs->wait_replicas) {
+    if (op->kind == OP_COMMIT && out.res.status == 0 && rs->wait_replicas &&
+        (writes_data(op) || rs->wait_sent)) {
         op->version = out.res.doc.version;
         op->conn = rs->conns;
         reply_free(&out);
