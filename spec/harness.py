@@ -59,6 +59,19 @@ def free_port():
     return port
 
 
+def wait_until(predicate, what, timeout=30):
+    """Polls every 10 ms for an event the test cannot be told about (a replica's link, a log
+    line, a metric) and returns the predicate's first true value; the timeout only turns a
+    hang into a failure."""
+    deadline = time.time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        check(time.time() < deadline, "timed out waiting until " + what)
+        time.sleep(0.01)
+
+
 def wait_port(port, timeout=10.0, proc=None, host="127.0.0.1"):
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -8,7 +8,8 @@ import subprocess
 import time
 
 from harness import (EXAMPLES, MPHOST, ROOT, SCRIPTS, Server, TestFailure, check, deployment_file,
-                     embed_serves, eq, free_port, private_network, run, tmpdir, wait_port)
+                     embed_serves, eq, free_port, private_network, run, tmpdir, wait_port,
+                     wait_until)
 
 
 def workspace():
@@ -192,8 +193,8 @@ def test_delete_is_graceful():
         delete = subprocess.Popen([MPHOST, slow, "delete"], env=dict(os.environ, **env),
                                   cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True)
-        wait_until_true(lambda: "received SIGTERM" in read_text(log.group(1)),
-                        "the server logs delete's SIGTERM")
+        wait_until(lambda: "received SIGTERM" in read_text(log.group(1)),
+                   "the server logs delete's SIGTERM")
         check(caller.poll() is None and delete.poll() is None,
               "the call and delete wait for the handler")
         open(go, "w").close()
@@ -219,12 +220,6 @@ def read_text(path):
         return ""
 
 
-def wait_until_true(predicate, what, timeout=30):
-    """Polls for an event (the bound only turns a hang into a failure)."""
-    deadline = time.time() + timeout
-    while not predicate():
-        check(time.time() < deadline, "timed out waiting until " + what)
-        time.sleep(0.01)
 
 
 def test_embed_example():

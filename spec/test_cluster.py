@@ -6,20 +6,11 @@ transaction over scopes in different slots is refused, one over co-located scope
 import socket
 import subprocess
 import threading
-import time
 
-from harness import KeepAliveClient, RedisServer, Server, Threads, check, eq, free_port
+from harness import KeepAliveClient, RedisServer, Server, Threads, check, eq, free_port, wait_until
 from test_named import ACCOUNTS
 
 
-def wait_until(predicate, what, timeout=60):
-    """Polls every 20 ms for an event the test cannot be told about (the cluster agreeing on
-    its state); the timeout only bounds a hang."""
-    deadline = time.time() + timeout
-    while not predicate():
-        if time.time() > deadline:
-            raise AssertionError("timed out waiting until " + what)
-        time.sleep(0.02)
 
 
 def redis_cli(*args, timeout=120):

@@ -15,8 +15,8 @@ import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler
 
-from harness import (ROOT, SCRIPTS, Server, StubHTTP, check, console_steps, eq, private_network,
-                     tmpdir)
+from harness import (SCRIPTS, Server, StubHTTP, check, console_steps, eq, private_network, tmpdir,
+                     wait_until)
 from test_auth import basic, call, passwd, request
 
 FETCH = os.path.join(SCRIPTS, "fetch.lua")
@@ -189,11 +189,6 @@ def in_threads(n, fn):
     return out
 
 
-def wait_for(cond, what, timeout=30):
-    deadline = time.time() + timeout
-    while not cond():
-        check(time.time() < deadline, "timed out waiting for " + what)
-        time.sleep(0.01)
 
 
 def metric(server, name):
@@ -334,7 +329,7 @@ def test_the_loop_answers_other_calls_while_a_fetch_waits():
         out = {}
         t = threading.Thread(target=lambda: out.update(r=s.result("fetch", [b.url("/slow?s=3")])))
         t.start()
-        wait_for(lambda: b.inflight == 1, "the fetch to reach the backend")
+        wait_until(lambda: b.inflight == 1, "the fetch to reach the backend")
         t0 = time.time()
         for _ in range(5):
             eq(s.result("ping"), "pong", "ping")
@@ -478,7 +473,7 @@ def test_stop_finishes_fetches_in_flight():
         t = threading.Thread(target=lambda: out.update(
             r=in_threads(5, lambda i: s.result("fetch", [b.url("/slow?s=1")]))))
         t.start()
-        wait_for(lambda: b.inflight == 5, "5 fetches in flight")
+        wait_until(lambda: b.inflight == 5, "5 fetches in flight")
         s.stop()  # SIGTERM; a clean exit, 0
         t.join(60)
         eq([r["body"] for r in out["r"]], ["slow"] * 5, "answered before the stop ended")
@@ -491,7 +486,7 @@ def test_reload_lets_the_old_workers_finish_their_fetches():
         t = threading.Thread(target=lambda: out.update(
             r=in_threads(5, lambda i: s.result("fetch", [b.url("/slow?s=1")]))))
         t.start()
-        wait_for(lambda: b.inflight == 5, "5 fetches in flight")
+        wait_until(lambda: b.inflight == 5, "5 fetches in flight")
         rc, _, err = run([s.script, "reload", "--port=%d" % s.port], env={"MP_STATE_DIR": s.state})
         eq(rc, 0, "reload: " + err)
         t.join(60)
@@ -513,7 +508,7 @@ def test_stop_cancels_fetches_past_the_deadline_and_exits_clean():
         threads = [threading.Thread(target=slow, args=(i,)) for i in range(8)]
         for t in threads:
             t.start()
-        wait_for(lambda: b.inflight == 8, "8 fetches in flight")
+        wait_until(lambda: b.inflight == 8, "8 fetches in flight")
         t0 = time.time()
         s.stop()  # SIGTERM; exit 0, no sanitizer or valgrind report, every handle closed
         check(time.time() - t0 < 10 * SLOW, "stopped in %.1fs" % (time.time() - t0))

@@ -4,8 +4,7 @@ service with reads = "cached" may answer from its worker's snapshot, for about a
 import os
 import time
 
-from harness import SCRIPTS, RedisServer, Server, check, eq, tmpdir
-from test_redis import wait_until
+from harness import SCRIPTS, RedisServer, Server, check, eq, tmpdir, wait_until
 from test_workers import started
 
 FRESH = os.path.join(SCRIPTS, "fresh.lua")

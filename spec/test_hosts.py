@@ -17,11 +17,9 @@ import subprocess
 import threading
 import time
 
-from harness import (MPHOST, ROOT, SCRIPTS, KeepAliveClient, RedisServer, Server, StubHTTP,
-                     TestFailure, Threads, check, console_steps, eq, free_port, private_network,
-                     run, tmpdir)
+from harness import (MPHOST, SCRIPTS, KeepAliveClient, RedisServer, Server, StubHTTP, TestFailure,
+                     Threads, check, console_steps, eq, free_port, private_network, run, tmpdir)
 from test_auth import passwd
-from test_redis import wait_until
 from test_topologies import fnv1a32
 
 HOSTS = os.path.join(SCRIPTS, "hosts.lua")

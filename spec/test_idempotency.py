@@ -10,8 +10,7 @@ import socket
 import threading
 import time
 
-from harness import (SCRIPTS, MPHOST, RedisServer, Server, TestFailure, Threads, check, eq,
-                     read_response, tmpdir)
+from harness import SCRIPTS, MPHOST, RedisServer, Server, Threads, check, eq, read_response, tmpdir
 
 SCRIPT = os.path.join(SCRIPTS, "idem.lua")
 BUCKETS_FILE, BUCKETS_REDIS = 16, 1024  # lua/idem.c

@@ -7,13 +7,11 @@ import base64
 import json
 import os
 import shutil
-import subprocess
 
 import yaml
 from kubernetes import client as k8s
 
-from harness import (MPHOST, SCRIPTS, RedisServer, Server, TestFailure, check, eq, free_port,
-                     run, tmpdir)
+from harness import SCRIPTS, RedisServer, Server, TestFailure, check, eq, free_port, run, tmpdir
 from test_auth import passwd
 
 HOSTS = os.path.join(SCRIPTS, "hosts.lua")

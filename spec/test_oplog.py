@@ -10,8 +10,7 @@ import threading
 import time
 
 from harness import (EXAMPLES, MPHOST, SCRIPTS, KeepAliveClient, Server, check, eq, free_port,
-                     http_exchange, run,
-                     tmpdir, wait_port)
+                     http_exchange, run, tmpdir, wait_until)
 
 RPC = os.path.join(SCRIPTS, "rpc.lua")
 
@@ -39,11 +38,6 @@ def wait_lines(paths, n, timeout=30):
         time.sleep(0.01)
 
 
-def wait_for(cond, what, timeout=30):
-    deadline = time.time() + timeout
-    while not cond():
-        check(time.time() < deadline, what)
-        time.sleep(0.01)
 
 
 def fields(line):
@@ -97,8 +91,8 @@ def test_access_log_format_workers():
 def test_access_log_to_stderr_and_bad_file():
     with Server(RPC, args=["--access-log=-", "--workers=0"]) as s:
         s.result("echo", [1])
-        wait_for(lambda: any(LINE.match(l) for l in s.read_log().splitlines()),
-                 "no access log line on stderr: " + s.read_log()[-1000:])
+        wait_until(lambda: any(LINE.match(l) for l in s.read_log().splitlines()),
+                   "an access log line on stderr: " + s.read_log()[-1000:])
         s.stop()
     rc, out, err = run([RPC, "serve", "0", "--access-log=/nonexistent/dir/a.log"], timeout=30)
     eq(rc, 1, "exit status with an access log that cannot be opened")
@@ -130,15 +124,15 @@ def test_rotation_under_load_loses_no_line():
         threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
         for t in threads:
             t.start()
-        wait_for(lambda: sum(answered) >= 200, "no load")
+        wait_until(lambda: sum(answered) >= 200, "the load to start")
         os.rename(log, log + ".1")
         os.rename(s.log_path, s.log_path + ".1")
         os.kill(s.proc.pid, signal.SIGUSR1)
         # Both workers write to the new file once they reopened it.
-        wait_for(lambda: len(read_lines(log)) >= 100, "nothing in the new access log")
-        wait_for(lambda: s.read_log().count("received SIGUSR1") >= 3,
-                 "the supervisor and both workers did not reopen the server log: " +
-                 s.read_log())
+        wait_until(lambda: len(read_lines(log)) >= 100, "100 lines in the new access log")
+        wait_until(lambda: s.read_log().count("received SIGUSR1") >= 3,
+                   "the supervisor and both workers reopen the server log: " +
+                   s.read_log())
         stop.set()
         for t in threads:
             t.join(60)
@@ -202,12 +196,12 @@ def test_logs_prints_and_follows_the_log():
         reader = threading.Thread(target=lambda: got.extend(iter(follow.stdout.readline, b"")))
         reader.start()
         try:
-            wait_for(lambda: b"serving" in b"".join(got), "logs -f did not print the log so far")
+            wait_until(lambda: b"serving" in b"".join(got), "logs -f prints the log so far")
             # Lines written after -f started: a reload logs some.
             rc, out, err = run([RPC, "reload"], env=env)
             eq(rc, 0, "reload: " + err)
-            wait_for(lambda: b"reload" in b"".join(got),
-                     "logs -f did not print the reload: %r" % got)
+            wait_until(lambda: b"reload" in b"".join(got),
+                       "logs -f prints the reload: %r" % got)
             check(follow.poll() is None, "logs -f still runs")
         finally:
             follow.kill()

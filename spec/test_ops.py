@@ -9,9 +9,8 @@ import urllib.request
 import jsonschema
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import (SCRIPTS, RedisServer, Server, check, eq, free_port, http_exchange,
-                     run, tmpdir)
-from test_redis import wait_until
+from harness import (SCRIPTS, RedisServer, Server, check, eq, free_port, http_exchange, run,
+                     tmpdir, wait_until)
 from test_scope import wait_log
 from test_workers import started, status
 

@@ -11,9 +11,9 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler
 
-from harness import (MPHOST, ROOT, SCRIPTS, RedisServer, Server, StubHTTP, check, console_steps, eq,
-                     private_network)
-from test_fetch import closed_port, metric, wait_for
+from harness import (MPHOST, SCRIPTS, RedisServer, Server, StubHTTP, check, console_steps, eq,
+                     private_network, wait_until)
+from test_fetch import closed_port, metric
 
 OUTBOX = os.path.join(SCRIPTS, "outbox.lua")
 VALGRIND = bool(os.environ.get("MPH_VALGRIND"))
@@ -90,7 +90,7 @@ def stats(server):
 
 
 def wait_log(server, text, timeout=WAIT):
-    wait_for(lambda: text in server.read_log(), "log line %r" % text, timeout)
+    wait_until(lambda: text in server.read_log(), "log line %r" % text, timeout)
 
 
 def in_threads(n, fn):
@@ -121,7 +121,7 @@ def test_a_handler_that_sends_then_raises_sends_nothing():
             # A marker sent after them: once it has arrived, the raised ones would have too.
             s.result("send", [counter.url, "count", ["marker"]])
             s.result("send", ["self", "count", ["marker"]])
-            wait_for(lambda: len(counter.keys()) >= 1 and stats(s)["got"] >= 1, "the markers")
+            wait_until(lambda: len(counter.keys()) >= 1 and stats(s)["got"] >= 1, "the markers")
             eq([r[2] for r in counter.requests], [["marker"]], name + ": what the URL got")
             eq(stats(s), {"sent": 2, "got": 1, "ticks": 0, "failed_runs": 0}, name)
             eq(outbox_cli(s)[1], "no pending messages\n", name + ": outbox")
@@ -156,7 +156,7 @@ def check_counts_equal(server, counter, name):
     def caught_up():
         st = stats(server)
         return st["got"] + len(set(counter.keys())) >= st["sent"]
-    wait_for(caught_up, name + ": deliveries catching up with sends", WAIT)
+    wait_until(caught_up, name + ": deliveries catching up with sends", WAIT)
     st = stats(server)
     keys = counter.keys()
     eq(st["got"] + len(set(keys)), st["sent"], name + ": deliveries = sends")
@@ -170,9 +170,9 @@ def test_200_calls_each_sending_one_message_end_with_equal_counts():
             st, keys = check_counts_equal(s, counter, name)
             eq(st["sent"], 200, name)
             eq((st["got"], len(keys), len(set(keys))), (100, 100, 100), name + ": no duplicate")
-            wait_for(lambda: metric(s, 'mphost_outbox_delivered_total{result="ok"}') == 200,
-                     name + ": metrics count 200 deliveries")
-            wait_for(lambda: metric(s, "mphost_outbox_pending") == 0, name + ": none pending")
+            wait_until(lambda: metric(s, 'mphost_outbox_delivered_total{result="ok"}') == 200,
+                       name + ": metrics count 200 deliveries")
+            wait_until(lambda: metric(s, "mphost_outbox_pending") == 0, name + ": none pending")
             s.stop()
 
 
@@ -185,7 +185,7 @@ def test_kill9_in_the_middle_and_a_restart_lose_and_double_nothing():
             acked = {"n": 0}
             # kill -9 once half the calls are acknowledged: the other half, and deliveries
             # of the first, are under way.
-            killer = threading.Thread(target=lambda: (wait_for(
+            killer = threading.Thread(target=lambda: (wait_until(
                 lambda: acked["n"] >= 100, "acknowledgements", WAIT), s.kill9()))
             killer.start()
             n = run_200(s, counter, 0, 200, acked=acked)
@@ -207,9 +207,9 @@ def test_a_url_that_fails_twice_then_answers_gets_one_message_under_one_key():
     for name, args, _ in storages():
         with Counter(fail_first=2) as counter, Server(OUTBOX, args) as s:
             mid = s.result("send", [counter.url, "count", {"n": 1}])
-            wait_for(lambda: len(counter.keys()) >= 3, name + ": three attempts", WAIT)
-            wait_for(lambda: metric(s, 'mphost_outbox_delivered_total{result="ok"}') == 1,
-                     name + ": delivered")
+            wait_until(lambda: len(counter.keys()) >= 3, name + ": three attempts", WAIT)
+            wait_until(lambda: metric(s, 'mphost_outbox_delivered_total{result="ok"}') == 1,
+                       name + ": delivered")
             eq(counter.keys(), [mid, mid, mid], name + ": the same Idempotency-Key each time")
             eq([r[1:] for r in counter.requests], [("count", {"n": 1})] * 3, name)
             eq(metric(s, "mphost_outbox_retries_total"), 2, name + ": two retries")
@@ -222,8 +222,8 @@ def test_a_json_rpc_error_answer_is_final():
     with Counter(answer="error") as counter, Server(OUTBOX) as s:
         s.result("send", [counter.url, "count", [1]])
         s.result("send", ["self", "fails", []])
-        wait_for(lambda: metric(s, 'mphost_outbox_delivered_total{result="error"}') == 2,
-                 "two final errors")
+        wait_until(lambda: metric(s, 'mphost_outbox_delivered_total{result="error"}') == 2,
+                   "two final errors")
         eq(len(counter.keys()), 1, "sent once")
         check("answered error -32050: refused; that is final" in s.read_log(), "logged")
         eq(stats(s)["failed_runs"], 0, "a handler that raised committed nothing")
@@ -247,11 +247,11 @@ def test_delays_at_and_cancels():
             eq(s.result("cancel", ["nonsense"]), False, name + ": not an id")
             r = s.rpc("cancel-raise", [far])
             eq(r["error"]["message"], "raised after cancelling", name)
-            wait_for(lambda: len(counter.keys()) >= 2, name + ": the two timers", WAIT)
+            wait_until(lambda: len(counter.keys()) >= 2, name + ": the two timers", WAIT)
             arrived = time.time()
             check(arrived - before >= 1.5, name + ": not before they were due")
             # (a delivered message goes once the answer's record commits, just after)
-            wait_for(lambda: len(outbox_cli(s)[1].splitlines()) == 2, name + ": one left", WAIT)
+            wait_until(lambda: len(outbox_cli(s)[1].splitlines()) == 2, name + ": one left", WAIT)
             rc, out, _ = outbox_cli(s)
             lines = out.splitlines()
             check(lines[1].startswith(far + "  mp.self"), name + ": " + out)
@@ -265,13 +265,13 @@ def test_a_job_that_resends_itself_ticks_once_per_period_across_restarts():
     for name, args, _ in storages():
         s = Server(OUTBOX, args).start()
         s.result("start-ticks", [0.4, 8])
-        wait_for(lambda: stats(s)["ticks"] >= 2, name + ": ticking", WAIT)
+        wait_until(lambda: stats(s)["ticks"] >= 2, name + ": ticking", WAIT)
         s.stop()  # a graceful stop between two ticks
         s = Server(OUTBOX, args, data=s.data, port=s.port, state=s.state).start()
-        wait_for(lambda: stats(s)["ticks"] >= 4, name + ": ticking again", WAIT)
+        wait_until(lambda: stats(s)["ticks"] >= 4, name + ": ticking again", WAIT)
         s.kill9()  # and a crash
         s = Server(OUTBOX, args, data=s.data, port=s.port, state=s.state).start()
-        wait_for(lambda: outbox_cli(s)[1] == "no pending messages\n", name + ": chain ends", WAIT)
+        wait_until(lambda: outbox_cli(s)[1] == "no pending messages\n", name + ": chain ends", WAIT)
         eq(stats(s)["ticks"], 8, name + ": exactly one tick per period, none doubled or lost")
         s.stop()
 
@@ -336,7 +336,7 @@ def test_messages_left_by_a_host_gone_for_good_are_taken_up_by_another():
             a.result("send", ["self", "count", ["orphan%d" % i], {"delay": 1}])
         a.kill9()
         b = Server(OUTBOX, args + ["--workers=1"], port=None).start()
-        wait_for(lambda: stats(b)["got"] >= 4, "the orphans delivered", WAIT)
+        wait_until(lambda: stats(b)["got"] >= 4, "the orphans delivered", WAIT)
         eq(stats(b)["got"], 4, "once each")
         b.stop()
 
@@ -349,7 +349,7 @@ def test_outbox_cli_lists_pending_messages_and_refuses_bad_storage():
         eq((rc, out, err), (0, "no pending messages\n", ""), "empty")
         eq(outbox_cli(s, "--dead")[1], "no dead messages\n", "no dead")
         ids = [s.result("send", ["self", "count", [i], {"delay": 3600 + i}]) for i in range(3)]
-        wait_for(lambda: metric(s, "mphost_outbox_pending") == 3, "the pending gauge")
+        wait_until(lambda: metric(s, "mphost_outbox_pending") == 3, "the pending gauge")
         for _ in range(8):  # both workers look every second: the gauge stays 3 (not 6)
             eq(metric(s, "mphost_outbox_pending"), 3, "the pending gauge, two workers")
             time.sleep(0.3)

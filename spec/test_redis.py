@@ -8,19 +8,12 @@ import threading
 import time
 
 from harness import (KeepAliveClient, ROOT, RedisServer, SCRIPTS, Server, Threads, check, eq,
-                     free_port, kill9_under_load, private_network, run, tmpdir, wrk_counter)
+                     free_port, kill9_under_load, private_network, run, tmpdir, wrk_counter,
+                     wait_until)
 from test_cli import shell, workspace
 from test_scope import hammer
 
 
-def wait_until(predicate, what, timeout=30):
-    """Waits for an event the test cannot be told about directly, polling every 10 ms. The
-    timeout only guards against a hang: each of these events takes milliseconds."""
-    deadline = time.time() + timeout
-    while not predicate():
-        if time.time() > deadline:
-            raise AssertionError("timed out waiting until " + what)
-        time.sleep(0.01)
 
 
 def redis_server5(redis, **kw):

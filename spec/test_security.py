@@ -3,7 +3,6 @@ can do to a deployment, tried as that user (`setpriv` to nobody when the suite r
 and what a deployment must never show: secrets in command lines, lines of a client's making in
 its log."""
 import glob
-import json
 import os
 import shutil
 import signal
@@ -12,9 +11,8 @@ import subprocess
 import sys
 import time
 
-from harness import (EXAMPLES, SCRIPTS, RedisServer, Server, TestFailure, check,
-                     deployment_file, eq, free_port, run, tmpdir)
-from test_redis import wait_until
+from harness import (EXAMPLES, SCRIPTS, RedisServer, Server, TestFailure, check, deployment_file,
+                     eq, free_port, run, tmpdir, wait_until)
 from test_ops import get
 from test_scope import wait_log
 from test_workers import started, status

@@ -4,24 +4,13 @@ redis-server and redis-sentinel is started here on free loopback ports."""
 import os
 import subprocess
 import threading
-import time
 
-from harness import (KeepAliveClient, RedisServer, Server, Threads, check, eq, free_port,
-                     tmpdir)
+from harness import (KeepAliveClient, RedisServer, Server, Threads, check, eq, free_port, tmpdir,
+                     wait_until)
+from test_redis import cmdstat_calls
 from test_scope import hammer
 
 
-def wait_until(predicate, what, timeout=30):
-    """Polls for an event the test cannot be told about (a replica's link, a failover), every
-    20 ms; the timeout only bounds a hang."""
-    deadline = time.time() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.time() > deadline:
-            raise AssertionError("timed out waiting until " + what)
-        time.sleep(0.02)
 
 
 def info(redis, section):
@@ -53,11 +42,6 @@ def replica_online(master, n=1):
                            input="SET mph:probe 1\nWAIT %d 200\n" % n, timeout=10)
         return p.stdout.split()[-1:] == [str(n)]
     wait_until(confirmed, "%d replica(s) of %d confirm writes" % (n, master.port))
-
-
-def cmdstat_calls(redis, name):
-    stats = info(redis, "commandstats").get("cmdstat_" + name, "calls=0,")
-    return int(stats.split("calls=")[1].split(",")[0])
 
 
 def test_redis_wait_answers_after_replicas_confirm_one_wait_per_group():

@@ -12,8 +12,7 @@ import threading
 import time
 
 from harness import (SCRIPTS, KeepAliveClient, Server, TestFailure, check, deployment_file, eq,
-                     run, sanitizer_report, tmpdir)
-from test_redis import wait_until
+                     run, sanitizer_report, tmpdir, wait_until)
 from test_scope import wait_log
 from test_workers import started, status
 

@@ -11,8 +11,7 @@ import time
 
 from harness import (EXAMPLES, MPHOST, SCRIPTS, KeepAliveClient, RedisServer, Server, TestFailure,
                      Threads, check, eq, free_port, gone, run, sanitizer_report, tmpdir,
-                     wait_port, wrk_counter)
-from test_redis import wait_until
+                     wrk_counter, wait_until)
 from test_scope import hammer, wait_log
 
 WORKERS = os.path.join(SCRIPTS, "workers.lua")
