@@ -195,6 +195,23 @@ def test_a_fresh_data_dir_is_0700_and_its_files_0600_whatever_the_umask():
         check(rc != 0, "nobody listed the data directory: %s" % out)
 
 
+def test_a_fresh_state_dir_holds_0700_directories_and_0600_files_whatever_the_umask():
+    """Pid file, sockets of the supervisor and its workers: 0600 like every other file."""
+    state = os.path.join(tmpdir(), "state")  # created by mphost
+    with Server("server2.lua", state=state, prefix_cmd=UMASK_0) as s:  # 3 workers
+        check(s.result("replicated-service", [1])["server"] in (1, 2, 3), "a worker answers")
+        kinds = {}
+        for d, dirs, files in os.walk(state):
+            for name in dirs + files:
+                st = os.lstat(os.path.join(d, name))
+                kind = "socket" if stat.S_ISSOCK(st.st_mode) else \
+                    "directory" if stat.S_ISDIR(st.st_mode) else "file"
+                kinds.setdefault(kind, set()).add(stat.S_IMODE(st.st_mode))
+        eq(sorted(kinds), ["directory", "file", "socket"], "what the state directory holds")
+        eq(kinds, {"directory": {0o700}, "file": {0o600}, "socket": {0o600}}, "their modes")
+    eq(stat.S_IMODE(os.stat(state).st_mode), 0o700, "the state directory")
+
+
 def test_existing_files_with_wide_modes_are_narrowed():
     """Our choice for a data directory an older mphost made (0755, files 0644): used, narrowed to
     0700 at start (with a warning), each file to 0600 when first opened."""

@@ -105,7 +105,10 @@ int mph_localsock_listen(int dirfd, const char *name, int backlog)
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return -errno;
-    if (bind(fd, (struct sockaddr *)&sa, len) != 0 || listen(fd, backlog) != 0) {
+    /* bind gives the socket file 0777 less the umask; every file of ours is 0600. Nobody
+     * else can reach it meanwhile: the directory is ours and 0700. */
+    if (bind(fd, (struct sockaddr *)&sa, len) != 0 || fchmodat(dirfd, name, 0600, 0) != 0 ||
+        listen(fd, backlog) != 0) {
         int e = errno;
         close(fd);
         return -e;
