@@ -26,6 +26,7 @@
 #include "internal.h"
 #include "json.h"
 #include "metaparticle_lua.h" /* generated from metaparticle.lua: mph_metaparticle_lua[] */
+#include "stdio_lua.h"        /* generated from stdio.lua: mph_stdio_lua[] */
 #include "watchdog.h"
 
 #define DEFAULT_MAX_RETRIES 50
@@ -446,6 +447,18 @@ static void open_module(mph_lua_t *lua, lua_State *L)
     lua_pop(L, 3);
 }
 
+/* Runs stdio.lua: io.write, io.stdout and io.stderr log through the escaping logger, as print
+ * does. Run by init_state. [-0, +0, e] */
+static void open_stdio(lua_State *L)
+{
+    if (luaL_loadbuffer(L, (const char *)mph_stdio_lua, mph_stdio_lua_len, "=stdio.lua") != 0)
+        lua_error(L);
+    lua_pushcfunction(L, l_log);
+    lua_pushinteger(L, MPH_LOG_INFO);
+    lua_pushinteger(L, MPH_LOG_WARN);
+    lua_call(L, 3, 0); /* inside init_state's lua_cpcall */
+}
+
 /* The state's setup, under lua_cpcall. [-0, +0, e] */
 static int init_state(lua_State *L)
 {
@@ -453,6 +466,7 @@ static int init_state(lua_State *L)
     luaL_openlibs(L);
     lua_pushcfunction(L, l_print);
     lua_setglobal(L, "print");
+    open_stdio(L);
     mph_json_init(L);
     lua_pushlightuserdata(L, &lua_owner_key);
     lua_pushlightuserdata(L, lua);

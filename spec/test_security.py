@@ -97,6 +97,8 @@ local mp = require("metaparticle")
 mp.service("echo-error", function(text)
   print("printed: " .. text)
   mp.log.warn("logged: " .. text)
+  io.write("written: ", text, "\\n")
+  io.stderr:write("to stderr: " .. text .. "\\n")
   error("raised: " .. text)
 end).expose = true
 mp.serve()
@@ -123,6 +125,13 @@ def test_client_text_cannot_forge_a_log_line():
             eq(len(mine), 1, "one line for %s" % what)
             check("\\n2026-01-01T00:00:00.000Z error FORGED\\r\\x1b[2J\\xc2\\x9b\\x7ftail" in mine[0],
                   "escaped: %r" % mine[0])
+        # io.write and io.stderr log each line they write, escaped, as the handler's.
+        for what in ("written", "to stderr"):
+            eq(len([l for l in lines if l.endswith("lua: %s: x" % what)]), 1, "one line for " + what)
+        rest = [l for l in lines if "lua: 2026-01-01T00:00:00.000Z error FORGED" in l]
+        eq(len(rest), 2, "the text after the newline, on a line of its own: %r" % rest)
+        for line in rest:
+            check(line.endswith("FORGED\\r\\x1b[2J\\xc2\\x9b\\x7ftail"), "escaped: %r" % line)
 
 
 def test_socket_names_squatted_by_another_user_stop_nothing():
