@@ -12,7 +12,7 @@ import time
 from http.server import BaseHTTPRequestHandler
 
 from harness import (MPHOST, SCRIPTS, RedisServer, Server, StubHTTP, check, console_steps, eq,
-                     private_network, wait_until)
+                     private_network, tmpdir, wait_until)
 from test_fetch import closed_port, metric
 
 OUTBOX = os.path.join(SCRIPTS, "outbox.lua")
@@ -369,6 +369,14 @@ def test_outbox_cli_lists_pending_messages_and_refuses_bad_storage():
                         closed_port()], capture_output=True, text=True, timeout=60)
     eq(p.returncode, 1, "unreachable Redis")
     eq(len(p.stderr.splitlines()), 1, p.stderr)
+    # Where nothing was ever stored, the listing creates nothing either.
+    fresh = tmpdir()
+    for dead in ([], ["--dead"]):
+        p = subprocess.run([MPHOST, OUTBOX, "outbox", "--data=" + os.path.join(fresh, "data")] +
+                           dead, capture_output=True, text=True, timeout=60)
+        eq((p.returncode, p.stdout), (0, "no %s messages\n" % ("dead" if dead else "pending")),
+           "a data directory that does not exist: " + p.stderr)
+    eq(os.listdir(fresh), [], "what the listing left")
 
 
 def test_mp_send_refuses_misuse_clearly():

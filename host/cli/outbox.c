@@ -4,18 +4,21 @@
  * deployment uses, opened from the same options as `serve` opens it. It needs no running
  * server and runs no script: the messages are keys of the outbox scopes (lua/bridge.h,
  * MPH_OUTBOX_*), loaded one after another on a loop of its own. A load is a read: the file
- * backend creates nothing for a scope never written, and a server running on the same
- * storage goes on undisturbed.
+ * backend creates nothing for a scope never written (and a data directory that does not
+ * exist is not opened, which would create it), and a server running on the same storage goes
+ * on undisturbed.
  *
  * What it prints (docs/outbox.md): a header, then one line per message sorted by due time,
  * columns ID, TARGET, METHOD, DUE (UTC, ISO 8601), ATTEMPTS (failed so far), LAST ERROR ("-"
  * when none); or "no pending messages" / "no dead messages".
  */
 #define _GNU_SOURCE
+#include <errno.h>
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <uv.h>
 
@@ -166,6 +169,13 @@ int mph_cli_outbox(mph_cli_t *cli)
                               .redis_prefix = h->redis_prefix,
                               .redis_timeout_ms = h->redis_timeout_ms};
     listing_t l = {.prefix = cli->dead ? MPH_OUTBOX_DEAD : MPH_OUTBOX_PENDING};
+    struct stat st;
+    if (strcmp(h->storage, "file") == 0 && lstat(h->data_dir, &st) != 0 && errno == ENOENT) {
+        /* Nothing was ever stored here; opening the backend would create the directory. */
+        printf("no %s messages\n", cli->dead ? "dead" : "pending");
+        uv_loop_close(&loop);
+        return 0;
+    }
     int rc = mph_store_open(&l.store, &loop, h->storage, &so, err, sizeof(err));
     if (rc != 0) {
         fprintf(stderr, "mphost: %s\n", err);
