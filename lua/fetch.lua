@@ -135,7 +135,10 @@ local function read_response(res)
   if type(doc) ~= "table" or doc.jsonrpc ~= "2.0" or (doc.result == nil) == (doc.error == nil) then
     return nil, failed(format("HTTP %d, and the body is not a JSON-RPC response", res.status))
   end
-  if doc.id ~= 1 then
+  -- An error the server could not tie to a request (it could not read it) has id null
+  -- (JSON-RPC 2.0, section 5): it is still the answer to ours.
+  local untied = doc.error ~= nil and (doc.id == nil or doc.id == M.null)
+  if doc.id ~= 1 and not untied then
     return nil, failed("the response's id is not the request's")
   end
   local e = doc.error

@@ -36,7 +36,8 @@ class Backend(StubHTTP):
       /big?n=BYTES           n bytes
       /status?code=N         that status, body "status N"
       /rpc                   a JSON-RPC endpoint: add(a, b), fail() (an error with data),
-                             garbage() (not JSON), wrongid() (another id)
+                             garbage() (not JSON), wrongid() (another id), refused() (an
+                             error with id null, as for a request it could not read)
     """
 
     def __init__(self, tls=None):
@@ -121,6 +122,9 @@ class Backend(StubHTTP):
                 elif method == "wrongid":
                     out["id"] = 99
                     out["result"] = 1
+                elif method == "refused":
+                    out["id"] = None
+                    out["error"] = {"code": -32600, "message": "Invalid Request"}
                 else:
                     out["error"] = {"code": -32601, "message": "Method not found"}
                 self.reply(200, json.dumps(out), "application/json")
@@ -385,6 +389,9 @@ def test_rpc_results_remote_errors_and_32008():
         eq(s.result("rpc", [b.url("/rpc"), "fail"]),
            {"error": {"code": -32050, "message": "it failed", "data": {"why": "on purpose"}}},
            "an error with data")
+        eq(s.result("rpc", [b.url("/rpc"), "refused"]),
+           {"error": {"code": -32600, "message": "Invalid Request"}},
+           "an error with id null (the server could not read the request's id) is its answer")
         # error(rerr) makes the remote error this call's.
         resp = s.rpc("rpc-raise", [b.url("/rpc"), "fail"])
         eq(resp.get("error"), {"code": -32050, "message": "it failed",
