@@ -383,3 +383,13 @@ void mph_log(mph_log_level_t level, const char *fmt, ...)
     line[len++] = '\n';
     fwrite(line, 1, len, stderr);
 }
+
+void mph_url_shown(const char *url, char *out, size_t size)
+{
+    const char *scheme_end = strstr(url, "://");
+    const char *at = strrchr(url, '@');
+    if (scheme_end == NULL || at == NULL || at < scheme_end)
+        snprintf(out, size, "%s", url);
+    else
+        snprintf(out, size, "%.*s%s", (int)(scheme_end + 3 - url), url, at + 1);
+}

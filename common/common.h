@@ -169,4 +169,10 @@ int mph_log_limit_pass(mph_log_limit_t *limit, unsigned period_ms, unsigned long
 /* Recovers the struct that embeds `ptr` as its member `field`. */
 #define mph_container_of(ptr, type, field) ((type *)((char *)(ptr)-offsetof(type, field)))
 
+/* url as messages and status may show it: without its credentials ("redis://:secret@host" is
+ * shown "redis://host", "https://user:pw@host/path" "https://host/path"); any scheme. All
+ * up to the last '@' goes, so a password holding '/' or '@' never shows (an '@' in a path
+ * takes some of the path with it). Writes at most size bytes, NUL included. */
+void mph_url_shown(const char *url, char *out, size_t size);
+
 #endif

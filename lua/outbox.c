@@ -118,6 +118,7 @@ typedef struct {
     mph_outbox_t *ob;
     int bucket;
     char *id, *token, *target, *method; /* owned */
+    char *shown;                        /* owned: target without credentials, for the log */
     char *params;                       /* owned JSON text, or NULL: none */
     char *user;                         /* owned: the sender's verified user, or NULL */
 } delivery_t;
@@ -195,6 +196,7 @@ static void delivery_free(delivery_t *d)
     free(d->id);
     free(d->token);
     free(d->target);
+    free(d->shown);
     free(d->method);
     free(d->params);
     free(d->user);
@@ -222,7 +224,7 @@ static void finish(delivery_t *d, const char *error)
     if (error) {
         d->ob->stats.delivered_error++;
         mph_log(MPH_LOG_INFO, "outbox: message %s (%s to %s) answered %s; that is final", d->id,
-                d->method, d->target, error);
+                d->method, d->shown, error);
     } else {
         d->ob->stats.delivered_ok++;
     }
@@ -250,7 +252,7 @@ static void on_retried(void *ud, mph_lua_reply_t *reply)
         mph_log(MPH_LOG_WARN,
                 "outbox: message %s (%s to %s) is dead: undelivered after --send-expiry; "
                 "mphost SCRIPT outbox --dead lists it",
-                d->id, d->method, d->target);
+                d->id, d->method, d->shown);
     } else if (strcmp(outcome, "\"retry\"") == 0) {
         ob->stats.retries++;
         soon(ob, d->bucket, 1000); /* its backoff starts at a second */
@@ -262,7 +264,7 @@ static void on_retried(void *ud, mph_lua_reply_t *reply)
 static void retry(delivery_t *d, const char *why)
 {
     mph_log(MPH_LOG_INFO, "outbox: message %s (%s to %s) not delivered: %s; retrying", d->id,
-            d->method, d->target, why);
+            d->method, d->shown, why);
     defer(d, NEXT_RETRY, why);
 }
 
@@ -407,6 +409,9 @@ static void start_delivery(mph_outbox_t *ob, int b, const char *token, json_t *m
     d->id = mph_xstrdup(id);
     d->token = mph_xstrdup(token);
     d->target = mph_xstrdup(target);
+    char shown[512];
+    mph_url_shown(target, shown, sizeof(shown));
+    d->shown = mph_xstrdup(shown);
     d->method = mph_xstrdup(method);
     d->params = params ? mph_xstrdup(params) : NULL;
     d->user = user ? mph_xstrdup(user) : NULL;

@@ -280,10 +280,13 @@ def test_a_job_that_resends_itself_ticks_once_per_period_across_restarts():
 
 def test_an_undeliverable_message_is_kept_as_dead_and_listed():
     for name, args, _ in storages():
-        url = "http://127.0.0.1:%d/" % closed_port()
+        port = closed_port()
+        url = "http://127.0.0.1:%d/" % port  # as logs and listings show it: no credentials
         with Server(OUTBOX, args + ["--send-expiry=2"]) as s:
-            mid = s.result("send", [url, "notify", {"order": 7}])
+            mid = s.result("send", ["http://alice:sekrit@127.0.0.1:%d/" % port, "notify",
+                                    {"order": 7}])
             wait_log(s, "outbox: message %s (notify to %s) is dead" % (mid, url))
+            check("sekrit" not in s.read_log(), "the password in the log: " + s.read_log())
             eq(outbox_cli(s)[1], "no pending messages\n", name)
             rc, out, err = outbox_cli(s, "--dead")
             eq(rc, 0, err)
@@ -295,6 +298,7 @@ def test_an_undeliverable_message_is_kept_as_dead_and_listed():
             check(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", fields[3]), fields[3])
             check(int(fields[4]) >= 2, name + ": attempts " + fields[4])
             check(fields[5].startswith("no answer: "), name + ": " + fields[5])
+            check("sekrit" not in out, "the password in the listing: " + out)
             eq(metric(s, 'mphost_outbox_delivered_total{result="dead"}'), 1, name)
             check(metric(s, "mphost_outbox_retries_total") >= 1, name + ": retried first")
 

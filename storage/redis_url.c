@@ -50,7 +50,7 @@ static int open_sentinel(mph_store_t **out, uv_loop_t *loop, const char *url,
 {
     char buf[1024], shown[1024];
     snprintf(buf, sizeof(buf), "%s", url + strlen("redis-sentinel://"));
-    mph_store_url_shown(url, shown, sizeof(shown));
+    mph_url_shown(url, shown, sizeof(shown));
     mph_store_redis_config_t rc = redis_config(o);
     char *list = take_password(buf, &rc.password);
     char *slash = strrchr(list, '/');
@@ -72,7 +72,7 @@ static int open_redis(mph_store_t **out, uv_loop_t *loop, const char *url,
 {
     char buf[1024], shown[1024];
     snprintf(buf, sizeof(buf), "%s", url + strlen("redis://"));
-    mph_store_url_shown(url, shown, sizeof(shown));
+    mph_url_shown(url, shown, sizeof(shown));
     mph_store_redis_config_t rc = redis_config(o);
     char *hostpart = take_password(buf, &rc.password);
     char *slash = strchr(hostpart, '/');

@@ -41,21 +41,11 @@ int mph_store_open(mph_store_t **out, uv_loop_t *loop, const char *url,
     const mph_store_backend_t *b = find(url);
     if (b == NULL) {
         char shown[1024];
-        mph_store_url_shown(url, shown, sizeof(shown));
+        mph_url_shown(url, shown, sizeof(shown));
         snprintf(err, errlen,
                  "unknown storage \"%s\" (expected file, redis://... or redis-sentinel://...)",
                  shown);
         return MPH_EINVAL;
     }
     return b->open(out, loop, url, opts, err, errlen);
-}
-
-void mph_store_url_shown(const char *url, char *out, size_t size)
-{
-    const char *scheme_end = strstr(url, "://");
-    const char *at = strrchr(url, '@');
-    if (scheme_end == NULL || at == NULL || at < scheme_end)
-        snprintf(out, size, "%s", url);
-    else
-        snprintf(out, size, "%.*s%s", (int)(scheme_end + 3 - url), url, at + 1);
 }

@@ -155,10 +155,6 @@ int mph_store_open(mph_store_t **out, uv_loop_t *loop, const char *url,
 /* Whether some backend takes url (its scheme is known). */
 int mph_store_url_known(const char *url);
 
-/* url as messages and status may show it: without its password ("redis://:secret@host" is
- * shown "redis://host"). Writes at most size bytes, NUL included. */
-void mph_store_url_shown(const char *url, char *out, size_t size);
-
 /* Opens the file backend on directory `dir` (created if missing). Returns 0 and a new store
  * in *out, or a negative code with a message in err. */
 int mph_store_file_open(mph_store_t **out, uv_loop_t *loop, const char *dir, char *err,

@@ -82,7 +82,10 @@ static void add_row(listing_t *l, const char *key, json_t *m)
     }
     row_t *r = &l->rows[l->n++];
     r->id = mph_xstrdup(key);
-    r->target = text_of(json_object_get(m, "t"));
+    const char *target = json_string_value(json_object_get(m, "t"));
+    char shown[512];
+    mph_url_shown(target ? target : "-", shown, sizeof(shown)); /* never a URL's credentials */
+    r->target = mph_xstrdup(shown);
     r->method = text_of(json_object_get(m, "m"));
     r->error = text_of(json_object_get(m, "err"));
     r->due = json_number_value(json_object_get(m, "due"));

@@ -54,7 +54,7 @@ int mph_cli_resolve_storage(mph_cli_t *cli)
         h->storage = cli->storage_url;
     }
     char shown[sizeof(cli->storage_url)];
-    mph_store_url_shown(h->storage, shown, sizeof(shown));
+    mph_url_shown(h->storage, shown, sizeof(shown));
     if (!mph_store_url_known(h->storage))
         return mph_cli_bad_usage("unknown storage: %s (expected file, redis, redis://... or "
                                  "redis-sentinel://...)",
