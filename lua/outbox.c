@@ -22,11 +22,15 @@
  * The loop. Every bucket is claimed each POLL_MS, sooner when a message is due sooner or a
  * send just happened here. A claim is a transaction (outbox.lua's ops.claim) that reads the
  * bucket (a fresh read: it sees every commit acknowledged before it) and leases the messages
- * that are due: it writes `lease` (now + LEASE_MS) and `by` (a token of this claim) into each,
+ * that are due: it writes `lease` (now + LEASE_MS) and `by` (this process's token) into each,
  * so the commit that decides the claim is the same CAS that orders everything else, and of
  * two processes claiming at once one wins and the other re-reads. A lease whose holder was
  * killed runs out, and the message is claimed again (within LEASE_MS + POLL_MS, + GRACE_MS
- * from another process). Then each leased message is delivered:
+ * from another process). A message this process is delivering still is claimed again like any
+ * other once its lease runs out (its own bucket's first, before another process may): that
+ * renews the lease, under the same token, and starts no second delivery (ob->delivering), so a
+ * handler that waits longer than a lease (in mp.fetch) keeps its message. Then each leased
+ * message is delivered:
  *   - to a URL: a JSON-RPC POST with `Idempotency-Key: <id>` through the host's outbound
  *     client (bridge.h, mph_lua_fetch_fn), FETCH_TIMEOUT_MS at most (less than the lease).
  *     A JSON-RPC response, result or error, is final: ops.done removes the message. No
@@ -95,14 +99,16 @@ typedef struct {
 } bucket_t;
 
 struct mph_outbox_s {
-    mph_lua_t *lua;     /* owner */
-    uv_timer_t timer;   /* fires at the earliest next_ms of the buckets not claiming */
-    int running;        /* between mph_lua_outbox_start and _stop: claims are made */
-    int home;           /* the bucket this process sends into */
-    unsigned expiry_ms; /* --send-expiry */
-    uint64_t seq;       /* numbers ids and claim tokens */
-    size_t inflight;    /* deliveries started, bookkeeping included, not finished */
-    mph_list_t queue;   /* deliveries whose next step waits for the timer (delivery_t.node) */
+    mph_lua_t *lua;       /* owner */
+    uv_timer_t timer;     /* fires at the earliest next_ms of the buckets not claiming */
+    int running;          /* between mph_lua_outbox_start and _stop: claims are made */
+    int home;             /* the bucket this process sends into */
+    unsigned expiry_ms;   /* --send-expiry */
+    uint64_t seq;         /* numbers ids */
+    char token[24];       /* `by` of the messages this process leases: its committer id, in hex */
+    mph_map_t delivering; /* deliveries started and not finished, by message id (delivery_t) */
+    size_t inflight;      /* deliveries started, bookkeeping included, not finished */
+    mph_list_t queue;     /* deliveries whose next step waits for the timer (delivery_t.node) */
     bucket_t buckets[MPH_OUTBOX_BUCKETS];
     mph_lua_outbox_stats_t stats;
 };
@@ -112,15 +118,16 @@ typedef enum { NEXT_START, NEXT_DONE, NEXT_RETRY } next_step_t;
 
 /* One message being delivered, from its claim to its last bookkeeping call. */
 typedef struct {
-    mph_list_t node; /* in ob->queue while its next step waits (first: list.h) */
+    mph_list_t node;      /* in ob->queue while its next step waits (first: list.h) */
+    mph_map_node_t by_id; /* in ob->delivering, under id */
     next_step_t next;
     char *why; /* owned: NEXT_RETRY's reason */
     mph_outbox_t *ob;
     int bucket;
-    char *id, *token, *target, *method; /* owned */
-    char *shown;                        /* owned: target without credentials, for the log */
-    char *params;                       /* owned JSON text, or NULL: none */
-    char *user;                         /* owned: the sender's verified user, or NULL */
+    char *id, *target, *method; /* owned */
+    char *shown;                /* owned: target without credentials, for the log */
+    char *params;               /* owned JSON text, or NULL: none */
+    char *user;                 /* owned: the sender's verified user, or NULL */
 } delivery_t;
 
 /* A claim in flight. */
@@ -192,9 +199,9 @@ static void defer(delivery_t *d, next_step_t next, const char *why)
 static void delivery_free(delivery_t *d)
 {
     mph_outbox_t *ob = d->ob;
+    mph_map_remove(&ob->delivering, &d->by_id);
     free(d->why);
     free(d->id);
-    free(d->token);
     free(d->target);
     free(d->shown);
     free(d->method);
@@ -272,7 +279,7 @@ static void run_retry(delivery_t *d)
 {
     mph_outbox_t *ob = d->ob;
     json_t *params =
-        json_pack("[isssIII]", d->bucket, d->id, d->token, d->why, (json_int_t)wall_ms(),
+        json_pack("[isssIII]", d->bucket, d->id, d->ob->token, d->why, (json_int_t)wall_ms(),
                   (json_int_t)ob->expiry_ms, (json_int_t)BACKOFF_MAX_MS);
     mph__txn_call_internal(ob->lua, "retry", params, NULL, 1, on_retried, d);
     json_decref(params);
@@ -303,7 +310,7 @@ static void on_self_delivered(void *ud, mph_lua_reply_t *reply)
 
 static void deliver_self(delivery_t *d)
 {
-    json_t *params = json_pack("[issss?]", d->bucket, d->id, d->token, d->method, d->params);
+    json_t *params = json_pack("[issss?]", d->bucket, d->id, d->ob->token, d->method, d->params);
     mph__txn_call_internal(d->ob->lua, "deliver", params, d->user, 0, on_self_delivered, d);
     json_decref(params);
 }
@@ -392,7 +399,7 @@ static void deliver_url(delivery_t *d)
 /* ---- Claims ---- */
 
 /* Starts the delivery of one claimed message (an element of ops.claim's msgs). */
-static void start_delivery(mph_outbox_t *ob, int b, const char *token, json_t *m)
+static void start_delivery(mph_outbox_t *ob, int b, json_t *m)
 {
     const char *id = json_string_value(json_object_get(m, "id"));
     const char *target = json_string_value(json_object_get(m, "t"));
@@ -403,11 +410,13 @@ static void start_delivery(mph_outbox_t *ob, int b, const char *token, json_t *m
         mph_log(MPH_LOG_WARN, "outbox: bucket %d holds a malformed message; left as it is", b);
         return;
     }
+    if (mph_map_find(&ob->delivering, id) != NULL)
+        return; /* its delivery goes on: this claim renewed its lease */
     delivery_t *d = mph_xcalloc(1, sizeof(*d));
     d->ob = ob;
     d->bucket = b;
     d->id = mph_xstrdup(id);
-    d->token = mph_xstrdup(token);
+    mph_map_insert(&ob->delivering, &d->by_id, d->id);
     d->target = mph_xstrdup(target);
     char shown[512];
     mph_url_shown(target, shown, sizeof(shown));
@@ -439,7 +448,7 @@ static void run_queue(mph_outbox_t *ob)
 }
 
 /* Reads ops.claim's result ({msgs, pending, next}) and starts the deliveries. */
-static void read_claim(claim_t *c, const char *token, const char *text, size_t len)
+static void read_claim(claim_t *c, const char *text, size_t len)
 {
     mph_outbox_t *ob = c->ob;
     bucket_t *bk = &ob->buckets[c->bucket];
@@ -455,44 +464,36 @@ static void read_claim(claim_t *c, const char *token, const char *text, size_t l
     if (n > 0 && (int)n >= c->limit)
         soon(ob, c->bucket, 0); /* there may be more */
     for (size_t i = 0; i < n; i++)
-        start_delivery(ob, c->bucket, token, json_array_get(msgs, i));
+        start_delivery(ob, c->bucket, json_array_get(msgs, i));
     json_decref(doc);
 }
 
-typedef struct {
-    claim_t c;
-    char token[64];
-} claim_call_t;
-
 static void on_claimed(void *ud, mph_lua_reply_t *reply)
 {
-    claim_call_t *cc = ud;
-    mph_outbox_t *ob = cc->c.ob;
-    bucket_t *bk = &ob->buckets[cc->c.bucket];
+    claim_t *c = ud;
+    mph_outbox_t *ob = c->ob;
+    bucket_t *bk = &ob->buckets[c->bucket];
     bk->claiming = 0;
-    soon(ob, cc->c.bucket, POLL_MS); /* or sooner, if a send asked meanwhile */
+    soon(ob, c->bucket, POLL_MS); /* or sooner, if a send asked meanwhile */
     if (reply->code != 0)
-        mph_log(MPH_LOG_DEBUG, "outbox: claiming bucket %d failed: %s", cc->c.bucket,
-                reply->message);
+        mph_log(MPH_LOG_DEBUG, "outbox: claiming bucket %d failed: %s", c->bucket, reply->message);
     else if (ob->running)
-        read_claim(&cc->c, cc->token, reply->json, reply->json_len);
-    free(cc);
+        read_claim(c, reply->json, reply->json_len);
+    free(c);
     arm(ob);
 }
 
 static void claim(mph_outbox_t *ob, int b)
 {
-    claim_call_t *cc = mph_xcalloc(1, sizeof(*cc));
-    cc->c = (claim_t){ob, b, CLAIM_LIMIT};
+    claim_t *c = mph_xmalloc(sizeof(*c));
+    *c = (claim_t){ob, b, CLAIM_LIMIT};
     if (MAX_INFLIGHT - ob->inflight < CLAIM_LIMIT)
-        cc->c.limit = (int)(MAX_INFLIGHT - ob->inflight);
-    snprintf(cc->token, sizeof(cc->token), "%016llx.%llx", (unsigned long long)ob->lua->committer,
-             (unsigned long long)++ob->seq);
+        c->limit = (int)(MAX_INFLIGHT - ob->inflight);
     ob->buckets[b].claiming = 1;
     ob->buckets[b].next_ms = UINT64_MAX; /* what asks for a claim from now on is kept */
-    json_t *params = json_pack("[iIsibII]", b, (json_int_t)wall_ms(), cc->token, cc->c.limit,
+    json_t *params = json_pack("[iIsibII]", b, (json_int_t)wall_ms(), ob->token, c->limit,
                                b == ob->home, (json_int_t)GRACE_MS, (json_int_t)LEASE_MS);
-    mph__txn_call_internal(ob->lua, "claim", params, NULL, 1, on_claimed, cc);
+    mph__txn_call_internal(ob->lua, "claim", params, NULL, 1, on_claimed, c);
     json_decref(params);
 }
 
@@ -590,7 +591,9 @@ void mph__outbox_new(mph_lua_t *lua)
     /* The home bucket: one per worker of each host, as far as the buckets go round. */
     ob->home = ((lua->host_id - 1) * lua->worker_count + lua->worker_id - 1) % MPH_OUTBOX_BUCKETS;
     ob->expiry_ms = 86400 * 1000;
+    snprintf(ob->token, sizeof(ob->token), "%016llx", (unsigned long long)lua->committer);
     mph_list_init(&ob->queue);
+    ob->delivering = (mph_map_t)MPH_MAP_INIT;
     lua->outbox = ob; /* its timer is initialised with the bridge's (vm.c) */
 }
 
@@ -609,6 +612,7 @@ void mph__outbox_free(mph_outbox_t *ob)
      * storage, and their leases run out. */
     while ((n = mph_list_pop(&ob->queue)) != NULL)
         delivery_free(mph_list_entry(n, delivery_t, node));
+    mph_map_free(&ob->delivering);
     free(ob);
 }
 

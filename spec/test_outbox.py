@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler
 
 from harness import (MPHOST, SCRIPTS, RedisServer, Server, StubHTTP, check, console_steps, eq,
                      private_network, tmpdir, wait_until)
-from test_fetch import closed_port, metric
+from test_fetch import Backend, closed_port, metric
 
 OUTBOX = os.path.join(SCRIPTS, "outbox.lua")
 VALGRIND = bool(os.environ.get("MPH_VALGRIND"))
@@ -274,6 +274,17 @@ def test_a_job_that_resends_itself_ticks_once_per_period_across_restarts():
         wait_until(lambda: outbox_cli(s)[1] == "no pending messages\n", name + ": chain ends", WAIT)
         eq(stats(s)["ticks"], 8, name + ": exactly one tick per period, none doubled or lost")
         s.stop()
+
+
+def test_a_delivery_that_waits_longer_than_its_lease_keeps_its_message():
+    """An mp.self handler that waits 8 s in mp.fetch, past the 6 s lease: this process's next
+    claim renews the lease instead of starting a second delivery that would void the first (and
+    then be voided in turn, for ever)."""
+    with Backend() as b, Server(OUTBOX) as s:
+        s.result("send", ["self", "slow-count", [b.url("/slow?s=8")]])
+        wait_until(lambda: stats(s)["got"] == 1, "the slow message delivered", WAIT)
+        eq(b.hit("/slow"), 1, "the handler ran, and fetched, once")
+        eq(outbox_cli(s)[1], "no pending messages\n", "nothing left")
 
 
 # ---- Dead messages ----

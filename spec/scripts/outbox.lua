@@ -40,6 +40,15 @@ mp.service("count", function(i)
   return g.got
 end)
 
+-- slow-count(url): as count, after waiting in mp.fetch(url) (a slow one: longer than a lease).
+mp.service("slow-count", function(url)
+  local res, err = mp.fetch(url)
+  if res == nil then error("fetch failed: " .. err) end
+  local g = mp.scope.global
+  g.got = (g.got or 0) + 1
+  return g.got
+end)
+
 -- seen() -> {keys, max}: how many distinct messages count ran, and the most times one ran.
 mp.service("seen", function()
   local n, max = 0, 0
