@@ -592,7 +592,8 @@ int mph_json_write_string(mph_buf_t *out, const char *s, size_t len)
 
 void mph_json_write_number(mph_buf_t *out, double d)
 {
-    if (d == floor(d) && fabs(d) < 9.2e18) {
+    /* Integral and within long long (-2^63 <= d < 2^63; both bounds are exact doubles). */
+    if (d == floor(d) && d >= -9223372036854775808.0 && d < 9223372036854775808.0) {
         mph_buf_put_int(out, (long long)d);
         return;
     }

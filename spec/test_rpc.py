@@ -186,6 +186,10 @@ def test_number_formatting():
     _, _, raw = post('{"jsonrpc":"2.0","method":"numbers","id":1}')
     check(b'"result":[0.1,1e+300,-0.5,9007199254740992,0.3333333333333333,2,0]' in raw, raw)
     eq(srv().result("echo", [2.0]), 2)
+    # Integral values that a double holds exactly, up to int64's ends, without an exponent.
+    for n in ["9223372036854774784", "-9223372036854775808", "9210000000000000000"]:
+        _, _, raw = post('{"jsonrpc":"2.0","method":"echo","params":[%s],"id":1}' % n)
+        check(b'"result":' + n.encode() + b"}" in raw, raw)
 
 
 def test_params_shapes():
