@@ -716,6 +716,17 @@ M.scope = setmetatable({}, {
   __newindex = function() error("mp.scope is read-only", 2) end,
 })
 
+-- mp.scoped(name, fn) -> what fn(scope) returns: the original storage library's form
+-- (`scoped('global', (scope) => ...)`). "global" and "user" are those scopes, any other name
+-- mp.scope.named(name); the same rules hold (inside a handler only).
+function M.scoped(name, fn)
+  if type(fn) ~= "function" then
+    error("mp.scoped: fn must be a function, got " .. type(fn), 2)
+  end
+  if name == "global" or name == "user" then return fn(M.scope[name]) end
+  return fn(named(name))
+end
+
 -- ---- Idempotency keys (lua/idem.c) ----
 --
 -- A call with a key opens its record's bucket (an internal scope, "i:N", that no mp.scope

@@ -147,6 +147,13 @@ def test_named_and_global_in_one_call_on_redis():
         eq(redis.cli("HGET", "mp:{global}:d", "n"), "3")
 
 
+def test_mp_scoped_is_the_same_scopes():
+    with Server(ACCOUNTS) as s:
+        eq(s.result("both", {"name": "x"}), {"named": 1, "global": 1})
+        eq(s.result("both-scoped", {"name": "x"}), {"named": 2, "global": 2}, "mp.scoped")
+        eq(s.result("read", {"name": "x"}), 2, "mp.scope.named sees what mp.scoped wrote")
+
+
 def test_invalid_scope_names_are_a_clear_error():
     with Server(ACCOUNTS) as s:
         for bad, what in ((["", ], "1 to 200 bytes"), (["x" * 201], "1 to 200 bytes"),

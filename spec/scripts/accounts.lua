@@ -61,6 +61,13 @@ expose("both", function(p)
   return {named = s.n, global = g.n}
 end)
 
+-- The same through mp.scoped(name, fn), the original's form.
+expose("both-scoped", function(p)
+  local named = mp.scoped(p.name, function(s) s.n = (s.n or 0) + 1; return s.n end)
+  local global = mp.scoped("global", function(g) g.n = (g.n or 0) + 1; return g.n end)
+  return {named = named, global = global}
+end)
+
 -- Reads scope a, then touches scope b (cold in a test: its load is held), then writes a from
 -- what it read: an increment of a made meanwhile must not be lost.
 expose("read_then_touch", function(p)
