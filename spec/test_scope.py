@@ -310,6 +310,31 @@ def test_damaged_record_before_valid_ones_is_refused_and_left_alone():
             eq(f.read(), bytes(good), name + ": the file is untouched")
 
 
+def test_a_damaged_snapshot_is_refused_naming_file_and_offset():
+    snap = record(3, [("requests", "3")])
+    data = tmpdir()
+    with open(os.path.join(data, "global.snap"), "wb") as f:
+        f.write(snap)
+    with Server("server5.lua", data=data) as s:
+        eq(s.result("simple-storage", [{}]), {"requests": 4}, "a sound snapshot loads")
+    flipped = bytearray(snap)
+    flipped[30] ^= 0x10
+    for name, content, offset in [("a flipped bit", bytes(flipped), 0),
+                                  ("bytes after its record", snap + b"junk", len(snap))]:
+        data = tmpdir()
+        path = os.path.join(data, "global.snap")
+        with open(path, "wb") as f:
+            f.write(content)
+        with Server("server5.lua", data=data) as s:
+            r = s.rpc("simple-storage", [{}])
+            eq(r.get("error", {}).get("code"), -32002, name)
+            check("corrupt snapshot %s at byte %d" % (os.path.realpath(path), offset)
+                  in r["error"]["message"], "%s: %s" % (name, r["error"]["message"]))
+            check(s.alive(), "the process stays up")
+        with open(path, "rb") as f:
+            eq(f.read(), content, name + ": the file is untouched")
+
+
 def test_version_0_1_log_still_loads():
     data = tmpdir()
     with open(os.path.join(data, "global.log"), "wb") as f:

@@ -1114,8 +1114,14 @@ static int read_snapshot(op_t *op, const char *path, mph_buf_t *buf, uint64_t *v
     if (bad)
         return op_fail(op, MPH_ESTORAGE, "cannot read", path);
     size_t pos = 0;
-    if (parse_record(buf, &pos, version, op, 0, NULL) != PARSE_OK || pos != buf->len) {
-        snprintf(op->message, sizeof(op->message), "corrupt snapshot %s", path);
+    parse_t parsed = parse_record(buf, &pos, version, op, 0, NULL);
+    if (parsed != PARSE_OK || pos != buf->len) {
+        /* One record is the whole file: the damage is in it (at byte 0) or after it. */
+        snprintf(op->message, sizeof(op->message), "corrupt snapshot %s at byte %zu: %s", path, pos,
+                 parsed == PARSE_OK    ? "bytes after its record"
+                 : parsed == PARSE_END ? "it is empty"
+                 : parsed == PARSE_BAD ? "its record's checksum or length does not hold"
+                                       : "its record's contents do not add up");
         return op->status = MPH_ECORRUPT;
     }
     *size = st.st_size;
