@@ -79,7 +79,7 @@ extern char **environ;
 #define QUICK_DEATH_MS 2000  /* a worker that dies younger than this "died at once" */
 #define BACKOFF_FIRST_MS 100 /* the wait before replacing it after a first quick death ... */
 #define BACKOFF_MAX_MS 10000 /* ... doubling with each quick death in a row, up to this */
-#define BEAT_CHECK_MS 250    /* how often the workers' heartbeats are looked at */
+#define BEAT_CHECK_MS 100    /* how often the workers' heartbeats are looked at */
 
 typedef enum { WORKER_IDLE, WORKER_STARTING, WORKER_READY, WORKER_SERVING } worker_state_t;
 typedef enum { GEN_PROBING, GEN_STARTING, GEN_CURRENT, GEN_STOPPING } gen_state_t;

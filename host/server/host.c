@@ -67,7 +67,8 @@
  * "Alive at" plus a timer rather than "busy since": libuv has no hook between the poll's return
  * and the I/O callbacks (where handlers run), so the start of a busy stretch cannot be stamped;
  * the end of each turn (uv_prepare, just before the poll) can. The supervisor allows the
- * handler time limit plus a second (MPH_HEARTBEAT_GRACE_MS) between two stamps. */
+ * handler time limit plus MPH_HEARTBEAT_GRACE_MS between two stamps: with this tick and its
+ * checks, a stuck worker is killed within the limit + 1 s of its call's start. */
 #define HEARTBEAT_TICK_MS 250
 
 /* A forward to another worker fails (-32005) after the handler time limit plus this: the
