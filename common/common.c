@@ -201,8 +201,9 @@ int mph_check_dir(const char *path, const char *what, unsigned refused, int root
         return MPH_EINVAL;
     }
     if (st.st_mode & refused) {
-        snprintf(err, errlen, "%s %s is %s to other users (mode %03o); refusing to use it", what,
-                 path, refused & 044 ? "open" : "writable", (unsigned)(st.st_mode & 0777));
+        snprintf(err, errlen, "%s %s is %s (mode %03o); refusing to use it", what, path,
+                 refused & 044 ? "open to other users" : "writable by group or others",
+                 (unsigned)(st.st_mode & 0777));
         return MPH_EINVAL;
     }
     return 0;

@@ -262,11 +262,12 @@ def test_max_retries_0_is_one_attempt():
         eq(a.result("simple-storage", [{}]), {"requests": 3}, "then a sees b's write")
 
 
-def test_state_dir_of_another_user_or_open_to_others_is_refused():
+def test_state_dir_of_another_user_or_writable_by_others_is_refused():
     cwd, env = workspace()
     state = env["MP_STATE_DIR"]
     port = free_port()
-    cases = [(0o777, None, "open to other users"), (0o755, None, "open to other users")]
+    cases = [(0o777, None, "writable by group or others"),
+             (0o775, None, "writable by group or others")]
     if os.geteuid() == 0:
         cases.append((0o700, "nobody", "belongs to uid"))
     for mode, owner, message in cases:
@@ -301,6 +302,20 @@ def test_state_dir_of_another_user_or_open_to_others_is_refused():
     check("refusing to use it" in s.read_log() and "serving without a pid file" in s.read_log(),
           s.read_log())
     eq(os.listdir(fresh), [], "nothing was written into it")
+    # One that others may only read (as os.makedirs leaves it) is used.
+    readable = os.path.join(tmpdir(), "state")
+    os.makedirs(readable, 0o755)
+    os.chmod(readable, 0o755)
+    env = dict(env, MP_STATE_DIR=readable)
+    rc, out, err = run(["examples/server1.lua", "--port=%d" % port], env=env, cwd=cwd)
+    eq(rc, 0, "deploy with a state directory of mode 755: " + err)
+    try:
+        rc, out, err = run(["examples/server1.lua", "status", "--port=%d" % port], env=env,
+                           cwd=cwd)
+        eq(rc, 0, "status: " + out + err)
+    finally:
+        run(["examples/server1.lua", "delete", "--port=%d" % port], env=env, cwd=cwd)
+    check(port_closed(port), "deleted")
 
 
 def test_links_at_the_log_or_pid_file_are_refused():

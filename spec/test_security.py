@@ -261,7 +261,7 @@ def test_the_access_log_is_refused_in_a_shared_directory_or_through_a_link():
     os.chmod(shared, 0o777)
     good = tmpdir()
     os.symlink(victim, os.path.join(good, "linked.log"))
-    cases = [(os.path.join(shared, "access.log"), "writable to other users"),
+    cases = [(os.path.join(shared, "access.log"), "writable by group or others"),
              (os.path.join(good, "linked.log"), "symbolic link")]
     for path, why in cases:
         rc, out, err = run([os.path.join(EXAMPLES, "server1.lua"), "serve", str(free_port()),

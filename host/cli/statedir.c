@@ -20,9 +20,10 @@
 #include "cli.h"
 #include "common/common.h"
 
-/* Refuses a state directory another user could have planted or can write into, as tmux and
- * ssh do: mphost (often root) writes its pid and log files there and signals the pids it
- * reads back. */
+/* Refuses a state directory another user could have planted or can write into: mphost (often
+ * root) writes its pid and log files there and signals the pids it reads back. One others may
+ * read is fine (DESIGN.md refuses "writable by group or others"): its files are 0600 and its
+ * sockets sit in a 0700 directory of their own. */
 static int check_state_dir(const char *dir, char *err, size_t errlen)
 {
     if (mkdir(dir, 0700) == 0) {
@@ -31,7 +32,7 @@ static int check_state_dir(const char *dir, char *err, size_t errlen)
         snprintf(err, errlen, "cannot create the state directory %s: %s", dir, strerror(errno));
         return MPH_EIO;
     }
-    return mph_check_dir(dir, "the state directory", 077, 0, err, errlen);
+    return mph_check_dir(dir, "the state directory", 022, 0, err, errlen);
 }
 
 int mph_cli_open_state_dir(mph_cli_t *cli, char *err, size_t errlen)
