@@ -35,15 +35,30 @@ static int check_state_dir(const char *dir, char *err, size_t errlen)
     return mph_check_dir(dir, "the state directory", 022, 0, err, errlen);
 }
 
+/* Whether $HOME is a directory of ours that nobody else can write into: then nobody else can
+ * make a name in it first, as anyone can in /tmp. */
+static int home_is_ours(const char *home)
+{
+    struct stat st;
+    return home && home[0] == '/' && stat(home, &st) == 0 && S_ISDIR(st.st_mode) &&
+           st.st_uid == geteuid() && (st.st_mode & 022) == 0;
+}
+
+/* $MP_STATE_DIR, else $XDG_RUNTIME_DIR/mphost, else $HOME/.mphost when HOME is ours, else
+ * /tmp/mphost-UID: the last is a name another user can take first (it is then refused, and
+ * MP_STATE_DIR is the way out), so it is only for users without a home of their own. */
 int mph_cli_open_state_dir(mph_cli_t *cli, char *err, size_t errlen)
 {
     char buf[4096];
     const char *env = getenv("MP_STATE_DIR");
     const char *xdg = getenv("XDG_RUNTIME_DIR");
+    const char *home = getenv("HOME");
     if (env && *env)
         snprintf(buf, sizeof(buf), "%s", env);
     else if (xdg && *xdg)
         snprintf(buf, sizeof(buf), "%s/mphost", xdg);
+    else if (home_is_ours(home))
+        snprintf(buf, sizeof(buf), "%s/.mphost", home);
     else
         snprintf(buf, sizeof(buf), "/tmp/mphost-%u", (unsigned)geteuid());
     int rc = check_state_dir(buf, err, errlen);
