@@ -71,7 +71,7 @@
  * reload the old and the new worker of an id run at once. */
 #define MPH_SHARED_MAGIC 0x31726873687068ULL   /* "mphshr1" */
 #define MPH_SHARED_BEATS (2 * MPH_MAX_WORKERS) /* beat indexes: a generation, and a reload's */
-#define MPH_HEARTBEAT_GRACE_MS 500
+#define MPH_HEARTBEAT_GRACE_MS 600
 
 typedef struct {
     uint64_t alive_ms; /* the worker's loop time (CLOCK_MONOTONIC ms) at its last turn; 0: none
