@@ -55,6 +55,12 @@ typedef void (*mph_lua_forward_host_fn)(void *fud, int host, int worker, mph_lua
  * only (host/rpc.c), which no other user's process reaches. */
 #define MPH_LUA_FORWARD_USER "mphost_user"
 
+/* A keyed call to an mp.shard service runs keyed on the shard's worker: its request object
+ * carries the client's Idempotency-Key in this member, and the answer of a call that found its
+ * record has this member true (the router's response then says Idempotent-Replayed). */
+#define MPH_LUA_FORWARD_KEY "mphost_idempotency_key"
+#define MPH_LUA_FORWARD_REPLAYED "mphost_replayed"
+
 /* An outbound HTTP exchange, what mp.fetch and mp.rpc ask for (lua/fetch.c). Every pointer is
  * borrowed for the duration of the mph_lua_fetch_fn call only: the fetcher copies what it
  * keeps. */

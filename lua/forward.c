@@ -219,6 +219,7 @@ static void on_answer(void *ud, mph_lua_reply_t *reply)
     a->json_len = reply->json_len;
     a->message = reply->message;
     reply->json = reply->message = NULL;
+    a->t->fwd_replayed |= reply->replayed;
     answer_done(a->t);
 }
 
@@ -231,6 +232,11 @@ static void forward_body(const mph_txn_t *t, mph_buf_t *body)
     if (t->user != NULL) { /* verified here: the other worker runs the call as this user */
         mph_buf_puts(body, ",\"" MPH_LUA_FORWARD_USER "\":");
         mph_json_write_string(body, t->user, strlen(t->user));
+    }
+    if (t->idem_key != NULL) { /* a keyed call to a shard runs keyed there (idem.c) */
+        mph_buf_puts(body, ",\"" MPH_LUA_FORWARD_KEY "\":");
+        const char *key = t->idem_key + t->idem_key_at;
+        mph_json_write_string(body, key, strlen(key)); /* printable ASCII: checked */
     }
     if (t->params != NULL) {
         mph_buf_puts(body, ",\"params\":");
@@ -260,8 +266,9 @@ void mph__forward_send(mph_txn_t *t)
             continue;
         }
         if (host == lua->host_id && worker == lua->worker_id) {
-            mph_lua_call_as(lua, t->fwd_role, t->user, t->method, strlen(t->method), t->params,
-                            on_answer, a);
+            const char *key = t->idem_key ? t->idem_key + t->idem_key_at : NULL;
+            mph_lua_call_keyed(lua, t->fwd_role, t->user, key, key ? strlen(key) : 0, t->method,
+                               strlen(t->method), t->params, on_answer, a);
             continue;
         }
         if (host == lua->host_id && lua->forward != NULL && worker <= lua->worker_count) {

@@ -152,8 +152,8 @@ const char *mph__idem_init(mph_txn_t *t, const char *key, size_t klen)
     if (!mph_lua_idem_key_valid(key, klen))
         return "Invalid Request: an Idempotency-Key must be 1 to 200 printable ASCII "
                "characters";
-    if (t->role != MPH_LUA_CALL)
-        return "Invalid Request: an Idempotency-Key is for a client's call only";
+    if (t->role == MPH_LUA_LEAF) /* a shard's is the client's key, passed on (forward.c) */
+        return "Invalid Request: an Idempotency-Key is for a client's call or a shard's only";
     if (fingerprint(t->method, t->params, t->idem_req) != 0)
         return "Invalid Request: cannot fingerprint the call (SHA-256 unavailable)";
     mph_buf_t b = MPH_BUF_INIT;
@@ -161,6 +161,7 @@ const char *mph__idem_init(mph_txn_t *t, const char *key, size_t klen)
         mph_buf_printf(&b, "u%zu:%s:", strlen(t->user), t->user);
     else
         mph_buf_puts(&b, "-");
+    t->idem_key_at = b.len;
     mph_buf_append(&b, key, klen);
     size_t len;
     t->idem_key = mph_buf_steal(&b, &len); /* NUL-terminated, as a buffer always is */
@@ -257,6 +258,7 @@ void mph__idem_reset(mph_txn_t *t, int keep_failure)
     t->outcome_message = NULL;
     t->outcome = 0;
     t->replayed = 0;
+    t->fwd_replayed = 0;
     t->idem_armed = 0;
     t->idem_apart = 0;
     t->idem_absent = 0;

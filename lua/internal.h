@@ -109,6 +109,7 @@ struct mph_txn_s {
     /* Idempotency keys (idem.c): */
     char *idem_key;        /* owned: the record's key in its bucket (the user's name and the
                               client's key), or NULL: the call has no key */
+    size_t idem_key_at;    /* where the client's key starts in idem_key (what a forward passes) */
     char *idem_scope;      /* owned: the bucket scope that holds the record */
     char idem_req[33];     /* the request's fingerprint, hex (method and params) */
     int idem_armed;        /* the attempt's handler has started: an error it raises is stored */
@@ -117,6 +118,7 @@ struct mph_txn_s {
                               by a replay, a -32006, or the attempt that stores an error */
     char *outcome_message; /* owned: its message */
     int replayed;          /* the outcome is an earlier call's stored reply */
+    int fwd_replayed;      /* a shard this attempt forwarded to answered a stored reply */
     int idem_probe;        /* no attempt has yet found the record absent in a bucket state known
                               current: the next one that does not find it only checks (idem.c,
                               "Runs nothing") */

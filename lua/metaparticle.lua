@@ -201,6 +201,9 @@ services["rpc.discover"] = {name = "rpc.discover", handler = discover, expose = 
 local UNAUTHORIZED = C.UNAUTHORIZED
 local STORAGE_UNAVAILABLE = C.STORAGE_UNAVAILABLE
 
+-- The handlers mp.shard and mp.scatter made (and mp.basicAuth's wrappers of them) -> which.
+local routers = setmetatable({}, {__mode = "k"})
+
 function M.basicAuth(fn)
   if type(fn) ~= "function" then
     error("mp.basicAuth: handler must be a function", 2)
@@ -211,6 +214,7 @@ function M.basicAuth(fn)
     return fn(...)
   end
   needs_user[protected] = true
+  routers[protected] = routers[fn] -- it routes as fn does (I.run, check_inner)
   return protected
 end
 
@@ -271,7 +275,6 @@ function M.spread(n, fn)
   return inherit_auth(fn, function(...) return fn(...) end)
 end
 
-local routers = setmetatable({}, {__mode = "k"}) -- router -> "mp.shard" or "mp.scatter"
 
 local function check_inner(what, name, f)
   if type(f) ~= "function" then
@@ -305,7 +308,7 @@ local function router(what, role, inner, route)
     if r ~= nil then
       raise(-32603, what .. ": another worker forwarded a call here as " .. r, nil, 0)
     end
-    if rec.idem then -- its record could not commit with what runs on the other workers
+    if rec.idem and what ~= "mp.shard" then -- its leaves' records could not commit as one
       raise(-32600, "Invalid Request: " .. what .. " services take no Idempotency-Key (their " ..
         "handlers run in transactions of their own on other workers)", nil, 0)
     end
@@ -328,7 +331,9 @@ function M.shard(n, keyfn, fn)
       "before the call is routed)"
     local target, here = C.shard_target(keyfn(...), n)
     rec.routing = nil
-    if here then return fn(...) end
+    -- A keyed call is always forwarded, even to this worker: it runs keyed there, in a
+    -- transaction of its own, whose commit holds its record beside its writes (I.run).
+    if here and not rec.idem then return fn(...) end
     return forward(rec, "mp.shard", "shard", target, target,
       "mp.shard: a call forwarded to another worker may not use a scope where it arrived")[1]
   end)
@@ -820,7 +825,11 @@ I.current, I.open_scope, I.raise, I.array = C.current, open_scope, raise, M.arra
 -- attempt any more (the checkpoint ends the time limit's power to), merges them into the
 -- pending state and tells the runner which scopes the transaction joined.
 function I.run(rec, ...)
-  if rec.idem then
+  if rec.idem and rec.role == nil and routers[rec.handler] == "mp.shard" then
+    -- A client's keyed call to a shard: here it is only routed; the shard's worker runs it
+    -- keyed (the key goes with it, lua/forward.c), its record committed with its writes.
+    C.set_result(call_handler(rec, ...))
+  elseif rec.idem then
     run_keyed(rec, rec.idem, ...)
   else
     C.set_result(call_handler(rec, ...))

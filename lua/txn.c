@@ -290,7 +290,8 @@ static void end_attempt(mph_txn_t *t, int close_roots)
 
 static void deliver(mph_txn_t *t, int code, const char *message, mph_buf_t *data)
 {
-    mph_lua_reply_t reply = {code, NULL, 0, NULL, t->replayed};
+    /* A shard's replay is counted where it happened, and said here. */
+    mph_lua_reply_t reply = {code, NULL, 0, NULL, t->replayed || t->fwd_replayed};
     t->lua->stats.idem_replays += (uint64_t)t->replayed;
     if (data && data->len)
         reply.json = mph_buf_steal(data, &reply.json_len);

@@ -213,6 +213,19 @@ def test_hosts_exact_counter_behind_mp_shard_under_parallel_clients():
         check(all(s.alive() for s in c.servers), "no process died")
 
 
+def test_hosts_a_keyed_call_runs_once_on_its_shards_host():
+    """An Idempotency-Key goes with the call to the shard's host (inside the signed call) and
+    the call runs keyed there: the same call with the same key through every host counts once."""
+    with RedisServer() as redis, Cluster(redis) as c:
+        for key in ["k%d" % i for i in range(6)]:
+            answers = [result(port, "count", [key], {"Idempotency-Key": "ik-" + key})
+                       for port in c.ports]
+            eq(answers[0]["count"], 1, key)
+            eq(answers[0]["host"], place(shard_of(key))[0], "host of " + key)
+            eq(answers, [answers[0]] * 3, key + ": every host answers the first call's reply")
+            eq(result(c.ports[0], "count", [key])["count"], 2, key + ": ran once, then again")
+
+
 # ---- Signed calls ----
 
 def test_hosts_refuse_a_wrong_secret_and_run_nothing():

@@ -261,18 +261,52 @@ def test_keys_are_per_user():
         eq((status, body["error"]["code"]), (401, -32004), "no credentials")
 
 
-def test_a_routed_service_takes_no_key():
+ROUTED = """
+local mp = require("metaparticle")
+local function count(p)
+  local s = mp.scope.named("k" .. p.k); s.n = (s.n or 0) + 1
+  return {n = s.n, worker = mp.worker.id}
+end
+mp.service("sharded", mp.shard(3, function(p) return p.k end, count)).expose = true
+mp.service("read", function(p) return mp.scope.named("k" .. p.k).n or 0 end).expose = true
+mp.service("fails", mp.shard(3, function(p) return p.k end, function(p)
+  local s = mp.scope.named("f" .. p.k); s.n = (s.n or 0) + 1
+  mp.error(-32050, "no", {runs = s.n})
+end)).expose = true
+mp.service("gathered", mp.scatter(3, function() return 1 end, function(r) return #r end)).expose = true
+mp.serve()
+"""
+
+
+def test_a_keyed_call_to_a_shard_runs_once_on_its_shard():
+    """The key goes with the call to the shard's worker, which runs it keyed: its record
+    commits with its writes there, and a duplicate, arriving at any worker, replays it."""
     script = os.path.join(tmpdir("mph-script-"), "routed.lua")
     with open(script, "w") as f:
-        f.write('local mp = require("metaparticle")\n'
-                'mp.service("sharded", mp.shard(2, function(p) return p.k end, function(p)\n'
-                '  local g = mp.scope.global; g.n = (g.n or 0) + 1; return g.n end)).expose = true\n'
-                'mp.serve()\n')
-    with Server(script) as s:
-        body, _ = call(s.port, "sharded", {"k": 1}, key="r")
-        eq(body.get("error", {}).get("code"), -32600, "keyed call of mp.shard: %r" % body)
-        body, _ = call(s.port, "sharded", {"k": 1})
-        eq(body.get("result"), 1, "without a key")
+        f.write(ROUTED)
+
+    def run(storage):
+        with Server(script, storage) as s:
+            for k in range(6):  # every shard, some on the worker the call arrives at
+                first, r1 = call(s.port, "sharded", {"k": k}, key="r%d" % k)
+                eq((first["result"]["n"], first["result"]["worker"], r1), (1, k % 3 + 1, None),
+                   "k=%d, first" % k)
+                for _ in range(3):  # new connections: any worker gets them
+                    again, r2 = call(s.port, "sharded", {"k": k}, key="r%d" % k)
+                    eq((again["result"], r2), (first["result"], "true"), "k=%d, again" % k)
+                eq(plain(s.port, "read", {"k": k}), 1, "k=%d: the handler ran once" % k)
+                body, _ = call(s.port, "sharded", {"k": k + 3}, key="r%d" % k)
+                eq(body["error"]["code"], -32006, "k=%d: the key with other params" % k)
+            # An error the shard's handler raised is stored there, and replayed.
+            e1, _ = call(s.port, "fails", {"k": 1}, key="f")
+            e2, r2 = call(s.port, "fails", {"k": 1}, key="f")
+            eq(e1["error"], {"code": -32050, "message": "no", "data": {"runs": 1}}, "the error")
+            eq((e2["error"], r2), (e1["error"], "true"), "replayed")
+            # A scatter's leaves commit apart: no one record can hold them.
+            body, _ = call(s.port, "gathered", [], key="g")
+            eq(body.get("error", {}).get("code"), -32600, "keyed call of mp.scatter: %r" % body)
+            eq(plain(s.port, "gathered", []), 3, "without a key")
+    on_both(run)
 
 
 def test_metrics_count_replays():

@@ -8,7 +8,8 @@
  *   SIG " mphost-peer/1 " ROLE " " FROM " " TO " " WORKER " " TS " " NONCE "\n" CALL
  *
  * CALL is the JSON-RPC request the workers of one host forward to each other (forward.c:
- * method, params, and the verified user as MPH_LUA_FORWARD_USER); ROLE is "shard" or "leaf";
+ * method, params, the verified user as MPH_LUA_FORWARD_USER, a keyed call's key as
+ * MPH_LUA_FORWARD_KEY); ROLE is "shard" or "leaf";
  * FROM and TO are host numbers, WORKER the worker of TO the call is for; TS the sender's
  * wall clock in milliseconds; NONCE 32 hex digits never used twice by the sender (a random
  * prefix per process and a counter). SIG is HMAC-SHA256, in 64 lowercase hex digits, over
@@ -684,6 +685,8 @@ static void respond_reply(mph_http_req_t *req, const mph_lua_reply_t *reply)
         }
         mph_buf_puts(&b, "}");
     }
+    if (reply->replayed) /* a keyed shard call found its record (forward.c) */
+        mph_buf_puts(&b, ",\"" MPH_LUA_FORWARD_REPLAYED "\":true");
     mph_buf_puts(&b, "}\n");
     size_t n;
     char *data = mph_buf_steal(&b, &n);

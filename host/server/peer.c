@@ -329,6 +329,7 @@ int mph_peer_read_answer(const char *text, size_t len, mph_lua_reply_t *reply, c
         snprintf(why, whylen, "its answer is not a JSON-RPC reply");
     if (rc == 0 && b.len > 0)
         reply->json = mph_buf_steal(&b, &reply->json_len);
+    reply->replayed = rc == 0 && json_is_true(json_object_get(doc, MPH_LUA_FORWARD_REPLAYED));
     mph_buf_free(&b);
     json_decref(doc);
     return rc;

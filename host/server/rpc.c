@@ -209,6 +209,10 @@ static void on_reply(void *ud, mph_lua_reply_t *reply)
         } else {
             write_error(&p->out, p->id, reply->code, reply->message, reply->json, reply->json_len);
         }
+        if (reply->replayed && p->call->role != MPH_LUA_CALL) { /* for the router (forward.c) */
+            p->out.len--;                                       /* the object's closing brace */
+            mph_buf_puts(&p->out, ",\"" MPH_LUA_FORWARD_REPLAYED "\":true}");
+        }
     }
     part_done(p);
 }
@@ -348,6 +352,11 @@ static void dispatch(mph_rpc_t *rpc, part_t *p, const json_t *r)
         p->method = json_incref(method);
     if (p->call->role != MPH_LUA_CALL) {
         json_t *user = json_object_get(r, MPH_LUA_FORWARD_USER);
+        json_t *key = json_object_get(r, MPH_LUA_FORWARD_KEY); /* a keyed call to a shard */
+        if (json_is_string(key)) {
+            p->call->idem_key = json_string_value(key); /* r outlives the call's start */
+            p->call->idem_len = json_string_length(key);
+        }
         run_call(rpc, p, r, json_is_string(user) ? json_string_value(user) : NULL);
         return;
     }
