@@ -275,7 +275,6 @@ function M.spread(n, fn)
   return inherit_auth(fn, function(...) return fn(...) end)
 end
 
-
 local function check_inner(what, name, f)
   if type(f) ~= "function" then
     error(what .. ": " .. name .. " must be a function", 3)

@@ -15,12 +15,14 @@ local function log_stream(name, level)
   local stream = {}
 
   local function emit_lines()
+    local at = 1 -- one pass: a big write of many lines is not copied once per line
     while true do
-      local nl = find(pending, "\n", 1, true)
+      local nl = find(pending, "\n", at, true)
       if nl == nil then break end
-      log(level, sub(pending, 1, nl - 1))
-      pending = sub(pending, nl + 1)
+      log(level, sub(pending, at, nl - 1))
+      at = nl + 1
     end
+    pending = sub(pending, at)
     if #pending >= MAX_PENDING then
       log(level, pending)
       pending = ""
