@@ -2,7 +2,6 @@
 can do to a deployment, tried as that user (`setpriv` to nobody when the suite runs as root),
 and what a deployment must never show: secrets in command lines, lines of a client's making in
 its log."""
-import ctypes
 import glob
 import os
 import shutil
@@ -11,11 +10,11 @@ import socket
 import subprocess
 import sys
 import time
-import traceback
 
 from harness import (EXAMPLES, SCRIPTS, RedisServer, Server, TestFailure, check, deployment_file,
                      eq, free_port, run, tmpdir, wait_until)
 from test_ops import get
+from test_security_files import as_nobody
 from test_scope import wait_log
 from test_workers import started, status
 
@@ -136,49 +135,19 @@ def test_client_text_cannot_forge_a_log_line():
             check(line.endswith("FORGED\\r\\x1b[2J\\xc2\\x9b\\x7ftail"), "escaped: %r" % line)
 
 
-def in_private_mounts(test):
-    """Runs test in a child process with a mount namespace of its own (mounts made there are
-    seen by nothing else on the machine); its failure is raised here."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        code, report = 0, ""
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            ms_rec, ms_private, clone_newns = 0x4000, 0x40000, 0x20000
-            check(libc.unshare(clone_newns) == 0 and
-                  libc.mount(b"none", b"/", None, ms_rec | ms_private, None) == 0,
-                  "a private mount namespace: errno %d" % ctypes.get_errno())
-            test(libc)
-        except BaseException:  # pylint: disable=broad-except
-            code, report = 1, traceback.format_exc()
-        os.write(w, report[-6000:].encode())
-        os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        report = f.read().decode(errors="replace")
-    _, status_ = os.waitpid(pid, 0)
-    if status_ != 0:
-        raise TestFailure("in a mount namespace of its own:\n" + report)
-
-
 def test_another_user_taking_the_tmp_state_dir_first_stops_no_deployment():
     """Without MP_STATE_DIR and XDG_RUNTIME_DIR the state directory is $HOME/.mphost, a name
     nobody else can take first; /tmp/mphost-UID, which another user can, only serves a user
     without a home of its own (and is then refused, as any directory of another uid is)."""
     as_root()
     tmp_name = "/tmp/mphost-%d" % os.geteuid()
-    made = not os.path.exists(tmp_name)
-    if made:  # a mount point for the squatter's directory, seen here only (below)
-        os.mkdir(tmp_name, 0o700)
-
-    def test(libc):
-        squat = tmpdir()
-        shutil.chown(squat, "nobody")  # another user's, open to all: as a squatter leaves it
-        os.chmod(squat, 0o777)
-        check(libc.mount(squat.encode(), tmp_name.encode(), None, 0x1000, None) == 0,  # MS_BIND
-              "bind mount: errno %d" % ctypes.get_errno())
+    kept = tmp_name + ".kept-by-test-%d" % os.getpid()
+    if os.path.exists(tmp_name):  # ours, from an earlier run: put back afterwards
+        os.rename(tmp_name, kept)
+    try:
+        # Another user takes the name first, open to all, as a squatter would.
+        rc, out = as_nobody("mkdir", "-m", "777", tmp_name)
+        eq(rc, 0, "nobody makes %s: %s" % (tmp_name, out))
         home = tmpdir()
         os.chmod(home, 0o700)
         env = {k: v for k, v in os.environ.items() if k not in ("MP_STATE_DIR", "XDG_RUNTIME_DIR")}
@@ -194,17 +163,15 @@ def test_another_user_taking_the_tmp_state_dir_first_stops_no_deployment():
         finally:
             rc, out, err = run([script, "delete", "--port=%d" % port], env=dict(env, HOME=home))
         eq(rc, 0, "delete: " + err)
-        eq(os.listdir(squat), [], "nothing written into the squatter's directory")
+        eq(os.listdir(tmp_name), [], "nothing written into the squatter's directory")
         # Without a home of its own, /tmp/mphost-UID it is: another uid's, so refused.
         rc, out, err = run([script, "--port=%d" % port], env=dict(env, HOME="/nonexistent"))
         eq(rc, 1, "deploy without a home")
         check(tmp_name in err and "belongs to uid" in err, err)
-
-    try:
-        in_private_mounts(test)
     finally:
-        if made:
-            os.rmdir(tmp_name)
+        shutil.rmtree(tmp_name, ignore_errors=True)
+        if os.path.exists(kept):
+            os.rename(kept, tmp_name)
 
 
 def test_socket_names_squatted_by_another_user_stop_nothing():
