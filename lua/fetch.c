@@ -333,21 +333,8 @@ static const luaL_Reg fetch_helpers[] = {{"current", l_fetch_current},
 
 void mph__fetch_open(mph_lua_t *lua, lua_State *L)
 {
-    if (luaL_loadbuffer(L, (const char *)mph_fetch_lua, mph_fetch_lua_len, "=fetch.lua") != 0)
-        lua_error(L);
-    lua_createtable(L, 0, 6); /* Stack: chunk, F */
-    for (const luaL_Reg *r = fetch_helpers; r->name; r++) {
-        lua_pushlightuserdata(L, lua);
-        lua_pushcclosure(L, r->func, 1);
-        lua_setfield(L, -2, r->name);
-    }
-    lua_pushinteger(L, MPH_RPC_OUTBOUND_FAILED);
+    mph__lua_load_part(lua, L, mph_fetch_lua, mph_fetch_lua_len, "=fetch.lua", fetch_helpers);
+    lua_pushinteger(L, MPH_RPC_OUTBOUND_FAILED); /* Stack: chunk, F */
     lua_setfield(L, -2, "OUTBOUND_FAILED");
-    lua_getglobal(L, "package");
-    lua_getfield(L, -1, "loaded");
-    lua_getfield(L, -1, "metaparticle"); /* Stack: chunk, F, package, loaded, M */
-    lua_replace(L, -3);
-    lua_pop(L, 1);                                        /* Stack: chunk, F, M */
-    lua_rawgeti(L, LUA_REGISTRYINDEX, lua->internal_ref); /* Stack: chunk, F, M, I */
-    lua_call(L, 3, 0);
+    mph__lua_run_part(lua, L);
 }

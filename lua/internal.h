@@ -338,6 +338,17 @@ uint64_t mph__lua_random(mph_lua_t *lua);
 void mph__lua_push_error(mph_lua_t *lua, lua_State *L, int code, const char *message);
 /* The mph_lua_t every C helper of the module carries as its first upvalue. */
 mph_lua_t *mph__lua_upvalue(lua_State *L);
+/* Sets each of `helpers` (NULL-terminated) in the table on top of the stack, as a closure over
+ * lua. [-0, +0, m] */
+void mph__lua_set_helpers(mph_lua_t *lua, lua_State *L, const luaL_Reg *helpers);
+/* A part of the module built into the binary (fetch.lua, outbox.lua): loads the chunk (text,
+ * len, named `name` in tracebacks) and pushes its table of C helpers; the caller adds its
+ * constants to that table, then mph__lua_run_part runs chunk(T, M, I). Inside init_state's
+ * protected call. [-0, +2, e] */
+void mph__lua_load_part(mph_lua_t *lua, lua_State *L, const unsigned char *text, size_t len,
+                        const char *name, const luaL_Reg *helpers);
+/* Runs the part loaded (Stack: chunk, T) with the module M and its internals I. [-2, +0, e] */
+void mph__lua_run_part(mph_lua_t *lua, lua_State *L);
 
 /* forward.c */
 /* The C helpers of mp.shard and mp.scatter (C.shard_target, C.forward, C.forwarded). */

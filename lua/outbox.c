@@ -559,15 +559,8 @@ static const luaL_Reg outbox_helpers[] = {
 
 void mph__outbox_open(mph_lua_t *lua, lua_State *L)
 {
-    if (luaL_loadbuffer(L, (const char *)mph_outbox_lua, mph_outbox_lua_len, "=outbox.lua") != 0)
-        lua_error(L);
-    lua_createtable(L, 0, 8); /* Stack: chunk, O */
-    for (const luaL_Reg *r = outbox_helpers; r->name; r++) {
-        lua_pushlightuserdata(L, lua);
-        lua_pushcclosure(L, r->func, 1);
-        lua_setfield(L, -2, r->name);
-    }
-    lua_pushinteger(L, MPH_OUTBOX_BUCKETS);
+    mph__lua_load_part(lua, L, mph_outbox_lua, mph_outbox_lua_len, "=outbox.lua", outbox_helpers);
+    lua_pushinteger(L, MPH_OUTBOX_BUCKETS); /* Stack: chunk, O */
     lua_setfield(L, -2, "BUCKETS");
     lua_pushinteger(L, lua->outbox->home);
     lua_setfield(L, -2, "HOME");
@@ -575,13 +568,7 @@ void mph__outbox_open(mph_lua_t *lua, lua_State *L)
     lua_setfield(L, -2, "SKIP");
     lua_pushliteral(L, SKIP_MESSAGE);
     lua_setfield(L, -2, "SKIP_MESSAGE");
-    lua_getglobal(L, "package");
-    lua_getfield(L, -1, "loaded");
-    lua_getfield(L, -1, "metaparticle"); /* Stack: chunk, O, package, loaded, M */
-    lua_replace(L, -3);
-    lua_pop(L, 1);                                        /* Stack: chunk, O, M */
-    lua_rawgeti(L, LUA_REGISTRYINDEX, lua->internal_ref); /* Stack: chunk, O, M, I */
-    lua_call(L, 3, 0);
+    mph__lua_run_part(lua, L);
 }
 
 void mph__outbox_new(mph_lua_t *lua)

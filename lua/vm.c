@@ -387,6 +387,39 @@ static void *test_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
 }
 #endif
 
+void mph__lua_set_helpers(mph_lua_t *lua, lua_State *L, const luaL_Reg *helpers)
+{
+    for (const luaL_Reg *r = helpers; r->name; r++) {
+#ifdef MPH_TEST_HOOKS
+        if (r->func == l_fail_allocations && !lua->alloc_test)
+            continue;
+#endif
+        lua_pushlightuserdata(L, lua);
+        lua_pushcclosure(L, r->func, 1);
+        lua_setfield(L, -2, r->name);
+    }
+}
+
+void mph__lua_load_part(mph_lua_t *lua, lua_State *L, const unsigned char *text, size_t len,
+                        const char *name, const luaL_Reg *helpers)
+{
+    if (luaL_loadbuffer(L, (const char *)text, len, name) != 0)
+        lua_error(L);
+    lua_createtable(L, 0, 8); /* Stack: chunk, T */
+    mph__lua_set_helpers(lua, L, helpers);
+}
+
+void mph__lua_run_part(mph_lua_t *lua, lua_State *L)
+{
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "loaded");
+    lua_getfield(L, -1, "metaparticle"); /* Stack: chunk, T, package, loaded, M */
+    lua_replace(L, -3);
+    lua_pop(L, 1);                                        /* Stack: chunk, T, M */
+    lua_rawgeti(L, LUA_REGISTRYINDEX, lua->internal_ref); /* Stack: chunk, T, M, I */
+    lua_call(L, 3, 0);
+}
+
 /* Runs metaparticle.lua with the helper table; leaves package.loaded.metaparticle = M and
  * keeps I in the registry. Run by init_state. [-0, +0, e] */
 static void open_module(mph_lua_t *lua, lua_State *L)
@@ -398,17 +431,8 @@ static void open_module(mph_lua_t *lua, lua_State *L)
     lua_createtable(L, 0, 24);
     const luaL_Reg *lists[] = {helper_functions, mph__txn_helpers, mph__forward_helpers,
                                mph__scopes_helpers, mph__idem_helpers};
-    for (size_t i = 0; i < sizeof(lists) / sizeof(lists[0]); i++) {
-        for (const luaL_Reg *r = lists[i]; r->name; r++) {
-#ifdef MPH_TEST_HOOKS
-            if (r->func == l_fail_allocations && !lua->alloc_test)
-                continue;
-#endif
-            lua_pushlightuserdata(L, lua);
-            lua_pushcclosure(L, r->func, 1);
-            lua_setfield(L, -2, r->name);
-        }
-    }
+    for (size_t i = 0; i < sizeof(lists) / sizeof(lists[0]); i++)
+        mph__lua_set_helpers(lua, L, lists[i]);
     lua_pushlightuserdata(L, NULL);
     lua_setfield(L, -2, "null");
     lua_newtable(L);
