@@ -182,8 +182,7 @@ void mph_buf_free(mph_buf_t *b)
     b->len = b->cap = 0;
 }
 
-int mph_check_dir(const char *path, const char *what, unsigned refused, int root_ok, char *err,
-                  size_t errlen)
+int mph_check_dir(const char *path, const char *what, int root_ok, char *err, size_t errlen)
 {
     struct stat st;
     if (lstat(path, &st) != 0) {
@@ -200,9 +199,9 @@ int mph_check_dir(const char *path, const char *what, unsigned refused, int root
                  path, (unsigned)st.st_uid, (unsigned)geteuid());
         return MPH_EINVAL;
     }
-    if (st.st_mode & refused) {
-        snprintf(err, errlen, "%s %s is %s (mode %03o); refusing to use it", what, path,
-                 refused & 044 ? "open to other users" : "writable by group or others",
+    if (st.st_mode & 022) {
+        snprintf(err, errlen,
+                 "%s %s is writable by group or others (mode %03o); refusing to use it", what, path,
                  (unsigned)(st.st_mode & 0777));
         return MPH_EINVAL;
     }

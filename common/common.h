@@ -110,11 +110,10 @@ int mph_read_line(int fd, char *line, size_t size, int timeout_ms);
 
 /* Checks that the directory at path is one no other user can have planted or can write into:
  * not a symbolic link, owned by our effective uid (or by root, when root_ok: a directory such
- * as /var/log), and with none of the mode bits in `refused` (022: writable by group or
- * others; 077: open to them at all). `what` names it in the message ("the state directory").
- * Returns 0, or MPH_EINVAL (MPH_EIO when it cannot be looked at) with a message in err. */
-int mph_check_dir(const char *path, const char *what, unsigned refused, int root_ok, char *err,
-                  size_t errlen);
+ * as /var/log), and not writable by group or others. `what` names it in the message ("the
+ * state directory"). Returns 0, or MPH_EINVAL (MPH_EIO when it cannot be looked at) with a
+ * message in err. */
+int mph_check_dir(const char *path, const char *what, int root_ok, char *err, size_t errlen);
 
 /* -- Logging -- */
 typedef enum {

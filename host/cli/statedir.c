@@ -32,7 +32,7 @@ static int check_state_dir(const char *dir, char *err, size_t errlen)
         snprintf(err, errlen, "cannot create the state directory %s: %s", dir, strerror(errno));
         return MPH_EIO;
     }
-    return mph_check_dir(dir, "the state directory", 022, 0, err, errlen);
+    return mph_check_dir(dir, "the state directory", 0, err, errlen);
 }
 
 /* Whether $HOME is a directory of ours that nobody else can write into: then nobody else can

@@ -45,7 +45,7 @@ static int open_log(const char *path, char *err, size_t errlen)
     else if (slash)
         *slash = '\0';
     char why[1100];
-    int rc = mph_check_dir(slash ? dir : ".", "its directory", 022, 1, why, sizeof(why));
+    int rc = mph_check_dir(slash ? dir : ".", "its directory", 1, why, sizeof(why));
     free(dir);
     if (rc != 0) {
         snprintf(err, errlen, "cannot open the access log %s: %s", path, why);
